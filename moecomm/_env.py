@@ -1,0 +1,65 @@
+"""The one module that reads moecomm's environment variables (MOECOMM_*).
+
+Every variable is read when asked for, never at import time, so tests and launchers can set them
+late. README.md lists them; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# name -> (default, meaning); README.md's table is generated from the same words.
+VARIABLES: dict[str, tuple[str, str]] = {
+    "MOECOMM_CACHE_DIR": ("~/.cache/moecomm", "where tuned launch configurations and compiled kernels are cached"),
+    "MOECOMM_BACKEND": ("auto", "auto | triton | reference: force the implementation of every op"),
+    "MOECOMM_AUTOTUNE": ("1", "0 disables on-GPU autotuning of launch configurations (heuristic pick instead)"),
+    "MOECOMM_DIST_BACKEND": ("", "nccl | gloo: override the process-group backend chosen by moecomm.dist.init()"),
+    "MOECOMM_TIMEOUT_S": ("300", "timeout of every collective and rendezvous, in seconds"),
+    "MOECOMM_LOG_LEVEL": ("WARNING", "level of the 'moecomm' logger"),
+}
+
+
+def get(name: str) -> str:
+    """The value of a MOECOMM_* variable, or its default."""
+    if name not in VARIABLES:
+        raise KeyError(f"unknown moecomm environment variable {name!r}; known: {sorted(VARIABLES)}")
+    return os.environ.get(name, VARIABLES[name][0])
+
+
+def cache_dir() -> Path:
+    return Path(os.path.expanduser(get("MOECOMM_CACHE_DIR")))
+
+
+def backend() -> str:
+    value = get("MOECOMM_BACKEND").strip().lower() or "auto"
+    if value not in ("auto", "triton", "reference"):
+        raise ValueError(f"MOECOMM_BACKEND must be one of auto, triton, reference, got {value!r}")
+    return value
+
+
+def autotune() -> bool:
+    return get("MOECOMM_AUTOTUNE").strip() not in ("0", "false", "no", "")
+
+
+def timeout_s() -> float:
+    raw = get("MOECOMM_TIMEOUT_S")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"MOECOMM_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"MOECOMM_TIMEOUT_S must be > 0, got {raw!r}")
+    return value
+
+
+def dist_backend() -> str | None:
+    value = get("MOECOMM_DIST_BACKEND").strip().lower()
+    if value and value not in ("nccl", "gloo"):
+        raise ValueError(f"MOECOMM_DIST_BACKEND must be nccl or gloo, got {value!r}")
+    return value or None
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs kernels through its numpy interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")

@@ -1,0 +1,17 @@
+"""Helpers shared by tests and benchmarks: timing, result records, Hopper compile checks, multi-process runs."""
+
+from .aot import compile_for_hopper
+from .distributed import DistributedTestError, free_port, run_distributed
+from .results import ResultWriter, environment_info
+from .timing import Timing, bench
+
+__all__ = [
+    "DistributedTestError",
+    "ResultWriter",
+    "Timing",
+    "bench",
+    "compile_for_hopper",
+    "environment_info",
+    "free_port",
+    "run_distributed",
+]

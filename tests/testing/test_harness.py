@@ -1,0 +1,50 @@
+"""The shared harness: timing, result records, run_distributed, the Hopper compile check."""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moecomm.testing import DistributedTestError, ResultWriter, bench, run_distributed
+
+
+def test_bench_cpu_reports_median_within_spread():
+    x = torch.randn(256, 256)
+    t = bench(lambda a: a @ a, [(x,), (x.clone(),)], warmup=2, rep=9, device="cpu")
+    assert t.num_samples == 9
+    assert 0 < t.p10_ms <= t.median_ms <= t.p90_ms
+
+
+def test_result_writer_appends_json_lines(tmp_path):
+    path = tmp_path / "r.jsonl"
+    w = ResultWriter(path)
+    w.write(op="x", median_ms=1.5)
+    w.write(op="y", median_ms=2.5)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["op"] for r in lines] == ["x", "y"]
+    assert lines[0]["median_ms"] == 1.5 and "torch" in lines[0] and "device" in lines[0]
+
+
+def _allreduce_rank():
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    return dist.get_rank(), t.item()
+
+
+def _fail_on_rank_one():
+    if dist.get_rank() == 1:
+        raise ValueError("planted failure")
+    return dist.get_rank()
+
+
+def test_run_distributed_returns_each_rank_result():
+    out = run_distributed(2, _allreduce_rank, timeout_s=60)
+    assert out == [(0, 3.0), (1, 3.0)]
+
+
+def test_run_distributed_names_failing_rank():
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(2, _fail_on_rank_one, timeout_s=60)
+    assert list(info.value.failures) == [1]
+    assert "planted failure" in str(info.value)
