@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call: the gpu test tier, then every benchmark, logs under $OUT (at most 8 files come back).
+#   usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [tests|bench|all] [bench names...]
+set -uo pipefail
+OUT=${OUT:-/tmp/moecomm-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export MOECOMM_CACHE_DIR=${MOECOMM_CACHE_DIR:-/tmp/moecomm-cache}
+what=${1:-all}; shift || true
+benches=${*:-"routing permute gemm moe dispatch"}
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  git rev-parse --short HEAD 2>/dev/null
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  timeout 420 python3 -m pytest -q -m "gpu" -p no:cacheprovider -x --timeout=300 tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  for b in $benches; do
+    echo "=== bench_$b ===" | tee -a "$OUT/bench.log"
+    timeout 300 python3 -m benchmarks.bench_$b --out "$OUT/results.jsonl" 2>&1 | tee -a "$OUT/bench.log" | tail -60
+  done
+fi
