@@ -1,0 +1,142 @@
+"""Hugging Face transformers integration: build a moecomm.MoE from a model's MoE block, sharing its weights.
+
+# T = num_tokens, H = hidden, I = moe intermediate, E = num_experts, k = top_k
+
+Supported blocks (transformers 5.x layout: experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]):
+
+| block                  | routing                                   | shared expert                      |
+|------------------------|-------------------------------------------|------------------------------------|
+| MixtralSparseMoeBlock  | softmax top-k, always renormalised        | none                               |
+| Qwen2MoeSparseMoeBlock | softmax top-k, renormalised if norm_topk_prob | shared_expert * sigmoid(shared_expert_gate) |
+| Qwen3MoeSparseMoeBlock | softmax top-k, renormalised if norm_topk_prob | none                           |
+| DeepseekV3MoE          | sigmoid + bias, grouped top-k, scaled      | shared_experts (plain)             |
+
+Every one of those blocks' forward takes hidden_states [B, S, H] and returns one tensor [B, S, H];
+MoE.forward returns the same. Weights are shared, not copied: the MoE's Parameters *are* the block's
+(same storage, same data_ptr), so a patched model's memory does not grow.
+
+    model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-30B-A3B", dtype=torch.bfloat16, device_map="cuda")
+    moecomm.patch_hf_model(model)   # -> 48
+    model.generate(...)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import MoeCommTypeError, MoeCommValueError
+from .moe import MoE
+from .routing import RoutingMethod
+
+__all__ = ["SUPPORTED_BLOCKS", "from_hf", "patch_hf_model"]
+
+SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "DeepseekV3MoE")
+
+
+def _family(block: nn.Module) -> str | None:
+    # by class name along the MRO: subclasses (a fine-tuned variant's block) are recognised too, and
+    # no transformers model module needs importing here
+    for cls in type(block).__mro__:
+        if cls.__name__ in SUPPORTED_BLOCKS:
+            return cls.__name__
+    return None
+
+
+def _activation(act: nn.Module, where: str) -> str:
+    name = type(act).__name__.lower()
+    if "silu" in name or "swish" in name:
+        return "silu"
+    if name in ("geluactivation", "gelu"):
+        return "gelu"
+    raise MoeCommValueError(f"from_hf: {where} activation must be SiLU or exact GELU, got {type(act).__name__}")
+
+
+def from_hf(block: nn.Module) -> MoE:
+    """Build a moecomm.MoE computing what a transformers MoE block computes, sharing its weights.
+
+    Args:
+        block: a MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock or DeepseekV3MoE
+            (transformers >= 5), on any device, any dtype. Its Parameters are reused, not copied.
+
+    Returns:
+        an MoE in eval mode on the block's device and dtype; forward(x [B, S, H]) -> [B, S, H].
+
+    Raises:
+        MoeCommTypeError: the block is of another type (the message lists the supported ones).
+
+    Example:
+        >>> moe = moecomm.from_hf(model.model.layers[0].mlp)
+        >>> torch.testing.assert_close(moe(x), model.model.layers[0].mlp(x))
+    """
+    fam = _family(block)
+    if fam is None:
+        raise MoeCommTypeError(f"from_hf: block must be one of {', '.join(SUPPORTED_BLOCKS)}, got {type(block).__name__}")
+    experts, gate = block.experts, block.gate
+    w_gate_up, w_down = experts.gate_up_proj, experts.down_proj
+    if w_gate_up.dim() != 3 or w_down.dim() != 3:
+        raise MoeCommValueError(
+            f"from_hf: experts.gate_up_proj must be 3-D [E, 2I, H] (transformers >= 5 layout), got shape {list(w_gate_up.shape)}"
+        )
+    E, two_i, H = w_gate_up.shape
+    if getattr(experts, "is_transposed", False) or tuple(w_down.shape) != (E, H, two_i // 2):
+        raise MoeCommValueError(
+            f"from_hf: experts.down_proj must have shape [{E}, {H}, {two_i // 2}] (layout 'enk'), got {list(w_down.shape)}"
+        )
+    if getattr(experts, "has_bias", False) or not getattr(experts, "is_concatenated", True):
+        raise MoeCommValueError("from_hf: experts must be concatenated [gate; up] without bias, got a biased or interleaved layout")
+    top_k = int(gate.top_k)
+    kw: dict = {"activation": _activation(experts.act_fn, "experts")}
+    if fam == "MixtralSparseMoeBlock":
+        kw["renormalize"] = True  # MixtralTopKRouter always divides by the top-k sum
+    elif fam in ("Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock"):
+        kw["renormalize"] = bool(gate.norm_topk_prob)
+    else:  # DeepseekV3MoE
+        kw.update(
+            routing=RoutingMethod.SIGMOID_GROUPED_TOPK, renormalize=bool(gate.norm_topk_prob), n_group=int(gate.num_group),
+            topk_group=int(gate.topk_group), routed_scaling_factor=float(gate.routed_scaling_factor),
+        )
+    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    if shared is not None:
+        kw["shared_expert_intermediate_size"] = int(shared.gate_proj.out_features)
+        kw["shared_expert_gate"] = getattr(block, "shared_expert_gate", None) is not None
+        if _activation(shared.act_fn, "shared expert") != kw["activation"]:
+            raise MoeCommValueError("from_hf: shared expert activation must match the experts', got a different one")
+
+    # built on the meta device: no memory is allocated, every tensor is then replaced by the block's own
+    moe = MoE(H, two_i // 2, E, top_k, dtype=w_gate_up.dtype, device="meta", **kw)
+    moe.gate.weight = gate.weight
+    moe.w_gate_up = w_gate_up
+    moe.w_down = w_down
+    if moe.e_score_correction_bias is not None:
+        moe.e_score_correction_bias = gate.e_score_correction_bias
+    if shared is not None:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(moe.shared_experts, name).weight = getattr(shared, name).weight
+        if moe.shared_expert_gate is not None:
+            moe.shared_expert_gate.weight = block.shared_expert_gate.weight
+    for name, t in list(moe.named_parameters()) + list(moe.named_buffers()):
+        if t.device.type == "meta":  # a block variant we map but did not fill: fail here, not in forward
+            raise MoeCommValueError(f"from_hf: {fam} has no tensor for MoE.{name}, got an unexpected block layout")
+    return moe.train(block.training)
+
+
+def patch_hf_model(model: nn.Module) -> int:
+    """Replace, in place, every supported MoE block of a transformers model by a moecomm.MoE.
+
+    Args:
+        model: any nn.Module (a *ForCausalLM, a decoder layer, ...). Weights are shared with the
+            replaced blocks, so no memory is added.
+
+    Returns:
+        the number of blocks replaced (0 when the model has none). The model still runs forward()
+        and generate(). Router logits are no longer recorded (output_router_logits / the auxiliary
+        load-balancing loss are training features the replacement does not provide).
+    """
+    if not isinstance(model, nn.Module):
+        raise MoeCommTypeError(f"patch_hf_model: model must be a torch.nn.Module, got {type(model).__name__}")
+    targets = [(name, mod) for name, mod in model.named_modules() if name and _family(mod) is not None]
+    for name, mod in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, from_hf(mod))
+    return len(targets)
