@@ -241,7 +241,7 @@ class MoE(nn.Module):
 
     def _bias(self) -> torch.Tensor | None:
         b = self.e_score_correction_bias
-        # a model cast with .to(bf16) casts buffers too; routing adds the bias to fp32 scores
+        # a model cast with .to(bf16) casts buffers too; the reference adds the bias to fp32 scores
         return b if b is None or b.dtype == torch.float32 else b.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,8 +259,8 @@ class MoE(nn.Module):
             x2 = x2.contiguous()
         r = route(
             self.router_logits(x2), self.top_k, method=self.routing, renormalize=self.renormalize,
-            n_group=self.n_group, topk_group=self.topk_group, e_score_correction_bias=self._bias(),
-            routed_scaling_factor=self.routed_scaling_factor,
+            n_group=self.n_group, topk_group=self.topk_group, e_score_correction_bias=self.e_score_correction_bias,
+            routed_scaling_factor=self.routed_scaling_factor, validate=False,  # its checks would sync the host
         )
         d = self.dispatcher.dispatch(x2, r.topk_ids, r.topk_weights)
         h = expert_mlp(

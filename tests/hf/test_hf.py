@@ -1,0 +1,125 @@
+"""moecomm.from_hf / patch_hf_model against the real transformers classes (tiny random configs, CPU).
+
+# B = batch, S = sequence, H = hidden (64), E = experts (8), k = top_k (2)
+
+fp32: the block and the MoE compute the same sums in a different order: 1e-5 relative to the
+    output's magnitude (fp32 eps 1.2e-7 times depth 64 and a few terms, with margin).
+bf16: both are compared with the block run in fp32 on the same weights; ours must be no worse than
+    the block's own bf16 error (x1.5 + 1 bf16 ulp of the output's scale, for rounding order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moecomm
+from moecomm.errors import MoeCommTypeError
+from moecomm.hf import SUPPORTED_BLOCKS, _family
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+              max_position_embeddings=128, initializer_range=0.1)
+
+
+def _config(family: str):
+    t = transformers
+    if family == "mixtral":
+        return t.MixtralConfig(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, **COMMON)
+    if family == "qwen2_moe":  # shared expert with its sigmoid gate; no renormalisation
+        return t.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=32, shared_expert_intermediate_size=40,
+                                num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, **COMMON)
+    if family == "qwen3_moe":
+        return t.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                norm_topk_prob=True, head_dim=16, **COMMON)
+    # DeepSeek-V3: 4 groups of 2 experts, 2 groups kept, scaled weights, one shared expert, every layer MoE
+    return t.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                              n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=2.5,
+                              norm_topk_prob=True, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                              v_head_dim=16, **COMMON)
+
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+
+
+def _model(family: str):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(family)).eval()
+    with torch.no_grad():
+        for mod in model.modules():
+            if _family(mod) is not None:
+                # the blocks' default init makes near-uniform routing; spread it so the top-k is clear
+                mod.gate.weight.normal_(0, 0.3)
+                if hasattr(mod.gate, "e_score_correction_bias"):
+                    mod.gate.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
+def _first_block(model):
+    return next(m for m in model.modules() if _family(m) is not None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_block_fp32_matches_and_shares_weights(family):
+    block = _first_block(_model(family))
+    moe = moecomm.from_hf(block)
+    for shape in [(2, 7, 64), (1, 1, 64), (1, 33, 64)]:
+        x = torch.randn(shape)
+        want = block(x)
+        got = moe(x)
+        assert type(got) is type(want) and got.shape == want.shape
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, atol=1e-5 * scale, rtol=1e-5)
+    assert moe.w_gate_up.data_ptr() == block.experts.gate_up_proj.data_ptr()
+    assert moe.w_down.data_ptr() == block.experts.down_proj.data_ptr()
+    assert moe.gate.weight.data_ptr() == block.gate.weight.data_ptr()
+    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    if shared is not None:
+        assert moe.shared_experts.down_proj.weight.data_ptr() == shared.down_proj.weight.data_ptr()
+    if family == "deepseek_v3":
+        assert moe.e_score_correction_bias.data_ptr() == block.gate.e_score_correction_bias.data_ptr()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_block_bf16_no_worse_than_the_block(family):
+    block = _first_block(_model(family))
+    x = torch.randn(2, 9, 64)
+    truth = block(x)  # fp32
+    block = block.to(torch.bfloat16)
+    moe = moecomm.from_hf(block)
+    xb = x.bfloat16()
+    err_block = (block(xb).float() - truth).abs().max().item()
+    err_ours = (moe(xb).float() - truth).abs().max().item()
+    ulp = truth.abs().max().item() * 2**-8
+    assert err_ours <= 1.5 * err_block + ulp, (err_ours, err_block)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_patched_model_generates_the_same_tokens(family):
+    model = _model(family)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert moecomm.patch_hf_model(model) == 2
+    assert sum(isinstance(m, moecomm.MoE) for m in model.modules()) == 2
+    assert moecomm.patch_hf_model(model) == 0  # nothing left to replace
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
+def test_unknown_block_type_lists_the_supported_ones():
+    with pytest.raises(MoeCommTypeError) as info:
+        moecomm.from_hf(torch.nn.Linear(4, 4))
+    msg = str(info.value)
+    assert msg.startswith("from_hf: block must be one of") and msg.endswith("got Linear")
+    assert all(name in msg for name in SUPPORTED_BLOCKS)
+    with pytest.raises(MoeCommTypeError, match="patch_hf_model: model must be a torch.nn.Module, got str"):
+        moecomm.patch_hf_model("model")
+
+
+def test_patch_model_without_moe_blocks_returns_zero():
+    assert moecomm.patch_hf_model(torch.nn.Sequential(torch.nn.Linear(4, 4))) == 0
