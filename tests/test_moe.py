@@ -222,6 +222,16 @@ def test_triton_kernels_through_interpreter(triton_backend):
         torch.testing.assert_close(moe(x), moe.reference_forward(x), atol=tol, rtol=tol)
 
 
+def test_demo_runs_checks_and_prints_a_table():
+    from moecomm.demo import run_demo
+
+    lines: list[str] = []
+    rows = run_demo(device="cpu", tokens=(0, 1, 7), hidden=64, intermediate=32, stream=lines.append)
+    assert [r["tokens"] for r in rows] == [0, 1, 7]
+    assert all(r["passed"] and r["ms"] > 0 for r in rows)
+    assert any("PASS" in line for line in lines) and "all checks passed" in lines[-1]
+
+
 # --------------------------------------------------------------------------- GPU tier
 GPU_SHAPES = {  # name: (H, I, E, k, kwargs); one layer of the real models
     "mixtral_8x7b": (4096, 14336, 8, 2, dict(renormalize=True)),
