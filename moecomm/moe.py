@@ -187,7 +187,8 @@ class MoE(nn.Module):
         if self.ep_size == 1:
             from .ep import LocalDispatcher
 
-            return LocalDispatcher(self.num_experts, self.top_k)
+            # ids come from route(), in range by construction: skip the check that reads them on the host
+            return LocalDispatcher(self.num_experts, self.top_k, validate=False)
         from .ep.dispatch import EPDispatcher
 
         return EPDispatcher(
@@ -339,7 +340,7 @@ def reference_routing(
     T, E = logits.shape
     if method == RoutingMethod.SOFTMAX_TOPK:
         probs = torch.softmax(logits, dim=-1)
-        w, ids = torch.topk(probs, top_k, dim=-1)
+        w, ids = _topk_lowest_index_first(probs, top_k)
         if renormalize:
             w = w / w.sum(dim=-1, keepdim=True)
         return ids, w * routed_scaling_factor
@@ -353,11 +354,17 @@ def reference_routing(
     group_idx = torch.topk(group_scores, tg, dim=-1)[1]
     group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
     mask = group_mask.unsqueeze(-1).expand(T, g, per).reshape(T, E).bool()
-    ids = torch.topk(choice.masked_fill(~mask, float("-inf")), top_k, dim=-1)[1]
+    ids = _topk_lowest_index_first(choice.masked_fill(~mask, float("-inf")), top_k)[1]
     w = scores.gather(1, ids)
     if renormalize:
         w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
     return ids, w * routed_scaling_factor
+
+
+def _topk_lowest_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # torch.topk has no tie rule; moecomm.route picks the lowest expert index among equal scores
+    values, ids = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[:, :k], ids[:, :k]
 
 
 def _group_size_rank(group: Any) -> tuple[int, int]:
