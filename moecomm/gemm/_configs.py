@@ -1,0 +1,217 @@
+"""Launch configurations of the grouped GEMM kernel: candidates per shape bucket, timing, disk cache.
+
+Why per shape: prefill-sized groups (hundreds of rows per expert) are compute-bound and want
+128x256 wgmma tiles; decode-sized groups (a few rows per expert) are bound by streaming the weights
+and want BLOCK_M 16/32 (mma; wgmma needs 64-row tiles) with fine splits along N so that enough
+programs and loads are in flight. One fixed config loses 2-5x at one end or the other.
+
+Cold-start budget (first MoE forward <= 30 s, <= 3 s with a warm cache): at most 6 candidates per
+bucket, each compiled once and timed with 1 warm-up + 5 runs on the caller's own inputs.
+
+Cache: one JSON file per (device name, Triton version) under moecomm._env.cache_dir()/gemm,
+{bucket key: config}; written atomically (temp file + os.replace) so concurrent processes never
+read half a file; a corrupt file is ignored with a warning and rewritten on the next tune.
+"""
+
+# Shape legend: M = rows, K = in features, N = out features, E = groups.
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import _env
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """One launch configuration of grouped_mm_kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    use_tma: bool = True
+    programs_per_sm: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "GemmConfig":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+def _pow2_bucket(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def bucket_key(M: int, N: int, K: int, E: int, *, glu: bool, gather: bool, layout: str, dtype: str) -> str:
+    """Shape bucket: M to the next power of two, the average rows per expert likewise, N/K/E exact."""
+    rows_per_expert = _pow2_bucket(max(1, M // max(E, 1)))
+    return f"M{_pow2_bucket(M)}-rpe{rows_per_expert}-N{N}-K{K}-E{E}-{layout}-{dtype}-glu{int(glu)}-g{int(gather)}"
+
+
+def candidates(M: int, N: int, K: int, E: int, *, glu: bool) -> list[GemmConfig]:
+    """A few configs per regime, the heuristic pick first."""
+    rpe = M / max(E, 1)
+    if rpe <= 24:
+        # Decode: weight streaming. 402 MB of weights at 2.8 TB/s is 0.144 ms; enough programs
+        # (2 per SM) and deep pipelines keep ~32 KB of loads in flight per SM.
+        cands = [
+            GemmConfig(16, 64, 128, 1, 4, 4, True, 2),
+            GemmConfig(16, 64, 128, 1, 4, 4, False, 2),
+            GemmConfig(16, 128, 128, 1, 4, 3, True, 1),
+            GemmConfig(16, 32, 256, 1, 4, 3, True, 2),
+            GemmConfig(32, 64, 128, 1, 4, 4, True, 2),
+            GemmConfig(16, 64, 256, 1, 4, 3, True, 1),
+        ]
+    elif rpe <= 96:
+        cands = [
+            GemmConfig(64, 128, 64, 8, 4, 4, True, 1),
+            GemmConfig(64, 64, 128, 8, 4, 4, True, 2),
+            GemmConfig(32, 128, 128, 8, 4, 3, True, 1),
+            GemmConfig(64, 128, 64, 8, 4, 4, False, 1),
+            GemmConfig(128, 128, 64, 8, 8, 3, True, 1),
+        ]
+    else:
+        if glu:
+            # two B tiles per k-step: keep stages x (A + 2 B) under ~200 KB of shared memory
+            cands = [
+                GemmConfig(128, 128, 64, 8, 8, 4, True, 1),
+                GemmConfig(128, 128, 64, 8, 8, 3, True, 1),
+                GemmConfig(128, 64, 64, 8, 4, 4, True, 1),
+                GemmConfig(64, 128, 64, 8, 4, 4, True, 1),
+                GemmConfig(128, 128, 64, 8, 8, 3, False, 1),
+            ]
+        else:
+            cands = [
+                GemmConfig(128, 256, 64, 8, 8, 3, True, 1),
+                GemmConfig(128, 128, 64, 8, 8, 4, True, 1),
+                GemmConfig(128, 256, 64, 8, 8, 4, True, 1),
+                GemmConfig(128, 128, 64, 8, 4, 4, True, 1),
+                GemmConfig(64, 256, 64, 8, 4, 4, True, 1),
+                GemmConfig(128, 256, 64, 8, 8, 3, False, 1),
+            ]
+    return cands
+
+
+def interpreter_config() -> GemmConfig:
+    """Small tiles for the Triton interpreter on CPU (numpy runs every lane; big tiles are slow)."""
+    return GemmConfig(16, 32, 32, 2, 4, 1, True, 1)
+
+
+# --------------------------------------------------------------------------- disk cache
+
+_lock = threading.Lock()
+_memory: dict[str, dict[str, GemmConfig]] = {}
+
+
+def _sanitize(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
+
+
+def cache_path(device_name: str, triton_version: str) -> Path:
+    return _env.cache_dir() / "gemm" / f"configs-{_sanitize(device_name)}-triton{_sanitize(triton_version)}.json"
+
+
+def load_cache(path: Path) -> dict[str, GemmConfig]:
+    """Read a cache file; a missing file is empty, a corrupt one is ignored with a warning."""
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"top level is {type(raw).__name__}, not an object")
+        return {k: GemmConfig.from_json(v) for k, v in raw.items()}
+    except Exception as exc:  # any parse/shape problem: tuning again is always safe
+        warnings.warn(f"moecomm.gemm: ignoring corrupt tuning cache {path} ({type(exc).__name__}: {exc}); "
+                      "it will be rewritten after the next tuning", RuntimeWarning, stacklevel=2)
+        return {}
+
+
+def store_cache(path: Path, entries: dict[str, GemmConfig]) -> None:
+    """Merge ``entries`` into the file at ``path`` atomically (temp file in the same folder + os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        merged = load_cache(path)
+    merged.update(entries)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({k: v.to_json() for k, v in sorted(merged.items())}, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def lookup(path: Path, key: str) -> GemmConfig | None:
+    with _lock:
+        table = _memory.get(str(path))
+        if table is None:
+            table = load_cache(path)
+            _memory[str(path)] = table
+        return table.get(key)
+
+
+def remember(path: Path, key: str, cfg: GemmConfig, *, persist: bool = True) -> None:
+    with _lock:
+        _memory.setdefault(str(path), {})[key] = cfg
+    if persist:
+        try:
+            store_cache(path, {key: cfg})
+        except OSError as exc:  # read-only home, full disk: keep the in-memory pick
+            warnings.warn(f"moecomm.gemm: could not write tuning cache {path}: {exc}", RuntimeWarning, stacklevel=2)
+
+
+def clear_memory() -> None:
+    """Forget configs held in memory (tests; the disk cache stays)."""
+    with _lock:
+        _memory.clear()
+
+
+def tune(cands: list[GemmConfig], run: Callable[[GemmConfig], None], *, reps: int = 5) -> GemmConfig:
+    """Time each candidate on the GPU (CUDA events, 1 warm-up + ``reps`` runs); return the fastest.
+
+    A candidate that fails to compile or launch (too much shared memory, say) is skipped.
+    """
+    import torch
+
+    best, best_ms = None, float("inf")
+    for cfg in cands:
+        try:
+            run(cfg)  # compile + warm-up
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(reps):
+                start.record()
+                run(cfg)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            ms = sorted(times)[len(times) // 2]
+        except Exception as exc:  # compile/launch failure of one candidate is not fatal
+            warnings.warn(f"moecomm.gemm: candidate {cfg} failed ({type(exc).__name__}: {str(exc)[:200]})",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"moecomm.gemm: every launch configuration failed: {cands}")
+    return best
