@@ -266,7 +266,7 @@ class MoE(nn.Module):
         d = self.dispatcher.dispatch(x2, r.topk_ids, r.topk_weights)
         h = expert_mlp(
             d.tokens, self.w_gate_up, self.w_down, d.expert_offsets, layout="enk", activation=self.activation,
-            gather_idx=d.gather_idx, row_scale=d.row_weights,
+            gather_idx=d.gather_idx, row_scale=d.row_weights, validate=False,  # offsets come from dispatch
         )  # [R, H], rows already weighted when row_weights is set
         y = self.dispatcher.combine(h, d.handle)  # [T, H]
         y = y + self._shared(x2) if self.shared_experts is not None else y
