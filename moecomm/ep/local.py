@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MoeCommTypeError, as_tensor, check_positive_int, check_tensor
+from ..errors import MoeCommTypeError, MoeCommValueError, as_tensor, check_positive_int, check_tensor
 from .api import PermuteIndices, combine, permute, permute_indices
 from .types import DispatchResult
 
@@ -38,8 +38,6 @@ class LocalDispatcher:
         self.num_experts = check_positive_int(op, "num_experts", num_experts)
         self.top_k = check_positive_int(op, "top_k", top_k)
         if top_k > num_experts:
-            from ..errors import MoeCommValueError
-
             raise MoeCommValueError(f"{op}: top_k must be <= num_experts={num_experts}, got {top_k}")
         if not isinstance(materialize, bool):
             raise MoeCommTypeError(f"{op}: materialize must be a bool, got {type(materialize).__name__}")
@@ -62,7 +60,7 @@ class LocalDispatcher:
             handle (the PermuteIndices that combine needs).
         """
         op = "LocalDispatcher.dispatch"
-        x = check_tensor(op, "x", x, ndim=2)
+        x = check_tensor(op, "x", x, ndim=2, dtype=(torch.float16, torch.bfloat16, torch.float32))
         topk_ids = check_tensor(op, "topk_ids", topk_ids, shape=[x.shape[0], self.top_k], device=x.device)
         topk_weights = check_tensor(
             op, "topk_weights", topk_weights, shape=[x.shape[0], self.top_k], dtype=torch.float32, device=x.device
