@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MoeCommTypeError, MoeCommValueError, as_tensor, check_choice, check_positive_int
+from .errors import MoeCommTypeError, MoeCommValueError, as_tensor, check_choice, check_positive_int, check_tensor
 from .ep.placement import ExpertPlacement
 from .routing import RoutingMethod, route
 
@@ -211,6 +211,22 @@ class MoE(nn.Module):
             nn.init.normal_(self.shared_experts.down_proj.weight, std=self.shared_experts.down_proj.in_features**-0.5)
         if self.shared_expert_gate is not None:
             nn.init.normal_(self.shared_expert_gate.weight, std=H**-0.5)
+
+    @torch.no_grad()
+    def load_expert_weights(self, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> None:
+        """Copy this rank's experts out of the global expert weights (the same call on every rank).
+
+        Args:
+            w_gate_up: [E, 2I, H], every expert's gate rows then up rows (transformers' gate_up_proj).
+            w_down: [E, H, I], every expert's down projection.
+        """
+        op = "MoE.load_expert_weights"
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        check_tensor(op, "w_gate_up", w_gate_up, shape=(E, 2 * I, H))
+        check_tensor(op, "w_down", w_down, shape=(E, H, I))
+        idx = torch.tensor(self.local_expert_ids, dtype=torch.long, device=w_gate_up.device)
+        self.w_gate_up.copy_(w_gate_up.index_select(0, idx))
+        self.w_down.copy_(w_down.index_select(0, idx.to(w_down.device)))
 
     def extra_repr(self) -> str:
         return (

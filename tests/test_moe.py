@@ -223,6 +223,36 @@ def test_triton_kernels_through_interpreter(triton_backend):
         torch.testing.assert_close(moe(x), moe.reference_forward(x), atol=tol, rtol=tol)
 
 
+def _ep_rank(num_experts, top_k):
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    full = MoE(H, I, num_experts, top_k, renormalize=True, shared_expert_intermediate_size=16)  # same on every rank
+    x = torch.randn(2 + dist.get_rank(), 5, H)  # ranks hold different numbers of tokens
+    moe = MoE(H, I, num_experts, top_k, renormalize=True, shared_expert_intermediate_size=16, ep_group=dist.group.WORLD)
+    moe.gate.weight.data.copy_(full.gate.weight)
+    moe.shared_experts.load_state_dict(full.shared_experts.state_dict())
+    moe.load_expert_weights(full.w_gate_up, full.w_down)
+    with torch.no_grad():
+        return moe.num_local_experts, (moe(x) - full.reference_forward(x)).abs().max().item()
+
+
+def test_expert_parallel_two_ranks_matches_single_process():
+    """The layer with ep_group: each rank holds its experts only; the output equals the one-process layer."""
+    pytest.importorskip("moecomm.ep.dispatch")
+    from moecomm.testing import run_distributed
+
+    results = run_distributed(2, _ep_rank, 7, 2)  # 7 experts on 2 ranks: 4 and 3
+    assert [r[0] for r in results] == [4, 3]
+    assert all(err < 1e-4 for _, err in results), results
+
+
+def test_load_expert_weights_checks_shapes():
+    moe = make()
+    with pytest.raises(MoeCommValueError, match=r"MoE.load_expert_weights: w_gate_up must have shape \[8, 64, 64\], got \[8, 64, 32\]"):
+        moe.load_expert_weights(torch.zeros(E, 2 * I, I), torch.zeros(E, H, I))
+
+
 def test_demo_runs_checks_and_prints_a_table():
     from moecomm.demo import run_demo
 
