@@ -1,0 +1,104 @@
+"""Triton kernels of expert-parallel dispatch/combine: pack the send buffer, sum rows back.
+
+# T = num_tokens (this rank), H = hidden, W = ep_size, S = rows sent, C = index columns
+
+Both ops are pure data movement, so they are bandwidth-bound: one program per (row, H-block), a
+block of 1024 elements (2 KiB of bf16) per program keeps enough bytes in flight per SM on an H100
+while a row of H=4096..7168 still spreads over 4..7 programs.
+
+- pack: out[pos[t, w]] = x[t] for every destination w of token t (pos -1: not sent there). The token
+  is read once and written once per destination rank: the permute fused with the send layout.
+- gather_sum: out[m] = sum_c src[idx[m, c]] over idx >= 0, accumulated in fp32 and written once.
+  The receiver uses it to sum a token's rows over its local experts (C = top_k) before they travel
+  back, and the source rank to sum the returned partials over ranks (C = W).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_H_DEFAULT = 1024
+
+
+@triton.jit
+def ep_pack_kernel(
+    x_ptr, pos_ptr, out_ptr,
+    H, W, num_out_rows,
+    stride_xt, stride_xh, stride_pt, stride_pw, stride_ot,
+    BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_row = offs < H
+    # pure copy: no arithmetic, so the raw bf16 bits pass through unchanged (interpreter-safe)
+    v = tl.load(x_ptr + t * stride_xt + offs.to(tl.int64) * stride_xh, mask=in_row)
+    for w in range(W):
+        p = tl.load(pos_ptr + t * stride_pt + w * stride_pw).to(tl.int64)
+        # -1 = not sent to w; the upper bound keeps a corrupt index from writing out of bounds
+        ok = (p >= 0) & (p < num_out_rows)
+        tl.store(out_ptr + p * stride_ot + offs, v, mask=in_row & ok)
+
+
+@triton.jit
+def ep_gather_sum_kernel(
+    src_ptr, idx_ptr, out_ptr,
+    H, C, num_src_rows,
+    stride_sm, stride_sh, stride_im, stride_ic, stride_om,
+    BLOCK_H: tl.constexpr,
+):
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_row = offs < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for c in range(C):
+        i = tl.load(idx_ptr + m * stride_im + c * stride_ic).to(tl.int64)
+        ok = (i >= 0) & (i < num_src_rows)
+        # upcast before adding: fp32 accumulation (and the interpreter adds bf16 bits wrongly)
+        v = tl.load(src_ptr + i * stride_sm + offs.to(tl.int64) * stride_sh, mask=in_row & ok, other=0.0)
+        acc += v.to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+def _block_h(hidden: int) -> int:
+    return min(BLOCK_H_DEFAULT, max(16, triton.next_power_of_2(hidden)))
+
+
+def pack_rows_triton(x: torch.Tensor, pos: torch.Tensor, num_rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, H] send buffer: row pos[t, w] = x[t]. Checks nothing (dispatch.py validated).
+
+    ``out``: a caller-owned [S, H] buffer with unit inner stride (tests pass a NaN-filled one).
+    """
+    T, H = x.shape
+    out = torch.empty((num_rows, H), dtype=x.dtype, device=x.device) if out is None else out
+    if T == 0 or num_rows == 0 or H == 0:
+        return out
+    BLOCK_H = _block_h(H)
+    grid = (T, triton.cdiv(H, BLOCK_H))
+    ep_pack_kernel[grid](
+        x, pos, out, H, pos.shape[1], num_rows,
+        x.stride(0), x.stride(1), pos.stride(0), pos.stride(1), out.stride(0),
+        BLOCK_H=BLOCK_H, num_warps=4,
+    )
+    return out
+
+
+def gather_sum_triton(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, H] with row m = sum of src[idx[m, c]] over idx >= 0 (fp32 accumulate, src.dtype out).
+
+    ``out``: a caller-owned [M, H] buffer with unit inner stride (tests pass a NaN-filled one).
+    """
+    M, C = idx.shape
+    H = src.shape[1]
+    out = torch.empty((M, H), dtype=src.dtype, device=src.device) if out is None else out
+    if M == 0 or H == 0:
+        return out
+    BLOCK_H = _block_h(H)
+    grid = (M, triton.cdiv(H, BLOCK_H))
+    ep_gather_sum_kernel[grid](
+        src, idx, out, H, C, src.shape[0],
+        src.stride(0), src.stride(1), idx.stride(0), idx.stride(1), out.stride(0),
+        BLOCK_H=BLOCK_H, num_warps=4,
+    )
+    return out

@@ -1,0 +1,655 @@
+"""Expert-parallel dispatch and combine across the ranks of a process group.
+
+# T = num_tokens (this rank), H = hidden, k = top_k, E = num_experts, W = ep_size,
+# L = num_local_experts (this rank), S = rows sent, R = rows received, N = expanded rows (pairs)
+
+    disp = EPDispatcher(num_experts=64, top_k=8, hidden=4096, group=ep_group)
+    d = disp.dispatch(x, topk_ids, topk_weights)        # d.tokens [R, H], d.gather_idx [N]
+    h = experts(d.tokens[d.gather_idx], d.expert_offsets) * d.row_weights[:, None]
+    y = disp.combine(h, d.handle)                       # [T, H] on the source rank
+
+One step, on every rank:
+1. plan: the destination ranks of each token. A token whose several experts live on one rank is
+   sent there ONCE, with its k (local expert, weight) pairs (slots of other ranks padded with -1).
+2. exchange: rows and pairs per destination plus an error flag, in one small all_to_all_single.
+   This is the step's one host sync: all_to_all_single takes host split sizes, and the receiver
+   must size its buffers. A rank whose input failed validation sends its flag instead of hanging
+   its peers: every rank raises, naming it.
+3. pack (Triton): the send buffer ordered by destination rank, token order kept within a rank.
+4. all_to_all_single of the tokens and of the [S, 2k] int32 metadata (ids and fp32 weight bits).
+5. expand (receiver): the (row, local expert) pairs sorted by local expert, stably, so the rows of
+   expert l are ordered by (source rank, token, slot): gather_idx selects them from the received
+   rows, row_weights carries their routing weights to the down GEMM's epilogue.
+6. combine: the receiver sums each received token's rows over its local experts (Triton
+   gather_sum, fp32) BEFORE they travel back, the reverse all_to_all_single returns one row per
+   (token, rank), and the source rank sums those per token (gather_sum again): each output row is
+   written once, no atomics, so results are deterministic.
+
+EP size 1 needs no exchange and no host sync: the tokens stay where they are and gather_idx
+permutes them (the permute is fused into the expert GEMM's gather).
+
+Buffers are taken from torch's caching allocator at the sizes exchanged in step 2 (the allocator
+reuses them step after step); a static-capacity mode for CUDA graphs over W > 1 is not built yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .._backend import use_triton
+from ..errors import MoeCommTypeError, MoeCommValueError, check_positive_int, check_tensor
+from ._dispatch_reference import gather_sum_reference, pack_rows_reference
+from .placement import ExpertPlacement
+from .types import DispatchResult
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ID_DTYPES = (torch.int32, torch.int64)
+
+# error flags carried by the count exchange, and what the other ranks are told
+_FLAG_OK, _FLAG_BAD_IDS, _FLAG_BAD_ARGS = 0, 1, 2
+_FLAG_REASONS = {
+    _FLAG_BAD_IDS: "topk_ids out of range [0, num_experts)",
+    _FLAG_BAD_ARGS: "invalid arguments to dispatch (that rank raised the details)",
+}
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("moecomm::ep_pack_rows", mutates_args=())
+def _pack_rows_op(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
+    if use_triton(x, "ep_pack_rows"):
+        from ._dispatch_triton import pack_rows_triton
+
+        return pack_rows_triton(x, pos, num_rows)
+    return pack_rows_reference(x, pos, num_rows)
+
+
+@_pack_rows_op.register_fake
+def _(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
+    return x.new_empty((num_rows, x.shape[1]))
+
+
+@torch.library.custom_op("moecomm::ep_gather_sum", mutates_args=())
+def _gather_sum_op(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    if use_triton(src, "ep_gather_sum"):
+        from ._dispatch_triton import gather_sum_triton
+
+        return gather_sum_triton(src, idx)
+    return gather_sum_reference(src, idx)
+
+
+@_gather_sum_op.register_fake
+def _(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return src.new_empty((idx.shape[0], src.shape[1]))
+
+
+def pack_rows(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The send buffer: row pos[t, w] is token x[t] (Triton kernel on GPU, reference on CPU).
+
+    Args:
+        x: [T, H] fp32/fp16/bf16 tokens (any strides).
+        pos: [T, W] int32, row of token t in the send buffer for rank w, -1 = not sent there.
+        num_rows: S, rows of the send buffer.
+
+    Returns:
+        [S, H] of x.dtype.
+    """
+    x = check_tensor("pack_rows", "x", x, ndim=2, dtype=_FLOAT_DTYPES)
+    pos = check_tensor("pack_rows", "pos", pos, shape=[x.shape[0], None], dtype=_ID_DTYPES, device=x.device)
+    check_positive_int("pack_rows", "num_rows", num_rows, minimum=0)
+    return _pack_rows_op(x, pos, num_rows)
+
+
+def gather_sum(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Row m = sum of src[idx[m, c]] over the idx >= 0 of row m; fp32 accumulation, written once.
+
+    Args:
+        src: [N, H] fp32/fp16/bf16 rows (any strides).
+        idx: [M, C] int32/int64 row indices into src, -1 = none.
+
+    Returns:
+        [M, H] of src.dtype (a row whose indices are all -1 is zeros).
+    """
+    src = check_tensor("gather_sum", "src", src, ndim=2, dtype=_FLOAT_DTYPES)
+    idx = check_tensor("gather_sum", "idx", idx, ndim=2, dtype=_ID_DTYPES, device=src.device)
+    return _gather_sum_op(src, idx)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+@dataclass
+class SendPlan:
+    """Step 1 of dispatch on one rank.
+
+    Attributes:
+        pos: [T, W] int32, send-buffer row of token t for rank w, -1 = not sent there.
+        rows_per_rank: [W] int64, tokens sent to each rank (each token once per rank).
+        pairs_per_rank: [W] int64, (token, expert) pairs sent to each rank.
+        meta: [T, W, 2k] int32: per (token, rank) the k local expert ids (-1 = other rank) then the
+            k fp32 weights as int32 bits (0 where id is -1).
+        bad_ids: [] int64 device scalar, 1 when an id was out of [0, E) (those ids were clamped).
+    """
+
+    pos: torch.Tensor
+    rows_per_rank: torch.Tensor
+    pairs_per_rank: torch.Tensor
+    meta: torch.Tensor
+    bad_ids: torch.Tensor
+
+
+def plan_send(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_to_rank: torch.Tensor,
+    expert_to_local: torch.Tensor,
+    ep_size: int,
+    *,
+    check_ids: bool = True,
+) -> SendPlan:
+    """Destination ranks and send-buffer rows of every token; device ops only, no host sync.
+
+    Args:
+        topk_ids: [T, k] int32/int64 global expert ids.
+        topk_weights: [T, k] routing weights (sent as fp32).
+        expert_to_rank: [E] int32, rank of each expert (ExpertPlacement.expert_to_rank_tensor).
+        expert_to_local: [E] int32, local index of each expert on its rank.
+        ep_size: W.
+        check_ids: compute the out-of-range flag (False: the flag is 0).
+    """
+    T, k = topk_ids.shape
+    E = expert_to_rank.shape[0]
+    dev = topk_ids.device
+    ids = topk_ids.long()
+    # clamp so that a bad id can never index out of bounds; the flag reports it instead
+    ids_c = ids.clamp(0, E - 1)  # [T, k]
+    bad = ((ids < 0) | (ids >= E)).any().long() if check_ids else torch.zeros((), dtype=torch.long, device=dev)
+    dest = expert_to_rank[ids_c].long()  # [T, k]
+    local = expert_to_local[ids_c]  # [T, k] int32
+    hit = torch.zeros((T, ep_size), dtype=torch.int32, device=dev).scatter_(1, dest, 1)  # [T, W] 0/1, dedup
+    rows_per_rank = hit.sum(0, dtype=torch.long)  # [W]
+    pairs_per_rank = torch.zeros(ep_size, dtype=torch.long, device=dev).scatter_add_(
+        0, dest.reshape(-1), torch.ones(T * k, dtype=torch.long, device=dev))  # [W]
+    start = torch.cumsum(rows_per_rank, 0) - rows_per_rank  # [W] exclusive prefix
+    rank_in_dest = torch.cumsum(hit, 0, dtype=torch.long) - hit  # [T, W] tokens before t going to w
+    pos = torch.where(hit > 0, start[None, :] + rank_in_dest, -1).to(torch.int32)  # [T, W]
+    mine = dest[:, None, :] == torch.arange(ep_size, device=dev)[None, :, None]  # [T, W, k]
+    meta_ids = torch.where(mine, local[:, None, :], -1).to(torch.int32)
+    w32 = topk_weights.float()[:, None, :].expand(T, ep_size, k)
+    meta_w = torch.where(mine, w32, 0.0).contiguous().view(torch.int32)  # fp32 bits travel as int32
+    meta = torch.cat([meta_ids, meta_w], dim=2)  # [T, W, 2k]
+    return SendPlan(pos, rows_per_rank, pairs_per_rank, meta, bad)
+
+
+def pack_metadata(plan: SendPlan, num_rows: int) -> torch.Tensor:
+    """[S, 2k] int32 metadata rows in send-buffer order (the small companion of pack_rows)."""
+    T, W, k2 = plan.meta.shape
+    out = plan.meta.new_empty((num_rows + 1, k2))  # row S: trash for the (t, w) not sent
+    p = plan.pos.long().reshape(-1)
+    p = torch.where(p >= 0, p, num_rows)
+    out.index_put_((p,), plan.meta.reshape(T * W, k2))
+    return out[:num_rows]
+
+
+@dataclass
+class Expanded:
+    """Step 5 on the receiver: the received rows expanded per local expert.
+
+    Attributes:
+        gather_idx: [N] int32, received row of each expanded row (grouped by local expert).
+        expert_offsets: [L + 1] int32.
+        tokens_per_expert: [L] int32.
+        row_weights: [N] fp32 routing weight of each expanded row.
+        slot_pos: [R, k] int32, expanded row of (received row, slot), -1 = slot of another rank.
+    """
+
+    gather_idx: torch.Tensor
+    expert_offsets: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    row_weights: torch.Tensor
+    slot_pos: torch.Tensor
+
+
+def expand_received(meta: torch.Tensor, top_k: int, num_local_experts: int, num_pairs: int) -> Expanded:
+    """Group the received (row, local expert) pairs by local expert; no host sync.
+
+    Args:
+        meta: [R, 2k] int32 received metadata (pack_metadata's rows).
+        top_k: k.
+        num_local_experts: L.
+        num_pairs: N, valid pairs in meta (known on the host from the count exchange).
+    """
+    R = meta.shape[0]
+    dev = meta.device
+    L = num_local_experts
+    lid = meta[:, :top_k]  # [R, k]
+    w = meta[:, top_k:].contiguous().view(torch.float32)  # [R, k]
+    # -1 (slot of another rank) sorts after every local expert; a corrupt id is clamped to L too
+    key = torch.where((lid >= 0) & (lid < L), lid, L).reshape(-1).long()  # [R*k]
+    order = torch.sort(key, stable=True).indices[:num_pairs]  # [N]
+    counts = torch.zeros(L + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    tokens_per_expert = counts[:L].to(torch.int32)
+    offsets = torch.zeros(L + 1, dtype=torch.int32, device=dev)
+    offsets[1:] = torch.cumsum(counts[:L], 0).to(torch.int32)
+    slot_pos = torch.full((R * top_k,), -1, dtype=torch.int32, device=dev)
+    slot_pos[order] = torch.arange(num_pairs, dtype=torch.int32, device=dev)
+    return Expanded(
+        gather_idx=torch.div(order, top_k, rounding_mode="floor").to(torch.int32),
+        expert_offsets=offsets,
+        tokens_per_expert=tokens_per_expert,
+        row_weights=w.reshape(-1)[order],
+        slot_pos=slot_pos.view(R, top_k),
+    )
+
+
+# ----------------------------------------------------------------------------- handles
+
+
+@dataclass
+class EPHandle:
+    """What combine needs to bring rows home; built by dispatch, opaque to callers.
+
+    Attributes:
+        group: the process group (None: default), ep_size W.
+        send_splits: [W] host ints, rows this rank sent to each rank (S = sum).
+        recv_splits: [W] host ints, rows this rank received from each rank (R = sum).
+        pos: [T, W] int32 send-buffer rows (SendPlan.pos).
+        slot_pos: [R, k] int32 expanded row of each received (row, slot).
+        num_tokens, hidden: T, H of the source rank; num_rows: N expanded rows.
+    """
+
+    group: Any
+    ep_size: int
+    send_splits: list[int]
+    recv_splits: list[int]
+    pos: torch.Tensor | None
+    slot_pos: torch.Tensor
+    num_tokens: int
+    hidden: int
+    num_rows: int
+
+
+class _Done:
+    """An already-finished async result (EP size 1, or nothing to exchange)."""
+
+    def __init__(self, value: Any):
+        self._value = value
+
+    def is_completed(self) -> bool:
+        return True
+
+    def wait(self) -> Any:
+        return self._value
+
+
+class PendingDispatch:
+    """Returned by dispatch(..., async_op=True): the all-to-alls are in flight.
+
+    ``wait()`` -> DispatchResult (on a GPU, it orders the current stream after the exchange);
+    ``is_completed()`` -> whether the exchange has finished.
+    """
+
+    def __init__(self, works: list, finish):
+        self._works, self._finish, self._value = works, finish, None
+
+    def is_completed(self) -> bool:
+        return self._value is not None or all(w.is_completed() for w in self._works)
+
+    def wait(self) -> DispatchResult:
+        if self._value is None:
+            self._value = self._finish(self._works)
+        return self._value
+
+
+class PendingCombine(PendingDispatch):
+    """Returned by combine(..., async_op=True); ``wait()`` -> y [T, H]."""
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _group_info(group) -> tuple[int, int]:
+    """(rank in group, W); a process without torch.distributed is a group of one."""
+    if not dist.is_available() or not dist.is_initialized():
+        if group is not None:
+            raise MoeCommValueError("dispatch: group must be None when torch.distributed is not initialised, "
+                                    f"got {group!r}")
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _global_rank(group, group_rank: int) -> int:
+    return dist.get_global_rank(group, group_rank) if group is not None else group_rank
+
+
+def _group_device(group) -> torch.device:
+    backend = dist.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _explain(group, what: str, exc: BaseException) -> None:
+    """Turn a failed collective into an error naming the rank at fault, when moecomm.dist knows it."""
+    try:
+        from ..dist import explain_failure
+    except ImportError:  # moecomm.dist not importable: keep the original error
+        return
+    explain_failure(group, what, exc)
+
+
+def _all_to_all(out, inp, out_splits, in_splits, group, what: str, async_op: bool):
+    try:
+        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
+    except Exception as exc:
+        _explain(group, what, exc)
+        raise
+
+
+def _wait_all(works: list, group, what: str) -> None:
+    for w in works:
+        if w is None:
+            continue
+        try:
+            w.wait()
+        except Exception as exc:
+            _explain(group, what, exc)
+            raise
+
+
+def _exchange_counts(info: torch.Tensor, group, op: str) -> tuple[list[int], list[int], list[int], list[int]]:
+    """all_to_all_single of [W, 3] (rows, pairs, flag) per destination; THE host sync of a step.
+
+    Returns (rows sent, rows received, pairs received, flags received) as host lists.
+    """
+    W = info.shape[0]
+    recv = torch.empty_like(info)
+    _all_to_all(recv, info, None, None, group, f"{op}: count exchange", False)
+    host = torch.cat([info[:, 0], recv.reshape(-1)]).cpu().tolist()  # one device->host copy
+    sent = host[:W]
+    got = host[W:]
+    return sent, got[0::3], got[1::3], got[2::3]
+
+
+def _report(exc: BaseException) -> None:
+    try:
+        from ..dist import report_failure
+    except ImportError:
+        return
+    report_failure(exc)
+
+
+def _fail_peers(group, W: int, device: torch.device, op: str, flag: int) -> None:
+    """This rank's input is bad: take part in the count exchange with the flag so no peer hangs."""
+    info = torch.zeros((W, 3), dtype=torch.long, device=device)
+    info[:, 2] = flag
+    try:
+        _exchange_counts(info, group, op)
+    except Exception:  # the peers may already be gone; our own error is the one to raise
+        pass
+
+
+# ----------------------------------------------------------------------------- dispatch / combine
+
+
+def _validate(op, x, topk_ids, topk_weights, hidden, top_k, dtype):
+    x = check_tensor(op, "x", x, ndim=2, dtype=_FLOAT_DTYPES)
+    T = x.shape[0]
+    if hidden is not None and x.shape[1] != hidden:
+        raise MoeCommValueError(f"{op}: x must have shape [*, {hidden}], got {list(x.shape)}")
+    if dtype is not None and x.dtype != dtype:
+        raise MoeCommTypeError(f"{op}: x must have dtype {str(dtype).replace('torch.', '')}, "
+                               f"got {str(x.dtype).replace('torch.', '')}")
+    ids = check_tensor(op, "topk_ids", topk_ids, shape=[T, top_k], dtype=_ID_DTYPES, device=x.device)
+    k = ids.shape[1]
+    if k < 1:
+        raise MoeCommValueError(f"{op}: topk_ids must have at least 1 column, got shape {list(ids.shape)}")
+    w = check_tensor(op, "topk_weights", topk_weights, shape=[T, k], dtype=_FLOAT_DTYPES, device=x.device)
+    return x, ids, w
+
+
+def _device_checks_on(validate: bool) -> bool:
+    """Value checks that read device data: off under CUDA-graph capture and compile tracing."""
+    if not validate:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, rank: int, ep_size: int,
+              e2r: torch.Tensor, e2l: torch.Tensor, hidden, top_k, dtype, async_op: bool, validate: bool,
+              op: str):
+    W = ep_size
+    try:
+        x, ids, w = _validate(op, x, topk_ids, topk_weights, hidden, top_k, dtype)
+    except (MoeCommValueError, MoeCommTypeError) as exc:
+        if W > 1:
+            _report(exc)
+            dev = x.device if isinstance(x, torch.Tensor) else _group_device(group)
+            _fail_peers(group, W, dev, op, _FLAG_BAD_ARGS)
+        raise
+    T, H = x.shape
+    k = ids.shape[1]
+    E = placement.num_experts
+    L = placement.num_local_experts(rank)
+    e2r, e2l = e2r.to(x.device), e2l.to(x.device)
+    check = _device_checks_on(validate)
+
+    if W == 1:
+        # a local permute: tokens stay in x, gather_idx permutes them; no exchange, no host sync
+        if check and T > 0 and bool(((ids < 0) | (ids >= E)).any()):
+            raise MoeCommValueError(f"{op}: topk_ids must be in [0, {E}), got values in "
+                                    f"[{int(ids.min())}, {int(ids.max())}]")
+        meta = torch.cat([e2l[ids.long().clamp(0, E - 1)],
+                          w.float().contiguous().view(torch.int32)], dim=1)  # [T, 2k]
+        ex = expand_received(meta, k, L, T * k)
+        handle = EPHandle(group, 1, [T], [T], None, ex.slot_pos, T, H, T * k)
+        res = DispatchResult(x, ex.expert_offsets, ex.tokens_per_expert, ex.row_weights, ex.gather_idx, handle)
+        return _Done(res) if async_op else res
+
+    plan = plan_send(ids, w, e2r, e2l, W, check_ids=check)
+    info = torch.stack([plan.rows_per_rank, plan.pairs_per_rank, plan.bad_ids.expand(W)], dim=1)  # [W, 3]
+    send_splits, recv_splits, recv_pairs, flags = _exchange_counts(info, group, op)
+    me_bad = flags[rank]
+    if me_bad:
+        lo, hi = int(ids.min()), int(ids.max())
+        exc = MoeCommValueError(f"{op}: topk_ids must be in [0, {E}), got values in [{lo}, {hi}]")
+        _report(exc)
+        raise exc
+    for j, f in enumerate(flags):
+        if f:
+            raise MoeCommValueError(f"{op}: rank {_global_rank(group, j)} failed: "
+                                    f"{_FLAG_REASONS.get(f, f'error flag {f}')}")
+    S, R, N = sum(send_splits), sum(recv_splits), sum(recv_pairs)
+    send = pack_rows(x, plan.pos, S)  # [S, H]
+    meta = pack_metadata(plan, S)  # [S, 2k]
+    recv = x.new_empty((R, H))
+    recv_meta = meta.new_empty((R, 2 * k))
+    works = [
+        _all_to_all(recv, send, recv_splits, send_splits, group, f"{op}: token all_to_all", async_op),
+        _all_to_all(recv_meta, meta, recv_splits, send_splits, group, f"{op}: metadata all_to_all", async_op),
+    ]
+
+    def finish(works):
+        if async_op:
+            _wait_all(works, group, f"{op}: all_to_all")
+        ex = expand_received(recv_meta, k, L, N)
+        handle = EPHandle(group, W, send_splits, recv_splits, plan.pos, ex.slot_pos, T, H, N)
+        return DispatchResult(recv, ex.expert_offsets, ex.tokens_per_expert, ex.row_weights, ex.gather_idx, handle)
+
+    return PendingDispatch(works, finish) if async_op else finish(works)
+
+
+def combine(expert_out: Any, handle: EPHandle, async_op: bool = False) -> torch.Tensor | PendingCombine:
+    """Bring expert outputs home and sum them per token: the reverse of dispatch.
+
+    The routing weights must already be applied to ``expert_out`` (row_weights, in the down GEMM's
+    epilogue): combine is an unweighted sum. The receiver sums a token's rows over its local
+    experts before they travel back (fp32 accumulation), the source rank sums the partials.
+
+    Args:
+        expert_out: [N, H] fp32/fp16/bf16, row i = the output of expanded row i of the dispatch
+            result (the rows ``gather_idx`` selected, in the same order).
+        handle: DispatchResult.handle of the matching dispatch.
+        async_op: return a PendingCombine whose ``wait()`` gives y, so the caller can compute meanwhile.
+
+    Returns:
+        y [T, H] of expert_out's dtype on the source rank (or a PendingCombine).
+    """
+    op = "combine"
+    if not isinstance(handle, EPHandle):
+        raise MoeCommTypeError(f"{op}: handle must be the EPHandle of a dispatch result, got {type(handle).__name__}")
+    try:
+        out = check_tensor(op, "expert_out", expert_out, shape=[handle.num_rows, handle.hidden], dtype=_FLOAT_DTYPES)
+        if handle.ep_size > 1 and not isinstance(async_op, bool):
+            raise MoeCommTypeError(f"{op}: async_op must be a bool, got {type(async_op).__name__}")
+    except (MoeCommValueError, MoeCommTypeError) as exc:
+        # the peers will wait in the reverse all_to_all until the group's timeout; the report lets
+        # their explain_failure name this rank
+        if handle.ep_size > 1:
+            _report(exc)
+        raise
+    partial = gather_sum(out, handle.slot_pos.to(out.device))  # [R, H]: summed over local experts
+    if handle.ep_size == 1:
+        return _Done(partial) if async_op else partial
+    back = out.new_empty((sum(handle.send_splits), handle.hidden))  # [S, H]
+    works = [_all_to_all(back, partial, handle.send_splits, handle.recv_splits, handle.group,
+                         f"{op}: all_to_all", async_op)]
+
+    def finish(works):
+        if async_op:
+            _wait_all(works, handle.group, f"{op}: all_to_all")
+        return gather_sum(back, handle.pos)  # [T, H]
+
+    return PendingCombine(works, finish) if async_op else finish(works)
+
+
+def dispatch(
+    x: Any,
+    topk_ids: Any,
+    topk_weights: Any,
+    group: Any = None,
+    placement: ExpertPlacement | None = None,
+    async_op: bool = False,
+    *,
+    num_experts: int | None = None,
+    validate: bool = True,
+) -> DispatchResult | PendingDispatch:
+    """Send each token to the ranks holding its top-k experts; functional form of EPDispatcher.dispatch.
+
+    Does not check that the ranks agree on the configuration (EPDispatcher does, once, at set-up).
+
+    Args:
+        x: [T, H] fp32/fp16/bf16 tokens of this rank (a torch tensor or a DLPack array; T may be 0).
+        topk_ids: [T, k] int32/int64 global expert ids in [0, E).
+        topk_weights: [T, k] fp32/fp16/bf16 routing weights.
+        group: the expert-parallel process group (None: the default group, or no group at all).
+        placement: expert -> rank map with ep_size = the group's size; None: contiguous blocks of
+            ``num_experts``.
+        async_op: return a PendingDispatch to ``wait()`` on.
+        num_experts: E, needed when ``placement`` is None.
+        validate: check the ids on the device (costs no extra sync for W > 1: the flag rides on the
+            count exchange; one sync for W = 1). Skipped anyway under CUDA-graph capture and compile.
+
+    Returns:
+        DispatchResult: tokens [R, H] received rows, gather_idx [N] int32, expert_offsets [L + 1]
+        int32, tokens_per_expert [L] int32, row_weights [N] fp32, handle for combine.
+    """
+    op = "dispatch"
+    rank, W = _group_info(group)
+    if placement is None:
+        if num_experts is None:
+            raise MoeCommValueError(f"{op}: placement or num_experts must be given, got neither")
+        placement = ExpertPlacement(check_positive_int(op, "num_experts", num_experts), W)
+    if not isinstance(placement, ExpertPlacement):
+        raise MoeCommTypeError(f"{op}: placement must be an ExpertPlacement, got {type(placement).__name__}")
+    if placement.ep_size != W:
+        raise MoeCommValueError(f"{op}: placement.ep_size must be {W} (the group's size), got {placement.ep_size}")
+    return _dispatch(x, topk_ids, topk_weights, group=group, placement=placement, rank=rank, ep_size=W,
+                     e2r=placement.expert_to_rank_tensor(), e2l=placement.expert_to_local_tensor(),
+                     hidden=None, top_k=None, dtype=None, async_op=async_op, validate=validate, op=op)
+
+
+class EPDispatcher:
+    """Expert-parallel dispatcher of one MoE layer (implements moecomm.ep.types.Dispatcher).
+
+    Args:
+        num_experts: E, global experts.
+        top_k: k, experts per token.
+        hidden: H.
+        group: the expert-parallel process group (None: the default group; a single process
+            without torch.distributed is EP size 1).
+        placement: expert -> rank map; None: contiguous blocks (E not divisible by W is fine).
+        dtype: the token dtype every call must use (None: any of fp32/fp16/bf16).
+
+    Every rank of the group must construct it (a set-up collective checks that all ranks agree on
+    E, k, H, dtype and placement, raising on every rank otherwise).
+
+    Example:
+        disp = EPDispatcher(64, 8, 4096, group=ep_group)
+        d = disp.dispatch(x, topk_ids, topk_weights)
+        y = disp.combine(expert_mlp(d.tokens[d.gather_idx]) * d.row_weights[:, None], d.handle)
+    """
+
+    def __init__(self, num_experts: int, top_k: int, hidden: int, *, group: Any = None,
+                 placement: ExpertPlacement | None = None, dtype: torch.dtype | None = None):
+        op = "EPDispatcher"
+        self.num_experts = check_positive_int(op, "num_experts", num_experts)
+        self.top_k = check_positive_int(op, "top_k", top_k)
+        self.hidden = check_positive_int(op, "hidden", hidden)
+        if dtype is not None and dtype not in _FLOAT_DTYPES:
+            raise MoeCommTypeError(f"{op}: dtype must be float32, float16, bfloat16 or None, got {dtype}")
+        if top_k > num_experts:
+            raise MoeCommValueError(f"{op}: top_k must be <= num_experts ({num_experts}), got {top_k}")
+        self.group = group
+        self.rank, self.ep_size = _group_info(group)
+        if placement is None:
+            placement = ExpertPlacement(num_experts, self.ep_size)
+        if not isinstance(placement, ExpertPlacement):
+            raise MoeCommTypeError(f"{op}: placement must be an ExpertPlacement, got {type(placement).__name__}")
+        if placement.ep_size != self.ep_size or placement.num_experts != num_experts:
+            raise MoeCommValueError(f"{op}: placement must be for {num_experts} experts on {self.ep_size} ranks, "
+                                    f"got {placement.num_experts} experts on {placement.ep_size} ranks")
+        self.placement = placement
+        self.dtype = dtype
+        self.num_local_experts = placement.num_local_experts(self.rank)
+        self.local_experts = placement.local_experts(self.rank)
+        self._e2r = placement.expert_to_rank_tensor()
+        self._e2l = placement.expert_to_local_tensor()
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.ep_size > 1:
+            from ..dist import check_agreement
+
+            check_agreement(group, op, num_experts=num_experts, top_k=top_k, hidden=hidden,
+                            dtype=str(dtype), ep_size=self.ep_size, placement=placement.describe())
+
+    def _maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # placement tables copied to the device once, not per call
+        if device not in self._on_device:
+            self._on_device[device] = (self._e2r.to(device), self._e2l.to(device))
+        return self._on_device[device]
+
+    def dispatch(self, x: Any, topk_ids: Any, topk_weights: Any, *, async_op: bool = False,
+                 validate: bool = True) -> DispatchResult | PendingDispatch:
+        """Send tokens to their experts' ranks; see moecomm.ep.dispatch for the arguments.
+
+        Args:
+            x: [T, H] tokens (dtype as constructed, if given).
+            topk_ids: [T, k] int32/int64 global expert ids.
+            topk_weights: [T, k] routing weights.
+            async_op: return a PendingDispatch.
+            validate: check ids on the device (see moecomm.ep.dispatch).
+        """
+        dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        e2r, e2l = self._maps(dev)
+        return _dispatch(x, topk_ids, topk_weights, group=self.group, placement=self.placement, rank=self.rank,
+                         ep_size=self.ep_size, e2r=e2r, e2l=e2l, hidden=self.hidden, top_k=self.top_k,
+                         dtype=self.dtype, async_op=async_op, validate=validate, op="EPDispatcher.dispatch")
+
+    def combine(self, expert_out: Any, handle: EPHandle, *, async_op: bool = False) -> torch.Tensor | PendingCombine:
+        """y [T, H] = per token, the sum of its expert outputs (weights already applied); see combine()."""
+        return combine(expert_out, handle, async_op=async_op)

@@ -1,0 +1,362 @@
+"""Expert-parallel dispatch/combine: kernels vs references, the pipeline vs a single-process truth.
+
+# T = num_tokens (a rank's), H = hidden, k = top_k, E = num_experts, W = ep_size, L = local experts
+
+Payloads are small integers and weights powers of two, so every sum is exact in fp16/bf16/fp32 and
+results are compared with torch.equal: a misrouted, lost or doubled row cannot hide in a tolerance.
+Tolerances appear only for random (non-integer) data in gather_sum, where the kernel's sequential
+fp32 sum and torch's may round differently: fp32 <= C terms of |v| <= 4: atol 1e-5; fp16 output
+rounding, half an ulp of values up to C*4 = 32: atol 2e-2 (2^-11 * 32 = 0.016).
+
+Run: python -m pytest -q tests/ep/test_dispatch.py -x   (~60 s on 2 cores, most of it in 2 gloo runs)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moecomm.errors import MoeCommTypeError, MoeCommValueError
+from moecomm.ep import dispatch as D
+from moecomm.ep._dispatch_reference import (
+    ep_reference,
+    gather_sum_reference,
+    pack_rows_reference,
+    virtual_ep_forward,
+)
+from moecomm.ep.placement import ExpertPlacement
+from moecomm.testing import compile_for_hopper, run_distributed
+
+# ----------------------------------------------------------------------------- payloads
+
+
+def routing(T: int, E: int, k: int, *, skew: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, k] distinct expert ids (skewed: mostly the first few experts) and power-of-two weights."""
+    g = torch.Generator().manual_seed(seed)
+    if skew:
+        p = torch.full((E,), 0.01)
+        p[: max(k, 2)] = 10.0
+    else:
+        p = torch.ones(E)
+    ids = torch.multinomial(p.expand(T, E), k, replacement=False, generator=g) if T else torch.zeros(0, k, dtype=torch.long)
+    w = 2.0 ** torch.randint(-2, 2, (T, k), generator=g).float()
+    return ids, w
+
+
+def int_tokens(T: int, H: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-4, 5, (T, H), generator=g).to(dtype)
+
+
+def expert_times_id(rows: torch.Tensor, e: int) -> torch.Tensor:
+    """The test expert: rows * (global expert id + 1), so a row sent to the wrong expert shows."""
+    return rows * (e + 1)
+
+
+def vectorised_expert(rows, expert_of_row, row_weights):
+    return (rows.float() * (expert_of_row[:, None] + 1) * row_weights[:, None]).to(rows.dtype)
+
+
+def check_against_reference(placement, xs, ids, ws, run_received, run_y):
+    ref = ep_reference(xs, ids, ws, placement, expert_times_id)
+    for r in range(placement.ep_size):
+        res = run_received[r]
+        g = res.tokens[res.gather_idx.long()]
+        offs = res.expert_offsets.tolist()
+        assert res.tokens_per_expert.tolist() == [len(t) for t in ref.received[r]]
+        for lx in range(placement.num_local_experts(r)):
+            assert torch.equal(g[offs[lx]:offs[lx + 1]], ref.received[r][lx]), (r, lx)
+        assert torch.equal(run_y[r], ref.y[r]), r
+
+
+CASES = {
+    # name: (token counts per rank, E, k, H, placement map or None, skewed)
+    "uniform_w2": ([33, 1], 8, 2, 16, None, False),
+    "skew_t0_w3": ([0, 17, 9], 10, 4, 33, None, True),  # E % W != 0, a rank with no tokens
+    "custom_w4": ([5, 8, 0, 3], 6, 3, 8, [3, 0, 3, 1, 1, 0], True),  # rank 2 holds no expert
+}
+
+
+def case_inputs(name, dtype=torch.float32):
+    Ts, E, k, H, e2r, skew = CASES[name]
+    W = len(Ts)
+    pl = ExpertPlacement(E, W, tuple(e2r) if e2r else ())
+    xs, ids, ws = [], [], []
+    for r, T in enumerate(Ts):
+        i, w = routing(T, E, k, skew=skew, seed=100 + r)
+        xs.append(int_tokens(T, H, seed=r, dtype=dtype))
+        ids.append(i)
+        ws.append(w)
+    return pl, xs, ids, ws
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _pack_inputs(T, H, W, seed, dtype):
+    ids, w = routing(T, 2 * W, 2, skew=False, seed=seed)
+    pl = ExpertPlacement(2 * W, W)
+    plan = D.plan_send(ids, w, pl.expert_to_rank_tensor(), pl.expert_to_local_tensor(), W)
+    x = torch.randn(T, 2 * H, dtype=torch.float32).to(dtype)[:, ::2]  # non-contiguous [T, H]
+    return x, plan, int(plan.rows_per_rank.sum())
+
+
+@pytest.mark.parametrize("T,H,W", [(0, 8, 2), (1, 33, 1), (33, 199, 3), (7, 64, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pack_kernel_interpreted(triton_backend, T, H, W, dtype):
+    from moecomm.ep._dispatch_triton import pack_rows_triton
+
+    x, plan, S = _pack_inputs(T, H, W, seed=T + H, dtype=dtype)
+    out = torch.full((S, H), float("nan"), dtype=dtype)  # unwritten rows stay NaN and fail
+    pack_rows_triton(x, plan.pos, S, out=out)
+    assert torch.equal(out, pack_rows_reference(x, plan.pos, S))
+    # every row is one of x's rows (reference itself checked against the obvious loop)
+    for t in range(T):
+        for w in range(W):
+            p = int(plan.pos[t, w])
+            if p >= 0:
+                assert torch.equal(out[p], x[t])
+
+
+@pytest.mark.parametrize("M,C,H,N", [(0, 2, 8, 3), (1, 1, 33, 1), (33, 8, 199, 50), (5, 4, 16, 0)])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float16, 2e-2)])
+def test_gather_sum_kernel_interpreted(triton_backend, M, C, H, N, dtype, atol):
+    from moecomm.ep._dispatch_triton import gather_sum_triton
+
+    g = torch.Generator().manual_seed(M * 7 + C)
+    src = (torch.rand(N, 2 * H, generator=g) * 8 - 4).to(dtype)[:, :H]  # non-contiguous rows
+    idx = torch.randint(-1, max(N, 1), (M, C), generator=g, dtype=torch.int32)
+    if N == 0:
+        idx.fill_(-1)
+    out = torch.full((M, H), float("nan"), dtype=dtype)
+    gather_sum_triton(src, idx, out=out)
+    truth = torch.zeros(M, H, dtype=torch.float64)  # float64 ground truth, the obvious loop
+    for m in range(M):
+        for c in range(C):
+            if idx[m, c] >= 0:
+                truth[m] += src[idx[m, c]].double()
+    torch.testing.assert_close(out.double(), truth, atol=atol, rtol=0)
+    torch.testing.assert_close(gather_sum_reference(src, idx).double(), truth, atol=atol, rtol=0)
+
+
+def test_nan_stays_in_its_token(triton_backend):
+    x, plan, S = _pack_inputs(9, 16, 2, seed=3, dtype=torch.float32)
+    x = x.clone()
+    x[4, 3] = float("nan")
+    packed = D.pack_rows(x, plan.pos, S)
+    bad_rows = {int(p) for p in plan.pos[4] if p >= 0}
+    for row in range(S):
+        assert bool(packed[row].isnan().any()) == (row in bad_rows)
+    y = D.gather_sum(packed, plan.pos)  # the round trip: token t = sum of its copies
+    assert y[4].isnan().any() and not y[torch.arange(9) != 4].isnan().any()
+
+
+def test_kernels_compile_for_hopper():
+    from moecomm.ep._dispatch_triton import ep_gather_sum_kernel, ep_pack_kernel
+
+    common = {"H": "i32", "W": "i32", "num_out_rows": "i32", "stride_xt": "i32", "stride_xh": "i32",
+              "stride_pt": "i32", "stride_pw": "i32", "stride_ot": "i32", "BLOCK_H": "constexpr"}
+    k = compile_for_hopper(ep_pack_kernel, {"x_ptr": "*bf16", "pos_ptr": "*i32", "out_ptr": "*bf16", **common},
+                           {"BLOCK_H": 1024}, num_warps=4)
+    assert "st.global" in k.asm["ptx"]
+    sig = {"src_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "H": "i32", "C": "i32", "num_src_rows": "i32",
+           "stride_sm": "i32", "stride_sh": "i32", "stride_im": "i32", "stride_ic": "i32", "stride_om": "i32",
+           "BLOCK_H": "constexpr"}
+    k = compile_for_hopper(ep_gather_sum_kernel, sig, {"BLOCK_H": 1024}, num_warps=4)
+    assert "add.f32" in k.asm["ptx"] or "add.rn.f32" in k.asm["ptx"]  # fp32 accumulation
+
+
+def test_ops_under_torch_compile():
+    x, plan, S = _pack_inputs(11, 32, 3, seed=1, dtype=torch.float32)
+
+    def f(x, pos):
+        return D._gather_sum_op(D._pack_rows_op(x, pos, S), pos)
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, plan.pos)
+    assert torch.equal(got, f(x, plan.pos))
+    torch.library.opcheck(D._pack_rows_op, (x.contiguous(), plan.pos, S))
+    torch.library.opcheck(D._gather_sum_op, (x.contiguous(), plan.pos))
+
+
+# ----------------------------------------------------------------------------- pipeline, one process
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_virtual_ranks_equal_reference(name, dtype):
+    pl, xs, ids, ws = case_inputs(name, dtype)
+    run = virtual_ep_forward(xs, ids, ws, pl, vectorised_expert)
+    check_against_reference(pl, xs, ids, ws, run.results, run.y)
+
+
+def test_virtual_ranks_interpreted(triton_backend):
+    pl, xs, ids, ws = case_inputs("skew_t0_w3", torch.float16)
+    run = virtual_ep_forward(xs, ids, ws, pl, vectorised_expert)
+    check_against_reference(pl, xs, ids, ws, run.results, run.y)
+
+
+def test_dedup_send_counts():
+    # experts 0..3 on rank 0, 4..7 on rank 1: token 0 -> both ranks, token 1 -> rank 1 only (3 experts)
+    pl = ExpertPlacement(8, 2)
+    ids = torch.tensor([[0, 5, 1], [4, 6, 7]])
+    plan = D.plan_send(ids, torch.ones(2, 3), pl.expert_to_rank_tensor(), pl.expert_to_local_tensor(), 2)
+    assert plan.rows_per_rank.tolist() == [1, 2]
+    assert plan.pairs_per_rank.tolist() == [2, 4]
+    meta = D.pack_metadata(plan, 3)
+    assert meta[:, :3].tolist() == [[0, -1, 1], [-1, 1, -1], [0, 2, 3]]
+
+
+@pytest.mark.parametrize("async_op", [False, True])
+def test_ep_size_one_is_a_local_permute(async_op):
+    pl, xs, ids, ws = case_inputs("uniform_w2")
+    x = xs[0][:, :]
+    d = D.EPDispatcher(8, 2, 16)
+    res = d.dispatch(x, ids[0], ws[0], async_op=async_op)
+    res = res.wait() if async_op else res
+    assert res.tokens.data_ptr() == x.data_ptr()  # no copy: the GEMM gathers through gather_idx
+    g = res.tokens[res.gather_idx.long()]
+    out = (g * (res.row_weights[:, None] * 0 + 1)).clone()
+    local = torch.repeat_interleave(torch.arange(8), res.tokens_per_expert.long())
+    out = vectorised_expert(g, local, res.row_weights)
+    y = d.combine(out, res.handle, async_op=async_op)
+    y = y.wait() if async_op else y
+    ref = ep_reference([x], [ids[0]], [ws[0]], ExpertPlacement(8, 1), expert_times_id)
+    assert torch.equal(y, ref.y[0])
+    for e in range(8):
+        o = res.expert_offsets.tolist()
+        assert torch.equal(g[o[e]:o[e + 1]], ref.received[0][e])
+
+
+def test_numpy_input_is_not_copied():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ids = np.array([[0, 1], [1, 2], [2, 0]], dtype=np.int64)
+    w = np.ones((3, 2), dtype=np.float32)
+    res = D.dispatch(x, ids, w, num_experts=4)
+    assert res.tokens.data_ptr() == x.__array_interface__["data"][0]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _good():
+    return torch.zeros(4, 8), torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2)
+
+
+@pytest.mark.parametrize("mutate,exc,msg", [
+    (lambda a: (a[0][0], a[1], a[2]), MoeCommValueError, "dispatch: x must have 2 dimensions"),
+    (lambda a: (a[0].long(), a[1], a[2]), MoeCommTypeError, "dispatch: x must have dtype"),
+    (lambda a: (a[0], a[1][:3], a[2]), MoeCommValueError, "dispatch: topk_ids must have shape [4, *]"),
+    (lambda a: (a[0], a[1].float(), a[2]), MoeCommTypeError, "dispatch: topk_ids must have dtype int32 or int64"),
+    (lambda a: (a[0], a[1], a[2][:, :1]), MoeCommValueError, "dispatch: topk_weights must have shape [4, 2]"),
+    (lambda a: (a[0], a[1] + 7, a[2]), MoeCommValueError, "dispatch: topk_ids must be in [0, 4), got values in [7, 7]"),
+    (lambda a: ([1.0], a[1], a[2]), MoeCommTypeError, "dispatch: x must be a torch.Tensor"),
+])
+def test_dispatch_bad_input(mutate, exc, msg):
+    x, ids, w = mutate(_good())
+    with pytest.raises(exc) as info:
+        D.dispatch(x, ids, w, num_experts=4)
+    assert msg in str(info.value)
+
+
+def test_validate_false_skips_id_check_but_stays_in_bounds():
+    x, ids, w = _good()
+    res = D.dispatch(x, ids + 99, w, num_experts=4, validate=False)  # clamped, never out of bounds
+    assert res.gather_idx.shape == (8,)
+
+
+def test_bad_arguments_elsewhere():
+    x, ids, w = _good()
+    with pytest.raises(MoeCommValueError, match="dispatch: placement or num_experts must be given"):
+        D.dispatch(x, ids, w)
+    with pytest.raises(MoeCommValueError, match=r"dispatch: placement.ep_size must be 1 \(the group's size\), got 2"):
+        D.dispatch(x, ids, w, placement=ExpertPlacement(4, 2))
+    with pytest.raises(MoeCommTypeError, match="dispatch: placement must be an ExpertPlacement"):
+        D.dispatch(x, ids, w, placement=[0, 0, 0, 0])
+    with pytest.raises(MoeCommValueError, match="EPDispatcher: top_k must be <= num_experts"):
+        D.EPDispatcher(2, 4, 8)
+    with pytest.raises(MoeCommTypeError, match="EPDispatcher: dtype must be"):
+        D.EPDispatcher(4, 2, 8, dtype=torch.int32)
+    with pytest.raises(MoeCommValueError, match="EPDispatcher: placement must be for 4 experts on 1 ranks"):
+        D.EPDispatcher(4, 2, 8, placement=ExpertPlacement(5, 1))
+    disp = D.EPDispatcher(4, 2, 8, dtype=torch.float16)
+    with pytest.raises(MoeCommTypeError, match="EPDispatcher.dispatch: x must have dtype float16, got float32"):
+        disp.dispatch(x, ids, w)
+    with pytest.raises(MoeCommValueError, match=r"EPDispatcher.dispatch: x must have shape \[\*, 8\], got \[4, 9\]"):
+        disp.dispatch(torch.zeros(4, 9, dtype=torch.float16), ids, w)
+    with pytest.raises(MoeCommValueError, match=r"EPDispatcher.dispatch: topk_ids must have shape \[4, 2\]"):
+        disp.dispatch(x.half(), ids[:, :1], w)
+    res = disp.dispatch(x.half(), ids, w)
+    with pytest.raises(MoeCommValueError, match=r"combine: expert_out must have shape \[8, 8\], got \[7, 8\]"):
+        disp.combine(torch.zeros(7, 8), res.handle)
+    with pytest.raises(MoeCommTypeError, match="combine: handle must be the EPHandle"):
+        disp.combine(torch.zeros(8, 8), object())
+
+
+# ----------------------------------------------------------------------------- gloo, several processes
+
+
+def _dist_cases(case_names: list[str], bad_rank: int) -> dict:
+    """Runs on every rank: each case through EPDispatcher (sync and async); then bad input on one rank."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    out: dict = {}
+    for name in case_names:
+        pl, xs, ids, ws = case_inputs(name)
+        E, k, H = pl.num_experts, ids[0].shape[1], xs[0].shape[1]
+        disp = D.EPDispatcher(E, k, H, placement=pl, dtype=torch.float32)
+        for async_op in (False, True):
+            pending = disp.dispatch(xs[rank], ids[rank], ws[rank], async_op=async_op)
+            res = pending.wait() if async_op else pending
+            local = torch.tensor(pl.local_experts(rank), dtype=torch.long)
+            expert_of_row = local[torch.repeat_interleave(res.tokens_per_expert.long())]
+            h = vectorised_expert(res.tokens[res.gather_idx.long()], expert_of_row, res.row_weights)
+            y = disp.combine(h, res.handle, async_op=async_op)
+            y = y.wait() if async_op else y
+            # numpy arrays: pickled by value (torch tensors would travel as shared memory that dies
+            # with this process before the parent reads it)
+            out[(name, async_op)] = tuple(t.numpy() for t in (res.tokens, res.gather_idx, res.expert_offsets,
+                                                             res.tokens_per_expert, res.row_weights, y))
+            out[(name, async_op)] += (res.handle.send_splits,)
+    # bad ids on one rank: it raises its own error, the others name it; then bad shapes the same way
+    disp = D.EPDispatcher(8, 2, 4)
+    x, ids, w = torch.zeros(3, 4), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)
+    for what, bad in (("ids", (x, ids + 8, w)), ("shape", (x[:, :3], ids, w))):
+        try:
+            disp.dispatch(*(bad if rank == bad_rank else (x, ids, w)))
+            out[what] = "no error"
+        except MoeCommValueError as exc:
+            out[what] = str(exc)
+    return out
+
+
+def _check_dist(outs, names, bad_rank):
+    W = len(outs)
+    for name in names:
+        pl, xs, ids, ws = case_inputs(name)
+        for async_op in (False, True):
+            got = [[torch.from_numpy(a) for a in o[(name, async_op)][:6]] + [o[(name, async_op)][6]] for o in outs]
+            results = [D.DispatchResult(g[0], g[2], g[3], g[4], g[1], None) for g in got]
+            check_against_reference(pl, xs, ids, ws, results, [g[5] for g in got])
+            for r in range(W):  # dedup: each token sent once to each rank holding any of its experts
+                dest = torch.tensor(pl.expert_to_rank)[ids[r]]
+                want = [int((dest == w).any(1).sum()) for w in range(W)]
+                assert got[r][6] == want
+    for r, o in enumerate(outs):
+        if r == bad_rank:
+            assert "EPDispatcher.dispatch: topk_ids must be in [0, 8), got values in [8, 8]" in o["ids"]
+            assert "EPDispatcher.dispatch: x must have shape [*, 4], got [3, 3]" in o["shape"]
+        else:
+            assert o["ids"] == f"EPDispatcher.dispatch: rank {bad_rank} failed: topk_ids out of range [0, num_experts)"
+            assert o["shape"].startswith(f"EPDispatcher.dispatch: rank {bad_rank} failed: invalid arguments")
+
+
+def test_gloo_two_ranks():
+    outs = run_distributed(2, _dist_cases, ["uniform_w2"], 1, timeout_s=90)
+    _check_dist(outs, ["uniform_w2"], 1)
+
+
+def test_gloo_four_ranks():
+    outs = run_distributed(4, _dist_cases, ["custom_w4"], 2, timeout_s=90)
+    _check_dist(outs, ["custom_w4"], 2)
