@@ -37,8 +37,8 @@ import triton.language as tl
 # Launch configurations. H100: 132 SMs; a permute at T=8192, H=4096 gets (T/4) * (H/1024) = 8192
 # programs of 4 x 1024 elements (8 KiB read, 64 KiB written each): enough bytes in flight per SM.
 HIST_BLOCK_M = 128  # pairwise rank compare: 128 x 128 booleans per program, cheap in registers
-SCAN_BLOCK_B = 64
-SCAN_BLOCK_E = 32
+SCAN_BLOCK_B = 256  # T=8192, k=8: NB = 512 blocks, two loop trips per program
+SCAN_BLOCK_E = 16
 INDEX_BLOCK_T = 128
 ROW_TILE_ELEMS = 4096  # elements per program tile in permute/combine (BLOCK_T * BLOCK_H)
 MAX_BLOCK_H = 1024
@@ -76,6 +76,7 @@ def permute_scan_kernel(
     hist_ptr,  # [NB, NBUCKETS] int32
     base_ptr,  # [NB, NBUCKETS] int32 out: exclusive prefix over blocks
     tokens_per_expert_ptr,  # [E] int32 out
+    offsets_ptr,  # [E + 1] int32: only offsets[0] = 0 is written here (torch.cumsum fills the rest)
     NB,
     NBUCKETS,
     E,
@@ -83,6 +84,8 @@ def permute_scan_kernel(
     BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if pid == 0:  # saves the launch of a zero-fill
+        tl.store(offsets_ptr, 0)
     cols = pid * BLOCK_E + tl.arange(0, BLOCK_E)
     cmask = cols < NBUCKETS
     carry = tl.zeros([BLOCK_E], dtype=tl.int32)
@@ -205,10 +208,11 @@ def permute_triton(topk_ids: torch.Tensor, num_experts: int, x: torch.Tensor | N
     nbuckets = num_experts + 1
     src_token = torch.empty(m, dtype=torch.int32, device=dev)
     dst_row = torch.empty(num_tokens, top_k, dtype=torch.int32, device=dev)
-    tokens_per_expert = torch.zeros(num_experts, dtype=torch.int32, device=dev)
-    expert_offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=dev)
     if m == 0:
-        return src_token, dst_row, tokens_per_expert, expert_offsets
+        zeros = torch.zeros
+        return src_token, dst_row, zeros(num_experts, dtype=torch.int32, device=dev), zeros(num_experts + 1, dtype=torch.int32, device=dev)
+    tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=dev)  # every entry written by the scan
+    expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
     ids = topk_ids.reshape(m)
     nb = triton.cdiv(m, HIST_BLOCK_M)
     hist = torch.empty(nb, nbuckets, dtype=torch.int32, device=dev)
@@ -219,7 +223,7 @@ def permute_triton(topk_ids: torch.Tensor, num_experts: int, x: torch.Tensor | N
         BLOCK_M=HIST_BLOCK_M, NUM_BINS=triton.next_power_of_2(nbuckets), num_warps=4,
     )
     permute_scan_kernel[(triton.cdiv(nbuckets, SCAN_BLOCK_E),)](
-        hist, base, tokens_per_expert, nb, nbuckets, num_experts,
+        hist, base, tokens_per_expert, expert_offsets, nb, nbuckets, num_experts,
         BLOCK_B=SCAN_BLOCK_B, BLOCK_E=SCAN_BLOCK_E, num_warps=4,
     )
     torch.cumsum(tokens_per_expert, 0, dtype=torch.int32, out=expert_offsets[1:])

@@ -121,6 +121,21 @@ def test_permute_rows_exact(backend, num_tokens, top_k, num_experts, hidden, dty
     assert torch.equal(res.permuted, x[res.indices.src_token.long()])
 
 
+def test_permute_indices_many_blocks(backend):
+    """M = 33600 slots: more blocks (263) than one trip of the scan kernel's loop (256); E + 1 = 64 buckets."""
+    t, k, e = 4200, 8, 63
+    ids = make_ids(t, k, e, "skew", seed=4, device=backend)
+    idx = permute_indices(ids, e)
+    want = ref.permute_indices_ref(ids, e)
+    for got, w in zip((idx.src_token, idx.dst_row, idx.tokens_per_expert, idx.expert_offsets), want):
+        assert torch.equal(got, w)
+
+
+def test_reference_matches_ground_truth_large():
+    ids = make_ids(1000, 4, 37, "skew", seed=5)
+    check_indices(PermuteIndices(*ref.permute_indices_ref(ids, 37)), ids, 37)
+
+
 def test_all_tokens_to_one_expert(backend):
     t, k, e = 199, 1, 16
     ids = torch.full((t, k), 5, dtype=torch.int32, device=backend)
@@ -382,7 +397,7 @@ _AOT_SCRIPT = textwrap.dedent(
                         {"BLOCK_M": K.HIST_BLOCK_M, "NUM_BINS": nbins}, [])
         assert ".target sm_90" in ptx and "st.global" in ptx
     ptx = compile90(K.permute_scan_kernel, {"hist_ptr": "*i32", "base_ptr": "*i32", "tokens_per_expert_ptr": "*i32",
-                    "NB": "i32", "NBUCKETS": "i32", "E": "i32", "BLOCK_B": "constexpr", "BLOCK_E": "constexpr"},
+                    "offsets_ptr": "*i32", "NB": "i32", "NBUCKETS": "i32", "E": "i32", "BLOCK_B": "constexpr", "BLOCK_E": "constexpr"},
                     {"BLOCK_B": K.SCAN_BLOCK_B, "BLOCK_E": K.SCAN_BLOCK_E}, [])
     assert "st.global" in ptx
     for dtype, bt, bh in (("bf16", 4, 1024), ("fp16", 4, 1024), ("fp32", 64, 64)):
