@@ -5,6 +5,7 @@
     python -m benchmarks.bench_permute                  # issue-2 shapes, bf16, GPU
     python -m benchmarks.bench_permute --quick          # tiny shapes, CPU in seconds (CI smoke test)
     python -m benchmarks.bench_permute --out r.jsonl    # also append JSON lines
+    python -m benchmarks.bench_permute --sweep          # also time other row-kernel tile configs (GPU)
 
 Rows:
   permute          ours: permute(x, topk_ids, E) = counting-sort indices + row scatter
@@ -109,11 +110,37 @@ def run_shape(T, H, k, E, name, dtype, device, writer, rep, warmup):
     return rows
 
 
+# (elements per program tile, max BLOCK_H, num_warps) of the permute-copy and combine kernels
+SWEEP = [(4096, 1024, 4), (2048, 1024, 4), (8192, 1024, 4), (8192, 1024, 8), (8192, 2048, 8), (16384, 2048, 8), (4096, 512, 4)]
+
+
+def sweep(T, H, k, E, dtype, device, writer, rep):
+    """Time permute and combine under each row-tile config; the defaults of _triton are restored after."""
+    from moecomm.ep import _triton
+
+    defaults = (_triton.ROW_TILE_ELEMS, _triton.MAX_BLOCK_H, _triton.ROW_NUM_WARPS)
+    ids, w = _routing(T, k, E, device, seed=0)
+    sets = [(torch.randn(T, H, dtype=dtype, device=device), torch.randn(T * k, H, dtype=dtype, device=device)) for _ in range(2)]
+    idx = permute_indices(ids, E)
+    print(f"\nsweep at T={T} H={H} top-{k} of {E}: tile elems, max BLOCK_H, warps -> permute ms, combine ms")
+    try:
+        for tile, max_bh, warps in SWEEP:
+            _triton.ROW_TILE_ELEMS, _triton.MAX_BLOCK_H, _triton.ROW_NUM_WARPS = tile, max_bh, warps
+            tp = bench(lambda x, eo: permute(x, ids, E, validate=False), sets, rep=rep, device=device)
+            tc = bench(lambda x, eo: combine(eo, idx, w), sets, rep=rep, device=device)
+            print(f"  {tile:>6} {max_bh:>5} {warps:>2} -> {tp.median_ms:.4f} {tc.median_ms:.4f}")
+            writer.write(bench="permute", op="sweep", T=T, H=H, k=k, E=E, tile_elems=tile, max_block_h=max_bh,
+                         num_warps=warps, permute_ms=tp.median_ms, combine_ms=tc.median_ms)
+    finally:
+        _triton.ROW_TILE_ELEMS, _triton.MAX_BLOCK_H, _triton.ROW_NUM_WARPS = defaults
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds on CPU (CI smoke test)")
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--rep", type=int, default=None, help="timed calls per measurement")
+    parser.add_argument("--sweep", action="store_true", help="also time other row-kernel tile configs (GPU only)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,6 +158,9 @@ def main(argv=None) -> int:
             tgt = f"{target:.2f}" if target else "-"
             flag = " MISSED" if target and t_ours.median_ms > target else ""
             print(f"{name_:<24} {op:<16} {t_ours.median_ms:>9.4f} {t_base.median_ms:>9.4f} {ratio:>7.2f}x {gbps:>10.1f} {tgt:>9}{flag}")
+    if args.sweep and device == "cuda":
+        for T, H, k, E, _ in shapes:
+            sweep(T, H, k, E, dtype, device, writer, rep)
     return 0
 
 

@@ -42,6 +42,7 @@ SCAN_BLOCK_E = 16
 INDEX_BLOCK_T = 128
 ROW_TILE_ELEMS = 4096  # elements per program tile in permute/combine (BLOCK_T * BLOCK_H)
 MAX_BLOCK_H = 1024
+ROW_NUM_WARPS = 4  # 128 threads x 8 bf16 (16 B) = 1024 columns per pass; benchmarks --sweep tries others
 
 
 @triton.jit
@@ -241,7 +242,7 @@ def permute_triton(topk_ids: torch.Tensor, num_experts: int, x: torch.Tensor | N
         permute_scatter_kernel[grid](
             ids, rank, base, expert_offsets, dst_row, src_token, x, out,
             num_tokens, hidden, num_experts, nbuckets, x.stride(0), out.stride(0),
-            TOP_K=top_k, BLOCK_M=HIST_BLOCK_M, BLOCK_T=block_t, BLOCK_H=block_h, COPY=True, num_warps=4,
+            TOP_K=top_k, BLOCK_M=HIST_BLOCK_M, BLOCK_T=block_t, BLOCK_H=block_h, COPY=True, num_warps=ROW_NUM_WARPS,
         )
     return src_token, dst_row, tokens_per_expert, expert_offsets
 
@@ -260,5 +261,5 @@ def combine_triton(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights
         expert_out, dst_row, w, out,
         num_tokens, hidden, expert_out.stride(0), out.stride(0),
         w.stride(0) if has_w else 0, w.stride(1) if has_w else 0,
-        TOP_K=top_k, HAS_WEIGHTS=has_w, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
+        TOP_K=top_k, HAS_WEIGHTS=has_w, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=ROW_NUM_WARPS,
     )
