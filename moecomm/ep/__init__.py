@@ -4,3 +4,4 @@ from .api import PermuteIndices, PermuteResult, combine, permute, permute_indice
 from .local import LocalDispatcher
 from .placement import ExpertPlacement
 from .types import DispatchResult, Dispatcher
+from .dispatch import EPDispatcher, EPHandle, PendingCombine, PendingDispatch, combine as ep_combine, dispatch as ep_dispatch

@@ -25,8 +25,8 @@ One step, on every rank:
    (token, rank), and the source rank sums those per token (gather_sum again): each output row is
    written once, no atomics, so results are deterministic.
 
-EP size 1 needs no exchange and no host sync: the tokens stay where they are and gather_idx
-permutes them (the permute is fused into the expert GEMM's gather).
+EP size 1 is LocalDispatcher's permute: no exchange and no host sync (beyond the optional id check);
+the tokens stay where they are and gather_idx permutes them (fused into the expert GEMM's gather).
 
 Buffers are taken from torch's caching allocator at the sizes exchanged in step 2 (the allocator
 reuses them step after step); a static-capacity mode for CUDA graphs over W > 1 is not built yet.
@@ -34,6 +34,7 @@ reuses them step after step); a static-capacity mode for CUDA graphs over W > 1 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,6 +262,7 @@ class EPHandle:
         pos: [T, W] int32 send-buffer rows (SendPlan.pos).
         slot_pos: [R, k] int32 expanded row of each received (row, slot).
         num_tokens, hidden: T, H of the source rank; num_rows: N expanded rows.
+        local: EP size 1 only, the LocalDispatcher's handle (pos and slot_pos are None then).
     """
 
     group: Any
@@ -268,10 +270,11 @@ class EPHandle:
     send_splits: list[int]
     recv_splits: list[int]
     pos: torch.Tensor | None
-    slot_pos: torch.Tensor
+    slot_pos: torch.Tensor | None
     num_tokens: int
     hidden: int
     num_rows: int
+    local: Any = None
 
 
 class _Done:
@@ -436,19 +439,19 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     k = ids.shape[1]
     E = placement.num_experts
     L = placement.num_local_experts(rank)
-    e2r, e2l = e2r.to(x.device), e2l.to(x.device)
+    e2r, e2l = e2r.to(x.device), e2l.to(x.device)  # no-op unless x is not where the caller guessed
     check = _device_checks_on(validate)
 
     if W == 1:
-        # a local permute: tokens stay in x, gather_idx permutes them; no exchange, no host sync
+        # a local permute (LocalDispatcher): tokens stay in x, gather_idx permutes them; no exchange,
+        # and no host sync unless the ids are checked
         if check and T > 0 and bool(((ids < 0) | (ids >= E)).any()):
             raise MoeCommValueError(f"{op}: topk_ids must be in [0, {E}), got values in "
                                     f"[{int(ids.min())}, {int(ids.max())}]")
-        meta = torch.cat([e2l[ids.long().clamp(0, E - 1)],
-                          w.float().contiguous().view(torch.int32)], dim=1)  # [T, 2k]
-        ex = expand_received(meta, k, L, T * k)
-        handle = EPHandle(group, 1, [T], [T], None, ex.slot_pos, T, H, T * k)
-        res = DispatchResult(x, ex.expert_offsets, ex.tokens_per_expert, ex.row_weights, ex.gather_idx, handle)
+        from .local import LocalDispatcher
+
+        res = LocalDispatcher(E, k, validate=False).dispatch(x, ids, w.float())
+        res.handle = EPHandle(group, 1, [T], [T], None, None, T, H, T * k, local=res.handle)
         return _Done(res) if async_op else res
 
     plan = plan_send(ids, w, e2r, e2l, W, check_ids=check)
@@ -513,9 +516,12 @@ def combine(expert_out: Any, handle: EPHandle, async_op: bool = False) -> torch.
         if handle.ep_size > 1:
             _report(exc)
         raise
-    partial = gather_sum(out, handle.slot_pos.to(out.device))  # [R, H]: summed over local experts
     if handle.ep_size == 1:
-        return _Done(partial) if async_op else partial
+        from .api import combine as local_combine
+
+        y = local_combine(out, handle.local, None)  # [T, H]
+        return _Done(y) if async_op else y
+    partial = gather_sum(out, handle.slot_pos)  # [R, H]: summed over local experts
     back = out.new_empty((sum(handle.send_splits), handle.hidden))  # [S, H]
     works = [_all_to_all(back, partial, handle.send_splits, handle.recv_splits, handle.group,
                          f"{op}: all_to_all", async_op)]
@@ -569,9 +575,17 @@ def dispatch(
         raise MoeCommTypeError(f"{op}: placement must be an ExpertPlacement, got {type(placement).__name__}")
     if placement.ep_size != W:
         raise MoeCommValueError(f"{op}: placement.ep_size must be {W} (the group's size), got {placement.ep_size}")
+    dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    e2r, e2l = _placement_maps(placement, dev)
     return _dispatch(x, topk_ids, topk_weights, group=group, placement=placement, rank=rank, ep_size=W,
-                     e2r=placement.expert_to_rank_tensor(), e2l=placement.expert_to_local_tensor(),
-                     hidden=None, top_k=None, dtype=None, async_op=async_op, validate=validate, op=op)
+                     e2r=e2r, e2l=e2l, hidden=None, top_k=None, dtype=None, async_op=async_op,
+                     validate=validate, op=op)
+
+
+@functools.lru_cache(maxsize=64)
+def _placement_maps(placement: ExpertPlacement, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # the [E] tables copied to the device once per placement, not once per call
+    return placement.expert_to_rank_tensor(device), placement.expert_to_local_tensor(device)
 
 
 class EPDispatcher:
@@ -618,20 +632,11 @@ class EPDispatcher:
         self.dtype = dtype
         self.num_local_experts = placement.num_local_experts(self.rank)
         self.local_experts = placement.local_experts(self.rank)
-        self._e2r = placement.expert_to_rank_tensor()
-        self._e2l = placement.expert_to_local_tensor()
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.ep_size > 1:
             from ..dist import check_agreement
 
             check_agreement(group, op, num_experts=num_experts, top_k=top_k, hidden=hidden,
                             dtype=str(dtype), ep_size=self.ep_size, placement=placement.describe())
-
-    def _maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # placement tables copied to the device once, not per call
-        if device not in self._on_device:
-            self._on_device[device] = (self._e2r.to(device), self._e2l.to(device))
-        return self._on_device[device]
 
     def dispatch(self, x: Any, topk_ids: Any, topk_weights: Any, *, async_op: bool = False,
                  validate: bool = True) -> DispatchResult | PendingDispatch:
@@ -645,7 +650,7 @@ class EPDispatcher:
             validate: check ids on the device (see moecomm.ep.dispatch).
         """
         dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-        e2r, e2l = self._maps(dev)
+        e2r, e2l = _placement_maps(self.placement, dev)
         return _dispatch(x, topk_ids, topk_weights, group=self.group, placement=self.placement, rank=self.rank,
                          ep_size=self.ep_size, e2r=e2r, e2l=e2l, hidden=self.hidden, top_k=self.top_k,
                          dtype=self.dtype, async_op=async_op, validate=validate, op="EPDispatcher.dispatch")
