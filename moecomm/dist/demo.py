@@ -90,9 +90,10 @@ def run_rank(cfg: DemoConfig) -> list[dict]:
     from ..routing import route
     from . import health
     from .groups import new_ep_groups
-    from .world import init, shutdown
+    from .world import current_world, init, shutdown
 
     t0 = time.perf_counter()
+    owns_world = current_world() is None  # under RayWorkerGroup the world outlives this call
     world = init(timeout_s=cfg.timeout_s)
     try:
         rank, W, dev = world.rank, world.world_size, world.device
@@ -176,7 +177,8 @@ def run_rank(cfg: DemoConfig) -> list[dict]:
         health.report_failure(exc)  # the other ranks' errors then name this rank and its reason
         raise
     finally:
-        shutdown()
+        if owns_world:
+            shutdown()
 
 
 def format_table(stats: list[dict], cfg: DemoConfig) -> str:

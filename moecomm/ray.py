@@ -1,0 +1,224 @@
+"""RayWorkerGroup: Ray actors that form one torch.distributed process group and run functions on it.
+
+# W = num_workers (ranks), R = rank
+
+    from moecomm.ray import RayWorkerGroup
+    with RayWorkerGroup(4) as group:                   # Ray started in-process, 4 gloo ranks
+        print(group.run(my_fn, 123))                   # [my_fn(123) on rank 0, ..., on rank 3]
+        stats = group.run_moe(tokens_per_rank=512)     # the expert-parallel MoE layer, checked
+
+Set-up: the driver asks actor 0 for its node's IP and a free port, hands that rendezvous address and
+every actor's rank to the actors, and each actor calls moecomm.dist.init() (launcher "ray") with
+torchrun's variables set. Local ranks count the actors on each node. With gpus_per_worker > 0 Ray
+restricts each actor to its own GPUs (CUDA_VISIBLE_DEVICES), so each actor's device is cuda:0 and
+its LOCAL_RANK is 0.
+
+Ray is imported only when a RayWorkerGroup is created (importing moecomm.ray costs nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .errors import MoeCommError, MoeCommTypeError, MoeCommValueError, check_positive_int
+
+_OP = "RayWorkerGroup"
+
+
+class _Worker:
+    """One rank: a Ray actor holding its moecomm.dist World."""
+
+    def node_address(self) -> tuple[str, int]:
+        """(this node's IP as Ray sees it, a free TCP port on it): used for rank 0 only."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ip, port
+
+    def node_ip(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def setup(self, rank: int, world_size: int, local_rank: int, local_world_size: int, addr: str, port: int,
+              backend: str | None, timeout_s: float | None, env: dict[str, str]) -> dict:
+        os.environ.update(env)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                          LOCAL_WORLD_SIZE=str(local_world_size), MASTER_ADDR=addr, MASTER_PORT=str(port))
+        from .dist import world as world_mod
+
+        world_mod._LAUNCHER_HINT = "ray"
+        w = world_mod.init(backend=backend, timeout_s=timeout_s)
+        return dict(rank=w.rank, world_size=w.world_size, local_rank=w.local_rank, device=str(w.device),
+                    backend=w.backend, launcher=w.launcher)
+
+    def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        from .dist import health
+
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            health.report_failure(exc)  # the other ranks' errors then name this rank
+            raise
+
+    def shutdown(self) -> None:
+        from .dist import shutdown
+
+        shutdown()
+
+
+class RayWorkerGroup:
+    """W Ray actors forming one process group (gloo on CPUs, NCCL when each has a GPU).
+
+    Args:
+        num_workers: W, number of actors = ranks.
+        gpus_per_worker: GPUs Ray reserves for each actor (0: CPU only, gloo).
+        address: an existing cluster ("ray://host:10001" or "auto"); None starts Ray in this process
+            (ray.init(num_cpus=..., include_dashboard=False), RAY_AUTH_MODE=disabled unless set).
+        cpus_per_worker: CPUs Ray reserves per actor.
+        backend: "nccl" or "gloo" for moecomm.dist.init (default: its choice).
+        timeout_s: the group's collective timeout (default MOECOMM_TIMEOUT_S).
+        env: extra environment variables set in every actor before init.
+        setup_timeout_s: bound on starting the actors and forming the group.
+
+    Raises:
+        MoeCommError if Ray is not installed or the group does not form within setup_timeout_s.
+    """
+
+    def __init__(self, num_workers: int, gpus_per_worker: float = 0, address: str | None = None, *,
+                 cpus_per_worker: float = 1, backend: str | None = None, timeout_s: float | None = None,
+                 env: dict[str, str] | None = None, setup_timeout_s: float = 120.0):
+        check_positive_int(_OP, "num_workers", num_workers)
+        for name, v in (("gpus_per_worker", gpus_per_worker), ("cpus_per_worker", cpus_per_worker)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise MoeCommValueError(f"{_OP}: {name} must be a number >= 0, got {v!r}")
+        if address is not None and not isinstance(address, str):
+            raise MoeCommTypeError(f"{_OP}: address must be a str or None, got {type(address).__name__}")
+        if backend is not None and backend not in ("nccl", "gloo"):
+            raise MoeCommValueError(f"{_OP}: backend must be one of ['nccl', 'gloo'] or None, got {backend!r}")
+        try:
+            import ray
+        except ImportError as exc:
+            raise MoeCommError(f"{_OP}: needs Ray, which is not importable ({exc}); pip install ray") from exc
+        self._ray = ray
+        self.num_workers = num_workers
+        self.timeout_s = timeout_s
+        self._setup_timeout_s = setup_timeout_s
+        self._owns_ray = False
+        self._actors: list[Any] = []
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes ~/.ray/auth_token
+        if not ray.is_initialized():
+            if address is None:
+                # the raylet and its workers inherit this environment: let them import what the
+                # driver imports (moecomm from a checkout, functions defined in test modules)
+                old = os.environ.get("PYTHONPATH")
+                paths = [p for p in sys.path if p and os.path.isdir(p)]
+                os.environ["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
+                try:
+                    ray.init(num_cpus=max(int(num_workers * cpus_per_worker + 0.999), 1),
+                             num_gpus=int(num_workers * gpus_per_worker + 0.999) if gpus_per_worker else 0,
+                             include_dashboard=False, log_to_driver=True)
+                finally:
+                    if old is None:
+                        os.environ.pop("PYTHONPATH", None)
+                    else:
+                        os.environ["PYTHONPATH"] = old
+            else:
+                ray.init(address=address)
+            self._owns_ray = True
+        try:
+            self._start(gpus_per_worker, cpus_per_worker, backend, timeout_s, env or {})
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, gpus: float, cpus: float, backend: str | None, timeout_s: float | None,
+               env: dict[str, str]) -> None:
+        ray = self._ray
+        actor_cls = ray.remote(_Worker)
+        self._actors = [actor_cls.options(num_cpus=cpus, num_gpus=gpus).remote() for _ in range(self.num_workers)]
+        t = self._setup_timeout_s
+        try:
+            addr, port = ray.get(self._actors[0].node_address.remote(), timeout=t)
+            ips = ray.get([a.node_ip.remote() for a in self._actors], timeout=t)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise MoeCommError(f"{_OP}: {self.num_workers} actors did not start within {t:.0f} s "
+                               f"(does the cluster have {self.num_workers} x {cpus} CPUs, {gpus} GPUs free?)") from exc
+        local_rank, local_size, seen = [], [], {}
+        for ip in ips:
+            local_rank.append(seen.get(ip, 0))
+            seen[ip] = seen.get(ip, 0) + 1
+        local_size = [seen[ip] for ip in ips]
+        if gpus:  # each actor sees only its own GPU(s), as cuda:0
+            local_rank, local_size = [0] * len(ips), [1] * len(ips)
+        refs = [a.setup.remote(r, self.num_workers, local_rank[r], local_size[r], addr, port, backend, timeout_s, env)
+                for r, a in enumerate(self._actors)]
+        try:
+            self.worlds = ray.get(refs, timeout=t)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise MoeCommError(f"{_OP}: the {self.num_workers} actors did not form a process group within "
+                               f"{t:.0f} s (rendezvous at {addr}:{port})") from exc
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Run ``fn(*args, **kwargs)`` on every worker (inside its initialised process group).
+
+        Args:
+            fn: a picklable function; it may call moecomm.dist.current_world() or init() (returns
+                the existing World) and use torch.distributed collectives.
+
+        Returns:
+            [W] results, in rank order.
+
+        Raises:
+            the first worker's exception (Ray's RayTaskError wrapping it); a collective stuck on a
+            dead worker ends within the group's timeout.
+        """
+        if not self._actors:
+            raise MoeCommValueError(f"{_OP}.run: the group must be open, got a closed group")
+        refs = [a.run.remote(fn, args, kwargs) for a in self._actors]
+        return self._ray.get(refs)
+
+    def run_moe(self, tokens_per_rank: int = 512, hidden: int = 1024, num_experts: int = 8, top_k: int = 2, *,
+                intermediate: int = 1024, iters: int = 3, seed: int = 0, dtype: str = "auto",
+                verbose: bool = False) -> list[dict]:
+        """Run the expert-parallel MoE layer on every worker, checked against the single-process reference.
+
+        Same settings as moecomm.dist.demo.main. Returns [W] dicts (rank, route/dispatch/experts/
+        combine/total ms, bytes_sent, max_err, ok, ...); ``all(s["ok"] for s in stats)`` is the check.
+        """
+        from .dist.demo import DemoConfig, run_rank
+
+        cfg = DemoConfig(tokens_per_rank, hidden, num_experts, top_k, intermediate, iters, seed, dtype,
+                         float(self.timeout_s or 120.0), verbose)
+        return self.run(run_rank, cfg)[0]
+
+    def close(self) -> None:
+        """Leave the process group, stop the actors, and stop Ray if this group started it."""
+        ray = self._ray
+        if self._actors:
+            try:
+                ray.get([a.shutdown.remote() for a in self._actors], timeout=30)
+            except Exception:  # a dead actor cannot shut down; killing it below is enough
+                pass
+            for a in self._actors:
+                ray.kill(a)
+        self._actors = []
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+    def __enter__(self) -> RayWorkerGroup:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = ["RayWorkerGroup"]
