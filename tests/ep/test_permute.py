@@ -111,7 +111,7 @@ def test_permute_indices_exact(backend, num_tokens, top_k, num_experts, hidden, 
 
 
 @pytest.mark.parametrize("num_tokens,top_k,num_experts,hidden", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # a copy: bf16 is exact even interpreted
 def test_permute_rows_exact(backend, num_tokens, top_k, num_experts, hidden, dtype):
     x = token_payload(num_tokens, hidden, dtype, backend)
     ids = make_ids(num_tokens, top_k, num_experts, "skew", seed=1, device=backend)
