@@ -1,0 +1,105 @@
+"""GPU tier of expert-parallel dispatch/combine: W virtual ranks in one process on one GPU.
+
+# T = num_tokens per rank, H = hidden, k = top_k, E = num_experts, W = ep_size
+
+The all_to_all is replaced by copies between the virtual ranks' buffers; each rank's kernels run on
+its own CUDA stream (moecomm.ep._dispatch_reference.virtual_ep_forward). bf16 payloads are integers
+in [-2, 2], weights 0.5 or 1, and the test expert multiplies by (e % 2 + 1): every partial sum of
+k = 8 terms is a multiple of 0.5 of magnitude <= 32, i.e. at most 7 significant bits, exact in bf16
+(8 bits), so the comparison is torch.equal whatever the summation order.
+
+Run on a GPU: python -m pytest -q tests/ep/test_dispatch_virtual.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moecomm.ep import dispatch as D
+from moecomm.ep._dispatch_reference import ep_reference, gather_sum_reference, pack_rows_reference, virtual_ep_forward
+from moecomm.ep.placement import ExpertPlacement
+
+pytestmark = pytest.mark.gpu
+
+
+def _inputs(Ts, E, k, H, device, *, skew, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    xs, ids, ws = [], [], []
+    for T in Ts:
+        p = torch.ones(E)
+        if skew:
+            p[:k] = 50.0  # most pairs on the first rank's experts; many experts get nothing
+        i = torch.multinomial(p.expand(T, E), k, replacement=False, generator=g) if T else torch.zeros(0, k, dtype=torch.long)
+        xs.append(torch.randint(-2, 3, (T, H), generator=g).to(torch.bfloat16).to(device))
+        ids.append(i.to(torch.int32).to(device))
+        ws.append((2.0 ** torch.randint(-1, 1, (T, k), generator=g)).float().to(device))
+    return xs, ids, ws
+
+
+def _expert(rows, e):
+    return rows * (e % 2 + 1)
+
+
+def _vector_expert(rows, expert_of_row, row_weights):
+    return (rows.float() * (expert_of_row[:, None] % 2 + 1) * row_weights[:, None]).to(rows.dtype)
+
+
+@pytest.mark.parametrize("W,E,k,H,Ts,skew", [
+    (8, 64, 8, 4096, [2048] * 7 + [0], False),      # a rank with no tokens
+    (8, 256, 8, 7168, [1024, 33, 199, 1, 1024, 0, 512, 1024], True),  # DeepSeek-V3-like, skewed
+    (3, 10, 2, 4096, [777, 4096, 5], True),         # E % W != 0
+])
+def test_virtual_ranks_bf16_exact(monkeypatch, W, E, k, H, Ts, skew):
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    xs, ids, ws = _inputs(Ts, E, k, H, "cuda", skew=skew)
+    pl = ExpertPlacement(E, W)
+    streams = [torch.cuda.Stream() for _ in range(W)]
+    run = virtual_ep_forward(xs, ids, ws, pl, _vector_expert, streams=streams)
+    ref = ep_reference(xs, ids, ws, pl, _expert)
+    for r in range(W):
+        res = run.results[r]
+        g = res.tokens[res.gather_idx.long()]
+        offs = res.expert_offsets.tolist()
+        for lx in range(pl.num_local_experts(r)):
+            assert torch.equal(g[offs[lx]:offs[lx + 1]], ref.received[r][lx]), (r, lx)
+        assert torch.equal(run.y[r], ref.y[r]), r
+
+
+@pytest.mark.parametrize("T,H,W", [(4096, 7168, 8), (8192, 4096, 4), (199, 33, 3), (1, 4096, 2)])
+def test_kernels_match_reference_bf16(monkeypatch, T, H, W):
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    torch.manual_seed(T + H)
+    E = 8 * W
+    ids = torch.stack([torch.randperm(E, device="cuda")[:8] for _ in range(T)])
+    pl = ExpertPlacement(E, W)
+    plan = D.plan_send(ids, torch.ones(T, 8, device="cuda"), pl.expert_to_rank_tensor("cuda"),
+                       pl.expert_to_local_tensor("cuda"), W)
+    S = int(plan.rows_per_rank.sum())
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    packed = D.pack_rows(x, plan.pos, S)
+    assert torch.equal(packed, pack_rows_reference(x, plan.pos, S))  # a copy: exact
+    y = D.gather_sum(packed, plan.pos)
+    # fp32 sums of <= W bf16 values in another order than torch's, then one bf16 rounding: the two
+    # results differ by at most one bf16 ulp of the sum (2^-8 relative)
+    torch.testing.assert_close(y, gather_sum_reference(packed, plan.pos), rtol=2**-7, atol=1e-2)
+    torch.testing.assert_close(y.float(), x.float() * (plan.pos >= 0).sum(1, keepdim=True).float(), rtol=2**-7, atol=1e-2)
+
+
+def test_nan_rows_and_non_contiguous_bf16(monkeypatch):
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    from moecomm.ep._dispatch_triton import gather_sum_triton, pack_rows_triton
+
+    T, H, W = 333, 4096, 4
+    ids = torch.randint(0, 16, (T, 2), device="cuda")
+    pl = ExpertPlacement(16, W)
+    plan = D.plan_send(ids, torch.ones(T, 2, device="cuda"), pl.expert_to_rank_tensor("cuda"),
+                       pl.expert_to_local_tensor("cuda"), W)
+    S = int(plan.rows_per_rank.sum())
+    x = torch.randn(T, 2 * H, device="cuda", dtype=torch.bfloat16)[:, H:]  # non-contiguous
+    out = torch.full((S, H), float("nan"), device="cuda", dtype=torch.bfloat16)
+    pack_rows_triton(x, plan.pos, S, out=out)
+    assert not out.isnan().any()
+    back = torch.full((T, H), float("nan"), device="cuda", dtype=torch.bfloat16)
+    gather_sum_triton(out, plan.pos, out=back)
+    assert not back.isnan().any()
