@@ -52,6 +52,7 @@ class PermuteIndices:
 
     @property
     def num_experts(self) -> int:
+        """E, the number of experts these indices were computed for."""
         return self.tokens_per_expert.shape[0]
 
 

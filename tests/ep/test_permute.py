@@ -438,6 +438,17 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_benchmark_quick_smoke(tmp_path, monkeypatch):
+    """The benchmark's --quick mode runs (CI smoke test) and writes one JSON line per measurement."""
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from benchmarks import bench_permute
+
+    out = tmp_path / "r.jsonl"
+    assert bench_permute.main(["--quick", "--rep", "2", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 * 3 * len(bench_permute.QUICK_SHAPES)  # (ours, torch) x 3 ops x shapes
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU tier: realistic shapes in bf16, CUDA graphs
 
