@@ -1,0 +1,205 @@
+"""route(): validate, pick the implementation, launch.
+
+# T = num_tokens, E = num_experts, k = top_k, G = n_group
+
+The two methods are torch.library custom ops (moecomm::route_softmax_topk, moecomm::route_grouped_topk)
+with fake implementations, so that torch.compile(fullgraph=True) and CUDA-graph capture go through
+them. Inside an op, the Triton kernel runs on CUDA tensors and the reference elsewhere
+(moecomm._backend.use_triton). Output shapes depend only on T and k: no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import NamedTuple
+
+import torch
+
+from .. import _backend
+from ..errors import MoeCommTypeError, MoeCommValueError, check_positive_int, check_tensor
+from . import reference
+
+_OP = "route"
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class RoutingMethod(enum.Enum):
+    """How router logits become expert choices.
+
+    SOFTMAX_TOPK: softmax over all experts in fp32, top-k, optional renormalisation of the top-k
+        weights (Mixtral, Qwen2-MoE, Qwen3-MoE).
+    SIGMOID_GROUPED_TOPK: sigmoid scores; the e_score_correction_bias is added for the choice only;
+        experts fall in n_group groups, a group scores the sum of its top-2 biased scores, the
+        topk_group best groups are kept, top-k over their experts; weights are the unbiased sigmoid
+        scores, renormalised (+1e-20) when asked, times routed_scaling_factor (DeepSeek-V3).
+    """
+
+    SOFTMAX_TOPK = "softmax_topk"
+    SIGMOID_GROUPED_TOPK = "sigmoid_grouped_topk"
+
+
+class Routing(NamedTuple):
+    """The result of route().
+
+    Attributes:
+        topk_ids: [T, k] int32, the chosen experts of each token, best first; ties go to the lowest
+            expert index.
+        topk_weights: [T, k] float32, the weight of each chosen expert.
+    """
+
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+
+
+@torch.library.custom_op("moecomm::route_softmax_topk", mutates_args=())
+def _route_softmax_topk_op(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, routed_scaling_factor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _backend.use_triton(router_logits, "route"):
+        from . import _triton
+
+        return _triton.route_softmax_topk(router_logits, top_k, renormalize, routed_scaling_factor)
+    return reference.route_softmax_topk(router_logits, top_k, renormalize, routed_scaling_factor)
+
+
+@_route_softmax_topk_op.register_fake
+def _(router_logits, top_k, renormalize, routed_scaling_factor):
+    num_tokens = router_logits.shape[0]
+    return (
+        router_logits.new_empty((num_tokens, top_k), dtype=torch.int32),
+        router_logits.new_empty((num_tokens, top_k), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("moecomm::route_grouped_topk", mutates_args=())
+def _route_grouped_topk_op(
+    router_logits: torch.Tensor,
+    e_score_correction_bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _backend.use_triton(router_logits, "route"):
+        from . import _triton
+
+        return _triton.route_grouped_topk(
+            router_logits, e_score_correction_bias, top_k, n_group, topk_group, renormalize,
+            routed_scaling_factor, reference.GROUPED_RENORM_EPS,
+        )
+    return reference.route_grouped_topk(
+        router_logits, e_score_correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor
+    )
+
+
+@_route_grouped_topk_op.register_fake
+def _(router_logits, e_score_correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor):
+    num_tokens = router_logits.shape[0]
+    return (
+        router_logits.new_empty((num_tokens, top_k), dtype=torch.int32),
+        router_logits.new_empty((num_tokens, top_k), dtype=torch.float32),
+    )
+
+
+def _device_checks_allowed() -> bool:
+    """Checks that read device data sync the host: never while capturing a CUDA graph or tracing."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def route(
+    router_logits,
+    top_k: int,
+    *,
+    method: RoutingMethod = RoutingMethod.SOFTMAX_TOPK,
+    renormalize: bool = False,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    e_score_correction_bias=None,
+    routed_scaling_factor: float = 1.0,
+    validate: bool = True,
+) -> Routing:
+    """Choose top_k experts per token from router logits; one fused kernel on GPU.
+
+    Args:
+        router_logits: [T, E] float32/bfloat16/float16 (a torch.Tensor or any DLPack array, taken
+            without a copy; any strides), the router's output for each token. T may be 0.
+        top_k: k, experts per token, 1 <= k <= E.
+        method: a RoutingMethod; SOFTMAX_TOPK (default) or SIGMOID_GROUPED_TOPK.
+        renormalize: divide the top-k weights by their sum (SIGMOID_GROUPED_TOPK adds 1e-20 to the
+            sum, as DeepSeek-V3 does). Mixtral: True; Qwen-MoE: its ``norm_topk_prob``.
+        n_group: G, SIGMOID_GROUPED_TOPK only: expert groups, E % G == 0 (default 1).
+        topk_group: SIGMOID_GROUPED_TOPK only: groups kept per token, 1 <= topk_group <= G
+            (default G), with k <= topk_group * (E // G).
+        e_score_correction_bias: [E] float32/bfloat16/float16 on the logits' device, or None;
+            SIGMOID_GROUPED_TOPK only; added to the sigmoid scores for the choice, not the weights.
+        routed_scaling_factor: multiplies every weight, after renormalisation.
+        validate: also run checks that read device data (the bias is finite); they sync the host,
+            so the MoE layer passes False. Skipped anyway under CUDA-graph capture and torch.compile.
+
+    Returns:
+        Routing(topk_ids [T, k] int32, topk_weights [T, k] float32), best expert first. Among equal
+        scores the lowest expert index wins (torch.topk has no tie rule: see reference.py). A token
+        whose logits hold NaN gets distinct in-range ids and NaN weights (under SOFTMAX_TOPK all its
+        weights are NaN); other tokens are unaffected.
+
+    Example:
+        >>> r = route(torch.randn(4, 8), 2, renormalize=True)           # Mixtral
+        >>> r = route(logits, 8, method=RoutingMethod.SIGMOID_GROUPED_TOPK, n_group=8, topk_group=4,
+        ...           e_score_correction_bias=bias, renormalize=True, routed_scaling_factor=2.5)
+    """
+    logits = check_tensor(_OP, "router_logits", router_logits, dtype=_LOGIT_DTYPES, ndim=2)
+    num_experts = logits.shape[1]
+    if num_experts < 1:
+        raise MoeCommValueError(f"{_OP}: router_logits must have at least 1 expert column, got shape {list(logits.shape)}")
+    check_positive_int(_OP, "top_k", top_k)
+    if top_k > num_experts:
+        raise MoeCommValueError(f"{_OP}: top_k must be <= num_experts ({num_experts}), got {top_k}")
+    if not isinstance(method, RoutingMethod):
+        raise MoeCommTypeError(f"{_OP}: method must be a RoutingMethod, got {method!r}")
+    if not isinstance(renormalize, bool):
+        raise MoeCommTypeError(f"{_OP}: renormalize must be a bool, got {type(renormalize).__name__}")
+    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, (int, float)):
+        raise MoeCommTypeError(f"{_OP}: routed_scaling_factor must be a float, got {type(routed_scaling_factor).__name__}")
+    if not math.isfinite(routed_scaling_factor):
+        raise MoeCommValueError(f"{_OP}: routed_scaling_factor must be finite, got {routed_scaling_factor}")
+
+    if method is RoutingMethod.SOFTMAX_TOPK:
+        for name, value in (("n_group", n_group), ("topk_group", topk_group), ("e_score_correction_bias", e_score_correction_bias)):
+            if value is not None:
+                raise MoeCommValueError(
+                    f"{_OP}: {name} must be None with method=SOFTMAX_TOPK (it belongs to SIGMOID_GROUPED_TOPK), "
+                    f"got {type(value).__name__ if isinstance(value, torch.Tensor) else value!r}"
+                )
+        ids, weights = torch.ops.moecomm.route_softmax_topk(logits, top_k, renormalize, float(routed_scaling_factor))
+        return Routing(ids, weights)
+
+    n_group = 1 if n_group is None else check_positive_int(_OP, "n_group", n_group)
+    if num_experts % n_group != 0:
+        raise MoeCommValueError(f"{_OP}: n_group must divide num_experts ({num_experts}), got {n_group}")
+    topk_group = n_group if topk_group is None else check_positive_int(_OP, "topk_group", topk_group)
+    if topk_group > n_group:
+        raise MoeCommValueError(f"{_OP}: topk_group must be <= n_group ({n_group}), got {topk_group}")
+    eligible = topk_group * (num_experts // n_group)
+    if top_k > eligible:
+        raise MoeCommValueError(
+            f"{_OP}: top_k must be <= topk_group * (num_experts // n_group) = {eligible} (the experts of the kept groups), got {top_k}"
+        )
+    bias = None
+    if e_score_correction_bias is not None:
+        bias = check_tensor(
+            _OP, "e_score_correction_bias", e_score_correction_bias,
+            dtype=_LOGIT_DTYPES, shape=(num_experts,), device=logits.device,
+        )
+        if validate and _device_checks_allowed() and not bool(torch.isfinite(bias).all()):
+            raise MoeCommValueError(
+                f"{_OP}: e_score_correction_bias must be finite (it shifts every token's choice), got NaN or inf; "
+                "pass validate=False to skip this check"
+            )
+    ids, weights = torch.ops.moecomm.route_grouped_topk(
+        logits, bias, top_k, n_group, topk_group, renormalize, float(routed_scaling_factor)
+    )
+    return Routing(ids, weights)
