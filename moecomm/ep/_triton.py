@@ -30,6 +30,8 @@ touches memory out of bounds even on unvalidated input.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -197,6 +199,11 @@ def _row_tiles(hidden: int) -> tuple[int, int]:
     return block_t, block_h
 
 
+def _on_device(dev: torch.device):
+    # Triton launches on the current CUDA device: make it the tensors' one (cuda:1 data, cuda:0 current).
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+
 def permute_triton(topk_ids: torch.Tensor, num_experts: int, x: torch.Tensor | None, out: torch.Tensor | None):
     """Counting-sort permute. topk_ids [T, k] contiguous; x [T, H] with unit inner stride or None.
 
@@ -206,7 +213,6 @@ def permute_triton(topk_ids: torch.Tensor, num_experts: int, x: torch.Tensor | N
     num_tokens, top_k = topk_ids.shape
     m = num_tokens * top_k
     dev = topk_ids.device
-    nbuckets = num_experts + 1
     src_token = torch.empty(m, dtype=torch.int32, device=dev)
     dst_row = torch.empty(num_tokens, top_k, dtype=torch.int32, device=dev)
     if m == 0:
@@ -214,7 +220,16 @@ def permute_triton(topk_ids: torch.Tensor, num_experts: int, x: torch.Tensor | N
         return src_token, dst_row, zeros(num_experts, dtype=torch.int32, device=dev), zeros(num_experts + 1, dtype=torch.int32, device=dev)
     tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=dev)  # every entry written by the scan
     expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
-    ids = topk_ids.reshape(m)
+    with _on_device(dev):
+        _permute_launch(topk_ids.reshape(m), num_tokens, top_k, num_experts, x, out,
+                        src_token, dst_row, tokens_per_expert, expert_offsets)
+    return src_token, dst_row, tokens_per_expert, expert_offsets
+
+
+def _permute_launch(ids, num_tokens, top_k, num_experts, x, out, src_token, dst_row, tokens_per_expert, expert_offsets):
+    m = num_tokens * top_k
+    dev = ids.device
+    nbuckets = num_experts + 1
     nb = triton.cdiv(m, HIST_BLOCK_M)
     hist = torch.empty(nb, nbuckets, dtype=torch.int32, device=dev)
     base = torch.empty_like(hist)
@@ -244,7 +259,6 @@ def permute_triton(topk_ids: torch.Tensor, num_experts: int, x: torch.Tensor | N
             num_tokens, hidden, num_experts, nbuckets, x.stride(0), out.stride(0),
             TOP_K=top_k, BLOCK_M=HIST_BLOCK_M, BLOCK_T=block_t, BLOCK_H=block_h, COPY=True, num_warps=ROW_NUM_WARPS,
         )
-    return src_token, dst_row, tokens_per_expert, expert_offsets
 
 
 def combine_triton(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -257,9 +271,10 @@ def combine_triton(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
     has_w = topk_weights is not None
     w = topk_weights if has_w else dst_row
-    combine_kernel[grid](
-        expert_out, dst_row, w, out,
-        num_tokens, hidden, expert_out.stride(0), out.stride(0),
-        w.stride(0) if has_w else 0, w.stride(1) if has_w else 0,
-        TOP_K=top_k, HAS_WEIGHTS=has_w, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=ROW_NUM_WARPS,
-    )
+    with _on_device(out.device):
+        combine_kernel[grid](
+            expert_out, dst_row, w, out,
+            num_tokens, hidden, expert_out.stride(0), out.stride(0),
+            w.stride(0) if has_w else 0, w.stride(1) if has_w else 0,
+            TOP_K=top_k, HAS_WEIGHTS=has_w, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=ROW_NUM_WARPS,
+        )
