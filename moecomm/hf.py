@@ -51,6 +51,15 @@ def _activation(act: nn.Module, where: str) -> str:
     raise MoeCommValueError(f"from_hf: {where} activation must be SiLU or exact GELU, got {type(act).__name__}")
 
 
+def _shared_mlp(block: nn.Module) -> nn.Module | None:
+    # Qwen2-MoE names it shared_expert, DeepSeek-V3 shared_experts (n_shared_experts fused into one MLP)
+    for name in ("shared_expert", "shared_experts"):
+        mod = getattr(block, name, None)
+        if mod is not None:
+            return mod
+    return None
+
+
 def from_hf(block: nn.Module) -> MoE:
     """Build a moecomm.MoE computing what a transformers MoE block computes, sharing its weights.
 
@@ -95,7 +104,7 @@ def from_hf(block: nn.Module) -> MoE:
             routing=RoutingMethod.SIGMOID_GROUPED_TOPK, renormalize=bool(gate.norm_topk_prob), n_group=int(gate.num_group),
             topk_group=int(gate.topk_group), routed_scaling_factor=float(gate.routed_scaling_factor),
         )
-    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    shared = _shared_mlp(block)
     if shared is not None:
         kw["shared_expert_intermediate_size"] = int(shared.gate_proj.out_features)
         kw["shared_expert_gate"] = getattr(block, "shared_expert_gate", None) is not None

@@ -15,7 +15,7 @@ import torch
 
 import moecomm
 from moecomm.errors import MoeCommTypeError
-from moecomm.hf import SUPPORTED_BLOCKS, _family
+from moecomm.hf import SUPPORTED_BLOCKS, _family, _shared_mlp
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,7 +75,7 @@ def test_block_fp32_matches_and_shares_weights(family):
     assert moe.w_gate_up.data_ptr() == block.experts.gate_up_proj.data_ptr()
     assert moe.w_down.data_ptr() == block.experts.down_proj.data_ptr()
     assert moe.gate.weight.data_ptr() == block.gate.weight.data_ptr()
-    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    shared = _shared_mlp(block)
     if shared is not None:
         assert moe.shared_experts.down_proj.weight.data_ptr() == shared.down_proj.weight.data_ptr()
     if family == "deepseek_v3":
@@ -123,3 +123,22 @@ def test_unknown_block_type_lists_the_supported_ones():
 
 def test_patch_model_without_moe_blocks_returns_zero():
     assert moecomm.patch_hf_model(torch.nn.Sequential(torch.nn.Linear(4, 4))) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@torch.no_grad()
+def test_gpu_bf16_real_block_shapes(family):
+    """One block at the Mixtral-8x7B / Qwen3-30B-A3B size on the GPU: ours vs the block (grouped_mm)."""
+    from benchmarks.bench_moe import SHAPES, _hf_block, _set_impl
+
+    H, I, E, k, fam = SHAPES["mixtral_8x7b" if family == "mixtral" else "qwen3_30b_a3b"]
+    torch.manual_seed(0)
+    block = _hf_block(fam, H, I, E, k, torch.bfloat16, "cuda")
+    _set_impl(block, "grouped_mm")
+    moe = moecomm.from_hf(block)
+    x = torch.randn(1, 256, H, device="cuda", dtype=torch.bfloat16)
+    want, got = block(x).float(), moe(x).float()
+    # both round to bf16 (2^-8) in different places; near-tie routing may differ for a few tokens
+    bad = ((got - want).abs() > 3e-2 * (1 + want.abs())).any(dim=-1)
+    assert bad.float().mean().item() <= 1e-2, f"{int(bad.sum())} of {bad.numel()} tokens differ"
