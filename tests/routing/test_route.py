@@ -216,6 +216,8 @@ KERNEL_CASES = [
     (60, 4, dict(method=GROUPED, n_group=4, topk_group=2, renormalize=True, routed_scaling_factor=1.0)),
     (16, 3, dict(method=GROUPED, n_group=16, topk_group=4, renormalize=True, routed_scaling_factor=1.0)),
     (8, 2, dict(method=GROUPED, n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=1.0)),
+    (512, 8, dict(renormalize=True)),
+    (512, 8, dict(method=GROUPED, n_group=16, topk_group=4, renormalize=True, routed_scaling_factor=1.0)),
 ]
 
 
@@ -466,3 +468,16 @@ def test_gpu_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     _assert_same(r, _reference(logits, 8, **kw))
+
+
+def test_benchmark_quick_smoke(tmp_path):
+    """The benchmark's --quick mode runs (CI smoke test) and writes one JSON line per measurement."""
+    import json
+
+    from benchmarks import bench_routing
+
+    out = tmp_path / "r.jsonl"
+    assert bench_routing.main(["--quick", "--tokens", "1", "5", "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 2 * 2 * len(bench_routing.CONFIGS)  # (ours, torch) x tokens x configs
+    assert all(r["same_choice"] == 1.0 and r["median_ms"] > 0 for r in lines)
