@@ -13,6 +13,8 @@ in bf16), so a tuned config that computes garbage is caught.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -29,6 +31,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (smoke test)")
+    p.add_argument("--profile", action="store_true", help="print where the first call's time went (cProfile)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -44,11 +47,17 @@ def main(argv=None) -> dict:
     s = torch.rand(M, device=dev)
     if cuda:
         torch.cuda.synchronize()
+    prof = cProfile.Profile() if args.profile else None
     t0 = time.perf_counter()
+    if prof:
+        prof.enable()
     y = expert_mlp(x, gu, dn, offs, gather_idx=g, row_scale=s)
     if cuda:
         torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
+    if prof:
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
     ref = expert_mlp_reference(x.float(), gu.float(), dn.float(), offs, gather_idx=g, row_scale=s)
     err = ((y.float() - ref).norm() / ref.norm()).item()
     rec = ResultWriter(args.out).write(bench="gemm_cold_start", model=args.model, T=T, first_call_s=first_s, rel_err=err)

@@ -65,15 +65,19 @@ def candidates(M: int, N: int, K: int, E: int, *, glu: bool) -> list[GemmConfig]
     """A few configs per regime, the heuristic pick first."""
     rpe = M / max(E, 1)
     if rpe <= 24:
-        # Decode: weight streaming. 402 MB of weights at 2.8 TB/s is 0.144 ms; enough programs
-        # (2 per SM) and deep pipelines keep ~32 KB of loads in flight per SM.
+        # Decode: weight streaming. 402 MB of weights at 2.8 TB/s is 0.144 ms. Pointer loads beat
+        # TMA here (run 1: 16x64x128 pointer, 2 programs/SM won: 3.0 TB/s at K 7168 but only
+        # 2.0 TB/s at K 2048, where each tile's pipeline fill is a larger share). Many programs
+        # per SM (grid up to 8x num_SMs, each doing 1-2 tiles) let one program's fill overlap
+        # another's streaming; BLOCK_N 128 gives 256-byte rows for the [E, K, N] layout.
         cands = [
-            GemmConfig(16, 64, 128, 1, 4, 4, True, 2),
+            GemmConfig(16, 64, 128, 1, 4, 4, False, 8),
             GemmConfig(16, 64, 128, 1, 4, 4, False, 2),
-            GemmConfig(16, 128, 128, 1, 4, 3, True, 1),
-            GemmConfig(16, 32, 256, 1, 4, 3, True, 2),
-            GemmConfig(32, 64, 128, 1, 4, 4, True, 2),
-            GemmConfig(16, 64, 256, 1, 4, 3, True, 1),
+            GemmConfig(16, 128, 64, 1, 4, 4, False, 8),
+            GemmConfig(16, 128, 128, 1, 4, 3, False, 4),
+            GemmConfig(16, 32, 256, 1, 4, 3, False, 8),
+            GemmConfig(16, 64, 256, 1, 4, 3, False, 4),
+            GemmConfig(16, 64, 128, 1, 4, 4, True, 8),
         ]
     elif rpe <= 96:
         cands = [

@@ -103,8 +103,11 @@ def expert_mlp(
         raise MoeCommValueError(f"{_OP}: w_down must have shape {want} for layout {layout!r}, got {list(w_down.shape)}")
     if out is not None:
         out = check_tensor(_OP, "out", out, dtype=x.dtype, device=x.device, shape=[M, H])
-        if not torch.compiler.is_compiling():
-            return _mlp_impl(x, w_gate_up, w_down, offs, layout, activation, gather_idx, row_scale, out)
+    if not torch.compiler.is_compiling():
+        # Eager: direct call, no custom-op dispatch (see grouped_mm for why).
+        if out is None:
+            out = torch.empty(M, H, dtype=x.dtype, device=x.device)
+        return _mlp_impl(x, w_gate_up, w_down, offs, layout, activation, gather_idx, row_scale, out)
     y = torch.ops.moecomm.expert_mlp(x, w_gate_up, w_down, offs, layout, activation, gather_idx, row_scale)
     if out is not None:
         out.copy_(y)

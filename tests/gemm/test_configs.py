@@ -1,0 +1,103 @@
+"""Launch configs: sm_90 compilation of every candidate (wgmma for the large tiles), the disk cache."""
+
+# Shape legend: M = rows, K = in features, N = out features, E = groups.
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moecomm.gemm import _configs
+
+pytest.importorskip("triton")
+
+# Under TRITON_INTERPRET=1 (conftest, CPU) every @triton.jit function, triton's own tl.cdiv/tl.sum
+# combine functions included, is an interpreted object that the compiler rejects. So the sm_90
+# compilation runs once, in a subprocess started with the interpreter off.
+_AOT_SCRIPT = r"""
+import json, sys
+from moecomm.gemm import _configs, _triton
+from moecomm.testing import compile_for_hopper
+INTS = ("M", "N", "K", "E", "T", "stride_am", "stride_ak", "stride_be", "stride_bk", "stride_bn",
+        "stride_cm", "stride_cn", "N_HALF")
+out = []
+for name, cfg, gather, glu, b_kn in json.loads(sys.stdin.read()):
+    cfg = _configs.GemmConfig.from_json(cfg)
+    ce = dict(NUM_PROGRAMS=132, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+              GROUP_M=cfg.group_m, E_POW2=64, HAS_GATHER=gather, HAS_SCALE=True, FUSE_GLU=glu,
+              ACT=_triton.ACT_SILU if glu else 0, USE_TMA=cfg.use_tma, B_KN=b_kn)
+    sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "offs_ptr": "*i32", "gather_ptr": "*i32",
+           "scale_ptr": "*fp32", **{k: "i32" for k in INTS}, **{k: "constexpr" for k in ce}}
+    k = compile_for_hopper(_triton.grouped_mm_kernel, sig, ce, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ptx = k.asm["ptx"]
+    out.append([name, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx, k.metadata.shared])
+print("AOT" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """name -> (wgmma in PTX, TMA in PTX, shared memory bytes) for the configs that matter."""
+    jobs = []
+    for glu, b_kn in ((False, True), (False, False), (True, False)):
+        jobs.append((f"large glu={glu} kn={b_kn}", _configs.candidates(8192, 28672, 4096, 8, glu=glu)[0].to_json(),
+                     False, glu, b_kn))
+    for rows in (512, 2048, 16384):
+        for i, cfg in enumerate(_configs.candidates(rows, 4096, 7168, 32, glu=False)[:3]):
+            jobs.append((f"rows{rows}-{i}", cfg.to_json(), True, False, False))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], input=json.dumps(jobs), capture_output=True,
+                         text=True, env=env, timeout=300)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("AOT")]
+    assert res.returncode == 0 and lines, res.stderr[-3000:]
+    return {name: (wg, tma, smem) for name, wg, tma, smem in json.loads(lines[-1][3:])}
+
+
+def test_large_tile_configs_use_wgmma_and_tma(compiled):
+    for name, (wgmma, tma, _) in compiled.items():
+        if name.startswith("large"):
+            assert wgmma and tma, name
+
+
+def test_every_candidate_compiles_for_sm90(compiled):
+    """Each regime's first candidates compile and fit sm_90's 227 KB of shared memory per block."""
+    assert len(compiled) == 12
+    for name, (_, _, smem) in compiled.items():
+        assert smem <= 232448, name
+
+
+def test_bucket_key_groups_nearby_shapes():
+    k1 = _configs.bucket_key(3000, 4096, 7168, 32, glu=False, gather=False, layout="enk", dtype="bfloat16")
+    k2 = _configs.bucket_key(4000, 4096, 7168, 32, glu=False, gather=False, layout="enk", dtype="bfloat16")
+    k3 = _configs.bucket_key(5000, 4096, 7168, 32, glu=False, gather=False, layout="enk", dtype="bfloat16")
+    assert k1 == k2 != k3
+
+
+def test_cache_roundtrip_atomic_and_corrupt(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOECOMM_CACHE_DIR", str(tmp_path))
+    _configs.clear_memory()
+    path = _configs.cache_path("NVIDIA H100 80GB HBM3", "3.6.0")
+    assert str(path).startswith(str(tmp_path)) and " " not in path.name
+    cfg = _configs.GemmConfig(16, 64, 128, 1, 4, 4, False, 8)
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((a, b)), real_replace(a, b)))
+    _configs.remember(path, "keyA", cfg)
+    assert replaced and replaced[0][1] == path and replaced[0][0] != str(path)  # temp file, then rename
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    _configs.clear_memory()
+    assert _configs.lookup(path, "keyA") == cfg  # read back from disk
+    _configs.remember(path, "keyB", _configs.interpreter_config())
+    assert set(json.loads(path.read_text())) == {"keyA", "keyB"}  # merged, not overwritten
+
+    path.write_text('{"keyA": {"block_m": 16')  # truncated JSON
+    _configs.clear_memory()
+    with pytest.warns(RuntimeWarning, match="ignoring corrupt tuning cache"):
+        assert _configs.lookup(path, "keyA") is None
+    _configs.remember(path, "keyC", cfg)  # rewritten after the next tune
+    assert set(json.loads(path.read_text())) == {"keyC"}
+    _configs.clear_memory()
