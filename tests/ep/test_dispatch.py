@@ -301,6 +301,7 @@ def _dist_cases(case_names: list[str], bad_rank: int) -> dict:
     import torch.distributed as dist
 
     rank = dist.get_rank()
+    torch.set_num_threads(1)  # ranks share 2 cores: spinning OpenMP threads would slow every op 100x
     out: dict = {}
     for name in case_names:
         pl, xs, ids, ws = case_inputs(name)
