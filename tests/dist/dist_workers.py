@@ -101,3 +101,22 @@ def bad_input(bad_rank, timeout_s):
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}", time.monotonic() - t0
     return "no error", time.monotonic() - t0
+
+
+def stuck_rank(stuck, timeout_s):
+    """``stuck`` sleeps instead of joining the collective: the others must give up after timeout_s."""
+    import moecomm.dist as mdist
+
+    w = mdist.init(timeout_s=timeout_s)
+    t = torch.ones(8)
+    dist.all_reduce(t)  # everyone connected
+    if w.rank == stuck:
+        time.sleep(timeout_s + 6)  # alive (heartbeats go on) but never joins
+        return "slept", 0.0
+    t0 = time.monotonic()
+    try:
+        with mdist.watch(w.group, "all_reduce"):
+            dist.all_reduce(t)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}", time.monotonic() - t0
+    return "no error", time.monotonic() - t0

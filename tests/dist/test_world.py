@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import moecomm.dist as mdist
+import moecomm.dist.health  # noqa: F401  (mdist.health.STALE_AFTER_S)
 from moecomm.errors import MoeCommValueError
 from moecomm.testing import DistributedTestError, run_distributed
 
@@ -122,3 +123,20 @@ def test_bad_input_rank_named_by_the_others():
         assert msg.startswith(f"RankFailureError: rank {r}: EPDispatcher.dispatch: all_to_all_single failed"), msg
         assert f"rank 2 reported: {reason}" in msg, msg
         assert waited < timeout_s, (msg, waited)  # fail fast: the report is read, no timeout waited out
+
+
+def test_stuck_rank_times_out_instead_of_hanging():
+    timeout_s = 3.0
+    outs = run_distributed(2, W.stuck_rank, 1, timeout_s, backend=None, timeout_s=60)
+    msg, waited = outs[0]
+    assert msg.startswith("RankFailureError: rank 0: all_reduce failed"), msg
+    assert "no rank reported an error and every heartbeat is fresh" in msg, msg
+    # the collective's timeout, then at most the staleness window of explain_failure
+    assert timeout_s * 0.9 <= waited <= timeout_s + mdist.health.STALE_AFTER_S + 3, waited
+
+
+def test_explain_failure_and_report_without_init_do_nothing():
+    mdist.report_failure(RuntimeError("x"))  # no world: nowhere to report, must not raise
+    assert mdist.explain_failure(None, "all_reduce", RuntimeError("x")) is None
+    with pytest.raises(RuntimeError, match="boom"), mdist.watch(None, "op"):
+        raise RuntimeError("boom")  # without the health store the original error goes through
