@@ -7,7 +7,8 @@ One forward on the GPU is a fixed sequence of launches with no host sync: the ro
 fused routing kernel, the permute (dispatch), the gate_up grouped GEMM with SiLU*mul fused, the
 down grouped GEMM with the routing weight applied per row in its epilogue, and the unweighted
 combine. Memory beyond the input: the routed rows are gathered inside the GEMM (gather_idx), so
-the extra memory is the [R, 2I]-wide intermediate plus the [R, H] expert output; never [T, E, H].
+the extra memory is the [R, I] activation (SiLU*mul fused into the gate_up GEMM) plus the [R, H]
+expert output; never [T, E, H].
 
     import torch, moecomm
     moe = moecomm.MoE(hidden_size=1024, intermediate_size=2048, num_experts=8, top_k=2)
