@@ -334,3 +334,18 @@ def test_gpu_memory_is_routed_rows_plus_intermediates():
     bound = 1.25 * (R * Hd * b + R * 3 * Id * b + R * Hd * b + T * Hd * b + R * 64) + (1 << 20)
     tek = T * moe.num_experts * Hd * b  # what a [T, E, H] tensor would cost: 2 GiB here
     assert extra <= bound < tek, f"forward allocated {extra / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
+
+
+def test_benchmark_quick_smoke(tmp_path):
+    """bench_moe --quick runs on CPU and writes ours, ours' GEMMs and transformers' rows as JSON lines."""
+    pytest.importorskip("transformers")
+    import json
+
+    from benchmarks import bench_moe
+
+    out = tmp_path / "moe.jsonl"
+    assert bench_moe.main(["--quick", "--shapes", "tiny_qwen3", "--tokens", "1,5", "--rep", "1", "--out", str(out)]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    impls = {r["impl"] for r in recs}
+    assert {"ours", "ours_gemms", "hf_eager", "summary"} <= impls
+    assert all(r["median_ms"] > 0 for r in recs if r["impl"] == "ours")
