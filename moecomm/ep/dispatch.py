@@ -432,8 +432,8 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     except (MoeCommValueError, MoeCommTypeError) as exc:
         if W > 1:
             _report(exc)
-            dev = x.device if isinstance(x, torch.Tensor) else _group_device(group)
-            _fail_peers(group, W, dev, op, _FLAG_BAD_ARGS)
+            # the group's device, not x's: x is what was wrong, and NCCL needs a CUDA tensor
+            _fail_peers(group, W, _group_device(group), op, _FLAG_BAD_ARGS)
         raise
     T, H = x.shape
     k = ids.shape[1]
@@ -508,8 +508,6 @@ def combine(expert_out: Any, handle: EPHandle, async_op: bool = False) -> torch.
         raise MoeCommTypeError(f"{op}: handle must be the EPHandle of a dispatch result, got {type(handle).__name__}")
     try:
         out = check_tensor(op, "expert_out", expert_out, shape=[handle.num_rows, handle.hidden], dtype=_FLOAT_DTYPES)
-        if handle.ep_size > 1 and not isinstance(async_op, bool):
-            raise MoeCommTypeError(f"{op}: async_op must be a bool, got {type(async_op).__name__}")
     except (MoeCommValueError, MoeCommTypeError) as exc:
         # the peers will wait in the reverse all_to_all until the group's timeout; the report lets
         # their explain_failure name this rank
