@@ -17,6 +17,7 @@ Under torchrun and mpirun this module is the per-rank program: ``python -m moeco
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import subprocess
@@ -181,11 +182,17 @@ def run_rank(cfg: DemoConfig) -> list[dict]:
             shutdown()
 
 
-def format_table(stats: list[dict], cfg: DemoConfig) -> str:
-    """The demo's result table: one row per rank and a total row."""
+def format_table(stats: list[dict], cfg: DemoConfig, launcher: str | None = None) -> str:
+    """The demo's result table: one row per rank and a total row.
+
+    Args:
+        stats: [W] dicts from run_rank.
+        cfg: the run's settings (for the title).
+        launcher: the name to show; default what the ranks detected ("env" under run_distributed).
+    """
     s0 = stats[0]
     lines = [
-        f"moecomm demo: {s0['world_size']} ranks ({s0['backend']}, {s0['device']}, launcher {s0['launcher']}), "
+        f"moecomm demo: {s0['world_size']} ranks ({s0['backend']}, {s0['device']}, launcher {launcher or s0['launcher']}), "
         f"{cfg.tokens_per_rank} tokens/rank, hidden {cfg.hidden}, {cfg.num_experts} experts, top-{cfg.top_k}, "
         f"intermediate {cfg.intermediate}, {s0['dtype']}; median of {cfg.iters} forwards",
         f"{'rank':>4} {'tokens':>6} {'route ms':>9} {'dispatch ms':>11} {'experts ms':>10} {'combine ms':>10} "
@@ -285,7 +292,18 @@ def main(n: int, launcher: str = "local", tokens_per_rank: int = 512, hidden: in
     if launcher == "local":
         from ..testing import run_distributed
 
-        stats = run_distributed(n, run_rank, cfg, backend=None, timeout_s=timeout_s + 60)[0]
+        from .world import current_world
+
+        # a CPU-only torch: fork the ranks from a parent that has already paid the imports (torch's
+        # custom ops import torch._dynamo on first call: ~2 s of CPU per rank on a small machine).
+        # CUDA builds spawn: a CUDA context does not survive fork.
+        fork = torch.version.cuda is None and getattr(torch.version, "hip", None) is None and current_world() is None
+        if fork:
+            importlib.import_module("torch._dynamo")
+            from .. import moe  # noqa: F401
+            from ..ep import dispatch  # noqa: F401
+        stats = run_distributed(n, run_rank, cfg, backend=None, timeout_s=timeout_s + 60,
+                                start_method="fork" if fork else "spawn")[0]
     else:
         from ..ray import RayWorkerGroup
 
@@ -293,7 +311,7 @@ def main(n: int, launcher: str = "local", tokens_per_rank: int = 512, hidden: in
             if verbose:
                 print(f"[demo] {n} Ray workers up in {time.perf_counter() - t0:.1f} s", flush=True)
             stats = group.run(run_rank, cfg)[0]
-    print(format_table(stats, cfg), flush=True)
+    print(format_table(stats, cfg, launcher), flush=True)
     ok = all(s["ok"] for s in stats)
     if verbose:
         print(f"[demo] {'all ranks match the reference' if ok else 'MISMATCH against the reference'}; "

@@ -67,6 +67,7 @@ def run_distributed(
     backend: str | None = "gloo",
     timeout_s: float = 120.0,
     env: dict[str, str] | None = None,
+    start_method: str = "spawn",
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` fresh processes; return each rank's result.
@@ -77,11 +78,15 @@ def run_distributed(
             (``backend``), or with only torchrun's environment set when backend is None.
         timeout_s: wall-clock bound on the whole run; ranks still running then are killed.
         env: extra environment variables for every rank.
+        start_method: "spawn" (default: safe with CUDA and threads) or "fork" (CPU only: the ranks
+            inherit the parent's imports instead of paying them once each).
 
     Raises:
         DistributedTestError naming every rank that raised (with its traceback) or did not finish.
     """
-    ctx = mp.get_context("spawn")
+    if start_method not in ("spawn", "fork"):
+        raise ValueError(f"run_distributed: start_method must be 'spawn' or 'fork', got {start_method!r}")
+    ctx = mp.get_context(start_method)
     results = ctx.Queue()
     port = free_port()
     procs = [

@@ -13,9 +13,10 @@ from moecomm.testing import run_distributed
 SMALL = DemoConfig(tokens_per_rank=33, hidden=64, num_experts=10, top_k=3, intermediate=32, iters=1, verbose=False)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_expert_parallel_matches_reference(world_size):
-    outs = run_distributed(world_size, run_rank, SMALL, backend=None, timeout_s=120)
+# spawn: what every multi-rank test uses; fork: what the CPU demo uses to skip per-rank imports
+@pytest.mark.parametrize("world_size, start_method", [(2, "spawn"), (4, "fork")])
+def test_expert_parallel_matches_reference(world_size, start_method):
+    outs = run_distributed(world_size, run_rank, SMALL, backend=None, timeout_s=120, start_method=start_method)
     for stats in outs:
         assert [s["rank"] for s in stats] == list(range(world_size))
         for s in stats:
@@ -30,7 +31,7 @@ def test_main_local_prints_the_table(capsys):
     assert main(2, "local", tokens_per_rank=16, hidden=32, num_experts=4, top_k=2, intermediate=16, iters=1)
     out = capsys.readouterr().out
     assert "[demo] starting 2 ranks with launcher local" in out
-    assert "moecomm demo: 2 ranks (gloo, cpu" in out
+    assert "moecomm demo: 2 ranks (gloo, cpu, launcher local)" in out
     assert "all ranks match the reference" in out
     assert out.count("  ok") == 2
 
