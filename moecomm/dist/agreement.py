@@ -8,6 +8,8 @@ the ranks and the field that differ, so no rank is left waiting for the ones tha
 It uses all_gather_object (pickling, a host sync): set-up only, never on the hot path.
 """
 
+# W = ranks in the group; fields are plain values (no tensors), one dict per rank
+
 from __future__ import annotations
 
 from typing import Any

@@ -16,6 +16,8 @@ compare wall clocks of different hosts: on a cluster they are as exact as its cl
 milliseconds), far below the 3 s staleness threshold.
 """
 
+# W = world_size; store keys: moecomm/hb/<rank> (wall-clock seconds), moecomm/failed/<rank> (text)
+
 from __future__ import annotations
 
 import contextlib

@@ -135,7 +135,7 @@ def _detect(timeout_s: float) -> tuple[str, int, int, int, int, str, int, dist.S
         if rank == 0:
             addr = os.environ.get("MASTER_ADDR") or (_host_address() if world_size > local_ws else "127.0.0.1")
             port = int(os.environ.get("MASTER_PORT", "0"))
-            store = dist.TCPStore(addr if addr != "127.0.0.1" else "127.0.0.1", port, is_master=True,
+            store = dist.TCPStore(addr, port, is_master=True,
                                   wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s))
             info = (addr, store.port)
         else:

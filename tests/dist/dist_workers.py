@@ -15,7 +15,7 @@ def world_info(backend=None, timeout_s=30.0):
 
     w = mdist.init(backend=backend, timeout_s=timeout_s)
     again = mdist.init()
-    t = torch.full((3,), float(w.rank + 1))
+    t = torch.full((3,), float(w.rank + 1), device=w.device)
     dist.all_reduce(t)
     out = dict(rank=w.rank, world_size=w.world_size, local_rank=w.local_rank, local_world_size=w.local_world_size,
                device=str(w.device), backend=w.backend, launcher=w.launcher, same=again is w, sum=t.tolist())
@@ -69,14 +69,19 @@ def die_mid_run(victim, timeout_s):
     import moecomm.dist as mdist
 
     w = mdist.init(timeout_s=timeout_s)
-    t0 = time.monotonic()
     t = torch.ones(1024)
     for i in range(10_000):
         if w.rank == victim and i == 5:
             os.kill(os.getpid(), signal.SIGKILL)
-        with mdist.watch(w.group, f"all_reduce #{i}"):
-            dist.all_reduce(t)
-    return time.monotonic() - t0
+        t_iter = time.monotonic()
+        try:
+            with mdist.watch(w.group, f"all_reduce #{i}"):
+                dist.all_reduce(t)
+        except mdist.RankFailureError as exc:
+            # how long this rank took to give up, from the start of the collective the victim missed
+            raise mdist.RankFailureError(f"{exc} [gave up after {time.monotonic() - t_iter:.1f} s]",
+                                         exc.failed_ranks) from exc
+    return "finished"
 
 
 def bad_input(bad_rank, timeout_s):

@@ -55,3 +55,12 @@ def test_format_table_rows():
 def test_main_bad_arguments(kwargs, match):
     with pytest.raises(MoeCommValueError, match=match):
         main(**kwargs)
+
+
+@pytest.mark.multigpu
+def test_expert_parallel_on_gpus_bf16():
+    # NCCL, one GPU per rank, bf16 at the demo's real shape (tolerance: demo.TOLERANCES[bfloat16])
+    cfg = DemoConfig(tokens_per_rank=512, hidden=1024, num_experts=8, top_k=2, intermediate=1024, iters=3,
+                     dtype="bfloat16", verbose=False)
+    outs = run_distributed(2, run_rank, cfg, backend=None, timeout_s=300)
+    assert all(s["ok"] and s["backend"] == "nccl" for s in outs[0]), outs[0]

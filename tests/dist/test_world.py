@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import re
 
 import pytest
 import torch
@@ -98,19 +98,17 @@ def test_agreement_messages_without_processes():
 
 def test_dead_rank_fails_the_others_naming_it():
     timeout_s = 10.0
-    t0 = time.monotonic()
     with pytest.raises(DistributedTestError) as info:
         run_distributed(3, W.die_mid_run, 1, timeout_s, backend=None, timeout_s=60)
-    elapsed = time.monotonic() - t0
     failures = info.value.failures
     assert sorted(failures) == [0, 1, 2], failures
     assert "exited with code -9" in failures[1]
     for r in (0, 2):
         assert "RankFailureError" in failures[r], failures[r]
         assert f"rank {r}: all_reduce #5 failed" in failures[r], failures[r]
-        assert "rank 1 stopped responding" in failures[r], failures[r]
-    # start-up (~5 s) + the collective timeout + the heartbeat staleness window, with room for a slow CI
-    assert elapsed < 15 + timeout_s + 10, elapsed
+        assert "rank 1 stopped responding (last heartbeat" in failures[r], failures[r]
+        gave_up = float(re.search(r"gave up after ([0-9.]+) s", failures[r]).group(1))
+        assert gave_up <= timeout_s, failures[r]  # within the collective timeout, never a hang
 
 
 def test_bad_input_rank_named_by_the_others():
@@ -140,3 +138,10 @@ def test_explain_failure_and_report_without_init_do_nothing():
     assert mdist.explain_failure(None, "all_reduce", RuntimeError("x")) is None
     with pytest.raises(RuntimeError, match="boom"), mdist.watch(None, "op"):
         raise RuntimeError("boom")  # without the health store the original error goes through
+
+
+@pytest.mark.multigpu
+def test_init_picks_nccl_with_one_gpu_per_rank():
+    outs = run_distributed(2, W.world_info, backend=None, timeout_s=120)
+    assert [(o["backend"], o["device"]) for o in outs] == [("nccl", "cuda:0"), ("nccl", "cuda:1")]
+    assert outs[0]["sum"] == [3.0] * 3
