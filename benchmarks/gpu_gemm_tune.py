@@ -32,7 +32,10 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (smoke test)")
     p.add_argument("--profile", action="store_true", help="print where the first call's time went (cProfile)")
+    p.add_argument("--sweep", action="store_true", help="time a grid of launch configs on the issue's shapes instead")
     args = p.parse_args(argv)
+    if args.sweep:
+        return sweep(args.out)
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     H, I, E, k = MODELS[args.model] if not args.quick else (64, 32, 4, 2)
@@ -63,6 +66,58 @@ def main(argv=None) -> dict:
     rec = ResultWriter(args.out).write(bench="gemm_cold_start", model=args.model, T=T, first_call_s=first_s, rel_err=err)
     print(f"{args.model} T={T}: first expert_mlp call {first_s:.2f} s (compile + tune + run), rel err {err:.2e}")
     return rec
+
+
+# (name, E, M, K, N, layout, glu): shapes whose candidate sets were in doubt after run 2
+SWEEP_SHAPES = [
+    ("decode E64 M512 K2048 N1536 enk", 64, 512, 2048, 1536, "enk", False),
+    ("decode E64 M512 K2048 N1536 ekn", 64, 512, 2048, 1536, "ekn", False),
+    ("decode E32 M256 K7168 N4096 enk", 32, 256, 7168, 4096, "enk", False),
+    ("gate_up E8 M8192 K4096 N28672 ekn", 8, 8192, 4096, 28672, "ekn", False),
+]
+
+
+def _sweep_configs(M: int, E: int):
+    from moecomm.gemm._configs import GemmConfig
+
+    if M // E <= 24:
+        return [GemmConfig(16, bn, bk, 1, 4, st, tma, pps)
+                for bn, bk, st in ((32, 128, 4), (64, 128, 4), (64, 64, 6), (128, 64, 4), (64, 256, 3), (128, 128, 3))
+                for tma in (False, True) for pps in (4, 16)]
+    return [GemmConfig(bm, bn, 64, gm, w, st, True, 1)
+            for bm, bn, w in ((128, 256, 8), (128, 128, 8), (256, 128, 8))
+            for gm in (4, 8, 16) for st in (3, 4)]
+
+
+def sweep(out_path) -> list:
+    """Time many configs per shape (CUDA events, median of 20, rotating weights); print the best ten."""
+    from moecomm.gemm.api import launch
+    from moecomm.testing import bench
+
+    writer = ResultWriter(out_path)
+    recs = []
+    for name, E, M, K, N, layout, glu in SWEEP_SHAPES:
+        sizes = [M // E] * E
+        offs = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+        shape = (E, K, N) if layout == "ekn" else (E, N, K)
+        sets = [(torch.randn(M, K, device="cuda", dtype=torch.bfloat16),
+                 torch.randn(shape, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
+        outb = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        res = []
+        for cfg in _sweep_configs(M, E):
+            try:
+                t = bench(lambda x, w: launch(x, w, offs, outb, layout=layout, config=cfg), sets, rep=20)
+            except Exception as exc:  # a config that does not fit (shared memory) is just skipped
+                print(f"{name} {cfg}: failed {type(exc).__name__}")
+                continue
+            res.append((t.median_ms, cfg))
+            recs.append(writer.write(bench="gemm_sweep", shape=name, config=cfg.to_json(), median_ms=t.median_ms))
+        res.sort(key=lambda r: r[0])
+        wbytes = E * K * N * 2
+        for ms, cfg in res[:10]:
+            print(f"{name:36s} {ms:8.4f} ms {wbytes / ms / 1e6:6.0f} GB/s {2 * M * K * N / ms / 1e9:6.1f} TFLOP/s  {cfg}")
+        del sets
+    return recs
 
 
 if __name__ == "__main__":
