@@ -25,16 +25,16 @@ BLOCK_H_DEFAULT = 1024
 @triton.jit
 def ep_pack_kernel(
     x_ptr, pos_ptr, out_ptr,
-    H, W, num_out_rows,
+    H, num_out_rows,
     stride_xt, stride_xh, stride_pt, stride_pw, stride_ot,
-    BLOCK_H: tl.constexpr,
+    W: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_row = offs < H
     # pure copy: no arithmetic, so the raw bf16 bits pass through unchanged (interpreter-safe)
     v = tl.load(x_ptr + t * stride_xt + offs.to(tl.int64) * stride_xh, mask=in_row)
-    for w in range(W):
+    for w in tl.static_range(W):  # unrolled: the W index loads issue together, not one per trip
         p = tl.load(pos_ptr + t * stride_pt + w * stride_pw).to(tl.int64)
         # -1 = not sent to w; the upper bound keeps a corrupt index from writing out of bounds
         ok = (p >= 0) & (p < num_out_rows)
@@ -44,15 +44,18 @@ def ep_pack_kernel(
 @triton.jit
 def ep_gather_sum_kernel(
     src_ptr, idx_ptr, out_ptr,
-    H, C, num_src_rows,
+    H, num_src_rows,
     stride_sm, stride_sh, stride_im, stride_ic, stride_om,
-    BLOCK_H: tl.constexpr,
+    C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     m = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_row = offs < H
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for c in range(C):
+    # tl.full, not tl.zeros: tl.zeros is a @jit helper, and the triton 3.6 interpreter patches
+    # triton.language.core for helpers without restoring it, which breaks every later sm_90
+    # compile in the same process (CI runs interpreted tests before the compile checks)
+    acc = tl.full([BLOCK_H], 0.0, tl.float32)
+    for c in tl.static_range(C):  # unrolled: C row loads in flight at once (C = k or W, small)
         i = tl.load(idx_ptr + m * stride_im + c * stride_ic).to(tl.int64)
         ok = (i >= 0) & (i < num_src_rows)
         # upcast before adding: fp32 accumulation (and the interpreter adds bf16 bits wrongly)
@@ -77,9 +80,9 @@ def pack_rows_triton(x: torch.Tensor, pos: torch.Tensor, num_rows: int, out: tor
     BLOCK_H = _block_h(H)
     grid = (T, triton.cdiv(H, BLOCK_H))
     ep_pack_kernel[grid](
-        x, pos, out, H, pos.shape[1], num_rows,
+        x, pos, out, H, num_rows,
         x.stride(0), x.stride(1), pos.stride(0), pos.stride(1), out.stride(0),
-        BLOCK_H=BLOCK_H, num_warps=4,
+        W=pos.shape[1], BLOCK_H=BLOCK_H, num_warps=4,
     )
     return out
 
@@ -97,8 +100,8 @@ def gather_sum_triton(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | 
     BLOCK_H = _block_h(H)
     grid = (M, triton.cdiv(H, BLOCK_H))
     ep_gather_sum_kernel[grid](
-        src, idx, out, H, C, src.shape[0],
+        src, idx, out, H, src.shape[0],
         src.stride(0), src.stride(1), idx.stride(0), idx.stride(1), out.stride(0),
-        BLOCK_H=BLOCK_H, num_warps=4,
+        C=C, BLOCK_H=BLOCK_H, num_warps=4,
     )
     return out

@@ -155,15 +155,15 @@ def test_nan_stays_in_its_token(triton_backend):
 def test_kernels_compile_for_hopper():
     from moecomm.ep._dispatch_triton import ep_gather_sum_kernel, ep_pack_kernel
 
-    common = {"H": "i32", "W": "i32", "num_out_rows": "i32", "stride_xt": "i32", "stride_xh": "i32",
-              "stride_pt": "i32", "stride_pw": "i32", "stride_ot": "i32", "BLOCK_H": "constexpr"}
+    common = {"H": "i32", "num_out_rows": "i32", "stride_xt": "i32", "stride_xh": "i32",
+              "stride_pt": "i32", "stride_pw": "i32", "stride_ot": "i32", "W": "constexpr", "BLOCK_H": "constexpr"}
     k = compile_for_hopper(ep_pack_kernel, {"x_ptr": "*bf16", "pos_ptr": "*i32", "out_ptr": "*bf16", **common},
-                           {"BLOCK_H": 1024}, num_warps=4)
+                           {"W": 8, "BLOCK_H": 1024}, num_warps=4)
     assert "st.global" in k.asm["ptx"]
-    sig = {"src_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "H": "i32", "C": "i32", "num_src_rows": "i32",
+    sig = {"src_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "H": "i32", "num_src_rows": "i32",
            "stride_sm": "i32", "stride_sh": "i32", "stride_im": "i32", "stride_ic": "i32", "stride_om": "i32",
-           "BLOCK_H": "constexpr"}
-    k = compile_for_hopper(ep_gather_sum_kernel, sig, {"BLOCK_H": 1024}, num_warps=4)
+           "C": "constexpr", "BLOCK_H": "constexpr"}
+    k = compile_for_hopper(ep_gather_sum_kernel, sig, {"C": 8, "BLOCK_H": 1024}, num_warps=4)
     assert "add.f32" in k.asm["ptx"] or "add.rn.f32" in k.asm["ptx"]  # fp32 accumulation
 
 
