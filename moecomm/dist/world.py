@@ -48,8 +48,8 @@ class World:
         device: cuda:local_rank under NCCL, cpu under gloo.
         backend: "nccl" or "gloo".
         group: the world process group (torch.distributed's default group).
-        launcher: "torchrun", "env" (torchrun-style variables, e.g. run_distributed), "mpi", "ray"
-            or "single".
+        launcher: "torchrun", "env" (torchrun-style variables, e.g. run_distributed), "mpi", "ray",
+            "single", or "external" (a group someone else initialised, adopted by init()).
         master_addr, master_port: the rendezvous store's address.
         timeout_s: the timeout of every collective of this world, in seconds.
     """

@@ -125,3 +125,13 @@ def stuck_rank(stuck, timeout_s):
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}", time.monotonic() - t0
     return "no error", time.monotonic() - t0
+
+
+def adopted():
+    """torch.distributed already initialised (by run_distributed): init() adopts that group."""
+    import moecomm.dist as mdist
+
+    w = mdist.init()
+    out = (w.rank, w.world_size, w.launcher, w.group is dist.group.WORLD)
+    mdist.shutdown()  # must leave the group it did not create alone
+    return out, dist.is_initialized()

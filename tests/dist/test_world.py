@@ -145,3 +145,8 @@ def test_init_picks_nccl_with_one_gpu_per_rank():
     outs = run_distributed(2, W.world_info, backend=None, timeout_s=120)
     assert [(o["backend"], o["device"]) for o in outs] == [("nccl", "cuda:0"), ("nccl", "cuda:1")]
     assert outs[0]["sum"] == [3.0] * 3
+
+
+def test_init_adopts_an_existing_group():
+    outs = run_distributed(2, W.adopted, backend="gloo", timeout_s=90)
+    assert outs == [((0, 2, "external", True), True), ((1, 2, "external", True), True)]
