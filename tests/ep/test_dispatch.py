@@ -8,10 +8,12 @@ Tolerances appear only for random (non-integer) data in gather_sum, where the ke
 fp32 sum and torch's may round differently: fp32 <= C terms of |v| <= 4: atol 1e-5; fp16 output
 rounding, half an ulp of values up to C*4 = 32: atol 2e-2 (2^-11 * 32 = 0.016).
 
-Run: python -m pytest -q tests/ep/test_dispatch.py -x   (~60 s on 2 cores, most of it in 2 gloo runs)
+Run: python -m pytest -q tests/ep/test_dispatch.py -x   (~25 s on 2 cores, most of it in 2 gloo runs)
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -309,6 +311,8 @@ def _dist_cases(case_names: list[str], bad_rank: int) -> dict:
         disp = D.EPDispatcher(E, k, H, placement=pl, dtype=torch.float32)
         for async_op in (False, True):
             pending = disp.dispatch(xs[rank], ids[rank], ws[rank], async_op=async_op)
+            if async_op:
+                assert isinstance(pending.is_completed(), bool)  # pollable while the caller computes
             res = pending.wait() if async_op else pending
             local = torch.tensor(pl.local_experts(rank), dtype=torch.long)
             expert_of_row = local[torch.repeat_interleave(res.tokens_per_expert.long())]
@@ -324,11 +328,13 @@ def _dist_cases(case_names: list[str], bad_rank: int) -> dict:
     disp = D.EPDispatcher(8, 2, 4)
     x, ids, w = torch.zeros(3, 4), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)
     for what, bad in (("ids", (x, ids + 8, w)), ("shape", (x[:, :3], ids, w))):
+        t0 = time.monotonic()
         try:
             disp.dispatch(*(bad if rank == bad_rank else (x, ids, w)))
             out[what] = "no error"
         except MoeCommValueError as exc:
             out[what] = str(exc)
+        out[what + "_s"] = time.monotonic() - t0
     return out
 
 
@@ -351,6 +357,7 @@ def _check_dist(outs, names, bad_rank):
         else:
             assert o["ids"] == f"EPDispatcher.dispatch: rank {bad_rank} failed: topk_ids out of range [0, num_experts)"
             assert o["shape"].startswith(f"EPDispatcher.dispatch: rank {bad_rank} failed: invalid arguments")
+        assert o["ids_s"] < 10 and o["shape_s"] < 10  # no rank waits for a timeout
 
 
 def test_gloo_two_ranks():
