@@ -92,9 +92,9 @@ def kernel_rows(T, H, E, k, W, dtype, device, writer, rep, warmup):
     assert torch.equal(D.pack_rows(xs[0], pos, S), pack_rows_reference(xs[0], pos, S))
     torch.testing.assert_close(D.gather_sum(backs[0], pos), gather_sum_reference(backs[0], pos), rtol=2**-7, atol=1e-2)
     cases = [
-        ("pack", T * H * e + S * H * e + T * W * 4, lambda i: D._pack_rows_op(xs[i], pos, S)),
-        ("unpack", S * H * e + T * H * e + T * W * 4, lambda i: D._gather_sum_op(backs[i], pos)),
-        ("reduce", N * H * e + R * H * e + R * k * 4, lambda i: D._gather_sum_op(outs[i], ex.slot_pos)),
+        ("pack", T * H * e + S * H * e + T * W * 4, lambda i: D.pack_rows(xs[i], pos, S)),
+        ("unpack", S * H * e + T * H * e + T * W * 4, lambda i: D.gather_sum(backs[i], pos)),
+        ("reduce", N * H * e + R * H * e + R * k * 4, lambda i: D.gather_sum(outs[i], ex.slot_pos)),
     ]
     rows = []
     shape = f"T{T}_H{H}_top{k}of{E}_W{W}"

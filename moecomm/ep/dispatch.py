@@ -61,8 +61,7 @@ _FLAG_REASONS = {
 # ----------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("moecomm::ep_pack_rows", mutates_args=())
-def _pack_rows_op(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
+def _pack_rows_impl(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
     if use_triton(x, "ep_pack_rows"):
         from ._dispatch_triton import pack_rows_triton
 
@@ -70,18 +69,27 @@ def _pack_rows_op(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Te
     return pack_rows_reference(x, pos, num_rows)
 
 
+@torch.library.custom_op("moecomm::ep_pack_rows", mutates_args=())
+def _pack_rows_op(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
+    return _pack_rows_impl(x, pos, num_rows)
+
+
 @_pack_rows_op.register_fake
 def _(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
     return x.new_empty((num_rows, x.shape[1]))
 
 
-@torch.library.custom_op("moecomm::ep_gather_sum", mutates_args=())
-def _gather_sum_op(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _gather_sum_impl(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if use_triton(src, "ep_gather_sum"):
         from ._dispatch_triton import gather_sum_triton
 
         return gather_sum_triton(src, idx)
     return gather_sum_reference(src, idx)
+
+
+@torch.library.custom_op("moecomm::ep_gather_sum", mutates_args=())
+def _gather_sum_op(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return _gather_sum_impl(src, idx)
 
 
 @_gather_sum_op.register_fake
@@ -103,7 +111,9 @@ def pack_rows(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor
     x = check_tensor("pack_rows", "x", x, ndim=2, dtype=_FLOAT_DTYPES)
     pos = check_tensor("pack_rows", "pos", pos, shape=[x.shape[0], None], dtype=_ID_DTYPES, device=x.device)
     check_positive_int("pack_rows", "num_rows", num_rows, minimum=0)
-    return _pack_rows_op(x, pos, num_rows)
+    # eager calls skip the custom-op dispatcher (tens of microseconds of host time per call);
+    # torch.compile and CUDA-graph capture under compile see the registered op
+    return _pack_rows_op(x, pos, num_rows) if torch.compiler.is_compiling() else _pack_rows_impl(x, pos, num_rows)
 
 
 def gather_sum(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -118,7 +128,7 @@ def gather_sum(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """
     src = check_tensor("gather_sum", "src", src, ndim=2, dtype=_FLOAT_DTYPES)
     idx = check_tensor("gather_sum", "idx", idx, ndim=2, dtype=_ID_DTYPES, device=src.device)
-    return _gather_sum_op(src, idx)
+    return _gather_sum_op(src, idx) if torch.compiler.is_compiling() else _gather_sum_impl(src, idx)
 
 
 # ----------------------------------------------------------------------------- steps
