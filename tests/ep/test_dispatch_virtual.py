@@ -103,3 +103,36 @@ def test_nan_rows_and_non_contiguous_bf16(monkeypatch):
     back = torch.full((T, H), float("nan"), device="cuda", dtype=torch.bfloat16)
     gather_sum_triton(out, plan.pos, out=back)
     assert not back.isnan().any()
+
+
+def _nccl_worker(Ts, E, k, H):
+    """Every rank: dispatch -> expert -> combine over NCCL; returns its outputs as numpy (by value)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    torch.cuda.set_device(rank)
+    xs, ids, ws = _inputs(Ts, E, k, H, "cuda", skew=True)
+    disp = D.EPDispatcher(E, k, H, dtype=torch.bfloat16)
+    pl = disp.placement
+    res = disp.dispatch(xs[rank], ids[rank], ws[rank], async_op=True).wait()
+    local = torch.tensor(pl.local_experts(rank), dtype=torch.long, device="cuda")
+    h = _vector_expert(res.tokens[res.gather_idx.long()], local[torch.repeat_interleave(res.tokens_per_expert.long())],
+                       res.row_weights)
+    y = disp.combine(h, res.handle, async_op=True).wait()
+    g = res.tokens[res.gather_idx.long()]
+    return g.float().cpu().numpy(), res.expert_offsets.cpu().numpy(), y.float().cpu().numpy()
+
+
+@pytest.mark.multigpu
+def test_nccl_two_ranks_bf16_exact():
+    from moecomm.testing import run_distributed
+
+    Ts, E, k, H = [1024, 0], 16, 4, 4096
+    outs = run_distributed(2, _nccl_worker, Ts, E, k, H, backend="nccl", timeout_s=180)
+    xs, ids, ws = _inputs(Ts, E, k, H, "cpu", skew=True)
+    pl = ExpertPlacement(E, 2)
+    ref = ep_reference(xs, ids, ws, pl, _expert)
+    for r, (g, offs, y) in enumerate(outs):
+        for lx in range(pl.num_local_experts(r)):
+            assert torch.equal(torch.from_numpy(g[offs[lx]:offs[lx + 1]]), ref.received[r][lx].float()), (r, lx)
+        assert torch.equal(torch.from_numpy(y), ref.y[r].float()), r
