@@ -53,7 +53,8 @@ class RankFailureError(MoeCommError, RuntimeError):
 class _Health:
     """This process's store connections and heartbeat thread (one per process)."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float):
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float, agent_store: bool):
+        self.agent_store = agent_store  # torchrun's agent hosts the store, not rank 0
         self.rank = rank
         self.world_size = world_size
         self.host, self.port = host, port
@@ -96,11 +97,15 @@ class _Health:
 _HEALTH: _Health | None = None
 
 
-def start_health(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
-    """Start this rank's heartbeat against the store at host:port (called by moecomm.dist.init)."""
+def start_health(host: str, port: int, rank: int, world_size: int, timeout_s: float, agent_store: bool = False) -> None:
+    """Start this rank's heartbeat against the store at host:port (called by moecomm.dist.init).
+
+    Args:
+        agent_store: True when torchrun's agent hosts the store (it outlives rank 0).
+    """
     global _HEALTH
     stop_health()
-    _HEALTH = _Health(host, port, rank, world_size, timeout_s)
+    _HEALTH = _Health(host, port, rank, world_size, timeout_s, agent_store)
     _HEALTH.start()
 
 
@@ -195,11 +200,14 @@ def explain_failure(group: dist.ProcessGroup | None, what: str, exc: BaseExcepti
         age = stale[r]
         parts.append(f"rank {r} stopped responding (no heartbeat ever)" if age == float("inf")
                      else f"rank {r} stopped responding (last heartbeat {age:.1f} s ago)")
-    if store_problem is not None:
-        host_rank = 0
-        parts.append(f"the rendezvous store (hosted by rank {host_rank}) is unreachable, so rank {host_rank} "
+    if store_problem is not None and _HEALTH.agent_store:
+        parts.append(f"the rendezvous store (hosted by torchrun's agent) is unreachable, so the launcher "
                      f"most likely stopped ({store_problem})")
-        failed = [host_rank]
+        failed = []
+    elif store_problem is not None:
+        parts.append(f"the rendezvous store (hosted by rank 0) is unreachable, so rank 0 most likely stopped "
+                     f"({store_problem})")
+        failed = [0]
     else:
         failed = sorted(set(reported) | set(stale))
     if not parts:

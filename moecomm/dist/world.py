@@ -210,11 +210,11 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> World:
         return _WORLD
 
     launcher, rank, world_size, local_rank, local_ws, addr, port, store = _detect(timeout_s)
+    agent = store is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     if world_size == 1 and launcher in ("single", "env", "torchrun") and port == 0:
         store = dist.HashStore()
     elif store is None:
         # torchrun's agent already serves a store at MASTER_PORT; otherwise rank 0 serves it
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
         try:
             store = dist.TCPStore(addr, port, is_master=(rank == 0 and not agent), wait_for_workers=False,
                                   timeout=td)
@@ -237,7 +237,7 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> World:
         raise RendezvousError(f"{_OP}: rank {rank} of {world_size} could not form the {be} group within "
                               f"{timeout_s:.0f} s (waited {time.monotonic() - t0:.1f} s): {exc}") from exc
     if world_size > 1:
-        health.start_health(addr, port if port else store.port, rank, world_size, timeout_s)
+        health.start_health(addr, port if port else store.port, rank, world_size, timeout_s, agent_store=agent)
     _WORLD = World(rank, world_size, local_rank, local_ws, device, be, dist.group.WORLD, launcher,
                    master_addr=addr, master_port=port if port else getattr(store, "port", 0), timeout_s=timeout_s,
                    store=store)
