@@ -6,7 +6,7 @@ and want BLOCK_M 16/32 (mma; wgmma needs 64-row tiles) with fine splits along N 
 programs and loads are in flight. One fixed config loses 2-5x at one end or the other.
 
 Cold-start budget (first MoE forward <= 30 s, <= 3 s with a warm cache): at most 6 candidates per
-bucket, each compiled once and timed with 1 warm-up + 5 runs on the caller's own inputs.
+bucket, each compiled once, warmed up for 10 ms and timed over 7 runs on the caller's own inputs.
 
 Cache: one JSON file per (device name, Triton version) under moecomm._env.cache_dir()/gemm,
 {bucket key: config}; written atomically (temp file + os.replace) so concurrent processes never
@@ -23,6 +23,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -66,18 +67,17 @@ def candidates(M: int, N: int, K: int, E: int, *, glu: bool) -> list[GemmConfig]
     rpe = M / max(E, 1)
     if rpe <= 24:
         # Decode: weight streaming. 402 MB of weights at 2.8 TB/s is 0.144 ms. Pointer loads beat
-        # TMA here (run 1: 16x64x128 pointer, 2 programs/SM won: 3.0 TB/s at K 7168 but only
-        # 2.0 TB/s at K 2048, where each tile's pipeline fill is a larger share). Many programs
-        # per SM (grid up to 8x num_SMs, each doing 1-2 tiles) let one program's fill overlap
-        # another's streaming; BLOCK_N 128 gives 256-byte rows for the [E, K, N] layout.
+        # TMA here, and the grid matters more than the tile: with 1536 tiles, 8 programs per SM
+        # (1056 programs) leave a second wave 45% full (0.203 ms in run 2), while 4 (about 3 tiles
+        # each) or 16 (one tile each, the hardware balances) reach 0.138-0.140 ms (sweep of run 3,
+        # benchmarks/NOTES-gemm.md). BLOCK_N 128 gives 256-byte rows for the [E, K, N] layout.
         cands = [
-            GemmConfig(16, 64, 128, 1, 4, 4, False, 8),
-            GemmConfig(16, 64, 128, 1, 4, 4, False, 2),
-            GemmConfig(16, 128, 64, 1, 4, 4, False, 8),
-            GemmConfig(16, 128, 128, 1, 4, 3, False, 4),
-            GemmConfig(16, 32, 256, 1, 4, 3, False, 8),
             GemmConfig(16, 64, 256, 1, 4, 3, False, 4),
-            GemmConfig(16, 64, 128, 1, 4, 4, True, 8),
+            GemmConfig(16, 128, 128, 1, 4, 3, False, 16),
+            GemmConfig(16, 64, 256, 1, 4, 3, False, 16),
+            GemmConfig(16, 64, 128, 1, 4, 4, False, 16),
+            GemmConfig(16, 128, 64, 1, 4, 4, False, 16),
+            GemmConfig(16, 64, 256, 1, 4, 3, True, 4),
         ]
     elif rpe <= 96:
         cands = [
@@ -98,13 +98,15 @@ def candidates(M: int, N: int, K: int, E: int, *, glu: bool) -> list[GemmConfig]
                 GemmConfig(128, 128, 64, 8, 8, 3, False, 1),
             ]
         else:
+            # sweep of run 3 (gate_up E8 M8192 K4096 N28672): 128x256x64, GROUP_M 8, 3 stages
+            # first (772 TFLOP/s there), then its GROUP_M/stage neighbours and the 256x128 shape
             cands = [
                 GemmConfig(128, 256, 64, 8, 8, 3, True, 1),
-                GemmConfig(128, 128, 64, 8, 8, 4, True, 1),
+                GemmConfig(128, 256, 64, 4, 8, 3, True, 1),
                 GemmConfig(128, 256, 64, 8, 8, 4, True, 1),
-                GemmConfig(128, 128, 64, 8, 4, 4, True, 1),
-                GemmConfig(64, 256, 64, 8, 4, 4, True, 1),
-                GemmConfig(128, 256, 64, 8, 8, 3, False, 1),
+                GemmConfig(128, 256, 64, 16, 8, 4, True, 1),
+                GemmConfig(256, 128, 64, 4, 8, 4, True, 1),
+                GemmConfig(128, 128, 64, 8, 8, 4, True, 1),
             ]
     return cands
 
@@ -188,8 +190,8 @@ def clear_memory() -> None:
         _memory.clear()
 
 
-def tune(cands: list[GemmConfig], run: Callable[[GemmConfig], None], *, reps: int = 5) -> GemmConfig:
-    """Time each candidate on the GPU (CUDA events, 1 warm-up + ``reps`` runs); return the fastest.
+def tune(cands: list[GemmConfig], run: Callable[[GemmConfig], None], *, reps: int = 7) -> GemmConfig:
+    """Time each candidate on the GPU (CUDA events, >= 10 ms of warm-up, median of ``reps`` runs); return the fastest.
 
     A candidate that fails to compile or launch (too much shared memory, say) is skipped.
     """
@@ -198,8 +200,16 @@ def tune(cands: list[GemmConfig], run: Callable[[GemmConfig], None], *, reps: in
     best, best_ms = None, float("inf")
     for cfg in cands:
         try:
-            run(cfg)  # compile + warm-up
+            # compile, then warm up for >= 10 ms: an idle H100 sits at ~400 MHz (run 3 read 405),
+            # and a candidate timed before the clock ramps up loses for that reason alone
+            run(cfg)
             torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                run(cfg)
+                torch.cuda.synchronize()
+                if time.perf_counter() - t0 > 0.01:
+                    break
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             times = []
