@@ -82,6 +82,7 @@ class RayWorkerGroup:
         gpus_per_worker: GPUs Ray reserves for each actor (0: CPU only, gloo).
         address: an existing cluster ("ray://host:10001" or "auto"); None starts Ray in this process
             (ray.init(num_cpus=..., include_dashboard=False), RAY_AUTH_MODE=disabled unless set).
+            If this process is already connected to Ray, that connection is used (and left open).
         cpus_per_worker: CPUs Ray reserves per actor.
         backend: "nccl" or "gloo" for moecomm.dist.init (default: its choice).
         timeout_s: the group's collective timeout (default MOECOMM_TIMEOUT_S).

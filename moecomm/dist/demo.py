@@ -215,7 +215,8 @@ def format_table(stats: list[dict], cfg: DemoConfig, launcher: str | None = None
 def _cli_args(cfg: DemoConfig) -> list[str]:
     return [f"--tokens-per-rank={cfg.tokens_per_rank}", f"--hidden={cfg.hidden}", f"--num-experts={cfg.num_experts}",
             f"--top-k={cfg.top_k}", f"--intermediate={cfg.intermediate}", f"--iters={cfg.iters}",
-            f"--seed={cfg.seed}", f"--dtype={cfg.dtype}", f"--timeout-s={cfg.timeout_s}"] + \
+            f"--seed={cfg.seed}", f"--dtype={cfg.dtype}", f"--timeout-s={cfg.timeout_s}",
+            f"--launched-at={cfg.launched_at}"] + \
         ([] if cfg.verbose else ["--quiet"])
 
 
@@ -333,9 +334,10 @@ def _rank_main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--timeout-s", type=float, default=d.timeout_s)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--launched-at", type=float, default=0.0, help=argparse.SUPPRESS)  # progress: time since launch
     a = p.parse_args(argv)
     cfg = DemoConfig(a.tokens_per_rank, a.hidden, a.num_experts, a.top_k, a.intermediate, a.iters, a.seed, a.dtype,
-                     a.timeout_s, not a.quiet)
+                     a.timeout_s, not a.quiet, a.launched_at)
     stats = run_rank(cfg)
     if _LAST_RANK == 0:
         print(format_table(stats, cfg), flush=True)

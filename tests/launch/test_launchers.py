@@ -80,3 +80,10 @@ def test_launch_scripts_are_valid_shell():
     for script in sorted((ROOT / "launch").glob("*.sh")) + [ROOT / "launch" / "slurm_mpi.sbatch"]:
         p = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
         assert p.returncode == 0, (script, p.stderr)
+
+
+def test_importing_dist_and_ray_starts_nothing():
+    code = ("import sys, moecomm.dist, moecomm.ray; "
+            "print(sorted(m for m in ('ray', 'mpi4py') if m in sys.modules))")
+    out = _run([sys.executable, "-c", code])
+    assert out.strip().splitlines()[-1] == "[]", out
