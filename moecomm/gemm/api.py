@@ -193,6 +193,8 @@ def pick_config(x, M, N, K, E, *, layout, glu, gather, run) -> _configs.GemmConf
     capturing = torch.cuda.is_current_stream_capturing()
     cfg = _pick_config_slow(x, M, N, K, E, layout=layout, glu=glu, gather=gather, run=run)
     if not capturing:  # a heuristic pick made under capture is retried (tuned) on the next eager call
+        if len(_picked) >= 4096:  # one entry per distinct row count: bound it for long-running servers
+            _picked.clear()
         _picked[fast_key] = cfg
     return cfg
 
