@@ -73,7 +73,9 @@ class _Health:
 
     def _beat(self) -> None:
         try:
-            store = self._client(self.timeout_s)
+            # a short timeout: if the store's host goes away, a beat fails within 2 s and the thread
+            # ends, instead of sitting in C++ until interpreter exit (which aborts the process)
+            store = self._client(min(self.timeout_s, 2.0))
             while not self._stop.is_set():
                 store.set(f"{_PREFIX}hb/{self.rank}", repr(time.time()))
                 self._stop.wait(HEARTBEAT_INTERVAL_S)
@@ -89,12 +91,19 @@ class _Health:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=2 * HEARTBEAT_INTERVAL_S + 1)
+            self._thread.join(timeout=HEARTBEAT_INTERVAL_S + 3.0)
         self._thread = None
         self._reader = None
 
 
 _HEALTH: _Health | None = None
+# set once a collective failed in this process: shutdown() then skips its closing barrier
+_FAILURE_SEEN = False
+
+
+def failure_seen() -> bool:
+    """True once explain_failure or report_failure ran in this process (the world is broken)."""
+    return _FAILURE_SEEN
 
 
 def start_health(host: str, port: int, rank: int, world_size: int, timeout_s: float, agent_store: bool = False) -> None:
@@ -103,8 +112,9 @@ def start_health(host: str, port: int, rank: int, world_size: int, timeout_s: fl
     Args:
         agent_store: True when torchrun's agent hosts the store (it outlives rank 0).
     """
-    global _HEALTH
+    global _HEALTH, _FAILURE_SEEN
     stop_health()
+    _FAILURE_SEEN = False
     _HEALTH = _Health(host, port, rank, world_size, timeout_s, agent_store)
     _HEALTH.start()
 
@@ -125,6 +135,8 @@ def report_failure(exc: BaseException | str) -> None:
     Args:
         exc: the exception (or a message) to publish, as "<type>: <message>".
     """
+    global _FAILURE_SEEN
+    _FAILURE_SEEN = True
     if _HEALTH is None:
         return
     text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
@@ -179,6 +191,8 @@ def explain_failure(group: dist.ProcessGroup | None, what: str, exc: BaseExcepti
         RankFailureError, e.g. "rank 1: all_to_all_single failed; rank 3 stopped responding
         (last heartbeat 4.1 s ago)".
     """
+    global _FAILURE_SEEN
+    _FAILURE_SEEN = True
     if _HEALTH is None:
         return
     try:

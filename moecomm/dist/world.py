@@ -245,9 +245,23 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> World:
 
 
 def shutdown() -> None:
-    """Leave the process group and stop the heartbeat; init() may be called again afterwards."""
+    """Leave the process group and stop the heartbeat; init() may be called again afterwards.
+
+    On a healthy world every rank stops its heartbeat, then all meet in a barrier, so that rank 0
+    (the store's host) cannot exit while another rank still writes to its store. After a failure
+    (explain_failure or report_failure ran here) the barrier is skipped: a dead peer would hold it for the whole timeout.
+    """
     global _WORLD
     health.stop_health()
-    if dist.is_initialized() and (_WORLD is None or _WORLD.launcher != "external"):
+    ours = dist.is_initialized() and (_WORLD is None or _WORLD.launcher != "external")
+    if ours and _WORLD is not None and _WORLD.world_size > 1 and not health.failure_seen():
+        try:
+            if _WORLD.backend == "gloo":  # bounded: a rank that skipped shutdown costs 10 s, not the timeout
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=min(_WORLD.timeout_s, 10.0)))
+            else:
+                dist.barrier()
+        except Exception:  # a peer already gone: nothing left to protect
+            pass
+    if ours:
         dist.destroy_process_group()
     _WORLD = None
