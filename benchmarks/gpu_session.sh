@@ -15,11 +15,11 @@ benches=${*:-"routing permute gemm moe dispatch"}
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 420 python3 -m pytest -q -m "gpu" -p no:cacheprovider -x --timeout=300 tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+  timeout 420 python3 -m pytest -q -m "gpu" -p no:cacheprovider --timeout=300 tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for b in $benches; do
     echo "=== bench_$b ===" | tee -a "$OUT/bench.log"
-    timeout 300 python3 -m benchmarks.bench_$b --out "$OUT/results.jsonl" 2>&1 | tee -a "$OUT/bench.log" | tail -60
+    timeout ${BENCH_TIMEOUT:-240} python3 -m benchmarks.bench_$b --out "$OUT/results.jsonl" 2>&1 | tee -a "$OUT/bench.log" | tail -60
   done
 fi

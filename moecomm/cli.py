@@ -111,14 +111,13 @@ def demo_main(args: argparse.Namespace) -> int:
     if args.num_ranks == 1 and args.launcher == "local":
         from .demo import run_demo
 
-        ok = run_demo(device=args.device)
+        rows = run_demo(device=args.device)
+        ok = bool(rows) and all(r["passed"] for r in rows)
     else:
         from .dist.demo import main as dist_demo
 
         ok = dist_demo(args.num_ranks, args.launcher, tokens_per_rank=args.tokens_per_rank)
-    if isinstance(ok, bool):
-        return 0 if ok else 1
-    return 0
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
