@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .._backend import use_triton
+from .._backend import call_op, use_triton
 from ..errors import MoeCommTypeError, MoeCommValueError, check_positive_int, check_tensor
 from . import reference
 
@@ -95,11 +95,15 @@ def _index_fakes(topk_ids: torch.Tensor, num_experts: int):
     )
 
 
+def _permute_indices_new(topk_ids: torch.Tensor, num_experts: int):
+    return _permute_impl(topk_ids, num_experts, None, None)
+
+
 @torch.library.custom_op("moecomm::permute_indices", mutates_args=())
 def _permute_indices_op(
     topk_ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _permute_impl(topk_ids, num_experts, None, None)
+    return _permute_indices_new(topk_ids, num_experts)
 
 
 @_permute_indices_op.register_fake
@@ -142,11 +146,15 @@ def _combine_impl(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights:
     out.copy_(reference.combine_ref(expert_out, dst_row, topk_weights))
 
 
-@torch.library.custom_op("moecomm::combine", mutates_args=())
-def _combine_op(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None) -> torch.Tensor:
+def _combine_new(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None) -> torch.Tensor:
     out = expert_out.new_empty(dst_row.shape[0], expert_out.shape[1])
     _combine_impl(expert_out, dst_row, topk_weights, out)
     return out
+
+
+@torch.library.custom_op("moecomm::combine", mutates_args=())
+def _combine_op(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None) -> torch.Tensor:
+    return _combine_new(expert_out, dst_row, topk_weights)
 
 
 @_combine_op.register_fake
@@ -234,7 +242,7 @@ def permute_indices(topk_ids: Any, num_experts: int, *, validate: bool = True) -
         ([0, 0, 1, 1], [0, 1, 3, 4])
     """
     topk_ids, num_experts = _check_topk_ids("permute_indices", topk_ids, num_experts, validate)
-    return PermuteIndices(*torch.ops.moecomm.permute_indices(topk_ids, num_experts))
+    return PermuteIndices(*call_op(torch.ops.moecomm.permute_indices, _permute_indices_new, topk_ids, num_experts))
 
 
 def permute(
@@ -308,7 +316,7 @@ def combine(expert_out: Any, indices: PermuteIndices, topk_weights: Any = None, 
     expert_out = _unit_inner_stride(expert_out)
     dst_row = dst_row.contiguous()
     if out is None:
-        return torch.ops.moecomm.combine(expert_out, dst_row, topk_weights)
+        return call_op(torch.ops.moecomm.combine, _combine_new, expert_out, dst_row, topk_weights)
     out = _check_out(op, out, [num_tokens, expert_out.shape[1]], expert_out.dtype, expert_out.device)
     torch.ops.moecomm.combine_out(expert_out, dst_row, topk_weights, out)
     return out

@@ -52,8 +52,7 @@ class Routing(NamedTuple):
     topk_weights: torch.Tensor
 
 
-@torch.library.custom_op("moecomm::route_softmax_topk", mutates_args=())
-def _route_softmax_topk_op(
+def _route_softmax_topk_impl(
     router_logits: torch.Tensor, top_k: int, renormalize: bool, routed_scaling_factor: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if _backend.use_triton(router_logits, "route"):
@@ -61,6 +60,13 @@ def _route_softmax_topk_op(
 
         return _triton.route_softmax_topk(router_logits, top_k, renormalize, routed_scaling_factor)
     return reference.route_softmax_topk(router_logits, top_k, renormalize, routed_scaling_factor)
+
+
+@torch.library.custom_op("moecomm::route_softmax_topk", mutates_args=())
+def _route_softmax_topk_op(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, routed_scaling_factor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _route_softmax_topk_impl(router_logits, top_k, renormalize, routed_scaling_factor)
 
 
 @_route_softmax_topk_op.register_fake
@@ -72,8 +78,7 @@ def _(router_logits, top_k, renormalize, routed_scaling_factor):
     )
 
 
-@torch.library.custom_op("moecomm::route_grouped_topk", mutates_args=())
-def _route_grouped_topk_op(
+def _route_grouped_topk_impl(
     router_logits: torch.Tensor,
     e_score_correction_bias: torch.Tensor | None,
     top_k: int,
@@ -90,6 +95,21 @@ def _route_grouped_topk_op(
             routed_scaling_factor, reference.GROUPED_RENORM_EPS,
         )
     return reference.route_grouped_topk(
+        router_logits, e_score_correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor
+    )
+
+
+@torch.library.custom_op("moecomm::route_grouped_topk", mutates_args=())
+def _route_grouped_topk_op(
+    router_logits: torch.Tensor,
+    e_score_correction_bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _route_grouped_topk_impl(
         router_logits, e_score_correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor
     )
 
@@ -174,7 +194,8 @@ def route(
                     f"{_OP}: {name} must be None with method=SOFTMAX_TOPK (it belongs to SIGMOID_GROUPED_TOPK), "
                     f"got {type(value).__name__ if isinstance(value, torch.Tensor) else value!r}"
                 )
-        ids, weights = torch.ops.moecomm.route_softmax_topk(logits, top_k, renormalize, float(routed_scaling_factor))
+        ids, weights = _backend.call_op(
+            torch.ops.moecomm.route_softmax_topk, _route_softmax_topk_impl, logits, top_k, renormalize, float(routed_scaling_factor))
         return Routing(ids, weights)
 
     n_group = 1 if n_group is None else check_positive_int(_OP, "n_group", n_group)
@@ -199,7 +220,7 @@ def route(
                 f"{_OP}: e_score_correction_bias must be finite (it shifts every token's choice), got NaN or inf; "
                 "pass validate=False to skip this check"
             )
-    ids, weights = torch.ops.moecomm.route_grouped_topk(
-        logits, bias, top_k, n_group, topk_group, renormalize, float(routed_scaling_factor)
+    ids, weights = _backend.call_op(
+        torch.ops.moecomm.route_grouped_topk, _route_grouped_topk_impl, logits, bias, top_k, n_group, topk_group, renormalize, float(routed_scaling_factor)
     )
     return Routing(ids, weights)

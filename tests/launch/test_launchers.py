@@ -70,7 +70,8 @@ def test_mpiexec_local_ranks_and_rendezvous():
 
     code = ("import moecomm.dist as d, torch, torch.distributed as dist; w = d.init(timeout_s=60); "
             "t = torch.ones(1); dist.all_reduce(t); "
-            "print('WORLD', w.rank, w.world_size, w.local_rank, w.local_world_size, w.launcher, int(t.item())); d.shutdown()")
+            "import os; os.write(1, f'WORLD {w.rank} {w.world_size} {w.local_rank} {w.local_world_size} {w.launcher} {int(t.item())}\\n'.encode()); "
+            "d.shutdown()")  # one write() per line: ranks share the pipe, and a single small write is atomic
     out = _run(mpirun_command(2, [sys.executable, "-c", code]))
     lines = sorted(line for line in out.splitlines() if line.startswith("WORLD"))
     assert lines == ["WORLD 0 2 0 2 mpi 2", "WORLD 1 2 1 2 mpi 2"], out
