@@ -12,27 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+from moecomm.testing.payloads import offsets_from_sizes as offsets
+from moecomm.testing.payloads import relative_error as rel_err
 from moecomm.errors import MoeCommValueError
 from moecomm.gemm import expert_mlp, expert_mlp_reference
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 
 
-def offsets(sizes, device="cpu"):
-    o = [0]
-    for s in sizes:
-        o.append(o[-1] + s)
-    return torch.tensor(o, dtype=torch.int32, device=device)
-
-
 def tol(dtype, device):
     # fp32 on the GPU runs tl.dot as tf32 (10-bit mantissa): ~1e-3 relative, not fp32's 1e-6
     return 5e-3 if (dtype == torch.float32 and str(device).startswith("cuda")) else TOL[dtype]
-
-
-def rel_err(y, ref):
-    ref = ref.double()
-    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def weights(E, H, I, layout, dtype, device="cpu"):
