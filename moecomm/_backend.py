@@ -64,3 +64,11 @@ def call_op(op, impl, *args):
     if torch.compiler.is_compiling():
         return op(*args)
     return impl(*args)
+
+
+def device_checks_allowed(validate: bool = True) -> bool:
+    """Whether a value check may read device data (it syncs the host): not when the caller passed
+    validate=False, while torch.compile traces, or while a CUDA graph is being captured."""
+    if not validate or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .._backend import call_op, use_triton
+from .._backend import call_op, device_checks_allowed, use_triton
 from ..errors import MoeCommTypeError, MoeCommValueError, check_positive_int, check_tensor
 from . import reference
 
@@ -176,15 +176,6 @@ def _(expert_out, dst_row, topk_weights, out):
 # validation
 
 
-def _device_checks_allowed() -> bool:
-    """False while compiling or capturing a CUDA graph, where reading device data would break them."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
-
-
 def _check_topk_ids(op: str, topk_ids: Any, num_experts: Any, validate: bool) -> tuple[torch.Tensor, int]:
     num_experts = check_positive_int(op, "num_experts", num_experts)
     topk_ids = check_tensor(op, "topk_ids", topk_ids, ndim=2, dtype=_ID_DTYPES)
@@ -195,7 +186,7 @@ def _check_topk_ids(op: str, topk_ids: Any, num_experts: Any, validate: bool) ->
         )
     if num_tokens * top_k > _INT32_MAX:
         raise MoeCommValueError(f"{op}: topk_ids must have at most 2**31 - 1 elements (int32 row indices), got {num_tokens * top_k}")
-    if validate and topk_ids.numel() > 0 and _device_checks_allowed():
+    if topk_ids.numel() > 0 and device_checks_allowed(validate):
         bad = (topk_ids < 0) | (topk_ids >= num_experts)
         if bool(bad.any()):  # one device->host read; validate=False skips it
             first = topk_ids[bad][0].item()

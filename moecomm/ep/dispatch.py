@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._backend import use_triton
+from .._backend import call_op, device_checks_allowed, use_triton
 from ..errors import MoeCommTypeError, MoeCommValueError, check_positive_int, check_tensor
 from ._dispatch_reference import gather_sum_reference, pack_rows_reference
 from .placement import ExpertPlacement
@@ -111,9 +111,7 @@ def pack_rows(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor
     x = check_tensor("pack_rows", "x", x, ndim=2, dtype=_FLOAT_DTYPES)
     pos = check_tensor("pack_rows", "pos", pos, shape=[x.shape[0], None], dtype=_ID_DTYPES, device=x.device)
     check_positive_int("pack_rows", "num_rows", num_rows, minimum=0)
-    # eager calls skip the custom-op dispatcher (tens of microseconds of host time per call);
-    # torch.compile and CUDA-graph capture under compile see the registered op
-    return _pack_rows_op(x, pos, num_rows) if torch.compiler.is_compiling() else _pack_rows_impl(x, pos, num_rows)
+    return call_op(_pack_rows_op, _pack_rows_impl, x, pos, num_rows)
 
 
 def gather_sum(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -128,7 +126,7 @@ def gather_sum(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """
     src = check_tensor("gather_sum", "src", src, ndim=2, dtype=_FLOAT_DTYPES)
     idx = check_tensor("gather_sum", "idx", idx, ndim=2, dtype=_ID_DTYPES, device=src.device)
-    return _gather_sum_op(src, idx) if torch.compiler.is_compiling() else _gather_sum_impl(src, idx)
+    return call_op(_gather_sum_op, _gather_sum_impl, src, idx)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -424,15 +422,6 @@ def _validate(op, x, topk_ids, topk_weights, hidden, top_k, dtype):
     return x, ids, w
 
 
-def _device_checks_on(validate: bool) -> bool:
-    """Value checks that read device data: off under CUDA-graph capture and compile tracing."""
-    if not validate:
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
 def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, rank: int, ep_size: int,
               e2r: torch.Tensor, e2l: torch.Tensor, hidden, top_k, dtype, async_op: bool, validate: bool,
               op: str):
@@ -450,7 +439,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     E = placement.num_experts
     L = placement.num_local_experts(rank)
     e2r, e2l = e2r.to(x.device), e2l.to(x.device)  # no-op unless x is not where the caller guessed
-    check = _device_checks_on(validate)
+    check = device_checks_allowed(validate)
 
     if W == 1:
         # a local permute (LocalDispatcher): tokens stay in x, gather_idx permutes them; no exchange,

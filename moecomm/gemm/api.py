@@ -28,17 +28,6 @@ _OP = "grouped_mm"
 
 # --------------------------------------------------------------------------- validation
 
-def _data_checks_enabled(validate: bool, t: torch.Tensor) -> bool:
-    """Device-data checks need a host sync: skip them when asked, while compiling, or under capture."""
-    if not validate:
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
-
-
 def check_offsets_data(op: str, expert_offsets: torch.Tensor, num_rows: int) -> None:
     """offsets[0] == 0, non-decreasing, offsets[E] == M (reads the device data: one sync)."""
     o = expert_offsets.to("cpu", torch.int64)
@@ -95,7 +84,7 @@ def validate_grouped(op, x, w, expert_offsets, layout, gather_idx, row_scale, ou
         n_out = N
     if out is not None:
         out = check_tensor(op, "out", out, dtype=x.dtype, device=x.device, shape=[M, n_out])
-    if _data_checks_enabled(validate, x):
+    if _backend.device_checks_allowed(validate):
         check_offsets_data(op, offs, M)
         if gather_idx is not None:
             check_gather_data(op, gather_idx, x.shape[0])

@@ -123,13 +123,6 @@ def _(router_logits, e_score_correction_bias, top_k, n_group, topk_group, renorm
     )
 
 
-def _device_checks_allowed() -> bool:
-    """Checks that read device data sync the host: never while capturing a CUDA graph or tracing."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
 def route(
     router_logits,
     top_k: int,
@@ -215,7 +208,7 @@ def route(
             _OP, "e_score_correction_bias", e_score_correction_bias,
             dtype=_LOGIT_DTYPES, shape=(num_experts,), device=logits.device,
         )
-        if validate and _device_checks_allowed() and not bool(torch.isfinite(bias).all()):
+        if _backend.device_checks_allowed(validate) and not bool(torch.isfinite(bias).all()):
             raise MoeCommValueError(
                 f"{_OP}: e_score_correction_bias must be finite (it shifts every token's choice), got NaN or inf; "
                 "pass validate=False to skip this check"
