@@ -17,6 +17,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MOECOMM_DIST_BACKEND": ("", "nccl | gloo: override the process-group backend chosen by moecomm.dist.init()"),
     "MOECOMM_TIMEOUT_S": ("300", "timeout of every collective and rendezvous, in seconds"),
     "MOECOMM_LOG_LEVEL": ("WARNING", "level of the 'moecomm' logger"),
+    "MOECOMM_CUDA_GRAPH_TOKENS": ("128", "MoE layers replay a CUDA graph per token count up to this many tokens (0: never)"),
 }
 
 
@@ -58,6 +59,17 @@ def dist_backend() -> str | None:
     if value and value not in ("nccl", "gloo"):
         raise ValueError(f"MOECOMM_DIST_BACKEND must be nccl or gloo, got {value!r}")
     return value or None
+
+
+def cuda_graph_tokens() -> int:
+    raw = get("MOECOMM_CUDA_GRAPH_TOKENS").strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"MOECOMM_CUDA_GRAPH_TOKENS must be an integer >= 0, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"MOECOMM_CUDA_GRAPH_TOKENS must be an integer >= 0, got {raw!r}")
+    return value
 
 
 def triton_interpret() -> bool:

@@ -6,9 +6,10 @@
 One forward on the GPU is a fixed sequence of launches with no host sync: the router GEMM, the
 fused routing kernel, the permute (dispatch), the gate_up grouped GEMM with SiLU*mul fused, the
 down grouped GEMM with the routing weight applied per row in its epilogue, and the unweighted
-combine. Memory beyond the input: the routed rows are gathered inside the GEMM (gather_idx), so
-the extra memory is the [R, I] activation (SiLU*mul fused into the gate_up GEMM) plus the [R, H]
-expert output; never [T, E, H].
+combine. Memory beyond the input: the routed rows are gathered inside the GEMM (gather_idx), or,
+for wide experts at prefill sizes (materialize_min_rows), copied once into expert order; then the
+[R, I] activation (SiLU*mul fused into the gate_up GEMM) and the [R, H] expert output; never
+[T, E, H]. Up to cuda_graph_tokens tokens on a GPU, the forward replays a CUDA graph per token count.
 
     import torch, moecomm
     moe = moecomm.MoE(hidden_size=1024, intermediate_size=2048, num_experts=8, top_k=2)
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _env
+from ._graphs import GraphRunner
 from .errors import MoeCommTypeError, MoeCommValueError, as_tensor, check_choice, check_positive_int, check_tensor
 from .ep.placement import ExpertPlacement
 from .routing import RoutingMethod, route
@@ -33,6 +36,12 @@ from .routing import RoutingMethod, route
 __all__ = ["MoE", "SharedExpertMLP"]
 
 _ACTIVATIONS = ("silu", "gelu")
+# Routed rows (T * k) from which dispatch materializes them for the GEMMs (see MoE's docstring).
+# Measured on an H100 (benchmarks/RESULTS.md): Mixtral-8x7B (I 14336) at 4096 tokens 6% faster
+# copied than gathered; Qwen3-30B-A3B (I 768) 28% slower: the copy (4H bytes per row) only pays
+# where each row carries much GEMM work (6HI FLOPs), so it is on by default from I >= 4096 only.
+DEFAULT_MATERIALIZE_MIN_ROWS = 4096
+MATERIALIZE_MIN_INTERMEDIATE = 4096
 
 
 def _act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +95,16 @@ class MoE(nn.Module):
         dtype, device: of the parameters (default: torch's defaults).
         ep_group: torch.distributed group for expert parallelism; None (or size 1): all experts here.
         placement: ExpertPlacement over the EP group; default contiguous blocks.
+        cuda_graph_tokens: on a CUDA device with EP size 1, a forward of at most this many tokens
+            replays a CUDA graph captured for its token count (the second time that count is seen),
+            when no autograd is recorded and neither torch.compile nor another capture is running.
+            A decode step is otherwise bound by Python and kernel-launch time. 0 turns it off;
+            None reads MOECOMM_CUDA_GRAPH_TOKENS (default 128). Replacing a weight tensor (not its
+            values) drops the graphs; at most 16 token counts are kept per layer.
+        materialize_min_rows: from this many routed rows (T * k) on, dispatch copies the rows into
+            expert order and the GEMMs read them contiguously (through TMA), instead of gathering
+            them inside the GEMM; below it the gather saves the copy. None: always gather. "auto":
+            4096 when intermediate_size >= 4096, else None (the copy pays only for wide experts).
 
     Parameters:
         gate.weight [E, H]: the router (no bias).
@@ -114,6 +133,8 @@ class MoE(nn.Module):
         device: torch.device | str | None = None,
         ep_group: Any = None,
         placement: ExpertPlacement | None = None,
+        cuda_graph_tokens: int | None = None,
+        materialize_min_rows: int | None | str = "auto",
     ):
         super().__init__()
         op = "MoE"
@@ -179,8 +200,18 @@ class MoE(nn.Module):
             SharedExpertMLP(H, shared_expert_intermediate_size, activation, **kw) if shared_expert_intermediate_size else None
         )
         self.shared_expert_gate = nn.Linear(H, 1, bias=False, **kw) if shared_expert_gate else None
+        if cuda_graph_tokens is None:
+            cuda_graph_tokens = _env.cuda_graph_tokens()
+        self.cuda_graph_tokens = check_positive_int(op, "cuda_graph_tokens", cuda_graph_tokens, minimum=0)
+        if materialize_min_rows == "auto":
+            big = intermediate_size >= MATERIALIZE_MIN_INTERMEDIATE
+            materialize_min_rows = DEFAULT_MATERIALIZE_MIN_ROWS if big else None
+        elif materialize_min_rows is not None:
+            check_positive_int(op, "materialize_min_rows", materialize_min_rows)
+        self.materialize_min_rows = materialize_min_rows
         self.reset_parameters()
         self.dispatcher = self._make_dispatcher()
+        self.graphs = GraphRunner(max_graphs=16, name="MoE") if self.ep_size == 1 and self.cuda_graph_tokens else None
 
     # ------------------------------------------------------------------ set-up
     def _make_dispatcher(self):
@@ -189,7 +220,8 @@ class MoE(nn.Module):
             from .ep import LocalDispatcher
 
             # ids come from route(), in range by construction: skip the check that reads them on the host
-            return LocalDispatcher(self.num_experts, self.top_k, validate=False)
+            return LocalDispatcher(self.num_experts, self.top_k, validate=False,
+                                   materialize_min_rows=self.materialize_min_rows)
         from .ep.dispatch import EPDispatcher
 
         return EPDispatcher(
@@ -268,13 +300,44 @@ class MoE(nn.Module):
 
         Returns [..., H] in x's dtype: sum over k of weight * expert(x) (+ shared experts).
         """
-        from .gemm import expert_mlp
-
         x = self._check_input(x, "MoE.forward")
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)  # [T, H]
         if not x2.is_contiguous():
             x2 = x2.contiguous()
+        if self._may_replay(x2):
+            y = self.graphs(x2, self._graph_key(), self._forward_2d)
+            if y is not None:
+                return y.reshape(shape)
+        return self._forward_2d(x2).reshape(shape)
+
+    def _may_replay(self, x2: torch.Tensor) -> bool:
+        """Whether this forward may come from a CUDA graph (see cuda_graph_tokens)."""
+        if self.graphs is None or torch.compiler.is_compiling() or not x2.is_cuda:
+            return False
+        if not 0 < x2.shape[0] <= self.cuda_graph_tokens:
+            return False
+        if torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False  # a replayed graph records no autograd history
+        return not torch.cuda.is_current_stream_capturing()
+
+    def _graph_key(self) -> tuple:
+        # the graphs read these tensors' memory: a replaced tensor (new storage) invalidates them.
+        # Named one by one: walking self.parameters() costs ~10 us, a tenth of a replayed decode step.
+        ts = [self.gate.weight, self.w_gate_up, self.w_down]
+        if self.e_score_correction_bias is not None:
+            ts.append(self.e_score_correction_bias)
+        if self.shared_experts is not None:
+            se = self.shared_experts
+            ts += [se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight]
+            if self.shared_expert_gate is not None:
+                ts.append(self.shared_expert_gate.weight)
+        return tuple(t.data_ptr() for t in ts)
+
+    def _forward_2d(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [T, H] contiguous -> [T, H]: the launches of one forward, no host sync."""
+        from .gemm import expert_mlp
+
         r = route(
             self.router_logits(x2), self.top_k, method=self.routing, renormalize=self.renormalize,
             n_group=self.n_group, topk_group=self.topk_group, e_score_correction_bias=self.e_score_correction_bias,
@@ -286,8 +349,7 @@ class MoE(nn.Module):
             gather_idx=d.gather_idx, row_scale=d.row_weights, validate=False,  # offsets come from dispatch
         )  # [R, H], rows already weighted when row_weights is set
         y = self.dispatcher.combine(h, d.handle)  # [T, H]
-        y = y + self._shared(x2) if self.shared_experts is not None else y
-        return y.reshape(shape)
+        return y + self._shared(x2) if self.shared_experts is not None else y
 
     def _shared(self, x2: torch.Tensor) -> torch.Tensor:
         s = self.shared_experts(x2)

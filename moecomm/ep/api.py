@@ -111,12 +111,16 @@ def _(topk_ids, num_experts):
     return _index_fakes(topk_ids, num_experts)
 
 
+def _permute_new(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int):
+    out = x.new_empty(topk_ids.numel(), x.shape[1])
+    return (out, *_permute_impl(topk_ids, num_experts, x, out))
+
+
 @torch.library.custom_op("moecomm::permute", mutates_args=())
 def _permute_op(
     x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = x.new_empty(topk_ids.numel(), x.shape[1])
-    return (out, *_permute_impl(topk_ids, num_experts, x, out))
+    return _permute_new(x, topk_ids, num_experts)
 
 
 @_permute_op.register_fake
@@ -266,7 +270,7 @@ def permute(
     topk_ids, num_experts = _check_topk_ids(op, topk_ids, num_experts, validate)
     x = _unit_inner_stride(x)
     if out is None:
-        permuted, *idx = torch.ops.moecomm.permute(x, topk_ids, num_experts)
+        permuted, *idx = call_op(torch.ops.moecomm.permute, _permute_new, x, topk_ids, num_experts)
     else:
         permuted = _check_out(op, out, [topk_ids.numel(), x.shape[1]], x.dtype, x.device)
         idx = torch.ops.moecomm.permute_out(x, topk_ids, num_experts, permuted)

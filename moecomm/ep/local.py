@@ -31,9 +31,13 @@ class LocalDispatcher:
             expert order ([M, H]) and gather_idx is None, for GEMMs that cannot gather.
         validate: check topk_ids against [0, E) on the device data (one host read per dispatch,
             skipped under CUDA-graph capture and compilation).
+        materialize_min_rows: also materialize when a dispatch routes at least this many rows
+            (T * k); None: only as ``materialize`` says. A GEMM reads contiguous rows through TMA,
+            faster than the row gather at prefill sizes; the copy costs one pass over the rows.
     """
 
-    def __init__(self, num_experts: int, top_k: int, *, materialize: bool = False, validate: bool = True):
+    def __init__(self, num_experts: int, top_k: int, *, materialize: bool = False, validate: bool = True,
+                 materialize_min_rows: int | None = None):
         op = "LocalDispatcher"
         self.num_experts = check_positive_int(op, "num_experts", num_experts)
         self.top_k = check_positive_int(op, "top_k", top_k)
@@ -44,6 +48,9 @@ class LocalDispatcher:
         self.num_local_experts = self.num_experts
         self.materialize = materialize
         self.validate = validate
+        if materialize_min_rows is not None:
+            check_positive_int(op, "materialize_min_rows", materialize_min_rows)
+        self.materialize_min_rows = materialize_min_rows
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         """Group the routed rows by expert.
@@ -65,7 +72,8 @@ class LocalDispatcher:
         topk_weights = check_tensor(
             op, "topk_weights", topk_weights, shape=[x.shape[0], self.top_k], dtype=torch.float32, device=x.device
         )
-        if self.materialize:
+        rows = x.shape[0] * self.top_k
+        if self.materialize or (self.materialize_min_rows is not None and rows >= self.materialize_min_rows):
             res = permute(x, topk_ids, self.num_experts, validate=self.validate)
             idx, tokens, gather_idx = res.indices, res.permuted, None
         else:

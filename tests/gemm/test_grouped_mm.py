@@ -280,7 +280,11 @@ def test_every_tuning_candidate_is_correct(triton_backend, layout):
 
     dev = triton_backend
     torch.manual_seed(8)
-    cands = {*_configs.candidates(512, 1536, 2048, 64, glu=False), *_configs.candidates(8192, 28672, 4096, 8, glu=False)}
+    cands = {
+        *_configs.candidates(512, 1536, 2048, 64, glu=False),  # decode, 8 rows per expert
+        *_configs.candidates(128, 28672, 4096, 8, glu=False),  # decode, 16 rows per expert: 32/64-row tiles too
+        *_configs.candidates(8192, 28672, 4096, 8, glu=False),  # prefill
+    }
     sizes, K, N = [20, 0, 17], 264, 280
     x = torch.randn(sum(sizes), K, device=dev).half()
     w = make_w(3, K, N, layout, torch.float16, dev)
@@ -290,3 +294,27 @@ def test_every_tuning_candidate_is_correct(triton_backend, layout):
         out = torch.full((sum(sizes), N), float("nan"), dtype=torch.float16, device=dev)
         launch(x, w, offs, out, layout=layout, config=cfg)
         assert rel_err(out.cpu(), ref) < TOL[torch.float16], cfg
+
+
+def test_every_decode_candidate_is_correct_with_glu_and_gather(triton_backend):
+    """The decode tiles (16, 32 and 64 rows) in the fused gate_up form the MoE layer launches:
+    rows gathered, SiLU(gate) * up in the epilogue; experts of 20, 0 and 17 rows straddle the tiles."""
+    from moecomm.gemm import _configs, _triton, expert_mlp_reference
+    from moecomm.gemm.api import launch
+
+    dev = triton_backend
+    torch.manual_seed(9)
+    cands = {*_configs.candidates(512, 1536, 2048, 64, glu=True), *_configs.candidates(128, 28672, 4096, 8, glu=True)}
+    assert {c.block_m for c in cands} == {16, 32, 64}
+    sizes, K, I, T = [20, 0, 17], 72, 40, 11
+    M = sum(sizes)
+    x = torch.randn(T, K, device=dev).half()
+    gather = torch.randint(0, T, (M,), dtype=torch.int32, device=dev)
+    w_gu = (torch.randn(3, 2 * I, K, device=dev) * K**-0.5).half()  # [E, 2I, K]: layout "enk"
+    eye = torch.eye(I, device=dev).half().expand(3, I, I).contiguous()  # down = identity: the reference's inter
+    offs = offsets(sizes, dev)
+    ref = expert_mlp_reference(x.float(), w_gu.float(), eye.float(), offs, layout="enk", gather_idx=gather)
+    for cfg in sorted(cands, key=str):
+        inter = torch.full((M, I), float("nan"), dtype=torch.float16, device=dev)
+        launch(x, w_gu, offs, inter, layout="enk", gather_idx=gather, glu=True, act=_triton.ACT_SILU, config=cfg)
+        assert rel_err(inter.float().cpu(), ref.cpu()) < 5e-3, cfg
