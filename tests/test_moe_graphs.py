@@ -50,6 +50,12 @@ def test_cpu_never_captures_and_copies_start_without_graphs():
         torch.testing.assert_close(twin(x), moe(x), atol=0, rtol=0)
 
 
+def test_materialize_by_default_only_for_wide_experts():
+    assert MoE(64, 4096, 8, 2, device="meta").dispatcher.materialize_min_rows == 4096  # Mixtral-like
+    assert MoE(64, 768, 8, 2, device="meta").dispatcher.materialize_min_rows is None  # Qwen3-like
+    assert MoE(64, 768, 8, 2, device="meta", materialize_min_rows=100).dispatcher.materialize_min_rows == 100
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @torch.no_grad()
 def test_materialized_dispatch_equals_gathered(backend, request):
