@@ -169,3 +169,14 @@ def test_gpu_at_most_max_graphs_are_kept():
     x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)  # T=1 was dropped: seen again, recaptured
     torch.testing.assert_close(moe(x), twin(x), atol=0, rtol=0)
     assert moe.graphs.captures == 20
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_torch_compile_runs_the_kernels_not_the_graphs():
+    moe, twin = _pair()
+    compiled = torch.compile(moe, fullgraph=True, dynamic=False)
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x), twin(x), atol=0, rtol=0)
+    assert moe.graphs.captures == 0
