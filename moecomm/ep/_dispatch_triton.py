@@ -4,13 +4,20 @@
 
 Both ops are pure data movement, so they are bandwidth-bound: one program per (row, H-block), a
 block of 1024 elements (2 KiB of bf16) per program keeps enough bytes in flight per SM on an H100
-while a row of H=4096..7168 still spreads over 4..7 programs.
+while a row of H=4096..7168 still spreads over 4..7 programs. H is a constexpr: a model has one
+hidden size, and when BLOCK_H divides it the kernels drop the column mask.
 
 - pack: out[pos[t, w]] = x[t] for every destination w of token t (pos -1: not sent there). The token
   is read once and written once per destination rank: the permute fused with the send layout.
 - gather_sum: out[m] = sum_c src[idx[m, c]] over idx >= 0, accumulated in fp32 and written once.
   The receiver uses it to sum a token's rows over its local experts (C = top_k) before they travel
   back, and the source rank to sum the returned partials over ranks (C = W).
+
+Host cost. At EP size 1 a pack of T=4096, H=4096 bf16 moves 64 MiB: ~23 us at the ~2.9 TB/s of an
+H100 copy, less than a Python call into Triton takes to reach the GPU. So the wrappers below do only
+"allocate, launch", and launch through _Launcher, which skips JITFunction.run once a
+specialisation is compiled: on the 2-core CI box JITFunction.run spends ~7 us of Python per launch
+(binding, specialisation, cache key, two empty hook calls), the direct path ~2.5 us.
 """
 
 from __future__ import annotations
@@ -20,33 +27,40 @@ import triton
 import triton.language as tl
 
 BLOCK_H_DEFAULT = 1024
+NUM_WARPS_DEFAULT = 4
 
 
 @triton.jit
 def ep_pack_kernel(
     x_ptr, pos_ptr, out_ptr,
-    H, num_out_rows,
+    num_out_rows,
     stride_xt, stride_xh, stride_pt, stride_pw, stride_ot,
-    W: tl.constexpr, BLOCK_H: tl.constexpr,
+    H: tl.constexpr, W: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    in_row = offs < H
+    x_ptrs = x_ptr + t * stride_xt + offs.to(tl.int64) * stride_xh
     # pure copy: no arithmetic, so the raw bf16 bits pass through unchanged (interpreter-safe)
-    v = tl.load(x_ptr + t * stride_xt + offs.to(tl.int64) * stride_xh, mask=in_row)
+    if H % BLOCK_H == 0:
+        v = tl.load(x_ptrs)
+    else:
+        v = tl.load(x_ptrs, mask=offs < H)
     for w in tl.static_range(W):  # unrolled: the W index loads issue together, not one per trip
         p = tl.load(pos_ptr + t * stride_pt + w * stride_pw).to(tl.int64)
         # -1 = not sent to w; the upper bound keeps a corrupt index from writing out of bounds
         ok = (p >= 0) & (p < num_out_rows)
-        tl.store(out_ptr + p * stride_ot + offs, v, mask=in_row & ok)
+        if H % BLOCK_H == 0:
+            tl.store(out_ptr + p * stride_ot + offs, v, mask=ok)
+        else:
+            tl.store(out_ptr + p * stride_ot + offs, v, mask=(offs < H) & ok)
 
 
 @triton.jit
 def ep_gather_sum_kernel(
     src_ptr, idx_ptr, out_ptr,
-    H, num_src_rows,
+    num_src_rows,
     stride_sm, stride_sh, stride_im, stride_ic, stride_om,
-    C: tl.constexpr, BLOCK_H: tl.constexpr,
+    H: tl.constexpr, C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     m = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -58,50 +72,161 @@ def ep_gather_sum_kernel(
     for c in tl.static_range(C):  # unrolled: C row loads in flight at once (C = k or W, small)
         i = tl.load(idx_ptr + m * stride_im + c * stride_ic).to(tl.int64)
         ok = (i >= 0) & (i < num_src_rows)
+        src_ptrs = src_ptr + i * stride_sm + offs.to(tl.int64) * stride_sh
         # upcast before adding: fp32 accumulation (and the interpreter adds bf16 bits wrongly)
-        v = tl.load(src_ptr + i * stride_sm + offs.to(tl.int64) * stride_sh, mask=in_row & ok, other=0.0)
+        if H % BLOCK_H == 0:
+            v = tl.load(src_ptrs, mask=ok, other=0.0)
+        else:
+            v = tl.load(src_ptrs, mask=in_row & ok, other=0.0)
         acc += v.to(tl.float32)
-    tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=in_row)
+    if H % BLOCK_H == 0:
+        tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+def _int_spec(v: int) -> tuple[bool, bool, int]:
+    """What Triton specialises an int argument on: == 1, divisible by 16, i32 / i64 / u64."""
+    width = 0 if -2**31 <= v < 2**31 else (1 if -2**63 <= v < 2**63 else 2)
+    return v == 1, v % 16 == 0, width
+
+
+def spec_key(tensors: tuple, count: int, strides: tuple) -> tuple:
+    """A key that determines Triton's specialisation of a launch's tensor and int arguments.
+
+    Per tensor: dtype and address mod 16 (Triton: 16-byte aligned or not); the count (a row count
+    that changes call after call) as what Triton specialises on (_int_spec); the strides (fixed
+    for a model) as their values. Equal keys -> the same compiled kernel from Triton:
+    tests/ep/test_dispatch.py checks this against Triton's own specialize function. ~1 us.
+    """
+    return (tuple([t.dtype for t in tensors]), tuple([t.data_ptr() & 15 for t in tensors]),
+            count if 0 <= count < 2 else _int_spec(count), strides)
+
+
+class _Launcher:
+    """Launch a @triton.jit kernel; after the first launch of a specialisation, without JITFunction.run.
+
+    JITFunction.run binds and specialises every argument, builds its cache key, reads the current
+    device, stream and knobs, and calls two (empty) launch hooks through Python on every call. Here
+    the first call of each specialisation goes through ``kernel[grid](...)`` (which compiles and
+    caches as usual) and remembers the compiled kernel under spec_key + constexprs + num_warps +
+    current device + TRITON_DEBUG, a key at least as fine as Triton's own; later calls hand the
+    arguments straight to that kernel's launcher, as JITFunction.run does at its end.
+
+    The kernel's parameters must be ordered: tensors, the count, the strides, the constexprs. The
+    direct path is taken only where it mirrors Triton's launch protocol: Triton 3.6 (other
+    versions, and the interpreter, always take the regular path), and no launch hooks installed (a
+    profiler's hooks see every launch through the regular path). If a direct launch raises, the
+    direct path is switched off for the process (logged once) and the regular one runs. Not in the
+    key: TRITON_INSTRUMENTATION_MODE changed after the first launch.
+    """
+
+    def __init__(self, kernel):
+        from triton.runtime.jit import JITFunction
+
+        self.kernel = kernel
+        self.enabled = isinstance(kernel, JITFunction) and triton.__version__.split(".")[:2] == ["3", "6"]
+        if self.enabled:  # triton.knobs is recent (absent in 3.2): imported only where it is used
+            from triton import knobs
+            from triton.runtime import driver
+
+            self._runtime_knobs, self._driver = knobs.runtime, driver
+        self.cache: dict = {}
+        self.direct_launches = 0  # tests check that the direct path is taken on a GPU
+
+    def __call__(self, grid: tuple[int, int], tensors: tuple, count: int, strides: tuple, constexprs: tuple,
+                 num_warps: int) -> None:
+        # constexprs: (name, value) pairs, in the order of the kernel's trailing constexpr parameters
+        if not self.enabled:
+            self.kernel[grid](*tensors, count, *strides, **dict(constexprs), num_warps=num_warps)
+            return
+        rt = self._runtime_knobs
+        if rt.launch_enter_hook.calls or rt.launch_exit_hook.calls:
+            self.kernel[grid](*tensors, count, *strides, **dict(constexprs), num_warps=num_warps)
+            return
+        drv = self._driver.active
+        device = drv.get_current_device()
+        key = (spec_key(tensors, count, strides), constexprs, num_warps, device, rt.debug)
+        hit = self.cache.get(key)
+        if hit is None:
+            compiled = self.kernel[grid](*tensors, count, *strides, **dict(constexprs), num_warps=num_warps)
+            if hasattr(compiled, "result"):  # an async-compile future
+                compiled = compiled.result()
+            run = getattr(compiled, "run", None)  # the launcher (loads the module: done by the launch above)
+            if run is not None and compiled.function is not None:
+                if len(self.cache) >= 256:  # strides are in the key: bound what odd views can add
+                    self.cache.clear()
+                self.cache[key] = (run, compiled.function, compiled.packed_metadata)
+            return
+        run, function, packed_metadata = hit
+        try:
+            # the launcher's arguments after the grid: stream, function, packed metadata, launch
+            # metadata and the enter/exit hooks (None: none), then every kernel parameter in order
+            # (it skips the constexprs itself)
+            run(grid[0], grid[1], 1, drv.get_current_stream(device), function, packed_metadata, None, None, None,
+                *tensors, count, *strides, *[v for _, v in constexprs])
+        except Exception as exc:  # a protocol mismatch: never again in this process, and say why once
+            from .._backend import warn_once
+
+            self.enabled = False
+            name = getattr(self.kernel, "__name__", "kernel")
+            warn_once(f"direct-launch-{name}", f"moecomm: direct launch of {name} failed ({type(exc).__name__}: "
+                      f"{exc}); Triton's regular launch is used from now on")
+            self.kernel[grid](*tensors, count, *strides, **dict(constexprs), num_warps=num_warps)
+            return
+        self.direct_launches += 1
+
+
+_pack_launcher = _Launcher(ep_pack_kernel)
+_gather_sum_launcher = _Launcher(ep_gather_sum_kernel)
 
 
 def _block_h(hidden: int) -> int:
-    return min(BLOCK_H_DEFAULT, max(16, triton.next_power_of_2(hidden)))
+    # next power of two by bit_length: triton.next_power_of_2 costs ~2 us per call (host hot path)
+    return min(BLOCK_H_DEFAULT, max(16, 1 << (hidden - 1).bit_length()))
 
 
-def pack_rows_triton(x: torch.Tensor, pos: torch.Tensor, num_rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def pack_rows_triton(x: torch.Tensor, pos: torch.Tensor, num_rows: int, out: torch.Tensor | None = None, *,
+                     block_h: int | None = None, num_warps: int = NUM_WARPS_DEFAULT) -> torch.Tensor:
     """[S, H] send buffer: row pos[t, w] = x[t]. Checks nothing (dispatch.py validated).
 
     ``out``: a caller-owned [S, H] buffer with unit inner stride (tests pass a NaN-filled one).
+    ``block_h``, ``num_warps``: launch configuration (the benchmark's --sweep); default: BLOCK_H = min(1024, next power of 2 of H), 4 warps.
     """
     T, H = x.shape
-    out = torch.empty((num_rows, H), dtype=x.dtype, device=x.device) if out is None else out
+    if out is None:
+        out = torch.empty((num_rows, H), dtype=x.dtype, device=x.device)
     if T == 0 or num_rows == 0 or H == 0:
         return out
-    BLOCK_H = _block_h(H)
-    grid = (T, triton.cdiv(H, BLOCK_H))
-    ep_pack_kernel[grid](
-        x, pos, out, H, num_rows,
-        x.stride(0), x.stride(1), pos.stride(0), pos.stride(1), out.stride(0),
-        W=pos.shape[1], BLOCK_H=BLOCK_H, num_warps=4,
-    )
+    BLOCK_H = block_h or _block_h(H)
+    stride_xt, stride_xh = x.stride()
+    stride_pt, stride_pw = pos.stride()
+    _pack_launcher((T, -(-H // BLOCK_H)), (x, pos, out), num_rows,
+                   (stride_xt, stride_xh, stride_pt, stride_pw, out.stride(0)),
+                   (("H", H), ("W", pos.shape[1]), ("BLOCK_H", BLOCK_H)), num_warps)
     return out
 
 
-def gather_sum_triton(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_sum_triton(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None, *,
+                      block_h: int | None = None, num_warps: int = NUM_WARPS_DEFAULT) -> torch.Tensor:
     """[M, H] with row m = sum of src[idx[m, c]] over idx >= 0 (fp32 accumulate, src.dtype out).
 
     ``out``: a caller-owned [M, H] buffer with unit inner stride (tests pass a NaN-filled one).
+    ``block_h``, ``num_warps``: launch configuration (the benchmark's --sweep); default: BLOCK_H = min(1024, next power of 2 of H), 4 warps.
     """
     M, C = idx.shape
     H = src.shape[1]
-    out = torch.empty((M, H), dtype=src.dtype, device=src.device) if out is None else out
+    if out is None:
+        out = torch.empty((M, H), dtype=src.dtype, device=src.device)
     if M == 0 or H == 0:
         return out
-    BLOCK_H = _block_h(H)
-    grid = (M, triton.cdiv(H, BLOCK_H))
-    ep_gather_sum_kernel[grid](
-        src, idx, out, H, src.shape[0],
-        src.stride(0), src.stride(1), idx.stride(0), idx.stride(1), out.stride(0),
-        C=C, BLOCK_H=BLOCK_H, num_warps=4,
-    )
+    BLOCK_H = block_h or _block_h(H)
+    stride_sm, stride_sh = src.stride()
+    stride_im, stride_ic = idx.stride()
+    _gather_sum_launcher((M, -(-H // BLOCK_H)), (src, idx, out), src.shape[0],
+                         (stride_sm, stride_sh, stride_im, stride_ic, out.stride(0)),
+                         (("H", H), ("C", C), ("BLOCK_H", BLOCK_H)), num_warps)
     return out

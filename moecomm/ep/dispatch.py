@@ -61,11 +61,21 @@ _FLAG_REASONS = {
 # ----------------------------------------------------------------------------- custom ops
 
 
+_kernels = None  # moecomm.ep._dispatch_triton, imported on first use (it imports triton)
+
+
+def _triton_kernels():
+    global _kernels
+    if _kernels is None:
+        from . import _dispatch_triton
+
+        _kernels = _dispatch_triton
+    return _kernels
+
+
 def _pack_rows_impl(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
     if use_triton(x, "ep_pack_rows"):
-        from ._dispatch_triton import pack_rows_triton
-
-        return pack_rows_triton(x, pos, num_rows)
+        return _triton_kernels().pack_rows_triton(x, pos, num_rows)
     return pack_rows_reference(x, pos, num_rows)
 
 
@@ -81,9 +91,7 @@ def _(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
 
 def _gather_sum_impl(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if use_triton(src, "ep_gather_sum"):
-        from ._dispatch_triton import gather_sum_triton
-
-        return gather_sum_triton(src, idx)
+        return _triton_kernels().gather_sum_triton(src, idx)
     return gather_sum_reference(src, idx)
 
 
@@ -97,20 +105,31 @@ def _(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return src.new_empty((idx.shape[0], src.shape[1]))
 
 
+# Internal callers (dispatch, combine) pass arguments they built or validated themselves: they run
+# the op without re-checking. The public functions below check everything, with a fast path for
+# the common case (torch tensors, right dtypes and shapes, one device): a few attribute reads
+# instead of check_tensor's general machinery (~3 us of host time per call on the CI box), which
+# runs only when the fast test fails, to convert DLPack arrays or to raise the precise error.
+
+
 def pack_rows(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
     """The send buffer: row pos[t, w] is token x[t] (Triton kernel on GPU, reference on CPU).
 
     Args:
         x: [T, H] fp32/fp16/bf16 tokens (any strides).
-        pos: [T, W] int32, row of token t in the send buffer for rank w, -1 = not sent there.
+        pos: [T, W] int32/int64 on x's device, row of token t in the send buffer for rank w, -1 =
+            not sent there.
         num_rows: S, rows of the send buffer.
 
     Returns:
         [S, H] of x.dtype.
     """
-    x = check_tensor("pack_rows", "x", x, ndim=2, dtype=_FLOAT_DTYPES)
-    pos = check_tensor("pack_rows", "pos", pos, shape=[x.shape[0], None], dtype=_ID_DTYPES, device=x.device)
-    check_positive_int("pack_rows", "num_rows", num_rows, minimum=0)
+    if not (isinstance(x, torch.Tensor) and isinstance(pos, torch.Tensor) and x.dtype in _FLOAT_DTYPES
+            and pos.dtype in _ID_DTYPES and x.dim() == 2 and pos.dim() == 2 and pos.shape[0] == x.shape[0]
+            and pos.device == x.device and type(num_rows) is int and num_rows >= 0):
+        x = check_tensor("pack_rows", "x", x, ndim=2, dtype=_FLOAT_DTYPES)
+        pos = check_tensor("pack_rows", "pos", pos, shape=[x.shape[0], None], dtype=_ID_DTYPES, device=x.device)
+        check_positive_int("pack_rows", "num_rows", num_rows, minimum=0)
     return call_op(_pack_rows_op, _pack_rows_impl, x, pos, num_rows)
 
 
@@ -119,13 +138,15 @@ def gather_sum(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
     Args:
         src: [N, H] fp32/fp16/bf16 rows (any strides).
-        idx: [M, C] int32/int64 row indices into src, -1 = none.
+        idx: [M, C] int32/int64 row indices into src, on src's device, -1 = none.
 
     Returns:
         [M, H] of src.dtype (a row whose indices are all -1 is zeros).
     """
-    src = check_tensor("gather_sum", "src", src, ndim=2, dtype=_FLOAT_DTYPES)
-    idx = check_tensor("gather_sum", "idx", idx, ndim=2, dtype=_ID_DTYPES, device=src.device)
+    if not (isinstance(src, torch.Tensor) and isinstance(idx, torch.Tensor) and src.dtype in _FLOAT_DTYPES
+            and idx.dtype in _ID_DTYPES and src.dim() == 2 and idx.dim() == 2 and idx.device == src.device):
+        src = check_tensor("gather_sum", "src", src, ndim=2, dtype=_FLOAT_DTYPES)
+        idx = check_tensor("gather_sum", "idx", idx, ndim=2, dtype=_ID_DTYPES, device=src.device)
     return call_op(_gather_sum_op, _gather_sum_impl, src, idx)
 
 
@@ -467,7 +488,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
             raise MoeCommValueError(f"{op}: rank {_global_rank(group, j)} failed: "
                                     f"{_FLAG_REASONS.get(f, f'error flag {f}')}")
     S, R, N = sum(send_splits), sum(recv_splits), sum(recv_pairs)
-    send = pack_rows(x, plan.pos, S)  # [S, H]
+    send = call_op(_pack_rows_op, _pack_rows_impl, x, plan.pos, S)  # [S, H]; x validated, pos ours
     meta = pack_metadata(plan, S)  # [S, 2k]
     recv = x.new_empty((R, H))
     recv_meta = meta.new_empty((R, 2 * k))
@@ -505,8 +526,10 @@ def combine(expert_out: Any, handle: EPHandle, async_op: bool = False) -> torch.
     op = "combine"
     if not isinstance(handle, EPHandle):
         raise MoeCommTypeError(f"{op}: handle must be the EPHandle of a dispatch result, got {type(handle).__name__}")
+    dev = handle.slot_pos.device if handle.slot_pos is not None else None
     try:
-        out = check_tensor(op, "expert_out", expert_out, shape=[handle.num_rows, handle.hidden], dtype=_FLOAT_DTYPES)
+        out = check_tensor(op, "expert_out", expert_out, shape=[handle.num_rows, handle.hidden], dtype=_FLOAT_DTYPES,
+                           device=dev)
     except (MoeCommValueError, MoeCommTypeError) as exc:
         # the peers will wait in the reverse all_to_all until the group's timeout; the report lets
         # their explain_failure name this rank
@@ -518,7 +541,8 @@ def combine(expert_out: Any, handle: EPHandle, async_op: bool = False) -> torch.
 
         y = local_combine(out, handle.local, None)  # [T, H]
         return _Done(y) if async_op else y
-    partial = gather_sum(out, handle.slot_pos)  # [R, H]: summed over local experts
+    # expert_out checked above, the indices are the handle's: the ops run without re-checking
+    partial = call_op(_gather_sum_op, _gather_sum_impl, out, handle.slot_pos)  # [R, H]: summed over local experts
     back = out.new_empty((sum(handle.send_splits), handle.hidden))  # [S, H]
     works = [_all_to_all(back, partial, handle.send_splits, handle.recv_splits, handle.group,
                          f"{op}: all_to_all", async_op)]
@@ -526,7 +550,7 @@ def combine(expert_out: Any, handle: EPHandle, async_op: bool = False) -> torch.
     def finish(works):
         if async_op:
             _wait_all(works, handle.group, f"{op}: all_to_all")
-        return gather_sum(back, handle.pos)  # [T, H]
+        return call_op(_gather_sum_op, _gather_sum_impl, back, handle.pos)  # [T, H]
 
     return PendingCombine(works, finish) if async_op else finish(works)
 

@@ -157,16 +157,156 @@ def test_nan_stays_in_its_token(triton_backend):
 def test_kernels_compile_for_hopper():
     from moecomm.ep._dispatch_triton import ep_gather_sum_kernel, ep_pack_kernel
 
-    common = {"H": "i32", "num_out_rows": "i32", "stride_xt": "i32", "stride_xh": "i32",
-              "stride_pt": "i32", "stride_pw": "i32", "stride_ot": "i32", "W": "constexpr", "BLOCK_H": "constexpr"}
+    common = {"num_out_rows": "i32", "stride_xt": "i32", "stride_xh": "i32", "stride_pt": "i32", "stride_pw": "i32",
+              "stride_ot": "i32", "H": "constexpr", "W": "constexpr", "BLOCK_H": "constexpr"}
     k = compile_for_hopper(ep_pack_kernel, {"x_ptr": "*bf16", "pos_ptr": "*i32", "out_ptr": "*bf16", **common},
-                           {"W": 8, "BLOCK_H": 1024}, num_warps=4)
+                           {"H": 7168, "W": 8, "BLOCK_H": 1024}, num_warps=4)
     assert "st.global" in k.asm["ptx"]
-    sig = {"src_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "H": "i32", "num_src_rows": "i32",
+    sig = {"src_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "num_src_rows": "i32",
            "stride_sm": "i32", "stride_sh": "i32", "stride_im": "i32", "stride_ic": "i32", "stride_om": "i32",
-           "C": "constexpr", "BLOCK_H": "constexpr"}
-    k = compile_for_hopper(ep_gather_sum_kernel, sig, {"C": 8, "BLOCK_H": 1024}, num_warps=4)
+           "H": "constexpr", "C": "constexpr", "BLOCK_H": "constexpr"}
+    k = compile_for_hopper(ep_gather_sum_kernel, sig, {"H": 33, "C": 8, "BLOCK_H": 64}, num_warps=4)
     assert "add.f32" in k.asm["ptx"] or "add.rn.f32" in k.asm["ptx"]  # fp32 accumulation
+
+
+def test_kernels_vectorise_for_hopper():
+    """With what Triton specialises a contiguous bf16 launch on (16-byte aligned pointers and row
+    strides, unit inner strides), H = 4096 rows move as 16-byte vectors: a copy kernel that loads
+    2 bytes at a time cannot reach copy bandwidth."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from moecomm.ep._dispatch_triton import ep_gather_sum_kernel, ep_pack_kernel
+
+    aligned = [["tt.divisibility", 16]]
+    for kernel, names in ((ep_pack_kernel, ("x", "pos", "out", "num_out_rows", "stride_xt", "stride_xh", "stride_pt",
+                                            "stride_pw", "stride_ot", "W")),
+                          (ep_gather_sum_kernel, ("src", "idx", "out", "num_src_rows", "stride_sm", "stride_sh",
+                                                  "stride_im", "stride_ic", "stride_om", "C"))):
+        ptrs, (rows, s_row, s_col, s_it, s_iw, s_out, fan) = names[:3], names[3:]
+        sig = {f"{ptrs[0]}_ptr": "*bf16", f"{ptrs[1]}_ptr": "*i32", f"{ptrs[2]}_ptr": "*bf16", rows: "i32",
+               s_row: "i32", s_col: "constexpr", s_it: "i32", s_iw: "constexpr", s_out: "i32",
+               "H": "constexpr", fan: "constexpr", "BLOCK_H": "constexpr"}
+        consts = {s_col: 1, s_iw: 1, "H": 4096, fan: 1, "BLOCK_H": 1024}
+        attrs = {(i,): aligned for i in (0, 1, 2, 4, 8)}  # the pointers, the row strides
+        fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+        ptx = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": 4}).asm["ptx"]
+        ops = set(re.findall(r"(?:ld|st)\.global\.[\w.]+", ptx))
+        assert "ld.global.v4.b32" in ops and "st.global.v4.b32" in ops, (kernel, sorted(ops))
+
+
+def test_spec_key_determines_tritons_specialisation():
+    """Launches with equal spec_key must get the same compiled kernel from Triton: equal keys ->
+    equal specialisation by Triton's own function, over aligned/misaligned tensors of several
+    dtypes and ints around every boundary Triton looks at (1, multiples of 16, int32, int64)."""
+    import itertools
+
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    from moecomm.ep._dispatch_triton import spec_key
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+
+    def triton_spec(args):
+        return tuple(native_specialize_impl(backend, a, False, True, True) for a in args)
+
+    buf = torch.zeros(64, dtype=torch.float16)
+    tensors = [buf, buf[1:], buf[8:], buf.view(torch.bfloat16)[3:], buf.view(torch.int32), buf.view(torch.int32)[1:]]
+    ints = [0, 1, 2, 15, 16, 17, 4096, 7168, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**40, 2**63 - 1, 2**63]
+    seen: dict = {}
+    distinct = set()
+    for ts in itertools.product(tensors, repeat=2):
+        for count in ints:
+            for strides in itertools.product([1, 16, 17, 2**31], repeat=2):
+                key = spec_key(ts, count, strides)
+                truth = triton_spec((*ts, count, *strides))
+                assert seen.setdefault(key, truth) == truth, (key, truth, seen[key])
+                distinct.add(truth)
+    assert len(distinct) > 1000  # the sample reaches many different specialisations
+
+
+def test_direct_launch_passes_what_triton_passes(monkeypatch):
+    """_Launcher's direct path hands the compiled kernel's launcher the same arguments as Triton's
+    JITFunction.run does (checked against the installed Triton with a stand-in driver and compiled
+    kernel, so no GPU is needed); a new specialisation, launch hooks or a failing launcher take the
+    regular path."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from moecomm.ep import _dispatch_triton as DT
+
+    launches, compiles = [], []
+
+    class FakeCompiled:  # what Triton's compile returns, reduced to what a launch touches
+        function, packed_metadata = 0xF00, ("packed",)
+
+        def __init__(self):
+            self.fail = False
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            if self.fail and args[7] is None:  # direct launches pass no hooks (Triton's run: its HookChains)
+                raise TypeError("launcher protocol changed")
+            launches.append(args)
+
+    class FakeDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0x5EA
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    compiled = FakeCompiled()
+    monkeypatch.setattr(driver, "_active", FakeDriver())
+    kernel = JITFunction(DT.ep_pack_kernel.fn)  # a fresh one: the module's kernel keeps its caches clean
+    monkeypatch.setattr(kernel, "_do_compile", lambda *a, **kw: compiles.append(a) or compiled)
+    launcher = DT._Launcher(kernel)
+    if not launcher.enabled:
+        pytest.skip(f"the direct launch mirrors Triton 3.6's protocol; installed: {triton.__version__}")
+    x, pos = torch.zeros(6, 32, dtype=torch.float16), torch.zeros(6, 2, dtype=torch.int32)
+    out = torch.zeros(9, 32, dtype=torch.float16)
+
+    def launch(x=x, grid=(6, 1)):
+        launcher(grid, (x, pos, out), 9, (x.stride(0), x.stride(1), 2, 1, 32), (("H", 32), ("W", 2), ("BLOCK_H", 32)), 4)
+
+    launch()  # first: Triton's run (compiles, launches)
+    launch()  # then: direct
+    assert len(compiles) == 1 and launcher.direct_launches == 1 and len(launches) == 2
+    via_triton, direct = launches
+    assert direct[:6] == via_triton[:6] == (6, 1, 1, 0x5EA, 0xF00, ("packed",))  # grid, stream, kernel, metadata
+    assert direct[6:9] == (None, None, None)  # no launch metadata, no hooks
+    assert direct[9:] == via_triton[9:]  # every kernel parameter, in Triton's order
+    assert direct[9:12] == (x, pos, out) and direct[12:] == (9, 32, 1, 2, 1, 32, 32, 2, 32)
+
+    launch(x=torch.zeros(7, 33, dtype=torch.float16)[:6, 1:])  # misaligned, new strides: Triton's run again
+    assert len(compiles) == 2 and launcher.direct_launches == 1
+
+    hook = lambda metadata: None  # noqa: E731
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch()  # a profiler's hook must see the launch: regular path
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
+    assert launcher.direct_launches == 1 and launches[-1][7] is not None
+
+    compiled.fail = True
+    n = len(launches)
+    launch()  # the direct launch raises: switched off, the regular path launches instead
+    assert not launcher.enabled and len(launches) == n + 1 and launches[-1][7] is not None
 
 
 def test_ops_under_torch_compile():
@@ -179,6 +319,44 @@ def test_ops_under_torch_compile():
     assert torch.equal(got, f(x, plan.pos))
     torch.library.opcheck(D._pack_rows_op, (x.contiguous(), plan.pos, S))
     torch.library.opcheck(D._gather_sum_op, (x.contiguous(), plan.pos))
+
+
+@pytest.mark.parametrize("call,exc,msg", [
+    (lambda x, p: D.pack_rows(x.long(), p, 3), MoeCommTypeError, "pack_rows: x must have dtype float32 or float16 or"),
+    (lambda x, p: D.pack_rows(x[0], p, 3), MoeCommValueError, "pack_rows: x must have 2 dimensions, got shape (8,)"),
+    (lambda x, p: D.pack_rows(x, p[:3], 3), MoeCommValueError, "pack_rows: pos must have shape [4, *], got [3, 2]"),
+    (lambda x, p: D.pack_rows(x, p.float(), 3), MoeCommTypeError, "pack_rows: pos must have dtype int32 or int64"),
+    (lambda x, p: D.pack_rows(x, p.to("meta"), 3), MoeCommValueError, "pack_rows: pos must be on device cpu, got meta"),
+    (lambda x, p: D.pack_rows(x, p, -1), MoeCommValueError, "pack_rows: num_rows must be >= 0, got -1"),
+    (lambda x, p: D.pack_rows(x, p, 3.0), MoeCommTypeError, "pack_rows: num_rows must be an int, got float"),
+    (lambda x, p: D.pack_rows([1.0], p, 3), MoeCommTypeError, "pack_rows: x must be a torch.Tensor"),
+    (lambda x, p: D.gather_sum(x.int(), p), MoeCommTypeError, "gather_sum: src must have dtype"),
+    (lambda x, p: D.gather_sum(x, p[0]), MoeCommValueError, "gather_sum: idx must have 2 dimensions, got shape (2,)"),
+    (lambda x, p: D.gather_sum(x, p.to("meta")), MoeCommValueError, "gather_sum: idx must be on device cpu, got meta"),
+])
+def test_public_kernels_still_validate(call, exc, msg):
+    """The fast argument test of pack_rows/gather_sum falls back to the full checks: same errors."""
+    x, pos = torch.zeros(4, 8), torch.tensor([[0, -1], [1, 2], [-1, -1], [-1, 0]], dtype=torch.int32)
+    with pytest.raises(exc) as info:
+        call(x, pos)
+    assert msg in str(info.value)
+
+
+def test_public_kernels_take_dlpack_arrays():
+    x = np.arange(32, dtype=np.float32).reshape(4, 8)
+    pos = np.array([[0, -1], [-1, 1], [-1, -1], [2, 3]], dtype=np.int32)  # token 3 goes to both ranks
+    packed = D.pack_rows(x, pos, 4)
+    assert torch.equal(packed, torch.from_numpy(x[[0, 1, 3, 3]]))
+    y = D.gather_sum(packed.numpy(), pos)
+    assert torch.equal(y, torch.from_numpy(x) * torch.tensor([[1.0], [1.0], [0.0], [2.0]]))
+
+
+def test_combine_checks_expert_out_device(monkeypatch):
+    monkeypatch.setattr(D, "_report", lambda exc: None)  # no process group here: nothing to report to
+    handle = D.EPHandle(None, 2, [1, 1], [1, 1], torch.zeros(2, 2, dtype=torch.int32),
+                        torch.zeros(2, 2, dtype=torch.int32), 2, 8, 3)
+    with pytest.raises(MoeCommValueError, match="combine: expert_out must be on device cpu, got meta"):
+        D.combine(torch.zeros(3, 8, device="meta"), handle)
 
 
 # ----------------------------------------------------------------------------- pipeline, one process

@@ -105,6 +105,74 @@ def test_nan_rows_and_non_contiguous_bf16(monkeypatch):
     assert not back.isnan().any()
 
 
+def test_direct_launch_exact_for_every_layout(monkeypatch):
+    """After its first launch of a specialisation, a kernel is launched without JITFunction.run
+    (Triton 3.6): exact for aligned, misaligned and strided inputs and int64 indices, each of
+    which Triton compiles separately, whatever order they come in."""
+    import triton
+
+    from moecomm.ep import _dispatch_triton as DT
+
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    T, H, W = 257, 4096, 4
+    ids = torch.randint(0, 16, (T, 2), device="cuda")
+    pl = ExpertPlacement(16, W)
+    plan = D.plan_send(ids, torch.ones(T, 2, device="cuda"), pl.expert_to_rank_tensor("cuda"),
+                       pl.expert_to_local_tensor("cuda"), W)
+    S = int(plan.rows_per_rank.sum())
+    big = torch.randn(T, H + 8, device="cuda").to(torch.bfloat16)
+    layouts = {
+        "contiguous": (big[:, :H].contiguous(), plan.pos),
+        "misaligned": (big[:, 1:H + 1], plan.pos),  # address 2 bytes off, row stride H + 8
+        "strided": (big.t().contiguous().t()[:, :H], plan.pos),  # column-major view
+        "int64_pos": (big[:, :H].contiguous(), plan.pos.long()),
+    }
+    before = DT._pack_launcher.direct_launches, DT._gather_sum_launcher.direct_launches
+    for _ in range(2):
+        for name in ("contiguous", "misaligned", "strided", "int64_pos", "contiguous"):
+            x, pos = layouts[name]
+            assert torch.equal(D.pack_rows(x, pos, S), pack_rows_reference(x, pos, S)), name
+            src = D.pack_rows(x, pos, S)
+            torch.testing.assert_close(D.gather_sum(src, pos), gather_sum_reference(src, pos), rtol=2**-7, atol=1e-2)
+    torch.cuda.synchronize()
+    if triton.__version__.split(".")[:2] == ["3", "6"]:
+        assert DT._pack_launcher.direct_launches > before[0] and DT._gather_sum_launcher.direct_launches > before[1]
+
+
+def test_public_ops_replay_from_a_cuda_graph(monkeypatch):
+    """pack_rows and gather_sum captured in a CUDA graph (warm-up on a side stream first) replay
+    on new data in the captured input buffers: exact, as eager."""
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    T, H, W = 513, 4096, 8
+    ids = torch.stack([torch.randperm(64, device="cuda")[:8] for _ in range(T)])
+    pl = ExpertPlacement(64, W)
+    plan = D.plan_send(ids, torch.ones(T, 8, device="cuda"), pl.expert_to_rank_tensor("cuda"),
+                       pl.expert_to_local_tensor("cuda"), W)
+    S = int(plan.rows_per_rank.sum())
+    x = torch.randint(-4, 5, (T, H), device="cuda").to(torch.bfloat16)
+
+    def step():
+        packed = D.pack_rows(x, plan.pos, S)
+        return packed, D.gather_sum(packed, plan.pos)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        packed, y = step()
+    for seed in range(3):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x.copy_(torch.randint(-4, 5, (T, H), device="cuda", generator=g).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(packed, pack_rows_reference(x, plan.pos, S))
+        # integers in [-4, 4] summed over <= 8 copies: exact in fp32 and in bf16
+        assert torch.equal(y, x * (plan.pos >= 0).sum(1, keepdim=True).to(torch.bfloat16))
+
+
 def _nccl_worker(Ts, E, k, H):
     """Every rank: dispatch -> expert -> combine over NCCL; returns its outputs as numpy (by value)."""
     import torch.distributed as dist
