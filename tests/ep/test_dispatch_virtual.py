@@ -173,6 +173,24 @@ def test_public_ops_replay_from_a_cuda_graph(monkeypatch):
         assert torch.equal(y, x * (plan.pos >= 0).sum(1, keepdim=True).to(torch.bfloat16))
 
 
+def test_benchmark_kernel_mode_quick_with_graphs(tmp_path, monkeypatch):
+    """bench_dispatch's kernel mode on tiny shapes, CUDA-graph column and --sweep included: the
+    paths the full benchmark takes, in seconds."""
+    import json
+    import os
+
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from benchmarks import bench_dispatch
+
+    out = tmp_path / "r.jsonl"
+    assert bench_dispatch.main(["--kernel", "--quick", "--sweep", "--rep", "3", "--out", str(out)]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    graph = [r for r in recs if r["mode"] == "kernel" and r["timing"] == "graph"]
+    assert len(graph) == len(bench_dispatch.QUICK_KERNEL_SHAPES) * 2 * 3 * 2  # shapes x W x ops x impls
+    assert all(r["median_ms"] > 0 for r in graph)
+    assert any(r["mode"] == "sweep" for r in recs)
+
+
 def _nccl_worker(Ts, E, k, H):
     """Every rank: dispatch -> expert -> combine over NCCL; returns its outputs as numpy (by value)."""
     import torch.distributed as dist
