@@ -13,6 +13,11 @@ torchrun's variables set. Local ranks count the actors on each node. With gpus_p
 restricts each actor to its own GPUs (CUDA_VISIBLE_DEVICES), so each actor's device is cuda:0 and
 its LOCAL_RANK is 0.
 
+An existing cluster (address=): before ray.init the driver resolves the address the way Ray will
+("auto" reads RAY_ADDRESS or finds the local cluster; "localhost"/"127.0.0.1" become this node's IP
+unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) and opens one TCP connection to it, bounded by
+connect_timeout_s: ray.init on an address nobody answers retries for minutes.
+
 Ray is imported only when a RayWorkerGroup is created (importing moecomm.ray costs nothing).
 """
 
@@ -27,6 +32,77 @@ from typing import Any
 from .errors import MoeCommError, MoeCommTypeError, MoeCommValueError, check_positive_int
 
 _OP = "RayWorkerGroup"
+_ADDRESS_FORMS = "'auto', 'host:port' (the head's GCS port, 6379 by default) or 'ray://host[:port]' (Ray Client)"
+_RAY_CLIENT_PORT = 10001
+
+
+def _parse_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of "host:port" or "ray://host[:port]"; None for "auto". Raises on anything else."""
+    if address == "auto":
+        return None
+    rest, default_port = address, None
+    if address.startswith("ray://"):
+        rest, default_port = address[len("ray://"):].rstrip("/"), _RAY_CLIENT_PORT
+    elif "://" in address:
+        hint = (" (http://...:8265 is the dashboard / job-submission address; RayWorkerGroup joins "
+                "the GCS at host:6379, or use 'auto' inside `ray job submit`)" if address.startswith("http") else "")
+        raise MoeCommValueError(f"{_OP}: address must be {_ADDRESS_FORMS}, got {address!r}{hint}")
+    host, sep, port = rest.rpartition(":")
+    if not sep or "]" in port:  # no port ("host", "[::1]")
+        host, port = rest, ""
+    host = host.strip("[]")
+    if not port and default_port is not None:
+        port = str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MoeCommValueError(f"{_OP}: address must be {_ADDRESS_FORMS}, got {address!r}")
+    return host, int(port)
+
+
+def _dial_address(address: str) -> tuple[str, int] | None:
+    """The (host, port) that ray.init(address=address) will connect to, or None if Ray finds none.
+
+    Mirrors Ray's own resolution (RAY_ADDRESS for "auto", localhost rewritten to this node's IP) so
+    that the reachability check tests what Ray will dial, not what the user typed.
+    """
+    if address == "auto" and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    if address.startswith("ray://"):
+        return _parse_address(address)
+    given = _parse_address(address)  # format errors before Ray's
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # Ray's private helper moved: check the address as given
+        return given
+    try:
+        resolved = canonicalize_bootstrap_address(address)
+    except ConnectionError as exc:  # "auto" and no cluster on this node
+        raise MoeCommError(f"{_OP}: address='auto' found no running Ray cluster ({exc}); start one with "
+                           "`ray start --head` or pass its address") from exc
+    except ValueError as exc:
+        raise MoeCommValueError(f"{_OP}: address must be {_ADDRESS_FORMS}, got {address!r} ({exc})") from exc
+    return _parse_address(resolved) if resolved else given
+
+
+def _check_reachable(address: str, dial: tuple[str, int], timeout_s: float) -> None:
+    """One TCP connection to the address Ray will dial, bounded by timeout_s; raises MoeCommError naming it."""
+    host, port = dial
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as exc:
+        reason = f"no answer in {timeout_s:g} s" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+    given = repr(address)
+    if address == "auto" and os.environ.get("RAY_ADDRESS"):
+        given += f" (RAY_ADDRESS={os.environ['RAY_ADDRESS']!r})"
+    msg = (f"{_OP}: the Ray cluster at address={given} cannot be reached: a connection to {host}:{port} failed "
+           f"({reason}); is the head running there (`ray status --address {host}:{port}`)?")
+    effective = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    typed = _parse_address(effective) if effective else None
+    if typed is not None and typed[0] in ("localhost", "127.0.0.1", "::1") and host != typed[0]:
+        msg += (f" Ray dials localhost addresses at this node's IP ({host}): a head that listens on loopback "
+                "only (ray start --node-ip-address=127.0.0.1 with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) needs "
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in this process too, set before Ray is imported")
+    raise MoeCommError(msg)
 
 
 class _Worker:
@@ -80,28 +156,41 @@ class RayWorkerGroup:
     Args:
         num_workers: W, number of actors = ranks.
         gpus_per_worker: GPUs Ray reserves for each actor (0: CPU only, gloo).
-        address: an existing cluster ("ray://host:10001" or "auto"); None starts Ray in this process
-            (ray.init(num_cpus=..., include_dashboard=False), RAY_AUTH_MODE=disabled unless set).
-            If this process is already connected to Ray, that connection is used (and left open).
+        address: an existing cluster: "auto" (RAY_ADDRESS, as set by `ray job submit`, else the
+            cluster started on this node by `ray start`), "host:port" (the head's GCS port, 6379 by
+            default) or "ray://host:10001" (Ray Client, needs ray[client]). Its workers must be able
+            to import moecomm. None starts Ray in this process (ray.init(num_cpus=...,
+            include_dashboard=False), RAY_AUTH_MODE=disabled unless set). If this process is already
+            connected to Ray, that connection is used (and left open); an address that names
+            another cluster is then an error.
         cpus_per_worker: CPUs Ray reserves per actor.
         backend: "nccl" or "gloo" for moecomm.dist.init (default: its choice).
         timeout_s: the group's collective timeout (default MOECOMM_TIMEOUT_S).
         env: extra environment variables set in every actor before init.
         setup_timeout_s: bound on starting the actors and forming the group.
+        connect_timeout_s: bound on reaching address= before ray.init is called.
 
     Raises:
-        MoeCommError if Ray is not installed or the group does not form within setup_timeout_s.
+        MoeCommValueError if address is not one of the forms above; MoeCommError if Ray is not
+        installed, the address cannot be reached within connect_timeout_s, ray.init fails, or the
+        group does not form within setup_timeout_s.
     """
 
     def __init__(self, num_workers: int, gpus_per_worker: float = 0, address: str | None = None, *,
                  cpus_per_worker: float = 1, backend: str | None = None, timeout_s: float | None = None,
-                 env: dict[str, str] | None = None, setup_timeout_s: float = 120.0):
+                 env: dict[str, str] | None = None, setup_timeout_s: float = 120.0,
+                 connect_timeout_s: float = 10.0):
         check_positive_int(_OP, "num_workers", num_workers)
         for name, v in (("gpus_per_worker", gpus_per_worker), ("cpus_per_worker", cpus_per_worker)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise MoeCommValueError(f"{_OP}: {name} must be a number >= 0, got {v!r}")
         if address is not None and not isinstance(address, str):
             raise MoeCommTypeError(f"{_OP}: address must be a str or None, got {type(address).__name__}")
+        if address is not None:
+            _parse_address(address)  # the form, before Ray is imported
+        for name, v in (("setup_timeout_s", setup_timeout_s), ("connect_timeout_s", connect_timeout_s)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise MoeCommValueError(f"{_OP}: {name} must be a number of seconds > 0, got {v!r}")
         if backend is not None and backend not in ("nccl", "gloo"):
             raise MoeCommValueError(f"{_OP}: backend must be one of ['nccl', 'gloo'] or None, got {backend!r}")
         try:
@@ -115,6 +204,12 @@ class RayWorkerGroup:
         self._owns_ray = False
         self._actors: list[Any] = []
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes ~/.ray/auth_token
+        if address is not None:
+            dial = _dial_address(address)
+            if dial is not None:
+                _check_reachable(address, dial, float(connect_timeout_s))
+            if ray.is_initialized():
+                self._check_same_cluster(address, dial)
         if not ray.is_initialized():
             if address is None:
                 # the raylet and its workers inherit this environment: let them import what the
@@ -132,13 +227,31 @@ class RayWorkerGroup:
                     else:
                         os.environ["PYTHONPATH"] = old
             else:
-                ray.init(address=address)
+                try:
+                    ray.init(address=address)
+                except Exception as exc:
+                    raise MoeCommError(f"{_OP}: ray.init(address={address!r}) failed: "
+                                       f"{type(exc).__name__}: {exc}") from exc
             self._owns_ray = True
         try:
             self._start(gpus_per_worker, cpus_per_worker, backend, timeout_s, env or {})
         except BaseException:
             self.close()
             raise
+
+    def _check_same_cluster(self, address: str, dial: tuple[str, int] | None) -> None:
+        """This process is already connected to Ray: refuse an address that names another cluster."""
+        if dial is None or address.startswith("ray://"):
+            return  # nothing to compare with (Ray Client connections do not expose the GCS address)
+        try:
+            connected = self._ray.get_runtime_context().gcs_address
+            connected_port = int(connected.rpartition(":")[2])
+        except Exception:  # an older Ray without gcs_address: keep the existing connection
+            return
+        if connected_port != dial[1]:
+            raise MoeCommValueError(f"{_OP}: address must name the cluster this process is already connected to "
+                                    f"({connected}), got {address!r} (dials {dial[0]}:{dial[1]}); call "
+                                    "ray.shutdown() first, or pass address=None to use that connection")
 
     def _start(self, gpus: float, cpus: float, backend: str | None, timeout_s: float | None,
                env: dict[str, str]) -> None:
