@@ -84,6 +84,23 @@ def _mpi_env() -> bool:
     return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"))
 
 
+def _check_launcher_size(world_size: int, library: str) -> None:
+    """Raise if the launcher started more ranks than the MPI library mpi4py loaded can see.
+
+    MPICH's mpiexec with mpi4py on Open MPI's libmpi (or the reverse on some versions) starts N
+    singletons of world_size 1 that each would run alone and "succeed": catch it here instead.
+    """
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        raw = os.environ.get(var, "")
+        if raw.isdigit() and int(raw) != world_size:
+            lib = " ".join(library.strip().split("\n")[0].split(",")[0].split())[:60] or "unknown"
+            raise MoeCommError(
+                f"{_OP}: the launcher started {raw} ranks ({var}={raw}) but mpi4py's MPI sees a world of "
+                f"{world_size}: mpi4py loaded an MPI library ({lib}) other than the launcher's. Use the "
+                "mpiexec of that library, or point mpi4py at the launcher's (MPI4PY_LIBMPI=/path/to/libmpi.so; "
+                "for a relocated Open MPI also OPAL_PREFIX)")
+
+
 def _host_address() -> str:
     """An address of this host that the other hosts can reach (falls back to loopback)."""
     try:
@@ -128,6 +145,7 @@ def _detect(timeout_s: float) -> tuple[str, int, int, int, int, str, int, dist.S
                                "pip install mpi4py") from exc
         comm = MPI.COMM_WORLD
         rank, world_size = comm.Get_rank(), comm.Get_size()
+        _check_launcher_size(world_size, MPI.Get_library_version())
         local = comm.Split_type(MPI.COMM_TYPE_SHARED)
         local_rank, local_ws = local.Get_rank(), local.Get_size()
         local.Free()

@@ -150,3 +150,17 @@ def test_init_picks_nccl_with_one_gpu_per_rank():
 def test_init_adopts_an_existing_group():
     outs = run_distributed(2, W.adopted, backend="gloo", timeout_s=90)
     assert outs == [((0, 2, "external", True), True), ((1, 2, "external", True), True)]
+
+
+@pytest.mark.parametrize("var", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_mpi_world_smaller_than_the_launcher_is_an_error(monkeypatch, var):
+    from moecomm.dist.world import _check_launcher_size
+
+    for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, "4")
+    _check_launcher_size(4, "MPICH Version: 5.0.2\n")  # agrees: nothing to say
+    with pytest.raises(mdist.world.MoeCommError, match=(
+            rf"the launcher started 4 ranks \({var}=4\) but mpi4py's MPI sees a world of 1: mpi4py loaded an MPI "
+            r"library \(Open MPI v5.0.11\) other than the launcher's")):
+        _check_launcher_size(1, "Open MPI v5.0.11\nmore\n")
