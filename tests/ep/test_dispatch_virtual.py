@@ -50,6 +50,14 @@ def _vector_expert(rows, expert_of_row, row_weights):
     (8, 256, 8, 7168, [1024, 33, 199, 1, 1024, 0, 512, 1024], True),  # DeepSeek-V3-like, skewed
     (3, 10, 2, 4096, [777, 4096, 5], True),         # E % W != 0
 ])
+
+def _plan(ids: torch.Tensor, num_experts: int, W: int):
+    """The send plan of ids [T, k] over W ranks (contiguous placement, unit weights) and its row count S."""
+    pl = ExpertPlacement(num_experts, W)
+    plan = D.plan_send(ids, torch.ones(ids.shape, device=ids.device), pl.expert_to_rank_tensor(ids.device),
+                       pl.expert_to_local_tensor(ids.device), W)
+    return plan, int(plan.rows_per_rank.sum())
+
 def test_virtual_ranks_bf16_exact(monkeypatch, W, E, k, H, Ts, skew):
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
     xs, ids, ws = _inputs(Ts, E, k, H, "cuda", skew=skew)
@@ -72,10 +80,7 @@ def test_kernels_match_reference_bf16(monkeypatch, T, H, W):
     torch.manual_seed(T + H)
     E = 8 * W
     ids = torch.stack([torch.randperm(E, device="cuda")[:8] for _ in range(T)])
-    pl = ExpertPlacement(E, W)
-    plan = D.plan_send(ids, torch.ones(T, 8, device="cuda"), pl.expert_to_rank_tensor("cuda"),
-                       pl.expert_to_local_tensor("cuda"), W)
-    S = int(plan.rows_per_rank.sum())
+    plan, S = _plan(ids, E, W)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     packed = D.pack_rows(x, plan.pos, S)
     assert torch.equal(packed, pack_rows_reference(x, plan.pos, S))  # a copy: exact
@@ -92,10 +97,7 @@ def test_nan_rows_and_non_contiguous_bf16(monkeypatch):
 
     T, H, W = 333, 4096, 4
     ids = torch.randint(0, 16, (T, 2), device="cuda")
-    pl = ExpertPlacement(16, W)
-    plan = D.plan_send(ids, torch.ones(T, 2, device="cuda"), pl.expert_to_rank_tensor("cuda"),
-                       pl.expert_to_local_tensor("cuda"), W)
-    S = int(plan.rows_per_rank.sum())
+    plan, S = _plan(ids, 16, W)
     x = torch.randn(T, 2 * H, device="cuda", dtype=torch.bfloat16)[:, H:]  # non-contiguous
     out = torch.full((S, H), float("nan"), device="cuda", dtype=torch.bfloat16)
     pack_rows_triton(x, plan.pos, S, out=out)
@@ -116,10 +118,7 @@ def test_direct_launch_exact_for_every_layout(monkeypatch):
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
     T, H, W = 257, 4096, 4
     ids = torch.randint(0, 16, (T, 2), device="cuda")
-    pl = ExpertPlacement(16, W)
-    plan = D.plan_send(ids, torch.ones(T, 2, device="cuda"), pl.expert_to_rank_tensor("cuda"),
-                       pl.expert_to_local_tensor("cuda"), W)
-    S = int(plan.rows_per_rank.sum())
+    plan, S = _plan(ids, 16, W)
     big = torch.randn(T, H + 8, device="cuda").to(torch.bfloat16)
     layouts = {
         "contiguous": (big[:, :H].contiguous(), plan.pos),
@@ -145,10 +144,7 @@ def test_public_ops_replay_from_a_cuda_graph(monkeypatch):
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
     T, H, W = 513, 4096, 8
     ids = torch.stack([torch.randperm(64, device="cuda")[:8] for _ in range(T)])
-    pl = ExpertPlacement(64, W)
-    plan = D.plan_send(ids, torch.ones(T, 8, device="cuda"), pl.expert_to_rank_tensor("cuda"),
-                       pl.expert_to_local_tensor("cuda"), W)
-    S = int(plan.rows_per_rank.sum())
+    plan, S = _plan(ids, 64, W)
     x = torch.randint(-4, 5, (T, H), device="cuda").to(torch.bfloat16)
 
     def step():
