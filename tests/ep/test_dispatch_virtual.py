@@ -45,12 +45,6 @@ def _vector_expert(rows, expert_of_row, row_weights):
     return (rows.float() * (expert_of_row[:, None] % 2 + 1) * row_weights[:, None]).to(rows.dtype)
 
 
-@pytest.mark.parametrize("W,E,k,H,Ts,skew", [
-    (8, 64, 8, 4096, [2048] * 7 + [0], False),      # a rank with no tokens
-    (8, 256, 8, 7168, [1024, 33, 199, 1, 1024, 0, 512, 1024], True),  # DeepSeek-V3-like, skewed
-    (3, 10, 2, 4096, [777, 4096, 5], True),         # E % W != 0
-])
-
 def _plan(ids: torch.Tensor, num_experts: int, W: int):
     """The send plan of ids [T, k] over W ranks (contiguous placement, unit weights) and its row count S."""
     pl = ExpertPlacement(num_experts, W)
@@ -58,6 +52,12 @@ def _plan(ids: torch.Tensor, num_experts: int, W: int):
                        pl.expert_to_local_tensor(ids.device), W)
     return plan, int(plan.rows_per_rank.sum())
 
+
+@pytest.mark.parametrize("W,E,k,H,Ts,skew", [
+    (8, 64, 8, 4096, [2048] * 7 + [0], False),      # a rank with no tokens
+    (8, 256, 8, 7168, [1024, 33, 199, 1, 1024, 0, 512, 1024], True),  # DeepSeek-V3-like, skewed
+    (3, 10, 2, 4096, [777, 4096, 5], True),         # E % W != 0
+])
 def test_virtual_ranks_bf16_exact(monkeypatch, W, E, k, H, Ts, skew):
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
     xs, ids, ws = _inputs(Ts, E, k, H, "cuda", skew=skew)
