@@ -208,20 +208,19 @@ class MoE(nn.Module):
             materialize_min_rows = DEFAULT_MATERIALIZE_MIN_ROWS if big else None
         elif materialize_min_rows is not None:
             check_positive_int(op, "materialize_min_rows", materialize_min_rows)
-        self.materialize_min_rows = materialize_min_rows
         self.reset_parameters()
-        self.dispatcher = self._make_dispatcher()
-        self.graphs = GraphRunner(max_graphs=16, name="MoE") if self.ep_size == 1 and self.cuda_graph_tokens else None
+        self.dispatcher = self._make_dispatcher(materialize_min_rows)
+        self.graphs = GraphRunner(name="MoE") if self.ep_size == 1 and self.cuda_graph_tokens else None
 
     # ------------------------------------------------------------------ set-up
-    def _make_dispatcher(self):
+    def _make_dispatcher(self, materialize_min_rows: int | None):
         """The Dispatcher (moecomm/ep/types.py) that moves tokens to this rank's experts and back."""
         if self.ep_size == 1:
             from .ep import LocalDispatcher
 
             # ids come from route(), in range by construction: skip the check that reads them on the host
             return LocalDispatcher(self.num_experts, self.top_k, validate=False,
-                                   materialize_min_rows=self.materialize_min_rows)
+                                   materialize_min_rows=materialize_min_rows)
         from .ep.dispatch import EPDispatcher
 
         return EPDispatcher(
