@@ -68,54 +68,72 @@ def main(argv=None) -> dict:
     return rec
 
 
-# (name, E, M, K, N, layout, glu): shapes whose candidate sets were in doubt after run 2
+# (name, E, M, K, N, layout, glu, row_scale): the prefill shapes where the tile loop's epilogue
+# (flatten / TMA store variants) is in question; torch._grouped_mm is timed beside the plain ones
 SWEEP_SHAPES = [
-    ("decode E64 M512 K2048 N1536 enk", 64, 512, 2048, 1536, "enk", False),
-    ("decode E64 M512 K2048 N1536 ekn", 64, 512, 2048, 1536, "ekn", False),
-    ("decode E32 M256 K7168 N4096 enk", 32, 256, 7168, 4096, "enk", False),
-    ("gate_up E8 M8192 K4096 N28672 ekn", 8, 8192, 4096, 28672, "ekn", False),
+    ("gate_up E8 M8192 K4096 N28672 ekn", 8, 8192, 4096, 28672, "ekn", False, False),
+    ("gate_up E8 M8192 K4096 N28672 enk", 8, 8192, 4096, 28672, "enk", False, False),
+    ("gate_up E32 M16384 K7168 N4096 enk", 32, 16384, 7168, 4096, "enk", False, False),
+    ("mixtral T4096 gate_up+silu enk", 8, 8192, 4096, 28672, "enk", True, False),
+    ("mixtral T4096 down*w enk", 8, 8192, 14336, 4096, "enk", False, True),
 ]
 
 
-def _sweep_configs(M: int, E: int):
-    from moecomm.gemm._configs import GemmConfig
+def _sweep_configs(M: int, N: int, K: int, E: int, glu: bool):
+    import dataclasses
 
-    if M // E <= 24:
-        return [GemmConfig(16, bn, bk, 1, 4, st, tma, pps)
-                for bn, bk, st in ((32, 128, 4), (64, 128, 4), (64, 64, 6), (128, 64, 4), (64, 256, 3), (128, 128, 3))
-                for tma in (False, True) for pps in (4, 16)]
-    return [GemmConfig(bm, bn, 64, gm, w, st, True, 1)
-            for bm, bn, w in ((128, 256, 8), (128, 128, 8), (256, 128, 8))
-            for gm in (4, 8, 16) for st in (3, 4)]
+    from moecomm.gemm._configs import candidates
+
+    out = []
+    for cfg in candidates(M, N, K, E, glu=glu)[:3]:
+        out += [dataclasses.replace(cfg, flatten=False, tma_store=False),
+                dataclasses.replace(cfg, flatten=True, tma_store=False),
+                dataclasses.replace(cfg, flatten=False, tma_store=True)]
+    return out
 
 
 def sweep(out_path) -> list:
-    """Time many configs per shape (CUDA events, median of 20, rotating weights); print the best ten."""
+    """Time the epilogue variants of the first candidates per shape (CUDA events, median of 20, rotating inputs)."""
     from moecomm.gemm.api import launch
     from moecomm.testing import bench
 
     writer = ResultWriter(out_path)
     recs = []
-    for name, E, M, K, N, layout, glu in SWEEP_SHAPES:
+    for name, E, M, K, N, layout, glu, scale in SWEEP_SHAPES:
         sizes = [M // E] * E
         offs = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
         shape = (E, K, N) if layout == "ekn" else (E, N, K)
         sets = [(torch.randn(M, K, device="cuda", dtype=torch.bfloat16),
-                 torch.randn(shape, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
-        outb = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+                 (torch.randn(shape, device="cuda", dtype=torch.bfloat16) * K**-0.5).to(torch.bfloat16))
+                for _ in range(3)]
+        n_out = N // 2 if glu else N
+        outb = torch.empty(M, n_out, device="cuda", dtype=torch.bfloat16)
+        rs = torch.rand(M, device="cuda") if scale else None
+        ref = None
         res = []
-        for cfg in _sweep_configs(M, E):
+        if not glu and not scale:
+            offs_t = offs[1:]
+            tw = [(x, w if layout == "ekn" else w.transpose(1, 2)) for x, w in sets]
+            t = bench(lambda x, w: torch._grouped_mm(x, w, offs=offs_t), tw, rep=20)
+            res.append((t.median_ms, "torch._grouped_mm"))
+            recs.append(writer.write(bench="gemm_sweep", shape=name, config="torch._grouped_mm", median_ms=t.median_ms))
+            ref = torch._grouped_mm(sets[0][0], tw[0][1], offs=offs_t)
+        for cfg in _sweep_configs(M, N, K, E, glu):
             try:
-                t = bench(lambda x, w: launch(x, w, offs, outb, layout=layout, config=cfg), sets, rep=20)
+                t = bench(lambda x, w: launch(x, w, offs, outb, layout=layout, glu=glu, act=1 if glu else 0,
+                                              row_scale=rs, config=cfg), sets, rep=20)
+                if ref is not None:
+                    launch(sets[0][0], sets[0][1], offs, outb, layout=layout, config=cfg)
+                    err = ((outb.float() - ref.float()).norm() / ref.float().norm()).item()
+                    assert err < 1e-2, f"{cfg}: rel err {err}"
             except Exception as exc:  # a config that does not fit (shared memory) is just skipped
-                print(f"{name} {cfg}: failed {type(exc).__name__}")
+                print(f"{name} {cfg}: failed {type(exc).__name__}: {str(exc)[:200]}")
                 continue
             res.append((t.median_ms, cfg))
             recs.append(writer.write(bench="gemm_sweep", shape=name, config=cfg.to_json(), median_ms=t.median_ms))
         res.sort(key=lambda r: r[0])
-        wbytes = E * K * N * 2
-        for ms, cfg in res[:10]:
-            print(f"{name:36s} {ms:8.4f} ms {wbytes / ms / 1e6:6.0f} GB/s {2 * M * K * N / ms / 1e9:6.1f} TFLOP/s  {cfg}")
+        for ms, cfg in res:
+            print(f"{name:36s} {ms:8.4f} ms {2 * M * K * N / ms / 1e9:6.1f} TFLOP/s  {cfg}", flush=True)
         del sets
     return recs
 

@@ -23,7 +23,6 @@ import os
 import re
 import tempfile
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -43,13 +42,17 @@ class GemmConfig:
     num_stages: int = 3
     use_tma: bool = True
     programs_per_sm: int = 1
+    flatten: bool = False  # one software pipeline over tile and k loops (epilogue overlaps next loads)
+    tma_store: bool = False  # full tiles stored through TMA (needs use_tma; ignored with flatten)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "GemmConfig":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        # fields added later have defaults: cache files written before them still load
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)
+                      if f.name in d or f.default is dataclasses.MISSING})
 
 
 def _pow2_bucket(x: int) -> int:
@@ -99,24 +102,29 @@ def candidates(M: int, N: int, K: int, E: int, *, glu: bool) -> list[GemmConfig]
         ]
     else:
         if glu:
-            # two B tiles per k-step: keep stages x (A + 2 B) under ~200 KB of shared memory
+            # two B tiles per k-step: keep stages x (A + 2 B) under ~200 KB of shared memory.
+            # Sweep of session 3 (Mixtral gate_up+SiLU, M8192 K4096 N28672): 128x128 4 stages
+            # 2.59 ms, its TMA-store twin 2.66, flattened 3.78 (so no flatten candidate here)
             cands = [
                 GemmConfig(128, 128, 64, 8, 8, 4, True, 1),
                 GemmConfig(128, 128, 64, 8, 8, 3, True, 1),
+                GemmConfig(128, 128, 64, 8, 8, 4, True, 1, tma_store=True),
                 GemmConfig(128, 64, 64, 8, 4, 4, True, 1),
                 GemmConfig(64, 128, 64, 8, 4, 4, True, 1),
                 GemmConfig(128, 128, 64, 8, 8, 3, False, 1),
             ]
         else:
-            # sweep of run 3 (gate_up E8 M8192 K4096 N28672): 128x256x64, GROUP_M 8, 3 stages
-            # first (772 TFLOP/s there), then its GROUP_M/stage neighbours and the 256x128 shape
+            # 128x256x64, 8 warps. Sweep of session 3, same run as torch._grouped_mm (2.58 / 2.74 ms
+            # for gate_up E8 [E, K, N] / [E, N, K]): the TMA-store epilogue 2.47 ms [E, K, N], the
+            # flattened tile loop 2.52 ms [E, N, K] and 1.27 ms at E32 (4 stages), the plain loop
+            # 2.57 / 2.68: which variant wins depends on the layout, so the tuner sees each
             cands = [
+                GemmConfig(128, 256, 64, 8, 8, 3, True, 1, tma_store=True),
+                GemmConfig(128, 256, 64, 8, 8, 3, True, 1, flatten=True),
+                GemmConfig(128, 256, 64, 8, 8, 4, True, 1, flatten=True),
                 GemmConfig(128, 256, 64, 8, 8, 3, True, 1),
-                GemmConfig(128, 256, 64, 4, 8, 3, True, 1),
-                GemmConfig(128, 256, 64, 8, 8, 4, True, 1),
-                GemmConfig(128, 256, 64, 16, 8, 4, True, 1),
+                GemmConfig(128, 256, 64, 4, 8, 3, True, 1, tma_store=True),
                 GemmConfig(256, 128, 64, 4, 8, 4, True, 1),
-                GemmConfig(128, 128, 64, 8, 8, 4, True, 1),
             ]
     return cands
 
@@ -200,42 +208,51 @@ def clear_memory() -> None:
         _memory.clear()
 
 
-def tune(cands: list[GemmConfig], run: Callable[[GemmConfig], None], *, reps: int = 7) -> GemmConfig:
-    """Time each candidate on the GPU (CUDA events, >= 10 ms of warm-up, median of ``reps`` runs); return the fastest.
-
-    A candidate that fails to compile or launch (too much shared memory, say) is skipped.
-    """
+def _cuda_time_ms(fn: Callable[[], None]) -> float:
     import torch
 
-    best, best_ms = None, float("inf")
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def tune(cands: list[GemmConfig], run: Callable[[GemmConfig], None], *, reps: int = 7, warmup_ms: float = 50.0,
+         timer: Callable[[Callable[[], None]], float] | None = None) -> GemmConfig:
+    """Time each candidate on the GPU and return the fastest (the median of ``reps`` timings).
+
+    1. Every candidate is compiled and launched once; one that fails (too much shared memory, say)
+       is skipped with a warning.
+    2. Warm-up: the first candidate runs until ``warmup_ms`` of GPU time have passed. An idle H100
+       sits at ~400 MHz and ramps up over tens of ms; timed one after the other, the first candidate
+       ran on a slower clock than the rest and lost for that reason alone (Mixtral's gate_up tuned to
+       a 3.07 ms config beside a 2.59 ms one).
+    3. The candidates are then timed round-robin, ``reps`` rounds, so any drift of the clock (power
+       or temperature) falls on all of them alike.
+
+    ``timer(fn) -> ms`` times one call (default: CUDA events); the tests pass a fake one.
+    """
+    timer = timer or _cuda_time_ms
+    live: list[GemmConfig] = []
     for cfg in cands:
         try:
-            # compile, then warm up for >= 10 ms: an idle H100 sits at ~400 MHz (run 3 read 405),
-            # and a candidate timed before the clock ramps up loses for that reason alone
             run(cfg)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(200):
-                run(cfg)
-                torch.cuda.synchronize()
-                if time.perf_counter() - t0 > 0.01:
-                    break
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(reps):
-                start.record()
-                run(cfg)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            ms = sorted(times)[len(times) // 2]
+            live.append(cfg)
         except Exception as exc:  # compile/launch failure of one candidate is not fatal
             warnings.warn(f"moecomm.gemm: candidate {cfg} failed ({type(exc).__name__}: {str(exc)[:200]})",
                           RuntimeWarning, stacklevel=2)
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:
+    if not live:
         raise RuntimeError(f"moecomm.gemm: every launch configuration failed: {cands}")
-    return best
+    spent, n = 0.0, 0
+    while spent < warmup_ms and n < 2000:
+        spent += timer(lambda: run(live[0]))
+        n += 1
+    times: list[list[float]] = [[] for _ in live]
+    for _ in range(reps):
+        for i, cfg in enumerate(live):
+            times[i].append(timer(lambda cfg=cfg: run(cfg)))
+    medians = [sorted(t)[len(t) // 2] for t in times]
+    return live[min(range(len(live)), key=medians.__getitem__)]

@@ -96,6 +96,7 @@ def grouped_mm_kernel(
     HAS_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr,
     FUSE_GLU: tl.constexpr, ACT: tl.constexpr,
     USE_TMA: tl.constexpr, B_KN: tl.constexpr,
+    FLATTEN: tl.constexpr = False, TMA_STORE: tl.constexpr = False,
 ):
     """C[m, n] = scale[m] * sum_k A[m, k] * B[group(m), k, n]   (FUSE_GLU: act(gate) * up).
 
@@ -120,8 +121,14 @@ def grouped_mm_kernel(
             # zero-fill past M) and dropped by the masked store.
             a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
 
+        if TMA_STORE:
+            c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, n_out], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+
     offs_k0 = tl.arange(0, BLOCK_K)
-    for tile in range(pid, total, NUM_PROGRAMS):
+    # FLATTEN: the compiler fuses the tile loop with the k loop into one software pipeline, so the
+    # next tile's first loads are in flight during this tile's epilogue. (Triton 3.6's automatic
+    # warp specialization leaves this kernel unchanged on sm_90: no ttg.warp_specialize in its IR.)
+    for tile in tl.range(pid, total, NUM_PROGRAMS, flatten=FLATTEN):
         row_lo, row_hi, g, m0, pid_n = _tile_of(tile, offs_ptr, E, num_n_tiles, BLOCK_M, GROUP_M, E_POW2)
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = (rows < row_hi) & (rows < M)
@@ -177,4 +184,13 @@ def grouped_mm_kernel(
             s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             acc = acc * s[:, None]
         c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        if USE_TMA and TMA_STORE:
+            # a tile wholly inside its group goes out through TMA (asynchronous, clipped at n_out);
+            # the group's last, partial tile keeps the masked store, since TMA would also write the
+            # next group's rows
+            if m0 + BLOCK_M <= row_hi:
+                c_desc.store([m0, n0], acc.to(c_ptr.dtype.element_ty))
+            else:
+                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        else:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

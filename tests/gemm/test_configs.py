@@ -29,12 +29,14 @@ for name, cfg, gather, glu, b_kn in json.loads(sys.stdin.read()):
     cfg = _configs.GemmConfig.from_json(cfg)
     ce = dict(NUM_PROGRAMS=132, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
               GROUP_M=cfg.group_m, E_POW2=64, HAS_GATHER=gather, HAS_SCALE=True, FUSE_GLU=glu,
-              ACT=_triton.ACT_SILU if glu else 0, USE_TMA=cfg.use_tma, B_KN=b_kn)
+              ACT=_triton.ACT_SILU if glu else 0, USE_TMA=cfg.use_tma, B_KN=b_kn,
+              FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store and not cfg.flatten)
     sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "offs_ptr": "*i32", "gather_ptr": "*i32",
            "scale_ptr": "*fp32", **{k: "i32" for k in INTS}, **{k: "constexpr" for k in ce}}
     k = compile_for_hopper(_triton.grouped_mm_kernel, sig, ce, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     ptx = k.asm["ptx"]
-    out.append([name, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx, k.metadata.shared])
+    out.append([name, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx, k.metadata.shared,
+                "cp.async.bulk.tensor.2d.global.shared" in ptx])
 print("AOT" + json.dumps(out))
 """
 
@@ -44,8 +46,8 @@ def compiled():
     """name -> (wgmma in PTX, TMA in PTX, shared memory bytes) for the configs that matter."""
     jobs = []
     for glu, b_kn in ((False, True), (False, False), (True, False)):
-        jobs.append((f"large glu={glu} kn={b_kn}", _configs.candidates(8192, 28672, 4096, 8, glu=glu)[0].to_json(),
-                     False, glu, b_kn))
+        for i, cfg in enumerate(_configs.candidates(8192, 28672, 4096, 8, glu=glu)):
+            jobs.append((f"large{i} glu={glu} kn={b_kn}", cfg.to_json(), False, glu, b_kn))
     for rows in (512, 2048, 16384):
         for i, cfg in enumerate(_configs.candidates(rows, 4096, 7168, 32, glu=False)[:3]):
             jobs.append((f"rows{rows}-{i}", cfg.to_json(), True, False, False))
@@ -54,20 +56,69 @@ def compiled():
                          text=True, env=env, timeout=300)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("AOT")]
     assert res.returncode == 0 and lines, res.stderr[-3000:]
-    return {name: (wg, tma, smem) for name, wg, tma, smem in json.loads(lines[-1][3:])}
+    return {name: (wg, tma, smem, st) for name, wg, tma, smem, st in json.loads(lines[-1][3:])}
 
 
 def test_large_tile_configs_use_wgmma_and_tma(compiled):
-    for name, (wgmma, tma, _) in compiled.items():
+    large = _configs.candidates(8192, 28672, 4096, 8, glu=False) + _configs.candidates(8192, 28672, 4096, 8, glu=True)
+    assert any(c.tma_store for c in large) and any(c.flatten for c in large)
+    for name, (wgmma, tma, _, tma_store) in compiled.items():
         if name.startswith("large"):
-            assert wgmma and tma, name
+            i, glu = int(name[5:name.index(" ")]), "glu=True" in name
+            cfg = _configs.candidates(8192, 28672, 4096, 8, glu=glu)[i]
+            assert wgmma and tma == cfg.use_tma, name
+            # the TMA store shows in the PTX exactly where the config asks for it
+            assert tma_store == (cfg.tma_store and cfg.use_tma and not cfg.flatten), name
 
 
 def test_every_candidate_compiles_for_sm90(compiled):
     """Each regime's first candidates compile and fit sm_90's 227 KB of shared memory per block."""
-    assert len(compiled) == 12
-    for name, (_, _, smem) in compiled.items():
+    assert len(compiled) == 27
+    for name, (_, _, smem, _) in compiled.items():
         assert smem <= 232448, name
+
+
+class _FakeClock:
+    """A GPU whose clock ramps up: the n-th timed call takes base * max(1, 3 - n / 10) ms."""
+
+    def __init__(self, cost):
+        self.cost, self.calls, self.cur, self.timed = cost, 0, None, []
+
+    def run(self, cfg):
+        if cfg.block_m == 999:
+            raise RuntimeError("out of resource: shared memory")
+        self.cur = cfg
+
+    def timer(self, fn):
+        fn()
+        self.calls += 1
+        self.timed.append(self.cur)
+        return self.cost[self.cur] * max(1.0, 3.0 - self.calls / 10)
+
+
+def test_tune_warms_up_then_times_round_robin():
+    """The fastest candidate wins even when it is first and the clock is still ramping up; a
+    candidate that fails to compile is skipped with a warning."""
+    fast, slow, broken = (_configs.GemmConfig(128, 128, 64), _configs.GemmConfig(128, 64, 64),
+                          _configs.GemmConfig(999, 64, 64))
+    clock = _FakeClock({fast: 2.6, slow: 3.0})
+    with pytest.warns(RuntimeWarning, match="failed"):
+        assert _configs.tune([fast, broken, slow], clock.run, timer=clock.timer) is fast
+    warm = clock.timed[:-14]  # the warm-up (>= 50 ms of the first candidate), then 7 rounds of both
+    assert len(warm) >= 5 and set(warm) == {fast} and clock.timed[-14:] == [fast, slow] * 7
+    clock = _FakeClock({fast: 2.6, slow: 3.0})
+    assert _configs.tune([slow, fast], clock.run, timer=clock.timer, warmup_ms=0) is fast
+    with pytest.raises(RuntimeError, match="every launch configuration failed"):
+        _configs.tune([broken], clock.run, timer=clock.timer)
+
+
+def test_old_cache_entries_load_with_new_fields_defaulted():
+    old = {"block_m": 16, "block_n": 64, "block_k": 128, "group_m": 1, "num_warps": 4, "num_stages": 3,
+           "use_tma": False, "programs_per_sm": 4}
+    cfg = _configs.GemmConfig.from_json(old)
+    assert cfg == _configs.GemmConfig(16, 64, 128, 1, 4, 3, False, 4) and not cfg.flatten and not cfg.tma_store
+    with pytest.raises(KeyError):
+        _configs.GemmConfig.from_json({"block_m": 16})
 
 
 def test_bucket_key_groups_nearby_shapes():
