@@ -13,7 +13,14 @@ passes over M int32 ids beat a radix sort of M keys, and the result is stable by
      blocks (where block b's slots of bucket e start inside bucket e), and tokens_per_expert.
      torch.cumsum then turns tokens_per_expert into expert_offsets (E + 1 int32, a few us).
   3. permute_scatter_kernel: dst = expert_offsets[e] + base[b, e] + rank; writes dst_row and
-     src_token and, when COPY, stores each token row to its k destination rows.
+     src_token, when HAS_W the routing weight of each row (row_weights[dst] = topk_weights[slot]),
+     and, when COPY, stores each token row to its k destination rows.
+
+At decode sizes (M <= SMALL_M) those are four launches of ~2-4 us each around ~1 us of work, so
+permute_small_kernel does the whole sort in ONE program instead (grid (1,)): bucket totals with
+tl.histogram, their exclusive scan in registers, then per block of slots the same in-block rank as
+the hist kernel plus a per-bucket cursor carried across blocks (tl.gather reads cursor[bucket]).
+Same stable order, bit for bit. A row copy then runs as one more launch, permute_rows_kernel.
 
 The copy reads x once and writes k rows per token: the minimum traffic, M * H * itemsize written
 plus T * H * itemsize read (512 MiB + 64 MiB at T=8192, H=4096, k=8, bf16: ~0.19 ms at ~3 TB/s).
@@ -45,6 +52,17 @@ INDEX_BLOCK_T = 128
 ROW_TILE_ELEMS = 4096  # elements per program tile in permute/combine (BLOCK_T * BLOCK_H)
 MAX_BLOCK_H = 1024
 ROW_NUM_WARPS = 4  # 128 threads x 8 bf16 (16 B) = 1024 columns per pass; benchmarks --sweep tries others
+# One-program sort (permute_small_kernel). Its blocks run one after another: each of the M / 128
+# trips is a chain of dependent steps (ids load, compare, histogram, gather through shared memory,
+# stores), estimated at ~0.5-1 us on an H100, while the multi-kernel path costs ~3 launches (2-4 us
+# each, in a CUDA graph too) whatever M. So the single program wins while M / 128 stays a handful:
+# 1024 slots = 8 trips covers every decode graph of the MoE layer (<= 128 tokens x top-8) and
+# Qwen3-30B's T=64 (M = 512, 4 trips). An estimate to confirm on the GPU:
+# `pytest -m gpu -s tests/ep/test_permute_small.py -k timing` prints both paths' times per M.
+SMALL_M = 1024
+SMALL_BLOCK_M = 128  # the pairwise compare is BLOCK_M**2 booleans, as in permute_hist_kernel
+SMALL_MAX_BUCKETS = 1024  # E <= 1023 experts: cursor and totals are [1024] int32, 8 registers a thread
+SMALL_NUM_WARPS = 4
 
 
 @triton.jit
@@ -113,17 +131,22 @@ def permute_scatter_kernel(
     src_token_ptr,  # [M] int32 out
     x_ptr,  # [T, H] (COPY only)
     out_ptr,  # [M, H] (COPY only)
+    w_ptr,  # [T, k] fp32 topk_weights (HAS_W only)
+    row_w_ptr,  # [M] fp32 out: row_weights (HAS_W only)
     T,
     H,
     E,
     NBUCKETS,
     stride_xt,
     stride_ot,
+    stride_wt,
+    stride_wk,
     TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     COPY: tl.constexpr,
+    HAS_W: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -148,9 +171,97 @@ def permute_scatter_kernel(
         if pid_h == 0:
             tl.store(dst_row_ptr + s, dst, mask=tmask)
             tl.store(src_token_ptr + dst, toks, mask=tmask)
+            if HAS_W:  # the weight follows its slot to row dst: no separate scatter launch
+                w = tl.load(w_ptr + toks.to(tl.int64) * stride_wt + j * stride_wk, mask=tmask, other=0)
+                tl.store(row_w_ptr + dst, w, mask=tmask)
         if COPY:
             orow = dst.to(tl.int64) * stride_ot
             tl.store(out_ptr + orow[:, None] + hs[None, :], xt, mask=xm)
+
+
+@triton.jit
+def permute_small_kernel(
+    ids_ptr,  # [M] int32/int64 flat topk_ids
+    w_ptr,  # [T, k] fp32 topk_weights (HAS_W only)
+    dst_row_ptr,  # [M] int32 out
+    src_token_ptr,  # [M] int32 out
+    row_w_ptr,  # [M] fp32 out: row_weights (HAS_W only)
+    tokens_per_expert_ptr,  # [E] int32 out
+    offsets_ptr,  # [E + 1] int32 out: expert_offsets
+    M,
+    E,
+    NBUCKETS,
+    stride_wt,
+    stride_wk,
+    TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # slots per trip of the ranking loop
+    COUNT_BLOCK: tl.constexpr,  # slots per trip of the counting loop (>= M in practice: one trip)
+    NUM_BINS: tl.constexpr,  # power of two >= NBUCKETS
+    HAS_W: tl.constexpr,
+):
+    # One program: the whole stable counting sort of M <= SMALL_M slots, in registers.
+    bins = tl.arange(0, NUM_BINS)
+    # 1. bucket totals, then where each bucket starts (exclusive scan).
+    counts = tl.zeros([NUM_BINS], dtype=tl.int32)
+    for c0 in range(0, M, COUNT_BLOCK):
+        offs = c0 + tl.arange(0, COUNT_BLOCK)
+        mask = offs < M
+        ids = tl.load(ids_ptr + offs, mask=mask, other=0)
+        bucket = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
+        counts += tl.histogram(bucket, NUM_BINS, mask=mask)
+    start = tl.cumsum(counts, axis=0) - counts  # [NUM_BINS]; start[E] = valid slots = expert_offsets[E]
+    tl.store(tokens_per_expert_ptr + bins, counts, mask=bins < E)
+    tl.store(offsets_ptr + bins, start, mask=bins < NBUCKETS)
+    # 2. blocks in slot order: dst = start[e] + (slots of e in earlier blocks) + (rank inside the block).
+    # cursor[e] = start[e] + slots of bucket e seen so far: the scan's base[b, e], carried in registers.
+    idx = tl.arange(0, BLOCK_M)
+    cursor = start
+    for b0 in range(0, M, BLOCK_M):
+        offs = b0 + idx
+        mask = offs < M
+        ids = tl.load(ids_ptr + offs, mask=mask, other=0)
+        bucket = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)  # [BLOCK_M] in [0, E]
+        same = (bucket[:, None] == bucket[None, :]) & (idx[None, :] < idx[:, None]) & mask[None, :]
+        rank = tl.sum(same.to(tl.int32), axis=1)
+        dst = tl.gather(cursor, bucket, 0) + rank
+        dst = tl.minimum(tl.maximum(dst, 0), M - 1)
+        tok = offs // TOP_K
+        tl.store(dst_row_ptr + offs, dst, mask=mask)
+        tl.store(src_token_ptr + dst, tok, mask=mask)
+        if HAS_W:
+            w = tl.load(w_ptr + tok.to(tl.int64) * stride_wt + (offs - tok * TOP_K) * stride_wk, mask=mask, other=0)
+            tl.store(row_w_ptr + dst, w, mask=mask)
+        cursor += tl.histogram(bucket, NUM_BINS, mask=mask)
+
+
+@triton.jit
+def permute_rows_kernel(
+    x_ptr,  # [T, H]
+    dst_row_ptr,  # [T, k] int32 (written by permute_small_kernel)
+    out_ptr,  # [M, H] out
+    T,
+    H,
+    stride_xt,
+    stride_ot,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # The COPY half of permute_scatter_kernel with dst read back instead of recomputed: x read once,
+    # each token row stored to its k rows.
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = toks < T
+    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    hs = tl.max_contiguous(tl.multiple_of(hs, BLOCK_H), BLOCK_H)
+    xm = tmask[:, None] & (hs < H)[None, :]
+    xt = tl.load(x_ptr + (toks.to(tl.int64) * stride_xt)[:, None] + hs[None, :], mask=xm, other=0)
+    M = T * TOP_K
+    for j in tl.static_range(TOP_K):
+        dst = tl.load(dst_row_ptr + toks * TOP_K + j, mask=tmask, other=0)
+        dst = tl.minimum(tl.maximum(dst, 0), M - 1).to(tl.int64)
+        tl.store(out_ptr + (dst * stride_ot)[:, None] + hs[None, :], xt, mask=xm)
 
 
 @triton.jit
@@ -204,60 +315,101 @@ def _on_device(dev: torch.device):
     return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
 
-def permute_triton(topk_ids: torch.Tensor, num_experts: int, x: torch.Tensor | None, out: torch.Tensor | None):
-    """Counting-sort permute. topk_ids [T, k] contiguous; x [T, H] with unit inner stride or None.
+def permute_triton(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    x: torch.Tensor | None,
+    out: torch.Tensor | None,
+    topk_weights: torch.Tensor | None = None,
+):
+    """Counting-sort permute. topk_ids [T, k] contiguous; x [T, H] with unit inner stride or None;
+    topk_weights [T, k] fp32 (any strides) or None.
 
-    Returns (src_token [M], dst_row [T, k], tokens_per_expert [E], expert_offsets [E+1]); when x is
-    given its rows are written to ``out`` [M, H] (contiguous rows).
+    Returns (src_token [M], dst_row [T, k], tokens_per_expert [E], expert_offsets [E+1],
+    row_weights [M] fp32 or None when topk_weights is None); when x is given its rows are written to
+    ``out`` [M, H] (contiguous rows).
     """
     num_tokens, top_k = topk_ids.shape
     m = num_tokens * top_k
     dev = topk_ids.device
     src_token = torch.empty(m, dtype=torch.int32, device=dev)
     dst_row = torch.empty(num_tokens, top_k, dtype=torch.int32, device=dev)
+    # Every row is written: dst_row is a bijection onto [0, M), dropped slots included.
+    row_weights = None if topk_weights is None else torch.empty(m, dtype=torch.float32, device=dev)
     if m == 0:
         zeros = torch.zeros
-        return src_token, dst_row, zeros(num_experts, dtype=torch.int32, device=dev), zeros(num_experts + 1, dtype=torch.int32, device=dev)
+        return (src_token, dst_row, zeros(num_experts, dtype=torch.int32, device=dev),
+                zeros(num_experts + 1, dtype=torch.int32, device=dev), row_weights)
     tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=dev)  # every entry written by the scan
     expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
     with _on_device(dev):
         _permute_launch(topk_ids.reshape(m), num_tokens, top_k, num_experts, x, out,
-                        src_token, dst_row, tokens_per_expert, expert_offsets)
-    return src_token, dst_row, tokens_per_expert, expert_offsets
+                        src_token, dst_row, tokens_per_expert, expert_offsets, topk_weights, row_weights)
+    return src_token, dst_row, tokens_per_expert, expert_offsets, row_weights
 
 
-def _permute_launch(ids, num_tokens, top_k, num_experts, x, out, src_token, dst_row, tokens_per_expert, expert_offsets):
+def _uses_small_path(m: int, num_experts: int) -> bool:
+    """Whether a permute of m slots over num_experts runs as the one-program sort."""
+    return m <= SMALL_M and num_experts + 1 <= SMALL_MAX_BUCKETS
+
+
+def _permute_launch(ids, num_tokens, top_k, num_experts, x, out, src_token, dst_row, tokens_per_expert,
+                    expert_offsets, w, row_weights):
     m = num_tokens * top_k
     dev = ids.device
     nbuckets = num_experts + 1
+    num_bins = triton.next_power_of_2(nbuckets)
+    copy = x is not None and x.shape[1] > 0  # hidden 0: out is empty, nothing to copy
+    has_w = w is not None
+    w_strides = (w.stride(0), w.stride(1)) if has_w else (0, 0)
+    if _uses_small_path(m, num_experts):
+        # Indices (and row weights) in one launch; with rows, one more to copy them. The copy needs
+        # every dst first, so it cannot share the single program (one SM would copy M * H alone).
+        permute_small_kernel[(1,)](
+            ids, w if has_w else ids, dst_row, src_token, row_weights if has_w else ids,
+            tokens_per_expert, expert_offsets, m, num_experts, nbuckets, *w_strides,
+            TOP_K=top_k, BLOCK_M=SMALL_BLOCK_M, COUNT_BLOCK=triton.next_power_of_2(max(m, SMALL_BLOCK_M)),
+            NUM_BINS=num_bins, HAS_W=has_w, num_warps=SMALL_NUM_WARPS,
+        )
+        if copy:
+            hidden = x.shape[1]
+            block_t, block_h = _row_tiles(hidden)
+            grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
+            permute_rows_kernel[grid](
+                x, dst_row, out, num_tokens, hidden, x.stride(0), out.stride(0),
+                TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=ROW_NUM_WARPS,
+            )
+        return
     nb = triton.cdiv(m, HIST_BLOCK_M)
     hist = torch.empty(nb, nbuckets, dtype=torch.int32, device=dev)
     base = torch.empty_like(hist)
     rank = torch.empty(m, dtype=torch.int32, device=dev)
     permute_hist_kernel[(nb,)](
         ids, hist, rank, m, num_experts, nbuckets,
-        BLOCK_M=HIST_BLOCK_M, NUM_BINS=triton.next_power_of_2(nbuckets), num_warps=4,
+        BLOCK_M=HIST_BLOCK_M, NUM_BINS=num_bins, num_warps=4,
     )
     permute_scan_kernel[(triton.cdiv(nbuckets, SCAN_BLOCK_E),)](
         hist, base, tokens_per_expert, expert_offsets, nb, nbuckets, num_experts,
         BLOCK_B=SCAN_BLOCK_B, BLOCK_E=SCAN_BLOCK_E, num_warps=4,
     )
     torch.cumsum(tokens_per_expert, 0, dtype=torch.int32, out=expert_offsets[1:])
-    if x is None or x.shape[1] == 0:  # no rows to copy (hidden 0: out is empty)
+    w_args = (w, row_weights) if has_w else (ids, ids)
+    if not copy:
         grid = (triton.cdiv(num_tokens, INDEX_BLOCK_T), 1)
         permute_scatter_kernel[grid](
-            ids, rank, base, expert_offsets, dst_row, src_token, ids, ids,
-            num_tokens, 0, num_experts, nbuckets, 0, 0,
-            TOP_K=top_k, BLOCK_M=HIST_BLOCK_M, BLOCK_T=INDEX_BLOCK_T, BLOCK_H=16, COPY=False, num_warps=4,
+            ids, rank, base, expert_offsets, dst_row, src_token, ids, ids, *w_args,
+            num_tokens, 0, num_experts, nbuckets, 0, 0, *w_strides,
+            TOP_K=top_k, BLOCK_M=HIST_BLOCK_M, BLOCK_T=INDEX_BLOCK_T, BLOCK_H=16, COPY=False, HAS_W=has_w, num_warps=4,
         )
     else:
         hidden = x.shape[1]
         block_t, block_h = _row_tiles(hidden)
         grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
         permute_scatter_kernel[grid](
-            ids, rank, base, expert_offsets, dst_row, src_token, x, out,
-            num_tokens, hidden, num_experts, nbuckets, x.stride(0), out.stride(0),
-            TOP_K=top_k, BLOCK_M=HIST_BLOCK_M, BLOCK_T=block_t, BLOCK_H=block_h, COPY=True, num_warps=ROW_NUM_WARPS,
+            ids, rank, base, expert_offsets, dst_row, src_token, x, out, *w_args,
+            num_tokens, hidden, num_experts, nbuckets, x.stride(0), out.stride(0), *w_strides,
+            TOP_K=top_k, BLOCK_M=HIST_BLOCK_M, BLOCK_T=block_t, BLOCK_H=block_h, COPY=True, HAS_W=has_w,
+            num_warps=ROW_NUM_WARPS,
         )
 
 

@@ -77,7 +77,7 @@ def _permute_impl(topk_ids: torch.Tensor, num_experts: int, x: torch.Tensor | No
     if use_triton(topk_ids, "permute"):
         from ._triton import permute_triton
 
-        return permute_triton(topk_ids, num_experts, x, out)
+        return permute_triton(topk_ids, num_experts, x, out)[:4]
     src_token, dst_row, tpe, offsets = reference.permute_indices_ref(topk_ids, num_experts)
     if x is not None:
         torch.index_select(x, 0, src_token.long(), out=out)
@@ -139,6 +139,59 @@ def _permute_out_op(
 @_permute_out_op.register_fake
 def _(x, topk_ids, num_experts, out):
     return _index_fakes(topk_ids, num_experts)
+
+
+# Internal: the permute plus each permuted row's routing weight, row_weights[dst_row[t, j]] =
+# topk_weights[t, j], written by the sort's own kernel (no extra cast + scatter launches).
+# LocalDispatcher.dispatch is its caller; the public permute/permute_indices stay as they are.
+
+
+def _permute_weighted_impl(topk_ids: torch.Tensor, num_experts: int, topk_weights: torch.Tensor,
+                           x: torch.Tensor | None, out: torch.Tensor | None):
+    if use_triton(topk_ids, "permute"):
+        from ._triton import permute_triton
+
+        return permute_triton(topk_ids, num_experts, x, out, topk_weights)
+    src_token, dst_row, tpe, offsets = reference.permute_indices_ref(topk_ids, num_experts)
+    if x is not None:
+        torch.index_select(x, 0, src_token.long(), out=out)
+    row_weights = topk_weights.new_empty(src_token.shape[0])
+    row_weights.scatter_(0, dst_row.reshape(-1).long(), topk_weights.reshape(-1))
+    return src_token, dst_row, tpe, offsets, row_weights
+
+
+def _permute_indices_weighted_new(topk_ids: torch.Tensor, num_experts: int, topk_weights: torch.Tensor):
+    return _permute_weighted_impl(topk_ids, num_experts, topk_weights, None, None)
+
+
+@torch.library.custom_op("moecomm::permute_indices_weighted", mutates_args=())
+def _permute_indices_weighted_op(
+    topk_ids: torch.Tensor, num_experts: int, topk_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _permute_indices_weighted_new(topk_ids, num_experts, topk_weights)
+
+
+@_permute_indices_weighted_op.register_fake
+def _(topk_ids, num_experts, topk_weights):
+    return (*_index_fakes(topk_ids, num_experts), topk_weights.new_empty(topk_ids.numel()))
+
+
+def _permute_weighted_new(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, topk_weights: torch.Tensor):
+    out = x.new_empty(topk_ids.numel(), x.shape[1])
+    return (out, *_permute_weighted_impl(topk_ids, num_experts, topk_weights, x, out))
+
+
+@torch.library.custom_op("moecomm::permute_weighted", mutates_args=())
+def _permute_weighted_op(
+    x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, topk_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _permute_weighted_new(x, topk_ids, num_experts, topk_weights)
+
+
+@_permute_weighted_op.register_fake
+def _(x, topk_ids, num_experts, topk_weights):
+    return (x.new_empty(topk_ids.numel(), x.shape[1]), *_index_fakes(topk_ids, num_experts),
+            topk_weights.new_empty(topk_ids.numel()))
 
 
 def _combine_impl(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -275,6 +328,59 @@ def permute(
         permuted = _check_out(op, out, [topk_ids.numel(), x.shape[1]], x.dtype, x.device)
         idx = torch.ops.moecomm.permute_out(x, topk_ids, num_experts, permuted)
     return PermuteResult(permuted, PermuteIndices(*idx))
+
+
+@dataclass
+class WeightedPermute:
+    """What permute_with_row_weights returns (internal: the dispatch of LocalDispatcher).
+
+    Attributes:
+        indices: the PermuteIndices of the permutation.
+        permuted: [M, H] rows of x in expert order, or None when rows were not materialized.
+        row_weights: [M] float32: row_weights[dst_row[t, j]] = topk_weights[t, j].
+    """
+
+    indices: PermuteIndices
+    permuted: torch.Tensor | None
+    row_weights: torch.Tensor
+
+
+def permute_with_row_weights(
+    x: Any, topk_ids: Any, topk_weights: Any, num_experts: int, *, materialize: bool, validate: bool = True
+) -> WeightedPermute:
+    """permute (materialize=True) or permute_indices (False), plus the routing weight of every row.
+
+    Internal entry of LocalDispatcher.dispatch: one launch on the GPU at decode sizes (M <= SMALL_M
+    of moecomm.ep._triton, plus the row copy when materialize), and at every size the weights ride
+    in the sort's scatter kernel instead of a cast and a scatter of their own.
+
+    Args:
+        x: [T, H] float16, bfloat16 or float32: the tokens (only read when materialize).
+        topk_ids: [T, k] int32 or int64 on x's device, in [0, num_experts).
+        topk_weights: [T, k] float32 on x's device: routing weights (any strides).
+        num_experts: E.
+        materialize: copy the rows into expert order ([M, H]); else only the indices.
+        validate: as in permute_indices.
+
+    Returns:
+        WeightedPermute(indices, permuted [M, H] or None, row_weights [M] float32).
+    """
+    op = "permute_with_row_weights"
+    x = check_tensor(op, "x", x, ndim=2, dtype=_ROW_DTYPES)
+    topk_ids = check_tensor(op, "topk_ids", topk_ids, ndim=2, dtype=_ID_DTYPES, device=x.device)
+    if topk_ids.shape[0] != x.shape[0]:
+        raise MoeCommValueError(f"{op}: topk_ids must have shape [{x.shape[0]}, top_k] (one row per token of x), got {list(topk_ids.shape)}")
+    topk_ids, num_experts = _check_topk_ids(op, topk_ids, num_experts, validate)
+    topk_weights = check_tensor(op, "topk_weights", topk_weights, shape=list(topk_ids.shape), dtype=torch.float32, device=x.device)
+    if materialize:
+        x = _unit_inner_stride(x)
+        permuted, *idx, row_weights = call_op(torch.ops.moecomm.permute_weighted, _permute_weighted_new,
+                                              x, topk_ids, num_experts, topk_weights)
+    else:
+        permuted = None
+        *idx, row_weights = call_op(torch.ops.moecomm.permute_indices_weighted, _permute_indices_weighted_new,
+                                    topk_ids, num_experts, topk_weights)
+    return WeightedPermute(PermuteIndices(*idx), permuted, row_weights)
 
 
 def combine(expert_out: Any, indices: PermuteIndices, topk_weights: Any = None, *, out: Any = None) -> torch.Tensor:

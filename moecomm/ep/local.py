@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoeCommTypeError, MoeCommValueError, as_tensor, check_positive_int, check_tensor
-from .api import PermuteIndices, combine, permute, permute_indices
+from .api import PermuteIndices, combine, permute_with_row_weights
 from .types import DispatchResult
 
 
@@ -73,20 +73,18 @@ class LocalDispatcher:
             op, "topk_weights", topk_weights, shape=[x.shape[0], self.top_k], dtype=torch.float32, device=x.device
         )
         rows = x.shape[0] * self.top_k
-        if self.materialize or (self.materialize_min_rows is not None and rows >= self.materialize_min_rows):
-            res = permute(x, topk_ids, self.num_experts, validate=self.validate)
-            idx, tokens, gather_idx = res.indices, res.permuted, None
-        else:
-            idx = permute_indices(topk_ids, self.num_experts, validate=self.validate)
-            tokens, gather_idx = x, idx.src_token
-        # Row r of expert order came from slot dst_row^-1(r): scatter the slot weights there.
-        row_weights = torch.empty(idx.src_token.shape[0], dtype=torch.float32, device=x.device)
-        row_weights.scatter_(0, idx.dst_row.reshape(-1).long(), topk_weights.reshape(-1))
+        materialize = self.materialize or (self.materialize_min_rows is not None and rows >= self.materialize_min_rows)
+        # Row r of expert order came from slot dst_row^-1(r): the sort writes that slot's weight to
+        # row r itself (one launch for everything at decode sizes, no separate cast + scatter).
+        res = permute_with_row_weights(x, topk_ids, topk_weights, self.num_experts, materialize=materialize,
+                                       validate=self.validate)
+        idx = res.indices
+        tokens, gather_idx = (res.permuted, None) if materialize else (x, idx.src_token)
         return DispatchResult(
             tokens=tokens,
             expert_offsets=idx.expert_offsets,
             tokens_per_expert=idx.tokens_per_expert,
-            row_weights=row_weights,
+            row_weights=res.row_weights,
             gather_idx=gather_idx,
             handle=idx,
         )
