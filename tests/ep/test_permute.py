@@ -256,6 +256,24 @@ def test_combine_non_contiguous_expert_out(backend):
         torch.testing.assert_close(combine(eo, idx, w).double(), combine_truth(eo, idx.dst_row, w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_tokens,hidden", [(64, 2048), (1, 4096), (5, 1000), (600, 300)])
+def test_combine_decode_tiles(triton_backend, num_tokens, hidden):
+    """Decode-sized combines split their tiles to fill the GPU (>= MIN_ROW_PROGRAMS programs where
+    the shape allows), hidden sizes that are not a multiple of the tile included; same sums."""
+    from moecomm.ep._triton import MIN_ROW_PROGRAMS, _row_tiles, _small_row_tiles
+
+    bt, bh, warps = _small_row_tiles(num_tokens, hidden)
+    programs = -(-num_tokens // bt) * -(-hidden // bh)
+    assert programs >= MIN_ROW_PROGRAMS or (bt == 1 and bh <= 256) or (bt, bh) == _row_tiles(hidden)
+    assert 1 <= warps <= 4 and bt * bh >= 32 * warps
+    dev = triton_backend
+    k, e = 8, 128
+    idx = permute_indices(make_ids(num_tokens, k, e, device=dev), e)
+    eo = torch.randn(num_tokens * k, hidden, device=dev)
+    w = torch.rand(num_tokens, k, device=dev)
+    torch.testing.assert_close(combine(eo, idx, w), ref.combine_ref(eo, idx.dst_row, w), rtol=2e-6, atol=2e-6)
+
+
 def test_kernel_matches_reference_fp32(triton_backend):
     """Same fixed summation order in kernel and reference: fp32 results agree to FMA rounding."""
     dev = triton_backend
