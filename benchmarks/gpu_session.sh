@@ -22,4 +22,8 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     echo "=== bench_$b ===" | tee -a "$OUT/bench.log"
     timeout ${BENCH_TIMEOUT:-240} python3 -m benchmarks.bench_$b --out "$OUT/results.jsonl" 2>&1 | tee -a "$OUT/bench.log" | tail -60
   done
+  echo "=== profile_moe ===" | tee -a "$OUT/bench.log"
+  timeout 120 python3 -m benchmarks.profile_moe 2>&1 | grep -v Warn | tee -a "$OUT/bench.log" | grep -e "---"
+  # the launch configs the tuner picked (bench figures read against them)
+  cat "$MOECOMM_CACHE_DIR"/gemm/*.json > "$OUT/gemm-configs.json" 2>/dev/null
 fi
