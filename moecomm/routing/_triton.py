@@ -167,28 +167,10 @@ def block_tokens(padded_row: int) -> int:
     return max(1, min(_MAX_BLOCK_T, _ELEMS_PER_PROGRAM // padded_row))
 
 
-# Decode sizes: one warp per program. The k argmax rounds are a chain of row reductions (max, two
-# mins, a sum per round); over 4 warps each is a shared-memory round trip with barriers, over one
-# warp a few shuffles. The profile of the Qwen3 layer (E 128, top-8) put the 4-warp kernel at 6.1 us
-# for 1 token and 6.2 us for 64: latency, not work.
-_SMALL_T = 512
-_SMALL_ELEMS = 512  # scores per one-warp program: 16 per thread
-
-
-def softmax_topk_launch_config(num_experts: int, top_k: int, num_tokens: int | None = None) -> dict[str, int]:
-    """The constexprs of route_softmax_topk_kernel for this problem (also used by the sm_90 compile test).
-
-    With ``num_tokens`` at most _SMALL_T, the block of tokens for the one-warp launch (see
-    launch_warps)."""
+def softmax_topk_launch_config(num_experts: int, top_k: int) -> dict[str, int]:
+    """The constexprs of route_softmax_topk_kernel for this problem (also used by the sm_90 compile test)."""
     block_e = triton.next_power_of_2(num_experts)
-    small = num_tokens is not None and launch_warps(num_tokens, block_e) == 1
-    block_t = max(1, min(_MAX_BLOCK_T, _SMALL_ELEMS // block_e)) if small else block_tokens(block_e)
-    return {"BLOCK_T": block_t, "BLOCK_E": block_e, "BLOCK_K": triton.next_power_of_2(top_k)}
-
-
-def launch_warps(num_tokens: int, padded_row: int) -> int:
-    """Warps per program: one at decode sizes with rows of at most 256 experts, else _NUM_WARPS."""
-    return 1 if num_tokens <= _SMALL_T and padded_row <= 256 else _NUM_WARPS
+    return {"BLOCK_T": block_tokens(block_e), "BLOCK_E": block_e, "BLOCK_K": triton.next_power_of_2(top_k)}
 
 
 def grouped_topk_launch_config(num_experts: int, n_group: int, top_k: int) -> dict[str, int]:
@@ -210,14 +192,14 @@ def route_softmax_topk(
     weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=router_logits.device)
     if num_tokens == 0:
         return ids, weights
-    cfg = softmax_topk_launch_config(num_experts, top_k, num_tokens)
+    cfg = softmax_topk_launch_config(num_experts, top_k)
     grid = (triton.cdiv(num_tokens, cfg["BLOCK_T"]),)
     route_softmax_topk_kernel[grid](
         router_logits, ids, weights,
         num_tokens, num_experts,
         router_logits.stride(0), router_logits.stride(1), ids.stride(0), weights.stride(0),
         float(routed_scaling_factor),
-        TOP_K=top_k, RENORMALIZE=bool(renormalize), num_warps=launch_warps(num_tokens, cfg["BLOCK_E"]), **cfg,
+        TOP_K=top_k, RENORMALIZE=bool(renormalize), num_warps=_NUM_WARPS, **cfg,
     )
     return ids, weights
 
