@@ -135,12 +135,40 @@ def sweep(T, H, k, E, dtype, device, writer, rep):
         _triton.ROW_TILE_ELEMS, _triton.MAX_BLOCK_H, _triton.ROW_NUM_WARPS = defaults
 
 
+def small_m_table(rep: int = 200) -> None:
+    """The dispatch indices + row weights at decode sizes, one-program path against the multi-kernel
+    path, each replayed from a CUDA graph (20 calls per replay): the evidence for ep._triton.SMALL_M."""
+    from moecomm.ep import _triton as K
+
+    e, k = 128, 8
+    print(f"permute_indices + row_weights, top-{k} of {e}, CUDA graph; M, one-program us, multi-kernel us")
+    for t in (8, 32, 64, 128, 256):
+        ids = torch.randint(0, e, (t, k), device="cuda", dtype=torch.int32)
+        w = torch.rand(t, k, device="cuda")
+        row = []
+        for small in (1 << 30, 0):
+            old, K.SMALL_M = K.SMALL_M, small
+            try:
+                K.permute_triton(ids, e, None, None, w)  # compile outside the capture
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _ in range(20):
+                        K.permute_triton(ids, e, None, None, w)
+            finally:
+                K.SMALL_M = old
+            t_ = bench(lambda: g.replay(), None, rep=max(5, rep // 20))
+            row.append(t_.median_ms * 1e3 / 20)
+        print(f"  {t * k:>5} {row[0]:8.2f} {row[1]:8.2f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds on CPU (CI smoke test)")
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--rep", type=int, default=None, help="timed calls per measurement")
     parser.add_argument("--sweep", action="store_true", help="also time other row-kernel tile configs (GPU only)")
+    parser.add_argument("--small-m", action="store_true", help="also print the one-program vs multi-kernel table (GPU only)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,6 +186,8 @@ def main(argv=None) -> int:
             tgt = f"{target:.2f}" if target else "-"
             flag = " MISSED" if target and t_ours.median_ms > target else ""
             print(f"{name_:<24} {op:<16} {t_ours.median_ms:>9.4f} {t_base.median_ms:>9.4f} {ratio:>7.2f}x {gbps:>10.1f} {tgt:>9}{flag}")
+    if args.small_m and device == "cuda":
+        small_m_table()
     if args.sweep and device == "cuda":
         for T, H, k, E, _ in shapes:
             sweep(T, H, k, E, dtype, device, writer, rep)

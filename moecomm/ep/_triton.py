@@ -54,12 +54,11 @@ MAX_BLOCK_H = 1024
 ROW_NUM_WARPS = 4  # 128 threads x 8 bf16 (16 B) = 1024 columns per pass; benchmarks --sweep tries others
 # One-program sort (permute_small_kernel). Its blocks run one after another: each of the M / 128
 # trips is a chain of dependent steps (ids load, compare, histogram, gather through shared memory,
-# stores), estimated at ~0.5-1 us on an H100, while the multi-kernel path costs ~3 launches (2-4 us
-# each, in a CUDA graph too) whatever M. So the single program wins while M / 128 stays a handful:
-# 1024 slots = 8 trips covers every decode graph of the MoE layer (<= 128 tokens x top-8) and
-# Qwen3-30B's T=64 (M = 512, 4 trips). An estimate to confirm on the GPU:
-# `pytest -m gpu -s tests/ep/test_permute_small.py -k timing` prints both paths' times per M.
-SMALL_M = 1024
+# stores), while the multi-kernel path costs ~5 launches whatever M. Measured on the H100 inside a
+# CUDA graph (top-8 of 128, session 3; `python -m benchmarks.bench_permute --small-m`),
+# one program / multi-kernel, us: M 64 5.3 / 12.6, 256 8.6 / 15.1, 512 15.0 / 15.2, 1024 28.0 / 16.2.
+# So up to 512 slots (Qwen3-30B's T=64; every decode graph of Mixtral up to 128 tokens).
+SMALL_M = 512
 SMALL_BLOCK_M = 128  # the pairwise compare is BLOCK_M**2 booleans, as in permute_hist_kernel
 SMALL_MAX_BUCKETS = 1024  # E <= 1023 experts: cursor and totals are [1024] int32, 8 registers a thread
 SMALL_NUM_WARPS = 4

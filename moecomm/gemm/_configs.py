@@ -231,7 +231,8 @@ def tune(cands: list[GemmConfig], run: Callable[[GemmConfig], None], *, reps: in
        ran on a slower clock than the rest and lost for that reason alone (Mixtral's gate_up tuned to
        a 3.07 ms config beside a 2.59 ms one).
     3. The candidates are then timed round-robin, ``reps`` rounds, so any drift of the clock (power
-       or temperature) falls on all of them alike.
+       or temperature) falls on all of them alike; the first candidate within 2% of the fastest
+       median wins.
 
     ``timer(fn) -> ms`` times one call (default: CUDA events); the tests pass a fake one.
     """
@@ -255,4 +256,8 @@ def tune(cands: list[GemmConfig], run: Callable[[GemmConfig], None], *, reps: in
         for i, cfg in enumerate(live):
             times[i].append(timer(lambda cfg=cfg: run(cfg)))
     medians = [sorted(t)[len(t) // 2] for t in times]
-    return live[min(range(len(live)), key=medians.__getitem__)]
+    # Within 2% of the fastest, the earlier candidate: the lists are ordered by side-by-side sweeps
+    # under sustained load, which isolated timings like these do not always reproduce (session 3
+    # tuned gate_up E8 to a config 7% slower in the benchmark than the first one).
+    best = min(medians)
+    return next(cfg for cfg, ms in zip(live, medians) if ms <= 1.02 * best)

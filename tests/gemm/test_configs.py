@@ -110,6 +110,12 @@ def test_tune_warms_up_then_times_round_robin():
     assert _configs.tune([slow, fast], clock.run, timer=clock.timer, warmup_ms=0) is fast
     with pytest.raises(RuntimeError, match="every launch configuration failed"):
         _configs.tune([broken], clock.run, timer=clock.timer)
+    # within 2% of the fastest, the earlier candidate (the sweep-ordered list) wins
+    near = _configs.GemmConfig(64, 64, 64)
+    clock = _FakeClock({near: 2.65, fast: 2.6})
+    assert _configs.tune([near, fast], clock.run, timer=clock.timer, warmup_ms=500) is near
+    clock = _FakeClock({slow: 3.0, fast: 2.6})
+    assert _configs.tune([slow, fast], clock.run, timer=clock.timer, warmup_ms=500) is fast
 
 
 def test_old_cache_entries_load_with_new_fields_defaulted():
