@@ -56,9 +56,10 @@ ROW_NUM_WARPS = 4  # 128 threads x 8 bf16 (16 B) = 1024 columns per pass; benchm
 # trips is a chain of dependent steps (ids load, compare, histogram, gather through shared memory,
 # stores), while the multi-kernel path costs ~5 launches whatever M. Measured on the H100 inside a
 # CUDA graph (top-8 of 128, session 3; `python -m benchmarks.bench_permute --small-m`),
-# one program / multi-kernel, us: M 64 5.3 / 12.6, 256 8.6 / 15.1, 512 15.0 / 15.2, 1024 28.0 / 16.2.
-# So up to 512 slots (Qwen3-30B's T=64; every decode graph of Mixtral up to 128 tokens).
-SMALL_M = 512
+# one program / multi-kernel, us, two runs: M 64 5.3 / 12.6 and 4.4 / 10.2, 256 8.6 / 15.1 and
+# 7.6 / 12.3, 512 15.0 / 15.2 and 14.1 / 12.6, 1024 28.0 / 16.2. So up to 256 slots (decode graphs
+# of up to 32 tokens at top-8, 128 at top-2); from 512 on the multi-kernel path.
+SMALL_M = 256
 SMALL_BLOCK_M = 128  # the pairwise compare is BLOCK_M**2 booleans, as in permute_hist_kernel
 SMALL_MAX_BUCKETS = 1024  # E <= 1023 experts: cursor and totals are [1024] int32, 8 registers a thread
 SMALL_NUM_WARPS = 4

