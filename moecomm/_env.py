@@ -17,6 +17,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MOECOMM_DIST_BACKEND": ("", "nccl | gloo: override the process-group backend chosen by moecomm.dist.init()"),
     "MOECOMM_TIMEOUT_S": ("300", "timeout of every collective and rendezvous, in seconds"),
     "MOECOMM_LOG_LEVEL": ("WARNING", "level of the 'moecomm' logger"),
+    "MOECOMM_MPIEXEC": ("", "the mpiexec `moecomm demo --launcher mpirun` runs (default: the one beside mpi4py's MPI library)"),
     "MOECOMM_CUDA_GRAPH_TOKENS": ("128", "MoE layers replay a CUDA graph per token count up to this many tokens (0: never)"),
 }
 
