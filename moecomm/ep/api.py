@@ -267,6 +267,16 @@ def _check_out(op: str, out: Any, shape: list[int], dtype: torch.dtype, device: 
 # public API
 
 
+def _check_rows_and_ids(op: str, x: Any, topk_ids: Any, num_experts: int, validate: bool):
+    """x [T, H] of a row dtype, topk_ids [T, k] on its device, ids checked as permute_indices does."""
+    x = check_tensor(op, "x", x, ndim=2, dtype=_ROW_DTYPES)
+    topk_ids = check_tensor(op, "topk_ids", topk_ids, ndim=2, dtype=_ID_DTYPES, device=x.device)
+    if topk_ids.shape[0] != x.shape[0]:
+        raise MoeCommValueError(f"{op}: topk_ids must have shape [{x.shape[0]}, top_k] (one row per token of x), got {list(topk_ids.shape)}")
+    topk_ids, num_experts = _check_topk_ids(op, topk_ids, num_experts, validate)
+    return x, topk_ids, num_experts
+
+
 def permute_indices(topk_ids: Any, num_experts: int, *, validate: bool = True) -> PermuteIndices:
     """Where each routed (token, slot) goes when rows are grouped by expert; no rows are moved.
 
@@ -316,11 +326,7 @@ def permute(
         (torch.Size([8, 8]), [4, 4])
     """
     op = "permute"
-    x = check_tensor(op, "x", x, ndim=2, dtype=_ROW_DTYPES)
-    topk_ids = check_tensor(op, "topk_ids", topk_ids, ndim=2, dtype=_ID_DTYPES, device=x.device)
-    if topk_ids.shape[0] != x.shape[0]:
-        raise MoeCommValueError(f"{op}: topk_ids must have shape [{x.shape[0]}, top_k] (one row per token of x), got {list(topk_ids.shape)}")
-    topk_ids, num_experts = _check_topk_ids(op, topk_ids, num_experts, validate)
+    x, topk_ids, num_experts = _check_rows_and_ids(op, x, topk_ids, num_experts, validate)
     x = _unit_inner_stride(x)
     if out is None:
         permuted, *idx = call_op(torch.ops.moecomm.permute, _permute_new, x, topk_ids, num_experts)
@@ -366,11 +372,7 @@ def permute_with_row_weights(
         WeightedPermute(indices, permuted [M, H] or None, row_weights [M] float32).
     """
     op = "permute_with_row_weights"
-    x = check_tensor(op, "x", x, ndim=2, dtype=_ROW_DTYPES)
-    topk_ids = check_tensor(op, "topk_ids", topk_ids, ndim=2, dtype=_ID_DTYPES, device=x.device)
-    if topk_ids.shape[0] != x.shape[0]:
-        raise MoeCommValueError(f"{op}: topk_ids must have shape [{x.shape[0]}, top_k] (one row per token of x), got {list(topk_ids.shape)}")
-    topk_ids, num_experts = _check_topk_ids(op, topk_ids, num_experts, validate)
+    x, topk_ids, num_experts = _check_rows_and_ids(op, x, topk_ids, num_experts, validate)
     topk_weights = check_tensor(op, "topk_weights", topk_weights, shape=list(topk_ids.shape), dtype=torch.float32, device=x.device)
     if materialize:
         x = _unit_inner_stride(x)
