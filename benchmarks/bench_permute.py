@@ -138,6 +138,7 @@ def sweep(T, H, k, E, dtype, device, writer, rep):
 def small_m_table(rep: int = 200) -> None:
     """The dispatch indices + row weights at decode sizes, one-program path against the multi-kernel
     path, each replayed from a CUDA graph (20 calls per replay): the evidence for ep._triton.SMALL_M."""
+    from benchmarks.bench_dispatch import graph_bench
     from moecomm.ep import _triton as K
 
     e, k = 128, 8
@@ -148,17 +149,11 @@ def small_m_table(rep: int = 200) -> None:
         row = []
         for small in (1 << 30, 0):
             old, K.SMALL_M = K.SMALL_M, small
-            try:
-                K.permute_triton(ids, e, None, None, w)  # compile outside the capture
-                torch.cuda.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    for _ in range(20):
-                        K.permute_triton(ids, e, None, None, w)
+            try:  # the capture inside graph_bench takes the path this SMALL_M selects
+                t_ = graph_bench(lambda: K.permute_triton(ids, e, None, None, w), [()], replays=max(5, rep // 20), calls=20)
             finally:
                 K.SMALL_M = old
-            t_ = bench(lambda: g.replay(), None, rep=max(5, rep // 20))
-            row.append(t_.median_ms * 1e3 / 20)
+            row.append(t_.median_ms * 1e3)
         print(f"  {t * k:>5} {row[0]:8.2f} {row[1]:8.2f}")
 
 

@@ -20,7 +20,7 @@ from benchmarks.bench_moe import SHAPES
 
 def profile(name: str, T: int, reps: int = 20) -> None:
     import moecomm
-    from moecomm.testing import bench
+    from benchmarks.bench_dispatch import graph_bench
 
     H, I, E, k, _ = SHAPES[name]
     torch.manual_seed(0)
@@ -39,15 +39,7 @@ def profile(name: str, T: int, reps: int = 20) -> None:
         for ev in prof.events():
             if ev.device_type == torch.autograd.DeviceType.CUDA:
                 per[ev.name] += ev.device_time_total / reps  # us
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            moe(x)
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.cuda.graph(g):
-            moe(x)
-        t = bench(lambda: g.replay(), [()], rep=50)
+        t = graph_bench(moe, [(x,)], replays=50, calls=1)
     gemm = sum(v for n, v in per.items() if "grouped_mm" in n)
     total = sum(per.values())
     print(f"--- {name} T={T}: kernels {total:.1f} us per forward (GEMMs {gemm:.1f}, other {total - gemm:.1f}); "

@@ -65,6 +65,10 @@ def bucket_key(M: int, N: int, K: int, E: int, *, glu: bool, gather: bool, layou
     return f"M{_pow2_bucket(M)}-rpe{rows_per_expert}-N{N}-K{K}-E{E}-{layout}-{dtype}-glu{int(glu)}-g{int(gather)}"
 
 
+# Rows per expert above which the prefill lists (128-row wgmma tiles) apply.
+PREFILL_MIN_RPE = 96
+
+
 def candidates(M: int, N: int, K: int, E: int, *, glu: bool) -> list[GemmConfig]:
     """A few configs per regime, the heuristic pick first."""
     rpe = M / max(E, 1)
@@ -92,7 +96,7 @@ def candidates(M: int, N: int, K: int, E: int, *, glu: bool) -> list[GemmConfig]
                 GemmConfig(32, 128, 128, 1, 4, 3, False, 16),
                 GemmConfig(64, 64, 128, 1, 4, 3, False, 4),
             ] + cands[:3]
-    elif rpe <= 96:
+    elif rpe <= PREFILL_MIN_RPE:
         cands = [
             GemmConfig(64, 128, 64, 8, 4, 4, True, 1),
             GemmConfig(64, 64, 128, 8, 4, 4, True, 2),
@@ -266,4 +270,4 @@ def prefer_first_within(M: int, E: int) -> float:
     which side-by-side sweeps under sustained load ordered (session 3: isolated timings tuned gate_up
     E8 to a config 7% slower in the benchmark than the list's first); 0 for the others (with the 2%
     rule a decode shape took a 32-row config that the benchmark then timed 5x slower)."""
-    return 0.02 if M / max(E, 1) > 96 else 0.0
+    return 0.02 if M / max(E, 1) > PREFILL_MIN_RPE else 0.0

@@ -132,7 +132,6 @@ def launch(x, w, offs, out, *, layout, gather_idx=None, row_scale=None, glu=Fals
     if is_cuda:
         _ensure_allocator()
     tma_ok = _tma_ok(w) and (gather_idx is not None or _tma_ok(x))
-    tma_store_ok = tma_ok and _tma_ok(out)
 
     def run(cfg: _configs.GemmConfig) -> None:
         num_sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) if is_cuda else 4
@@ -159,7 +158,7 @@ def launch(x, w, offs, out, *, layout, gather_idx=None, row_scale=None, glu=Fals
             FUSE_GLU=glu, ACT=act,
             USE_TMA=cfg.use_tma and tma_ok, B_KN=layout == "ekn",
             # flatten with the TMA store's run-time branch fails Triton 3.6's loop fusion: one or the other
-            FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store and tma_store_ok and not cfg.flatten,
+            FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store and not cfg.flatten and tma_ok and _tma_ok(out),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 

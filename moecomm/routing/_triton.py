@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import empty_route_outputs
+
 # Scores held per program: BLOCK_T * BLOCK_E fp32 values over 4 warps (128 threads) = 16 registers
 # per thread at 2048, leaving room for the taken mask and the compare/select temporaries.
 _ELEMS_PER_PROGRAM = 2048
@@ -188,8 +190,7 @@ def route_softmax_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch route_softmax_topk_kernel; arguments already validated by api.route."""
     num_tokens, num_experts = router_logits.shape
-    ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=router_logits.device)
-    weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=router_logits.device)
+    ids, weights = empty_route_outputs(router_logits, top_k)
     if num_tokens == 0:
         return ids, weights
     cfg = softmax_topk_launch_config(num_experts, top_k)
@@ -216,8 +217,7 @@ def route_grouped_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch route_grouped_topk_kernel; arguments already validated by api.route."""
     num_tokens, num_experts = router_logits.shape
-    ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=router_logits.device)
-    weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=router_logits.device)
+    ids, weights = empty_route_outputs(router_logits, top_k)
     if num_tokens == 0:
         return ids, weights
     cfg = grouped_topk_launch_config(num_experts, n_group, top_k)

@@ -71,11 +71,7 @@ def _route_softmax_topk_op(
 
 @_route_softmax_topk_op.register_fake
 def _(router_logits, top_k, renormalize, routed_scaling_factor):
-    num_tokens = router_logits.shape[0]
-    return (
-        router_logits.new_empty((num_tokens, top_k), dtype=torch.int32),
-        router_logits.new_empty((num_tokens, top_k), dtype=torch.float32),
-    )
+    return reference.empty_route_outputs(router_logits, top_k)
 
 
 def _route_grouped_topk_impl(
@@ -116,11 +112,7 @@ def _route_grouped_topk_op(
 
 @_route_grouped_topk_op.register_fake
 def _(router_logits, e_score_correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor):
-    num_tokens = router_logits.shape[0]
-    return (
-        router_logits.new_empty((num_tokens, top_k), dtype=torch.int32),
-        router_logits.new_empty((num_tokens, top_k), dtype=torch.float32),
-    )
+    return reference.empty_route_outputs(router_logits, top_k)
 
 
 def route(

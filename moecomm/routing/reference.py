@@ -57,6 +57,13 @@ def route_softmax_topk(
     return ids.to(torch.int32), weights.contiguous()
 
 
+def empty_route_outputs(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (topk_ids int32 [T, k], topk_weights fp32 [T, k]) on the logits' device: what
+    the kernels fill and the fake implementations return."""
+    shape = (router_logits.shape[0], top_k)
+    return router_logits.new_empty(shape, dtype=torch.int32), router_logits.new_empty(shape, dtype=torch.float32)
+
+
 def route_grouped_topk(
     router_logits: torch.Tensor,
     e_score_correction_bias: torch.Tensor | None,

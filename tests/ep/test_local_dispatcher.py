@@ -12,14 +12,6 @@ from moecomm.ep import DispatchResult, Dispatcher, LocalDispatcher, PermuteIndic
 from moecomm.errors import MoeCommTypeError, MoeCommValueError
 
 
-@pytest.fixture(params=["reference", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        return request.getfixturevalue("triton_backend")
-    monkeypatch.setenv("MOECOMM_BACKEND", "reference")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def routing(num_tokens, top_k, num_experts, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand(num_tokens, num_experts, generator=g)

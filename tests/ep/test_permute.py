@@ -30,15 +30,6 @@ from moecomm.errors import MoeCommTypeError, MoeCommValueError
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture(params=["reference", "triton"])
-def backend(request, monkeypatch):
-    """Every functional test runs on the reference and on the Triton kernels (interpreter on CPU)."""
-    if request.param == "triton":
-        return request.getfixturevalue("triton_backend")
-    monkeypatch.setenv("MOECOMM_BACKEND", "reference")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def make_ids(num_tokens, top_k, num_experts, mode="uniform", seed=0, device="cpu"):
     """[T, k] int32 routing without repeated experts per token. mode: uniform | skew | sparse."""
     g = torch.Generator().manual_seed(seed)

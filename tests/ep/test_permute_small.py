@@ -193,14 +193,6 @@ def test_rows_copied_with_weights(monkeypatch, small, dtype):
 # through the API: permute_with_row_weights, LocalDispatcher, public ops unchanged
 
 
-@pytest.fixture(params=["reference", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        return request.getfixturevalue("triton_backend")
-    monkeypatch.setenv("MOECOMM_BACKEND", "reference")
-    return DEV
-
-
 @pytest.mark.parametrize("materialize", [False, True])
 @pytest.mark.parametrize("num_tokens,top_k,num_experts", [(64, 8, 128), (0, 2, 4), (150, 8, 64)])  # M = 1200 > SMALL_M
 def test_dispatch_unchanged(backend, materialize, num_tokens, top_k, num_experts):
