@@ -45,14 +45,12 @@ Distributed mode (--quick on CPU/gloo, --multigpu on NCCL), every rank timing:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from moecomm.ep import dispatch as D
 from moecomm.ep.placement import ExpertPlacement
-from moecomm.testing import ResultWriter, Timing, bench
+from moecomm.testing import ResultWriter, bench, graph_bench, host_us
 
 KERNEL_SHAPES = [  # (T, H, E, k)
     (4096, 4096, 64, 8), (8192, 4096, 64, 8), (4096, 7168, 256, 8), (8192, 7168, 256, 8),
@@ -77,53 +75,6 @@ def _n_sets(nbytes: int) -> int:
 
 
 # ----------------------------------------------------------------------------- kernel mode (one GPU)
-
-
-def graph_bench(fn, sets, *, replays: int, calls: int = CALLS_PER_GRAPH) -> Timing:
-    """Time per call of fn(*sets[i % len(sets)]), ``calls`` of them captured in one CUDA graph.
-
-    Warm-up runs every input set on a side stream first (Triton compiles, the caching allocator
-    grows), as capture requires; inside the capture nothing syncs, and the outputs come from the
-    graph's private memory pool, the same addresses at every replay. One warm replay, then CUDA
-    events around each of ``replays`` replays; each sample is a replay's time / ``calls``.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for args in sets:
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for j in range(calls):
-            fn(*sets[j % len(sets)])
-    graph.replay()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
-    for j in range(replays):
-        starts[j].record()
-        graph.replay()
-        ends[j].record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) / calls for s, e in zip(starts, ends))
-    del graph  # its pool goes back to the caching allocator
-    return Timing(statistics.median(times), times[len(times) // 10], times[(len(times) * 9) // 10], len(times))
-
-
-def host_us(fn, sets, n: int) -> float:
-    """Host time of one call in microseconds: n back-to-back calls, no sync inside (launches are
-    asynchronous; n is far below the launch queue's depth, so the host never waits for the GPU)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for j in range(n):
-        fn(*sets[j % len(sets)])
-    t = time.perf_counter() - t0
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return t / n * 1e6
 
 
 def _copy_sets(nbytes: int, H: int, dtype, device):

@@ -11,6 +11,8 @@ Rows:
   ours (expert_mlp, GLU fused) vs torch._grouped_mm twice plus the activation; the MoE layer's
   target is within 1.2x of these numbers.
 Inputs rotate over several sets (> 100 MB in all) so that repeated calls do not measure the 50 MB L2.
+The implementations of a row are called in turn (moecomm.testing.bench_interleaved), so that each
+meets the same GPU clock and power state (timed one after the other, ratios moved 3-5% run to run).
 """
 
 # Shape legend: M = rows (tokens * top_k), K = in features, N = out features, E = experts,
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from moecomm.gemm import expert_mlp, grouped_mm
-from moecomm.testing import ResultWriter, bench
+from moecomm.testing import ResultWriter, bench_interleaved
 
 # (name, E, M, K, N)
 GEMM_SHAPES = [
@@ -70,6 +72,49 @@ def _grouped_baseline(x, w_ekn, ends):
     return torch._grouped_mm(x, w_ekn, offs=ends)
 
 
+_FLASHINFER: list = []  # [(SegmentGEMMWrapper or None, why not)] once looked up
+
+
+def flashinfer_segment_gemm(device):
+    """FlashInfer's grouped GEMM (SegmentGEMMWrapper; CUTLASS on sm_90) as a peer, or (None, why not).
+
+    A peer to measure against, never a dependency: used when importable (benchmarks/gpu_session.sh
+    installs the wheel that ../shared/tools/build-flashinfer-wheel.sh builds); its first call
+    compiles its kernels (1-2 minutes)."""
+    if not _FLASHINFER:
+        if device.type != "cuda":
+            _FLASHINFER.append((None, "needs a CUDA GPU"))
+        else:
+            try:
+                import flashinfer
+
+                ws = torch.empty(128 * 2**20, dtype=torch.int8, device=device)
+                _FLASHINFER.append((flashinfer.SegmentGEMMWrapper(ws), f"flashinfer {flashinfer.__version__}"))
+            except Exception as exc:  # ImportError, or a failing import inside it
+                _FLASHINFER.append((None, f"not importable ({type(exc).__name__}: {str(exc)[:80]})"))
+    return _FLASHINFER[0]
+
+
+def _flashinfer_fn(seg, indptr64, E, column_major):
+    """seg.run over the rows of each expert; weights [E, K, N] (column_major False) or [E, N, K]."""
+    def run(x, w):
+        return seg.run(x, w, E, column_major, seg_indptr=indptr64)
+    return run
+
+
+def _flashinfer_checked(seg, indptr64, E, column_major, x, w, want, name):
+    """The peer's function if its result matches ours on one input (else None, with a printed reason)."""
+    fn = _flashinfer_fn(seg, indptr64, E, column_major)
+    try:
+        got = fn(x, w)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        return fn
+    except Exception as exc:  # a compile failure or a wrong result: reported, not timed
+        print(f"  {name}: flashinfer SegmentGEMM skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
+        return None
+
+
 def bench_gemm_shape(name, E, M, K, N, sizes, dtype, device, writer, rows):
     offs = offsets_of(sizes, device)
     ends = offs[1:].contiguous()
@@ -78,19 +123,39 @@ def bench_gemm_shape(name, E, M, K, N, sizes, dtype, device, writer, rows):
     sets = []
     for _ in range(_num_sets(set_bytes)):
         sets.append((torch.randn(M, K, dtype=dtype, device=device), torch.randn(E, K, N, dtype=dtype, device=device) * K**-0.5))
-    ours = bench(lambda x, w: grouped_mm(x, w, offs, validate=False), sets)
-    base = bench(lambda x, w: _grouped_baseline(x, w, ends), sets)
-    dense_sets = [(x, w[0]) for x, w in sets]
-    dense = bench(torch.mm, dense_sets)
+    seg, _ = flashinfer_segment_gemm(device)
+    indptr64 = offs.long()
+    # called in turn (ours, torch, dense, ours, ...): each sees the same clock and power state
+    fns = {
+        "ours": lambda x, w: grouped_mm(x, w, offs, validate=False),
+        "base": lambda x, w: _grouped_baseline(x, w, ends),
+        "dense": lambda x, w: torch.mm(x, w[0]),  # x [M, K] @ [K, N]: the FLOPs of the grouped GEMM
+    }
+    if seg is not None:
+        want = fns["ours"](*sets[0])
+        fi = _flashinfer_checked(seg, indptr64, E, False, *sets[0], want, name)
+        if fi is not None:
+            fns["flashinfer"] = fi
+        del want
+    t = bench_interleaved(fns, sets)
+    ours, base, dense = t["ours"], t["base"], t["dense"]
     # the Hugging Face layout [E, N, K]: ours reads it directly, torch._grouped_mm gets a transposed view
     sets_t = [(x, w.transpose(1, 2).contiguous()) for x, w in sets[:2]]
-    ours_t = bench(lambda x, wt: grouped_mm(x, wt, offs, layout="enk", validate=False), sets_t)
-    base_t = bench(lambda x, wt: _grouped_baseline(x, wt.transpose(1, 2), ends), sets_t)
-    del sets, sets_t, dense_sets
+    fns_t = {
+        "ours": lambda x, wt: grouped_mm(x, wt, offs, layout="enk", validate=False),
+        "base": lambda x, wt: _grouped_baseline(x, wt.transpose(1, 2), ends),
+    }
+    if "flashinfer" in fns:
+        fns_t["flashinfer"] = _flashinfer_fn(seg, indptr64, E, True)
+    t_t = bench_interleaved(fns_t, sets_t)
+    ours_t, base_t = t_t["ours"], t_t["base"]
+    del sets, sets_t
     flops = 2.0 * M * K * N
     min_bytes = (E * K * N + M * K + M * N) * es
-    for impl, t in (("moecomm", ours), ("torch._grouped_mm", base), ("dense torch.mm", dense),
-                    ("moecomm enk", ours_t), ("torch._grouped_mm enk-view", base_t)):
+    peers = [("flashinfer SegmentGEMM", t["flashinfer"])] if "flashinfer" in t else []
+    peers_t = [("flashinfer SegmentGEMM enk", t_t["flashinfer"])] if "flashinfer" in t_t else []
+    for impl, t in (("moecomm", ours), ("torch._grouped_mm", base), ("dense torch.mm", dense), *peers,
+                    ("moecomm enk", ours_t), ("torch._grouped_mm enk-view", base_t), *peers_t):
         rec = writer.write(bench="gemm", shape=name, impl=impl, E=E, M=M, K=K, N=N, dtype=str(dtype),
                            median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms,
                            tflops=flops / t.median_ms / 1e9, gbps=min_bytes / t.median_ms / 1e6,
@@ -121,8 +186,8 @@ def bench_model(model, H, I, E, top_k, T, dtype, device, writer, rows):
         y = torch._grouped_mm(F.silu(g) * u, wd.transpose(1, 2), offs=ends)
         return y * s[:, None].to(y.dtype)
 
-    t_ours = bench(ours, sets)
-    t_base = bench(base, sets)
+    t = bench_interleaved({"ours": ours, "base": base}, sets)
+    t_ours, t_base = t["ours"], t["base"]
     del sets
     flops = 2.0 * M * H * 3 * I
     active = sum(1 for s in sizes if s) * 3 * H * I * es
@@ -151,6 +216,7 @@ def main(argv=None) -> list[dict]:
     def skip(name: str) -> bool:
         return bool(wanted) and not any(w in name for w in wanted)
 
+    print(f"FlashInfer peer: {flashinfer_segment_gemm(device)[1]}" + ("" if flashinfer_segment_gemm(device)[0] else "; its rows are skipped"))
     shapes = QUICK_SHAPES if quick else GEMM_SHAPES
     for name, E, M, K, N in shapes:
         if skip(name):

@@ -17,7 +17,9 @@ Rows per (shape, T):
   ours_gemms     expert_mlp alone on the same routing (the GEMMs the layer cannot avoid), eager
   ours_gemms_graph  the same GEMMs replayed from a CUDA graph: their GPU time without launch cost
   hf_<impl>      the transformers block under each experts implementation (eager, grouped_mm,
-                 batched_mm, selected through config._experts_implementation); OOM is reported
+                 batched_mm, selected through config._experts_implementation); OOM is reported.
+                 ours and the hf_<impl> rows are timed call after call in turn
+                 (moecomm.testing.bench_interleaved), so that each meets the same GPU clock state
 Targets (issue 2): ours / ours_gemms <= 1.2; fastest hf / ours >= 1.5. The summary line also gives
 ours / ours_gemms_graph, the stricter reading (the GEMMs' GPU time alone).
 
@@ -92,7 +94,7 @@ def _graph(fn, x):
 def run(shapes, tokens, device, dtype, writer, rep, stream=print) -> list[dict]:
     import moecomm
     from moecomm.gemm import expert_mlp
-    from moecomm.testing import bench
+    from moecomm.testing import bench, bench_interleaved
 
     gpu = device.type == "cuda"
     rows = []
@@ -118,7 +120,28 @@ def run(shapes, tokens, device, dtype, writer, rep, stream=print) -> list[dict]:
 
                 results: dict[str, float | str] = {}
                 args = [(x,) for x in xs]
-                results["ours"] = bench(moe, args, rep=rep, device=device).median_ms
+                # ours and every transformers implementation called in turn (bench_interleaved): each
+                # meets the GPU in the same clock and power state. An implementation that fails on
+                # its trial call (OOM, no kernel for this device) is reported instead of timed.
+                contenders = {"ours": moe}
+                failed: dict[str, str] = {}
+                for impl in HF_IMPLS:
+                    def hf(x, impl=impl):
+                        _set_impl(block, impl)
+                        return block(x.view(1, *x.shape))
+                    try:
+                        hf(xs[0])
+                        if gpu:
+                            torch.cuda.synchronize()
+                        contenders[f"hf_{impl}"] = hf
+                    except torch.cuda.OutOfMemoryError:
+                        failed[f"hf_{impl}"] = "OOM"
+                        torch.cuda.empty_cache()
+                    except (RuntimeError, NotImplementedError) as exc:  # e.g. grouped_mm has no CPU kernel
+                        failed[f"hf_{impl}"] = f"error: {str(exc).splitlines()[0][:60]}"
+                side_by_side = bench_interleaved(contenders, args, rep=rep)
+                _set_impl(block, "eager")
+                results["ours"] = side_by_side["ours"].median_ms
                 if gpu:
                     graph_tokens, moe.cuda_graph_tokens = moe.cuda_graph_tokens, 0
                     results["ours_direct"] = bench(moe, args, rep=rep, device=device).median_ms
@@ -132,17 +155,9 @@ def run(shapes, tokens, device, dtype, writer, rep, stream=print) -> list[dict]:
                 results["ours_gemms"] = bench(gemms, args, rep=rep, device=device).median_ms
                 if gpu:
                     results["ours_gemms_graph"] = bench(_graph(gemms, xs[0]), rep=rep, device=device).median_ms
-                xs3 = [x.view(1, T, H) for x in xs]
                 for impl in HF_IMPLS:
-                    _set_impl(block, impl)
-                    try:
-                        results[f"hf_{impl}"] = bench(block, [(x,) for x in xs3], rep=rep, device=device).median_ms
-                    except torch.cuda.OutOfMemoryError:
-                        results[f"hf_{impl}"] = "OOM"
-                        torch.cuda.empty_cache()
-                    except (RuntimeError, NotImplementedError) as exc:  # e.g. grouped_mm has no CPU kernel
-                        results[f"hf_{impl}"] = f"error: {str(exc).splitlines()[0][:60]}"
-                _set_impl(block, "eager")
+                    key = f"hf_{impl}"
+                    results[key] = side_by_side[key].median_ms if key in side_by_side else failed[key]
             flops, nbytes = _min_work(T, H, I, E, k, experts_hit, torch.finfo(dtype).bits // 8)
             ours = results["ours"]
             for impl, ms in results.items():

@@ -6,6 +6,16 @@
     python -m benchmarks.bench_permute --quick          # tiny shapes, CPU in seconds (CI smoke test)
     python -m benchmarks.bench_permute --out r.jsonl    # also append JSON lines
     python -m benchmarks.bench_permute --sweep          # also time other row-kernel tile configs (GPU)
+    python -m benchmarks.bench_permute --pieces         # also the host time of each step of permute (GPU)
+
+Columns (GPU):
+  eager   ours and torch called in turn (moecomm.testing.bench_interleaved), CUDA events around each
+          call: what a caller sees. Where the host's launch path is longer than the kernels, the GPU
+          waits for it and the time is the host's.
+  graph   the calls (over the rotating inputs) captured in one CUDA graph and replayed: the device
+          time alone. Targets are judged on it (MISSED); an eager time over the target is flagged
+          as host-bound.
+  host    microseconds of host time per eager call of ours (back-to-back calls, no sync).
 
 Rows:
   permute          ours: permute(x, topk_ids, E) = counting-sort indices + row scatter
@@ -27,7 +37,7 @@ import argparse
 import torch
 
 from moecomm.ep import combine, permute, permute_indices
-from moecomm.testing import ResultWriter, bench
+from moecomm.testing import ResultWriter, bench, bench_interleaved, graph_bench, host_us
 
 SHAPES = [  # (T, H, k, E, name)
     (8192, 4096, 8, 64, "T8192_H4096_top8of64"),
@@ -94,19 +104,27 @@ def run_shape(T, H, k, E, name, dtype, device, writer, rep, warmup):
          lambda x, ids, w, idx, eo, rw: _torch_combine(eo, idx.src_token.long(), rw, T)),
     ]
     for op, nbytes, ours, base in cases:
-        t_ours = bench(ours, sets, rep=rep, warmup=warmup, device=device)
-        t_base = bench(base, sets, rep=rep, warmup=warmup, device=device)
-        gbps = nbytes / (t_ours.median_ms * 1e-3) / 1e9
+        eager = bench_interleaved({"moecomm": lambda *a: ours(*a), "torch": lambda *a: base(*a)}, sets, rep=rep, warmup=warmup)
+        t_ours, t_base = eager["moecomm"], eager["torch"]
+        g_ours = g_base = None
+        host = None
+        if device == "cuda":
+            g_ours = graph_bench(ours, sets, replays=max(5, rep // 2), calls=len(sets))
+            g_base = graph_bench(base, sets, replays=max(5, rep // 2), calls=len(sets))
+            host = host_us(ours, sets, max(rep, 20))
+        kernel = g_ours or t_ours  # the device time, without the host's launch path
+        gbps = nbytes / (kernel.median_ms * 1e-3) / 1e9
         ratio = t_base.median_ms / t_ours.median_ms
         target = TARGET_MS.get((op, name))
-        for impl, t in (("moecomm", t_ours), ("torch", t_base)):
+        for impl, t, g in (("moecomm", t_ours, g_ours), ("torch", t_base, g_base)):
             writer.write(
                 bench="permute", op=op, shape=name, T=T, H=H, k=k, E=E, dtype=str(dtype).replace("torch.", ""),
                 impl=impl, median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms,
-                gbps=nbytes / (t.median_ms * 1e-3) / 1e9, min_bytes=nbytes,
+                graph_ms=g.median_ms if g else None, host_us=host if impl == "moecomm" else None,
+                gbps=nbytes / ((g or t).median_ms * 1e-3) / 1e9, min_bytes=nbytes,
                 speedup_vs_torch=ratio if impl == "moecomm" else 1.0, target_ms=target,
             )
-        rows.append((name, op, t_ours, t_base, ratio, gbps, target))
+        rows.append((name, op, t_ours, t_base, g_ours, g_base, host, gbps, target))
     return rows
 
 
@@ -138,7 +156,6 @@ def sweep(T, H, k, E, dtype, device, writer, rep):
 def small_m_table(rep: int = 200) -> None:
     """The dispatch indices + row weights at decode sizes, one-program path against the multi-kernel
     path, each replayed from a CUDA graph (20 calls per replay): the evidence for ep._triton.SMALL_M."""
-    from benchmarks.bench_dispatch import graph_bench
     from moecomm.ep import _triton as K
 
     e, k = 128, 8
@@ -157,6 +174,48 @@ def small_m_table(rep: int = 200) -> None:
         print(f"  {t * k:>5} {row[0]:8.2f} {row[1]:8.2f}")
 
 
+def host_pieces(rep: int = 200) -> None:
+    """Host microseconds per call of each step of permute at T=8192, H=4096, top-8 of 64 (launches
+    are asynchronous: this is the time the Python side spends, which eager calls pay when it exceeds
+    the kernels' time)."""
+    import triton
+
+    from moecomm.ep import _triton as K
+
+    T, H, k, E = 8192, 4096, 8, 64
+    m, nb, nbk = T * k, triton.cdiv(T * k, K.HIST_BLOCK_M), E + 1
+    ids, w = _routing(T, k, E, "cuda", seed=0)
+    flat = ids.reshape(m)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(m, H, device="cuda", dtype=torch.bfloat16)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    hist, base, rank = torch.empty(nb, nbk, **i32), torch.empty(nb, nbk, **i32), torch.empty(m, **i32)
+    src, dst, tpe, offs = torch.empty(m, **i32), torch.empty(T, k, **i32), torch.empty(E, **i32), torch.empty(E + 1, **i32)
+    bins = triton.next_power_of_2(nbk)
+    bt, bh = K._row_tiles(H)
+    pieces = {
+        "torch.empty (int32 [M])": lambda: torch.empty(m, **i32),
+        "permute_hist_kernel launch": lambda: K.permute_hist_kernel[(nb,)](
+            flat, hist, rank, m, E, nbk, BLOCK_M=K.HIST_BLOCK_M, NUM_BINS=bins, num_warps=4),
+        "permute_scan_kernel launch": lambda: K.permute_scan_kernel[(triton.cdiv(nbk, K.SCAN_BLOCK_E),)](
+            hist, base, tpe, offs, nb, nbk, E, BLOCK_B=K.SCAN_BLOCK_B, BLOCK_E=K.SCAN_BLOCK_E, num_warps=4),
+        "torch.cumsum (offsets)": lambda: torch.cumsum(tpe, 0, dtype=torch.int32, out=offs[1:]),
+        "permute_scatter_kernel launch": lambda: K.permute_scatter_kernel[(triton.cdiv(T, bt), triton.cdiv(H, bh))](
+            flat, rank, base, offs, dst, src, x, out, flat, flat, T, H, E, nbk, x.stride(0), out.stride(0), 0, 0,
+            TOP_K=k, BLOCK_M=K.HIST_BLOCK_M, BLOCK_T=bt, BLOCK_H=bh, COPY=True, HAS_W=False, num_warps=K.ROW_NUM_WARPS),
+        "_triton.permute_triton (indices)": lambda: K.permute_triton(ids, E, None, None),
+        "_triton.permute_triton (rows)": lambda: K.permute_triton(ids, E, x, out),
+        "ep.permute_indices(validate=False)": lambda: permute_indices(ids, E, validate=False),
+        "ep.permute(validate=False)": lambda: permute(x, ids, E, validate=False),
+    }
+    print(f"\nhost us per call, T={T} H={H} top-{k} of {E} (median of 5 x {rep} calls)")
+    for name, fn in pieces.items():
+        fn()
+        torch.cuda.synchronize()
+        us = sorted(host_us(fn, [()], rep) for _ in range(5))[2]
+        print(f"  {us:8.1f}  {name}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds on CPU (CI smoke test)")
@@ -164,6 +223,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rep", type=int, default=None, help="timed calls per measurement")
     parser.add_argument("--sweep", action="store_true", help="also time other row-kernel tile configs (GPU only)")
     parser.add_argument("--small-m", action="store_true", help="also print the one-program vs multi-kernel table (GPU only)")
+    parser.add_argument("--pieces", action="store_true", help="also print the host time of each step of permute (GPU only)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,14 +233,25 @@ def main(argv=None) -> int:
     warmup = 2 if args.quick else 10
     writer = ResultWriter(args.out)
     print(f"device: {device}, dtype: {str(dtype).replace('torch.', '')}" + ("" if device == "cuda" else " (CPU: the reference path)"))
-    head = f"{'shape':<24} {'op':<16} {'ours ms':>9} {'torch ms':>9} {'speedup':>8} {'ours GB/s':>10} {'target ms':>9}"
+    head = (f"{'shape':<24} {'op':<16} {'ours ms':>9} {'torch ms':>9} {'ratio':>6} | {'graph ms':>9} {'torch gr':>9} "
+            f"{'ratio':>6} | {'host us':>8} {'GB/s':>7} {'target':>6}")
     print(head)
     print("-" * len(head))
     for T, H, k, E, name in shapes:
-        for name_, op, t_ours, t_base, ratio, gbps, target in run_shape(T, H, k, E, name, dtype, device, writer, rep, warmup):
+        for name_, op, t_ours, t_base, g_ours, g_base, host, gbps, target in run_shape(T, H, k, E, name, dtype, device, writer, rep, warmup):
+            kernel = g_ours or t_ours
             tgt = f"{target:.2f}" if target else "-"
-            flag = " MISSED" if target and t_ours.median_ms > target else ""
-            print(f"{name_:<24} {op:<16} {t_ours.median_ms:>9.4f} {t_base.median_ms:>9.4f} {ratio:>7.2f}x {gbps:>10.1f} {tgt:>9}{flag}")
+            flag = ""
+            if target and kernel.median_ms > target:
+                flag = " MISSED"
+            elif target and t_ours.median_ms > target:
+                flag = " (eager over: host-bound)"
+            gr = f"{g_ours.median_ms:>9.4f} {g_base.median_ms:>9.4f} {g_base.median_ms / g_ours.median_ms:>5.2f}x" if g_ours else f"{'-':>9} {'-':>9} {'-':>6}"
+            hs = f"{host:>8.1f}" if host is not None else f"{'-':>8}"
+            print(f"{name_:<24} {op:<16} {t_ours.median_ms:>9.4f} {t_base.median_ms:>9.4f} {t_base.median_ms / t_ours.median_ms:>5.2f}x | "
+                  f"{gr} | {hs} {gbps:>7.0f} {tgt:>6}{flag}")
+    if args.pieces and device == "cuda":
+        host_pieces(rep)
     if args.small_m and device == "cuda":
         small_m_table()
     if args.sweep and device == "cuda":

@@ -18,9 +18,9 @@ import torch
 from benchmarks.bench_moe import SHAPES
 
 
-def profile(name: str, T: int, reps: int = 20) -> None:
+def profile(name: str, T: int, reps: int = 20, host_profile: bool = False) -> None:
     import moecomm
-    from benchmarks.bench_dispatch import graph_bench
+    from moecomm.testing import graph_bench, host_us
 
     H, I, E, k, _ = SHAPES[name]
     torch.manual_seed(0)
@@ -40,22 +40,37 @@ def profile(name: str, T: int, reps: int = 20) -> None:
             if ev.device_type == torch.autograd.DeviceType.CUDA:
                 per[ev.name] += ev.device_time_total / reps  # us
         t = graph_bench(moe, [(x,)], replays=50, calls=1)
+        host = sorted(host_us(moe, [(x,)], 50) for _ in range(3))[1]
     gemm = sum(v for n, v in per.items() if "grouped_mm" in n)
     total = sum(per.values())
     print(f"--- {name} T={T}: kernels {total:.1f} us per forward (GEMMs {gemm:.1f}, other {total - gemm:.1f}); "
-          f"graph replay {t.median_ms * 1e3:.1f} us")
+          f"graph replay {t.median_ms * 1e3:.1f} us; host {host:.1f} us per eager forward")
     for n, v in sorted(per.items(), key=lambda kv: -kv[1]):
         print(f"  {v:8.1f} us  {n[:110]}")
+    if host_profile:  # where the eager forward's host time goes, by Python function
+        import cProfile
+        import pstats
+
+        with torch.inference_mode():
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(reps):
+                moe(x)
+            pr.disable()
+            torch.cuda.synchronize()
+        print(f"  host profile of {reps} eager forwards (cumulative s):")
+        pstats.Stats(pr).sort_stats("cumulative").print_stats(25)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 64])
     p.add_argument("--shapes", nargs="+", default=["qwen3_30b_a3b", "mixtral_8x7b"])
+    p.add_argument("--host-profile", action="store_true", help="also profile the eager forward's host time (cProfile)")
     args = p.parse_args(argv)
     for name in args.shapes:
         for T in args.tokens:
-            profile(name, T)
+            profile(name, T, host_profile=args.host_profile)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ passes over M int32 ids beat a radix sort of M keys, and the result is stable by
      [NB, NBUCKETS] and each slot's rank among the block's earlier slots of the same bucket.
   2. permute_scan_kernel, one program per tile of buckets: exclusive scan of the histograms over
      blocks (where block b's slots of bucket e start inside bucket e), and tokens_per_expert.
-     torch.cumsum then turns tokens_per_expert into expert_offsets (E + 1 int32, a few us).
-  3. permute_scatter_kernel: dst = expert_offsets[e] + base[b, e] + rank; writes dst_row and
-     src_token, when HAS_W the routing weight of each row (row_weights[dst] = topk_weights[slot]),
-     and, when COPY, stores each token row to its k destination rows.
+  3. permute_scatter_kernel: every program turns tokens_per_expert (<= 1024 ints, from L2) into
+     the buckets' starts with its own exclusive scan (program 0 stores them: expert_offsets), so no
+     launch of a cumsum sits between 2 and 3 (it cost ~20 us of host time, more than its work);
+     then dst = start[e] + base[b, e] + rank; writes dst_row and src_token, when HAS_W the routing
+     weight of each row (row_weights[dst] = topk_weights[slot]), and, when COPY, stores each token
+     row to its k destination rows.
 
 At decode sizes (M <= SMALL_M) those are four launches of ~2-4 us each around ~1 us of work, so
 permute_small_kernel does the whole sort in ONE program instead (grid (1,)): bucket totals with
@@ -97,7 +99,6 @@ def permute_scan_kernel(
     hist_ptr,  # [NB, NBUCKETS] int32
     base_ptr,  # [NB, NBUCKETS] int32 out: exclusive prefix over blocks
     tokens_per_expert_ptr,  # [E] int32 out
-    offsets_ptr,  # [E + 1] int32: only offsets[0] = 0 is written here (torch.cumsum fills the rest)
     NB,
     NBUCKETS,
     E,
@@ -105,8 +106,6 @@ def permute_scan_kernel(
     BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    if pid == 0:  # saves the launch of a zero-fill
-        tl.store(offsets_ptr, 0)
     cols = pid * BLOCK_E + tl.arange(0, BLOCK_E)
     cmask = cols < NBUCKETS
     carry = tl.zeros([BLOCK_E], dtype=tl.int32)
@@ -126,7 +125,8 @@ def permute_scatter_kernel(
     ids_ptr,  # [M] int32/int64
     rank_ptr,  # [M] int32
     base_ptr,  # [NB, NBUCKETS] int32
-    offsets_ptr,  # [E + 1] int32 expert_offsets
+    tokens_per_expert_ptr,  # [E] int32
+    offsets_ptr,  # [E + 1] int32 out: expert_offsets (program (0, 0) writes them)
     dst_row_ptr,  # [M] int32 out
     src_token_ptr,  # [M] int32 out
     x_ptr,  # [T, H] (COPY only)
@@ -147,12 +147,19 @@ def permute_scatter_kernel(
     BLOCK_H: tl.constexpr,
     COPY: tl.constexpr,
     HAS_W: tl.constexpr,
+    NUM_BINS: tl.constexpr,  # power of two >= NBUCKETS
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = toks < T
     M = T * TOP_K
+    # where each bucket starts: exclusive scan of the counts (the dropped bucket E starts after all)
+    bins = tl.arange(0, NUM_BINS)
+    counts = tl.load(tokens_per_expert_ptr + bins, mask=bins < E, other=0)
+    start = tl.cumsum(counts, axis=0) - counts
+    if (pid_t == 0) & (pid_h == 0):
+        tl.store(offsets_ptr + bins, start, mask=bins < NBUCKETS)
     if COPY:
         hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         hs = tl.max_contiguous(tl.multiple_of(hs, BLOCK_H), BLOCK_H)
@@ -164,7 +171,7 @@ def permute_scatter_kernel(
         ids = tl.load(ids_ptr + s, mask=tmask, other=0)
         bucket = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
         blk = s // BLOCK_M
-        dst = tl.load(offsets_ptr + bucket, mask=tmask, other=0)
+        dst = tl.gather(start, bucket, 0)
         dst += tl.load(base_ptr + blk * NBUCKETS + bucket, mask=tmask, other=0)
         dst += tl.load(rank_ptr + s, mask=tmask, other=0)
         dst = tl.minimum(tl.maximum(dst, 0), M - 1)
@@ -407,27 +414,27 @@ def _permute_launch(ids, num_tokens, top_k, num_experts, x, out, src_token, dst_
         BLOCK_M=HIST_BLOCK_M, NUM_BINS=num_bins, num_warps=4,
     )
     permute_scan_kernel[(triton.cdiv(nbuckets, SCAN_BLOCK_E),)](
-        hist, base, tokens_per_expert, expert_offsets, nb, nbuckets, num_experts,
+        hist, base, tokens_per_expert, nb, nbuckets, num_experts,
         BLOCK_B=SCAN_BLOCK_B, BLOCK_E=SCAN_BLOCK_E, num_warps=4,
     )
-    torch.cumsum(tokens_per_expert, 0, dtype=torch.int32, out=expert_offsets[1:])
     w_args = (w, row_weights) if has_w else (ids, ids)
     if not copy:
         grid = (triton.cdiv(num_tokens, INDEX_BLOCK_T), 1)
         permute_scatter_kernel[grid](
-            ids, rank, base, expert_offsets, dst_row, src_token, ids, ids, *w_args,
+            ids, rank, base, tokens_per_expert, expert_offsets, dst_row, src_token, ids, ids, *w_args,
             num_tokens, 0, num_experts, nbuckets, 0, 0, *w_strides,
-            TOP_K=top_k, BLOCK_M=HIST_BLOCK_M, BLOCK_T=INDEX_BLOCK_T, BLOCK_H=16, COPY=False, HAS_W=has_w, num_warps=4,
+            TOP_K=top_k, BLOCK_M=HIST_BLOCK_M, BLOCK_T=INDEX_BLOCK_T, BLOCK_H=16, COPY=False, HAS_W=has_w,
+            NUM_BINS=num_bins, num_warps=4,
         )
     else:
         hidden = x.shape[1]
         block_t, block_h = _row_tiles(hidden)
         grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
         permute_scatter_kernel[grid](
-            ids, rank, base, expert_offsets, dst_row, src_token, x, out, *w_args,
+            ids, rank, base, tokens_per_expert, expert_offsets, dst_row, src_token, x, out, *w_args,
             num_tokens, hidden, num_experts, nbuckets, x.stride(0), out.stride(0), *w_strides,
             TOP_K=top_k, BLOCK_M=HIST_BLOCK_M, BLOCK_T=block_t, BLOCK_H=block_h, COPY=True, HAS_W=has_w,
-            num_warps=ROW_NUM_WARPS,
+            NUM_BINS=num_bins, num_warps=ROW_NUM_WARPS,
         )
 
 

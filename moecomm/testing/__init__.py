@@ -3,15 +3,18 @@
 from .aot import compile_for_hopper
 from .distributed import DistributedTestError, free_port, run_distributed
 from .results import ResultWriter, environment_info
-from .timing import Timing, bench
+from .timing import Timing, bench, bench_interleaved, graph_bench, host_us
 
 __all__ = [
     "DistributedTestError",
     "ResultWriter",
     "Timing",
     "bench",
+    "bench_interleaved",
     "compile_for_hopper",
     "environment_info",
     "free_port",
+    "graph_bench",
+    "host_us",
     "run_distributed",
 ]

@@ -91,3 +91,120 @@ def _bench_cuda(fn, sets, warmup, rep, min_warmup_ms) -> Timing:
     torch.cuda.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
     return Timing(statistics.median(times), _quantile(times, 0.1), _quantile(times, 0.9), len(times))
+
+
+def bench_interleaved(
+    fns: dict[str, Callable[..., Any]],
+    inputs: Sequence[Sequence[Any]] | None = None,
+    *,
+    warmup: int = 5,
+    rep: int = 30,
+    min_warmup_ms: float = 50.0,
+) -> dict[str, Timing]:
+    """Time several implementations of one op side by side on the GPU: call after call in turn
+    (A, B, C, A, B, C, ...), CUDA events around each call, after a shared warm-up.
+
+    Timed one after the other (``bench`` per implementation), a long compute-bound kernel meets
+    the GPU in another clock and power state than the one timed before it (an idle H100 sits at
+    ~400 MHz; under sustained load it holds its power limit by lowering the clock), and a ratio
+    of 3-5% moves from run to run. Interleaved, every implementation sees the same states.
+    CPU: wall clock per call, in the same interleaved order.
+
+    Args:
+        fns: name -> callable; each is called as ``fn(*inputs[i % len(inputs)])``.
+        inputs: argument tuples rotated call after call (pass enough to exceed the L2 cache).
+        warmup: rounds (one call of every implementation each) before timing; on GPU at least
+            ``min_warmup_ms`` of them.
+        rep: timed rounds.
+
+    Returns:
+        name -> Timing over its ``rep`` calls.
+    """
+    sets: Sequence[Sequence[Any]] = inputs if inputs else [()]
+    names = list(fns)
+    cuda = torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for s in sets for a in s)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    i = 0
+    while i < warmup or (cuda and (time.perf_counter() - t0) * 1e3 < min_warmup_ms and i < 10 * warmup + 50):
+        for n in names:
+            fns[n](*sets[i % len(sets)])
+        i += 1
+        if cuda and i == warmup:
+            torch.cuda.synchronize()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    if cuda:
+        torch.cuda.synchronize()
+        events = []
+        for j in range(rep):
+            args = sets[(i + j) % len(sets)]
+            for n in names:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fns[n](*args)
+                e.record()
+                events.append((n, s, e))
+        torch.cuda.synchronize()
+        for n, s, e in events:
+            times[n].append(s.elapsed_time(e))
+    else:
+        for j in range(rep):
+            args = sets[(i + j) % len(sets)]
+            for n in names:
+                t = time.perf_counter()
+                fns[n](*args)
+                times[n].append((time.perf_counter() - t) * 1e3)
+    out = {}
+    for n, ts in times.items():
+        ts.sort()
+        out[n] = Timing(statistics.median(ts), _quantile(ts, 0.1), _quantile(ts, 0.9), len(ts))
+    return out
+
+
+def graph_bench(fn: Callable[..., Any], sets: Sequence[Sequence[Any]], *, replays: int, calls: int = 20) -> Timing:
+    """Time per call of fn(*sets[i % len(sets)]), ``calls`` of them captured in one CUDA graph:
+    the device time of the work, without the host's launch path.
+
+    Warm-up runs every input set on a side stream first (Triton compiles, the caching allocator
+    grows), as capture requires; inside the capture nothing syncs, and the outputs come from the
+    graph's private memory pool, the same addresses at every replay. One warm replay, then CUDA
+    events around each of ``replays`` replays; each sample is a replay's time / ``calls``.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for args in sets:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for j in range(calls):
+            fn(*sets[j % len(sets)])
+    graph.replay()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+    for j in range(replays):
+        starts[j].record()
+        graph.replay()
+        ends[j].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) / calls for s, e in zip(starts, ends))
+    del graph  # its pool goes back to the caching allocator
+    return Timing(statistics.median(times), _quantile(times, 0.1), _quantile(times, 0.9), len(times))
+
+
+def host_us(fn: Callable[..., Any], sets: Sequence[Sequence[Any]], n: int) -> float:
+    """Host time of one call in microseconds: n back-to-back calls, no sync inside (launches are
+    asynchronous; n is far below the launch queue's depth, so the host never waits for the GPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for j in range(n):
+        fn(*sets[j % len(sets)])
+    t = time.perf_counter() - t0
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return t / n * 1e6

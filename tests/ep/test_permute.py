@@ -406,16 +406,16 @@ _AOT_SCRIPT = textwrap.dedent(
                         {"BLOCK_M": K.HIST_BLOCK_M, "NUM_BINS": nbins}, [])
         assert ".target sm_90" in ptx and "st.global" in ptx
     ptx = compile90(K.permute_scan_kernel, {"hist_ptr": "*i32", "base_ptr": "*i32", "tokens_per_expert_ptr": "*i32",
-                    "offsets_ptr": "*i32", "NB": "i32", "NBUCKETS": "i32", "E": "i32", "BLOCK_B": "constexpr", "BLOCK_E": "constexpr"},
+                    "NB": "i32", "NBUCKETS": "i32", "E": "i32", "BLOCK_B": "constexpr", "BLOCK_E": "constexpr"},
                     {"BLOCK_B": K.SCAN_BLOCK_B, "BLOCK_E": K.SCAN_BLOCK_E}, [])
     assert "st.global" in ptx
     for dtype, bt, bh in (("bf16", 4, 1024), ("fp16", 4, 1024), ("fp32", 64, 64)):
-        sig = scatter_sig = {"ids_ptr": "*i64", "rank_ptr": "*i32", "base_ptr": "*i32", "offsets_ptr": "*i32", "dst_row_ptr": "*i32",
-               "src_token_ptr": "*i32", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "T": "i32", "H": "i32", "E": "i32",
+        sig = scatter_sig = {"ids_ptr": "*i64", "rank_ptr": "*i32", "base_ptr": "*i32", "tokens_per_expert_ptr": "*i32", "offsets_ptr": "*i32",
+               "dst_row_ptr": "*i32", "src_token_ptr": "*i32", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "T": "i32", "H": "i32", "E": "i32",
                "NBUCKETS": "i32", "stride_xt": "i32", "stride_ot": "i32", "TOP_K": "constexpr", "BLOCK_M": "constexpr",
-               "BLOCK_T": "constexpr", "BLOCK_H": "constexpr", "COPY": "constexpr"}
+               "BLOCK_T": "constexpr", "BLOCK_H": "constexpr", "COPY": "constexpr", "NUM_BINS": "constexpr"}
         ptx = compile90(K.permute_scatter_kernel, sig, {"TOP_K": 8, "BLOCK_M": K.HIST_BLOCK_M, "BLOCK_T": bt,
-                        "BLOCK_H": bh, "COPY": True}, ["x_ptr", "out_ptr", "H", "stride_xt", "stride_ot"])
+                        "BLOCK_H": bh, "COPY": True, "NUM_BINS": 128}, ["x_ptr", "out_ptr", "H", "stride_xt", "stride_ot"])
         assert "st.global.v4.b32" in ops(ptx) and "ld.global.v4.b32" in ops(ptx), ops(ptx)
         sig = {"eo_ptr": f"*{dtype}", "dst_row_ptr": "*i32", "w_ptr": "*fp32", "y_ptr": f"*{dtype}", "T": "i32",
                "H": "i32", "stride_et": "i32", "stride_yt": "i32", "stride_wt": "i32", "stride_wk": "i32",
@@ -426,7 +426,7 @@ _AOT_SCRIPT = textwrap.dedent(
             assert "st.global.v4.b32" in ops(ptx) and "ld.global.v4.b32" in ops(ptx), ops(ptx)
         if dtype == "bf16":  # the index-only variant (permute_indices): no row copy
             ptx = compile90(K.permute_scatter_kernel, {**scatter_sig}, {"TOP_K": 8, "BLOCK_M": K.HIST_BLOCK_M,
-                            "BLOCK_T": K.INDEX_BLOCK_T, "BLOCK_H": 16, "COPY": False}, [])
+                            "BLOCK_T": K.INDEX_BLOCK_T, "BLOCK_H": 16, "COPY": False, "NUM_BINS": 512}, [])
             assert "st.global" in ptx
     print("ok")
     """

@@ -269,13 +269,13 @@ _AOT_SCRIPT = textwrap.dedent(
     ptx = compile90(K.permute_rows_kernel, rows, {"TOP_K": 8, "BLOCK_T": 4, "BLOCK_H": 1024},
                     ["x_ptr", "out_ptr", "H", "stride_xt", "stride_ot"])
     assert "st.global.v4.b32" in ptx and "ld.global.v4.b32" in ptx  # 16-byte row accesses
-    scatter = {"ids_ptr": "*i32", "rank_ptr": "*i32", "base_ptr": "*i32", "offsets_ptr": "*i32", "dst_row_ptr": "*i32",
+    scatter = {"ids_ptr": "*i32", "rank_ptr": "*i32", "base_ptr": "*i32", "tokens_per_expert_ptr": "*i32", "offsets_ptr": "*i32", "dst_row_ptr": "*i32",
                "src_token_ptr": "*i32", "x_ptr": "*bf16", "out_ptr": "*bf16", "w_ptr": "*fp32", "row_w_ptr": "*fp32",
                "T": "i32", "H": "i32", "E": "i32", "NBUCKETS": "i32", "stride_xt": "i32", "stride_ot": "i32",
                "stride_wt": "i32", "stride_wk": "i32"}
     for copy in (False, True):
         compile90(K.permute_scatter_kernel, scatter, {"TOP_K": 8, "BLOCK_M": K.HIST_BLOCK_M, "BLOCK_T": 4,
-                  "BLOCK_H": 1024, "COPY": copy, "HAS_W": True})
+                  "BLOCK_H": 1024, "COPY": copy, "HAS_W": True, "NUM_BINS": 128})
     print("ok")
     """
 )

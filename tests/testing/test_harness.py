@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moecomm.testing import DistributedTestError, ResultWriter, bench, run_distributed
+from moecomm.testing import DistributedTestError, ResultWriter, bench, bench_interleaved, run_distributed
 
 
 def test_bench_cpu_reports_median_within_spread():
@@ -14,6 +14,29 @@ def test_bench_cpu_reports_median_within_spread():
     t = bench(lambda a: a @ a, [(x,), (x.clone(),)], warmup=2, rep=9, device="cpu")
     assert t.num_samples == 9
     assert 0 < t.p10_ms <= t.median_ms <= t.p90_ms
+
+
+def test_bench_interleaved_calls_in_turn_and_times_each():
+    """Every round calls each implementation once, in order, on the same rotated input; a slow
+    implementation's median shows it, a fast one's does not."""
+    import time
+
+    calls = []
+
+    def slow(i):
+        calls.append(("slow", i))
+        time.sleep(0.004)
+
+    def fast(i):
+        calls.append(("fast", i))
+
+    sets = [(0,), (1,), (2,)]
+    t = bench_interleaved({"slow": slow, "fast": fast}, sets, warmup=2, rep=6)
+    assert set(t) == {"slow", "fast"} and t["slow"].num_samples == t["fast"].num_samples == 6
+    assert t["slow"].median_ms >= 4.0 > t["fast"].median_ms
+    assert len(calls) == 2 * (2 + 6)
+    assert [c[0] for c in calls] == ["slow", "fast"] * 8
+    assert all(calls[2 * r][1] == calls[2 * r + 1][1] == r % 3 for r in range(8))  # same input per round
 
 
 def test_result_writer_appends_json_lines(tmp_path):
