@@ -174,7 +174,7 @@ def small_m_table(rep: int = 200) -> None:
         print(f"  {t * k:>5} {row[0]:8.2f} {row[1]:8.2f}")
 
 
-def host_pieces(rep: int = 200) -> None:
+def host_pieces(rep: int = 200, T: int = 8192, H: int = 4096, k: int = 8, E: int = 64, device: str = "cuda") -> dict:
     """Host microseconds per call of each step of permute at T=8192, H=4096, top-8 of 64 (launches
     are asynchronous: this is the time the Python side spends, which eager calls pay when it exceeds
     the kernels' time)."""
@@ -182,13 +182,13 @@ def host_pieces(rep: int = 200) -> None:
 
     from moecomm.ep import _triton as K
 
-    T, H, k, E = 8192, 4096, 8, 64
     m, nb, nbk = T * k, triton.cdiv(T * k, K.HIST_BLOCK_M), E + 1
-    ids, w = _routing(T, k, E, "cuda", seed=0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ids, w = _routing(T, k, E, device, seed=0)
     flat = ids.reshape(m)
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(m, H, device="cuda", dtype=torch.bfloat16)
-    i32 = dict(dtype=torch.int32, device="cuda")
+    x = torch.randn(T, H, device=device, dtype=dtype)
+    out = torch.empty(m, H, device=device, dtype=dtype)
+    i32 = dict(dtype=torch.int32, device=device)
     hist, base, rank = torch.empty(nb, nbk, **i32), torch.empty(nb, nbk, **i32), torch.empty(m, **i32)
     src, dst, tpe, offs = torch.empty(m, **i32), torch.empty(T, k, **i32), torch.empty(E, **i32), torch.empty(E + 1, **i32)
     bins = triton.next_power_of_2(nbk)
@@ -198,22 +198,23 @@ def host_pieces(rep: int = 200) -> None:
         "permute_hist_kernel launch": lambda: K.permute_hist_kernel[(nb,)](
             flat, hist, rank, m, E, nbk, BLOCK_M=K.HIST_BLOCK_M, NUM_BINS=bins, num_warps=4),
         "permute_scan_kernel launch": lambda: K.permute_scan_kernel[(triton.cdiv(nbk, K.SCAN_BLOCK_E),)](
-            hist, base, tpe, offs, nb, nbk, E, BLOCK_B=K.SCAN_BLOCK_B, BLOCK_E=K.SCAN_BLOCK_E, num_warps=4),
-        "torch.cumsum (offsets)": lambda: torch.cumsum(tpe, 0, dtype=torch.int32, out=offs[1:]),
+            hist, base, tpe, nb, nbk, E, BLOCK_B=K.SCAN_BLOCK_B, BLOCK_E=K.SCAN_BLOCK_E, num_warps=4),
         "permute_scatter_kernel launch": lambda: K.permute_scatter_kernel[(triton.cdiv(T, bt), triton.cdiv(H, bh))](
-            flat, rank, base, offs, dst, src, x, out, flat, flat, T, H, E, nbk, x.stride(0), out.stride(0), 0, 0,
-            TOP_K=k, BLOCK_M=K.HIST_BLOCK_M, BLOCK_T=bt, BLOCK_H=bh, COPY=True, HAS_W=False, num_warps=K.ROW_NUM_WARPS),
+            flat, rank, base, tpe, offs, dst, src, x, out, flat, flat, T, H, E, nbk, x.stride(0), out.stride(0), 0, 0,
+            TOP_K=k, BLOCK_M=K.HIST_BLOCK_M, BLOCK_T=bt, BLOCK_H=bh, COPY=True, HAS_W=False, NUM_BINS=bins,
+            num_warps=K.ROW_NUM_WARPS),
         "_triton.permute_triton (indices)": lambda: K.permute_triton(ids, E, None, None),
         "_triton.permute_triton (rows)": lambda: K.permute_triton(ids, E, x, out),
         "ep.permute_indices(validate=False)": lambda: permute_indices(ids, E, validate=False),
         "ep.permute(validate=False)": lambda: permute(x, ids, E, validate=False),
     }
     print(f"\nhost us per call, T={T} H={H} top-{k} of {E} (median of 5 x {rep} calls)")
+    times = {}
     for name, fn in pieces.items():
         fn()
-        torch.cuda.synchronize()
-        us = sorted(host_us(fn, [()], rep) for _ in range(5))[2]
-        print(f"  {us:8.1f}  {name}")
+        times[name] = sorted(host_us(fn, [()], rep) for _ in range(5))[2]
+        print(f"  {times[name]:8.1f}  {name}")
+    return times
 
 
 def main(argv=None) -> int:
