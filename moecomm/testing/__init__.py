@@ -3,7 +3,7 @@
 from .aot import compile_for_hopper
 from .distributed import DistributedTestError, free_port, run_distributed
 from .results import ResultWriter, environment_info
-from .timing import Timing, bench, bench_interleaved, graph_bench, host_us
+from .timing import Timing, bench, bench_interleaved, bench_sustained, graph_bench, host_us
 
 __all__ = [
     "DistributedTestError",
@@ -11,6 +11,7 @@ __all__ = [
     "Timing",
     "bench",
     "bench_interleaved",
+    "bench_sustained",
     "compile_for_hopper",
     "environment_info",
     "free_port",

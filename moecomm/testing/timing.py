@@ -162,6 +162,71 @@ def bench_interleaved(
     return out
 
 
+def bench_sustained(
+    fns: dict[str, Callable[..., Any]],
+    inputs: Sequence[Sequence[Any]] | None = None,
+    *,
+    block_ms: float = 300.0,
+    rounds: int = 3,
+    min_calls: int = 10,
+    max_calls: int = 1000,
+) -> dict[str, Timing]:
+    """Time several implementations of one op side by side, each at its own sustained pace:
+    alternating blocks of back-to-back calls (A for ~block_ms, B for ~block_ms, ..., ``rounds``
+    times); only the second half of each block is timed (CUDA events around each call).
+
+    Under a long compute-bound load an H100 reaches its power limit and lowers its clock (seen
+    at 700 W: 1980 -> 1150-1470 MHz within a quarter second). Called one after the other, the
+    first implementation timed meets a cool GPU; called in turn call by call, a light
+    implementation lets the GPU recover before each call of a heavy one. In blocks, each meets the
+    state its own load sustains, and the rounds spread slower drifts (temperature) over all.
+    CPU: wall clock per call, same blocks.
+
+    Args:
+        fns: name -> callable; each is called as ``fn(*inputs[i % len(inputs)])``.
+        inputs: argument tuples rotated call after call (pass enough to exceed the L2 cache).
+        block_ms: the length of one block of calls (from a first estimate of each call's time).
+        rounds: blocks per implementation.
+        min_calls, max_calls: bounds on the calls of one block.
+
+    Returns:
+        name -> Timing over its timed calls.
+    """
+    sets: Sequence[Sequence[Any]] = inputs if inputs else [()]
+    cuda = torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for s in sets for a in s)
+    dev = "cuda" if cuda else "cpu"
+    est = {n: bench(fn, sets, warmup=2, rep=5, device=dev, min_warmup_ms=0.0).median_ms for n, fn in fns.items()}
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, fn in fns.items():
+            calls = max(min_calls, min(max_calls, int(block_ms / max(est[n], 1e-3))))
+            first_timed = calls // 2
+            if cuda:
+                events = []
+                for j in range(calls):
+                    if j >= first_timed:
+                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        s.record()
+                        fn(*sets[j % len(sets)])
+                        e.record()
+                        events.append((s, e))
+                    else:
+                        fn(*sets[j % len(sets)])
+                torch.cuda.synchronize()
+                times[n] += [s.elapsed_time(e) for s, e in events]
+            else:
+                for j in range(calls):
+                    t = time.perf_counter()
+                    fn(*sets[j % len(sets)])
+                    if j >= first_timed:
+                        times[n].append((time.perf_counter() - t) * 1e3)
+    out = {}
+    for n, ts in times.items():
+        ts.sort()
+        out[n] = Timing(statistics.median(ts), _quantile(ts, 0.1), _quantile(ts, 0.9), len(ts))
+    return out
+
+
 def graph_bench(fn: Callable[..., Any], sets: Sequence[Sequence[Any]], *, replays: int, calls: int = 20) -> Timing:
     """Time per call of fn(*sets[i % len(sets)]), ``calls`` of them captured in one CUDA graph:
     the device time of the work, without the host's launch path.

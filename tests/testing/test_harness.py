@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moecomm.testing import DistributedTestError, ResultWriter, bench, bench_interleaved, run_distributed
+from moecomm.testing import DistributedTestError, ResultWriter, bench, bench_interleaved, bench_sustained, run_distributed
 
 
 def test_bench_cpu_reports_median_within_spread():
@@ -37,6 +37,32 @@ def test_bench_interleaved_calls_in_turn_and_times_each():
     assert len(calls) == 2 * (2 + 6)
     assert [c[0] for c in calls] == ["slow", "fast"] * 8
     assert all(calls[2 * r][1] == calls[2 * r + 1][1] == r % 3 for r in range(8))  # same input per round
+
+
+def test_bench_sustained_times_the_second_half_of_alternating_blocks():
+    """After a short estimate of each, the implementations run in alternating blocks of about
+    block_ms (within [min_calls, max_calls] calls); only each block's second half is timed."""
+    import itertools
+    import time
+
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.002)
+
+    def fast():
+        calls.append("fast")
+
+    t = bench_sustained({"slow": slow, "fast": fast}, block_ms=10.0, rounds=2, min_calls=6, max_calls=40)
+    runs = [(name, len(list(g))) for name, g in itertools.groupby(calls)]
+    assert runs[:2] == [("slow", 7), ("fast", 7)]  # the estimates: 2 warm-up + 5 timed calls each
+    blocks = runs[2:]
+    assert [n for n, _ in blocks] == ["slow", "fast"] * 2
+    assert all(c == 6 for n, c in blocks if n == "slow")  # 10 ms / ~2 ms -> 5, raised to min_calls
+    assert all(c == 40 for n, c in blocks if n == "fast")  # capped at max_calls
+    assert t["slow"].num_samples == 2 * 3 and t["fast"].num_samples == 2 * 20
+    assert t["slow"].median_ms >= 2.0 > t["fast"].median_ms
 
 
 def test_result_writer_appends_json_lines(tmp_path):
