@@ -65,12 +65,12 @@ def check_tensor(
 
     ``shape`` entries of None match any size. Raises MoeCommTypeError / MoeCommValueError.
     """
-    t = as_tensor(op, name, t)
-    if dtype is not None:
+    t = t if type(t) is torch.Tensor else as_tensor(op, name, t)  # this runs ~16 times per MoE forward: kept lean
+    if dtype is not None and t.dtype is not dtype:
         allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
         if t.dtype not in allowed:
             raise MoeCommTypeError(f"{op}: {name} must have dtype {_fmt_dtypes(allowed)}, got {str(t.dtype).replace('torch.', '')}")
-    if ndim is not None:
+    if ndim is not None and t.dim() != ndim:
         allowed_nd = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed_nd:
             raise MoeCommValueError(
@@ -86,6 +86,8 @@ def check_tensor(
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
+    if a == b:  # the common case, without building devices or asking CUDA which one is current
+        return True
     a, b = torch.device(a), torch.device(b)
     if a.type != b.type:
         return False

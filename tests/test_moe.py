@@ -317,6 +317,28 @@ def test_gpu_cuda_graph_replay_equals_eager():
 
 @pytest.mark.gpu
 @torch.no_grad()
+@pytest.mark.parametrize("num_tokens", [16, 1024])  # the one-program sort, the multi-kernel one
+def test_gpu_eager_forward_launches_directly(num_tokens):
+    """After its first forward, every kernel of an eager forward goes through moecomm._launch's
+    direct path (no JITFunction.run), and the output still matches the reference."""
+    from moecomm import _launch
+
+    moe = _gpu_moe("qwen3_30b_a3b")
+    moe.cuda_graph_tokens = 0  # every forward from Python
+    x = torch.randn(num_tokens, moe.hidden_size, device="cuda", dtype=torch.bfloat16)
+    moe(x)  # compiles, picks configurations, specialises
+    before = {k: ln.direct_launches for k, ln in _launch._LAUNCHERS.items()}
+    y = moe(x)
+    grew = {ln.kernel.__name__ for k, ln in _launch._LAUNCHERS.items() if ln.direct_launches > before.get(k, 0)}
+    want = {"route_softmax_topk_kernel", "grouped_mm_kernel", "combine_kernel"}
+    want |= {"permute_small_kernel"} if num_tokens * moe.top_k <= 256 else {"permute_hist_kernel", "permute_scan_kernel",
+                                                                              "permute_scatter_kernel"}
+    assert want <= grew, (want, grew)
+    _assert_close_most_tokens(y, moe.reference_forward(x), 3e-2)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
 def test_gpu_memory_is_routed_rows_plus_intermediates():
     moe = _gpu_moe("qwen3_30b_a3b")
     T, Hd, Id, k = 4096, moe.hidden_size, moe.intermediate_size, moe.top_k

@@ -15,7 +15,7 @@ hidden size, and when BLOCK_H divides it the kernels drop the column mask.
 
 Host cost. At EP size 1 a pack of T=4096, H=4096 bf16 moves 64 MiB: ~23 us at the ~2.9 TB/s of an
 H100 copy, less than a Python call into Triton takes to reach the GPU. So the wrappers below do only
-"allocate, launch", and launch through _Launcher, which skips JITFunction.run once a
+"allocate, launch", and launch through moecomm._launch.Launcher, which skips JITFunction.run once a
 specialisation is compiled: on the 2-core CI box JITFunction.run spends ~7 us of Python per launch
 (binding, specialisation, cache key, two empty hook calls), the direct path ~2.5 us.
 """
@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .._launch import Launcher, cdiv, next_pow2
 
 BLOCK_H_DEFAULT = 1024
 NUM_WARPS_DEFAULT = 4
@@ -88,105 +90,12 @@ def ep_gather_sum_kernel(
 # ----------------------------------------------------------------------------- launching
 
 
-def _int_spec(v: int) -> tuple[bool, bool, int]:
-    """What Triton specialises an int argument on: == 1, divisible by 16, i32 / i64 / u64."""
-    width = 0 if -2**31 <= v < 2**31 else (1 if -2**63 <= v < 2**63 else 2)
-    return v == 1, v % 16 == 0, width
-
-
-def spec_key(tensors: tuple, count: int, strides: tuple) -> tuple:
-    """A key that determines Triton's specialisation of a launch's tensor and int arguments.
-
-    Per tensor: dtype and address mod 16 (Triton: 16-byte aligned or not); the count (a row count
-    that changes call after call) as what Triton specialises on (_int_spec); the strides (fixed
-    for a model) as their values. Equal keys -> the same compiled kernel from Triton:
-    tests/ep/test_dispatch.py checks this against Triton's own specialize function. ~1 us.
-    """
-    return (tuple([t.dtype for t in tensors]), tuple([t.data_ptr() & 15 for t in tensors]),
-            count if 0 <= count < 2 else _int_spec(count), strides)
-
-
-class _Launcher:
-    """Launch a @triton.jit kernel; after the first launch of a specialisation, without JITFunction.run.
-
-    JITFunction.run binds and specialises every argument, builds its cache key, reads the current
-    device, stream and knobs, and calls two (empty) launch hooks through Python on every call. Here
-    the first call of each specialisation goes through ``kernel[grid](...)`` (which compiles and
-    caches as usual) and remembers the compiled kernel under spec_key + constexprs + num_warps +
-    current device + TRITON_DEBUG, a key at least as fine as Triton's own; later calls hand the
-    arguments straight to that kernel's launcher, as JITFunction.run does at its end.
-
-    The kernel's parameters must be ordered: tensors, the count, the strides, the constexprs. The
-    direct path is taken only where it mirrors Triton's launch protocol: Triton 3.6 (other
-    versions, and the interpreter, always take the regular path), and no launch hooks installed (a
-    profiler's hooks see every launch through the regular path). If a direct launch raises, the
-    direct path is switched off for the process (logged once) and the regular one runs. Not in the
-    key: TRITON_INSTRUMENTATION_MODE changed after the first launch.
-    """
-
-    def __init__(self, kernel):
-        from triton.runtime.jit import JITFunction
-
-        self.kernel = kernel
-        self.enabled = isinstance(kernel, JITFunction) and triton.__version__.split(".")[:2] == ["3", "6"]
-        if self.enabled:  # triton.knobs is recent (absent in 3.2): imported only where it is used
-            from triton import knobs
-            from triton.runtime import driver
-
-            self._runtime_knobs, self._driver = knobs.runtime, driver
-        self.cache: dict = {}
-        self.direct_launches = 0  # tests check that the direct path is taken on a GPU
-
-    def __call__(self, grid: tuple[int, int], tensors: tuple, count: int, strides: tuple, constexprs: tuple,
-                 num_warps: int) -> None:
-        # constexprs: (name, value) pairs, in the order of the kernel's trailing constexpr parameters
-        if not self.enabled:
-            self.kernel[grid](*tensors, count, *strides, **dict(constexprs), num_warps=num_warps)
-            return
-        rt = self._runtime_knobs
-        if rt.launch_enter_hook.calls or rt.launch_exit_hook.calls:
-            self.kernel[grid](*tensors, count, *strides, **dict(constexprs), num_warps=num_warps)
-            return
-        drv = self._driver.active
-        device = drv.get_current_device()
-        key = (spec_key(tensors, count, strides), constexprs, num_warps, device, rt.debug)
-        hit = self.cache.get(key)
-        if hit is None:
-            compiled = self.kernel[grid](*tensors, count, *strides, **dict(constexprs), num_warps=num_warps)
-            if hasattr(compiled, "result"):  # an async-compile future
-                compiled = compiled.result()
-            run = getattr(compiled, "run", None)  # the launcher (loads the module: done by the launch above)
-            if run is not None and compiled.function is not None:
-                if len(self.cache) >= 256:  # strides are in the key: bound what odd views can add
-                    self.cache.clear()
-                self.cache[key] = (run, compiled.function, compiled.packed_metadata)
-            return
-        run, function, packed_metadata = hit
-        try:
-            # the launcher's arguments after the grid: stream, function, packed metadata, launch
-            # metadata and the enter/exit hooks (None: none), then every kernel parameter in order
-            # (it skips the constexprs itself)
-            run(grid[0], grid[1], 1, drv.get_current_stream(device), function, packed_metadata, None, None, None,
-                *tensors, count, *strides, *[v for _, v in constexprs])
-        except Exception as exc:  # a protocol mismatch: never again in this process, and say why once
-            from .._backend import warn_once
-
-            self.enabled = False
-            name = getattr(self.kernel, "__name__", "kernel")
-            warn_once(f"direct-launch-{name}", f"moecomm: direct launch of {name} failed ({type(exc).__name__}: "
-                      f"{exc}); Triton's regular launch is used from now on")
-            self.kernel[grid](*tensors, count, *strides, **dict(constexprs), num_warps=num_warps)
-            return
-        self.direct_launches += 1
-
-
-_pack_launcher = _Launcher(ep_pack_kernel)
-_gather_sum_launcher = _Launcher(ep_gather_sum_kernel)
+_pack_launcher = Launcher(ep_pack_kernel)
+_gather_sum_launcher = Launcher(ep_gather_sum_kernel)
 
 
 def _block_h(hidden: int) -> int:
-    # next power of two by bit_length: triton.next_power_of_2 costs ~2 us per call (host hot path)
-    return min(BLOCK_H_DEFAULT, max(16, 1 << (hidden - 1).bit_length()))
+    return min(BLOCK_H_DEFAULT, max(16, next_pow2(hidden)))
 
 
 def pack_rows_triton(x: torch.Tensor, pos: torch.Tensor, num_rows: int, out: torch.Tensor | None = None, *,
@@ -204,9 +113,8 @@ def pack_rows_triton(x: torch.Tensor, pos: torch.Tensor, num_rows: int, out: tor
     BLOCK_H = block_h or _block_h(H)
     stride_xt, stride_xh = x.stride()
     stride_pt, stride_pw = pos.stride()
-    _pack_launcher((T, -(-H // BLOCK_H)), (x, pos, out), num_rows,
-                   (stride_xt, stride_xh, stride_pt, stride_pw, out.stride(0)),
-                   (("H", H), ("W", pos.shape[1]), ("BLOCK_H", BLOCK_H)), num_warps)
+    _pack_launcher((T, cdiv(H, BLOCK_H)), (x, pos, out, num_rows, stride_xt, stride_xh, stride_pt, stride_pw, out.stride(0)),
+                   {"H": H, "W": pos.shape[1], "BLOCK_H": BLOCK_H}, num_warps)
     return out
 
 
@@ -226,7 +134,7 @@ def gather_sum_triton(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | 
     BLOCK_H = block_h or _block_h(H)
     stride_sm, stride_sh = src.stride()
     stride_im, stride_ic = idx.stride()
-    _gather_sum_launcher((M, -(-H // BLOCK_H)), (src, idx, out), src.shape[0],
-                         (stride_sm, stride_sh, stride_im, stride_ic, out.stride(0)),
-                         (("H", H), ("C", C), ("BLOCK_H", BLOCK_H)), num_warps)
+    _gather_sum_launcher((M, cdiv(H, BLOCK_H)), (src, idx, out, src.shape[0], stride_sm, stride_sh, stride_im, stride_ic,
+                                                   out.stride(0)),
+                         {"H": H, "C": C, "BLOCK_H": BLOCK_H}, num_warps)
     return out

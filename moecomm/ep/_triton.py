@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import cdiv, launch, next_pow2
+
 # Launch configurations. H100: 132 SMs; a permute at T=8192, H=4096 gets (T/4) * (H/1024) = 8192
 # programs of 4 x 1024 elements (8 KiB read, 64 KiB written each): enough bytes in flight per SM.
 HIST_BLOCK_M = 128  # pairwise rank compare: 128 x 128 booleans per program, cheap in registers
@@ -312,7 +314,7 @@ def combine_kernel(
 
 
 def _row_tiles(hidden: int) -> tuple[int, int]:
-    block_h = min(MAX_BLOCK_H, triton.next_power_of_2(max(hidden, 1)))
+    block_h = min(MAX_BLOCK_H, next_pow2(max(hidden, 1)))
     block_t = max(1, ROW_TILE_ELEMS // block_h)
     return block_t, block_h
 
@@ -327,7 +329,7 @@ def _small_row_tiles(num_tokens: int, hidden: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_H, num_warps): the default tiles, split until the grid has MIN_ROW_PROGRAMS
     programs (tokens first, then columns down to 256); warps so that a thread moves 8 elements."""
     block_t, block_h = _row_tiles(hidden)
-    programs = lambda: triton.cdiv(num_tokens, block_t) * triton.cdiv(hidden, block_h)  # noqa: E731
+    programs = lambda: cdiv(num_tokens, block_t) * cdiv(hidden, block_h)  # noqa: E731
     while block_t > 1 and programs() < MIN_ROW_PROGRAMS:
         block_t //= 2
     while block_h > 256 and programs() < MIN_ROW_PROGRAMS:
@@ -337,7 +339,9 @@ def _small_row_tiles(num_tokens: int, hidden: int) -> tuple[int, int, int]:
 
 def _on_device(dev: torch.device):
     # Triton launches on the current CUDA device: make it the tensors' one (cuda:1 data, cuda:0 current).
-    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    if dev.type != "cuda" or dev.index is None or dev.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(dev)
 
 
 def permute_triton(
@@ -383,59 +387,48 @@ def _permute_launch(ids, num_tokens, top_k, num_experts, x, out, src_token, dst_
     m = num_tokens * top_k
     dev = ids.device
     nbuckets = num_experts + 1
-    num_bins = triton.next_power_of_2(nbuckets)
+    num_bins = next_pow2(nbuckets)
     copy = x is not None and x.shape[1] > 0  # hidden 0: out is empty, nothing to copy
     has_w = w is not None
     w_strides = (w.stride(0), w.stride(1)) if has_w else (0, 0)
     if _uses_small_path(m, num_experts):
         # Indices (and row weights) in one launch; with rows, one more to copy them. The copy needs
         # every dst first, so it cannot share the single program (one SM would copy M * H alone).
-        permute_small_kernel[(1,)](
+        launch(permute_small_kernel, (1,), (
             ids, w if has_w else ids, dst_row, src_token, row_weights if has_w else ids,
             tokens_per_expert, expert_offsets, m, num_experts, nbuckets, *w_strides,
-            TOP_K=top_k, BLOCK_M=SMALL_BLOCK_M, COUNT_BLOCK=triton.next_power_of_2(max(m, SMALL_BLOCK_M)),
-            NUM_BINS=num_bins, HAS_W=has_w, num_warps=SMALL_NUM_WARPS,
-        )
+        ), {"TOP_K": top_k, "BLOCK_M": SMALL_BLOCK_M, "COUNT_BLOCK": next_pow2(max(m, SMALL_BLOCK_M)),
+            "NUM_BINS": num_bins, "HAS_W": has_w}, SMALL_NUM_WARPS)
         if copy:
             hidden = x.shape[1]
             block_t, block_h = _row_tiles(hidden)
-            grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
-            permute_rows_kernel[grid](
-                x, dst_row, out, num_tokens, hidden, x.stride(0), out.stride(0),
-                TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=ROW_NUM_WARPS,
-            )
+            launch(permute_rows_kernel, (cdiv(num_tokens, block_t), cdiv(hidden, block_h)),
+                   (x, dst_row, out, num_tokens, hidden, x.stride(0), out.stride(0)),
+                   {"TOP_K": top_k, "BLOCK_T": block_t, "BLOCK_H": block_h}, ROW_NUM_WARPS)
         return
-    nb = triton.cdiv(m, HIST_BLOCK_M)
+    nb = cdiv(m, HIST_BLOCK_M)
     hist = torch.empty(nb, nbuckets, dtype=torch.int32, device=dev)
     base = torch.empty_like(hist)
     rank = torch.empty(m, dtype=torch.int32, device=dev)
-    permute_hist_kernel[(nb,)](
-        ids, hist, rank, m, num_experts, nbuckets,
-        BLOCK_M=HIST_BLOCK_M, NUM_BINS=num_bins, num_warps=4,
-    )
-    permute_scan_kernel[(triton.cdiv(nbuckets, SCAN_BLOCK_E),)](
-        hist, base, tokens_per_expert, nb, nbuckets, num_experts,
-        BLOCK_B=SCAN_BLOCK_B, BLOCK_E=SCAN_BLOCK_E, num_warps=4,
-    )
+    launch(permute_hist_kernel, (nb,), (ids, hist, rank, m, num_experts, nbuckets),
+           {"BLOCK_M": HIST_BLOCK_M, "NUM_BINS": num_bins}, 4)
+    launch(permute_scan_kernel, (cdiv(nbuckets, SCAN_BLOCK_E),), (hist, base, tokens_per_expert, nb, nbuckets, num_experts),
+           {"BLOCK_B": SCAN_BLOCK_B, "BLOCK_E": SCAN_BLOCK_E}, 4)
     w_args = (w, row_weights) if has_w else (ids, ids)
     if not copy:
-        grid = (triton.cdiv(num_tokens, INDEX_BLOCK_T), 1)
-        permute_scatter_kernel[grid](
+        launch(permute_scatter_kernel, (cdiv(num_tokens, INDEX_BLOCK_T), 1), (
             ids, rank, base, tokens_per_expert, expert_offsets, dst_row, src_token, ids, ids, *w_args,
             num_tokens, 0, num_experts, nbuckets, 0, 0, *w_strides,
-            TOP_K=top_k, BLOCK_M=HIST_BLOCK_M, BLOCK_T=INDEX_BLOCK_T, BLOCK_H=16, COPY=False, HAS_W=has_w,
-            NUM_BINS=num_bins, num_warps=4,
-        )
+        ), {"TOP_K": top_k, "BLOCK_M": HIST_BLOCK_M, "BLOCK_T": INDEX_BLOCK_T, "BLOCK_H": 16, "COPY": False,
+            "HAS_W": has_w, "NUM_BINS": num_bins}, 4)
     else:
         hidden = x.shape[1]
         block_t, block_h = _row_tiles(hidden)
-        grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
-        permute_scatter_kernel[grid](
+        launch(permute_scatter_kernel, (cdiv(num_tokens, block_t), cdiv(hidden, block_h)), (
             ids, rank, base, tokens_per_expert, expert_offsets, dst_row, src_token, x, out, *w_args,
             num_tokens, hidden, num_experts, nbuckets, x.stride(0), out.stride(0), *w_strides,
-            TOP_K=top_k, BLOCK_M=HIST_BLOCK_M, BLOCK_T=block_t, BLOCK_H=block_h, COPY=True, HAS_W=has_w,
-            NUM_BINS=num_bins, num_warps=ROW_NUM_WARPS,
-        )
+        ), {"TOP_K": top_k, "BLOCK_M": HIST_BLOCK_M, "BLOCK_T": block_t, "BLOCK_H": block_h, "COPY": True,
+            "HAS_W": has_w, "NUM_BINS": num_bins}, ROW_NUM_WARPS)
 
 
 def combine_triton(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -445,13 +438,11 @@ def combine_triton(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights
     if num_tokens == 0 or hidden == 0:
         return
     block_t, block_h, warps = _small_row_tiles(num_tokens, hidden)
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
+    grid = (cdiv(num_tokens, block_t), cdiv(hidden, block_h))
     has_w = topk_weights is not None
     w = topk_weights if has_w else dst_row
     with _on_device(out.device):
-        combine_kernel[grid](
-            expert_out, dst_row, w, out,
-            num_tokens, hidden, expert_out.stride(0), out.stride(0),
+        launch(combine_kernel, grid, (
+            expert_out, dst_row, w, out, num_tokens, hidden, expert_out.stride(0), out.stride(0),
             w.stride(0) if has_w else 0, w.stride(1) if has_w else 0,
-            TOP_K=top_k, HAS_WEIGHTS=has_w, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=warps,
-        )
+        ), {"TOP_K": top_k, "HAS_WEIGHTS": has_w, "BLOCK_T": block_t, "BLOCK_H": block_h}, warps)

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from .. import _backend, _env
-from ..errors import MoeCommTypeError, MoeCommValueError, check_choice, check_tensor
+from .._launch import launch as launch_kernel
+from ..errors import MoeCommValueError, check_choice, check_tensor
 from . import _configs
 from .reference import grouped_mm_reference
 
@@ -142,7 +143,7 @@ def launch(x, w, offs, out, *, layout, gather_idx=None, row_scale=None, glu=Fals
             s_be, s_bk, s_bn = w.stride(0), w.stride(1), w.stride(2)
         else:
             s_be, s_bk, s_bn = w.stride(0), w.stride(2), w.stride(1)
-        _triton.grouped_mm_kernel[(grid,)](
+        launch_kernel(_triton.grouped_mm_kernel, (grid,), (
             x, w, out, offs,
             gather_idx if gather_idx is not None else offs,
             row_scale if row_scale is not None else out,
@@ -151,16 +152,16 @@ def launch(x, w, offs, out, *, layout, gather_idx=None, row_scale=None, glu=Fals
             s_be, s_bk, s_bn,
             out.stride(0), out.stride(1),
             n_out if glu else 0,
-            NUM_PROGRAMS=grid,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            E_POW2=_pow2(E),
-            HAS_GATHER=gather_idx is not None, HAS_SCALE=row_scale is not None,
-            FUSE_GLU=glu, ACT=act,
-            USE_TMA=cfg.use_tma and tma_ok, B_KN=layout == "ekn",
+        ), {
+            "NUM_PROGRAMS": grid,
+            "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
+            "E_POW2": _pow2(E),
+            "HAS_GATHER": gather_idx is not None, "HAS_SCALE": row_scale is not None,
+            "FUSE_GLU": glu, "ACT": act,
+            "USE_TMA": cfg.use_tma and tma_ok, "B_KN": layout == "ekn",
             # flatten with the TMA store's run-time branch fails Triton 3.6's loop fusion: one or the other
-            FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store and not cfg.flatten and tma_ok and _tma_ok(out),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+            "FLATTEN": cfg.flatten, "TMA_STORE": cfg.tma_store and not cfg.flatten and tma_ok and _tma_ok(out),
+        }, cfg.num_warps, cfg.num_stages)
 
     if config is None:
         config = pick_config(x, M, N, K, E, layout=layout, glu=glu, gather=gather_idx is not None, run=run)

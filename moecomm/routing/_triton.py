@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import cdiv, launch, next_pow2
 from .reference import empty_route_outputs
 
 # Scores held per program: BLOCK_T * BLOCK_E fp32 values over 4 warps (128 threads) = 16 registers
@@ -171,17 +172,17 @@ def block_tokens(padded_row: int) -> int:
 
 def softmax_topk_launch_config(num_experts: int, top_k: int) -> dict[str, int]:
     """The constexprs of route_softmax_topk_kernel for this problem (also used by the sm_90 compile test)."""
-    block_e = triton.next_power_of_2(num_experts)
-    return {"BLOCK_T": block_tokens(block_e), "BLOCK_E": block_e, "BLOCK_K": triton.next_power_of_2(top_k)}
+    block_e = next_pow2(num_experts)
+    return {"BLOCK_T": block_tokens(block_e), "BLOCK_E": block_e, "BLOCK_K": next_pow2(top_k)}
 
 
 def grouped_topk_launch_config(num_experts: int, n_group: int, top_k: int) -> dict[str, int]:
     """The constexprs of route_grouped_topk_kernel that depend on the shape."""
-    block_g = triton.next_power_of_2(n_group)
-    block_s = triton.next_power_of_2(num_experts // n_group)
+    block_g = next_pow2(n_group)
+    block_s = next_pow2(num_experts // n_group)
     return {
         "BLOCK_T": block_tokens(block_g * block_s), "BLOCK_G": block_g, "BLOCK_S": block_s,
-        "BLOCK_K": triton.next_power_of_2(top_k),
+        "BLOCK_K": next_pow2(top_k),
     }
 
 
@@ -194,14 +195,12 @@ def route_softmax_topk(
     if num_tokens == 0:
         return ids, weights
     cfg = softmax_topk_launch_config(num_experts, top_k)
-    grid = (triton.cdiv(num_tokens, cfg["BLOCK_T"]),)
-    route_softmax_topk_kernel[grid](
-        router_logits, ids, weights,
-        num_tokens, num_experts,
+    grid = (cdiv(num_tokens, cfg["BLOCK_T"]),)
+    launch(route_softmax_topk_kernel, grid, (
+        router_logits, ids, weights, num_tokens, num_experts,
         router_logits.stride(0), router_logits.stride(1), ids.stride(0), weights.stride(0),
         float(routed_scaling_factor),
-        TOP_K=top_k, RENORMALIZE=bool(renormalize), num_warps=_NUM_WARPS, **cfg,
-    )
+    ), {"TOP_K": top_k, "RENORMALIZE": bool(renormalize), **cfg}, _NUM_WARPS)
     return ids, weights
 
 
@@ -223,14 +222,12 @@ def route_grouped_topk(
     cfg = grouped_topk_launch_config(num_experts, n_group, top_k)
     has_bias = e_score_correction_bias is not None
     bias = e_score_correction_bias if has_bias else router_logits  # never read when HAS_BIAS is False
-    grid = (triton.cdiv(num_tokens, cfg["BLOCK_T"]),)
-    route_grouped_topk_kernel[grid](
-        router_logits, bias, ids, weights,
-        num_tokens,
+    grid = (cdiv(num_tokens, cfg["BLOCK_T"]),)
+    launch(route_grouped_topk_kernel, grid, (
+        router_logits, bias, ids, weights, num_tokens,
         router_logits.stride(0), router_logits.stride(1), bias.stride(0) if has_bias else 0,
         ids.stride(0), weights.stride(0),
         float(routed_scaling_factor), float(renorm_eps),
-        NUM_GROUPS=n_group, GROUP_SIZE=num_experts // n_group, TOP_K=top_k, TOPK_GROUP=topk_group,
-        HAS_BIAS=has_bias, RENORMALIZE=bool(renormalize), num_warps=_NUM_WARPS, **cfg,
-    )
+    ), {"NUM_GROUPS": n_group, "GROUP_SIZE": num_experts // n_group, "TOP_K": top_k, "TOPK_GROUP": topk_group,
+        "HAS_BIAS": has_bias, "RENORMALIZE": bool(renormalize), **cfg}, _NUM_WARPS)
     return ids, weights
