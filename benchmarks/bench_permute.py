@@ -180,6 +180,7 @@ def host_pieces(rep: int = 200, T: int = 8192, H: int = 4096, k: int = 8, E: int
     the kernels' time)."""
     import triton
 
+    from moecomm._launch import launch
     from moecomm.ep import _triton as K
 
     m, nb, nbk = T * k, triton.cdiv(T * k, K.HIST_BLOCK_M), E + 1
@@ -195,11 +196,13 @@ def host_pieces(rep: int = 200, T: int = 8192, H: int = 4096, k: int = 8, E: int
     bt, bh = K._row_tiles(H)
     pieces = {
         "torch.empty (int32 [M])": lambda: torch.empty(m, **i32),
-        "permute_hist_kernel launch": lambda: K.permute_hist_kernel[(nb,)](
+        "permute_hist_kernel launch (Triton's run)": lambda: K.permute_hist_kernel[(nb,)](
             flat, hist, rank, m, E, nbk, BLOCK_M=K.HIST_BLOCK_M, NUM_BINS=bins, num_warps=4),
-        "permute_scan_kernel launch": lambda: K.permute_scan_kernel[(triton.cdiv(nbk, K.SCAN_BLOCK_E),)](
+        "permute_hist_kernel through moecomm._launch (direct)": lambda: launch(
+            K.permute_hist_kernel, (nb,), (flat, hist, rank, m, E, nbk), {"BLOCK_M": K.HIST_BLOCK_M, "NUM_BINS": bins}, 4),
+        "permute_scan_kernel launch (Triton's run)": lambda: K.permute_scan_kernel[(triton.cdiv(nbk, K.SCAN_BLOCK_E),)](
             hist, base, tpe, nb, nbk, E, BLOCK_B=K.SCAN_BLOCK_B, BLOCK_E=K.SCAN_BLOCK_E, num_warps=4),
-        "permute_scatter_kernel launch": lambda: K.permute_scatter_kernel[(triton.cdiv(T, bt), triton.cdiv(H, bh))](
+        "permute_scatter_kernel launch (Triton's run)": lambda: K.permute_scatter_kernel[(triton.cdiv(T, bt), triton.cdiv(H, bh))](
             flat, rank, base, tpe, offs, dst, src, x, out, flat, flat, T, H, E, nbk, x.stride(0), out.stride(0), 0, 0,
             TOP_K=k, BLOCK_M=K.HIST_BLOCK_M, BLOCK_T=bt, BLOCK_H=bh, COPY=True, HAS_W=False, NUM_BINS=bins,
             num_warps=K.ROW_NUM_WARPS),
