@@ -32,6 +32,17 @@ def _quantile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[idx]
 
 
+def _timing(times_ms: list[float]) -> Timing:
+    """Median and 10th/90th percentiles of per-call times."""
+    ts = sorted(times_ms)
+    return Timing(statistics.median(ts), _quantile(ts, 0.1), _quantile(ts, 0.9), len(ts))
+
+
+def _on_cuda(sets: Sequence[Sequence[Any]]) -> bool:
+    """Whether the argument sets hold CUDA tensors (then timing uses CUDA events)."""
+    return torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for s in sets for a in s)
+
+
 def bench(
     fn: Callable[..., Any],
     inputs: Sequence[Sequence[Any]] | None = None,
@@ -67,8 +78,7 @@ def _bench_cpu(fn, sets, warmup, rep) -> Timing:
         t0 = time.perf_counter()
         fn(*args)
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return Timing(statistics.median(times), _quantile(times, 0.1), _quantile(times, 0.9), len(times))
+    return _timing(times)
 
 
 def _bench_cuda(fn, sets, warmup, rep, min_warmup_ms) -> Timing:
@@ -89,8 +99,7 @@ def _bench_cuda(fn, sets, warmup, rep, min_warmup_ms) -> Timing:
         fn(*args)
         ends[j].record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return Timing(statistics.median(times), _quantile(times, 0.1), _quantile(times, 0.9), len(times))
+    return _timing([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
 def bench_interleaved(
@@ -122,7 +131,7 @@ def bench_interleaved(
     """
     sets: Sequence[Sequence[Any]] = inputs if inputs else [()]
     names = list(fns)
-    cuda = torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for s in sets for a in s)
+    cuda = _on_cuda(sets)
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -155,11 +164,7 @@ def bench_interleaved(
                 t = time.perf_counter()
                 fns[n](*args)
                 times[n].append((time.perf_counter() - t) * 1e3)
-    out = {}
-    for n, ts in times.items():
-        ts.sort()
-        out[n] = Timing(statistics.median(ts), _quantile(ts, 0.1), _quantile(ts, 0.9), len(ts))
-    return out
+    return {n: _timing(ts) for n, ts in times.items()}
 
 
 def bench_sustained(
@@ -193,7 +198,7 @@ def bench_sustained(
         name -> Timing over its timed calls.
     """
     sets: Sequence[Sequence[Any]] = inputs if inputs else [()]
-    cuda = torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for s in sets for a in s)
+    cuda = _on_cuda(sets)
     dev = "cuda" if cuda else "cpu"
     est = {n: bench(fn, sets, warmup=2, rep=5, device=dev, min_warmup_ms=0.0).median_ms for n, fn in fns.items()}
     times: dict[str, list[float]] = {n: [] for n in fns}
@@ -220,11 +225,7 @@ def bench_sustained(
                     fn(*sets[j % len(sets)])
                     if j >= first_timed:
                         times[n].append((time.perf_counter() - t) * 1e3)
-    out = {}
-    for n, ts in times.items():
-        ts.sort()
-        out[n] = Timing(statistics.median(ts), _quantile(ts, 0.1), _quantile(ts, 0.9), len(ts))
-    return out
+    return {n: _timing(ts) for n, ts in times.items()}
 
 
 def graph_bench(fn: Callable[..., Any], sets: Sequence[Sequence[Any]], *, replays: int, calls: int = 20) -> Timing:
@@ -256,9 +257,9 @@ def graph_bench(fn: Callable[..., Any], sets: Sequence[Sequence[Any]], *, replay
         graph.replay()
         ends[j].record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) / calls for s, e in zip(starts, ends))
+    times = [s.elapsed_time(e) / calls for s, e in zip(starts, ends)]
     del graph  # its pool goes back to the caching allocator
-    return Timing(statistics.median(times), _quantile(times, 0.1), _quantile(times, 0.9), len(times))
+    return _timing(times)
 
 
 def host_us(fn: Callable[..., Any], sets: Sequence[Sequence[Any]], n: int) -> float:
