@@ -33,9 +33,12 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (smoke test)")
     p.add_argument("--profile", action="store_true", help="print where the first call's time went (cProfile)")
     p.add_argument("--sweep", action="store_true", help="time a grid of launch configs on the issue's shapes instead")
+    p.add_argument("--sustained", action="store_true",
+                   help="with --sweep: every prefill candidate and its GROUP_M / tile variants beside torch._grouped_mm "
+                        "in alternating sustained blocks (the GPU at its power limit), not short bursts")
     args = p.parse_args(argv)
     if args.sweep:
-        return sweep(args.out)
+        return sweep(args.out, sustained=args.sustained)
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     H, I, E, k = MODELS[args.model] if not args.quick else (64, 32, 4, 2)
@@ -79,11 +82,22 @@ SWEEP_SHAPES = [
 ]
 
 
-def _sweep_configs(M: int, N: int, K: int, E: int, glu: bool):
+def _sweep_configs(M: int, N: int, K: int, E: int, glu: bool, sustained: bool = False):
     import dataclasses
 
     from moecomm.gemm._configs import candidates
 
+    if sustained:  # the tuner's list, then GROUP_M and tile-shape neighbours of its first entry
+        cands = candidates(M, N, K, E, glu=glu)
+        first = cands[0]
+        extra = [dataclasses.replace(first, group_m=g) for g in (4, 16) if g != first.group_m]
+        extra += [dataclasses.replace(first, block_m=first.block_n, block_n=first.block_m)]
+        extra += [dataclasses.replace(first, num_stages=first.num_stages + 1, tma_store=False)]
+        out = []
+        for c in cands + extra:
+            if c not in out:
+                out.append(c)
+        return out
     out = []
     for cfg in candidates(M, N, K, E, glu=glu)[:3]:
         out += [dataclasses.replace(cfg, flatten=False, tma_store=False),
@@ -92,10 +106,11 @@ def _sweep_configs(M: int, N: int, K: int, E: int, glu: bool):
     return out
 
 
-def sweep(out_path) -> list:
-    """Time the epilogue variants of the first candidates per shape (CUDA events, median of 20, rotating inputs)."""
+def sweep(out_path, sustained: bool = False) -> list:
+    """Time the epilogue variants of the first candidates per shape (CUDA events, median of 20, rotating inputs);
+    sustained: the tuner's candidates and neighbours beside torch._grouped_mm in alternating sustained blocks."""
     from moecomm.gemm.api import launch
-    from moecomm.testing import bench
+    from moecomm.testing import bench, bench_sustained
 
     writer = ResultWriter(out_path)
     recs = []
@@ -118,6 +133,32 @@ def sweep(out_path) -> list:
             res.append((t.median_ms, "torch._grouped_mm"))
             recs.append(writer.write(bench="gemm_sweep", shape=name, config="torch._grouped_mm", median_ms=t.median_ms))
             ref = torch._grouped_mm(sets[0][0], tw[0][1], offs=offs_t)
+        if sustained:
+            fns = {}
+            if ref is not None:
+                fns["torch._grouped_mm"] = lambda x, w: torch._grouped_mm(x, w if layout == "ekn" else w.transpose(1, 2),
+                                                                          offs=offs_t)
+            for cfg in _sweep_configs(M, N, K, E, glu, sustained=True):
+                def run(x, w, cfg=cfg):
+                    launch(x, w, offs, outb, layout=layout, glu=glu, act=1 if glu else 0, row_scale=rs, config=cfg)
+                try:
+                    run(*sets[0])
+                    torch.cuda.synchronize()
+                    if ref is not None:
+                        err = ((outb.float() - ref.float()).norm() / ref.float().norm()).item()
+                        assert err < 1e-2, f"{cfg}: rel err {err}"
+                except Exception as exc:  # a config that does not fit (shared memory) is just skipped
+                    print(f"{name} {cfg}: failed {type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                fns[cfg] = run
+            timed = bench_sustained(fns, sets, block_ms=200.0, rounds=2)
+            res = sorted(((t.median_ms, c) for c, t in timed.items()), key=lambda r: r[0])
+            for ms, cfg in res:
+                print(f"{name:36s} {ms:8.4f} ms {2 * M * K * N / ms / 1e9:6.1f} TFLOP/s  sustained  {cfg}", flush=True)
+                recs.append(writer.write(bench="gemm_sweep_sustained", shape=name, median_ms=ms,
+                                         config=cfg if isinstance(cfg, str) else cfg.to_json()))
+            del sets
+            continue
         for cfg in _sweep_configs(M, N, K, E, glu):
             try:
                 t = bench(lambda x, w: launch(x, w, offs, outb, layout=layout, glu=glu, act=1 if glu else 0,

@@ -161,3 +161,23 @@ def test_cache_roundtrip_atomic_and_corrupt(tmp_path, monkeypatch):
     _configs.remember(path, "keyC", cfg)  # rewritten after the next tune
     assert set(json.loads(path.read_text())) == {"keyC"}
     _configs.clear_memory()
+
+
+def test_sustained_sweep_lists_the_candidates_then_distinct_neighbours(monkeypatch):
+    """gpu_gemm_tune --sweep --sustained times the tuner's own prefill list first, then GROUP_M,
+    transposed-tile and deeper-pipeline neighbours of its first entry, each config once."""
+    import os
+
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from benchmarks.gpu_gemm_tune import _sweep_configs
+
+    from moecomm.gemm._configs import candidates
+
+    for glu in (False, True):
+        cands = candidates(8192, 28672, 4096, 8, glu=glu)
+        swept = _sweep_configs(8192, 28672, 4096, 8, glu, sustained=True)
+        assert swept[:len(cands)] == cands and len(set(swept)) == len(swept) > len(cands)
+        first = cands[0]
+        extra = swept[len(cands):]
+        assert any(c.group_m != first.group_m for c in extra)
+        assert any((c.block_m, c.block_n) == (first.block_n, first.block_m) for c in extra) or first.block_m == first.block_n
