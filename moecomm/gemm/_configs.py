@@ -107,13 +107,11 @@ def candidates(M: int, N: int, K: int, E: int, *, glu: bool) -> list[GemmConfig]
     else:
         if glu:
             # two B tiles per k-step: keep stages x (A + 2 B) under ~200 KB of shared memory.
-            # Sweep of session 3 (Mixtral gate_up+SiLU, M8192 K4096 N28672), isolated calls: 128x128
-            # 4 stages 2.59 ms, its TMA-store twin 2.66, flattened 3.78 (so no flatten candidate).
-            # Session 4, sustained blocks (gpu_gemm_tune --sweep --sustained): 3 stages 2.84 ms,
-            # 4 stages with the TMA store 2.88, 4 stages 2.93: 3 stages first
+            # Sweep of session 3 (Mixtral gate_up+SiLU, M8192 K4096 N28672): 128x128 4 stages
+            # 2.59 ms, its TMA-store twin 2.66, flattened 3.78 (so no flatten candidate here)
             cands = [
-                GemmConfig(128, 128, 64, 8, 8, 3, True, 1),
                 GemmConfig(128, 128, 64, 8, 8, 4, True, 1),
+                GemmConfig(128, 128, 64, 8, 8, 3, True, 1),
                 GemmConfig(128, 128, 64, 8, 8, 4, True, 1, tma_store=True),
                 GemmConfig(128, 64, 64, 8, 4, 4, True, 1),
                 GemmConfig(64, 128, 64, 8, 4, 4, True, 1),
@@ -226,27 +224,9 @@ def _cuda_time_ms(fn: Callable[[], None]) -> float:
     return start.elapsed_time(end)
 
 
-def _cuda_block_time_ms(fn: Callable[[], None], calls: int) -> float:
-    """ms per call over the second half of ``calls`` back-to-back calls (no sync between them)."""
-    import torch
-
-    half = max(1, calls // 2)
-    for _ in range(calls - half):
-        fn()
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(half):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / half
-
-
 def tune(cands: list[GemmConfig], run: Callable[[GemmConfig], None], *, reps: int = 7, warmup_ms: float = 50.0,
-         prefer_first_within: float = 0.0, block_ms: float = 0.0, block_reps: int = 3,
-         timer: Callable[[Callable[[], None]], float] | None = None,
-         block_timer: Callable[[Callable[[], None], int], float] | None = None) -> GemmConfig:
+         prefer_first_within: float = 0.0,
+         timer: Callable[[Callable[[], None]], float] | None = None) -> GemmConfig:
     """Time each candidate on the GPU and return the fastest (the median of ``reps`` timings).
 
     1. Every candidate is compiled and launched once; one that fails (too much shared memory, say)
@@ -258,14 +238,8 @@ def tune(cands: list[GemmConfig], run: Callable[[GemmConfig], None], *, reps: in
     3. The candidates are then timed round-robin, ``reps`` rounds, so any drift of the clock (power
        or temperature) falls on all of them alike. The fastest median wins, or, with
        ``prefer_first_within`` (a fraction), the first candidate that close to it.
-    3'. With ``block_ms`` > 0 (the prefill lists, see sustained_block_ms), each round times every
-       candidate in a block of back-to-back calls of about block_ms, its second half: at prefill
-       sizes an H100 reaches its power limit within a fraction of a second and lowers its clock,
-       and configs rank differently there than call by call (Mixtral gate_up+SiLU: 3 stages
-       2.84 ms, 4 stages 2.93 sustained; 4 stages first in isolated calls). ``block_reps`` rounds.
 
-    ``timer(fn) -> ms`` times one call, ``block_timer(fn, calls) -> ms`` a block (default: CUDA
-    events); the tests pass fake ones.
+    ``timer(fn) -> ms`` times one call (default: CUDA events); the tests pass a fake one.
     """
     timer = timer or _cuda_time_ms
     live: list[GemmConfig] = []
@@ -283,25 +257,12 @@ def tune(cands: list[GemmConfig], run: Callable[[GemmConfig], None], *, reps: in
         spent += timer(lambda: run(live[0]))
         n += 1
     times: list[list[float]] = [[] for _ in live]
-    if block_ms > 0:
-        block_timer = block_timer or _cuda_block_time_ms
-        calls = [max(4, min(200, int(block_ms / max(timer(lambda cfg=cfg: run(cfg)), 1e-3)))) for cfg in live]
-        for _ in range(block_reps):
-            for i, cfg in enumerate(live):
-                times[i].append(block_timer(lambda cfg=cfg: run(cfg), calls[i]))
-    else:
-        for _ in range(reps):
-            for i, cfg in enumerate(live):
-                times[i].append(timer(lambda cfg=cfg: run(cfg)))
+    for _ in range(reps):
+        for i, cfg in enumerate(live):
+            times[i].append(timer(lambda cfg=cfg: run(cfg)))
     medians = [sorted(t)[len(t) // 2] for t in times]
     best = min(medians)
     return next(cfg for cfg, ms in zip(live, medians) if ms <= (1.0 + prefer_first_within) * best)
-
-
-def sustained_block_ms(M: int, E: int) -> float:
-    """Block length of the tuner's sustained timing: 100 ms for the prefill lists (compute-bound,
-    at the power limit), 0 (call by call) for the others."""
-    return 100.0 if M / max(E, 1) > PREFILL_MIN_RPE else 0.0
 
 
 def prefer_first_within(M: int, E: int) -> float:

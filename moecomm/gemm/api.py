@@ -201,8 +201,7 @@ def _pick_config_slow(x, M, N, K, E, *, layout, glu, gather, run) -> _configs.Ge
         return cfg
     cands = _configs.candidates(M, N, K, E, glu=glu)
     if _env.autotune() and not torch.cuda.is_current_stream_capturing():
-        cfg = _configs.tune(cands, run, prefer_first_within=_configs.prefer_first_within(M, E),
-                            block_ms=_configs.sustained_block_ms(M, E))
+        cfg = _configs.tune(cands, run, prefer_first_within=_configs.prefer_first_within(M, E))
         _configs.remember(path, key, cfg, persist=True)
     else:
         cfg = cands[0]

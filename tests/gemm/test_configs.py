@@ -121,37 +121,6 @@ def test_tune_warms_up_then_times_round_robin():
     assert _configs.tune([slow, fast], clock.run, timer=clock.timer, warmup_ms=500) is fast
 
 
-def test_tune_in_sustained_blocks_ranks_by_the_blocks():
-    """With block_ms (the prefill lists), every round times each candidate in a block of
-    back-to-back calls sized from one isolated call; the block timings decide, so a config that is
-    fast call by call but slow at the power limit loses."""
-    burst_fast, steady_fast = _configs.GemmConfig(128, 128, 64, num_stages=4), _configs.GemmConfig(128, 128, 64)
-    isolated = {burst_fast: 2.5, steady_fast: 2.6}  # ms per isolated call
-    sustained = {burst_fast: 2.93, steady_fast: 2.84}  # ms per call at the power limit
-    cur, blocks = [None], []
-
-    def run(cfg):
-        cur[0] = cfg
-
-    def timer(fn):
-        fn()
-        return isolated[cur[0]]
-
-    def block_timer(fn, calls):
-        fn()
-        blocks.append((cur[0], calls))
-        return sustained[cur[0]]
-
-    picked = _configs.tune([burst_fast, steady_fast], run, timer=timer, block_timer=block_timer, warmup_ms=0,
-                           block_ms=100.0, block_reps=3)
-    assert picked is steady_fast
-    assert blocks == [(burst_fast, 40), (steady_fast, 38)] * 3  # 100 ms / 2.5 and / 2.6 calls per block
-    cur[0], blocks[:] = None, []
-    assert _configs.tune([burst_fast, steady_fast], run, timer=timer, block_timer=block_timer, warmup_ms=0) is burst_fast
-    assert blocks == []  # call by call without block_ms
-    assert _configs.sustained_block_ms(8192, 8) == 100.0 and _configs.sustained_block_ms(512, 64) == 0.0
-
-
 def test_old_cache_entries_load_with_new_fields_defaulted():
     old = {"block_m": 16, "block_n": 64, "block_k": 128, "group_m": 1, "num_warps": 4, "num_stages": 3,
            "use_tma": False, "programs_per_sm": 4}
