@@ -228,7 +228,8 @@ def main(argv=None) -> list[dict]:
     def skip(name: str) -> bool:
         return bool(wanted) and not any(w in name for w in wanted)
 
-    print(f"FlashInfer peer: {flashinfer_segment_gemm(device)[1]}" + ("" if flashinfer_segment_gemm(device)[0] else "; its rows are skipped"))
+    peer, why = flashinfer_segment_gemm(device)
+    print(f"FlashInfer peer: {why}" + ("" if peer is not None else "; its rows are skipped"))
     shapes = QUICK_SHAPES if quick else GEMM_SHAPES
     for name, E, M, K, N in shapes:
         if skip(name):
