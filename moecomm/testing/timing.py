@@ -184,7 +184,8 @@ def bench_sustained(
     at 700 W: 1980 -> 1150-1470 MHz within a quarter second). Called one after the other, the
     first implementation timed meets a cool GPU; called in turn call by call, a light
     implementation lets the GPU recover before each call of a heavy one. In blocks, each meets the
-    state its own load sustains, and the rounds spread slower drifts (temperature) over all.
+    state its own load sustains. Rounds go forward and backward in turn (A B C, C B A, ...), so a
+    slow drift (the GPU warming up) falls on all alike instead of on the last ones timed.
     CPU: wall clock per call, same blocks.
 
     Args:
@@ -202,8 +203,10 @@ def bench_sustained(
     dev = "cuda" if cuda else "cpu"
     est = {n: bench(fn, sets, warmup=2, rep=5, device=dev, min_warmup_ms=0.0).median_ms for n, fn in fns.items()}
     times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(rounds):
-        for n, fn in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            fn = fns[n]
             calls = max(min_calls, min(max_calls, int(block_ms / max(est[n], 1e-3))))
             first_timed = calls // 2
             if cuda:

@@ -41,7 +41,8 @@ def test_bench_interleaved_calls_in_turn_and_times_each():
 
 def test_bench_sustained_times_the_second_half_of_alternating_blocks():
     """After a short estimate of each, the implementations run in alternating blocks of about
-    block_ms (within [min_calls, max_calls] calls); only each block's second half is timed."""
+    block_ms (within [min_calls, max_calls] calls), rounds forward and backward in turn; only each
+    block's second half is timed."""
     import itertools
     import time
 
@@ -54,14 +55,13 @@ def test_bench_sustained_times_the_second_half_of_alternating_blocks():
     def fast():
         calls.append("fast")
 
-    t = bench_sustained({"slow": slow, "fast": fast}, block_ms=10.0, rounds=2, min_calls=6, max_calls=40)
+    t = bench_sustained({"slow": slow, "fast": fast}, block_ms=10.0, rounds=3, min_calls=6, max_calls=40)
     runs = [(name, len(list(g))) for name, g in itertools.groupby(calls)]
     assert runs[:2] == [("slow", 7), ("fast", 7)]  # the estimates: 2 warm-up + 5 timed calls each
-    blocks = runs[2:]
-    assert [n for n, _ in blocks] == ["slow", "fast"] * 2
-    assert all(c == 6 for n, c in blocks if n == "slow")  # 10 ms / ~2 ms -> 5, raised to min_calls
-    assert all(c == 40 for n, c in blocks if n == "fast")  # capped at max_calls
-    assert t["slow"].num_samples == 2 * 3 and t["fast"].num_samples == 2 * 20
+    # rounds: slow fast | fast slow | slow fast (the two middle blocks of each run back to back)
+    # 10 ms / ~2 ms -> 5 calls, raised to min_calls 6; fast capped at max_calls 40
+    assert runs[2:] == [("slow", 6), ("fast", 80), ("slow", 12), ("fast", 40)]
+    assert t["slow"].num_samples == 3 * 3 and t["fast"].num_samples == 3 * 20
     assert t["slow"].median_ms >= 2.0 > t["fast"].median_ms
 
 
