@@ -123,6 +123,23 @@ def permute_scan_kernel(
 
 
 @triton.jit
+def _row_block(T, H, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's block of the row kernels' [T, H] grid: token ids, their mask, columns, 2-D mask."""
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = toks < T
+    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hs = tl.max_contiguous(tl.multiple_of(hs, BLOCK_H), BLOCK_H)
+    return toks, tmask, hs, tmask[:, None] & (hs < H)[None, :]
+
+
+@triton.jit
+def _slot_row(dst_row_ptr, toks, j, tmask, M, TOP_K: tl.constexpr):
+    """Row (of M) that slot j of each token went to, clamped into [0, M) (int64 for addressing)."""
+    r = tl.load(dst_row_ptr + toks * TOP_K + j, mask=tmask, other=0)
+    return tl.minimum(tl.maximum(r, 0), M - 1).to(tl.int64)
+
+
+@triton.jit
 def permute_scatter_kernel(
     ids_ptr,  # [M] int32/int64
     rank_ptr,  # [M] int32
@@ -153,8 +170,7 @@ def permute_scatter_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
-    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = toks < T
+    toks, tmask, hs, xm = _row_block(T, H, BLOCK_T, BLOCK_H)
     M = T * TOP_K
     # where each bucket starts: exclusive scan of the counts (the dropped bucket E starts after all)
     bins = tl.arange(0, NUM_BINS)
@@ -163,9 +179,6 @@ def permute_scatter_kernel(
     if (pid_t == 0) & (pid_h == 0):
         tl.store(offsets_ptr + bins, start, mask=bins < NBUCKETS)
     if COPY:
-        hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        hs = tl.max_contiguous(tl.multiple_of(hs, BLOCK_H), BLOCK_H)
-        xm = tmask[:, None] & (hs < H)[None, :]
         xrow = toks.to(tl.int64) * stride_xt
         xt = tl.load(x_ptr + xrow[:, None] + hs[None, :], mask=xm, other=0)  # [BLOCK_T, BLOCK_H]
     for j in tl.static_range(TOP_K):
@@ -258,18 +271,11 @@ def permute_rows_kernel(
 ):
     # The COPY half of permute_scatter_kernel with dst read back instead of recomputed: x read once,
     # each token row stored to its k rows.
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = toks < T
-    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    hs = tl.max_contiguous(tl.multiple_of(hs, BLOCK_H), BLOCK_H)
-    xm = tmask[:, None] & (hs < H)[None, :]
+    toks, tmask, hs, xm = _row_block(T, H, BLOCK_T, BLOCK_H)
     xt = tl.load(x_ptr + (toks.to(tl.int64) * stride_xt)[:, None] + hs[None, :], mask=xm, other=0)
     M = T * TOP_K
     for j in tl.static_range(TOP_K):
-        dst = tl.load(dst_row_ptr + toks * TOP_K + j, mask=tmask, other=0)
-        dst = tl.minimum(tl.maximum(dst, 0), M - 1).to(tl.int64)
+        dst = _slot_row(dst_row_ptr, toks, j, tmask, M, TOP_K)
         tl.store(out_ptr + (dst * stride_ot)[:, None] + hs[None, :], xt, mask=xm)
 
 
@@ -290,19 +296,12 @@ def combine_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = toks < T
-    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    hs = tl.max_contiguous(tl.multiple_of(hs, BLOCK_H), BLOCK_H)
-    m = tmask[:, None] & (hs < H)[None, :]
+    toks, tmask, hs, m = _row_block(T, H, BLOCK_T, BLOCK_H)
     M = T * TOP_K
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     # Slots summed in the fixed order j = 0..k-1: the result does not depend on scheduling.
     for j in tl.static_range(TOP_K):
-        r = tl.load(dst_row_ptr + toks * TOP_K + j, mask=tmask, other=0)
-        r = tl.minimum(tl.maximum(r, 0), M - 1).to(tl.int64)
+        r = _slot_row(dst_row_ptr, toks, j, tmask, M, TOP_K)
         v = tl.load(eo_ptr + (r * stride_et)[:, None] + hs[None, :], mask=m, other=0).to(tl.float32)
         if HAS_WEIGHTS:
             w = tl.load(w_ptr + toks.to(tl.int64) * stride_wt + j * stride_wk, mask=tmask, other=0).to(tl.float32)
