@@ -2,14 +2,18 @@
 
 # T = num_tokens, H = hidden, I = moe intermediate, E = num_experts, k = top_k
 
-Supported blocks (transformers 5.x layout: experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]):
+Supported blocks (transformers 5.x layout: experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]).
+Their routers and forwards were read against the kinds below (transformers 5.17), and each block is
+tested against its real class (tests/hf):
 
-| block                  | routing                                   | shared expert                      |
-|------------------------|-------------------------------------------|------------------------------------|
-| MixtralSparseMoeBlock  | softmax top-k, always renormalised        | none                               |
-| Qwen2MoeSparseMoeBlock | softmax top-k, renormalised if norm_topk_prob | shared_expert * sigmoid(shared_expert_gate) |
-| Qwen3MoeSparseMoeBlock | softmax top-k, renormalised if norm_topk_prob | none                           |
-| DeepseekV3MoE          | sigmoid + bias, grouped top-k, scaled      | shared_experts (plain)             |
+| routing                                                | blocks                                                          |
+|--------------------------------------------------------|-----------------------------------------------------------------|
+| softmax top-k, always renormalised                     | Mixtral, Qwen3.5-MoE*, Qwen3-VL-MoE (text)                      |
+| softmax top-k, renormalised if gate.norm_topk_prob     | Qwen2-MoE*, Qwen3-MoE, Qwen3-Next*, OLMoE, FlexOlmo, Mellum     |
+| sigmoid + e_score_correction_bias, grouped top-k, renormalised if norm_topk_prob, x routed_scaling_factor; shared_experts | DeepSeek-V3, DeepSeek-V3.2, GLM-4.5 (Glm4Moe), Glm4vMoe (text), Glm4MoeLite, dots.llm1 (Dots1), Kimi-Linear, SolarOpen |
+| sigmoid + the block's e_score_correction_bias, top-k, always renormalised | MiniMax-M2                                    |
+
+(*) with shared_expert * sigmoid(shared_expert_gate(x)).
 
 Every one of those blocks' forward takes hidden_states [B, S, H] and returns one tensor [B, S, H];
 MoE.forward returns the same. Weights are shared, not copied: the MoE's Parameters *are* the block's
@@ -30,7 +34,29 @@ from .routing import RoutingMethod
 
 __all__ = ["SUPPORTED_BLOCKS", "from_hf", "patch_hf_model"]
 
-SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "DeepseekV3MoE")
+# block class name -> its routing: "softmax" (renormalised if gate.norm_topk_prob), "softmax_renorm"
+# (always), "sigmoid_grouped" (DeepSeek-V3's router), "sigmoid_bias" (MiniMax-M2: the bias on the block)
+_ROUTING = {
+    "MixtralSparseMoeBlock": "softmax_renorm",
+    "Qwen3_5MoeSparseMoeBlock": "softmax_renorm",
+    "Qwen3VLMoeTextSparseMoeBlock": "softmax_renorm",
+    "Qwen2MoeSparseMoeBlock": "softmax",
+    "Qwen3MoeSparseMoeBlock": "softmax",
+    "Qwen3NextSparseMoeBlock": "softmax",
+    "OlmoeSparseMoeBlock": "softmax",
+    "FlexOlmoSparseMoeBlock": "softmax",
+    "MellumSparseMoeBlock": "softmax",
+    "DeepseekV3MoE": "sigmoid_grouped",
+    "DeepseekV32MoE": "sigmoid_grouped",
+    "Glm4MoeMoE": "sigmoid_grouped",
+    "Glm4vMoeTextMoE": "sigmoid_grouped",
+    "Glm4MoeLiteMoE": "sigmoid_grouped",
+    "Dots1MoE": "sigmoid_grouped",
+    "KimiLinearMoE": "sigmoid_grouped",
+    "SolarOpenMoE": "sigmoid_grouped",
+    "MiniMaxM2SparseMoeBlock": "sigmoid_bias",
+}
+SUPPORTED_BLOCKS = tuple(_ROUTING)
 
 
 def _family(block: nn.Module) -> str | None:
@@ -64,8 +90,8 @@ def from_hf(block: nn.Module) -> MoE:
     """Build a moecomm.MoE computing what a transformers MoE block computes, sharing its weights.
 
     Args:
-        block: a MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock or DeepseekV3MoE
-            (transformers >= 5), on any device, any dtype. Its Parameters are reused, not copied.
+        block: one of SUPPORTED_BLOCKS (transformers >= 5; the module docstring lists their routing), on
+            any device, any dtype. Its Parameters are reused, not copied.
 
     Returns:
         an MoE in eval mode on the block's device and dtype; forward(x [B, S, H]) -> [B, S, H].
@@ -95,15 +121,22 @@ def from_hf(block: nn.Module) -> MoE:
         raise MoeCommValueError("from_hf: experts must be concatenated [gate; up] without bias, got a biased or interleaved layout")
     top_k = int(gate.top_k)
     kw: dict = {"activation": _activation(experts.act_fn, "experts")}
-    if fam == "MixtralSparseMoeBlock":
-        kw["renormalize"] = True  # MixtralTopKRouter always divides by the top-k sum
-    elif fam in ("Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock"):
+    routing = _ROUTING[fam]
+    bias = None
+    if routing == "softmax_renorm":
+        kw["renormalize"] = True  # these routers always divide by the top-k sum
+    elif routing == "softmax":
         kw["renormalize"] = bool(gate.norm_topk_prob)
-    else:  # DeepseekV3MoE
+    elif routing == "sigmoid_grouped":
         kw.update(
             routing=RoutingMethod.SIGMOID_GROUPED_TOPK, renormalize=bool(gate.norm_topk_prob), n_group=int(gate.num_group),
             topk_group=int(gate.topk_group), routed_scaling_factor=float(gate.routed_scaling_factor),
         )
+        bias = gate.e_score_correction_bias
+    else:  # sigmoid_bias: one group holding every expert is a plain top-k over sigmoid + bias
+        kw.update(routing=RoutingMethod.SIGMOID_GROUPED_TOPK, renormalize=True, n_group=1, topk_group=1,
+                  routed_scaling_factor=1.0)
+        bias = block.e_score_correction_bias
     shared = _shared_mlp(block)
     if shared is not None:
         kw["shared_expert_intermediate_size"] = int(shared.gate_proj.out_features)
@@ -117,7 +150,7 @@ def from_hf(block: nn.Module) -> MoE:
     moe.w_gate_up = w_gate_up
     moe.w_down = w_down
     if moe.e_score_correction_bias is not None:
-        moe.e_score_correction_bias = gate.e_score_correction_bias
+        moe.e_score_correction_bias = bias
     if shared is not None:
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(moe.shared_experts, name).weight = getattr(shared, name).weight

@@ -23,24 +23,69 @@ COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_ke
               max_position_embeddings=128, initializer_range=0.1)
 
 
+_DS = dict(intermediate_size=48, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+           topk_group=2, n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=2.5, norm_topk_prob=True)
+_MLA = dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+_LINEAR = dict(head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+               layer_types=["linear_attention", "full_attention"])
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # inside the tiny vocabulary
+
+
 def _config(family: str):
+    """A tiny config of that family: hidden 64, 8 experts, top-2, every layer an MoE layer."""
     t = transformers
-    if family == "mixtral":
-        return t.MixtralConfig(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, **COMMON)
-    if family == "qwen2_moe":  # shared expert with its sigmoid gate; no renormalisation
-        return t.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=32, shared_expert_intermediate_size=40,
-                                num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, **COMMON)
-    if family == "qwen3_moe":
-        return t.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-                                norm_topk_prob=True, head_dim=16, **COMMON)
-    # DeepSeek-V3: 4 groups of 2 experts, 2 groups kept, scaled weights, one shared expert, every layer MoE
-    return t.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-                              n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=2.5,
-                              norm_topk_prob=True, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                              v_head_dim=16, **COMMON)
+    builders = {
+        "mixtral": lambda: t.MixtralConfig(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, **COMMON),
+        # shared expert with its sigmoid gate; no renormalisation
+        "qwen2_moe": lambda: t.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=32, shared_expert_intermediate_size=40,
+                                              num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, **COMMON),
+        "qwen3_moe": lambda: t.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                              norm_topk_prob=True, head_dim=16, **COMMON),
+        "qwen3_next": lambda: t.Qwen3NextConfig(intermediate_size=48, moe_intermediate_size=32, shared_expert_intermediate_size=40,
+                                                num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, **_LINEAR, **COMMON),
+        "qwen3_5_moe": lambda: t.Qwen3_5MoeTextConfig(moe_intermediate_size=32, shared_expert_intermediate_size=40, num_experts=8,
+                                                      num_experts_per_tok=2, **_LINEAR, **COMMON),
+        "qwen3_vl_moe": lambda: t.Qwen3VLMoeTextConfig(intermediate_size=48, moe_intermediate_size=32, num_local_experts=8,
+                                                       num_experts_per_tok=2, head_dim=16, **COMMON),
+        "olmoe": lambda: t.OlmoeConfig(intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, **COMMON),
+        "flex_olmo": lambda: t.FlexOlmoConfig(intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                              **_TOKENS, **COMMON),
+        "mellum": lambda: t.MellumConfig(intermediate_size=48, moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                                         norm_topk_prob=False, head_dim=16, **COMMON),
+        # DeepSeek-V3 and its kin: 4 groups of 2 experts, 2 groups kept, scaled weights, one shared expert
+        "deepseek_v3": lambda: t.DeepseekV3Config(**_DS, **_MLA, **COMMON),
+        "deepseek_v32": lambda: t.DeepseekV32Config(**_DS, **dict(_MLA, q_lora_rank=16), **COMMON),
+        "glm4_moe": lambda: t.Glm4MoeConfig(**_DS, **COMMON),
+        "glm4v_moe": lambda: t.Glm4vMoeTextConfig(**_DS, **COMMON),
+        "glm4_moe_lite": lambda: t.Glm4MoeLiteConfig(**_DS, **_MLA, mlp_layer_types=["sparse", "sparse"], **COMMON),
+        "dots1": lambda: t.Dots1Config(**_DS, **COMMON),
+        "solar_open": lambda: t.SolarOpenConfig(**_DS, head_dim=16, **COMMON),
+        "kimi_linear": lambda: t.KimiLinearConfig(
+            intermediate_size=48, moe_intermediate_size=32, num_experts=8, num_experts_per_token=2, num_expert_group=4,
+            topk_group=2, num_shared_experts=1, routed_scaling_factor=2.5, moe_renormalize=True, **_MLA,
+            layer_types=["linear_attention", "full_attention"], mlp_layer_types=["sparse", "sparse"], linear_head_dim=16,
+            linear_num_heads=4, **_TOKENS, **COMMON),
+        # sigmoid + a bias held by the block, plain top-k, always renormalised
+        "minimax_m2": lambda: t.MiniMaxM2Config(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                                                **COMMON),
+    }
+    return builders[family]()
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_vl_moe", "olmoe", "flex_olmo", "mellum",
+            "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4v_moe", "glm4_moe_lite", "dots1", "solar_open", "kimi_linear",
+            "minimax_m2"]
+# no causal-LM class for a text config (the VL models), or none that runs at this size (V3.2's indexer):
+# these are tested as blocks, built from the family's config
+BLOCK_ONLY = {"qwen3_vl_moe": "Qwen3VLMoeTextSparseMoeBlock", "glm4v_moe": "Glm4vMoeTextMoE", "deepseek_v32": "DeepseekV32MoE"}
+
+
+def _spread_routing(mod):
+    """The blocks' default init makes near-uniform routing; spread it so the top-k is clear."""
+    mod.gate.weight.normal_(0, 0.3)
+    for owner in (mod.gate, mod):
+        if isinstance(getattr(owner, "e_score_correction_bias", None), torch.Tensor):
+            owner.e_score_correction_bias.normal_(0, 0.1)
 
 
 def _model(family: str):
@@ -49,10 +94,7 @@ def _model(family: str):
     with torch.no_grad():
         for mod in model.modules():
             if _family(mod) is not None:
-                # the blocks' default init makes near-uniform routing; spread it so the top-k is clear
-                mod.gate.weight.normal_(0, 0.3)
-                if hasattr(mod.gate, "e_score_correction_bias"):
-                    mod.gate.e_score_correction_bias.normal_(0, 0.1)
+                _spread_routing(mod)
     return model
 
 
@@ -60,10 +102,32 @@ def _first_block(model):
     return next(m for m in model.modules() if _family(m) is not None)
 
 
+@torch.no_grad()
+def _block(family: str):
+    """The family's first MoE block, with its weights drawn (std 0.1) and its routing spread."""
+    if family not in BLOCK_ONLY:
+        return _first_block(_model(family))
+    import importlib
+
+    torch.manual_seed(0)
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    block = getattr(module, BLOCK_ONLY[family])(_config(family)).eval()
+    for p in block.parameters():
+        p.normal_(0, 0.1)
+    _spread_routing(block)
+    return block
+
+
+def test_every_supported_block_is_tested():
+    """Each class in SUPPORTED_BLOCKS is the MoE block of one family tested here."""
+    seen = {type(_block(f)).__name__ for f in FAMILIES}
+    assert seen == set(SUPPORTED_BLOCKS)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_block_fp32_matches_and_shares_weights(family):
-    block = _first_block(_model(family))
+    block = _block(family)
     moe = moecomm.from_hf(block)
     for shape in [(2, 7, 64), (1, 1, 64), (1, 33, 64)]:
         x = torch.randn(shape)
@@ -78,14 +142,15 @@ def test_block_fp32_matches_and_shares_weights(family):
     shared = _shared_mlp(block)
     if shared is not None:
         assert moe.shared_experts.down_proj.weight.data_ptr() == shared.down_proj.weight.data_ptr()
-    if family == "deepseek_v3":
-        assert moe.e_score_correction_bias.data_ptr() == block.gate.e_score_correction_bias.data_ptr()
+    if moe.e_score_correction_bias is not None:
+        owner = block if family == "minimax_m2" else block.gate
+        assert moe.e_score_correction_bias.data_ptr() == owner.e_score_correction_bias.data_ptr()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_block_bf16_no_worse_than_the_block(family):
-    block = _first_block(_model(family))
+    block = _block(family)
     x = torch.randn(2, 9, 64)
     truth = block(x)  # fp32
     block = block.to(torch.bfloat16)
@@ -97,7 +162,7 @@ def test_block_bf16_no_worse_than_the_block(family):
     assert err_ours <= 1.5 * err_block + ulp, (err_ours, err_block)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in BLOCK_ONLY])
 @torch.no_grad()
 def test_patched_model_generates_the_same_tokens(family):
     model = _model(family)
@@ -145,7 +210,7 @@ def test_gpu_bf16_real_block_shapes(family):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "glm4_moe", "minimax_m2"])
 @torch.no_grad()
 def test_gpu_patched_model_generates_the_same_tokens_from_graphs(family):
     """Greedy decoding on the GPU in fp32: every decode step of a patched layer (2 tokens, one per

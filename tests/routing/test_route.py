@@ -216,6 +216,9 @@ KERNEL_CASES = [
     (60, 4, dict(method=GROUPED, n_group=4, topk_group=2, renormalize=True, routed_scaling_factor=1.0)),
     (16, 3, dict(method=GROUPED, n_group=16, topk_group=4, renormalize=True, routed_scaling_factor=1.0)),
     (8, 2, dict(method=GROUPED, n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=1.0)),
+    # one group of every expert: GLM-4.5 (128 experts, top-8) and MiniMax-M2 (256, top-8; sigmoid + bias top-k)
+    (128, 8, dict(method=GROUPED, n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=2.5)),
+    (256, 8, dict(method=GROUPED, n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=1.0)),
     (512, 8, dict(renormalize=True)),
     (512, 8, dict(method=GROUPED, n_group=16, topk_group=4, renormalize=True, routed_scaling_factor=1.0)),
 ]
@@ -437,6 +440,8 @@ GPU_SHAPES = [  # (name, num_tokens, num_experts, top_k, kwargs)
     ("qwen3-moe", 4096, 128, 8, dict(renormalize=True)),
     ("qwen2-moe", 16384, 60, 4, dict(renormalize=False)),
     ("deepseek-v3", 16384, 256, 8, dict(method=GROUPED, n_group=8, topk_group=4, renormalize=True, routed_scaling_factor=2.5)),
+    ("glm-4.5", 4096, 128, 8, dict(method=GROUPED, n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=2.5)),
+    ("minimax-m2", 4096, 256, 8, dict(method=GROUPED, n_group=1, topk_group=1, renormalize=True, routed_scaling_factor=1.0)),
     ("odd", 199, 512, 8, dict(renormalize=True)),
 ]
 
