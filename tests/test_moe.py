@@ -267,6 +267,15 @@ def test_demo_runs_checks_and_prints_a_table():
 GPU_SHAPES = {  # name: (H, I, E, k, kwargs); one layer of the real models
     "mixtral_8x7b": (4096, 14336, 8, 2, dict(renormalize=True)),
     "qwen3_30b_a3b": (2048, 768, 128, 8, dict(renormalize=True)),
+    # top-10 of 512 with a gated shared expert; sigmoid grouped routing with one group (GLM-4.5-Air,
+    # MiniMax-M2: 256 experts)
+    "qwen3_next_80b": (2048, 512, 512, 10, dict(renormalize=True, shared_expert_intermediate_size=512,
+                                                shared_expert_gate=True)),
+    "glm4_5_air": (4096, 1408, 128, 8, dict(routing=RoutingMethod.SIGMOID_GROUPED_TOPK, n_group=1, topk_group=1,
+                                            renormalize=True, routed_scaling_factor=1.0,
+                                            shared_expert_intermediate_size=1408)),
+    "minimax_m2": (3072, 1536, 256, 8, dict(routing=RoutingMethod.SIGMOID_GROUPED_TOPK, n_group=1, topk_group=1,
+                                            renormalize=True, routed_scaling_factor=1.0)),
 }
 
 
