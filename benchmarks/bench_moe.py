@@ -139,7 +139,7 @@ def run(shapes, tokens, device, dtype, writer, rep, stream=print) -> list[dict]:
                 experts_hit = int(torch.unique(r.topk_ids).numel())
                 d = moe.dispatcher.dispatch(xs[0], r.topk_ids, r.topk_weights)
 
-                def gemms(_x, d=d):
+                def gemms(_x, d=d, moe=moe):
                     return expert_mlp(d.tokens, moe.w_gate_up, moe.w_down, d.expert_offsets, gather_idx=d.gather_idx,
                                       row_scale=d.row_weights, validate=False)
 
@@ -151,7 +151,7 @@ def run(shapes, tokens, device, dtype, writer, rep, stream=print) -> list[dict]:
                 contenders = {"ours": moe, "ours_gemms": gemms}
                 failed: dict[str, str] = {}
                 for impl in HF_IMPLS:
-                    def hf(x, impl=impl):
+                    def hf(x, impl=impl, block=block):
                         _set_impl(block, impl)
                         return block(x.view(1, *x.shape))
                     try:
