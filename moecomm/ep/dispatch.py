@@ -206,7 +206,10 @@ def plan_send(
     pairs_per_rank = torch.zeros(ep_size, dtype=torch.long, device=dev).scatter_add_(
         0, dest.reshape(-1), torch.ones(T * k, dtype=torch.long, device=dev))  # [W]
     start = torch.cumsum(rows_per_rank, 0) - rows_per_rank  # [W] exclusive prefix
-    rank_in_dest = torch.cumsum(hit, 0, dtype=torch.long) - hit  # [T, W] tokens before t going to w
+    # tokens before t going to w: scanned along the last dimension of the [W, T] transpose, since
+    # CUDA torch's scan over dim 0 of a [T, W] tensor with small W is one slow sequential pass
+    # (376 us for T = 4096, W = 2 on an H200, most of the step's device time)
+    rank_in_dest = (torch.cumsum(hit.t().contiguous(), 1, dtype=torch.long).t() - hit)  # [T, W]
     pos = torch.where(hit > 0, start[None, :] + rank_in_dest, -1).to(torch.int32)  # [T, W]
     mine = dest[:, None, :] == torch.arange(ep_size, device=dev)[None, :, None]  # [T, W, k]
     meta_ids = torch.where(mine, local[:, None, :], -1).to(torch.int32)

@@ -1,4 +1,4 @@
-"""Functions run on every rank by the tests of tests/dist (module level, so spawn can pickle them)."""
+"""Functions run on every rank by the tests of tests/distributed (module level, so spawn can pickle them)."""
 
 from __future__ import annotations
 
