@@ -35,8 +35,9 @@ Ops and the minimum bytes each must move:
 configuration in SWEEP_CONFIGS (BLOCK_H, num_warps), to choose the kernels' defaults.
 
 Distributed mode (--quick on CPU/gloo, --multigpu on NCCL), every rank timing:
-  ours      EPDispatcher.dispatch + combine (the expert in between is a row gather, in every impl)
-  a2a       all_to_all_single of the same [S, H] rows there and back (the floor; target: ours <= 1.2x)
+  ours      EPDispatcher.dispatch + combine (the expert in between is a row gather, as in naive)
+  d+c       dispatch + combine alone: combine takes expert rows computed once beforehand
+  a2a       all_to_all_single of the same [S, H] rows there and back (the floor; target: d+c <= 1.2x)
   naive     per-(token, expert) rows sorted by expert (no dedup), counts exchanged per expert, list
             all_to_all (all_to_all_single on gloo, whose list form rejects uneven sizes), weighted
             index_add_ on return (target: ours >= 1.5x faster)
@@ -286,6 +287,10 @@ def _dist_worker(shapes, rep, warmup, use_cuda) -> list:
             raise AssertionError(f"rank {rank}: ours and the naive path disagree at T={T} H={H} E={E} k={k}")
         d = disp.dispatch(x, ids, w)
         send_splits, recv_splits = d.handle.send_splits, d.handle.recv_splits
+        h_fixed = d.tokens.index_select(0, d.gather_idx.long())  # [N, H]: N is the same every call
+
+        def dispatch_combine(x, ids, w):
+            return disp.combine(h_fixed, disp.dispatch(x, ids, w, validate=False).handle)
         sbuf = x.new_empty((sum(send_splits), H))
         rbuf = x.new_empty((sum(recv_splits), H))
 
@@ -296,6 +301,8 @@ def _dist_worker(shapes, rep, warmup, use_cuda) -> list:
         dist.barrier()
         t_ours = bench(ours, [(x, ids, w)], rep=rep, warmup=warmup, device=device)
         dist.barrier()
+        t_dc = bench(dispatch_combine, [(x, ids, w)], rep=rep, warmup=warmup, device=device)
+        dist.barrier()
         t_a2a = bench(a2a_there_and_back, None, rep=rep, warmup=warmup, device=device)
         dist.barrier()
         t_naive = bench(lambda: _naive_dispatch_combine(x, ids, w, pl, None, list_a2a), None, rep=rep,
@@ -303,7 +310,8 @@ def _dist_worker(shapes, rep, warmup, use_cuda) -> list:
         e = x.element_size()
         sent_bytes = 2 * sum(send_splits) * H * e  # rows out and back
         table.append(dict(shape=f"T{T}_H{H}_top{k}of{E}_W{W}", T=T, H=H, E=E, k=k, W=W,
-                          ours_ms=t_ours.median_ms, a2a_ms=t_a2a.median_ms, naive_ms=t_naive.median_ms,
+                          ours_ms=t_ours.median_ms, dc_ms=t_dc.median_ms, a2a_ms=t_a2a.median_ms,
+                          naive_ms=t_naive.median_ms,
                           bytes_sent=sent_bytes, rank=rank))
     gathered = [None] * W
     dist.all_gather_object(gathered, table)
@@ -311,15 +319,17 @@ def _dist_worker(shapes, rep, warmup, use_cuda) -> list:
 
 
 def _print_dist(gathered, writer, backend) -> None:
-    head = f"{'shape':<26} {'ours ms':>9} {'a2a ms':>9} {'naive ms':>9} {'ours/a2a':>9} {'naive/ours':>10} {'GB/s sent':>10}"
+    head = (f"{'shape':<26} {'ours ms':>9} {'d+c ms':>9} {'a2a ms':>9} {'naive ms':>9} {'d+c/a2a':>9} {'naive/ours':>10} "
+            f"{'GB/s sent':>10}")
     print(f"backend: {backend}; times: the slowest rank's median\n{head}")
     print("-" * len(head))
+    keys = ("ours_ms", "dc_ms", "a2a_ms", "naive_ms")
     for i, row in enumerate(gathered[0]):
-        slow = {key: max(g[i][key] for g in gathered) for key in ("ours_ms", "a2a_ms", "naive_ms")}
-        gbps = max(g[i]["bytes_sent"] for g in gathered) / slow["ours_ms"] / 1e6
-        print(f"{row['shape']:<26} {slow['ours_ms']:>9.3f} {slow['a2a_ms']:>9.3f} {slow['naive_ms']:>9.3f} "
-              f"{slow['ours_ms'] / slow['a2a_ms']:>8.2f}x {slow['naive_ms'] / slow['ours_ms']:>9.2f}x {gbps:>10.2f}")
-        for impl, key in (("moecomm", "ours_ms"), ("all_to_all_single", "a2a_ms"), ("naive", "naive_ms")):
+        slow = {key: max(g[i][key] for g in gathered) for key in keys}
+        gbps = max(g[i]["bytes_sent"] for g in gathered) / slow["dc_ms"] / 1e6
+        print(f"{row['shape']:<26} {slow['ours_ms']:>9.3f} {slow['dc_ms']:>9.3f} {slow['a2a_ms']:>9.3f} {slow['naive_ms']:>9.3f} "
+              f"{slow['dc_ms'] / slow['a2a_ms']:>8.2f}x {slow['naive_ms'] / slow['ours_ms']:>9.2f}x {gbps:>10.2f}")
+        for impl, key in zip(("moecomm", "moecomm dispatch+combine", "all_to_all_single", "naive"), keys):
             writer.write(bench="dispatch", mode="distributed", backend=backend, shape=row["shape"], T=row["T"],
                          H=row["H"], E=row["E"], k=row["k"], W=row["W"], impl=impl, median_ms=slow[key],
                          ratio_to_ours=slow[key] / slow["ours_ms"],
