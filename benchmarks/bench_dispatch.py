@@ -298,15 +298,19 @@ def _dist_worker(shapes, rep, warmup, use_cuda) -> list:
             dist.all_to_all_single(rbuf, sbuf, recv_splits, send_splits)
             dist.all_to_all_single(sbuf, rbuf, send_splits, recv_splits)
 
+        # A fixed number of calls on every rank: each call runs collectives, and a warm-up that
+        # lasts until some time has passed (bench's min_warmup_ms) can end after a different number
+        # of calls on each rank, leaving one rank in a collective the others never enter (a hang
+        # seen on two H200s).
+        timed = dict(rep=rep, warmup=warmup, device=device, min_warmup_ms=0.0)
         dist.barrier()
-        t_ours = bench(ours, [(x, ids, w)], rep=rep, warmup=warmup, device=device)
+        t_ours = bench(ours, [(x, ids, w)], **timed)
         dist.barrier()
-        t_dc = bench(dispatch_combine, [(x, ids, w)], rep=rep, warmup=warmup, device=device)
+        t_dc = bench(dispatch_combine, [(x, ids, w)], **timed)
         dist.barrier()
-        t_a2a = bench(a2a_there_and_back, None, rep=rep, warmup=warmup, device=device)
+        t_a2a = bench(a2a_there_and_back, None, **timed)
         dist.barrier()
-        t_naive = bench(lambda: _naive_dispatch_combine(x, ids, w, pl, None, list_a2a), None, rep=rep,
-                        warmup=warmup, device=device)
+        t_naive = bench(lambda: _naive_dispatch_combine(x, ids, w, pl, None, list_a2a), None, **timed)
         e = x.element_size()
         sent_bytes = 2 * sum(send_splits) * H * e  # rows out and back
         table.append(dict(shape=f"T{T}_H{H}_top{k}of{E}_W{W}", T=T, H=H, E=E, k=k, W=W,
