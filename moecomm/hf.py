@@ -8,9 +8,9 @@ tested against its real class (tests/hf):
 
 | routing                                                | blocks                                                          |
 |--------------------------------------------------------|-----------------------------------------------------------------|
-| softmax top-k, always renormalised                     | Mixtral, Qwen3.5-MoE*, Qwen3-VL-MoE (text)                      |
-| softmax top-k, renormalised if gate.norm_topk_prob     | Qwen2-MoE*, Qwen3-MoE, Qwen3-Next*, OLMoE, FlexOlmo, Mellum     |
-| sigmoid + e_score_correction_bias, grouped top-k, renormalised if norm_topk_prob, x routed_scaling_factor; shared_experts | DeepSeek-V3, DeepSeek-V3.2, GLM-4.5 (Glm4Moe), Glm4vMoe (text), Glm4MoeLite, dots.llm1 (Dots1), Kimi-Linear, SolarOpen |
+| softmax top-k, always renormalised                     | Mixtral, MiniMax-Text-01, Qwen3.5-MoE*, Qwen3-VL-MoE (text)     |
+| softmax top-k, renormalised if gate.norm_topk_prob     | Qwen2-MoE*, Qwen3-MoE, Qwen3-Next*, Qwen3-Omni-MoE thinker and talker*, Qwen4Exp*, OLMoE, FlexOlmo, Mellum |
+| sigmoid + e_score_correction_bias, grouped top-k, renormalised if norm_topk_prob, x routed_scaling_factor; shared_experts | DeepSeek-V3, DeepSeek-V3.2, GLM-4.5 (Glm4Moe), Glm4vMoe (text), Glm4MoeLite, GlmMoeDsa, dots.llm1 (Dots1), Kimi-Linear, SolarOpen, ExaoneMoe, MiMo-V2-Flash (no shared expert) |
 | sigmoid + the block's e_score_correction_bias, top-k, always renormalised | MiniMax-M2                                    |
 
 (*) with shared_expert * sigmoid(shared_expert_gate(x)).
@@ -38,11 +38,15 @@ __all__ = ["SUPPORTED_BLOCKS", "from_hf", "patch_hf_model"]
 # (always), "sigmoid_grouped" (DeepSeek-V3's router), "sigmoid_bias" (MiniMax-M2: the bias on the block)
 _ROUTING = {
     "MixtralSparseMoeBlock": "softmax_renorm",
+    "MiniMaxSparseMoeBlock": "softmax_renorm",
     "Qwen3_5MoeSparseMoeBlock": "softmax_renorm",
     "Qwen3VLMoeTextSparseMoeBlock": "softmax_renorm",
     "Qwen2MoeSparseMoeBlock": "softmax",
     "Qwen3MoeSparseMoeBlock": "softmax",
     "Qwen3NextSparseMoeBlock": "softmax",
+    "Qwen3OmniMoeThinkerTextSparseMoeBlock": "softmax",
+    "Qwen3OmniMoeTalkerTextSparseMoeBlock": "softmax",
+    "Qwen4ExpTextSparseMoeBlock": "softmax",
     "OlmoeSparseMoeBlock": "softmax",
     "FlexOlmoSparseMoeBlock": "softmax",
     "MellumSparseMoeBlock": "softmax",
@@ -51,9 +55,12 @@ _ROUTING = {
     "Glm4MoeMoE": "sigmoid_grouped",
     "Glm4vMoeTextMoE": "sigmoid_grouped",
     "Glm4MoeLiteMoE": "sigmoid_grouped",
+    "GlmMoeDsaMoE": "sigmoid_grouped",
     "Dots1MoE": "sigmoid_grouped",
     "KimiLinearMoE": "sigmoid_grouped",
     "SolarOpenMoE": "sigmoid_grouped",
+    "ExaoneMoeSparseMoEBlock": "sigmoid_grouped",
+    "MiMoV2FlashMoE": "sigmoid_grouped",
     "MiniMaxM2SparseMoeBlock": "sigmoid_bias",
 }
 SUPPORTED_BLOCKS = tuple(_ROUTING)

@@ -68,16 +68,40 @@ def _config(family: str):
         # sigmoid + a bias held by the block, plain top-k, always renormalised
         "minimax_m2": lambda: t.MiniMaxM2Config(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
                                                 **COMMON),
+        "minimax": lambda: t.MiniMaxConfig(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                                           **COMMON),
+        "qwen3_omni_moe_thinker": lambda: t.Qwen3OmniMoeTextConfig(
+            intermediate_size=48, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+            head_dim=16, **COMMON),
+        "qwen3_omni_moe_talker": lambda: t.Qwen3OmniMoeTalkerTextConfig(
+            intermediate_size=48, moe_intermediate_size=32, shared_expert_intermediate_size=40, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True, head_dim=16, **COMMON),
+        "qwen4_exp": lambda: t.Qwen4ExpTextConfig(moe_intermediate_size=32, shared_expert_intermediate_size=40, num_experts=8,
+                                                  num_experts_per_tok=2, norm_topk_prob=False, head_dim=16, **COMMON),
+        "glm_moe_dsa": lambda: t.GlmMoeDsaConfig(**_DS, **COMMON),
+        "mimo_v2_flash": lambda: t.MiMoV2FlashConfig(**_DS, **COMMON),
+        "exaone_moe": lambda: t.ExaoneMoeConfig(**_DS, **COMMON),
     }
     return builders[family]()
 
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_vl_moe", "olmoe", "flex_olmo", "mellum",
             "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4v_moe", "glm4_moe_lite", "dots1", "solar_open", "kimi_linear",
-            "minimax_m2"]
-# no causal-LM class for a text config (the VL models), or none that runs at this size (V3.2's indexer):
-# these are tested as blocks, built from the family's config
-BLOCK_ONLY = {"qwen3_vl_moe": "Qwen3VLMoeTextSparseMoeBlock", "glm4v_moe": "Glm4vMoeTextMoE", "deepseek_v32": "DeepseekV32MoE"}
+            "minimax_m2", "minimax", "qwen3_omni_moe_thinker", "qwen3_omni_moe_talker", "qwen4_exp", "glm_moe_dsa",
+            "mimo_v2_flash", "exaone_moe"]
+# family -> (transformers module, block class), tested as blocks built from the family's config: no
+# causal-LM class for a text config (the VL and Omni models), or none that runs at this tiny size
+BLOCK_ONLY = {
+    "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock"),
+    "glm4v_moe": ("glm4v_moe", "Glm4vMoeTextMoE"),
+    "deepseek_v32": ("deepseek_v32", "DeepseekV32MoE"),
+    "qwen3_omni_moe_thinker": ("qwen3_omni_moe", "Qwen3OmniMoeThinkerTextSparseMoeBlock"),
+    "qwen3_omni_moe_talker": ("qwen3_omni_moe", "Qwen3OmniMoeTalkerTextSparseMoeBlock"),
+    "qwen4_exp": ("qwen4_exp", "Qwen4ExpTextSparseMoeBlock"),
+    "glm_moe_dsa": ("glm_moe_dsa", "GlmMoeDsaMoE"),
+    "mimo_v2_flash": ("mimo_v2_flash", "MiMoV2FlashMoE"),
+    "exaone_moe": ("exaone_moe", "ExaoneMoeSparseMoEBlock"),
+}
 
 
 def _spread_routing(mod):
@@ -110,8 +134,9 @@ def _block(family: str):
     import importlib
 
     torch.manual_seed(0)
-    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    block = getattr(module, BLOCK_ONLY[family])(_config(family)).eval()
+    module_name, block_name = BLOCK_ONLY[family]
+    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    block = getattr(module, block_name)(_config(family)).eval()
     for p in block.parameters():
         p.normal_(0, 0.1)
     _spread_routing(block)
