@@ -132,10 +132,7 @@ def run(shapes, tokens, device, dtype, writer, rep, stream=print) -> list[dict]:
             nsets = 4 if gpu else 1  # rotate inputs; the weights (>1 GB) dwarf L2 anyway
             xs = [torch.randn(T, H, device=device, dtype=dtype) for _ in range(nsets)]
             with torch.no_grad():
-                r = moecomm.routing.route(
-                    moe.router_logits(xs[0]), k, method=moe.routing, renormalize=moe.renormalize, n_group=moe.n_group,
-                    topk_group=moe.topk_group, e_score_correction_bias=moe.e_score_correction_bias,
-                    routed_scaling_factor=moe.routed_scaling_factor)
+                r = moe.route(xs[0])
                 experts_hit = int(torch.unique(r.topk_ids).numel())
                 d = moe.dispatcher.dispatch(xs[0], r.topk_ids, r.topk_weights)
 

@@ -288,6 +288,15 @@ class MoE(nn.Module):
             return F.linear(x.float(), self.gate.weight.float())
         return self.gate(x)
 
+    def route(self, x2: torch.Tensor):
+        """x2 [T, H] -> the layer's RoutingResult (topk_ids, topk_weights): its router, its method and
+        settings; no host sync (the device checks are skipped)."""
+        return route(
+            self.router_logits(x2), self.top_k, method=self.routing, renormalize=self.renormalize,
+            n_group=self.n_group, topk_group=self.topk_group, e_score_correction_bias=self.e_score_correction_bias,
+            routed_scaling_factor=self.routed_scaling_factor, validate=False,  # its checks would sync the host
+        )
+
     def _bias(self) -> torch.Tensor | None:
         b = self.e_score_correction_bias
         # a model cast with .to(bf16) casts buffers too; the reference adds the bias to fp32 scores
@@ -337,11 +346,7 @@ class MoE(nn.Module):
         """x2 [T, H] contiguous -> [T, H]: the launches of one forward, no host sync."""
         from .gemm import expert_mlp
 
-        r = route(
-            self.router_logits(x2), self.top_k, method=self.routing, renormalize=self.renormalize,
-            n_group=self.n_group, topk_group=self.topk_group, e_score_correction_bias=self.e_score_correction_bias,
-            routed_scaling_factor=self.routed_scaling_factor, validate=False,  # its checks would sync the host
-        )
+        r = self.route(x2)
         d = self.dispatcher.dispatch(x2, r.topk_ids, r.topk_weights)
         h = expert_mlp(
             d.tokens, self.w_gate_up, self.w_down, d.expert_offsets, layout="enk", activation=self.activation,

@@ -90,7 +90,6 @@ def run_rank(cfg: DemoConfig) -> list[dict]:
 
     from ..gemm import expert_mlp
     from ..moe import MoE
-    from ..routing import route
     from . import health
     from .groups import new_ep_groups
     from .world import current_world, init, shutdown
@@ -132,9 +131,7 @@ def run_rank(cfg: DemoConfig) -> list[dict]:
 
         def phased() -> tuple[torch.Tensor, list[float], torch.Tensor]:
             t = [sync()]
-            r = route(ep.router_logits(x), k, method=ep.routing, renormalize=ep.renormalize, n_group=ep.n_group,
-                      topk_group=ep.topk_group, e_score_correction_bias=ep.e_score_correction_bias,
-                      routed_scaling_factor=ep.routed_scaling_factor, validate=False)
+            r = ep.route(x)
             t.append(sync())
             with health.watch(ep_group, "demo: dispatch"):
                 d = ep.dispatcher.dispatch(x, r.topk_ids, r.topk_weights)

@@ -209,7 +209,7 @@ def plan_send(
     # tokens before t going to w: scanned along the last dimension of the [W, T] transpose, since
     # CUDA torch's scan over dim 0 of a [T, W] tensor with small W is one slow sequential pass
     # (376 us for T = 4096, W = 2 on an H200, most of the step's device time)
-    rank_in_dest = (torch.cumsum(hit.t().contiguous(), 1, dtype=torch.long).t() - hit)  # [T, W]
+    rank_in_dest = torch.cumsum(hit.t().contiguous(), 1, dtype=torch.long).t() - hit  # [T, W]
     pos = torch.where(hit > 0, start[None, :] + rank_in_dest, -1).to(torch.int32)  # [T, W]
     mine = dest[:, None, :] == torch.arange(ep_size, device=dev)[None, :, None]  # [T, W, k]
     meta_ids = torch.where(mine, local[:, None, :], -1).to(torch.int32)
