@@ -1,0 +1,203 @@
+"""Host-side pieces shared by the decode and prefill wrappers: page-table checks, the metadata
+staging buffer (one H2D copy per plan), KV-cache checks at run().
+
+# B = batch, P = page_size, Hk = num_kv_heads, D = head_dim
+
+plan() is on the host's critical path once per batch (target <= 30 us for B <= 128): everything
+here works on numpy arrays of the host copies of indptr / last_page_len, never on device data,
+and the device sees the result through one non-blocking copy of one pinned int32 buffer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import MoeCommTypeError, MoeCommValueError
+from .reference import HND, NHD
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+           "half": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16}
+KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def parse_dtype(op: str, name: str, value, default: torch.dtype | None = None) -> torch.dtype:
+    if value is None:
+        if default is None:
+            raise MoeCommTypeError(f"{op}: {name} must be a dtype, got None")
+        return default
+    if isinstance(value, str):
+        dt = _DTYPES.get(value.replace("torch.", ""))
+        if dt is None:
+            raise MoeCommTypeError(f"{op}: {name} must be one of {sorted(_DTYPES)} or a torch.dtype, got {value!r}")
+        return dt
+    if not isinstance(value, torch.dtype) or value not in KV_DTYPES:
+        raise MoeCommTypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {value!r}")
+    return value
+
+
+def check_layout(op: str, kv_layout) -> str:
+    if kv_layout not in (NHD, HND):
+        raise MoeCommValueError(f"{op}: kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
+    return kv_layout
+
+
+def host_ints(op: str, name: str, value) -> np.ndarray:
+    """A 1-D int64 numpy copy of an index tensor / array / list (a CUDA tensor is copied: a sync)."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in (torch.int32, torch.int64):
+            raise MoeCommTypeError(f"{op}: {name} must have dtype int32 or int64, got {str(value.dtype).replace('torch.', '')}")
+        if value.dim() != 1:
+            raise MoeCommValueError(f"{op}: {name} must have 1 dimension, got shape {tuple(value.shape)}")
+        if value.device.type != "cpu":
+            value = value.cpu()
+        return value.numpy().astype(np.int64, copy=False)
+    arr = np.asarray(value)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise MoeCommTypeError(f"{op}: {name} must be a 1-D integer tensor, got {type(value).__name__} of shape {arr.shape}")
+    return arr.astype(np.int64, copy=False)
+
+
+def check_heads(op: str, num_qo_heads, num_kv_heads, head_dim, page_size, head_dims=(64, 128, 256)) -> None:
+    for name, v in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                    ("page_size", page_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise MoeCommTypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
+        if v < 1:
+            raise MoeCommValueError(f"{op}: {name} must be >= 1, got {v}")
+    if num_qo_heads % num_kv_heads:
+        raise MoeCommValueError(f"{op}: num_qo_heads must be a multiple of num_kv_heads ({num_kv_heads}), got {num_qo_heads}")
+    if head_dim not in head_dims:
+        raise MoeCommValueError(f"{op}: head_dim must be one of {list(head_dims)}, got {head_dim}")
+    if page_size > 128:
+        raise MoeCommValueError(f"{op}: page_size must be <= 128, got {page_size}")
+
+
+def check_page_table(op: str, indptr: np.ndarray, last_page_len: np.ndarray, num_indices: int, page_size: int,
+                     indptr_name: str = "indptr") -> np.ndarray:
+    """Validate the page table's host copies; return the KV length of each request ([B] int64)."""
+    batch = indptr.shape[0] - 1
+    if batch < 0:
+        raise MoeCommValueError(f"{op}: {indptr_name} must have batch_size + 1 >= 1 entries, got 0")
+    if last_page_len.shape[0] != batch:
+        raise MoeCommValueError(f"{op}: last_page_len must have {batch} entries (one per request), got {last_page_len.shape[0]}")
+    if indptr[0] != 0:
+        raise MoeCommValueError(f"{op}: {indptr_name}[0] must be 0, got {int(indptr[0])}")
+    pages = np.diff(indptr)
+    if batch and pages.min() < 0:
+        b = int(np.argmax(pages < 0))
+        raise MoeCommValueError(f"{op}: {indptr_name} must be non-decreasing, got {indptr_name}[{b + 1}] = "
+                                f"{int(indptr[b + 1])} < {indptr_name}[{b}] = {int(indptr[b])}")
+    if indptr[-1] > num_indices:
+        raise MoeCommValueError(f"{op}: indices must hold {indptr_name}[-1] = {int(indptr[-1])} page ids, got {num_indices}")
+    has = pages > 0
+    bad = has & ((last_page_len < 1) | (last_page_len > page_size))
+    if bad.any():
+        b = int(np.argmax(bad))
+        raise MoeCommValueError(f"{op}: last_page_len must be in [1, page_size = {page_size}] for a request with pages, "
+                                f"got last_page_len[{b}] = {int(last_page_len[b])}")
+    return np.where(has, (pages - 1) * page_size + last_page_len, 0)
+
+
+def check_indices(op: str, indices, num_pages: int | None) -> int | None:
+    """Range-check host page ids (device ids are not read: the kernels clamp them); return their
+    maximum (None when not known on the host)."""
+    if not isinstance(indices, torch.Tensor) or indices.device.type != "cpu":
+        if isinstance(indices, torch.Tensor) and indices.dtype not in (torch.int32, torch.int64):
+            raise MoeCommTypeError(f"{op}: indices must have dtype int32 or int64, got {str(indices.dtype).replace('torch.', '')}")
+        return None
+    arr = host_ints(op, "indices", indices)
+    if arr.size == 0:
+        return -1
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0:
+        raise MoeCommValueError(f"{op}: indices must be >= 0 (page ids), got {lo} at position {int(np.argmin(arr))}")
+    if num_pages is not None and hi >= num_pages:
+        raise MoeCommValueError(f"{op}: indices must be < num_pages ({num_pages}), got {hi} at position {int(np.argmax(arr))}")
+    return hi
+
+
+class Staging:
+    """A pinned host int32 buffer and its device twin: plan() writes numpy, then one copy.
+
+    The host buffer is rewritten only after the previous copy has left it (an event), so that a
+    plan() following another before the GPU caught up never races its own upload.
+    """
+
+    def __init__(self, device: torch.device, size: int):
+        self.device = device
+        self.size = 0
+        self._event = None
+        self._grow(size)
+
+    def _grow(self, size: int) -> None:
+        size = max(int(size), 64)
+        cuda = self.device.type == "cuda"
+        self.host = torch.zeros(size, dtype=torch.int32, pin_memory=cuda)
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros(size, dtype=torch.int32, device=self.device) if cuda else self.host
+        self.size = size
+
+    def ensure(self, size: int) -> bool:
+        """Make room for ``size`` ints; True when the buffers were reallocated (views are stale)."""
+        if size <= self.size:
+            if self._event is not None:
+                self._event.synchronize()
+            return False
+        self._grow(max(size, 2 * self.size))
+        self._event = None
+        return True
+
+    def upload(self, n: int) -> None:
+        if self.dev is self.host:
+            return
+        self.dev[:n].copy_(self.host[:n], non_blocking=True)
+        if self._event is None:
+            self._event = torch.cuda.Event()
+        self._event.record()
+
+
+def check_kv_cache(op: str, paged_kv_cache, kv_layout: str, num_kv_heads: int, head_dim: int, page_size: int,
+                   kv_dtype: torch.dtype, device: torch.device):
+    """(k_cache, v_cache) of run(), checked against the plan; shapes / dtypes only (no device read)."""
+    if isinstance(paged_kv_cache, torch.Tensor):
+        if paged_kv_cache.dim() != 5 or paged_kv_cache.shape[1] != 2:
+            raise MoeCommValueError(f"{op}: paged_kv_cache must be a (k_cache, v_cache) tuple or one tensor of shape "
+                                    f"[num_pages, 2, ...], got shape {list(paged_kv_cache.shape)}")
+        k, v = paged_kv_cache[:, 0], paged_kv_cache[:, 1]
+    elif isinstance(paged_kv_cache, (tuple, list)) and len(paged_kv_cache) == 2:
+        k, v = paged_kv_cache
+    else:
+        raise MoeCommTypeError(f"{op}: paged_kv_cache must be a (k_cache, v_cache) tuple or a tensor, "
+                               f"got {type(paged_kv_cache).__name__}")
+    want = (page_size, num_kv_heads, head_dim) if kv_layout == NHD else (num_kv_heads, page_size, head_dim)
+    for name, t in (("k_cache", k), ("v_cache", v)):
+        if not isinstance(t, torch.Tensor):
+            raise MoeCommTypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4 or tuple(t.shape[1:]) != want:
+            dims = "[num_pages, page_size, num_kv_heads, head_dim]" if kv_layout == NHD else "[num_pages, num_kv_heads, page_size, head_dim]"
+            raise MoeCommValueError(f"{op}: {name} must have shape {dims} = [*, {', '.join(map(str, want))}] "
+                                    f"({kv_layout}, as planned), got {list(t.shape)}")
+        if t.dtype is not kv_dtype:
+            raise MoeCommTypeError(f"{op}: {name} must have dtype {str(kv_dtype).replace('torch.', '')} (planned kv_data_type), "
+                                   f"got {str(t.dtype).replace('torch.', '')}")
+        if t.stride(3) != 1:
+            raise MoeCommValueError(f"{op}: {name} must be contiguous along head_dim (stride 1), got stride {t.stride(3)}")
+        if t.device != device and not (t.device.type == device.type == "cuda"):
+            raise MoeCommValueError(f"{op}: {name} must be on device {device}, got {t.device}")
+    if k.shape[0] != v.shape[0]:
+        raise MoeCommValueError(f"{op}: v_cache must have as many pages as k_cache ({k.shape[0]}), got {v.shape[0]}")
+    return k, v
+
+
+def nhd_strides(t: torch.Tensor, kv_layout: str) -> tuple[int, int, int]:
+    """(stride of a page, of a token slot, of a head) of a cache in either layout."""
+    if kv_layout == NHD:
+        return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100 / H200: plans made on CPU split as they would there

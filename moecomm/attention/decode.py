@@ -1,0 +1,357 @@
+"""BatchDecodeWithPagedKVCacheWrapper: decode attention over a paged KV cache, plan() then run().
+
+# B = batch, Hq / Hk = query / KV heads, G = Hq // Hk, D = head_dim, P = page_size, W = work items
+
+Class name and plan()/run() arguments follow FlashInfer's, so that callers switch by changing an
+import. plan() runs once per batch on the host (numpy over the host copies of indptr and
+last_page_len, then ONE non-blocking copy of one pinned int32 buffer); every layer's run() reuses
+it and does no host sync.
+
+Split-KV (flash-decoding) is decided in plan(): when B * Hk programs would not fill the GPU
+(_TARGET_PROGRAMS_PER_SM programs per SM), each request's KV is cut into equal chunks (multiples
+of the kernel's BLOCK_N) so that the work items number about that many; their partial outputs are
+merged by LSE in a second kernel. Otherwise each request is one work item and the decode kernel
+writes the output itself.
+
+CUDA-graph mode (use_cuda_graph=True): every buffer is allocated at construction for a fixed
+maximum batch (the size of paged_kv_indptr_buffer - 1) and page count (of paged_kv_indices_buffer);
+the kernels' grids depend only on those and on the head counts, never on a plan's data, and the
+split path always runs, so one captured run() replays correctly after any later plan() of at most
+that batch. run() then does no allocation when given out= (and lse=).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import MoeCommTypeError, MoeCommValueError
+from ..jit import backend as _backend
+from ..jit.launch import cdiv, launch
+from ..jit.ops import define_op
+from . import reference
+from ._common import (Staging, check_heads, check_indices, check_kv_cache, check_layout, check_page_table,
+                      host_ints, nhd_strides, num_sms, parse_dtype)
+
+_OP = "BatchDecodeWithPagedKVCacheWrapper"
+_TARGET_PROGRAMS_PER_SM = 8  # resident ~2 per SM (96 KB of pipelined K/V each): ~4 waves, small tail
+_MIN_CHUNK = 256  # tokens: below this a chunk's partial (Hq x D fp32) costs more than its KV read
+_ALIGN = 16  # metadata sections start at multiples of 16 ints (one Triton specialisation of offsets)
+
+# (head_dim) -> (BLOCK_N, num_warps, num_stages); the benchmark's --sweep overrides it
+DECODE_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _decode_impl(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: torch.Tensor, kv_indices: torch.Tensor,
+    part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    offsets: list[int], num_programs: int, page_size: int, kv_layout_hnd: bool, direct: bool, write_lse: bool,
+    sm_scale: float, logits_soft_cap: float, window_left: int,
+) -> None:
+    off_req, off_start, off_end, off_kv_indptr, off_work_indptr, off_len = offsets
+    batch, num_qo_heads, head_dim = q.shape
+    kv_layout = reference.HND if kv_layout_hnd else reference.NHD
+    if _backend.choose(q, "attention_decode") is not _backend.Impl.TRITON:
+        m = meta.cpu().long()
+        indptr = m[off_kv_indptr:off_kv_indptr + batch + 1]
+        lengths = m[off_len:off_len + batch]
+        npages = indptr[1:] - indptr[:-1]
+        last = torch.where(npages > 0, lengths - (npages - 1) * page_size, torch.zeros_like(lengths))
+        o, s = reference.batch_decode(q, k_cache, v_cache, kv_layout, indptr, kv_indices.cpu(), last, sm_scale=sm_scale,
+                                      logits_soft_cap=logits_soft_cap or None, window_left=window_left)
+        out.copy_(o)
+        if write_lse:
+            lse.copy_(s)
+        return
+    from . import _triton_decode as kern
+
+    num_kv_heads = k_cache.shape[2] if not kv_layout_hnd else k_cache.shape[1]
+    group = num_qo_heads // num_kv_heads
+    block_n, num_warps, num_stages = DECODE_CONFIGS[head_dim]
+    skp, skt, skh = nhd_strides(k_cache, kv_layout)
+    svp, svt, svh = nhd_strides(v_cache, kv_layout)
+    soft = logits_soft_cap > 0
+    launch(kern.decode_kernel, (num_programs, num_kv_heads), (
+        q, k_cache, v_cache, out, lse, part_o, part_lse, meta, kv_indices,
+        off_req, off_start, off_end, off_kv_indptr, k_cache.shape[0], num_programs,
+        q.stride(0), q.stride(1), skp, skt, skh, svp, svt, svh, out.stride(0), out.stride(1),
+        sm_scale, logits_soft_cap if soft else 1.0,
+    ), dict(GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_G=max(16, 1 << (group - 1).bit_length()),
+            BLOCK_N=block_n, DIRECT=direct, WRITE_LSE=write_lse, SOFT_CAP=soft), num_warps, num_stages)
+    if not direct:
+        launch(kern.merge_partials_kernel, (batch, num_qo_heads), (
+            part_o, part_lse, meta, out, lse, off_work_indptr, num_qo_heads, out.stride(0), out.stride(1),
+        ), dict(HEAD_DIM=head_dim, WRITE_LSE=write_lse), 4 if head_dim >= 128 else 2)
+
+
+paged_decode = define_op("paged_decode", _decode_impl, fake=lambda *args: None,
+                         mutates_args=("part_o", "part_lse", "out", "lse"), differentiable=False)
+
+
+class BatchDecodeWithPagedKVCacheWrapper:
+    """Decode attention (one query token per request) over a paged KV cache.
+
+    Args:
+        float_workspace_buffer: uint8 tensor on the GPU (FlashInfer's: 128 MB is plenty), holding the
+            split-KV partial outputs; its device is the wrapper's.
+        kv_layout: "NHD" (pages [num_pages, P, Hk, D]) or "HND" ([num_pages, Hk, P, D]).
+        use_cuda_graph: fixed-size buffers allocated here; then paged_kv_indptr_buffer ([max_batch + 1]
+            int32) and paged_kv_indices_buffer ([max_num_pages] int32) must be given, on the device.
+        use_tensor_cores, backend: accepted for FlashInfer compatibility (the kernel always uses tl.dot).
+        paged_kv_last_page_len_buffer: accepted (FlashInfer's); plan() needs only its host copy.
+
+    Example:
+        >>> w = BatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device="cuda"))
+        >>> w.plan(indptr, indices, last_page_len, 32, 8, 128, 16, q_data_type=torch.bfloat16)
+        >>> out = w.run(q, (k_cache, v_cache))           # every layer, same plan
+    """
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 use_tensor_cores: bool = False, paged_kv_indptr_buffer: torch.Tensor | None = None,
+                 paged_kv_indices_buffer: torch.Tensor | None = None,
+                 paged_kv_last_page_len_buffer: torch.Tensor | None = None, backend: str = "auto",
+                 jit_args=None):
+        if not isinstance(float_workspace_buffer, torch.Tensor):
+            raise MoeCommTypeError(f"{_OP}: float_workspace_buffer must be a torch.Tensor, got {type(float_workspace_buffer).__name__}")
+        self._kv_layout = check_layout(_OP, kv_layout)
+        self._device = float_workspace_buffer.device
+        self._workspace = float_workspace_buffer.view(torch.uint8).reshape(-1)
+        self._sms = num_sms(self._device)
+        self._graph = bool(use_cuda_graph)
+        self._indices_buf = None
+        if self._graph:
+            if paged_kv_indptr_buffer is None or paged_kv_indices_buffer is None:
+                raise MoeCommValueError(f"{_OP}: paged_kv_indptr_buffer and paged_kv_indices_buffer must be given with "
+                                        "use_cuda_graph=True (they fix the maximum batch and page count), got None")
+            for name, t in (("paged_kv_indptr_buffer", paged_kv_indptr_buffer), ("paged_kv_indices_buffer", paged_kv_indices_buffer)):
+                if t.dtype is not torch.int32 or t.dim() != 1 or not t.is_contiguous():
+                    raise MoeCommValueError(f"{_OP}: {name} must be a contiguous 1-D int32 tensor, got "
+                                            f"{str(t.dtype).replace('torch.', '')} of shape {list(t.shape)}")
+            self._max_batch = paged_kv_indptr_buffer.shape[0] - 1
+            self._indices_buf = paged_kv_indices_buffer
+            self._max_work = self._max_batch + _TARGET_PROGRAMS_PER_SM * self._sms
+        else:
+            self._max_batch, self._max_work = 0, 0
+        self._staging = Staging(self._device, 1024)
+        self._plan = None
+        self._views: dict = {}
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._graph
+
+    def _layout(self, batch: int, num_work: int) -> tuple[list[int], int]:
+        """Offsets of the metadata sections and the end of the fixed part."""
+        wcap, bcap = (self._max_work, self._max_batch) if self._graph else (num_work, batch)
+        ws, bs = _round_up(wcap, _ALIGN), _round_up(bcap + 1, _ALIGN)
+        off_req = _ALIGN
+        off_start, off_end = off_req + ws, off_req + 2 * ws
+        off_kv_indptr = off_req + 3 * ws
+        off_work_indptr = off_kv_indptr + bs
+        off_len = off_work_indptr + bs
+        return [off_req, off_start, off_end, off_kv_indptr, off_work_indptr, off_len], off_len + bs
+
+    def _partials(self, num_qo_heads: int, head_dim: int):
+        key = (num_qo_heads, head_dim)
+        hit = self._views.get(key)
+        if hit is None:
+            cap = self._workspace.numel() // (num_qo_heads * (head_dim + 1) * 4)
+            ws = self._workspace[: cap * num_qo_heads * (head_dim + 1) * 4]
+            part_o = ws[: cap * num_qo_heads * head_dim * 4].view(torch.float32)
+            part_lse = ws[cap * num_qo_heads * head_dim * 4:].view(torch.float32)
+            hit = self._views[key] = (cap, part_o, part_lse)
+        return hit
+
+    def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+             page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1, logits_soft_cap: float | None = None,
+             q_data_type="float16", kv_data_type=None, data_type=None, sm_scale: float | None = None,
+             rope_scale=None, rope_theta=None, non_blocking: bool = True, *, num_pages: int | None = None,
+             disable_split_kv: bool = False, kv_chunk_size: int | None = None) -> None:
+        """Plan decode attention for one batch; reused by every run() until the next plan().
+
+        Args:
+            indptr: [B + 1] int32/int64 (host preferred: a device tensor is copied, a sync), request b's
+                pages are indices[indptr[b]:indptr[b + 1]].
+            indices: [>= indptr[-1]] int32/int64 page ids (host or device; host ids are range-checked,
+                device ids are clamped to the cache by the kernel).
+            last_page_len: [B] int32/int64, tokens in each request's last page, 1..page_size.
+            num_qo_heads, num_kv_heads: Hq, Hk (Hq % Hk == 0: MHA, GQA, MQA).
+            head_dim: D, 64, 128 or 256. page_size: P, 1..128.
+            pos_encoding_mode: "NONE" (apply RoPE before with apply_rope / apply_rope_inplace).
+            window_left: attend to the last window_left + 1 tokens (-1: all).
+            logits_soft_cap: c > 0: logits = c * tanh(logits / c); None or 0: none.
+            q_data_type, kv_data_type (default q's), data_type (FlashInfer's alias of both): fp16/bf16 (fp32 too).
+            sm_scale: the logits' scale, default 1 / sqrt(D).
+            num_pages: the cache's page count, for a range check of host indices here (else at run()).
+            disable_split_kv: one work item per request. kv_chunk_size: force split chunks of this
+                many tokens (tests; rounded up to the kernel's block).
+        """
+        check_heads(_OP, num_qo_heads, num_kv_heads, head_dim, page_size)
+        if pos_encoding_mode != "NONE":
+            raise MoeCommValueError(f"{_OP}: pos_encoding_mode must be 'NONE' (rotate q and k with apply_rope first), "
+                                    f"got {pos_encoding_mode!r}")
+        if data_type is not None:
+            q_data_type = kv_data_type = data_type
+        q_dtype = parse_dtype(_OP, "q_data_type", q_data_type)
+        kv_dtype = parse_dtype(_OP, "kv_data_type", kv_data_type, q_dtype)
+        if kv_dtype is not q_dtype:
+            raise MoeCommTypeError(f"{_OP}: kv_data_type must equal q_data_type ({str(q_dtype).replace('torch.', '')}), "
+                                   f"got {str(kv_dtype).replace('torch.', '')}")
+        if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+            raise MoeCommValueError(f"{_OP}: window_left must be an int >= -1, got {window_left!r}")
+        cap = 0.0 if logits_soft_cap is None else float(logits_soft_cap)
+        if not (cap >= 0 and math.isfinite(cap)):
+            raise MoeCommValueError(f"{_OP}: logits_soft_cap must be None or a finite value >= 0, got {logits_soft_cap!r}")
+        scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+        indptr_np = host_ints(_OP, "indptr", indptr)
+        last_np = host_ints(_OP, "last_page_len", last_page_len)
+        num_indices = indices.shape[0] if isinstance(indices, torch.Tensor) else len(indices)
+        lengths = check_page_table(_OP, indptr_np, last_np, num_indices, page_size)
+        max_index = check_indices(_OP, indices, num_pages)
+        batch = lengths.shape[0]
+        if self._graph and batch > self._max_batch:
+            raise MoeCommValueError(f"{_OP}: batch size must be <= {self._max_batch} (the CUDA-graph buffers' size), got {batch}")
+        if self._graph and indptr_np[-1] > self._indices_buf.shape[0]:
+            raise MoeCommValueError(f"{_OP}: indptr[-1] must be <= {self._indices_buf.shape[0]} (paged_kv_indices_buffer's "
+                                    f"size), got {int(indptr_np[-1])}")
+
+        starts = np.maximum(lengths - 1 - window_left, 0) if window_left >= 0 else np.zeros_like(lengths)
+        span = lengths - starts
+        block_n = DECODE_CONFIGS[head_dim][0]
+        cap_work, part_o, part_lse = self._partials(num_qo_heads, head_dim)
+        max_work = min(cap_work, self._max_work) if self._graph else cap_work
+        if self._graph and max_work < batch:
+            raise MoeCommValueError(f"{_OP}: float_workspace_buffer must hold {batch} x {num_qo_heads} x {head_dim + 1} "
+                                    f"fp32 partials, got {self._workspace.numel()} bytes")
+        target = cdiv(_TARGET_PROGRAMS_PER_SM * self._sms, num_kv_heads)
+        split = not disable_split_kv and batch > 0 and (kv_chunk_size is not None or self._graph or batch < target)
+        if split:
+            if kv_chunk_size is not None:
+                chunk = _round_up(max(int(kv_chunk_size), 1), block_n)
+            else:
+                want = max(1, min(target, max_work - batch))
+                chunk = _round_up(max(_MIN_CHUNK, cdiv(int(span.sum()), want)), block_n)
+            nsplit = np.maximum((span + chunk - 1) // chunk, 1)
+            chunk_b = ((span + nsplit - 1) // nsplit + block_n - 1) // block_n * block_n
+            if int(nsplit.sum()) > max_work:  # a forced chunk size past the workspace: fall back
+                nsplit = np.ones_like(span)
+                chunk_b = span
+        else:
+            nsplit = np.ones_like(span)
+            chunk_b = span
+        num_work = int(nsplit.sum())
+        direct = not self._graph and num_work == batch
+        if num_work > max_work and not direct:
+            raise MoeCommValueError(f"{_OP}: float_workspace_buffer is too small for {num_work} split-KV partials")
+        work_indptr = np.zeros(batch + 1, dtype=np.int64)
+        np.cumsum(nsplit, out=work_indptr[1:])
+        work_req = np.repeat(np.arange(batch), nsplit)
+        local = np.arange(num_work) - work_indptr[work_req]
+        work_start = starts[work_req] + local * chunk_b[work_req]
+        work_end = np.minimum(work_start + chunk_b[work_req], lengths[work_req])
+
+        offsets, fixed_end = self._layout(batch, num_work)
+        off_req, off_start, off_end, off_kv_indptr, off_work_indptr, off_len = offsets
+        dev_indices = None
+        if isinstance(indices, torch.Tensor) and indices.device.type != "cpu" and not self._graph:
+            dev_indices = indices if indices.dtype is torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
+        need = fixed_end + (0 if dev_indices is not None or self._graph else num_indices)
+        st = self._staging
+        st.ensure(need)
+        h = st.host_np
+        h[0] = num_work
+        h[off_req:off_req + num_work] = work_req
+        h[off_start:off_start + num_work] = work_start
+        h[off_end:off_end + num_work] = work_end
+        h[off_kv_indptr:off_kv_indptr + batch + 1] = indptr_np
+        h[off_work_indptr:off_work_indptr + batch + 1] = work_indptr
+        h[off_len:off_len + batch] = lengths
+        if self._graph:
+            self._indices_buf[:num_indices].copy_(torch.as_tensor(indices).to(torch.int32), non_blocking=non_blocking)
+            kv_indices = self._indices_buf
+        elif dev_indices is None:
+            h[fixed_end:fixed_end + num_indices] = host_ints(_OP, "indices", indices)
+            kv_indices = None  # a view of the staging buffer, made below
+        else:
+            kv_indices = dev_indices
+        st.upload(need)
+        if kv_indices is None:
+            kv_indices = st.dev[fixed_end:fixed_end + max(num_indices, 1)]
+        if self._graph:
+            num_programs = max(self._max_batch, target)
+        else:
+            num_programs = max(num_work, 1)
+        self._plan = dict(
+            batch=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+            q_dtype=q_dtype, kv_dtype=kv_dtype, sm_scale=scale, soft_cap=cap, window_left=window_left,
+            offsets=offsets, num_programs=num_programs, direct=direct, kv_indices=kv_indices, num_work=num_work,
+            part_o=part_o, part_lse=part_lse, max_index=max_index, meta=st.dev,
+        )
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, paged_kv_cache, *, q_scale: float | None = None, k_scale: float | None = None,
+            v_scale: float | None = None, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+            return_lse: bool = False):
+        """Decode attention of the planned batch.
+
+        Args:
+            q: [B, Hq, D] in q_data_type, one query token per request (any strides with D contiguous).
+            paged_kv_cache: (k_cache, v_cache), each [num_pages, P, Hk, D] (NHD) or [num_pages, Hk, P, D]
+                (HND), or one tensor [num_pages, 2, ...] of both; head_dim contiguous.
+            q_scale, k_scale: multiply the logits (fp8 dequantisation scales). v_scale: multiplies the output.
+            out: [B, Hq, D] in q's dtype, written in place (required for a run() without allocation).
+            lse: [B, Hq] float32, written when return_lse.
+            return_lse: also return the LSE (base 2, as FlashInfer).
+
+        Returns:
+            out [B, Hq, D], or (out, lse [B, Hq] float32) when return_lse (FlashInfer's convention).
+        """
+        p = self._plan
+        if p is None:
+            raise MoeCommValueError(f"{_OP}: run() must follow plan(), got no plan")
+        if not isinstance(q, torch.Tensor):
+            raise MoeCommTypeError(f"{_OP}: q must be a torch.Tensor, got {type(q).__name__}")
+        batch, hq, hd = p["batch"], p["num_qo_heads"], p["head_dim"]
+        if q.dim() != 3 or q.shape[0] != batch or q.shape[1] != hq or q.shape[2] != hd:
+            raise MoeCommValueError(f"{_OP}: q must have shape [batch, num_qo_heads, head_dim] = [{batch}, {hq}, {hd}] "
+                                    f"(as planned), got {list(q.shape)}")
+        if q.dtype is not p["q_dtype"]:
+            raise MoeCommTypeError(f"{_OP}: q must have dtype {str(p['q_dtype']).replace('torch.', '')} (planned "
+                                   f"q_data_type), got {str(q.dtype).replace('torch.', '')}")
+        if q.stride(2) != 1:
+            q = q.contiguous()
+        k, v = check_kv_cache(_OP, paged_kv_cache, self._kv_layout, p["num_kv_heads"], hd, p["page_size"],
+                              p["kv_dtype"], q.device)
+        if p["max_index"] is not None and p["max_index"] >= k.shape[0]:
+            raise MoeCommValueError(f"{_OP}: indices must be < num_pages ({k.shape[0]}, the cache's), got {p['max_index']}")
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        elif out.shape != q.shape or out.dtype is not q.dtype or out.stride(2) != 1:
+            raise MoeCommValueError(f"{_OP}: out must be a {str(q.dtype).replace('torch.', '')} tensor of shape {list(q.shape)} "
+                                    f"with head_dim contiguous, got {str(out.dtype).replace('torch.', '')} {list(out.shape)}")
+        if return_lse:
+            if lse is None:
+                lse = torch.empty((batch, hq), dtype=torch.float32, device=q.device)
+            elif lse.shape != (batch, hq) or lse.dtype is not torch.float32 or not lse.is_contiguous():
+                raise MoeCommValueError(f"{_OP}: lse must be a contiguous float32 tensor of shape [{batch}, {hq}], "
+                                        f"got {str(lse.dtype).replace('torch.', '')} {list(lse.shape)}")
+        scale = p["sm_scale"] * (1.0 if q_scale is None else float(q_scale)) * (1.0 if k_scale is None else float(k_scale))
+        paged_decode(q, k, v, p["meta"], p["kv_indices"], p["part_o"], p["part_lse"], out,
+                     lse if return_lse else p["part_lse"], p["offsets"], p["num_programs"], p["page_size"],
+                     self._kv_layout == reference.HND, p["direct"], return_lse, scale, p["soft_cap"], p["window_left"])
+        if v_scale is not None and float(v_scale) != 1.0:
+            out.mul_(float(v_scale))
+        return (out, lse) if return_lse else out
+
+    forward = run
+
+    def run_return_lse(self, q, paged_kv_cache, **kwargs):
+        return self.run(q, paged_kv_cache, return_lse=True, **kwargs)
