@@ -49,7 +49,9 @@ import argparse
 
 import torch
 
-from moecomm.ep import dispatch as D
+from moecomm.ep.nccl import dispatcher as D
+from moecomm.ep.nccl import plan as P
+from moecomm.ep.nccl import ops as O
 from moecomm.ep.placement import ExpertPlacement
 from moecomm.testing import ResultWriter, bench, graph_bench, host_us
 
@@ -97,12 +99,12 @@ def kernel_rows(T, H, E, k, W, dtype, device, writer, rep, warmup, *, graph: boo
     pl = ExpertPlacement(E, W)
     e2r, e2l = pl.expert_to_rank_tensor(device), pl.expert_to_local_tensor(device)
     # W source ranks' routing: rank 0's plan is the one timed; all of them feed rank 0's receive side
-    plans = [D.plan_send(*_routing(T, E, k, device, seed=s), e2r, e2l, W) for s in range(W)]
+    plans = [P.plan_send(*_routing(T, E, k, device, seed=s), e2r, e2l, W) for s in range(W)]
     splits = [p.rows_per_rank.tolist() for p in plans]
     S = sum(splits[0])
-    recv_meta = torch.cat([D.pack_metadata(p, sum(sp))[:sp[0]] for p, sp in zip(plans, splits)])  # to rank 0
+    recv_meta = torch.cat([P.pack_metadata(p, sum(sp))[:sp[0]] for p, sp in zip(plans, splits)])  # to rank 0
     N = int((recv_meta[:, :k] >= 0).sum())
-    ex = D.expand_received(recv_meta, k, pl.num_local_experts(0), N)
+    ex = P.expand_received(recv_meta, k, pl.num_local_experts(0), N)
     R = recv_meta.shape[0]
     pos = plans[0].pos
     n = _n_sets(max(S, N) * H * e)
@@ -110,15 +112,15 @@ def kernel_rows(T, H, E, k, W, dtype, device, writer, rep, warmup, *, graph: boo
     backs = [torch.randn(S, H, device=device).to(dtype) for _ in range(n)]
     outs = [torch.randn(N, H, device=device).to(dtype) for _ in range(n)]
     # correctness before timing: kernel == reference
-    from moecomm.ep._dispatch_reference import gather_sum_reference, pack_rows_reference
+    from moecomm.ep.nccl.reference import gather_sum_reference, pack_rows_reference
 
-    assert torch.equal(D.pack_rows(xs[0], pos, S), pack_rows_reference(xs[0], pos, S))
-    torch.testing.assert_close(D.gather_sum(backs[0], pos), gather_sum_reference(backs[0], pos), rtol=2**-7, atol=1e-2)
+    assert torch.equal(O.pack_rows(xs[0], pos, S), pack_rows_reference(xs[0], pos, S))
+    torch.testing.assert_close(O.gather_sum(backs[0], pos), gather_sum_reference(backs[0], pos), rtol=2**-7, atol=1e-2)
     slot_pos = ex.slot_pos
     cases = [  # (op, minimum bytes, fn, input sets): the public functions, as a caller runs them
-        ("pack", T * H * e + S * H * e + T * W * 4, lambda x: D.pack_rows(x, pos, S), [(x,) for x in xs]),
-        ("unpack", S * H * e + T * H * e + T * W * 4, lambda b: D.gather_sum(b, pos), [(b,) for b in backs]),
-        ("reduce", N * H * e + R * H * e + R * k * 4, lambda o: D.gather_sum(o, slot_pos), [(o,) for o in outs]),
+        ("pack", T * H * e + S * H * e + T * W * 4, lambda x: O.pack_rows(x, pos, S), [(x,) for x in xs]),
+        ("unpack", S * H * e + T * H * e + T * W * 4, lambda b: O.gather_sum(b, pos), [(b,) for b in backs]),
+        ("reduce", N * H * e + R * H * e + R * k * 4, lambda o: O.gather_sum(o, slot_pos), [(o,) for o in outs]),
     ]
     rows = []
     shape = f"T{T}_H{H}_top{k}of{E}_W{W}"
@@ -187,7 +189,7 @@ def kernel_mode(args, writer) -> list[dict]:
 
 def sweep(shapes, dtype, device, writer, rep) -> None:
     """Graph-replay time of pack and unpack per launch configuration (BLOCK_H, num_warps)."""
-    from moecomm.ep._dispatch_triton import NUM_WARPS_DEFAULT, _block_h, gather_sum_triton, pack_rows_triton
+    from moecomm.ep.nccl._triton import NUM_WARPS_DEFAULT, _block_h, gather_sum_triton, pack_rows_triton
 
     e = torch.tensor([], dtype=dtype).element_size()
     print("\nsweep: graph replay, per call; * = the default configuration")
@@ -195,7 +197,7 @@ def sweep(shapes, dtype, device, writer, rep) -> None:
     for T, H, E, k in shapes:
         for W in (1, 8):
             pl = ExpertPlacement(E, W)
-            plan = D.plan_send(*_routing(T, E, k, device, seed=0), pl.expert_to_rank_tensor(device),
+            plan = P.plan_send(*_routing(T, E, k, device, seed=0), pl.expert_to_rank_tensor(device),
                                pl.expert_to_local_tensor(device), W)
             pos, S = plan.pos, int(plan.rows_per_rank.sum())
             n = _n_sets(S * H * e)
@@ -354,13 +356,13 @@ def main(argv=None) -> int:
     writer = ResultWriter(args.out)
 
     if args.multigpu:
-        import moecomm.dist
+        import moecomm.distributed
 
-        world = moecomm.dist.init()
+        world = moecomm.distributed.init()
         gathered = _dist_worker(DIST_SHAPES, args.rep or 30, 5, True)
         if world.rank == 0:
             _print_dist(gathered, writer, "nccl")
-        moecomm.dist.shutdown()
+        moecomm.distributed.shutdown()
         return 0
     if args.kernel or (torch.cuda.is_available() and not args.quick):
         kernel_mode(args, writer)

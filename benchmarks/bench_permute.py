@@ -21,7 +21,7 @@ Rows:
   permute          ours: permute(x, topk_ids, E) = counting-sort indices + row scatter
                    torch: argsort(topk_ids, stable) + index_select (the baseline of issue 2)
   permute_indices  ours: the index computation alone (torch: the stable argsort alone)
-  combine          ours: combine(expert_out, indices, topk_weights), fp32 accumulate, no atomics
+  combine          ours: unpermute(expert_out, indices, topk_weights), fp32 accumulate, no atomics
                    torch: (expert_out * w) then index_add_ into zeros
 Minimum bytes (napkin math, what GB/s is computed from):
   permute: read x (T*H*e) + write M rows (M*H*e) + read ids (M*4) + write src_token/dst_row (2*M*4)
@@ -36,7 +36,8 @@ import argparse
 
 import torch
 
-from moecomm.ep import combine, permute, permute_indices
+from moecomm.permute import permute, permute_indices
+from moecomm.permute import unpermute
 from moecomm.testing import ResultWriter, bench, bench_interleaved, graph_bench, host_us
 
 SHAPES = [  # (T, H, k, E, name)
@@ -87,7 +88,7 @@ def run_shape(T, H, k, E, name, dtype, device, writer, rep, warmup):
     x, ids, w, idx, eo, row_w = sets[0]
     assert torch.equal(permute(x, ids, E).permuted, _torch_permute(x, ids))
     want = _torch_combine(eo.float(), idx.src_token.long(), row_w, T)
-    torch.testing.assert_close(combine(eo, idx, w).float(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(unpermute(eo, idx, w).float(), want, rtol=2e-2, atol=2e-2)
 
     rows = []
     permute_bytes = T * H * e + M * H * e + 3 * M * 4
@@ -100,7 +101,7 @@ def run_shape(T, H, k, E, name, dtype, device, writer, rep, warmup):
          lambda x, ids, w, idx, eo, rw: permute_indices(ids, E, validate=False),
          lambda x, ids, w, idx, eo, rw: _torch_argsort(x, ids)),
         ("combine", combine_bytes,
-         lambda x, ids, w, idx, eo, rw: combine(eo, idx, w),
+         lambda x, ids, w, idx, eo, rw: unpermute(eo, idx, w),
          lambda x, ids, w, idx, eo, rw: _torch_combine(eo, idx.src_token.long(), rw, T)),
     ]
     for op, nbytes, ours, base in cases:
@@ -134,7 +135,7 @@ SWEEP = [(4096, 1024, 4), (2048, 1024, 4), (8192, 1024, 4), (8192, 1024, 8), (81
 
 def sweep(T, H, k, E, dtype, device, writer, rep):
     """Time permute and combine under each row-tile config; the defaults of _triton are restored after."""
-    from moecomm.ep import _triton
+    from moecomm.permute import _triton
 
     defaults = (_triton.ROW_TILE_ELEMS, _triton.MAX_BLOCK_H, _triton.ROW_NUM_WARPS)
     ids, w = _routing(T, k, E, device, seed=0)
@@ -145,7 +146,7 @@ def sweep(T, H, k, E, dtype, device, writer, rep):
         for tile, max_bh, warps in SWEEP:
             _triton.ROW_TILE_ELEMS, _triton.MAX_BLOCK_H, _triton.ROW_NUM_WARPS = tile, max_bh, warps
             tp = bench(lambda x, eo: permute(x, ids, E, validate=False), sets, rep=rep, device=device)
-            tc = bench(lambda x, eo: combine(eo, idx, w), sets, rep=rep, device=device)
+            tc = bench(lambda x, eo: unpermute(eo, idx, w), sets, rep=rep, device=device)
             print(f"  {tile:>6} {max_bh:>5} {warps:>2} -> {tp.median_ms:.4f} {tc.median_ms:.4f}")
             writer.write(bench="permute", op="sweep", T=T, H=H, k=k, E=E, tile_elems=tile, max_block_h=max_bh,
                          num_warps=warps, permute_ms=tp.median_ms, combine_ms=tc.median_ms)
@@ -156,7 +157,7 @@ def sweep(T, H, k, E, dtype, device, writer, rep):
 def small_m_table(rep: int = 200) -> None:
     """The dispatch indices + row weights at decode sizes, one-program path against the multi-kernel
     path, each replayed from a CUDA graph (20 calls per replay): the evidence for ep._triton.SMALL_M."""
-    from moecomm.ep import _triton as K
+    from moecomm.permute import _triton as K
 
     e, k = 128, 8
     print(f"permute_indices + row_weights, top-{k} of {e}, CUDA graph; M, one-program us, multi-kernel us")
@@ -180,8 +181,8 @@ def host_pieces(rep: int = 200, T: int = 8192, H: int = 4096, k: int = 8, E: int
     the kernels' time)."""
     import triton
 
-    from moecomm._launch import launch
-    from moecomm.ep import _triton as K
+    from moecomm.jit.launch import launch
+    from moecomm.permute import _triton as K
 
     m, nb, nbk = T * k, triton.cdiv(T * k, K.HIST_BLOCK_M), E + 1
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -198,7 +199,7 @@ def host_pieces(rep: int = 200, T: int = 8192, H: int = 4096, k: int = 8, E: int
         "torch.empty (int32 [M])": lambda: torch.empty(m, **i32),
         "permute_hist_kernel launch (Triton's run)": lambda: K.permute_hist_kernel[(nb,)](
             flat, hist, rank, m, E, nbk, BLOCK_M=K.HIST_BLOCK_M, NUM_BINS=bins, num_warps=4),
-        "permute_hist_kernel through moecomm._launch (direct)": lambda: launch(
+        "permute_hist_kernel through moecomm.jit.launch (direct)": lambda: launch(
             K.permute_hist_kernel, (nb,), (flat, hist, rank, m, E, nbk), {"BLOCK_M": K.HIST_BLOCK_M, "NUM_BINS": bins}, 4),
         "permute_scan_kernel launch (Triton's run)": lambda: K.permute_scan_kernel[(triton.cdiv(nbk, K.SCAN_BLOCK_E),)](
             hist, base, tpe, nb, nbk, E, BLOCK_B=K.SCAN_BLOCK_B, BLOCK_E=K.SCAN_BLOCK_E, num_warps=4),

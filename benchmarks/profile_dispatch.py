@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args(argv)
 
-    import moecomm.dist as mdist
-    from moecomm.ep import dispatch as D
+    import moecomm.distributed as mdist
+    from moecomm.ep.nccl import dispatcher as D
     from benchmarks.bench_dispatch import _routing
 
     mdist.init()

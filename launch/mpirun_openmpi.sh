@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Open MPI: NP ranks, GPUS_PER_NODE per host, hosts from HOSTFILE (omit for one node).
 #   NP=16 GPUS_PER_NODE=8 HOSTFILE=hosts.txt launch/mpirun_openmpi.sh
-# moecomm.dist.init() reads OMPI_COMM_WORLD_* through mpi4py, takes the local rank from a
+# moecomm.distributed.init() reads OMPI_COMM_WORLD_* through mpi4py, takes the local rank from a
 # shared-memory split (OMPI_COMM_WORLD_LOCAL_RANK can be out of order), and rank 0 broadcasts
 # the rendezvous address. --allow-run-as-root: containers run as root, and Open MPI exits at once
 # as root without it (or OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1); --oversubscribe:
@@ -15,4 +15,4 @@ HOSTS=()
 exec mpirun --allow-run-as-root --oversubscribe -np "${NP}" "${HOSTS[@]}" \
   --map-by "ppr:${GPUS_PER_NODE}:node" --bind-to none \
   -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH -x MOECOMM_TIMEOUT_S -x NCCL_DEBUG \
-  python -m moecomm.dist.demo "$@"
+  python -m moecomm.apps.ep_demo "$@"

@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=2)
     a = p.parse_args(argv)
 
-    from moecomm.dist.demo import DemoConfig, format_table
-    from moecomm.ray import RayWorkerGroup
+    from moecomm.apps.ep_demo import DemoConfig, format_table, run_on_group
+    from moecomm.apps.ray import RayWorkerGroup
 
     with RayWorkerGroup(a.workers, gpus_per_worker=a.gpus_per_worker, address=a.address) as group:
-        stats = group.run_moe(a.tokens_per_rank, a.hidden, a.num_experts, a.top_k)
+        stats = run_on_group(group, a.tokens_per_rank, a.hidden, a.num_experts, a.top_k)
     print(format_table(stats, DemoConfig(a.tokens_per_rank, a.hidden, a.num_experts, a.top_k)))
     return 0 if all(s["ok"] for s in stats) else 1
 

@@ -1,7 +1,7 @@
 """moecomm: Mixture-of-Experts communication and compute for PyTorch.
 
-Importing moecomm is cheap: it imports torch and nothing else, and starts nothing. The public names
-below are loaded on first use.
+Importing moecomm is cheap: it imports nothing (not even torch) and starts nothing. The public names
+below, and the subpackages, are loaded on first use.
 
     import moecomm
     moe = moecomm.MoE(hidden_size=1024, intermediate_size=2048, num_experts=8, top_k=2)
@@ -17,15 +17,15 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "MoE": "moecomm.moe",
+    "MoE": "moecomm.layer",
     "RoutingMethod": "moecomm.routing",
-    "from_hf": "moecomm.hf",
-    "patch_hf_model": "moecomm.hf",
+    "from_hf": "moecomm.layer.hf",
+    "patch_hf_model": "moecomm.layer.hf",
     "MoeCommError": "moecomm.errors",
     "MoeCommValueError": "moecomm.errors",
     "MoeCommTypeError": "moecomm.errors",
 }
-_SUBMODULES = ("routing", "ep", "gemm", "dist", "testing", "errors", "hf", "moe", "ray")
+_SUBMODULES = ("routing", "permute", "ep", "gemm", "layer", "distributed", "jit", "apps", "testing", "errors")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 # name -> (default, meaning); README.md's table is generated from the same words.
 VARIABLES: dict[str, tuple[str, str]] = {
     "MOECOMM_CACHE_DIR": ("~/.cache/moecomm", "where tuned launch configurations and compiled kernels are cached"),
-    "MOECOMM_BACKEND": ("auto", "auto | triton | reference: force the implementation of every op"),
+    "MOECOMM_BACKEND": ("auto", "auto | reference | triton | cuda: force the implementation of every op (where the op has it)"),
     "MOECOMM_AUTOTUNE": ("1", "0 disables on-GPU autotuning of launch configurations (heuristic pick instead)"),
-    "MOECOMM_DIST_BACKEND": ("", "nccl | gloo: override the process-group backend chosen by moecomm.dist.init()"),
+    "MOECOMM_DIST_BACKEND": ("", "nccl | gloo: override the process-group backend chosen by moecomm.distributed.init()"),
     "MOECOMM_TIMEOUT_S": ("300", "timeout of every collective and rendezvous, in seconds"),
     "MOECOMM_LOG_LEVEL": ("WARNING", "level of the 'moecomm' logger"),
     "MOECOMM_MPIEXEC": ("", "the mpiexec `moecomm demo --launcher mpirun` runs (default: the one beside mpi4py's MPI library)"),
@@ -35,8 +35,8 @@ def cache_dir() -> Path:
 
 def backend() -> str:
     value = get("MOECOMM_BACKEND").strip().lower() or "auto"
-    if value not in ("auto", "triton", "reference"):
-        raise ValueError(f"MOECOMM_BACKEND must be one of auto, triton, reference, got {value!r}")
+    if value not in ("auto", "reference", "triton", "cuda"):
+        raise ValueError(f"MOECOMM_BACKEND must be one of auto, reference, triton, cuda, got {value!r}")
     return value
 
 

@@ -28,7 +28,8 @@ def info_rows() -> list[tuple[str, str]]:
     """(name, value) rows printed by `moecomm info`."""
     import torch
 
-    from . import __version__, _backend, _env
+    from . import __version__, _env
+    from .jit import backend as _backend
 
     rows: list[tuple[str, str]] = [
         ("moecomm", __version__),
@@ -109,12 +110,12 @@ def bench_main(capability: str, argv: list[str]) -> int:
 
 def demo_main(args: argparse.Namespace) -> int:
     if args.num_ranks == 1 and args.launcher == "local":
-        from .demo import run_demo
+        from .apps.demo import run_demo
 
         rows = run_demo(device=args.device)
         ok = bool(rows) and all(r["passed"] for r in rows)
     else:
-        from .dist.demo import main as dist_demo
+        from .apps.ep_demo import main as dist_demo
 
         ok = dist_demo(args.num_ranks, args.launcher, tokens_per_rank=args.tokens_per_rank)
     return 0 if ok else 1

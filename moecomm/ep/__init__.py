@@ -1,7 +1,16 @@
-"""Token permute/combine on one rank and expert-parallel dispatch/combine across ranks."""
+"""Expert-parallel dispatch/combine: tokens to the ranks that hold their experts, and back.
 
-from .api import PermuteIndices, PermuteResult, combine, permute, permute_indices
+    from moecomm.ep import EPDispatcher, LocalDispatcher, dispatch, combine
+
+Paths, each behind the Dispatcher protocol of types.py: local.py (EP size 1, a permute on this
+rank), nccl/ (across ranks over NCCL all_to_all_single). reference.py is the truth for every path;
+placement.py says which rank holds which expert. Permute/unpermute on one rank is moecomm.permute.
+"""
+
 from .local import LocalDispatcher
+from .nccl import EPDispatcher, EPHandle, PendingCombine, PendingDispatch, combine, dispatch
 from .placement import ExpertPlacement
 from .types import DispatchResult, Dispatcher
-from .dispatch import EPDispatcher, EPHandle, PendingCombine, PendingDispatch, combine as ep_combine, dispatch as ep_dispatch
+
+__all__ = ["DispatchResult", "Dispatcher", "EPDispatcher", "EPHandle", "ExpertPlacement", "LocalDispatcher",
+           "PendingCombine", "PendingDispatch", "combine", "dispatch"]

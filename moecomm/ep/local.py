@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoeCommTypeError, MoeCommValueError, as_tensor, check_positive_int, check_tensor
-from .api import PermuteIndices, combine, permute_with_row_weights
+from ..permute.api import PermuteIndices, permute_with_row_weights, unpermute
 from .types import DispatchResult
 
 
@@ -96,4 +96,4 @@ class LocalDispatcher:
             expert_out: [M, H] float16, bfloat16 or float32, rows in the order dispatch produced.
             handle: DispatchResult.handle of the matching dispatch.
         """
-        return combine(as_tensor("LocalDispatcher.combine", "expert_out", expert_out), handle, None)
+        return unpermute(as_tensor("LocalDispatcher.combine", "expert_out", expert_out), handle, None)

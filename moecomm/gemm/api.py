@@ -16,8 +16,9 @@ from typing import Optional
 
 import torch
 
-from .. import _backend, _env
-from .._launch import launch as launch_kernel
+from .. import _env
+from ..jit import backend as _backend
+from ..jit.launch import launch as launch_kernel
 from ..errors import MoeCommValueError, check_choice, check_tensor
 from . import _configs
 from .reference import grouped_mm_reference

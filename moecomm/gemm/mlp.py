@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .. import _backend
+from ..jit import backend as _backend
 from ..errors import MoeCommValueError, check_choice, check_tensor
 from . import _triton
 from .api import launch, validate_grouped

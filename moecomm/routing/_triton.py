@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import cdiv, launch, next_pow2
+from ..jit.launch import cdiv, launch, next_pow2
 from .reference import empty_route_outputs
 
 # Scores held per program: BLOCK_T * BLOCK_E fp32 values over 4 warps (128 threads) = 16 registers

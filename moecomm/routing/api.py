@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _backend
+from ..jit import backend as _backend
 from ..errors import MoeCommTypeError, MoeCommValueError, check_positive_int, check_tensor
 from . import reference
 

@@ -2,7 +2,7 @@
 
 Used by every multi-rank test and the local launcher. Each child gets torchrun's environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so code inside may call
-moecomm.dist.init() as it would under torchrun. Never hangs: after ``timeout_s`` the survivors are
+moecomm.distributed.init() as it would under torchrun. Never hangs: after ``timeout_s`` the survivors are
 killed and the error names the ranks that failed or did not finish.
 """
 

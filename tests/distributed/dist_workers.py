@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 
 def world_info(backend=None, timeout_s=30.0):
-    import moecomm.dist as mdist
+    import moecomm.distributed as mdist
 
     w = mdist.init(backend=backend, timeout_s=timeout_s)
     again = mdist.init()
@@ -24,7 +24,7 @@ def world_info(backend=None, timeout_s=30.0):
 
 
 def ep_groups(ep_size):
-    import moecomm.dist as mdist
+    import moecomm.distributed as mdist
 
     w = mdist.init(timeout_s=30.0)
     g = mdist.new_ep_groups(w, ep_size)
@@ -36,7 +36,7 @@ def ep_groups(ep_size):
 
 
 def ep_groups_bad(ep_size):
-    import moecomm.dist as mdist
+    import moecomm.distributed as mdist
 
     w = mdist.init(timeout_s=30.0)
     try:
@@ -49,7 +49,7 @@ def ep_groups_bad(ep_size):
 
 
 def disagree(field, bad_rank):
-    import moecomm.dist as mdist
+    import moecomm.distributed as mdist
 
     w = mdist.init(timeout_s=30.0)
     fields = dict(num_experts=8, hidden=64, dtype=torch.bfloat16, placement=(8, w.world_size, (0, 0, 1, 1)))
@@ -66,7 +66,7 @@ def disagree(field, bad_rank):
 
 def die_mid_run(victim, timeout_s):
     """Every rank loops over all_reduce; ``victim`` SIGKILLs itself at iteration 5."""
-    import moecomm.dist as mdist
+    import moecomm.distributed as mdist
 
     w = mdist.init(timeout_s=timeout_s)
     t = torch.ones(1024)
@@ -86,7 +86,7 @@ def die_mid_run(victim, timeout_s):
 
 def bad_input(bad_rank, timeout_s):
     """``bad_rank`` meets a bad input, reports it and exits; the others are in a collective."""
-    import moecomm.dist as mdist
+    import moecomm.distributed as mdist
     from moecomm.errors import MoeCommValueError
 
     w = mdist.init(timeout_s=timeout_s)
@@ -110,7 +110,7 @@ def bad_input(bad_rank, timeout_s):
 
 def stuck_rank(stuck, timeout_s):
     """``stuck`` sleeps instead of joining the collective: the others must give up after timeout_s."""
-    import moecomm.dist as mdist
+    import moecomm.distributed as mdist
 
     w = mdist.init(timeout_s=timeout_s)
     t = torch.ones(8)
@@ -129,7 +129,7 @@ def stuck_rank(stuck, timeout_s):
 
 def adopted():
     """torch.distributed already initialised (by run_distributed): init() adopts that group."""
-    import moecomm.dist as mdist
+    import moecomm.distributed as mdist
 
     w = mdist.init()
     out = (w.rank, w.world_size, w.launcher, w.group is dist.group.WORLD)

@@ -1,4 +1,4 @@
-"""moecomm.dist under torch.multiprocessing: init, EP groups, agreement, dead and failing ranks."""
+"""moecomm.distributed under torch.multiprocessing: init, EP groups, agreement, dead and failing ranks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-import moecomm.dist as mdist
-import moecomm.dist.health  # noqa: F401  (mdist.health.STALE_AFTER_S)
+import moecomm.distributed as mdist
+import moecomm.distributed.health  # noqa: F401  (mdist.health.STALE_AFTER_S)
 from moecomm.errors import MoeCommValueError
 from moecomm.testing import DistributedTestError, run_distributed
 
@@ -87,7 +87,7 @@ def test_config_disagreement_raises_on_every_rank(field, bad_rank, expected):
 
 
 def test_agreement_messages_without_processes():
-    from moecomm.dist.agreement import disagreement_message
+    from moecomm.distributed.agreement import disagreement_message
 
     assert disagreement_message("X", [{"a": 1}, {"a": 1}], [0, 1]) is None
     msg = disagreement_message("X", [{"a": 1, "b": "gloo"}, {"a": 2, "b": "nccl"}], [4, 5])
@@ -154,7 +154,7 @@ def test_init_adopts_an_existing_group():
 
 @pytest.mark.parametrize("var", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
 def test_mpi_world_smaller_than_the_launcher_is_an_error(monkeypatch, var):
-    from moecomm.dist.world import _check_launcher_size
+    from moecomm.distributed.world import _check_launcher_size
 
     for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(v, raising=False)

@@ -20,13 +20,12 @@ import pytest
 import torch
 
 from moecomm.errors import MoeCommTypeError, MoeCommValueError
-from moecomm.ep import dispatch as D
-from moecomm.ep._dispatch_reference import (
-    ep_reference,
-    gather_sum_reference,
-    pack_rows_reference,
-    virtual_ep_forward,
-)
+from moecomm.ep.nccl import dispatcher as D
+from moecomm.ep.nccl import plan as P
+from moecomm.ep.nccl import ops as O
+from moecomm.ep.nccl.reference import gather_sum_reference, pack_rows_reference
+from moecomm.ep.nccl.virtual import virtual_ep_forward
+from moecomm.ep.reference import ep_reference
 from moecomm.ep.placement import ExpertPlacement
 from moecomm.testing import compile_for_hopper, run_distributed
 
@@ -99,7 +98,7 @@ def case_inputs(name, dtype=torch.float32):
 def _pack_inputs(T, H, W, seed, dtype):
     ids, w = routing(T, 2 * W, 2, skew=False, seed=seed)
     pl = ExpertPlacement(2 * W, W)
-    plan = D.plan_send(ids, w, pl.expert_to_rank_tensor(), pl.expert_to_local_tensor(), W)
+    plan = P.plan_send(ids, w, pl.expert_to_rank_tensor(), pl.expert_to_local_tensor(), W)
     x = torch.randn(T, 2 * H, dtype=torch.float32).to(dtype)[:, ::2]  # non-contiguous [T, H]
     return x, plan, int(plan.rows_per_rank.sum())
 
@@ -107,7 +106,7 @@ def _pack_inputs(T, H, W, seed, dtype):
 @pytest.mark.parametrize("T,H,W", [(0, 8, 2), (1, 33, 1), (33, 199, 3), (7, 64, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_pack_kernel_interpreted(triton_backend, T, H, W, dtype):
-    from moecomm.ep._dispatch_triton import pack_rows_triton
+    from moecomm.ep.nccl._triton import pack_rows_triton
 
     x, plan, S = _pack_inputs(T, H, W, seed=T + H, dtype=dtype)
     out = torch.full((S, H), float("nan"), dtype=dtype)  # unwritten rows stay NaN and fail
@@ -124,7 +123,7 @@ def test_pack_kernel_interpreted(triton_backend, T, H, W, dtype):
 @pytest.mark.parametrize("M,C,H,N", [(0, 2, 8, 3), (1, 1, 33, 1), (33, 8, 199, 50), (5, 4, 16, 0)])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float16, 2e-2)])
 def test_gather_sum_kernel_interpreted(triton_backend, M, C, H, N, dtype, atol):
-    from moecomm.ep._dispatch_triton import gather_sum_triton
+    from moecomm.ep.nccl._triton import gather_sum_triton
 
     g = torch.Generator().manual_seed(M * 7 + C)
     src = (torch.rand(N, 2 * H, generator=g) * 8 - 4).to(dtype)[:, :H]  # non-contiguous rows
@@ -146,16 +145,16 @@ def test_nan_stays_in_its_token(triton_backend):
     x, plan, S = _pack_inputs(9, 16, 2, seed=3, dtype=torch.float32)
     x = x.clone()
     x[4, 3] = float("nan")
-    packed = D.pack_rows(x, plan.pos, S)
+    packed = O.pack_rows(x, plan.pos, S)
     bad_rows = {int(p) for p in plan.pos[4] if p >= 0}
     for row in range(S):
         assert bool(packed[row].isnan().any()) == (row in bad_rows)
-    y = D.gather_sum(packed, plan.pos)  # the round trip: token t = sum of its copies
+    y = O.gather_sum(packed, plan.pos)  # the round trip: token t = sum of its copies
     assert y[4].isnan().any() and not y[torch.arange(9) != 4].isnan().any()
 
 
 def test_kernels_compile_for_hopper():
-    from moecomm.ep._dispatch_triton import ep_gather_sum_kernel, ep_pack_kernel
+    from moecomm.ep.nccl._triton import ep_gather_sum_kernel, ep_pack_kernel
 
     common = {"num_out_rows": "i32", "stride_xt": "i32", "stride_xh": "i32", "stride_pt": "i32", "stride_pw": "i32",
               "stride_ot": "i32", "H": "constexpr", "W": "constexpr", "BLOCK_H": "constexpr"}
@@ -180,7 +179,7 @@ def test_kernels_vectorise_for_hopper():
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from moecomm.ep._dispatch_triton import ep_gather_sum_kernel, ep_pack_kernel
+    from moecomm.ep.nccl._triton import ep_gather_sum_kernel, ep_pack_kernel
 
     aligned = [["tt.divisibility", 16]]
     for kernel, names in ((ep_pack_kernel, ("x", "pos", "out", "num_out_rows", "stride_xt", "stride_xh", "stride_pt",
@@ -204,26 +203,26 @@ def test_ops_under_torch_compile():
     x, plan, S = _pack_inputs(11, 32, 3, seed=1, dtype=torch.float32)
 
     def f(x, pos):  # the public functions: under compile they go through the registered ops
-        return D.gather_sum(D.pack_rows(x, pos, S), pos)
+        return O.gather_sum(O.pack_rows(x, pos, S), pos)
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, plan.pos)
     assert torch.equal(got, f(x, plan.pos))
-    torch.library.opcheck(D._pack_rows_op, (x.contiguous(), plan.pos, S))
-    torch.library.opcheck(D._gather_sum_op, (x.contiguous(), plan.pos))
+    torch.library.opcheck(O._pack_rows_op, (x.contiguous(), plan.pos, S))
+    torch.library.opcheck(O._gather_sum_op, (x.contiguous(), plan.pos))
 
 
 @pytest.mark.parametrize("call,exc,msg", [
-    (lambda x, p: D.pack_rows(x.long(), p, 3), MoeCommTypeError, "pack_rows: x must have dtype float32 or float16 or"),
-    (lambda x, p: D.pack_rows(x[0], p, 3), MoeCommValueError, "pack_rows: x must have 2 dimensions, got shape (8,)"),
-    (lambda x, p: D.pack_rows(x, p[:3], 3), MoeCommValueError, "pack_rows: pos must have shape [4, *], got [3, 2]"),
-    (lambda x, p: D.pack_rows(x, p.float(), 3), MoeCommTypeError, "pack_rows: pos must have dtype int32 or int64"),
-    (lambda x, p: D.pack_rows(x, p.to("meta"), 3), MoeCommValueError, "pack_rows: pos must be on device cpu, got meta"),
-    (lambda x, p: D.pack_rows(x, p, -1), MoeCommValueError, "pack_rows: num_rows must be >= 0, got -1"),
-    (lambda x, p: D.pack_rows(x, p, 3.0), MoeCommTypeError, "pack_rows: num_rows must be an int, got float"),
-    (lambda x, p: D.pack_rows([1.0], p, 3), MoeCommTypeError, "pack_rows: x must be a torch.Tensor"),
-    (lambda x, p: D.gather_sum(x.int(), p), MoeCommTypeError, "gather_sum: src must have dtype"),
-    (lambda x, p: D.gather_sum(x, p[0]), MoeCommValueError, "gather_sum: idx must have 2 dimensions, got shape (2,)"),
-    (lambda x, p: D.gather_sum(x, p.to("meta")), MoeCommValueError, "gather_sum: idx must be on device cpu, got meta"),
+    (lambda x, p: O.pack_rows(x.long(), p, 3), MoeCommTypeError, "pack_rows: x must have dtype float32 or float16 or"),
+    (lambda x, p: O.pack_rows(x[0], p, 3), MoeCommValueError, "pack_rows: x must have 2 dimensions, got shape (8,)"),
+    (lambda x, p: O.pack_rows(x, p[:3], 3), MoeCommValueError, "pack_rows: pos must have shape [4, *], got [3, 2]"),
+    (lambda x, p: O.pack_rows(x, p.float(), 3), MoeCommTypeError, "pack_rows: pos must have dtype int32 or int64"),
+    (lambda x, p: O.pack_rows(x, p.to("meta"), 3), MoeCommValueError, "pack_rows: pos must be on device cpu, got meta"),
+    (lambda x, p: O.pack_rows(x, p, -1), MoeCommValueError, "pack_rows: num_rows must be >= 0, got -1"),
+    (lambda x, p: O.pack_rows(x, p, 3.0), MoeCommTypeError, "pack_rows: num_rows must be an int, got float"),
+    (lambda x, p: O.pack_rows([1.0], p, 3), MoeCommTypeError, "pack_rows: x must be a torch.Tensor"),
+    (lambda x, p: O.gather_sum(x.int(), p), MoeCommTypeError, "gather_sum: src must have dtype"),
+    (lambda x, p: O.gather_sum(x, p[0]), MoeCommValueError, "gather_sum: idx must have 2 dimensions, got shape (2,)"),
+    (lambda x, p: O.gather_sum(x, p.to("meta")), MoeCommValueError, "gather_sum: idx must be on device cpu, got meta"),
 ])
 def test_public_kernels_still_validate(call, exc, msg):
     """The fast argument test of pack_rows/gather_sum falls back to the full checks: same errors."""
@@ -236,9 +235,9 @@ def test_public_kernels_still_validate(call, exc, msg):
 def test_public_kernels_take_dlpack_arrays():
     x = np.arange(32, dtype=np.float32).reshape(4, 8)
     pos = np.array([[0, -1], [-1, 1], [-1, -1], [2, 3]], dtype=np.int32)  # token 3 goes to both ranks
-    packed = D.pack_rows(x, pos, 4)
+    packed = O.pack_rows(x, pos, 4)
     assert torch.equal(packed, torch.from_numpy(x[[0, 1, 3, 3]]))
-    y = D.gather_sum(packed.numpy(), pos)
+    y = O.gather_sum(packed.numpy(), pos)
     assert torch.equal(y, torch.from_numpy(x) * torch.tensor([[1.0], [1.0], [0.0], [2.0]]))
 
 
@@ -310,10 +309,10 @@ def test_dedup_send_counts():
     # experts 0..3 on rank 0, 4..7 on rank 1: token 0 -> both ranks, token 1 -> rank 1 only (3 experts)
     pl = ExpertPlacement(8, 2)
     ids = torch.tensor([[0, 5, 1], [4, 6, 7]])
-    plan = D.plan_send(ids, torch.ones(2, 3), pl.expert_to_rank_tensor(), pl.expert_to_local_tensor(), 2)
+    plan = P.plan_send(ids, torch.ones(2, 3), pl.expert_to_rank_tensor(), pl.expert_to_local_tensor(), 2)
     assert plan.rows_per_rank.tolist() == [1, 2]
     assert plan.pairs_per_rank.tolist() == [2, 4]
-    meta = D.pack_metadata(plan, 3)
+    meta = P.pack_metadata(plan, 3)
     assert meta[:, :3].tolist() == [[0, -1, 1], [-1, 1, -1], [0, 2, 3]]
 
 

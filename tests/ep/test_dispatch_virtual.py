@@ -3,7 +3,7 @@
 # T = num_tokens per rank, H = hidden, k = top_k, E = num_experts, W = ep_size
 
 The all_to_all is replaced by copies between the virtual ranks' buffers; each rank's kernels run on
-its own CUDA stream (moecomm.ep._dispatch_reference.virtual_ep_forward). bf16 payloads are integers
+its own CUDA stream (moecomm.ep.nccl.virtual.virtual_ep_forward). bf16 payloads are integers
 in [-2, 2], weights 0.5 or 1, and the test expert multiplies by (e % 2 + 1): every partial sum of
 k = 8 terms is a multiple of 0.5 of magnitude <= 32, i.e. at most 7 significant bits, exact in bf16
 (8 bits), so the comparison is torch.equal whatever the summation order.
@@ -16,8 +16,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moecomm.ep import dispatch as D
-from moecomm.ep._dispatch_reference import ep_reference, gather_sum_reference, pack_rows_reference, virtual_ep_forward
+from moecomm.ep.nccl import dispatcher as D
+from moecomm.ep.nccl import plan as P
+from moecomm.ep.nccl import ops as O
+from moecomm.ep.nccl.reference import gather_sum_reference, pack_rows_reference
+from moecomm.ep.nccl.virtual import virtual_ep_forward
+from moecomm.ep.reference import ep_reference
 from moecomm.ep.placement import ExpertPlacement
 
 pytestmark = pytest.mark.gpu
@@ -48,7 +52,7 @@ def _vector_expert(rows, expert_of_row, row_weights):
 def _plan(ids: torch.Tensor, num_experts: int, W: int):
     """The send plan of ids [T, k] over W ranks (contiguous placement, unit weights) and its row count S."""
     pl = ExpertPlacement(num_experts, W)
-    plan = D.plan_send(ids, torch.ones(ids.shape, device=ids.device), pl.expert_to_rank_tensor(ids.device),
+    plan = P.plan_send(ids, torch.ones(ids.shape, device=ids.device), pl.expert_to_rank_tensor(ids.device),
                        pl.expert_to_local_tensor(ids.device), W)
     return plan, int(plan.rows_per_rank.sum())
 
@@ -82,9 +86,9 @@ def test_kernels_match_reference_bf16(monkeypatch, T, H, W):
     ids = torch.stack([torch.randperm(E, device="cuda")[:8] for _ in range(T)])
     plan, S = _plan(ids, E, W)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    packed = D.pack_rows(x, plan.pos, S)
+    packed = O.pack_rows(x, plan.pos, S)
     assert torch.equal(packed, pack_rows_reference(x, plan.pos, S))  # a copy: exact
-    y = D.gather_sum(packed, plan.pos)
+    y = O.gather_sum(packed, plan.pos)
     # fp32 sums of <= W bf16 values in another order than torch's, then one bf16 rounding: the two
     # results differ by at most one bf16 ulp of the sum (2^-8 relative)
     torch.testing.assert_close(y, gather_sum_reference(packed, plan.pos), rtol=2**-7, atol=1e-2)
@@ -93,7 +97,7 @@ def test_kernels_match_reference_bf16(monkeypatch, T, H, W):
 
 def test_nan_rows_and_non_contiguous_bf16(monkeypatch):
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
-    from moecomm.ep._dispatch_triton import gather_sum_triton, pack_rows_triton
+    from moecomm.ep.nccl._triton import gather_sum_triton, pack_rows_triton
 
     T, H, W = 333, 4096, 4
     ids = torch.randint(0, 16, (T, 2), device="cuda")
@@ -113,7 +117,7 @@ def test_direct_launch_exact_for_every_layout(monkeypatch):
     which Triton compiles separately, whatever order they come in."""
     import triton
 
-    from moecomm.ep import _dispatch_triton as DT
+    from moecomm.ep.nccl import _triton as DT
 
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
     T, H, W = 257, 4096, 4
@@ -130,9 +134,9 @@ def test_direct_launch_exact_for_every_layout(monkeypatch):
     for _ in range(2):
         for name in ("contiguous", "misaligned", "strided", "int64_pos", "contiguous"):
             x, pos = layouts[name]
-            assert torch.equal(D.pack_rows(x, pos, S), pack_rows_reference(x, pos, S)), name
-            src = D.pack_rows(x, pos, S)
-            torch.testing.assert_close(D.gather_sum(src, pos), gather_sum_reference(src, pos), rtol=2**-7, atol=1e-2)
+            assert torch.equal(O.pack_rows(x, pos, S), pack_rows_reference(x, pos, S)), name
+            src = O.pack_rows(x, pos, S)
+            torch.testing.assert_close(O.gather_sum(src, pos), gather_sum_reference(src, pos), rtol=2**-7, atol=1e-2)
     torch.cuda.synchronize()
     if triton.__version__.split(".")[:2] == ["3", "6"]:
         assert DT._pack_launcher.direct_launches > before[0] and DT._gather_sum_launcher.direct_launches > before[1]
@@ -148,8 +152,8 @@ def test_public_ops_replay_from_a_cuda_graph(monkeypatch):
     x = torch.randint(-4, 5, (T, H), device="cuda").to(torch.bfloat16)
 
     def step():
-        packed = D.pack_rows(x, plan.pos, S)
-        return packed, D.gather_sum(packed, plan.pos)
+        packed = O.pack_rows(x, plan.pos, S)
+        return packed, O.gather_sum(packed, plan.pos)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

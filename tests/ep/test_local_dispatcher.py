@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moecomm.ep import DispatchResult, Dispatcher, LocalDispatcher, PermuteIndices
+from moecomm.ep import DispatchResult, Dispatcher, LocalDispatcher
+from moecomm.permute import PermuteIndices
 from moecomm.errors import MoeCommTypeError, MoeCommValueError
 
 

@@ -15,7 +15,7 @@ import torch
 
 import moecomm
 from moecomm.errors import MoeCommTypeError
-from moecomm.hf import SUPPORTED_BLOCKS, _family, _shared_mlp
+from moecomm.layer.hf.convert import SUPPORTED_BLOCKS, _family, _shared_mlp
 
 transformers = pytest.importorskip("transformers")
 

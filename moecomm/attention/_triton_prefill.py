@@ -1,0 +1,151 @@
+"""Paged prefill attention (FlashAttention-2 forward over ragged queries and a paged KV).
+
+# B = batch, Hq / Hk = heads, G = Hq // Hk, D = head_dim, P = page_size
+# one program = BLOCK_M query rows of one request and one query head; BLOCK_N KV tokens per step
+
+Tiles are planned on the host (tile_req, tile_q0: the request and its first query row), heaviest
+first (causal tiles near a request's end read the most KV), so that the last wave is short.
+The grid is (Hq, num_tiles): programs next to each other are the heads of one tile, and the G heads
+that read one KV head share it through L2.
+
+Masks: query i of a request sits at position kv_len - qo_len + i. A KV block is either fully
+visible (no mask arithmetic: the bulk of a causal prefill), or on a boundary (causal diagonal,
+window edge, kv_len end, or a custom mask: masked step). Rows that see nothing get 0 and LSE -inf.
+The custom mask is packed bits (little-endian within a byte), request b's [qo_len, kv_len] bits
+starting at bit mask_off[b].
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _step(acc, l_i, m_i, q, k_ptr, v_ptr, kv_indices_ptr, page_base, s, kv_len, kvh, qpos, q_rows, q_ok,
+          mask_ptr, mask_base, num_pages, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+          sm_scale, soft_cap, window_left,
+          PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+          CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, CUSTOM: tl.constexpr):
+    n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    kpos = s + n  # [BN]
+    ok = kpos < kv_len
+    page = tl.load(kv_indices_ptr + page_base + kpos // PAGE, mask=ok, other=0)
+    page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+    slot = kpos % PAGE
+    k = tl.load(k_ptr + (page * stride_kp + slot * stride_kt + kvh * stride_kh)[:, None] + d[None, :],
+                mask=ok[:, None], other=0.0)
+    v = tl.load(v_ptr + (page * stride_vp + slot * stride_vt + kvh * stride_vh)[:, None] + d[None, :],
+                mask=ok[:, None], other=0.0)
+    qk = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
+    if SOFT_CAP:
+        qk = soft_cap * _tanh(qk * (sm_scale / soft_cap)) * 1.4426950408889634
+    else:
+        qk = qk * (sm_scale * 1.4426950408889634)
+    if MASKED:
+        vis = ok[None, :] & q_ok[:, None]
+        if CAUSAL:
+            vis = vis & (kpos[None, :] <= qpos[:, None])
+        if WINDOW:
+            vis = vis & (kpos[None, :] >= qpos[:, None] - window_left)
+        if CUSTOM:
+            bit = mask_base + q_rows.to(tl.int64)[:, None] * kv_len + kpos[None, :]
+            byte = tl.load(mask_ptr + (bit >> 3), mask=vis, other=0).to(tl.int32)
+            vis = vis & (((byte >> (bit & 7).to(tl.int32)) & 1) != 0)
+        qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, meta_ptr, kv_indices_ptr, mask_ptr,
+    off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask,
+    num_pages, num_qo_heads,
+    stride_qn, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+    stride_on, stride_oh,
+    sm_scale, soft_cap, window_left,
+    GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, CUSTOM: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+):
+    h = tl.program_id(0)
+    t = tl.program_id(1)
+    if t < tl.load(meta_ptr):
+        kvh = h // GROUP
+        b = tl.load(meta_ptr + off_tile_req + t)
+        q0 = tl.load(meta_ptr + off_tile_q0 + t)
+        row0 = tl.load(meta_ptr + off_qo_indptr + b)
+        qo_len = tl.load(meta_ptr + off_qo_indptr + b + 1) - row0
+        kv_len = tl.load(meta_ptr + off_kv_len + b)
+        page_base = tl.load(meta_ptr + off_kv_indptr + b)
+        mask_base = 0
+        if CUSTOM:
+            mask_base = tl.load(meta_ptr + off_mask + b).to(tl.int64)
+        m = tl.arange(0, BLOCK_M)
+        d = tl.arange(0, HEAD_DIM)
+        q_rows = q0 + m  # [BM] rows within the request
+        q_ok = q_rows < qo_len
+        qpos = q_rows + (kv_len - qo_len)  # positions in the KV sequence
+        rows = (row0 + q_rows).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * stride_qn + h * stride_qh + d[None, :], mask=q_ok[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+        qpos_min = q0 + (kv_len - qo_len)
+        qpos_max = tl.minimum(q0 + BLOCK_M, qo_len) - 1 + (kv_len - qo_len)
+        hi = kv_len
+        if CAUSAL:
+            hi = tl.minimum(kv_len, qpos_max + 1)
+        lo = 0
+        f0 = 0  # blocks from f0 on are above the window's lower edge for every row
+        if WINDOW:
+            lo = tl.maximum(qpos_min - window_left, 0) // BLOCK_N * BLOCK_N
+            f0 = (tl.maximum(qpos_max - window_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        f1 = kv_len // BLOCK_N * BLOCK_N  # blocks before f1 lie inside kv_len
+        if CAUSAL:
+            f1 = tl.maximum(tl.minimum(kv_len, qpos_min + 1), 0) // BLOCK_N * BLOCK_N  # and before every row's diagonal
+        if CUSTOM:
+            f0 = lo
+            f1 = lo
+        f0 = tl.maximum(f0, lo)
+        f1 = tl.maximum(f1, f0)
+        for s in range(lo, tl.minimum(f0, hi), BLOCK_N):
+            acc, l_i, m_i = _step(acc, l_i, m_i, q, k_ptr, v_ptr, kv_indices_ptr, page_base, s, kv_len, kvh, qpos,
+                                  q_rows, q_ok, mask_ptr, mask_base, num_pages, stride_kp, stride_kt, stride_kh,
+                                  stride_vp, stride_vt, stride_vh, sm_scale, soft_cap, window_left,
+                                  PAGE, HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, SOFT_CAP, CUSTOM)
+        for s in range(f0, tl.minimum(f1, hi), BLOCK_N):
+            acc, l_i, m_i = _step(acc, l_i, m_i, q, k_ptr, v_ptr, kv_indices_ptr, page_base, s, kv_len, kvh, qpos,
+                                  q_rows, q_ok, mask_ptr, mask_base, num_pages, stride_kp, stride_kt, stride_kh,
+                                  stride_vp, stride_vt, stride_vh, sm_scale, soft_cap, window_left,
+                                  PAGE, HEAD_DIM, BLOCK_N, False, CAUSAL, WINDOW, SOFT_CAP, CUSTOM)
+        for s in range(tl.maximum(f1, lo), hi, BLOCK_N):
+            acc, l_i, m_i = _step(acc, l_i, m_i, q, k_ptr, v_ptr, kv_indices_ptr, page_base, s, kv_len, kvh, qpos,
+                                  q_rows, q_ok, mask_ptr, mask_base, num_pages, stride_kp, stride_kt, stride_kh,
+                                  stride_vp, stride_vt, stride_vh, sm_scale, soft_cap, window_left,
+                                  PAGE, HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, SOFT_CAP, CUSTOM)
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_on + h * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=q_ok[:, None])
+        if WRITE_LSE:
+            m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+            tl.store(lse_ptr + rows * num_qo_heads + h, tl.where(has, m_safe + tl.log2(tl.where(has, l_i, 1.0)),
+                                                                float("-inf")), mask=q_ok)

@@ -1,0 +1,414 @@
+"""Expert-parallel dispatch and combine across the ranks of a process group.
+
+# T = num_tokens (this rank), H = hidden, k = top_k, E = num_experts, W = ep_size,
+# L = num_local_experts (this rank), S = rows sent, R = rows received, N = expanded rows (pairs)
+
+    disp = EPDispatcher(num_experts=64, top_k=8, hidden=4096, group=ep_group)
+    d = disp.dispatch(x, topk_ids, topk_weights)        # d.tokens [R, H], d.gather_idx [N]
+    h = experts(d.tokens[d.gather_idx], d.expert_offsets) * d.row_weights[:, None]
+    y = disp.combine(h, d.handle)                       # [T, H] on the source rank
+
+One step, on every rank:
+1. plan: the destination ranks of each token. A token whose several experts live on one rank is
+   sent there ONCE, with its k (local expert, weight) pairs (slots of other ranks padded with -1).
+2. exchange: rows and pairs per destination plus an error flag, in one small all_to_all_single.
+   This is the step's one host sync: all_to_all_single takes host split sizes, and the receiver
+   must size its buffers. A rank whose input failed validation sends its flag instead of hanging
+   its peers: every rank raises, naming it.
+3. pack (Triton): the send buffer ordered by destination rank, token order kept within a rank.
+4. all_to_all_single of the tokens and of the [S, 2k] int32 metadata (ids and fp32 weight bits).
+5. expand (receiver): the (row, local expert) pairs sorted by local expert, stably, so the rows of
+   expert l are ordered by (source rank, token, slot): gather_idx selects them from the received
+   rows, row_weights carries their routing weights to the down GEMM's epilogue.
+6. combine: the receiver sums each received token's rows over its local experts (Triton
+   gather_sum, fp32) BEFORE they travel back, the reverse all_to_all_single returns one row per
+   (token, rank), and the source rank sums those per token (gather_sum again): each output row is
+   written once, no atomics, so results are deterministic.
+
+EP size 1 is LocalDispatcher's permute: no exchange and no host sync (beyond the optional id check);
+the tokens stay where they are and gather_idx permutes them (fused into the expert GEMM's gather).
+
+Buffers are taken from torch's caching allocator at the sizes exchanged in step 2 (the allocator
+reuses them step after step); a static-capacity mode for CUDA graphs over W > 1 is not built yet.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...distributed.collectives import all_to_all as _all_to_all
+from ...distributed.collectives import global_rank as _global_rank
+from ...distributed.collectives import group_device as _group_device
+from ...distributed.collectives import group_info as _group_info
+from ...distributed.collectives import report_failure as _report
+from ...distributed.collectives import wait_all as _wait_all
+from ...errors import MoeCommTypeError, MoeCommValueError, check_positive_int, check_tensor
+from ...jit.backend import call_op, device_checks_allowed
+from ..placement import ExpertPlacement
+from ..types import DispatchResult
+from .ops import _gather_sum_impl, _gather_sum_op, _pack_rows_impl, _pack_rows_op
+from .plan import expand_received, pack_metadata, plan_send
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ID_DTYPES = (torch.int32, torch.int64)
+
+# error flags carried by the count exchange, and what the other ranks are told
+_FLAG_OK, _FLAG_BAD_IDS, _FLAG_BAD_ARGS = 0, 1, 2
+_FLAG_REASONS = {
+    _FLAG_BAD_IDS: "topk_ids out of range [0, num_experts)",
+    _FLAG_BAD_ARGS: "invalid arguments to dispatch (that rank raised the details)",
+}
+
+
+# ----------------------------------------------------------------------------- handles
+
+
+@dataclass
+class EPHandle:
+    """What combine needs to bring rows home; built by dispatch, opaque to callers.
+
+    Attributes:
+        group: the process group (None: default), ep_size W.
+        send_splits: [W] host ints, rows this rank sent to each rank (S = sum).
+        recv_splits: [W] host ints, rows this rank received from each rank (R = sum).
+        pos: [T, W] int32 send-buffer rows (SendPlan.pos).
+        slot_pos: [R, k] int32 expanded row of each received (row, slot).
+        num_tokens, hidden: T, H of the source rank; num_rows: N expanded rows.
+        local: EP size 1 only, the LocalDispatcher's handle (pos and slot_pos are None then).
+    """
+
+    group: Any
+    ep_size: int
+    send_splits: list[int]
+    recv_splits: list[int]
+    pos: torch.Tensor | None
+    slot_pos: torch.Tensor | None
+    num_tokens: int
+    hidden: int
+    num_rows: int
+    local: Any = None
+
+
+class _Done:
+    """An already-finished async result (EP size 1, or nothing to exchange)."""
+
+    def __init__(self, value: Any):
+        self._value = value
+
+    def is_completed(self) -> bool:
+        return True
+
+    def wait(self) -> Any:
+        return self._value
+
+
+class PendingDispatch:
+    """Returned by dispatch(..., async_op=True): the all-to-alls are in flight.
+
+    ``wait()`` -> DispatchResult (on a GPU, it orders the current stream after the exchange);
+    ``is_completed()`` -> whether the exchange has finished.
+    """
+
+    def __init__(self, works: list, finish):
+        self._works, self._finish, self._value = works, finish, None
+
+    def is_completed(self) -> bool:
+        return self._value is not None or all(w.is_completed() for w in self._works)
+
+    def wait(self) -> DispatchResult:
+        if self._value is None:
+            self._value = self._finish(self._works)
+        return self._value
+
+
+class PendingCombine(PendingDispatch):
+    """Returned by combine(..., async_op=True); ``wait()`` -> y [T, H]."""
+
+
+
+# ----------------------------------------------------------------------------- the count exchange
+
+
+def _exchange_counts(info: torch.Tensor, group, op: str) -> tuple[list[int], list[int], list[int], list[int]]:
+    """all_to_all_single of [W, 3] (rows, pairs, flag) per destination; THE host sync of a step.
+
+    Returns (rows sent, rows received, pairs received, flags received) as host lists.
+    """
+    W = info.shape[0]
+    recv = torch.empty_like(info)
+    _all_to_all(recv, info, None, None, group, f"{op}: count exchange", False)
+    host = torch.cat([info[:, 0], recv.reshape(-1)]).cpu().tolist()  # one device->host copy
+    sent = host[:W]
+    got = host[W:]
+    return sent, got[0::3], got[1::3], got[2::3]
+
+
+def _fail_peers(group, W: int, device: torch.device, op: str, flag: int) -> None:
+    """This rank's input is bad: take part in the count exchange with the flag so no peer hangs."""
+    info = torch.zeros((W, 3), dtype=torch.long, device=device)
+    info[:, 2] = flag
+    try:
+        _exchange_counts(info, group, op)
+    except Exception:  # the peers may already be gone; our own error is the one to raise
+        pass
+
+
+# ----------------------------------------------------------------------------- dispatch / combine
+
+
+def _validate(op, x, topk_ids, topk_weights, hidden, top_k, dtype):
+    x = check_tensor(op, "x", x, ndim=2, dtype=_FLOAT_DTYPES)
+    T = x.shape[0]
+    if hidden is not None and x.shape[1] != hidden:
+        raise MoeCommValueError(f"{op}: x must have shape [*, {hidden}], got {list(x.shape)}")
+    if dtype is not None and x.dtype != dtype:
+        raise MoeCommTypeError(f"{op}: x must have dtype {str(dtype).replace('torch.', '')}, "
+                               f"got {str(x.dtype).replace('torch.', '')}")
+    ids = check_tensor(op, "topk_ids", topk_ids, shape=[T, top_k], dtype=_ID_DTYPES, device=x.device)
+    k = ids.shape[1]
+    if k < 1:
+        raise MoeCommValueError(f"{op}: topk_ids must have at least 1 column, got shape {list(ids.shape)}")
+    w = check_tensor(op, "topk_weights", topk_weights, shape=[T, k], dtype=_FLOAT_DTYPES, device=x.device)
+    return x, ids, w
+
+
+def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, rank: int, ep_size: int,
+              e2r: torch.Tensor, e2l: torch.Tensor, hidden, top_k, dtype, async_op: bool, validate: bool,
+              op: str):
+    W = ep_size
+    try:
+        x, ids, w = _validate(op, x, topk_ids, topk_weights, hidden, top_k, dtype)
+    except (MoeCommValueError, MoeCommTypeError) as exc:
+        if W > 1:
+            _report(exc)
+            # the group's device, not x's: x is what was wrong, and NCCL needs a CUDA tensor
+            _fail_peers(group, W, _group_device(group), op, _FLAG_BAD_ARGS)
+        raise
+    T, H = x.shape
+    k = ids.shape[1]
+    E = placement.num_experts
+    L = placement.num_local_experts(rank)
+    e2r, e2l = e2r.to(x.device), e2l.to(x.device)  # no-op unless x is not where the caller guessed
+    check = device_checks_allowed(validate)
+
+    if W == 1:
+        # a local permute (LocalDispatcher): tokens stay in x, gather_idx permutes them; no exchange,
+        # and no host sync unless the ids are checked
+        if check and T > 0 and bool(((ids < 0) | (ids >= E)).any()):
+            raise MoeCommValueError(f"{op}: topk_ids must be in [0, {E}), got values in "
+                                    f"[{int(ids.min())}, {int(ids.max())}]")
+        from ..local import LocalDispatcher
+
+        res = LocalDispatcher(E, k, validate=False).dispatch(x, ids, w.float())
+        res.handle = EPHandle(group, 1, [T], [T], None, None, T, H, T * k, local=res.handle)
+        return _Done(res) if async_op else res
+
+    plan = plan_send(ids, w, e2r, e2l, W, check_ids=check)
+    info = torch.stack([plan.rows_per_rank, plan.pairs_per_rank, plan.bad_ids.expand(W)], dim=1)  # [W, 3]
+    send_splits, recv_splits, recv_pairs, flags = _exchange_counts(info, group, op)
+    me_bad = flags[rank]
+    if me_bad:
+        lo, hi = int(ids.min()), int(ids.max())
+        exc = MoeCommValueError(f"{op}: topk_ids must be in [0, {E}), got values in [{lo}, {hi}]")
+        _report(exc)
+        raise exc
+    for j, f in enumerate(flags):
+        if f:
+            raise MoeCommValueError(f"{op}: rank {_global_rank(group, j)} failed: "
+                                    f"{_FLAG_REASONS.get(f, f'error flag {f}')}")
+    S, R, N = sum(send_splits), sum(recv_splits), sum(recv_pairs)
+    send = call_op(_pack_rows_op, _pack_rows_impl, x, plan.pos, S)  # [S, H]; x validated, pos ours
+    meta = pack_metadata(plan, S)  # [S, 2k]
+    recv = x.new_empty((R, H))
+    recv_meta = meta.new_empty((R, 2 * k))
+    works = [
+        _all_to_all(recv, send, recv_splits, send_splits, group, f"{op}: token all_to_all", async_op),
+        _all_to_all(recv_meta, meta, recv_splits, send_splits, group, f"{op}: metadata all_to_all", async_op),
+    ]
+
+    def finish(works):
+        if async_op:
+            _wait_all(works, group, f"{op}: all_to_all")
+        ex = expand_received(recv_meta, k, L, N)
+        handle = EPHandle(group, W, send_splits, recv_splits, plan.pos, ex.slot_pos, T, H, N)
+        return DispatchResult(recv, ex.expert_offsets, ex.tokens_per_expert, ex.row_weights, ex.gather_idx, handle)
+
+    return PendingDispatch(works, finish) if async_op else finish(works)
+
+
+def combine(expert_out: Any, handle: EPHandle, async_op: bool = False) -> torch.Tensor | PendingCombine:
+    """Bring expert outputs home and sum them per token: the reverse of dispatch.
+
+    The routing weights must already be applied to ``expert_out`` (row_weights, in the down GEMM's
+    epilogue): combine is an unweighted sum. The receiver sums a token's rows over its local
+    experts before they travel back (fp32 accumulation), the source rank sums the partials.
+
+    Args:
+        expert_out: [N, H] fp32/fp16/bf16, row i = the output of expanded row i of the dispatch
+            result (the rows ``gather_idx`` selected, in the same order).
+        handle: DispatchResult.handle of the matching dispatch.
+        async_op: return a PendingCombine whose ``wait()`` gives y, so the caller can compute meanwhile.
+
+    Returns:
+        y [T, H] of expert_out's dtype on the source rank (or a PendingCombine).
+    """
+    op = "combine"
+    if not isinstance(handle, EPHandle):
+        raise MoeCommTypeError(f"{op}: handle must be the EPHandle of a dispatch result, got {type(handle).__name__}")
+    dev = handle.slot_pos.device if handle.slot_pos is not None else None
+    try:
+        out = check_tensor(op, "expert_out", expert_out, shape=[handle.num_rows, handle.hidden], dtype=_FLOAT_DTYPES,
+                           device=dev)
+    except (MoeCommValueError, MoeCommTypeError) as exc:
+        # the peers will wait in the reverse all_to_all until the group's timeout; the report lets
+        # their explain_failure name this rank
+        if handle.ep_size > 1:
+            _report(exc)
+        raise
+    if handle.ep_size == 1:
+        from ...permute import unpermute
+
+        y = unpermute(out, handle.local, None)  # [T, H]
+        return _Done(y) if async_op else y
+    # expert_out checked above, the indices are the handle's: the ops run without re-checking
+    partial = call_op(_gather_sum_op, _gather_sum_impl, out, handle.slot_pos)  # [R, H]: summed over local experts
+    back = out.new_empty((sum(handle.send_splits), handle.hidden))  # [S, H]
+    works = [_all_to_all(back, partial, handle.send_splits, handle.recv_splits, handle.group,
+                         f"{op}: all_to_all", async_op)]
+
+    def finish(works):
+        if async_op:
+            _wait_all(works, handle.group, f"{op}: all_to_all")
+        return call_op(_gather_sum_op, _gather_sum_impl, back, handle.pos)  # [T, H]
+
+    return PendingCombine(works, finish) if async_op else finish(works)
+
+
+def dispatch(
+    x: Any,
+    topk_ids: Any,
+    topk_weights: Any,
+    group: Any = None,
+    placement: ExpertPlacement | None = None,
+    async_op: bool = False,
+    *,
+    num_experts: int | None = None,
+    validate: bool = True,
+) -> DispatchResult | PendingDispatch:
+    """Send each token to the ranks holding its top-k experts; functional form of EPDispatcher.dispatch.
+
+    Does not check that the ranks agree on the configuration (EPDispatcher does, once, at set-up).
+
+    Args:
+        x: [T, H] fp32/fp16/bf16 tokens of this rank (a torch tensor or a DLPack array; T may be 0).
+        topk_ids: [T, k] int32/int64 global expert ids in [0, E).
+        topk_weights: [T, k] fp32/fp16/bf16 routing weights.
+        group: the expert-parallel process group (None: the default group, or no group at all).
+        placement: expert -> rank map with ep_size = the group's size; None: contiguous blocks of
+            ``num_experts``.
+        async_op: return a PendingDispatch to ``wait()`` on.
+        num_experts: E, needed when ``placement`` is None.
+        validate: check the ids on the device (costs no extra sync for W > 1: the flag rides on the
+            count exchange; one sync for W = 1). Skipped anyway under CUDA-graph capture and compile.
+
+    Returns:
+        DispatchResult: tokens [R, H] received rows, gather_idx [N] int32, expert_offsets [L + 1]
+        int32, tokens_per_expert [L] int32, row_weights [N] fp32, handle for combine.
+    """
+    op = "dispatch"
+    rank, W = _group_info(group)
+    if placement is None:
+        if num_experts is None:
+            raise MoeCommValueError(f"{op}: placement or num_experts must be given, got neither")
+        placement = ExpertPlacement(check_positive_int(op, "num_experts", num_experts), W)
+    if not isinstance(placement, ExpertPlacement):
+        raise MoeCommTypeError(f"{op}: placement must be an ExpertPlacement, got {type(placement).__name__}")
+    if placement.ep_size != W:
+        raise MoeCommValueError(f"{op}: placement.ep_size must be {W} (the group's size), got {placement.ep_size}")
+    dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    e2r, e2l = _placement_maps(placement, dev)
+    return _dispatch(x, topk_ids, topk_weights, group=group, placement=placement, rank=rank, ep_size=W,
+                     e2r=e2r, e2l=e2l, hidden=None, top_k=None, dtype=None, async_op=async_op,
+                     validate=validate, op=op)
+
+
+@functools.lru_cache(maxsize=64)
+def _placement_maps(placement: ExpertPlacement, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # the [E] tables copied to the device once per placement, not once per call
+    return placement.expert_to_rank_tensor(device), placement.expert_to_local_tensor(device)
+
+
+class EPDispatcher:
+    """Expert-parallel dispatcher of one MoE layer (implements moecomm.ep.types.Dispatcher).
+
+    Args:
+        num_experts: E, global experts.
+        top_k: k, experts per token.
+        hidden: H.
+        group: the expert-parallel process group (None: the default group; a single process
+            without torch.distributed is EP size 1).
+        placement: expert -> rank map; None: contiguous blocks (E not divisible by W is fine).
+        dtype: the token dtype every call must use (None: any of fp32/fp16/bf16).
+
+    Every rank of the group must construct it (a set-up collective checks that all ranks agree on
+    E, k, H, dtype and placement, raising on every rank otherwise).
+
+    Example:
+        disp = EPDispatcher(64, 8, 4096, group=ep_group)
+        d = disp.dispatch(x, topk_ids, topk_weights)
+        y = disp.combine(expert_mlp(d.tokens[d.gather_idx]) * d.row_weights[:, None], d.handle)
+    """
+
+    def __init__(self, num_experts: int, top_k: int, hidden: int, *, group: Any = None,
+                 placement: ExpertPlacement | None = None, dtype: torch.dtype | None = None):
+        op = "EPDispatcher"
+        self.num_experts = check_positive_int(op, "num_experts", num_experts)
+        self.top_k = check_positive_int(op, "top_k", top_k)
+        self.hidden = check_positive_int(op, "hidden", hidden)
+        if dtype is not None and dtype not in _FLOAT_DTYPES:
+            raise MoeCommTypeError(f"{op}: dtype must be float32, float16, bfloat16 or None, got {dtype}")
+        if top_k > num_experts:
+            raise MoeCommValueError(f"{op}: top_k must be <= num_experts ({num_experts}), got {top_k}")
+        self.group = group
+        self.rank, self.ep_size = _group_info(group)
+        if placement is None:
+            placement = ExpertPlacement(num_experts, self.ep_size)
+        if not isinstance(placement, ExpertPlacement):
+            raise MoeCommTypeError(f"{op}: placement must be an ExpertPlacement, got {type(placement).__name__}")
+        if placement.ep_size != self.ep_size or placement.num_experts != num_experts:
+            raise MoeCommValueError(f"{op}: placement must be for {num_experts} experts on {self.ep_size} ranks, "
+                                    f"got {placement.num_experts} experts on {placement.ep_size} ranks")
+        self.placement = placement
+        self.dtype = dtype
+        self.num_local_experts = placement.num_local_experts(self.rank)
+        self.local_experts = placement.local_experts(self.rank)
+        if self.ep_size > 1:
+            from ...distributed import check_agreement
+
+            check_agreement(group, op, num_experts=num_experts, top_k=top_k, hidden=hidden,
+                            dtype=str(dtype), ep_size=self.ep_size, placement=placement.describe())
+
+    def dispatch(self, x: Any, topk_ids: Any, topk_weights: Any, *, async_op: bool = False,
+                 validate: bool = True) -> DispatchResult | PendingDispatch:
+        """Send tokens to their experts' ranks; see moecomm.ep.dispatch for the arguments.
+
+        Args:
+            x: [T, H] tokens (dtype as constructed, if given).
+            topk_ids: [T, k] int32/int64 global expert ids.
+            topk_weights: [T, k] routing weights.
+            async_op: return a PendingDispatch.
+            validate: check ids on the device (see moecomm.ep.dispatch).
+        """
+        dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        e2r, e2l = _placement_maps(self.placement, dev)
+        return _dispatch(x, topk_ids, topk_weights, group=self.group, placement=self.placement, rank=self.rank,
+                         ep_size=self.ep_size, e2r=e2r, e2l=e2l, hidden=self.hidden, top_k=self.top_k,
+                         dtype=self.dtype, async_op=async_op, validate=validate, op="EPDispatcher.dispatch")
+
+    def combine(self, expert_out: Any, handle: EPHandle, *, async_op: bool = False) -> torch.Tensor | PendingCombine:
+        """y [T, H] = per token, the sum of its expert outputs (weights already applied); see combine()."""
+        return combine(expert_out, handle, async_op=async_op)

@@ -1,0 +1,5 @@
+"""The drop-in MoE layer (moe.py), its decode CUDA graphs (graphs.py) and model integrations (hf/)."""
+
+from .moe import MoE, SharedExpertMLP
+
+__all__ = ["MoE", "SharedExpertMLP"]
