@@ -22,10 +22,11 @@ copy (`dst.copy_(src)`) moving the same number of bytes, both timed the same two
   host    microseconds of host time per eager call (perf_counter over back-to-back calls, no sync):
           the fixed cost that eager pays when it exceeds the kernel's time.
 Ops and the minimum bytes each must move:
-  pack    ours: pack_rows(x, pos, S), token t written once per destination rank (dedup)
-          bytes: read x (T*H*e) + write S*H*e (+ T*W*4 of pos)
-  unpack  ours: gather_sum(returned [S, H], pos [T, W]) on the source rank, fp32 sum per token
-          bytes: read S*H*e + write T*H*e (+ T*W*4)
+  pack    ours: pack_send(x, ..., out [S, width]), token t written once per destination rank
+          (dedup), its metadata (8k bytes) beside it   bytes: read x (T*H*e) + write S*width*e
+          (+ T*k*16 of the plan)
+  unpack  ours: gather_sum(returned [S, H], home [T, k]) on the source rank, fp32 sum per token
+          bytes: read S*H*e + write T*H*e (+ T*k*4)
   reduce  ours: gather_sum(expert_out [N, H], slot_pos [R, k]) on the receiver (rows summed over
           its local experts before the return trip)   bytes: read N*H*e + write R*H*e (+ R*k*4)
   e.g. T=8192, H=4096, top-8 of 64, W=8, bf16: each token reaches ~5.3 ranks, S ~ 43.6k rows:
@@ -99,27 +100,44 @@ def kernel_rows(T, H, E, k, W, dtype, device, writer, rep, warmup, *, graph: boo
     pl = ExpertPlacement(E, W)
     e2r, e2l = pl.expert_to_rank_tensor(device), pl.expert_to_local_tensor(device)
     # W source ranks' routing: rank 0's plan is the one timed; all of them feed rank 0's receive side
-    plans = [P.plan_send(*_routing(T, E, k, device, seed=s), e2r, e2l, W) for s in range(W)]
-    splits = [p.rows_per_rank.tolist() for p in plans]
+    routes = [_routing(T, E, k, device, seed=s) for s in range(W)]
+    plans = [P.plan_send(ids, e2r, e2l, W) for ids, _ in routes]
+    lay = P.RowLayout.of(H, k, dtype)
+    splits = [p.info[:, 0].tolist() for p in plans]
     S = sum(splits[0])
-    recv_meta = torch.cat([P.pack_metadata(p, sum(sp))[:sp[0]] for p, sp in zip(plans, splits)])  # to rank 0
-    N = int((recv_meta[:, :k] >= 0).sum())
-    ex = P.expand_received(recv_meta, k, pl.num_local_experts(0), N)
-    R = recv_meta.shape[0]
-    pos = plans[0].pos
+    x0 = torch.randn(T, H, device=device).to(dtype)
+    sends, homes = [], []
+    for (ids, w), plan, sp in zip(routes, plans, splits):
+        send = x0.new_empty((sum(sp), lay.width))
+        home = torch.empty((T, k), dtype=torch.int32, device=device)
+        P.pack_send(x0, w, plan, lay, send, home)
+        sends.append(send)
+        homes.append(home)
+    recv = torch.cat([snd[:sp[0]] for snd, sp in zip(sends, splits)])  # what rank 0 receives
+    N = sum(int(p.info[0, 1]) for p in plans)
+    ex = P.expand_received(recv, lay, pl.num_local_experts(0), N)
+    R = recv.shape[0]
+    home, w0, plan0 = homes[0], routes[0][1], plans[0]
     n = _n_sets(max(S, N) * H * e)
     xs = [torch.randn(T, H, device=device).to(dtype) for _ in range(n)]
     backs = [torch.randn(S, H, device=device).to(dtype) for _ in range(n)]
     outs = [torch.randn(N, H, device=device).to(dtype) for _ in range(n)]
+    packed = [x0.new_empty((S, lay.width)) for _ in range(n)]
+    home_t = torch.empty_like(home)
     # correctness before timing: kernel == reference
-    from moecomm.ep.nccl.reference import gather_sum_reference, pack_rows_reference
+    from moecomm.ep.nccl.reference import gather_sum_reference, pack_send_reference
 
-    assert torch.equal(O.pack_rows(xs[0], pos, S), pack_rows_reference(xs[0], pos, S))
-    torch.testing.assert_close(O.gather_sum(backs[0], pos), gather_sum_reference(backs[0], pos), rtol=2**-7, atol=1e-2)
+    want, want_home = x0.new_empty((S, lay.width)), torch.empty_like(home)
+    pack_send_reference(xs[0], w0, plan0.rank, plan0.local, plan0.first, plan0.sort_row, plan0.rank_offsets, want,
+                        want_home, None, meta_col=lay.meta_col, capacity=None)
+    P.pack_send(xs[0], w0, plan0, lay, packed[0], home_t)
+    assert torch.equal(packed[0].view(torch.int32), want.view(torch.int32)) and torch.equal(home_t, want_home)
+    torch.testing.assert_close(O.gather_sum(backs[0], home), gather_sum_reference(backs[0], home), rtol=2**-7, atol=1e-2)
     slot_pos = ex.slot_pos
-    cases = [  # (op, minimum bytes, fn, input sets): the public functions, as a caller runs them
-        ("pack", T * H * e + S * H * e + T * W * 4, lambda x: O.pack_rows(x, pos, S), [(x,) for x in xs]),
-        ("unpack", S * H * e + T * H * e + T * W * 4, lambda b: O.gather_sum(b, pos), [(b,) for b in backs]),
+    cases = [  # (op, minimum bytes, fn, input sets): the steps as the dispatcher runs them
+        ("pack", T * H * e + S * lay.width * e + T * k * 16, lambda x, o: P.pack_send(x, w0, plan0, lay, o, home_t),
+         list(zip(xs, packed))),
+        ("unpack", S * H * e + T * H * e + T * k * 4, lambda b: O.gather_sum(b, home), [(b,) for b in backs]),
         ("reduce", N * H * e + R * H * e + R * k * 4, lambda o: O.gather_sum(o, slot_pos), [(o,) for o in outs]),
     ]
     rows = []
@@ -188,39 +206,35 @@ def kernel_mode(args, writer) -> list[dict]:
 
 
 def sweep(shapes, dtype, device, writer, rep) -> None:
-    """Graph-replay time of pack and unpack per launch configuration (BLOCK_H, num_warps)."""
-    from moecomm.ep.nccl._triton import NUM_WARPS_DEFAULT, _block_h, gather_sum_triton, pack_rows_triton
+    """Graph-replay time of unpack (gather_sum) per launch configuration (BLOCK_H, num_warps)."""
+    from moecomm.ep.nccl._triton import NUM_WARPS_DEFAULT, _block_h, gather_sum_triton
 
     e = torch.tensor([], dtype=dtype).element_size()
     print("\nsweep: graph replay, per call; * = the default configuration")
-    print(f"{'shape':<28} {'BLOCK_H/warps':>14} {'pack ms':>9} {'GB/s':>6} {'unpack ms':>10} {'GB/s':>6}")
+    print(f"{'shape':<28} {'BLOCK_H/warps':>14} {'unpack ms':>10} {'GB/s':>6}")
     for T, H, E, k in shapes:
         for W in (1, 8):
             pl = ExpertPlacement(E, W)
-            plan = P.plan_send(*_routing(T, E, k, device, seed=0), pl.expert_to_rank_tensor(device),
-                               pl.expert_to_local_tensor(device), W)
-            pos, S = plan.pos, int(plan.rows_per_rank.sum())
+            ids, w = _routing(T, E, k, device, seed=0)
+            plan = P.plan_send(ids, pl.expert_to_rank_tensor(device), pl.expert_to_local_tensor(device), W)
+            S = int(plan.info[:, 0].sum())
+            lay = P.RowLayout.of(H, k, dtype)
+            home = torch.empty((T, k), dtype=torch.int32, device=device)
+            P.pack_send(torch.randn(T, H, device=device).to(dtype), w, plan, lay,
+                        torch.empty((S, lay.width), dtype=dtype, device=device), home)
             n = _n_sets(S * H * e)
-            xs = [(torch.randn(T, H, device=device).to(dtype),) for _ in range(n)]
             backs = [(torch.randn(S, H, device=device).to(dtype),) for _ in range(n)]
             shape = f"T{T}_H{H}_top{k}of{E}_W{W}"
             widest = max(16, 1 << (H - 1).bit_length())  # a block wider than the row only adds masked lanes
             for bh, nw in sorted({(min(bh, widest), nw) for bh, nw in SWEEP_CONFIGS}):
-                cells = []
-                for op, fn, sets, nbytes in (
-                    ("pack", lambda x: pack_rows_triton(x, pos, S, block_h=bh, num_warps=nw), xs,
-                     T * H * e + S * H * e),
-                    ("unpack", lambda b: gather_sum_triton(b, pos, block_h=bh, num_warps=nw), backs,
-                     S * H * e + T * H * e),
-                ):
-                    t = graph_bench(fn, sets, replays=rep)  # runs fn now: the loop variables are current
-                    gbps = nbytes / t.median_ms / 1e6
-                    writer.write(bench="dispatch", mode="sweep", timing="graph", op=op, shape=shape, T=T, H=H, E=E,
-                                 k=k, W=W, impl="moecomm", block_h=bh, num_warps=nw, median_ms=t.median_ms,
-                                 p10_ms=t.p10_ms, p90_ms=t.p90_ms, gbps=gbps, min_bytes=nbytes)
-                    cells.append(f"{t.median_ms:>9.4f} {gbps:>6.0f}")
+                nbytes = S * H * e + T * H * e
+                t = graph_bench(lambda b: gather_sum_triton(b, home, block_h=bh, num_warps=nw), backs, replays=rep)
+                gbps = nbytes / t.median_ms / 1e6
+                writer.write(bench="dispatch", mode="sweep", timing="graph", op="unpack", shape=shape, T=T, H=H, E=E,
+                             k=k, W=W, impl="moecomm", block_h=bh, num_warps=nw, median_ms=t.median_ms,
+                             p10_ms=t.p10_ms, p90_ms=t.p90_ms, gbps=gbps, min_bytes=nbytes)
                 mark = "*" if (bh, nw) == (_block_h(H), NUM_WARPS_DEFAULT) else " "
-                print(f"{shape:<28} {f'{bh}/{nw}{mark}':>14} {cells[0]} {' ' + cells[1]}")
+                print(f"{shape:<28} {f'{bh}/{nw}{mark}':>14} {t.median_ms:>10.4f} {gbps:>6.0f}")
 
 
 # ----------------------------------------------------------------------------- distributed mode

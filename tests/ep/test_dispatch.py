@@ -95,12 +95,20 @@ def case_inputs(name, dtype=torch.float32):
 # ----------------------------------------------------------------------------- kernels
 
 
+class _Pos:  # pack_rows' [T, W] destination rows, from a send plan
+    def __init__(self, plan, W):
+        T = plan.first.shape[0]
+        self.pos = torch.full((T, W), -1, dtype=torch.int32)
+        tt, jj = (plan.first < W).nonzero(as_tuple=True)
+        self.pos[tt, plan.first[tt, jj].long()] = plan.sort_row[tt, jj]
+
+
 def _pack_inputs(T, H, W, seed, dtype):
     ids, w = routing(T, 2 * W, 2, skew=False, seed=seed)
     pl = ExpertPlacement(2 * W, W)
-    plan = P.plan_send(ids, w, pl.expert_to_rank_tensor(), pl.expert_to_local_tensor(), W)
+    plan = P.plan_send(ids, pl.expert_to_rank_tensor(), pl.expert_to_local_tensor(), W)
     x = torch.randn(T, 2 * H, dtype=torch.float32).to(dtype)[:, ::2]  # non-contiguous [T, H]
-    return x, plan, int(plan.rows_per_rank.sum())
+    return x, _Pos(plan, W), int(plan.info[:, 0].sum())
 
 
 @pytest.mark.parametrize("T,H,W", [(0, 8, 2), (1, 33, 1), (33, 199, 3), (7, 64, 4)])
@@ -284,7 +292,7 @@ def test_benchmark_sweep_runs_interpreted(triton_backend, tmp_path, monkeypatch)
     writer = ResultWriter(None)
     bench_dispatch.sweep([(33, 64, 8, 2)], torch.float32, "cpu", writer, 1)
     configs = {(min(bh, 64), nw) for bh, nw in bench_dispatch.SWEEP_CONFIGS}
-    assert len(writer.records) == len(configs) * 2 * 2  # configs x ops x W
+    assert len(writer.records) == len(configs) * 2  # configs x W (unpack: pack_send has one configuration)
     assert {(r["block_h"], r["num_warps"]) for r in writer.records} == configs
 
 
@@ -309,11 +317,17 @@ def test_dedup_send_counts():
     # experts 0..3 on rank 0, 4..7 on rank 1: token 0 -> both ranks, token 1 -> rank 1 only (3 experts)
     pl = ExpertPlacement(8, 2)
     ids = torch.tensor([[0, 5, 1], [4, 6, 7]])
-    plan = P.plan_send(ids, torch.ones(2, 3), pl.expert_to_rank_tensor(), pl.expert_to_local_tensor(), 2)
-    assert plan.rows_per_rank.tolist() == [1, 2]
-    assert plan.pairs_per_rank.tolist() == [2, 4]
-    meta = P.pack_metadata(plan, 3)
-    assert meta[:, :3].tolist() == [[0, -1, 1], [-1, 1, -1], [0, 2, 3]]
+    plan = P.plan_send(ids, pl.expert_to_rank_tensor(), pl.expert_to_local_tensor(), 2)
+    assert plan.info[:, 0].tolist() == [1, 2]  # rows
+    assert plan.info[:, 1].tolist() == [2, 4]  # (token, expert) pairs
+    lay = P.RowLayout.of(4, 3, torch.float32)
+    out = torch.full((3, lay.width), float("nan"))
+    home = torch.empty(2, 3, dtype=torch.int32)
+    P.pack_send(torch.arange(8.0).view(2, 4), torch.ones(2, 3), plan, lay, out, home)
+    meta = out.view(torch.int32)[:, lay.meta_col:lay.meta_col + 3]
+    assert meta.tolist() == [[0, -1, 1], [-1, 1, -1], [0, 2, 3]]
+    assert home.tolist() == [[0, 1, -1], [2, -1, -1]]  # the row of each token's owning slots
+    assert torch.equal(out[:, :4], torch.arange(8.0).view(2, 4)[[0, 0, 1]])
 
 
 @pytest.mark.parametrize("async_op", [False, True])

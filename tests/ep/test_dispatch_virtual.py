@@ -52,9 +52,12 @@ def _vector_expert(rows, expert_of_row, row_weights):
 def _plan(ids: torch.Tensor, num_experts: int, W: int):
     """The send plan of ids [T, k] over W ranks (contiguous placement, unit weights) and its row count S."""
     pl = ExpertPlacement(num_experts, W)
-    plan = P.plan_send(ids, torch.ones(ids.shape, device=ids.device), pl.expert_to_rank_tensor(ids.device),
-                       pl.expert_to_local_tensor(ids.device), W)
-    return plan, int(plan.rows_per_rank.sum())
+    plan = P.plan_send(ids, pl.expert_to_rank_tensor(ids.device), pl.expert_to_local_tensor(ids.device), W)
+    pos = torch.full((ids.shape[0], W), -1, dtype=torch.int32, device=ids.device)  # pack_rows' [T, W] rows
+    tt, jj = (plan.first < W).nonzero(as_tuple=True)
+    pos[tt, plan.first[tt, jj].long()] = plan.sort_row[tt, jj]
+    plan.pos = pos
+    return plan, int(plan.info[:, 0].sum())
 
 
 @pytest.mark.parametrize("W,E,k,H,Ts,skew", [

@@ -138,3 +138,135 @@ def gather_sum_triton(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | 
                                                    out.stride(0)),
                          {"H": H, "C": C, "BLOCK_H": BLOCK_H}, num_warps)
     return out
+
+
+# ----------------------------------------------------------------------------- plan and pack
+#
+# The send side of a dispatch in two kernels around one counting sort (moecomm.permute's):
+#   ep_plan_kernel: per token, each slot's rank and local expert, the dedup (a token goes once to
+#     each rank that holds any of its experts) and, with atomics, the [W, 3] counts the ranks
+#     exchange (rows, pairs, bad-id flag); the counts are integers, so their sums are exact and
+#     independent of the atomics' order;
+#   the permute's counting sort of the dedup'd ranks: each (token, rank) row's place, grouped by
+#     rank, token order kept;
+#   ep_pack_send_kernel: the token's part of each of its rows and (column block 0) their metadata:
+#     k local expert ids and k weights, so tokens and metadata travel in ONE all_to_all_single.
+
+
+@triton.jit
+def ep_plan_kernel(
+    ids_ptr, e2r_ptr, e2l_ptr, rank_ptr, local_ptr, first_ptr, info_ptr,
+    T, E, stride_it, stride_ik,
+    K: tl.constexpr, KP: tl.constexpr, W: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_T: tl.constexpr,
+    CHECK: tl.constexpr,
+):
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, KP)
+    m = (toks < T)[:, None] & (cols < K)[None, :]
+    ids = tl.load(ids_ptr + toks.to(tl.int64)[:, None] * stride_it + cols[None, :] * stride_ik, mask=m, other=0)
+    ids = ids.to(tl.int32)
+    idc = tl.minimum(tl.maximum(ids, 0), E - 1)  # a bad id never addresses out of bounds; the flag says it
+    rank = tl.load(e2r_ptr + idc, mask=m, other=W)
+    local = tl.load(e2l_ptr + idc, mask=m, other=-1)
+    # slot j repeats a rank if an earlier slot jj < j has it (no @jit helpers and no tl.zeros here:
+    # the 3.6 interpreter leaves helpers patched, which breaks later sm_90 compiles in one process)
+    dup = tl.full([BLOCK_T, KP], 0, tl.int32)
+    for jj in tl.static_range(K - 1):
+        rj = tl.sum(tl.where(cols[None, :] == jj, rank, 0), axis=1)  # column jj
+        dup = dup | ((rank == rj[:, None]) & (cols[None, :] > jj)).to(tl.int32)
+    first = tl.where((dup > 0) | ~m, W, rank)
+    flat = toks.to(tl.int64)[:, None] * K + cols[None, :]
+    tl.store(rank_ptr + flat, rank, mask=m)
+    tl.store(local_ptr + flat, local, mask=m)
+    tl.store(first_ptr + flat, first, mask=m)
+    bins = tl.arange(0, NUM_BINS)
+    rows = tl.histogram(tl.reshape(first, [BLOCK_T * KP]), NUM_BINS)
+    pairs = tl.histogram(tl.reshape(tl.where(m, rank, W), [BLOCK_T * KP]), NUM_BINS)
+    tl.atomic_add(info_ptr + bins * 3, rows, mask=bins < W)
+    tl.atomic_add(info_ptr + bins * 3 + 1, pairs, mask=bins < W)
+    if CHECK:
+        bad = tl.max(tl.max((m & ((ids < 0) | (ids >= E))).to(tl.int32), axis=1), axis=0)
+        tl.atomic_max(info_ptr + bins * 3 + 2, tl.full([NUM_BINS], 1, tl.int32), mask=(bins < W) & (bad > 0))
+
+
+@triton.jit
+def ep_pack_send_kernel(
+    x_ptr, w_ptr, rank_ptr, local_ptr, first_ptr, sort_row_ptr, offs_ptr, out_ptr, meta_ptr, home_ptr, flag_ptr,
+    num_rows, capacity, stride_xt, stride_xh, stride_wt, stride_wk, stride_ot, stride_mt, meta_col,
+    H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, W: tl.constexpr, BLOCK_H: tl.constexpr,
+    STATIC: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    cols = tl.arange(0, KP)
+    cm = cols < K
+    first = tl.load(first_ptr + t * K + cols, mask=cm, other=W)
+    srow = tl.load(sort_row_ptr + t * K + cols, mask=cm, other=0)
+    keep = cm & (first < W)
+    if STATIC:  # rank w's rows live at [w * capacity, (w + 1) * capacity); the rest would overflow
+        base = tl.load(offs_ptr + tl.minimum(first, W - 1), mask=keep, other=0)
+        inr = srow - base
+        ok = keep & (inr < capacity)
+        row = tl.where(ok, first * capacity + inr, -1)
+    else:
+        ok = keep & (srow < num_rows)
+        row = tl.where(ok, srow, -1)
+    offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    v = tl.load(x_ptr + t * stride_xt + offs.to(tl.int64) * stride_xh, mask=offs < H)  # raw bits: a pure copy
+    for jj in tl.static_range(K):
+        r = tl.sum(tl.where(cols == jj, row, 0), axis=0).to(tl.int64)
+        tl.store(out_ptr + r * stride_ot + offs, v, mask=(offs < H) & (r >= 0))
+    if hb == 0:
+        tl.store(home_ptr + t * K + cols, row, mask=cm)
+        if STATIC:
+            lost = tl.max((keep & ~ok).to(tl.int32), axis=0)
+            tl.atomic_max(flag_ptr + cols * 0, tl.full([KP], 1, tl.int32), mask=(cols == 0) & (lost > 0))
+        rank = tl.load(rank_ptr + t * K + cols, mask=cm, other=-1)
+        local = tl.load(local_ptr + t * K + cols, mask=cm, other=-1)
+        wbits = tl.load(w_ptr + t * stride_wt + cols * stride_wk, mask=cm, other=0.0).to(tl.float32)
+        wbits = wbits.to(tl.int32, bitcast=True)
+        for jj in tl.static_range(K):
+            r = tl.sum(tl.where(cols == jj, row, 0), axis=0).to(tl.int64)
+            w_of_row = tl.sum(tl.where(cols == jj, first, 0), axis=0)
+            mine = rank == w_of_row
+            base_ptr = meta_ptr + r * stride_mt + meta_col
+            tl.store(base_ptr + cols, tl.where(mine, local, -1), mask=cm & (r >= 0))
+            tl.store(base_ptr + K + cols, tl.where(mine, wbits, 0), mask=cm & (r >= 0))
+
+
+_plan_launcher = Launcher(ep_plan_kernel)
+_pack_send_launcher = Launcher(ep_pack_send_kernel)
+PLAN_BLOCK_T = 64
+
+
+def plan_send_triton(topk_ids: torch.Tensor, e2r: torch.Tensor, e2l: torch.Tensor, ep_size: int, rank: torch.Tensor,
+                     local: torch.Tensor, first: torch.Tensor, info: torch.Tensor, check_ids: bool) -> None:
+    """ep_plan_kernel into rank/local/first [T, k] int32 and info [W, 3] int32 (zeroed by the caller)."""
+    T, k = topk_ids.shape
+    if T == 0:
+        return
+    kp = max(2, next_pow2(k))
+    _plan_launcher((cdiv(T, PLAN_BLOCK_T),), (topk_ids, e2r, e2l, rank, local, first, info, T, e2r.shape[0],
+                                              topk_ids.stride(0), topk_ids.stride(1)),
+                   {"K": k, "KP": kp, "W": ep_size, "NUM_BINS": max(2, next_pow2(ep_size + 1)),
+                    "BLOCK_T": PLAN_BLOCK_T, "CHECK": bool(check_ids)}, 4)
+
+
+def pack_send_triton(x: torch.Tensor, topk_weights: torch.Tensor, rank: torch.Tensor, local: torch.Tensor,
+                     first: torch.Tensor, sort_row: torch.Tensor, rank_offsets: torch.Tensor, out: torch.Tensor,
+                     home: torch.Tensor, overflow: torch.Tensor | None, *, meta_col: int, capacity: int | None) -> None:
+    """ep_pack_send_kernel: see moecomm.ep.nccl.reference.pack_send_reference for what it writes."""
+    T, H = x.shape
+    if T == 0:
+        return
+    k = rank.shape[1]
+    W = rank_offsets.shape[0] - 1
+    meta = out.view(torch.int32)
+    BLOCK_H = _block_h(H)
+    flag = overflow if overflow is not None else home
+    _pack_send_launcher((T, cdiv(H, BLOCK_H)), (
+        x, topk_weights, rank, local, first, sort_row, rank_offsets, out, meta, home, flag,
+        out.shape[0], capacity or 0, x.stride(0), x.stride(1), topk_weights.stride(0), topk_weights.stride(1),
+        out.stride(0), meta.stride(0), meta_col,
+    ), {"H": H, "K": k, "KP": max(2, next_pow2(k)), "W": W, "BLOCK_H": BLOCK_H, "STATIC": capacity is not None},
+        NUM_WARPS_DEFAULT)

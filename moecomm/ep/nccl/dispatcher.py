@@ -1,35 +1,46 @@
-"""Expert-parallel dispatch and combine across the ranks of a process group.
+"""Expert-parallel dispatch and combine across the ranks of a process group, over NCCL (or gloo).
 
 # T = num_tokens (this rank), H = hidden, k = top_k, E = num_experts, W = ep_size,
-# L = num_local_experts (this rank), S = rows sent, R = rows received, N = expanded rows (pairs)
+# L = num_local_experts (this rank), S = rows sent, R = rows received, N = expanded rows (pairs),
+# C = capacity (static mode: rows per peer)
 
     disp = EPDispatcher(num_experts=64, top_k=8, hidden=4096, group=ep_group)
     d = disp.dispatch(x, topk_ids, topk_weights)        # d.tokens [R, H], d.gather_idx [N]
     h = experts(d.tokens[d.gather_idx], d.expert_offsets) * d.row_weights[:, None]
     y = disp.combine(h, d.handle)                       # [T, H] on the source rank
 
-One step, on every rank:
-1. plan: the destination ranks of each token. A token whose several experts live on one rank is
-   sent there ONCE, with its k (local expert, weight) pairs (slots of other ranks padded with -1).
-2. exchange: rows and pairs per destination plus an error flag, in one small all_to_all_single.
-   This is the step's one host sync: all_to_all_single takes host split sizes, and the receiver
-   must size its buffers. A rank whose input failed validation sends its flag instead of hanging
-   its peers: every rank raises, naming it.
-3. pack (Triton): the send buffer ordered by destination rank, token order kept within a rank.
-4. all_to_all_single of the tokens and of the [S, 2k] int32 metadata (ids and fp32 weight bits).
-5. expand (receiver): the (row, local expert) pairs sorted by local expert, stably, so the rows of
-   expert l are ordered by (source rank, token, slot): gather_idx selects them from the received
-   rows, row_weights carries their routing weights to the down GEMM's epilogue.
-6. combine: the receiver sums each received token's rows over its local experts (Triton
-   gather_sum, fp32) BEFORE they travel back, the reverse all_to_all_single returns one row per
-   (token, rank), and the source rank sums those per token (gather_sum again): each output row is
-   written once, no atomics, so results are deterministic.
+Two modes (moecomm/ep/nccl/plan.py has the row layout and the kernels' story):
 
-EP size 1 is LocalDispatcher's permute: no exchange and no host sync (beyond the optional id check);
-the tokens stay where they are and gather_idx permutes them (fused into the expert GEMM's gather).
+Throughput mode (prefill; every call when no max_tokens is given): one step, on every rank:
+1. plan (one kernel, then the permute's counting sort): destination ranks, the dedup (a token whose
+   several experts live on one rank is sent there ONCE, with its k (local expert, weight) pairs),
+   the [W, 3] counts and an error flag;
+2. the counts in one small all_to_all_single: THE host sync of a step (all_to_all_single takes host
+   split sizes, and the receiver must size its buffers). A rank whose input failed validation sends
+   its flag instead of hanging its peers: every rank raises, naming it;
+3. pack (one kernel): the send rows, tokens and metadata side by side, grouped by rank;
+4. one all_to_all_single of the rows;
+5. expand (receiver; the counting sort again): the (row, local expert) pairs grouped by local
+   expert, stably, so the rows of expert l are ordered by (source rank, token, slot);
+6. combine: the receiver sums each received token's rows over its local experts (gather_sum, fp32)
+   BEFORE they travel back, the reverse all_to_all_single returns one row per (token, rank), and the
+   source rank sums those per token (gather_sum): each output row is written once, no atomics, so
+   results are deterministic.
 
-Buffers are taken from torch's caching allocator at the sizes exchanged in step 2 (the allocator
-reuses them step after step); a static-capacity mode for CUDA graphs over W > 1 is not built yet.
+Static-capacity mode (decode; EPDispatcher(max_tokens=...) and a call of at most max_tokens tokens):
+at most C rows per peer (capacity_per_peer, default max_tokens, which never overflows), buffers
+allocated once at construction, equal split sizes: dispatch and combine make NO host sync and can
+be captured in a CUDA graph with the experts. Every output keeps its static size: d.tokens is
+[W * C, H], d.gather_idx and d.row_weights [W * C * k], and the rows after d.expert_offsets[L] are
+padding that no expert owns (the grouped GEMMs skip them). The result's tensors are views of the
+dispatcher's buffers, valid until its next dispatch. A step whose rows to a peer do not fit is not
+silently truncated: the rows that fit are exchanged, the others dropped (never written out of
+bounds), and a device flag is set; check_overflow() raises it on the host at the sync point the
+caller chooses. In static mode a rank whose input is bad raises at once; its peers wait in the
+exchange and raise within the group's timeout, naming it (moecomm.distributed.health).
+
+EP size 1 is LocalDispatcher's permute: no exchange and no host sync (beyond the optional id check),
+unless force_exchange=True (benchmarks: the exchange path over a one-rank group).
 """
 
 from __future__ import annotations
@@ -47,11 +58,12 @@ from ...distributed.collectives import group_info as _group_info
 from ...distributed.collectives import report_failure as _report
 from ...distributed.collectives import wait_all as _wait_all
 from ...errors import MoeCommTypeError, MoeCommValueError, check_positive_int, check_tensor
-from ...jit.backend import call_op, device_checks_allowed
+from ...jit.backend import Impl, call_op, choose, device_checks_allowed
 from ..placement import ExpertPlacement
 from ..types import DispatchResult
-from .ops import _gather_sum_impl, _gather_sum_op, _pack_rows_impl, _pack_rows_op
-from .plan import expand_received, pack_metadata, plan_send
+from .ops import _gather_sum_impl, _gather_sum_op
+from .reference import gather_sum_reference
+from .plan import RowLayout, expand_received, pack_send, plan_send
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -73,24 +85,26 @@ class EPHandle:
 
     Attributes:
         group: the process group (None: default), ep_size W.
-        send_splits: [W] host ints, rows this rank sent to each rank (S = sum).
-        recv_splits: [W] host ints, rows this rank received from each rank (R = sum).
-        pos: [T, W] int32 send-buffer rows (SendPlan.pos).
-        slot_pos: [R, k] int32 expanded row of each received (row, slot).
-        num_tokens, hidden: T, H of the source rank; num_rows: N expanded rows.
-        local: EP size 1 only, the LocalDispatcher's handle (pos and slot_pos are None then).
+        send_splits: [W] host ints, rows this rank sent to each rank (S = sum); None in static mode.
+        recv_splits: [W] host ints, rows this rank received from each rank (R = sum); None in static mode.
+        home: [T, k] int32, the send row of each token's owning slots (-1: none).
+        slot_pos: [R, k] int32 expanded row of each received (row, slot) (-1 or >= N: none).
+        num_tokens, hidden: T, H of the source rank; num_rows: N expanded rows (static: R * k).
+        local: EP size 1 only, the LocalDispatcher's handle (home and slot_pos are None then).
+        buffers: static mode, the dispatcher's buffers (combine writes into them).
     """
 
     group: Any
     ep_size: int
-    send_splits: list[int]
-    recv_splits: list[int]
-    pos: torch.Tensor | None
+    send_splits: list[int] | None
+    recv_splits: list[int] | None
+    home: torch.Tensor | None
     slot_pos: torch.Tensor | None
     num_tokens: int
     hidden: int
     num_rows: int
     local: Any = None
+    buffers: Any = None
 
 
 class _Done:
@@ -149,7 +163,7 @@ def _exchange_counts(info: torch.Tensor, group, op: str) -> tuple[list[int], lis
 
 def _fail_peers(group, W: int, device: torch.device, op: str, flag: int) -> None:
     """This rank's input is bad: take part in the count exchange with the flag so no peer hangs."""
-    info = torch.zeros((W, 3), dtype=torch.long, device=device)
+    info = torch.zeros((W, 3), dtype=torch.int32, device=device)  # as plan_send's counts
     info[:, 2] = flag
     try:
         _exchange_counts(info, group, op)
@@ -176,9 +190,25 @@ def _validate(op, x, topk_ids, topk_weights, hidden, top_k, dtype):
     return x, ids, w
 
 
+def _local(x, ids, w, E, check, op, async_op):
+    """EP size 1 without force_exchange: LocalDispatcher's permute, no exchange and no host sync
+    unless the ids are checked."""
+    T, H = x.shape
+    k = ids.shape[1]
+    if check and T > 0 and bool(((ids < 0) | (ids >= E)).any()):
+        raise MoeCommValueError(f"{op}: topk_ids must be in [0, {E}), got values in "
+                                f"[{int(ids.min())}, {int(ids.max())}]")
+    from ..local import LocalDispatcher
+
+    res = LocalDispatcher(E, k, validate=False).dispatch(x, ids, w.float())
+    res.handle = EPHandle(None, 1, [T], [T], None, None, T, H, T * k, local=res.handle)
+    return _Done(res) if async_op else res
+
+
 def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, rank: int, ep_size: int,
               e2r: torch.Tensor, e2l: torch.Tensor, hidden, top_k, dtype, async_op: bool, validate: bool,
-              op: str):
+              op: str, force_exchange: bool = False):
+    """The throughput mode (see the module docstring); arguments as dispatch()."""
     W = ep_size
     try:
         x, ids, w = _validate(op, x, topk_ids, topk_weights, hidden, top_k, dtype)
@@ -194,22 +224,11 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     L = placement.num_local_experts(rank)
     e2r, e2l = e2r.to(x.device), e2l.to(x.device)  # no-op unless x is not where the caller guessed
     check = device_checks_allowed(validate)
+    if W == 1 and not force_exchange:
+        return _local(x, ids, w, E, check, op, async_op)
 
-    if W == 1:
-        # a local permute (LocalDispatcher): tokens stay in x, gather_idx permutes them; no exchange,
-        # and no host sync unless the ids are checked
-        if check and T > 0 and bool(((ids < 0) | (ids >= E)).any()):
-            raise MoeCommValueError(f"{op}: topk_ids must be in [0, {E}), got values in "
-                                    f"[{int(ids.min())}, {int(ids.max())}]")
-        from ..local import LocalDispatcher
-
-        res = LocalDispatcher(E, k, validate=False).dispatch(x, ids, w.float())
-        res.handle = EPHandle(group, 1, [T], [T], None, None, T, H, T * k, local=res.handle)
-        return _Done(res) if async_op else res
-
-    plan = plan_send(ids, w, e2r, e2l, W, check_ids=check)
-    info = torch.stack([plan.rows_per_rank, plan.pairs_per_rank, plan.bad_ids.expand(W)], dim=1)  # [W, 3]
-    send_splits, recv_splits, recv_pairs, flags = _exchange_counts(info, group, op)
+    plan = plan_send(ids, e2r, e2l, W, check_ids=check)
+    send_splits, recv_splits, recv_pairs, flags = _exchange_counts(plan.info, group, op)
     me_bad = flags[rank]
     if me_bad:
         lo, hi = int(ids.min()), int(ids.max())
@@ -221,21 +240,59 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
             raise MoeCommValueError(f"{op}: rank {_global_rank(group, j)} failed: "
                                     f"{_FLAG_REASONS.get(f, f'error flag {f}')}")
     S, R, N = sum(send_splits), sum(recv_splits), sum(recv_pairs)
-    send = call_op(_pack_rows_op, _pack_rows_impl, x, plan.pos, S)  # [S, H]; x validated, pos ours
-    meta = pack_metadata(plan, S)  # [S, 2k]
-    recv = x.new_empty((R, H))
-    recv_meta = meta.new_empty((R, 2 * k))
-    works = [
-        _all_to_all(recv, send, recv_splits, send_splits, group, f"{op}: token all_to_all", async_op),
-        _all_to_all(recv_meta, meta, recv_splits, send_splits, group, f"{op}: metadata all_to_all", async_op),
-    ]
+    layout = RowLayout.of(H, k, x.dtype)
+    send = x.new_empty((S, layout.width))  # [S, width]: tokens and metadata, one exchange
+    home = torch.empty((T, k), dtype=torch.int32, device=x.device)
+    pack_send(x, w, plan, layout, send, home)
+    recv = x.new_empty((R, layout.width))
+    works = [_all_to_all(recv, send, recv_splits, send_splits, group, f"{op}: all_to_all", async_op)]
 
     def finish(works):
         if async_op:
             _wait_all(works, group, f"{op}: all_to_all")
-        ex = expand_received(recv_meta, k, L, N)
-        handle = EPHandle(group, W, send_splits, recv_splits, plan.pos, ex.slot_pos, T, H, N)
-        return DispatchResult(recv, ex.expert_offsets, ex.tokens_per_expert, ex.row_weights, ex.gather_idx, handle)
+        ex = expand_received(recv, layout, L, N)
+        handle = EPHandle(group, W, send_splits, recv_splits, home, ex.slot_pos, T, H, N)
+        return DispatchResult(recv[:, :H], ex.expert_offsets, ex.tokens_per_expert, ex.row_weights, ex.gather_idx,
+                              handle)
+
+    return PendingDispatch(works, finish) if async_op else finish(works)
+
+
+@dataclass
+class _StaticBuffers:
+    """The static mode's buffers, allocated once (EPDispatcher(max_tokens=...))."""
+
+    capacity: int
+    max_tokens: int
+    layout: RowLayout
+    send: torch.Tensor  # [W * C, width]
+    recv: torch.Tensor  # [W * C, width]
+    partial: torch.Tensor  # [W * C, H]: the receiver's sums, sent back
+    back: torch.Tensor  # [W * C, H]
+    home: torch.Tensor  # [max_tokens, k] int32
+    overflow: torch.Tensor  # [1] int32, sticky until check_overflow()
+
+
+def _dispatch_static(x, ids, w, *, group, bufs: _StaticBuffers, rank: int, ep_size: int, e2r, e2l, L: int,
+                     check: bool, async_op: bool, op: str):
+    """The static-capacity mode (see the module docstring): no host sync, fixed shapes."""
+    T, H = x.shape
+    k = ids.shape[1]
+    lay = bufs.layout
+    plan = plan_send(ids, e2r, e2l, ep_size, check_ids=check)
+    # rows this step leaves empty must read as empty at the receiver: their ids -1
+    bufs.send.view(torch.int32)[:, lay.meta_col:lay.meta_col + k].fill_(-1)
+    home = bufs.home[:T]
+    pack_send(x, w, plan, lay, bufs.send, home, capacity=bufs.capacity, overflow=bufs.overflow)
+    works = [_all_to_all(bufs.recv, bufs.send, None, None, group, f"{op}: all_to_all", async_op)]
+
+    def finish(works):
+        if async_op:
+            _wait_all(works, group, f"{op}: all_to_all")
+        ex = expand_received(bufs.recv, lay, L, None)
+        handle = EPHandle(group, ep_size, None, None, home, ex.slot_pos, T, H, ex.gather_idx.shape[0], buffers=bufs)
+        return DispatchResult(bufs.recv[:, :H], ex.expert_offsets, ex.tokens_per_expert, ex.row_weights,
+                              ex.gather_idx, handle)
 
     return PendingDispatch(works, finish) if async_op else finish(works)
 
@@ -249,7 +306,8 @@ def combine(expert_out: Any, handle: EPHandle, async_op: bool = False) -> torch.
 
     Args:
         expert_out: [N, H] fp32/fp16/bf16, row i = the output of expanded row i of the dispatch
-            result (the rows ``gather_idx`` selected, in the same order).
+            result (the rows ``gather_idx`` selected, in the same order; static mode: N = R * k,
+            the padding rows after expert_offsets[L] are never read).
         handle: DispatchResult.handle of the matching dispatch.
         async_op: return a PendingCombine whose ``wait()`` gives y, so the caller can compute meanwhile.
 
@@ -266,26 +324,45 @@ def combine(expert_out: Any, handle: EPHandle, async_op: bool = False) -> torch.
     except (MoeCommValueError, MoeCommTypeError) as exc:
         # the peers will wait in the reverse all_to_all until the group's timeout; the report lets
         # their explain_failure name this rank
-        if handle.ep_size > 1:
+        if handle.ep_size > 1 or handle.local is None:
             _report(exc)
         raise
-    if handle.ep_size == 1:
+    if handle.local is not None:
         from ...permute import unpermute
 
         y = unpermute(out, handle.local, None)  # [T, H]
         return _Done(y) if async_op else y
     # expert_out checked above, the indices are the handle's: the ops run without re-checking
-    partial = call_op(_gather_sum_op, _gather_sum_impl, out, handle.slot_pos)  # [R, H]: summed over local experts
-    back = out.new_empty((sum(handle.send_splits), handle.hidden))  # [S, H]
-    works = [_all_to_all(back, partial, handle.send_splits, handle.recv_splits, handle.group,
-                         f"{op}: all_to_all", async_op)]
+    bufs = handle.buffers
+    if bufs is None:
+        partial = call_op(_gather_sum_op, _gather_sum_impl, out, handle.slot_pos)  # [R, H]: summed over local experts
+        back = out.new_empty((sum(handle.send_splits), handle.hidden))  # [S, H]
+        splits_out, splits_in = handle.send_splits, handle.recv_splits
+    else:
+        if out.dtype != bufs.partial.dtype:
+            raise MoeCommTypeError(f"{op}: expert_out must have dtype {str(bufs.partial.dtype).replace('torch.', '')} "
+                                   f"(the dispatcher's), got {str(out.dtype).replace('torch.', '')}")
+        partial, back = bufs.partial, bufs.back
+        _gather_sum_into(out, handle.slot_pos, partial)
+        splits_out = splits_in = None
+    works = [_all_to_all(back, partial, splits_out, splits_in, handle.group, f"{op}: all_to_all", async_op)]
 
     def finish(works):
         if async_op:
             _wait_all(works, handle.group, f"{op}: all_to_all")
-        return call_op(_gather_sum_op, _gather_sum_impl, back, handle.pos)  # [T, H]
+        return call_op(_gather_sum_op, _gather_sum_impl, back, handle.home)  # [T, H]
 
     return PendingCombine(works, finish) if async_op else finish(works)
+
+
+def _gather_sum_into(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
+    """gather_sum written into a caller-owned buffer (the static mode's partial sums)."""
+    if choose(src, "ep_gather_sum") is Impl.TRITON:
+        from ._triton import gather_sum_triton
+
+        gather_sum_triton(src, idx, out)
+    else:
+        out.copy_(gather_sum_reference(src, idx))
 
 
 def dispatch(
@@ -352,19 +429,30 @@ class EPDispatcher:
         group: the expert-parallel process group (None: the default group; a single process
             without torch.distributed is EP size 1).
         placement: expert -> rank map; None: contiguous blocks (E not divisible by W is fine).
-        dtype: the token dtype every call must use (None: any of fp32/fp16/bf16).
+        dtype: the token dtype every call must use (None: any of fp32/fp16/bf16; required with
+            max_tokens).
+        max_tokens: static-capacity mode for calls of at most this many tokens per rank (decode):
+            buffers allocated here, no host sync, CUDA-graph capturable; larger calls run the
+            throughput mode. None: always the throughput mode.
+        capacity_per_peer: C, rows a rank may send to one peer in static mode (default
+            max_tokens: a token goes at most once to each rank, so it never overflows). Smaller
+            C moves fewer bytes; a step that needs more sets the overflow flag (check_overflow()).
+        force_exchange: at EP size 1, run the exchange path over the one-rank group instead of the
+            local permute (benchmarks measure the path's cost on one GPU this way).
 
     Every rank of the group must construct it (a set-up collective checks that all ranks agree on
-    E, k, H, dtype and placement, raising on every rank otherwise).
+    E, k, H, dtype, placement and the static-mode sizes, raising on every rank otherwise).
 
     Example:
-        disp = EPDispatcher(64, 8, 4096, group=ep_group)
-        d = disp.dispatch(x, topk_ids, topk_weights)
+        disp = EPDispatcher(64, 8, 4096, group=ep_group, dtype=torch.bfloat16, max_tokens=128)
+        d = disp.dispatch(x, topk_ids, topk_weights)     # static mode when x has <= 128 rows
         y = disp.combine(expert_mlp(d.tokens[d.gather_idx]) * d.row_weights[:, None], d.handle)
+        disp.check_overflow()                            # when the caller syncs anyway
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden: int, *, group: Any = None,
-                 placement: ExpertPlacement | None = None, dtype: torch.dtype | None = None):
+                 placement: ExpertPlacement | None = None, dtype: torch.dtype | None = None,
+                 max_tokens: int | None = None, capacity_per_peer: int | None = None, force_exchange: bool = False):
         op = "EPDispatcher"
         self.num_experts = check_positive_int(op, "num_experts", num_experts)
         self.top_k = check_positive_int(op, "top_k", top_k)
@@ -386,29 +474,96 @@ class EPDispatcher:
         self.dtype = dtype
         self.num_local_experts = placement.num_local_experts(self.rank)
         self.local_experts = placement.local_experts(self.rank)
+        self.force_exchange = bool(force_exchange)
+        self._static: _StaticBuffers | None = None
+        if max_tokens is not None:
+            check_positive_int(op, "max_tokens", max_tokens)
+            cap = max_tokens if capacity_per_peer is None else check_positive_int(op, "capacity_per_peer", capacity_per_peer)
+            if cap > max_tokens:
+                raise MoeCommValueError(f"{op}: capacity_per_peer must be <= max_tokens ({max_tokens}), got {cap}")
+            if dtype is None:
+                raise MoeCommValueError(f"{op}: dtype must be given with max_tokens (the static buffers' dtype), got None")
+            if self.ep_size > 1 or self.force_exchange:
+                self._static = self._allocate(max_tokens, cap, dtype)
+        elif capacity_per_peer is not None:
+            raise MoeCommValueError(f"{op}: capacity_per_peer needs max_tokens, got max_tokens=None")
         if self.ep_size > 1:
             from ...distributed import check_agreement
 
             check_agreement(group, op, num_experts=num_experts, top_k=top_k, hidden=hidden,
-                            dtype=str(dtype), ep_size=self.ep_size, placement=placement.describe())
+                            dtype=str(dtype), ep_size=self.ep_size, placement=placement.describe(),
+                            max_tokens=max_tokens, capacity_per_peer=capacity_per_peer)
+
+    def _allocate(self, max_tokens: int, capacity: int, dtype: torch.dtype) -> _StaticBuffers:
+        import torch.distributed as dist
+
+        dev = _group_device(self.group) if dist.is_available() and dist.is_initialized() else torch.device("cpu")
+        lay = RowLayout.of(self.hidden, self.top_k, dtype)
+        rows = self.ep_size * capacity
+        return _StaticBuffers(
+            capacity, max_tokens, lay,
+            send=torch.zeros((rows, lay.width), dtype=dtype, device=dev),
+            recv=torch.zeros((rows, lay.width), dtype=dtype, device=dev),
+            partial=torch.zeros((rows, self.hidden), dtype=dtype, device=dev),
+            back=torch.zeros((rows, self.hidden), dtype=dtype, device=dev),
+            home=torch.full((max_tokens, self.top_k), -1, dtype=torch.int32, device=dev),
+            overflow=torch.zeros(1, dtype=torch.int32, device=dev),
+        )
+
+    @property
+    def max_tokens(self) -> int | None:
+        """Tokens per rank up to which a call runs the static-capacity mode (None: never)."""
+        return self._static.max_tokens if self._static is not None else None
 
     def dispatch(self, x: Any, topk_ids: Any, topk_weights: Any, *, async_op: bool = False,
                  validate: bool = True) -> DispatchResult | PendingDispatch:
-        """Send tokens to their experts' ranks; see moecomm.ep.dispatch for the arguments.
+        """Send tokens to their experts' ranks; see moecomm.ep.nccl.dispatcher.dispatch for the arguments.
 
         Args:
             x: [T, H] tokens (dtype as constructed, if given).
             topk_ids: [T, k] int32/int64 global expert ids.
             topk_weights: [T, k] routing weights.
             async_op: return a PendingDispatch.
-            validate: check ids on the device (see moecomm.ep.dispatch).
+            validate: check ids on the device (throughput mode: the flag rides on the count
+                exchange; static mode: no check, ids are clamped, never out of bounds).
         """
+        op = "EPDispatcher.dispatch"
         dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         e2r, e2l = _placement_maps(self.placement, dev)
+        bufs = self._static
+        if bufs is not None and isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] <= bufs.max_tokens:
+            try:
+                x, ids, w = _validate(op, x, topk_ids, topk_weights, self.hidden, self.top_k, self.dtype)
+                if x.device != bufs.send.device:
+                    raise MoeCommValueError(f"{op}: x must be on device {bufs.send.device} (the dispatcher's), got {x.device}")
+            except (MoeCommValueError, MoeCommTypeError) as exc:
+                _report(exc)  # the peers wait in the exchange and then name this rank
+                raise
+            return _dispatch_static(x, ids, w, group=self.group, bufs=bufs, rank=self.rank, ep_size=self.ep_size,
+                                    e2r=e2r, e2l=e2l, L=self.num_local_experts, check=False, async_op=async_op, op=op)
         return _dispatch(x, topk_ids, topk_weights, group=self.group, placement=self.placement, rank=self.rank,
                          ep_size=self.ep_size, e2r=e2r, e2l=e2l, hidden=self.hidden, top_k=self.top_k,
-                         dtype=self.dtype, async_op=async_op, validate=validate, op="EPDispatcher.dispatch")
+                         dtype=self.dtype, async_op=async_op, validate=validate, op=op,
+                         force_exchange=self.force_exchange)
 
     def combine(self, expert_out: Any, handle: EPHandle, *, async_op: bool = False) -> torch.Tensor | PendingCombine:
         """y [T, H] = per token, the sum of its expert outputs (weights already applied); see combine()."""
         return combine(expert_out, handle, async_op=async_op)
+
+    def overflowed(self) -> bool:
+        """Whether a static-mode step since the last check_overflow() had more rows for a peer than
+        capacity_per_peer (one device read: a host sync)."""
+        return self._static is not None and bool(self._static.overflow.item())
+
+    def check_overflow(self) -> None:
+        """Raise (and clear the flag) if a static-mode step dropped rows; call it where you sync anyway.
+
+        Raises:
+            MoeCommValueError naming this rank, the capacity and what to change.
+        """
+        if self.overflowed():
+            self._static.overflow.zero_()
+            raise MoeCommValueError(
+                f"EPDispatcher: capacity_per_peer must hold every row a rank sends to one peer, got "
+                f"{self._static.capacity} rows on rank {_global_rank(self.group, self.rank) if self.ep_size > 1 else 0}, "
+                "which a step exceeded: rows were dropped from that step (raise capacity_per_peer, up to max_tokens)")

@@ -1,7 +1,27 @@
-"""The send plan of NCCL dispatch and the receiver's expansion by local expert (device ops, no sync).
+"""The send plan of NCCL dispatch, the packing of the send buffer, and the receiver's expansion.
 
-# T = num_tokens (this rank), k = top_k, E = num_experts, W = ep_size, L = num_local_experts,
-# S = rows sent, R = rows received, N = expanded rows (pairs)
+# T = num_tokens (this rank), H = hidden, k = top_k, E = num_experts, W = ep_size,
+# L = num_local_experts, S = rows sent, R = rows received, N = expanded rows (pairs), C = capacity
+
+Row layout (RowLayout): one row per (token, destination rank) holds the token's H elements (padded
+to whole 4-byte words), then 2k int32 words: the k local expert ids on that rank (-1 = a slot of
+another rank) and the k fp32 routing weights as int32 bits (0 where the id is -1). Tokens and their
+metadata travel in ONE all_to_all_single (one NCCL call fewer than rows and metadata apart; the
+metadata adds 8k bytes to a row of 2H: 0.8% at H 4096, k 8).
+
+Send side, all on the device, no host sync:
+1. plan_send: each slot's rank and local expert, the dedup (a token goes ONCE to each rank that
+   holds any of its experts: the first of its slots on that rank "owns" the row), the [W, 3] counts
+   (rows, pairs, bad-id flag) the ranks exchange; then the permute's stable counting sort of the
+   owning slots by rank: rows grouped by rank, token order kept (moecomm.permute's kernels).
+2. pack_send: each row's token part and metadata; home [T, k], the row each owning slot's token was
+   written to (-1 for the other slots), which combine reads to sum the returned rows.
+   Throughput mode: S rows, rank w's at rank_offsets[w]. Static mode: W * C rows, rank w's at
+   w * C; a rank's rows beyond C are not sent (never written out of bounds), and the overflow flag
+   is set on the device.
+Receive side: expand_received groups the received (row, local expert) pairs by local expert with
+the same counting sort (rows of expert l ordered by source rank, token, slot), with each pair's
+routing weight riding along.
 """
 
 from __future__ import annotations
@@ -10,93 +30,121 @@ from dataclasses import dataclass
 
 import torch
 
+from ...jit.backend import Impl, choose
+from ...permute.api import _permute_impl, _permute_weighted_impl
+from .reference import pack_send_reference, plan_send_reference
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where a token and its metadata sit in one row of the send / receive buffers.
+
+    Attributes:
+        hidden: H.
+        top_k: k.
+        token_cols: H rounded up to whole 4-byte words (in elements of the token dtype).
+        width: elements (of the token dtype) per row: token_cols + 2k words of metadata.
+        meta_col: the int32 column where the k local expert ids start (the k weights follow).
+    """
+
+    hidden: int
+    top_k: int
+    token_cols: int
+    width: int
+    meta_col: int
+
+    @staticmethod
+    def of(hidden: int, top_k: int, dtype: torch.dtype) -> RowLayout:
+        es = torch.empty((), dtype=dtype).element_size()
+        per_word = max(1, 4 // es)
+        cols = -(-hidden // per_word) * per_word
+        return RowLayout(hidden, top_k, cols, cols + 2 * top_k * 4 // es, cols * es // 4)
+
 
 @dataclass
 class SendPlan:
-    """Step 1 of dispatch on one rank.
+    """Step 1 of a dispatch on one rank (all int32, on the device).
 
     Attributes:
-        pos: [T, W] int32, send-buffer row of token t for rank w, -1 = not sent there.
-        rows_per_rank: [W] int64, tokens sent to each rank (each token once per rank).
-        pairs_per_rank: [W] int64, (token, expert) pairs sent to each rank.
-        meta: [T, W, 2k] int32: per (token, rank) the k local expert ids (-1 = other rank) then the
-            k fp32 weights as int32 bits (0 where id is -1).
-        bad_ids: [] int64 device scalar, 1 when an id was out of [0, E) (those ids were clamped).
+        rank: [T, k] destination rank of each slot.
+        local: [T, k] index of each slot's expert among its rank's local experts.
+        first: [T, k] the rank for the slot that owns the token's row to that rank, W for a slot
+            whose rank an earlier slot of the token already owns.
+        sort_row: [T, k] the owning slot's place in the rows grouped by rank (values >= S for the
+            other slots).
+        rank_offsets: [W + 1] where each rank's rows start in that order.
+        info: [W, 3] per destination rank: rows, (token, expert) pairs, 1 if an id was out of [0, E).
     """
 
-    pos: torch.Tensor
-    rows_per_rank: torch.Tensor
-    pairs_per_rank: torch.Tensor
-    meta: torch.Tensor
-    bad_ids: torch.Tensor
+    rank: torch.Tensor
+    local: torch.Tensor
+    first: torch.Tensor
+    sort_row: torch.Tensor
+    rank_offsets: torch.Tensor
+    info: torch.Tensor
 
 
-def plan_send(
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    expert_to_rank: torch.Tensor,
-    expert_to_local: torch.Tensor,
-    ep_size: int,
-    *,
-    check_ids: bool = True,
-) -> SendPlan:
-    """Destination ranks and send-buffer rows of every token; device ops only, no host sync.
+def plan_send(topk_ids: torch.Tensor, expert_to_rank: torch.Tensor, expert_to_local: torch.Tensor, ep_size: int,
+              *, check_ids: bool = True) -> SendPlan:
+    """Destinations, dedup, counts and row order of every token; no host sync. Trusted arguments.
 
     Args:
-        topk_ids: [T, k] int32/int64 global expert ids.
-        topk_weights: [T, k] routing weights (sent as fp32).
+        topk_ids: [T, k] int32/int64 global expert ids (any strides).
         expert_to_rank: [E] int32, rank of each expert (ExpertPlacement.expert_to_rank_tensor).
         expert_to_local: [E] int32, local index of each expert on its rank.
         ep_size: W.
-        check_ids: compute the out-of-range flag (False: the flag is 0).
+        check_ids: set the bad-id flag of info for ids outside [0, E) (False: it stays 0).
     """
     T, k = topk_ids.shape
-    E = expert_to_rank.shape[0]
     dev = topk_ids.device
-    ids = topk_ids.long()
-    # clamp so that a bad id can never index out of bounds; the flag reports it instead
-    ids_c = ids.clamp(0, E - 1)  # [T, k]
-    bad = ((ids < 0) | (ids >= E)).any().long() if check_ids else torch.zeros((), dtype=torch.long, device=dev)
-    dest = expert_to_rank[ids_c].long()  # [T, k]
-    local = expert_to_local[ids_c]  # [T, k] int32
-    hit = torch.zeros((T, ep_size), dtype=torch.int32, device=dev).scatter_(1, dest, 1)  # [T, W] 0/1, dedup
-    rows_per_rank = hit.sum(0, dtype=torch.long)  # [W]
-    pairs_per_rank = torch.zeros(ep_size, dtype=torch.long, device=dev).scatter_add_(
-        0, dest.reshape(-1), torch.ones(T * k, dtype=torch.long, device=dev))  # [W]
-    start = torch.cumsum(rows_per_rank, 0) - rows_per_rank  # [W] exclusive prefix
-    # tokens before t going to w: scanned along the last dimension of the [W, T] transpose, since
-    # CUDA torch's scan over dim 0 of a [T, W] tensor with small W is one slow sequential pass
-    # (376 us for T = 4096, W = 2 on an H200, most of the step's device time)
-    rank_in_dest = torch.cumsum(hit.t().contiguous(), 1, dtype=torch.long).t() - hit  # [T, W]
-    pos = torch.where(hit > 0, start[None, :] + rank_in_dest, -1).to(torch.int32)  # [T, W]
-    mine = dest[:, None, :] == torch.arange(ep_size, device=dev)[None, :, None]  # [T, W, k]
-    meta_ids = torch.where(mine, local[:, None, :], -1).to(torch.int32)
-    w32 = topk_weights.float()[:, None, :].expand(T, ep_size, k)
-    meta_w = torch.where(mine, w32, 0.0).contiguous().view(torch.int32)  # fp32 bits travel as int32
-    meta = torch.cat([meta_ids, meta_w], dim=2)  # [T, W, 2k]
-    return SendPlan(pos, rows_per_rank, pairs_per_rank, meta, bad)
+    if choose(topk_ids, "ep_plan") is Impl.TRITON:
+        from ._triton import plan_send_triton
+
+        rank = torch.empty((T, k), dtype=torch.int32, device=dev)
+        local = torch.empty_like(rank)
+        first = torch.empty_like(rank)
+        info = torch.zeros((ep_size, 3), dtype=torch.int32, device=dev)
+        plan_send_triton(topk_ids, expert_to_rank, expert_to_local, ep_size, rank, local, first, info, check_ids)
+    else:
+        rank, local, first, info = plan_send_reference(topk_ids, expert_to_rank, expert_to_local, ep_size, check_ids)
+    _, sort_row, _, rank_offsets = _permute_impl(first, ep_size, None, None)
+    return SendPlan(rank, local, first, sort_row, rank_offsets, info)
 
 
-def pack_metadata(plan: SendPlan, num_rows: int) -> torch.Tensor:
-    """[S, 2k] int32 metadata rows in send-buffer order (the small companion of pack_rows)."""
-    T, W, k2 = plan.meta.shape
-    out = plan.meta.new_empty((num_rows + 1, k2))  # row S: trash for the (t, w) not sent
-    p = plan.pos.long().reshape(-1)
-    p = torch.where(p >= 0, p, num_rows)
-    out.index_put_((p,), plan.meta.reshape(T * W, k2))
-    return out[:num_rows]
+def pack_send(x: torch.Tensor, topk_weights: torch.Tensor, plan: SendPlan, layout: RowLayout, out: torch.Tensor,
+              home: torch.Tensor, *, capacity: int | None = None, overflow: torch.Tensor | None = None) -> None:
+    """Write every send row (token part and metadata) into ``out`` and home [T, k]. Trusted arguments.
+
+    Args:
+        x: [T, H] tokens (unit inner stride not needed).
+        topk_weights: [T, k] routing weights (sent as fp32).
+        plan: plan_send's result.
+        layout: the rows' RowLayout (out has layout.width columns of x's dtype, contiguous rows).
+        out: throughput mode [S, width]; static mode [W * C, width] whose metadata ids the caller
+            set to -1 (the rows this step does not fill must read as empty at the receiver).
+        home: [T, k] int32 out: the row of each owning slot, -1 for the other slots (and overflow).
+        capacity: C, static mode; None: throughput mode.
+        overflow: [1] int32, static mode: set to 1 when a rank's rows did not fit (sticky).
+    """
+    if choose(x, "ep_pack") is Impl.TRITON:
+        from ._triton import pack_send_triton as run
+    else:
+        run = pack_send_reference
+    run(x, topk_weights, plan.rank, plan.local, plan.first, plan.sort_row, plan.rank_offsets, out, home, overflow,
+        meta_col=layout.meta_col, capacity=capacity)
 
 
 @dataclass
 class Expanded:
-    """Step 5 on the receiver: the received rows expanded per local expert.
+    """The received rows expanded per local expert (on the receiver).
 
     Attributes:
-        gather_idx: [N] int32, received row of each expanded row (grouped by local expert).
+        gather_idx: [N] int32, received row of each expanded row (grouped by local expert); static
+            mode: [R * k], the rows after expert_offsets[L] are padding no expert owns.
         expert_offsets: [L + 1] int32.
         tokens_per_expert: [L] int32.
-        row_weights: [N] fp32 routing weight of each expanded row.
-        slot_pos: [R, k] int32, expanded row of (received row, slot), -1 = slot of another rank.
+        row_weights: [N] (static: [R * k]) fp32 routing weight of each expanded row.
+        slot_pos: [R, k] int32, expanded row of each (received row, slot); -1 or >= N = none.
     """
 
     gather_idx: torch.Tensor
@@ -106,35 +154,23 @@ class Expanded:
     slot_pos: torch.Tensor
 
 
-def expand_received(meta: torch.Tensor, top_k: int, num_local_experts: int, num_pairs: int) -> Expanded:
+def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: int, num_pairs: int | None) -> Expanded:
     """Group the received (row, local expert) pairs by local expert; no host sync.
 
     Args:
-        meta: [R, 2k] int32 received metadata (pack_metadata's rows).
-        top_k: k.
+        recv: [R, width] received rows (RowLayout).
+        layout: their RowLayout.
         num_local_experts: L.
-        num_pairs: N, valid pairs in meta (known on the host from the count exchange).
+        num_pairs: N, the valid pairs (throughput mode, known from the count exchange); None in
+            static mode, where empty rows carry ids -1 and every output keeps its static size.
     """
-    R = meta.shape[0]
-    dev = meta.device
-    L = num_local_experts
-    lid = meta[:, :top_k]  # [R, k]
-    w = meta[:, top_k:].contiguous().view(torch.float32)  # [R, k]
-    # -1 (slot of another rank) sorts after every local expert; a corrupt id is clamped to L too
-    key = torch.where((lid >= 0) & (lid < L), lid, L).reshape(-1).long()  # [R*k]
-    order = torch.sort(key, stable=True).indices[:num_pairs]  # [N]
-    counts = torch.zeros(L + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
-    tokens_per_expert = counts[:L].to(torch.int32)
-    offsets = torch.zeros(L + 1, dtype=torch.int32, device=dev)
-    offsets[1:] = torch.cumsum(counts[:L], 0).to(torch.int32)
-    slot_pos = torch.full((R * top_k,), -1, dtype=torch.int32, device=dev)
-    slot_pos[order] = torch.arange(num_pairs, dtype=torch.int32, device=dev)
-    return Expanded(
-        gather_idx=torch.div(order, top_k, rounding_mode="floor").to(torch.int32),
-        expert_offsets=offsets,
-        tokens_per_expert=tokens_per_expert,
-        row_weights=w.reshape(-1)[order],
-        slot_pos=slot_pos.view(R, top_k),
-    )
-
-
+    k = layout.top_k
+    meta = recv.view(torch.int32)[:, layout.meta_col:layout.meta_col + 2 * k]  # [R, 2k]
+    lid = meta[:, :k].contiguous()  # [R, k]; -1 (and any id >= L) sorts into the dropped bucket
+    w = meta[:, k:].view(torch.float32)  # [R, k]
+    src, dst_row, tpe, offsets, row_w = _permute_weighted_impl(lid, num_local_experts, w, None, None)
+    if num_pairs is not None:
+        # the valid pairs are the first N rows of the order; rows >= N in slot_pos are ignored by gather_sum
+        return Expanded(src[:num_pairs], offsets, tpe, row_w[:num_pairs], dst_row)
+    slot_pos = torch.where((lid >= 0) & (lid < num_local_experts), dst_row, -1)
+    return Expanded(src, offsets, tpe, row_w, slot_pos)

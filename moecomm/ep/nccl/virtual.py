@@ -15,8 +15,8 @@ import torch
 
 from ..placement import ExpertPlacement
 from ..types import DispatchResult
-from .ops import gather_sum, pack_rows
-from .plan import expand_received, pack_metadata, plan_send
+from .ops import gather_sum
+from .plan import RowLayout, expand_received, pack_send, plan_send
 
 
 @dataclass
@@ -36,6 +36,7 @@ def virtual_ep_forward(
     expert_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     *,
     streams: Sequence[torch.cuda.Stream] | None = None,
+    capacity: int | None = None,
 ) -> VirtualEPRun:
     """Run the NCCL dispatcher's steps for W virtual ranks in one process; all_to_all becomes copies.
 
@@ -44,38 +45,53 @@ def virtual_ep_forward(
         expert_fn: (gathered rows [N, H], global expert id per row [N] int64, row_weights [N] fp32)
             -> expert output [N, H] of the dtype of xs; None: skip combine (y is empty).
         streams: one CUDA stream per rank: each rank's kernels are queued on its own stream.
+        capacity: C, the static-capacity mode (W * C rows per rank, fixed shapes); None: throughput.
+            In static mode each result's handle is (slot_pos, overflow flag [1]).
     """
     W = placement.ep_size
     dev = xs[0].device
     e2r = placement.expert_to_rank_tensor(dev)
     e2l = placement.expert_to_local_tensor(dev)
     k = topk_ids[0].shape[1]
+    H = xs[0].shape[1]
+    lay = RowLayout.of(H, k, xs[0].dtype)
 
     def on(r):
         return torch.cuda.stream(streams[r]) if streams is not None else _null()
 
-    plans, sends, metas, splits = [], [], [], []
+    homes, sends, splits, pairs, flags = [], [], [], [], []
     for r in range(W):
         with on(r):
-            plan = plan_send(topk_ids[r], topk_weights[r], e2r, e2l, W, check_ids=False)
-            rows = plan.rows_per_rank.tolist()
-            num_rows = sum(rows)
-            plans.append(plan)
+            T = xs[r].shape[0]
+            plan = plan_send(topk_ids[r], e2r, e2l, W, check_ids=False)
+            home = torch.empty((T, k), dtype=torch.int32, device=dev)
+            if capacity is None:
+                info = plan.info.tolist()
+                rows = [i[0] for i in info]
+                send = xs[r].new_empty((sum(rows), lay.width))
+                pack_send(xs[r], topk_weights[r], plan, lay, send, home)
+                pairs.append([i[1] for i in info])
+            else:
+                rows = [capacity] * W
+                send = xs[r].new_zeros((W * capacity, lay.width))
+                send.view(torch.int32)[:, lay.meta_col:lay.meta_col + k].fill_(-1)
+                flags.append(torch.zeros(1, dtype=torch.int32, device=dev))
+                pack_send(xs[r], topk_weights[r], plan, lay, send, home, capacity=capacity, overflow=flags[r])
+            homes.append(home)
             splits.append(rows)
-            sends.append(pack_rows(xs[r], plan.pos, num_rows))
-            metas.append(pack_metadata(plan, num_rows))
+            sends.append(send)
     if streams is not None:
         torch.cuda.synchronize()
     offs = [[sum(s[:w]) for w in range(W + 1)] for s in splits]
     results, recv_splits = [], []
     for r in range(W):
         with on(r):
-            tokens = torch.cat([sends[s][offs[s][r]:offs[s][r + 1]] for s in range(W)])
-            meta = torch.cat([metas[s][offs[s][r]:offs[s][r + 1]] for s in range(W)])
-            num_pairs = int((meta[:, :k] >= 0).sum())
-            ex = expand_received(meta, k, placement.num_local_experts(r), num_pairs)
-            results.append(DispatchResult(tokens, ex.expert_offsets, ex.tokens_per_expert, ex.row_weights,
-                                          ex.gather_idx, ex.slot_pos))
+            recv = torch.cat([sends[s][offs[s][r]:offs[s][r + 1]] for s in range(W)])
+            num_pairs = None if capacity is not None else sum(pairs[s][r] for s in range(W))
+            ex = expand_received(recv, lay, placement.num_local_experts(r), num_pairs)
+            handle = ex.slot_pos if capacity is None else (ex.slot_pos, flags[r])
+            results.append(DispatchResult(recv[:, :H], ex.expert_offsets, ex.tokens_per_expert, ex.row_weights,
+                                          ex.gather_idx, handle))
             recv_splits.append([splits[s][r] for s in range(W)])
     ys: list[torch.Tensor] = []
     if expert_fn is not None:
@@ -83,17 +99,21 @@ def virtual_ep_forward(
         for r in range(W):
             with on(r):
                 res = results[r]
+                n = int(res.expert_offsets[-1])  # static mode: the rows after it are padding
                 local = torch.tensor(placement.local_experts(r), dtype=torch.long, device=dev)
-                expert_of_row = local[torch.repeat_interleave(res.tokens_per_expert.long())] if res.gather_idx.numel() else local[:0]
-                out = expert_fn(res.tokens[res.gather_idx.long()], expert_of_row, res.row_weights)
-                partials.append(gather_sum(out, res.handle))
+                expert_of_row = local[torch.repeat_interleave(res.tokens_per_expert.long())] if n else local[:0]
+                rows = res.gather_idx[:n].long()
+                out = res.tokens.new_zeros((res.gather_idx.shape[0], H))
+                out[:n] = expert_fn(res.tokens[rows], expert_of_row, res.row_weights[:n])
+                slot_pos = res.handle if capacity is None else res.handle[0]
+                partials.append(gather_sum(out, slot_pos))
         if streams is not None:
             torch.cuda.synchronize()
         roffs = [[sum(s[:w]) for w in range(W + 1)] for s in recv_splits]
         for s in range(W):
             with on(s):
                 back = torch.cat([partials[r][roffs[r][s]:roffs[r][s + 1]] for r in range(W)])
-                ys.append(gather_sum(back, plans[s].pos))
+                ys.append(gather_sum(back, homes[s]))
         if streams is not None:
             torch.cuda.synchronize()
     return VirtualEPRun(results, splits, ys)
