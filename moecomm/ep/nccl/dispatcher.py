@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from ...distributed.collectives import all_to_all as _all_to_all
+from ...distributed.collectives import all_to_all as _collective_all_to_all
 from ...distributed.collectives import global_rank as _global_rank
 from ...distributed.collectives import group_device as _group_device
 from ...distributed.collectives import group_info as _group_info
@@ -142,6 +142,30 @@ class PendingDispatch:
 class PendingCombine(PendingDispatch):
     """Returned by combine(..., async_op=True); ``wait()`` -> y [T, H]."""
 
+
+
+# ----------------------------------------------------------------------------- the exchange
+
+
+class _Finished:
+    """The work of an exchange that completed at once (a one-rank group without torch.distributed)."""
+
+    def is_completed(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        return None
+
+
+def _all_to_all(out, inp, out_splits, in_splits, group, what: str, async_op: bool = False):
+    """all_to_all_single over the group; in a process without torch.distributed (a group of one,
+    EPDispatcher(force_exchange=True)) the exchange is a copy."""
+    import torch.distributed as dist
+
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        out.copy_(inp)
+        return _Finished() if async_op else None
+    return _collective_all_to_all(out, inp, out_splits, in_splits, group, what, async_op)
 
 
 # ----------------------------------------------------------------------------- the count exchange

@@ -1,0 +1,288 @@
+"""The NCCL path's plan and pack kernels, and the static-capacity mode: fixed shapes, no host sync.
+
+Exact equality on integer payloads against moecomm.ep.reference.ep_reference (the same cases as
+test_dispatch.py), NaN-prefilled buffers, capacity overflow (flag set, the rows that fit exact,
+nothing written out of bounds), gloo with 2 and 4 ranks, a killed rank in static mode.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moecomm.ep.nccl import dispatcher as D
+from moecomm.ep.nccl import plan as P
+from moecomm.ep.nccl.reference import pack_send_reference, plan_send_reference
+from moecomm.ep.nccl.virtual import virtual_ep_forward
+from moecomm.ep.placement import ExpertPlacement
+from moecomm.ep.reference import ep_reference
+from moecomm.errors import MoeCommValueError
+from moecomm.testing import compile_for_hopper, run_distributed
+
+from test_dispatch import CASES, case_inputs, check_against_reference, expert_times_id, routing, vectorised_expert
+
+
+def _plan_inputs(T, E, k, W, *, bad: bool = False, seed: int = 0):
+    ids, w = routing(T, E, k, skew=True, seed=seed)
+    if bad and T:
+        ids[T // 2, 0] = E + 3  # clamped, flagged, never out of bounds
+    pl = ExpertPlacement(E, W)
+    return ids.to(torch.int32), w, pl.expert_to_rank_tensor(), pl.expert_to_local_tensor()
+
+
+@pytest.mark.parametrize("T,E,k,W", [(0, 8, 2, 2), (1, 4, 1, 1), (33, 10, 4, 3), (70, 16, 8, 4), (9, 6, 3, 8)])
+@pytest.mark.parametrize("bad", [False, True])
+def test_plan_kernel_matches_reference_interpreted(triton_backend, T, E, k, W, bad):
+    from moecomm.ep.nccl._triton import plan_send_triton
+
+    ids, w, e2r, e2l = _plan_inputs(T, E, k, W, bad=bad, seed=T)
+    rank, local, first = (torch.full((T, k), -7, dtype=torch.int32) for _ in range(3))
+    info = torch.zeros(W, 3, dtype=torch.int32)
+    plan_send_triton(ids, e2r, e2l, W, rank, local, first, info, True)
+    want = plan_send_reference(ids, e2r, e2l, W, True)
+    for got, ref in zip((rank, local, first, info), want):
+        assert torch.equal(got, ref)
+    assert int(info[:, 2].max()) == int(bad and T > 0)
+
+
+def _packed(x, w, plan, lay, rows, capacity, kernel):
+    out = torch.full((rows, lay.width), float("nan"), dtype=x.dtype)  # unwritten rows stay NaN
+    if capacity is not None:
+        out.view(torch.int32)[:, lay.meta_col:lay.meta_col + plan.rank.shape[1]].fill_(-1)
+    home = torch.full(plan.rank.shape, -7, dtype=torch.int32)
+    flag = torch.zeros(1, dtype=torch.int32)
+    kernel(x, w, plan.rank, plan.local, plan.first, plan.sort_row, plan.rank_offsets, out, home, flag,
+           meta_col=lay.meta_col, capacity=capacity)
+    return out, home, flag
+
+
+@pytest.mark.parametrize("T,E,k,W,H", [(0, 8, 2, 2, 8), (1, 4, 1, 1, 33), (33, 10, 4, 3, 17), (40, 16, 8, 4, 64)])
+@pytest.mark.parametrize("capacity", [None, "fits", 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pack_kernel_matches_reference_interpreted(triton_backend, T, E, k, W, H, capacity, dtype):
+    from moecomm.ep.nccl._triton import pack_send_triton
+
+    ids, w, e2r, e2l = _plan_inputs(T, E, k, W, seed=T + 1)
+    plan = P.plan_send(ids, e2r, e2l, W)
+    lay = P.RowLayout.of(H, k, dtype)
+    x = torch.randint(-4, 5, (T, 2 * H)).to(dtype)[:, ::2]  # non-contiguous [T, H]
+    cap = T if capacity == "fits" else capacity
+    rows = int(plan.info[:, 0].sum()) if cap is None else W * cap
+    got = _packed(x, w, plan, lay, rows, cap, pack_send_triton)
+    want = _packed(x, w, plan, lay, rows, cap, pack_send_reference)
+    assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32))  # bit for bit, NaN rows included
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    if cap is None:
+        assert not got[0][:, :H].isnan().any()  # throughput: every one of the S rows is written
+    need = int(plan.info[:, 0].max())
+    assert int(got[2]) == int(cap is not None and need > cap)  # overflow flagged exactly when a rank's rows exceed C
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_static_virtual_ranks_equal_reference(name, dtype):
+    pl, xs, ids, ws = case_inputs(name, dtype)
+    cap = max(x.shape[0] for x in xs) or 1  # max_tokens: never overflows
+    run = virtual_ep_forward(xs, ids, ws, pl, vectorised_expert, capacity=cap)
+    check_against_reference(pl, xs, ids, ws, run.results, run.y)
+    for r, res in enumerate(run.results):  # fixed shapes: W * C rows, W * C * k expanded rows
+        assert res.tokens.shape[0] == pl.ep_size * cap and res.gather_idx.shape[0] == pl.ep_size * cap * ids[0].shape[1]
+        assert int(res.handle[1]) == 0
+
+
+def test_static_virtual_ranks_interpreted(triton_backend):
+    pl, xs, ids, ws = case_inputs("skew_t0_w3", torch.float16)
+    run = virtual_ep_forward(xs, ids, ws, pl, vectorised_expert, capacity=17)
+    check_against_reference(pl, xs, ids, ws, run.results, run.y)
+
+
+def test_static_overflow_flags_and_keeps_what_fits():
+    """Capacity 2 rows per peer: the flag is set; a token whose every row fit is exact; the others
+    lose only the contributions of the dropped rows (no garbage, nothing out of bounds)."""
+    pl, xs, ids, ws = case_inputs("uniform_w2")  # 33 and 1 tokens, top-2 of 8 on 2 ranks
+    run = virtual_ep_forward(xs, ids, ws, pl, vectorised_expert, capacity=2)
+    assert int(run.results[0].handle[1]) == 1  # rank 0 had more than 2 rows for a peer
+    ref = ep_reference(xs, ids, ws, pl, expert_times_id)
+    e2r = torch.tensor(pl.expert_to_rank)
+    for r in range(2):
+        dest = e2r[ids[r]]  # [T, k]
+        # the rows that fit: per destination, the first 2 tokens (token order) that go there
+        fit = torch.zeros(ids[r].shape[0], dtype=torch.bool).fill_(True)
+        for w in range(2):
+            goes = (dest == w).any(1)
+            late = goes & (torch.cumsum(goes.int(), 0) > 2)
+            fit &= ~late
+        assert torch.equal(run.y[r][fit], ref.y[r][fit])
+        assert torch.isfinite(run.y[r]).all()
+
+
+def test_force_exchange_on_one_rank_equals_the_reference():
+    """EP size 1 through the exchange path (what the one-GPU benchmark times), both modes."""
+    pl, xs, ids, ws = case_inputs("uniform_w2")
+    x, i, w = xs[0], ids[0], ws[0]
+    ref = ep_reference([x], [i], [w], ExpertPlacement(8, 1), expert_times_id)
+    for kw in ({}, {"max_tokens": 40, "dtype": torch.float32}):
+        disp = D.EPDispatcher(8, 2, 16, force_exchange=True, **kw)
+        res = disp.dispatch(x, i, w)
+        assert res.tokens.data_ptr() != x.data_ptr()  # really exchanged, not the local permute
+        n = int(res.expert_offsets[-1])
+        local = torch.repeat_interleave(torch.arange(8), res.tokens_per_expert.long())
+        h = torch.zeros(res.gather_idx.shape[0], 16)
+        h[:n] = vectorised_expert(res.tokens[res.gather_idx[:n].long()], local, res.row_weights[:n])
+        assert torch.equal(disp.combine(h, res.handle), ref.y[0])
+        disp.check_overflow()  # nothing dropped
+
+
+def test_static_mode_arguments():
+    with pytest.raises(MoeCommValueError, match="EPDispatcher: dtype must be given with max_tokens"):
+        D.EPDispatcher(8, 2, 16, max_tokens=4)
+    with pytest.raises(MoeCommValueError, match=r"EPDispatcher: capacity_per_peer must be <= max_tokens \(4\), got 5"):
+        D.EPDispatcher(8, 2, 16, max_tokens=4, capacity_per_peer=5, dtype=torch.float32)
+    with pytest.raises(MoeCommValueError, match="EPDispatcher: capacity_per_peer needs max_tokens"):
+        D.EPDispatcher(8, 2, 16, capacity_per_peer=5)
+    disp = D.EPDispatcher(8, 2, 16, max_tokens=4, capacity_per_peer=1, dtype=torch.float32, force_exchange=True)
+    x, i, w = torch.ones(4, 16), torch.tensor([[0, 1]] * 4), torch.ones(4, 2)
+    res = disp.dispatch(x, i, w)  # 4 tokens to one rank, capacity 1: overflow
+    assert disp.overflowed()
+    with pytest.raises(MoeCommValueError, match="EPDispatcher: capacity_per_peer must hold every row .* got 1 rows on rank 0"):
+        disp.check_overflow()
+    assert not disp.overflowed()  # cleared by the check
+    with pytest.raises(MoeCommValueError, match=r"combine: expert_out must have shape \[2, 16\]"):  # W * C * k
+        disp.combine(torch.zeros(3, 16), res.handle)
+    big = disp.dispatch(torch.ones(5, 16), torch.tensor([[0, 1]] * 5), torch.ones(5, 2))  # > max_tokens: throughput
+    assert big.handle.buffers is None and big.handle.send_splits == [5]
+
+
+def _compile_plan_pack() -> int:
+    """Compile the plan kernel and both pack variants for sm_90; run without TRITON_INTERPRET."""
+    from moecomm.ep.nccl._triton import ep_pack_send_kernel, ep_plan_kernel
+
+    sig = {"ids_ptr": "*i32", "e2r_ptr": "*i32", "e2l_ptr": "*i32", "rank_ptr": "*i32", "local_ptr": "*i32",
+           "first_ptr": "*i32", "info_ptr": "*i32", "T": "i32", "E": "i32", "stride_it": "i32", "stride_ik": "i32",
+           "K": "constexpr", "KP": "constexpr", "W": "constexpr", "NUM_BINS": "constexpr", "BLOCK_T": "constexpr",
+           "CHECK": "constexpr"}
+    k = compile_for_hopper(ep_plan_kernel, sig, {"K": 8, "KP": 8, "W": 8, "NUM_BINS": 16, "BLOCK_T": 64, "CHECK": True},
+                           num_warps=4)
+    assert "atom" in k.asm["ptx"]
+    sig = {n: "*i32" for n in ("rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "meta_ptr", "home_ptr",
+                               "flag_ptr")}
+    sig.update({"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*bf16"})
+    sig.update({n: "i32" for n in ("num_rows", "capacity", "stride_xt", "stride_xh", "stride_wt", "stride_wk",
+                                   "stride_ot", "stride_mt", "meta_col")})
+    sig.update({n: "constexpr" for n in ("H", "K", "KP", "W", "BLOCK_H", "STATIC")})
+    order = ["x_ptr", "w_ptr", "rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "out_ptr", "meta_ptr",
+             "home_ptr", "flag_ptr", "num_rows", "capacity", "stride_xt", "stride_xh", "stride_wt", "stride_wk",
+             "stride_ot", "stride_mt", "meta_col", "H", "K", "KP", "W", "BLOCK_H", "STATIC"]
+    for static in (False, True):
+        k = compile_for_hopper(ep_pack_send_kernel, {n: sig[n] for n in order},
+                               {"H": 7168, "K": 8, "KP": 8, "W": 8, "BLOCK_H": 1024, "STATIC": static}, num_warps=4)
+        assert "st.global" in k.asm["ptx"]
+    return 3
+
+
+def test_plan_and_pack_kernels_compile_for_hopper():
+    """In a fresh process without TRITON_INTERPRET (with it, tl.sum / tl.max are interpreter helpers
+    and a cold-cache compile fails inside them; see tests/routing/test_route.py)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])])
+    code = f"import runpy; print(runpy.run_path({__file__!r})['_compile_plan_pack']())"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "3"
+
+
+# ----------------------------------------------------------------------------- gloo, several processes
+
+
+def _static_cases(case_names: list[str]) -> dict:
+    """Every rank: each case through EPDispatcher in static mode (sync and async), twice (buffers reused)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    out: dict = {}
+    for name in case_names:
+        pl, xs, ids, ws = case_inputs(name)
+        E, k, H = pl.num_experts, ids[0].shape[1], xs[0].shape[1]
+        cap = max(x.shape[0] for x in xs)
+        disp = D.EPDispatcher(E, k, H, placement=pl, dtype=torch.float32, max_tokens=cap)
+        for async_op in (False, True, False):
+            pending = disp.dispatch(xs[rank], ids[rank], ws[rank], async_op=async_op)
+            res = pending.wait() if async_op else pending
+            assert res.handle.buffers is not None and res.handle.send_splits is None  # the static path ran
+            n = int(res.expert_offsets[-1])
+            local = torch.tensor(pl.local_experts(rank), dtype=torch.long)
+            expert_of_row = local[torch.repeat_interleave(res.tokens_per_expert.long())]
+            h = torch.full((res.gather_idx.shape[0], H), float("nan"))  # padding rows must never be read
+            h[:n] = vectorised_expert(res.tokens[res.gather_idx[:n].long()], expert_of_row, res.row_weights[:n])
+            y = disp.combine(h, res.handle, async_op=async_op)
+            y = y.wait() if async_op else y
+            out[(name, async_op)] = tuple(t.clone().numpy() for t in (res.tokens, res.gather_idx, res.expert_offsets,
+                                                                     res.tokens_per_expert, res.row_weights, y))
+        disp.check_overflow()
+    return out
+
+
+def _check_static(outs, names):
+    for name in names:
+        pl, xs, ids, ws = case_inputs(name)
+        for async_op in (False, True):
+            got = [[torch.from_numpy(a) for a in o[(name, async_op)]] for o in outs]
+            results = [D.DispatchResult(g[0], g[2], g[3], g[4], g[1], None) for g in got]
+            check_against_reference(pl, xs, ids, ws, results, [g[5] for g in got])
+
+
+def test_static_gloo_two_ranks():
+    outs = run_distributed(2, _static_cases, ["uniform_w2"], timeout_s=90)
+    _check_static(outs, ["uniform_w2"])
+
+
+def test_static_gloo_four_ranks():
+    # a rank with no tokens, a rank holding no experts, experts not divisible by the ranks
+    outs = run_distributed(4, _static_cases, ["custom_w4"], timeout_s=90)
+    _check_static(outs, ["custom_w4"])
+
+
+def _static_killed(victim: int, timeout_s: float):
+    """Every rank loops over static dispatch + combine; ``victim`` SIGKILLs itself at step 3."""
+    import moecomm.distributed as mdist
+
+    w = mdist.init(timeout_s=timeout_s)
+    torch.set_num_threads(1)
+    disp = D.EPDispatcher(8, 2, 16, dtype=torch.float32, max_tokens=4)
+    x, ids, wt = torch.ones(4, 16), torch.tensor([[0, 7]] * 4), torch.ones(4, 2)
+    for step in range(1000):
+        if w.rank == victim and step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        t0 = time.monotonic()
+        try:
+            res = disp.dispatch(x, ids, wt)
+            disp.combine(torch.zeros(res.gather_idx.shape[0], 16), res.handle)
+        except Exception as exc:  # raised, so that run_distributed reports it beside the victim's exit
+            raise RuntimeError(f"{type(exc).__name__}: {exc} [gave up after {time.monotonic() - t0:.1f} s]") from exc
+    return "finished"
+
+
+def test_static_mode_killed_rank_makes_the_others_raise():
+    timeout_s = 10.0
+    from moecomm.testing import DistributedTestError
+
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(3, _static_killed, 1, timeout_s, backend=None, timeout_s=60)
+    failures = info.value.failures
+    assert sorted(failures) == [0, 1, 2], failures
+    assert "exited with code -9" in failures[1]
+    for r in (0, 2):  # each survivor raised, naming the dead rank, within the timeout: no hang
+        assert "rank 1" in failures[r], failures[r]
+        gave_up = float(re.search(r"gave up after ([0-9.]+) s", failures[r]).group(1))
+        assert gave_up <= timeout_s + 2, failures[r]
