@@ -286,3 +286,17 @@ def test_static_mode_killed_rank_makes_the_others_raise():
         assert "rank 1" in failures[r], failures[r]
         gave_up = float(re.search(r"gave up after ([0-9.]+) s", failures[r]).group(1))
         assert gave_up <= timeout_s + 2, failures[r]
+
+
+def test_one_rank_benchmark_quick(tmp_path):
+    """benchmarks/bench_dispatch_onerank --quick: a one-rank gloo group, both modes, JSON lines."""
+    import json
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "r.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_dispatch_onerank", "--quick", "--out", str(out)],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modes = [json.loads(line)["mode"] for line in out.read_text().splitlines()]
+    assert modes == ["throughput", "static"], modes
