@@ -60,6 +60,7 @@ KERNEL_SHAPES = [  # (T, H, E, k)
     (4096, 4096, 64, 8), (8192, 4096, 64, 8), (4096, 7168, 256, 8), (8192, 7168, 256, 8),
 ]
 QUICK_KERNEL_SHAPES = [(33, 64, 8, 2)]
+STATIC_KERNEL_SHAPES = [(128, 7168, 256, 8), (1, 7168, 256, 8)]
 DIST_SHAPES = [(4096, 4096, 64, 8), (8192, 7168, 256, 8)]
 QUICK_DIST_SHAPES = [(256, 128, 8, 2), (33, 64, 16, 4)]
 SWEEP_CONFIGS = [(512, 2), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]  # (BLOCK_H, warps)
@@ -94,8 +95,9 @@ def _copy(dst, src):
     dst.copy_(src)
 
 
-def kernel_rows(T, H, E, k, W, dtype, device, writer, rep, warmup, *, graph: bool) -> list[dict]:
-    """Measure pack, unpack and reduce of one shape (eager, host and, if ``graph``, CUDA-graph replay)."""
+def kernel_rows(T, H, E, k, W, dtype, device, writer, rep, warmup, *, graph: bool, capacity: int | None = None) -> list[dict]:
+    """Measure pack, unpack and reduce of one shape (eager, host and, if ``graph``, CUDA-graph replay);
+    with ``capacity``, the static-capacity mode's buffers (W * C rows per rank)."""
     e = torch.tensor([], dtype=dtype).element_size()
     pl = ExpertPlacement(E, W)
     e2r, e2l = pl.expert_to_rank_tensor(device), pl.expert_to_local_tensor(device)
@@ -107,41 +109,50 @@ def kernel_rows(T, H, E, k, W, dtype, device, writer, rep, warmup, *, graph: boo
     S = sum(splits[0])
     x0 = torch.randn(T, H, device=device).to(dtype)
     sends, homes = [], []
+    rows_out = S if capacity is None else W * capacity
+    static = {} if capacity is None else {"capacity": capacity, "overflow": torch.zeros(1, dtype=torch.int32, device=device)}
     for (ids, w), plan, sp in zip(routes, plans, splits):
-        send = x0.new_empty((sum(sp), lay.width))
+        send = x0.new_empty((sum(sp) if capacity is None else rows_out, lay.width))
+        if capacity is not None:
+            send.view(torch.int32)[:, lay.meta_col:lay.meta_col + k].fill_(-1)
         home = torch.empty((T, k), dtype=torch.int32, device=device)
-        P.pack_send(x0, w, plan, lay, send, home)
+        P.pack_send(x0, w, plan, lay, send, home, **static)
         sends.append(send)
         homes.append(home)
-    recv = torch.cat([snd[:sp[0]] for snd, sp in zip(sends, splits)])  # what rank 0 receives
     N = sum(int(p.info[0, 1]) for p in plans)
-    ex = P.expand_received(recv, lay, pl.num_local_experts(0), N)
+    if capacity is None:
+        recv = torch.cat([snd[:sp[0]] for snd, sp in zip(sends, splits)])  # what rank 0 receives
+        ex = P.expand_received(recv, lay, pl.num_local_experts(0), N)
+    else:
+        recv = torch.cat([snd[:capacity] for snd in sends])
+        ex = P.expand_received(recv, lay, pl.num_local_experts(0), None)
     R = recv.shape[0]
     home, w0, plan0 = homes[0], routes[0][1], plans[0]
     n = _n_sets(max(S, N) * H * e)
     xs = [torch.randn(T, H, device=device).to(dtype) for _ in range(n)]
-    backs = [torch.randn(S, H, device=device).to(dtype) for _ in range(n)]
-    outs = [torch.randn(N, H, device=device).to(dtype) for _ in range(n)]
-    packed = [x0.new_empty((S, lay.width)) for _ in range(n)]
+    backs = [torch.randn(rows_out, H, device=device).to(dtype) for _ in range(n)]
+    outs = [torch.randn(ex.gather_idx.shape[0], H, device=device).to(dtype) for _ in range(n)]
+    packed = [x0.new_empty((rows_out, lay.width)) for _ in range(n)]
     home_t = torch.empty_like(home)
     # correctness before timing: kernel == reference
     from moecomm.ep.nccl.reference import gather_sum_reference, pack_send_reference
 
-    want, want_home = x0.new_empty((S, lay.width)), torch.empty_like(home)
+    want, want_home = x0.new_zeros((rows_out, lay.width)), torch.empty_like(home)
+    packed[0].zero_()
     pack_send_reference(xs[0], w0, plan0.rank, plan0.local, plan0.first, plan0.sort_row, plan0.rank_offsets, want,
-                        want_home, None, meta_col=lay.meta_col, capacity=None)
-    P.pack_send(xs[0], w0, plan0, lay, packed[0], home_t)
+                        want_home, static.get("overflow"), meta_col=lay.meta_col, capacity=capacity)
+    P.pack_send(xs[0], w0, plan0, lay, packed[0], home_t, **static)
     assert torch.equal(packed[0].view(torch.int32), want.view(torch.int32)) and torch.equal(home_t, want_home)
     torch.testing.assert_close(O.gather_sum(backs[0], home), gather_sum_reference(backs[0], home), rtol=2**-7, atol=1e-2)
     slot_pos = ex.slot_pos
     cases = [  # (op, minimum bytes, fn, input sets): the steps as the dispatcher runs them
-        ("pack", T * H * e + S * lay.width * e + T * k * 16, lambda x, o: P.pack_send(x, w0, plan0, lay, o, home_t),
-         list(zip(xs, packed))),
+        ("pack", T * H * e + S * lay.width * e + T * k * 16,
+         lambda x, o: P.pack_send(x, w0, plan0, lay, o, home_t, **static), list(zip(xs, packed))),
         ("unpack", S * H * e + T * H * e + T * k * 4, lambda b: O.gather_sum(b, home), [(b,) for b in backs]),
         ("reduce", N * H * e + R * H * e + R * k * 4, lambda o: O.gather_sum(o, slot_pos), [(o,) for o in outs]),
     ]
     rows = []
-    shape = f"T{T}_H{H}_top{k}of{E}_W{W}"
+    shape = f"T{T}_H{H}_top{k}of{E}_W{W}" + ("" if capacity is None else f"_C{capacity}")
     for op, nbytes, fn, sets in cases:
         copy_sets, copy_bytes = _copy_sets(nbytes, H, dtype, device)
         timings = {"eager": (bench(fn, sets, rep=rep, warmup=warmup, device=device),
@@ -200,6 +211,14 @@ def kernel_mode(args, writer) -> list[dict]:
                 print(f"{row['shape']:<28} {row['op']:<7} {row['host_us']:>8.1f} | {_fmt(row, 'eager')} | "
                       f"{_fmt(row, 'graph')} | {best['gbps']:>7.0f} {' '.join(flags)}")
                 rows.append(row)
+    # the static-capacity mode at decode sizes (DeepSeek-V3 shape), W 8 virtual ranks, C = T
+    for T, H, E, k in (QUICK_KERNEL_SHAPES if args.quick else STATIC_KERNEL_SHAPES):
+        W = 2 if args.quick else 8
+        for row in kernel_rows(T, H, E, k, W, dtype, device, writer, rep, warmup, graph=gpu, capacity=T):
+            best = row.get("graph") or row["eager"]
+            print(f"{row['shape']:<28} {row['op']:<7} {row['host_us']:>8.1f} | {_fmt(row, 'eager')} | "
+                  f"{_fmt(row, 'graph')} | {best['gbps']:>7.0f}")
+            rows.append(row)
     if args.sweep and gpu:
         sweep(shapes if args.quick else [s for s in shapes if s[1] == 4096], dtype, device, writer, rep)
     return rows
