@@ -270,7 +270,8 @@ def test_benchmark_kernel_quick_smoke(tmp_path, monkeypatch):
     assert bench_dispatch.main(["--kernel", "--quick", "--rep", "2", "--out", str(out)]) == 0
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     timings = ["eager", "graph"] if torch.cuda.is_available() else ["eager"]
-    assert len(recs) == len(bench_dispatch.QUICK_KERNEL_SHAPES) * 2 * 3 * 2 * len(timings)  # shapes x W x ops x impls
+    # (shapes x W + the static-capacity rows) x ops x impls x timings
+    assert len(recs) == len(bench_dispatch.QUICK_KERNEL_SHAPES) * 3 * 3 * 2 * len(timings)
     assert {r["timing"] for r in recs} == set(timings) and {r["op"] for r in recs} == {"pack", "unpack", "reduce"}
     for r in recs:
         assert r["median_ms"] > 0 and r["gbps"] > 0 and r["min_bytes"] > 0
