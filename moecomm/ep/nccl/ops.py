@@ -76,7 +76,7 @@ def _gather_sum_backward(ctx, grad_out):
     hidden = grad_out.shape[1]
     acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     flat = idx.reshape(-1).long()
-    target = torch.where(flat >= 0, flat, torch.full_like(flat, ctx.num_src))
+    target = torch.where((flat >= 0) & (flat < ctx.num_src), flat, torch.full_like(flat, ctx.num_src))
     rows = grad_out.to(acc)[:, None, :].expand(num_rows, num_cols, hidden).reshape(num_rows * num_cols, hidden)
     g = torch.zeros((ctx.num_src + 1, hidden), dtype=acc, device=grad_out.device).index_add_(0, target, rows)
     return g[: ctx.num_src].to(ctx.src_dtype), None
