@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..jit.backend import warn_once
 from ..jit.ops import define_op
 
 FLIP = {"ekn": "enk", "enk": "ekn"}
@@ -40,7 +41,11 @@ def _wgrad_impl(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor) 
     if (a.is_cuda and a.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and a.shape[0] > 0
             and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0):
         # cuBLAS's grouped GEMM contracts over each group's rows without a host sync (bf16, sm_90)
-        return torch._grouped_mm(a.t(), b.contiguous(), offs=expert_offsets[1:])
+        try:
+            return torch._grouped_mm(a.t(), b.contiguous(), offs=expert_offsets[1:])
+        except RuntimeError as exc:  # its argument checks (older GPU, layout): the loop below
+            warn_once("grouped-mm-wgrad", f"grouped_mm backward: torch._grouped_mm refused the weight gradient ({exc}); "
+                      "using a loop over the groups (one host read of the offsets per backward)")
     acc = _acc(a.dtype)
     out = torch.zeros(num_groups, a.shape[1], b.shape[1], dtype=acc, device=a.device)
     offs = expert_offsets.tolist()  # elsewhere: one host read per backward, a loop over the groups

@@ -31,7 +31,6 @@ from .. import _env
 from ..errors import MoeCommTypeError, MoeCommValueError, as_tensor, check_choice, check_positive_int, check_tensor
 from ..ep.placement import ExpertPlacement
 from ..routing import RoutingMethod, route
-from ..routing.api import route_unchecked
 from .graphs import GraphRunner
 
 __all__ = ["MoE", "SharedExpertMLP"]
@@ -300,6 +299,8 @@ class MoE(nn.Module):
 
     def _route_unchecked(self, x2: torch.Tensor):
         """route() for the forward: x2 was checked once by the layer, the settings at construction."""
+        from ..routing.api import route_unchecked
+
         return route_unchecked(
             self.router_logits(x2), self.top_k, self.routing, self.renormalize, self.n_group, self.topk_group,
             self.e_score_correction_bias, self.routed_scaling_factor,
@@ -357,7 +358,12 @@ class MoE(nn.Module):
         one (no argument checks): routing, dispatch, experts and combine pass each other what they built.
         """
         from ..gemm.mlp import expert_mlp_unchecked
+        from ..jit.backend import warn_once
 
+        if self.ep_size > 1 and torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.w_down.requires_grad:
+            warn_once("moe-ep-autograd", "MoE: with ep_size > 1 the all_to_all of dispatch/combine records no gradient "
+                      "yet, so the routed experts and the router get none; train with ep_size 1, and run inference "
+                      "under torch.no_grad() to silence this")
         r = self._route_unchecked(x2)
         d = self.dispatcher.dispatch_unchecked(x2, r.topk_ids, r.topk_weights)
         h = expert_mlp_unchecked(

@@ -193,3 +193,20 @@ def test_gpu_compiled_training_step_equals_eager():
     _loss(compiled(x)).backward()
     _assert_grads_close({n: g.float() for n, g in _grads(twin).items()},
                         {n: g.float() for n, g in _grads(eager).items()}, atol=2e-2, rtol=2e-2)
+
+
+def test_expert_parallel_training_warns_that_no_gradient_crosses_the_all_to_all(monkeypatch, caplog):
+    """ep_size > 1: the all_to_all records no gradient yet; said once instead of training silently wrong."""
+    from moecomm.jit import backend
+
+    moe = make(**CONFIGS["softmax"])
+    monkeypatch.setattr(moe, "ep_size", 2)  # the warning's condition; the local dispatcher still runs
+    monkeypatch.setattr(backend, "_warned", set())
+    with caplog.at_level("WARNING", logger="moecomm"):
+        moe(torch.randn(3, H))
+        moe(torch.randn(3, H))
+        with torch.no_grad():
+            moe(torch.randn(3, H))
+    assert [r.getMessage() for r in caplog.records if "ep_size > 1" in r.getMessage()] == [
+        "MoE: with ep_size > 1 the all_to_all of dispatch/combine records no gradient yet, so the routed experts "
+        "and the router get none; train with ep_size 1, and run inference under torch.no_grad() to silence this"]
