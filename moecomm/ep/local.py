@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoeCommTypeError, MoeCommValueError, as_tensor, check_positive_int, check_tensor
-from ..permute.api import (PermuteIndices, permute_with_row_weights, permute_with_row_weights_unchecked, unpermute,
+from ..permute.api import (PermuteIndices, check_id_values, permute_with_row_weights_unchecked, unpermute,
                            unpermute_unchecked)
 from .types import DispatchResult
 
@@ -69,20 +69,20 @@ class LocalDispatcher:
         """
         op = "LocalDispatcher.dispatch"
         x = check_tensor(op, "x", x, ndim=2, dtype=(torch.float16, torch.bfloat16, torch.float32))
-        topk_ids = check_tensor(op, "topk_ids", topk_ids, shape=[x.shape[0], self.top_k], device=x.device)
+        topk_ids = check_tensor(op, "topk_ids", topk_ids, shape=[x.shape[0], self.top_k], dtype=(torch.int32, torch.int64),
+                                device=x.device)
         topk_weights = check_tensor(
             op, "topk_weights", topk_weights, shape=[x.shape[0], self.top_k], dtype=torch.float32, device=x.device
         )
-        # Row r of expert order came from slot dst_row^-1(r): the sort writes that slot's weight to
-        # row r itself (one launch for everything at decode sizes, no separate cast + scatter).
-        res = permute_with_row_weights(x, topk_ids, topk_weights, self.num_experts, materialize=self._materialize(x),
-                                       validate=self.validate)
-        return self._result(x, res)
+        topk_ids = check_id_values(op, topk_ids, self.num_experts, self.validate)  # checked once: then the trusted call
+        return self.dispatch_unchecked(x, topk_ids, topk_weights)
 
     def dispatch_unchecked(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         """dispatch without any check (nor the device check of the ids), for the MoE forward: x [T, H]
         checked once by the layer, topk_ids [T, k] int32 (contiguous, in range) and topk_weights [T, k]
         float32 from route(). Gradients flow to x and topk_weights."""
+        # Row r of expert order came from slot dst_row^-1(r): the sort writes that slot's weight to
+        # row r itself (one launch for everything at decode sizes, no separate cast + scatter).
         res = permute_with_row_weights_unchecked(x, topk_ids, topk_weights, self.num_experts, self._materialize(x))
         return self._result(x, res)
 

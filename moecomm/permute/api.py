@@ -280,6 +280,15 @@ def _check_topk_ids(op: str, topk_ids: Any, num_experts: Any, validate: bool) ->
         raise MoeCommValueError(
             f"{op}: topk_ids must have 1 to num_experts={num_experts} columns (top_k), got shape {list(topk_ids.shape)}"
         )
+    return check_id_values(op, topk_ids, num_experts, validate), num_experts
+
+
+def check_id_values(op: str, topk_ids: torch.Tensor, num_experts: int, validate: bool) -> torch.Tensor:
+    """The checks of topk_ids [T, k] (int32/int64, 1 <= k <= E already checked) that need its size or
+    its values: T * k fits int32 row indices; with validate, ids in [0, E) (one device->host read,
+    skipped under capture and compile). Returns topk_ids contiguous. For callers that checked the
+    rest themselves (LocalDispatcher.dispatch), so a public call validates once."""
+    num_tokens, top_k = topk_ids.shape
     if num_tokens * top_k > _INT32_MAX:
         raise MoeCommValueError(f"{op}: topk_ids must have at most 2**31 - 1 elements (int32 row indices), got {num_tokens * top_k}")
     if topk_ids.numel() > 0 and device_checks_allowed(validate):
@@ -287,7 +296,7 @@ def _check_topk_ids(op: str, topk_ids: Any, num_experts: Any, validate: bool) ->
         if bool(bad.any()):  # one device->host read; validate=False skips it
             first = topk_ids[bad][0].item()
             raise MoeCommValueError(f"{op}: topk_ids must be in [0, num_experts={num_experts}), got {first}")
-    return topk_ids.contiguous(), num_experts
+    return topk_ids.contiguous()
 
 
 def _unit_inner_stride(t: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,24 @@ def test_one_forward_validates_its_input_once(monkeypatch, name, grad):
     assert calls == ["route:router_logits"]
 
 
+def test_public_calls_check_each_argument_once(monkeypatch):
+    from moecomm.ep import LocalDispatcher
+    from moecomm.gemm import expert_mlp
+
+    d = LocalDispatcher(E, 2)
+    x, ids, w = torch.randn(5, H), torch.randint(0, E, (5, 2), dtype=torch.int32), torch.rand(5, 2)
+    calls = _count_checks(monkeypatch)
+    r = d.dispatch(x, ids, w)
+    assert calls == ["LocalDispatcher.dispatch:x", "LocalDispatcher.dispatch:topk_ids", "LocalDispatcher.dispatch:topk_weights"]
+    del calls[:]
+    h = expert_mlp(r.tokens, torch.randn(E, 2 * I, H), torch.randn(E, H, I), r.expert_offsets, gather_idx=r.gather_idx,
+                   row_scale=r.row_weights)
+    assert sorted(calls) == sorted(f"expert_mlp:{n}" for n in ("x", "w", "expert_offsets", "gather_idx", "row_scale", "w_down"))
+    del calls[:]
+    d.combine(h, r.handle)
+    assert calls == ["unpermute:indices.dst_row", "unpermute:expert_out"]
+
+
 # --------------------------------------------------------------------------- gpu tier
 
 
