@@ -418,7 +418,8 @@ def permute_with_row_weights(
 ) -> WeightedPermute:
     """permute (materialize=True) or permute_indices (False), plus the routing weight of every row.
 
-    Internal entry of LocalDispatcher.dispatch: one launch on the GPU at decode sizes (M <= SMALL_M
+    The dispatch of LocalDispatcher (which checks its arguments itself and calls the trusted twin,
+    permute_with_row_weights_unchecked): one launch on the GPU at decode sizes (M <= SMALL_M
     of moecomm.ep._triton, plus the row copy when materialize), and at every size the weights ride
     in the sort's scatter kernel instead of a cast and a scatter of their own.
 
