@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ...jit.backend import Impl, choose
-from ...permute.api import _permute_impl, _permute_weighted_impl
+from ...permute.api import permute_indices_unchecked, permute_indices_weighted_op
 from .reference import pack_send_reference, plan_send_reference
 
 
@@ -107,8 +107,8 @@ def plan_send(topk_ids: torch.Tensor, expert_to_rank: torch.Tensor, expert_to_lo
         plan_send_triton(topk_ids, expert_to_rank, expert_to_local, ep_size, rank, local, first, info, check_ids)
     else:
         rank, local, first, info = plan_send_reference(topk_ids, expert_to_rank, expert_to_local, ep_size, check_ids)
-    _, sort_row, _, rank_offsets = _permute_impl(first, ep_size, None, None)
-    return SendPlan(rank, local, first, sort_row, rank_offsets, info)
+    order = permute_indices_unchecked(first, ep_size)  # ids W (repeated ranks) sort into the dropped bucket
+    return SendPlan(rank, local, first, order.dst_row, order.expert_offsets, info)
 
 
 def pack_send(x: torch.Tensor, topk_weights: torch.Tensor, plan: SendPlan, layout: RowLayout, out: torch.Tensor,
@@ -168,7 +168,7 @@ def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: in
     meta = recv.view(torch.int32)[:, layout.meta_col:layout.meta_col + 2 * k]  # [R, 2k]
     lid = meta[:, :k].contiguous()  # [R, k]; -1 (and any id >= L) sorts into the dropped bucket
     w = meta[:, k:].view(torch.float32)  # [R, k]
-    src, dst_row, tpe, offsets, row_w = _permute_weighted_impl(lid, num_local_experts, w, None, None)
+    src, dst_row, tpe, offsets, row_w = permute_indices_weighted_op(lid, num_local_experts, w)
     if num_pairs is not None:
         # the valid pairs are the first N rows of the order; rows >= N in slot_pos are ignored by gather_sum
         return Expanded(src[:num_pairs], offsets, tpe, row_w[:num_pairs], dst_row)
