@@ -189,35 +189,40 @@ def test_benchmark_kernel_mode_quick_with_graphs(tmp_path, monkeypatch):
     assert bench_dispatch.main(["--kernel", "--quick", "--sweep", "--rep", "3", "--out", str(out)]) == 0
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     graph = [r for r in recs if r["mode"] == "kernel" and r["timing"] == "graph"]
-    assert len(graph) == len(bench_dispatch.QUICK_KERNEL_SHAPES) * 2 * 3 * 2  # shapes x W x ops x impls
+    assert len(graph) == len(bench_dispatch.QUICK_KERNEL_SHAPES) * 3 * 3 * 2  # (shapes x W + static) x ops x impls
     assert all(r["median_ms"] > 0 for r in graph)
     assert any(r["mode"] == "sweep" for r in recs)
 
 
-def _nccl_worker(Ts, E, k, H):
-    """Every rank: dispatch -> expert -> combine over NCCL; returns its outputs as numpy (by value)."""
+def _nccl_worker(Ts, E, k, H, max_tokens=None):
+    """Every rank: dispatch -> expert -> combine over NCCL (static mode with max_tokens); returns its
+    outputs as numpy (by value)."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
     torch.cuda.set_device(rank)
     xs, ids, ws = _inputs(Ts, E, k, H, "cuda", skew=True)
-    disp = D.EPDispatcher(E, k, H, dtype=torch.bfloat16)
+    disp = D.EPDispatcher(E, k, H, dtype=torch.bfloat16, max_tokens=max_tokens)
     pl = disp.placement
     res = disp.dispatch(xs[rank], ids[rank], ws[rank], async_op=True).wait()
+    n = int(res.expert_offsets[-1])  # static mode: the rows after it are padding
     local = torch.tensor(pl.local_experts(rank), dtype=torch.long, device="cuda")
-    h = _vector_expert(res.tokens[res.gather_idx.long()], local[torch.repeat_interleave(res.tokens_per_expert.long())],
-                       res.row_weights)
+    h = torch.zeros(res.gather_idx.shape[0], H, dtype=torch.bfloat16, device="cuda")
+    h[:n] = _vector_expert(res.tokens[res.gather_idx[:n].long()],
+                           local[torch.repeat_interleave(res.tokens_per_expert.long())], res.row_weights[:n])
     y = disp.combine(h, res.handle, async_op=True).wait()
-    g = res.tokens[res.gather_idx.long()]
+    g = res.tokens[res.gather_idx[:n].long()]
+    disp.check_overflow()
     return g.float().cpu().numpy(), res.expert_offsets.cpu().numpy(), y.float().cpu().numpy()
 
 
 @pytest.mark.multigpu
-def test_nccl_two_ranks_bf16_exact():
+@pytest.mark.parametrize("max_tokens", [None, 1024])
+def test_nccl_two_ranks_bf16_exact(max_tokens):
     from moecomm.testing import run_distributed
 
     Ts, E, k, H = [1024, 0], 16, 4, 4096
-    outs = run_distributed(2, _nccl_worker, Ts, E, k, H, backend="nccl", timeout_s=180)
+    outs = run_distributed(2, _nccl_worker, Ts, E, k, H, max_tokens, backend="nccl", timeout_s=180)
     xs, ids, ws = _inputs(Ts, E, k, H, "cpu", skew=True)
     pl = ExpertPlacement(E, 2)
     ref = ep_reference(xs, ids, ws, pl, _expert)
