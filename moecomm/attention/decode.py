@@ -37,6 +37,7 @@ from ._common import (Staging, check_heads, check_indices, check_kv_cache, check
 
 _OP = "BatchDecodeWithPagedKVCacheWrapper"
 _TARGET_PROGRAMS_PER_SM = 8  # resident ~2 per SM (96 KB of pipelined K/V each): ~4 waves, small tail
+_SPLIT_BELOW_PER_SM = 4  # split only when B * Hk programs are fewer than this per SM (~2 waves)
 _MIN_CHUNK = 256  # tokens: below this a chunk's partial (Hq x D fp32) costs more than its KV read
 _ALIGN = 16  # metadata sections start at multiples of 16 ints (one Triton specialisation of offsets)
 
@@ -48,13 +49,23 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+_ARANGE = np.arange(1 << 12, dtype=np.int64)
+
+
+def _arange(n: int) -> np.ndarray:
+    global _ARANGE
+    if n > _ARANGE.shape[0]:
+        _ARANGE = np.arange(2 * n, dtype=np.int64)
+    return _ARANGE[:n]
+
+
 def _decode_impl(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: torch.Tensor, kv_indices: torch.Tensor,
     part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     offsets: list[int], num_programs: int, page_size: int, kv_layout_hnd: bool, direct: bool, write_lse: bool,
     sm_scale: float, logits_soft_cap: float, window_left: int,
 ) -> None:
-    off_req, off_start, off_end, off_kv_indptr, off_work_indptr, off_len = offsets
+    off_req, off_chunk, off_work_indptr, off_kv_indptr, off_len = offsets
     batch, num_qo_heads, head_dim = q.shape
     kv_layout = reference.HND if kv_layout_hnd else reference.NHD
     if _backend.choose(q, "attention_decode") is not _backend.Impl.TRITON:
@@ -79,7 +90,8 @@ def _decode_impl(
     soft = logits_soft_cap > 0
     launch(kern.decode_kernel, (num_programs, num_kv_heads), (
         q, k_cache, v_cache, out, lse, part_o, part_lse, meta, kv_indices,
-        off_req, off_start, off_end, off_kv_indptr, k_cache.shape[0], num_programs,
+        off_req, off_chunk, off_work_indptr, off_kv_indptr, off_len, k_cache.shape[0], num_programs,
+        window_left if window_left >= 0 else 1 << 30,
         q.stride(0), q.stride(1), skp, skt, skh, svp, svt, svh, out.stride(0), out.stride(1),
         sm_scale, logits_soft_cap if soft else 1.0,
     ), dict(GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_G=max(16, 1 << (group - 1).bit_length()),
@@ -147,15 +159,14 @@ class BatchDecodeWithPagedKVCacheWrapper:
         return self._graph
 
     def _layout(self, batch: int, num_work: int) -> tuple[list[int], int]:
-        """Offsets of the metadata sections and the end of the fixed part."""
+        """Offsets of the metadata sections (work_req, then per request: chunk, work_indptr,
+        kv_indptr, kv_len) and the end of the fixed part."""
         wcap, bcap = (self._max_work, self._max_batch) if self._graph else (num_work, batch)
-        ws, bs = _round_up(wcap, _ALIGN), _round_up(bcap + 1, _ALIGN)
+        ws, bs = _round_up(max(wcap, 1), _ALIGN), _round_up(bcap + 1, _ALIGN)
         off_req = _ALIGN
-        off_start, off_end = off_req + ws, off_req + 2 * ws
-        off_kv_indptr = off_req + 3 * ws
-        off_work_indptr = off_kv_indptr + bs
-        off_len = off_work_indptr + bs
-        return [off_req, off_start, off_end, off_kv_indptr, off_work_indptr, off_len], off_len + bs
+        off_chunk = off_req + ws
+        off_work_indptr, off_kv_indptr, off_len = off_chunk + bs, off_chunk + 2 * bs, off_chunk + 3 * bs
+        return [off_req, off_chunk, off_work_indptr, off_kv_indptr, off_len], off_chunk + 4 * bs
 
     def _partials(self, num_qo_heads: int, head_dim: int):
         key = (num_qo_heads, head_dim)
@@ -222,8 +233,6 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise MoeCommValueError(f"{_OP}: indptr[-1] must be <= {self._indices_buf.shape[0]} (paged_kv_indices_buffer's "
                                     f"size), got {int(indptr_np[-1])}")
 
-        starts = np.maximum(lengths - 1 - window_left, 0) if window_left >= 0 else np.zeros_like(lengths)
-        span = lengths - starts
         block_n = DECODE_CONFIGS[head_dim][0]
         cap_work, part_o, part_lse = self._partials(num_qo_heads, head_dim)
         max_work = min(cap_work, self._max_work) if self._graph else cap_work
@@ -231,34 +240,28 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise MoeCommValueError(f"{_OP}: float_workspace_buffer must hold {batch} x {num_qo_heads} x {head_dim + 1} "
                                     f"fp32 partials, got {self._workspace.numel()} bytes")
         target = cdiv(_TARGET_PROGRAMS_PER_SM * self._sms, num_kv_heads)
-        split = not disable_split_kv and batch > 0 and (kv_chunk_size is not None or self._graph or batch < target)
+        split = not disable_split_kv and batch > 0 and (
+            kv_chunk_size is not None or self._graph or batch * num_kv_heads < _SPLIT_BELOW_PER_SM * self._sms)
+        nsplit = chunk_b = None
+        num_work = batch
         if split:
+            span = lengths if window_left < 0 else np.minimum(lengths, window_left + 1)
             if kv_chunk_size is not None:
                 chunk = _round_up(max(int(kv_chunk_size), 1), block_n)
             else:
                 want = max(1, min(target, max_work - batch))
                 chunk = _round_up(max(_MIN_CHUNK, cdiv(int(span.sum()), want)), block_n)
-            nsplit = np.maximum((span + chunk - 1) // chunk, 1)
-            chunk_b = ((span + nsplit - 1) // nsplit + block_n - 1) // block_n * block_n
-            if int(nsplit.sum()) > max_work:  # a forced chunk size past the workspace: fall back
-                nsplit = np.ones_like(span)
-                chunk_b = span
-        else:
-            nsplit = np.ones_like(span)
-            chunk_b = span
-        num_work = int(nsplit.sum())
-        direct = not self._graph and num_work == batch
-        if num_work > max_work and not direct:
-            raise MoeCommValueError(f"{_OP}: float_workspace_buffer is too small for {num_work} split-KV partials")
-        work_indptr = np.zeros(batch + 1, dtype=np.int64)
-        np.cumsum(nsplit, out=work_indptr[1:])
-        work_req = np.repeat(np.arange(batch), nsplit)
-        local = np.arange(num_work) - work_indptr[work_req]
-        work_start = starts[work_req] + local * chunk_b[work_req]
-        work_end = np.minimum(work_start + chunk_b[work_req], lengths[work_req])
+            nsplit = (span + (chunk - 1)) // chunk
+            np.maximum(nsplit, 1, out=nsplit)
+            num_work = int(nsplit.sum())
+            if num_work > max_work:  # a forced chunk size past the workspace: one item per request
+                if self._graph:
+                    raise MoeCommValueError(f"{_OP}: kv_chunk_size must give <= {max_work} work items, got {num_work}")
+                split, num_work = False, batch
+        direct = not split and not self._graph
 
         offsets, fixed_end = self._layout(batch, num_work)
-        off_req, off_start, off_end, off_kv_indptr, off_work_indptr, off_len = offsets
+        off_req, off_chunk, off_work_indptr, off_kv_indptr, off_len = offsets
         dev_indices = None
         if isinstance(indices, torch.Tensor) and indices.device.type != "cpu" and not self._graph:
             dev_indices = indices if indices.dtype is torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
@@ -267,12 +270,20 @@ class BatchDecodeWithPagedKVCacheWrapper:
         st.ensure(need)
         h = st.host_np
         h[0] = num_work
-        h[off_req:off_req + num_work] = work_req
-        h[off_start:off_start + num_work] = work_start
-        h[off_end:off_end + num_work] = work_end
         h[off_kv_indptr:off_kv_indptr + batch + 1] = indptr_np
-        h[off_work_indptr:off_work_indptr + batch + 1] = work_indptr
         h[off_len:off_len + batch] = lengths
+        if split:
+            # chunk_b: equal chunks per request, rounded up to the kernel's block (aligned loads)
+            cb = h[off_chunk:off_chunk + batch]
+            np.floor_divide(span + (block_n * nsplit - 1), block_n * nsplit, out=cb)  # ceil(ceil(span / n) / bn)
+            cb *= block_n
+            h[off_work_indptr] = 0
+            np.cumsum(nsplit, out=h[off_work_indptr + 1:off_work_indptr + batch + 1])
+            h[off_req:off_req + num_work] = np.repeat(_arange(batch), nsplit)
+        elif self._graph:  # graph mode always takes the split path: one chunk per request
+            h[off_chunk:off_chunk + batch] = 1 << 30
+            h[off_work_indptr:off_work_indptr + batch + 1] = _arange(batch + 1)
+            h[off_req:off_req + num_work] = _arange(batch)
         if self._graph:
             self._indices_buf[:num_indices].copy_(torch.as_tensor(indices).to(torch.int32), non_blocking=non_blocking)
             kv_indices = self._indices_buf
