@@ -111,7 +111,8 @@ def ours_decode(B, L, Hq, Hk, dtype, device, warmup, rep, gen, check=True):
     plan()
     out = w.run(q, (k, v))
     ms = _time(lambda: w.run(q, (k, v)), warmup, rep)
-    return dict(ms=ms, plan_us=plan_us, out=out, q=q, k=k, v=v, perm=perm, num_work=w._plan["num_work"],
+    run_us = _host_us(lambda: w.run(q, (k, v)), 20)
+    return dict(ms=ms, plan_us=plan_us, run_us=run_us, out=out, q=q, k=k, v=v, perm=perm, num_work=w._plan["num_work"],
                 direct=w._plan["direct"])
 
 
@@ -292,7 +293,8 @@ def main(argv=None) -> int:
     peer_rows = {name: run_peer(name, path, args) for name, path in peers}
 
     print(f"\ndecode, effective GB/s = K+V bytes / time (ours run() on a plan; SDPA on contiguous KV)")
-    hdr = f"{'B':>4s} {'L':>6s} {'Hq/Hk':>6s} {'ours ms':>8s} {'GB/s':>6s} {'plan us':>7s} {'sdpa GB/s':>9s} {'ours/sdpa':>9s}"
+    hdr = (f"{'B':>4s} {'L':>6s} {'Hq/Hk':>6s} {'ours ms':>8s} {'GB/s':>6s} {'plan us':>7s} {'run us':>6s} {'items':>5s} "
+           f"{'sdpa GB/s':>9s} {'ours/sdpa':>9s}")
     for name, _ in peers:
         hdr += f" {name + ' GB/s':>14s} {'plan us':>7s} {'ours/' + name:>12s}"
     print(hdr + f" {'target':>6s}")
@@ -307,10 +309,11 @@ def main(argv=None) -> int:
         if err > 3e-2:
             raise RuntimeError(f"decode B{B} L{L}: ours and SDPA differ by {err}")
         s_gbps = kv_bytes / (s_ms * 1e-3) / 1e9
-        line = f"{B:4d} {L:6d} {Hq:3d}/{Hk:<2d} {r['ms']:8.4f} {gbps:6.0f} {r['plan_us']:7.1f} {s_gbps:9.0f} {gbps / s_gbps:9.2f}"
+        line = (f"{B:4d} {L:6d} {Hq:3d}/{Hk:<2d} {r['ms']:8.4f} {gbps:6.0f} {r['plan_us']:7.1f} {r['run_us']:6.1f} "
+                f"{r['num_work']:5d} {s_gbps:9.0f} {gbps / s_gbps:9.2f}")
         shape = dict(B=B, L=L, Hq=Hq, Hk=Hk, D=HEAD_DIM, page_size=PAGE, dtype=str(dtype)[6:])
         writer.write(op="attention_decode", impl="moecomm", **shape, median_ms=r["ms"], gbps=gbps, plan_us=r["plan_us"],
-                     num_work=r["num_work"], direct=r["direct"], ratio_to_sdpa=gbps / s_gbps, target_gbps=target, max_err=err)
+                     run_host_us=r["run_us"], num_work=r["num_work"], direct=r["direct"], ratio_to_sdpa=gbps / s_gbps, target_gbps=target, max_err=err)
         writer.write(op="attention_decode", impl=f"sdpa-{s_name}", **shape, median_ms=s_ms, gbps=s_gbps)
         for name, _ in peers:
             pr = peer_rows[name].get(("decode", B, L, Hq, Hk))

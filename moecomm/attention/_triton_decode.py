@@ -55,7 +55,7 @@ def decode_kernel(
     sm_scale, soft_cap,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr, WRITE_LSE: tl.constexpr, SOFT_CAP: tl.constexpr,
+    DIRECT: tl.constexpr, WRITE_LSE: tl.constexpr, SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -94,7 +94,7 @@ def decode_kernel(
             v_row = page * stride_vp + slot * stride_vt + kvh * stride_vh
             k = tl.load(k_ptr + k_row[:, None] + d[None, :], mask=ok[:, None], other=0.0)  # [BN, D]
             v = tl.load(v_ptr + v_row[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k))  # [BG, BN] fp32
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BG, BN] fp32
             if SOFT_CAP:
                 qk = soft_cap * _tanh(qk * (sm_scale / soft_cap)) * 1.4426950408889634
             else:
@@ -104,7 +104,7 @@ def decode_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]

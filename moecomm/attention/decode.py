@@ -95,7 +95,8 @@ def _decode_impl(
         q.stride(0), q.stride(1), skp, skt, skh, svp, svt, svh, out.stride(0), out.stride(1),
         sm_scale, logits_soft_cap if soft else 1.0,
     ), dict(GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_G=max(16, 1 << (group - 1).bit_length()),
-            BLOCK_N=block_n, DIRECT=direct, WRITE_LSE=write_lse, SOFT_CAP=soft), num_warps, num_stages)
+            BLOCK_N=block_n, DIRECT=direct, WRITE_LSE=write_lse, SOFT_CAP=soft,
+            DOT_PRECISION="ieee" if q.dtype is torch.float32 else "tf32"), num_warps, num_stages)
     if not direct:
         launch(kern.merge_partials_kernel, (batch, num_qo_heads), (
             part_o, part_lse, meta, out, lse, off_work_indptr, num_qo_heads, out.stride(0), out.stride(1),

@@ -77,7 +77,8 @@ def _prefill_impl(
         q.stride(0), q.stride(1), *nhd_strides(k_cache, layout), *nhd_strides(v_cache, layout),
         out.stride(0), out.stride(1), sm_scale, logits_soft_cap if soft else 1.0, max(window_left, 0),
     ), dict(GROUP=num_qo_heads // num_kv_heads, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-            CAUSAL=causal, WINDOW=window_left >= 0, SOFT_CAP=soft, CUSTOM=custom, WRITE_LSE=write_lse),
+            CAUSAL=causal, WINDOW=window_left >= 0, SOFT_CAP=soft, CUSTOM=custom, WRITE_LSE=write_lse,
+            DOT_PRECISION="ieee" if q.dtype is torch.float32 else "tf32"),
         num_warps, num_stages)
 
 

@@ -56,7 +56,8 @@ def _compile_all_for_hopper() -> int:
 
     count = 0
     # the plain check (no hints) of the team's helper, once, then the hinted variants
-    consts = dict(GROUP=4, PAGE=16, HEAD_DIM=128, BLOCK_G=16, BLOCK_N=64, DIRECT=True, WRITE_LSE=False, SOFT_CAP=False)
+    consts = dict(GROUP=4, PAGE=16, HEAD_DIM=128, BLOCK_G=16, BLOCK_N=64, DIRECT=True, WRITE_LSE=False, SOFT_CAP=False,
+                  DOT_PRECISION="tf32")
     compile_for_hopper(dk.decode_kernel, _sig(dk.decode_kernel, {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
                        "out_ptr": "*bf16", "lse_ptr": "*fp32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
                        "meta_ptr": "*i32", "kv_indices_ptr": "*i32"}), consts, num_warps=4)
@@ -68,11 +69,18 @@ def _compile_all_for_hopper() -> int:
                                                      (64, 1, 1, False, True), (256, 3, 128, True, False), (128, 4, 5, False, False)):
             block_n, warps, stages = DECODE_CONFIGS[head_dim]
             consts = dict(GROUP=group, PAGE=page, HEAD_DIM=head_dim, BLOCK_G=max(16, 1 << (group - 1).bit_length()),
-                          BLOCK_N=block_n, DIRECT=direct, WRITE_LSE=True, SOFT_CAP=soft)
+                          BLOCK_N=block_n, DIRECT=direct, WRITE_LSE=True, SOFT_CAP=soft,
+                          DOT_PRECISION="tf32")
             k = _compile(dk.decode_kernel, _sig(dk.decode_kernel, ptrs), consts, num_warps=warps, num_stages=stages)
             ptx = k.asm["ptx"]
             assert ".target sm_90" in ptx and "mma" in ptx
             assert stages == 1 or "cp.async" in ptx, "K / V loads are no longer pipelined"
+            count += 1
+        if dt == "bf16":  # fp32 inputs: IEEE dots (no TF32)
+            f32 = {n: ("*fp32" if t.startswith("*") and t != "*i32" else t) for n, t in ptrs.items()}
+            consts = dict(GROUP=4, PAGE=16, HEAD_DIM=128, BLOCK_G=16, BLOCK_N=64, DIRECT=True, WRITE_LSE=True,
+                          SOFT_CAP=False, DOT_PRECISION="ieee")
+            _compile(dk.decode_kernel, _sig(dk.decode_kernel, f32), consts, num_warps=4, num_stages=3)
             count += 1
         k = _compile(dk.merge_partials_kernel, _sig(dk.merge_partials_kernel, ptrs), dict(HEAD_DIM=128, WRITE_LSE=True),
                                num_warps=4)
@@ -82,7 +90,7 @@ def _compile_all_for_hopper() -> int:
                                                        (256, True, True, False, 128)):
             bm, bn, warps, stages = PREFILL_CONFIGS[head_dim]
             consts = dict(GROUP=4, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, WINDOW=window,
-                          SOFT_CAP=False, CUSTOM=custom, WRITE_LSE=True)
+                          SOFT_CAP=False, CUSTOM=custom, WRITE_LSE=True, DOT_PRECISION="tf32")
             k = _compile(pk.prefill_kernel, _sig(pk.prefill_kernel, pptrs), consts, num_warps=warps, num_stages=stages)
             assert "wgmma" in k.asm["ptx"] and "cp.async" in k.asm["ptx"]
             count += 1
@@ -111,7 +119,7 @@ def test_kernels_compile_for_hopper():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == "25"
+    assert proc.stdout.split()[-1] == "26"
 
 
 def test_torch_compile_fullgraph():
