@@ -35,6 +35,7 @@ DECODE_SHAPES = [  # (B, L, Hq, Hk): the issue's three, with its targets in GB/s
     (128, 1024, 64, 8, 3500),
 ]
 PREFILL_SHAPES = [(8, 4096, 32, 8)]  # (B, L, Hq, Hk), causal; target 0.95x the fastest SDPA
+QUICK_DECODE, QUICK_PREFILL = [(2, 64, 4, 2, 0)], [(1, 64, 4, 2)]
 HEAD_DIM, PAGE = 128, 16
 
 
@@ -138,10 +139,11 @@ def peer_main(args) -> int:
     """Child process: time FlashInfer on the same shapes (same seeds), print one JSON line each."""
     import flashinfer
 
-    device = torch.device("cuda")
-    dtype = torch.bfloat16
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ver = getattr(flashinfer, "__version__", "?")
-    for B, L, Hq, Hk, _ in DECODE_SHAPES if not args.quick else []:
+    decode_shapes, prefill_shapes = (QUICK_DECODE, QUICK_PREFILL) if args.quick else (DECODE_SHAPES, PREFILL_SHAPES)
+    for B, L, Hq, Hk, _ in decode_shapes:
         gen = torch.Generator(device=device).manual_seed(0)
         k, v, perm, indptr, last = _paged(B, L, Hk, HEAD_DIM, PAGE, dtype, device, gen)
         q = torch.randn(B, Hq, HEAD_DIM, device=device, dtype=dtype, generator=gen)
@@ -163,7 +165,7 @@ def peer_main(args) -> int:
         print(json.dumps(best or dict(kind="decode", B=B, L=L, Hq=Hq, Hk=Hk, error="no variant ran")), flush=True)
         del k, v
         torch.cuda.empty_cache()
-    for B, L, Hq, Hk in PREFILL_SHAPES if not args.quick else []:
+    for B, L, Hq, Hk in prefill_shapes:
         gen = torch.Generator(device=device).manual_seed(1)
         k, v, perm, indptr, last = _paged(B, L, Hk, HEAD_DIM, PAGE, dtype, device, gen)
         q = torch.randn(B * L, Hq, HEAD_DIM, device=device, dtype=dtype, generator=gen)
@@ -191,6 +193,8 @@ def run_peer(name: str, path: str | None, args) -> dict:
     env.setdefault("FLASHINFER_CUDA_ARCH_LIST", "9.0")
     env.setdefault("FLASHINFER_DISABLE_JIT", "1")  # a variant that is not precompiled errors instead of compiling for minutes
     cmd = [sys.executable, "-m", "benchmarks.bench_attention", "--peer-only", "--warmup", str(args.warmup), "--rep", str(args.rep)]
+    if args.quick:
+        cmd.append("--quick")
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.peer_timeout)
     except subprocess.TimeoutExpired:
@@ -214,7 +218,7 @@ def find_peers(args) -> list[tuple[str, str | None]]:
     for spec in args.peer:
         name, _, path = spec.partition("=")
         peers.append((name, path or None))
-    if not peers:
+    if not peers and torch.cuda.is_available():
         import importlib.util
 
         if importlib.util.find_spec("flashinfer") is not None:
@@ -250,7 +254,8 @@ def sweep(writer, device, dtype, args):
                 except Exception as exc:
                     cells.append(f"  error({type(exc).__name__})")
                 del r
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             print(f"  {cfg!s:14s} {target:3d} {below:3d}  " + " ".join(cells), flush=True)
     dec.DECODE_CONFIGS.clear()
     dec.DECODE_CONFIGS.update(saved[0])
@@ -268,7 +273,8 @@ def sweep(writer, device, dtype, args):
                 writer.write(op="attention_prefill_sweep", B=B, L=L, Hq=Hq, Hk=Hk, config=list(cfg), median_ms=r["ms"], tflops=tf)
             except Exception as exc:
                 print(f"  {cfg!s:18s} error {type(exc).__name__}: {str(exc)[:120]}")
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     pre.PREFILL_CONFIGS.clear()
     pre.PREFILL_CONFIGS.update(saved_p)
 
@@ -294,10 +300,10 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     global DECODE_SHAPES, PREFILL_SHAPES
     if args.quick or device.type != "cuda":
-        DECODE_SHAPES, PREFILL_SHAPES = [(2, 64, 4, 2, 0)], [(1, 64, 4, 2)]
+        DECODE_SHAPES, PREFILL_SHAPES = QUICK_DECODE, QUICK_PREFILL
         args.warmup, args.rep = 1, 3
     writer = ResultWriter(args.out)
-    peers = find_peers(args) if device.type == "cuda" else []
+    peers = find_peers(args) if device.type == "cuda" or args.peer else []
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {str(dtype)[6:]}, D{HEAD_DIM}, "
           f"page {PAGE}; peers found: {[n for n, _ in peers] or 'none'}")
     peer_rows = {name: run_peer(name, path, args) for name, path in peers}
@@ -376,7 +382,7 @@ def main(argv=None) -> int:
                 writer.write(op="attention_prefill", impl=f"{name}-{pr['version']}", **shape, median_ms=pr["ms"], tflops=p_tf)
             print(line, flush=True)
             del r, kc, vc, s_out
-    if args.sweep and device.type == "cuda":
+    if args.sweep:
         sweep(writer, device, dtype, args)
     return 0
 
