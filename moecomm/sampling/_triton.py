@@ -92,27 +92,36 @@ def _values(x, inv_t, shift, FROM_LOGITS: tl.constexpr):
 
 
 @triton.jit
-def _scan(row_ptr, V, pv, pi, inv_t, shift, seed, c1, c2, c3,
-          STATS: tl.constexpr, PIVOTS: tl.constexpr, NEED_CNT: tl.constexpr, NEED_MASS: tl.constexpr,
-          RACE: tl.constexpr, LOG_RACE: tl.constexpr, FROM_LOGITS: tl.constexpr, RAW: tl.constexpr,
+def _scan(row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
+          STATS: tl.constexpr, PIV: tl.constexpr, NEED_CNT: tl.constexpr, NEED_MASS: tl.constexpr,
+          RACE0: tl.constexpr, LOG_RACE: tl.constexpr, FROM_LOGITS: tl.constexpr, RAW: tl.constexpr,
           N_ROUNDS: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
-    """One pass over a row: stats (max, sum, bad flag, min) and, per pivot, count / mass / race
-    winner of the tokens above the pivot. LOG_RACE: the race of plain logits, argmax x/T - log E."""
+    """One pass over a row.
+
+    STATS: max, sum (online softmax for logits), min, bad flag. PIV: for pivot 0 (a composite
+    (pv0, pi0): tokens with v > pv0, or v == pv0 and index < pi0, are above it) and for the NP value
+    pivots pv (tokens with v > pv), the count and mass above. RACE0: the race winner above pivot 0.
+    LOG_RACE: the race of plain logits, argmax x / T - log E.
+    The next chunk is loaded before the current one is reduced, so a load is always in flight."""
     offs0 = tl.arange(0, BLOCK)
     m_run = -float("inf")
     s_run = 0.0
     mn_run = float("inf")
     bad = 0
+    cnt0 = 0
+    mass0 = 0.0
+    wkey = -1.0
+    widx = 0
     cnt = tl.zeros([NP], dtype=tl.int32)
     mass = tl.zeros([NP], dtype=tl.float32)
-    wkey = tl.full([NP], -1.0, dtype=tl.float32)
-    widx = tl.zeros([NP], dtype=tl.int32)
     lkey = -float("inf")
     lidx = 0
+    x_next = tl.load(row_ptr + offs0, mask=offs0 < V, other=0.0)
     for start in range(0, V, BLOCK):
         offs = start + offs0
         ok = offs < V
-        x = tl.load(row_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        x = x_next.to(tl.float32)
+        x_next = tl.load(row_ptr + BLOCK + offs, mask=offs + BLOCK < V, other=0.0)
         if STATS:
             if FROM_LOGITS or RAW:
                 xs = x * inv_t
@@ -137,25 +146,27 @@ def _scan(row_ptr, V, pv, pi, inv_t, shift, seed, c1, c2, c3,
             upd = bk > lkey
             lidx = tl.where(upd, start + bp, lidx)
             lkey = tl.where(upd, bk, lkey)
-        if PIVOTS:
+        if PIV:
             if RAW:
                 v = tl.where(ok, x, -float("inf"))
             else:
                 v = tl.where(ok, _values(x, inv_t, shift, FROM_LOGITS), -1.0)
-            gt = (v[:, None] > pv[None, :]) | ((v[:, None] == pv[None, :]) & (offs[:, None] < pi[None, :]))
+            gt0 = (v > pv0) | ((v == pv0) & (offs < pi0))
+            gt = v[:, None] > pv[None, :]
             if NEED_CNT:
+                cnt0 += tl.sum(gt0.to(tl.int32), axis=0)
                 cnt += tl.sum(gt.to(tl.int32), axis=0)
             if NEED_MASS:
+                mass0 += tl.sum(tl.where(gt0, v, 0.0), axis=0)
                 mass += tl.sum(tl.where(gt, v[:, None], 0.0), axis=0)
-            if RACE:
+            if RACE0:
                 e = _exponentials(start, seed, c1, c2, c3, N_ROUNDS, BLOCK)
-                key = v / e
-                kk = tl.where(gt, key[:, None], -1.0)
-                bk, bp = tl.max(kk, axis=0, return_indices=True, return_indices_tie_break_left=True)
+                key = tl.where(gt0, v / e, -1.0)
+                bk, bp = tl.max(key, axis=0, return_indices=True, return_indices_tie_break_left=True)
                 upd = bk > wkey
                 widx = tl.where(upd, start + bp, widx)
                 wkey = tl.where(upd, bk, wkey)
-    return m_run, s_run, mn_run, bad, cnt, mass, wkey, widx, lidx
+    return m_run, s_run, mn_run, bad, cnt0, mass0, wkey, widx, cnt, mass, lidx
 
 
 @triton.jit
@@ -186,11 +197,13 @@ def sample_kernel(
     else:
         in_row = pid.to(tl.int64)
     row_ptr = x_ptr + in_row * stride_x
+    SAMPLE: tl.constexpr = MODE == 0
     RAW: tl.constexpr = MODE == 2
     FILTERED: tl.constexpr = HAS_TOPK or HAS_TOPP or HAS_MINP
     TKF: tl.constexpr = TOPK_FIRST and HAS_TOPK and HAS_TOPP
     NEED_CNT: tl.constexpr = HAS_TOPK or MODE != 0
     NEED_MASS: tl.constexpr = HAS_TOPP or MODE == 1
+    INF: tl.constexpr = float("inf")
 
     # per-row parameters and their range check (a bad value makes the row invalid, never a crash)
     param_ok = row_ok
@@ -249,16 +262,20 @@ def sample_kernel(
 
     jr = tl.arange(0, NP)
     p_all = (tl.zeros([NP], dtype=tl.float32) + top_p) >= 1.0  # top_p = 1: every positive token
-    INF: tl.constexpr = float("inf")
-    # pass 1: stats; for probabilities fused with the fixed pivots (0, 0) and 2^(-3j)
-    pv = tl.where(jr == 0, 0.0, tl.exp2(-3.0 * jr.to(tl.float32)))
-    pi = tl.zeros([NP], dtype=tl.int32)
-    SAMPLE: tl.constexpr = MODE == 0
+    # pass 1: stats; for probabilities fused with pivot 0 = (0, 0) (the race above it when it can
+    # end the row: no top-k) and the value pivots 2^(-3j), j = 1..NP
+    pv0 = 0.0
+    if RAW:
+        pv0 = -INF
+    pi0 = 0
+    pv = tl.exp2(-3.0 * (jr + 1).to(tl.float32))
+    RACE1: tl.constexpr = SAMPLE and not HAS_TOPK
+    FUSE1: tl.constexpr = (not FROM_LOGITS) and (not RAW)
     PLAIN_LOGITS: tl.constexpr = SAMPLE and FROM_LOGITS and not FILTERED
-    FUSE1: tl.constexpr = (not FROM_LOGITS) and (not RAW) and (SAMPLE or FILTERED)
-    m_run, s_run, mn_run, bad, cnt, mass, wkey, widx, lidx = _scan(
-        row_ptr, V, pv, pi, inv_t, 0.0, seed, c1, c2, c3,
-        True, FUSE1, NEED_CNT, NEED_MASS, SAMPLE, PLAIN_LOGITS, FROM_LOGITS, RAW, N_ROUNDS, BLOCK, NP)
+    m_run, s_run, mn_run, bad, cnt0, mass0, wkey, widx, cnt, mass, lidx = _scan(
+        row_ptr, V, pv0, pi0, pv, inv_t, 0.0, seed, c1, c2, c3,
+        True, FUSE1 and (FILTERED or SAMPLE), NEED_CNT, NEED_MASS, FUSE1 and RACE1, PLAIN_LOGITS, FROM_LOGITS, RAW,
+        N_ROUNDS, BLOCK, NP)
     if FROM_LOGITS:
         shift = m_run
         M = 1.0
@@ -276,36 +293,38 @@ def sample_kernel(
         valid = ((bad == 0) & (S > 0) & param_ok).to(tl.int32)
     thr = min_p * M
     done = (valid == 0).to(tl.int32)
-    if not FILTERED:
-        done = done * 0 + 1
     if FILTERED and (FROM_LOGITS or RAW):
         if RAW:
             span = _ord(M).to(tl.int64) - _ord(mn_run).to(tl.int64) + 1
-            pv = tl.where(jr == 0, -INF, _unord((_ord(mn_run).to(tl.int64) - 1 + span * jr // NP).to(tl.int32)))
-        _, _, _, _, cnt, mass, wkey, widx, _ = _scan(
-            row_ptr, V, pv, pi, inv_t, shift, seed, c1, c2, c3,
-            False, True, NEED_CNT, NEED_MASS, SAMPLE, False, FROM_LOGITS, RAW, N_ROUNDS, BLOCK, NP)
-    # search state: lo = highest composite known dropped (its count / mass), hi = lowest value known
-    # kept (every token above it is kept), the candidate = race winner above lo (SAMPLE)
-    lo_v = -INF
+            pv = _unord((_ord(mn_run).to(tl.int64) - 1 + span * (jr + 1) // (NP + 1)).to(tl.int32))
+        _, _, _, _, cnt0, mass0, wkey, widx, cnt, mass, _ = _scan(
+            row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
+            False, True, NEED_CNT, NEED_MASS, RACE1, False, FROM_LOGITS, RAW, N_ROUNDS, BLOCK, NP)
+    # search state. lo: the highest composite known dropped (every token at or below it is
+    # dropped), with its count / mass above; hi: the lowest value known kept (every token above it
+    # is kept). The candidate: the race winner above lo; c_eval: pivot 0 of the pass just made was
+    # the candidate (its exact rank and mass-before are in cnt0 / mass0), else it was lo.
+    lo_v = pv0
     lo_i = 0
-    lo_cnt = V
-    lo_mass = S
+    lo_cnt = cnt0
+    lo_mass = mass0
     hi_v = INF
     hi_cnt = 0
     hi_mass = 0.0
     c_idx = 0
     c_v = 0.0
-    has_cand = 0
+    c_ok = 0
+    c_eval = 0
+    race_on_p0 = pid * 0  # 1 once pivot 0 of the last pass was raced above (lo)
+    if RACE1 and FILTERED:
+        race_on_p0 += 1
     sk_lo = M
     sk_hi = S
     klo_v = -INF
     khi_v = INF
     khi_cnt = 0
     khi_mass = 0.0
-    if TKF:
-        sk_hi = S
-    tau_v = -INF
+    tau_v = pv0
     m_ties = 0
     kept_mass = S
     result = 0
@@ -313,146 +332,174 @@ def sample_kernel(
         if FROM_LOGITS:
             result = lidx
         else:
-            result = tl.max(tl.where(jr == 0, widx, 0), axis=0)
+            result = widx
     if not FILTERED:
-        if RAW:
-            tau_v = -INF
-        else:
-            tau_v = 0.0
-    npass = 1
-    while (done == 0) & (npass <= MAX_PASSES):
-        isdata = (jr == 0) & (has_cand != 0)
-        if TKF:
-            sk_hi = tl.minimum(sk_hi, tl.min(tl.where(cnt >= k, mass, INF), axis=0))
-            sk_hi = tl.minimum(sk_hi, tl.min(tl.where(isdata & (cnt == k - 1), mass + pv, INF), axis=0))
-            sk_lo = tl.maximum(sk_lo, tl.max(tl.where(isdata & (cnt < k), mass + pv, -INF), axis=0))
-            sk_lo = tl.maximum(sk_lo, tl.max(tl.where((isdata == 0) & (cnt <= k), mass, -INF), axis=0))
-            klo_v = tl.maximum(klo_v, tl.max(tl.where((isdata == 0) & (cnt >= k), pv, -INF), axis=0))
-            kh = tl.min(tl.where((isdata == 0) & (cnt < k), pv, INF), axis=0)
-            kh_sel = (isdata == 0) & (cnt < k) & (pv == kh)
-            if kh < khi_v:
-                khi_cnt = tl.max(tl.where(kh_sel, cnt, 0), axis=0)
-                khi_mass = tl.max(tl.where(kh_sel, mass, 0.0), axis=0)
-                khi_v = kh
-            if (_ord(khi_v).to(tl.int64) - _ord(klo_v).to(tl.int64) <= 1) & (khi_v < INF):
-                # the top-k boundary is one value: S_K = mass above it + the ties it takes
-                sk_exact = khi_mass + (k - khi_cnt).to(tl.float32) * khi_v
-                sk_lo = sk_exact
-                sk_hi = sk_exact
-        # would a token at each pivot be kept? (yes / no; both False: not known yet, TKF only)
-        kk = pv == pv
-        if not RAW:
-            kk = kk & (pv > 0)
-        if HAS_TOPK:
-            kk = kk & (cnt < k)
-        if HAS_MINP:
-            kk = kk & (pv >= thr)
-        if HAS_TOPP:
+        done = done * 0 + 1
+    if RACE1 and FILTERED:  # pass 1 (or 1b) raced above lo = (0, 0)
+        c_idx = widx
+        c_v = _load_value(row_ptr, c_idx, inv_t, shift, FROM_LOGITS)
+        c_ok = (wkey >= 0).to(tl.int32)
+    if FILTERED:
+        npass = 1
+        while (done == 0) & (npass <= MAX_PASSES):
+            # what a token at each value pivot (and at pivot 0 when it is the candidate) would be
             if TKF:
-                yes_p = p_all | (mass < top_p * sk_lo)
-                no_p = (p_all == 0) & (mass >= top_p * sk_hi)
-            else:
-                yes_p = p_all | (mass < top_p * S)
-                no_p = yes_p == 0
-            keep_yes = kk & yes_p
-            keep_no = (kk == 0) | no_p
-        else:
-            keep_yes = kk
-            keep_no = kk == 0
-        # kept value pivots lower hi
-        hv = tl.min(tl.where(keep_yes & (isdata == 0), pv, INF), axis=0)
-        if hv < hi_v:
-            hsel = keep_yes & (isdata == 0) & (pv == hv)
-            hi_cnt = tl.max(tl.where(hsel, cnt, 0), axis=0)
-            hi_mass = tl.max(tl.where(hsel, mass, 0.0), axis=0)
-            hi_v = hv
-        if SAMPLE:
-            if has_cand != 0:
-                cand_yes = tl.max(tl.where(jr == 0, keep_yes.to(tl.int32), 0), axis=0)
-                if cand_yes != 0:
-                    done = 1
-                    result = c_idx
-        # dropped pivots raise lo (the highest composite among them)
-        bv = tl.max(tl.where(keep_no, pv, -INF), axis=0)
-        bi = tl.min(tl.where(keep_no & (pv == bv), pi, 2147483647), axis=0)
-        if (done == 0) & ((bv > lo_v) | ((bv == lo_v) & (bi < lo_i))):
-            sel = keep_no & (pv == bv) & (pi == bi)
-            lo_v = bv
-            lo_i = bi
-            lo_cnt = tl.max(tl.where(sel, cnt, 0), axis=0)
-            lo_mass = tl.max(tl.where(sel, mass, 0.0), axis=0)
-            if SAMPLE:
-                ck = tl.max(tl.where(sel, wkey, -1.0), axis=0)
-                c_idx = tl.min(tl.where(sel & (wkey == ck), widx, 2147483647), axis=0)
-                c_idx = tl.where(ck >= 0, c_idx, 0)
-                c_v = _load_value(row_ptr, c_idx, inv_t, shift, FROM_LOGITS)
-                has_cand = 1
-                if ck < 0:  # nothing above lo: cannot happen for a valid row (kept tokens lie above lo)
-                    done = 1
-                    valid = 0
-                    result = 0
-        if SAMPLE:
-            if (done == 0) & (has_cand != 0):
-                decided = c_v > hi_v
-                if not (HAS_TOPK or HAS_TOPP):
-                    decided = c_v >= thr
-                if decided:
-                    done = 1
-                    result = c_idx
-        else:
-            # exact boundary: at most one token left between lo and hi, or a single value (ties)
-            if lo_cnt - hi_cnt <= 1:
-                done = 1
-                tau_v = lo_v
-                m_ties = 0
-                kept_mass = lo_mass
-            elif (_ord(hi_v).to(tl.int64) - _ord(lo_v).to(tl.int64) <= 1) & (hi_v < INF):
-                done = 1
-                n_ties = lo_cnt - hi_cnt
-                mt = n_ties
-                if HAS_TOPK:
-                    mt = tl.minimum(mt, k - hi_cnt)
-                if HAS_TOPP:
-                    if top_p < 1:
-                        need = tl.ceil((top_p * S - hi_mass) / hi_v)
-                        mt = tl.minimum(mt, tl.maximum(need, 0.0).to(tl.int32))
-                mt = tl.maximum(mt, 0)
-                tau_v = hi_v
-                m_ties = mt
-                kept_mass = hi_mass + mt.to(tl.float32) * hi_v
-        if (done == 0) & (npass < MAX_PASSES):
-            # next pivots: the candidate (a data pivot) and NP - 1 bisecting the bracket in ord space
-            a_v = lo_v
-            b_v = tl.minimum(hi_v, M)
-            if TKF:
-                cand_no = tl.max(tl.where(jr == 0, keep_no.to(tl.int32), 0), axis=0)
-                if (sk_lo < sk_hi) & (has_cand != 0) & (cand_no == 0):
-                    a_v = klo_v
-                    b_v = tl.minimum(khi_v, M)
+                sk_hi = tl.minimum(sk_hi, tl.min(tl.where(cnt >= k, mass, INF), axis=0))
+                sk_lo = tl.maximum(sk_lo, tl.max(tl.where(cnt <= k, mass, -INF), axis=0))
+                if c_eval != 0:
+                    if cnt0 >= k:
+                        sk_hi = tl.minimum(sk_hi, mass0)
+                    if cnt0 < k:
+                        sk_lo = tl.maximum(sk_lo, mass0 + c_v)
+                    if cnt0 == k - 1:
+                        sk_hi = tl.minimum(sk_hi, mass0 + c_v)
+                klo_v = tl.maximum(klo_v, tl.max(tl.where(cnt >= k, pv, -INF), axis=0))
+                kh = tl.min(tl.where(cnt < k, pv, INF), axis=0)
+                if kh < khi_v:
+                    kh_sel = (cnt < k) & (pv == kh)
+                    khi_cnt = tl.max(tl.where(kh_sel, cnt, 0), axis=0)
+                    khi_mass = tl.max(tl.where(kh_sel, mass, 0.0), axis=0)
+                    khi_v = kh
+                if (_ord(khi_v).to(tl.int64) - _ord(klo_v).to(tl.int64) <= 1) & (khi_v < INF):
+                    # the top-k boundary is one value: S_K = mass above it + the ties it takes
+                    sk_exact = khi_mass + (k - khi_cnt).to(tl.float32) * khi_v
+                    sk_lo = sk_exact
+                    sk_hi = sk_exact
+            kk = pv == pv
+            if not RAW:
+                kk = kk & (pv > 0)
+            if HAS_TOPK:
+                kk = kk & (cnt < k)
             if HAS_MINP:
-                a_v = tl.maximum(a_v, _unord(_ord(thr) - 1))
-            bo = _ord(b_v).to(tl.int64)
-            if RAW:
-                ao = _ord(tl.maximum(a_v, mn_run)).to(tl.int64)
+                kk = kk & (pv >= thr)
+            if HAS_TOPP:
+                if TKF:
+                    yes_p = p_all | (mass < top_p * sk_lo)
+                    no_p = (p_all == 0) & (mass >= top_p * sk_hi)
+                else:
+                    yes_p = p_all | (mass < top_p * S)
+                    no_p = yes_p == 0
+                keep_yes = kk & yes_p
+                keep_no = (kk == 0) | no_p
             else:
-                ao = _ord(tl.maximum(a_v, 0.0)).to(tl.int64)
-                ao = tl.maximum(ao, bo - (24 << 23))
-            po = ao + (bo - ao) * (jr - 1).to(tl.int64) // (NP - 1)
-            po = tl.minimum(tl.maximum(po, ao), bo).to(tl.int32)
-            pv = tl.where(jr == 0, c_v, _unord(po))
-            pi = tl.where(jr == 0, c_idx, 0)
-            if has_cand == 0:
-                pv = tl.where(jr == 0, _unord(bo.to(tl.int32)), pv)
-                pi = tl.where(jr == 0, 0, pi)
-            _, _, _, _, cnt, mass, wkey, widx, _ = _scan(
-                row_ptr, V, pv, pi, inv_t, shift, seed, c1, c2, c3,
-                False, True, NEED_CNT, NEED_MASS, SAMPLE, False, FROM_LOGITS, RAW,
-                N_ROUNDS, BLOCK, NP)
-        npass += 1
+                keep_yes = kk
+                keep_no = kk == 0
+            hv = tl.min(tl.where(keep_yes, pv, INF), axis=0)
+            if hv < hi_v:
+                hsel = keep_yes & (pv == hv)
+                hi_cnt = tl.max(tl.where(hsel, cnt, 0), axis=0)
+                hi_mass = tl.max(tl.where(hsel, mass, 0.0), axis=0)
+                hi_v = hv
+            if SAMPLE:
+                if c_eval != 0:  # the candidate's exact verdict
+                    ck = (c_v > 0) & (c_v >= thr)
+                    if HAS_TOPK:
+                        ck = ck & (cnt0 < k)
+                    c_yes = ck
+                    c_no = ck == 0
+                    if HAS_TOPP:
+                        if top_p < 1:
+                            if TKF:
+                                c_yes = ck & (mass0 < top_p * sk_lo)
+                                c_no = (ck == 0) | (mass0 >= top_p * sk_hi)
+                            else:
+                                c_yes = ck & (mass0 < top_p * S)
+                                c_no = c_yes == 0
+                    if c_yes:
+                        done = 1
+                        result = c_idx
+                    elif c_no:
+                        lo_v = c_v
+                        lo_i = c_idx
+                        lo_cnt = cnt0
+                        lo_mass = mass0
+                        c_idx = widx
+                        c_ok = (wkey >= 0).to(tl.int32)
+                        c_v = _load_value(row_ptr, c_idx, inv_t, shift, FROM_LOGITS)
+                elif race_on_p0 != 0:  # pivot 0 was lo: its race winner is the candidate
+                    c_idx = widx
+                    c_ok = (wkey >= 0).to(tl.int32)
+                    c_v = _load_value(row_ptr, c_idx, inv_t, shift, FROM_LOGITS)
+            # dropped value pivots raise lo (then a candidate at or below it is dropped too)
+            bv = tl.max(tl.where(keep_no, pv, -INF), axis=0)
+            if (done == 0) & ((bv > lo_v) | ((bv == lo_v) & (lo_i > 0))):
+                bsel = keep_no & (pv == bv)
+                lo_v = bv
+                lo_i = 0
+                lo_cnt = tl.max(tl.where(bsel, cnt, 0), axis=0)
+                lo_mass = tl.max(tl.where(bsel, mass, 0.0), axis=0)
+                if c_v <= bv:
+                    c_ok = 0
+            if SAMPLE:
+                if HAS_MINP:
+                    tv = _unord(_ord(thr) - 1)  # every token below thr is dropped
+                    if (done == 0) & (tv > lo_v):
+                        lo_v = tv
+                        lo_i = 0
+                        if c_v <= tv:
+                            c_ok = 0
+                c_eval = 0
+                if (done == 0) & (c_ok != 0):
+                    decided = c_v > hi_v
+                    if not (HAS_TOPK or HAS_TOPP):
+                        decided = c_v >= thr
+                    if decided:
+                        done = 1
+                        result = c_idx
+                    else:
+                        c_eval = 1
+            else:
+                # exact boundary: at most one token left between lo and hi, or a single value (ties)
+                if lo_cnt - hi_cnt <= 1:
+                    done = 1
+                    tau_v = lo_v
+                    m_ties = 0
+                    kept_mass = lo_mass
+                elif (_ord(hi_v).to(tl.int64) - _ord(lo_v).to(tl.int64) <= 1) & (hi_v < INF):
+                    done = 1
+                    n_ties = lo_cnt - hi_cnt
+                    mt = n_ties
+                    if HAS_TOPK:
+                        mt = tl.minimum(mt, k - hi_cnt)
+                    if HAS_TOPP:
+                        if top_p < 1:
+                            need = tl.ceil((top_p * S - hi_mass) / hi_v)
+                            mt = tl.minimum(mt, tl.maximum(need, 0.0).to(tl.int32))
+                    mt = tl.maximum(mt, 0)
+                    tau_v = hi_v
+                    m_ties = mt
+                    kept_mass = hi_mass + mt.to(tl.float32) * hi_v
+            if (done == 0) & (npass < MAX_PASSES):
+                # next pass: pivot 0 = the candidate (to verify) or lo (to race above it); NP value
+                # pivots bisecting the bracket (the top-k boundary while S_K decides the candidate)
+                a_v = lo_v
+                b_v = tl.minimum(hi_v, M)
+                if TKF:
+                    if sk_lo < sk_hi:
+                        a_v = tl.maximum(klo_v, lo_v)
+                        b_v = tl.minimum(khi_v, M)
+                bo = _ord(b_v).to(tl.int64)
+                if RAW:
+                    ao = _ord(tl.maximum(a_v, mn_run)).to(tl.int64)
+                else:
+                    ao = _ord(tl.maximum(a_v, 0.0)).to(tl.int64)
+                    ao = tl.maximum(ao, bo - (24 << 23))
+                pv = _unord((ao + (bo - ao) * (jr + 1).to(tl.int64) // (NP + 1)).to(tl.int32))
+                if c_eval != 0:
+                    pv0 = c_v
+                    pi0 = c_idx
+                else:
+                    pv0 = lo_v
+                    pi0 = lo_i
+                race_on_p0 = pid * 0 + 1
+                _, _, _, _, cnt0, mass0, wkey, widx, cnt, mass, _ = _scan(
+                    row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
+                    False, True, NEED_CNT, NEED_MASS, SAMPLE, False, FROM_LOGITS, RAW, N_ROUNDS, BLOCK, NP)
+            npass += 1
     if SAMPLE:
         if done == 0:  # the safety bound was hit: the candidate is in range but not proven kept
             result = c_idx
-            valid = 0
+            valid = valid * 0
         result = tl.where(valid != 0, result, 0)
         tl.store(out_ptr + pid, result.to(out_ptr.dtype.element_ty))
         tl.store(valid_ptr + pid, valid != 0)
@@ -532,7 +579,7 @@ def launch_sample(
         "TOPK_FIRST": bool(top_k_first), "SEED_TENSOR": seed_tensor, "SEED_PER_ROW": bool(per_row_seed),
         "OFFSET_TENSOR": offset_tensor, "OFFSET_PER_ROW": offset_tensor and offset.numel() > 1 and num_rows > 1,
         "WRITE_LOGPROB": logprob is not None,
-        "N_ROUNDS": PHILOX_ROUNDS, "BLOCK": block_for(vocab), "NP": NUM_PIVOTS if filtered else 1,
+        "N_ROUNDS": PHILOX_ROUNDS, "BLOCK": block_for(vocab), "NP": NUM_PIVOTS if filtered else 2,
         "MAX_PASSES": MAX_PASSES,
     }
     launch(sample_kernel, (num_rows,), args, consts, _NUM_WARPS)
