@@ -285,6 +285,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             h[off_chunk:off_chunk + batch] = 1 << 30
             h[off_work_indptr:off_work_indptr + batch + 1] = _arange(batch + 1)
             h[off_req:off_req + num_work] = _arange(batch)
+        if self._graph and batch < self._max_batch:  # rows a graph captured at a larger batch merges: none
+            h[off_work_indptr + batch + 1:off_work_indptr + self._max_batch + 1] = num_work
         if self._graph:
             self._indices_buf[:num_indices].copy_(torch.as_tensor(indices).to(torch.int32), non_blocking=non_blocking)
             kv_indices = self._indices_buf

@@ -224,3 +224,19 @@ def test_plan_host_time():
     us = (time.perf_counter() - t0) / 20 * 1e6
     print(f"plan() host time B={B}: {us:.1f} us")
     assert us < 2000  # a CPU-only CI box; the figure that counts is the GPU tier's
+
+
+def test_empty_batch_and_strided_q(triton_backend):
+    """B = 0 plans and runs; q as a view of a fused QKV projection (row stride > Hq * D) works."""
+    dev = triton_backend
+    w = BatchDecodeWithPagedKVCacheWrapper(workspace(dev))
+    w.plan(torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+           4, 2, 64, 8, q_data_type=torch.float16)
+    k = torch.zeros(3, 8, 2, 64, dtype=torch.float16, device=dev)
+    assert w.run(torch.zeros(0, 4, 64, dtype=torch.float16, device=dev), (k, k)).shape == (0, 4, 64)
+    cache = PagedKV([30, 7], 2, 64, 8, device=dev)
+    qkv = torch.randn(2, (4 + 2 + 2) * 64, dtype=torch.float16, device=dev)
+    q = qkv[:, : 4 * 64].view(2, 4, 64)
+    assert not q.is_contiguous()
+    out, lse, _ = _run(cache, q, dev, kv_chunk_size=16)
+    _close(out, lse, *_truth(q, cache), torch.float16)

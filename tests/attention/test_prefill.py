@@ -175,3 +175,13 @@ def test_bad_input():
     w.plan(qo_indptr, *args, q_data_type=torch.float16)
     with pytest.raises(MoeCommValueError, match="q must have shape"):
         w.run(q[:3], (cache.k, cache.v))
+
+
+def test_empty_batch(triton_backend):
+    dev = triton_backend
+    cache, _, _ = _setup([1], [3], 4, 2, 64, 4, device=dev)
+    w = BatchPrefillWithPagedKVCacheWrapper(workspace(dev, 1))
+    w.plan(torch.zeros(2, dtype=torch.int32), cache.indptr, cache.indices, cache.last_page_len, 4, 2, 64, 4,
+           causal=True, q_data_type=torch.float16)
+    out, lse = w.run(torch.zeros(0, 4, 64, dtype=torch.float16, device=dev), (cache.k, cache.v), return_lse=True)
+    assert out.shape == (0, 4, 64) and lse.shape == (0, 4)
