@@ -186,3 +186,30 @@ def test_empty_batch(triton_backend):
            causal=True, q_data_type=torch.float16)
     out, lse = w.run(torch.zeros(0, 4, 64, dtype=torch.float16, device=dev), (cache.k, cache.v), return_lse=True)
     assert out.shape == (0, 4, 64) and lse.shape == (0, 4)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_block_sparse(triton_backend, with_mask):
+    """BSR pattern (R = 4, C = 8) with and without per-block masks against a dense-masked truth."""
+    from moecomm.attention import BlockSparseAttentionWrapper
+
+    dev = triton_backend
+    M, N, R, C, Hq, Hk, D = 16, 32, 4, 8, 4, 2, 64
+    gen = torch.Generator().manual_seed(4)
+    block = torch.rand(M // R, N // C, generator=gen) > 0.5
+    block[0] = False  # a block row that sees nothing
+    indptr = torch.tensor([0] + block.sum(1).cumsum(0).tolist(), dtype=torch.int32)
+    indices = block.nonzero()[:, 1].to(torch.int32)
+    inner = (torch.rand(indices.shape[0], R, C, generator=gen) > 0.3) if with_mask else None
+    dense = torch.zeros(M, N, dtype=torch.bool)
+    for n, (i, j) in enumerate(block.nonzero().tolist()):
+        dense[i * R:(i + 1) * R, j * C:(j + 1) * C] = inner[n] if with_mask else True
+    q = torch.randn(M, Hq, D, generator=gen).half().to(dev)
+    k = torch.randn(N, Hk, D, generator=gen).half().to(dev)
+    v = torch.randn(N, Hk, D, generator=gen).half().to(dev)
+    w = BlockSparseAttentionWrapper(workspace(dev, 1))
+    w.plan(indptr, indices, M, N, R, C, Hq, Hk, D, mask=inner, q_data_type=torch.float16)
+    out, lse = w.run(q, k, v, return_lse=True)
+    cache = PagedKV([N], Hk, D, 1)
+    cache.k, cache.v, cache.indices = k.cpu().unsqueeze(1), v.cpu().unsqueeze(1), torch.arange(N, dtype=torch.int32)
+    _close(out, lse, *_truth(q, [M], cache, masks=[dense]), torch.float16)
