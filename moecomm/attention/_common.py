@@ -19,20 +19,25 @@ from .reference import HND, NHD
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "half": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16}
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+_DTYPES.update({"float8_e4m3fn": getattr(torch, "float8_e4m3fn", None), "float8_e5m2": getattr(torch, "float8_e5m2", None),
+                "e4m3": getattr(torch, "float8_e4m3fn", None), "e5m2": getattr(torch, "float8_e5m2", None)})
 
 
-def parse_dtype(op: str, name: str, value, default: torch.dtype | None = None) -> torch.dtype:
+def parse_dtype(op: str, name: str, value, default: torch.dtype | None = None, fp8: bool = False) -> torch.dtype:
     if value is None:
         if default is None:
             raise MoeCommTypeError(f"{op}: {name} must be a dtype, got None")
         return default
     if isinstance(value, str):
         dt = _DTYPES.get(value.replace("torch.", ""))
-        if dt is None:
-            raise MoeCommTypeError(f"{op}: {name} must be one of {sorted(_DTYPES)} or a torch.dtype, got {value!r}")
+        if dt is None or (dt in FP8_DTYPES and not fp8):
+            names = sorted(n for n, d in _DTYPES.items() if d is not None and (fp8 or d not in FP8_DTYPES))
+            raise MoeCommTypeError(f"{op}: {name} must be one of {names} or a torch.dtype, got {value!r}")
         return dt
-    if not isinstance(value, torch.dtype) or value not in KV_DTYPES:
-        raise MoeCommTypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {value!r}")
+    if not isinstance(value, torch.dtype) or (value not in KV_DTYPES and not (fp8 and value in FP8_DTYPES)):
+        allowed = "float16, bfloat16, float32" + (", float8_e4m3fn or float8_e5m2" if fp8 else "")
+        raise MoeCommTypeError(f"{op}: {name} must be {allowed}, got {value!r}")
     return value
 
 

@@ -92,8 +92,9 @@ def decode_kernel(
             slot = pos % PAGE
             k_row = page * stride_kp + slot * stride_kt + kvh * stride_kh  # [BN]
             v_row = page * stride_vp + slot * stride_vt + kvh * stride_vh
-            k = tl.load(k_ptr + k_row[:, None] + d[None, :], mask=ok[:, None], other=0.0)  # [BN, D]
-            v = tl.load(v_ptr + v_row[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+            # [BN, D]; an fp8 cache is widened to q's dtype here (a no-op when the dtypes agree)
+            k = tl.load(k_ptr + k_row[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(q.dtype)
+            v = tl.load(v_ptr + v_row[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(q.dtype)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BG, BN] fp32
             if SOFT_CAP:
                 qk = soft_cap * _tanh(qk * (sm_scale / soft_cap)) * 1.4426950408889634

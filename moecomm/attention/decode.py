@@ -32,7 +32,7 @@ from ..jit import backend as _backend
 from ..jit.launch import cdiv, launch
 from ..jit.ops import define_op
 from . import reference
-from ._common import (Staging, check_heads, check_indices, check_kv_cache, check_layout, check_page_table,
+from ._common import (FP8_DTYPES, Staging, check_heads, check_indices, check_kv_cache, check_layout, check_page_table,
                       host_ints, nhd_strides, num_sms, parse_dtype)
 
 _OP = "BatchDecodeWithPagedKVCacheWrapper"
@@ -198,7 +198,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
             pos_encoding_mode: "NONE" (apply RoPE before with apply_rope / apply_rope_inplace).
             window_left: attend to the last window_left + 1 tokens (-1: all).
             logits_soft_cap: c > 0: logits = c * tanh(logits / c); None or 0: none.
-            q_data_type, kv_data_type (default q's), data_type (FlashInfer's alias of both): fp16/bf16 (fp32 too).
+            q_data_type, kv_data_type (default q's), data_type (FlashInfer's alias of both): fp16/bf16 (fp32 too);
+                kv_data_type may be float8_e4m3fn / float8_e5m2 with fp16/bf16 queries (widened in the kernel;
+                pass run()'s k_scale / v_scale for a scaled cache).
             sm_scale: the logits' scale, default 1 / sqrt(D).
             num_pages: the cache's page count, for a range check of host indices here (else at run()).
             disable_split_kv: one work item per request. kv_chunk_size: force split chunks of this
@@ -211,10 +213,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if data_type is not None:
             q_data_type = kv_data_type = data_type
         q_dtype = parse_dtype(_OP, "q_data_type", q_data_type)
-        kv_dtype = parse_dtype(_OP, "kv_data_type", kv_data_type, q_dtype)
-        if kv_dtype is not q_dtype:
-            raise MoeCommTypeError(f"{_OP}: kv_data_type must equal q_data_type ({str(q_dtype).replace('torch.', '')}), "
-                                   f"got {str(kv_dtype).replace('torch.', '')}")
+        kv_dtype = parse_dtype(_OP, "kv_data_type", kv_data_type, q_dtype, fp8=True)
+        fp8_ok = kv_dtype in FP8_DTYPES and q_dtype in (torch.float16, torch.bfloat16)
+        if kv_dtype is not q_dtype and not fp8_ok:
+            raise MoeCommTypeError(f"{_OP}: kv_data_type must equal q_data_type ({str(q_dtype).replace('torch.', '')}) or be "
+                                   f"fp8 with fp16/bf16 queries, got {str(kv_dtype).replace('torch.', '')}")
         if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
             raise MoeCommValueError(f"{_OP}: window_left must be an int >= -1, got {window_left!r}")
         cap = 0.0 if logits_soft_cap is None else float(logits_soft_cap)

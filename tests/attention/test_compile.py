@@ -76,6 +76,12 @@ def _compile_all_for_hopper() -> int:
             assert ".target sm_90" in ptx and "mma" in ptx
             assert stages == 1 or "cp.async" in ptx, "K / V loads are no longer pipelined"
             count += 1
+        if dt == "bf16":  # an fp8 cache with bf16 queries
+            f8 = dict(ptrs, k_ptr="*fp8e4nv", v_ptr="*fp8e4nv")
+            consts = dict(GROUP=4, PAGE=16, HEAD_DIM=128, BLOCK_G=16, BLOCK_N=64, DIRECT=False, WRITE_LSE=True,
+                          SOFT_CAP=False, DOT_PRECISION="tf32")
+            _compile(dk.decode_kernel, _sig(dk.decode_kernel, f8), consts, num_warps=4, num_stages=3)
+            count += 1
         if dt == "bf16":  # fp32 inputs: IEEE dots (no TF32)
             f32 = {n: ("*fp32" if t.startswith("*") and t != "*i32" else t) for n, t in ptrs.items()}
             consts = dict(GROUP=4, PAGE=16, HEAD_DIM=128, BLOCK_G=16, BLOCK_N=64, DIRECT=True, WRITE_LSE=True,
@@ -119,7 +125,7 @@ def test_kernels_compile_for_hopper():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == "26"
+    assert proc.stdout.split()[-1] == "27"
 
 
 def test_torch_compile_fullgraph():

@@ -166,3 +166,18 @@ def test_plan_host_time():
         res[name] = (time.perf_counter() - t0) / 50 * 1e6
     print("plan() host us:", {k: round(v, 1) for k, v in res.items()})
     assert res["device ids"] <= 30.0, res
+
+
+@pytest.mark.parametrize("fp8", ["float8_e4m3fn", "float8_e5m2"])
+def test_decode_fp8_kv(fp8):
+    """An fp8 cache with bf16 queries: widened in the kernel; k_scale / v_scale as dequantisation scales."""
+    dt = getattr(torch, fp8)
+    k, v, indices, indptr, last = _cache([4096, 33, 1], 2, 128, 16)
+    k8, v8 = (k * 0.5).to(dt), (v * 0.25).to(dt)  # stored scaled: k = 2 * k8, v = 4 * v8
+    q = torch.randn(3, 8, 128, device="cuda").to(torch.bfloat16)
+    w = A.BatchDecodeWithPagedKVCacheWrapper(torch.empty(64 << 20, dtype=torch.uint8, device="cuda"))
+    w.plan(indptr, indices, last, 8, 2, 128, 16, q_data_type=torch.bfloat16, kv_data_type=dt)
+    out = w.run(q, (k8, v8), k_scale=2.0, v_scale=4.0)
+    r_out, _ = ref.batch_decode(q, (k8.float() * 2).to(torch.bfloat16), (v8.float() * 4).to(torch.bfloat16), "NHD",
+                                indptr, indices.cpu(), last)
+    torch.testing.assert_close(out.float(), r_out.float(), atol=3e-2, rtol=0)
