@@ -151,9 +151,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
             self._max_work = self._max_batch + _TARGET_PROGRAMS_PER_SM * self._sms
         else:
             self._max_batch, self._max_work = 0, 0
-        self._staging = Staging(self._device, 1024)
         self._plan = None
         self._views: dict = {}
+        # graph mode: the metadata buffer's final size now, so that no plan() ever moves it
+        self._staging = Staging(self._device, self._layout(self._max_batch, self._max_work)[1] if self._graph else 1024)
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
