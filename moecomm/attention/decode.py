@@ -103,7 +103,7 @@ def _decode_impl(
         ), dict(HEAD_DIM=head_dim, WRITE_LSE=write_lse), 4 if head_dim >= 128 else 2)
 
 
-paged_decode = define_op("paged_decode", _decode_impl, fake=lambda *args: None,
+paged_decode = define_op("attention_paged_decode", _decode_impl, fake=lambda *args: None,
                          mutates_args=("part_o", "part_lse", "out", "lse"), differentiable=False)
 
 

@@ -82,7 +82,7 @@ def _prefill_impl(
         num_warps, num_stages)
 
 
-paged_prefill = define_op("paged_prefill", _prefill_impl, fake=lambda *args: None, mutates_args=("out", "lse"),
+paged_prefill = define_op("attention_paged_prefill", _prefill_impl, fake=lambda *args: None, mutates_args=("out", "lse"),
                           differentiable=False)
 
 
