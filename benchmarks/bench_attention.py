@@ -235,14 +235,19 @@ def sweep(writer, device, dtype, args):
     from moecomm.attention import decode as dec
     from moecomm.attention import prefill as pre
 
-    saved = dict(dec.DECODE_CONFIGS), dec._TARGET_PROGRAMS_PER_SM, dec._SPLIT_BELOW_PER_SM
+    saved = dict(dec.DECODE_CONFIGS), dec._TARGET_PROGRAMS_PER_SM, dec._SPLIT_BELOW_PER_SM, dec.HEADS_FIRST
     print("\nsweep, decode (BLOCK_N, warps, stages, target/SM, split-below/SM): GB/s per shape")
     # most promising first: a run cut short by its time limit keeps the rows printed so far
-    for cfg in [(64, 4, 3), (64, 4, 4), (32, 4, 4), (128, 4, 3), (64, 8, 3), (64, 4, 2), (32, 4, 3), (128, 8, 3),
-                (64, 2, 3), (32, 2, 4), (128, 4, 2), (64, 4, 5)]:
-        for target, below in [(8, 4), (16, 8), (4, 2), (8, 0)] if cfg == (64, 4, 3) else [(8, 4)]:
+    variants = [((64, 4, 3), 8, 4, True), ((64, 4, 3), 8, 4, False), ((64, 4, 3), 16, 8, True),
+                ((64, 4, 3), 4, 2, True), ((64, 4, 3), 8, 0, True)]
+    variants += [(cfg, 8, 4, True) for cfg in [(64, 4, 4), (32, 4, 4), (128, 4, 3), (64, 8, 3), (64, 4, 2), (32, 4, 3),
+                                               (128, 8, 3), (64, 2, 3), (32, 2, 4), (128, 4, 2), (64, 4, 5)]]
+    print("  (heads_first after the split columns)")
+    for cfg, target, below, heads_first in variants:
+        if True:
             dec.DECODE_CONFIGS[HEAD_DIM] = cfg
             dec._TARGET_PROGRAMS_PER_SM, dec._SPLIT_BELOW_PER_SM = target, below
+            dec.HEADS_FIRST = heads_first
             cells = []
             for B, L, Hq, Hk, _ in DECODE_SHAPES:
                 gen = torch.Generator(device=device).manual_seed(0)
@@ -252,16 +257,17 @@ def sweep(writer, device, dtype, args):
                     gbps = B * L * Hk * HEAD_DIM * 4 / (r["ms"] * 1e-3) / 1e9
                     cells.append(f"{gbps:7.0f}")
                     writer.write(op="attention_decode_sweep", B=B, L=L, Hq=Hq, Hk=Hk, config=list(cfg), target=target,
-                                 split_below=below, median_ms=r["ms"], gbps=gbps)
+                                 split_below=below, heads_first=heads_first, median_ms=r["ms"], gbps=gbps,
+                                 num_work=r["num_work"])
                 except Exception as exc:
                     cells.append(f"  error({type(exc).__name__})")
                 del r
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            print(f"  {cfg!s:14s} {target:3d} {below:3d}  " + " ".join(cells), flush=True)
+            print(f"  {cfg!s:14s} {target:3d} {below:3d} {heads_first!s:5s} " + " ".join(cells), flush=True)
     dec.DECODE_CONFIGS.clear()
     dec.DECODE_CONFIGS.update(saved[0])
-    dec._TARGET_PROGRAMS_PER_SM, dec._SPLIT_BELOW_PER_SM = saved[1], saved[2]
+    dec._TARGET_PROGRAMS_PER_SM, dec._SPLIT_BELOW_PER_SM, dec.HEADS_FIRST = saved[1], saved[2], saved[3]
     saved_p = dict(pre.PREFILL_CONFIGS)
     print("sweep, prefill (BLOCK_M, BLOCK_N, warps, stages): TFLOP/s")
     for cfg in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)]:

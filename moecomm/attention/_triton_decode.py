@@ -56,10 +56,16 @@ def decode_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, WRITE_LSE: tl.constexpr, SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    kvh = tl.program_id(1)
-    num_kv_heads = tl.num_programs(1)
+    if HEADS_FIRST:  # grid (Hk, programs): the Hk programs of one chunk run side by side and read
+        kvh = tl.program_id(0)  # the neighbouring 256-byte head rows of the same NHD token rows
+        pid = tl.program_id(1)
+        num_kv_heads = tl.num_programs(0)
+    else:
+        pid = tl.program_id(0)
+        kvh = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
     num_work = tl.load(meta_ptr)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, HEAD_DIM)

@@ -41,6 +41,8 @@ _SPLIT_BELOW_PER_SM = 4  # split only when B * Hk programs are fewer than this p
 _MIN_CHUNK = 256  # tokens: below this a chunk's partial (Hq x D fp32) costs more than its KV read
 _ALIGN = 16  # metadata sections start at multiples of 16 ints (one Triton specialisation of offsets)
 
+HEADS_FIRST = True  # grid order (see _triton_decode); the benchmark's --sweep tries both
+_MAX_GRID = 65535  # CUDA's limit on grid dimensions 1 and 2: more work items loop inside the programs
 # (head_dim) -> (BLOCK_N, num_warps, num_stages); the benchmark's --sweep overrides it
 DECODE_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
 
@@ -88,7 +90,8 @@ def _decode_impl(
     skp, skt, skh = nhd_strides(k_cache, kv_layout)
     svp, svt, svh = nhd_strides(v_cache, kv_layout)
     soft = logits_soft_cap > 0
-    launch(kern.decode_kernel, (num_programs, num_kv_heads), (
+    grid = (num_kv_heads, num_programs) if HEADS_FIRST else (num_programs, num_kv_heads)
+    launch(kern.decode_kernel, grid, (
         q, k_cache, v_cache, out, lse, part_o, part_lse, meta, kv_indices,
         off_req, off_chunk, off_work_indptr, off_kv_indptr, off_len, k_cache.shape[0], num_programs,
         window_left if window_left >= 0 else 1 << 30,
@@ -96,7 +99,7 @@ def _decode_impl(
         sm_scale, logits_soft_cap if soft else 1.0,
     ), dict(GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_G=max(16, 1 << (group - 1).bit_length()),
             BLOCK_N=block_n, DIRECT=direct, WRITE_LSE=write_lse, SOFT_CAP=soft,
-            DOT_PRECISION="ieee" if q.dtype is torch.float32 else "tf32"), num_warps, num_stages)
+            DOT_PRECISION="ieee" if q.dtype is torch.float32 else "tf32", HEADS_FIRST=HEADS_FIRST), num_warps, num_stages)
     if not direct:
         launch(kern.merge_partials_kernel, (batch, num_qo_heads), (
             part_o, part_lse, meta, out, lse, off_work_indptr, num_qo_heads, out.stride(0), out.stride(1),
@@ -303,9 +306,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if kv_indices is None:
             kv_indices = st.dev[fixed_end:fixed_end + max(num_indices, 1)]
         if self._graph:
-            num_programs = max(self._max_batch, target)
+            num_programs = min(max(self._max_batch, target), _MAX_GRID)
         else:
-            num_programs = max(num_work, 1)
+            num_programs = min(max(num_work, 1), _MAX_GRID)
         self._plan = dict(
             batch=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
             q_dtype=q_dtype, kv_dtype=kv_dtype, sm_scale=scale, soft_cap=cap, window_left=window_left,

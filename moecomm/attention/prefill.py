@@ -159,6 +159,9 @@ class _PrefillBase:
         block_m = PREFILL_CONFIGS[head_dim][0]
         ntiles = (qo_lens + block_m - 1) // block_m
         num_tiles = int(ntiles.sum())
+        if num_tiles > 65535:
+            raise MoeCommValueError(f"{op}: qo_indptr must describe <= 65535 tiles of {block_m} query rows (CUDA's grid "
+                                    f"limit), got {num_tiles}; split the batch")
         tile_req = np.repeat(np.arange(batch), ntiles)
         tile_indptr = np.zeros(batch + 1, dtype=np.int64)
         np.cumsum(ntiles, out=tile_indptr[1:])

@@ -57,7 +57,7 @@ def _compile_all_for_hopper() -> int:
     count = 0
     # the plain check (no hints) of the team's helper, once, then the hinted variants
     consts = dict(GROUP=4, PAGE=16, HEAD_DIM=128, BLOCK_G=16, BLOCK_N=64, DIRECT=True, WRITE_LSE=False, SOFT_CAP=False,
-                  DOT_PRECISION="tf32")
+                  DOT_PRECISION="tf32", HEADS_FIRST=False)
     compile_for_hopper(dk.decode_kernel, _sig(dk.decode_kernel, {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
                        "out_ptr": "*bf16", "lse_ptr": "*fp32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
                        "meta_ptr": "*i32", "kv_indices_ptr": "*i32"}), consts, num_warps=4)
@@ -70,7 +70,7 @@ def _compile_all_for_hopper() -> int:
             block_n, warps, stages = DECODE_CONFIGS[head_dim]
             consts = dict(GROUP=group, PAGE=page, HEAD_DIM=head_dim, BLOCK_G=max(16, 1 << (group - 1).bit_length()),
                           BLOCK_N=block_n, DIRECT=direct, WRITE_LSE=True, SOFT_CAP=soft,
-                          DOT_PRECISION="tf32")
+                          DOT_PRECISION="tf32", HEADS_FIRST=True)
             k = _compile(dk.decode_kernel, _sig(dk.decode_kernel, ptrs), consts, num_warps=warps, num_stages=stages)
             ptx = k.asm["ptx"]
             assert ".target sm_90" in ptx and "mma" in ptx
@@ -79,13 +79,13 @@ def _compile_all_for_hopper() -> int:
         if dt == "bf16":  # an fp8 cache with bf16 queries
             f8 = dict(ptrs, k_ptr="*fp8e4nv", v_ptr="*fp8e4nv")
             consts = dict(GROUP=4, PAGE=16, HEAD_DIM=128, BLOCK_G=16, BLOCK_N=64, DIRECT=False, WRITE_LSE=True,
-                          SOFT_CAP=False, DOT_PRECISION="tf32")
+                          SOFT_CAP=False, DOT_PRECISION="tf32", HEADS_FIRST=True)
             _compile(dk.decode_kernel, _sig(dk.decode_kernel, f8), consts, num_warps=4, num_stages=3)
             count += 1
         if dt == "bf16":  # fp32 inputs: IEEE dots (no TF32)
             f32 = {n: ("*fp32" if t.startswith("*") and t != "*i32" else t) for n, t in ptrs.items()}
             consts = dict(GROUP=4, PAGE=16, HEAD_DIM=128, BLOCK_G=16, BLOCK_N=64, DIRECT=True, WRITE_LSE=True,
-                          SOFT_CAP=False, DOT_PRECISION="ieee")
+                          SOFT_CAP=False, DOT_PRECISION="ieee", HEADS_FIRST=True)
             _compile(dk.decode_kernel, _sig(dk.decode_kernel, f32), consts, num_warps=4, num_stages=3)
             count += 1
         k = _compile(dk.merge_partials_kernel, _sig(dk.merge_partials_kernel, ptrs), dict(HEAD_DIM=128, WRITE_LSE=True),

@@ -240,3 +240,17 @@ def test_empty_batch_and_strided_q(triton_backend):
     assert not q.is_contiguous()
     out, lse, _ = _run(cache, q, dev, kv_chunk_size=16)
     _close(out, lse, *_truth(q, cache), torch.float16)
+
+
+def test_grid_order_and_grid_cap(triton_backend, monkeypatch):
+    """Both grid orders of the decode kernel, and more work items than programs (the in-kernel loop)."""
+    from moecomm.attention import decode as dec
+
+    cache = PagedKV([70, 9, 130], 2, 64, 16, device=triton_backend)
+    q = torch.randn(3, 4, 64, dtype=torch.float16, device=triton_backend)
+    monkeypatch.setattr(dec, "HEADS_FIRST", False)
+    monkeypatch.setattr(dec, "_MAX_GRID", 2)
+    for chunk in (None, 64):
+        out, lse, w = _run(cache, q, triton_backend, **({} if chunk is None else dict(kv_chunk_size=chunk)))
+        assert w._plan["num_programs"] == 2
+        _close(out, lse, *_truth(q, cache), torch.float16)
