@@ -46,10 +46,9 @@ def _step(acc, l_i, m_i, q, k_ptr, v_ptr, kv_indices_ptr, page_base, s, kv_len, 
                 mask=ok[:, None], other=0.0)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN] fp32
     if SOFT_CAP:
-        qk = soft_cap * _tanh(qk * (sm_scale / soft_cap)) * 1.4426950408889634
-    else:
-        qk = qk * (sm_scale * 1.4426950408889634)
+        qk = soft_cap * _tanh(qk * (sm_scale / soft_cap))
     if MASKED:
+        qk = qk * 1.4426950408889634 if SOFT_CAP else qk * (sm_scale * 1.4426950408889634)
         vis = ok[None, :] & q_ok[:, None]
         if CAUSAL:
             vis = vis & (kpos[None, :] <= qpos[:, None])
@@ -62,13 +61,16 @@ def _step(acc, l_i, m_i, q, k_ptr, v_ptr, kv_indices_ptr, page_base, s, kv_len, 
         qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        p = tl.exp2(qk - m_safe[:, None])
     else:
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        # every row sees every key of the block: scale folded into one multiply-subtract (tutorial 06)
+        scale = 1.4426950408889634 if SOFT_CAP else sm_scale * 1.4426950408889634
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale)
         m_safe = m_new
+        p = tl.exp2(qk * scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 

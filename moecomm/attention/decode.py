@@ -228,6 +228,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if not (cap >= 0 and math.isfinite(cap)):
             raise MoeCommValueError(f"{_OP}: logits_soft_cap must be None or a finite value >= 0, got {logits_soft_cap!r}")
         scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+        if not (scale > 0 and math.isfinite(scale)):
+            raise MoeCommValueError(f"{_OP}: sm_scale must be a finite value > 0, got {sm_scale!r}")
 
         indptr_np = host_ints(_OP, "indptr", indptr)
         last_np = host_ints(_OP, "last_page_len", last_page_len)

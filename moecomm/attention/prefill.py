@@ -145,6 +145,8 @@ class _PrefillBase:
         cap = 0.0 if logits_soft_cap is None else float(logits_soft_cap)
         if not (cap >= 0 and math.isfinite(cap)):
             raise MoeCommValueError(f"{op}: logits_soft_cap must be None or a finite value >= 0, got {logits_soft_cap!r}")
+        if sm_scale is not None and not (float(sm_scale) > 0 and math.isfinite(float(sm_scale))):
+            raise MoeCommValueError(f"{op}: sm_scale must be a finite value > 0, got {sm_scale!r}")
         qo_np = host_ints(op, "qo_indptr", qo_indptr)
         batch = lengths.shape[0]
         if qo_np.shape[0] != batch + 1:
