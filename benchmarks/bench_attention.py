@@ -229,25 +229,14 @@ def find_peers(args) -> list[tuple[str, str | None]]:
 # ------------------------------------------------------------------------------------------ main
 
 
-def sweep(writer, device, dtype, args):
-    """Ours under several kernel configurations and split thresholds (the defaults are guesses until
-    this has run on the GPU); prints GB/s per configuration."""
+def _sweep_decode(writer, device, dtype, args, variants):
     from moecomm.attention import decode as dec
-    from moecomm.attention import prefill as pre
 
     saved = dict(dec.DECODE_CONFIGS), dec._TARGET_PROGRAMS_PER_SM, dec._SPLIT_BELOW_PER_SM, dec.HEADS_FIRST
-    print("\nsweep, decode (BLOCK_N, warps, stages, target/SM, split-below/SM): GB/s per shape")
-    # most promising first: a run cut short by its time limit keeps the rows printed so far
-    variants = [((64, 4, 3), 8, 4, True), ((64, 4, 3), 8, 4, False), ((64, 4, 3), 16, 8, True),
-                ((64, 4, 3), 4, 2, True), ((64, 4, 3), 8, 0, True)]
-    variants += [(cfg, 8, 4, True) for cfg in [(64, 4, 4), (32, 4, 4), (128, 4, 3), (64, 8, 3), (64, 4, 2), (32, 4, 3),
-                                               (128, 8, 3), (64, 2, 3), (32, 2, 4), (128, 4, 2), (64, 4, 5)]]
-    print("  (heads_first after the split columns)")
-    for cfg, target, below, heads_first in variants:
-        if True:
+    try:
+        for cfg, target, below, heads_first in variants:
             dec.DECODE_CONFIGS[HEAD_DIM] = cfg
-            dec._TARGET_PROGRAMS_PER_SM, dec._SPLIT_BELOW_PER_SM = target, below
-            dec.HEADS_FIRST = heads_first
+            dec._TARGET_PROGRAMS_PER_SM, dec._SPLIT_BELOW_PER_SM, dec.HEADS_FIRST = target, below, heads_first
             cells = []
             for B, L, Hq, Hk, _ in DECODE_SHAPES:
                 gen = torch.Generator(device=device).manual_seed(0)
@@ -260,31 +249,57 @@ def sweep(writer, device, dtype, args):
                                  split_below=below, heads_first=heads_first, median_ms=r["ms"], gbps=gbps,
                                  num_work=r["num_work"])
                 except Exception as exc:
-                    cells.append(f"  error({type(exc).__name__})")
+                    cells.append(f"  error({type(exc).__name__}: {str(exc)[:60]})")
                 del r
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             print(f"  {cfg!s:14s} {target:3d} {below:3d} {heads_first!s:5s} " + " ".join(cells), flush=True)
-    dec.DECODE_CONFIGS.clear()
-    dec.DECODE_CONFIGS.update(saved[0])
-    dec._TARGET_PROGRAMS_PER_SM, dec._SPLIT_BELOW_PER_SM, dec.HEADS_FIRST = saved[1], saved[2], saved[3]
-    saved_p = dict(pre.PREFILL_CONFIGS)
+    finally:
+        dec.DECODE_CONFIGS.clear()
+        dec.DECODE_CONFIGS.update(saved[0])
+        dec._TARGET_PROGRAMS_PER_SM, dec._SPLIT_BELOW_PER_SM, dec.HEADS_FIRST = saved[1], saved[2], saved[3]
+
+
+def _sweep_prefill(writer, device, dtype, args, configs):
+    from moecomm.attention import prefill as pre
+
+    saved = dict(pre.PREFILL_CONFIGS)
+    try:
+        for cfg in configs:
+            pre.PREFILL_CONFIGS[HEAD_DIM] = cfg
+            for B, L, Hq, Hk in PREFILL_SHAPES:
+                gen = torch.Generator(device=device).manual_seed(1)
+                try:
+                    r = ours_prefill(B, L, Hq, Hk, dtype, device, args.warmup, max(10, args.rep // 3), gen)
+                    tf = 2 * B * Hq * L * L * HEAD_DIM / (r["ms"] * 1e-3) / 1e12
+                    print(f"  {cfg!s:18s} {tf:7.1f} TFLOP/s ({r['ms']:.3f} ms)", flush=True)
+                    writer.write(op="attention_prefill_sweep", B=B, L=L, Hq=Hq, Hk=Hk, config=list(cfg), median_ms=r["ms"],
+                                 tflops=tf)
+                except Exception as exc:
+                    print(f"  {cfg!s:18s} error {type(exc).__name__}: {str(exc)[:120]}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        pre.PREFILL_CONFIGS.clear()
+        pre.PREFILL_CONFIGS.update(saved)
+
+
+def sweep(writer, device, dtype, args):
+    """Ours under other kernel configurations, split thresholds and grid orders (the defaults are
+    guesses until this has run on the GPU). Most promising first, decode and prefill interleaved,
+    so that a run cut short by its time limit keeps the rows printed so far."""
+    head = "  (BLOCK_N, warps, stages) target/SM split-below/SM heads_first: GB/s per decode shape"
+    first = [((64, 4, 3), 8, 4, True), ((64, 4, 3), 8, 4, False), ((64, 4, 3), 16, 8, True), ((64, 4, 3), 8, 0, True),
+             ((64, 4, 4), 8, 4, True), ((32, 4, 4), 8, 4, True), ((128, 4, 3), 8, 4, True)]
+    rest = [(cfg, 8, 4, True) for cfg in [(64, 8, 3), (64, 4, 2), (32, 4, 3), (128, 8, 3), (64, 2, 3), (32, 2, 4),
+                                          (128, 4, 2), (64, 4, 5)]] + [((64, 4, 3), 4, 2, True)]
+    print("\nsweep, decode\n" + head)
+    _sweep_decode(writer, device, dtype, args, first)
     print("sweep, prefill (BLOCK_M, BLOCK_N, warps, stages): TFLOP/s")
-    for cfg in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)]:
-        pre.PREFILL_CONFIGS[HEAD_DIM] = cfg
-        for B, L, Hq, Hk in PREFILL_SHAPES:
-            gen = torch.Generator(device=device).manual_seed(1)
-            try:
-                r = ours_prefill(B, L, Hq, Hk, dtype, device, args.warmup, max(10, args.rep // 3), gen)
-                tf = 2 * B * Hq * L * L * HEAD_DIM / (r["ms"] * 1e-3) / 1e12
-                print(f"  {cfg!s:18s} {tf:7.1f} TFLOP/s ({r['ms']:.3f} ms)", flush=True)
-                writer.write(op="attention_prefill_sweep", B=B, L=L, Hq=Hq, Hk=Hk, config=list(cfg), median_ms=r["ms"], tflops=tf)
-            except Exception as exc:
-                print(f"  {cfg!s:18s} error {type(exc).__name__}: {str(exc)[:120]}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    pre.PREFILL_CONFIGS.clear()
-    pre.PREFILL_CONFIGS.update(saved_p)
+    _sweep_prefill(writer, device, dtype, args, [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                                                 (128, 32, 4, 4), (128, 128, 8, 2)])
+    print("sweep, decode (continued)\n" + head)
+    _sweep_decode(writer, device, dtype, args, rest)
 
 
 def main(argv=None) -> int:
