@@ -107,7 +107,7 @@ def ours_decode(B, L, Hq, Hk, dtype, device, warmup, rep, gen, check=True):
     k, v, perm, indptr, last = _paged(B, L, Hk, HEAD_DIM, PAGE, dtype, device, gen)
     q = torch.randn(B, Hq, HEAD_DIM, device=device, dtype=dtype, generator=gen)
     w = BatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=device))
-    plan = lambda: w.plan(indptr, perm, last, Hq, Hk, HEAD_DIM, PAGE, q_data_type=dtype)  # noqa: E731
+    plan = lambda: w.plan(indptr, perm, last, Hq, Hk, HEAD_DIM, PAGE, q_data_type=dtype)
     plan_us = _host_us(plan)
     plan()
     out = w.run(q, (k, v))
@@ -124,7 +124,7 @@ def ours_prefill(B, L, Hq, Hk, dtype, device, warmup, rep, gen):
     q = torch.randn(B * L, Hq, HEAD_DIM, device=device, dtype=dtype, generator=gen)
     qo_indptr = torch.arange(0, B * L + 1, L, dtype=torch.int32)
     w = BatchPrefillWithPagedKVCacheWrapper(torch.empty(16 << 20, dtype=torch.uint8, device=device))
-    plan = lambda: w.plan(qo_indptr, indptr, perm, last, Hq, Hk, HEAD_DIM, PAGE, causal=True, q_data_type=dtype)  # noqa: E731
+    plan = lambda: w.plan(qo_indptr, indptr, perm, last, Hq, Hk, HEAD_DIM, PAGE, causal=True, q_data_type=dtype)
     plan_us = _host_us(plan, 10)
     plan()
     out = w.run(q, (k, v))
@@ -152,7 +152,7 @@ def peer_main(args) -> int:
             try:
                 w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=device),
                                                                   "NHD", use_tensor_cores=tc)
-                plan = lambda: w.plan(indptr, perm, last, Hq, Hk, HEAD_DIM, PAGE, q_data_type=dtype, kv_data_type=dtype)  # noqa: E731
+                plan = lambda: w.plan(indptr, perm, last, Hq, Hk, HEAD_DIM, PAGE, q_data_type=dtype, kv_data_type=dtype)
                 plan_us = _host_us(plan, 10)
                 plan()
                 w.run(q, (k, v))
@@ -172,7 +172,7 @@ def peer_main(args) -> int:
         qo_indptr = torch.arange(0, B * L + 1, L, dtype=torch.int32)
         try:
             w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=device), "NHD")
-            plan = lambda: w.plan(qo_indptr, indptr, perm, last, Hq, Hk, HEAD_DIM, PAGE, causal=True,  # noqa: E731
+            plan = lambda: w.plan(qo_indptr, indptr, perm, last, Hq, Hk, HEAD_DIM, PAGE, causal=True,
                                   q_data_type=dtype, kv_data_type=dtype)
             plan_us = _host_us(plan, 5)
             plan()
@@ -335,7 +335,7 @@ def main(argv=None) -> int:
         return 0
     peer_rows = {name: run_peer(name, path, args) for name, path in peers}
 
-    print(f"\ndecode, effective GB/s = K+V bytes / time (ours run() on a plan; SDPA on contiguous KV)")
+    print("\ndecode, effective GB/s = K+V bytes / time (ours run() on a plan; SDPA on contiguous KV)")
     hdr = (f"{'B':>4s} {'L':>6s} {'Hq/Hk':>6s} {'ours ms':>8s} {'GB/s':>6s} {'plan us':>7s} {'run us':>6s} {'items':>5s} "
            f"{'sdpa GB/s':>9s} {'ours/sdpa':>9s}")
     for name, _ in peers:
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
 
     if not args.no_prefill:
-        print(f"\nprefill, causal, TFLOP/s (2 * 2 * B * Hq * L^2 / 2 * D FLOPs)")
+        print("\nprefill, causal, TFLOP/s (2 * 2 * B * Hq * L^2 / 2 * D FLOPs)")
         hdr = f"{'B':>4s} {'L':>6s} {'Hq/Hk':>6s} {'ours ms':>8s} {'TFLOP/s':>7s} {'sdpa':>14s} {'ours/sdpa':>9s}"
         for name, _ in peers:
             hdr += f" {name + ' TF/s':>14s} {'ours/' + name:>12s}"

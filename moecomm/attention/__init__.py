@@ -16,9 +16,19 @@ from .blocksparse import BlockSparseAttentionWrapper
 from .cache import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .merge import merge_state, merge_state_in_place, merge_states
-from .prefill import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
-from .rope import (apply_llama31_rope, apply_llama31_rope_inplace, apply_llama31_rope_pos_ids, apply_rope,
-                   apply_rope_inplace, apply_rope_pos_ids, apply_rope_pos_ids_inplace)
+from .prefill import (
+                   BatchPrefillWithPagedKVCacheWrapper,
+                   BatchPrefillWithRaggedKVCacheWrapper,
+)
+from .rope import (
+                   apply_llama31_rope,
+                   apply_llama31_rope_inplace,
+                   apply_llama31_rope_pos_ids,
+                   apply_rope,
+                   apply_rope_inplace,
+                   apply_rope_pos_ids,
+                   apply_rope_pos_ids_inplace,
+)
 
 __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper",

@@ -32,8 +32,19 @@ from ..jit import backend as _backend
 from ..jit.launch import cdiv, launch
 from ..jit.ops import define_op
 from . import reference
-from ._common import (FP8_DTYPES, Staging, check_heads, check_indices, check_kv_cache, check_layout, check_page_table,
-                      host_ints, nhd_strides, num_sms, parse_dtype)
+from ._common import (
+    FP8_DTYPES,
+    Staging,
+    check_heads,
+    check_indices,
+    check_kv_cache,
+    check_layout,
+    check_page_table,
+    host_ints,
+    nhd_strides,
+    num_sms,
+    parse_dtype,
+)
 
 _OP = "BatchDecodeWithPagedKVCacheWrapper"
 _TARGET_PROGRAMS_PER_SM = 8  # resident ~2 per SM (96 KB of pipelined K/V each): ~4 waves, small tail
@@ -252,7 +263,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         target = cdiv(_TARGET_PROGRAMS_PER_SM * self._sms, num_kv_heads)
         split = not disable_split_kv and batch > 0 and (
             kv_chunk_size is not None or self._graph or batch * num_kv_heads < _SPLIT_BELOW_PER_SM * self._sms)
-        nsplit = chunk_b = None
+        nsplit = None
         num_work = batch
         if split:
             span = lengths if window_left < 0 else np.minimum(lengths, window_left + 1)

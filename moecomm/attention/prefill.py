@@ -24,8 +24,17 @@ from ..jit import backend as _backend
 from ..jit.launch import launch
 from ..jit.ops import define_op
 from . import reference
-from ._common import (Staging, check_heads, check_indices, check_kv_cache, check_layout, check_page_table,
-                      host_ints, nhd_strides, parse_dtype)
+from ._common import (
+    Staging,
+    check_heads,
+    check_indices,
+    check_kv_cache,
+    check_layout,
+    check_page_table,
+    host_ints,
+    nhd_strides,
+    parse_dtype,
+)
 
 _OP = "BatchPrefillWithPagedKVCacheWrapper"
 _ALIGN = 16
@@ -55,9 +64,8 @@ def _prefill_impl(
         last = torch.where(npages > 0, lengths - (npages - 1) * page_size, torch.zeros_like(lengths))
         dense = mask_offs = None
         if custom:
-            bits = reference.unpack_mask_bits(mask_bits.cpu(), mask_bits.numel() * 8)
+            dense = reference.unpack_mask_bits(mask_bits.cpu(), mask_bits.numel() * 8)
             mask_offs = m[off_mask:off_mask + batch]
-            dense, mask_offs = bits, mask_offs
         o, s = reference.batch_prefill(q, qo_indptr, k_cache, v_cache, layout, indptr, kv_indices.cpu(), last,
                                        causal=causal, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap or None,
                                        window_left=window_left, custom_mask=dense, mask_indptr=mask_offs)
@@ -212,7 +220,7 @@ class _PrefillBase:
     def _run_core(self, q, k, v, page_size, out, lse, return_lse, scale_mul):
         p = self._plan
         op = self._op
-        nnz, hq, hd = p["nnz"], p["num_qo_heads"], p["head_dim"]
+        nnz, hq = p["nnz"], p["num_qo_heads"]
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         elif out.shape != q.shape or out.dtype is not q.dtype or out.stride(2) != 1:

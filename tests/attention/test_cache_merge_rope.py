@@ -10,12 +10,11 @@ import math
 
 import pytest
 import torch
+from attn_helpers import ATOL, PagedKV
 
 import moecomm.attention as A
 from moecomm.attention import reference as ref
 from moecomm.errors import MoeCommValueError
-
-from attn_helpers import ATOL, PagedKV
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
@@ -38,7 +37,7 @@ def test_append_then_gather_exact(triton_backend, layout, page_size):
     assert seq_lens.tolist() == total
     bi, pos = A.get_batch_indices_positions(append_indptr, seq_lens, nnz)
     assert bi.tolist() == [0, 0, 1, 1, 1, 1, 1, 2] and pos.tolist() == [3, 4, 0, 1, 2, 3, 4, 17]
-    k_before, v_before = cache.k.clone(), cache.v.clone()
+    k_before = cache.k.clone()
     A.append_paged_kv_cache(k_new, v_new, bi, pos, (cache.k, cache.v), cache.indices.to(dev), cache.indptr.to(dev),
                             cache.last_page_len.to(dev), kv_layout=layout)
     row = 0

@@ -130,8 +130,9 @@ def test_kernels_compile_for_hopper():
 
 def test_torch_compile_fullgraph():
     """Decode and prefill run() and the helpers trace into one graph (the custom ops are opaque nodes)."""
-    import moecomm.attention as A
     from attn_helpers import PagedKV, workspace
+
+    import moecomm.attention as A
 
     cache = PagedKV([5, 20], 2, 64, 8, dtype=torch.float32)
     dec = A.BatchDecodeWithPagedKVCacheWrapper(workspace())
@@ -142,7 +143,7 @@ def test_torch_compile_fullgraph():
 
     def step(q, qp):
         o, s = dec.run(q, (cache.k, cache.v), return_lse=True)
-        op, sp = pre.run(qp, (cache.k, cache.v), return_lse=True)
+        op, _ = pre.run(qp, (cache.k, cache.v), return_lse=True)
         m, _ = A.merge_state(o, s, o, s)
         return m * 2, op.sum()
 

@@ -11,12 +11,11 @@ import math
 
 import pytest
 import torch
+from attn_helpers import ATOL, LSE_ATOL, PagedKV, workspace
 
 from moecomm.attention import BatchDecodeWithPagedKVCacheWrapper
 from moecomm.attention import reference as ref
 from moecomm.errors import MoeCommTypeError, MoeCommValueError
-
-from attn_helpers import ATOL, LSE_ATOL, PagedKV, workspace
 
 
 def _truth(q, cache, sm_scale=None, window_left=-1, soft_cap=None):
@@ -48,7 +47,7 @@ def _truth(q, cache, sm_scale=None, window_left=-1, soft_cap=None):
 
 def _run(cache, q, device, **plan_kw):
     w = BatchDecodeWithPagedKVCacheWrapper(workspace(device), kv_layout=cache.layout)
-    B, Hq, D = q.shape
+    _, Hq, D = q.shape
     Hk = cache.k.shape[2] if cache.layout == "NHD" else cache.k.shape[1]
     w.plan(cache.indptr, cache.indices, cache.last_page_len, Hq, Hk, D, cache.page_size, q_data_type=q.dtype, **plan_kw)
     out, lse = w.run(q, (cache.k, cache.v), return_lse=True)

@@ -12,12 +12,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from attn_helpers import ATOL, LSE_ATOL, PagedKV, workspace
 
-from moecomm.attention import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
+from moecomm.attention import (
+    BatchPrefillWithPagedKVCacheWrapper,
+    BatchPrefillWithRaggedKVCacheWrapper,
+)
 from moecomm.attention import reference as ref
 from moecomm.errors import MoeCommValueError
-
-from attn_helpers import ATOL, LSE_ATOL, PagedKV, workspace
 
 
 def _truth(q, qo_lens, cache, causal=False, window_left=-1, soft_cap=None, sm_scale=None, masks=None):
