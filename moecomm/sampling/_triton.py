@@ -308,7 +308,7 @@ def sample_kernel(
     lo_i = 0
     lo_cnt = cnt0
     lo_mass = mass0
-    hi_v = INF
+    hi_v = M  # a token at the row maximum would be kept (nothing lies above it)
     hi_cnt = 0
     hi_mass = 0.0
     c_idx = 0

@@ -42,13 +42,13 @@ _SERIES_BELOW = 0.00390625  # 2**-8: below it -log(1-u) by its series (1 - u wou
 
 
 def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a * b) >> 32 and (a * b) & 0xFFFFFFFF for a uint32 constant and uint32 values in int64,
-    without int64 overflow (b is split in 16-bit halves)."""
-    p_lo = a * (b & 0xFFFF)  # < 2**48
-    p_hi = a * (b >> 16)  # < 2**48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
-    return hi, lo
+    """(a * b) >> 32 and (a * b) & 0xFFFFFFFF for a uint32 constant and uint32 values in int64.
+
+    The 64-bit product wraps in int64 (two's complement, as torch's integer multiply does on CPU
+    and GPU); its bits are the unsigned product's, so masking after the shift recovers both halves.
+    tests/sampling checks the result against Triton's own Philox."""
+    p = b * a
+    return (p >> 32) & _M32, p & _M32
 
 
 def philox4x32(seed: torch.Tensor, c0, c1, c2, c3, rounds: int = PHILOX_ROUNDS):
@@ -88,13 +88,12 @@ def race_exponentials(num_rows: int, vocab: int, seed: torch.Tensor, offset: tor
     """
     dev = seed.device
     rows = torch.arange(num_rows, device=dev, dtype=torch.int64)[:, None]  # [B, 1]
-    tok = torch.arange(vocab, device=dev, dtype=torch.int64)[None, :]  # [1, V]
+    quads = torch.arange((vocab + 3) // 4, device=dev, dtype=torch.int64)[None, :]  # [1, V/4]
     s = seed.reshape(-1, 1).expand(num_rows, 1) if seed.numel() == 1 else seed.reshape(-1, 1)
     o = offset.reshape(-1, 1).expand(num_rows, 1) if offset.numel() == 1 else offset.reshape(-1, 1)
     c1 = torch.zeros_like(rows) if per_row_seed else rows
-    outs = philox4x32(s, tok >> 2, c1, o & _M32, (o >> 32) & _M32)
-    lane = tok & 3
-    r = torch.where(lane == 0, outs[0], torch.where(lane == 1, outs[1], torch.where(lane == 2, outs[2], outs[3])))
+    outs = philox4x32(s, quads, c1, o & _M32, (o >> 32) & _M32)  # one call per quad of tokens
+    r = torch.stack(outs, -1).reshape(num_rows, -1)[:, :vocab]  # token i: quad i // 4, lane i % 4
     return exponential_from_uniform(uniform_from_bits(r))
 
 
