@@ -96,6 +96,38 @@ def test_decode_cuda_graph_replay_across_plans():
         torch.testing.assert_close(lse, r_lse, atol=2e-3, rtol=1e-4)
 
 
+def test_prefill_cuda_graph_replay_across_plans():
+    D, Hq, Hk, P, max_batch, max_tokens = 128, 8, 2, 16, 4, 3000
+    w = A.BatchPrefillWithPagedKVCacheWrapper(
+        torch.empty(1 << 20, dtype=torch.uint8, device="cuda"), use_cuda_graph=True,
+        qo_indptr_buf=torch.zeros(max_batch + 1, dtype=torch.int32, device="cuda"),
+        paged_kv_indices_buf=torch.zeros(4096, dtype=torch.int32, device="cuda"), max_num_qo_tokens=max_tokens)
+    k = torch.zeros(4096, P, Hk, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.zeros_like(k)
+    q = torch.zeros(max_tokens, Hq, D, device="cuda", dtype=torch.bfloat16)
+    out = torch.zeros_like(q)
+    graph = None
+    for seed, (qo_lens, kv_lens) in enumerate((([100, 1, 2000, 7], [5000, 1, 2000, 300]), ([2999], [3100]),
+                                               ([1, 1], [9000, 17]))):
+        k2, v2, indices, indptr, last = _cache(kv_lens, Hk, D, P, seed=seed)
+        k[: k2.shape[0]].copy_(k2)
+        v[: v2.shape[0]].copy_(v2)
+        nnz = sum(qo_lens)
+        q[:nnz].copy_(torch.randn(nnz, Hq, D, device="cuda").to(torch.bfloat16))
+        qo_indptr = torch.tensor([0] + torch.tensor(qo_lens).cumsum(0).tolist(), dtype=torch.int32)
+        w.plan(qo_indptr, indptr, indices, last, Hq, Hk, D, P, causal=True, q_data_type=torch.bfloat16)
+        if graph is None:
+            w.run(q, (k, v), out=out)  # compile outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                w.run(q, (k, v), out=out)
+        graph.replay()
+        torch.cuda.synchronize()
+        r_out, _ = ref.batch_prefill(q[:nnz], qo_indptr, k, v, "NHD", indptr, indices.cpu(), last, causal=True)
+        torch.testing.assert_close(out[:nnz].float(), r_out.float(), atol=BF16_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("qo_lens,kv_lens", [([4096], [4096]), ([1, 300, 2000], [33000, 300, 4096])])
 def test_prefill_long_bf16(qo_lens, kv_lens):
     D, Hq, Hk, P = 128, 8, 2, 16

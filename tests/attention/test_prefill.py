@@ -173,7 +173,7 @@ def test_bad_input():
         w.plan(qo_indptr, *args, custom_mask=torch.ones(5, dtype=torch.bool))
     with pytest.raises(MoeCommValueError, match="head_dim_vo must equal"):
         w.plan(qo_indptr, *args, head_dim_vo=128)
-    with pytest.raises(MoeCommValueError, match="use_cuda_graph must be False"):
+    with pytest.raises(MoeCommValueError, match="must be given with use_cuda_graph=True"):
         BatchPrefillWithPagedKVCacheWrapper(workspace("cpu", 1), use_cuda_graph=True)
     w.plan(qo_indptr, *args, q_data_type=torch.float16)
     with pytest.raises(MoeCommValueError, match="q must have shape"):
@@ -215,3 +215,31 @@ def test_block_sparse(triton_backend, with_mask):
     cache = PagedKV([N], Hk, D, 1)
     cache.k, cache.v, cache.indices = k.cpu().unsqueeze(1), v.cpu().unsqueeze(1), torch.arange(N, dtype=torch.int32)
     _close(out, lse, *_truth(q, [M], cache, masks=[dense]), torch.float16)
+
+
+def test_cuda_graph_mode_buffers(triton_backend):
+    """Graph mode: metadata address and grid fixed at construction; later plans of other shapes (within
+    the maxima) reuse them, q is the fixed buffer (rows past qo_indptr[-1] left alone)."""
+    dev = triton_backend
+    qo_buf = torch.zeros(4, dtype=torch.int32, device=dev)
+    ind_buf = torch.zeros(64, dtype=torch.int32, device=dev)
+    w = BatchPrefillWithPagedKVCacheWrapper(workspace(dev, 1), use_cuda_graph=True, qo_indptr_buf=qo_buf,
+                                            paged_kv_indices_buf=ind_buf, max_num_qo_tokens=40)
+    q_buf = torch.zeros(40, 4, 64, dtype=torch.float16, device=dev)
+    out = torch.full((40, 4, 64), float("nan"), dtype=torch.float16, device=dev)
+    seen = None
+    for qo_lens, kv_lens in (([5, 17, 1], [5, 30, 100]), ([33], [40])):
+        cache, qo_indptr, q = _setup(qo_lens, kv_lens, 4, 2, 64, 8, device=dev)
+        q_buf[: q.shape[0]] = q
+        w.plan(qo_indptr, cache.indptr, cache.indices, cache.last_page_len, 4, 2, 64, 8, causal=True,
+               q_data_type=torch.float16)
+        p = w._plan
+        now = (p["meta"].data_ptr(), p["kv_indices"].data_ptr(), p["num_tiles"])
+        assert seen is None or now == seen
+        seen = now
+        w.run(q_buf, (cache.k, cache.v), out=out)
+        t_out, _ = _truth(q, qo_lens, cache, True)
+        torch.testing.assert_close(out[: q.shape[0]].double().cpu(), t_out, atol=ATOL[torch.float16], rtol=0)
+    with pytest.raises(MoeCommValueError, match="must be <= 3 and 40"):
+        cache, qo_indptr, q = _setup([30, 30], [30, 30], 4, 2, 64, 8)
+        w.plan(qo_indptr, cache.indptr, cache.indices, cache.last_page_len, 4, 2, 64, 8, q_data_type=torch.float16)
