@@ -590,4 +590,4 @@ def block_for(vocab: int) -> int:
     b = 64
     while b < vocab and b < BLOCK:
         b *= 2
-    return b
+    return min(b, BLOCK)

@@ -93,7 +93,7 @@ def race_exponentials(num_rows: int, vocab: int, seed: torch.Tensor, offset: tor
     o = offset.reshape(-1, 1).expand(num_rows, 1) if offset.numel() == 1 else offset.reshape(-1, 1)
     c1 = torch.zeros_like(rows) if per_row_seed else rows
     outs = philox4x32(s, quads, c1, o & _M32, (o >> 32) & _M32)  # one call per quad of tokens
-    r = torch.stack(outs, -1).reshape(num_rows, -1)[:, :vocab]  # token i: quad i // 4, lane i % 4
+    r = torch.stack(outs, -1).reshape(num_rows, 4 * quads.shape[1])[:, :vocab]  # token i: quad i // 4, lane i % 4
     return exponential_from_uniform(uniform_from_bits(r))
 
 

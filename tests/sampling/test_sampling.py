@@ -270,14 +270,14 @@ def test_randomness_contracts():
     # generator: deterministic under manual_seed, fresh numbers call after call
     g = torch.Generator(device=DEV)
     g.manual_seed(5)
-    x1 = S.sampling_from_probs(p.expand(64, -1), generator=g)
-    x2 = S.sampling_from_probs(p.expand(64, -1), generator=g)
+    x1 = S.sampling_from_probs(p[:1].expand(64, -1), generator=g)
+    x2 = S.sampling_from_probs(p[:1].expand(64, -1), generator=g)
     g.manual_seed(5)
-    assert torch.equal(x1, S.sampling_from_probs(p.expand(64, -1), generator=g)) and not torch.equal(x1, x2)
+    assert torch.equal(x1, S.sampling_from_probs(p[:1].expand(64, -1), generator=g)) and not torch.equal(x1, x2)
     torch.manual_seed(3)
-    y1 = S.sampling_from_probs(p.expand(64, -1))
+    y1 = S.sampling_from_probs(p[:1].expand(64, -1))
     torch.manual_seed(3)
-    assert torch.equal(y1, S.sampling_from_probs(p.expand(64, -1)))
+    assert torch.equal(y1, S.sampling_from_probs(p[:1].expand(64, -1)))
 
 
 def test_pipeline_fuses_and_matches_the_functions():
@@ -350,11 +350,12 @@ _BASE = dict(MODE=0, FROM_LOGITS=False, HAS_ROWMAP=False, HAS_TOPK=False, K_TENS
              P_TENSOR=False, HAS_MINP=False, MINP_TENSOR=False, HAS_TEMP=False, TEMP_TENSOR=False, TOPK_FIRST=True,
              SEED_TENSOR=True, SEED_PER_ROW=False, OFFSET_TENSOR=False, OFFSET_PER_ROW=False, WRITE_LOGPROB=False,
              N_ROUNDS=7, BLOCK=2048, NP=8, MAX_PASSES=48)
-_VARIANTS = [dict(NP=2), dict(NP=2, FROM_LOGITS=True), dict(HAS_TOPP=True), dict(HAS_TOPK=True, K_TENSOR=True),
-             dict(HAS_MINP=True), dict(HAS_TOPK=True, HAS_TOPP=True, HAS_ROWMAP=True, WRITE_LOGPROB=True),
-             dict(FROM_LOGITS=True, HAS_TOPK=True, HAS_TOPP=True, HAS_TEMP=True, TEMP_TENSOR=True),
-             dict(MODE=1, HAS_TOPP=True, SEED_TENSOR=False), dict(MODE=1, FROM_LOGITS=True, HAS_TEMP=True),
-             dict(MODE=2, HAS_TOPK=True)]
+# every code path once (fp32 inputs), the two benchmarked ones also with bf16 inputs
+_VARIANTS = [("fp32", dict(NP=2)), ("fp32", dict(NP=2, FROM_LOGITS=True)), ("bf16", dict(HAS_TOPP=True)),
+             ("fp32", dict(HAS_MINP=True, HAS_TOPK=True, K_TENSOR=True)),
+             ("bf16", dict(HAS_TOPK=True, HAS_TOPP=True, HAS_ROWMAP=True, WRITE_LOGPROB=True)),
+             ("fp32", dict(FROM_LOGITS=True, HAS_TOPK=True, HAS_TOPP=True, HAS_TEMP=True, TEMP_TENSOR=True, TOPK_FIRST=False)),
+             ("fp32", dict(MODE=1, HAS_TOPP=True, SEED_TENSOR=False)), ("fp32", dict(MODE=2, HAS_TOPK=True))]
 
 
 def _compile_all_for_hopper() -> int:
@@ -362,13 +363,12 @@ def _compile_all_for_hopper() -> int:
     from moecomm.testing import compile_for_hopper
 
     count = 0
-    for xdt in ("fp32", "bf16"):
-        for over in _VARIANTS:
-            consts = {**_BASE, **over}
-            sig = {**_SIG, "x_ptr": f"*{xdt}", **{k: "constexpr" for k in consts}}
-            ptx = compile_for_hopper(_triton.sample_kernel, sig, consts, num_warps=8).asm["ptx"]
-            assert ".target sm_90" in ptx and "st.global" in ptx
-            count += 1
+    for xdt, over in _VARIANTS:
+        consts = {**_BASE, **over}
+        sig = {**_SIG, "x_ptr": f"*{xdt}", **{k: "constexpr" for k in consts}}
+        ptx = compile_for_hopper(_triton.sample_kernel, sig, consts, num_warps=8).asm["ptx"]
+        assert ".target sm_90" in ptx and "st.global" in ptx
+        count += 1
     return count
 
 
@@ -380,4 +380,4 @@ def test_kernels_compile_for_hopper():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == str(2 * len(_VARIANTS))
+    assert proc.stdout.split()[-1] == str(len(_VARIANTS))
