@@ -229,10 +229,14 @@ def find_peers(args) -> list[tuple[str, str | None]]:
 # ------------------------------------------------------------------------------------------ main
 
 
+_SWEEP_OUTPUTS: dict = {}
+
+
 def _sweep_decode(writer, device, dtype, args, variants):
     from moecomm.attention import decode as dec
 
     saved = dict(dec.DECODE_CONFIGS), dec._TARGET_PROGRAMS_PER_SM, dec._SPLIT_BELOW_PER_SM, dec.HEADS_FIRST
+    first_out = _SWEEP_OUTPUTS  # shape -> the first variant's output: every variant must agree with it
     try:
         for cfg, target, below, heads_first in variants:
             dec.DECODE_CONFIGS[HEAD_DIM] = cfg
@@ -244,7 +248,9 @@ def _sweep_decode(writer, device, dtype, args, variants):
                 try:
                     r = ours_decode(B, L, Hq, Hk, dtype, device, args.warmup, args.rep, gen)
                     gbps = B * L * Hk * HEAD_DIM * 4 / (r["ms"] * 1e-3) / 1e9
-                    cells.append(f"{gbps:7.0f}")
+                    ref_out = first_out.setdefault((B, L, Hq, Hk), r["out"].float())
+                    err = (r["out"].float() - ref_out).abs().max().item()
+                    cells.append(f"{gbps:7.0f}" + ("" if err < 2e-2 else f"(WRONG {err:.2g})"))
                     writer.write(op="attention_decode_sweep", B=B, L=L, Hq=Hq, Hk=Hk, config=list(cfg), target=target,
                                  split_below=below, heads_first=heads_first, median_ms=r["ms"], gbps=gbps,
                                  num_work=r["num_work"])
