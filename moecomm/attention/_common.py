@@ -95,7 +95,8 @@ def check_page_table(op: str, indptr: np.ndarray, last_page_len: np.ndarray, num
         return np.zeros(0, dtype=np.int64)
     pages = indptr[1:] - indptr[:-1]
     if pages.min() > 0:  # every request has pages (the common case)
-        if last_page_len.min() < 1 or last_page_len.max() > page_size:
+        lm1 = last_page_len - 1  # in [0, P) as unsigned: one reduction checks both bounds
+        if lm1.view(np.uint32 if lm1.dtype == np.int32 else np.uint64).max() >= page_size:
             _bad_last(op, pages, last_page_len, page_size)
         lengths = pages * page_size + (last_page_len - page_size)
     else:
