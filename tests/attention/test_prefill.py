@@ -90,6 +90,7 @@ CASES = [  # (qo_lens, kv_lens, Hq, Hk, D, P, layout)
     ([130], [200], 2, 1, 128, 1, "NHD"),                     # MQA, page size 1, two query tiles
     ([33, 0, 7], [33, 12, 7], 6, 2, 64, 128, "NHD"),         # group 3, page 128, a request with no queries
     ([6, 2], [3, 0], 2, 2, 64, 4, "NHD"),                    # more queries than keys; no keys at all
+    ([20, 3], [40, 3], 2, 1, 256, 16, "HND"),                # head_dim 256 (its own tile shape)
 ]
 
 
