@@ -415,9 +415,26 @@ def main(argv=None) -> int:
                 writer.write(op="attention_prefill", impl=f"{name}-{pr['version']}", **shape, median_ms=pr["ms"], tflops=p_tf)
             print(line, flush=True)
             del r, kc, vc, s_out
+    if device.type == "cuda":
+        _kernel_stats()
     if args.sweep:
         sweep(writer, device, dtype, args)
     return 0
+
+
+def _kernel_stats():
+    """Registers, spills and shared memory of our compiled kernels (Triton's per-device cache)."""
+    from moecomm.attention import _triton_decode, _triton_prefill
+
+    for fn in (_triton_decode.decode_kernel, _triton_decode.merge_partials_kernel, _triton_prefill.prefill_kernel):
+        try:
+            for cache in fn.device_caches.values():
+                for key, k in cache[0].items():
+                    k = k.result() if hasattr(k, "result") else k
+                    print(f"  {fn.__name__}: regs {getattr(k, 'n_regs', '?')}, spills {getattr(k, 'n_spills', '?')}, "
+                          f"smem {k.metadata.shared}, warps {k.metadata.num_warps}, stages {k.metadata.num_stages}")
+        except Exception as exc:  # a Triton without this cache layout: the figures are a nicety
+            print(f"  {getattr(fn, '__name__', fn)}: no compile stats ({type(exc).__name__}: {exc})")
 
 
 if __name__ == "__main__":
