@@ -346,6 +346,11 @@ def sample_kernel(
             if TKF:
                 sk_hi = tl.minimum(sk_hi, tl.min(tl.where(cnt >= k, mass, INF), axis=0))
                 sk_lo = tl.maximum(sk_lo, tl.max(tl.where(cnt <= k, mass, -INF), axis=0))
+                if (c_eval == 0) & (race_on_p0 != 0):  # pivot 0 was a value pivot
+                    if cnt0 >= k:
+                        sk_hi = tl.minimum(sk_hi, mass0)
+                    if cnt0 <= k:
+                        sk_lo = tl.maximum(sk_lo, mass0)
                 if c_eval != 0:
                     if cnt0 >= k:
                         sk_hi = tl.minimum(sk_hi, mass0)
@@ -416,10 +421,36 @@ def sample_kernel(
                         c_idx = widx
                         c_ok = (wkey >= 0).to(tl.int32)
                         c_v = _load_value(row_ptr, c_idx, inv_t, shift, FROM_LOGITS)
-                elif race_on_p0 != 0:  # pivot 0 was lo: its race winner is the candidate
-                    c_idx = widx
-                    c_ok = (wkey >= 0).to(tl.int32)
-                    c_v = _load_value(row_ptr, c_idx, inv_t, shift, FROM_LOGITS)
+                elif race_on_p0 != 0:
+                    # pivot 0 was lo or a guess above it: dropped -> the new lo, its race winner the
+                    # candidate; kept -> a new hi
+                    k0 = (pv0 > 0) & (pv0 >= thr)
+                    if HAS_TOPK:
+                        k0 = k0 & (cnt0 < k)
+                    y0 = k0
+                    n0 = k0 == 0
+                    if HAS_TOPP:
+                        if top_p < 1:
+                            if TKF:
+                                y0 = k0 & (mass0 < top_p * sk_lo)
+                                n0 = (k0 == 0) | (mass0 >= top_p * sk_hi)
+                            else:
+                                y0 = k0 & (mass0 < top_p * S)
+                                n0 = y0 == 0
+                    if n0:
+                        if (pv0 > lo_v) | ((pv0 == lo_v) & (pi0 <= lo_i)):
+                            lo_v = pv0
+                            lo_i = pi0
+                            lo_cnt = cnt0
+                            lo_mass = mass0
+                            c_idx = widx
+                            c_ok = (wkey >= 0).to(tl.int32)
+                            c_v = _load_value(row_ptr, c_idx, inv_t, shift, FROM_LOGITS)
+                    elif y0:
+                        if pv0 < hi_v:
+                            hi_v = pv0
+                            hi_cnt = cnt0
+                            hi_mass = mass0
             # dropped value pivots raise lo (then a candidate at or below it is dropped too)
             bv = tl.max(tl.where(keep_no, pv, -INF), axis=0)
             if (done == 0) & ((bv > lo_v) | ((bv == lo_v) & (lo_i > 0))):
@@ -472,6 +503,28 @@ def sample_kernel(
             if (done == 0) & (npass < MAX_PASSES):
                 # next pass: pivot 0 = the candidate (to verify) or lo (to race above it); NP value
                 # pivots bisecting the bracket (the top-k boundary while S_K decides the candidate)
+                # the race pivot when no candidate waits: lo, or (top-k) a guess with about 2k tokens
+                # above it, interpolated in log-count between this pass's value pivots: if it proves
+                # dropped, its race winner is a candidate from a far smaller superset than lo's
+                g_v = lo_v
+                g_i = lo_i
+                if SAMPLE and HAS_TOPK:
+                    tk = 2.0 * k.to(tl.float32)
+                    cf = cnt.to(tl.float32)
+                    ga = tl.max(tl.where(cf >= tk, pv, -INF), axis=0)
+                    gb = tl.min(tl.where(cf < tk, pv, INF), axis=0)
+                    ca = tl.max(tl.where(pv == ga, cf, 0.0), axis=0)
+                    cb = tl.max(tl.where(pv == gb, cf, 0.0), axis=0)
+                    if (ga > lo_v) & (ga < INF):
+                        g_v = ga
+                        g_i = 0
+                        if gb < INF:
+                            la = tl.log2(tl.maximum(ca, 1.0))
+                            frac = (la - tl.log2(tk)) / tl.maximum(la - tl.log2(tl.maximum(cb, 1.0)), 1e-6)
+                            oa = _ord(ga).to(tl.float32)
+                            ob = _ord(gb).to(tl.float32)
+                            g_v = _unord((oa + (ob - oa) * tl.minimum(tl.maximum(frac, 0.0), 1.0)).to(tl.int32))
+                            g_v = tl.maximum(tl.minimum(g_v, gb), ga)
                 a_v = lo_v
                 b_v = tl.minimum(hi_v, M)
                 if TKF:
@@ -489,8 +542,8 @@ def sample_kernel(
                     pv0 = c_v
                     pi0 = c_idx
                 else:
-                    pv0 = lo_v
-                    pi0 = lo_i
+                    pv0 = g_v
+                    pi0 = g_i
                 race_on_p0 = pid * 0 + 1
                 _, _, _, _, cnt0, mass0, wkey, widx, cnt, mass, _ = _scan(
                     row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
