@@ -73,6 +73,12 @@ def cuda_graph_tokens() -> int:
     return value
 
 
+def cuda_home() -> str | None:
+    """The CUDA toolkit's root from CUDA_HOME (or CUDA_PATH), where moecomm.jit.cuda looks for nvcc
+    after PATH; None when neither is set."""
+    return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or None
+
+
 def triton_interpret() -> bool:
     """True when Triton runs kernels through its numpy interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
