@@ -15,7 +15,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MOECOMM_BACKEND": ("auto", "auto | reference | triton | cuda: force the implementation of every op (where the op has it)"),
     "MOECOMM_AUTOTUNE": ("1", "0 disables on-GPU autotuning of launch configurations (heuristic pick instead)"),
     "MOECOMM_DIST_BACKEND": ("", "nccl | gloo: override the process-group backend chosen by moecomm.distributed.init()"),
-    "MOECOMM_TIMEOUT_S": ("300", "timeout of every collective and rendezvous, in seconds"),
+    "MOECOMM_TIMEOUT_S": ("300", "timeout of every collective and rendezvous, and the longest wait for a cache lock, in seconds"),
     "MOECOMM_LOG_LEVEL": ("WARNING", "level of the 'moecomm' logger"),
     "MOECOMM_MPIEXEC": ("", "the mpiexec `moecomm demo --launcher mpirun` runs (default: the one beside mpi4py's MPI library)"),
     "MOECOMM_CUDA_GRAPH_TOKENS": ("128", "MoE layers replay a CUDA graph per token count up to this many tokens (0: never)"),
