@@ -420,18 +420,33 @@ class CudaKernel:
 
 
 _loaded: dict[tuple[str, int], ctypes.c_void_p] = {}
-_kernels: dict[tuple[str, str, int], CudaKernel] = {}
+_kernels: dict[tuple[str, str, int], CudaKernel] = {}  # (cubin, function, device) -> kernel
+_by_call: dict[tuple, CudaKernel] = {}  # load()'s arguments -> kernel
+
+
+def forget_loaded() -> None:
+    """Forget the kernels load() returned (tests: the next load looks at the disk cache again).
+    Module handles stay loaded: a cubin's functions are reused, not loaded twice."""
+    _kernels.clear()
+    _by_call.clear()
 
 
 def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str | None = None,
          flags: Sequence[str] = DEFAULT_FLAGS, compiler_kind: str = "auto") -> CudaKernel:
     """Compile (or find in the cache) ``source`` for ``device``'s arch, load it, return kernel ``name``.
 
-    Module handles are kept per (cubin, device) for the life of the process: the second call with
-    the same arguments costs a dictionary lookup after the key's hash.
+    The first call with given arguments in a process hashes the sources, finds or compiles the
+    cubin and loads it; later calls with the same arguments return the same kernel from a
+    dictionary (so an edit of a source takes effect in the next process, not in this one).
     """
     import torch
 
+    where = str(device) if device is not None else (torch.cuda.current_device() if torch.cuda.is_available() else None)
+    memo = (str(source), name, where, arch,
+            tuple(flags) if not isinstance(flags, str) else flags, compiler_kind)
+    kern = _by_call.get(memo)
+    if kern is not None:
+        return kern
     err = load_error()
     if err is not None:
         raise UnsupportedHardwareError(f"moecomm.jit.cuda: cannot load {name}: {err}")
@@ -443,6 +458,7 @@ def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str 
     k = (str(compiled.path), name, index)
     kern = _kernels.get(k)
     if kern is not None:
+        _by_call[memo] = kern
         return kern
     drv = _get_driver()
     torch.cuda.init()
@@ -457,6 +473,7 @@ def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str 
         drv.check(drv.lib.cuModuleGetFunction(ctypes.byref(fn), mod, name.encode()),
                   f"cuModuleGetFunction({name!r} in {compiled.path})")
     kern = _kernels[k] = CudaKernel(compiled, name, index, fn)
+    _by_call[memo] = kern
     return kern
 
 

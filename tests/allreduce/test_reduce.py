@@ -86,7 +86,7 @@ def test_reduce_kernel_matches_reference_on_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("MOECOMM_CACHE_DIR", str(tmp_path))  # a cold cache: the first call compiles
     monkeypatch.setenv("MOECOMM_BACKEND", "auto")
     dev = torch.device("cuda")
-    cuda._kernels.clear()
+    cuda.forget_loaded()
 
     peers = _peers(2, 7, torch.bfloat16, dev, integer=True)
     torch.cuda.synchronize()
@@ -96,7 +96,7 @@ def test_reduce_kernel_matches_reference_on_gpu(tmp_path, monkeypatch):
     first = time.perf_counter() - t0
     k = _cuda.kernel(torch.bfloat16, dev)
     assert k.compiled.compiled and str(k.compiled.path).startswith(str(tmp_path))
-    cuda._kernels.clear()  # drop the in-process handles: the second call must come from the disk cache
+    cuda.forget_loaded()  # drop the in-process handles: the second call must come from the disk cache
     t0 = time.perf_counter()
     out2 = reduce_sum(peers)
     torch.cuda.synchronize()

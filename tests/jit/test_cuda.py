@@ -164,3 +164,27 @@ def test_nvrtc_compiles_when_importable(cache_dir):
         pytest.skip("neither cupy nor cuda-python (NVRTC) imports here")
     c = cuda.compile("allreduce/reduce.cu", compiler_kind="nvrtc")
     assert c.compiled and c.path.read_bytes()[:4] == b"\x7fELF"
+
+
+@pytest.mark.gpu
+def test_load_and_launch_a_tiny_kernel_on_gpu(cache_dir, tiny):
+    """The driver-API path: load the cubin for the device's arch, launch on torch's current stream
+    with a torch tensor and ctypes scalars; a second load() is the same kernel object."""
+    import ctypes
+
+    import torch
+
+    assert cuda.toolchain_error() is None, cuda.toolchain_error()
+    assert cuda.device_arch(0).startswith("sm_")
+    k = cuda.load(tiny, "tiny_add")
+    assert cuda.load(tiny, "tiny_add") is k and k.compiled.arch == cuda.device_arch(0)
+    x = torch.arange(1000, dtype=torch.float32, device="cuda")
+    k((4,), (256,), (x, ctypes.c_int(1000)))
+    k((4,), (256,), (x, ctypes.c_int(999)))
+    want = torch.arange(1000, dtype=torch.float32) + 2
+    want[999] -= 1
+    assert torch.equal(x.cpu(), want)
+    with pytest.raises(MoeCommTypeError, match="launch argument 1 must be a torch.Tensor or a ctypes scalar"):
+        k((1,), (1,), (x, 3))
+    with pytest.raises(cuda.CudaDriverError, match="cuModuleGetFunction"):
+        cuda.load(tiny, "no_such_kernel")
