@@ -5,8 +5,6 @@ cubin is published atomically, compile errors carry the command and the compiler
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
