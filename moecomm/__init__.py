@@ -25,7 +25,8 @@ _LAZY = {
     "MoeCommValueError": "moecomm.errors",
     "MoeCommTypeError": "moecomm.errors",
 }
-_SUBMODULES = ("routing", "permute", "ep", "gemm", "layer", "distributed", "jit", "apps", "testing", "errors")
+_SUBMODULES = ("routing", "permute", "ep", "gemm", "allreduce", "sampling", "attention", "layer", "distributed", "jit",
+               "apps", "testing", "errors")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]
 
