@@ -378,7 +378,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 raise MoeCommValueError(f"{_OP}: lse must be a contiguous float32 tensor of shape [{batch}, {hq}], "
                                         f"got {str(lse.dtype).replace('torch.', '')} {list(lse.shape)}")
         scale = p["sm_scale"] * (1.0 if q_scale is None else float(q_scale)) * (1.0 if k_scale is None else float(k_scale))
-        paged_decode(q, k, v, p["meta"], p["kv_indices"], p["part_o"], p["part_lse"], out,
+        # eager: the implementation itself (the Op's generic requires-grad scan over 18 arguments costs
+        # ~10 us of host time per layer; attention here has no gradient); compiling: the registered op
+        op = paged_decode if torch.compiler.is_compiling() or q.requires_grad else _decode_impl
+        op(q, k, v, p["meta"], p["kv_indices"], p["part_o"], p["part_lse"], out,
                      lse if return_lse else p["part_lse"], p["offsets"], p["num_programs"], p["page_size"],
                      self._kv_layout == reference.HND, p["direct"], return_lse, scale, p["soft_cap"], p["window_left"])
         if v_scale is not None and float(v_scale) != 1.0:

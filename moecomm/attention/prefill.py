@@ -268,7 +268,8 @@ class _PrefillBase:
             elif lse.shape != (nnz, hq) or lse.dtype is not torch.float32 or not lse.is_contiguous():
                 raise MoeCommValueError(f"{op}: lse must be a contiguous float32 tensor of shape [{nnz}, {hq}], "
                                         f"got {str(lse.dtype).replace('torch.', '')} {list(lse.shape)}")
-        paged_prefill(q, k, v, p["meta"], p["kv_indices"], p["mask"], out, lse if return_lse else out,
+        op = paged_prefill if torch.compiler.is_compiling() or q.requires_grad else _prefill_impl  # as decode's run()
+        op(q, k, v, p["meta"], p["kv_indices"], p["mask"], out, lse if return_lse else out,
                       p["offsets"], p["num_tiles"], page_size, self._kv_layout == reference.HND, p["causal"], p["custom"],
                       return_lse, p["sm_scale"] * scale_mul, p["soft_cap"], p["window_left"])
         return (out, lse) if return_lse else out
