@@ -4,6 +4,8 @@
 
     python -m benchmarks.bench_attention                          # GPU: the shapes
     python -m benchmarks.bench_attention --peer fi072=/tmp/fisite # + FlashInfer from that site folder
+                                     (default: $FI031_SITE / $FI072_SITE as benchmarks/gpu_session.sh sets them,
+                                     else an importable flashinfer; --peer-jit lets 0.3.1 compile its kernels)
     python -m benchmarks.bench_attention --sweep                  # + kernel configurations of ours
     python -m benchmarks.bench_attention --quick                  # tiny shapes, CPU, seconds (CI)
 
@@ -191,7 +193,8 @@ def run_peer(name: str, path: str | None, args) -> dict:
     if path:
         env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("FLASHINFER_CUDA_ARCH_LIST", "9.0")
-    env.setdefault("FLASHINFER_DISABLE_JIT", "1")  # a variant that is not precompiled errors instead of compiling for minutes
+    if not args.peer_jit:  # a variant that is not precompiled errors instead of compiling for minutes
+        env["FLASHINFER_DISABLE_JIT"] = "1"
     cmd = [sys.executable, "-m", "benchmarks.bench_attention", "--peer-only", "--warmup", str(args.warmup), "--rep", str(args.rep)]
     if args.quick:
         cmd.append("--quick")
@@ -218,6 +221,10 @@ def find_peers(args) -> list[tuple[str, str | None]]:
     for spec in args.peer:
         name, _, path = spec.partition("=")
         peers.append((name, path or None))
+    if not peers:  # the sites benchmarks/gpu_session.sh unpacks
+        for name, var in (("fi031", "FI031_SITE"), ("fi072", "FI072_SITE")):
+            if os.environ.get(var):
+                peers.append((name, os.environ[var]))
     if not peers and torch.cuda.is_available():
         import importlib.util
 
@@ -314,7 +321,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--peer", action="append", default=[], help="NAME=SITE_PATH of a FlashInfer to time (repeatable)")
     parser.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--peer-timeout", type=float, default=300)
+    parser.add_argument("--peer-timeout", type=float, default=120)
+    parser.add_argument("--peer-jit", action="store_true",
+                        help="let a peer JIT-compile what it lacks (FlashInfer 0.3.1: minutes; give --peer-timeout 400)")
     parser.add_argument("--sweep", action="store_true", help="also time our kernels under other configurations")
     parser.add_argument("--sweep-only", action="store_true", help="only the sweep (no baselines)")
     parser.add_argument("--no-prefill", action="store_true")
