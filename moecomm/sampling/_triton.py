@@ -529,7 +529,7 @@ def sample_kernel(
                 b_v = tl.minimum(hi_v, M)
                 if TKF:
                     if sk_lo < sk_hi:
-                        a_v = tl.maximum(klo_v, lo_v)
+                        a_v = klo_v  # below lo is fine: these pivots only tighten S_K
                         b_v = tl.minimum(khi_v, M)
                 bo = _ord(b_v).to(tl.int64)
                 if RAW:
