@@ -1,7 +1,7 @@
-"""End to end: a tiny Llama (transformers 5.17, random weights) decoding through moecomm.attention
-(our RoPE, append_paged_kv_cache, paged prefill for the prompts, paged decode for each new token,
-one plan per step shared by every layer) generates the same greedy tokens as transformers' own
-generate() with its attention.
+"""End to end: a tiny Llama and a tiny Qwen3-MoE (transformers 5.17, random weights) decoding through
+moecomm.attention (our RoPE, append_paged_kv_cache, paged prefill for the prompts, paged decode for
+each new token, one plan per step shared by every layer; the Qwen3-MoE blocks replaced by moecomm's
+MoE layer) generate the same greedy tokens as transformers' own generate() with its attention.
 
 # B = batch, nnz = tokens of a step, H = hidden, Hq / Hk = heads, D = head_dim, P = page_size
 """
@@ -56,10 +56,13 @@ class PagedEngine:
             q = att.q_proj(x).view(nnz, self.Hq, self.D)
             k = att.k_proj(x).view(nnz, self.Hk, self.D)
             v = att.v_proj(x).view(nnz, self.Hk, self.D)
+            if hasattr(att, "q_norm"):  # Qwen3: RMSNorm of each head's q and k before RoPE
+                q, k = att.q_norm(q), att.k_norm(k)
             q, k = A.apply_rope_pos_ids(q, k, pos, rope_theta=self.theta)
             A.append_paged_kv_cache(k, v, bi, pos, cache, indices, indptr, last)
             h = h + att.o_proj(attend(q, cache).reshape(nnz, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            m = layer.mlp(layer.post_attention_layernorm(h)[None])  # MoE blocks take [batch, tokens, hidden]
+            h = h + (m[0] if isinstance(m, tuple) else m)[0]
         return self.model.lm_head(self.model.model.norm(h))
 
     @torch.no_grad()
@@ -106,6 +109,37 @@ def test_greedy_tokens_match_transformers(request, backend):
     prompts = [[5, 17, 2, 40, 3], [9, 1, 1, 60, 22, 7, 8, 31, 4, 50, 11]]  # ragged: 5 and 11 tokens
     new = 6
     ours = PagedEngine(model).generate(prompts, new)
+    for b, p in enumerate(prompts):
+        ids = torch.tensor([p])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             pad_token_id=0)[0, len(p):].tolist()
+        assert ours[b] == ref, f"prompt {b}: ours {ours[b]} vs transformers {ref}"
+
+
+def _qwen3_moe():
+    torch.manual_seed(1)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=97, hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256,
+                                      rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+                                      attn_implementation="eager")
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    return model
+
+
+def test_qwen3_moe_with_moecomm_moe_matches_transformers(triton_backend):
+    import copy
+
+    import moecomm
+
+    model = _qwen3_moe()
+    ours_model = copy.deepcopy(model)
+    assert moecomm.patch_hf_model(ours_model) == 2  # both MoE blocks now moecomm.MoE
+    prompts = [[5, 17, 2, 40, 3, 9, 9], [60, 22, 7]]
+    new = 5
+    ours = PagedEngine(ours_model).generate(prompts, new)
     for b, p in enumerate(prompts):
         ids = torch.tensor([p])
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
