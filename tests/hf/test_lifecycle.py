@@ -250,3 +250,79 @@ def test_unpatch_checks_its_argument():
 
     with pytest.raises(MoeCommTypeError, match="unpatch_hf_model: model must be a torch.nn.Module, got int"):
         moecomm.unpatch_hf_model(3)
+
+
+# ----------------------------------------------------------------------------- transformers' knobs
+@torch.no_grad()
+def test_experts_implementation_knob_keeps_working_on_a_patched_model():
+    """patch_hf_model sets the knob to "moecomm"; another choice runs transformers' block with it;
+    "moecomm" brings ours back; unpatch restores the knob."""
+    ref, pat = _patched("qwen3_moe")
+    before = ref.config._experts_implementation
+    assert pat.config._experts_implementation == "moecomm"
+    x = torch.randn(1, 5, 64)
+    moe, block = pat.model.layers[0].mlp, ref.model.layers[0].mlp
+    assert moe.runs_moecomm()
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        pat.set_experts_implementation(impl)
+        ref.set_experts_implementation(impl)
+        assert not moe.runs_moecomm()
+        assert torch.equal(moe(x), block(x))  # transformers' own forward, that implementation
+    pat.set_experts_implementation("moecomm")
+    assert moe.runs_moecomm()
+    ids = _ids()
+    ref.set_experts_implementation(before)
+    assert torch.equal(_generate(pat, ids), _generate(ref, ids))
+    moecomm.unpatch_hf_model(pat)
+    assert pat.config._experts_implementation == before
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@torch.no_grad()
+def test_moecomm_experts_implementation_on_an_unpatched_model(family):
+    """experts_implementation="moecomm" without patching: transformers routes, our kernels run the experts."""
+    ref = _model(family)
+    ours = copy.deepcopy(ref)
+    from moecomm.layer.hf import experts
+
+    assert experts.register()
+    ours.set_experts_implementation("moecomm")
+    ids = _ids()
+    want, got = ref(ids).logits, ours(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    assert not any(isinstance(m, moecomm.MoE) for m in ours.modules())
+
+
+def test_tp_plan_names_exist_in_a_patched_model():
+    """tp_plan="auto" shards by module/parameter name: every name the plan gives for the MoE blocks
+    (mlp.experts.gate_up_proj, mlp.gate, ...) still names a module or parameter of the patched model."""
+    import fnmatch
+
+    for family in ("mixtral", "qwen3_moe", "deepseek_v3"):
+        ref, pat = _patched(family)
+        plan = getattr(ref.model, "_tp_plan", None) or ref.model.config.base_model_tp_plan or {}
+        mlp_keys = [k for k in plan if ".mlp." in k]
+        assert mlp_keys, (family, plan)
+        def names(m):
+            return {n for n, _ in m.named_modules()} | {n for n, _ in m.named_parameters()}
+
+        before, after = names(ref.model), names(pat.model)
+        used = [k for k in mlp_keys if any(fnmatch.fnmatch(n, k) for n in before)]  # the plan also names dense MLPs
+        assert any("experts.gate_up_proj" in k for k in used), (family, used)
+        for key in used:
+            assert {n for n in before if fnmatch.fnmatch(n, key)} == {n for n in after if fnmatch.fnmatch(n, key)}, key
+
+
+def test_patching_48_layers_on_meta_takes_under_a_second():
+    """The Qwen3-30B-A3B config (48 MoE layers of 128 experts), built on the meta device."""
+    import time
+
+    cfg = transformers.Qwen3MoeConfig(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                                      num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                      intermediate_size=6144, vocab_size=151936, norm_topk_prob=True)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    t0 = time.process_time()
+    assert moecomm.patch_hf_model(model) == 48
+    took = time.process_time() - t0
+    assert took < 1.0, f"patching took {took:.2f} s of host time"

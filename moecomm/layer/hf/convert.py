@@ -26,6 +26,7 @@ from torch import nn
 
 from ...errors import MoeCommError, MoeCommTypeError, MoeCommValueError
 from ..config import MoEConfig
+from . import experts
 from .blocks import SUPPORTED_BLOCKS, BlockRow, find_row
 from .patched import HFMoE
 
@@ -149,6 +150,11 @@ def patch_hf_model(model: nn.Module) -> int:
             continue
         parent, attr = _parent(model, name)
         setattr(parent, attr, moe)
+    replaced = [m for m in model.modules() if isinstance(m, HFMoE) and not m.follows_experts_implementation]
+    # transformers now reports "moecomm", generate() leaves it alone, and a later choice is honoured
+    if replaced and not left and _set_experts_implementation(model, experts.NAME):
+        for moe in replaced:
+            moe.follows_experts_implementation = True
     for why, names in left.items():
         _log.warning("moecomm.patch_hf_model: left %d block(s) as transformers' own (%s%s), because %s", len(names),
                      ", ".join(names[:3]), ", ..." if len(names) > 3 else "", why)
@@ -167,4 +173,19 @@ def unpatch_hf_model(model: nn.Module) -> int:
     for name, mod in targets:
         parent, attr = _parent(model, name)
         setattr(parent, attr, mod.restore())
+    if targets and targets[0][1].experts_implementation_before is not None:
+        _set_experts_implementation(model, targets[0][1].experts_implementation_before)
     return len(targets)
+
+
+def _set_experts_implementation(model: nn.Module, name: str) -> bool:
+    """model.set_experts_implementation(name) where model is a transformers model that has the knob."""
+    setter = getattr(model, "set_experts_implementation", None)
+    if setter is None or not experts.register():
+        return False
+    try:
+        setter(name)
+    except (ValueError, RuntimeError, KeyError) as exc:  # a model whose knob is locked (deepgemm_megamoe)
+        _log.warning("moecomm.patch_hf_model: experts implementation left as it was (%s)", exc)
+        return False
+    return True

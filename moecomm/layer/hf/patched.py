@@ -31,6 +31,7 @@ from ...routing import RoutingMethod
 from ..config import MoEConfig
 from ..moe import MoE
 from .blocks import BlockRow
+from .experts import NAME
 
 __all__ = ["HFMoE"]
 
@@ -52,6 +53,10 @@ class HFMoE(MoE):
         object.__setattr__(self, "_hf_block", block)  # not a submodule: its tensors are the layer's, counted once
         self.row = row
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
+        # transformers' experts implementation when the block was replaced (unpatch puts it back), and
+        # whether the forward follows the knob (patch_hf_model sets it to "moecomm" and this to True)
+        self.experts_implementation_before = self._experts_implementation(block.experts)
+        self.follows_experts_implementation = False
         self._build(config, dtype=dtype, device=device, ep_group=None, placement=None)
         self.train(block.training)
 
@@ -104,6 +109,16 @@ class HFMoE(MoE):
         return b.train(self.training)
 
     # ------------------------------------------------------------------ forward
+    @staticmethod
+    def _experts_implementation(experts: nn.Module) -> str | None:
+        return getattr(getattr(experts, "config", None), "_experts_implementation", None)
+
+    def runs_moecomm(self) -> bool:
+        """Whether forward runs moecomm's layer: always for a layer from from_hf(block); in a model patched by
+        patch_hf_model, while its config._experts_implementation is "moecomm" (another choice made later,
+        set_experts_implementation("eager") say, runs transformers' block with it)."""
+        return not self.follows_experts_implementation or self._experts_implementation(self._modules["experts"]) == NAME
+
     def _gate_hooked(self) -> bool:
         g = self._modules["gate"]
         return bool(g._forward_hooks or g._forward_pre_hooks or nn.modules.module._global_forward_hooks)
@@ -126,6 +141,8 @@ class HFMoE(MoE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, H] (any [..., H]) -> [..., H], as the block's forward."""
+        if not self.runs_moecomm():
+            return self.restore().forward(x)  # the block holds the current tensors: its forward, its choice
         if self.training and self.jitter_noise > 0:  # as Mixtral's block: same draw, same place in the RNG stream
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         return super().forward(x)
