@@ -326,3 +326,24 @@ def test_patching_48_layers_on_meta_takes_under_a_second():
     assert moecomm.patch_hf_model(model) == 48
     took = time.process_time() - t0
     assert took < 1.0, f"patching took {took:.2f} s of host time"
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "minimax_m2"])
+@torch.no_grad()
+def test_patched_block_traces_fullgraph(family):
+    """torch.compile(fullgraph=True) traces a patched block (dynamo only: inductor's compile time
+    is tests/layer's job), with and without a hook on its router (transformers' recorder)."""
+    _, pat = _patched(family)
+    moe = pat.model.layers[0].mlp
+    x = torch.randn(1, 5, 64)
+    want = moe(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(moe, fullgraph=True, backend="eager")(x), want, atol=1e-6, rtol=1e-6)
+    seen = []
+    handle = moe.gate.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(moe, fullgraph=True, backend="eager")(x), want, atol=1e-6, rtol=1e-6)
+    finally:
+        handle.remove()
+    assert seen  # the router module ran, so a recorder would see its logits
