@@ -20,6 +20,7 @@ for wide experts at prefill sizes (materialize_min_rows), copied once into exper
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -34,6 +35,9 @@ from .graphs import GraphRunner
 
 __all__ = ["MoE", "SharedExpertMLP"]
 
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(MoEConfig))
 
 
 def _config_field(name: str) -> property:
@@ -133,6 +137,10 @@ class MoE(nn.Module):
     ):
         """The arguments above; config: the other MoEConfig fields (routing, renormalize, ...)."""
         super().__init__()
+        unknown = sorted(set(config) - _CONFIG_FIELDS)
+        if unknown:
+            raise MoeCommTypeError(f"MoE: arguments must be among {sorted(_CONFIG_FIELDS - {'hidden_size', 'intermediate_size', 'num_experts', 'top_k'})} "
+                                   f"and dtype, device, ep_group, placement, got {', '.join(unknown)}")
         cfg = MoEConfig(hidden_size, intermediate_size, num_experts, top_k, **config)
         self._build(cfg, dtype=dtype, device=device, ep_group=ep_group, placement=placement)
 

@@ -49,6 +49,17 @@ def test_config_is_frozen_holds_effective_values_and_revalidates_on_replace():
     moe.cuda_graph_tokens = 0  # the one run-time knob stays settable
 
 
+def test_unknown_argument_names_the_accepted_ones():
+    with pytest.raises(MoeCommTypeError, match=r"^MoE: arguments must be among \[.*'renormalize'.*\] and dtype, device, ep_group, placement, got renormalise$"):
+        MoE(H, I, E, 2, renormalise=True)
+
+
+def test_public_names():
+    import moecomm
+
+    assert moecomm.MoEConfig is MoEConfig and callable(moecomm.unpatch_hf_model)
+
+
 def test_from_config_needs_a_config():
     with pytest.raises(MoeCommTypeError, match="^MoE.from_config: config must be a moecomm.layer.MoEConfig, got dict"):
         MoE.from_config({"hidden_size": H})
