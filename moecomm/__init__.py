@@ -21,6 +21,8 @@ _LAZY = {
     "RoutingMethod": "moecomm.routing",
     "from_hf": "moecomm.layer.hf",
     "patch_hf_model": "moecomm.layer.hf",
+    "unpatch_hf_model": "moecomm.layer.hf",
+    "MoEConfig": "moecomm.layer",
     "MoeCommError": "moecomm.errors",
     "MoeCommValueError": "moecomm.errors",
     "MoeCommTypeError": "moecomm.errors",
