@@ -8,8 +8,10 @@ validates the page table, cuts each request's queries into BLOCK_M tiles (heavie
 custom mask into bits, and uploads the metadata with one copy; run() launches one kernel per layer.
 Masks: causal (queries at the end of the KV: query i sees keys j <= kv_len - qo_len + i), a
 sliding window (window_left), a custom mask (bool per (query, key) of each request, or FlashInfer's
-packed bits), combined by "and"; logits soft-cap; sm_scale. Not done here: CUDA-graph mode for
-prefill (decode has it), block-sparse patterns, in-kernel RoPE (use apply_rope first).
+packed bits), combined by "and"; logits soft-cap; sm_scale. CUDA-graph mode (paged wrapper): the
+metadata buffer and the grid (Hq, max_num_qo_tokens / BLOCK_M + max_batch programs, the surplus
+exiting at once) are fixed at construction, so one captured run() replays for any later plan.
+Not here: in-kernel RoPE (use apply_rope first); block-sparse lives in blocksparse.py.
 """
 
 from __future__ import annotations
@@ -21,11 +23,20 @@ import torch
 
 from ..errors import MoeCommTypeError, MoeCommValueError
 from ..jit import backend as _backend
-from ..jit.launch import launch
+from ..jit.launch import cdiv, launch
 from ..jit.ops import define_op
 from . import reference
-from ._common import (Staging, check_heads, check_indices, check_kv_cache, check_layout, check_page_table,
-                      host_ints, nhd_strides, parse_dtype)
+from ._common import (
+    Staging,
+    check_heads,
+    check_indices,
+    check_kv_cache,
+    check_layout,
+    check_page_table,
+    host_ints,
+    nhd_strides,
+    parse_dtype,
+)
 
 _OP = "BatchPrefillWithPagedKVCacheWrapper"
 _ALIGN = 16
@@ -55,9 +66,8 @@ def _prefill_impl(
         last = torch.where(npages > 0, lengths - (npages - 1) * page_size, torch.zeros_like(lengths))
         dense = mask_offs = None
         if custom:
-            bits = reference.unpack_mask_bits(mask_bits.cpu(), mask_bits.numel() * 8)
+            dense = reference.unpack_mask_bits(mask_bits.cpu(), mask_bits.numel() * 8)
             mask_offs = m[off_mask:off_mask + batch]
-            dense, mask_offs = bits, mask_offs
         o, s = reference.batch_prefill(q, qo_indptr, k_cache, v_cache, layout, indptr, kv_indices.cpu(), last,
                                        causal=causal, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap or None,
                                        window_left=window_left, custom_mask=dense, mask_indptr=mask_offs)
@@ -77,11 +87,12 @@ def _prefill_impl(
         q.stride(0), q.stride(1), *nhd_strides(k_cache, layout), *nhd_strides(v_cache, layout),
         out.stride(0), out.stride(1), sm_scale, logits_soft_cap if soft else 1.0, max(window_left, 0),
     ), dict(GROUP=num_qo_heads // num_kv_heads, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-            CAUSAL=causal, WINDOW=window_left >= 0, SOFT_CAP=soft, CUSTOM=custom, WRITE_LSE=write_lse),
+            CAUSAL=causal, WINDOW=window_left >= 0, SOFT_CAP=soft, CUSTOM=custom, WRITE_LSE=write_lse,
+            DOT_PRECISION="ieee" if q.dtype is torch.float32 else "tf32"),
         num_warps, num_stages)
 
 
-paged_prefill = define_op("paged_prefill", _prefill_impl, fake=lambda *args: None, mutates_args=("out", "lse"),
+paged_prefill = define_op("attention_paged_prefill", _prefill_impl, fake=lambda *args: None, mutates_args=("out", "lse"),
                           differentiable=False)
 
 
@@ -118,17 +129,41 @@ def _pack_custom_mask(op, custom_mask, packed_custom_mask, qo_lens, kv_lens):
 class _PrefillBase:
     _op = _OP
 
-    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, use_cuda_graph: bool):
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, use_cuda_graph: bool, qo_indptr_buf=None,
+                 paged_kv_indices_buf=None, max_num_qo_tokens: int | None = None):
         if not isinstance(float_workspace_buffer, torch.Tensor):
             raise MoeCommTypeError(f"{self._op}: float_workspace_buffer must be a torch.Tensor, got "
                                    f"{type(float_workspace_buffer).__name__}")
-        if use_cuda_graph:
-            raise MoeCommValueError(f"{self._op}: use_cuda_graph must be False (prefill has no CUDA-graph mode yet; "
-                                    "BatchDecodeWithPagedKVCacheWrapper does), got True")
         self._kv_layout = check_layout(self._op, kv_layout)
         self._device = float_workspace_buffer.device
-        self._staging = Staging(self._device, 1024)
+        self._graph = bool(use_cuda_graph)
         self._plan = None
+        if not self._graph:
+            self._staging = Staging(self._device, 1024)
+            return
+        # CUDA-graph mode: every buffer and the grid fixed here (module docstring)
+        if qo_indptr_buf is None or paged_kv_indices_buf is None or max_num_qo_tokens is None:
+            raise MoeCommValueError(f"{self._op}: qo_indptr_buf, paged_kv_indices_buf and max_num_qo_tokens must be given "
+                                    "with use_cuda_graph=True (they fix the maximum batch, pages and query rows), got None")
+        for name, t in (("qo_indptr_buf", qo_indptr_buf), ("paged_kv_indices_buf", paged_kv_indices_buf)):
+            if not isinstance(t, torch.Tensor) or t.dtype is not torch.int32 or t.dim() != 1 or not t.is_contiguous():
+                raise MoeCommValueError(f"{self._op}: {name} must be a contiguous 1-D int32 tensor, got {t!r:.60}")
+        if isinstance(max_num_qo_tokens, bool) or not isinstance(max_num_qo_tokens, int) or max_num_qo_tokens < 1:
+            raise MoeCommValueError(f"{self._op}: max_num_qo_tokens must be an int >= 1, got {max_num_qo_tokens!r}")
+        self._max_batch = qo_indptr_buf.shape[0] - 1
+        self._max_tokens = max_num_qo_tokens
+        self._indices_buf = paged_kv_indices_buf
+        # tiles of any BLOCK_M >= 16: at most max_tokens / 16 + one partial tile per request
+        self._tile_cap = cdiv(max_num_qo_tokens, 16) + self._max_batch
+        self._staging = Staging(self._device, self._layout(0, 0)[1])
+
+    def _layout(self, batch: int, num_tiles: int):
+        cap_t, cap_b = (self._tile_cap, self._max_batch) if self._graph else (num_tiles, batch)
+        ts, bs = _round_up(max(cap_t, 1), _ALIGN), _round_up(cap_b + 1, _ALIGN)
+        off_tile_req, off_tile_q0 = _ALIGN, _ALIGN + ts
+        off_qo_indptr = _ALIGN + 2 * ts
+        off_kv_indptr, off_kv_len, off_mask = off_qo_indptr + bs, off_qo_indptr + 2 * bs, off_qo_indptr + 3 * bs
+        return [off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask], off_qo_indptr + 4 * bs
 
     def _plan_core(self, qo_indptr, kv_indptr_np, lengths, indices, num_qo_heads, num_kv_heads, head_dim, page_size,
                    custom_mask, packed_custom_mask, causal, sm_scale, window_left, logits_soft_cap, q_data_type,
@@ -144,6 +179,8 @@ class _PrefillBase:
         cap = 0.0 if logits_soft_cap is None else float(logits_soft_cap)
         if not (cap >= 0 and math.isfinite(cap)):
             raise MoeCommValueError(f"{op}: logits_soft_cap must be None or a finite value >= 0, got {logits_soft_cap!r}")
+        if sm_scale is not None and not (float(sm_scale) > 0 and math.isfinite(float(sm_scale))):
+            raise MoeCommValueError(f"{op}: sm_scale must be a finite value > 0, got {sm_scale!r}")
         qo_np = host_ints(op, "qo_indptr", qo_indptr)
         batch = lengths.shape[0]
         if qo_np.shape[0] != batch + 1:
@@ -152,12 +189,21 @@ class _PrefillBase:
         if qo_np[0] != 0 or (batch and qo_lens.min() < 0):
             raise MoeCommValueError(f"{op}: qo_indptr must start at 0 and be non-decreasing, got {qo_np.tolist()[:8]}...")
         custom = custom_mask is not None or packed_custom_mask is not None
+        if self._graph:
+            if custom:
+                raise MoeCommValueError(f"{op}: custom_mask must be None with use_cuda_graph=True (its size varies), got a mask")
+            if batch > self._max_batch or qo_np[-1] > self._max_tokens:
+                raise MoeCommValueError(f"{op}: batch size and qo_indptr[-1] must be <= {self._max_batch} and "
+                                        f"{self._max_tokens} (the CUDA-graph buffers'), got {batch} and {int(qo_np[-1])}")
         bits = offs = None
         if custom:
             bits, offs = _pack_custom_mask(op, custom_mask, packed_custom_mask, qo_lens, lengths)
         block_m = PREFILL_CONFIGS[head_dim][0]
         ntiles = (qo_lens + block_m - 1) // block_m
         num_tiles = int(ntiles.sum())
+        if num_tiles > 65535:
+            raise MoeCommValueError(f"{op}: qo_indptr must describe <= 65535 tiles of {block_m} query rows (CUDA's grid "
+                                    f"limit), got {num_tiles}; split the batch")
         tile_req = np.repeat(np.arange(batch), ntiles)
         tile_indptr = np.zeros(batch + 1, dtype=np.int64)
         np.cumsum(ntiles, out=tile_indptr[1:])
@@ -167,15 +213,18 @@ class _PrefillBase:
             order = np.argsort(-work, kind="stable")
             tile_req, tile_q0 = tile_req[order], tile_q0[order]
 
-        ts, bs = _round_up(max(num_tiles, 1), _ALIGN), _round_up(batch + 1, _ALIGN)
-        off_tile_req, off_tile_q0 = _ALIGN, _ALIGN + ts
-        off_qo_indptr = _ALIGN + 2 * ts
-        off_kv_indptr, off_kv_len, off_mask = off_qo_indptr + bs, off_qo_indptr + 2 * bs, off_qo_indptr + 3 * bs
-        fixed_end = off_qo_indptr + 4 * bs
+        (off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask), fixed_end = \
+            self._layout(batch, num_tiles)
         dev_indices = None
-        if isinstance(indices, torch.Tensor) and indices.device.type != "cpu":
-            dev_indices = indices if indices.dtype is torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
         num_indices = indices.shape[0] if isinstance(indices, torch.Tensor) else len(indices)
+        if self._graph:
+            if num_indices > self._indices_buf.shape[0]:
+                raise MoeCommValueError(f"{op}: paged_kv_indices must hold <= {self._indices_buf.shape[0]} ids "
+                                        f"(paged_kv_indices_buf's size), got {num_indices}")
+            self._indices_buf[:num_indices].copy_(torch.as_tensor(indices).to(torch.int32), non_blocking=non_blocking)
+            dev_indices = self._indices_buf
+        elif isinstance(indices, torch.Tensor) and indices.device.type != "cpu":
+            dev_indices = indices if indices.dtype is torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
         need = fixed_end + (0 if dev_indices is not None else num_indices)
         st = self._staging
         st.ensure(need)
@@ -200,13 +249,14 @@ class _PrefillBase:
             sm_scale=1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale), soft_cap=cap,
             window_left=window_left, offsets=[off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len,
                                               off_mask, batch],
-            num_tiles=max(num_tiles, 1), kv_indices=kv_indices, mask=mask_t, meta=st.dev, max_index=max_index,
+            num_tiles=cdiv(self._max_tokens, block_m) + self._max_batch if self._graph else max(num_tiles, 1),
+            kv_indices=kv_indices, mask=mask_t, meta=st.dev, max_index=max_index,
         )
 
     def _run_core(self, q, k, v, page_size, out, lse, return_lse, scale_mul):
         p = self._plan
         op = self._op
-        nnz, hq, hd = p["nnz"], p["num_qo_heads"], p["head_dim"]
+        nnz, hq = q.shape[0], p["num_qo_heads"]
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         elif out.shape != q.shape or out.dtype is not q.dtype or out.stride(2) != 1:
@@ -218,7 +268,8 @@ class _PrefillBase:
             elif lse.shape != (nnz, hq) or lse.dtype is not torch.float32 or not lse.is_contiguous():
                 raise MoeCommValueError(f"{op}: lse must be a contiguous float32 tensor of shape [{nnz}, {hq}], "
                                         f"got {str(lse.dtype).replace('torch.', '')} {list(lse.shape)}")
-        paged_prefill(q, k, v, p["meta"], p["kv_indices"], p["mask"], out, lse if return_lse else out,
+        op = paged_prefill if torch.compiler.is_compiling() or q.requires_grad else _prefill_impl  # as decode's run()
+        op(q, k, v, p["meta"], p["kv_indices"], p["mask"], out, lse if return_lse else out,
                       p["offsets"], p["num_tiles"], page_size, self._kv_layout == reference.HND, p["causal"], p["custom"],
                       return_lse, p["sm_scale"] * scale_mul, p["soft_cap"], p["window_left"])
         return (out, lse) if return_lse else out
@@ -231,6 +282,8 @@ class _PrefillBase:
         if not isinstance(q, torch.Tensor):
             raise MoeCommTypeError(f"{op}: q must be a torch.Tensor, got {type(q).__name__}")
         want = (p["nnz"], p["num_qo_heads"], p["head_dim"])
+        if self._graph and q.dim() == 3 and p["nnz"] <= q.shape[0] <= self._max_tokens:
+            want = (q.shape[0],) + want[1:]  # a graph's fixed q buffer: rows past qo_indptr[-1] are left alone
         if tuple(q.shape) != want:
             raise MoeCommValueError(f"{op}: q must have shape [qo_indptr[-1], num_qo_heads, head_dim] = {list(want)} "
                                     f"(as planned), got {list(q.shape)}")
@@ -245,8 +298,11 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillBase):
 
     Args:
         float_workspace_buffer: a tensor on the wrapper's device (FlashInfer's workspace; its device is used).
-        kv_layout: "NHD" or "HND". use_cuda_graph: must be False (no graph mode for prefill yet).
-        The remaining FlashInfer arguments (qo_indptr_buf, ...) are accepted and unused.
+        kv_layout: "NHD" or "HND".
+        use_cuda_graph: buffers and grid fixed here: then qo_indptr_buf ([max_batch + 1] int32),
+            paged_kv_indices_buf ([max_num_pages] int32, on the device) and max_num_qo_tokens (ours: the
+            rows of the q buffer a graph is captured with) must be given; no custom mask in this mode.
+        The remaining FlashInfer arguments (paged_kv_indptr_buf, ...) are accepted and unused.
 
     Example:
         >>> w = BatchPrefillWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device="cuda"))
@@ -258,8 +314,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillBase):
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  qo_indptr_buf=None, paged_kv_indptr_buf=None, paged_kv_indices_buf=None,
                  paged_kv_last_page_len_buf=None, custom_mask_buf=None, mask_indptr_buf=None, backend: str = "auto",
-                 jit_args=None):
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph)
+                 jit_args=None, *, max_num_qo_tokens: int | None = None):
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf, paged_kv_indices_buf,
+                         max_num_qo_tokens)
 
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: int | None = None, custom_mask=None,
@@ -332,7 +389,10 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillBase):
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  qo_indptr_buf=None, kv_indptr_buf=None, custom_mask_buf=None, mask_indptr_buf=None,
                  backend: str = "auto", jit_args=None):
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph)
+        if use_cuda_graph:
+            raise MoeCommValueError(f"{self._op}: use_cuda_graph must be False (the paged prefill wrapper has a graph "
+                                    "mode), got True")
+        super().__init__(float_workspace_buffer, kv_layout, False)
         if self._kv_layout != reference.NHD:
             raise MoeCommValueError(f"{self._op}: kv_layout must be 'NHD' for ragged K / V [nnz_kv, Hk, D], got {kv_layout!r}")
 
