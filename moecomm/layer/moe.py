@@ -106,6 +106,10 @@ class MoE(nn.Module):
         cuda_graph_tokens: on a CUDA device with EP size 1, a forward of at most this many tokens
             replays a CUDA graph captured for its token count (the second time that count is seen),
             when no autograd is recorded and neither torch.compile nor another capture is running.
+            With EP size > 1, forwards of at most this many tokens per rank exchange tokens in the
+            static-capacity mode (buffers sized at construction, no host sync: the caller may
+            capture the layer in a CUDA graph on every rank at once); larger ones in the throughput
+            mode (one host sync for the split sizes).
             A decode step is otherwise bound by Python and kernel-launch time. 0 turns it off;
             None reads MOECOMM_CUDA_GRAPH_TOKENS (default 128). Replacing a weight tensor (not its
             values) drops the graphs; at most 16 token counts are kept per layer.
@@ -215,9 +219,11 @@ class MoE(nn.Module):
                                    materialize_min_rows=materialize_min_rows)
         from ..ep import EPDispatcher
 
+        # decode sizes (<= cuda_graph_tokens tokens a rank) take the static-capacity exchange: no host
+        # sync, so a model-level CUDA graph can capture the layer; larger calls the throughput mode
         return EPDispatcher(
             self.num_experts, self.top_k, self.hidden_size, group=self.ep_group, placement=self.placement,
-            dtype=self.w_gate_up.dtype,
+            dtype=self.w_gate_up.dtype, max_tokens=self.cuda_graph_tokens or None, share_buffers=True,
         )
 
     @torch.no_grad()

@@ -363,3 +363,15 @@ def test_static_mode_over_a_one_rank_nccl_group_replays_from_a_cuda_graph(monkey
         _graph_step_matches_eager(disp, 256, 16, 4, 64)
     finally:
         dist.destroy_process_group()
+
+
+def test_shared_buffers_are_one_set():
+    kw = dict(dtype=torch.float32, max_tokens=8, force_exchange=True)
+    a = D.EPDispatcher(8, 2, 16, share_buffers=True, **kw)
+    b = D.EPDispatcher(8, 2, 16, share_buffers=True, **kw)
+    c = D.EPDispatcher(8, 2, 16, **kw)
+    assert a._static is b._static and a._static is not c._static
+    x, i, w = torch.ones(3, 16), torch.tensor([[0, 5]] * 3), torch.ones(3, 2)
+    for disp in (a, b):  # one after the other, as a model's layers run: each result is right
+        res = disp.dispatch(x, i, w)
+        assert torch.equal(disp.combine(torch.ones(res.gather_idx.shape[0], 16), res.handle), torch.full((3, 16), 2.0))

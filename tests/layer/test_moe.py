@@ -223,28 +223,33 @@ def test_triton_kernels_through_interpreter(triton_backend):
         torch.testing.assert_close(moe(x), moe.reference_forward(x), atol=tol, rtol=tol)
 
 
-def _ep_rank(num_experts, top_k):
+def _ep_rank(num_experts, top_k, graph_tokens=None):
     import torch.distributed as dist
 
     torch.manual_seed(0)
     full = MoE(H, I, num_experts, top_k, renormalize=True, shared_expert_intermediate_size=16)  # same on every rank
     x = torch.randn(2 + dist.get_rank(), 5, H)  # ranks hold different numbers of tokens
-    moe = MoE(H, I, num_experts, top_k, renormalize=True, shared_expert_intermediate_size=16, ep_group=dist.group.WORLD)
+    moe = MoE(H, I, num_experts, top_k, renormalize=True, shared_expert_intermediate_size=16, ep_group=dist.group.WORLD,
+              cuda_graph_tokens=graph_tokens)
     moe.gate.weight.data.copy_(full.gate.weight)
     moe.shared_experts.load_state_dict(full.shared_experts.state_dict())
     moe.load_expert_weights(full.w_gate_up, full.w_down)
     with torch.no_grad():
-        return moe.num_local_experts, (moe(x) - full.reference_forward(x)).abs().max().item()
+        return moe.num_local_experts, (moe(x) - full.reference_forward(x)).abs().max().item(), moe.dispatcher.max_tokens
 
 
-def test_expert_parallel_two_ranks_matches_single_process():
-    """The layer with ep_group: each rank holds its experts only; the output equals the one-process layer."""
+@pytest.mark.parametrize("graph_tokens,static", [(None, 128), (4, 4), (0, None)])
+def test_expert_parallel_two_ranks_matches_single_process(graph_tokens, static):
+    """The layer with ep_group: each rank holds its experts only; the output equals the one-process
+    layer. Up to cuda_graph_tokens tokens a rank the exchange runs in static-capacity mode (10 and 15
+    tokens here: static by default, the throughput mode with 4 or 0)."""
     pytest.importorskip("moecomm.ep.nccl")
     from moecomm.testing import run_distributed
 
-    results = run_distributed(2, _ep_rank, 7, 2)  # 7 experts on 2 ranks: 4 and 3
+    results = run_distributed(2, _ep_rank, 7, 2, graph_tokens)  # 7 experts on 2 ranks: 4 and 3
     assert [r[0] for r in results] == [4, 3]
-    assert all(err < 1e-4 for _, err in results), results
+    assert all(err < 1e-4 for _, err, _ in results), results
+    assert all(r[2] == static for r in results)
 
 
 def test_load_expert_weights_checks_shapes():
