@@ -26,6 +26,7 @@ routing weight riding along.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,8 +55,9 @@ class RowLayout:
     meta_col: int
 
     @staticmethod
+    @functools.lru_cache(maxsize=64)
     def of(hidden: int, top_k: int, dtype: torch.dtype) -> RowLayout:
-        es = torch.empty((), dtype=dtype).element_size()
+        es = dtype.itemsize
         per_word = max(1, 4 // es)
         cols = -(-hidden // per_word) * per_word
         return RowLayout(hidden, top_k, cols, cols + 2 * top_k * 4 // es, cols * es // 4)
