@@ -67,9 +67,14 @@ def test_gradcheck_expert_mlp(layout, activation):
         lambda x, gu, dn: GM.expert_mlp_op(x, gu, dn, offs, layout, activation, None, None), (x[:m], gu, dn))
 
 
-def _close(got, want, tol):
+def _close(got, want, dev):
+    # CPU: fp32 throughout, 1e-5. GPU: the kernels run fp32 as tf32 (10-bit mantissa, 2**-11 relative
+    # per operand), depth <= 32 -> a few 1e-3 relative to the operands: compare norms.
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+        if dev == "cpu":
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        else:
+            assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("layout", ["ekn", "enk"])
@@ -86,7 +91,7 @@ def test_grouped_mm_fp32_matches_autograd_through_the_reference(backend, layout)
     got = torch.autograd.grad(y, (x, w, rs), g)
     yr = grouped_mm_reference(x, w, offs, layout=layout, gather_idx=gi, row_scale=rs)
     want = torch.autograd.grad(yr, (x, w, rs), g)
-    _close(got, want, 1e-5)
+    _close(got, want, dev)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
@@ -104,7 +109,7 @@ def test_expert_mlp_fp32_matches_autograd_through_the_reference(backend, activat
     got = torch.autograd.grad(y, (x, gu, dn, rs), g)
     yr = expert_mlp_reference(x, gu, dn, offs, activation=activation, gather_idx=gi, row_scale=rs)
     want = torch.autograd.grad(yr, (x, gu, dn, rs), g)
-    _close(got, want, 1e-5)
+    _close(got, want, dev)
 
 
 def test_only_the_needed_gradients_are_computed(monkeypatch):
