@@ -146,3 +146,19 @@ def test_opcheck_with_grad():
     gu, dn = _t(3, 8, 4, dtype=torch.float32), _t(3, 4, 4, dtype=torch.float32)
     torch.library.opcheck(GM.expert_mlp_op.op, (x, gu, dn, offs, "enk", "silu", None, rs))
     torch.library.opcheck(AG.grouped_mm_wgrad.op, (torch.randn(8, 4), torch.randn(8, 6), offs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sizes", [[0, 37, 0, 64, 27], [256, 0, 0, 1]])
+def test_gpu_weight_gradient_bf16_equals_the_loop(sizes):
+    """The bf16 CUDA path (torch._grouped_mm over each group's rows) against the fp32 loop over groups,
+    empty groups (experts without tokens) included: bf16 inputs, fp32 accumulation, one rounding."""
+    offs = _offs(sizes, "cuda")
+    a = torch.randn(sum(sizes), 64, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(sum(sizes), 48, device="cuda", dtype=torch.bfloat16)
+    got = AG.grouped_mm_wgrad(a, b, offs).float()
+    want = AG.grouped_mm_wgrad(a.float(), b.float(), offs)  # fp32: the loop
+    torch.testing.assert_close(got, want, atol=0.5, rtol=1.6e-2)  # sums of up to 256 O(1) products
+    for e, n in enumerate(sizes):
+        if n == 0:
+            assert torch.equal(got[e], torch.zeros_like(got[e]))
