@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoeCommTypeError, MoeCommValueError, as_tensor, check_positive_int, check_tensor
-from ..permute.api import PermuteIndices, permute_with_row_weights, unpermute
+from ..permute.api import (PermuteIndices, check_id_values, permute_with_row_weights_unchecked, unpermute,
+                           unpermute_unchecked)
 from .types import DispatchResult
 
 
@@ -68,16 +69,29 @@ class LocalDispatcher:
         """
         op = "LocalDispatcher.dispatch"
         x = check_tensor(op, "x", x, ndim=2, dtype=(torch.float16, torch.bfloat16, torch.float32))
-        topk_ids = check_tensor(op, "topk_ids", topk_ids, shape=[x.shape[0], self.top_k], device=x.device)
+        topk_ids = check_tensor(op, "topk_ids", topk_ids, shape=[x.shape[0], self.top_k], dtype=(torch.int32, torch.int64),
+                                device=x.device)
         topk_weights = check_tensor(
             op, "topk_weights", topk_weights, shape=[x.shape[0], self.top_k], dtype=torch.float32, device=x.device
         )
-        rows = x.shape[0] * self.top_k
-        materialize = self.materialize or (self.materialize_min_rows is not None and rows >= self.materialize_min_rows)
+        topk_ids = check_id_values(op, topk_ids, self.num_experts, self.validate)  # checked once: then the trusted call
+        return self.dispatch_unchecked(x, topk_ids, topk_weights)
+
+    def dispatch_unchecked(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        """dispatch without any check (nor the device check of the ids), for the MoE forward: x [T, H]
+        checked once by the layer, topk_ids [T, k] int32 (contiguous, in range) and topk_weights [T, k]
+        float32 from route(). Gradients flow to x and topk_weights."""
         # Row r of expert order came from slot dst_row^-1(r): the sort writes that slot's weight to
         # row r itself (one launch for everything at decode sizes, no separate cast + scatter).
-        res = permute_with_row_weights(x, topk_ids, topk_weights, self.num_experts, materialize=materialize,
-                                       validate=self.validate)
+        res = permute_with_row_weights_unchecked(x, topk_ids, topk_weights, self.num_experts, self._materialize(x))
+        return self._result(x, res)
+
+    def _materialize(self, x: torch.Tensor) -> bool:
+        rows = x.shape[0] * self.top_k
+        return self.materialize or (self.materialize_min_rows is not None and rows >= self.materialize_min_rows)
+
+    def _result(self, x: torch.Tensor, res) -> DispatchResult:
+        materialize = res.permuted is not None
         idx = res.indices
         tokens, gather_idx = (res.permuted, None) if materialize else (x, idx.src_token)
         return DispatchResult(
@@ -97,3 +111,7 @@ class LocalDispatcher:
             handle: DispatchResult.handle of the matching dispatch.
         """
         return unpermute(as_tensor("LocalDispatcher.combine", "expert_out", expert_out), handle, None)
+
+    def combine_unchecked(self, expert_out: torch.Tensor, handle: PermuteIndices) -> torch.Tensor:
+        """combine without any check, for the MoE forward (expert_out [M, H] from its expert_mlp)."""
+        return unpermute_unchecked(expert_out, handle, None)

@@ -2,8 +2,10 @@
 
 Validate -> allocate -> launch. The Triton kernel runs on CUDA tensors (and on CPU through the
 interpreter when MOECOMM_BACKEND=triton, TRITON_INTERPRET=1); otherwise the pure-torch reference.
-Registered as the custom op moecomm::grouped_mm (with a fake) so torch.compile(fullgraph=True) and
-CUDA-graph capture see one opaque node with a static output shape.
+Registered as the custom op moecomm::grouped_mm (with a fake and an autograd formula, see
+_autograd.py) so torch.compile(fullgraph=True), training and CUDA-graph capture see one opaque node
+with a static output shape. grouped_mm() checks its arguments; grouped_mm_unchecked() is its trusted
+twin for internal callers.
 """
 
 # Shape legend: M = rows (sum of group sizes), K = in features, N = out features, E = groups,
@@ -19,8 +21,9 @@ import torch
 from .. import _env
 from ..jit import backend as _backend
 from ..jit.launch import launch as launch_kernel
+from ..jit.ops import define_op
 from ..errors import MoeCommValueError, check_choice, check_tensor
-from . import _configs
+from . import _autograd, _configs
 from .reference import grouped_mm_reference
 
 LAYOUTS = ("ekn", "enk")
@@ -212,27 +215,35 @@ def _pick_config_slow(x, M, N, K, E, *, layout, glu, gather, run) -> _configs.Ge
 
 # --------------------------------------------------------------------------- custom op
 
-def _grouped_mm_impl(x, w, expert_offsets, layout, gather_idx, row_scale, out):
-    if _backend.use_triton(x, _OP):
+def _grouped_mm_into(x, w, expert_offsets, layout, gather_idx, row_scale, out):
+    if _backend.choose(x, _OP) is _backend.Impl.TRITON:
         return launch(x, w, expert_offsets, out, layout=layout, gather_idx=gather_idx, row_scale=row_scale)
     out.copy_(grouped_mm_reference(x, w, expert_offsets, layout=layout, gather_idx=gather_idx, row_scale=row_scale))
     return out
 
 
-@torch.library.custom_op("moecomm::grouped_mm", mutates_args=())
-def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor, layout: str,
-                   gather_idx: Optional[torch.Tensor], row_scale: Optional[torch.Tensor]) -> torch.Tensor:
-    M = gather_idx.shape[0] if gather_idx is not None else x.shape[0]
-    N = w.shape[2] if layout == "ekn" else w.shape[1]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    return _grouped_mm_impl(x, w, expert_offsets, layout, gather_idx, row_scale, out)
+def _out_shape(x, w, layout, gather_idx) -> tuple[int, int]:
+    return (gather_idx.shape[0] if gather_idx is not None else x.shape[0]), (w.shape[2] if layout == "ekn" else w.shape[1])
 
 
-@_grouped_mm_op.register_fake
-def _(x, w, expert_offsets, layout, gather_idx, row_scale):
-    M = gather_idx.shape[0] if gather_idx is not None else x.shape[0]
-    N = w.shape[2] if layout == "ekn" else w.shape[1]
-    return x.new_empty(M, N)
+def _grouped_mm_impl(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor, layout: str,
+                     gather_idx: Optional[torch.Tensor], row_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    out = torch.empty(_out_shape(x, w, layout, gather_idx), dtype=x.dtype, device=x.device)
+    return _grouped_mm_into(x, w, expert_offsets, layout, gather_idx, row_scale, out)
+
+
+grouped_mm_op = define_op(
+    "grouped_mm", _grouped_mm_impl,
+    fake=lambda x, w, expert_offsets, layout, gather_idx, row_scale: x.new_empty(_out_shape(x, w, layout, gather_idx)),
+    setup_context=_autograd.grouped_mm_setup, backward=_autograd.grouped_mm_backward)
+
+
+def direct_into_out(out, *args) -> bool:
+    """Whether a call with a caller-owned ``out`` may run the implementation into it directly: eager,
+    and no autograd to record (then the op runs, and its result is copied into ``out``)."""
+    if out is None or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
 
 
 def grouped_mm(
@@ -272,14 +283,18 @@ def grouped_mm(
     """
     x, w, offs, gather_idx, row_scale, out, M, N = validate_grouped(
         _OP, x, w, expert_offsets, layout, gather_idx, row_scale, out, validate)
-    if not torch.compiler.is_compiling():
-        # Eager: call the implementation directly. The custom op exists for torch.compile; in eager
-        # mode its dispatcher adds tens of microseconds per call (a decode GEMM takes ~150) and its
-        # first call imports torch._dynamo (~2-3 s of the cold-start budget).
-        if out is None:
-            out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        return _grouped_mm_impl(x, w, offs, layout, gather_idx, row_scale, out)
-    y = torch.ops.moecomm.grouped_mm(x, w, offs, layout, gather_idx, row_scale)
+    return grouped_mm_unchecked(x, w, offs, layout, gather_idx, row_scale, out)
+
+
+def grouped_mm_unchecked(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor, layout: str = "ekn",
+                         gather_idx: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """grouped_mm without any check, for callers whose arguments are right by construction. Eager
+    calls without autograd run the implementation directly (the dispatcher costs tens of microseconds
+    per call; a decode GEMM takes ~150); autograd and torch.compile go through the registered op."""
+    if direct_into_out(out, x, w, row_scale):
+        return _grouped_mm_into(x, w, expert_offsets, layout, gather_idx, row_scale, out)
+    y = grouped_mm_op(x, w, expert_offsets, layout, gather_idx, row_scale)
     if out is not None:
         out.copy_(y)
         return out

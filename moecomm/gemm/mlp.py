@@ -4,7 +4,9 @@
    tile and its matching up tile (two fp32 accumulators over the same A tile), so the [M, 2I]
    pre-activation never reaches memory; [M, I] is written once.
 2. down grouped GEMM with the routing weight (row_scale) applied in its epilogue.
-Registered as the custom op moecomm::expert_mlp (with a fake).
+Registered as the custom op moecomm::expert_mlp (with a fake and an autograd formula that recomputes
+the intermediate, see _autograd.py). expert_mlp() checks its arguments; expert_mlp_unchecked() is its
+trusted twin for the MoE forward.
 """
 
 # Shape legend: M = rows (sum of group sizes), H = hidden, I = intermediate (per GLU half),
@@ -18,42 +20,71 @@ import torch
 
 from ..jit import backend as _backend
 from ..errors import MoeCommValueError, check_choice, check_tensor
-from . import _triton
-from .api import launch, validate_grouped
+from ..jit.ops import define_op
+from . import _autograd
+from .api import direct_into_out, launch, validate_grouped
 from .reference import ACTIVATIONS, expert_mlp_reference
 
 _OP = "expert_mlp"
-_ACT_CODE = {"silu": _triton.ACT_SILU, "gelu": _triton.ACT_GELU}
 
 
-def _mlp_impl(x, w_gate_up, w_down, expert_offsets, layout, activation, gather_idx, row_scale, out):
-    if _backend.use_triton(x, _OP):
+_ACT_CODE: dict[str, int] = {}  # filled on the first kernel launch: importing _triton imports triton
+
+
+def _act_code(activation: str) -> int:
+    code = _ACT_CODE.get(activation)
+    if code is None:
+        from . import _triton
+
+        _ACT_CODE.update(silu=_triton.ACT_SILU, gelu=_triton.ACT_GELU)
+        code = _ACT_CODE[activation]
+    return code
+
+
+def _mlp_into(x, w_gate_up, w_down, expert_offsets, layout, activation, gather_idx, row_scale, out):
+    if _backend.choose(x, _OP) is _backend.Impl.TRITON:
         M = out.shape[0]
         inter_size = w_down.shape[2] if layout == "enk" else w_down.shape[1]
         inter = torch.empty(M, inter_size, dtype=x.dtype, device=x.device)  # [M, I]
         launch(x, w_gate_up, expert_offsets, inter, layout=layout, gather_idx=gather_idx,
-               glu=True, act=_ACT_CODE[activation])
+               glu=True, act=_act_code(activation))
         return launch(inter, w_down, expert_offsets, out, layout=layout, row_scale=row_scale)
     out.copy_(expert_mlp_reference(x, w_gate_up, w_down, expert_offsets, layout=layout, activation=activation,
                                    gather_idx=gather_idx, row_scale=row_scale))
     return out
 
 
-@torch.library.custom_op("moecomm::expert_mlp", mutates_args=())
-def _expert_mlp_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, expert_offsets: torch.Tensor,
-                   layout: str, activation: str, gather_idx: Optional[torch.Tensor],
-                   row_scale: Optional[torch.Tensor]) -> torch.Tensor:
-    M = gather_idx.shape[0] if gather_idx is not None else x.shape[0]
-    H = w_down.shape[1] if layout == "enk" else w_down.shape[2]
-    out = torch.empty(M, H, dtype=x.dtype, device=x.device)
-    return _mlp_impl(x, w_gate_up, w_down, expert_offsets, layout, activation, gather_idx, row_scale, out)
+def _out_shape(x, w_down, layout, gather_idx) -> tuple[int, int]:
+    return (gather_idx.shape[0] if gather_idx is not None else x.shape[0]), (w_down.shape[1] if layout == "enk" else w_down.shape[2])
 
 
-@_expert_mlp_op.register_fake
-def _(x, w_gate_up, w_down, expert_offsets, layout, activation, gather_idx, row_scale):
-    M = gather_idx.shape[0] if gather_idx is not None else x.shape[0]
-    H = w_down.shape[1] if layout == "enk" else w_down.shape[2]
-    return x.new_empty(M, H)
+def _expert_mlp_impl(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, expert_offsets: torch.Tensor,
+                     layout: str, activation: str, gather_idx: Optional[torch.Tensor],
+                     row_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    out = torch.empty(_out_shape(x, w_down, layout, gather_idx), dtype=x.dtype, device=x.device)
+    return _mlp_into(x, w_gate_up, w_down, expert_offsets, layout, activation, gather_idx, row_scale, out)
+
+
+expert_mlp_op = define_op(
+    "expert_mlp", _expert_mlp_impl,
+    fake=lambda x, w_gate_up, w_down, expert_offsets, layout, activation, gather_idx, row_scale:
+        x.new_empty(_out_shape(x, w_down, layout, gather_idx)),
+    setup_context=_autograd.expert_mlp_setup, backward=_autograd.expert_mlp_backward)
+
+
+def expert_mlp_unchecked(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, expert_offsets: torch.Tensor,
+                         layout: str = "enk", activation: str = "silu", gather_idx: torch.Tensor | None = None,
+                         row_scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """expert_mlp without any check: the MoE forward's experts (the layer's own weights, the offsets,
+    gather_idx and row_scale of its dispatch). Eager calls without autograd run the implementation
+    directly; autograd and torch.compile go through the registered op (see grouped_mm_unchecked)."""
+    if direct_into_out(out, x, w_gate_up, w_down, row_scale):
+        return _mlp_into(x, w_gate_up, w_down, expert_offsets, layout, activation, gather_idx, row_scale, out)
+    y = expert_mlp_op(x, w_gate_up, w_down, expert_offsets, layout, activation, gather_idx, row_scale)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
 
 
 def expert_mlp(
@@ -103,13 +134,4 @@ def expert_mlp(
         raise MoeCommValueError(f"{_OP}: w_down must have shape {want} for layout {layout!r}, got {list(w_down.shape)}")
     if out is not None:
         out = check_tensor(_OP, "out", out, dtype=x.dtype, device=x.device, shape=[M, H])
-    if not torch.compiler.is_compiling():
-        # Eager: direct call, no custom-op dispatch (see grouped_mm for why).
-        if out is None:
-            out = torch.empty(M, H, dtype=x.dtype, device=x.device)
-        return _mlp_impl(x, w_gate_up, w_down, offs, layout, activation, gather_idx, row_scale, out)
-    y = torch.ops.moecomm.expert_mlp(x, w_gate_up, w_down, offs, layout, activation, gather_idx, row_scale)
-    if out is not None:
-        out.copy_(y)
-        return out
-    return y
+    return expert_mlp_unchecked(x, w_gate_up, w_down, offs, layout, activation, gather_idx, row_scale, out)

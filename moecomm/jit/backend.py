@@ -9,6 +9,14 @@ Rules, in order (MOECOMM_BACKEND = auto | reference | triton | cuda):
   works); else the reference, logged once with the reason.
 - CPU tensors: the reference, unless MOECOMM_BACKEND=triton and TRITON_INTERPRET=1, when the Triton
   kernel runs through Triton's interpreter (that is how CI tests kernels without a GPU).
+- float64 tensors: the reference everywhere (the kernels take 16- and 32-bit floats; float64 is for
+  gradcheck and ground truths).
+
+An op's implementation then reads, e.g.:
+
+    if choose(x, "grouped_mm") is Impl.TRITON:
+        return launch(...)
+    return reference(...)
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ def choose(t: torch.Tensor, op: str, has: tuple[Impl, ...] = (Impl.TRITON,)) -> 
         has: the op's implementations besides the reference, in order of preference.
     """
     mode = _env.backend()
-    if mode == "reference":
+    if mode == "reference" or t.dtype is torch.float64:
         return Impl.REFERENCE
     if t.device.type == "cuda":
         order = list(has)
@@ -87,20 +95,6 @@ def cuda_compile_error() -> str | None:
     except ImportError as exc:
         return f"{type(exc).__name__}: {exc}"
     return cuda.toolchain_error()
-
-
-def use_triton(t: torch.Tensor, op: str) -> bool:
-    """choose(t, op) is Impl.TRITON, for the ops whose only kernel is Triton."""
-    return choose(t, op) is Impl.TRITON
-
-
-def call_op(op, impl, *args):
-    """Run a registered custom op: the op itself under torch.compile (so the graph sees it), else
-    ``impl`` directly. In eager mode the dispatcher adds tens of microseconds of host time per call,
-    which is most of a decode step's time; both paths run the same implementation."""
-    if torch.compiler.is_compiling():
-        return op(*args)
-    return impl(*args)
 
 
 def device_checks_allowed(validate: bool = True) -> bool:

@@ -282,11 +282,20 @@ class MoE(nn.Module):
 
     def route(self, x2: torch.Tensor):
         """x2 [T, H] -> the layer's RoutingResult (topk_ids, topk_weights): its router, its method and
-        settings; no host sync (the device checks are skipped)."""
+        settings; no host sync (the device checks are skipped). The logits are checked as route() does."""
         return route(
             self.router_logits(x2), self.top_k, method=self.routing, renormalize=self.renormalize,
             n_group=self.n_group, topk_group=self.topk_group, e_score_correction_bias=self.e_score_correction_bias,
             routed_scaling_factor=self.routed_scaling_factor, validate=False,  # its checks would sync the host
+        )
+
+    def _route_unchecked(self, x2: torch.Tensor):
+        """route() for the forward: x2 was checked once by the layer, the settings at construction."""
+        from ..routing.api import route_unchecked
+
+        return route_unchecked(
+            self.router_logits(x2), self.top_k, self.routing, self.renormalize, self.n_group, self.topk_group,
+            self.e_score_correction_bias, self.routed_scaling_factor,
         )
 
     def _bias(self) -> torch.Tensor | None:
@@ -335,16 +344,25 @@ class MoE(nn.Module):
         return tuple(t.data_ptr() for t in ts)
 
     def _forward_2d(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [T, H] contiguous -> [T, H]: the launches of one forward, no host sync."""
-        from ..gemm import expert_mlp
+        """x2 [T, H] contiguous -> [T, H]: the launches of one forward, no host sync.
 
-        r = self.route(x2)
-        d = self.dispatcher.dispatch(x2, r.topk_ids, r.topk_weights)
-        h = expert_mlp(
-            d.tokens, self.w_gate_up, self.w_down, d.expert_offsets, layout="enk", activation=self.activation,
-            gather_idx=d.gather_idx, row_scale=d.row_weights, validate=False,  # offsets come from dispatch
+        The input was checked once (forward's _check_input); every call below is a trusted internal
+        one (no argument checks): routing, dispatch, experts and combine pass each other what they built.
+        """
+        from ..gemm.mlp import expert_mlp_unchecked
+        from ..jit.backend import warn_once
+
+        if self.ep_size > 1 and torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.w_down.requires_grad:
+            warn_once("moe-ep-autograd", "MoE: with ep_size > 1 the all_to_all of dispatch/combine records no gradient "
+                      "yet, so the routed experts and the router get none; train with ep_size 1, and run inference "
+                      "under torch.no_grad() to silence this")
+        r = self._route_unchecked(x2)
+        d = self.dispatcher.dispatch_unchecked(x2, r.topk_ids, r.topk_weights)
+        h = expert_mlp_unchecked(
+            d.tokens, self.w_gate_up, self.w_down, d.expert_offsets, "enk", self.activation,
+            d.gather_idx, d.row_weights,  # offsets, rows and weights come from dispatch
         )  # [R, H], rows already weighted when row_weights is set
-        y = self.dispatcher.combine(h, d.handle)  # [T, H]
+        y = self.dispatcher.combine_unchecked(h, d.handle)  # [T, H]
         return y + self._shared(x2) if self.shared_experts is not None else y
 
     def _shared(self, x2: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,14 @@
 
 Every output has a static shape (M = T * k), counts and offsets stay on the device: nothing here
 waits for the GPU, so the ops work under CUDA-graph capture and torch.compile(fullgraph=True)
-(they are torch.library custom ops with fake implementations). The only device->host read is the
-optional range check of topk_ids (validate=True, skipped while capturing or compiling).
+(they are torch.library custom ops with fake implementations and autograd formulas: x, topk_weights
+and expert_out get gradients). The only device->host read is the optional range check of topk_ids
+(validate=True, skipped while capturing or compiling).
 
 Each public function checks its arguments, then calls the custom op; the op picks the Triton
 kernel (GPU, or the interpreter on CPU with MOECOMM_BACKEND=triton) or the pure-torch reference.
+Each has a trusted twin, <name>_unchecked, for internal callers that built or checked the
+arguments themselves (the MoE forward's dispatch and combine): no checks, the same op.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 
 import torch
 
-from ..jit.backend import call_op, device_checks_allowed, use_triton
+from ..jit.backend import Impl, choose, device_checks_allowed
+from ..jit.ops import define_op
 from ..errors import MoeCommTypeError, MoeCommValueError, check_positive_int, check_tensor
 from . import reference
 
@@ -70,18 +74,35 @@ class PermuteResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops: the implementation choice lives inside them, so torch.compile sees one opaque node
+# custom ops (moecomm/jit/ops.py define_op): the implementation choice lives inside them, so
+# torch.compile sees one opaque node; each differentiable one carries its autograd formula.
+#
+# Gradients. permuted[i] = x[src_token[i]] and row_weights[dst_row[t, j]] = topk_weights[t, j], so
+# d x = unpermute(d permuted) (each token sums its k rows) and d topk_weights = d row_weights[dst_row];
+# y[t] = sum_j w[t, j] * expert_out[dst_row[t, j]], so d expert_out[dst_row[t, j]] = w[t, j] * d y[t]
+# (dst_row is a bijection onto the M rows: one index_copy) and d w[t, j] = <d y[t], expert_out[dst_row[t, j]]>.
 
 
-def _permute_impl(topk_ids: torch.Tensor, num_experts: int, x: torch.Tensor | None, out: torch.Tensor | None):
-    if use_triton(topk_ids, "permute"):
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _sort(topk_ids: torch.Tensor, num_experts: int, x: torch.Tensor | None, out: torch.Tensor | None,
+          topk_weights: torch.Tensor | None):
+    """The counting sort (+ the row copy into ``out`` when x is given, + row weights when given)."""
+    if choose(topk_ids, "permute") is Impl.TRITON:
         from ._triton import permute_triton
 
-        return permute_triton(topk_ids, num_experts, x, out)[:4]
+        res = permute_triton(topk_ids, num_experts, x, out, topk_weights)
+        return res if topk_weights is not None else res[:4]
     src_token, dst_row, tpe, offsets = reference.permute_indices_ref(topk_ids, num_experts)
     if x is not None:
         torch.index_select(x, 0, src_token.long(), out=out)
-    return src_token, dst_row, tpe, offsets
+    if topk_weights is None:
+        return src_token, dst_row, tpe, offsets
+    row_weights = topk_weights.new_empty(src_token.shape[0])
+    row_weights.scatter_(0, dst_row.reshape(-1).long(), topk_weights.reshape(-1))
+    return src_token, dst_row, tpe, offsets, row_weights
 
 
 def _index_fakes(topk_ids: torch.Tensor, num_experts: int):
@@ -95,50 +116,55 @@ def _index_fakes(topk_ids: torch.Tensor, num_experts: int):
     )
 
 
-def _permute_indices_new(topk_ids: torch.Tensor, num_experts: int):
-    return _permute_impl(topk_ids, num_experts, None, None)
+def _rows_fake(x: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(topk_ids.numel(), x.shape[1])
 
 
-@torch.library.custom_op("moecomm::permute_indices", mutates_args=())
-def _permute_indices_op(
+def _permute_indices_impl(
     topk_ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _permute_indices_new(topk_ids, num_experts)
+    return _sort(topk_ids, num_experts, None, None, None)
 
 
-@_permute_indices_op.register_fake
-def _(topk_ids, num_experts):
-    return _index_fakes(topk_ids, num_experts)
+permute_indices_op = define_op("permute_indices", _permute_indices_impl, fake=_index_fakes, differentiable=False)
 
 
-def _permute_new(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int):
-    out = x.new_empty(topk_ids.numel(), x.shape[1])
-    return (out, *_permute_impl(topk_ids, num_experts, x, out))
-
-
-@torch.library.custom_op("moecomm::permute", mutates_args=())
-def _permute_op(
+def _permute_impl(
     x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _permute_new(x, topk_ids, num_experts)
+    out = x.new_empty(topk_ids.numel(), x.shape[1])
+    return (out, *_sort(topk_ids, num_experts, x, out, None))
 
 
-@_permute_op.register_fake
-def _(x, topk_ids, num_experts):
-    return (x.new_empty(topk_ids.numel(), x.shape[1]), *_index_fakes(topk_ids, num_experts))
+def _save_dst_row(ctx, inputs, output, at: int) -> None:
+    ctx.save_for_backward(output[at])
 
 
-# out= variant: the caller owns the output buffer (allocated once, e.g. for CUDA graphs).
-@torch.library.custom_op("moecomm::permute_out", mutates_args=("out",))
-def _permute_out_op(
+def _rows_grad(grad_permuted: torch.Tensor, dst_row: torch.Tensor) -> torch.Tensor:
+    """d x [T, H] from d permuted [M, H]: each token sums its k rows (the unpermute op, unweighted)."""
+    return torch.ops.moecomm.unpermute(grad_permuted.contiguous(), dst_row, None)
+
+
+def _permute_backward(ctx, grad_permuted, *_index_grads):
+    (dst_row,) = ctx.saved_tensors
+    return _rows_grad(grad_permuted, dst_row), None, None
+
+
+permute_op = define_op(
+    "permute", _permute_impl, fake=lambda x, topk_ids, num_experts: (_rows_fake(x, topk_ids), *_index_fakes(topk_ids, num_experts)),
+    setup_context=lambda ctx, inputs, output: _save_dst_row(ctx, inputs, output, 2), backward=_permute_backward)
+
+
+# out= variant: the caller owns the output buffer (allocated once, e.g. for CUDA graphs). It mutates
+# its argument, so it records no gradient (the Op raises if x requires grad: use out=None to train).
+def _permute_out_impl(
     x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _permute_impl(topk_ids, num_experts, x, out)
+    return _sort(topk_ids, num_experts, x, out, None)
 
 
-@_permute_out_op.register_fake
-def _(x, topk_ids, num_experts, out):
-    return _index_fakes(topk_ids, num_experts)
+permute_out_op = define_op("permute_out", _permute_out_impl, fake=lambda x, topk_ids, num_experts, out: _index_fakes(topk_ids, num_experts),
+                           mutates_args=("out",), differentiable=False)
 
 
 # Internal: the permute plus each permuted row's routing weight, row_weights[dst_row[t, j]] =
@@ -146,56 +172,53 @@ def _(x, topk_ids, num_experts, out):
 # LocalDispatcher.dispatch is its caller; the public permute/permute_indices stay as they are.
 
 
-def _permute_weighted_impl(topk_ids: torch.Tensor, num_experts: int, topk_weights: torch.Tensor,
-                           x: torch.Tensor | None, out: torch.Tensor | None):
-    if use_triton(topk_ids, "permute"):
-        from ._triton import permute_triton
-
-        return permute_triton(topk_ids, num_experts, x, out, topk_weights)
-    src_token, dst_row, tpe, offsets = reference.permute_indices_ref(topk_ids, num_experts)
-    if x is not None:
-        torch.index_select(x, 0, src_token.long(), out=out)
-    row_weights = topk_weights.new_empty(src_token.shape[0])
-    row_weights.scatter_(0, dst_row.reshape(-1).long(), topk_weights.reshape(-1))
-    return src_token, dst_row, tpe, offsets, row_weights
-
-
-def _permute_indices_weighted_new(topk_ids: torch.Tensor, num_experts: int, topk_weights: torch.Tensor):
-    return _permute_weighted_impl(topk_ids, num_experts, topk_weights, None, None)
-
-
-@torch.library.custom_op("moecomm::permute_indices_weighted", mutates_args=())
-def _permute_indices_weighted_op(
+def _permute_indices_weighted_impl(
     topk_ids: torch.Tensor, num_experts: int, topk_weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _permute_indices_weighted_new(topk_ids, num_experts, topk_weights)
+    return _sort(topk_ids, num_experts, None, None, topk_weights)
 
 
-@_permute_indices_weighted_op.register_fake
-def _(topk_ids, num_experts, topk_weights):
-    return (*_index_fakes(topk_ids, num_experts), topk_weights.new_empty(topk_ids.numel()))
+def _weights_grad(grad_row_weights: torch.Tensor, dst_row: torch.Tensor) -> torch.Tensor:
+    """d topk_weights [T, k] = d row_weights [M] read at dst_row."""
+    return grad_row_weights[dst_row.long()]
 
 
-def _permute_weighted_new(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, topk_weights: torch.Tensor):
-    out = x.new_empty(topk_ids.numel(), x.shape[1])
-    return (out, *_permute_weighted_impl(topk_ids, num_experts, topk_weights, x, out))
+def _permute_indices_weighted_backward(ctx, _g_src, _g_dst, _g_tpe, _g_off, grad_row_weights):
+    (dst_row,) = ctx.saved_tensors
+    return None, None, _weights_grad(grad_row_weights, dst_row)
 
 
-@torch.library.custom_op("moecomm::permute_weighted", mutates_args=())
-def _permute_weighted_op(
+permute_indices_weighted_op = define_op(
+    "permute_indices_weighted", _permute_indices_weighted_impl,
+    fake=lambda topk_ids, num_experts, topk_weights: (*_index_fakes(topk_ids, num_experts), topk_weights.new_empty(topk_ids.numel())),
+    setup_context=lambda ctx, inputs, output: _save_dst_row(ctx, inputs, output, 1),
+    backward=_permute_indices_weighted_backward)
+
+
+def _permute_weighted_impl(
     x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, topk_weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _permute_weighted_new(x, topk_ids, num_experts, topk_weights)
+    out = x.new_empty(topk_ids.numel(), x.shape[1])
+    return (out, *_sort(topk_ids, num_experts, x, out, topk_weights))
 
 
-@_permute_weighted_op.register_fake
-def _(x, topk_ids, num_experts, topk_weights):
-    return (x.new_empty(topk_ids.numel(), x.shape[1]), *_index_fakes(topk_ids, num_experts),
-            topk_weights.new_empty(topk_ids.numel()))
+def _permute_weighted_backward(ctx, grad_permuted, _g_src, _g_dst, _g_tpe, _g_off, grad_row_weights):
+    (dst_row,) = ctx.saved_tensors
+    gx = _rows_grad(grad_permuted, dst_row) if ctx.needs_input_grad[0] else None
+    gw = _weights_grad(grad_row_weights, dst_row) if ctx.needs_input_grad[3] else None
+    return gx, None, None, gw
 
 
-def _combine_impl(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None, out: torch.Tensor) -> None:
-    if use_triton(expert_out, "combine"):
+permute_weighted_op = define_op(
+    "permute_weighted", _permute_weighted_impl,
+    fake=lambda x, topk_ids, num_experts, topk_weights: (_rows_fake(x, topk_ids), *_index_fakes(topk_ids, num_experts),
+                                                         topk_weights.new_empty(topk_ids.numel())),
+    setup_context=lambda ctx, inputs, output: _save_dst_row(ctx, inputs, output, 2),
+    backward=_permute_weighted_backward)
+
+
+def _combine_into(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None, out: torch.Tensor) -> None:
+    if choose(expert_out, "combine") is Impl.TRITON:
         from ._triton import combine_triton
 
         combine_triton(expert_out, dst_row, topk_weights, out)
@@ -203,30 +226,46 @@ def _combine_impl(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights:
     out.copy_(reference.combine_ref(expert_out, dst_row, topk_weights))
 
 
-def _combine_new(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None) -> torch.Tensor:
+def _unpermute_impl(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None) -> torch.Tensor:
     out = expert_out.new_empty(dst_row.shape[0], expert_out.shape[1])
-    _combine_impl(expert_out, dst_row, topk_weights, out)
+    _combine_into(expert_out, dst_row, topk_weights, out)
     return out
 
 
-@torch.library.custom_op("moecomm::unpermute", mutates_args=())
-def _combine_op(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None) -> torch.Tensor:
-    return _combine_new(expert_out, dst_row, topk_weights)
+def _unpermute_setup(ctx, inputs, output) -> None:
+    expert_out, dst_row, topk_weights = inputs
+    ctx.save_for_backward(expert_out, dst_row, topk_weights)
 
 
-@_combine_op.register_fake
-def _(expert_out, dst_row, topk_weights):
-    return expert_out.new_empty(dst_row.shape[0], expert_out.shape[1])
+def _unpermute_backward(ctx, grad_y):
+    expert_out, dst_row, topk_weights = ctx.saved_tensors
+    num_tokens, top_k = dst_row.shape
+    hidden = expert_out.shape[1]
+    acc = _acc(expert_out.dtype)
+    rows = dst_row.reshape(-1).long()  # [M], a bijection onto the rows of expert_out
+    g = grad_y.to(acc)  # [T, H]
+    g_out = g_w = None
+    if ctx.needs_input_grad[0]:
+        per_slot = g[:, None, :] if topk_weights is None else g[:, None, :] * topk_weights.to(acc)[:, :, None]
+        per_slot = per_slot.expand(num_tokens, top_k, hidden).reshape(num_tokens * top_k, hidden)  # [M, H]
+        g_out = expert_out.new_empty(expert_out.shape).index_copy_(0, rows, per_slot.to(expert_out.dtype))
+    if topk_weights is not None and ctx.needs_input_grad[2]:
+        picked = expert_out.index_select(0, rows).view(num_tokens, top_k, hidden).to(acc)  # [T, k, H]
+        g_w = torch.bmm(picked, g.unsqueeze(-1)).squeeze(-1).to(topk_weights.dtype)  # [T, k]
+    return g_out, None, g_w
 
 
-@torch.library.custom_op("moecomm::unpermute_out", mutates_args=("out",))
-def _combine_out_op(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None, out: torch.Tensor) -> None:
-    _combine_impl(expert_out, dst_row, topk_weights, out)
+unpermute_op = define_op(
+    "unpermute", _unpermute_impl, fake=lambda expert_out, dst_row, topk_weights: expert_out.new_empty(dst_row.shape[0], expert_out.shape[1]),
+    setup_context=_unpermute_setup, backward=_unpermute_backward)
 
 
-@_combine_out_op.register_fake
-def _(expert_out, dst_row, topk_weights, out):
-    return None
+def _unpermute_out_impl(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None, out: torch.Tensor) -> None:
+    _combine_into(expert_out, dst_row, topk_weights, out)
+
+
+unpermute_out_op = define_op("unpermute_out", _unpermute_out_impl, fake=lambda expert_out, dst_row, topk_weights, out: None,
+                             mutates_args=("out",), differentiable=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +280,15 @@ def _check_topk_ids(op: str, topk_ids: Any, num_experts: Any, validate: bool) ->
         raise MoeCommValueError(
             f"{op}: topk_ids must have 1 to num_experts={num_experts} columns (top_k), got shape {list(topk_ids.shape)}"
         )
+    return check_id_values(op, topk_ids, num_experts, validate), num_experts
+
+
+def check_id_values(op: str, topk_ids: torch.Tensor, num_experts: int, validate: bool) -> torch.Tensor:
+    """The checks of topk_ids [T, k] (int32/int64, 1 <= k <= E already checked) that need its size or
+    its values: T * k fits int32 row indices; with validate, ids in [0, E) (one device->host read,
+    skipped under capture and compile). Returns topk_ids contiguous. For callers that checked the
+    rest themselves (LocalDispatcher.dispatch), so a public call validates once."""
+    num_tokens, top_k = topk_ids.shape
     if num_tokens * top_k > _INT32_MAX:
         raise MoeCommValueError(f"{op}: topk_ids must have at most 2**31 - 1 elements (int32 row indices), got {num_tokens * top_k}")
     if topk_ids.numel() > 0 and device_checks_allowed(validate):
@@ -248,7 +296,7 @@ def _check_topk_ids(op: str, topk_ids: Any, num_experts: Any, validate: bool) ->
         if bool(bad.any()):  # one device->host read; validate=False skips it
             first = topk_ids[bad][0].item()
             raise MoeCommValueError(f"{op}: topk_ids must be in [0, num_experts={num_experts}), got {first}")
-    return topk_ids.contiguous(), num_experts
+    return topk_ids.contiguous()
 
 
 def _unit_inner_stride(t: torch.Tensor) -> torch.Tensor:
@@ -300,7 +348,13 @@ def permute_indices(topk_ids: Any, num_experts: int, *, validate: bool = True) -
         ([0, 0, 1, 1], [0, 1, 3, 4])
     """
     topk_ids, num_experts = _check_topk_ids("permute_indices", topk_ids, num_experts, validate)
-    return PermuteIndices(*call_op(torch.ops.moecomm.permute_indices, _permute_indices_new, topk_ids, num_experts))
+    return permute_indices_unchecked(topk_ids, num_experts)
+
+
+def permute_indices_unchecked(topk_ids: torch.Tensor, num_experts: int) -> PermuteIndices:
+    """permute_indices without any check: for callers whose topk_ids [T, k] int32/int64 are contiguous
+    and in range by construction (ids from route())."""
+    return PermuteIndices(*permute_indices_op(topk_ids, num_experts))
 
 
 def permute(
@@ -327,12 +381,20 @@ def permute(
     """
     op = "permute"
     x, topk_ids, num_experts = _check_rows_and_ids(op, x, topk_ids, num_experts, validate)
+    if out is not None:
+        out = _check_out(op, out, [topk_ids.numel(), x.shape[1]], x.dtype, x.device)
+    return permute_unchecked(x, topk_ids, num_experts, out)
+
+
+def permute_unchecked(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                      out: torch.Tensor | None = None) -> PermuteResult:
+    """permute without any check (arguments as permute's, already checked or built by the caller).
+    Records gradients for x unless ``out`` is given."""
     x = _unit_inner_stride(x)
     if out is None:
-        permuted, *idx = call_op(torch.ops.moecomm.permute, _permute_new, x, topk_ids, num_experts)
+        permuted, *idx = permute_op(x, topk_ids, num_experts)
     else:
-        permuted = _check_out(op, out, [topk_ids.numel(), x.shape[1]], x.dtype, x.device)
-        idx = torch.ops.moecomm.permute_out(x, topk_ids, num_experts, permuted)
+        permuted, idx = out, permute_out_op(x, topk_ids, num_experts, out)
     return PermuteResult(permuted, PermuteIndices(*idx))
 
 
@@ -356,7 +418,8 @@ def permute_with_row_weights(
 ) -> WeightedPermute:
     """permute (materialize=True) or permute_indices (False), plus the routing weight of every row.
 
-    Internal entry of LocalDispatcher.dispatch: one launch on the GPU at decode sizes (M <= SMALL_M
+    The dispatch of LocalDispatcher (which checks its arguments itself and calls the trusted twin,
+    permute_with_row_weights_unchecked): one launch on the GPU at decode sizes (M <= SMALL_M
     of moecomm.ep._triton, plus the row copy when materialize), and at every size the weights ride
     in the sort's scatter kernel instead of a cast and a scatter of their own.
 
@@ -374,14 +437,19 @@ def permute_with_row_weights(
     op = "permute_with_row_weights"
     x, topk_ids, num_experts = _check_rows_and_ids(op, x, topk_ids, num_experts, validate)
     topk_weights = check_tensor(op, "topk_weights", topk_weights, shape=list(topk_ids.shape), dtype=torch.float32, device=x.device)
+    return permute_with_row_weights_unchecked(x, topk_ids, topk_weights, num_experts, materialize)
+
+
+def permute_with_row_weights_unchecked(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                                       num_experts: int, materialize: bool) -> WeightedPermute:
+    """permute_with_row_weights without any check: the MoE forward's dispatch (x [T, H] checked by the
+    layer, topk_ids [T, k] int32 contiguous and in range and topk_weights [T, k] float32 from route()).
+    Records gradients for x (when materialize) and topk_weights."""
     if materialize:
-        x = _unit_inner_stride(x)
-        permuted, *idx, row_weights = call_op(torch.ops.moecomm.permute_weighted, _permute_weighted_new,
-                                              x, topk_ids, num_experts, topk_weights)
+        permuted, *idx, row_weights = permute_weighted_op(_unit_inner_stride(x), topk_ids, num_experts, topk_weights)
     else:
         permuted = None
-        *idx, row_weights = call_op(torch.ops.moecomm.permute_indices_weighted, _permute_indices_weighted_new,
-                                    topk_ids, num_experts, topk_weights)
+        *idx, row_weights = permute_indices_weighted_op(topk_ids, num_experts, topk_weights)
     return WeightedPermute(PermuteIndices(*idx), permuted, row_weights)
 
 
@@ -416,10 +484,22 @@ def unpermute(expert_out: Any, indices: PermuteIndices, topk_weights: Any = None
         topk_weights = check_tensor(
             op, "topk_weights", topk_weights, shape=[num_tokens, top_k], dtype=torch.float32, device=dst_row.device
         )
+    if out is not None:
+        out = _check_out(op, out, [num_tokens, expert_out.shape[1]], expert_out.dtype, expert_out.device)
+    return _unpermute(expert_out, dst_row.contiguous(), topk_weights, out)
+
+
+def unpermute_unchecked(expert_out: torch.Tensor, indices: PermuteIndices, topk_weights: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """unpermute without any check: the MoE forward's combine (expert_out [M, H] from expert_mlp, the
+    indices of its own dispatch). Records gradients for expert_out and topk_weights unless ``out`` is given."""
+    return _unpermute(expert_out, indices.dst_row, topk_weights, out)
+
+
+def _unpermute(expert_out: torch.Tensor, dst_row: torch.Tensor, topk_weights: torch.Tensor | None,
+               out: torch.Tensor | None) -> torch.Tensor:
     expert_out = _unit_inner_stride(expert_out)
-    dst_row = dst_row.contiguous()
     if out is None:
-        return call_op(torch.ops.moecomm.unpermute, _combine_new, expert_out, dst_row, topk_weights)
-    out = _check_out(op, out, [num_tokens, expert_out.shape[1]], expert_out.dtype, expert_out.device)
-    torch.ops.moecomm.unpermute_out(expert_out, dst_row, topk_weights, out)
+        return unpermute_op(expert_out, dst_row, topk_weights)
+    unpermute_out_op(expert_out, dst_row, topk_weights, out)
     return out

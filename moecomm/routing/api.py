@@ -3,9 +3,11 @@
 # T = num_tokens, E = num_experts, k = top_k, G = n_group
 
 The two methods are torch.library custom ops (moecomm::route_softmax_topk, moecomm::route_grouped_topk)
-with fake implementations, so that torch.compile(fullgraph=True) and CUDA-graph capture go through
-them. Inside an op, the Triton kernel runs on CUDA tensors and the reference elsewhere
-(moecomm._backend.use_triton). Output shapes depend only on T and k: no host synchronisation.
+with fake implementations and autograd formulas (the weights are differentiable w.r.t. the logits),
+so that torch.compile(fullgraph=True), training and CUDA-graph capture go through them. Inside an op,
+the Triton kernel runs on CUDA tensors and the reference elsewhere (moecomm.jit.backend.choose).
+Output shapes depend only on T and k: no host synchronisation. route() checks its arguments;
+route_unchecked() is its trusted twin for the MoE layer, which validated its configuration once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from ..jit import backend as _backend
+from ..jit.ops import define_op
 from ..errors import MoeCommTypeError, MoeCommValueError, check_positive_int, check_tensor
 from . import reference
 from .groups import check_groups
@@ -53,26 +56,59 @@ class Routing(NamedTuple):
     topk_weights: torch.Tensor
 
 
+# ---------------------------------------------------------------------------------------------
+# custom ops (moecomm/jit/ops.py define_op), with autograd formulas for the weights w.r.t. the logits
+# (the ids and the correction bias get none: the choice is piecewise constant, the bias is a buffer).
+#
+# Softmax: p = softmax(l), the chosen p_j, r = p_j / sum_i p_i when renormalised, w = c * r. So
+# d r -> d p_j = (d r_j - sum_i d r_i r_i) / sum_i p_i, scattered into [T, E], then the softmax
+# backward d l = p * (d p - <d p, p>). Sigmoid: s = sigmoid(l), r = s_j / (sum_i s_i + 1e-20), the same
+# renormalisation step, then d l_j = d s_j * s_j * (1 - s_j). Recomputed from the logits in fp32.
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _renorm_grad(g: torch.Tensor, chosen: torch.Tensor, eps: float) -> torch.Tensor:
+    """d chosen [T, k] from d r [T, k] where r = chosen / (sum(chosen) + eps)."""
+    total = chosen.sum(dim=-1, keepdim=True) + eps
+    r = chosen / total
+    return (g - (g * r).sum(dim=-1, keepdim=True)) / total
+
+
 def _route_softmax_topk_impl(
     router_logits: torch.Tensor, top_k: int, renormalize: bool, routed_scaling_factor: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _backend.use_triton(router_logits, "route"):
+    if _backend.choose(router_logits, "route") is _backend.Impl.TRITON:
         from . import _triton
 
         return _triton.route_softmax_topk(router_logits, top_k, renormalize, routed_scaling_factor)
     return reference.route_softmax_topk(router_logits, top_k, renormalize, routed_scaling_factor)
 
 
-@torch.library.custom_op("moecomm::route_softmax_topk", mutates_args=())
-def _route_softmax_topk_op(
-    router_logits: torch.Tensor, top_k: int, renormalize: bool, routed_scaling_factor: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _route_softmax_topk_impl(router_logits, top_k, renormalize, routed_scaling_factor)
+def _save_logits_and_ids(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], output[0])
+    ctx.args = inputs[1:]
 
 
-@_route_softmax_topk_op.register_fake
-def _(router_logits, top_k, renormalize, routed_scaling_factor):
-    return reference.empty_route_outputs(router_logits, top_k)
+def _route_softmax_topk_backward(ctx, _grad_ids, grad_weights):
+    logits, ids = ctx.saved_tensors
+    _top_k, renormalize, scale = ctx.args
+    acc = _acc(logits.dtype)
+    ids = ids.long()
+    p = torch.softmax(logits.to(acc), dim=-1)  # [T, E]
+    g = grad_weights.to(acc) * scale  # [T, k]
+    if renormalize:
+        g = _renorm_grad(g, p.gather(1, ids), 0.0)
+    gp = torch.zeros_like(p).scatter_(1, ids, g)  # the k ids of a row are distinct
+    return (p * (gp - (gp * p).sum(dim=-1, keepdim=True))).to(logits.dtype), None, None, None
+
+
+route_softmax_topk_op = define_op(
+    "route_softmax_topk", _route_softmax_topk_impl,
+    fake=lambda router_logits, top_k, renormalize, routed_scaling_factor: reference.empty_route_outputs(router_logits, top_k),
+    setup_context=_save_logits_and_ids, backward=_route_softmax_topk_backward)
 
 
 def _route_grouped_topk_impl(
@@ -84,7 +120,7 @@ def _route_grouped_topk_impl(
     renormalize: bool,
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _backend.use_triton(router_logits, "route"):
+    if _backend.choose(router_logits, "route") is _backend.Impl.TRITON:
         from . import _triton
 
         return _triton.route_grouped_topk(
@@ -96,24 +132,50 @@ def _route_grouped_topk_impl(
     )
 
 
-@torch.library.custom_op("moecomm::route_grouped_topk", mutates_args=())
-def _route_grouped_topk_op(
+def _route_grouped_topk_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], output[0])
+    ctx.renormalize, ctx.scale = inputs[5], inputs[6]
+
+
+def _route_grouped_topk_backward(ctx, _grad_ids, grad_weights):
+    logits, ids = ctx.saved_tensors
+    acc = _acc(logits.dtype)
+    ids = ids.long()
+    s = torch.sigmoid(logits.to(acc))  # [T, E]
+    chosen = s.gather(1, ids)  # [T, k], the unbiased scores
+    g = grad_weights.to(acc) * ctx.scale
+    if ctx.renormalize:
+        g = _renorm_grad(g, chosen, reference.GROUPED_RENORM_EPS)
+    gl = torch.zeros_like(s).scatter_(1, ids, g * chosen * (1 - chosen))
+    return gl.to(logits.dtype), None, None, None, None, None, None
+
+
+route_grouped_topk_op = define_op(
+    "route_grouped_topk", _route_grouped_topk_impl,
+    fake=lambda router_logits, e_score_correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor:
+        reference.empty_route_outputs(router_logits, top_k),
+    setup_context=_route_grouped_topk_setup, backward=_route_grouped_topk_backward)
+
+
+def route_unchecked(
     router_logits: torch.Tensor,
-    e_score_correction_bias: torch.Tensor | None,
     top_k: int,
-    n_group: int,
-    topk_group: int,
+    method: RoutingMethod,
     renormalize: bool,
+    n_group: int | None,
+    topk_group: int | None,
+    e_score_correction_bias: torch.Tensor | None,
     routed_scaling_factor: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _route_grouped_topk_impl(
-        router_logits, e_score_correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor
-    )
-
-
-@_route_grouped_topk_op.register_fake
-def _(router_logits, e_score_correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor):
-    return reference.empty_route_outputs(router_logits, top_k)
+) -> Routing:
+    """route() without any check: for callers whose arguments were validated once up front (the MoE
+    layer checks its configuration at construction and builds the logits itself). Same results, the
+    same custom ops (with their autograd formulas); n_group None means 1, topk_group None means n_group."""
+    if method is RoutingMethod.SOFTMAX_TOPK:
+        return Routing(*route_softmax_topk_op(router_logits, top_k, renormalize, float(routed_scaling_factor)))
+    n_group = 1 if n_group is None else n_group
+    topk_group = n_group if topk_group is None else topk_group
+    return Routing(*route_grouped_topk_op(router_logits, e_score_correction_bias, top_k, n_group, topk_group,
+                                          renormalize, float(routed_scaling_factor)))
 
 
 def route(
@@ -180,9 +242,7 @@ def route(
                     f"{_OP}: {name} must be None with method=SOFTMAX_TOPK (it belongs to SIGMOID_GROUPED_TOPK), "
                     f"got {type(value).__name__ if isinstance(value, torch.Tensor) else value!r}"
                 )
-        ids, weights = _backend.call_op(
-            torch.ops.moecomm.route_softmax_topk, _route_softmax_topk_impl, logits, top_k, renormalize, float(routed_scaling_factor))
-        return Routing(ids, weights)
+        return Routing(*route_softmax_topk_op(logits, top_k, renormalize, float(routed_scaling_factor)))
 
     n_group, topk_group = check_groups(_OP, num_experts, top_k, n_group, topk_group)
     bias = None
@@ -196,7 +256,4 @@ def route(
                 f"{_OP}: e_score_correction_bias must be finite (it shifts every token's choice), got NaN or inf; "
                 "pass validate=False to skip this check"
             )
-    ids, weights = _backend.call_op(
-        torch.ops.moecomm.route_grouped_topk, _route_grouped_topk_impl, logits, bias, top_k, n_group, topk_group, renormalize, float(routed_scaling_factor)
-    )
-    return Routing(ids, weights)
+    return Routing(*route_grouped_topk_op(logits, bias, top_k, n_group, topk_group, renormalize, float(routed_scaling_factor)))

@@ -24,6 +24,11 @@ import torch
 GROUPED_RENORM_EPS = 1e-20
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """fp32 arithmetic and weights; float64 logits (gradcheck, ground truths) stay float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _topk_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k along the last dim, highest first, ties to the lowest index. [T, E] -> ([T, k], [T, k])."""
     values, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
@@ -48,7 +53,7 @@ def route_softmax_topk(
     Returns:
         (topk_ids [T, k] int32, topk_weights [T, k] float32), highest probability first.
     """
-    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E] fp32, as transformers
+    probs = torch.softmax(router_logits.to(_acc(router_logits.dtype)), dim=-1)  # [T, E] fp32, as transformers
     weights, ids = _topk_stable(probs, top_k)  # [T, k]
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -61,7 +66,7 @@ def empty_route_outputs(router_logits: torch.Tensor, top_k: int) -> tuple[torch.
     """Uninitialised (topk_ids int32 [T, k], topk_weights fp32 [T, k]) on the logits' device: what
     the kernels fill and the fake implementations return."""
     shape = (router_logits.shape[0], top_k)
-    return router_logits.new_empty(shape, dtype=torch.int32), router_logits.new_empty(shape, dtype=torch.float32)
+    return router_logits.new_empty(shape, dtype=torch.int32), router_logits.new_empty(shape, dtype=_acc(router_logits.dtype))
 
 
 def route_grouped_topk(
@@ -90,7 +95,7 @@ def route_grouped_topk(
     """
     num_tokens, num_experts = router_logits.shape
     group_size = num_experts // n_group  # S
-    scores = router_logits.float().sigmoid()  # [T, E]
+    scores = router_logits.to(_acc(router_logits.dtype)).sigmoid()  # [T, E] fp32
     choice = scores + e_score_correction_bias if e_score_correction_bias is not None else scores  # fp32 by promotion
     group_scores = (
         choice.view(num_tokens, n_group, group_size).topk(min(2, group_size), dim=-1)[0].sum(dim=-1)

@@ -207,8 +207,8 @@ def test_ops_under_torch_compile():
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, plan.pos)
     assert torch.equal(got, f(x, plan.pos))
-    torch.library.opcheck(O._pack_rows_op, (x.contiguous(), plan.pos, S))
-    torch.library.opcheck(O._gather_sum_op, (x.contiguous(), plan.pos))
+    torch.library.opcheck(O.pack_rows_unchecked.op, (x.contiguous(), plan.pos, S))
+    torch.library.opcheck(O.gather_sum_unchecked.op, (x.contiguous(), plan.pos))
 
 
 @pytest.mark.parametrize("call,exc,msg", [
@@ -225,7 +225,7 @@ def test_ops_under_torch_compile():
     (lambda x, p: O.gather_sum(x, p.to("meta")), MoeCommValueError, "gather_sum: idx must be on device cpu, got meta"),
 ])
 def test_public_kernels_still_validate(call, exc, msg):
-    """The fast argument test of pack_rows/gather_sum falls back to the full checks: same errors."""
+    """The public pack_rows/gather_sum check every argument (the dispatcher calls the *_unchecked ops)."""
     x, pos = torch.zeros(4, 8), torch.tensor([[0, -1], [1, 2], [-1, -1], [-1, 0]], dtype=torch.int32)
     with pytest.raises(exc) as info:
         call(x, pos)

@@ -146,13 +146,13 @@ def test_dlpack_numpy_input_is_not_copied():
     moe = make()
     arr = np.random.default_rng(0).standard_normal((9, H), dtype=np.float32)
     seen = {}
-    orig = moe.dispatcher.dispatch
+    orig = moe.dispatcher.dispatch_unchecked  # the forward's (trusted) dispatch
 
     def spy(x, ids, w):
         seen["ptr"] = x.data_ptr()
         return orig(x, ids, w)
 
-    moe.dispatcher.dispatch = spy
+    moe.dispatcher.dispatch_unchecked = spy
     y = moe(arr)
     assert seen["ptr"] == arr.ctypes.data  # the tokens reached dispatch without a copy
     torch.testing.assert_close(y, moe.reference_forward(torch.from_numpy(arr)), atol=1e-4, rtol=1e-4)

@@ -47,10 +47,10 @@ from ...distributed.collectives import group_info as _group_info
 from ...distributed.collectives import report_failure as _report
 from ...distributed.collectives import wait_all as _wait_all
 from ...errors import MoeCommTypeError, MoeCommValueError, check_positive_int, check_tensor
-from ...jit.backend import call_op, device_checks_allowed
+from ...jit.backend import device_checks_allowed
 from ..placement import ExpertPlacement
 from ..types import DispatchResult
-from .ops import _gather_sum_impl, _gather_sum_op, _pack_rows_impl, _pack_rows_op
+from .ops import gather_sum_unchecked, pack_rows_unchecked
 from .plan import expand_received, pack_metadata, plan_send
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -178,16 +178,21 @@ def _validate(op, x, topk_ids, topk_weights, hidden, top_k, dtype):
 
 def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, rank: int, ep_size: int,
               e2r: torch.Tensor, e2l: torch.Tensor, hidden, top_k, dtype, async_op: bool, validate: bool,
-              op: str):
+              op: str, checked: bool = True):
+    """checked=False: the caller (the MoE forward) built x, topk_ids and topk_weights itself, so the
+    argument checks are skipped (validate still decides the device check of the ids)."""
     W = ep_size
-    try:
-        x, ids, w = _validate(op, x, topk_ids, topk_weights, hidden, top_k, dtype)
-    except (MoeCommValueError, MoeCommTypeError) as exc:
-        if W > 1:
-            _report(exc)
-            # the group's device, not x's: x is what was wrong, and NCCL needs a CUDA tensor
-            _fail_peers(group, W, _group_device(group), op, _FLAG_BAD_ARGS)
-        raise
+    if not checked:
+        x, ids, w = x, topk_ids, topk_weights
+    else:
+        try:
+            x, ids, w = _validate(op, x, topk_ids, topk_weights, hidden, top_k, dtype)
+        except (MoeCommValueError, MoeCommTypeError) as exc:
+            if W > 1:
+                _report(exc)
+                # the group's device, not x's: x is what was wrong, and NCCL needs a CUDA tensor
+                _fail_peers(group, W, _group_device(group), op, _FLAG_BAD_ARGS)
+            raise
     T, H = x.shape
     k = ids.shape[1]
     E = placement.num_experts
@@ -203,7 +208,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
                                     f"[{int(ids.min())}, {int(ids.max())}]")
         from ..local import LocalDispatcher
 
-        res = LocalDispatcher(E, k, validate=False).dispatch(x, ids, w.float())
+        res = LocalDispatcher(E, k, validate=False).dispatch_unchecked(x, ids.contiguous(), w.float())  # checked above
         res.handle = EPHandle(group, 1, [T], [T], None, None, T, H, T * k, local=res.handle)
         return _Done(res) if async_op else res
 
@@ -221,7 +226,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
             raise MoeCommValueError(f"{op}: rank {_global_rank(group, j)} failed: "
                                     f"{_FLAG_REASONS.get(f, f'error flag {f}')}")
     S, R, N = sum(send_splits), sum(recv_splits), sum(recv_pairs)
-    send = call_op(_pack_rows_op, _pack_rows_impl, x, plan.pos, S)  # [S, H]; x validated, pos ours
+    send = pack_rows_unchecked(x, plan.pos, S)  # [S, H]; x validated, pos ours
     meta = pack_metadata(plan, S)  # [S, 2k]
     recv = x.new_empty((R, H))
     recv_meta = meta.new_empty((R, 2 * k))
@@ -269,13 +274,18 @@ def combine(expert_out: Any, handle: EPHandle, async_op: bool = False) -> torch.
         if handle.ep_size > 1:
             _report(exc)
         raise
-    if handle.ep_size == 1:
-        from ...permute import unpermute
+    return _combine(out, handle, async_op, op)
 
-        y = unpermute(out, handle.local, None)  # [T, H]
+
+def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> torch.Tensor | PendingCombine:
+    """combine without checks: ``out`` [N, H] is right (checked by combine, or the MoE forward's own)."""
+    if handle.ep_size == 1:
+        from ...permute.api import unpermute_unchecked
+
+        y = unpermute_unchecked(out, handle.local, None)  # [T, H]
         return _Done(y) if async_op else y
-    # expert_out checked above, the indices are the handle's: the ops run without re-checking
-    partial = call_op(_gather_sum_op, _gather_sum_impl, out, handle.slot_pos)  # [R, H]: summed over local experts
+    # the indices are the handle's: the ops run without re-checking
+    partial = gather_sum_unchecked(out, handle.slot_pos)  # [R, H]: summed over local experts
     back = out.new_empty((sum(handle.send_splits), handle.hidden))  # [S, H]
     works = [_all_to_all(back, partial, handle.send_splits, handle.recv_splits, handle.group,
                          f"{op}: all_to_all", async_op)]
@@ -283,7 +293,7 @@ def combine(expert_out: Any, handle: EPHandle, async_op: bool = False) -> torch.
     def finish(works):
         if async_op:
             _wait_all(works, handle.group, f"{op}: all_to_all")
-        return call_op(_gather_sum_op, _gather_sum_impl, back, handle.pos)  # [T, H]
+        return gather_sum_unchecked(back, handle.pos)  # [T, H]
 
     return PendingCombine(works, finish) if async_op else finish(works)
 
@@ -412,3 +422,20 @@ class EPDispatcher:
     def combine(self, expert_out: Any, handle: EPHandle, *, async_op: bool = False) -> torch.Tensor | PendingCombine:
         """y [T, H] = per token, the sum of its expert outputs (weights already applied); see combine()."""
         return combine(expert_out, handle, async_op=async_op)
+
+    def dispatch_unchecked(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
+                           async_op: bool = False, validate: bool = True) -> DispatchResult | PendingDispatch:
+        """dispatch without the argument checks, for the MoE forward: x [T, H] of the layer's dtype
+        (checked once by the layer), topk_ids [T, k] int32 and topk_weights [T, k] fp32 from route().
+        ``validate`` still checks the ids on the device (free for W > 1: the flag rides on the count
+        exchange)."""
+        e2r, e2l = _placement_maps(self.placement, x.device)
+        return _dispatch(x, topk_ids, topk_weights, group=self.group, placement=self.placement, rank=self.rank,
+                         ep_size=self.ep_size, e2r=e2r, e2l=e2l, hidden=self.hidden, top_k=self.top_k,
+                         dtype=self.dtype, async_op=async_op, validate=validate, op="EPDispatcher.dispatch",
+                         checked=False)
+
+    def combine_unchecked(self, expert_out: torch.Tensor, handle: EPHandle, *,
+                          async_op: bool = False) -> torch.Tensor | PendingCombine:
+        """combine without checks, for the MoE forward (expert_out [N, H] from its expert_mlp)."""
+        return _combine(expert_out, handle, async_op, "combine")

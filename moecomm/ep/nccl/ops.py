@@ -2,9 +2,10 @@
 
 # T = num_tokens (this rank), H = hidden, W = ep_size, S = rows sent, C = index columns
 
-pack_rows and gather_sum are custom ops (moecomm::ep_pack_rows, moecomm::ep_gather_sum) with fakes;
-each runs the Triton kernel of moecomm.ep.nccl._triton on a GPU and the reference of
-moecomm.ep.nccl.reference elsewhere.
+pack_rows and gather_sum are custom ops (moecomm::ep_pack_rows, moecomm::ep_gather_sum) with fakes and
+autograd formulas (each is the other's gradient, up to the scatter-add of repeated indices); each runs
+the Triton kernel of moecomm.ep.nccl._triton on a GPU and the reference of moecomm.ep.nccl.reference
+elsewhere. pack_rows / gather_sum check their arguments; *_unchecked are the dispatcher's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import check_positive_int, check_tensor
-from ...jit.backend import call_op, use_triton
+from ...jit.backend import Impl, choose
+from ...jit.ops import define_op
 from .reference import gather_sum_reference, pack_rows_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,42 +36,60 @@ def _triton_kernels():
 
 
 def _pack_rows_impl(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
-    if use_triton(x, "ep_pack_rows"):
+    if choose(x, "ep_pack_rows") is Impl.TRITON:
         return _triton_kernels().pack_rows_triton(x, pos, num_rows)
     return pack_rows_reference(x, pos, num_rows)
 
 
-@torch.library.custom_op("moecomm::ep_pack_rows", mutates_args=())
-def _pack_rows_op(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
-    return _pack_rows_impl(x, pos, num_rows)
+def _pack_rows_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[1])
 
 
-@_pack_rows_op.register_fake
-def _(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
-    return x.new_empty((num_rows, x.shape[1]))
+def _pack_rows_backward(ctx, grad_send):
+    # send[pos[t, w]] = x[t] for every pos >= 0, so d x[t] = sum over w of d send[pos[t, w]]: a gather_sum
+    (pos,) = ctx.saved_tensors
+    return torch.ops.moecomm.ep_gather_sum(grad_send.contiguous(), pos), None, None
+
+
+pack_rows_unchecked = define_op(
+    "ep_pack_rows", _pack_rows_impl, fake=lambda x, pos, num_rows: x.new_empty((num_rows, x.shape[1])),
+    setup_context=_pack_rows_setup, backward=_pack_rows_backward)
 
 
 def _gather_sum_impl(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    if use_triton(src, "ep_gather_sum"):
+    if choose(src, "ep_gather_sum") is Impl.TRITON:
         return _triton_kernels().gather_sum_triton(src, idx)
     return gather_sum_reference(src, idx)
 
 
-@torch.library.custom_op("moecomm::ep_gather_sum", mutates_args=())
-def _gather_sum_op(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return _gather_sum_impl(src, idx)
+def _gather_sum_setup(ctx, inputs, output) -> None:
+    src, idx = inputs
+    ctx.save_for_backward(idx)
+    ctx.num_src, ctx.src_dtype = src.shape[0], src.dtype
 
 
-@_gather_sum_op.register_fake
-def _(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return src.new_empty((idx.shape[0], src.shape[1]))
+def _gather_sum_backward(ctx, grad_out):
+    # out[m] = sum_c src[idx[m, c]] over idx >= 0: d src[n] sums the d out[m] of every (m, c) naming n.
+    # The -1 slots go to a spare row N, dropped at the end (no data-dependent shapes, no host sync).
+    (idx,) = ctx.saved_tensors
+    num_rows, num_cols = idx.shape
+    hidden = grad_out.shape[1]
+    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    flat = idx.reshape(-1).long()
+    target = torch.where((flat >= 0) & (flat < ctx.num_src), flat, torch.full_like(flat, ctx.num_src))
+    rows = grad_out.to(acc)[:, None, :].expand(num_rows, num_cols, hidden).reshape(num_rows * num_cols, hidden)
+    g = torch.zeros((ctx.num_src + 1, hidden), dtype=acc, device=grad_out.device).index_add_(0, target, rows)
+    return g[: ctx.num_src].to(ctx.src_dtype), None
 
 
-# Internal callers (dispatch, combine) pass arguments they built or validated themselves: they run
-# the op without re-checking. The public functions below check everything, with a fast path for
-# the common case (torch tensors, right dtypes and shapes, one device): a few attribute reads
-# instead of check_tensor's general machinery (~3 us of host time per call on the CI box), which
-# runs only when the fast test fails, to convert DLPack arrays or to raise the precise error.
+gather_sum_unchecked = define_op(
+    "ep_gather_sum", _gather_sum_impl, fake=lambda src, idx: src.new_empty((idx.shape[0], src.shape[1])),
+    setup_context=_gather_sum_setup, backward=_gather_sum_backward)
+
+
+# Internal callers (dispatch, combine) pass arguments they built or validated themselves: they call
+# pack_rows_unchecked / gather_sum_unchecked (the ops, without re-checking). The public functions
+# below check everything.
 
 
 def pack_rows(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -84,13 +104,10 @@ def pack_rows(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> torch.Tensor
     Returns:
         [S, H] of x.dtype.
     """
-    if not (isinstance(x, torch.Tensor) and isinstance(pos, torch.Tensor) and x.dtype in _FLOAT_DTYPES
-            and pos.dtype in _ID_DTYPES and x.dim() == 2 and pos.dim() == 2 and pos.shape[0] == x.shape[0]
-            and pos.device == x.device and type(num_rows) is int and num_rows >= 0):
-        x = check_tensor("pack_rows", "x", x, ndim=2, dtype=_FLOAT_DTYPES)
-        pos = check_tensor("pack_rows", "pos", pos, shape=[x.shape[0], None], dtype=_ID_DTYPES, device=x.device)
-        check_positive_int("pack_rows", "num_rows", num_rows, minimum=0)
-    return call_op(_pack_rows_op, _pack_rows_impl, x, pos, num_rows)
+    x = check_tensor("pack_rows", "x", x, ndim=2, dtype=_FLOAT_DTYPES)
+    pos = check_tensor("pack_rows", "pos", pos, shape=[x.shape[0], None], dtype=_ID_DTYPES, device=x.device)
+    check_positive_int("pack_rows", "num_rows", num_rows, minimum=0)
+    return pack_rows_unchecked(x, pos, num_rows)
 
 
 def gather_sum(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -103,10 +120,6 @@ def gather_sum(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     Returns:
         [M, H] of src.dtype (a row whose indices are all -1 is zeros).
     """
-    if not (isinstance(src, torch.Tensor) and isinstance(idx, torch.Tensor) and src.dtype in _FLOAT_DTYPES
-            and idx.dtype in _ID_DTYPES and src.dim() == 2 and idx.dim() == 2 and idx.device == src.device):
-        src = check_tensor("gather_sum", "src", src, ndim=2, dtype=_FLOAT_DTYPES)
-        idx = check_tensor("gather_sum", "idx", idx, ndim=2, dtype=_ID_DTYPES, device=src.device)
-    return call_op(_gather_sum_op, _gather_sum_impl, src, idx)
-
-
+    src = check_tensor("gather_sum", "src", src, ndim=2, dtype=_FLOAT_DTYPES)
+    idx = check_tensor("gather_sum", "idx", idx, ndim=2, dtype=_ID_DTYPES, device=src.device)
+    return gather_sum_unchecked(src, idx)

@@ -32,7 +32,7 @@ def pack_rows_reference(x: torch.Tensor, pos: torch.Tensor, num_rows: int) -> to
 
 
 def gather_sum_reference(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """[M, H]: row m = sum over c with idx[m, c] >= 0 of src[idx[m, c]], in fp32, cast to src.dtype.
+    """[M, H]: row m = sum over c with idx[m, c] >= 0 of src[idx[m, c]], in fp32 (float64 for float64), cast to src.dtype.
 
     Args:
         src: [N, H] rows to sum.
@@ -41,5 +41,6 @@ def gather_sum_reference(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     n, H = src.shape
     i = idx.long()
     i = torch.where((i >= 0) & (i < n), i, n)
-    padded = torch.cat([src.float(), src.new_zeros((1, H), dtype=torch.float32)])  # row n = zeros
+    acc = torch.float64 if src.dtype == torch.float64 else torch.float32  # float64: gradcheck
+    padded = torch.cat([src.to(acc), src.new_zeros((1, H), dtype=acc)])  # row n = zeros
     return padded[i].sum(dim=1).to(src.dtype)  # [M, C, H] -> [M, H]

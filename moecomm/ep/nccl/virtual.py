@@ -15,7 +15,8 @@ import torch
 
 from ..placement import ExpertPlacement
 from ..types import DispatchResult
-from .ops import gather_sum, pack_rows
+from .ops import gather_sum_unchecked as gather_sum  # the dispatcher's trusted ops: every argument is built here
+from .ops import pack_rows_unchecked as pack_rows
 from .plan import expand_received, pack_metadata, plan_send
 
 
