@@ -171,18 +171,20 @@ def run_sweep(device):
     """Launch configurations (chunk size, warps) of the sampling kernel on the top-p rows."""
     from moecomm.sampling import _triton
 
-    keep = (_triton.BLOCK, _triton._NUM_WARPS)
-    for block, warps in ((2048, 8), (4096, 8), (4096, 16), (1024, 4), (2048, 4)):
-        _triton.BLOCK, _triton._NUM_WARPS = block, warps
-        row = f"sweep BLOCK {block:5d} warps {warps:2d}:"
+    keep = (_triton.BLOCK, _triton._NUM_WARPS, _triton.NUM_PIVOTS)
+    for block, warps, pivots in ((2048, 8, 8), (4096, 8, 8), (4096, 16, 8), (2048, 8, 4), (4096, 16, 4), (1024, 4, 8)):
+        _triton.BLOCK, _triton._NUM_WARPS, _triton.NUM_PIVOTS = block, warps, pivots
+        row = f"sweep BLOCK {block:5d} warps {warps:2d} pivots {pivots}:"
         for op, batch, vocab in (("top_p", 128, 128256), ("top_p", 512, 151936), ("top_k_top_p", 512, 151936)):
             sets = _sets(batch, vocab, device)
             fn = (lambda p: S.top_p_sampling_from_probs(p, 0.9)) if op == "top_p" else (
                 lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9))
             t = bench(fn, sets, warmup=5, rep=20, device=device)
             row += f" {op} B{batch} {t.median_ms:.4f} ms;"
+        t = graph_bench(lambda p: S.top_p_sampling_from_probs(p, 0.9), _sets(1, 128256, device), replays=20, calls=10)
+        row += f" graph top_p B1 {t.median_ms * 1e3:.1f} us"
         print(row, flush=True)
-    _triton.BLOCK, _triton._NUM_WARPS = keep
+    _triton.BLOCK, _triton._NUM_WARPS, _triton.NUM_PIVOTS = keep
 
 
 def main(argv=None) -> int:
@@ -205,10 +207,10 @@ def main(argv=None) -> int:
             run_case(writer, device, fi, op, batch, vocab, warmup, rep)
     if device.type == "cuda" and not args.quick:
         run_graph_case(writer, device, fi)
-        if args.first_call_cache:
-            run_first_call(writer, args.first_call_cache)
         if args.sweep:
             run_sweep(device)
+        if args.first_call_cache:
+            run_first_call(writer, args.first_call_cache)
     return 0
 
 

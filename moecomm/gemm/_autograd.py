@@ -42,7 +42,10 @@ def _wgrad_impl(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor) 
             and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0):
         # cuBLAS's grouped GEMM contracts over each group's rows without a host sync (bf16, sm_90)
         try:
-            return torch._grouped_mm(a.t(), b.contiguous(), offs=expert_offsets[1:])
+            out = torch._grouped_mm(a.t(), b.contiguous(), offs=expert_offsets[1:])  # [E, P, Q]
+            # an expert without rows must get a zero gradient, whatever the library writes there
+            has_rows = (expert_offsets[1:] > expert_offsets[:-1])[:, None, None]
+            return torch.where(has_rows, out, torch.zeros((), dtype=out.dtype, device=out.device))
         except RuntimeError as exc:  # its argument checks (older GPU, layout): the loop below
             warn_once("grouped-mm-wgrad", f"grouped_mm backward: torch._grouped_mm refused the weight gradient ({exc}); "
                       "using a loop over the groups (one host read of the offsets per backward)")

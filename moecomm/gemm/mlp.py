@@ -28,10 +28,17 @@ from .reference import ACTIVATIONS, expert_mlp_reference
 _OP = "expert_mlp"
 
 
-def _act_code(activation: str) -> int:
-    from . import _triton  # imports triton: only when the kernel runs
+_ACT_CODE: dict[str, int] = {}  # filled on the first kernel launch: importing _triton imports triton
 
-    return {"silu": _triton.ACT_SILU, "gelu": _triton.ACT_GELU}[activation]
+
+def _act_code(activation: str) -> int:
+    code = _ACT_CODE.get(activation)
+    if code is None:
+        from . import _triton
+
+        _ACT_CODE.update(silu=_triton.ACT_SILU, gelu=_triton.ACT_GELU)
+        code = _ACT_CODE[activation]
+    return code
 
 
 def _mlp_into(x, w_gate_up, w_down, expert_offsets, layout, activation, gather_idx, row_scale, out):

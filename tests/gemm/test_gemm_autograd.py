@@ -67,9 +67,14 @@ def test_gradcheck_expert_mlp(layout, activation):
         lambda x, gu, dn: GM.expert_mlp_op(x, gu, dn, offs, layout, activation, None, None), (x[:m], gu, dn))
 
 
-def _close(got, want, tol):
+def _close(got, want, dev):
+    # CPU: fp32 throughout, 1e-5. GPU: the kernels run fp32 as tf32 (10-bit mantissa, 2**-11 relative
+    # per operand), depth <= 32 -> a few 1e-3 relative to the operands: compare norms.
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+        if dev == "cpu":
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        else:
+            assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("layout", ["ekn", "enk"])
@@ -86,7 +91,7 @@ def test_grouped_mm_fp32_matches_autograd_through_the_reference(backend, layout)
     got = torch.autograd.grad(y, (x, w, rs), g)
     yr = grouped_mm_reference(x, w, offs, layout=layout, gather_idx=gi, row_scale=rs)
     want = torch.autograd.grad(yr, (x, w, rs), g)
-    _close(got, want, 1e-5)
+    _close(got, want, dev)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
@@ -104,7 +109,7 @@ def test_expert_mlp_fp32_matches_autograd_through_the_reference(backend, activat
     got = torch.autograd.grad(y, (x, gu, dn, rs), g)
     yr = expert_mlp_reference(x, gu, dn, offs, activation=activation, gather_idx=gi, row_scale=rs)
     want = torch.autograd.grad(yr, (x, gu, dn, rs), g)
-    _close(got, want, 1e-5)
+    _close(got, want, dev)
 
 
 def test_only_the_needed_gradients_are_computed(monkeypatch):
@@ -141,3 +146,19 @@ def test_opcheck_with_grad():
     gu, dn = _t(3, 8, 4, dtype=torch.float32), _t(3, 4, 4, dtype=torch.float32)
     torch.library.opcheck(GM.expert_mlp_op.op, (x, gu, dn, offs, "enk", "silu", None, rs))
     torch.library.opcheck(AG.grouped_mm_wgrad.op, (torch.randn(8, 4), torch.randn(8, 6), offs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sizes", [[0, 37, 0, 64, 27], [256, 0, 0, 1]])
+def test_gpu_weight_gradient_bf16_equals_the_loop(sizes):
+    """The bf16 CUDA path (torch._grouped_mm over each group's rows) against the fp32 loop over groups,
+    empty groups (experts without tokens) included: bf16 inputs, fp32 accumulation, one rounding."""
+    offs = _offs(sizes, "cuda")
+    a = torch.randn(sum(sizes), 64, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(sum(sizes), 48, device="cuda", dtype=torch.bfloat16)
+    got = AG.grouped_mm_wgrad(a, b, offs).float()
+    want = AG.grouped_mm_wgrad(a.float(), b.float(), offs)  # fp32: the loop
+    torch.testing.assert_close(got, want, atol=0.5, rtol=1.6e-2)  # sums of up to 256 O(1) products
+    for e, n in enumerate(sizes):
+        if n == 0:
+            assert torch.equal(got[e], torch.zeros_like(got[e]))

@@ -44,7 +44,7 @@ def make(seed=0, dtype=None, device=None, top_k=2, **kw) -> MoE:
 
 
 def _loss(y: torch.Tensor) -> torch.Tensor:
-    return y.float().square().mean()
+    return y.float().square().sum(dim=-1).mean()  # per token over H, so the gradients are O(1)
 
 
 def _grads(moe: MoE) -> dict[str, torch.Tensor]:
@@ -64,6 +64,16 @@ def _assert_grads_close(got: dict, want: dict, atol: float, rtol: float) -> None
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def _assert_grads_near(got: dict, want: dict, rel: float) -> None:
+    """|got - want| / |want| per parameter (Frobenius norms): for tf32/bf16 GEMMs, whose rounding is
+    relative to the operands, not to each element of the result."""
+    assert got.keys() == want.keys()
+    for name in want:
+        g, w = got[name].float(), want[name].float()
+        err = ((g - w).norm() / w.norm()).item()
+        assert err <= rel, f"{name}: relative error {err:.2e} > {rel}"
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -124,7 +134,10 @@ def test_triton_kernels_record_gradients(triton_backend, name):
     _loss(moe(x)).backward()
     got = _grads(moe)
     assert got["w_gate_up"].abs().sum() > 0 and got["w_down"].abs().sum() > 0
-    _assert_grads_close(got, _reference_grads(moe, x), atol=1e-4, rtol=1e-3)
+    if triton_backend == "cpu":  # the interpreter computes in fp32
+        _assert_grads_close(got, _reference_grads(moe, x), atol=1e-4, rtol=1e-3)
+    else:  # fp32 GEMMs run as tf32 on the GPU (10-bit mantissa: ~1e-3 relative)
+        _assert_grads_near(got, _reference_grads(moe, x), rel=1e-2)
 
 
 # --------------------------------------------------------------------------- validation counted
@@ -188,17 +201,17 @@ def test_public_calls_check_each_argument_once(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-3, 1e-2), (torch.bfloat16, 5e-2, 5e-2)])
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-2), (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_gpu_eager_training_records_gradients(name, dtype, atol, rtol):
-    """Compiled Triton kernels in forward and backward; bf16 grads rounded at every GEMM output."""
+def test_gpu_eager_training_records_gradients(name, dtype, rel):
+    """Compiled Triton kernels in forward and backward (fp32 as tf32, ~1e-3 relative per GEMM; bf16
+    rounded at every GEMM output, 2**-8) against autograd through the fp32 reference."""
     moe = make(dtype=dtype, device="cuda", **CONFIGS[name])
     x = torch.randn(64, H, device="cuda", dtype=dtype)
     _loss(moe(x)).backward()
-    got = {n: g.float() for n, g in _grads(moe).items()}
-    want = {n: g.float() for n, g in _reference_grads(moe, x).items()}
+    got = _grads(moe)
     assert got["w_gate_up"].abs().sum() > 0 and got["w_down"].abs().sum() > 0
-    _assert_grads_close(got, want, atol=atol, rtol=rtol)
+    _assert_grads_near(got, _reference_grads(moe, x), rel=rel)
 
 
 @pytest.mark.gpu
@@ -209,8 +222,7 @@ def test_gpu_compiled_training_step_equals_eager():
     x = torch.randn(32, H, device="cuda", dtype=torch.bfloat16)
     _loss(eager(x)).backward()
     _loss(compiled(x)).backward()
-    _assert_grads_close({n: g.float() for n, g in _grads(twin).items()},
-                        {n: g.float() for n, g in _grads(eager).items()}, atol=2e-2, rtol=2e-2)
+    _assert_grads_near(_grads(twin), _grads(eager), rel=2e-2)
 
 
 def test_expert_parallel_training_warns_that_no_gradient_crosses_the_all_to_all(monkeypatch, caplog):
