@@ -39,7 +39,7 @@ def _routing(T, E, k, device, seed=0):
 def _one_rank_group(device: torch.device) -> None:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kw = {"device_id": device} if backend == "nccl" else {}
+        kw = {"device_id": torch.device("cuda", torch.cuda.current_device())} if backend == "nccl" else {}
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
 
 

@@ -519,6 +519,7 @@ class EPDispatcher:
         self.local_experts = placement.local_experts(self.rank)
         self.force_exchange = bool(force_exchange)
         self._static: _StaticBuffers | None = None
+        self._pending_static: tuple | None = None  # static mode without a process group: sizes until the first call
         if max_tokens is not None:
             check_positive_int(op, "max_tokens", max_tokens)
             cap = max_tokens if capacity_per_peer is None else check_positive_int(op, "capacity_per_peer", capacity_per_peer)
@@ -527,13 +528,11 @@ class EPDispatcher:
             if dtype is None:
                 raise MoeCommValueError(f"{op}: dtype must be given with max_tokens (the static buffers' dtype), got None")
             if self.ep_size > 1 or self.force_exchange:
-                if share_buffers:
-                    key = (id(group), self.ep_size, max_tokens, cap, hidden, top_k, dtype)
-                    if key not in _SHARED_BUFFERS:
-                        _SHARED_BUFFERS[key] = self._allocate(max_tokens, cap, dtype)
-                    self._static = _SHARED_BUFFERS[key]
-                else:
-                    self._static = self._allocate(max_tokens, cap, dtype)
+                self._pending_static = (max_tokens, cap, dtype, bool(share_buffers))
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():  # else on the first call's device
+                    self._resolve_static(_group_device(group))
         elif capacity_per_peer is not None:
             raise MoeCommValueError(f"{op}: capacity_per_peer needs max_tokens, got max_tokens=None")
         if self.ep_size > 1:
@@ -543,10 +542,20 @@ class EPDispatcher:
                             dtype=str(dtype), ep_size=self.ep_size, placement=placement.describe(),
                             max_tokens=max_tokens, capacity_per_peer=capacity_per_peer)
 
-    def _allocate(self, max_tokens: int, capacity: int, dtype: torch.dtype) -> _StaticBuffers:
-        import torch.distributed as dist
+    def _resolve_static(self, device: torch.device) -> None:
+        """Allocate (or find the shared) static buffers on ``device``: the group's device, or without a
+        process group (force_exchange on one rank) the device of the first dispatch."""
+        max_tokens, capacity, dtype, share = self._pending_static
+        self._pending_static = None
+        if not share:
+            self._static = self._allocate(max_tokens, capacity, dtype, device)
+            return
+        key = (id(self.group), self.ep_size, max_tokens, capacity, self.hidden, self.top_k, dtype, device)
+        if key not in _SHARED_BUFFERS:
+            _SHARED_BUFFERS[key] = self._allocate(max_tokens, capacity, dtype, device)
+        self._static = _SHARED_BUFFERS[key]
 
-        dev = _group_device(self.group) if dist.is_available() and dist.is_initialized() else torch.device("cpu")
+    def _allocate(self, max_tokens: int, capacity: int, dtype: torch.dtype, dev: torch.device) -> _StaticBuffers:
         lay = RowLayout.of(self.hidden, self.top_k, dtype)
         rows = self.ep_size * capacity
         return _StaticBuffers(
@@ -562,6 +571,8 @@ class EPDispatcher:
     @property
     def max_tokens(self) -> int | None:
         """Tokens per rank up to which a call runs the static-capacity mode (None: never)."""
+        if self._pending_static is not None:
+            return self._pending_static[0]
         return self._static.max_tokens if self._static is not None else None
 
     def dispatch(self, x: Any, topk_ids: Any, topk_weights: Any, *, async_op: bool = False,
@@ -579,6 +590,8 @@ class EPDispatcher:
         op = "EPDispatcher.dispatch"
         dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         e2r, e2l = _placement_maps(self.placement, dev)
+        if self._pending_static is not None:
+            self._resolve_static(dev)
         bufs = self._static
         if bufs is not None and isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] <= bufs.max_tokens:
             try:
@@ -606,6 +619,8 @@ class EPDispatcher:
         ``validate`` still checks the ids on the device in throughput mode (free for W > 1: the flag
         rides on the count exchange)."""
         e2r, e2l = _placement_maps(self.placement, x.device)
+        if self._pending_static is not None:
+            self._resolve_static(x.device)
         bufs = self._static
         if bufs is not None and x.shape[0] <= bufs.max_tokens:
             return _dispatch_static(x, topk_ids, topk_weights, group=self.group, bufs=bufs, rank=self.rank,
