@@ -18,12 +18,16 @@ import torch
 
 from ..jit import backend as _backend
 from ..errors import MoeCommValueError, check_choice, check_tensor
-from . import _triton
 from .api import launch, validate_grouped
 from .reference import ACTIVATIONS, expert_mlp_reference
 
 _OP = "expert_mlp"
-_ACT_CODE = {"silu": _triton.ACT_SILU, "gelu": _triton.ACT_GELU}
+
+
+def _act_code(activation: str) -> int:
+    from . import _triton  # imports triton: only on the Triton path, so `import moecomm.gemm` needs no Triton
+
+    return {"silu": _triton.ACT_SILU, "gelu": _triton.ACT_GELU}[activation]
 
 
 def _mlp_impl(x, w_gate_up, w_down, expert_offsets, layout, activation, gather_idx, row_scale, out):
@@ -32,7 +36,7 @@ def _mlp_impl(x, w_gate_up, w_down, expert_offsets, layout, activation, gather_i
         inter_size = w_down.shape[2] if layout == "enk" else w_down.shape[1]
         inter = torch.empty(M, inter_size, dtype=x.dtype, device=x.device)  # [M, I]
         launch(x, w_gate_up, expert_offsets, inter, layout=layout, gather_idx=gather_idx,
-               glu=True, act=_ACT_CODE[activation])
+               glu=True, act=_act_code(activation))
         return launch(inter, w_down, expert_offsets, out, layout=layout, row_scale=row_scale)
     out.copy_(expert_mlp_reference(x, w_gate_up, w_down, expert_offsets, layout=layout, activation=activation,
                                    gather_idx=gather_idx, row_scale=row_scale))
