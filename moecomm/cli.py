@@ -11,7 +11,6 @@ import argparse
 import importlib
 import importlib.util
 import platform
-import shutil
 import sys
 from pathlib import Path
 
@@ -62,14 +61,18 @@ def info_rows() -> list[tuple[str, str]]:
         rows.append(("dist nccl", "no: NCCL is built in but no GPU is visible"))
     else:
         rows.append(("dist nccl", "yes"))
-    mpiexec = shutil.which("mpiexec") or shutil.which("mpirun")
     mpi_ver = _version("mpi4py")
     if mpi_ver.startswith("not usable"):
         rows.append(("launcher mpirun", f"no: mpi4py {mpi_ver} (pip install mpi4py mpich)"))
-    elif not mpiexec:
-        rows.append(("launcher mpirun", "no: mpi4py imports but no mpiexec/mpirun on PATH (pip install mpich)"))
     else:
-        rows.append(("launcher mpirun", f"yes ({mpiexec})"))
+        from .apps.mpiexec import find_mpiexec
+        from .errors import MoeCommError
+
+        try:  # the launcher `moecomm demo --launcher mpirun` would start, found the way it finds it
+            choice = find_mpiexec()
+            rows.append(("launcher mpirun", f"yes ({choice.path}, {choice.reason})"))
+        except MoeCommError as exc:
+            rows.append(("launcher mpirun", f"no: {str(exc).removeprefix('moecomm demo: ')}"))
     ray_ver = _version("ray")
     rows.append(("launcher ray", "yes" if not ray_ver.startswith("not usable") else f"no: ray {ray_ver} (pip install ray)"))
     rows.append(("launcher torchrun", "yes" if dist.is_available() else "no: torch.distributed unavailable"))

@@ -101,6 +101,8 @@ def test_missing_mpiexec_is_one_line(monkeypatch, tmp_path, capsys):
     assert captured.err.startswith("moecomm demo: launcher 'mpirun' needs mpiexec or mpirun; looked in "), captured.err
     assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err, captured.err
     assert "starting" not in captured.out  # nothing started
+    # and `moecomm info` says so, found the same way
+    assert dict(cli.info_rows())["launcher mpirun"].startswith("no: launcher 'mpirun' needs mpiexec or mpirun")
 
 
 def test_missing_ray_is_one_line(monkeypatch, capsys):

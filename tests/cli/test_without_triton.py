@@ -88,6 +88,7 @@ def test_info_says_triton_is_missing(no_triton_env):
 
 
 # Forced onto Triton (MOECOMM_BACKEND=triton TRITON_INTERPRET=1: the kernels through the interpreter),
+# routing, permute, gemm, the EP path's kernels and attention's
 # each op must still run, and run its reference: the results must equal the reference's exactly.
 _OPS = textwrap.dedent("""
     import torch
@@ -122,6 +123,10 @@ _OPS = textwrap.dedent("""
     run = virtual_ep_forward(xs, idss, ws, placement, lambda rows, e, rw: rows * (e[:, None] + 1) * rw[:, None])
     ref = ep_reference(xs, idss, ws, placement, lambda rows, e: rows * (e + 1))
     assert all(torch.equal(a, b) for a, b in zip(run.y, ref.y))
+    from moecomm.attention.merge import merge_states
+    v, s = torch.randn(3, 2, 4, 8), torch.zeros(3, 2, 4)  # two partial states of equal weight
+    out, out_s = merge_states(v, s)
+    assert torch.allclose(out, v.mean(1), atol=1e-6) and torch.allclose(out_s, torch.ones(3, 4))
     import sys
     assert "triton" not in sys.modules
     print("every op ran its reference")
