@@ -56,11 +56,15 @@ def run_demo(
         expert FLOPs, 6*T*k*H*I, per second), max_abs_err, bad_tokens, passed (the check held).
     """
     from .. import _env
+    from ..errors import UnsupportedHardwareError
     from ..jit import backend as _backend
     from ..layer import MoE
     from ..testing import bench
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedHardwareError(f"moecomm demo: device {str(dev)!r} needs a CUDA GPU, and torch sees none "
+                                       f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
     gpu = dev.type == "cuda"
     tokens = tuple(tokens) if tokens is not None else ((1, 64, 512, 4096) if gpu else (1, 32, 256))
     hidden = hidden or (2048 if gpu else 256)

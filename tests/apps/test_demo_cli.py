@@ -117,3 +117,10 @@ def test_bad_knob_is_one_line(capsys):
     assert capsys.readouterr().err == "moecomm demo: top_k must be <= num_experts (8), got 9\n"
     with pytest.raises(MoeCommValueError, match="timeout_s must be a number of seconds > 0, got 0"):
         ep_demo.main(2, timeout_s=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_one_line(capsys):
+    assert cli.main(["demo", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moecomm demo: device 'cuda' needs a CUDA GPU, and torch sees none") and err.count("\n") == 1, err
