@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# One device call: the gpu test tier, then every benchmark, logs under $OUT (at most 8 files come back).
-#   usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [tests|bench|all] [bench names...]
+# One device call: the gpu test tier, then the benchmarks, logs under $OUT (at most 8 files come back).
+#   usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [tests|bench|compare|all] [bench names...]
+#   compare: the layer's kernel, graph-replay and host time (profile_moe) for the tree in $BASE_TREE
+#            (default .base, an unpacked earlier commit) and this tree, in turn A B A B: the A-A
+#            spread is the control row that says how much of a difference is noise.
+#   BENCH_TIMEOUT (s, default 240) bounds each benchmark; TESTS (default "tests") the gpu tier's paths.
 set -uo pipefail
 OUT=${OUT:-/tmp/moecomm-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MOECOMM_CACHE_DIR=${MOECOMM_CACHE_DIR:-/tmp/moecomm-cache}
-# FlashInfer as a peer (bench_gemm), when its wheel was carried in .whl/ (../shared/tools/build-flashinfer-wheel.sh)
+# FlashInfer 0.3.1 as a peer (bench_gemm), when its wheel was carried in .whl/ (../shared/tools/build-flashinfer-wheel.sh)
 if ls .whl/flashinfer_python-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fi-site .whl/flashinfer_python-*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/fi-site" FLASHINFER_CUDA_ARCH_LIST=9.0
+    && export FI031_SITE=/tmp/fi-site FLASHINFER_CUDA_ARCH_LIST=9.0
+fi
+# FlashInfer 0.7.2 precompiled for sm_90a, when ../shared/peers/flashinfer-0.7.2 was carried as .fib/
+if ls .fib/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fisite .fib/*.whl \
+    && for t in .fib/*.tar.xz; do tar xJf "$t" -C /tmp/fisite; done && export FI072_SITE=/tmp/fisite FLASHINFER_CUDA_ARCH_LIST=9.0
 fi
 what=${1:-all}; shift || true
 benches=${*:-"routing permute gemm moe dispatch"}
@@ -25,15 +34,28 @@ nvidia-smi --query-gpu=$smi_q --format=csv -lms 250 > "$OUT/smi.csv" 2>/dev/null
 smi_pid=$!
 trap 'kill $smi_pid 2>/dev/null' EXIT
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 420 python3 -m pytest -q -m "gpu" -p no:cacheprovider --timeout=300 tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+  # the FlashInfer peers stay off the tests' path (0.3.1 first: bench_gemm's peer)
+  timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m "gpu" -p no:cacheprovider --timeout=300 ${TESTS:-tests} 2>&1 \
+    | tee "$OUT/gpu-tests.log" | tail -40
+fi
+if [ "$what" = compare ] || [ "$what" = all ]; then
+  base=${BASE_TREE:-.base}
+  for round in 1 2; do
+    for tree in "$base" .; do
+      echo "=== profile_moe tree=$tree round=$round $(date -u +%T) ===" | tee -a "$OUT/compare.log"
+      (cd "$tree" && PYTHONPATH="$PWD" MOECOMM_CACHE_DIR=/tmp/moecomm-cache-$(basename "$tree") \
+        timeout 150 python3 -m benchmarks.profile_moe --tokens 1 64 4096 2>&1) | grep -e "---" | tee -a "$OUT/compare.log"
+    done
+  done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for b in $benches; do
     echo "=== bench_$b $(date -u +%T) ===" | tee -a "$OUT/bench.log"
-    timeout ${BENCH_TIMEOUT:-240} python3 -m benchmarks.bench_$b --out "$OUT/results.jsonl" 2>&1 | tee -a "$OUT/bench.log" | tail -60
+    site=""
+    [ "$b" = gemm ] && site=${FI031_SITE:-}
+    PYTHONPATH="$PYTHONPATH${site:+:$site}" timeout ${BENCH_TIMEOUT:-240} python3 -m benchmarks.bench_$b --out "$OUT/results.jsonl" 2>&1 \
+      | tee -a "$OUT/bench.log" | tail -60
   done
-  echo "=== profile_moe ===" | tee -a "$OUT/bench.log"
-  timeout 150 python3 -m benchmarks.profile_moe --tokens 1 64 4096 2>&1 | grep -v Warn | tee -a "$OUT/bench.log" | grep -e "---"
   # the launch configs the tuner picked (bench figures read against them)
   cat "$MOECOMM_CACHE_DIR"/gemm/*.json > "$OUT/gemm-configs.json" 2>/dev/null
 fi

@@ -21,11 +21,14 @@ _LAZY = {
     "RoutingMethod": "moecomm.routing",
     "from_hf": "moecomm.layer.hf",
     "patch_hf_model": "moecomm.layer.hf",
+    "unpatch_hf_model": "moecomm.layer.hf",
+    "MoEConfig": "moecomm.layer",
     "MoeCommError": "moecomm.errors",
     "MoeCommValueError": "moecomm.errors",
     "MoeCommTypeError": "moecomm.errors",
 }
-_SUBMODULES = ("routing", "permute", "ep", "gemm", "layer", "distributed", "jit", "apps", "testing", "errors")
+_SUBMODULES = ("routing", "permute", "ep", "gemm", "allreduce", "sampling", "attention", "layer", "distributed", "jit",
+               "apps", "testing", "errors")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]
 

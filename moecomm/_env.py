@@ -15,7 +15,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MOECOMM_BACKEND": ("auto", "auto | reference | triton | cuda: force the implementation of every op (where the op has it)"),
     "MOECOMM_AUTOTUNE": ("1", "0 disables on-GPU autotuning of launch configurations (heuristic pick instead)"),
     "MOECOMM_DIST_BACKEND": ("", "nccl | gloo: override the process-group backend chosen by moecomm.distributed.init()"),
-    "MOECOMM_TIMEOUT_S": ("300", "timeout of every collective and rendezvous, in seconds"),
+    "MOECOMM_TIMEOUT_S": ("300", "timeout of every collective and rendezvous, and the longest wait for a cache lock, in seconds"),
     "MOECOMM_LOG_LEVEL": ("WARNING", "level of the 'moecomm' logger"),
     "MOECOMM_MPIEXEC": ("", "the mpiexec `moecomm demo --launcher mpirun` runs (default: the one beside mpi4py's MPI library)"),
     "MOECOMM_CUDA_GRAPH_TOKENS": ("128", "MoE layers replay a CUDA graph per token count up to this many tokens (0: never)"),
@@ -71,6 +71,12 @@ def cuda_graph_tokens() -> int:
     if value < 0:
         raise ValueError(f"MOECOMM_CUDA_GRAPH_TOKENS must be an integer >= 0, got {raw!r}")
     return value
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit's root from CUDA_HOME (or CUDA_PATH), where moecomm.jit.cuda looks for nvcc
+    after PATH; None when neither is set."""
+    return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or None
 
 
 def triton_interpret() -> bool:

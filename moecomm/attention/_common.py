@@ -19,20 +19,25 @@ from .reference import HND, NHD
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "half": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16}
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+_DTYPES.update({"float8_e4m3fn": getattr(torch, "float8_e4m3fn", None), "float8_e5m2": getattr(torch, "float8_e5m2", None),
+                "e4m3": getattr(torch, "float8_e4m3fn", None), "e5m2": getattr(torch, "float8_e5m2", None)})
 
 
-def parse_dtype(op: str, name: str, value, default: torch.dtype | None = None) -> torch.dtype:
+def parse_dtype(op: str, name: str, value, default: torch.dtype | None = None, fp8: bool = False) -> torch.dtype:
     if value is None:
         if default is None:
             raise MoeCommTypeError(f"{op}: {name} must be a dtype, got None")
         return default
     if isinstance(value, str):
         dt = _DTYPES.get(value.replace("torch.", ""))
-        if dt is None:
-            raise MoeCommTypeError(f"{op}: {name} must be one of {sorted(_DTYPES)} or a torch.dtype, got {value!r}")
+        if dt is None or (dt in FP8_DTYPES and not fp8):
+            names = sorted(n for n, d in _DTYPES.items() if d is not None and (fp8 or d not in FP8_DTYPES))
+            raise MoeCommTypeError(f"{op}: {name} must be one of {names} or a torch.dtype, got {value!r}")
         return dt
-    if not isinstance(value, torch.dtype) or value not in KV_DTYPES:
-        raise MoeCommTypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {value!r}")
+    if not isinstance(value, torch.dtype) or (value not in KV_DTYPES and not (fp8 and value in FP8_DTYPES)):
+        allowed = "float16, bfloat16, float32" + (", float8_e4m3fn or float8_e5m2" if fp8 else "")
+        raise MoeCommTypeError(f"{op}: {name} must be {allowed}, got {value!r}")
     return value
 
 
@@ -51,7 +56,7 @@ def host_ints(op: str, name: str, value) -> np.ndarray:
             raise MoeCommValueError(f"{op}: {name} must have 1 dimension, got shape {tuple(value.shape)}")
         if value.device.type != "cpu":
             value = value.cpu()
-        return value.numpy().astype(np.int64, copy=False)
+        return value.numpy()  # int32 or int64, no copy: plan() arithmetic stays below 2**31
     arr = np.asarray(value)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise MoeCommTypeError(f"{op}: {name} must be a 1-D integer tensor, got {type(value).__name__} of shape {arr.shape}")
@@ -75,7 +80,10 @@ def check_heads(op: str, num_qo_heads, num_kv_heads, head_dim, page_size, head_d
 
 def check_page_table(op: str, indptr: np.ndarray, last_page_len: np.ndarray, num_indices: int, page_size: int,
                      indptr_name: str = "indptr") -> np.ndarray:
-    """Validate the page table's host copies; return the KV length of each request ([B] int64)."""
+    """Validate the page table's host copies; return the KV length of each request ([B] int).
+
+    Few numpy calls on purpose (each costs ~1 us; plan() has ~30 us): one reduction per check on the
+    common path, the detailed message only once a check fails."""
     batch = indptr.shape[0] - 1
     if batch < 0:
         raise MoeCommValueError(f"{op}: {indptr_name} must have batch_size + 1 >= 1 entries, got 0")
@@ -83,25 +91,38 @@ def check_page_table(op: str, indptr: np.ndarray, last_page_len: np.ndarray, num
         raise MoeCommValueError(f"{op}: last_page_len must have {batch} entries (one per request), got {last_page_len.shape[0]}")
     if indptr[0] != 0:
         raise MoeCommValueError(f"{op}: {indptr_name}[0] must be 0, got {int(indptr[0])}")
-    pages = np.diff(indptr)
-    if batch and pages.min() < 0:
-        b = int(np.argmax(pages < 0))
-        raise MoeCommValueError(f"{op}: {indptr_name} must be non-decreasing, got {indptr_name}[{b + 1}] = "
-                                f"{int(indptr[b + 1])} < {indptr_name}[{b}] = {int(indptr[b])}")
+    if batch == 0:
+        return np.zeros(0, dtype=np.int64)
+    pages = indptr[1:] - indptr[:-1]
+    if pages.min() > 0:  # every request has pages (the common case)
+        lm1 = last_page_len - 1  # in [0, P) as unsigned: one reduction checks both bounds
+        if lm1.view(np.uint32 if lm1.dtype == np.int32 else np.uint64).max() >= page_size:
+            _bad_last(op, pages, last_page_len, page_size)
+        lengths = pages * page_size + (last_page_len - page_size)
+    else:
+        if pages.min() < 0:
+            b = int(np.argmax(pages < 0))
+            raise MoeCommValueError(f"{op}: {indptr_name} must be non-decreasing, got {indptr_name}[{b + 1}] = "
+                                    f"{int(indptr[b + 1])} < {indptr_name}[{b}] = {int(indptr[b])}")
+        _bad_last(op, pages, last_page_len, page_size)
+        lengths = np.where(pages > 0, (pages - 1) * page_size + last_page_len, 0)
     if indptr[-1] > num_indices:
         raise MoeCommValueError(f"{op}: indices must hold {indptr_name}[-1] = {int(indptr[-1])} page ids, got {num_indices}")
-    has = pages > 0
-    bad = has & ((last_page_len < 1) | (last_page_len > page_size))
+    return lengths
+
+
+def _bad_last(op, pages, last_page_len, page_size):
+    bad = (pages > 0) & ((last_page_len < 1) | (last_page_len > page_size))
     if bad.any():
         b = int(np.argmax(bad))
         raise MoeCommValueError(f"{op}: last_page_len must be in [1, page_size = {page_size}] for a request with pages, "
                                 f"got last_page_len[{b}] = {int(last_page_len[b])}")
-    return np.where(has, (pages - 1) * page_size + last_page_len, 0)
 
 
 def check_indices(op: str, indices, num_pages: int | None) -> int | None:
     """Range-check host page ids (device ids are not read: the kernels clamp them); return their
-    maximum (None when not known on the host)."""
+    maximum (None when not known on the host). One reduction: the max over the ids as unsigned
+    (a negative id shows as >= 2**31)."""
     if not isinstance(indices, torch.Tensor) or indices.device.type != "cpu":
         if isinstance(indices, torch.Tensor) and indices.dtype not in (torch.int32, torch.int64):
             raise MoeCommTypeError(f"{op}: indices must have dtype int32 or int64, got {str(indices.dtype).replace('torch.', '')}")
@@ -109,9 +130,11 @@ def check_indices(op: str, indices, num_pages: int | None) -> int | None:
     arr = host_ints(op, "indices", indices)
     if arr.size == 0:
         return -1
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0:
-        raise MoeCommValueError(f"{op}: indices must be >= 0 (page ids), got {lo} at position {int(np.argmin(arr))}")
+    hi = int(arr.view(np.uint32 if arr.dtype == np.int32 else np.uint64).max())
+    if hi >= 2**31:
+        if int(arr.min()) < 0:
+            raise MoeCommValueError(f"{op}: indices must be >= 0 (page ids), got {int(arr.min())} at position {int(np.argmin(arr))}")
+        raise MoeCommValueError(f"{op}: indices must be < 2**31, got {int(arr.max())}")
     if num_pages is not None and hi >= num_pages:
         raise MoeCommValueError(f"{op}: indices must be < num_pages ({num_pages}), got {hi} at position {int(np.argmax(arr))}")
     return hi
@@ -172,6 +195,10 @@ def check_kv_cache(op: str, paged_kv_cache, kv_layout: str, num_kv_heads: int, h
                                f"got {type(paged_kv_cache).__name__}")
     want = (page_size, num_kv_heads, head_dim) if kv_layout == NHD else (num_kv_heads, page_size, head_dim)
     for name, t in (("k_cache", k), ("v_cache", v)):
+        # the common case in one comparison per property (run() is on every layer's host path)
+        if type(t) is torch.Tensor and t.shape[1:] == want and t.dtype is kv_dtype and t.stride(3) == 1 and (
+                t.device == device or t.device.type == device.type == "cuda"):
+            continue
         if not isinstance(t, torch.Tensor):
             raise MoeCommTypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4 or tuple(t.shape[1:]) != want:

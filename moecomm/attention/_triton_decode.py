@@ -17,8 +17,11 @@ memory-bound (B64 L4096 Hk8 D128 bf16 is 1.07 GB of KV: 0.22 ms at 4.8 TB/s). So
   and positions past a chunk's end are masked.
 
 Work items are metadata arrays in one int32 device buffer (written by plan() with one copy), at
-int offsets: meta[0] = num_work, work_req[w] (the request), work_start[w], work_end[w] (its token
-range), kv_indptr[b] (the request's first entry of kv_indices), work_indptr[b] (its first chunk). The programs loop
+int offsets: meta[0] = num_work, work_req[w] (the request of work item w), and per request b:
+kv_indptr[b] (its first entry of kv_indices), work_indptr[b] (its first work item), chunk[b] (its
+chunk length), kv_len[b]. Item w covers tokens [s0 + i * chunk, min(s0 + (i + 1) * chunk, kv_len))
+with i = w - work_indptr[b] and s0 the window's first token: the host writes only per-request
+arrays and one repeat (plan() is on the host's critical path). The programs loop
 ``for w in range(pid, num_work, num_programs)`` with num_work read from the device, so that a CUDA
 graph captured once replays for any plan with at most as many work items as the grid covers.
 
@@ -43,8 +46,8 @@ def _tanh(x):
 def decode_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
     meta_ptr, kv_indices_ptr,
-    off_req, off_start, off_end, off_kv_indptr,
-    num_pages, num_programs,
+    off_req, off_chunk, off_work_indptr, off_kv_indptr, off_len,
+    num_pages, num_programs, window_left,
     stride_qb, stride_qh,
     stride_kp, stride_kt, stride_kh,
     stride_vp, stride_vt, stride_vh,
@@ -52,11 +55,17 @@ def decode_kernel(
     sm_scale, soft_cap,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr, WRITE_LSE: tl.constexpr, SOFT_CAP: tl.constexpr,
+    DIRECT: tl.constexpr, WRITE_LSE: tl.constexpr, SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    kvh = tl.program_id(1)
-    num_kv_heads = tl.num_programs(1)
+    if HEADS_FIRST:  # grid (Hk, programs): the Hk programs of one chunk run side by side and read
+        kvh = tl.program_id(0)  # the neighbouring 256-byte head rows of the same NHD token rows
+        pid = tl.program_id(1)
+        num_kv_heads = tl.num_programs(0)
+    else:
+        pid = tl.program_id(0)
+        kvh = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
     num_work = tl.load(meta_ptr)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, HEAD_DIM)
@@ -64,9 +73,17 @@ def decode_kernel(
     g_ok = g < GROUP
     qh = kvh * GROUP + g  # [BG] query heads of this KV head
     for w in range(pid, num_work, num_programs):
-        b = tl.load(meta_ptr + off_req + w)
-        start = tl.load(meta_ptr + off_start + w)
-        end = tl.load(meta_ptr + off_end + w)
+        if DIRECT:  # one work item per request
+            b = w
+            local = 0
+            chunk = 1 << 30
+        else:
+            b = tl.load(meta_ptr + off_req + w)
+            local = w - tl.load(meta_ptr + off_work_indptr + b)
+            chunk = tl.load(meta_ptr + off_chunk + b)
+        length = tl.load(meta_ptr + off_len + b)
+        start = tl.maximum(length - 1 - window_left, 0) + local * chunk  # window_left: 2**30 for none
+        end = tl.minimum(start + chunk, length)
         page_base = tl.load(meta_ptr + off_kv_indptr + b)
         q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh + d[None, :],
                     mask=g_ok[:, None], other=0.0)  # [BG, D]
@@ -81,9 +98,10 @@ def decode_kernel(
             slot = pos % PAGE
             k_row = page * stride_kp + slot * stride_kt + kvh * stride_kh  # [BN]
             v_row = page * stride_vp + slot * stride_vt + kvh * stride_vh
-            k = tl.load(k_ptr + k_row[:, None] + d[None, :], mask=ok[:, None], other=0.0)  # [BN, D]
-            v = tl.load(v_ptr + v_row[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k))  # [BG, BN] fp32
+            # [BN, D]; an fp8 cache is widened to q's dtype here (a no-op when the dtypes agree)
+            k = tl.load(k_ptr + k_row[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(q.dtype)
+            v = tl.load(v_ptr + v_row[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(q.dtype)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BG, BN] fp32
             if SOFT_CAP:
                 qk = soft_cap * _tanh(qk * (sm_scale / soft_cap)) * 1.4426950408889634
             else:
@@ -93,7 +111,7 @@ def decode_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]

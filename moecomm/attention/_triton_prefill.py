@@ -31,7 +31,8 @@ def _step(acc, l_i, m_i, q, k_ptr, v_ptr, kv_indices_ptr, page_base, s, kv_len, 
           mask_ptr, mask_base, num_pages, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
           sm_scale, soft_cap, window_left,
           PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-          CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, CUSTOM: tl.constexpr):
+          CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, CUSTOM: tl.constexpr,
+          DOT_PRECISION: tl.constexpr):
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
     kpos = s + n  # [BN]
@@ -43,12 +44,11 @@ def _step(acc, l_i, m_i, q, k_ptr, v_ptr, kv_indices_ptr, page_base, s, kv_len, 
                 mask=ok[:, None], other=0.0)
     v = tl.load(v_ptr + (page * stride_vp + slot * stride_vt + kvh * stride_vh)[:, None] + d[None, :],
                 mask=ok[:, None], other=0.0)
-    qk = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN] fp32
     if SOFT_CAP:
-        qk = soft_cap * _tanh(qk * (sm_scale / soft_cap)) * 1.4426950408889634
-    else:
-        qk = qk * (sm_scale * 1.4426950408889634)
+        qk = soft_cap * _tanh(qk * (sm_scale / soft_cap))
     if MASKED:
+        qk = qk * 1.4426950408889634 if SOFT_CAP else qk * (sm_scale * 1.4426950408889634)
         vis = ok[None, :] & q_ok[:, None]
         if CAUSAL:
             vis = vis & (kpos[None, :] <= qpos[:, None])
@@ -61,13 +61,16 @@ def _step(acc, l_i, m_i, q, k_ptr, v_ptr, kv_indices_ptr, page_base, s, kv_len, 
         qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        p = tl.exp2(qk - m_safe[:, None])
     else:
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        # every row sees every key of the block: scale folded into one multiply-subtract (tutorial 06)
+        scale = 1.4426950408889634 if SOFT_CAP else sm_scale * 1.4426950408889634
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale)
         m_safe = m_new
+        p = tl.exp2(qk * scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -82,7 +85,7 @@ def prefill_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, CUSTOM: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     h = tl.program_id(0)
     t = tl.program_id(1)
@@ -130,17 +133,17 @@ def prefill_kernel(
             acc, l_i, m_i = _step(acc, l_i, m_i, q, k_ptr, v_ptr, kv_indices_ptr, page_base, s, kv_len, kvh, qpos,
                                   q_rows, q_ok, mask_ptr, mask_base, num_pages, stride_kp, stride_kt, stride_kh,
                                   stride_vp, stride_vt, stride_vh, sm_scale, soft_cap, window_left,
-                                  PAGE, HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, SOFT_CAP, CUSTOM)
+                                  PAGE, HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, SOFT_CAP, CUSTOM, DOT_PRECISION)
         for s in range(f0, tl.minimum(f1, hi), BLOCK_N):
             acc, l_i, m_i = _step(acc, l_i, m_i, q, k_ptr, v_ptr, kv_indices_ptr, page_base, s, kv_len, kvh, qpos,
                                   q_rows, q_ok, mask_ptr, mask_base, num_pages, stride_kp, stride_kt, stride_kh,
                                   stride_vp, stride_vt, stride_vh, sm_scale, soft_cap, window_left,
-                                  PAGE, HEAD_DIM, BLOCK_N, False, CAUSAL, WINDOW, SOFT_CAP, CUSTOM)
+                                  PAGE, HEAD_DIM, BLOCK_N, False, CAUSAL, WINDOW, SOFT_CAP, CUSTOM, DOT_PRECISION)
         for s in range(tl.maximum(f1, lo), hi, BLOCK_N):
             acc, l_i, m_i = _step(acc, l_i, m_i, q, k_ptr, v_ptr, kv_indices_ptr, page_base, s, kv_len, kvh, qpos,
                                   q_rows, q_ok, mask_ptr, mask_base, num_pages, stride_kp, stride_kt, stride_kh,
                                   stride_vp, stride_vt, stride_vh, sm_scale, soft_cap, window_left,
-                                  PAGE, HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, SOFT_CAP, CUSTOM)
+                                  PAGE, HEAD_DIM, BLOCK_N, True, CAUSAL, WINDOW, SOFT_CAP, CUSTOM, DOT_PRECISION)
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         tl.store(out_ptr + rows[:, None] * stride_on + h * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),

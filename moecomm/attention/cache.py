@@ -46,7 +46,7 @@ def _append_impl(append_key: torch.Tensor, append_value: torch.Tensor, batch_ind
     ), dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, PAGE=page, BLOCK_H=next_pow2(num_heads)), 4)
 
 
-_append_op = define_op("append_paged_kv_cache", _append_impl, fake=lambda *args: None,
+_append_op = define_op("attention_append_paged_kv_cache", _append_impl, fake=lambda *args: None,
                        mutates_args=("k_cache", "v_cache"), differentiable=False)
 
 

@@ -32,14 +32,28 @@ from ..jit import backend as _backend
 from ..jit.launch import cdiv, launch
 from ..jit.ops import define_op
 from . import reference
-from ._common import (Staging, check_heads, check_indices, check_kv_cache, check_layout, check_page_table,
-                      host_ints, nhd_strides, num_sms, parse_dtype)
+from ._common import (
+    FP8_DTYPES,
+    Staging,
+    check_heads,
+    check_indices,
+    check_kv_cache,
+    check_layout,
+    check_page_table,
+    host_ints,
+    nhd_strides,
+    num_sms,
+    parse_dtype,
+)
 
 _OP = "BatchDecodeWithPagedKVCacheWrapper"
 _TARGET_PROGRAMS_PER_SM = 8  # resident ~2 per SM (96 KB of pipelined K/V each): ~4 waves, small tail
+_SPLIT_BELOW_PER_SM = 4  # split only when B * Hk programs are fewer than this per SM (~2 waves)
 _MIN_CHUNK = 256  # tokens: below this a chunk's partial (Hq x D fp32) costs more than its KV read
 _ALIGN = 16  # metadata sections start at multiples of 16 ints (one Triton specialisation of offsets)
 
+HEADS_FIRST = True  # grid order (see _triton_decode); the benchmark's --sweep tries both
+_MAX_GRID = 65535  # CUDA's limit on grid dimensions 1 and 2: more work items loop inside the programs
 # (head_dim) -> (BLOCK_N, num_warps, num_stages); the benchmark's --sweep overrides it
 DECODE_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
 
@@ -48,13 +62,23 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+_ARANGE = np.arange(1 << 12, dtype=np.int64)
+
+
+def _arange(n: int) -> np.ndarray:
+    global _ARANGE
+    if n > _ARANGE.shape[0]:
+        _ARANGE = np.arange(2 * n, dtype=np.int64)
+    return _ARANGE[:n]
+
+
 def _decode_impl(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: torch.Tensor, kv_indices: torch.Tensor,
     part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     offsets: list[int], num_programs: int, page_size: int, kv_layout_hnd: bool, direct: bool, write_lse: bool,
     sm_scale: float, logits_soft_cap: float, window_left: int,
 ) -> None:
-    off_req, off_start, off_end, off_kv_indptr, off_work_indptr, off_len = offsets
+    off_req, off_chunk, off_work_indptr, off_kv_indptr, off_len = offsets
     batch, num_qo_heads, head_dim = q.shape
     kv_layout = reference.HND if kv_layout_hnd else reference.NHD
     if _backend.choose(q, "attention_decode") is not _backend.Impl.TRITON:
@@ -77,20 +101,23 @@ def _decode_impl(
     skp, skt, skh = nhd_strides(k_cache, kv_layout)
     svp, svt, svh = nhd_strides(v_cache, kv_layout)
     soft = logits_soft_cap > 0
-    launch(kern.decode_kernel, (num_programs, num_kv_heads), (
+    grid = (num_kv_heads, num_programs) if HEADS_FIRST else (num_programs, num_kv_heads)
+    launch(kern.decode_kernel, grid, (
         q, k_cache, v_cache, out, lse, part_o, part_lse, meta, kv_indices,
-        off_req, off_start, off_end, off_kv_indptr, k_cache.shape[0], num_programs,
+        off_req, off_chunk, off_work_indptr, off_kv_indptr, off_len, k_cache.shape[0], num_programs,
+        window_left if window_left >= 0 else 1 << 30,
         q.stride(0), q.stride(1), skp, skt, skh, svp, svt, svh, out.stride(0), out.stride(1),
         sm_scale, logits_soft_cap if soft else 1.0,
     ), dict(GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_G=max(16, 1 << (group - 1).bit_length()),
-            BLOCK_N=block_n, DIRECT=direct, WRITE_LSE=write_lse, SOFT_CAP=soft), num_warps, num_stages)
+            BLOCK_N=block_n, DIRECT=direct, WRITE_LSE=write_lse, SOFT_CAP=soft,
+            DOT_PRECISION="ieee" if q.dtype is torch.float32 else "tf32", HEADS_FIRST=HEADS_FIRST), num_warps, num_stages)
     if not direct:
         launch(kern.merge_partials_kernel, (batch, num_qo_heads), (
             part_o, part_lse, meta, out, lse, off_work_indptr, num_qo_heads, out.stride(0), out.stride(1),
         ), dict(HEAD_DIM=head_dim, WRITE_LSE=write_lse), 4 if head_dim >= 128 else 2)
 
 
-paged_decode = define_op("paged_decode", _decode_impl, fake=lambda *args: None,
+paged_decode = define_op("attention_paged_decode", _decode_impl, fake=lambda *args: None,
                          mutates_args=("part_o", "part_lse", "out", "lse"), differentiable=False)
 
 
@@ -138,24 +165,24 @@ class BatchDecodeWithPagedKVCacheWrapper:
             self._max_work = self._max_batch + _TARGET_PROGRAMS_PER_SM * self._sms
         else:
             self._max_batch, self._max_work = 0, 0
-        self._staging = Staging(self._device, 1024)
         self._plan = None
         self._views: dict = {}
+        # graph mode: the metadata buffer's final size now, so that no plan() ever moves it
+        self._staging = Staging(self._device, self._layout(self._max_batch, self._max_work)[1] if self._graph else 1024)
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
         return self._graph
 
     def _layout(self, batch: int, num_work: int) -> tuple[list[int], int]:
-        """Offsets of the metadata sections and the end of the fixed part."""
+        """Offsets of the metadata sections (work_req, then per request: chunk, work_indptr,
+        kv_indptr, kv_len) and the end of the fixed part."""
         wcap, bcap = (self._max_work, self._max_batch) if self._graph else (num_work, batch)
-        ws, bs = _round_up(wcap, _ALIGN), _round_up(bcap + 1, _ALIGN)
+        ws, bs = _round_up(max(wcap, 1), _ALIGN), _round_up(bcap + 1, _ALIGN)
         off_req = _ALIGN
-        off_start, off_end = off_req + ws, off_req + 2 * ws
-        off_kv_indptr = off_req + 3 * ws
-        off_work_indptr = off_kv_indptr + bs
-        off_len = off_work_indptr + bs
-        return [off_req, off_start, off_end, off_kv_indptr, off_work_indptr, off_len], off_len + bs
+        off_chunk = off_req + ws
+        off_work_indptr, off_kv_indptr, off_len = off_chunk + bs, off_chunk + 2 * bs, off_chunk + 3 * bs
+        return [off_req, off_chunk, off_work_indptr, off_kv_indptr, off_len], off_chunk + 4 * bs
 
     def _partials(self, num_qo_heads: int, head_dim: int):
         key = (num_qo_heads, head_dim)
@@ -186,7 +213,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
             pos_encoding_mode: "NONE" (apply RoPE before with apply_rope / apply_rope_inplace).
             window_left: attend to the last window_left + 1 tokens (-1: all).
             logits_soft_cap: c > 0: logits = c * tanh(logits / c); None or 0: none.
-            q_data_type, kv_data_type (default q's), data_type (FlashInfer's alias of both): fp16/bf16 (fp32 too).
+            q_data_type, kv_data_type (default q's), data_type (FlashInfer's alias of both): fp16/bf16 (fp32 too);
+                kv_data_type may be float8_e4m3fn / float8_e5m2 with fp16/bf16 queries (widened in the kernel;
+                pass run()'s k_scale / v_scale for a scaled cache).
             sm_scale: the logits' scale, default 1 / sqrt(D).
             num_pages: the cache's page count, for a range check of host indices here (else at run()).
             disable_split_kv: one work item per request. kv_chunk_size: force split chunks of this
@@ -199,16 +228,19 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if data_type is not None:
             q_data_type = kv_data_type = data_type
         q_dtype = parse_dtype(_OP, "q_data_type", q_data_type)
-        kv_dtype = parse_dtype(_OP, "kv_data_type", kv_data_type, q_dtype)
-        if kv_dtype is not q_dtype:
-            raise MoeCommTypeError(f"{_OP}: kv_data_type must equal q_data_type ({str(q_dtype).replace('torch.', '')}), "
-                                   f"got {str(kv_dtype).replace('torch.', '')}")
+        kv_dtype = parse_dtype(_OP, "kv_data_type", kv_data_type, q_dtype, fp8=True)
+        fp8_ok = kv_dtype in FP8_DTYPES and q_dtype in (torch.float16, torch.bfloat16)
+        if kv_dtype is not q_dtype and not fp8_ok:
+            raise MoeCommTypeError(f"{_OP}: kv_data_type must equal q_data_type ({str(q_dtype).replace('torch.', '')}) or be "
+                                   f"fp8 with fp16/bf16 queries, got {str(kv_dtype).replace('torch.', '')}")
         if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
             raise MoeCommValueError(f"{_OP}: window_left must be an int >= -1, got {window_left!r}")
         cap = 0.0 if logits_soft_cap is None else float(logits_soft_cap)
         if not (cap >= 0 and math.isfinite(cap)):
             raise MoeCommValueError(f"{_OP}: logits_soft_cap must be None or a finite value >= 0, got {logits_soft_cap!r}")
         scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+        if not (scale > 0 and math.isfinite(scale)):
+            raise MoeCommValueError(f"{_OP}: sm_scale must be a finite value > 0, got {sm_scale!r}")
 
         indptr_np = host_ints(_OP, "indptr", indptr)
         last_np = host_ints(_OP, "last_page_len", last_page_len)
@@ -222,8 +254,6 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise MoeCommValueError(f"{_OP}: indptr[-1] must be <= {self._indices_buf.shape[0]} (paged_kv_indices_buffer's "
                                     f"size), got {int(indptr_np[-1])}")
 
-        starts = np.maximum(lengths - 1 - window_left, 0) if window_left >= 0 else np.zeros_like(lengths)
-        span = lengths - starts
         block_n = DECODE_CONFIGS[head_dim][0]
         cap_work, part_o, part_lse = self._partials(num_qo_heads, head_dim)
         max_work = min(cap_work, self._max_work) if self._graph else cap_work
@@ -231,34 +261,28 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise MoeCommValueError(f"{_OP}: float_workspace_buffer must hold {batch} x {num_qo_heads} x {head_dim + 1} "
                                     f"fp32 partials, got {self._workspace.numel()} bytes")
         target = cdiv(_TARGET_PROGRAMS_PER_SM * self._sms, num_kv_heads)
-        split = not disable_split_kv and batch > 0 and (kv_chunk_size is not None or self._graph or batch < target)
+        split = not disable_split_kv and batch > 0 and (
+            kv_chunk_size is not None or self._graph or batch * num_kv_heads < _SPLIT_BELOW_PER_SM * self._sms)
+        nsplit = None
+        num_work = batch
         if split:
+            span = lengths if window_left < 0 else np.minimum(lengths, window_left + 1)
             if kv_chunk_size is not None:
                 chunk = _round_up(max(int(kv_chunk_size), 1), block_n)
             else:
                 want = max(1, min(target, max_work - batch))
                 chunk = _round_up(max(_MIN_CHUNK, cdiv(int(span.sum()), want)), block_n)
-            nsplit = np.maximum((span + chunk - 1) // chunk, 1)
-            chunk_b = ((span + nsplit - 1) // nsplit + block_n - 1) // block_n * block_n
-            if int(nsplit.sum()) > max_work:  # a forced chunk size past the workspace: fall back
-                nsplit = np.ones_like(span)
-                chunk_b = span
-        else:
-            nsplit = np.ones_like(span)
-            chunk_b = span
-        num_work = int(nsplit.sum())
-        direct = not self._graph and num_work == batch
-        if num_work > max_work and not direct:
-            raise MoeCommValueError(f"{_OP}: float_workspace_buffer is too small for {num_work} split-KV partials")
-        work_indptr = np.zeros(batch + 1, dtype=np.int64)
-        np.cumsum(nsplit, out=work_indptr[1:])
-        work_req = np.repeat(np.arange(batch), nsplit)
-        local = np.arange(num_work) - work_indptr[work_req]
-        work_start = starts[work_req] + local * chunk_b[work_req]
-        work_end = np.minimum(work_start + chunk_b[work_req], lengths[work_req])
+            nsplit = (span + (chunk - 1)) // chunk
+            np.maximum(nsplit, 1, out=nsplit)
+            num_work = int(nsplit.sum())
+            if num_work > max_work:  # a forced chunk size past the workspace: one item per request
+                if self._graph:
+                    raise MoeCommValueError(f"{_OP}: kv_chunk_size must give <= {max_work} work items, got {num_work}")
+                split, num_work = False, batch
+        direct = not split and not self._graph
 
         offsets, fixed_end = self._layout(batch, num_work)
-        off_req, off_start, off_end, off_kv_indptr, off_work_indptr, off_len = offsets
+        off_req, off_chunk, off_work_indptr, off_kv_indptr, off_len = offsets
         dev_indices = None
         if isinstance(indices, torch.Tensor) and indices.device.type != "cpu" and not self._graph:
             dev_indices = indices if indices.dtype is torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
@@ -267,12 +291,22 @@ class BatchDecodeWithPagedKVCacheWrapper:
         st.ensure(need)
         h = st.host_np
         h[0] = num_work
-        h[off_req:off_req + num_work] = work_req
-        h[off_start:off_start + num_work] = work_start
-        h[off_end:off_end + num_work] = work_end
         h[off_kv_indptr:off_kv_indptr + batch + 1] = indptr_np
-        h[off_work_indptr:off_work_indptr + batch + 1] = work_indptr
         h[off_len:off_len + batch] = lengths
+        if split:
+            # chunk_b: equal chunks per request, rounded up to the kernel's block (aligned loads)
+            cb = h[off_chunk:off_chunk + batch]
+            np.floor_divide(span + (block_n * nsplit - 1), block_n * nsplit, out=cb)  # ceil(ceil(span / n) / bn)
+            cb *= block_n
+            h[off_work_indptr] = 0
+            np.cumsum(nsplit, out=h[off_work_indptr + 1:off_work_indptr + batch + 1])
+            h[off_req:off_req + num_work] = np.repeat(_arange(batch), nsplit)
+        elif self._graph:  # graph mode always takes the split path: one chunk per request
+            h[off_chunk:off_chunk + batch] = 1 << 30
+            h[off_work_indptr:off_work_indptr + batch + 1] = _arange(batch + 1)
+            h[off_req:off_req + num_work] = _arange(batch)
+        if self._graph and batch < self._max_batch:  # rows a graph captured at a larger batch merges: none
+            h[off_work_indptr + batch + 1:off_work_indptr + self._max_batch + 1] = num_work
         if self._graph:
             self._indices_buf[:num_indices].copy_(torch.as_tensor(indices).to(torch.int32), non_blocking=non_blocking)
             kv_indices = self._indices_buf
@@ -285,9 +319,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if kv_indices is None:
             kv_indices = st.dev[fixed_end:fixed_end + max(num_indices, 1)]
         if self._graph:
-            num_programs = max(self._max_batch, target)
+            num_programs = min(max(self._max_batch, target), _MAX_GRID)
         else:
-            num_programs = max(num_work, 1)
+            num_programs = min(max(num_work, 1), _MAX_GRID)
         self._plan = dict(
             batch=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
             q_dtype=q_dtype, kv_dtype=kv_dtype, sm_scale=scale, soft_cap=cap, window_left=window_left,
@@ -344,7 +378,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 raise MoeCommValueError(f"{_OP}: lse must be a contiguous float32 tensor of shape [{batch}, {hq}], "
                                         f"got {str(lse.dtype).replace('torch.', '')} {list(lse.shape)}")
         scale = p["sm_scale"] * (1.0 if q_scale is None else float(q_scale)) * (1.0 if k_scale is None else float(k_scale))
-        paged_decode(q, k, v, p["meta"], p["kv_indices"], p["part_o"], p["part_lse"], out,
+        # eager: the implementation itself (the Op's generic requires-grad scan over 18 arguments costs
+        # ~10 us of host time per layer; attention here has no gradient); compiling: the registered op
+        op = paged_decode if torch.compiler.is_compiling() or q.requires_grad else _decode_impl
+        op(q, k, v, p["meta"], p["kv_indices"], p["part_o"], p["part_lse"], out,
                      lse if return_lse else p["part_lse"], p["offsets"], p["num_programs"], p["page_size"],
                      self._kv_layout == reference.HND, p["direct"], return_lse, scale, p["soft_cap"], p["window_left"])
         if v_scale is not None and float(v_scale) != 1.0:

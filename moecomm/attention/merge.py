@@ -48,7 +48,7 @@ def _merge_impl(v: torch.Tensor, s: torch.Tensor, out: torch.Tensor, out_s: torc
     ), dict(HEAD_DIM=dim, BLOCK_D=next_pow2(dim), HAS_MASK=mask is not None), 4 if dim >= 256 else 1)
 
 
-_merge_op = define_op("merge_states", _merge_impl, fake=lambda *args: None, mutates_args=("out", "out_s"),
+_merge_op = define_op("attention_merge_states", _merge_impl, fake=lambda *args: None, mutates_args=("out", "out_s"),
                       differentiable=False)
 
 

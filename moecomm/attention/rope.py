@@ -48,7 +48,7 @@ def _rope_impl(x: torch.Tensor, out: torch.Tensor, pos_ids: torch.Tensor, inv_fr
             COPY_REST=rest > 0 and x.data_ptr() != out.data_ptr(), BLOCK_REST=max(next_pow2(rest), 1)), 4)
 
 
-_rope_op = define_op("apply_rope", _rope_impl, fake=lambda *args: None, mutates_args=("out",), differentiable=False)
+_rope_op = define_op("attention_apply_rope", _rope_impl, fake=lambda *args: None, mutates_args=("out",), differentiable=False)
 
 
 def _positions(op, indptr, offsets, nnz, device):

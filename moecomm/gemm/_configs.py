@@ -8,9 +8,11 @@ programs and loads are in flight. One fixed config loses 2-5x at one end or the 
 Cold-start budget (first MoE forward <= 30 s, <= 3 s with a warm cache): at most 6 candidates per
 bucket, each compiled once, warmed up for 10 ms and timed over 7 runs on the caller's own inputs.
 
-Cache: one JSON file per (device name, Triton version) under moecomm._env.cache_dir()/gemm,
-{bucket key: config}; written atomically (temp file + os.replace) so concurrent processes never
-read half a file; a corrupt file is ignored with a warning and rewritten on the next tune.
+Cache: one JSON file per (device name, Triton version) under moecomm.jit.cache.cache_root("gemm")
+(MOECOMM_CACHE_DIR/gemm), {bucket key: config}. Each write merges its entries under the file's
+cross-process lock and publishes atomically (temp file, fsync, os.replace: moecomm/jit/cache.py), so
+concurrent ranks neither read half a file nor lose each other's entries; a corrupt file is ignored
+with a warning and rewritten on the next tune.
 """
 
 # Shape legend: M = rows, K = in features, N = out features, E = groups.
@@ -19,15 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import _env
+from ..jit import cache as _disk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +149,7 @@ def _sanitize(s: str) -> str:
 
 
 def cache_path(device_name: str, triton_version: str) -> Path:
-    return _env.cache_dir() / "gemm" / f"configs-{_sanitize(device_name)}-triton{_sanitize(triton_version)}.json"
+    return _disk.cache_root("gemm") / f"configs-{_sanitize(device_name)}-triton{_sanitize(triton_version)}.json"
 
 
 def load_cache(path: Path) -> dict[str, GemmConfig]:
@@ -168,23 +168,13 @@ def load_cache(path: Path) -> dict[str, GemmConfig]:
 
 
 def store_cache(path: Path, entries: dict[str, GemmConfig]) -> None:
-    """Merge ``entries`` into the file at ``path`` atomically (temp file in the same folder + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        merged = load_cache(path)
-    merged.update(entries)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({k: v.to_json() for k, v in sorted(merged.items())}, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Merge ``entries`` into the file at ``path`` under its lock; published atomically."""
+    with _disk.lock(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            merged = load_cache(path)
+        merged.update(entries)
+        _disk.atomic_write(path, json.dumps({k: v.to_json() for k, v in sorted(merged.items())}, indent=1))
 
 
 def lookup(path: Path, key: str) -> GemmConfig | None:
@@ -202,7 +192,7 @@ def remember(path: Path, key: str, cfg: GemmConfig, *, persist: bool = True) -> 
     if persist:
         try:
             store_cache(path, {key: cfg})
-        except OSError as exc:  # read-only home, full disk: keep the in-memory pick
+        except OSError as exc:  # read-only home, full disk, lock wait ran out: keep the in-memory pick
             warnings.warn(f"moecomm.gemm: could not write tuning cache {path}: {exc}", RuntimeWarning, stacklevel=2)
 
 

@@ -42,7 +42,7 @@ def spec_key(args: tuple) -> tuple:
 
     Tensors: dtype and address mod 16 (Triton: 16-byte aligned or not); ints: _int_spec; bools and
     floats: their type (Triton does not specialise them); None: None. Equal keys -> the same
-    compiled kernel from Triton (tests/test_launch.py checks this against Triton's own
+    compiled kernel from Triton (tests/jit/test_launch.py checks this against Triton's own
     specialisation function).
     """
     key = []

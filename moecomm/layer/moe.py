@@ -20,28 +20,28 @@ for wide experts at prefill sizes (materialize_min_rows), copied once into exper
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _env
-from ..errors import MoeCommTypeError, MoeCommValueError, as_tensor, check_choice, check_positive_int, check_tensor
+from ..errors import MoeCommTypeError, MoeCommValueError, as_tensor, check_tensor
 from ..ep.placement import ExpertPlacement
 from ..routing import RoutingMethod, route
+from .config import MoEConfig, check_device, check_dtype, check_placement
 from .graphs import GraphRunner
 
 __all__ = ["MoE", "SharedExpertMLP"]
 
-_ACTIVATIONS = ("silu", "gelu")
-# Routed rows (T * k) from which dispatch materializes them for the GEMMs (see MoE's docstring).
-# Measured on an H100 (benchmarks/RESULTS.md): Mixtral-8x7B (I 14336) at 4096 tokens 6% faster
-# copied than gathered; Qwen3-30B-A3B (I 768) 28% slower: the copy (4H bytes per row) only pays
-# where each row carries much GEMM work (6HI FLOPs), so it is on by default from I >= 4096 only.
-DEFAULT_MATERIALIZE_MIN_ROWS = 4096
-MATERIALIZE_MIN_INTERMEDIATE = 4096
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(MoEConfig))
+
+
+def _config_field(name: str) -> property:
+    return property(lambda self: getattr(self.config, name), doc=f"config.{name} (read-only)")
 
 
 def _act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +76,10 @@ class SharedExpertMLP(nn.Module):
 class MoE(nn.Module):
     """A Mixture-of-Experts layer: top-k routing over gated-MLP experts, optional shared experts.
 
+    MoE(H, I, E, k, **fields) and MoE.from_config(MoEConfig(H, I, E, k, **fields)) build the same
+    layer: the fields are checked once, by MoEConfig (moecomm/layer/config.py), and the layer keeps
+    that frozen config as ``moe.config`` (``moe.top_k`` etc. read it).
+
     Args:
         hidden_size: H, the model width.
         intermediate_size: I, the width of each routed expert's MLP.
@@ -92,7 +96,11 @@ class MoE(nn.Module):
             that every token also goes through, added to the routed output.
         shared_expert_gate: Qwen2-MoE style: scale the shared expert's output by
             sigmoid(x @ shared_expert_gate.weight.T) per token (a Linear [1, H]).
-        dtype, device: of the parameters (default: torch's defaults).
+        dtype: of the parameters: float32, bfloat16 or float16 (default: torch's default dtype).
+            float64 and integer dtypes are refused here, naming the supported ones: the routing and
+            GEMM kernels have no fp64 path (the tests' fp64 truth is their own loop).
+        device: of the parameters (default: torch's default): cpu, meta, or a CUDA GPU this machine
+            has (UnsupportedHardwareError otherwise, saying what was found).
         ep_group: torch.distributed group for expert parallelism; None (or size 1): all experts here.
         placement: ExpertPlacement over the EP group; default contiguous blocks.
         cuda_graph_tokens: on a CUDA device with EP size 1, a forward of at most this many tokens
@@ -121,98 +129,82 @@ class MoE(nn.Module):
         num_experts: int,
         top_k: int,
         *,
-        routing: RoutingMethod = RoutingMethod.SOFTMAX_TOPK,
-        renormalize: bool = False,
-        n_group: int | None = None,
-        topk_group: int | None = None,
-        routed_scaling_factor: float = 1.0,
-        activation: str = "silu",
-        shared_expert_intermediate_size: int = 0,
-        shared_expert_gate: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         ep_group: Any = None,
         placement: ExpertPlacement | None = None,
-        cuda_graph_tokens: int | None = None,
-        materialize_min_rows: int | None | str = "auto",
+        **config: Any,
     ):
+        """The arguments above; config: the other MoEConfig fields (routing, renormalize, ...)."""
         super().__init__()
-        op = "MoE"
-        self.hidden_size = check_positive_int(op, "hidden_size", hidden_size)
-        self.intermediate_size = check_positive_int(op, "intermediate_size", intermediate_size)
-        self.num_experts = check_positive_int(op, "num_experts", num_experts)
-        self.top_k = check_positive_int(op, "top_k", top_k)
-        if top_k > num_experts:
-            raise MoeCommValueError(f"{op}: top_k must be <= num_experts ({num_experts}), got {top_k}")
-        if not isinstance(routing, RoutingMethod):
-            raise MoeCommTypeError(f"{op}: routing must be a moecomm.RoutingMethod, got {routing!r}")
-        self.routing = routing
-        self.renormalize = bool(renormalize)
-        if routing == RoutingMethod.SIGMOID_GROUPED_TOPK:
-            n_group = 1 if n_group is None else check_positive_int(op, "n_group", n_group)
-            topk_group = n_group if topk_group is None else check_positive_int(op, "topk_group", topk_group)
-            if num_experts % n_group:
-                raise MoeCommValueError(f"{op}: n_group must divide num_experts ({num_experts}), got {n_group}")
-            if topk_group > n_group:
-                raise MoeCommValueError(f"{op}: topk_group must be <= n_group ({n_group}), got {topk_group}")
-            if top_k > topk_group * (num_experts // n_group):
-                raise MoeCommValueError(
-                    f"{op}: top_k must be <= topk_group * experts per group ({topk_group * (num_experts // n_group)}), got {top_k}"
-                )
-        elif n_group is not None or topk_group is not None:
-            raise MoeCommValueError(f"{op}: n_group and topk_group must be None with routing {routing.name}, got {n_group}, {topk_group}")
-        self.n_group, self.topk_group = n_group, topk_group
-        if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, (int, float)) or not math.isfinite(routed_scaling_factor):
-            raise MoeCommValueError(f"{op}: routed_scaling_factor must be a finite number, got {routed_scaling_factor!r}")
-        self.routed_scaling_factor = float(routed_scaling_factor)
-        self.activation = check_choice(op, "activation", activation, _ACTIVATIONS)
-        check_positive_int(op, "shared_expert_intermediate_size", shared_expert_intermediate_size, minimum=0)
-        if shared_expert_gate and not shared_expert_intermediate_size:
-            raise MoeCommValueError(f"{op}: shared_expert_gate needs shared_expert_intermediate_size > 0, got 0")
-        if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise MoeCommTypeError(f"{op}: dtype must be a torch.dtype, got {dtype!r}")
+        unknown = sorted(set(config) - _CONFIG_FIELDS)
+        if unknown:
+            raise MoeCommTypeError(f"MoE: arguments must be among {sorted(_CONFIG_FIELDS - {'hidden_size', 'intermediate_size', 'num_experts', 'top_k'})} "
+                                   f"and dtype, device, ep_group, placement, got {', '.join(unknown)}")
+        cfg = MoEConfig(hidden_size, intermediate_size, num_experts, top_k, **config)
+        self._build(cfg, dtype=dtype, device=device, ep_group=ep_group, placement=placement)
 
-        self.ep_group = ep_group
-        self.ep_size, self.ep_rank = _group_size_rank(ep_group)
-        if placement is None:
-            placement = ExpertPlacement(num_experts, self.ep_size)
-        if not isinstance(placement, ExpertPlacement):
-            raise MoeCommTypeError(f"{op}: placement must be an ExpertPlacement, got {type(placement).__name__}")
-        if placement.num_experts != num_experts or placement.ep_size != self.ep_size:
-            raise MoeCommValueError(
-                f"{op}: placement must cover num_experts={num_experts} on ep_size={self.ep_size}, "
-                f"got num_experts={placement.num_experts}, ep_size={placement.ep_size}"
-            )
-        self.placement = placement
-        self.local_expert_ids = placement.local_experts(self.ep_rank)
-        self.num_local_experts = len(self.local_expert_ids)
+    @classmethod
+    def from_config(
+        cls, config: MoEConfig, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+        ep_group: Any = None, placement: ExpertPlacement | None = None,
+    ) -> MoE:
+        """The layer a MoEConfig describes, its parameters in dtype on device (MoE(...)'s other arguments).
 
-        kw = {"dtype": dtype, "device": device}
-        H, I, L = hidden_size, intermediate_size, self.num_local_experts
-        self.gate = nn.Linear(H, num_experts, bias=False, **kw)
-        self.w_gate_up = nn.Parameter(torch.empty(L, 2 * I, H, **kw))
-        self.w_down = nn.Parameter(torch.empty(L, H, I, **kw))
-        if routing == RoutingMethod.SIGMOID_GROUPED_TOPK:
-            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
-        else:
-            self.e_score_correction_bias = None
-        self.shared_experts = (
-            SharedExpertMLP(H, shared_expert_intermediate_size, activation, **kw) if shared_expert_intermediate_size else None
-        )
-        self.shared_expert_gate = nn.Linear(H, 1, bias=False, **kw) if shared_expert_gate else None
-        if cuda_graph_tokens is None:
-            cuda_graph_tokens = _env.cuda_graph_tokens()
-        self.cuda_graph_tokens = check_positive_int(op, "cuda_graph_tokens", cuda_graph_tokens, minimum=0)
-        if materialize_min_rows == "auto":
-            big = intermediate_size >= MATERIALIZE_MIN_INTERMEDIATE
-            materialize_min_rows = DEFAULT_MATERIALIZE_MIN_ROWS if big else None
-        elif materialize_min_rows is not None:
-            check_positive_int(op, "materialize_min_rows", materialize_min_rows)
-        self.reset_parameters()
-        self.dispatcher = self._make_dispatcher(materialize_min_rows)
-        self.graphs = GraphRunner(name="MoE") if self.ep_size == 1 and self.cuda_graph_tokens else None
+        Example:
+            >>> cfg = MoEConfig(1024, 2048, 8, 2, renormalize=True)
+            >>> moe = MoE.from_config(cfg, dtype=torch.bfloat16)
+        """
+        if not isinstance(config, MoEConfig):
+            raise MoeCommTypeError(f"MoE.from_config: config must be a moecomm.layer.MoEConfig, got {type(config).__name__}")
+        moe = cls.__new__(cls)
+        nn.Module.__init__(moe)
+        moe._build(config, dtype=dtype, device=device, ep_group=ep_group, placement=placement)
+        return moe
+
+    # the configuration, read-only on the layer: a changed value needs a new layer (MoE.from_config)
+    hidden_size = _config_field("hidden_size")
+    intermediate_size = _config_field("intermediate_size")
+    num_experts = _config_field("num_experts")
+    top_k = _config_field("top_k")
+    routing = _config_field("routing")
+    renormalize = _config_field("renormalize")
+    n_group = _config_field("n_group")
+    topk_group = _config_field("topk_group")
+    routed_scaling_factor = _config_field("routed_scaling_factor")
+    activation = _config_field("activation")
 
     # ------------------------------------------------------------------ set-up
+    def _build(self, config: MoEConfig, *, dtype: Any, device: Any, ep_group: Any, placement: Any) -> None:
+        """Everything but the config's own checks: where the layer lives, its parameters, dispatcher, graphs."""
+        dtype, device = check_dtype(dtype), check_device(device)
+        self.config = config
+        self.cuda_graph_tokens = config.cuda_graph_tokens  # a run-time knob: may be changed on the layer
+        self.ep_group = ep_group
+        self.ep_size, self.ep_rank = _group_size_rank(ep_group)
+        self.placement = check_placement(placement, config.num_experts, self.ep_size)
+        self.local_expert_ids = self.placement.local_experts(self.ep_rank)
+        self.num_local_experts = len(self.local_expert_ids)
+        self._make_parameters(dtype, device)
+        self.reset_parameters()
+        self.dispatcher = self._make_dispatcher(config.materialize_min_rows)
+        self.graphs = GraphRunner(name="MoE") if self.ep_size == 1 and self.cuda_graph_tokens else None
+
+    def _make_parameters(self, dtype: torch.dtype, device: torch.device | None) -> None:
+        """The Parameters and buffers listed in the class docstring (uninitialised: reset_parameters fills them)."""
+        c, kw = self.config, {"dtype": dtype, "device": device}
+        H, I, L = c.hidden_size, c.intermediate_size, self.num_local_experts
+        self.gate = nn.Linear(H, c.num_experts, bias=False, **kw)
+        self.w_gate_up = nn.Parameter(torch.empty(L, 2 * I, H, **kw))
+        self.w_down = nn.Parameter(torch.empty(L, H, I, **kw))
+        if c.routing == RoutingMethod.SIGMOID_GROUPED_TOPK:
+            self.register_buffer("e_score_correction_bias", torch.zeros(c.num_experts, dtype=torch.float32, device=device))
+        else:
+            self.e_score_correction_bias = None
+        S = c.shared_expert_intermediate_size
+        self.shared_experts = SharedExpertMLP(H, S, c.activation, **kw) if S else None
+        self.shared_expert_gate = nn.Linear(H, 1, bias=False, **kw) if c.shared_expert_gate else None
+
     def _make_dispatcher(self, materialize_min_rows: int | None):
         """The Dispatcher (moecomm/ep/types.py) that moves tokens to this rank's experts and back."""
         if self.ep_size == 1:

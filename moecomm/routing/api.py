@@ -19,6 +19,7 @@ import torch
 from ..jit import backend as _backend
 from ..errors import MoeCommTypeError, MoeCommValueError, check_positive_int, check_tensor
 from . import reference
+from .groups import check_groups
 
 _OP = "route"
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -193,17 +194,7 @@ def route(
             torch.ops.moecomm.route_softmax_topk, _route_softmax_topk_impl, logits, top_k, renormalize, float(routed_scaling_factor))
         return Routing(ids, weights)
 
-    n_group = 1 if n_group is None else check_positive_int(_OP, "n_group", n_group)
-    if num_experts % n_group != 0:
-        raise MoeCommValueError(f"{_OP}: n_group must divide num_experts ({num_experts}), got {n_group}")
-    topk_group = n_group if topk_group is None else check_positive_int(_OP, "topk_group", topk_group)
-    if topk_group > n_group:
-        raise MoeCommValueError(f"{_OP}: topk_group must be <= n_group ({n_group}), got {topk_group}")
-    eligible = topk_group * (num_experts // n_group)
-    if top_k > eligible:
-        raise MoeCommValueError(
-            f"{_OP}: top_k must be <= topk_group * (num_experts // n_group) = {eligible} (the experts of the kept groups), got {top_k}"
-        )
+    n_group, topk_group = check_groups(_OP, num_experts, top_k, n_group, topk_group)
     bias = None
     if e_score_correction_bias is not None:
         bias = check_tensor(

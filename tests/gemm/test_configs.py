@@ -181,3 +181,37 @@ def test_sustained_sweep_lists_the_candidates_then_distinct_neighbours(monkeypat
         extra = swept[len(cands):]
         assert any(c.group_m != first.group_m for c in extra)
         assert any((c.block_m, c.block_n) == (first.block_n, first.block_m) for c in extra) or first.block_m == first.block_n
+
+
+def _remember_many(cache_dir, worker, rounds, start):
+    os.environ["MOECOMM_CACHE_DIR"] = cache_dir
+    path = _configs.cache_path("NVIDIA H100 80GB HBM3", "3.6.0")
+    start.wait(30)
+    for i in range(rounds):
+        _configs.remember(path, f"key-{worker}-{i}", _configs.GemmConfig(16, 64, 128, 1, 4, 3, False, worker + 1))
+        _configs.remember(path, "shared", _configs.GemmConfig(16, 64, 128, 1, 4, 3, False, worker + 1))
+
+
+def test_concurrent_processes_tuning_into_one_cache_lose_no_entry(tmp_path):
+    """4 processes (ranks tuning at once) each remember 10 entries and rewrite one shared entry into
+    the same file: under the file lock every entry survives, and the file is always valid JSON."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # the workers only write files
+    start = ctx.Event()
+    workers, rounds = 4, 10
+    procs = [ctx.Process(target=_remember_many, args=(str(tmp_path), w, rounds, start)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    path = tmp_path / "gemm" / _configs.cache_path("NVIDIA H100 80GB HBM3", "3.6.0").name
+    raw = json.loads(path.read_text())
+    assert set(raw) == {f"key-{w}-{i}" for w in range(workers) for i in range(rounds)} | {"shared"}
+    for k, v in raw.items():
+        cfg = _configs.GemmConfig.from_json(v)
+        assert k == "shared" or cfg.programs_per_sm == int(k.split("-")[1]) + 1
+    assert 1 <= _configs.GemmConfig.from_json(raw["shared"]).programs_per_sm <= workers
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]

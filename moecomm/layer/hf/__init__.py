@@ -1,5 +1,7 @@
-"""Hugging Face transformers integration: MoE blocks replaced by moecomm.MoE, sharing their weights."""
+"""Hugging Face transformers integration: MoE blocks replaced by moecomm.MoE, in the blocks' own layout."""
 
-from .convert import SUPPORTED_BLOCKS, from_hf, patch_hf_model
+from .blocks import BLOCKS, SUPPORTED_BLOCKS
+from .convert import from_hf, patch_hf_model, unpatch_hf_model
+from .patched import HFMoE
 
-__all__ = ["SUPPORTED_BLOCKS", "from_hf", "patch_hf_model"]
+__all__ = ["BLOCKS", "HFMoE", "SUPPORTED_BLOCKS", "from_hf", "patch_hf_model", "unpatch_hf_model"]

@@ -1,78 +1,44 @@
-"""Hugging Face transformers integration: build a moecomm.MoE from a model's MoE block, sharing its weights.
+"""Hugging Face transformers integration: a transformers MoE block -> moecomm.MoE, in the block's layout.
 
 # T = num_tokens, H = hidden, I = moe intermediate, E = num_experts, k = top_k
 
-Supported blocks (transformers 5.x layout: experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]).
-Their routers and forwards were read against the kinds below (transformers 5.17), and each block is
-tested against its real class (tests/hf):
+The supported blocks and their routing are the table moecomm/layer/hf/blocks.py (BLOCKS; its
+docstring shows it as a table). Every one of those blocks' forward takes hidden_states [B, S, H]
+and returns one tensor [B, S, H]; the replacement (an HFMoE, moecomm/layer/hf/patched.py) returns
+the same. Weights are shared, not copied: the layer holds the block's own submodules and tensors
+under the block's names, so a patched model's memory does not grow and its state_dict,
+checkpoints and tp_plan are transformers' own.
 
-| routing                                                | blocks                                                          |
-|--------------------------------------------------------|-----------------------------------------------------------------|
-| softmax top-k, always renormalised                     | Mixtral, MiniMax-Text-01, Qwen3.5-MoE*, Qwen3-VL-MoE (text)     |
-| softmax top-k, renormalised if gate.norm_topk_prob     | Qwen2-MoE*, Qwen3-MoE, Qwen3-Next*, Qwen3-Omni-MoE thinker and talker*, Qwen4Exp*, OLMoE, FlexOlmo, Mellum |
-| sigmoid + e_score_correction_bias, grouped top-k, renormalised if norm_topk_prob, x routed_scaling_factor; shared_experts | DeepSeek-V3, DeepSeek-V3.2, GLM-4.5 (Glm4Moe), Glm4vMoe (text), Glm4MoeLite, GlmMoeDsa, dots.llm1 (Dots1), Kimi-Linear, SolarOpen, ExaoneMoe, MiMo-V2-Flash (no shared expert) |
-| sigmoid + the block's e_score_correction_bias, top-k, always renormalised | MiniMax-M2                                    |
-
-(*) with shared_expert * sigmoid(shared_expert_gate(x)).
-
-Every one of those blocks' forward takes hidden_states [B, S, H] and returns one tensor [B, S, H];
-MoE.forward returns the same. Weights are shared, not copied: the MoE's Parameters *are* the block's
-(same storage, same data_ptr), so a patched model's memory does not grow.
+A model's life with moecomm (see tests/hf/test_lifecycle.py):
 
     model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-30B-A3B", dtype=torch.bfloat16, device_map="cuda")
-    moecomm.patch_hf_model(model)   # -> 48
-    model.generate(...)
+    moecomm.patch_hf_model(model)   # -> 48 (also on the meta device, before the weights are loaded)
+    model.generate(...)             # or train: output_router_logits / the aux loss as transformers computes them
+    model.save_pretrained(path)     # transformers' names and layout: loads into an unpatched model
+    moecomm.unpatch_hf_model(model) # transformers' blocks back, holding the current weights
 """
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 
-from ...errors import MoeCommTypeError, MoeCommValueError
-from ...routing import RoutingMethod
-from ..moe import MoE
+from ...errors import MoeCommError, MoeCommTypeError, MoeCommValueError
+from ..config import MoEConfig
+from . import experts
+from .blocks import SUPPORTED_BLOCKS, BlockRow, find_row
+from .patched import HFMoE
 
-__all__ = ["SUPPORTED_BLOCKS", "from_hf", "patch_hf_model"]
+__all__ = ["SUPPORTED_BLOCKS", "from_hf", "patch_hf_model", "unpatch_hf_model"]
 
-# block class name -> its routing: "softmax" (renormalised if gate.norm_topk_prob), "softmax_renorm"
-# (always), "sigmoid_grouped" (DeepSeek-V3's router), "sigmoid_bias" (MiniMax-M2: the bias on the block)
-_ROUTING = {
-    "MixtralSparseMoeBlock": "softmax_renorm",
-    "MiniMaxSparseMoeBlock": "softmax_renorm",
-    "Qwen3_5MoeSparseMoeBlock": "softmax_renorm",
-    "Qwen3VLMoeTextSparseMoeBlock": "softmax_renorm",
-    "Qwen2MoeSparseMoeBlock": "softmax",
-    "Qwen3MoeSparseMoeBlock": "softmax",
-    "Qwen3NextSparseMoeBlock": "softmax",
-    "Qwen3OmniMoeThinkerTextSparseMoeBlock": "softmax",
-    "Qwen3OmniMoeTalkerTextSparseMoeBlock": "softmax",
-    "Qwen4ExpTextSparseMoeBlock": "softmax",
-    "OlmoeSparseMoeBlock": "softmax",
-    "FlexOlmoSparseMoeBlock": "softmax",
-    "MellumSparseMoeBlock": "softmax",
-    "DeepseekV3MoE": "sigmoid_grouped",
-    "DeepseekV32MoE": "sigmoid_grouped",
-    "Glm4MoeMoE": "sigmoid_grouped",
-    "Glm4vMoeTextMoE": "sigmoid_grouped",
-    "Glm4MoeLiteMoE": "sigmoid_grouped",
-    "GlmMoeDsaMoE": "sigmoid_grouped",
-    "Dots1MoE": "sigmoid_grouped",
-    "KimiLinearMoE": "sigmoid_grouped",
-    "SolarOpenMoE": "sigmoid_grouped",
-    "ExaoneMoeSparseMoEBlock": "sigmoid_grouped",
-    "MiMoV2FlashMoE": "sigmoid_grouped",
-    "MiniMaxM2SparseMoeBlock": "sigmoid_bias",
-}
-SUPPORTED_BLOCKS = tuple(_ROUTING)
+_log = logging.getLogger("moecomm")
 
 
 def _family(block: nn.Module) -> str | None:
-    # by class name along the MRO: subclasses (a fine-tuned variant's block) are recognised too, and
-    # no transformers model module needs importing here
-    for cls in type(block).__mro__:
-        if cls.__name__ in SUPPORTED_BLOCKS:
-            return cls.__name__
-    return None
+    """The supported class name a block is (or derives from), else None."""
+    row = find_row(block)
+    return None if row is None else row.block
 
 
 def _activation(act: nn.Module, where: str) -> str:
@@ -93,26 +59,8 @@ def _shared_mlp(block: nn.Module) -> nn.Module | None:
     return None
 
 
-def from_hf(block: nn.Module) -> MoE:
-    """Build a moecomm.MoE computing what a transformers MoE block computes, sharing its weights.
-
-    Args:
-        block: one of SUPPORTED_BLOCKS (transformers >= 5; the module docstring lists their routing), on
-            any device, any dtype. Its Parameters are reused, not copied.
-
-    Returns:
-        an MoE in eval mode on the block's device and dtype; forward(x [B, S, H]) -> [B, S, H].
-
-    Raises:
-        MoeCommTypeError: the block is of another type (the message lists the supported ones).
-
-    Example:
-        >>> moe = moecomm.from_hf(model.model.layers[0].mlp)
-        >>> torch.testing.assert_close(moe(x), model.model.layers[0].mlp(x))
-    """
-    fam = _family(block)
-    if fam is None:
-        raise MoeCommTypeError(f"from_hf: block must be one of {', '.join(SUPPORTED_BLOCKS)}, got {type(block).__name__}")
+def block_config(block: nn.Module, row: BlockRow) -> MoEConfig:
+    """The MoEConfig of what a block of that row computes, read off the block (any device, meta too)."""
     experts, gate = block.experts, block.gate
     w_gate_up, w_down = experts.gate_up_proj, experts.down_proj
     if w_gate_up.dim() != 3 or w_down.dim() != 3:
@@ -126,66 +74,118 @@ def from_hf(block: nn.Module) -> MoE:
         )
     if getattr(experts, "has_bias", False) or not getattr(experts, "is_concatenated", True):
         raise MoeCommValueError("from_hf: experts must be concatenated [gate; up] without bias, got a biased or interleaved layout")
-    top_k = int(gate.top_k)
-    kw: dict = {"activation": _activation(experts.act_fn, "experts")}
-    routing = _ROUTING[fam]
-    bias = None
-    if routing == "softmax_renorm":
-        kw["renormalize"] = True  # these routers always divide by the top-k sum
-    elif routing == "softmax":
-        kw["renormalize"] = bool(gate.norm_topk_prob)
-    elif routing == "sigmoid_grouped":
-        kw.update(
-            routing=RoutingMethod.SIGMOID_GROUPED_TOPK, renormalize=bool(gate.norm_topk_prob), n_group=int(gate.num_group),
-            topk_group=int(gate.topk_group), routed_scaling_factor=float(gate.routed_scaling_factor),
-        )
-        bias = gate.e_score_correction_bias
-    else:  # sigmoid_bias: one group holding every expert is a plain top-k over sigmoid + bias
-        kw.update(routing=RoutingMethod.SIGMOID_GROUPED_TOPK, renormalize=True, n_group=1, topk_group=1,
-                  routed_scaling_factor=1.0)
-        bias = block.e_score_correction_bias
-    shared = _shared_mlp(block)
+    kind = row.kind
+    kw: dict = {"activation": _activation(experts.act_fn, "experts"), "routing": kind.routing}
+    kw["renormalize"] = True if kind.renormalize == "always" else bool(gate.norm_topk_prob)
+    if kind.grouped:
+        kw.update(n_group=int(gate.num_group), topk_group=int(gate.topk_group), routed_scaling_factor=float(gate.routed_scaling_factor))
+    elif kind.bias == "block":  # one group holding every expert: a plain top-k over sigmoid + bias
+        kw.update(n_group=1, topk_group=1)
+    shared = getattr(block, row.shared_name, None) if row.shared_name else None
     if shared is not None:
         kw["shared_expert_intermediate_size"] = int(shared.gate_proj.out_features)
-        kw["shared_expert_gate"] = getattr(block, "shared_expert_gate", None) is not None
+        kw["shared_expert_gate"] = row.shared_gate and getattr(block, "shared_expert_gate", None) is not None
         if _activation(shared.act_fn, "shared expert") != kw["activation"]:
             raise MoeCommValueError("from_hf: shared expert activation must match the experts', got a different one")
+    return MoEConfig(H, two_i // 2, E, int(gate.top_k), **kw)
 
-    # built on the meta device: no memory is allocated, every tensor is then replaced by the block's own
-    moe = MoE(H, two_i // 2, E, top_k, dtype=w_gate_up.dtype, device="meta", **kw)
-    moe.gate.weight = gate.weight
-    moe.w_gate_up = w_gate_up
-    moe.w_down = w_down
-    if moe.e_score_correction_bias is not None:
-        moe.e_score_correction_bias = bias
-    if shared is not None:
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(moe.shared_experts, name).weight = getattr(shared, name).weight
-        if moe.shared_expert_gate is not None:
-            moe.shared_expert_gate.weight = block.shared_expert_gate.weight
-    for name, t in list(moe.named_parameters()) + list(moe.named_buffers()):
-        if t.device.type == "meta":  # a block variant we map but did not fill: fail here, not in forward
-            raise MoeCommValueError(f"from_hf: {fam} has no tensor for MoE.{name}, got an unexpected block layout")
-    return moe.train(block.training)
+
+def from_hf(block: nn.Module) -> HFMoE:
+    """Build a moecomm.MoE computing what a transformers MoE block computes, holding the block's tensors.
+
+    Args:
+        block: one of SUPPORTED_BLOCKS (transformers >= 5; moecomm/layer/hf/blocks.py lists their
+            routing), on any device (meta too), in float32, bfloat16 or float16. Its submodules and
+            Parameters are reused, not copied, under their transformers names.
+
+    Returns:
+        an HFMoE (a moecomm.MoE) in the block's train/eval mode; forward(x [B, S, H]) -> [B, S, H];
+        its state_dict is the block's.
+
+    Raises:
+        MoeCommTypeError: the block is of another type (the message lists the supported ones), or
+            its dtype is not one MoE supports.
+        MoeCommValueError: a layout or a config moecomm does not compute (DeepSeek-V3 with top_k >
+            topk_group * experts per group, say); patch_hf_model leaves such blocks as they are.
+
+    Example:
+        >>> moe = moecomm.from_hf(model.model.layers[0].mlp)
+        >>> torch.testing.assert_close(moe(x), model.model.layers[0].mlp(x))
+    """
+    row = find_row(block)
+    if row is None:
+        raise MoeCommTypeError(f"from_hf: block must be one of {', '.join(SUPPORTED_BLOCKS)}, got {type(block).__name__}")
+    config = block_config(block, row)
+    w = block.experts.gate_up_proj
+    return HFMoE(block, row, config, dtype=w.dtype, device=w.device)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
 def patch_hf_model(model: nn.Module) -> int:
     """Replace, in place, every supported MoE block of a transformers model by a moecomm.MoE.
 
     Args:
-        model: any nn.Module (a *ForCausalLM, a decoder layer, ...). Weights are shared with the
-            replaced blocks, so no memory is added.
+        model: any nn.Module (a *ForCausalLM, a decoder layer, ...), on any device, the meta device
+            too (patch, then load the weights). Weights are shared with the replaced blocks.
 
     Returns:
-        the number of blocks replaced (0 when the model has none). The model still runs forward()
-        and generate(). Router logits are no longer recorded (output_router_logits / the auxiliary
-        load-balancing loss are training features the replacement does not provide).
+        the number of blocks replaced (0 when the model has none). The model keeps its state_dict
+        names, forward(), generate(), output_router_logits and the aux loss. A supported block whose
+        config moecomm does not compute is left as transformers' block, with one warning line per
+        reason on the "moecomm" logger; patch_hf_model itself never raises for a block.
     """
     if not isinstance(model, nn.Module):
         raise MoeCommTypeError(f"patch_hf_model: model must be a torch.nn.Module, got {type(model).__name__}")
-    targets = [(name, mod) for name, mod in model.named_modules() if name and _family(mod) is not None]
+    targets = [(name, mod) for name, mod in model.named_modules() if name and find_row(mod) is not None]
+    left: dict[str, list[str]] = {}
     for name, mod in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, from_hf(mod))
+        try:
+            moe = from_hf(mod)
+        except MoeCommError as exc:
+            left.setdefault(f"{type(mod).__name__}: {exc}", []).append(name)
+            continue
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, moe)
+    replaced = [m for m in model.modules() if isinstance(m, HFMoE) and not m.follows_experts_implementation]
+    # transformers now reports "moecomm", generate() leaves it alone, and a later choice is honoured
+    if replaced and not left and _set_experts_implementation(model, experts.NAME):
+        for moe in replaced:
+            moe.follows_experts_implementation = True
+    for why, names in left.items():
+        _log.warning("moecomm.patch_hf_model: left %d block(s) as transformers' own (%s%s), because %s", len(names),
+                     ", ".join(names[:3]), ", ..." if len(names) > 3 else "", why)
+    return len(targets) - sum(map(len, left.values()))
+
+
+def unpatch_hf_model(model: nn.Module) -> int:
+    """Undo patch_hf_model: put transformers' blocks back, holding the layers' current weights.
+
+    Returns the number of blocks restored. Weights are not copied: after fine-tuning, .to() or a
+    load, the restored blocks hold the same tensors the patched model held.
+    """
+    if not isinstance(model, nn.Module):
+        raise MoeCommTypeError(f"unpatch_hf_model: model must be a torch.nn.Module, got {type(model).__name__}")
+    targets = [(name, mod) for name, mod in model.named_modules() if name and isinstance(mod, HFMoE)]
+    for name, mod in targets:
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, mod.restore())
+    if targets and targets[0][1].experts_implementation_before is not None:
+        _set_experts_implementation(model, targets[0][1].experts_implementation_before)
     return len(targets)
+
+
+def _set_experts_implementation(model: nn.Module, name: str) -> bool:
+    """model.set_experts_implementation(name) where model is a transformers model that has the knob."""
+    setter = getattr(model, "set_experts_implementation", None)
+    if setter is None or not experts.register():
+        return False
+    try:
+        setter(name)
+    except (ValueError, RuntimeError, KeyError) as exc:  # a model whose knob is locked (deepgemm_megamoe)
+        _log.warning("moecomm.patch_hf_model: experts implementation left as it was (%s)", exc)
+        return False
+    return True

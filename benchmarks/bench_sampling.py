@@ -1,0 +1,218 @@
+"""Sampling: moecomm.sampling (sorting-free kernels) vs torch's sort-based sampler and FlashInfer.
+
+# B = batch, V = vocab; probabilities fp32 = softmax(randn * 3); top_p 0.9, top_k 50
+
+    python -m benchmarks.bench_sampling                 # GPU: B1/B128 V128256, B512 V151936
+    python -m benchmarks.bench_sampling --quick         # tiny shapes, CPU, seconds (CI smoke test)
+    PYTHONPATH=/tmp/fisite python -m benchmarks.bench_sampling --out results.jsonl   # with FlashInfer
+
+Peers: FlashInfer is timed when `import flashinfer` works in this process (one version per
+process: both are the package `flashinfer`; run once per PYTHONPATH). The first lines say what
+was found. torch's sampler is the sort-based one serving stacks use (sort, cumsum, mask,
+renormalise, torch.multinomial).
+
+Napkin math: one read of the probabilities is B * V * 4 bytes: 64 MB at B128 V128256 (~14 us at
+4.8 TB/s), 311 MB at B512 V151936 (~65 us); ours reads them ~1.2 (top-p) to ~3 (top-k + top-p)
+times on average (see moecomm/sampling/_triton.py). GB/s below counts one read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+import moecomm.sampling as S
+from moecomm.sampling import reference as ref
+from moecomm.testing import ResultWriter, bench, graph_bench
+
+L2_BYTES = 50 * 2**20
+TARGETS = {  # (op, B, V) -> the issue's target in ms
+    ("top_p", 128, 128256): 0.07, ("top_p", 512, 151936): 0.20,
+    ("top_k_top_p", 128, 128256): 0.15, ("top_k_top_p", 512, 151936): 0.30,
+}
+
+
+def torch_sort_sampler(probs, top_k=None, top_p=None):
+    """The sort-based sampler of serving stacks: sort descending, mask by cumsum, multinomial."""
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    if top_k is not None:
+        sorted_p = torch.where(torch.arange(probs.shape[1], device=probs.device) < top_k, sorted_p, 0.0)
+    if top_p is not None:
+        total = sorted_p.sum(-1, keepdim=True)
+        before = torch.cumsum(sorted_p, -1) - sorted_p
+        sorted_p = torch.where(before < top_p * total, sorted_p, 0.0)
+    choice = torch.multinomial(sorted_p, 1)
+    return order.gather(1, choice)[:, 0]
+
+
+def find_flashinfer():
+    try:
+        import flashinfer
+        import flashinfer.sampling  # noqa: F401
+    except Exception as exc:  # absent, or present but broken
+        return None, f"{type(exc).__name__}: {str(exc)[:120]}"
+    return flashinfer, getattr(flashinfer, "__version__", "?")
+
+
+def _sets(batch, vocab, device, seed=0):
+    set_bytes = batch * vocab * 4
+    n = max(2, min(32, math.ceil(2 * L2_BYTES / set_bytes))) if device.type == "cuda" else 1
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [(torch.softmax(torch.randn(batch, vocab, device=device, generator=g) * 3.0, -1),) for _ in range(n)]
+
+
+def _in_kept(tokens, probs, top_k, top_p) -> float:
+    keep = ref.kept_mask(probs, top_k, top_p)
+    return keep.gather(1, tokens.long().view(-1, 1)).float().mean().item()
+
+
+def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
+    sets = _sets(batch, vocab, device)
+    top_k = 50 if op == "top_k_top_p" else None
+    top_p = 0.9
+    impls = {}
+    if op == "top_p":
+        impls["moecomm"] = lambda p: S.top_p_sampling_from_probs(p, top_p)
+        if fi is not None:
+            impls["flashinfer"] = lambda p: fi.sampling.top_p_sampling_from_probs(p, top_p)
+    else:
+        impls["moecomm"] = lambda p: S.top_k_top_p_sampling_from_probs(p, top_k, top_p)
+        if fi is not None:
+            impls["flashinfer"] = lambda p: fi.sampling.top_k_top_p_sampling_from_probs(p, top_k, top_p)
+    impls["torch_sort"] = lambda p: torch_sort_sampler(p, top_k, top_p)
+    # validate before timing: every token of ours lies in the kept set
+    ok = _in_kept(impls["moecomm"](*sets[0]), sets[0][0], top_k, top_p)
+    if ok < 1.0:
+        raise RuntimeError(f"{op} B{batch} V{vocab}: {1 - ok:.2%} of our tokens outside the kept set")
+    times = {}
+    for name, fn in impls.items():
+        try:
+            times[name] = bench(fn, sets, warmup=warmup, rep=rep, device=device)
+        except Exception as exc:
+            print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
+    base = times.get("flashinfer")
+    t_ours = times["moecomm"].median_ms
+    read_bytes = batch * vocab * 4
+    row = f"{op:12s} B{batch:<4d} V{vocab:<7d} ours {t_ours:8.4f} ms"
+    for name, t in times.items():
+        if name != "moecomm":
+            row += f" | {name} {t.median_ms:8.4f} ({t.median_ms / t_ours:5.2f}x)"
+    target = TARGETS.get((op, batch, vocab))
+    if target is not None:
+        row += f" | target {target} ms {'met' if t_ours <= target else 'MISSED'}"
+        if base is not None:
+            row += f", 1.4x FI {'met' if base.median_ms / t_ours >= 1.4 else 'MISSED'}"
+    print(row, flush=True)
+    for name, t in times.items():
+        writer.write(op=op, batch=batch, vocab=vocab, impl=name, top_k=top_k, top_p=top_p,
+                     median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms,
+                     gbps_one_read=read_bytes / (t.median_ms * 1e-3) / 1e9,
+                     speedup_of_ours=t.median_ms / t_ours, target_ms=target,
+                     flashinfer=getattr(fi, "__version__", None) if fi is not None else None)
+
+
+def run_graph_case(writer, device, fi, vocab=128256):
+    """B1 replayed in a CUDA graph (the decode-step setting): device time per call."""
+    sets = _sets(1, vocab, device)
+    fns = {"moecomm": lambda p: S.top_p_sampling_from_probs(p, 0.9),
+           "moecomm_topk_topp": lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9)}
+    if fi is not None:
+        fns["flashinfer"] = lambda p: fi.sampling.top_p_sampling_from_probs(p, 0.9)
+        fns["flashinfer_topk_topp"] = lambda p: fi.sampling.top_k_top_p_sampling_from_probs(p, 50, 0.9)
+    for name, fn in fns.items():
+        try:
+            t = graph_bench(fn, sets, replays=50, calls=20)
+        except Exception as exc:
+            print(f"  graph {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        print(f"cuda graph B1 V{vocab} {name:22s} {t.median_ms * 1e3:8.2f} us/call (target 20 us for top-p)", flush=True)
+        writer.write(op="graph_top_p" if "topk" not in name else "graph_top_k_top_p", batch=1, vocab=vocab, impl=name,
+                     median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms, target_ms=0.02 if "topk" not in name else None)
+
+
+_FIRST_CALL = r"""
+import time, torch
+t0 = time.perf_counter()
+import moecomm.sampling as S
+p = torch.softmax(torch.randn(4, 128256, device="cuda") * 3, -1)
+lg = torch.randn(4, 128256, device="cuda")
+out = {}
+for name, fn in [("sampling_from_probs", lambda: S.sampling_from_probs(p)),
+                 ("top_p_sampling_from_probs", lambda: S.top_p_sampling_from_probs(p, 0.9)),
+                 ("top_k_top_p_sampling_from_probs", lambda: S.top_k_top_p_sampling_from_probs(p, 50, 0.9)),
+                 ("top_k_top_p_sampling_from_logits", lambda: S.top_k_top_p_sampling_from_logits(lg, 50, 0.9)),
+                 ("top_p_renorm_probs", lambda: S.top_p_renorm_probs(p, 0.9)),
+                 ("softmax", lambda: S.softmax(lg, 0.7))]:
+    t = time.perf_counter(); fn(); torch.cuda.synchronize(); out[name] = time.perf_counter() - t
+print("FIRST", time.perf_counter() - t0, out)
+"""
+
+
+def run_first_call(writer, cache_dir):
+    """First call of each function in a fresh process: cold Triton cache, then warm."""
+    for label in ("cold", "warm"):
+        env = dict(os.environ, TRITON_CACHE_DIR=cache_dir)
+        proc = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, timeout=300)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("FIRST")]
+        if proc.returncode != 0 or not line:
+            print(f"first call ({label}) failed: {proc.stderr[-500:]}")
+            continue
+        print(f"first call, {label} cache: {line[0][6:]}", flush=True)
+        writer.write(op="first_call", cache=label, detail=line[0][6:])
+
+
+def run_sweep(device):
+    """Launch configurations (chunk size, warps) of the sampling kernel on the top-p rows."""
+    from moecomm.sampling import _triton
+
+    keep = (_triton.BLOCK, _triton._NUM_WARPS, _triton.NUM_PIVOTS)
+    for block, warps, pivots in ((2048, 8, 8), (4096, 8, 8), (4096, 16, 8), (2048, 8, 4), (4096, 16, 4), (1024, 4, 8)):
+        _triton.BLOCK, _triton._NUM_WARPS, _triton.NUM_PIVOTS = block, warps, pivots
+        row = f"sweep BLOCK {block:5d} warps {warps:2d} pivots {pivots}:"
+        for op, batch, vocab in (("top_p", 128, 128256), ("top_p", 512, 151936), ("top_k_top_p", 512, 151936)):
+            sets = _sets(batch, vocab, device)
+            fn = (lambda p: S.top_p_sampling_from_probs(p, 0.9)) if op == "top_p" else (
+                lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9))
+            t = bench(fn, sets, warmup=5, rep=20, device=device)
+            row += f" {op} B{batch} {t.median_ms:.4f} ms;"
+        t = graph_bench(lambda p: S.top_p_sampling_from_probs(p, 0.9), _sets(1, 128256, device), replays=20, calls=10)
+        row += f" graph top_p B1 {t.median_ms * 1e3:.1f} us"
+        print(row, flush=True)
+    _triton.BLOCK, _triton._NUM_WARPS, _triton.NUM_PIVOTS = keep
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on whatever device (CI)")
+    parser.add_argument("--out", default=None, help="append JSON lines here")
+    parser.add_argument("--first-call-cache", default=None, help="an empty folder: also time first calls (cold, warm)")
+    parser.add_argument("--sweep", action="store_true", help="also time launch configurations of our kernel")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fi, fi_info = find_flashinfer() if device.type == "cuda" else (None, "not tried on CPU")
+    writer = ResultWriter(args.out)
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
+          f"peers: torch sort-based sampler; FlashInfer {'found: ' + fi_info if fi is not None else 'not found (' + fi_info + ')'}")
+    print("columns: median ms; (x) = that peer's time / ours, > 1 means ours is faster")
+    shapes = [(4, 1000)] if args.quick else [(1, 128256), (128, 128256), (512, 151936)]
+    warmup, rep = (1, 3) if args.quick else (10, 50)
+    for op in ("top_p", "top_k_top_p"):
+        for batch, vocab in shapes:
+            run_case(writer, device, fi, op, batch, vocab, warmup, rep)
+    if device.type == "cuda" and not args.quick:
+        run_graph_case(writer, device, fi)
+        if args.sweep:
+            run_sweep(device)
+        if args.first_call_cache:
+            run_first_call(writer, args.first_call_cache)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

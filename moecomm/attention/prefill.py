@@ -1,0 +1,436 @@
+"""BatchPrefillWithPagedKVCacheWrapper / BatchPrefillWithRaggedKVCacheWrapper: prefill attention of
+ragged queries over a paged (or contiguous ragged) KV, plan() then run().
+
+# B = batch, nnz = query rows of all requests, Hq / Hk = heads, D = head_dim, P = page_size
+
+FlashInfer's class names and plan()/run() arguments. plan() does the host work once per batch:
+validates the page table, cuts each request's queries into BLOCK_M tiles (heaviest first), packs a
+custom mask into bits, and uploads the metadata with one copy; run() launches one kernel per layer.
+Masks: causal (queries at the end of the KV: query i sees keys j <= kv_len - qo_len + i), a
+sliding window (window_left), a custom mask (bool per (query, key) of each request, or FlashInfer's
+packed bits), combined by "and"; logits soft-cap; sm_scale. CUDA-graph mode (paged wrapper): the
+metadata buffer and the grid (Hq, max_num_qo_tokens / BLOCK_M + max_batch programs, the surplus
+exiting at once) are fixed at construction, so one captured run() replays for any later plan.
+Not here: in-kernel RoPE (use apply_rope first); block-sparse lives in blocksparse.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import MoeCommTypeError, MoeCommValueError
+from ..jit import backend as _backend
+from ..jit.launch import cdiv, launch
+from ..jit.ops import define_op
+from . import reference
+from ._common import (
+    Staging,
+    check_heads,
+    check_indices,
+    check_kv_cache,
+    check_layout,
+    check_page_table,
+    host_ints,
+    nhd_strides,
+    parse_dtype,
+)
+
+_OP = "BatchPrefillWithPagedKVCacheWrapper"
+_ALIGN = 16
+# head_dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages); the benchmark's --sweep overrides it
+PREFILL_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _prefill_impl(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: torch.Tensor, kv_indices: torch.Tensor,
+    mask_bits: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, offsets: list[int], num_tiles_grid: int,
+    page_size: int, kv_layout_hnd: bool, causal: bool, custom: bool, write_lse: bool, sm_scale: float,
+    logits_soft_cap: float, window_left: int,
+) -> None:
+    off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask, batch = offsets
+    layout = reference.HND if kv_layout_hnd else reference.NHD
+    num_qo_heads, head_dim = q.shape[1], q.shape[2]
+    if _backend.choose(q, "attention_prefill") is not _backend.Impl.TRITON:
+        m = meta.cpu().long()
+        qo_indptr = m[off_qo_indptr:off_qo_indptr + batch + 1]
+        indptr = m[off_kv_indptr:off_kv_indptr + batch + 1]
+        lengths = m[off_kv_len:off_kv_len + batch]
+        npages = indptr[1:] - indptr[:-1]
+        last = torch.where(npages > 0, lengths - (npages - 1) * page_size, torch.zeros_like(lengths))
+        dense = mask_offs = None
+        if custom:
+            dense = reference.unpack_mask_bits(mask_bits.cpu(), mask_bits.numel() * 8)
+            mask_offs = m[off_mask:off_mask + batch]
+        o, s = reference.batch_prefill(q, qo_indptr, k_cache, v_cache, layout, indptr, kv_indices.cpu(), last,
+                                       causal=causal, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap or None,
+                                       window_left=window_left, custom_mask=dense, mask_indptr=mask_offs)
+        out.copy_(o)
+        if write_lse:
+            lse.copy_(s)
+        return
+    from . import _triton_prefill as kern
+
+    num_kv_heads = k_cache.shape[1] if kv_layout_hnd else k_cache.shape[2]
+    block_m, block_n, num_warps, num_stages = PREFILL_CONFIGS[head_dim]
+    soft = logits_soft_cap > 0
+    launch(kern.prefill_kernel, (num_qo_heads, num_tiles_grid), (
+        q, k_cache, v_cache, out, lse, meta, kv_indices, mask_bits,
+        off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask,
+        k_cache.shape[0], num_qo_heads,
+        q.stride(0), q.stride(1), *nhd_strides(k_cache, layout), *nhd_strides(v_cache, layout),
+        out.stride(0), out.stride(1), sm_scale, logits_soft_cap if soft else 1.0, max(window_left, 0),
+    ), dict(GROUP=num_qo_heads // num_kv_heads, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            CAUSAL=causal, WINDOW=window_left >= 0, SOFT_CAP=soft, CUSTOM=custom, WRITE_LSE=write_lse,
+            DOT_PRECISION="ieee" if q.dtype is torch.float32 else "tf32"),
+        num_warps, num_stages)
+
+
+paged_prefill = define_op("attention_paged_prefill", _prefill_impl, fake=lambda *args: None, mutates_args=("out", "lse"),
+                          differentiable=False)
+
+
+def _pack_custom_mask(op, custom_mask, packed_custom_mask, qo_lens, kv_lens):
+    """(uint8 bits, per-request bit offsets): each request's [qo_len, kv_len] bits start on a byte
+    (FlashInfer's packed layout: segment b at byte sum_{c<b} ceil(qo_c * kv_c / 8))."""
+    sizes = qo_lens * kv_lens
+    nbytes = (sizes + 7) // 8
+    byte_off = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(nbytes, out=byte_off[1:])
+    if packed_custom_mask is not None:
+        packed = packed_custom_mask.cpu().numpy() if isinstance(packed_custom_mask, torch.Tensor) else np.asarray(packed_custom_mask)
+        if packed.dtype != np.uint8 or packed.ndim != 1 or packed.shape[0] < byte_off[-1]:
+            raise MoeCommValueError(f"{op}: packed_custom_mask must be 1-D uint8 with >= {int(byte_off[-1])} bytes "
+                                    f"(each request's qo_len * kv_len bits, byte-aligned), got {packed.dtype} {packed.shape}")
+        bits = packed[: byte_off[-1]]
+    else:
+        flat = custom_mask.cpu().numpy() if isinstance(custom_mask, torch.Tensor) else np.asarray(custom_mask)
+        flat = flat.reshape(-1).astype(bool)
+        if flat.shape[0] != int(sizes.sum()):
+            raise MoeCommValueError(f"{op}: custom_mask must hold sum(qo_len * kv_len) = {int(sizes.sum())} entries "
+                                    f"(each request's mask, row-major, concatenated), got {flat.shape[0]}")
+        starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=starts[1:])
+        bits = np.zeros(int(byte_off[-1]), dtype=np.uint8)
+        for b in range(len(sizes)):
+            seg = np.packbits(flat[starts[b]:starts[b + 1]], bitorder="little")
+            bits[byte_off[b]:byte_off[b] + seg.shape[0]] = seg
+    if byte_off[-1] * 8 >= 2**31:
+        raise MoeCommValueError(f"{op}: custom_mask must hold < 2**31 bits, got {int(byte_off[-1] * 8)}")
+    return bits, byte_off[:-1] * 8
+
+
+class _PrefillBase:
+    _op = _OP
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, use_cuda_graph: bool, qo_indptr_buf=None,
+                 paged_kv_indices_buf=None, max_num_qo_tokens: int | None = None):
+        if not isinstance(float_workspace_buffer, torch.Tensor):
+            raise MoeCommTypeError(f"{self._op}: float_workspace_buffer must be a torch.Tensor, got "
+                                   f"{type(float_workspace_buffer).__name__}")
+        self._kv_layout = check_layout(self._op, kv_layout)
+        self._device = float_workspace_buffer.device
+        self._graph = bool(use_cuda_graph)
+        self._plan = None
+        if not self._graph:
+            self._staging = Staging(self._device, 1024)
+            return
+        # CUDA-graph mode: every buffer and the grid fixed here (module docstring)
+        if qo_indptr_buf is None or paged_kv_indices_buf is None or max_num_qo_tokens is None:
+            raise MoeCommValueError(f"{self._op}: qo_indptr_buf, paged_kv_indices_buf and max_num_qo_tokens must be given "
+                                    "with use_cuda_graph=True (they fix the maximum batch, pages and query rows), got None")
+        for name, t in (("qo_indptr_buf", qo_indptr_buf), ("paged_kv_indices_buf", paged_kv_indices_buf)):
+            if not isinstance(t, torch.Tensor) or t.dtype is not torch.int32 or t.dim() != 1 or not t.is_contiguous():
+                raise MoeCommValueError(f"{self._op}: {name} must be a contiguous 1-D int32 tensor, got {t!r:.60}")
+        if isinstance(max_num_qo_tokens, bool) or not isinstance(max_num_qo_tokens, int) or max_num_qo_tokens < 1:
+            raise MoeCommValueError(f"{self._op}: max_num_qo_tokens must be an int >= 1, got {max_num_qo_tokens!r}")
+        self._max_batch = qo_indptr_buf.shape[0] - 1
+        self._max_tokens = max_num_qo_tokens
+        self._indices_buf = paged_kv_indices_buf
+        # tiles of any BLOCK_M >= 16: at most max_tokens / 16 + one partial tile per request
+        self._tile_cap = cdiv(max_num_qo_tokens, 16) + self._max_batch
+        self._staging = Staging(self._device, self._layout(0, 0)[1])
+
+    def _layout(self, batch: int, num_tiles: int):
+        cap_t, cap_b = (self._tile_cap, self._max_batch) if self._graph else (num_tiles, batch)
+        ts, bs = _round_up(max(cap_t, 1), _ALIGN), _round_up(cap_b + 1, _ALIGN)
+        off_tile_req, off_tile_q0 = _ALIGN, _ALIGN + ts
+        off_qo_indptr = _ALIGN + 2 * ts
+        off_kv_indptr, off_kv_len, off_mask = off_qo_indptr + bs, off_qo_indptr + 2 * bs, off_qo_indptr + 3 * bs
+        return [off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask], off_qo_indptr + 4 * bs
+
+    def _plan_core(self, qo_indptr, kv_indptr_np, lengths, indices, num_qo_heads, num_kv_heads, head_dim, page_size,
+                   custom_mask, packed_custom_mask, causal, sm_scale, window_left, logits_soft_cap, q_data_type,
+                   kv_data_type, max_index, non_blocking):
+        op = self._op
+        q_dtype = parse_dtype(op, "q_data_type", q_data_type)
+        kv_dtype = parse_dtype(op, "kv_data_type", kv_data_type, q_dtype)
+        if kv_dtype is not q_dtype:
+            raise MoeCommTypeError(f"{op}: kv_data_type must equal q_data_type ({str(q_dtype).replace('torch.', '')}), "
+                                   f"got {str(kv_dtype).replace('torch.', '')}")
+        if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+            raise MoeCommValueError(f"{op}: window_left must be an int >= -1, got {window_left!r}")
+        cap = 0.0 if logits_soft_cap is None else float(logits_soft_cap)
+        if not (cap >= 0 and math.isfinite(cap)):
+            raise MoeCommValueError(f"{op}: logits_soft_cap must be None or a finite value >= 0, got {logits_soft_cap!r}")
+        if sm_scale is not None and not (float(sm_scale) > 0 and math.isfinite(float(sm_scale))):
+            raise MoeCommValueError(f"{op}: sm_scale must be a finite value > 0, got {sm_scale!r}")
+        qo_np = host_ints(op, "qo_indptr", qo_indptr)
+        batch = lengths.shape[0]
+        if qo_np.shape[0] != batch + 1:
+            raise MoeCommValueError(f"{op}: qo_indptr must have batch_size + 1 = {batch + 1} entries, got {qo_np.shape[0]}")
+        qo_lens = np.diff(qo_np)
+        if qo_np[0] != 0 or (batch and qo_lens.min() < 0):
+            raise MoeCommValueError(f"{op}: qo_indptr must start at 0 and be non-decreasing, got {qo_np.tolist()[:8]}...")
+        custom = custom_mask is not None or packed_custom_mask is not None
+        if self._graph:
+            if custom:
+                raise MoeCommValueError(f"{op}: custom_mask must be None with use_cuda_graph=True (its size varies), got a mask")
+            if batch > self._max_batch or qo_np[-1] > self._max_tokens:
+                raise MoeCommValueError(f"{op}: batch size and qo_indptr[-1] must be <= {self._max_batch} and "
+                                        f"{self._max_tokens} (the CUDA-graph buffers'), got {batch} and {int(qo_np[-1])}")
+        bits = offs = None
+        if custom:
+            bits, offs = _pack_custom_mask(op, custom_mask, packed_custom_mask, qo_lens, lengths)
+        block_m = PREFILL_CONFIGS[head_dim][0]
+        ntiles = (qo_lens + block_m - 1) // block_m
+        num_tiles = int(ntiles.sum())
+        if num_tiles > 65535:
+            raise MoeCommValueError(f"{op}: qo_indptr must describe <= 65535 tiles of {block_m} query rows (CUDA's grid "
+                                    f"limit), got {num_tiles}; split the batch")
+        tile_req = np.repeat(np.arange(batch), ntiles)
+        tile_indptr = np.zeros(batch + 1, dtype=np.int64)
+        np.cumsum(ntiles, out=tile_indptr[1:])
+        tile_q0 = (np.arange(num_tiles) - tile_indptr[tile_req]) * block_m
+        if causal and num_tiles:  # heaviest first: a causal tile reads keys up to its last row
+            work = np.minimum(tile_q0 + block_m, qo_lens[tile_req]) + (lengths - qo_lens)[tile_req]
+            order = np.argsort(-work, kind="stable")
+            tile_req, tile_q0 = tile_req[order], tile_q0[order]
+
+        (off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask), fixed_end = \
+            self._layout(batch, num_tiles)
+        dev_indices = None
+        num_indices = indices.shape[0] if isinstance(indices, torch.Tensor) else len(indices)
+        if self._graph:
+            if num_indices > self._indices_buf.shape[0]:
+                raise MoeCommValueError(f"{op}: paged_kv_indices must hold <= {self._indices_buf.shape[0]} ids "
+                                        f"(paged_kv_indices_buf's size), got {num_indices}")
+            self._indices_buf[:num_indices].copy_(torch.as_tensor(indices).to(torch.int32), non_blocking=non_blocking)
+            dev_indices = self._indices_buf
+        elif isinstance(indices, torch.Tensor) and indices.device.type != "cpu":
+            dev_indices = indices if indices.dtype is torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
+        need = fixed_end + (0 if dev_indices is not None else num_indices)
+        st = self._staging
+        st.ensure(need)
+        h = st.host_np
+        h[0] = num_tiles
+        h[off_tile_req:off_tile_req + num_tiles] = tile_req
+        h[off_tile_q0:off_tile_q0 + num_tiles] = tile_q0
+        h[off_qo_indptr:off_qo_indptr + batch + 1] = qo_np
+        h[off_kv_indptr:off_kv_indptr + batch + 1] = kv_indptr_np
+        h[off_kv_len:off_kv_len + batch] = lengths
+        if custom:
+            h[off_mask:off_mask + batch] = offs
+        if dev_indices is None:
+            h[fixed_end:fixed_end + num_indices] = host_ints(op, "indices", indices)
+        st.upload(need)
+        kv_indices = dev_indices if dev_indices is not None else st.dev[fixed_end:fixed_end + max(num_indices, 1)]
+        mask_t = torch.from_numpy(bits if bits.size else np.zeros(1, np.uint8)).to(self._device, non_blocking=non_blocking) \
+            if custom else st.dev[:1]
+        self._plan = dict(
+            batch=batch, nnz=int(qo_np[-1]), num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            page_size=page_size, q_dtype=q_dtype, kv_dtype=kv_dtype, causal=bool(causal), custom=custom,
+            sm_scale=1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale), soft_cap=cap,
+            window_left=window_left, offsets=[off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len,
+                                              off_mask, batch],
+            num_tiles=cdiv(self._max_tokens, block_m) + self._max_batch if self._graph else max(num_tiles, 1),
+            kv_indices=kv_indices, mask=mask_t, meta=st.dev, max_index=max_index,
+        )
+
+    def _run_core(self, q, k, v, page_size, out, lse, return_lse, scale_mul):
+        p = self._plan
+        op = self._op
+        nnz, hq = q.shape[0], p["num_qo_heads"]
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        elif out.shape != q.shape or out.dtype is not q.dtype or out.stride(2) != 1:
+            raise MoeCommValueError(f"{op}: out must be a {str(q.dtype).replace('torch.', '')} tensor of shape {list(q.shape)} "
+                                    f"with head_dim contiguous, got {str(out.dtype).replace('torch.', '')} {list(out.shape)}")
+        if return_lse:
+            if lse is None:
+                lse = torch.empty((nnz, hq), dtype=torch.float32, device=q.device)
+            elif lse.shape != (nnz, hq) or lse.dtype is not torch.float32 or not lse.is_contiguous():
+                raise MoeCommValueError(f"{op}: lse must be a contiguous float32 tensor of shape [{nnz}, {hq}], "
+                                        f"got {str(lse.dtype).replace('torch.', '')} {list(lse.shape)}")
+        op = paged_prefill if torch.compiler.is_compiling() or q.requires_grad else _prefill_impl  # as decode's run()
+        op(q, k, v, p["meta"], p["kv_indices"], p["mask"], out, lse if return_lse else out,
+                      p["offsets"], p["num_tiles"], page_size, self._kv_layout == reference.HND, p["causal"], p["custom"],
+                      return_lse, p["sm_scale"] * scale_mul, p["soft_cap"], p["window_left"])
+        return (out, lse) if return_lse else out
+
+    def _check_q(self, q):
+        p = self._plan
+        op = self._op
+        if p is None:
+            raise MoeCommValueError(f"{op}: run() must follow plan(), got no plan")
+        if not isinstance(q, torch.Tensor):
+            raise MoeCommTypeError(f"{op}: q must be a torch.Tensor, got {type(q).__name__}")
+        want = (p["nnz"], p["num_qo_heads"], p["head_dim"])
+        if self._graph and q.dim() == 3 and p["nnz"] <= q.shape[0] <= self._max_tokens:
+            want = (q.shape[0],) + want[1:]  # a graph's fixed q buffer: rows past qo_indptr[-1] are left alone
+        if tuple(q.shape) != want:
+            raise MoeCommValueError(f"{op}: q must have shape [qo_indptr[-1], num_qo_heads, head_dim] = {list(want)} "
+                                    f"(as planned), got {list(q.shape)}")
+        if q.dtype is not p["q_dtype"]:
+            raise MoeCommTypeError(f"{op}: q must have dtype {str(p['q_dtype']).replace('torch.', '')} (planned q_data_type), "
+                                   f"got {str(q.dtype).replace('torch.', '')}")
+        return q if q.stride(2) == 1 else q.contiguous()
+
+
+class BatchPrefillWithPagedKVCacheWrapper(_PrefillBase):
+    """Prefill attention of ragged queries over a paged KV cache.
+
+    Args:
+        float_workspace_buffer: a tensor on the wrapper's device (FlashInfer's workspace; its device is used).
+        kv_layout: "NHD" or "HND".
+        use_cuda_graph: buffers and grid fixed here: then qo_indptr_buf ([max_batch + 1] int32),
+            paged_kv_indices_buf ([max_num_pages] int32, on the device) and max_num_qo_tokens (ours: the
+            rows of the q buffer a graph is captured with) must be given; no custom mask in this mode.
+        The remaining FlashInfer arguments (paged_kv_indptr_buf, ...) are accepted and unused.
+
+    Example:
+        >>> w = BatchPrefillWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device="cuda"))
+        >>> w.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, 32, 8, 128, 16, causal=True,
+        ...        q_data_type=torch.bfloat16)
+        >>> out = w.run(q, (k_cache, v_cache))
+    """
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 qo_indptr_buf=None, paged_kv_indptr_buf=None, paged_kv_indices_buf=None,
+                 paged_kv_last_page_len_buf=None, custom_mask_buf=None, mask_indptr_buf=None, backend: str = "auto",
+                 jit_args=None, *, max_num_qo_tokens: int | None = None):
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf, paged_kv_indices_buf,
+                         max_num_qo_tokens)
+
+    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
+             num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: int | None = None, custom_mask=None,
+             packed_custom_mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
+             use_fp16_qk_reduction: bool = False, sm_scale: float | None = None, window_left: int = -1,
+             logits_soft_cap: float | None = None, rope_scale=None, rope_theta=None, q_data_type="float16",
+             kv_data_type=None, non_blocking: bool = True, *, num_pages: int | None = None) -> None:
+        """Plan prefill attention for one batch.
+
+        Args:
+            qo_indptr: [B + 1] (host preferred), request b's queries are rows qo_indptr[b]:qo_indptr[b + 1].
+            paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len: the page table (as decode's plan()).
+            num_qo_heads, num_kv_heads, head_dim_qk (64/128/256; head_dim_vo must equal it), page_size (1..128).
+            custom_mask: bool, request b's [qo_len, kv_len] mask flattened and concatenated; or
+                packed_custom_mask: uint8, FlashInfer's packed bits (little-endian, each request byte-aligned).
+            causal: queries sit at the end of the KV (module docstring). window_left: keys within this
+                many positions before the query (-1: all). logits_soft_cap, sm_scale: as decode.
+            q_data_type, kv_data_type: fp16/bf16 (fp32 too). num_pages: range-check host indices here.
+        """
+        op = self._op
+        check_heads(op, num_qo_heads, num_kv_heads, head_dim_qk, page_size)
+        if head_dim_vo is not None and head_dim_vo != head_dim_qk:
+            raise MoeCommValueError(f"{op}: head_dim_vo must equal head_dim_qk ({head_dim_qk}), got {head_dim_vo}")
+        if pos_encoding_mode != "NONE":
+            raise MoeCommValueError(f"{op}: pos_encoding_mode must be 'NONE' (rotate q and k with apply_rope first), "
+                                    f"got {pos_encoding_mode!r}")
+        indptr_np = host_ints(op, "paged_kv_indptr", paged_kv_indptr)
+        last_np = host_ints(op, "paged_kv_last_page_len", paged_kv_last_page_len)
+        num_indices = paged_kv_indices.shape[0] if isinstance(paged_kv_indices, torch.Tensor) else len(paged_kv_indices)
+        lengths = check_page_table(op, indptr_np, last_np, num_indices, page_size, "paged_kv_indptr")
+        max_index = check_indices(op, paged_kv_indices, num_pages)
+        self._plan_core(qo_indptr, indptr_np, lengths, paged_kv_indices, num_qo_heads, num_kv_heads, head_dim_qk,
+                        page_size, custom_mask, packed_custom_mask, causal, sm_scale, window_left, logits_soft_cap,
+                        q_data_type, kv_data_type, max_index, non_blocking)
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, paged_kv_cache, *, k_scale: float | None = None, v_scale: float | None = None,
+            out: torch.Tensor | None = None, lse: torch.Tensor | None = None, return_lse: bool = False):
+        """Prefill attention of the planned batch.
+
+        Args:
+            q: [nnz, Hq, D] in q_data_type. paged_kv_cache: (k_cache, v_cache) or one [num_pages, 2, ...]
+                tensor, in the wrapper's layout. k_scale: multiplies the logits; v_scale: the output.
+            out: [nnz, Hq, D] written in place; lse: [nnz, Hq] float32 (with return_lse).
+        Returns:
+            out, or (out, lse [nnz, Hq] float32, base 2) when return_lse.
+        """
+        q = self._check_q(q)
+        p = self._plan
+        k, v = check_kv_cache(self._op, paged_kv_cache, self._kv_layout, p["num_kv_heads"], p["head_dim"],
+                              p["page_size"], p["kv_dtype"], q.device)
+        if p["max_index"] is not None and p["max_index"] >= k.shape[0]:
+            raise MoeCommValueError(f"{self._op}: paged_kv_indices must be < num_pages ({k.shape[0]}, the cache's), "
+                                    f"got {p['max_index']}")
+        res = self._run_core(q, k, v, p["page_size"], out, lse, return_lse, 1.0 if k_scale is None else float(k_scale))
+        if v_scale is not None and float(v_scale) != 1.0:
+            (res[0] if return_lse else res).mul_(float(v_scale))
+        return res
+
+    forward = run
+
+
+class BatchPrefillWithRaggedKVCacheWrapper(_PrefillBase):
+    """Prefill attention over contiguous ragged K / V ([nnz_kv, Hk, D], request b's keys at rows
+    kv_indptr[b]:kv_indptr[b + 1]): the paged kernel with one-token pages over the rows."""
+
+    _op = "BatchPrefillWithRaggedKVCacheWrapper"
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 qo_indptr_buf=None, kv_indptr_buf=None, custom_mask_buf=None, mask_indptr_buf=None,
+                 backend: str = "auto", jit_args=None):
+        if use_cuda_graph:
+            raise MoeCommValueError(f"{self._op}: use_cuda_graph must be False (the paged prefill wrapper has a graph "
+                                    "mode), got True")
+        super().__init__(float_workspace_buffer, kv_layout, False)
+        if self._kv_layout != reference.NHD:
+            raise MoeCommValueError(f"{self._op}: kv_layout must be 'NHD' for ragged K / V [nnz_kv, Hk, D], got {kv_layout!r}")
+
+    def plan(self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
+             head_dim_vo: int | None = None, custom_mask=None, packed_custom_mask=None, causal: bool = False,
+             pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,
+             logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale=None, rope_theta=None,
+             q_data_type="float16", kv_data_type=None, non_blocking: bool = True) -> None:
+        """As the paged plan(), with kv_indptr [B + 1] over the rows of K / V instead of a page table."""
+        op = self._op
+        check_heads(op, num_qo_heads, num_kv_heads, head_dim_qk, 1)
+        if head_dim_vo is not None and head_dim_vo != head_dim_qk:
+            raise MoeCommValueError(f"{op}: head_dim_vo must equal head_dim_qk ({head_dim_qk}), got {head_dim_vo}")
+        if pos_encoding_mode != "NONE":
+            raise MoeCommValueError(f"{op}: pos_encoding_mode must be 'NONE', got {pos_encoding_mode!r}")
+        kv_np = host_ints(op, "kv_indptr", kv_indptr)
+        lengths = check_page_table(op, kv_np, np.ones(max(kv_np.shape[0] - 1, 0), np.int64), int(kv_np[-1]) if kv_np.size else 0,
+                                   1, "kv_indptr")
+        nnz_kv = int(kv_np[-1])
+        indices = torch.arange(max(nnz_kv, 1), dtype=torch.int32, device=self._device)
+        self._plan_core(qo_indptr, kv_np, lengths, indices, num_qo_heads, num_kv_heads, head_dim_qk, 1, custom_mask,
+                        packed_custom_mask, causal, sm_scale, window_left, logits_soft_cap, q_data_type, kv_data_type,
+                        nnz_kv - 1, non_blocking)
+        self._plan["nnz_kv"] = nnz_kv
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None, return_lse: bool = False):
+        """q: [nnz, Hq, D]; k, v: [nnz_kv, Hk, D] (D contiguous). Returns out (and the LSE)."""
+        q = self._check_q(q)
+        p = self._plan
+        k4 = k.unsqueeze(1) if isinstance(k, torch.Tensor) and k.dim() == 3 else k
+        v4 = v.unsqueeze(1) if isinstance(v, torch.Tensor) and v.dim() == 3 else v
+        k4, v4 = check_kv_cache(self._op, (k4, v4), reference.NHD, p["num_kv_heads"], p["head_dim"], 1, p["kv_dtype"],
+                                q.device)
+        if k4.shape[0] < p["nnz_kv"]:
+            raise MoeCommValueError(f"{self._op}: k must have >= kv_indptr[-1] = {p['nnz_kv']} rows, got {k4.shape[0]}")
+        return self._run_core(q, k4, v4, 1, out, lse, return_lse, 1.0)
+
+    forward = run

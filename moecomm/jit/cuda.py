@@ -1,0 +1,501 @@
+"""The compile cache of the CUDA C++ sources under kernels/: compile to a cubin, cache, load, launch.
+
+    kernel = cuda.load("allreduce/reduce.cu", "moecomm_reduce_bf16", device=x.device)
+    kernel(grid=(blocks,), block=(256,), args=(ptrs, out, ctypes.c_int(W), ctypes.c_longlong(n), ctypes.c_int(1)))
+
+Compiling (no GPU needed): nvcc (``-cubin -arch=sm_90a`` by default, or the device's arch) when it is
+found (PATH, CUDA_HOME, /usr/local/cuda), else NVRTC through cupy (``cupy.cuda.nvrtc``) or
+cuda-python (``cuda.bindings.nvrtc``). nvcc comes first because it is what both the CPU machines
+(CI) and the GPU machines have, so the cubin the tests compile is the one the GPU runs; NVRTC is the
+fallback for pip-only environments. The sources include no CUDA header (kernels/common/dtypes.cuh
+converts dtypes in inline PTX), so NVRTC needs no system include path.
+
+Cache: one cubin per key under MOECOMM_CACHE_DIR/cuda, never inside the package. The key is a
+sha256 over the source and every header it includes with ``#include "..."`` (recursively), the
+flags, the arch, the compiler's identity and version (``nvcc --version``, or NVRTC's version) and
+moecomm's version with this cache's format number: editing a header, changing a flag or upgrading
+the toolchain compiles anew, nothing else does. A miss compiles under the entry's cross-process
+lock and publishes atomically (moecomm/jit/cache.py), so ranks starting together compile once.
+
+Loading and launching: the CUDA driver API through ctypes (libcuda.so.1, which every machine with an
+NVIDIA driver has). Chosen over cupy.RawModule and cuda-python because it needs no package beyond
+torch: the cubin is loaded into the device's primary context, the one torch's runtime uses, and
+launched with cuLaunchKernel on torch's current stream (its raw handle), with torch tensors passed as
+device pointers. So kernels order with torch's work on that stream and CUDA-graph capture sees them,
+and cupy's own allocator, streams and device state never enter the process.
+
+Seen on the GPU machine (H200, torch 2.11, cupy-cuda13x 14.2, cuda-python 13.3, nvcc 13.0): cubins
+from nvcc, cupy's NVRTC and cuda-python's NVRTC load and run; reduce.cu's first call (compile, load,
+run) took 0.76-0.90 s, a later process's first call (disk cache, load) ~1 ms.
+
+Nothing happens at import time: the compiler, the driver and torch's CUDA state are looked at on the
+first call. ``toolchain_error()`` says whether compiling and loading can work here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import _env
+from ..errors import MoeCommError, MoeCommTypeError, MoeCommValueError, UnsupportedHardwareError
+from . import cache
+
+DEFAULT_ARCH = "sm_90a"  # Hopper with its arch-specific instructions (wgmma, setmaxnreg); plain sm_90 lacks them
+DEFAULT_FLAGS = ("-O3", "-std=c++17")
+CACHE_FORMAT = 1  # bump when the key or the file layout changes
+_ARCH = re.compile(r"^sm_\d{2,3}[af]?$")
+_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+class CudaCompileError(MoeCommError, RuntimeError):
+    """The compiler rejected a source; the message holds its command and output."""
+
+
+class CudaDriverError(MoeCommError, RuntimeError):
+    """A CUDA driver call (module load, launch) failed."""
+
+
+# --------------------------------------------------------------------------- where the sources are
+
+
+def kernels_dir() -> Path:
+    """The folder of the CUDA sources: ``moecomm/_kernels`` in a wheel, ``kernels/`` in a checkout.
+
+    A wheel maps the repository's top-level kernels/ to the package ``moecomm._kernels``
+    (setup.py); an editable install or a checkout on PYTHONPATH imports moecomm from the repository,
+    beside which kernels/ lies.
+    """
+    pkg = Path(__file__).resolve().parents[1]
+    candidates = [pkg / "_kernels"]
+    if (pkg.parent / "pyproject.toml").is_file():
+        candidates.append(pkg.parent / "kernels")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    import importlib.util  # an editable install whose finder maps moecomm._kernels elsewhere
+
+    spec = importlib.util.find_spec("moecomm._kernels")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if Path(loc).is_dir():
+            return Path(loc)
+    raise MoeCommError(f"moecomm.jit.cuda: the CUDA sources were not found (looked in {', '.join(map(str, candidates))} "
+                       "and for the package moecomm._kernels): reinstall moecomm")
+
+
+def source_path(source: str | os.PathLike) -> Path:
+    """``source`` as a file: a path relative to kernels/ ("allreduce/reduce.cu") or any existing path."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise MoeCommTypeError(f"moecomm.jit.cuda: source must be a path (str or os.PathLike), got {type(source).__name__}")
+    p = Path(source)
+    if not p.is_absolute():
+        inside = kernels_dir() / p
+        if inside.is_file():
+            return inside
+    if p.is_file():
+        return p.resolve()
+    raise MoeCommValueError(f"moecomm.jit.cuda: source must be a file under {kernels_dir()} or an existing path, got {source!s}")
+
+
+def included_files(path: Path) -> list[Path]:
+    """``path`` and every file it includes with ``#include "..."``, recursively (system headers,
+    ``<...>``, belong to the toolchain, whose version is in the key)."""
+    seen: dict[Path, None] = {}
+    todo = [path.resolve()]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen[f] = None
+        for name in _INCLUDE.findall(f.read_text(errors="replace")):
+            for base in (f.parent, kernels_dir()):
+                cand = (base / name).resolve()
+                if cand.is_file():
+                    todo.append(cand)
+                    break
+    return list(seen)
+
+
+# --------------------------------------------------------------------------- compilers
+
+
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (_env.cuda_home(), "/usr/local/cuda"):
+        if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
+            return os.path.join(home, "bin", "nvcc")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    return " ".join(out.stdout.split()[-6:])  # "... release 13.0, V13.0.88 Build cuda_13.0.r13.0/compiler.36424714_0"
+
+
+def _nvrtc() -> tuple[str, Any] | None:
+    """(flavour, module) of the first NVRTC binding that imports: cupy's, then cuda-python's."""
+    try:
+        from cupy.cuda import nvrtc  # noqa: PLC0415
+
+        return "cupy", nvrtc
+    except Exception:  # ImportError, or cupy failing to find its CUDA libraries
+        pass
+    try:
+        from cuda.bindings import nvrtc  # noqa: PLC0415
+
+        return "cuda-python", nvrtc
+    except Exception:
+        return None
+
+
+def _nvrtc_version(flavour: str, nvrtc: Any) -> str:
+    v = nvrtc.getVersion() if flavour == "cupy" else nvrtc.nvrtcVersion()[1:]  # cuda-python: (err, major, minor)
+    return f"nvrtc {flavour} {v[0]}.{v[1]}"
+
+
+def compiler(which: str = "auto") -> tuple[str, str]:
+    """(compiler kind, identity with version) of the compiler ``compile`` uses: "nvcc" or "nvrtc"."""
+    if which not in ("auto", "nvcc", "nvrtc"):
+        raise MoeCommValueError(f"moecomm.jit.cuda: compiler must be auto, nvcc or nvrtc, got {which!r}")
+    if which in ("auto", "nvcc"):
+        nvcc = _nvcc()
+        if nvcc:
+            return "nvcc", f"nvcc {_nvcc_version(nvcc)}"
+        if which == "nvcc":
+            raise UnsupportedHardwareError("moecomm.jit.cuda: nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
+    rtc = _nvrtc()
+    if rtc is None:
+        raise UnsupportedHardwareError(
+            "moecomm.jit.cuda: no CUDA C++ compiler here: nvcc not found (PATH, CUDA_HOME, /usr/local/cuda) and "
+            "NVRTC not importable (pip install cupy-cuda13x, or cuda-python)")
+    return "nvrtc", _nvrtc_version(*rtc)
+
+
+def compile_error() -> str | None:
+    """None when CUDA sources can be compiled here (no GPU needed), else why not."""
+    try:
+        compiler()
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+def _run_nvcc(src: Path, arch: str, flags: Sequence[str]) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="moecomm-nvcc-") as tmp:
+        out = Path(tmp) / (src.stem + ".cubin")
+        cmd = [_nvcc() or "nvcc", "-cubin", f"-arch={arch}", *flags, "-o", str(out), str(src)]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise CudaCompileError(f"moecomm.jit.cuda: could not run the compiler ({exc})\n$ {' '.join(cmd)}") from exc
+        if res.returncode != 0 or not out.is_file():
+            raise CudaCompileError(f"moecomm.jit.cuda: compiling {src} failed (exit {res.returncode})\n"
+                                   f"$ {' '.join(cmd)}\n{(res.stderr + res.stdout).strip()}")
+        return out.read_bytes()
+
+
+def _run_nvrtc(src: Path, arch: str, flags: Sequence[str]) -> bytes:
+    flavour, nvrtc = _nvrtc() or (None, None)
+    if nvrtc is None:
+        raise UnsupportedHardwareError("moecomm.jit.cuda: NVRTC is not importable (cupy or cuda-python)")
+    # nvcc's -O3 is a host-compiler flag; NVRTC optimises device code by default and rejects it.
+    opts = [f"--gpu-architecture={arch}", f"--include-path={src.parent}", f"--include-path={kernels_dir()}",
+            *[f for f in flags if not f.startswith("-O")]]
+    cmd = f"nvrtc({flavour}) {' '.join(opts)} {src}"
+    text = src.read_bytes()
+    if flavour == "cupy":
+        prog = nvrtc.createProgram(text.decode(), src.name, [], [])
+        try:
+            try:
+                nvrtc.compileProgram(prog, opts)
+            except nvrtc.NVRTCError as exc:
+                raise CudaCompileError(f"moecomm.jit.cuda: compiling {src} failed ({exc})\n$ {cmd}\n"
+                                       f"{nvrtc.getProgramLog(prog)}") from None
+            return bytes(nvrtc.getCUBIN(prog))
+        finally:
+            nvrtc.destroyProgram(prog)
+    err, prog = nvrtc.nvrtcCreateProgram(text, src.name.encode(), 0, [], [])
+    try:
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+            log = b" " * size
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            raise CudaCompileError(f"moecomm.jit.cuda: compiling {src} failed ({err})\n$ {cmd}\n"
+                                   f"{log.decode(errors='replace').rstrip(chr(0))}")
+        _, size = nvrtc.nvrtcGetCUBINSize(prog)
+        cubin = b" " * size
+        nvrtc.nvrtcGetCUBIN(prog, cubin)
+        return cubin
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+# --------------------------------------------------------------------------- the compile cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """One compiled source: where its cubin is, its key, and whether this call compiled it."""
+
+    path: Path
+    key: str
+    arch: str
+    compiled: bool  # False: found in the cache
+    seconds: float  # wall time of this call (compile and publish, or the lookup)
+
+
+def _check_arch(arch: Any) -> str:
+    if not isinstance(arch, str) or not _ARCH.match(arch):
+        raise MoeCommValueError(f"moecomm.jit.cuda: arch must be like 'sm_90a' or 'sm_80', got {arch!r}")
+    return arch
+
+
+def _check_flags(flags: Any) -> tuple[str, ...]:
+    if isinstance(flags, str) or not isinstance(flags, Sequence) or not all(isinstance(f, str) for f in flags):
+        raise MoeCommTypeError(f"moecomm.jit.cuda: flags must be a sequence of str, got {flags!r}")
+    return tuple(flags)
+
+
+def cache_key(source: str | os.PathLike, *, arch: str = DEFAULT_ARCH, flags: Sequence[str] = DEFAULT_FLAGS,
+              compiler_id: str | None = None) -> str:
+    """The sha256 (hex) a compilation of ``source`` is cached under (see the module docstring)."""
+    src = source_path(source)
+    parts = {
+        "format": CACHE_FORMAT,
+        "moecomm": getattr(sys.modules.get("moecomm"), "__version__", "?"),
+        "sources": [[f.name, hashlib.sha256(f.read_bytes()).hexdigest()] for f in included_files(src)],
+        "flags": list(_check_flags(flags)),
+        "arch": _check_arch(arch),
+        "compiler": compiler_id if compiler_id is not None else compiler()[1],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def compile(source: str | os.PathLike, *, arch: str = DEFAULT_ARCH, flags: Sequence[str] = DEFAULT_FLAGS,
+            compiler_kind: str = "auto", timeout_s: float | None = None) -> Compiled:
+    """Compile ``source`` to a cubin, or find it in the cache; no GPU needed.
+
+    Args:
+        source: a path under kernels/ ("allreduce/reduce.cu") or any .cu file.
+        arch: the target, "sm_90a" (Hopper) by default; ``device_arch(device)`` gives a device's.
+        flags: compiler flags (nvcc's; NVRTC drops the -O ones).
+        compiler_kind: "auto" (nvcc, else NVRTC), "nvcc" or "nvrtc".
+        timeout_s: the longest wait for another process compiling the same key (MOECOMM_TIMEOUT_S).
+
+    Raises CudaCompileError with the compiler's command and output when the source does not compile.
+    """
+    start = time.perf_counter()
+    src = source_path(source)
+    arch, flags = _check_arch(arch), _check_flags(flags)
+    kind, ident = compiler(compiler_kind)
+    key = cache_key(src, arch=arch, flags=flags, compiler_id=ident)
+    path = cache.cache_root("cuda") / f"{src.stem}-{arch}-{key[:24]}.cubin"
+    run = _run_nvcc if kind == "nvcc" else _run_nvrtc
+    path, created = cache.get_or_create(path, lambda: run(src, arch, flags), timeout_s=timeout_s)
+    return Compiled(path=path, key=key, arch=arch, compiled=created, seconds=time.perf_counter() - start)
+
+
+def device_arch(device: Any = None) -> str:
+    """The cubin arch of a CUDA device: sm_90a on Hopper (arch-specific features on from sm_90 on)."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
+
+
+# --------------------------------------------------------------------------- loading and launching (driver API)
+
+
+_CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
+
+
+class _Driver:
+    """The few CUDA driver calls a launch needs, through ctypes."""
+
+    def __init__(self) -> None:
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        self.check(self.lib.cuInit(0), "cuInit")
+        self.lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+        self.lib.cuModuleGetFunction.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p]
+        self.lib.cuModuleLoadData.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self.contexts: dict[int, ctypes.c_void_p] = {}
+
+    def check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            name = ctypes.c_char_p()
+            self.lib.cuGetErrorName(rc, ctypes.byref(name))
+            raise CudaDriverError(f"moecomm.jit.cuda: {what} failed: {(name.value or b'?').decode()} ({rc})")
+
+    def context(self, index: int) -> ctypes.c_void_p:
+        """The primary context of device ``index`` (the one torch's runtime uses), retained once."""
+        ctx = self.contexts.get(index)
+        if ctx is None:
+            dev = ctypes.c_int()
+            self.check(self.lib.cuDeviceGet(ctypes.byref(dev), index), "cuDeviceGet")
+            ctx = ctypes.c_void_p()
+            self.check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+            self.contexts[index] = ctx
+        return ctx
+
+    @contextlib.contextmanager
+    def current(self, index: int):
+        ctx = self.context(index)
+        cur = ctypes.c_void_p()
+        self.check(self.lib.cuCtxGetCurrent(ctypes.byref(cur)), "cuCtxGetCurrent")
+        if cur.value == ctx.value:
+            yield
+            return
+        self.check(self.lib.cuCtxPushCurrent(ctx), "cuCtxPushCurrent")
+        try:
+            yield
+        finally:
+            self.lib.cuCtxPopCurrent(ctypes.byref(ctypes.c_void_p()))
+
+
+_driver_lock = threading.Lock()
+_driver: _Driver | None = None
+
+
+def _get_driver() -> _Driver:
+    global _driver
+    with _driver_lock:
+        if _driver is None:
+            _driver = _Driver()
+        return _driver
+
+
+def _arg(i: int, a: Any) -> ctypes._SimpleCData:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return ctypes.c_void_p(a.data_ptr())
+    if isinstance(a, ctypes._SimpleCData):
+        return a
+    raise MoeCommTypeError(f"moecomm.jit.cuda: launch argument {i} must be a torch.Tensor or a ctypes scalar "
+                           f"(ctypes.c_int(3), say), got {type(a).__name__}")
+
+
+class CudaKernel:
+    """One ``extern "C" __global__`` function of a loaded cubin, launchable on torch's stream."""
+
+    def __init__(self, compiled: Compiled, name: str, device_index: int, handle: ctypes.c_void_p):
+        self.compiled, self.name, self.device_index, self._fn = compiled, name, device_index, handle
+
+    def __call__(self, grid: Sequence[int], block: Sequence[int], args: Sequence[Any], *, shared_mem: int = 0,
+                 stream: Any = None) -> None:
+        """Launch on ``stream`` (default: torch's current stream of the kernel's device).
+
+        Args:
+            grid, block: up to three sizes each.
+            args: the kernel's parameters in order: torch tensors (passed as device pointers) or
+                ctypes scalars of the parameter's exact type (ctypes.c_int, ctypes.c_longlong, ...).
+        """
+        import torch
+
+        g, b = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+        vals = [_arg(i, a) for i, a in enumerate(args)]
+        params = (ctypes.c_void_p * max(len(vals), 1))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in vals])
+        if stream is None:
+            stream = torch.cuda.current_stream(self.device_index)
+        handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
+        drv = _get_driver()
+        with drv.current(self.device_index):
+            drv.check(drv.lib.cuLaunchKernel(self._fn, *g, *b, shared_mem, ctypes.c_void_p(handle), params, None),
+                      f"cuLaunchKernel({self.name}, grid={g}, block={b})")
+
+
+_loaded: dict[tuple[str, int], ctypes.c_void_p] = {}
+_kernels: dict[tuple[str, str, int], CudaKernel] = {}  # (cubin, function, device) -> kernel
+_by_call: dict[tuple, CudaKernel] = {}  # load()'s arguments -> kernel
+
+
+def forget_loaded() -> None:
+    """Forget the kernels load() returned (tests: the next load looks at the disk cache again).
+    Module handles stay loaded: a cubin's functions are reused, not loaded twice."""
+    _kernels.clear()
+    _by_call.clear()
+
+
+def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str | None = None,
+         flags: Sequence[str] = DEFAULT_FLAGS, compiler_kind: str = "auto") -> CudaKernel:
+    """Compile (or find in the cache) ``source`` for ``device``'s arch, load it, return kernel ``name``.
+
+    The first call with given arguments in a process hashes the sources, finds or compiles the
+    cubin and loads it; later calls with the same arguments return the same kernel from a
+    dictionary (so an edit of a source takes effect in the next process, not in this one).
+    """
+    import torch
+
+    where = str(device) if device is not None else (torch.cuda.current_device() if torch.cuda.is_available() else None)
+    memo = (str(source), name, where, arch,
+            tuple(flags) if not isinstance(flags, str) else flags, compiler_kind)
+    kern = _by_call.get(memo)
+    if kern is not None:
+        return kern
+    err = load_error()
+    if err is not None:
+        raise UnsupportedHardwareError(f"moecomm.jit.cuda: cannot load {name}: {err}")
+    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if dev.type != "cuda":
+        raise MoeCommValueError(f"moecomm.jit.cuda: device must be a CUDA device, got {dev}")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    compiled = compile(source, arch=arch or device_arch(index), flags=flags, compiler_kind=compiler_kind)
+    k = (str(compiled.path), name, index)
+    kern = _kernels.get(k)
+    if kern is not None:
+        _by_call[memo] = kern
+        return kern
+    drv = _get_driver()
+    torch.cuda.init()
+    with _driver_lock, drv.current(index):
+        mod = _loaded.get((str(compiled.path), index))
+        if mod is None:
+            mod = ctypes.c_void_p()
+            drv.check(drv.lib.cuModuleLoadData(ctypes.byref(mod), compiled.path.read_bytes()),
+                      f"cuModuleLoadData({compiled.path})")
+            _loaded[(str(compiled.path), index)] = mod
+        fn = ctypes.c_void_p()
+        drv.check(drv.lib.cuModuleGetFunction(ctypes.byref(fn), mod, name.encode()),
+                  f"cuModuleGetFunction({name!r} in {compiled.path})")
+    kern = _kernels[k] = CudaKernel(compiled, name, index, fn)
+    _by_call[memo] = kern
+    return kern
+
+
+def load_error() -> str | None:
+    """None when a cubin can be loaded here (a CUDA device and the driver library), else why not."""
+    try:
+        import torch
+    except ImportError as exc:
+        return f"torch does not import ({exc})"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False); compiling works without one, loading does not"
+    try:
+        _get_driver()
+    except (OSError, MoeCommError) as exc:
+        return f"the CUDA driver library libcuda.so.1 is not usable ({exc})"
+    return None
+
+
+def toolchain_error() -> str | None:
+    """None when CUDA sources can be compiled and loaded here, else why not (moecomm.jit.backend asks)."""
+    return compile_error() or load_error()

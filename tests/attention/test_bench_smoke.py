@@ -1,0 +1,36 @@
+"""benchmarks/bench_attention.py --quick runs on CPU (the table, the JSON lines, a peer in a child
+process: here a stand-in module with FlashInfer's class names, moecomm.attention itself)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FAKE = '''from moecomm.attention import *  # noqa: F403  a stand-in with FlashInfer's API
+from moecomm.attention import BatchDecodeWithPagedKVCacheWrapper as _D
+__version__ = "stand-in"
+class BatchDecodeWithPagedKVCacheWrapper(_D):
+    def __init__(self, ws, layout="NHD", use_tensor_cores=False):
+        super().__init__(ws, layout)
+'''
+
+
+def test_bench_quick_with_a_peer(tmp_path):
+    (tmp_path / "site" / "flashinfer").mkdir(parents=True)
+    (tmp_path / "site" / "flashinfer" / "__init__.py").write_text(FAKE)
+    out = tmp_path / "r.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOECOMM_BACKEND")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_attention", "--quick", "--peer", f"fake={tmp_path / 'site'}",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "peers found: ['fake']" in proc.stdout and "WRONG" not in proc.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    impls = {(r["op"], r["impl"]) for r in rows}
+    assert ("attention_decode", "moecomm") in impls and ("attention_decode", "fake-stand-in") in impls
+    assert ("attention_prefill", "moecomm") in impls and ("attention_prefill", "fake-stand-in") in impls

@@ -1,0 +1,188 @@
+"""moecomm.jit.cuda on CPU: kernels/ is found, the CUDA sources compile for sm_90a with nvcc (no GPU
+needed), the cache hits without recompiling, a changed source, header or flag gives a new key, the
+cubin is published atomically, compile errors carry the command and the compiler's message."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from moecomm.errors import MoeCommTypeError, MoeCommValueError
+from moecomm.jit import cuda
+
+needs_nvcc = pytest.mark.skipif(cuda._nvcc() is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): "
+                                "the CUDA sources cannot be compiled here")
+
+TINY = r"""
+#include "tiny.cuh"
+extern "C" __global__ void tiny_add(float* x, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) x[i] += TINY_STEP;
+}
+"""
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("MOECOMM_CACHE_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    src = tmp_path / "src" / "tiny.cu"
+    src.parent.mkdir()
+    src.write_text(TINY)
+    (src.parent / "tiny.cuh").write_text("#define TINY_STEP 1.0f\n")
+    return src
+
+
+def test_kernels_dir_holds_the_sources():
+    d = cuda.kernels_dir()
+    assert (d / "allreduce" / "reduce.cu").is_file() and (d / "common" / "dtypes.cuh").is_file()
+    assert cuda.source_path("allreduce/reduce.cu") == d / "allreduce" / "reduce.cu"
+    files = cuda.included_files(cuda.source_path("allreduce/reduce.cu"))
+    assert [f.name for f in files] == ["reduce.cu", "dtypes.cuh"]
+    for f in files:  # no torch headers, no CUDA headers (NVRTC has no system include path)
+        text = f.read_text()
+        assert "torch" not in text.split("//")[0] and "<cuda" not in text and "#include <" not in text
+
+
+def test_bad_arguments_are_named(tiny):
+    with pytest.raises(MoeCommValueError, match="arch must be like 'sm_90a' or 'sm_80', got 'sm90'"):
+        cuda.cache_key(tiny, arch="sm90", compiler_id="x")
+    with pytest.raises(MoeCommTypeError, match="flags must be a sequence of str, got '-O3'"):
+        cuda.cache_key(tiny, flags="-O3", compiler_id="x")
+    with pytest.raises(MoeCommValueError, match="source must be a file under"):
+        cuda.source_path("allreduce/missing.cu")
+    with pytest.raises(MoeCommTypeError, match="source must be a path"):
+        cuda.source_path(3)
+    with pytest.raises(MoeCommValueError, match="compiler must be auto, nvcc or nvrtc, got 'gcc'"):
+        cuda.compiler("gcc")
+
+
+def test_key_follows_source_header_flags_arch_and_toolchain(tiny):
+    key = lambda **kw: cuda.cache_key(tiny, **{"compiler_id": "nvcc 13.0", **kw})  # noqa: E731
+    base = key()
+    assert key() == base and len(base) == 64
+    assert key(flags=("-O3", "-std=c++17", "-lineinfo")) != base
+    assert key(arch="sm_100a") != base
+    assert key(compiler_id="nvcc 13.1") != base
+    tiny.write_text(TINY + "\n// edited\n")
+    assert key() != base
+    tiny.write_text(TINY)
+    assert key() == base
+    (tiny.parent / "tiny.cuh").write_text("#define TINY_STEP 2.0f\n")  # an included header
+    assert key() != base
+
+
+def test_toolchain_error_on_a_machine_without_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the CPU-only answer does not apply")
+    err = cuda.toolchain_error()
+    assert err and "no CUDA device is visible" in err
+    from moecomm.jit import backend
+
+    assert backend.cuda_compile_error.__wrapped__() == err
+    with pytest.raises(Exception, match="cannot load moecomm_reduce_bf16: no CUDA device"):
+        cuda.load("allreduce/reduce.cu", "moecomm_reduce_bf16")
+
+
+@needs_nvcc
+def test_reduce_cu_compiles_for_sm90a_and_hits_the_cache(cache_dir, monkeypatch):
+    first = cuda.compile("allreduce/reduce.cu")
+    assert first.compiled and first.arch == "sm_90a"
+    assert first.path.parent == cache_dir / "cuda" and first.path.name.startswith("reduce-sm_90a-")
+    data = first.path.read_bytes()
+    assert data[:4] == b"\x7fELF"
+    for name in (b"moecomm_reduce_bf16", b"moecomm_reduce_fp16", b"moecomm_reduce_fp32"):
+        assert name in data
+
+    def no_compile(*a, **k):
+        raise AssertionError("the second call must not run the compiler")
+
+    monkeypatch.setattr(cuda, "_run_nvcc", no_compile)
+    second = cuda.compile("allreduce/reduce.cu")
+    assert not second.compiled and second.path == first.path and second.key == first.key
+    assert second.path.read_bytes() == data
+
+
+@needs_nvcc
+def test_changed_source_or_flag_compiles_anew_and_publishes_atomically(cache_dir, tiny, monkeypatch):
+    replaced, runs = [], []
+    real_replace, real_run = os.replace, cuda._run_nvcc
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((a, b)), real_replace(a, b)))
+    monkeypatch.setattr(cuda, "_run_nvcc", lambda *a: (runs.append(a), real_run(*a))[1])
+
+    a = cuda.compile(tiny)
+    assert a.compiled and runs and replaced[-1][1] == a.path and replaced[-1][0] != str(a.path)
+    assert Path(replaced[-1][0]).parent == a.path.parent  # the temp file sits beside the entry
+    assert not [p for p in a.path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert b"tiny_add" in a.path.read_bytes()
+    n = len(runs)
+    assert not cuda.compile(tiny).compiled and len(runs) == n  # hit: the compiler did not run
+
+    b = cuda.compile(tiny, flags=("-O3", "-std=c++17", "-lineinfo"))
+    assert b.compiled and b.key != a.key and b.path != a.path
+    (tiny.parent / "tiny.cuh").write_text("#define TINY_STEP 2.0f\n")
+    c = cuda.compile(tiny)
+    assert c.compiled and c.key not in (a.key, b.key)
+    assert len({p.name for p in (cache_dir / "cuda").glob("*.cubin")}) == 3
+
+
+@needs_nvcc
+def test_compile_error_carries_the_command_and_the_message(cache_dir, tmp_path):
+    bad = tmp_path / "bad.cu"
+    bad.write_text('extern "C" __global__ void broken(float* x) { x[0] = undefined_name; }\n')
+    with pytest.raises(cuda.CudaCompileError) as info:
+        cuda.compile(bad)
+    msg = str(info.value)
+    assert "undefined_name" in msg and "-arch=sm_90a" in msg and "-cubin" in msg and str(bad) in msg
+    assert not list((cache_dir / "cuda").glob("*.cubin"))  # nothing published
+
+
+@needs_nvcc
+def test_nvcc_found_outside_path_through_cuda_home(monkeypatch, tmp_path):
+    nvcc = cuda._nvcc()
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    os.symlink(nvcc, home / "bin" / "nvcc")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    assert cuda._nvcc() == str(home / "bin" / "nvcc")
+
+
+def test_nvrtc_compiles_when_importable(cache_dir):
+    if cuda._nvrtc() is None:
+        pytest.skip("neither cupy nor cuda-python (NVRTC) imports here")
+    c = cuda.compile("allreduce/reduce.cu", compiler_kind="nvrtc")
+    assert c.compiled and c.path.read_bytes()[:4] == b"\x7fELF"
+
+
+@pytest.mark.gpu
+def test_load_and_launch_a_tiny_kernel_on_gpu(cache_dir, tiny):
+    """The driver-API path: load the cubin for the device's arch, launch on torch's current stream
+    with a torch tensor and ctypes scalars; a second load() is the same kernel object."""
+    import ctypes
+
+    import torch
+
+    assert cuda.toolchain_error() is None, cuda.toolchain_error()
+    assert cuda.device_arch(0).startswith("sm_")
+    k = cuda.load(tiny, "tiny_add")
+    assert cuda.load(tiny, "tiny_add") is k and k.compiled.arch == cuda.device_arch(0)
+    x = torch.arange(1000, dtype=torch.float32, device="cuda")
+    k((4,), (256,), (x, ctypes.c_int(1000)))
+    k((4,), (256,), (x, ctypes.c_int(999)))
+    want = torch.arange(1000, dtype=torch.float32) + 2
+    want[999] -= 1
+    assert torch.equal(x.cpu(), want)
+    with pytest.raises(MoeCommTypeError, match="launch argument 1 must be a torch.Tensor or a ctypes scalar"):
+        k((1,), (1,), (x, 3))
+    with pytest.raises(cuda.CudaDriverError, match="cuModuleGetFunction"):
+        cuda.load(tiny, "no_such_kernel")
