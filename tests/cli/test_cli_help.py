@@ -70,3 +70,15 @@ def test_local_launcher_is_called_local_everywhere(capfd):
     assert "2 ranks joined (gloo, cpu, launcher local)" in out, out
     assert "moecomm demo: 2 ranks (gloo, cpu, launcher local)" in out, out
     assert "launcher env" not in out, out
+
+
+def test_package_doc_tells_the_truth_about_imports():
+    import subprocess
+    import sys
+
+    import moecomm
+
+    assert "imports nothing (not even torch)" in " ".join(moecomm.__doc__.split())
+    out = subprocess.run([sys.executable, "-c", "import sys, moecomm; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
