@@ -208,7 +208,8 @@ def bench_model(model, H, I, E, top_k, T, dtype, device, writer, rows):
                                  ratio_vs_grouped_mm=t_base.median_ms / t.median_ms))
 
 
-def main(argv=None) -> list[dict]:
+def run(argv=None) -> list[dict]:
+    """Run the benchmark (same flags as the command line); returns the measured rows."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test in seconds)")
     p.add_argument("--out", default=None, help="append JSON lines here")
@@ -251,6 +252,12 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+def main(argv=None) -> int:
+    """The command line (`moecomm bench gemm`, `python -m benchmarks.bench_gemm`): exit code 0."""
+    run(argv)
+    return 0
+
+
 def _fmt(r: dict) -> str:
     return (f"{r['shape']:58s} {r['impl']:34s} {r['median_ms']:9.4f} {r['tflops']:8.1f} {r['gbps']:7.0f} "
             f"{r['ratio_vs_grouped_mm']:8.3f}")
@@ -265,4 +272,4 @@ class _Rows(list):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -34,6 +34,9 @@ def run_demo(
     top_k: int = 2,
     dtype: torch.dtype | None = None,
     stream: Callable[[str], Any] = print,
+    *,
+    iters: int | None = None,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Run the MoE layer on one device, check it against MoE.reference_forward, print a timing table.
 
@@ -45,32 +48,42 @@ def run_demo(
         num_experts: E. top_k: k.
         dtype: default bfloat16 on GPU, float32 on CPU.
         stream: where progress lines and the table go (print by default; a logger's info works).
+        iters: timed forwards per token count (their median is shown); default 20 on GPU, 3 on CPU.
+        seed: the layer's weights and the inputs come from torch.manual_seed(seed).
 
     Returns:
         one dict per token count: tokens, ms (median per forward), tokens_per_s, tflops (routed
         expert FLOPs, 6*T*k*H*I, per second), max_abs_err, bad_tokens, passed (the check held).
     """
+    from .. import _env
+    from ..errors import UnsupportedHardwareError
+    from ..jit import backend as _backend
     from ..layer import MoE
     from ..testing import bench
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedHardwareError(f"moecomm demo: device {str(dev)!r} needs a CUDA GPU, and torch sees none "
+                                       f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
     gpu = dev.type == "cuda"
     tokens = tuple(tokens) if tokens is not None else ((1, 64, 512, 4096) if gpu else (1, 32, 256))
     hidden = hidden or (2048 if gpu else 256)
     intermediate = intermediate or (1408 if gpu else 512)
     dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
     name = torch.cuda.get_device_name(dev) if gpu else "CPU"
+    # Triton compiles each kernel on its first call on a GPU; a CPU runs the references
+    compiles = gpu and _env.backend() != "reference" and _backend.triton_import_error() is None
 
     t0 = time.perf_counter()
     stream(f"moecomm demo: MoE H={hidden} I={intermediate} E={num_experts} top-{top_k}, {str(dtype).replace('torch.', '')} on {name}")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     moe = MoE(hidden, intermediate, num_experts, top_k, renormalize=True, dtype=dtype, device=dev).eval()
     tol = _TOL.get(dtype, 3e-2)
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
         for T in tokens:
             x = torch.randn(T, hidden, device=dev, dtype=dtype)
-            first = "" if rows else " (the first call compiles kernels on a GPU)"
+            first = " (the first call compiles the Triton kernels)" if compiles and not rows else ""
             stream(f"  T={T}: forward and reference{first} ...")
             y = moe(x).float()
             ref = moe.reference_forward(x).float()
@@ -80,7 +93,7 @@ def run_demo(
             passed = bool(torch.isfinite(y).all()) and bad <= _MAX_BAD_FRACTION * T
             # rotate a few inputs so a GPU timing does not measure the L2 cache
             sets = [(torch.randn(T, hidden, device=dev, dtype=dtype),) for _ in range(4 if gpu else 2)]
-            timing = bench(moe, sets, warmup=3 if gpu else 1, rep=20 if gpu else 3, device=dev)
+            timing = bench(moe, sets, warmup=3 if gpu else 1, rep=iters or (20 if gpu else 3), device=dev)
             ms = timing.median_ms
             row = {
                 "tokens": T, "ms": ms, "tokens_per_s": T / (ms * 1e-3) if ms > 0 else 0.0,

@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
-import subprocess
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import MoeCommValueError, check_choice, check_positive_int
+from ..errors import MoeCommValueError, UnsupportedHardwareError, check_choice, check_positive_int
 from .mpiexec import MpiexecChoice, find_mpiexec, mpirun_command  # noqa: F401  (re-exported)
 
 LAUNCHERS = ("local", "torchrun", "mpirun", "ray")
@@ -54,6 +56,7 @@ class DemoConfig:
     timeout_s: float = 120.0
     verbose: bool = True
     launched_at: float = 0.0  # the driver's time.time() at launch, so progress shows time since then
+    launcher: str = ""  # the launcher the user chose (its name in the output); "": what init() detected
 
 
 def _say(rank: int, cfg: DemoConfig, msg: str) -> None:
@@ -101,7 +104,8 @@ def run_rank(cfg: DemoConfig) -> list[dict]:
         if dev.type == "cpu":
             # W processes share the host's cores: oversubscribed threads make gloo ranks crawl
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world.local_world_size)))
-        _say(rank, cfg, f"{W} ranks joined ({world.backend}, {dev.type}, launcher {world.launcher}) "
+        launcher = cfg.launcher or world.launcher
+        _say(rank, cfg, f"{W} ranks joined ({world.backend}, {dev.type}, launcher {launcher}) "
                         f"in {time.perf_counter() - t0:.1f} s")
         ep_group = new_ep_groups(world, W)
         dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "float32": torch.float32,
@@ -161,7 +165,7 @@ def run_rank(cfg: DemoConfig) -> list[dict]:
                      experts_ms=med[2], combine_ms=med[3], total_ms=sum(med),
                      bytes_sent=_bytes_sent(topk_ids, e2r, rank, W, H * x.element_size()),
                      max_err=max_err, ok=ok, startup_s=startup_s, backend=world.backend, device=dev.type,
-                     launcher=world.launcher, dtype=str(dtype).replace("torch.", ""), world_size=W)
+                     launcher=launcher, dtype=str(dtype).replace("torch.", ""), world_size=W)
         _say(rank, cfg, "checked; gathering the results")
         everyone: list = [None] * W
         if W > 1:
@@ -184,7 +188,7 @@ def format_table(stats: list[dict], cfg: DemoConfig, launcher: str | None = None
     Args:
         stats: [W] dicts from run_rank.
         cfg: the run's settings (for the title).
-        launcher: the name to show; default what the ranks detected ("env" under run_distributed).
+        launcher: the name to show; default what the ranks report (the launcher chosen in main()).
     """
     s0 = stats[0]
     lines = [
@@ -213,7 +217,7 @@ def _cli_args(cfg: DemoConfig) -> list[str]:
             f"--top-k={cfg.top_k}", f"--intermediate={cfg.intermediate}", f"--iters={cfg.iters}",
             f"--seed={cfg.seed}", f"--dtype={cfg.dtype}", f"--timeout-s={cfg.timeout_s}",
             f"--launched-at={cfg.launched_at}"] + \
-        ([] if cfg.verbose else ["--quiet"])
+        ([f"--launcher={cfg.launcher}"] if cfg.launcher else []) + ([] if cfg.verbose else ["--quiet"])
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -224,21 +228,37 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
-def main(n: int, launcher: str = "local", tokens_per_rank: int = 512, hidden: int = 1024, num_experts: int = 8,
-         top_k: int = 2, *, intermediate: int = 1024, iters: int = 3, seed: int = 0, dtype: str = "auto",
-         timeout_s: float = 120.0, verbose: bool = True) -> bool:
+def default_num_experts(n: int) -> int:
+    """The demo's number of experts on n ranks: 8, or n when there are more ranks (one expert each)."""
+    return max(8, n)
+
+
+def main(n: int, launcher: str = "local", tokens_per_rank: int = 512, hidden: int = 1024,
+         num_experts: int | None = None, top_k: int = 2, *, intermediate: int = 1024, iters: int = 3, seed: int = 0,
+         dtype: str = "auto", timeout_s: float = 120.0, verbose: bool = True) -> bool:
     """Run the expert-parallel MoE forward on ``n`` ranks, check it, print the table; True if all match.
 
     Args:
-        n: number of ranks (the EP size): each holds num_experts / n experts (uneven split allowed).
+        n: number of ranks (the EP size): each holds num_experts / n experts (uneven split allowed;
+            with more ranks than experts some hold none: they route, send and combine).
         launcher: "local" (torch.multiprocessing), "torchrun", "mpirun" (mpiexec) or "ray".
         tokens_per_rank: T, tokens each rank routes.
-        hidden: H; num_experts: E; top_k: k; intermediate: I, each expert's MLP width.
+        hidden: H; num_experts: E (default default_num_experts(n): 8, or n if larger); top_k: k;
+            intermediate: I, each expert's MLP width.
         iters: timed forwards (after one warm-up); the table shows their median.
         seed: weights from ``seed`` on every rank; rank r's tokens from ``seed + 1 + r``.
         dtype: "auto" (bf16 on GPUs, fp32 on CPUs), "float32", "bfloat16" or "float16".
         timeout_s: collective timeout; a dead or failing rank ends the run within it, named.
         verbose: print progress while ranks start and run.
+
+    Returns:
+        True when every rank matched the reference. A failed run prints one line per failure (the
+        failing rank's error; one line for the ranks that stopped because of it) and returns False;
+        Ctrl-C stops every rank and raises KeyboardInterrupt.
+
+    Raises:
+        MoeCommValueError for a bad argument; MoeCommError (UnsupportedHardwareError) when the
+        launcher is missing (no mpiexec, Ray not installed), before any rank starts.
 
     Example:
         moecomm.apps.ep_demo.main(4, "local", tokens_per_rank=512)   # = moecomm demo -n 4
@@ -246,36 +266,29 @@ def main(n: int, launcher: str = "local", tokens_per_rank: int = 512, hidden: in
     op = "moecomm demo"
     check_positive_int(op, "n", n)
     check_choice(op, "launcher", launcher, LAUNCHERS)
+    if num_experts is None:
+        num_experts = default_num_experts(n)
     for name, v in dict(tokens_per_rank=tokens_per_rank, hidden=hidden, num_experts=num_experts, top_k=top_k,
                         intermediate=intermediate, iters=iters).items():
         check_positive_int(op, name, v)
     if top_k > num_experts:
         raise MoeCommValueError(f"{op}: top_k must be <= num_experts ({num_experts}), got {top_k}")
     check_choice(op, "dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
+    if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and timeout_s > 0):
+        raise MoeCommValueError(f"{op}: timeout_s must be a number of seconds > 0, got {timeout_s!r}")
     cfg = DemoConfig(tokens_per_rank, hidden, num_experts, top_k, intermediate, iters, seed, dtype,
-                     float(timeout_s), verbose, time.time())
+                     float(timeout_s), verbose, time.time(), launcher)
     t0 = time.perf_counter()
+    if launcher == "mpirun":
+        choice = find_mpiexec()  # a missing mpiexec is an error now, before anything starts
+    elif launcher == "ray" and importlib.util.find_spec("ray") is None:
+        raise UnsupportedHardwareError(f"{op}: launcher 'ray' needs Ray, which is not installed (pip install ray)")
     if verbose:
         print(f"[demo] starting {n} ranks with launcher {launcher}", flush=True)
     if launcher in ("torchrun", "mpirun"):
-        program = [sys.executable, "-m", "moecomm.apps.ep_demo", *_cli_args(cfg)]
-        if launcher == "torchrun":
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                   "-m", "moecomm.apps.ep_demo", *_cli_args(cfg)]
-        else:
-            choice = find_mpiexec()
-            print(f"[demo] mpirun launcher: {choice.path} ({choice.reason})", flush=True)
-            cmd = mpirun_command(n, program, choice.path)
-        try:  # the ranks print progress and rank 0 the table; a hard bound so nothing hangs
-            rc = subprocess.run(cmd, env=_subprocess_env(), timeout=timeout_s + 120).returncode
-        except subprocess.TimeoutExpired:
-            print(f"[demo] {launcher} did not finish within {timeout_s + 120:.0f} s", flush=True)
-            return False
-        if verbose:
-            print(f"[demo] done in {time.perf_counter() - t0:.1f} s (exit code {rc})", flush=True)
-        return rc == 0
+        return _run_launcher(n, launcher, cfg, choice if launcher == "mpirun" else None, t0)
     if launcher == "local":
-        from ..testing import run_distributed
+        from ..testing import DistributedTestError, run_distributed
 
         from ..distributed import current_world
 
@@ -287,21 +300,57 @@ def main(n: int, launcher: str = "local", tokens_per_rank: int = 512, hidden: in
             importlib.import_module("torch._dynamo")
             from .. import layer  # noqa: F401
             from ..ep import nccl  # noqa: F401
-        stats = run_distributed(n, run_rank, cfg, backend=None, timeout_s=timeout_s + 60,
-                                start_method="fork" if fork else "spawn")[0]
+        try:
+            stats = run_distributed(n, run_rank, cfg, backend=None, timeout_s=timeout_s + 60,
+                                    start_method="fork" if fork else "spawn")[0]
+        except DistributedTestError as exc:
+            for line in failure_lines(exc.failures):
+                print(f"[demo] {line}", file=sys.stderr, flush=True)
+            return False
     else:
         from .ray import RayWorkerGroup
 
         with RayWorkerGroup(n) as group:
             if verbose:
                 print(f"[demo] {n} Ray workers up in {time.perf_counter() - t0:.1f} s", flush=True)
-            stats = group.run(run_rank, cfg)[0]
+            try:
+                stats = group.run(run_rank, cfg)[0]
+            except Exception as exc:  # Ray's RayTaskError: the first failing worker's error, inside
+                cause = getattr(exc, "cause", None) or exc
+                print(f"[demo] a Ray worker failed: {_first_line(cause)}", file=sys.stderr, flush=True)
+                return False
     print(format_table(stats, cfg, launcher), flush=True)
     ok = all(s["ok"] for s in stats)
     if verbose:
         print(f"[demo] {'all ranks match the reference' if ok else 'MISMATCH against the reference'}; "
               f"done in {time.perf_counter() - t0:.1f} s", flush=True)
     return ok
+
+
+def _run_launcher(n: int, launcher: str, cfg: DemoConfig, choice: MpiexecChoice | None, t0: float) -> bool:
+    """torchrun / mpirun: this module is each rank's program; rank 0 prints the table."""
+    from .launch import INTERRUPTED, run_job, torchrun_command
+
+    program = ["-m", "moecomm.apps.ep_demo", *_cli_args(cfg)]
+    env = _subprocess_env()
+    # n ranks share this host's cores (torchrun warns and sets 1 when this is unset)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    scratch = tempfile.mkdtemp(prefix="moecomm-demo-")  # torchrun's log folder: removed below
+    try:
+        if launcher == "torchrun":
+            cmd = torchrun_command(n, program, scratch)
+        else:
+            print(f"[demo] mpirun launcher: {choice.path} ({choice.reason})", flush=True)
+            cmd = mpirun_command(n, [sys.executable, *program], choice.path)
+        # a hard bound on top of the collectives' timeout, so nothing hangs
+        rc = run_job(cmd, env, timeout_s=cfg.timeout_s + 120, launcher=launcher)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if rc == INTERRUPTED:
+        raise KeyboardInterrupt
+    if cfg.verbose:
+        print(f"[demo] done in {time.perf_counter() - t0:.1f} s (exit code {rc})", flush=True)
+    return rc == 0
 
 
 def _rank_main(argv: list[str] | None = None) -> int:
@@ -319,13 +368,55 @@ def _rank_main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=d.timeout_s)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--launched-at", type=float, default=0.0, help=argparse.SUPPRESS)  # progress: time since launch
+    p.add_argument("--launcher", default="", help=argparse.SUPPRESS)  # the name `moecomm demo --launcher` shows
     a = p.parse_args(argv)
     cfg = DemoConfig(a.tokens_per_rank, a.hidden, a.num_experts, a.top_k, a.intermediate, a.iters, a.seed, a.dtype,
-                     a.timeout_s, not a.quiet, a.launched_at)
-    stats = run_rank(cfg)
+                     a.timeout_s, not a.quiet, a.launched_at, a.launcher)
+    try:
+        stats = run_rank(cfg)
+    except KeyboardInterrupt:
+        return 130  # the launcher was interrupted too and says so: no traceback per rank
+    except Exception as exc:  # one line per failing rank; the launcher's driver reports the job
+        rank = os.environ.get("RANK", os.environ.get("PMI_RANK", "?"))
+        print(f"[demo] rank {rank} failed: {_first_line(exc)}", file=sys.stderr, flush=True)
+        return 1
     if _LAST_RANK == 0:
         print(format_table(stats, cfg), flush=True)
     return 0 if all(s["ok"] for s in stats) else 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _ranks(ranks: list[int]) -> str:
+    """[0, 1, 2, 3, 5] -> "0-3, 5"."""
+    out, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            out.append(str(start) if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(out)
+
+
+def failure_lines(failures: dict[int, str]) -> list[str]:
+    """One line per failure of a run: each rank's own error, and one line for the ranks that only
+    stopped because of another (their RankFailureError names it), instead of N tracebacks.
+
+    Args:
+        failures: rank -> its error text ("Type: message" then its traceback), as run_distributed gives.
+    """
+    first = {r: (t.strip().splitlines() or ["unknown error"])[0] for r, t in failures.items()}
+    causes = sorted(r for r, line in first.items() if not line.startswith("RankFailureError"))
+    lines = [f"rank {r} failed: {first[r]}" for r in (causes or sorted(first))]
+    followers = sorted(set(first) - set(causes)) if causes else []
+    if followers:
+        lines.append(f"rank{'s' if len(followers) > 1 else ''} {_ranks(followers)} stopped because "
+                     f"rank{'s' if len(causes) > 1 else ''} {_ranks(causes)} failed (RankFailureError)")
+    return lines
 
 
 def run_on_group(group, tokens_per_rank: int = 512, hidden: int = 1024, num_experts: int = 8, top_k: int = 2, *,
@@ -345,7 +436,8 @@ def run_on_group(group, tokens_per_rank: int = 512, hidden: int = 1024, num_expe
     return group.run(run_rank, cfg)[0]
 
 
-__all__ = ["DemoConfig", "run_on_group", "MpiexecChoice", "find_mpiexec", "format_table", "main", "mpirun_command", "run_rank"]
+__all__ = ["DemoConfig", "MpiexecChoice", "default_num_experts", "failure_lines", "find_mpiexec", "format_table", "main",
+           "mpirun_command", "run_on_group", "run_rank"]
 
 if __name__ == "__main__":
     sys.exit(_rank_main())

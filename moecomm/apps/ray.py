@@ -105,6 +105,37 @@ def _check_reachable(address: str, dial: tuple[str, int], timeout_s: float) -> N
     raise MoeCommError(msg)
 
 
+def _ray_root() -> str:
+    """Where a Ray started in this process keeps its sessions: $RAY_TMPDIR or $TMPDIR (else /tmp), + /ray."""
+    import tempfile
+
+    return os.path.join(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "ray")
+
+
+def _session_dir(ray: Any) -> str | None:
+    try:  # no public API names the session folder; this one has been stable since Ray 1.x
+        return ray._private.worker._global_node.get_session_dir_path()
+    except Exception:
+        return None
+
+
+def _remove_session(session_dir: str, keep_root: bool) -> None:
+    """Remove the session folder of the Ray this group started and stopped (logs, sockets: ~0.2 MB a
+    run, never removed by Ray), its session_latest link, and the ray/ folder if the group made it."""
+    import shutil
+
+    root = os.path.dirname(session_dir)
+    shutil.rmtree(session_dir, ignore_errors=True)
+    latest = os.path.join(root, "session_latest")
+    if os.path.islink(latest) and os.path.realpath(latest) == os.path.realpath(session_dir):
+        os.unlink(latest)
+    if not keep_root:
+        try:
+            os.rmdir(root)  # only if empty: another Ray may have started meanwhile
+        except OSError:
+            pass
+
+
 class _Worker:
     """One rank: a Ray actor holding its moecomm.distributed World."""
 
@@ -201,6 +232,8 @@ class RayWorkerGroup:
         self.timeout_s = timeout_s
         self._setup_timeout_s = setup_timeout_s
         self._owns_ray = False
+        self._session_dir: str | None = None  # Ray's session folder, when this group started Ray
+        self._ray_root_was_there = True
         self._actors: list[Any] = []
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes ~/.ray/auth_token
         if address is not None:
@@ -216,10 +249,12 @@ class RayWorkerGroup:
                 old = os.environ.get("PYTHONPATH")
                 paths = [p for p in sys.path if p and os.path.isdir(p)]
                 os.environ["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
+                self._ray_root_was_there = os.path.exists(_ray_root())
                 try:
                     ray.init(num_cpus=max(int(num_workers * cpus_per_worker + 0.999), 1),
                              num_gpus=int(num_workers * gpus_per_worker + 0.999) if gpus_per_worker else 0,
                              include_dashboard=False, log_to_driver=True)
+                    self._session_dir = _session_dir(ray)
                 finally:
                     if old is None:
                         os.environ.pop("PYTHONPATH", None)
@@ -312,6 +347,9 @@ class RayWorkerGroup:
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False
+        if self._session_dir is not None:
+            _remove_session(self._session_dir, self._ray_root_was_there)
+            self._session_dir = None
 
     def __enter__(self) -> RayWorkerGroup:
         return self

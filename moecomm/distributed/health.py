@@ -36,6 +36,8 @@ HEARTBEAT_INTERVAL_S = 0.5
 # CI machine can delay a daemon thread by a second, never by three)
 STALE_AFTER_S = 3.0
 _PREFIX = "moecomm/"
+# the report of a rank that failed only because another one did (see report_failure)
+_SECONDARY = "RankFailureError: stopped because of rank(s)"
 
 
 class RankFailureError(MoeCommError, RuntimeError):
@@ -139,7 +141,12 @@ def report_failure(exc: BaseException | str) -> None:
     _FAILURE_SEEN = True
     if _HEALTH is None:
         return
-    text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, RankFailureError):
+        # a consequence, not a cause: publish only whom it blames. Publishing its whole message (which
+        # quotes the reports it read) made every rank quote every other's quotes: 150 KB from 9 ranks.
+        text = f"{_SECONDARY} {exc.failed_ranks or 'unknown'}"
+    else:
+        text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
     try:
         store = _HEALTH.reader()
         store.set(f"{_PREFIX}failed/{_HEALTH.rank}", text.splitlines()[0][:2000] if text else "unknown error")
@@ -207,7 +214,10 @@ def explain_failure(group: dist.ProcessGroup | None, what: str, exc: BaseExcepti
         time.sleep(HEARTBEAT_INTERVAL_S / 2)
     me = _HEALTH.rank
     cause = f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})" if exc is not None else ""
-    parts = [f"rank {r} reported: {reported[r]}" for r in sorted(reported)]
+    # the causes first; ranks that only stopped because of another are named only when no rank
+    # reported a cause of its own
+    causes = [r for r in sorted(reported) if not reported[r].startswith(_SECONDARY)]
+    parts = [f"rank {r} reported: {reported[r]}" for r in causes or sorted(reported)]
     for r in sorted(stale):
         if r in reported:
             continue
@@ -223,7 +233,7 @@ def explain_failure(group: dist.ProcessGroup | None, what: str, exc: BaseExcepti
                      f"({store_problem})")
         failed = [0]
     else:
-        failed = sorted(set(reported) | set(stale))
+        failed = sorted(set(causes or reported) | (set(stale) - set(reported)))
     if not parts:
         parts.append("no rank reported an error and every heartbeat is fresh (a rank is slow or stuck, "
                      "or the ranks called collectives in different orders)")

@@ -67,8 +67,6 @@ def validate_grouped(op, x, w, expert_offsets, layout, gather_idx, row_scale, ou
             f"{op}: x.shape[1] must equal w's K ({K} for layout {layout!r}, w shape {list(w.shape)}), got {x.shape[1]}")
     if K == 0 or N == 0:
         raise MoeCommValueError(f"{op}: w must have K >= 1 and N >= 1, got shape {list(w.shape)}")
-    if E == 0:
-        raise MoeCommValueError(f"{op}: w must have at least one group (E >= 1), got shape {list(w.shape)}")
     offs = check_tensor(op, "expert_offsets", expert_offsets, ndim=1, dtype=torch.int32, device=x.device)
     if offs.shape[0] != E + 1:
         raise MoeCommValueError(f"{op}: expert_offsets must have shape [E+1] = [{E + 1}], got {list(offs.shape)}")
@@ -79,6 +77,9 @@ def validate_grouped(op, x, w, expert_offsets, layout, gather_idx, row_scale, ou
             raise MoeCommValueError(f"{op}: x must have rows to gather from when gather_idx is not empty, got shape {list(x.shape)}")
     else:
         M = x.shape[0]
+    if E == 0 and M != 0:
+        # no groups (an expert-parallel rank that holds no expert): there can be no rows either
+        raise MoeCommValueError(f"{op}: w has no groups (shape {list(w.shape)}), so there must be no rows, got M={M}")
     if row_scale is not None:
         row_scale = check_tensor(op, "row_scale", row_scale, dtype=torch.float32, device=x.device, shape=[M])
     if glu:

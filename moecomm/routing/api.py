@@ -210,9 +210,19 @@ def route(
 
     Returns:
         Routing(topk_ids [T, k] int32, topk_weights [T, k] float32), best expert first. Among equal
-        scores the lowest expert index wins (torch.topk has no tie rule: see reference.py). A token
-        whose logits hold NaN gets distinct in-range ids and NaN weights (under SOFTMAX_TOPK all its
-        weights are NaN); other tokens are unaffected.
+        scores the lowest expert index wins (torch.topk has no tie rule: see reference.py).
+
+    NaN (a diverged model, an uninitialised router): the result is defined, never an error, and a
+    NaN stays in its token.
+        - A token whose logits are all NaN gets topk_ids 0, 1, ..., k-1 (the lowest expert indices)
+          and NaN weights, under both methods, on the reference and the kernel alike. Downstream its
+          rows go to those experts and its output is NaN; no other token's rows change.
+        - SOFTMAX_TOPK: one NaN logit makes the token's whole softmax NaN, so the same result.
+        - SIGMOID_GROUPED_TOPK with only some NaN scores: distinct ids in [0, E) and weights of which
+          at least one is NaN when a NaN expert is chosen; which experts is not defined (the
+          reference ranks NaN above every number, the kernel below).
+        - Every other token's ids and weights are bit-identical to a run without the NaN token.
+        moecomm does not check logits for NaN (a device read per call); check your model's outputs.
 
     Example:
         >>> r = route(torch.randn(4, 8), 2, renormalize=True)           # Mixtral
