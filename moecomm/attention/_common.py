@@ -141,14 +141,16 @@ def check_indices(op: str, indices, num_pages: int | None) -> int | None:
 
 
 class Staging:
-    """A host int32 buffer and its device twin: plan() writes numpy, then one copy.
+    """Pinned host int32 buffers and one device twin: plan() writes numpy, then one copy.
 
-    The host buffer is ordinary (pageable) memory on purpose: cudaMemcpyAsync from pageable memory
-    returns once the driver has copied the bytes into its own staging buffer (CUDA's "API
-    synchronization behavior"), so the next plan() may rewrite the host buffer at once, with no
-    event to record or wait on. On the H200 host measured (a sandbox where every driver call costs
-    ~10 us), a pinned buffer with an event record + synchronize per plan cost ~2 more driver calls.
+    Pinned, not pageable: a copy from pageable memory may wait for all the work queued on the stream
+    (CUDA's "API synchronization behavior"), which would take away the host's lead over the GPU. A
+    pinned buffer may be rewritten only once its previous copy has left it: a ring of _RING host
+    buffers, each with the event of its last copy, so that plan() waits (if ever) on the copy of
+    _RING plans ago, not on the one it queued just before.
     """
+
+    _RING = 4
 
     def __init__(self, device: torch.device, size: int):
         self.device = device
@@ -157,21 +159,39 @@ class Staging:
 
     def _grow(self, size: int) -> None:
         size = max(int(size), 64)
-        self.host = torch.zeros(size, dtype=torch.int32)
+        cuda = self.device.type == "cuda"
+        ring = self._RING if cuda else 1
+        self._hosts = [torch.zeros(size, dtype=torch.int32, pin_memory=cuda) for _ in range(ring)]
+        self._events: list = [None] * ring
+        self._slot = 0
+        self.host = self._hosts[0]
         self.host_np = self.host.numpy()
-        self.dev = torch.zeros(size, dtype=torch.int32, device=self.device) if self.device.type == "cuda" else self.host
+        self.dev = torch.zeros(size, dtype=torch.int32, device=self.device) if cuda else self.host
         self.size = size
 
     def ensure(self, size: int) -> bool:
-        """Make room for ``size`` ints; True when the buffers were reallocated (views are stale)."""
-        if size <= self.size:
-            return False
-        self._grow(max(size, 2 * self.size))
-        return True
+        """Make room for ``size`` ints and pick the host buffer to write (``host_np``); True when the
+        buffers were reallocated (views of the old ones are stale)."""
+        if size > self.size:
+            self._grow(max(size, 2 * self.size))
+            return True
+        if self.dev is not self.host or len(self._hosts) > 1:
+            self._slot = (self._slot + 1) % len(self._hosts)
+            self.host = self._hosts[self._slot]
+            self.host_np = self.host.numpy()
+            ev = self._events[self._slot]
+            if ev is not None:
+                ev.synchronize()  # the copy of _RING plans ago: done, in all but a host far ahead
+        return False
 
     def upload(self, n: int) -> None:
-        if self.dev is not self.host:
-            self.dev[:n].copy_(self.host[:n], non_blocking=True)
+        if self.dev is self.host:
+            return
+        self.dev[:n].copy_(self.host[:n], non_blocking=True)
+        ev = self._events[self._slot]
+        if ev is None:
+            ev = self._events[self._slot] = torch.cuda.Event()
+        ev.record()
 
 
 def check_kv_cache(op: str, paged_kv_cache, kv_layout: str, num_kv_heads: int, head_dim: int, page_size: int,
