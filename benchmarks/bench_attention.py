@@ -310,7 +310,7 @@ def sweep(writer, device, dtype, args):
     # (128, 8, 3) 2640 / 2740 / 2579; never splitting (8, 0): 3271 / 2082 / 4045; grid order False: -1%
     first = [((128, 4, 2), 8, 4, True), ((64, 4, 3), 8, 4, True), ((128, 4, 2), 16, 8, True), ((128, 4, 2), 4, 2, True),
              ((128, 2, 2), 8, 4, True), ((128, 4, 1), 8, 4, True), ((128, 4, 3), 8, 4, True)]
-    rest = [(cfg, 8, 4, True) for cfg in [(64, 4, 2), (64, 2, 3), (64, 4, 5), (256, 4, 2), (128, 8, 2), (64, 4, 4)]]
+    rest = [(cfg, 8, 4, True) for cfg in [(64, 4, 2), (64, 2, 3), (64, 4, 5), (128, 2, 3), (128, 8, 2), (64, 4, 4)]]
     print("\nsweep, decode\n" + head)
     _sweep_decode(writer, device, dtype, args, first)
     print("sweep, prefill (BLOCK_M, BLOCK_N, warps, stages): TFLOP/s")
