@@ -13,6 +13,8 @@ twin for internal callers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from typing import Optional
 
@@ -205,6 +207,10 @@ def _pick_config_slow(x, M, N, K, E, *, layout, glu, gather, run) -> _configs.Ge
     if cfg is not None:
         return cfg
     cands = _configs.candidates(M, N, K, E, glu=glu)
+    if x.element_size() == 4:
+        # the candidates are sized for 16-bit tiles; fp32 (run as tf32) tiles of the same BLOCK_K need
+        # twice the shared memory per stage and exceed Hopper's 227 KiB: halve BLOCK_K (same bytes)
+        cands = list(dict.fromkeys(dataclasses.replace(c, block_k=max(16, c.block_k // 2)) for c in cands))
     if _env.autotune() and not torch.cuda.is_current_stream_capturing():
         cfg = _configs.tune(cands, run, prefer_first_within=_configs.prefer_first_within(M, E))
         _configs.remember(path, key, cfg, persist=True)
