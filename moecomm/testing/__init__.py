@@ -1,6 +1,6 @@
 """Helpers shared by tests and benchmarks: timing, result records, Hopper compile checks, multi-process runs."""
 
-from .aot import compile_for_hopper
+from .aot import compile_for_hopper, run_without_interpreter
 from .distributed import DistributedTestError, free_port, run_distributed
 from .results import ResultWriter, environment_info
 from .timing import Timing, bench, bench_interleaved, bench_sustained, graph_bench, host_us
@@ -18,4 +18,5 @@ __all__ = [
     "graph_bench",
     "host_us",
     "run_distributed",
+    "run_without_interpreter",
 ]

@@ -25,3 +25,30 @@ def compile_for_hopper(kernel: Any, signature: dict[str, str], constexprs: dict[
     fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
     src = ASTSource(fn, signature, constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def run_without_interpreter(test_file: str, function: str, *, timeout_s: float = 600) -> str:
+    """Call ``function()`` of the module at ``test_file`` in a fresh Python without TRITON_INTERPRET,
+    and return the last word it prints (its return value).
+
+    Why: with TRITON_INTERPRET set (as tests/conftest.py sets it without a GPU), triton.language's
+    own @jit helpers (tl.sum, tl.max, ...) are interpreter functions, and a cold-cache sm_90 compile
+    of a kernel that calls them fails inside them. The module's folder is importable (its helpers).
+
+    Raises:
+        AssertionError with the child's stderr when it fails.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(test_file).resolve()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (f"import runpy, sys; sys.path.insert(0, {str(path.parent)!r}); "
+            f"print(runpy.run_path({str(path)!r})[{function!r}]())")
+    root = next((p for p in path.parents if (p / "pyproject.toml").exists()), path.parent)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s,
+                          cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.split()[-1]

@@ -4,10 +4,6 @@ under torch.compile(fullgraph=True).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -120,12 +116,9 @@ def test_kernels_compile_for_hopper():
     """In a fresh process without TRITON_INTERPRET (with it, tl's own @jit helpers are interpreter
     functions and a cold-cache compile fails inside them)."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import runpy; print(runpy.run_path({__file__!r})['_compile_all_for_hopper']())"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == "27"
+    from moecomm.testing import run_without_interpreter
+
+    assert run_without_interpreter(__file__, "_compile_all_for_hopper") == "27"
 
 
 def test_torch_compile_fullgraph():

@@ -190,15 +190,11 @@ def _compile_plan_pack() -> int:
 
 def test_plan_and_pack_kernels_compile_for_hopper():
     """In a fresh process without TRITON_INTERPRET (with it, tl.sum / tl.max are interpreter helpers
-    and a cold-cache compile fails inside them; see tests/routing/test_route.py)."""
+    and a cold-cache compile fails inside them; see moecomm.testing.run_without_interpreter)."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])])
-    code = f"import runpy; print(runpy.run_path({__file__!r})['_compile_plan_pack']())"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == "3"
+    from moecomm.testing import run_without_interpreter
+
+    assert run_without_interpreter(__file__, "_compile_plan_pack") == "3"
 
 
 # ----------------------------------------------------------------------------- gloo, several processes

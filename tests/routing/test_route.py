@@ -14,10 +14,6 @@ random normal logits hold no near-ties at these sizes with these seeds.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,12 +346,9 @@ def test_kernels_compile_for_hopper():
     """In a fresh process without TRITON_INTERPRET: with it set, triton.language's own @jit helpers
     (tl.max, tl.sum, ...) are interpreter functions and a cold-cache compile fails inside them."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import runpy; print(runpy.run_path({__file__!r})['_compile_all_for_hopper']())"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == "15"
+    from moecomm.testing import run_without_interpreter
+
+    assert run_without_interpreter(__file__, "_compile_all_for_hopper") == "15"
 
 
 def test_torch_compile_fullgraph():
