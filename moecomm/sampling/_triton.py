@@ -55,7 +55,7 @@ MODE_SAMPLE, MODE_RENORM, MODE_MASK = 0, 1, 2
 BLOCK = 2048
 NUM_PIVOTS = 8
 MAX_PASSES = 48  # a safety bound: the search removes at least one token or one bracket step a pass
-_NUM_WARPS = 8
+_NUM_WARPS = 16
 _LOG2E = 1.4426950408889634
 
 
@@ -106,20 +106,24 @@ def _scan(row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
     (pv0, pi0): tokens with v > pv0, or v == pv0 and index < pi0, are above it) and for the NP value
     pivots pv (tokens with v > pv), the count and mass above. RACE0: the race winner above pivot 0.
     LOG_RACE: the race of plain logits, argmax x / T - log E.
-    The next chunk is loaded before the current one is reduced, so a load is always in flight."""
+
+    Every statistic is accumulated per lane (elementwise, in registers) and reduced across the
+    program once, after the loop: a cross-warp reduction costs shared memory and barriers, and
+    eight of them per chunk made the first version ~10x slower than its loads. The next chunk's
+    load is issued before the current one is used, so a load is always in flight."""
     offs0 = tl.arange(0, BLOCK)
-    m_run = -float("inf")
-    s_run = 0.0
-    mn_run = float("inf")
-    bad = 0
-    cnt0 = 0
-    mass0 = 0.0
-    wkey = -1.0
-    widx = 0
-    cnt = tl.zeros([NP], dtype=tl.int32)
-    mass = tl.zeros([NP], dtype=tl.float32)
-    lkey = -float("inf")
-    lidx = 0
+    m_acc = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
+    s_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    mn_acc = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+    bad_acc = tl.zeros([BLOCK], dtype=tl.int32)
+    cnt0_acc = tl.zeros([BLOCK], dtype=tl.int32)
+    mass0_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    wkey_acc = tl.full([BLOCK], -1.0, dtype=tl.float32)
+    widx_acc = tl.zeros([BLOCK], dtype=tl.int32)
+    lkey_acc = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
+    lidx_acc = tl.zeros([BLOCK], dtype=tl.int32)
+    cnt_acc = tl.zeros([BLOCK, NP], dtype=tl.int32)
+    mass_acc = tl.zeros([BLOCK, NP], dtype=tl.float32)
     x_next = tl.load(row_ptr + offs0, mask=offs0 < V, other=0.0)
     for start in range(0, V, BLOCK):
         offs = start + offs0
@@ -129,27 +133,24 @@ def _scan(row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
         if STATS:
             if FROM_LOGITS or RAW:
                 xs = x * inv_t
-                bad = bad | tl.max((ok & ((x != x) | (x == float("inf")))).to(tl.int32), axis=0)
+                bad_acc = bad_acc | (ok & ((x != x) | (x == float("inf")))).to(tl.int32)
                 xs = tl.where(ok & (x == x), xs, -float("inf"))
-                cm = tl.max(xs, axis=0)
-                new_m = tl.maximum(m_run, cm)
+                new_m = tl.maximum(m_acc, xs)
                 safe_m = tl.where(new_m == -float("inf"), 0.0, new_m)
-                s_run = s_run * tl.exp2((m_run - safe_m) * 1.4426950408889634) + tl.sum(
-                    tl.exp2((xs - safe_m) * 1.4426950408889634), axis=0)
-                m_run = new_m
-                mn_run = tl.minimum(mn_run, tl.min(tl.where(ok & (xs > -float("inf")), xs, float("inf")), axis=0))
+                s_acc = s_acc * tl.exp2((m_acc - safe_m) * 1.4426950408889634) + tl.exp2((xs - safe_m) * 1.4426950408889634)
+                m_acc = new_m
+                mn_acc = tl.minimum(mn_acc, tl.where(ok & (xs > -float("inf")), xs, float("inf")))
             else:
-                bad = bad | tl.max((ok & ((x != x) | (x < 0) | (x == float("inf")))).to(tl.int32), axis=0)
-                m_run = tl.maximum(m_run, tl.max(tl.where(ok, x, -float("inf")), axis=0))
-                s_run += tl.sum(tl.where(ok, x, 0.0), axis=0)
+                bad_acc = bad_acc | (ok & ((x != x) | (x < 0) | (x == float("inf")))).to(tl.int32)
+                m_acc = tl.maximum(m_acc, tl.where(ok, x, -float("inf")))
+                s_acc += tl.where(ok, x, 0.0)
         if LOG_RACE:
             e = _exponentials(start, seed, c1, c2, c3, N_ROUNDS, BLOCK)
             xs = x * inv_t
             key = tl.where(ok & (xs > -float("inf")), xs - tl.log(e), -float("inf"))
-            bk, bp = tl.max(key, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            upd = bk > lkey
-            lidx = tl.where(upd, start + bp, lidx)
-            lkey = tl.where(upd, bk, lkey)
+            upd = key > lkey_acc
+            lidx_acc = tl.where(upd, offs, lidx_acc)
+            lkey_acc = tl.where(upd, key, lkey_acc)
         if PIV:
             if RAW:
                 v = tl.where(ok, x, -float("inf"))
@@ -158,18 +159,34 @@ def _scan(row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
             gt0 = (v > pv0) | ((v == pv0) & (offs < pi0))
             gt = v[:, None] > pv[None, :]
             if NEED_CNT:
-                cnt0 += tl.sum(gt0.to(tl.int32), axis=0)
-                cnt += tl.sum(gt.to(tl.int32), axis=0)
+                cnt0_acc += gt0.to(tl.int32)
+                cnt_acc += gt.to(tl.int32)
             if NEED_MASS:
-                mass0 += tl.sum(tl.where(gt0, v, 0.0), axis=0)
-                mass += tl.sum(tl.where(gt, v[:, None], 0.0), axis=0)
+                mass0_acc += tl.where(gt0, v, 0.0)
+                mass_acc += tl.where(gt, v[:, None], 0.0)
             if RACE0:
                 e = _exponentials(start, seed, c1, c2, c3, N_ROUNDS, BLOCK)
                 key = tl.where(gt0, v / e, -1.0)
-                bk, bp = tl.max(key, axis=0, return_indices=True, return_indices_tie_break_left=True)
-                upd = bk > wkey
-                widx = tl.where(upd, start + bp, widx)
-                wkey = tl.where(upd, bk, wkey)
+                upd = key > wkey_acc  # strictly: a lane keeps its earliest index among equal keys
+                widx_acc = tl.where(upd, offs, widx_acc)
+                wkey_acc = tl.where(upd, key, wkey_acc)
+    m_run = tl.max(m_acc, axis=0)
+    if FROM_LOGITS or RAW:
+        safe = tl.where(m_run == -float("inf"), 0.0, m_run)
+        s_run = tl.sum(s_acc * tl.exp2((m_acc - safe) * 1.4426950408889634), axis=0)
+    else:
+        s_run = tl.sum(s_acc, axis=0)
+    mn_run = tl.min(mn_acc, axis=0)
+    bad = tl.max(bad_acc, axis=0)
+    cnt0 = tl.sum(cnt0_acc, axis=0)
+    mass0 = tl.sum(mass0_acc, axis=0)
+    cnt = tl.sum(cnt_acc, axis=0)
+    mass = tl.sum(mass_acc, axis=0)
+    wkey = tl.max(wkey_acc, axis=0)
+    widx = tl.min(tl.where(wkey_acc == wkey, widx_acc, 2147483647), axis=0)
+    lkey = tl.max(lkey_acc, axis=0)
+    lidx = tl.min(tl.where(lkey_acc == lkey, lidx_acc, 2147483647), axis=0)
+    lidx = tl.where(lkey > -float("inf"), lidx, 0)
     return m_run, s_run, mn_run, bad, cnt0, mass0, wkey, widx, cnt, mass, lidx
 
 
