@@ -28,7 +28,10 @@ class DispatchResult:
         tokens: [R, H] rows grouped by local expert; or, when ``gather_idx`` is set, the source
             tensor [T, H] whose rows ``gather_idx`` selects (the permute is fused into the GEMM).
         expert_offsets: [L + 1] int32 on the device: rows of local expert e are
-            offsets[e]:offsets[e+1] of the (gathered) row list.
+            offsets[e]:offsets[e+1] of the (gathered) row list. In the NCCL path's static-capacity
+            mode the list keeps its static size and the rows after offsets[L] are padding: pass
+            validate=False to expert_mlp / grouped_mm (they compute the groups only), as the MoE
+            layer does, and never read those rows.
         tokens_per_expert: [L] int32 on the device.
         row_weights: [R] float32, the routing weight of each row, or None (weights applied by combine).
         gather_idx: [R] int32 or None: row i of the expert input is tokens[gather_idx[i]].

@@ -167,6 +167,11 @@ def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: in
             static mode, where empty rows carry ids -1 and every output keeps its static size.
     """
     k = layout.top_k
+    if num_local_experts == 0:  # a rank without experts: nothing to expand, in either mode (static shapes stay static)
+        dev, R = recv.device, recv.shape[0]
+        none = torch.empty(0, dtype=torch.int32, device=dev)
+        return Expanded(none, torch.zeros(1, dtype=torch.int32, device=dev), none, none.float(),
+                        torch.full((R, k), -1, dtype=torch.int32, device=dev))
     meta = recv.view(torch.int32)[:, layout.meta_col:layout.meta_col + 2 * k]  # [R, 2k]
     lid = meta[:, :k].contiguous()  # [R, k]; -1 (and any id >= L) sorts into the dropped bucket
     w = meta[:, k:].view(torch.float32)  # [R, k]
