@@ -172,7 +172,7 @@ def run_sweep(device):
     from moecomm.sampling import _triton
 
     keep = (_triton.BLOCK, _triton._NUM_WARPS, _triton.NUM_PIVOTS)
-    for block, warps, pivots in ((2048, 8, 8), (4096, 8, 8), (4096, 16, 8), (2048, 8, 4), (4096, 16, 4), (1024, 4, 8)):
+    for block, warps, pivots in ((2048, 16, 8), (2048, 16, 4), (4096, 16, 4), (1024, 8, 8), (1024, 8, 4), (2048, 8, 8)):
         _triton.BLOCK, _triton._NUM_WARPS, _triton.NUM_PIVOTS = block, warps, pivots
         row = f"sweep BLOCK {block:5d} warps {warps:2d} pivots {pivots}:"
         for op, batch, vocab in (("top_p", 128, 128256), ("top_p", 512, 151936), ("top_k_top_p", 512, 151936)):

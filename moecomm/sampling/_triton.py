@@ -120,6 +120,7 @@ def _scan(row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
     mass0_acc = tl.zeros([BLOCK], dtype=tl.float32)
     wkey_acc = tl.full([BLOCK], -1.0, dtype=tl.float32)
     widx_acc = tl.zeros([BLOCK], dtype=tl.int32)
+    wval_acc = tl.zeros([BLOCK], dtype=tl.float32)
     lkey_acc = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
     lidx_acc = tl.zeros([BLOCK], dtype=tl.int32)
     cnt_acc = tl.zeros([BLOCK, NP], dtype=tl.int32)
@@ -169,6 +170,7 @@ def _scan(row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
                 key = tl.where(gt0, v / e, -1.0)
                 upd = key > wkey_acc  # strictly: a lane keeps its earliest index among equal keys
                 widx_acc = tl.where(upd, offs, widx_acc)
+                wval_acc = tl.where(upd, v, wval_acc)
                 wkey_acc = tl.where(upd, key, wkey_acc)
     m_run = tl.max(m_acc, axis=0)
     if FROM_LOGITS or RAW:
@@ -184,10 +186,13 @@ def _scan(row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
     mass = tl.sum(mass_acc, axis=0)
     wkey = tl.max(wkey_acc, axis=0)
     widx = tl.min(tl.where(wkey_acc == wkey, widx_acc, 2147483647), axis=0)
+    # the winner's value as this loop computed it (a scalar recomputation of exp2 could round
+    # differently and misplace the token against itself as a pivot)
+    wval = tl.max(tl.where((wkey_acc == wkey) & (widx_acc == widx), wval_acc, -float("inf")), axis=0)
     lkey = tl.max(lkey_acc, axis=0)
     lidx = tl.min(tl.where(lkey_acc == lkey, lidx_acc, 2147483647), axis=0)
     lidx = tl.where(lkey > -float("inf"), lidx, 0)
-    return m_run, s_run, mn_run, bad, cnt0, mass0, wkey, widx, cnt, mass, lidx
+    return m_run, s_run, mn_run, bad, cnt0, mass0, wkey, widx, cnt, mass, lidx, wval
 
 
 @triton.jit
@@ -293,7 +298,7 @@ def sample_kernel(
     RACE1: tl.constexpr = SAMPLE and not HAS_TOPK
     FUSE1: tl.constexpr = (not FROM_LOGITS) and (not RAW)
     PLAIN_LOGITS: tl.constexpr = SAMPLE and FROM_LOGITS and not FILTERED
-    m_run, s_run, mn_run, bad, cnt0, mass0, wkey, widx, cnt, mass, lidx = _scan(
+    m_run, s_run, mn_run, bad, cnt0, mass0, wkey, widx, cnt, mass, lidx, wval = _scan(
         row_ptr, V, pv0, pi0, pv, inv_t, 0.0, seed, c1, c2, c3,
         True, FUSE1 and (FILTERED or SAMPLE), NEED_CNT, NEED_MASS, FUSE1 and RACE1, PLAIN_LOGITS, FROM_LOGITS, RAW,
         N_ROUNDS, BLOCK, NP)
@@ -318,7 +323,7 @@ def sample_kernel(
         if RAW:
             span = _ord(M).to(tl.int64) - _ord(mn_run).to(tl.int64) + 1
             pv = _unord((_ord(mn_run).to(tl.int64) - 1 + span * (jr + 1) // (NP + 1)).to(tl.int32))
-        _, _, _, _, cnt0, mass0, wkey, widx, cnt, mass, _ = _scan(
+        _, _, _, _, cnt0, mass0, wkey, widx, cnt, mass, _, wval = _scan(
             row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
             False, True, NEED_CNT, NEED_MASS, RACE1, False, FROM_LOGITS, RAW, N_ROUNDS, BLOCK, NP)
     # search state. lo: the highest composite known dropped (every token at or below it is
@@ -358,7 +363,7 @@ def sample_kernel(
         done = done * 0 + 1
     if RACE1 and FILTERED:  # pass 1 (or 1b) raced above lo = (0, 0)
         c_idx = widx
-        c_v = _load_value(row_ptr, c_idx, inv_t, shift, FROM_LOGITS)
+        c_v = wval
         c_ok = (wkey >= 0).to(tl.int32)
     if FILTERED:
         npass = 1
@@ -441,7 +446,7 @@ def sample_kernel(
                         lo_mass = mass0
                         c_idx = widx
                         c_ok = (wkey >= 0).to(tl.int32)
-                        c_v = _load_value(row_ptr, c_idx, inv_t, shift, FROM_LOGITS)
+                        c_v = wval
                 elif race_on_p0 != 0:
                     # pivot 0 was lo or a guess above it: dropped -> the new lo, its race winner the
                     # candidate; kept -> a new hi
@@ -466,7 +471,7 @@ def sample_kernel(
                             lo_mass = mass0
                             c_idx = widx
                             c_ok = (wkey >= 0).to(tl.int32)
-                            c_v = _load_value(row_ptr, c_idx, inv_t, shift, FROM_LOGITS)
+                            c_v = wval
                     elif y0:
                         if pv0 < hi_v:
                             hi_v = pv0
@@ -566,7 +571,7 @@ def sample_kernel(
                     pv0 = g_v
                     pi0 = g_i
                 race_on_p0 = pid * 0 + 1
-                _, _, _, _, cnt0, mass0, wkey, widx, cnt, mass, _ = _scan(
+                _, _, _, _, cnt0, mass0, wkey, widx, cnt, mass, _, wval = _scan(
                     row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
                     False, True, NEED_CNT, NEED_MASS, SAMPLE, False, FROM_LOGITS, RAW, N_ROUNDS, BLOCK, NP)
             npass += 1
