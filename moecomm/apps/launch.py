@@ -91,14 +91,59 @@ def _signal_job(p: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a process from /proc, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), fields[19]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every process below ``pid`` (Linux: /proc; elsewhere none). torchrun
+    starts its workers in sessions of their own, so a signal to the launcher's group misses them."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    try:
+        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for e in entries:
+        st = _stat(e)
+        if st is not None:
+            children.setdefault(st[0], []).append((e, st[1]))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c[0])
+    return out
+
+
+def _kill(tree: list[tuple[int, str]], sig: int) -> None:
+    for pid, started in tree:
+        st = _stat(pid)
+        if st is None or st[1] != started:  # gone, or its number reused by another process
+            continue
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _stop_job(p: subprocess.Popen) -> None:
-    """SIGINT to the whole job, a grace period, then SIGKILL to what is left of it."""
+    """SIGINT to the whole job, a grace period, then SIGKILL to what is left of it (the launcher's
+    group, and every process it started, found while it still runs)."""
+    tree = _descendants(p.pid)
     _signal_job(p, signal.SIGINT)
+    _kill(tree, signal.SIGINT)  # workers in sessions of their own get the SIGINT too
     try:
         p.wait(timeout=_STOP_GRACE_S)
     except subprocess.TimeoutExpired:
         pass
     _signal_job(p, signal.SIGKILL)  # ranks that outlived their launcher are in its group too
+    _kill(tree, signal.SIGKILL)
     try:
         p.wait(timeout=5)
     except subprocess.TimeoutExpired:
