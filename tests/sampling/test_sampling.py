@@ -12,10 +12,6 @@ demand exact equality; on the GPU (approximate exp2/log) >= 99.9% of rows at V =
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -373,11 +369,8 @@ def _compile_all_for_hopper() -> int:
 
 
 def test_kernels_compile_for_hopper():
-    """In a fresh process without TRITON_INTERPRET (see tests/routing/test_route.py for why)."""
+    """In a fresh process without TRITON_INTERPRET (see moecomm.testing.run_without_interpreter)."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import runpy, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); print(runpy.run_path({__file__!r})['_compile_all_for_hopper']())"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == str(len(_VARIANTS))
+    from moecomm.testing import run_without_interpreter
+
+    assert run_without_interpreter(__file__, "_compile_all_for_hopper") == str(len(_VARIANTS))
