@@ -21,7 +21,7 @@ if ls .fib/*.whl >/dev/null 2>&1; then
     && for t in .fib/*.tar.xz; do tar xJf "$t" -C /tmp/fisite; done && export FI072_SITE=/tmp/fisite FLASHINFER_CUDA_ARCH_LIST=9.0
 fi
 what=${1:-all}; shift || true
-benches=${*:-"routing permute gemm moe dispatch"}
+benches=${*:-"routing permute gemm moe dispatch dispatch_onerank attention sampling"}
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -35,7 +35,7 @@ smi_pid=$!
 trap 'kill $smi_pid 2>/dev/null' EXIT
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # the FlashInfer peers stay off the tests' path (0.3.1 first: bench_gemm's peer)
-  timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m "gpu" -p no:cacheprovider --timeout=300 ${TESTS:-tests} 2>&1 \
+  timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -rfE --durations=20 -m "gpu" -p no:cacheprovider --timeout=300 ${TESTS:-tests} 2>&1 \
     | tee "$OUT/gpu-tests.log" | tail -40
 fi
 if [ "$what" = compare ] || [ "$what" = all ]; then
