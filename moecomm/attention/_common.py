@@ -242,3 +242,21 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # an H100 / H200: plans made on CPU split as they would there
+
+
+def outputs(op: str, q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None, return_lse: bool,
+            rows: int, heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """run()'s outputs: ``out`` like q (head_dim contiguous) and, with return_lse, ``lse`` [rows, heads]
+    fp32 contiguous; the caller's tensors when given (checked), new ones otherwise."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype is not q.dtype or out.stride(2) != 1:
+        raise MoeCommValueError(f"{op}: out must be a {str(q.dtype).replace('torch.', '')} tensor of shape {list(q.shape)} "
+                                f"with head_dim contiguous, got {str(out.dtype).replace('torch.', '')} {list(out.shape)}")
+    if return_lse:
+        if lse is None:
+            lse = torch.empty((rows, heads), dtype=torch.float32, device=q.device)
+        elif lse.shape != (rows, heads) or lse.dtype is not torch.float32 or not lse.is_contiguous():
+            raise MoeCommValueError(f"{op}: lse must be a contiguous float32 tensor of shape [{rows}, {heads}], "
+                                    f"got {str(lse.dtype).replace('torch.', '')} {list(lse.shape)}")
+    return out, lse

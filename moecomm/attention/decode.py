@@ -41,6 +41,7 @@ from ._common import (
     check_layout,
     check_page_table,
     host_ints,
+    outputs,
     nhd_strides,
     num_sms,
     parse_dtype,
@@ -368,17 +369,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                               p["kv_dtype"], q.device)
         if p["max_index"] is not None and p["max_index"] >= k.shape[0]:
             raise MoeCommValueError(f"{_OP}: indices must be < num_pages ({k.shape[0]}, the cache's), got {p['max_index']}")
-        if out is None:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        elif out.shape != q.shape or out.dtype is not q.dtype or out.stride(2) != 1:
-            raise MoeCommValueError(f"{_OP}: out must be a {str(q.dtype).replace('torch.', '')} tensor of shape {list(q.shape)} "
-                                    f"with head_dim contiguous, got {str(out.dtype).replace('torch.', '')} {list(out.shape)}")
-        if return_lse:
-            if lse is None:
-                lse = torch.empty((batch, hq), dtype=torch.float32, device=q.device)
-            elif lse.shape != (batch, hq) or lse.dtype is not torch.float32 or not lse.is_contiguous():
-                raise MoeCommValueError(f"{_OP}: lse must be a contiguous float32 tensor of shape [{batch}, {hq}], "
-                                        f"got {str(lse.dtype).replace('torch.', '')} {list(lse.shape)}")
+        out, lse = outputs(_OP, q, out, lse, return_lse, batch, hq)
         scale = p["sm_scale"] * (1.0 if q_scale is None else float(q_scale)) * (1.0 if k_scale is None else float(k_scale))
         # eager: the implementation itself (the Op's generic requires-grad scan over 18 arguments costs
         # ~10 us of host time per layer; attention here has no gradient); compiling: the registered op

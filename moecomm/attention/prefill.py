@@ -34,6 +34,7 @@ from ._common import (
     check_layout,
     check_page_table,
     host_ints,
+    outputs,
     nhd_strides,
     parse_dtype,
 )
@@ -259,17 +260,7 @@ class _PrefillBase:
         p = self._plan
         op = self._op
         nnz, hq = q.shape[0], p["num_qo_heads"]
-        if out is None:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        elif out.shape != q.shape or out.dtype is not q.dtype or out.stride(2) != 1:
-            raise MoeCommValueError(f"{op}: out must be a {str(q.dtype).replace('torch.', '')} tensor of shape {list(q.shape)} "
-                                    f"with head_dim contiguous, got {str(out.dtype).replace('torch.', '')} {list(out.shape)}")
-        if return_lse:
-            if lse is None:
-                lse = torch.empty((nnz, hq), dtype=torch.float32, device=q.device)
-            elif lse.shape != (nnz, hq) or lse.dtype is not torch.float32 or not lse.is_contiguous():
-                raise MoeCommValueError(f"{op}: lse must be a contiguous float32 tensor of shape [{nnz}, {hq}], "
-                                        f"got {str(lse.dtype).replace('torch.', '')} {list(lse.shape)}")
+        out, lse = outputs(op, q, out, lse, return_lse, nnz, hq)
         op = paged_prefill if torch.compiler.is_compiling() or q.requires_grad else _prefill_impl  # as decode's run()
         op(q, k, v, p["meta"], p["kv_indices"], p["mask"], out, lse if return_lse else out,
                       p["offsets"], p["num_tiles"], page_size, self._kv_layout == reference.HND, p["causal"], p["custom"],
