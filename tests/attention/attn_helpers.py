@@ -51,3 +51,17 @@ def workspace(device="cpu", mb=32):
 # fp32 in both: 1e-4 absolute (logits are O(10), fp32 sums over <= 33000 terms).
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
 LSE_ATOL = 1e-4
+
+
+def request_kv(cache: PagedKV, b: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Request b's keys and values [n, Hk, D], float64 on the CPU, gathered token by token through
+    the page table (written without reference.py's helpers); None for a request with no keys."""
+    n = cache.kv_lens[b]
+    if n == 0:
+        return None
+    k_nhd = cache.k if cache.layout == "NHD" else cache.k.transpose(1, 2)
+    v_nhd = cache.v if cache.layout == "NHD" else cache.v.transpose(1, 2)
+    slots = [(int(cache.indices[int(cache.indptr[b]) + t // cache.page_size]), t % cache.page_size) for t in range(n)]
+    return (torch.stack([k_nhd[p, s] for p, s in slots]).double().cpu(),
+            torch.stack([v_nhd[p, s] for p, s in slots]).double().cpu())
+

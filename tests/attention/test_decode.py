@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from attn_helpers import ATOL, LSE_ATOL, PagedKV, workspace
+from attn_helpers import ATOL, LSE_ATOL, PagedKV, request_kv, workspace
 
 from moecomm.attention import BatchDecodeWithPagedKVCacheWrapper
 from moecomm.attention import reference as ref
@@ -24,15 +24,11 @@ def _truth(q, cache, sm_scale=None, window_left=-1, soft_cap=None):
     sm_scale = 1 / math.sqrt(D) if sm_scale is None else sm_scale
     out = torch.zeros(B, Hq, D, dtype=torch.float64)
     lse = torch.full((B, Hq), float("-inf"), dtype=torch.float64)
-    k_nhd = cache.k if cache.layout == "NHD" else cache.k.transpose(1, 2)
-    v_nhd = cache.v if cache.layout == "NHD" else cache.v.transpose(1, 2)
-    Hk = k_nhd.shape[2]
+    Hk = cache.k.shape[2] if cache.layout == "NHD" else cache.k.shape[1]
     for b, n in enumerate(cache.kv_lens):
         if n == 0:
             continue
-        rows = [(int(cache.indices[int(cache.indptr[b]) + t // cache.page_size]), t % cache.page_size) for t in range(n)]
-        K = torch.stack([k_nhd[p, s] for p, s in rows]).double().cpu()  # [n, Hk, D]
-        V = torch.stack([v_nhd[p, s] for p, s in rows]).double().cpu()
+        K, V = request_kv(cache, b)  # [n, Hk, D]
         for h in range(Hq):
             x = K[:, h // (Hq // Hk)] @ q[b, h].double().cpu() * sm_scale
             if soft_cap:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from attn_helpers import ATOL, LSE_ATOL, PagedKV, workspace
+from attn_helpers import ATOL, LSE_ATOL, PagedKV, request_kv, workspace
 
 from moecomm.attention import (
     BatchPrefillWithPagedKVCacheWrapper,
@@ -28,14 +28,10 @@ def _truth(q, qo_lens, cache, causal=False, window_left=-1, soft_cap=None, sm_sc
     sm_scale = 1 / math.sqrt(D) if sm_scale is None else sm_scale
     out = torch.zeros(nnz, Hq, D, dtype=torch.float64)
     lse = torch.full((nnz, Hq), float("-inf"), dtype=torch.float64)
-    k_nhd = cache.k if cache.layout == "NHD" else cache.k.transpose(1, 2)
-    v_nhd = cache.v if cache.layout == "NHD" else cache.v.transpose(1, 2)
-    Hk = k_nhd.shape[2]
+    Hk = cache.k.shape[2] if cache.layout == "NHD" else cache.k.shape[1]
     row = 0
     for b, (qn, kn) in enumerate(zip(qo_lens, cache.kv_lens)):
-        slots = [(int(cache.indices[int(cache.indptr[b]) + t // cache.page_size]), t % cache.page_size) for t in range(kn)]
-        K = torch.stack([k_nhd[p, s] for p, s in slots]).double().cpu() if kn else None
-        V = torch.stack([v_nhd[p, s] for p, s in slots]).double().cpu() if kn else None
+        K, V = request_kv(cache, b) if kn else (None, None)
         for i in range(qn):
             pos = kn - qn + i
             vis = [j for j in range(kn) if (not causal or j <= pos) and (window_left < 0 or j >= pos - window_left)
