@@ -125,8 +125,9 @@ def test_static_overflow_flags_and_keeps_what_fits():
         assert torch.isfinite(run.y[r]).all()
 
 
-def test_force_exchange_on_one_rank_equals_the_reference():
-    """EP size 1 through the exchange path (what the one-GPU benchmark times), both modes."""
+def test_force_exchange_on_one_rank_equals_the_reference(backend):
+    """EP size 1 through the exchange path (what the one-GPU benchmark times), both modes, on the
+    reference and on the kernels (the count exchange then reads plan_send's [2, W, 3] buffer)."""
     pl, xs, ids, ws = case_inputs("uniform_w2")
     x, i, w = xs[0], ids[0], ws[0]
     ref = ep_reference([x], [i], [w], ExpertPlacement(8, 1), expert_times_id)

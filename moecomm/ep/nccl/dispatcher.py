@@ -171,18 +171,26 @@ def _all_to_all(out, inp, out_splits, in_splits, group, what: str, async_op: boo
 # ----------------------------------------------------------------------------- the count exchange
 
 
-def _exchange_counts(info: torch.Tensor, group, op: str) -> tuple[list[int], list[int], list[int], list[int]]:
+def _exchange_counts(info: torch.Tensor, group, op: str,
+                     counts: torch.Tensor | None = None) -> tuple[list[int], list[int], list[int], list[int]]:
     """all_to_all_single of [W, 3] (rows, pairs, flag) per destination; THE host sync of a step.
+
+    Args:
+        info: [W, 3] int32, what this rank sends each destination.
+        counts: optional [2, W, 3] int32 whose [0] is info (plan_send's buffer): the exchange
+            receives into [1] and both come to the host in one copy.
 
     Returns (rows sent, rows received, pairs received, flags received) as host lists.
     """
     W = info.shape[0]
-    recv = torch.empty_like(info)
-    _all_to_all(recv, info, None, None, group, f"{op}: count exchange", False)
-    host = torch.cat([info[:, 0], recv.reshape(-1)]).cpu().tolist()  # one device->host copy
-    sent = host[:W]
-    got = host[W:]
-    return sent, got[0::3], got[1::3], got[2::3]
+    if counts is None:
+        counts = torch.empty((2, W, 3), dtype=info.dtype, device=info.device)
+        counts[0].copy_(info)
+    _all_to_all(counts[1], counts[0], None, None, group, f"{op}: count exchange", False)
+    host = counts.cpu().tolist()  # one device->host copy: the sync
+    sent = [row[0] for row in host[0]]
+    got = host[1]
+    return sent, [r[0] for r in got], [r[1] for r in got], [r[2] for r in got]
 
 
 def _fail_peers(group, W: int, device: torch.device, op: str, flag: int) -> None:
@@ -257,7 +265,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
         return _local(x, ids, w, E, check, op, async_op)
 
     plan = plan_send(ids, e2r, e2l, W, check_ids=check)
-    send_splits, recv_splits, recv_pairs, flags = _exchange_counts(plan.info, group, op)
+    send_splits, recv_splits, recv_pairs, flags = _exchange_counts(plan.info, group, op, plan.counts)
     me_bad = flags[rank]
     if me_bad:
         lo, hi = int(ids.min()), int(ids.max())

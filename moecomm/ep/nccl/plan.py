@@ -76,6 +76,8 @@ class SendPlan:
             other slots).
         rank_offsets: [W + 1] where each rank's rows start in that order.
         info: [W, 3] per destination rank: rows, (token, expert) pairs, 1 if an id was out of [0, E).
+        counts: [2, W, 3] whose [0] is info and [1] the count exchange's receive slot (kernel path;
+            None on the reference path).
     """
 
     rank: torch.Tensor
@@ -84,6 +86,7 @@ class SendPlan:
     sort_row: torch.Tensor
     rank_offsets: torch.Tensor
     info: torch.Tensor
+    counts: torch.Tensor | None = None
 
 
 def plan_send(topk_ids: torch.Tensor, expert_to_rank: torch.Tensor, expert_to_local: torch.Tensor, ep_size: int,
@@ -105,12 +108,16 @@ def plan_send(topk_ids: torch.Tensor, expert_to_rank: torch.Tensor, expert_to_lo
         rank = torch.empty((T, k), dtype=torch.int32, device=dev)
         local = torch.empty_like(rank)
         first = torch.empty_like(rank)
-        info = torch.zeros((ep_size, 3), dtype=torch.int32, device=dev)
+        # [2, W, 3]: info, then the slot the count exchange receives into; one buffer so that both
+        # reach the host in one copy (no cat launch, no second allocation)
+        counts = torch.zeros((2, ep_size, 3), dtype=torch.int32, device=dev)
+        info = counts[0]
         plan_send_triton(topk_ids, expert_to_rank, expert_to_local, ep_size, rank, local, first, info, check_ids)
     else:
         rank, local, first, info = plan_send_reference(topk_ids, expert_to_rank, expert_to_local, ep_size, check_ids)
+        counts = None
     order = permute_indices_unchecked(first, ep_size)  # ids W (repeated ranks) sort into the dropped bucket
-    return SendPlan(rank, local, first, order.dst_row, order.expert_offsets, info)
+    return SendPlan(rank, local, first, order.dst_row, order.expert_offsets, info, counts)
 
 
 def pack_send(x: torch.Tensor, topk_weights: torch.Tensor, plan: SendPlan, layout: RowLayout, out: torch.Tensor,
