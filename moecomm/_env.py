@@ -22,6 +22,22 @@ VARIABLES: dict[str, tuple[str, str]] = {
 }
 
 
+# os.environ.get costs ~1.1 us (it encodes the key and decodes the value); choose() reads two
+# variables on every launch. CPython's os.environ keeps its bytes-keyed dict in ``_data`` (POSIX), so
+# a lookup there sees every os.environ / monkeypatch change at ~0.1 us. Where it is absent (another
+# interpreter, Windows' str keys), the plain os.environ.get is used.
+_RAW = getattr(os.environ, "_data", None)
+_RAW_BYTES = isinstance(_RAW, dict) and all(isinstance(k, bytes) for k in list(_RAW)[:1])
+
+
+def raw(name: str) -> bytes | str | None:
+    """The raw value of an environment variable, as cheaply as the platform allows (None: unset):
+    for cache keys that must notice a change, not for parsing (use get())."""
+    if _RAW_BYTES:
+        return _RAW.get(name.encode())
+    return os.environ.get(name)
+
+
 def get(name: str) -> str:
     """The value of a MOECOMM_* variable, or its default."""
     if name not in VARIABLES:

@@ -172,3 +172,29 @@ def test_direct_launch_of_every_hot_kernel_matches_triton(fake_triton):
     for _ in range(2):  # TOP_K positionally: not the (runtime args, constexprs) layout
         launcher((5, 1), (*args, 2), {"HAS_WEIGHTS": True, "BLOCK_T": 1, "BLOCK_H": 16}, 4)
     assert not launcher.enabled and launcher.direct_launches == 0
+
+
+def test_choose_follows_the_environment_as_it_changes(monkeypatch):
+    """choose() caches its decision per environment: a MOECOMM_BACKEND / TRITON_INTERPRET change made
+    after earlier calls (as tests and launchers do) is seen by the next call; _env.raw sees it too."""
+    import torch
+
+    from moecomm import _env
+    from moecomm.jit.backend import Impl, choose
+
+    pytest.importorskip("triton")
+    t = torch.zeros(2)
+    monkeypatch.delenv("MOECOMM_BACKEND", raising=False)
+    assert _env.raw("MOECOMM_BACKEND") is None
+    assert choose(t, "test_op") is Impl.REFERENCE
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _env.raw("MOECOMM_BACKEND") in ("triton", b"triton")
+    assert choose(t, "test_op") is Impl.TRITON
+    assert choose(t.double(), "test_op") is Impl.REFERENCE  # float64: always the reference
+    assert choose(torch.zeros(2, device="meta"), "test_op") is Impl.REFERENCE  # neither CPU nor CUDA
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert choose(t, "test_op") is Impl.REFERENCE
+    monkeypatch.setenv("MOECOMM_BACKEND", "reference")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert choose(t, "test_op") is Impl.REFERENCE
