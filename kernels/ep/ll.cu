@@ -235,6 +235,9 @@ __device__ void ll_dispatch_impl(const unsigned char* __restrict__ x, const int*
     Ctrl* peer = ctrl_of(s_peers[tid]);
     const int sent = min(static_cast<int>(lane_of(total, tid)), C);
     st_relaxed_sys(&peer->disp_cnt[rank], sent);
+    // this thread's own fence after the barrier: the other threads' rows (ordered before the barrier)
+    // and the other blocks' (their fences, our thread 0's) are cumulative into the release below
+    __threadfence_system();
     st_release_sys(&peer->disp_flag[rank], epoch);  // orders the count and (through the fences) the rows
   }
   if (tid < W) {
@@ -321,7 +324,10 @@ __device__ void ll_combine_impl(const typename D::raw* __restrict__ expert_out, 
     }
   }
   if (!last_block(&me->comb_ticket)) return;
-  if (tid < W) st_release_sys(&ctrl_of(s_peers[tid])->comb_flag[rank], epoch);
+  if (tid < W) {
+    __threadfence_system();  // as in dispatch: every block's partial sums before the flag
+    st_release_sys(&ctrl_of(s_peers[tid])->comb_flag[rank], epoch);
+  }
   if (tid < W) wait_flag(me, &me->comb_flag[tid], epoch, tid, timeout_ns, 2u);
   __syncthreads();
   if (tid == 0) {

@@ -285,6 +285,23 @@ def test_choose_ep_path():
         choose_ep_path(-1, ep_size=2)
 
 
+def test_ll_benchmark_quick(tmp_path):
+    """benchmarks/bench_ll_dispatch --quick (CPU: the layout model): runs and writes JSON lines."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "r.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_ll_dispatch", "--quick", "--out", str(out)],
+                          env=dict(os.environ, PYTHONPATH=str(root)), cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert recs and all(r["bench"] == "ll_dispatch" and r["median_ms"] > 0 for r in recs)
+
+
 # ----------------------------------------------------------------------------- GPU: virtual ranks
 
 
@@ -296,7 +313,9 @@ def _gpu_inputs(Ts, E, k, H, *, skew, seed, dtype=torch.bfloat16, e2r=None):
         i, w = routing(T, E, k, skew=skew, seed=seed * 100 + r)
         xs.append(int_tokens(T, H, seed=seed * 100 + r, dtype=dtype).clamp(-2, 2).cuda())
         ids.append(i.to(torch.int32).cuda())
-        ws.append(w.cuda())
+        # weights 0.5 or 1: every term a multiple of 0.5 of magnitude <= 4, a sum of <= 8 terms at most
+        # 7 significant bits: exact in bf16 after every rounding (the receiver's partials included)
+        ws.append((2.0 ** torch.randint(-1, 1, (T, k), generator=torch.Generator().manual_seed(seed * 100 + r))).float().cuda())
     return pl, xs, ids, ws
 
 
@@ -320,7 +339,22 @@ def _open(W, disp_kw, E, k, H, dtype, cap, placement=None, nan_fill=True):
             b.local[lay.recv_off:] = 0xFF  # RECV and BACK NaN: an unwritten row read shows
     torch.cuda.synchronize()
     disps = [IPCDispatcher(E, k, H, buffer=b, placement=placement, dtype=dtype, max_tokens=cap, **disp_kw) for b in bufs]
+    _LOCAL_IDS.clear()
+    for d in disps:
+        _local_ids(d)
     return bufs, disps
+
+
+_LOCAL_IDS: dict[int, torch.Tensor] = {}
+
+
+def _local_ids(disp) -> torch.Tensor:
+    """[max(L, 1)] int64 on the GPU: the rank's global expert ids, built once (never inside a capture:
+    a host-to-device copy from a list is not capturable)."""
+    t = _LOCAL_IDS.get(id(disp))
+    if t is None:
+        t = _LOCAL_IDS[id(disp)] = torch.tensor(disp.local_experts or [0], dtype=torch.long, device="cuda")
+    return t
 
 
 def _step(disps, streams, xs, ids, ws, E, expert=_gpu_expert, ranks=None):
@@ -337,7 +371,7 @@ def _step(disps, streams, xs, ids, ws, E, expert=_gpu_expert, ranks=None):
         with torch.cuda.stream(streams[r]):
             d = res[r]
             N = d.gather_idx.shape[0]
-            local = torch.tensor(disps[r].local_experts or [0], dtype=torch.long, device="cuda")
+            local = _local_ids(disps[r])
             # every expanded row's expert by its place in the offsets (padding rows: the last expert;
             # combine never reads them); NaN would do too but costs a mask
             e_of_row = local[torch.searchsorted(d.expert_offsets[1:].long(), torch.arange(N, device="cuda"),
