@@ -473,7 +473,9 @@ def test_ll_cuda_graph_capture_and_replay(monkeypatch, W):
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
     E, k, H, T = 64, 8, 2048, 32
     pl = ExpertPlacement(E, W)
-    bufs, disps = _open(W, dict(timeout_s=20.0), E, k, H, torch.bfloat16, T)
+    # 5 s: were the graph's W branches ever run one after another, each wait would end in a named
+    # timeout error instead of a long hang
+    bufs, disps = _open(W, dict(timeout_s=5.0), E, k, H, torch.bfloat16, T)
     streams = [torch.cuda.Stream() for _ in range(W)]
     try:
         _, xs, ids, ws = _gpu_inputs([T] * W, E, k, H, skew=False, seed=0)
