@@ -389,6 +389,7 @@ GPU_CASES = [  # (Ts, E, k, H, skew, placement map)
     ([64, 3, 1, 128, 0, 77, 128, 9], 256, 8, 7168, True, None),  # DeepSeek-V3 shape, skewed
     ([16, 16, 16, 16, 16, 16, 16, 16], 256, 8, 7168, False, None),  # uniform
     ([6, 8, 0, 3], 6, 3, 40, True, [3, 0, 3, 1, 1, 0]),     # rank 2 holds no expert
+    ([7], 4, 2, 64, False, None),                           # W 1: a rank signalling itself
 ]
 
 
@@ -428,6 +429,32 @@ def test_ll_virtual_ranks_exact(monkeypatch, case, dtype):
                 assert torch.equal(a.row_weights[:n], b.row_weights[:n]) and torch.equal(a.handle.slot_pos, b.handle[0])
                 assert torch.equal(ys[r].cpu(), ref.y[r]), (seed, r)
                 assert torch.equal(ys[r], nccl.y[r]), (seed, r)
+    finally:
+        for b in bufs:
+            b.close()
+
+
+@pytest.mark.gpu
+def test_ll_layers_share_one_buffer(monkeypatch):
+    """Two dispatchers a rank (two MoE layers) on one set of buffers, called in turn: the epochs live
+    in the buffer, so each layer's calls advance the same counters; every result exact."""
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    Ts, E, k, H, W = [9, 4, 0, 12], 16, 4, 128, 4
+    bufs, first = _open(W, dict(timeout_s=20.0), E, k, H, torch.bfloat16, 12)
+    second = [IPCDispatcher(E, k, H, buffer=b, dtype=torch.bfloat16, max_tokens=12, timeout_s=20.0) for b in bufs]
+    for d in second:
+        _local_ids(d)
+    streams = [torch.cuda.Stream() for _ in range(W)]
+    try:
+        for seed in range(4):
+            pl, xs, ids, ws = _gpu_inputs(Ts, E, k, H, skew=bool(seed % 2), seed=seed)
+            _, ys = _step(first if seed % 2 == 0 else second, streams, xs, ids, ws, E)
+            torch.cuda.synchronize()
+            ref = ep_reference([x.cpu() for x in xs], [i.cpu() for i in ids], [w.cpu() for w in ws], pl, _gpu_ref_expert)
+            for r in range(W):
+                assert torch.equal(ys[r].cpu(), ref.y[r]), (seed, r)
+        for d in first + second:
+            d.check_overflow()
     finally:
         for b in bufs:
             b.close()
