@@ -7,11 +7,11 @@ rank), nccl/ (across ranks over NCCL all_to_all_single), ipc/ (low latency insid
 placement.py says which rank holds which expert. Permute/unpermute on one rank is moecomm.permute.
 """
 
-from .ipc import IPCDispatcher, PathChoice, choose_ep_path
+from .ipc import IPCDispatcher, NodeDispatcher, PathChoice, choose_ep_path
 from .local import LocalDispatcher
 from .nccl import EPDispatcher, EPHandle, PendingCombine, PendingDispatch, combine, dispatch
 from .placement import ExpertPlacement
 from .types import DispatchResult, Dispatcher
 
 __all__ = ["DispatchResult", "Dispatcher", "EPDispatcher", "EPHandle", "ExpertPlacement", "IPCDispatcher",
-           "LocalDispatcher", "PathChoice", "PendingCombine", "PendingDispatch", "choose_ep_path", "combine", "dispatch"]
+           "LocalDispatcher", "NodeDispatcher", "PathChoice", "PendingCombine", "PendingDispatch", "choose_ep_path", "combine", "dispatch"]

@@ -285,6 +285,59 @@ def test_choose_ep_path():
         choose_ep_path(-1, ep_size=2)
 
 
+class _FakePath:
+    """Stands for EPDispatcher / IPCDispatcher in NodeDispatcher's routing test: records the calls."""
+
+    def __init__(self, name, max_tokens, calls):
+        self.name, self.max_tokens, self.calls, self.ep_size, self.num_local_experts = name, max_tokens, calls, 4, 2
+
+    def dispatch(self, x, ids, w):
+        self.calls.append((self.name, "dispatch", x.shape[0]))
+        return SimpleNamespace(handle=SimpleNamespace(buffers=self if self.name == "ipc" else None))
+
+    dispatch_unchecked = dispatch
+
+    def combine(self, out, handle):
+        self.calls.append((self.name, "combine"))
+        return out
+
+    combine_unchecked = combine
+
+    def check_overflow(self):
+        self.calls.append((self.name, "check"))
+
+
+def test_node_dispatcher_takes_the_chosen_path(caplog):
+    import logging
+
+    from moecomm.ep.ipc import NodeDispatcher
+
+    calls = []
+    ep, ipc = _FakePath("ep", 16, calls), _FakePath("ipc", 4, calls)
+    node = NodeDispatcher(ep, ipc, eligibility=Eligibility(True, "one node"))
+    x = torch.zeros(3, 8)
+    with caplog.at_level(logging.INFO, logger="moecomm"):
+        for T in (3, 4, 4, 9, 3):
+            d = node.dispatch(torch.zeros(T, 8), None, None)
+            node.combine(x, d.handle)
+    assert [c for c in calls if c[1] == "dispatch"] == [("ipc", "dispatch", 3), ("ipc", "dispatch", 4),
+                                                        ("ipc", "dispatch", 4), ("ep", "dispatch", 9),
+                                                        ("ipc", "dispatch", 3)]
+    assert [c[0] for c in calls if c[1] == "combine"] == ["ipc", "ipc", "ipc", "ep", "ipc"]  # back the same way
+    assert node.last_path.path == "ipc_ll"
+    said = [r.getMessage() for r in caplog.records if "path" in r.getMessage()]
+    assert len(said) == 3 and "9 tokens a rank take the nccl_static path" in said[1]  # once per change
+    calls.clear()
+    node.check_overflow()
+    assert calls == [("ep", "check"), ("ipc", "check")]
+    off = NodeDispatcher(ep, ipc, eligibility=Eligibility(False, "PCIe without P2P"))
+    off.dispatch(x, None, None)
+    assert calls[-1] == ("ep", "dispatch", 3) and "PCIe without P2P" in off.last_path.reason
+    alone = NodeDispatcher(ep, None)
+    alone.dispatch_unchecked(x, None, None)
+    assert calls[-1] == ("ep", "dispatch", 3) and alone.last_path.path == "nccl_static"
+
+
 def test_ll_benchmark_quick(tmp_path):
     """benchmarks/bench_ll_dispatch --quick (CPU: the layout model): runs and writes JSON lines."""
     import json
