@@ -16,8 +16,8 @@ Ops: dispatch (ll_dispatch + the expansion by local expert), combine (ll_combine
 d+c (both, the expert skipped). Repeated dispatches (or combines) without the other in between race
 on the buffers' contents, not on their flags: fine for timing, never for results (the tests check those).
 Bytes: the rows a dispatch writes into peers' buffers, sum over ranks of (rows sent) * row_bytes with
-row_bytes = H * e + 8k (T 128, H 7168, top-8 of 256: each token reaches ~5.3 of 8 ranks, ~9.8 MB a
-call); combine writes the same rows of H * e back. The baseline is one device copy (dst.copy_(src))
+row_bytes = H * e + 8k (T 128, H 7168, top-8 of 256, W 8: each token reaches ~5.3 of 8 ranks, ~9.8 MB
+a rank, ~78 MB a call over the W ranks); combine writes the same rows of H * e back. The baseline is one device copy (dst.copy_(src))
 of those bytes, timed the same way: on one GPU the W ranks share one HBM, so the copy is the floor
 the virtual-rank kernels can approach; over NVLink (the multi-GPU issue) the targets are dispatch
 <= 40 us and combine <= 50 us at T 128.

@@ -18,8 +18,9 @@ Every rank's buffer (offsets in bytes; kernels/ep/ll.cu's struct Ctrl is the sam
 Napkin math at T 128, H 7168, top-8 of 256, W 8, bf16, C = max_tokens = 128 (never overflows):
 row_bytes = 7168 * 2 + 2 * 8 * 4 = 14400; RECV = 8 * 128 * 14400 = 14.7 MB, BACK = 8 * 128 * 14336
 = 14.7 MB: ~29.4 MB a rank, one set shared by every MoE layer (they run one after another). A call
-moves far less: each token reaches ~5.3 of 8 ranks (1 - (7/8)^8 of them per rank), so a dispatch
-writes ~128 * 5.3 * 14.4 KB = 9.8 MB and a combine ~9.7 MB across the node (~1.2 MB per peer).
+moves less: each token reaches ~5.3 of 8 ranks (a rank holds 32 of its 256 experts; 8 * (1 - (7/8)^8)),
+so each rank's dispatch writes ~128 * 5.3 * 14.4 KB = 9.8 MB (~1.2 MB per peer; 78 MB over the node)
+and its combine about as much back; a rank receives ~8 * 128 * 0.66 = 676 of its 1024 RECV rows.
 A smaller C (capacity_per_peer) shrinks the buffer, not the traffic.
 
 The model (send_reference / receive_reference / combine_send_reference) writes, with torch ops on
