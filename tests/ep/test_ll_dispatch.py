@@ -108,6 +108,60 @@ def test_layout_constants_agree_with_the_kernel():
     assert offsets["overflow"] == LY.OVERFLOW and off <= LY.CTRL_BYTES
 
 
+def _kernel_params(src: str, name: str) -> list[str]:
+    """The C types of an extern "C" kernel's parameters in ll.cu (the combine macro's for its entries)."""
+    if name.startswith("moecomm_ll_combine"):
+        sig = re.search(r"NAME\((.*?)\)\s*\{", src, re.S).group(1)
+    else:
+        sig = re.search(name + r"\((.*?)\)\s*\{", src, re.S).group(1)
+    types = []
+    for p in sig.replace("\\", " ").split(","):
+        p = " ".join(p.split())
+        types.append("ptr" if "*" in p else p.rsplit(" ", 1)[0])
+    return types
+
+
+def test_launch_arguments_match_the_kernel_signatures(monkeypatch):
+    """The wrappers' argument lists (order, count, ctypes type) against ll.cu's signatures, without a GPU:
+    a mismatch would only show as garbage or a fault on the device."""
+    import ctypes
+
+    from moecomm.ep.ipc import _cuda
+    from moecomm.jit import cuda
+
+    src = cuda.source_path("ep/ll.cu").read_text()
+    seen = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, grid, block, args):
+            seen.append((self.name, grid, block, args))
+
+    monkeypatch.setattr(_cuda, "kernel", lambda name, device: Recorder(name))
+    monkeypatch.setattr(_cuda, "_sms", lambda device: 132)
+    lay = LY.LLLayout.of(4, 8, 64, 2, torch.bfloat16)
+    t = torch.zeros
+    _cuda.dispatch_cuda(t(5, 64, dtype=torch.bfloat16), t(5, 2, dtype=torch.int32), t(5, 2), t(8, dtype=torch.int32),
+                        t(8, dtype=torch.int32), t(4, dtype=torch.int64), t(5, 2, dtype=torch.int32), lay, 1, 10**9, 4)
+    _cuda.combine_cuda(t(64, 64, dtype=torch.bfloat16), t(32, 2, dtype=torch.int32), t(4, dtype=torch.int64), lay, 1,
+                       10**9, 4)
+    ctype = {ctypes.c_int: "int", ctypes.c_longlong: "long long"}
+    for name, grid, block, args in seen:
+        want = _kernel_params(src, name)
+        got = ["ptr" if isinstance(a, torch.Tensor) else ctype[type(a)] for a in args]
+        assert got == want, (name, got, want)
+        assert block == (_cuda.THREADS,) and 1 <= grid[0] <= 132 // 4
+    assert [n for n, *_ in seen] == ["moecomm_ll_dispatch", "moecomm_ll_combine_bf16"]
+    d_args = dict(zip(["rank", "W", "T", "k", "E", "C", "token_bytes", "row_bytes", "meta_off", "recv_off"],
+                      [a.value for a in seen[0][3][7:17]]))
+    assert d_args == {"rank": 1, "W": 4, "T": 5, "k": 2, "E": 8, "C": 8, "token_bytes": 128, "row_bytes": lay.row_bytes,
+                      "meta_off": 128, "recv_off": 512}
+    c_args = [a.value for a in seen[1][3][3:10]]
+    assert c_args == [1, 4, 8, 2, 64, 64, lay.back_off]  # rank, W, C, k, H, N, back_off
+
+
 def test_layout_napkin_math():
     """The module docstring's figures: T 128, H 7168, top-8, W 8, bf16, C 128."""
     lay = LY.LLLayout.of(8, 128, 7168, 8, torch.bfloat16)
