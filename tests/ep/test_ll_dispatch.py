@@ -289,6 +289,114 @@ def test_layout_model_names_a_rank_that_did_not_send():
     assert "in combine" in str(timeout_error(0b11, 2, [0, 1], 1.0, 0))
 
 
+def _threaded_ipc_run(monkeypatch, pl, xs, ids, ws, cap, steps, dtype=torch.float32, max_tokens=None):
+    """IPCDispatcher's own code on CPU: W virtual ranks in W threads, the kernels replaced by the layout
+    model with a barrier where ll.cu spins (every rank's stores land before any rank reads)."""
+    import threading
+
+    from moecomm.ep.ipc import _cuda
+
+    W = pl.ep_size
+    k, H = ids[0].shape[1], xs[0].shape[1]
+    lay = LY.LLLayout.of(W, cap, H, k, dtype)
+    bufs = [torch.zeros(lay.nbytes, dtype=torch.uint8) for _ in range(W)]
+    for b in bufs:
+        b[lay.recv_off:] = 0xFF  # NaN
+    barrier = threading.Barrier(W, timeout=60)
+
+    def fake_dispatch(x, i, w, e2r, e2l, peer_ptrs, home, lay_, rank, timeout_ns, ranks_on_device):
+        epoch = int(LY.LLLayout.word(bufs[rank], LY.DISP_EPOCH)) + 1
+        LY.send_reference(bufs, lay_, rank, x, i, w, e2r, e2l, home, epoch)
+        barrier.wait()  # ll.cu: the last block's spin on every peer's flag
+        LY.receive_reference(bufs[rank], lay_, epoch)
+        barrier.wait()  # (the model's receive rewrites ids; peers read nothing of ours meanwhile in ll.cu either)
+
+    def fake_combine(out, slot_pos, peer_ptrs, lay_, rank, timeout_ns, ranks_on_device):
+        epoch = int(LY.LLLayout.word(bufs[rank], LY.COMB_EPOCH)) + 1
+        LY.combine_send_reference(bufs, lay_, rank, out, slot_pos, epoch)
+        barrier.wait()
+        LY.LLLayout.word(bufs[rank], LY.COMB_EPOCH).fill_(epoch)
+
+    monkeypatch.setattr(_cuda, "dispatch_cuda", fake_dispatch)
+    monkeypatch.setattr(_cuda, "combine_cuda", fake_combine)
+    monkeypatch.setattr(IPCDispatcher, "_check_hardware", staticmethod(lambda device: None))
+    views = [SimpleNamespace(rank=r, world_size=W, nbytes=lay.nbytes, device=torch.device("cpu"), local=bufs[r],
+                             peer_ptrs=torch.zeros(W, dtype=torch.int64), virtual=True) for r in range(W)]
+    disps = [IPCDispatcher(pl.num_experts, k, H, buffer=v, placement=pl, dtype=dtype, max_tokens=max_tokens or cap,
+                           capacity_per_peer=cap, timeout_s=5.0) for v in views]
+    out = {}
+
+    def rank_main(r):
+        torch.set_num_threads(1)
+        for step in range(steps):
+            d = disps[r].dispatch(xs[r], ids[r], ws[r])
+            n = int(d.expert_offsets[-1])
+            local = torch.tensor(pl.local_experts(r), dtype=torch.long)
+            e_of_row = local[torch.repeat_interleave(d.tokens_per_expert.long())] if n else local[:0]
+            h = torch.full((d.gather_idx.shape[0], H), float("nan"), dtype=dtype)
+            h[:n] = vectorised_expert(d.tokens[d.gather_idx[:n].long()], e_of_row, d.row_weights[:n])
+            got = SimpleNamespace(**{f: getattr(d, f).clone() for f in ("tokens", "gather_idx", "expert_offsets",
+                                                                        "tokens_per_expert", "row_weights")})
+            got.slot_pos = d.handle.slot_pos.clone()
+            barrier.wait()  # the results are views of the buffer: cloned before any rank's combine
+            y = disps[r].combine(h, d.handle)
+            out[(r, step)] = (got, y)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(W)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(out) == W * steps, "a virtual rank failed (see the thread's traceback above)"
+    return out, disps
+
+
+@pytest.mark.parametrize("name", ["uniform_w2", "custom_w4", "nondiv_w4"])
+def test_ipc_dispatcher_over_the_layout_model(monkeypatch, name):
+    """dispatch / combine / handle / check_overflow of IPCDispatcher itself, kernels replaced by the model:
+    equal to ep_reference and, bit for bit, to the NCCL static mode."""
+    pl, xs, ids, ws = _case(name)
+    cap = max(x.shape[0] for x in xs) or 1
+    out, disps = _threaded_ipc_run(monkeypatch, pl, xs, ids, ws, cap, steps=2)
+    nccl = virtual_ep_forward(xs, ids, ws, pl, vectorised_expert, capacity=cap)
+    for step in range(2):
+        results = [out[(r, step)][0] for r in range(pl.ep_size)]
+        ys = [out[(r, step)][1] for r in range(pl.ep_size)]
+        check_against_reference(pl, xs, ids, ws, results, ys)
+        for r in range(pl.ep_size):
+            a, b = results[r], nccl.results[r]
+            n = int(b.expert_offsets[-1])
+            assert torch.equal(a.gather_idx, b.gather_idx) and torch.equal(a.expert_offsets, b.expert_offsets)
+            assert torch.equal(a.row_weights[:n], b.row_weights[:n]) and torch.equal(a.slot_pos, b.handle[0])
+            assert torch.equal(ys[r], nccl.y[r])
+            assert a.tokens.shape == (pl.ep_size * cap, xs[0].shape[1])
+    for d in disps:
+        d.check_overflow()
+
+
+def test_ipc_dispatcher_overflow_and_errors_over_the_layout_model(monkeypatch):
+    pl, xs, ids, ws = _case("uniform_w2")  # 33 and 1 tokens, top-2 of 8 on 2 ranks
+    out, disps = _threaded_ipc_run(monkeypatch, pl, xs, ids, ws, 2, steps=1, max_tokens=33)
+    nccl = virtual_ep_forward(xs, ids, ws, pl, vectorised_expert, capacity=2)  # the same rows dropped
+    for r in range(2):
+        assert torch.equal(out[(r, 0)][1], nccl.y[r])
+    assert disps[0].overflowed() and not disps[1].overflowed()
+    with pytest.raises(MoeCommValueError, match="IPCDispatcher: capacity_per_peer must hold every row .* got 2 rows on rank 0"):
+        disps[0].check_overflow()
+    disps[0].check_overflow()  # cleared
+    with pytest.raises(MoeCommValueError, match=r"IPCDispatcher.dispatch: x must have at most max_tokens = 33 rows, got 34"):
+        disps[0].dispatch(torch.zeros(34, 16), torch.zeros(34, 2, dtype=torch.int32), torch.ones(34, 2))
+    with pytest.raises(MoeCommTypeError, match="IPCDispatcher.dispatch: x must have dtype float32, got float16"):
+        disps[0].dispatch(xs[0].half(), ids[0], ws[0])
+    with pytest.raises(MoeCommValueError, match=r"IPCDispatcher.dispatch: topk_ids must have shape \[33, 2\]"):
+        disps[0].dispatch(xs[0], ids[0][:, :1], ws[0])
+    with pytest.raises(MoeCommTypeError, match="IPCDispatcher.combine: handle must be the handle of this IPCDispatcher"):
+        disps[0].combine(torch.zeros(1, 16), "nope")
+    LY.LLLayout.word(disps[1].buffer.local, LY.ERROR_MASK, 2).copy_(torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(RankFailureError, match=r"rank\(s\) \[0\] did not arrive in combine .* \(seen by rank 1\)"):
+        disps[1].check_overflow()  # a timeout word is raised before the overflow flag
+
+
 # ----------------------------------------------------------------------------- arguments and the decision
 
 

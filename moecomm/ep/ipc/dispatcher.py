@@ -143,14 +143,7 @@ class IPCDispatcher:
         self.local_experts = placement.local_experts(self.rank)
         self._virtual = bool(getattr(buffer, "virtual", False))
         self._ranks_on_device = W if self._virtual else 1
-        if self.device.type != "cuda":
-            raise UnsupportedHardwareError(f"{op}: needs a CUDA device (the buffer is on {self.device}); "
-                                           "use EPDispatcher(max_tokens=...) without one")
-        from ...jit import cuda
-
-        err = cuda.toolchain_error()
-        if err is not None:
-            raise UnsupportedHardwareError(f"{op}: the CUDA kernels of kernels/ep/ll.cu cannot run here: {err}")
+        self._check_hardware(self.device)
         self._e2r = placement.expert_to_rank_tensor(self.device)
         self._e2l = placement.expert_to_local_tensor(self.device)
         self._home = torch.full((max_tokens, top_k), -1, dtype=torch.int32, device=self.device)
@@ -164,6 +157,20 @@ class IPCDispatcher:
 
             check_agreement(group, op, num_experts=num_experts, top_k=top_k, hidden=hidden, dtype=str(dtype),
                             ep_size=W, placement=placement.describe(), max_tokens=max_tokens, capacity_per_peer=cap)
+
+    @staticmethod
+    def _check_hardware(device: torch.device) -> None:
+        """The kernels need a CUDA device and the toolchain (the CPU tests replace this check, and the
+        kernels by the layout model, to run the dispatcher's own code)."""
+        op = "IPCDispatcher"
+        if device.type != "cuda":
+            raise UnsupportedHardwareError(f"{op}: needs a CUDA device (the buffer is on {device}); "
+                                           "use EPDispatcher(max_tokens=...) without one")
+        from ...jit import cuda
+
+        err = cuda.toolchain_error()
+        if err is not None:
+            raise UnsupportedHardwareError(f"{op}: the CUDA kernels of kernels/ep/ll.cu cannot run here: {err}")
 
     @staticmethod
     def buffer_bytes(world_size: int, capacity: int, hidden: int, top_k: int, dtype: torch.dtype) -> int:
