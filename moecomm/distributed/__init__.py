@@ -12,19 +12,25 @@ from . import health
 from .agreement import check_agreement
 from .groups import ep_group_ranks, new_ep_groups
 from .health import RankFailureError, explain_failure, report_failure, watch
+from .symmetric import SymmetricBuffer, SymmetricBufferError, eligibility, open_symmetric, open_virtual
 from .world import RendezvousError, World, current_world, init, shutdown
 
 __all__ = [
     "health",
     "RankFailureError",
     "RendezvousError",
+    "SymmetricBuffer",
+    "SymmetricBufferError",
     "World",
     "check_agreement",
     "current_world",
+    "eligibility",
     "ep_group_ranks",
     "explain_failure",
     "init",
     "new_ep_groups",
+    "open_symmetric",
+    "open_virtual",
     "report_failure",
     "shutdown",
     "watch",
