@@ -1,0 +1,120 @@
+"""What CustomAllReduce (one rank per process) and VirtualAllReduce (W ranks in one process) share:
+argument checks, staging, the error words and the timeout error.
+
+Shape legend: W = world_size, R = ranks this process drives (1, or W virtual), n = elements per rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .. import _env
+from ..distributed.symmetric import SymmetricBuffer
+from ..errors import MoeCommError, MoeCommTypeError, MoeCommValueError
+from . import layout
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class AllReduceTimeoutError(MoeCommError, RuntimeError):
+    """A rank did not arrive at an IPC all-reduce's barrier within the timeout (the message names it).
+
+    The buffers are then poisoned (every later kernel on them exits at once): close the all-reduce
+    and make a new one, typically after the job restarted the missing rank.
+    """
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_sizes(op: str, max_size: Any, oneshot_max_bytes: Any, timeout_s: Any, max_blocks: Any) -> tuple[int, int | None, float, int | None]:
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 16 or max_size % 16:
+        raise MoeCommValueError(f"{op}: max_size must be an int >= 16 and a multiple of 16 (bytes per rank), got "
+                                f"{max_size!r}")
+    if oneshot_max_bytes is not None and (isinstance(oneshot_max_bytes, bool) or not isinstance(oneshot_max_bytes, int)
+                                          or oneshot_max_bytes < 0):
+        raise MoeCommValueError(f"{op}: oneshot_max_bytes must be None or an int >= 0, got {oneshot_max_bytes!r}")
+    if timeout_s is None:
+        timeout_s = _env.timeout_s()
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise MoeCommValueError(f"{op}: timeout_s must be a number of seconds > 0, got {timeout_s!r}")
+    if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(max_blocks, int)
+                                   or not 1 <= max_blocks <= layout.MAX_BLOCKS):
+        raise MoeCommValueError(f"{op}: max_blocks must be None or an int in [1, {layout.MAX_BLOCKS}], got {max_blocks!r}")
+    return max_size, oneshot_max_bytes, float(timeout_s), max_blocks
+
+
+def check_input(op: str, name: str, x: Any, device: torch.device, max_size: int | None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise MoeCommTypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPES:
+        raise MoeCommTypeError(f"{op}: {name} must have dtype bfloat16, float16 or float32, got {dtype_name(x.dtype)}")
+    if x.device != device:
+        raise MoeCommValueError(f"{op}: {name} must be on {device} (the all-reduce's device), got {x.device}")
+    if max_size is not None and x.numel() * x.element_size() > max_size:
+        raise MoeCommValueError(f"{op}: {name} must hold at most max_size = {max_size} bytes per rank, got "
+                                f"{x.numel() * x.element_size()} bytes (shape {tuple(x.shape)}, {dtype_name(x.dtype)})")
+    return x
+
+
+def timeout_message(op: str, err_rows: list[list[int]], ranks: list[int], timeout_s: float) -> str | None:
+    """The error of the first rank whose error words are set, or None (err_rows[i] belongs to ranks[i])."""
+    for rank, (missing, phase, block, seen_by) in zip(ranks, err_rows):
+        if missing:
+            ph = layout.PHASES[phase] if 0 <= phase < len(layout.PHASES) else f"phase {phase}"
+            return (f"{op}: rank {missing - 1} did not arrive within the timeout of {timeout_s:g} s (the {ph} barrier, "
+                    f"seen by rank {seen_by} in block {block}); this all-reduce's buffers are unusable now: close it "
+                    "and make a new one")
+    return None
+
+
+class Engine:
+    """The state of R ranks' views: peer pointers, staging, error words, timeouts, block cap."""
+
+    def __init__(self, bufs: list[SymmetricBuffer], *, max_size: int, oneshot_max: int, timeout_s: float,
+                 max_blocks: int, op: str):
+        self.bufs, self.op = bufs, op
+        self.world_size, self.device = bufs[0].world_size, bufs[0].device
+        self.ranks = [b.rank for b in bufs]
+        self.max_size, self.oneshot_max, self.timeout_s, self.max_blocks = max_size, oneshot_max, timeout_s, max_blocks
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.peer_ptrs = bufs[0].peer_ptrs
+        self.err = torch.zeros(len(bufs) * layout.ERR_WORDS, dtype=torch.int32, device=self.device)
+        self.staging = [b.local[layout.HEADER_BYTES:layout.HEADER_BYTES + max_size] for b in bufs]
+        self.capturing = 0
+
+    def algo(self, nbytes: int) -> layout.Algo:
+        return layout.choose_algo(nbytes, self.oneshot_max, self.max_size)
+
+    def stage(self, i: int, x: torch.Tensor) -> None:
+        """Copy rank i's input into its staging (on the current stream, before the kernel)."""
+        n = x.numel()
+        self.staging[i][:n * x.element_size()].view(x.dtype).view(x.shape).copy_(x)
+
+    def check(self) -> None:
+        """Raise AllReduceTimeoutError if a kernel timed out (reads the error words: a device sync)."""
+        rows = self.err.view(len(self.bufs), layout.ERR_WORDS).cpu().tolist()
+        msg = timeout_message(self.op, rows, self.ranks, self.timeout_s)
+        if msg:
+            raise AllReduceTimeoutError(msg)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        if not torch.cuda.is_current_stream_capturing():
+            raise MoeCommValueError(f"{self.op}.capture(): must be entered inside a CUDA graph capture "
+                                    "(with torch.cuda.graph(g): with ar.capture(): ...), got no capture on the "
+                                    "current stream")
+        self.capturing += 1
+        try:
+            yield
+        finally:
+            self.capturing -= 1
+
+    def close(self) -> None:
+        for b in self.bufs:
+            b.close()
