@@ -72,7 +72,20 @@ class SymmetricBufferError(MoeCommError, RuntimeError):
 
 
 class _IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * _IPC_HANDLE_BYTES)]
+    # raw bytes: a c_char array field would read back only up to its first NUL (handles hold NULs)
+    _fields_ = [("reserved", ctypes.c_ubyte * _IPC_HANDLE_BYTES)]
+
+    def to_bytes(self) -> bytes:
+        return ctypes.string_at(ctypes.addressof(self), _IPC_HANDLE_BYTES)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> _IpcHandle:
+        if len(data) != _IPC_HANDLE_BYTES:
+            raise SymmetricBufferError(f"moecomm.distributed.symmetric: an IPC handle must be {_IPC_HANDLE_BYTES} "
+                                       f"bytes, got {len(data)}")
+        h = cls()
+        ctypes.memmove(ctypes.addressof(h), data, _IPC_HANDLE_BYTES)
+        return h
 
 
 class _Ipc:
@@ -163,7 +176,7 @@ class _Allocation:
         h = _IpcHandle()
         with ipc.drv.current(self.device.index):
             ipc.check(ipc.get_handle(ctypes.byref(h), self.ptr), "cuIpcGetMemHandle")
-        return bytes(h.reserved)
+        return h.to_bytes()
 
     def free(self) -> None:
         if self.ptr:
@@ -175,8 +188,7 @@ class _Allocation:
 
 def _open_peer(handle: bytes, device: torch.device, rank: int) -> int:
     ipc = _get_ipc()
-    h = _IpcHandle()
-    h.reserved = handle
+    h = _IpcHandle.from_bytes(handle)
     ptr = ctypes.c_uint64()
     with ipc.drv.current(device.index):
         ipc.check(ipc.open_handle(ctypes.byref(ptr), h, _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),

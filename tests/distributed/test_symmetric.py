@@ -107,3 +107,11 @@ def test_two_processes_on_one_gpu_exchange_handles_and_read_each_other():
         assert o["zero"] and o["got"] == {0: True, 1: True} and o["closed_raises"], o
         # 100 x 8 MB opened and closed in each of two processes: must not grow
         assert o["free_before"] - o["free_after"] < 64 << 20, o
+
+
+def test_ipc_handles_travel_as_raw_bytes():
+    # handles are 64 opaque bytes with NULs inside: a c_char field would cut them at the first NUL
+    raw = bytes([0, 7, 0, 255] * 16)
+    assert S._IpcHandle.from_bytes(raw).to_bytes() == raw
+    with pytest.raises(S.SymmetricBufferError, match="an IPC handle must be 64 bytes, got 3"):
+        S._IpcHandle.from_bytes(b"abc")
