@@ -91,8 +91,14 @@ class Engine:
     def algo(self, nbytes: int) -> layout.Algo:
         return layout.choose_algo(nbytes, self.oneshot_max, self.max_size)
 
+    def alive(self) -> None:
+        """Raise if closed (the staging views would point at freed memory)."""
+        if self.staging is None:
+            raise MoeCommError(f"{self.op}: used after close()")
+
     def stage(self, i: int, x: torch.Tensor) -> None:
         """Copy rank i's input into its staging (on the current stream, before the kernel)."""
+        self.alive()
         n = x.numel()
         self.staging[i][:n * x.element_size()].view(x.dtype).view(x.shape).copy_(x)
 
@@ -116,5 +122,6 @@ class Engine:
             self.capturing -= 1
 
     def close(self) -> None:
+        self.staging = None
         for b in self.bufs:
             b.close()

@@ -121,6 +121,7 @@ class VirtualAllReduce:
         Args:
             out: rank y's n outputs at out + y * out_stride elements, 16-byte aligned rows.
         """
+        self._e.alive()
         k = self.world_size if launch_ranks is None else launch_ranks
         _ipc.launch_allreduce(algo, self._e.peer_ptrs, self.world_size, 0, k, out, out_stride, n, self._e.err,
                               self._e.timeout_ns, self._e.max_blocks)

@@ -19,7 +19,7 @@ import torch
 from moecomm.allreduce import Algo, AllReduceTimeoutError, CustomAllReduce, VirtualAllReduce, layout
 from moecomm.allreduce.engine import check_sizes, timeout_message
 from moecomm.allreduce.reference import all_reduce_reference, residual_rmsnorm_reference
-from moecomm.errors import MoeCommValueError
+from moecomm.errors import MoeCommError, MoeCommValueError
 from moecomm.jit import cuda
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -305,3 +305,5 @@ def test_inputs_are_checked(dev):
         with pytest.raises(TypeError, match=r"xs\[0\] must have dtype bfloat16, float16 or float32, got int32"):
             ar.all_reduce(torch.zeros(2, 4, dtype=torch.int32, device=dev))
         assert ar.algo_for(4096) is Algo.ONESHOT and ar.oneshot_max_bytes == 512 << 10
+    with pytest.raises(MoeCommError, match="VirtualAllReduce: used after close"):
+        ar.all_reduce(torch.zeros(2, 4, device=dev))
