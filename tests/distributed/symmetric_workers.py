@@ -82,3 +82,40 @@ def exchange_on_one_gpu(rounds):
     torch.cuda.synchronize()
     free1 = torch.cuda.mem_get_info(dev)[0]
     return dict(zero=zero, got=got, closed_raises=closed_raises, free_before=free0, free_after=free1)
+
+
+def real_eligibility_on_one_gpu():
+    """Two processes on one GPU: the real facts refuse IPC kernels (a shared GPU would deadlock them),
+    while the real probe (no spin-waits) succeeds: handles open and bytes read back."""
+    from moecomm.distributed import symmetric as S
+
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 0)
+    e = S.eligibility(None, device=dev)
+    return dict(ok=e.ok, reason=e.reason, probe=S.probe(None, dev))
+
+
+def custom_allreduce_fallback_cpu():
+    """CustomAllReduce on CPU tensors over gloo: not eligible (no CUDA), every call is torch.distributed's."""
+    from moecomm.allreduce import Algo, CustomAllReduce
+
+    rank = dist.get_rank()
+    ar = CustomAllReduce(device="cpu", max_size=1 << 16)
+    x = torch.arange(6, dtype=torch.float32).view(2, 3) * (rank + 1)
+    y = ar.all_reduce(x)
+    out = torch.full_like(x, float("nan"))
+    y2 = ar.all_reduce(x, out=out)
+    res = torch.ones(2, 3)
+    w = torch.full((3,), 2.0)
+    o, r = ar.all_reduce_residual_rmsnorm(x, res, w, 1e-6)
+    errors = []
+    for bad in (lambda: ar.all_reduce(x.int()), lambda: ar.all_reduce(x, out=torch.zeros(3)),
+                lambda: ar.all_reduce_residual_rmsnorm(x, res, torch.ones(4), 1e-6)):
+        try:
+            bad()
+        except Exception as exc:
+            errors.append(str(exc))
+    ar.check()
+    ar.close()
+    return dict(ipc=ar.ipc, path=ar.path_for(64) is Algo.NCCL, reason=ar.eligibility.reason, y=y.tolist(),
+                same_out=y2 is out, out=out.tolist(), o=o.tolist(), r=r.tolist(), errors=errors)

@@ -115,3 +115,27 @@ def test_ipc_handles_travel_as_raw_bytes():
     assert S._IpcHandle.from_bytes(raw).to_bytes() == raw
     with pytest.raises(S.SymmetricBufferError, match="an IPC handle must be 64 bytes, got 3"):
         S._IpcHandle.from_bytes(b"abc")
+
+
+def test_custom_allreduce_falls_back_to_torch_distributed_on_cpu():
+    outs = run_distributed(2, W.custom_allreduce_fallback_cpu, start_method="fork", timeout_s=90)
+    x = torch.arange(6, dtype=torch.float32).view(2, 3)
+    want = (x * 1 + x * 2)
+    new_res = want + 1
+    norm = new_res / torch.sqrt((new_res * new_res).mean(-1, keepdim=True) + 1e-6) * 2
+    for o in outs:
+        assert not o["ipc"] and o["path"] and "not CUDA" in o["reason"], o
+        assert o["y"] == want.tolist() and o["same_out"] and o["out"] == want.tolist()
+        assert torch.equal(torch.tensor(o["r"]), new_res)
+        torch.testing.assert_close(torch.tensor(o["o"]), norm, rtol=1e-6, atol=1e-6)
+        assert "x must have dtype bfloat16, float16 or float32, got int32" in o["errors"][0]
+        assert "out must have x's shape [2, 3]" in o["errors"][1]
+        assert "weight must be [3]" in o["errors"][2]
+
+
+@pytest.mark.gpu
+def test_real_eligibility_refuses_a_shared_gpu_and_the_probe_works():
+    outs = run_distributed(2, W.real_eligibility_on_one_gpu, backend="gloo", timeout_s=240)
+    for o in outs:
+        assert not o["ok"] and "ranks 0 and 1 share one GPU" in o["reason"], o
+        assert o["probe"] is None, o
