@@ -112,7 +112,7 @@ def run_gpu(writer: ResultWriter, dtype: torch.dtype, sizes, world_sizes, rms_sh
                 _, ref_res = residual_rmsnorm_reference(reduce_sum_reference(list(xs)), res[0], w, 1e-6)
                 assert torch.equal(new_res[0], ref_res), (W, T, H)
 
-                def unfused():
+                def unfused(xs=xs, res=res, w=w, H=H):
                     y = ar.all_reduce(xs)
                     r = y + res
                     return torch.nn.functional.rms_norm(r, (H,), w, 1e-6), r
@@ -120,7 +120,7 @@ def run_gpu(writer: ResultWriter, dtype: torch.dtype, sizes, world_sizes, rms_sh
                 src = torch.empty(W * T * H, dtype=dtype, device=dev)
                 dst = torch.empty_like(src)
                 copy = graph_bench(lambda: dst.copy_(src), [()], replays=replays)
-                for impl, fn in (("fused", lambda: ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6)),
+                for impl, fn in (("fused", lambda xs=xs, res=res, w=w: ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6)),
                                  ("unfused", unfused)):
                     t = graph_bench(fn, [()], replays=replays)
                     ar.check()
