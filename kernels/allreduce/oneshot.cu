@@ -19,6 +19,12 @@
 // flag round trips) and the launch dominate: the point of one-shot for small messages.
 // Vector path: 16-byte packs (staging is 128-byte aligned, out 16-byte aligned: the host checks);
 // the n % PACK tail one element per thread.
+//
+// Registered inputs (CUDA graphs): in_ptrs == nullptr reads every rank's staging; otherwise
+// in_ptrs[r] is rank r's input itself as mapped here (16-byte aligned: the host checks), so a
+// captured graph copies nothing. Same barriers: the start barrier says a peer's input is written
+// (by work before its kernel), the end barrier that no peer still reads ours (the caller may then
+// overwrite it).
 
 #include "../common/dtypes.cuh"
 #include "sync.cuh"
@@ -29,14 +35,18 @@ namespace ar {
 template <typename T>
 __device__ __forceinline__ void oneshot_impl(const unsigned long long* peer_ptrs, int world_size, int rank_base,
                                              void* out_base, long long out_stride, long long n, int* err_base,
-                                             long long timeout_ns) {
+                                             long long timeout_ns, const unsigned long long* in_ptrs) {
   using raw = typename T::raw;
   constexpr int PACK = 16 / sizeof(raw);
   const int rank = rank_base + blockIdx.y;
   raw* out = static_cast<raw*>(out_base) + blockIdx.y * out_stride;
   int* err = err_base + blockIdx.y * ERR_WORDS;
   __shared__ Block s;
+  __shared__ const raw* src[MAX_PEERS];  // rank r's input: its staging, or its registered buffer
   if (!prologue(s, peer_ptrs, world_size, rank, err)) return;
+  if (threadIdx.x < world_size)
+    src[threadIdx.x] = in_ptrs ? reinterpret_cast<const raw*>(in_ptrs[threadIdx.x]) : staging<raw>(s.bufs[threadIdx.x]);
+  // (the barrier's leading __syncthreads publishes src to the block)
   if (!barrier(s, PHASE_START, world_size, rank, err, timeout_ns)) return;
 
   const long long tid = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -45,13 +55,13 @@ __device__ __forceinline__ void oneshot_impl(const unsigned long long* peer_ptrs
   for (long long p = tid; p < num_packs; p += stride) {
     float acc[PACK];
     {
-      Pack16 v = ld_volatile16(staging<raw>(s.bufs[0]) + p * PACK);
+      Pack16 v = ld_volatile16(src[0] + p * PACK);
       const raw* e = reinterpret_cast<const raw*>(&v);
 #pragma unroll
       for (int j = 0; j < PACK; ++j) acc[j] = T::load(e[j]);
     }
     for (int r = 1; r < world_size; ++r) {
-      Pack16 v = ld_volatile16(staging<raw>(s.bufs[r]) + p * PACK);
+      Pack16 v = ld_volatile16(src[r] + p * PACK);
       const raw* e = reinterpret_cast<const raw*>(&v);
 #pragma unroll
       for (int j = 0; j < PACK; ++j) acc[j] += T::load(e[j]);
@@ -63,8 +73,8 @@ __device__ __forceinline__ void oneshot_impl(const unsigned long long* peer_ptrs
     reinterpret_cast<Pack16*>(out)[p] = o;
   }
   for (long long i = num_packs * PACK + tid; i < n; i += stride) {
-    float acc = T::load(ld_volatile(staging<raw>(s.bufs[0]) + i));
-    for (int r = 1; r < world_size; ++r) acc += T::load(ld_volatile(staging<raw>(s.bufs[r]) + i));
+    float acc = T::load(ld_volatile(src[0] + i));
+    for (int r = 1; r < world_size; ++r) acc += T::load(ld_volatile(src[r] + i));
     out[i] = T::store(acc);
   }
 
@@ -78,8 +88,9 @@ __device__ __forceinline__ void oneshot_impl(const unsigned long long* peer_ptrs
 #define MOECOMM_ONESHOT(NAME, TYPE)                                                                        \
   extern "C" __global__ void __launch_bounds__(moecomm::ar::THREADS)                                     \
       NAME(const unsigned long long* peer_ptrs, int world_size, int rank_base, void* out, long long out_stride, \
-           long long n, int* err, long long timeout_ns) {                                                  \
-    moecomm::ar::oneshot_impl<TYPE>(peer_ptrs, world_size, rank_base, out, out_stride, n, err, timeout_ns); \
+           long long n, int* err, long long timeout_ns, const unsigned long long* in_ptrs) {               \
+    moecomm::ar::oneshot_impl<TYPE>(peer_ptrs, world_size, rank_base, out, out_stride, n, err, timeout_ns,    \
+                                    in_ptrs);                                                              \
   }
 
 MOECOMM_ONESHOT(moecomm_ar_oneshot_bf16, moecomm::Bf16)

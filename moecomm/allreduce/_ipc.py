@@ -30,7 +30,7 @@ def kernel(which: tuple[str, str], dtype: torch.dtype, device: torch.device) -> 
 
 def launch_allreduce(algo: Algo, peer_ptrs: torch.Tensor, world_size: int, rank_base: int, num_ranks: int,
                      out: torch.Tensor, out_stride: int, n: int, err: torch.Tensor, timeout_ns: int,
-                     max_blocks: int) -> None:
+                     max_blocks: int, in_ptrs: torch.Tensor | None = None) -> None:
     """One-shot or two-shot over the staged inputs of ranks rank_base .. rank_base + num_ranks - 1.
 
     Args:
@@ -38,12 +38,15 @@ def launch_allreduce(algo: Algo, peer_ptrs: torch.Tensor, world_size: int, rank_
         out: rank y's n outputs start at out + y * out_stride elements; 16-byte aligned, out_stride a
             multiple of 16 bytes.
         err: [R * ERR_WORDS] int32, the ranks' error words.
+        in_ptrs: one-shot only: [W] int64, rank r's registered input (16-byte aligned) instead of its
+            staging; None reads the staging.
     """
     blocks = layout.grid_blocks(algo, n, out.element_size(), world_size, max_blocks)
-    kernel(_SOURCE[algo], out.dtype, out.device)(
-        (blocks, num_ranks), (layout.THREADS,),
-        (peer_ptrs, ctypes.c_int(world_size), ctypes.c_int(rank_base), out, ctypes.c_longlong(out_stride),
-         ctypes.c_longlong(n), err, ctypes.c_longlong(timeout_ns)))
+    args = [peer_ptrs, ctypes.c_int(world_size), ctypes.c_int(rank_base), out, ctypes.c_longlong(out_stride),
+            ctypes.c_longlong(n), err, ctypes.c_longlong(timeout_ns)]
+    if algo is Algo.ONESHOT:
+        args.append(in_ptrs if in_ptrs is not None else ctypes.c_void_p(0))
+    kernel(_SOURCE[algo], out.dtype, out.device)((blocks, num_ranks), (layout.THREADS,), args)
 
 
 def launch_rmsnorm(peer_ptrs: torch.Tensor, world_size: int, rank_base: int, num_ranks: int, residual: torch.Tensor,

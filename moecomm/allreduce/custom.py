@@ -3,8 +3,8 @@
     ar = CustomAllReduce(group, max_size=8 << 20)          # collective; once per group
     y = ar.all_reduce(x)                                    # one-shot / two-shot / NCCL by size
     out, residual = ar.all_reduce_residual_rmsnorm(x, residual, weight, eps=1e-6)
-    with torch.cuda.graph(g), ar.capture():
-        y = ar.all_reduce(x_static)                         # staging copy + kernel in the graph
+    with ar.capture(), torch.cuda.graph(g):
+        y = ar.all_reduce(x_static)                         # reads x_static in place at replay
     ar.check()                                              # raises if a peer never arrived
     ar.close()
 
@@ -20,10 +20,9 @@ Results: IPC paths add in rank order in fp32 and round once, so every rank gets 
 (and the same bits as the virtual-rank tests); NCCL's order is its own.
 
 Eager calls copy the input into the rank's pre-registered staging buffer (one device copy of n
-bytes), then launch. CUDA graphs: the documented mode here is that the staging copy is captured
-with the kernel (``capture()`` marks the capture and checks that one is running); replays copy from
-the captured input tensor. Registering the graph's own input buffers over IPC (vLLM's
-register_graph_buffers, which saves that copy) is not built yet.
+bytes), then launch. CUDA graphs (``capture()``): one-shot calls read the graph's own input buffers,
+registered over IPC when the capture ends (vLLM's register_graph_buffers), so replays copy nothing;
+``capture(register=False)`` captures the staging copy instead.
 
 Errors: a barrier waits at most timeout_s (MOECOMM_TIMEOUT_S by default); on timeout the kernel
 writes which rank did not arrive into a device error word and exits; ``check()`` (a device sync, at
@@ -40,8 +39,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..distributed.symmetric import Eligibility, eligibility, open_symmetric
-from ..errors import MoeCommValueError
+from ..distributed.symmetric import (Eligibility, close_allocation, eligibility, export_allocation, open_allocation,
+                                     open_symmetric)
+from ..errors import MoeCommError, MoeCommValueError
 from . import _ipc, layout
 from .engine import Engine, check_input, check_sizes
 from .layout import Algo
@@ -85,6 +85,7 @@ class CustomAllReduce:
         self.eligibility: Eligibility = (eligibility(group, device=dev) if dev.type == "cuda"
                                          else Eligibility(False, f"the device is {dev}, not CUDA"))
         self._e: Engine | None = None
+        self._opened: dict[bytes, tuple[int, int]] = {}  # a peer's graph-input allocation: (base here, rank)
         if self.eligibility.ok:
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             gathered: list[Any] = [None] * self.world_size
@@ -138,9 +139,11 @@ class CustomAllReduce:
         dst = out if direct else torch.empty(x.shape, dtype=x.dtype, device=self.device)
         if x.numel() == 0:
             return dst if out is None else out
-        e.stage(0, x)
+        table = e.table_for([x]) if algo is Algo.ONESHOT else None
+        if table is None:
+            e.stage(0, x)
         _ipc.launch_allreduce(algo, e.peer_ptrs, self.world_size, self.rank, 1, dst, x.numel(), x.numel(), e.err,
-                              e.timeout_ns, e.max_blocks)
+                              e.timeout_ns, e.max_blocks, in_ptrs=table)
         if out is not None and not direct:
             out.copy_(dst)
             return out
@@ -200,19 +203,63 @@ class CustomAllReduce:
         return out, res_out
 
     @contextlib.contextmanager
-    def capture(self) -> Iterator[CustomAllReduce]:
-        """Mark a CUDA-graph capture; enter it inside ``torch.cuda.graph(g)``. The graph holds each
-        call's staging copy and kernel (the documented mode: replay copies the captured input into
-        staging, n bytes per call); raises MoeCommValueError outside a capture. On the NCCL path
-        (not eligible, or above max_size) the captured call is NCCL's."""
+    def capture(self, register: bool = True) -> Iterator[CustomAllReduce]:
+        """CUDA-graph capture of the all-reduce calls. Collective at its exit when register=True.
+
+        register=True (default): enclose the graph capture, ``with ar.capture(), torch.cuda.graph(g):``.
+        One-shot calls on contiguous 16-byte-aligned inputs then read every rank's input in place:
+        at exit (after the capture ended) each rank exports the allocations holding its captured
+        inputs (cuMemGetAddressRange + cuIpcGetMemHandle), the handles and offsets are exchanged
+        over the group, the peers' are opened once each, and every call's table of input pointers
+        is written: replays copy nothing into staging. Every rank must capture the same calls.
+        Other calls (two-shot, fused RMSNorm, misaligned inputs) capture their staging copy.
+        register=False: every call captures its staging copy (either nesting order works).
+        On the NCCL path (not eligible, or above max_size) the captured call is NCCL's.
+        """
         if self._e is None:
-            if not torch.cuda.is_current_stream_capturing():
-                raise MoeCommValueError(f"{self.OP}.capture(): must be entered inside a CUDA graph capture, got no "
-                                        "capture on the current stream")
             yield self
             return
-        with self._e.capture():
+        with self._e.capture(register, self._register_inputs):
             yield self
+
+    def _register_inputs(self, pending: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
+        op = self.OP + ".capture"
+        mine, err = [], None
+        try:
+            for _, (x,) in pending:
+                mine.append(export_allocation(x.data_ptr(), self.device))
+        except Exception as exc:  # reported through the exchange, so that no peer waits for us
+            err = f"{type(exc).__name__}: {exc}"
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (err, mine), group=self.group)
+        problems = [f"rank {r}: {e}" for r, (e, _) in enumerate(gathered) if e]
+        counts = {len(m) for _, m in gathered}
+        if not problems and len(counts) > 1:
+            problems.append("the ranks captured different numbers of registrable one-shot calls: "
+                            + ", ".join(f"rank {r} {len(m)}" for r, (_, m) in enumerate(gathered)))
+        if not problems:
+            try:
+                for k, (table, (x,)) in enumerate(pending):
+                    ptrs = []
+                    for r, (_, theirs) in enumerate(gathered):
+                        if r == self.rank:
+                            ptrs.append(x.data_ptr())
+                            continue
+                        handle, offset = theirs[k]
+                        base = self._opened.get(handle)
+                        if base is None:
+                            base = self._opened[handle] = (open_allocation(handle, self.device, r), r)
+                        ptrs.append(base[0] + offset)
+                    table.copy_(torch.tensor(ptrs, dtype=torch.int64))
+            except Exception as exc:
+                err = f"{type(exc).__name__}: {exc}"
+            outcome: list[Any] = [None] * self.world_size
+            dist.all_gather_object(outcome, err, group=self.group)
+            problems = [f"rank {r}: {e}" for r, e in enumerate(outcome) if e]
+        if problems:
+            raise MoeCommError(f"{op}: registering the graph's inputs over IPC failed ({'; '.join(problems)}); the "
+                               "graph must not be replayed: capture again with capture(register=False), which "
+                               "copies the inputs into the staging buffers inside the graph")
 
     def check(self) -> None:
         """Raise AllReduceTimeoutError if a barrier of an earlier call timed out (a device sync)."""
@@ -222,6 +269,11 @@ class CustomAllReduce:
     def close(self) -> None:
         """Unmap the peers' buffers and free ours (collective: a barrier over the group). Idempotent."""
         if self._e is not None:
+            if self._opened:
+                torch.cuda.synchronize(self.device)  # no kernel of ours still reads a peer's graph input
+                for base, r in self._opened.values():
+                    close_allocation(base, self.device, r)
+                self._opened.clear()
             self._e.close()
 
     def __enter__(self) -> CustomAllReduce:

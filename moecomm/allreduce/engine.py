@@ -7,7 +7,7 @@ Shape legend: W = world_size, R = ranks this process drives (1, or W virtual), n
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -86,7 +86,8 @@ class Engine:
         self.peer_ptrs = bufs[0].peer_ptrs
         self.err = torch.zeros(len(bufs) * layout.ERR_WORDS, dtype=torch.int32, device=self.device)
         self.staging = [b.local[layout.HEADER_BYTES:layout.HEADER_BYTES + max_size] for b in bufs]
-        self.capturing = 0
+        self.capturing, self.register = 0, False
+        self.pending: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
 
     def algo(self, nbytes: int) -> layout.Algo:
         return layout.choose_algo(nbytes, self.oneshot_max, self.max_size)
@@ -110,16 +111,40 @@ class Engine:
             raise AllReduceTimeoutError(msg)
 
     @contextlib.contextmanager
-    def capture(self) -> Iterator[None]:
-        if not torch.cuda.is_current_stream_capturing():
-            raise MoeCommValueError(f"{self.op}.capture(): must be entered inside a CUDA graph capture "
-                                    "(with torch.cuda.graph(g): with ar.capture(): ...), got no capture on the "
-                                    "current stream")
-        self.capturing += 1
+    def capture(self, register: bool, fill: Callable[[list[tuple[torch.Tensor, list[torch.Tensor]]]], None]
+                ) -> Iterator[None]:
+        """The capture context of both front ends (their docstrings say how to use it).
+
+        register=True: one-shot calls captured while it is open read the ranks' inputs in place
+        (table_for); at exit, after the graph capture ended, ``fill`` writes every call's table of
+        input pointers. register=False: the staging copies are captured with the kernels."""
+        if self.capturing:
+            raise MoeCommValueError(f"{self.op}.capture(): capture() does not nest, got a second one inside the first")
+        self.alive()
+        self.capturing, self.register, self.pending = 1, register, []
         try:
             yield
         finally:
-            self.capturing -= 1
+            self.capturing = 0
+        pending, self.pending = self.pending, []
+        if pending:
+            if torch.cuda.is_current_stream_capturing():
+                raise MoeCommValueError(
+                    f"{self.op}.capture(): with register=True it must enclose the graph capture "
+                    "(with ar.capture(), torch.cuda.graph(g): ...), so that the inputs are registered after the "
+                    f"capture ended; got capture() closed inside a running capture ({len(pending)} calls to register)")
+            fill(pending)
+
+    def table_for(self, xs: list[torch.Tensor]) -> torch.Tensor | None:
+        """During a registering capture: a [W] int64 table (graph memory, filled at the capture's end)
+        through which the one-shot kernel reads the inputs in place; else None (stage them)."""
+        if not (self.capturing and self.register and torch.cuda.is_current_stream_capturing()):
+            return None
+        if not all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in xs):
+            return None
+        table = torch.empty(self.world_size, dtype=torch.int64, device=self.device)
+        self.pending.append((table, list(xs)))
+        return table
 
     def close(self) -> None:
         self.staging = None

@@ -110,9 +110,13 @@ class VirtualAllReduce:
         out = store[:, :n].view(self.world_size, *shape)
         if n == 0:
             return out
-        for r in range(self.world_size):
-            self._e.stage(r, xs[r])
-        self.launch_staged(algo, n, store, stride, launch_ranks=k)
+        table = self._e.table_for(xs) if algo is Algo.ONESHOT else None
+        if table is None:
+            for r in range(self.world_size):
+                self._e.stage(r, xs[r])
+        self._e.alive()
+        _ipc.launch_allreduce(algo, self._e.peer_ptrs, self.world_size, 0, k, store, stride, n, self._e.err,
+                              self._e.timeout_ns, self._e.max_blocks, in_ptrs=table)
         return out
 
     def launch_staged(self, algo: Algo, n: int, out: torch.Tensor, out_stride: int, *, launch_ranks: int | None = None) -> None:
@@ -170,11 +174,21 @@ class VirtualAllReduce:
         return out, res_out
 
     @contextlib.contextmanager
-    def capture(self) -> Iterator[VirtualAllReduce]:
-        """Mark a CUDA-graph capture (enter it inside torch.cuda.graph). The graph holds the staging
-        copies and the kernels; replays re-read the captured input tensors (copy fresh data into them
-        before replay) and the epochs advance on the device."""
-        with self._e.capture():
+    def capture(self, register: bool = True) -> Iterator[VirtualAllReduce]:
+        """CUDA-graph capture of the all-reduce calls.
+
+        register=True (default): enclose the graph capture, ``with ar.capture(), torch.cuda.graph(g):``;
+        one-shot calls on contiguous 16-byte-aligned inputs read the inputs in place (no staging
+        copy in the graph); their pointer tables are written when capture() exits. Other calls
+        (two-shot, fused RMSNorm, misaligned inputs) capture their staging copy.
+        register=False: every call captures its staging copy (either nesting order works).
+        Replays read the captured input tensors: copy fresh data into them before a replay.
+        """
+        def fill(pending):
+            for table, xs in pending:
+                table.copy_(torch.tensor([x.data_ptr() for x in xs], dtype=torch.int64))
+
+        with self._e.capture(register, fill):
             yield self
 
     def check(self) -> None:

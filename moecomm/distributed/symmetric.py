@@ -114,8 +114,9 @@ class _Ipc:
         self.open_handle.argtypes = [ctypes.POINTER(ctypes.c_uint64), _IpcHandle, ctypes.c_uint]
         self.close_handle = fn("cuIpcCloseMemHandle")
         self.close_handle.argtypes = [ctypes.c_uint64]
-        self.memcpy_dtoh = fn("cuMemcpyDtoH_v2", "cuMemcpyDtoH")
-        self.memcpy_dtoh.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t]
+        self.address_range = fn("cuMemGetAddressRange_v2", "cuMemGetAddressRange")
+        self.address_range.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
+                                       ctypes.c_uint64]
 
     def check(self, rc: int, what: str) -> None:
         try:
@@ -200,6 +201,33 @@ def _close_peer(ptr: int, device: torch.device, rank: int) -> None:
     ipc = _get_ipc()
     with ipc.drv.current(device.index):
         ipc.check(ipc.close_handle(ptr), f"cuIpcCloseMemHandle(rank {rank}'s buffer)")
+
+
+def export_allocation(ptr: int, device: torch.device) -> tuple[bytes, int]:
+    """(IPC handle of the allocation holding device pointer ``ptr``, ptr's offset in it).
+
+    For tensors of torch's caching allocator (a CUDA graph's inputs, say): the handle maps the whole
+    cudaMalloc'ed segment, so peers add the offset. Raises SymmetricBufferError where the memory has
+    no IPC handle (expandable segments, cudaMallocAsync pools).
+    """
+    ipc = _get_ipc()
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    h = _IpcHandle()
+    with ipc.drv.current(device.index):
+        ipc.check(ipc.address_range(ctypes.byref(base), ctypes.byref(size), ptr), f"cuMemGetAddressRange({ptr:#x})")
+        ipc.check(ipc.get_handle(ctypes.byref(h), base.value), f"cuIpcGetMemHandle(allocation at {base.value:#x})")
+    return h.to_bytes(), ptr - base.value
+
+
+def open_allocation(handle: bytes, device: torch.device, rank: int) -> int:
+    """Map a peer's allocation (a handle from export_allocation) here; its base pointer. A process may
+    map one allocation once: callers keep a dictionary of handles they opened."""
+    return _open_peer(handle, device, rank)
+
+
+def close_allocation(ptr: int, device: torch.device, rank: int) -> None:
+    """Unmap what open_allocation mapped."""
+    _close_peer(ptr, device, rank)
 
 
 class SymmetricBuffer:

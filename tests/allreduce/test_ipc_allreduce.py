@@ -240,7 +240,10 @@ def test_fused_residual_rmsnorm(world_size, dtype, dev):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_and_replay_with_fresh_inputs(dev):
+@pytest.mark.parametrize("register", (True, False))
+def test_cuda_graph_capture_and_replay_with_fresh_inputs(register, dev):
+    """register=True: the one-shot call reads the captured input in place (its table is written when
+    capture() exits), the two-shot call stages; register=False: both stage inside the graph."""
     W, n = 4, 3000
     with VirtualAllReduce(W, max_size=1 << 20, device=dev, timeout_s=10.0) as ar:
         x1 = _int_inputs(W, n, torch.bfloat16, dev)
@@ -248,11 +251,8 @@ def test_cuda_graph_capture_and_replay_with_fresh_inputs(dev):
         ar.all_reduce(x1)  # compile and load outside the capture
         ar.all_reduce(x2, algo=Algo.TWOSHOT)
         torch.cuda.synchronize()
-        with pytest.raises(MoeCommValueError, match="capture\\(\\): must be entered inside a CUDA graph capture"):
-            with ar.capture():
-                pass
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g), ar.capture():
+        with ar.capture(register=register), torch.cuda.graph(g):
             y1 = ar.all_reduce(x1)
             y2 = ar.all_reduce(x2, algo=Algo.TWOSHOT)
         for j in range(5):
@@ -264,6 +264,26 @@ def test_cuda_graph_capture_and_replay_with_fresh_inputs(dev):
             for y, x in ((y1, x1), (y2, x2)):
                 want = x.float().sum(0).bfloat16()
                 assert all(torch.equal(y[r], want) for r in range(W)), j
+        if register:
+            # a graph of one registered one-shot call leaves the staging untouched: it copies nothing
+            g1 = torch.cuda.CUDAGraph()
+            with ar.capture(), torch.cuda.graph(g1):
+                y3 = ar.all_reduce(x1)
+            for st in ar._e.staging:
+                st.fill_(255)
+            x1.copy_(_int_inputs(W, n, torch.bfloat16, dev) + 1)
+            g1.replay()
+            torch.cuda.synchronize()
+            ar.check()
+            want = x1.float().sum(0).bfloat16()
+            assert all(torch.equal(y3[r], want) for r in range(W))
+            assert all(bool((st[:n * 2] == 255).all()) for st in ar._e.staging)
+            # registering needs the capture to have ended: capture() inside torch.cuda.graph says so
+            g2 = torch.cuda.CUDAGraph()
+            with pytest.raises(MoeCommValueError, match=r"must enclose the graph capture \(with ar.capture\(\), "
+                                                        r"torch.cuda.graph\(g\)"):
+                with torch.cuda.graph(g2), ar.capture():
+                    ar.all_reduce(x1)
 
 
 @pytest.mark.gpu
