@@ -11,7 +11,10 @@ What is timed (all in CUDA graphs, moecomm.testing.graph_bench: device time, no 
                        virtual ranks (grid (SMs / W, W)), so the figure is W ranks' kernels sharing
                        one GPU's SMs and HBM, not one rank of a real node (peers' reads are local HBM
                        here, NVLink there). The multi-GPU issue measures the real thing.
-  oneshot+stage        the public call: W staging copies then the kernel (what eager and graph users get).
+  <algo>+stage         the public call, path by size: W staging copies then the kernel (eager, or
+                       a graph captured with capture(register=False)).
+  oneshot+registered   one-shot captured with ar.capture() around the graph: the kernel reads the
+                       inputs in place, nothing is copied (what graph users get by default).
   copy                 the baseline beside every row: one device copy of the same bytes the W ranks
                        hand in (W * n * e): the floor of moving the input once.
   rmsnorm_fused        all_reduce_residual_rmsnorm (staging + one kernel), T x H per rank
@@ -42,6 +45,30 @@ def _print(row: dict) -> None:
     ratio = f"{row['median_ms'] / base:6.2f}x copy" if base else ""
     print(f"{row['op']:<16} W{row['world_size']} {row['shape']:>12} {row['impl']:<18} "
           f"{row['median_ms'] * 1e3:9.2f} us  [{row['p10_ms'] * 1e3:.2f}, {row['p90_ms'] * 1e3:.2f}]  {ratio}")
+
+
+def _registered_graph(ar, xs, replays: int, calls: int = 20):
+    """Time per call of ``calls`` one-shot all-reduces captured with ar.capture() (inputs registered:
+    no staging copy in the graph), CUDA events around each replay."""
+    ar.all_reduce(xs, algo=Algo.ONESHOT)  # loaded before the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with ar.capture(), torch.cuda.graph(g):
+        for _ in range(calls):
+            ar.all_reduce(xs, algo=Algo.ONESHOT)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del g
+    times.sort()
+    return times[len(times) // 2], times[len(times) // 10], times[(9 * len(times)) // 10]
 
 
 def run_quick(writer: ResultWriter) -> None:
@@ -97,6 +124,11 @@ def run_gpu(writer: ResultWriter, dtype: torch.dtype, sizes, world_sizes, rms_sh
                 _print(writer.write(op="allreduce", world_size=W, shape=f"{nbytes // 1024}KB", dtype=dname,
                                     impl=f"{algo.value}+stage", median_ms=t.median_ms, p10_ms=t.p10_ms,
                                     p90_ms=t.p90_ms, copy_ms=copy.median_ms, bytes_per_rank=nbytes))
+                med, p10, p90 = _registered_graph(ar, xs, replays)
+                ar.check()
+                _print(writer.write(op="allreduce", world_size=W, shape=f"{nbytes // 1024}KB", dtype=dname,
+                                    impl="oneshot+registered", median_ms=med, p10_ms=p10, p90_ms=p90,
+                                    copy_ms=copy.median_ms, bytes_per_rank=nbytes))
                 _print(writer.write(op="allreduce", world_size=W, shape=f"{nbytes // 1024}KB", dtype=dname,
                                     impl="copy", median_ms=copy.median_ms, p10_ms=copy.p10_ms, p90_ms=copy.p90_ms,
                                     copy_ms=copy.median_ms, bytes_per_rank=nbytes))
