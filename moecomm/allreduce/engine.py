@@ -88,6 +88,9 @@ class Engine:
         self.staging = [b.local[layout.HEADER_BYTES:layout.HEADER_BYTES + max_size] for b in bufs]
         self.capturing, self.register = 0, False
         self.pending: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        # the registered calls' pointer tables: graph-pool memory the captured kernels read at every
+        # replay, so it must never return to the pool while this object lives
+        self.tables: list[torch.Tensor] = []
 
     def algo(self, nbytes: int) -> layout.Algo:
         return layout.choose_algo(nbytes, self.oneshot_max, self.max_size)
@@ -144,6 +147,7 @@ class Engine:
             return None
         table = torch.empty(self.world_size, dtype=torch.int64, device=self.device)
         self.pending.append((table, list(xs)))
+        self.tables.append(table)
         return table
 
     def close(self) -> None:
