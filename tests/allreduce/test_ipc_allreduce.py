@@ -4,7 +4,8 @@ sync.cuh, thresholds, grid sizes, references, error messages and argument checks
 ranks on one GPU, one launch for all W): exact on small-integer payloads at W 1/2/4/8, sizes up to
 8 MB with odd tails, every dtype, one-shot and two-shot, outputs NaN-prefilled, bit-identical across
 ranks; fused residual + RMSNorm against the reference; CUDA-graph capture and replay with fresh
-inputs; a rank that never launches makes check() name it within the timeout."""
+inputs, registered (the one-shot reads the captured inputs in place) and staged; a rank that never
+launches makes check() name it within the timeout."""
 
 # W = world_size, n = elements per rank.
 
