@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..distributed.agreement import check_agreement
 from ..distributed.symmetric import (Eligibility, close_allocation, eligibility, export_allocation, open_allocation,
                                      open_symmetric)
 from ..errors import MoeCommError, MoeCommValueError
@@ -92,8 +93,10 @@ class CustomAllReduce:
             dist.all_gather_object(gathered, sms, group=group)
             if max_blocks is None:  # the grid must be the same on every rank: the smallest GPU decides
                 max_blocks = max(1, min(layout.MAX_BLOCKS, min(gathered)))
-            buf = open_symmetric(layout.buffer_bytes(max_size), group, device=dev)
             oneshot = layout.default_oneshot_max(self.world_size) if oneshot_max_bytes is None else oneshot_max_bytes
+            # every rank must pick the same path and grid for a call, or the barriers never match
+            check_agreement(group, self.OP, max_size=max_size, oneshot_max_bytes=oneshot, max_blocks=max_blocks)
+            buf = open_symmetric(layout.buffer_bytes(max_size), group, device=dev)
             self._e = Engine([buf], max_size=max_size, oneshot_max=oneshot, timeout_s=timeout_s,
                              max_blocks=max_blocks, op=self.OP)
         elif self.world_size > 1:
