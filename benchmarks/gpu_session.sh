@@ -21,7 +21,7 @@ if ls .fib/*.whl >/dev/null 2>&1; then
     && for t in .fib/*.tar.xz; do tar xJf "$t" -C /tmp/fisite; done && export FI072_SITE=/tmp/fisite FLASHINFER_CUDA_ARCH_LIST=9.0
 fi
 what=${1:-all}; shift || true
-benches=${*:-"routing permute gemm moe dispatch dispatch_onerank ll_dispatch attention sampling"}
+benches=${*:-"routing permute gemm moe dispatch dispatch_onerank ll_dispatch allreduce attention sampling"}
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

@@ -19,6 +19,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MOECOMM_LOG_LEVEL": ("WARNING", "level of the 'moecomm' logger"),
     "MOECOMM_MPIEXEC": ("", "the mpiexec `moecomm demo --launcher mpirun` runs (default: the one beside mpi4py's MPI library)"),
     "MOECOMM_CUDA_GRAPH_TOKENS": ("128", "MoE layers replay a CUDA graph per token count up to this many tokens (0: never)"),
+    "MOECOMM_ALLREDUCE_ONESHOT_BYTES": ("", "IPC all-reduce: largest input (bytes per rank) taking one-shot instead of two-shot (default: 512 KB at 2-4 ranks, 256 KB at 8)"),
 }
 
 
@@ -86,6 +87,19 @@ def cuda_graph_tokens() -> int:
         raise ValueError(f"MOECOMM_CUDA_GRAPH_TOKENS must be an integer >= 0, got {raw!r}") from None
     if value < 0:
         raise ValueError(f"MOECOMM_CUDA_GRAPH_TOKENS must be an integer >= 0, got {raw!r}")
+    return value
+
+
+def allreduce_oneshot_bytes() -> int | None:
+    raw = get("MOECOMM_ALLREDUCE_ONESHOT_BYTES").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"MOECOMM_ALLREDUCE_ONESHOT_BYTES must be an integer >= 0, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"MOECOMM_ALLREDUCE_ONESHOT_BYTES must be an integer >= 0, got {raw!r}")
     return value
 
 

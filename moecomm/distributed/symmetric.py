@@ -72,7 +72,20 @@ class SymmetricBufferError(MoeCommError, RuntimeError):
 
 
 class _IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * _IPC_HANDLE_BYTES)]
+    # raw bytes: a c_char array field would read back only up to its first NUL (handles hold NULs)
+    _fields_ = [("reserved", ctypes.c_ubyte * _IPC_HANDLE_BYTES)]
+
+    def to_bytes(self) -> bytes:
+        return ctypes.string_at(ctypes.addressof(self), _IPC_HANDLE_BYTES)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> _IpcHandle:
+        if len(data) != _IPC_HANDLE_BYTES:
+            raise SymmetricBufferError(f"moecomm.distributed.symmetric: an IPC handle must be {_IPC_HANDLE_BYTES} "
+                                       f"bytes, got {len(data)}")
+        h = cls()
+        ctypes.memmove(ctypes.addressof(h), data, _IPC_HANDLE_BYTES)
+        return h
 
 
 class _Ipc:
@@ -101,8 +114,9 @@ class _Ipc:
         self.open_handle.argtypes = [ctypes.POINTER(ctypes.c_uint64), _IpcHandle, ctypes.c_uint]
         self.close_handle = fn("cuIpcCloseMemHandle")
         self.close_handle.argtypes = [ctypes.c_uint64]
-        self.memcpy_dtoh = fn("cuMemcpyDtoH_v2", "cuMemcpyDtoH")
-        self.memcpy_dtoh.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t]
+        self.address_range = fn("cuMemGetAddressRange_v2", "cuMemGetAddressRange")
+        self.address_range.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
+                                       ctypes.c_uint64]
 
     def check(self, rc: int, what: str) -> None:
         try:
@@ -163,7 +177,7 @@ class _Allocation:
         h = _IpcHandle()
         with ipc.drv.current(self.device.index):
             ipc.check(ipc.get_handle(ctypes.byref(h), self.ptr), "cuIpcGetMemHandle")
-        return bytes(h.reserved)
+        return h.to_bytes()
 
     def free(self) -> None:
         if self.ptr:
@@ -175,8 +189,7 @@ class _Allocation:
 
 def _open_peer(handle: bytes, device: torch.device, rank: int) -> int:
     ipc = _get_ipc()
-    h = _IpcHandle()
-    h.reserved = handle
+    h = _IpcHandle.from_bytes(handle)
     ptr = ctypes.c_uint64()
     with ipc.drv.current(device.index):
         ipc.check(ipc.open_handle(ctypes.byref(ptr), h, _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
@@ -188,6 +201,33 @@ def _close_peer(ptr: int, device: torch.device, rank: int) -> None:
     ipc = _get_ipc()
     with ipc.drv.current(device.index):
         ipc.check(ipc.close_handle(ptr), f"cuIpcCloseMemHandle(rank {rank}'s buffer)")
+
+
+def export_allocation(ptr: int, device: torch.device) -> tuple[bytes, int]:
+    """(IPC handle of the allocation holding device pointer ``ptr``, ptr's offset in it).
+
+    For tensors of torch's caching allocator (a CUDA graph's inputs, say): the handle maps the whole
+    cudaMalloc'ed segment, so peers add the offset. Raises SymmetricBufferError where the memory has
+    no IPC handle (expandable segments, cudaMallocAsync pools).
+    """
+    ipc = _get_ipc()
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    h = _IpcHandle()
+    with ipc.drv.current(device.index):
+        ipc.check(ipc.address_range(ctypes.byref(base), ctypes.byref(size), ptr), f"cuMemGetAddressRange({ptr:#x})")
+        ipc.check(ipc.get_handle(ctypes.byref(h), base.value), f"cuIpcGetMemHandle(allocation at {base.value:#x})")
+    return h.to_bytes(), ptr - base.value
+
+
+def open_allocation(handle: bytes, device: torch.device, rank: int) -> int:
+    """Map a peer's allocation (a handle from export_allocation) here; its base pointer. A process may
+    map one allocation once: callers keep a dictionary of handles they opened."""
+    return _open_peer(handle, device, rank)
+
+
+def close_allocation(ptr: int, device: torch.device, rank: int) -> None:
+    """Unmap what open_allocation mapped."""
+    _close_peer(ptr, device, rank)
 
 
 class SymmetricBuffer:
