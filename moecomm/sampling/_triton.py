@@ -89,6 +89,21 @@ def _exponentials(start, seed, c1, c2, c3, N_ROUNDS: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
+def _fresh(x):
+    """x as an IR value of its own (x + 0), to start a piece of while-loop state from another name.
+
+    Triton (3.6, code_generator._find_carries) decides which names a `while` carries by visiting
+    the body once and comparing each name's IR value at its end with the value it had before the
+    loop. With `c_idx = widx` before the loop both names hold ONE value, so the body's
+    `c_idx = widx` (widx not yet reassigned at that point of the trial visit) looks like no
+    change: c_idx was silently not carried, every pass restarted from the pass-1 winner, and a
+    row could return that unfiltered winner on the proof of another candidate (issue 14: 0.04%
+    of top-p draws outside the kept set, GPU only: the interpreter runs the Python as written).
+    tests/sampling/test_sampling.py::test_loop_state_is_carried guards the rule."""
+    return x + 0
+
+
+@triton.jit
 def _values(x, inv_t, shift, FROM_LOGITS: tl.constexpr):
     if FROM_LOGITS:
         return tl.exp2((x * inv_t - shift) * 1.4426950408889634)
@@ -330,11 +345,12 @@ def sample_kernel(
     # dropped), with its count / mass above; hi: the lowest value known kept (every token above it
     # is kept). The candidate: the race winner above lo; c_eval: pivot 0 of the pass just made was
     # the candidate (its exact rank and mass-before are in cnt0 / mass0), else it was lo.
-    lo_v = pv0
+    # each name below starts as an IR value of its own (_fresh: an alias would not be carried)
+    lo_v = _fresh(pv0)
     lo_i = 0
-    lo_cnt = cnt0
-    lo_mass = mass0
-    hi_v = M  # a token at the row maximum would be kept (nothing lies above it)
+    lo_cnt = _fresh(cnt0)
+    lo_mass = _fresh(mass0)
+    hi_v = _fresh(M)  # a token at the row maximum would be kept (nothing lies above it)
     hi_cnt = 0
     hi_mass = 0.0
     c_idx = 0
@@ -344,26 +360,26 @@ def sample_kernel(
     race_on_p0 = pid * 0  # 1 once pivot 0 of the last pass was raced above (lo)
     if RACE1 and FILTERED:
         race_on_p0 += 1
-    sk_lo = M
-    sk_hi = S
+    sk_lo = _fresh(M)
+    sk_hi = _fresh(S)
     klo_v = -INF
     khi_v = INF
     khi_cnt = 0
     khi_mass = 0.0
-    tau_v = pv0
+    tau_v = _fresh(pv0)
     m_ties = 0
-    kept_mass = S
+    kept_mass = _fresh(S)
     result = 0
     if SAMPLE and not FILTERED:
         if FROM_LOGITS:
-            result = lidx
+            result = _fresh(lidx)
         else:
-            result = widx
+            result = _fresh(widx)
     if not FILTERED:
         done = done * 0 + 1
     if RACE1 and FILTERED:  # pass 1 (or 1b) raced above lo = (0, 0)
-        c_idx = widx
-        c_v = wval
+        c_idx = _fresh(widx)
+        c_v = _fresh(wval)
         c_ok = (wkey >= 0).to(tl.int32)
     if FILTERED:
         npass = 1
