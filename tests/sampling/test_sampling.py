@@ -109,6 +109,24 @@ def test_kernel_matches_reference_multi_chunk_and_logits(triton_backend):
     torch.testing.assert_close(out_a.logprobs, out_b.logprobs, atol=1e-5, rtol=0)
 
 
+
+@pytest.mark.parametrize("config", ["v1", "w32"])
+def test_every_config_matches_reference(triton_backend, monkeypatch, config):
+    """Each launch configuration (_triton.CONFIGS: chunk, warps, pivots, loads in flight) draws the
+    reference's tokens: V = 5000 is 3 chunks of 2048 / 5 of 1024 (fewer than the 4 loads in flight
+    at the end of the row, more at its start)."""
+    from moecomm.sampling import _triton
+
+    assert set(_triton.CONFIGS) == {"v1", "w32"}, "a new configuration: add it here"
+    monkeypatch.setattr(_triton, "CONFIG", config)
+    p = _probs(3, 5000, seed=21)
+    for fn, args in ((S.top_p_sampling_from_probs, (0.9,)), (S.top_k_top_p_sampling_from_probs, (40, 0.9)),
+                     (S.min_p_sampling_from_probs, (0.05,))):
+        a, b = both(fn, p, *args, seed=5)
+        assert torch.equal(a, b), (fn.__name__, config)
+    a, b = both(S.top_p_renorm_probs, p, 0.9)
+    assert torch.equal(a > 0, b > 0)
+
 def test_per_row_tensor_parameters_and_indices(triton_backend):
     p = _probs(4, 200, seed=3)
     idx = torch.tensor([3, 0, 0, 2, 3, 1], dtype=torch.int64, device=DEV)
@@ -345,7 +363,7 @@ _SIG = {"x_ptr": "*fp32", "rowmap_ptr": "*i32", "out_ptr": "*i32", "valid_ptr": 
 _BASE = dict(MODE=0, FROM_LOGITS=False, HAS_ROWMAP=False, HAS_TOPK=False, K_TENSOR=False, HAS_TOPP=False,
              P_TENSOR=False, HAS_MINP=False, MINP_TENSOR=False, HAS_TEMP=False, TEMP_TENSOR=False, TOPK_FIRST=True,
              SEED_TENSOR=True, SEED_PER_ROW=False, OFFSET_TENSOR=False, OFFSET_PER_ROW=False, WRITE_LOGPROB=False,
-             N_ROUNDS=7, BLOCK=2048, NP=8, MAX_PASSES=48)
+             N_ROUNDS=7, BLOCK=2048, NP=8, MAX_PASSES=48, DEPTH=1)
 # every code path once (fp32 inputs), the two benchmarked ones also with bf16 inputs
 _VARIANTS = [("fp32", dict(NP=2)), ("fp32", dict(NP=2, FROM_LOGITS=True)), ("bf16", dict(HAS_TOPP=True)),
              ("fp32", dict(HAS_MINP=True, HAS_TOPK=True, K_TENSOR=True)),
@@ -365,6 +383,13 @@ def _compile_all_for_hopper() -> int:
         ptx = compile_for_hopper(_triton.sample_kernel, sig, consts, num_warps=8).asm["ptx"]
         assert ".target sm_90" in ptx and "st.global" in ptx
         count += 1
+    for cfg in _triton.CONFIGS.values():  # the benchmarked variants as each configuration launches them
+        for over, counted in ((dict(HAS_TOPP=True), False), (dict(HAS_TOPK=True, HAS_TOPP=True), True)):
+            consts = {**_BASE, **over, "DEPTH": cfg["depth"], "NP": cfg["pivots_counted" if counted else "pivots"],
+                      "BLOCK": cfg["block_counted" if counted else "block"]}
+            sig = {**_SIG, **{k: "constexpr" for k in consts}}
+            ptx = compile_for_hopper(_triton.sample_kernel, sig, consts, num_warps=cfg["warps"]).asm["ptx"]
+            assert ".target sm_90" in ptx and "st.global" in ptx
     return count
 
 
