@@ -54,7 +54,7 @@ the winner update ~6): ~65 a token a pass for top-p, ~80 with counts.
   latency = 8 GB/s, 64 us for the row's 513 KB; and its ALU time is 128256 * 65 / 253 G = 33 us
   at full issue (16 warps, 4 a scheduler, on a dependent Philox chain: well below full issue).
   The wave lasts as long as its slowest row, and with 128 rows some always need 3-4 passes:
-  ~60 us x 3-4 = today's 0.22 ms. "w32" (32 KB in flight, 32 warps) attacks the first two.
+  ~60 us x 3-4 = today's 0.22 ms. "deep" (32 KB in flight) attacks the first.
 - B1 (a CUDA graph): one program, one SM: >= 33 us a pass of ALU alone, whatever the bandwidth.
   The 20 us target needs the row split across >= 8-16 programs, combined by a second small
   kernel or atomics (not done).
@@ -66,10 +66,11 @@ pass's bytes again, and a B x V/4 x 12-byte scratch); after pass 2 it is ~5% (th
 ~4% of V), so only rows needing 4+ passes gain; (2) split rows across programs when B < ~2 * SMs, the per-pass statistics (max, sum,
 NP counts and masses, the race winner (key, index, value)) combined per row between passes;
 (3) fewer pivot instructions (NP 4: -12 a token, at the price of a slower bracket: the
-benchmark's --sweep times it). Done here: the "w32" configuration (CONFIGS below: 32 warps, 4
-chunks of loads in flight, no spills), argued for B128 and B1, where one program per SM was
-latency-bound (8 KB in flight, 16 warps for a dependent Philox chain); at B512 it can only help
-the issue rate. The benchmark times "v1" (the previous launch) beside it in the same run. What cannot change: the per-token race (same seed -> same tokens
+benchmark's --sweep times it). Done here: the "deep" configuration (CONFIGS below: 4 chunks of
+loads in flight, 4 counted pivots so top-k's loop stops spilling), argued for B128 and B1, where
+one program per SM was latency-bound (8 KB in flight); at B512 (ALU-bound) it can only remove
+top-k's spills, and its 4 counted pivots may cost top-k a pass. The benchmark times "v1" (the
+previous launch) beside it in the same run. What cannot change: the per-token race (same seed -> same tokens
 as reference.py, the tests' contract), so ~29 instructions a token stay in every pass that races.
 
 Randomness: Philox4x32-7, counter (token // 4, row or 0, offset lo, offset hi), key = seed; one
@@ -90,17 +91,18 @@ MODE_SAMPLE, MODE_RENORM, MODE_MASK = 0, 1, 2
 # Launch configurations, by name (CONFIG picks one; benchmarks/bench_sampling.py times each).
 # block / pivots: tokens a chunk and value pivots a pass without counts (top-p, min-p, plain);
 # *_counted: with top-k's counts (and renorm / mask); warps; depth: chunks of loads in flight.
-# Registers and spill instructions (cuobjdump of sm_90a builds; top-p | top-k + top-p):
-#   "v1":  128 regs, no spill | 128 regs, 55 spill stores; 1 program of 16 warps an SM; 8 KB of loads in flight
-#   "w32": 64 regs, 1 spill store | 64 regs (block 1024), 2; 1 program of 32 warps an SM; 32 | 16 KB in flight
-# The same instructions a token and the same pivots (so the same passes): twice the warps to hide
-# Philox's dependent multiply chain and the load latency, 2-4x the bytes in flight (one program
-# per SM at B128 needs ~36 KB to stream at its share of HBM), and no spills in top-k's loop.
+# From cuobjdump of sm_90a builds specialised as a real launch (16-byte-aligned rows):
+#   "v1":   top-p 128 regs, no spill; top-k + top-p 128 regs and 88 spill stores (NP 8 counted);
+#           8 KB of loads in flight an SM
+#   "deep": top-p 128 regs, no spill; top-k + top-p 128 regs, no spill (4 counted pivots);
+#           32 KB of loads in flight an SM (one program per SM at B128 needs ~36 KB)
+# Both: 16-byte loads, one Philox call a quad per thread. Tried and dropped: 32 warps (64 regs)
+# halves the loads to 8 bytes and splits each quad over 2 threads, so Philox runs twice a quad.
 CONFIGS = {
     "v1": dict(block=2048, block_counted=2048, warps=16, pivots=8, pivots_counted=8, depth=1),  # before issue 14's rework
-    "w32": dict(block=2048, block_counted=1024, warps=32, pivots=8, pivots_counted=8, depth=4),
+    "deep": dict(block=2048, block_counted=2048, warps=16, pivots=8, pivots_counted=4, depth=4),
 }
-CONFIG = "w32"
+CONFIG = "deep"
 BLOCK = 2048  # the largest block of any configuration (block_for's cap)
 MAX_PASSES = 48  # a safety bound: the search removes at least one token or one bracket step a pass
 _LOG2E = 1.4426950408889634
