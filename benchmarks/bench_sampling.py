@@ -72,6 +72,27 @@ def _in_kept(tokens, probs, top_k, top_p) -> float:
     return keep.gather(1, tokens.long().view(-1, 1)).float().mean().item()
 
 
+def with_config(name, fn):
+    """fn run with moecomm's sampling kernel configuration `name` (_triton.CONFIGS): the control
+    rows (the previous configuration timed in the same run as the default)."""
+    from moecomm.sampling import _triton
+
+    def run(*args):
+        old = _triton.CONFIG
+        _triton.CONFIG = name
+        try:
+            return fn(*args)
+        finally:
+            _triton.CONFIG = old
+    return run
+
+
+def _control_configs():
+    from moecomm.sampling import _triton
+
+    return [c for c in _triton.CONFIGS if c != _triton.CONFIG]
+
+
 def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
     sets = _sets(batch, vocab, device)
     top_k = 50 if op == "top_k_top_p" else None
@@ -85,11 +106,21 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
         impls["moecomm"] = lambda p: S.top_k_top_p_sampling_from_probs(p, top_k, top_p)
         if fi is not None:
             impls["flashinfer"] = lambda p: fi.sampling.top_k_top_p_sampling_from_probs(p, top_k, top_p)
+    for cfg in _control_configs():  # control rows: our other configurations, same run, same data
+        impls[f"moecomm[{cfg}]"] = with_config(cfg, impls["moecomm"])
     impls["torch_sort"] = lambda p: torch_sort_sampler(p, top_k, top_p)
     # validate before timing: every token of ours lies in the kept set
     ok = _in_kept(impls["moecomm"](*sets[0]), sets[0][0], top_k, top_p)
     if ok < 1.0:  # loud, recorded, and the timing still runs (the table must say it)
         print(f"  WARNING {op} B{batch} V{vocab}: {1 - ok:.2%} of our tokens lie outside the kept set")
+    def seeded(p):
+        if top_k is None:
+            return S.top_p_sampling_from_probs(p, top_p, seed=1)
+        return S.top_k_top_p_sampling_from_probs(p, top_k, top_p, seed=1)
+    for cfg in _control_configs():  # every configuration draws the same tokens from the same seed
+        same = (with_config(cfg, seeded)(sets[0][0]) == seeded(sets[0][0])).float().mean().item()
+        if same < 1.0:
+            print(f"  WARNING {op} B{batch} V{vocab}: moecomm[{cfg}] drew other tokens than the default on {1 - same:.2%} of rows")
     times = {}
     for name, fn in impls.items():
         try:
@@ -122,6 +153,9 @@ def run_graph_case(writer, device, fi, vocab=128256):
     sets = _sets(1, vocab, device)
     fns = {"moecomm": lambda p: S.top_p_sampling_from_probs(p, 0.9),
            "moecomm_topk_topp": lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9)}
+    for cfg in _control_configs():
+        fns[f"moecomm[{cfg}]"] = with_config(cfg, fns["moecomm"])
+        fns[f"moecomm_topk_topp[{cfg}]"] = with_config(cfg, fns["moecomm_topk_topp"])
     if fi is not None:
         fns["flashinfer"] = lambda p: fi.sampling.top_p_sampling_from_probs(p, 0.9)
         fns["flashinfer_topk_topp"] = lambda p: fi.sampling.top_k_top_p_sampling_from_probs(p, 50, 0.9)
@@ -168,23 +202,30 @@ def run_first_call(writer, cache_dir):
 
 
 def run_sweep(device):
-    """Launch configurations (chunk size, warps) of the sampling kernel on the top-p rows."""
+    """Launch configurations of the sampling kernel (_triton.CONFIGS, and variations of the
+    default) on the benchmark's rows; each line names its configuration."""
     from moecomm.sampling import _triton
 
-    keep = (_triton.BLOCK, _triton._NUM_WARPS, _triton.NUM_PIVOTS)
-    for block, warps, pivots in ((2048, 16, 8), (2048, 16, 4), (4096, 16, 4), (1024, 8, 8), (1024, 8, 4), (2048, 8, 8)):
-        _triton.BLOCK, _triton._NUM_WARPS, _triton.NUM_PIVOTS = block, warps, pivots
-        row = f"sweep BLOCK {block:5d} warps {warps:2d} pivots {pivots}:"
-        for op, batch, vocab in (("top_p", 128, 128256), ("top_p", 512, 151936), ("top_k_top_p", 512, 151936)):
+    base = dict(_triton.CONFIGS[_triton.CONFIG])
+    trials = dict(_triton.CONFIGS)
+    for over in (dict(depth=2), dict(pivots=4, pivots_counted=4), dict(block=1024, depth=4),
+                 dict(block_counted=2048, pivots_counted=4), dict(pivots=16)):
+        trials["+".join(f"{k}={v}" for k, v in over.items())] = {**base, **over}
+    for name, cfg in trials.items():
+        _triton.CONFIGS["sweep"] = cfg
+        row = f"sweep {name:28s} {cfg}:"
+        for op, batch, vocab in (("top_p", 128, 128256), ("top_p", 512, 151936), ("top_k_top_p", 128, 128256),
+                                 ("top_k_top_p", 512, 151936)):
             sets = _sets(batch, vocab, device)
             fn = (lambda p: S.top_p_sampling_from_probs(p, 0.9)) if op == "top_p" else (
                 lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9))
-            t = bench(fn, sets, warmup=5, rep=20, device=device)
+            t = bench(with_config("sweep", fn), sets, warmup=5, rep=20, device=device)
             row += f" {op} B{batch} {t.median_ms:.4f} ms;"
-        t = graph_bench(lambda p: S.top_p_sampling_from_probs(p, 0.9), _sets(1, 128256, device), replays=20, calls=10)
+        t = graph_bench(with_config("sweep", lambda p: S.top_p_sampling_from_probs(p, 0.9)), _sets(1, 128256, device),
+                        replays=20, calls=10)
         row += f" graph top_p B1 {t.median_ms * 1e3:.1f} us"
         print(row, flush=True)
-    _triton.BLOCK, _triton._NUM_WARPS, _triton.NUM_PIVOTS = keep
+    _triton.CONFIGS.pop("sweep", None)
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ proof that its winner is kept:
            pass's pivots): when it proves dropped, its winner comes from a small superset.
 Measured in the interpreter at V = 128256 (logits x 3): top-p 0.9 ends after 1 pass for most rows,
 2 for the rest; top-k 50 (+ top-p 0.9) after 2. Nothing is sorted, nothing is synced, and every
-pass streams the row once (the next chunk's load is issued before the current one is reduced).
+pass streams the row once (the loads of the next DEPTH chunks are issued before this one is reduced).
 With top_k_first (top-p measured on the top-k set) the top-k mass S_K is bracketed by the
 pivots; a candidate whose verdict depends on the unknown part waits while the value pivots
 bisect the top-k boundary (rare).
@@ -36,6 +36,42 @@ most one token or one value (ties, cut by index), then one pass writes the outpu
 Pivots are placed uniformly in the order-preserving int32 image of fp32 (for v >= 0, its bit
 pattern: uniform in exponent, then mantissa), so a pass narrows a wide bracket like a 3-bit radix
 step and a narrow one like bisection.
+
+Cost, napkin math (H200: 4.8 TB/s HBM, 132 SMs, 128 fp32 lanes a clock an SM at ~1.98 GHz =
+253 G lane-instructions/s an SM, 33 T/s the chip). One pass streams the row once: B * V * 4 bytes,
+65.7 MB at B128 V128256 (13.7 us at HBM speed), 311 MB at B512 V151936 (65 us); a row is 513 KB
+(V128256). Work a token a pass, counted from the code below (lane-instructions, SASS-level):
+load and upcast ~1, validity and max / sum (pass 1) ~6, pivot 0 (composite compare, select, add)
+~5, NP value pivots x 3 (compare, select, add; + 2 with counts for top-k) = 24 at NP 8, the race
+~29 (Philox4x32-7 is ~56 integer instructions a quad = 14 a token; E = -log(1 - u) ~9; v / E and
+the winner update ~6): ~65 a token a pass for top-p, ~80 with counts.
+- B512 V151936: 512 * 151936 * 65 = 5.1 G lane-instructions = 151 us a pass for the whole chip
+  at full issue, 2.3x the 65 us of its bytes: the kernel is ALU-bound, not bandwidth-bound. With
+  ~1.3-2 passes a row on average (and Philox's dependent multiply chain keeping the issue rate
+  near half), that is today's 0.54 ms; the 0.20 ms target needs far fewer instructions a token.
+- B128 V128256: one row per SM (128 programs, 132 SMs). An SM's share of HBM is 36 GB/s, so a
+  pass could take 14 us; but "v1" keeps one 8 KB chunk of loads in flight an SM: 8 KB / ~1 us
+  latency = 8 GB/s, 64 us for the row's 513 KB; and its ALU time is 128256 * 65 / 253 G = 33 us
+  at full issue (16 warps, 4 a scheduler, on a dependent Philox chain: well below full issue).
+  The wave lasts as long as its slowest row, and with 128 rows some always need 3-4 passes:
+  ~60 us x 3-4 = today's 0.22 ms. "deep" (32 KB in flight) attacks the first.
+- B1 (a CUDA graph): one program, one SM: >= 33 us a pass of ALU alone, whatever the bandwidth.
+  The 20 us target needs the row split across >= 8-16 programs, combined by a second small
+  kernel or atomics (not done).
+What would reach the targets (not done; issue 14 says so): (1) passes over a compacted list: a
+full pass also writes (index, value, E) of the tokens above lo to a per-row scratch and later
+passes scan only that. Not a clear win by this math: after pass 1 lo lies up to 8x below the
+boundary in value, which at logits x 3 leaves 15-30% of V above it (12 bytes each: most of a
+pass's bytes again, and a B x V/4 x 12-byte scratch); after pass 2 it is ~5% (the kept set is
+~4% of V), so only rows needing 4+ passes gain; (2) split rows across programs when B < ~2 * SMs, the per-pass statistics (max, sum,
+NP counts and masses, the race winner (key, index, value)) combined per row between passes;
+(3) fewer pivot instructions (NP 4: -12 a token, at the price of a slower bracket: the
+benchmark's --sweep times it). Done here: the "deep" configuration (CONFIGS below: 4 chunks of
+loads in flight, 4 counted pivots so top-k's loop stops spilling), argued for B128 and B1, where
+one program per SM was latency-bound (8 KB in flight); at B512 (ALU-bound) it can only remove
+top-k's spills, and its 4 counted pivots may cost top-k a pass. The benchmark times "v1" (the
+previous launch) beside it in the same run. What cannot change: the per-token race (same seed -> same tokens
+as reference.py, the tests' contract), so ~29 instructions a token stay in every pass that races.
 
 Randomness: Philox4x32-7, counter (token // 4, row or 0, offset lo, offset hi), key = seed; one
 Philox call gives the four tokens of a quad. u = (r + 0.5) 2^-32, E = -log(1 - u) (series for small
@@ -52,10 +88,23 @@ from ..jit.launch import launch
 from .reference import PHILOX_ROUNDS
 
 MODE_SAMPLE, MODE_RENORM, MODE_MASK = 0, 1, 2
-BLOCK = 2048
-NUM_PIVOTS = 8
+# Launch configurations, by name (CONFIG picks one; benchmarks/bench_sampling.py times each).
+# block / pivots: tokens a chunk and value pivots a pass without counts (top-p, min-p, plain);
+# *_counted: with top-k's counts (and renorm / mask); warps; depth: chunks of loads in flight.
+# From cuobjdump of sm_90a builds specialised as a real launch (16-byte-aligned rows):
+#   "v1":   top-p 128 regs, no spill; top-k + top-p 128 regs and 88 spill stores (NP 8 counted);
+#           8 KB of loads in flight an SM
+#   "deep": top-p 128 regs, no spill; top-k + top-p 128 regs, no spill (4 counted pivots);
+#           32 KB of loads in flight an SM (one program per SM at B128 needs ~36 KB)
+# Both: 16-byte loads, one Philox call a quad per thread. Tried and dropped: 32 warps (64 regs)
+# halves the loads to 8 bytes and splits each quad over 2 threads, so Philox runs twice a quad.
+CONFIGS = {
+    "v1": dict(block=2048, block_counted=2048, warps=16, pivots=8, pivots_counted=8, depth=1),  # before issue 14's rework
+    "deep": dict(block=2048, block_counted=2048, warps=16, pivots=8, pivots_counted=4, depth=4),
+}
+CONFIG = "deep"
+BLOCK = 2048  # the largest block of any configuration (block_for's cap)
 MAX_PASSES = 48  # a safety bound: the search removes at least one token or one bracket step a pass
-_NUM_WARPS = 16
 _LOG2E = 1.4426950408889634
 
 
@@ -89,6 +138,21 @@ def _exponentials(start, seed, c1, c2, c3, N_ROUNDS: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
+def _fresh(x):
+    """x as an IR value of its own (x + 0), to start a piece of while-loop state from another name.
+
+    Triton (3.6, code_generator._find_carries) decides which names a `while` carries by visiting
+    the body once and comparing each name's IR value at its end with the value it had before the
+    loop. With `c_idx = widx` before the loop both names hold ONE value, so the body's
+    `c_idx = widx` (widx not yet reassigned at that point of the trial visit) looks like no
+    change: c_idx was silently not carried, every pass restarted from the pass-1 winner, and a
+    row could return that unfiltered winner on the proof of another candidate (issue 14: 0.04%
+    of top-p draws outside the kept set, GPU only: the interpreter runs the Python as written).
+    tests/sampling/test_sampling.py::test_loop_state_is_carried guards the rule."""
+    return x + 0
+
+
+@triton.jit
 def _values(x, inv_t, shift, FROM_LOGITS: tl.constexpr):
     if FROM_LOGITS:
         return tl.exp2((x * inv_t - shift) * 1.4426950408889634)
@@ -99,7 +163,7 @@ def _values(x, inv_t, shift, FROM_LOGITS: tl.constexpr):
 def _scan(row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
           STATS: tl.constexpr, PIV: tl.constexpr, NEED_CNT: tl.constexpr, NEED_MASS: tl.constexpr,
           RACE0: tl.constexpr, LOG_RACE: tl.constexpr, FROM_LOGITS: tl.constexpr, RAW: tl.constexpr,
-          N_ROUNDS: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
+          N_ROUNDS: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr, DEPTH: tl.constexpr):
     """One pass over a row.
 
     STATS: max, sum (online softmax for logits), min, bad flag. PIV: for pivot 0 (a composite
@@ -110,7 +174,12 @@ def _scan(row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
     Every statistic is accumulated per lane (elementwise, in registers) and reduced across the
     program once, after the loop: a cross-warp reduction costs shared memory and barriers, and
     eight of them per chunk made the first version ~10x slower than its loads. The next chunk's
-    load is issued before the current one is used, so a load is always in flight."""
+    load is issued before the current one is used, so a load is always in flight. DEPTH (1, 2 or 4)
+    chunks are in flight: BLOCK * 4 * DEPTH bytes an SM, against the ~36 KB (36 GB/s an SM's share
+    of HBM x ~1 us latency) that one program per SM needs to stream at its share.
+
+    The loads are a queue of DEPTH registers rotated each chunk (xq1 <- xq2 <- ...): each starts as
+    a load of its own (never an alias of another name: see _fresh)."""
     offs0 = tl.arange(0, BLOCK)
     m_acc = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
     s_acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -125,12 +194,27 @@ def _scan(row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
     lidx_acc = tl.zeros([BLOCK], dtype=tl.int32)
     cnt_acc = tl.zeros([BLOCK, NP], dtype=tl.int32)
     mass_acc = tl.zeros([BLOCK, NP], dtype=tl.float32)
-    x_next = tl.load(row_ptr + offs0, mask=offs0 < V, other=0.0)
+    xq1 = tl.load(row_ptr + offs0, mask=offs0 < V, other=0.0)
+    if DEPTH >= 2:
+        xq2 = tl.load(row_ptr + BLOCK + offs0, mask=offs0 + BLOCK < V, other=0.0)
+    if DEPTH >= 4:
+        xq3 = tl.load(row_ptr + 2 * BLOCK + offs0, mask=offs0 + 2 * BLOCK < V, other=0.0)
+        xq4 = tl.load(row_ptr + 3 * BLOCK + offs0, mask=offs0 + 3 * BLOCK < V, other=0.0)
     for start in range(0, V, BLOCK):
         offs = start + offs0
         ok = offs < V
-        x = x_next.to(tl.float32)
-        x_next = tl.load(row_ptr + BLOCK + offs, mask=offs + BLOCK < V, other=0.0)
+        x = xq1.to(tl.float32)
+        ahead = offs + DEPTH * BLOCK
+        if DEPTH == 1:
+            xq1 = tl.load(row_ptr + ahead, mask=ahead < V, other=0.0)
+        elif DEPTH == 2:
+            xq1 = xq2
+            xq2 = tl.load(row_ptr + ahead, mask=ahead < V, other=0.0)
+        else:
+            xq1 = xq2
+            xq2 = xq3
+            xq3 = xq4
+            xq4 = tl.load(row_ptr + ahead, mask=ahead < V, other=0.0)
         if STATS:
             if FROM_LOGITS or RAW:
                 xs = x * inv_t
@@ -213,6 +297,7 @@ def sample_kernel(
     TOPK_FIRST: tl.constexpr, SEED_TENSOR: tl.constexpr, SEED_PER_ROW: tl.constexpr,
     OFFSET_TENSOR: tl.constexpr, OFFSET_PER_ROW: tl.constexpr, WRITE_LOGPROB: tl.constexpr,
     N_ROUNDS: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr, MAX_PASSES: tl.constexpr,
+    DEPTH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_ok = pid >= 0
@@ -301,7 +386,7 @@ def sample_kernel(
     m_run, s_run, mn_run, bad, cnt0, mass0, wkey, widx, cnt, mass, lidx, wval = _scan(
         row_ptr, V, pv0, pi0, pv, inv_t, 0.0, seed, c1, c2, c3,
         True, FUSE1 and (FILTERED or SAMPLE), NEED_CNT, NEED_MASS, FUSE1 and RACE1, PLAIN_LOGITS, FROM_LOGITS, RAW,
-        N_ROUNDS, BLOCK, NP)
+        N_ROUNDS, BLOCK, NP, DEPTH)
     if FROM_LOGITS:
         shift = m_run
         M = 1.0
@@ -325,16 +410,17 @@ def sample_kernel(
             pv = _unord((_ord(mn_run).to(tl.int64) - 1 + span * (jr + 1) // (NP + 1)).to(tl.int32))
         _, _, _, _, cnt0, mass0, wkey, widx, cnt, mass, _, wval = _scan(
             row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
-            False, True, NEED_CNT, NEED_MASS, RACE1, False, FROM_LOGITS, RAW, N_ROUNDS, BLOCK, NP)
+            False, True, NEED_CNT, NEED_MASS, RACE1, False, FROM_LOGITS, RAW, N_ROUNDS, BLOCK, NP, DEPTH)
     # search state. lo: the highest composite known dropped (every token at or below it is
     # dropped), with its count / mass above; hi: the lowest value known kept (every token above it
     # is kept). The candidate: the race winner above lo; c_eval: pivot 0 of the pass just made was
     # the candidate (its exact rank and mass-before are in cnt0 / mass0), else it was lo.
-    lo_v = pv0
+    # each name below starts as an IR value of its own (_fresh: an alias would not be carried)
+    lo_v = _fresh(pv0)
     lo_i = 0
-    lo_cnt = cnt0
-    lo_mass = mass0
-    hi_v = M  # a token at the row maximum would be kept (nothing lies above it)
+    lo_cnt = _fresh(cnt0)
+    lo_mass = _fresh(mass0)
+    hi_v = _fresh(M)  # a token at the row maximum would be kept (nothing lies above it)
     hi_cnt = 0
     hi_mass = 0.0
     c_idx = 0
@@ -344,26 +430,26 @@ def sample_kernel(
     race_on_p0 = pid * 0  # 1 once pivot 0 of the last pass was raced above (lo)
     if RACE1 and FILTERED:
         race_on_p0 += 1
-    sk_lo = M
-    sk_hi = S
+    sk_lo = _fresh(M)
+    sk_hi = _fresh(S)
     klo_v = -INF
     khi_v = INF
     khi_cnt = 0
     khi_mass = 0.0
-    tau_v = pv0
+    tau_v = _fresh(pv0)
     m_ties = 0
-    kept_mass = S
+    kept_mass = _fresh(S)
     result = 0
     if SAMPLE and not FILTERED:
         if FROM_LOGITS:
-            result = lidx
+            result = _fresh(lidx)
         else:
-            result = widx
+            result = _fresh(widx)
     if not FILTERED:
         done = done * 0 + 1
     if RACE1 and FILTERED:  # pass 1 (or 1b) raced above lo = (0, 0)
-        c_idx = widx
-        c_v = wval
+        c_idx = _fresh(widx)
+        c_v = _fresh(wval)
         c_ok = (wkey >= 0).to(tl.int32)
     if FILTERED:
         npass = 1
@@ -573,7 +659,7 @@ def sample_kernel(
                 race_on_p0 = pid * 0 + 1
                 _, _, _, _, cnt0, mass0, wkey, widx, cnt, mass, _, wval = _scan(
                     row_ptr, V, pv0, pi0, pv, inv_t, shift, seed, c1, c2, c3,
-                    False, True, NEED_CNT, NEED_MASS, SAMPLE, False, FROM_LOGITS, RAW, N_ROUNDS, BLOCK, NP)
+                    False, True, NEED_CNT, NEED_MASS, SAMPLE, False, FROM_LOGITS, RAW, N_ROUNDS, BLOCK, NP, DEPTH)
             npass += 1
     if SAMPLE:
         if done == 0:  # the safety bound was hit: the candidate is in range but not proven kept
@@ -628,6 +714,8 @@ def launch_sample(
     off); seed/offset: int or int64 tensor ([1] or [num_rows]). Arguments already validated."""
     if num_rows == 0:
         return
+    cfg = CONFIGS[CONFIG]
+    counted = top_k is not None or mode != MODE_SAMPLE  # the kernel's NEED_CNT
     vocab = x.shape[1]
     filtered = top_k is not None or top_p is not None or min_p is not None
     dummy = out
@@ -658,15 +746,19 @@ def launch_sample(
         "TOPK_FIRST": bool(top_k_first), "SEED_TENSOR": seed_tensor, "SEED_PER_ROW": bool(per_row_seed),
         "OFFSET_TENSOR": offset_tensor, "OFFSET_PER_ROW": offset_tensor and offset.numel() > 1 and num_rows > 1,
         "WRITE_LOGPROB": logprob is not None,
-        "N_ROUNDS": PHILOX_ROUNDS, "BLOCK": block_for(vocab), "NP": NUM_PIVOTS if filtered else 2,
-        "MAX_PASSES": MAX_PASSES,
+        "N_ROUNDS": PHILOX_ROUNDS, "BLOCK": block_for(vocab, cfg, counted), "MAX_PASSES": MAX_PASSES,
+        "NP": (cfg["pivots_counted"] if counted else cfg["pivots"]) if filtered else 2,
+        "DEPTH": cfg["depth"],
     }
-    launch(sample_kernel, (num_rows,), args, consts, _NUM_WARPS)
+    launch(sample_kernel, (num_rows,), args, consts, cfg["warps"])
 
 
-def block_for(vocab: int) -> int:
-    """Tokens per chunk: BLOCK, smaller for small vocabularies (the interpreter's tests)."""
+def block_for(vocab: int, cfg: dict | None = None, counted: bool = False) -> int:
+    """Tokens per chunk: the configuration's block (with counts: block_counted), smaller for small
+    vocabularies (the interpreter's tests)."""
+    cfg = cfg or CONFIGS[CONFIG]
+    cap = cfg["block_counted"] if counted else cfg["block"]
     b = 64
-    while b < vocab and b < BLOCK:
+    while b < vocab and b < cap:
         b *= 2
-    return min(b, BLOCK)
+    return min(b, cap)

@@ -109,6 +109,24 @@ def test_kernel_matches_reference_multi_chunk_and_logits(triton_backend):
     torch.testing.assert_close(out_a.logprobs, out_b.logprobs, atol=1e-5, rtol=0)
 
 
+
+@pytest.mark.parametrize("config", ["v1", "deep"])
+def test_every_config_matches_reference(triton_backend, monkeypatch, config):
+    """Each launch configuration (_triton.CONFIGS: chunk, warps, pivots, loads in flight) draws the
+    reference's tokens: V = 5000 is 3 chunks of 2048 / 5 of 1024 (fewer than the 4 loads in flight
+    at the end of the row, more at its start)."""
+    from moecomm.sampling import _triton
+
+    assert set(_triton.CONFIGS) == {"v1", "deep"}, "a new configuration: add it here"
+    monkeypatch.setattr(_triton, "CONFIG", config)
+    p = _probs(3, 5000, seed=21)
+    for fn, args in ((S.top_p_sampling_from_probs, (0.9,)), (S.top_k_top_p_sampling_from_probs, (40, 0.9)),
+                     (S.min_p_sampling_from_probs, (0.05,))):
+        a, b = both(fn, p, *args, seed=5)
+        assert torch.equal(a, b), (fn.__name__, config)
+    a, b = both(S.top_p_renorm_probs, p, 0.9)
+    assert torch.equal(a > 0, b > 0)
+
 def test_per_row_tensor_parameters_and_indices(triton_backend):
     p = _probs(4, 200, seed=3)
     idx = torch.tensor([3, 0, 0, 2, 3, 1], dtype=torch.int64, device=DEV)
@@ -345,7 +363,7 @@ _SIG = {"x_ptr": "*fp32", "rowmap_ptr": "*i32", "out_ptr": "*i32", "valid_ptr": 
 _BASE = dict(MODE=0, FROM_LOGITS=False, HAS_ROWMAP=False, HAS_TOPK=False, K_TENSOR=False, HAS_TOPP=False,
              P_TENSOR=False, HAS_MINP=False, MINP_TENSOR=False, HAS_TEMP=False, TEMP_TENSOR=False, TOPK_FIRST=True,
              SEED_TENSOR=True, SEED_PER_ROW=False, OFFSET_TENSOR=False, OFFSET_PER_ROW=False, WRITE_LOGPROB=False,
-             N_ROUNDS=7, BLOCK=2048, NP=8, MAX_PASSES=48)
+             N_ROUNDS=7, BLOCK=2048, NP=8, MAX_PASSES=48, DEPTH=1)
 # every code path once (fp32 inputs), the two benchmarked ones also with bf16 inputs
 _VARIANTS = [("fp32", dict(NP=2)), ("fp32", dict(NP=2, FROM_LOGITS=True)), ("bf16", dict(HAS_TOPP=True)),
              ("fp32", dict(HAS_MINP=True, HAS_TOPK=True, K_TENSOR=True)),
@@ -365,6 +383,13 @@ def _compile_all_for_hopper() -> int:
         ptx = compile_for_hopper(_triton.sample_kernel, sig, consts, num_warps=8).asm["ptx"]
         assert ".target sm_90" in ptx and "st.global" in ptx
         count += 1
+    for cfg in _triton.CONFIGS.values():  # the benchmarked variants as each configuration launches them
+        for over, counted in ((dict(HAS_TOPP=True), False), (dict(HAS_TOPK=True, HAS_TOPP=True), True)):
+            consts = {**_BASE, **over, "DEPTH": cfg["depth"], "NP": cfg["pivots_counted" if counted else "pivots"],
+                      "BLOCK": cfg["block_counted" if counted else "block"]}
+            sig = {**_SIG, **{k: "constexpr" for k in consts}}
+            ptx = compile_for_hopper(_triton.sample_kernel, sig, consts, num_warps=cfg["warps"]).asm["ptx"]
+            assert ".target sm_90" in ptx and "st.global" in ptx
     return count
 
 
@@ -374,3 +399,85 @@ def test_kernels_compile_for_hopper():
     from moecomm.testing import run_without_interpreter
 
     assert run_without_interpreter(__file__, "_compile_all_for_hopper") == str(len(_VARIANTS))
+
+# ---------------------------------------------------------------------------------------------
+# issue 14: the while loop's state must be carried (a GPU-only bug the interpreter cannot show)
+
+
+def _assigned_names(nodes) -> set[str]:
+    import ast
+
+    out = set()
+    for node in nodes:
+        for sub in ast.walk(node):
+            targets = sub.targets if isinstance(sub, ast.Assign) else (
+                [sub.target] if isinstance(sub, (ast.AugAssign, ast.AnnAssign)) else [])
+            for t in targets:
+                for leaf in ast.walk(t):
+                    if isinstance(leaf, ast.Name):
+                        out.add(leaf.id)
+    return out
+
+
+def test_loop_state_never_starts_as_an_alias():
+    """sample_kernel binds no name before its `while` to another bare name (`c_idx = widx`) when
+    the loop reassigns it: Triton's carry analysis compares IR values, and an alias that the body
+    sets back to the other name looks unchanged, so it is not carried (see _triton._fresh). The
+    kernel before the fix had `c_idx = widx` and `c_v = wval` here: 0.04% of its top-p draws on the
+    H200 lay outside the kept set."""
+    import ast
+    import inspect
+    import textwrap
+
+    from moecomm.sampling import _triton
+
+    fn = _triton.sample_kernel
+    fn = getattr(fn, "fn", fn)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    body = tree.body[0].body
+    loops = [w for node in body for w in ast.walk(node) if isinstance(w, ast.While)]
+    assert loops, "sample_kernel has no while loop any more: update this test"
+    constexprs = {n.target.id for n in ast.walk(tree.body[0]) if isinstance(n, ast.AnnAssign)}  # X: tl.constexpr = ...
+    aliases = []
+    for loop in loops:
+        in_loop = _assigned_names(loop.body)
+        inside = {id(n) for n in ast.walk(loop)}
+        for node in body:
+            for sub in ast.walk(node):
+                if id(sub) in inside or not isinstance(sub, ast.Assign) or sub.lineno > loop.lineno:
+                    continue
+                if isinstance(sub.value, ast.Name) and len(sub.targets) == 1 and isinstance(sub.targets[0], ast.Name):
+                    if sub.targets[0].id in in_loop and sub.value.id not in constexprs:
+                        aliases.append(f"{sub.targets[0].id} = {sub.value.id}")
+    assert not aliases, f"loop state starting as an alias (use _fresh): {aliases}"
+
+
+def _carried_by_the_while() -> str:
+    """For the variants whose pass 1 races (top-p, min-p; probs and logits): the names the compiled
+    scf.while carries must include the candidate (c_idx, c_v). Returns 'ok' or what is missing."""
+    import re
+
+    from moecomm.sampling import _triton
+    from moecomm.testing import compile_for_hopper
+
+    missing = []
+    for over in (dict(HAS_TOPP=True, HAS_ROWMAP=True, SEED_TENSOR=False), dict(HAS_TOPP=True, HAS_MINP=True),
+                 dict(FROM_LOGITS=True, HAS_TOPP=True, HAS_TEMP=True)):
+        consts = {**_BASE, **over, "BLOCK": 1024}
+        sig = {**_SIG, **{k: "constexpr" for k in consts}}
+        ttir = compile_for_hopper(_triton.sample_kernel, sig, consts, num_warps=16).asm["ttir"]
+        head = next(line for line in ttir.splitlines() if "scf.while" in line)
+        names = {re.sub(r"_\d+$", "", n) for n in re.findall(r"%([A-Za-z_][A-Za-z0-9_]*) = ", head.split(")")[0])}
+        lost = {"c_idx", "c_v", "lo_v", "hi_v", "done"} - names
+        if lost:
+            missing.append("+".join(sorted(over)) + ":" + ",".join(sorted(lost)))
+    return "ok" if not missing else ";".join(missing)
+
+
+def test_loop_state_is_carried():
+    """The compiled kernel (sm_90, no GPU needed) carries the candidate through its pass loop. Before
+    the fix it did not (c_idx, c_v missing): a row could return its unfiltered pass-1 winner."""
+    pytest.importorskip("triton")
+    from moecomm.testing import run_without_interpreter
+
+    assert run_without_interpreter(__file__, "_carried_by_the_while") == "ok"
