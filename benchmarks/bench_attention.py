@@ -8,6 +8,8 @@
                                      else an importable flashinfer; --peer-jit lets 0.3.1 compile its kernels)
     python -m benchmarks.bench_attention --sweep                  # + kernel configurations of ours
     python -m benchmarks.bench_attention --quick                  # tiny shapes, CPU, seconds (CI)
+    python -m benchmarks.bench_attention --plan-only              # plan() host time only (CPU or GPU)
+    python -m benchmarks.bench_attention --plan-only --profile    # + cProfile of each plan() (tottime)
 
 Napkin math. Decode reads every K and V byte once: B * L * Hk * D * 2 (K and V) * 2 bytes; B64 L4096
 Hk8 is 1.07 GB, 0.22 ms at the H200's 4.8 TB/s (~4.2 TB/s reachable by a copy). Effective GB/s =
@@ -132,6 +134,59 @@ def ours_prefill(B, L, Hq, Hk, dtype, device, warmup, rep, gen):
     out = w.run(q, (k, v))
     ms = _time(lambda: w.run(q, (k, v)), warmup, rep)
     return dict(ms=ms, plan_us=plan_us, out=out, q=q, k=k, v=v, perm=perm)
+
+
+def plan_host_times(device, calls: int = 50, repeats: int = 9, profile: bool = False) -> list[dict]:
+    """plan() host time per call (us) of the decode wrapper at the issue's three shapes and of the
+    prefill wrapper at the benchmark's shape and at B128 x 128 tokens: host page tables (int32,
+    shuffled pages), ``calls`` plans in a row, the best and the median of ``repeats`` such runs (a
+    shared CPU's noise only adds time). On CPU the upload is no copy (the "device" buffer is the host
+    one): the figure is plan()'s Python and numpy work, the part the GPU's host shares."""
+    from moecomm.attention import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
+
+    def page_table(B, L):
+        pp = math.ceil(L / PAGE)
+        return (torch.arange(0, B * pp + 1, pp, dtype=torch.int32), torch.randperm(B * pp).to(torch.int32),
+                torch.full((B,), L - (pp - 1) * PAGE, dtype=torch.int32))
+
+    cases = []
+    for B, L, Hq, Hk, _ in DECODE_SHAPES:
+        indptr, indices, last = page_table(B, L)
+        w = BatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=device))
+        cases.append((f"decode B{B} L{L} {Hq}/{Hk}", lambda w=w, a=(indptr, indices, last, Hq, Hk): w.plan(
+            *a, HEAD_DIM, PAGE, q_data_type=torch.bfloat16)))
+    for B, L, Hq, Hk in PREFILL_SHAPES + [(128, 128, 32, 8)]:
+        indptr, indices, last = page_table(B, L)
+        qo_indptr = torch.arange(0, B * L + 1, L, dtype=torch.int32)
+        w = BatchPrefillWithPagedKVCacheWrapper(torch.empty(16 << 20, dtype=torch.uint8, device=device))
+        cases.append((f"prefill B{B} L{L} {Hq}/{Hk} causal", lambda w=w, a=(qo_indptr, indptr, indices, last, Hq, Hk): w.plan(
+            *a, HEAD_DIM, PAGE, causal=True, q_data_type=torch.bfloat16)))
+    rows = []
+    for name, fn in cases:
+        for _ in range(5):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            runs.append((time.perf_counter() - t0) / calls * 1e6)
+        runs.sort()
+        rows.append(dict(case=name, best_us=runs[0], median_us=runs[len(runs) // 2]))
+        print(f"  {name:34s} best {runs[0]:6.1f} us  median {runs[len(runs) // 2]:6.1f} us", flush=True)
+        if profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                fn()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(8)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ peers
@@ -334,6 +389,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true", help="also time our kernels under other configurations")
     parser.add_argument("--sweep-only", action="store_true", help="only the sweep (no baselines)")
     parser.add_argument("--no-prefill", action="store_true")
+    parser.add_argument("--plan-only", action="store_true", help="only plan()'s host time (works on CPU)")
+    parser.add_argument("--profile", action="store_true", help="with --plan-only: cProfile each case")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rep", type=int, default=50)
     args = parser.parse_args(argv)
@@ -345,6 +402,12 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     global DECODE_SHAPES, PREFILL_SHAPES
+    if args.plan_only:  # the issue's shapes even on CPU: plan() does no device work there
+        print(f"plan() host time, {device.type}, D{HEAD_DIM}, page {PAGE}, host int32 page tables (target <= 30 us)")
+        writer = ResultWriter(args.out)
+        for row in plan_host_times(device, profile=args.profile):
+            writer.write(op="attention_plan_host", device=device.type, **row)
+        return 0
     if args.quick or device.type != "cuda":
         DECODE_SHAPES, PREFILL_SHAPES = QUICK_DECODE, QUICK_PREFILL
         args.warmup, args.rep = 1, 3
