@@ -98,9 +98,10 @@ def check_page_table(op: str, indptr: np.ndarray, last_page_len: np.ndarray, num
     if batch == 0:
         return np.zeros(0, dtype=np.int64)
     pages = indptr[1:] - indptr[:-1]
-    if pages.min() > 0:  # every request has pages (the common case)
+    # the ufuncs' reduce, not ndarray.min / max (their Python wrappers cost ~0.5 us each)
+    if np.minimum.reduce(pages) > 0:  # every request has pages (the common case)
         lm1 = last_page_len - 1  # in [0, P) as unsigned: one reduction checks both bounds
-        if lm1.view(np.uint32 if lm1.dtype == np.int32 else np.uint64).max() >= page_size:
+        if np.maximum.reduce(lm1.view(np.uint32 if lm1.dtype == np.int32 else np.uint64)) >= page_size:
             _bad_last(op, pages, last_page_len, page_size)
         lengths = pages * page_size + (last_page_len - page_size)
     else:
@@ -134,7 +135,7 @@ def check_indices(op: str, indices, num_pages: int | None) -> tuple[int | None, 
     arr = host_ints(op, "indices", indices)
     if arr.size == 0:
         return -1, arr
-    hi = int(arr.view(np.uint32 if arr.dtype == np.int32 else np.uint64).max())
+    hi = int(np.maximum.reduce(arr.view(np.uint32 if arr.dtype == np.int32 else np.uint64)))
     if hi >= 2**31:
         if int(arr.min()) < 0:
             raise MoeCommValueError(f"{op}: indices must be >= 0 (page ids), got {int(arr.min())} at position {int(np.argmin(arr))}")

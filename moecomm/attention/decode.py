@@ -296,8 +296,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             nsplit = span + (chunk - 1)
             nsplit //= chunk
             np.maximum(nsplit, 1, out=nsplit)
-            work_end = np.cumsum(nsplit)  # [B] one past each request's last work item
-            num_work = int(work_end[-1])
+            work_end = np.add.accumulate(nsplit)  # [B] one past each request's last item (np.cumsum: +1 us)
+            num_work = work_end.item(-1)
             if num_work > max_work:  # a forced chunk size past the workspace: one item per request
                 if self._graph:
                     raise MoeCommValueError(f"{_OP}: kv_chunk_size must give <= {max_work} work items, got {num_work}")
@@ -324,7 +324,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             cb *= block_n
             h[off_work_indptr] = 0
             h[off_work_indptr + 1:off_work_indptr + batch + 1] = work_end
-            h[off_req:off_req + num_work] = np.repeat(_arange(batch), nsplit)
+            h[off_req:off_req + num_work] = _arange(batch).repeat(nsplit)
         elif self._graph:  # graph mode always takes the split path: one chunk per request
             h[off_chunk:off_chunk + batch] = 1 << 30
             h[off_work_indptr:off_work_indptr + batch + 1] = _arange(batch + 1)
