@@ -11,6 +11,10 @@ sliding window (window_left), a custom mask (bool per (query, key) of each reque
 packed bits), combined by "and"; logits soft-cap; sm_scale. CUDA-graph mode (paged wrapper): the
 metadata buffer and the grid (Hq, max_num_qo_tokens / BLOCK_M + max_batch programs, the surplus
 exiting at once) are fixed at construction, so one captured run() replays for any later plan.
+Kernels (PREFILL_KERNEL): "v2" (_triton_prefill_v2, the default) reads each request's K / V tiles
+with TMA when plan() finds its pages consecutive in the host page table (pages_consecutive) and
+run() finds an NHD cache whose token rows are evenly strided (_tma_ok), else it gathers them as
+"v1" (_triton_prefill) does. Both use the same tiles and metadata, so the choice is made at run().
 Not here: in-kernel RoPE (use apply_rope first); block-sparse lives in blocksparse.py.
 """
 
@@ -215,7 +219,7 @@ class _PrefillBase:
         self._device = float_workspace_buffer.device
         self._graph = bool(use_cuda_graph)
         self._plan = None
-        self._scalars_key = self._scalars = None
+        self._scalars_key = self._scalars = self._heads_key = None
         if not self._graph:
             self._staging = Staging(self._device, 1024)
             return
@@ -300,7 +304,7 @@ class _PrefillBase:
         if causal and num_tiles:
             # heaviest first: a causal tile reads keys up to its last row, i.e. about its first row's
             # position in the KV (exact but for a request's last, partial tile: within one tile)
-            order = np.argsort(-(tile_q0 + (lengths - qo_lens)[tile_req]), kind="stable")
+            order = np.argsort((qo_lens - lengths)[tile_req] - tile_q0, kind="stable")  # ascending: -position
             tile_req, tile_q0 = tile_req[order], tile_q0[order]
 
         (off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask), fixed_end = \
@@ -417,12 +421,16 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillBase):
             q_data_type, kv_data_type: fp16/bf16 (fp32 too). num_pages: range-check host indices here.
         """
         op = self._op
-        check_heads(op, num_qo_heads, num_kv_heads, head_dim_qk, page_size)
-        if head_dim_vo is not None and head_dim_vo != head_dim_qk:
-            raise MoeCommValueError(f"{op}: head_dim_vo must equal head_dim_qk ({head_dim_qk}), got {head_dim_vo}")
-        if pos_encoding_mode != "NONE":
-            raise MoeCommValueError(f"{op}: pos_encoding_mode must be 'NONE' (rotate q and k with apply_rope first), "
-                                    f"got {pos_encoding_mode!r}")
+        key = (num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo, pos_encoding_mode, type(num_qo_heads),
+               type(num_kv_heads), type(head_dim_qk), type(page_size))
+        if key != self._heads_key:  # checked once per distinct tuple (as the scalars in _plan_core)
+            check_heads(op, num_qo_heads, num_kv_heads, head_dim_qk, page_size)
+            if head_dim_vo is not None and head_dim_vo != head_dim_qk:
+                raise MoeCommValueError(f"{op}: head_dim_vo must equal head_dim_qk ({head_dim_qk}), got {head_dim_vo}")
+            if pos_encoding_mode != "NONE":
+                raise MoeCommValueError(f"{op}: pos_encoding_mode must be 'NONE' (rotate q and k with apply_rope first), "
+                                        f"got {pos_encoding_mode!r}")
+            self._heads_key = key
         indptr_np = host_ints(op, "paged_kv_indptr", paged_kv_indptr)
         last_np = host_ints(op, "paged_kv_last_page_len", paged_kv_last_page_len)
         num_indices = paged_kv_indices.shape[0] if isinstance(paged_kv_indices, torch.Tensor) else len(paged_kv_indices)
