@@ -11,7 +11,10 @@ import pytest
 import torch
 from attn_helpers import PagedKV, workspace
 
-from moecomm.attention import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
+from moecomm.attention import (
+    BatchDecodeWithPagedKVCacheWrapper,
+    BatchPrefillWithPagedKVCacheWrapper,
+)
 from moecomm.errors import MoeCommTypeError, MoeCommValueError
 
 
