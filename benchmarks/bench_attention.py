@@ -385,8 +385,9 @@ def sweep(writer, device, dtype, args):
     first = [((128, 4, 2), 8, 4, True), ((64, 4, 3), 8, 4, True), ((128, 4, 2), 16, 8, True), ((128, 4, 2), 4, 2, True),
              ((128, 2, 2), 8, 4, True), ((128, 4, 1), 8, 4, True), ((128, 4, 3), 8, 4, True)]
     rest = [(cfg, 8, 4, True) for cfg in [(64, 4, 2), (64, 2, 3), (64, 4, 5), (128, 2, 3), (128, 8, 2), (64, 4, 4)]]
-    print("\nsweep, decode\n" + head)
-    _sweep_decode(writer, device, dtype, args, first)
+    if not args.prefill_only:
+        print("\nsweep, decode\n" + head)
+        _sweep_decode(writer, device, dtype, args, first)
     print("sweep, prefill (BLOCK_M, BLOCK_N, warps, stages): TFLOP/s")
     # H200, 2026-12-01: (128, 32, 4, 4) 322.6 TFLOP/s (the default since), (128, 128, 8, 3) 302.5,
     # (128, 64, 8, 3) 276.9, (64, 64, 4, 3) 267.6, (128, 64, 4, 3) 242.0: now around the best
@@ -398,8 +399,9 @@ def sweep(writer, device, dtype, args):
                    kernel="v2")
     _sweep_prefill(writer, device, dtype, args, [(128, 32, 4, 4), (128, 32, 4, 3), (128, 32, 8, 4), (64, 32, 4, 4),
                                                  (128, 16, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3)], kernel="v1")
-    print("sweep, decode (continued)\n" + head)
-    _sweep_decode(writer, device, dtype, args, rest)
+    if not args.prefill_only:
+        print("sweep, decode (continued)\n" + head)
+        _sweep_decode(writer, device, dtype, args, rest)
 
 
 def main(argv=None) -> int:
@@ -413,7 +415,7 @@ def main(argv=None) -> int:
                         help="let a peer JIT-compile what it lacks (FlashInfer 0.3.1: minutes; give --peer-timeout 400)")
     parser.add_argument("--sweep", action="store_true", help="also time our kernels under other configurations")
     parser.add_argument("--sweep-only", action="store_true", help="only the sweep (no baselines)")
-    parser.add_argument("--prefill-only", action="store_true", help="only the prefill rows (v1 / v2, SDPA, peers)")
+    parser.add_argument("--prefill-only", action="store_true", help="only the prefill rows (v1 / v2, SDPA, peers); with --sweep(-only), only prefill's sweep")
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--plan-only", action="store_true", help="only plan()'s host time (works on CPU)")
     parser.add_argument("--profile", action="store_true", help="with --plan-only: cProfile each case")
