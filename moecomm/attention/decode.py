@@ -317,16 +317,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
         h[off_kv_indptr:off_kv_indptr + batch + 1] = indptr_np
         h[off_len:off_len + batch] = lengths
         if split:
-            # chunk_b: equal chunks per request, rounded up to the kernel's block (aligned loads)
-            cb = h[off_chunk:off_chunk + batch]
-            per = nsplit * block_n
-            np.floor_divide(span + per - 1, per, out=cb)  # ceil(ceil(span / n) / bn)
-            cb *= block_n
+            # each request's chunk length: the kernel's, from its item count (_triton_decode docstring)
             h[off_work_indptr] = 0
             h[off_work_indptr + 1:off_work_indptr + batch + 1] = work_end
             h[off_req:off_req + num_work] = _arange(batch).repeat(nsplit)
         elif self._graph:  # graph mode always takes the split path: one chunk per request
-            h[off_chunk:off_chunk + batch] = 1 << 30
             h[off_work_indptr:off_work_indptr + batch + 1] = _arange(batch + 1)
             h[off_req:off_req + num_work] = _arange(batch)
         if self._graph and batch < self._max_batch:  # rows a graph captured at a larger batch merges: none
