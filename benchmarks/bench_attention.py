@@ -8,6 +8,8 @@
                                      else an importable flashinfer; --peer-jit lets 0.3.1 compile its kernels)
     python -m benchmarks.bench_attention --sweep                  # + kernel configurations of ours
     python -m benchmarks.bench_attention --quick                  # tiny shapes, CPU, seconds (CI)
+    python -m benchmarks.bench_attention --plan-only              # plan() host time only (CPU or GPU)
+    python -m benchmarks.bench_attention --plan-only --profile    # + cProfile of each plan() (tottime)
 
 Napkin math. Decode reads every K and V byte once: B * L * Hk * D * 2 (K and V) * 2 bytes; B64 L4096
 Hk8 is 1.07 GB, 0.22 ms at the H200's 4.8 TB/s (~4.2 TB/s reachable by a copy). Effective GB/s =
@@ -119,19 +121,86 @@ def ours_decode(B, L, Hq, Hk, dtype, device, warmup, rep, gen, check=True):
                 direct=w._plan["direct"])
 
 
-def ours_prefill(B, L, Hq, Hk, dtype, device, warmup, rep, gen):
+def ours_prefill(B, L, Hq, Hk, dtype, device, warmup, rep, gen, kernel=None, consecutive=False):
+    """Our paged prefill; kernel: "v1" / "v2" (None: the default); consecutive: each request's pages
+    in order (v2's TMA path; the same random KV, so the output matches the shuffled run's)."""
     from moecomm.attention import BatchPrefillWithPagedKVCacheWrapper
+    from moecomm.attention import prefill as pre
 
     k, v, perm, indptr, last = _paged(B, L, Hk, HEAD_DIM, PAGE, dtype, device, gen)
+    if consecutive:  # the same tokens, their pages renumbered 0, 1, 2, ... in request order
+        k, v = k[perm.long()].contiguous(), v[perm.long()].contiguous()
+        perm = torch.arange(perm.shape[0], dtype=torch.int32, device=device)
+    saved = pre.PREFILL_KERNEL
+    if kernel is not None:
+        pre.PREFILL_KERNEL = kernel
     q = torch.randn(B * L, Hq, HEAD_DIM, device=device, dtype=dtype, generator=gen)
     qo_indptr = torch.arange(0, B * L + 1, L, dtype=torch.int32)
     w = BatchPrefillWithPagedKVCacheWrapper(torch.empty(16 << 20, dtype=torch.uint8, device=device))
-    plan = lambda: w.plan(qo_indptr, indptr, perm, last, Hq, Hk, HEAD_DIM, PAGE, causal=True, q_data_type=dtype)
-    plan_us = _host_us(plan, 10)
-    plan()
-    out = w.run(q, (k, v))
-    ms = _time(lambda: w.run(q, (k, v)), warmup, rep)
-    return dict(ms=ms, plan_us=plan_us, out=out, q=q, k=k, v=v, perm=perm)
+    ids = perm.cpu()  # host page ids (as a server passes them): plan() checks them and sees consecutive pages
+    plan = lambda: w.plan(qo_indptr, indptr, ids, last, Hq, Hk, HEAD_DIM, PAGE, causal=True, q_data_type=dtype)
+    try:
+        plan_us = _host_us(plan, 10)
+        plan()
+        out = w.run(q, (k, v))
+        ms = _time(lambda: w.run(q, (k, v)), warmup, rep)
+        tma = bool(w._plan["kv_contiguous"]) and pre.PREFILL_KERNEL != "v1"
+    finally:
+        pre.PREFILL_KERNEL = saved
+    return dict(ms=ms, plan_us=plan_us, out=out, q=q, k=k, v=v, perm=perm, tma=tma)
+
+
+def plan_host_times(device, calls: int = 50, repeats: int = 9, profile: bool = False) -> list[dict]:
+    """plan() host time per call (us) of the decode wrapper at the issue's three shapes and of the
+    prefill wrapper at the benchmark's shape and at B128 x 128 tokens: host page tables (int32,
+    shuffled pages), ``calls`` plans in a row, the best and the median of ``repeats`` such runs (a
+    shared CPU's noise only adds time). On CPU the upload is no copy (the "device" buffer is the host
+    one): the figure is plan()'s Python and numpy work, the part the GPU's host shares."""
+    from moecomm.attention import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
+
+    def page_table(B, L):
+        pp = math.ceil(L / PAGE)
+        return (torch.arange(0, B * pp + 1, pp, dtype=torch.int32), torch.randperm(B * pp).to(torch.int32),
+                torch.full((B,), L - (pp - 1) * PAGE, dtype=torch.int32))
+
+    cases = []
+    for B, L, Hq, Hk, _ in DECODE_SHAPES:
+        indptr, indices, last = page_table(B, L)
+        w = BatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=device))
+        cases.append((f"decode B{B} L{L} {Hq}/{Hk}", lambda w=w, a=(indptr, indices, last, Hq, Hk): w.plan(
+            *a, HEAD_DIM, PAGE, q_data_type=torch.bfloat16)))
+    for B, L, Hq, Hk in PREFILL_SHAPES + [(128, 128, 32, 8)]:
+        indptr, indices, last = page_table(B, L)
+        qo_indptr = torch.arange(0, B * L + 1, L, dtype=torch.int32)
+        w = BatchPrefillWithPagedKVCacheWrapper(torch.empty(16 << 20, dtype=torch.uint8, device=device))
+        cases.append((f"prefill B{B} L{L} {Hq}/{Hk} causal", lambda w=w, a=(qo_indptr, indptr, indices, last, Hq, Hk): w.plan(
+            *a, HEAD_DIM, PAGE, causal=True, q_data_type=torch.bfloat16)))
+    rows = []
+    for name, fn in cases:
+        for _ in range(5):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            runs.append((time.perf_counter() - t0) / calls * 1e6)
+        runs.sort()
+        rows.append(dict(case=name, best_us=runs[0], median_us=runs[len(runs) // 2]))
+        print(f"  {name:34s} best {runs[0]:6.1f} us  median {runs[len(runs) // 2]:6.1f} us", flush=True)
+        if profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                fn()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(8)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ peers
@@ -273,31 +342,36 @@ def _sweep_decode(writer, device, dtype, args, variants):
         dec._TARGET_PROGRAMS_PER_SM, dec._SPLIT_BELOW_PER_SM, dec.HEADS_FIRST = saved[1], saved[2], saved[3]
 
 
-def _sweep_prefill(writer, device, dtype, args, configs):
+def _sweep_prefill(writer, device, dtype, args, configs, kernel="v1", consecutive=False):
+    """Prefill under each (BLOCK_M, BLOCK_N, warps, stages): of the gather (PREFILL_CONFIGS, v1 or
+    v2 on shuffled pages) or of v2's TMA path (PREFILL_TMA_CONFIGS, consecutive pages)."""
     from moecomm.attention import prefill as pre
 
-    saved = dict(pre.PREFILL_CONFIGS)
+    table = pre.PREFILL_TMA_CONFIGS if consecutive else pre.PREFILL_CONFIGS
+    saved = dict(table)
     try:
         for cfg in configs:
-            pre.PREFILL_CONFIGS[HEAD_DIM] = cfg
+            table[HEAD_DIM] = cfg
             for B, L, Hq, Hk in PREFILL_SHAPES:
                 gen = torch.Generator(device=device).manual_seed(1)
                 try:
-                    r = ours_prefill(B, L, Hq, Hk, dtype, device, args.warmup, max(10, args.rep // 3), gen)
+                    r = ours_prefill(B, L, Hq, Hk, dtype, device, args.warmup, max(10, args.rep // 3), gen, kernel=kernel,
+                                     consecutive=consecutive)
                     tf = 2 * B * Hq * L * L * HEAD_DIM / (r["ms"] * 1e-3) / 1e12
                     ref_out = _SWEEP_OUTPUTS.setdefault(("prefill", B, L, Hq, Hk), r["out"])
                     err = (r["out"].float() - ref_out.float()).abs().max().item()
                     flag = "" if err < 2e-2 else f" WRONG (differs from the first configuration by {err:.2g})"
-                    print(f"  {cfg!s:18s} {tf:7.1f} TFLOP/s ({r['ms']:.3f} ms){flag}", flush=True)
-                    writer.write(op="attention_prefill_sweep", B=B, L=L, Hq=Hq, Hk=Hk, config=list(cfg), median_ms=r["ms"],
-                                 tflops=tf)
+                    print(f"  {kernel} {'TMA' if r['tma'] else 'gather':6s} {cfg!s:18s} {tf:7.1f} TFLOP/s "
+                          f"({r['ms']:.3f} ms){flag}", flush=True)
+                    writer.write(op="attention_prefill_sweep", B=B, L=L, Hq=Hq, Hk=Hk, kernel=kernel, tma=r["tma"],
+                                 config=list(cfg), median_ms=r["ms"], tflops=tf)
                 except Exception as exc:
-                    print(f"  {cfg!s:18s} error {type(exc).__name__}: {str(exc)[:120]}")
+                    print(f"  {kernel} {cfg!s:18s} error {type(exc).__name__}: {str(exc)[:120]}")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     finally:
-        pre.PREFILL_CONFIGS.clear()
-        pre.PREFILL_CONFIGS.update(saved)
+        table.clear()
+        table.update(saved)
 
 
 def sweep(writer, device, dtype, args):
@@ -311,15 +385,23 @@ def sweep(writer, device, dtype, args):
     first = [((128, 4, 2), 8, 4, True), ((64, 4, 3), 8, 4, True), ((128, 4, 2), 16, 8, True), ((128, 4, 2), 4, 2, True),
              ((128, 2, 2), 8, 4, True), ((128, 4, 1), 8, 4, True), ((128, 4, 3), 8, 4, True)]
     rest = [(cfg, 8, 4, True) for cfg in [(64, 4, 2), (64, 2, 3), (64, 4, 5), (128, 2, 3), (128, 8, 2), (64, 4, 4)]]
-    print("\nsweep, decode\n" + head)
-    _sweep_decode(writer, device, dtype, args, first)
+    if not args.prefill_only:
+        print("\nsweep, decode\n" + head)
+        _sweep_decode(writer, device, dtype, args, first)
     print("sweep, prefill (BLOCK_M, BLOCK_N, warps, stages): TFLOP/s")
     # H200, 2026-12-01: (128, 32, 4, 4) 322.6 TFLOP/s (the default since), (128, 128, 8, 3) 302.5,
     # (128, 64, 8, 3) 276.9, (64, 64, 4, 3) 267.6, (128, 64, 4, 3) 242.0: now around the best
+    # v2's TMA path first (consecutive pages; BLOCK_M must stay PREFILL_CONFIGS' 128): tutorial 06's
+    # sm_90 tiles, then v2's gather on shuffled pages, then the first kernel's (the 2026-12-01 sweep)
+    _sweep_prefill(writer, device, dtype, args, [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                                                 (128, 64, 4, 3), (128, 32, 4, 4)], kernel="v2", consecutive=True)
+    _sweep_prefill(writer, device, dtype, args, [(128, 32, 4, 4), (128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 4)],
+                   kernel="v2")
     _sweep_prefill(writer, device, dtype, args, [(128, 32, 4, 4), (128, 32, 4, 3), (128, 32, 8, 4), (64, 32, 4, 4),
-                                                 (128, 16, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3)])
-    print("sweep, decode (continued)\n" + head)
-    _sweep_decode(writer, device, dtype, args, rest)
+                                                 (128, 16, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3)], kernel="v1")
+    if not args.prefill_only:
+        print("sweep, decode (continued)\n" + head)
+        _sweep_decode(writer, device, dtype, args, rest)
 
 
 def main(argv=None) -> int:
@@ -333,7 +415,10 @@ def main(argv=None) -> int:
                         help="let a peer JIT-compile what it lacks (FlashInfer 0.3.1: minutes; give --peer-timeout 400)")
     parser.add_argument("--sweep", action="store_true", help="also time our kernels under other configurations")
     parser.add_argument("--sweep-only", action="store_true", help="only the sweep (no baselines)")
+    parser.add_argument("--prefill-only", action="store_true", help="only the prefill rows (v1 / v2, SDPA, peers); with --sweep(-only), only prefill's sweep")
     parser.add_argument("--no-prefill", action="store_true")
+    parser.add_argument("--plan-only", action="store_true", help="only plan()'s host time (works on CPU)")
+    parser.add_argument("--profile", action="store_true", help="with --plan-only: cProfile each case")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rep", type=int, default=50)
     args = parser.parse_args(argv)
@@ -345,6 +430,12 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     global DECODE_SHAPES, PREFILL_SHAPES
+    if args.plan_only:  # the issue's shapes even on CPU: plan() does no device work there
+        print(f"plan() host time, {device.type}, D{HEAD_DIM}, page {PAGE}, host int32 page tables (target <= 30 us)")
+        writer = ResultWriter(args.out)
+        for row in plan_host_times(device, profile=args.profile):
+            writer.write(op="attention_plan_host", device=device.type, **row)
+        return 0
     if args.quick or device.type != "cuda":
         DECODE_SHAPES, PREFILL_SHAPES = QUICK_DECODE, QUICK_PREFILL
         args.warmup, args.rep = 1, 3
@@ -357,13 +448,14 @@ def main(argv=None) -> int:
         return 0
     peer_rows = {name: run_peer(name, path, args) for name, path in peers}
 
+    decode_shapes = [] if args.prefill_only else DECODE_SHAPES
     print("\ndecode, effective GB/s = K+V bytes / time (ours run() on a plan; SDPA on contiguous KV)")
     hdr = (f"{'B':>4s} {'L':>6s} {'Hq/Hk':>6s} {'ours ms':>8s} {'GB/s':>6s} {'plan us':>7s} {'run us':>6s} {'items':>5s} "
            f"{'sdpa GB/s':>9s} {'ours/sdpa':>9s}")
     for name, _ in peers:
         hdr += f" {name + ' GB/s':>14s} {'plan us':>7s} {'ours/' + name:>12s}"
     print(hdr + f" {'target':>6s}")
-    for B, L, Hq, Hk, target in DECODE_SHAPES:
+    for B, L, Hq, Hk, target in decode_shapes:
         try:
             _decode_row(writer, device, dtype, args, peers, peer_rows, B, L, Hq, Hk, target)
         except Exception as exc:  # one shape failing keeps the others' rows
@@ -373,7 +465,8 @@ def main(argv=None) -> int:
 
     if not args.no_prefill:
         print("\nprefill, causal, TFLOP/s (2 * 2 * B * Hq * L^2 / 2 * D FLOPs)")
-        hdr = f"{'B':>4s} {'L':>6s} {'Hq/Hk':>6s} {'ours ms':>8s} {'TFLOP/s':>7s} {'sdpa':>14s} {'ours/sdpa':>9s}"
+        hdr = (f"{'B':>4s} {'L':>6s} {'Hq/Hk':>6s} {'kernel/pages':12s} {'KV':>6s} {'ours ms':>8s} {'TFLOP/s':>7s} "
+               f"{'plan us':>7s} {'sdpa':>14s} {'ours/sdpa':>9s}")
         for name, _ in peers:
             hdr += f" {name + ' TF/s':>14s} {'ours/' + name:>12s}"
         print(hdr + " target 0.95")
@@ -420,41 +513,71 @@ def _decode_row(writer, device, dtype, args, peers, peer_rows, B, L, Hq, Hk, tar
     print(line + f" {target:6d}", flush=True)
 
 
+PREFILL_VARIANTS = [  # (label, kernel, consecutive pages): the default first, the old kernel as control
+    ("v2 shuffled", "v2", False),
+    ("v1 shuffled", "v1", False),
+    ("v2 consec", "v2", True),
+    ("v1 consec", "v1", True),
+]
+
+
 def _prefill_row(writer, device, dtype, args, peers, peer_rows, B, L, Hq, Hk):
-    gen = torch.Generator(device=device).manual_seed(1)
-    r = ours_prefill(B, L, Hq, Hk, dtype, device, args.warmup, max(10, args.rep // 3), gen)
+    """One line per kernel variant (PREFILL_VARIANTS), each beside the same SDPA and peers: the
+    ratio column is the target's (>= 0.95x the fastest SDPA backend on contiguous KV)."""
     flops = 2 * B * Hq * L * L * HEAD_DIM  # causal: half of 4 * B * Hq * L^2 * D
-    tf = flops / (r["ms"] * 1e-3) / 1e12
-    kc, vc = _contiguous(r["k"], r["v"], r["perm"], B, L)
-    qs = r["q"].view(B, L, Hq, HEAD_DIM).transpose(1, 2)
-    s_ms, s_name, s_out = _sdpa_best(qs, kc, vc, True, args.warmup, max(10, args.rep // 3))
-    err = (s_out.transpose(1, 2).reshape(B * L, Hq, HEAD_DIM).float() - r["out"].float()).abs().max().item()
-    if err > 3e-2:  # the row is still printed, flagged
-        print(f"  WRONG: prefill B{B} L{L}: ours and SDPA differ by {err}")
-    s_tf = flops / (s_ms * 1e-3) / 1e12
-    line = f"{B:4d} {L:6d} {Hq:3d}/{Hk:<2d} {r['ms']:8.3f} {tf:7.1f} {s_tf:8.1f} {s_name:>5s} {tf / s_tf:9.2f}"
     shape = dict(B=B, L=L, Hq=Hq, Hk=Hk, D=HEAD_DIM, page_size=PAGE, dtype=str(dtype)[6:], causal=True)
-    writer.write(op="attention_prefill", impl="moecomm", **shape, median_ms=r["ms"], tflops=tf, plan_us=r["plan_us"],
-                 ratio_to_sdpa=tf / s_tf, max_err=err)
-    writer.write(op="attention_prefill", impl=f"sdpa-{s_name}", **shape, median_ms=s_ms, tflops=s_tf)
-    for name, _ in peers:
-        pr = peer_rows[name].get(("prefill", B, L, Hq, Hk))
-        if pr is None or "ms" not in pr:
-            line += f" {'n/a':>14s} {'':>12s}"
-            if pr:
-                print(f"  {name}: {pr.get('error')}")
+    sdpa = None
+    for label, kernel, consecutive in PREFILL_VARIANTS:
+        gen = torch.Generator(device=device).manual_seed(1)
+        try:
+            r = ours_prefill(B, L, Hq, Hk, dtype, device, args.warmup, max(10, args.rep // 3), gen, kernel=kernel,
+                             consecutive=consecutive)
+        except Exception as exc:  # one variant failing keeps the others' rows
+            print(f"{B:4d} {L:6d} {Hq:3d}/{Hk:<2d} {label:12s} error {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             continue
-        p_tf = flops / (pr["ms"] * 1e-3) / 1e12
-        line += f" {p_tf:14.1f} {tf / p_tf:12.2f}"
-        writer.write(op="attention_prefill", impl=f"{name}-{pr['version']}", **shape, median_ms=pr["ms"], tflops=p_tf)
-    print(line, flush=True)
+        tf = flops / (r["ms"] * 1e-3) / 1e12
+        qs = r["q"].view(B, L, Hq, HEAD_DIM).transpose(1, 2)
+        if sdpa is None:  # the same seed: every variant has the same q, K and V (pages renumbered only)
+            kc, vc = _contiguous(r["k"], r["v"], r["perm"], B, L)
+            sdpa = _sdpa_best(qs, kc, vc, True, args.warmup, max(10, args.rep // 3))
+            del kc, vc
+            s_ms, s_name, s_out = sdpa
+            writer.write(op="attention_prefill", impl=f"sdpa-{s_name}", **shape, median_ms=s_ms,
+                         tflops=flops / (s_ms * 1e-3) / 1e12)
+        s_ms, s_name, s_out = sdpa
+        err = (s_out.transpose(1, 2).reshape(B * L, Hq, HEAD_DIM).float() - r["out"].float()).abs().max().item()
+        if err > 3e-2:  # the row is still printed, flagged
+            print(f"  WRONG: prefill {label} B{B} L{L}: ours and SDPA differ by {err}")
+        s_tf = flops / (s_ms * 1e-3) / 1e12
+        line = (f"{B:4d} {L:6d} {Hq:3d}/{Hk:<2d} {label:12s} {'TMA' if r['tma'] else 'gather':>6s} {r['ms']:8.3f} "
+                f"{tf:7.1f} {r['plan_us']:7.1f} {s_tf:8.1f} {s_name:>5s} {tf / s_tf:9.2f}")
+        writer.write(op="attention_prefill", impl="moecomm", kernel=kernel, consecutive_pages=consecutive,
+                     tma=r["tma"], **shape, median_ms=r["ms"], tflops=tf, plan_us=r["plan_us"],
+                     ratio_to_sdpa=tf / s_tf, max_err=err)
+        for name, _ in peers:
+            pr = peer_rows[name].get(("prefill", B, L, Hq, Hk))
+            if pr is None or "ms" not in pr:
+                line += f" {'n/a':>14s} {'':>12s}"
+                if pr and kernel == "v2" and not consecutive:
+                    print(f"  {name}: {pr.get('error')}")
+                continue
+            p_tf = flops / (pr["ms"] * 1e-3) / 1e12
+            line += f" {p_tf:14.1f} {tf / p_tf:12.2f}"
+            if kernel == "v2" and not consecutive:
+                writer.write(op="attention_prefill", impl=f"{name}-{pr['version']}", **shape, median_ms=pr["ms"],
+                             tflops=p_tf)
+        print(line, flush=True)
+        del r
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _kernel_stats():
     """Registers, spills and shared memory of our compiled kernels (Triton's per-device cache)."""
-    from moecomm.attention import _triton_decode, _triton_prefill
+    from moecomm.attention import _triton_decode, _triton_prefill, _triton_prefill_v2
 
-    for fn in (_triton_decode.decode_kernel, _triton_decode.merge_partials_kernel, _triton_prefill.prefill_kernel):
+    for fn in (_triton_decode.decode_kernel, _triton_decode.merge_partials_kernel, _triton_prefill.prefill_kernel,
+               _triton_prefill_v2.prefill_v2_kernel):
         try:
             for cache in fn.device_caches.values():
                 for key, k in cache[0].items():

@@ -18,8 +18,10 @@ memory-bound (B64 L4096 Hk8 D128 bf16 is 1.07 GB of KV: 0.22 ms at 4.8 TB/s). So
 
 Work items are metadata arrays in one int32 device buffer (written by plan() with one copy), at
 int offsets: meta[0] = num_work, work_req[w] (the request of work item w), and per request b:
-kv_indptr[b] (its first entry of kv_indices), work_indptr[b] (its first work item), chunk[b] (its
-chunk length), kv_len[b]. Item w covers tokens [s0 + i * chunk, min(s0 + (i + 1) * chunk, kv_len))
+kv_indptr[b] (its first entry of kv_indices), work_indptr[b] (its first work item), kv_len[b]; the
+chunk section (off_chunk) is no longer written: a request's n = work_indptr[b + 1] - work_indptr[b]
+items split its window's span into equal chunks, chunk = ceil(ceil(span / n) / BLOCK_N) * BLOCK_N,
+computed by the kernel. Item w covers tokens [s0 + i * chunk, min(s0 + (i + 1) * chunk, kv_len))
 with i = w - work_indptr[b] and s0 the window's first token: the host writes only per-request
 arrays and one repeat (plan() is on the host's critical path). The programs loop
 ``for w in range(pid, num_work, num_programs)`` with num_work read from the device, so that a CUDA
@@ -77,11 +79,17 @@ def decode_kernel(
             b = w
             local = 0
             chunk = 1 << 30
+            length = tl.load(meta_ptr + off_len + b)
         else:
             b = tl.load(meta_ptr + off_req + w)
-            local = w - tl.load(meta_ptr + off_work_indptr + b)
-            chunk = tl.load(meta_ptr + off_chunk + b)
-        length = tl.load(meta_ptr + off_len + b)
+            w0 = tl.load(meta_ptr + off_work_indptr + b)
+            num_chunks = tl.load(meta_ptr + off_work_indptr + b + 1) - w0
+            local = w - w0
+            length = tl.load(meta_ptr + off_len + b)
+            # equal chunks of the window, rounded up to BLOCK_N (aligned loads): computed here, not
+            # by plan() (five numpy calls of host time less); 0 for a request without keys
+            span = tl.minimum(length, window_left + 1)
+            chunk = ((span + num_chunks - 1) // num_chunks + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         start = tl.maximum(length - 1 - window_left, 0) + local * chunk  # window_left: 2**30 for none
         end = tl.minimum(start + chunk, length)
         page_base = tl.load(meta_ptr + off_kv_indptr + b)

@@ -170,6 +170,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             self._max_batch, self._max_work = 0, 0
         self._plan = None
         self._views: dict = {}
+        self._scalars_key = self._scalars = None
         # graph mode: the metadata buffer's final size now, so that no plan() ever moves it
         self._staging = Staging(self._device, self._layout(self._max_batch, self._max_work)[1] if self._graph else 1024)
 
@@ -198,6 +199,32 @@ class BatchDecodeWithPagedKVCacheWrapper:
             hit = self._views[key] = (cap, part_o, part_lse)
         return hit
 
+    @staticmethod
+    def _check_scalars(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left,
+                       logits_soft_cap, q_data_type, kv_data_type, data_type, sm_scale):
+        """plan()'s scalar arguments checked; (q dtype, kv dtype, soft cap, sm_scale)."""
+        check_heads(_OP, num_qo_heads, num_kv_heads, head_dim, page_size)
+        if pos_encoding_mode != "NONE":
+            raise MoeCommValueError(f"{_OP}: pos_encoding_mode must be 'NONE' (rotate q and k with apply_rope first), "
+                                    f"got {pos_encoding_mode!r}")
+        if data_type is not None:
+            q_data_type = kv_data_type = data_type
+        q_dtype = parse_dtype(_OP, "q_data_type", q_data_type)
+        kv_dtype = parse_dtype(_OP, "kv_data_type", kv_data_type, q_dtype, fp8=True)
+        fp8_ok = kv_dtype in FP8_DTYPES and q_dtype in (torch.float16, torch.bfloat16)
+        if kv_dtype is not q_dtype and not fp8_ok:
+            raise MoeCommTypeError(f"{_OP}: kv_data_type must equal q_data_type ({str(q_dtype).replace('torch.', '')}) or be "
+                                   f"fp8 with fp16/bf16 queries, got {str(kv_dtype).replace('torch.', '')}")
+        if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+            raise MoeCommValueError(f"{_OP}: window_left must be an int >= -1, got {window_left!r}")
+        cap = 0.0 if logits_soft_cap is None else float(logits_soft_cap)
+        if not (cap >= 0 and math.isfinite(cap)):
+            raise MoeCommValueError(f"{_OP}: logits_soft_cap must be None or a finite value >= 0, got {logits_soft_cap!r}")
+        scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+        if not (scale > 0 and math.isfinite(scale)):
+            raise MoeCommValueError(f"{_OP}: sm_scale must be a finite value > 0, got {sm_scale!r}")
+        return q_dtype, kv_dtype, cap, scale
+
     def plan(self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
              page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1, logits_soft_cap: float | None = None,
              q_data_type="float16", kv_data_type=None, data_type=None, sm_scale: float | None = None,
@@ -224,32 +251,23 @@ class BatchDecodeWithPagedKVCacheWrapper:
             disable_split_kv: one work item per request. kv_chunk_size: force split chunks of this
                 many tokens (tests; rounded up to the kernel's block).
         """
-        check_heads(_OP, num_qo_heads, num_kv_heads, head_dim, page_size)
-        if pos_encoding_mode != "NONE":
-            raise MoeCommValueError(f"{_OP}: pos_encoding_mode must be 'NONE' (rotate q and k with apply_rope first), "
-                                    f"got {pos_encoding_mode!r}")
-        if data_type is not None:
-            q_data_type = kv_data_type = data_type
-        q_dtype = parse_dtype(_OP, "q_data_type", q_data_type)
-        kv_dtype = parse_dtype(_OP, "kv_data_type", kv_data_type, q_dtype, fp8=True)
-        fp8_ok = kv_dtype in FP8_DTYPES and q_dtype in (torch.float16, torch.bfloat16)
-        if kv_dtype is not q_dtype and not fp8_ok:
-            raise MoeCommTypeError(f"{_OP}: kv_data_type must equal q_data_type ({str(q_dtype).replace('torch.', '')}) or be "
-                                   f"fp8 with fp16/bf16 queries, got {str(kv_dtype).replace('torch.', '')}")
-        if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
-            raise MoeCommValueError(f"{_OP}: window_left must be an int >= -1, got {window_left!r}")
-        cap = 0.0 if logits_soft_cap is None else float(logits_soft_cap)
-        if not (cap >= 0 and math.isfinite(cap)):
-            raise MoeCommValueError(f"{_OP}: logits_soft_cap must be None or a finite value >= 0, got {logits_soft_cap!r}")
-        scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-        if not (scale > 0 and math.isfinite(scale)):
-            raise MoeCommValueError(f"{_OP}: sm_scale must be a finite value > 0, got {sm_scale!r}")
+        # the scalar arguments repeat from plan to plan: validated once per distinct tuple (the types
+        # are in the key so that True never passes as a cached 1)
+        key = (num_qo_heads, num_kv_heads, head_dim, page_size, window_left, type(num_qo_heads), type(num_kv_heads),
+               type(head_dim), type(page_size), type(window_left), pos_encoding_mode, logits_soft_cap, q_data_type,
+               kv_data_type, data_type, sm_scale)
+        if key != self._scalars_key:
+            self._scalars = self._check_scalars(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode,
+                                                window_left, logits_soft_cap, q_data_type, kv_data_type, data_type,
+                                                sm_scale)
+            self._scalars_key = key
+        q_dtype, kv_dtype, cap, scale = self._scalars
 
         indptr_np = host_ints(_OP, "indptr", indptr)
         last_np = host_ints(_OP, "last_page_len", last_page_len)
         num_indices = indices.shape[0] if isinstance(indices, torch.Tensor) else len(indices)
         lengths = check_page_table(_OP, indptr_np, last_np, num_indices, page_size)
-        max_index = check_indices(_OP, indices, num_pages)
+        max_index, indices_np = check_indices(_OP, indices, num_pages)
         batch = lengths.shape[0]
         if self._graph and batch > self._max_batch:
             raise MoeCommValueError(f"{_OP}: batch size must be <= {self._max_batch} (the CUDA-graph buffers' size), got {batch}")
@@ -275,9 +293,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
             else:
                 want = max(1, min(target, max_work - batch))
                 chunk = _round_up(max(_MIN_CHUNK, cdiv(int(span.sum()), want)), block_n)
-            nsplit = (span + (chunk - 1)) // chunk
+            nsplit = span + (chunk - 1)
+            nsplit //= chunk
             np.maximum(nsplit, 1, out=nsplit)
-            num_work = int(nsplit.sum())
+            work_end = np.add.accumulate(nsplit)  # [B] one past each request's last item (np.cumsum: +1 us)
+            num_work = work_end.item(-1)
             if num_work > max_work:  # a forced chunk size past the workspace: one item per request
                 if self._graph:
                     raise MoeCommValueError(f"{_OP}: kv_chunk_size must give <= {max_work} work items, got {num_work}")
@@ -287,7 +307,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         offsets, fixed_end = self._layout(batch, num_work)
         off_req, off_chunk, off_work_indptr, off_kv_indptr, off_len = offsets
         dev_indices = None
-        if isinstance(indices, torch.Tensor) and indices.device.type != "cpu" and not self._graph:
+        if indices_np is None and not self._graph:  # ids on the device
             dev_indices = indices if indices.dtype is torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
         need = fixed_end + (0 if dev_indices is not None or self._graph else num_indices)
         st = self._staging
@@ -297,15 +317,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
         h[off_kv_indptr:off_kv_indptr + batch + 1] = indptr_np
         h[off_len:off_len + batch] = lengths
         if split:
-            # chunk_b: equal chunks per request, rounded up to the kernel's block (aligned loads)
-            cb = h[off_chunk:off_chunk + batch]
-            np.floor_divide(span + (block_n * nsplit - 1), block_n * nsplit, out=cb)  # ceil(ceil(span / n) / bn)
-            cb *= block_n
+            # each request's chunk length: the kernel's, from its item count (_triton_decode docstring)
             h[off_work_indptr] = 0
-            np.cumsum(nsplit, out=h[off_work_indptr + 1:off_work_indptr + batch + 1])
-            h[off_req:off_req + num_work] = np.repeat(_arange(batch), nsplit)
+            h[off_work_indptr + 1:off_work_indptr + batch + 1] = work_end
+            h[off_req:off_req + num_work] = _arange(batch).repeat(nsplit)
         elif self._graph:  # graph mode always takes the split path: one chunk per request
-            h[off_chunk:off_chunk + batch] = 1 << 30
             h[off_work_indptr:off_work_indptr + batch + 1] = _arange(batch + 1)
             h[off_req:off_req + num_work] = _arange(batch)
         if self._graph and batch < self._max_batch:  # rows a graph captured at a larger batch merges: none
@@ -314,13 +330,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
             self._indices_buf[:num_indices].copy_(torch.as_tensor(indices).to(torch.int32), non_blocking=non_blocking)
             kv_indices = self._indices_buf
         elif dev_indices is None:
-            h[fixed_end:fixed_end + num_indices] = host_ints(_OP, "indices", indices)
+            h[fixed_end:fixed_end + num_indices] = indices_np
             kv_indices = None  # a view of the staging buffer, made below
         else:
             kv_indices = dev_indices
         st.upload(need)
         if kv_indices is None:
-            kv_indices = st.dev[fixed_end:fixed_end + max(num_indices, 1)]
+            kv_indices = st.dev_view(fixed_end, fixed_end + max(num_indices, 1))
         if self._graph:
             num_programs = min(max(self._max_batch, target), _MAX_GRID)
         else:

@@ -11,6 +11,10 @@ sliding window (window_left), a custom mask (bool per (query, key) of each reque
 packed bits), combined by "and"; logits soft-cap; sm_scale. CUDA-graph mode (paged wrapper): the
 metadata buffer and the grid (Hq, max_num_qo_tokens / BLOCK_M + max_batch programs, the surplus
 exiting at once) are fixed at construction, so one captured run() replays for any later plan.
+Kernels (PREFILL_KERNEL): "v2" (_triton_prefill_v2, the default) reads each request's K / V tiles
+with TMA when plan() finds its pages consecutive in the host page table (pages_consecutive) and
+run() finds an NHD cache whose token rows are evenly strided (_tma_ok), else it gathers them as
+"v1" (_triton_prefill) does. Both use the same tiles and metadata, so the choice is made at run().
 Not here: in-kernel RoPE (use apply_rope first); block-sparse lives in blocksparse.py.
 """
 
@@ -45,17 +49,37 @@ _ALIGN = 16
 # (128, 32, 4, 4) 322.6 TFLOP/s at B8 L4096 causal on an H200 (2026-12-01), (128, 64, 8, 3) 276.9,
 # (128, 128, 8, 3) 302.5, (64, 64, 4, 3) 267.6.
 PREFILL_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3), 128: (128, 32, 4, 4), 256: (64, 32, 8, 2)}
+# Which kernel run() launches: "v2" (_triton_prefill_v2: TMA tiles when a request's pages are
+# consecutive, else the gather without masks inside kv_len) or "v1" (_triton_prefill, the first;
+# kept selectable until the H200 has timed both: benchmarks/bench_attention.py --prefill-kernels).
+PREFILL_KERNEL = "v2"
+# v2's TMA path: head_dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages), tutorial 06's sm_90 tiles
+# (untimed guesses until the sweep runs). BLOCK_M must equal PREFILL_CONFIGS' (plan() cuts the
+# tiles before run() knows which path the cache allows). D128 at BLOCK_N 64, 3 stages: K + V
+# 2 * 64 * 128 * 2 B = 32 KB a stage, 96 KB + Q's 32 KB of the 227 KB of shared memory.
+PREFILL_TMA_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
 
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+_ARANGE = np.arange(1 << 12, dtype=np.int64)
+
+
+def _arange(n: int) -> np.ndarray:
+    """np.arange(n) as a view of a cached one (plan() builds tile ids each call)."""
+    global _ARANGE
+    if n > _ARANGE.shape[0]:
+        _ARANGE = np.arange(2 * n, dtype=np.int64)
+    return _ARANGE[:n]
+
+
 def _prefill_impl(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: torch.Tensor, kv_indices: torch.Tensor,
     mask_bits: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, offsets: list[int], num_tiles_grid: int,
     page_size: int, kv_layout_hnd: bool, causal: bool, custom: bool, write_lse: bool, sm_scale: float,
-    logits_soft_cap: float, window_left: int,
+    logits_soft_cap: float, window_left: int, kv_contiguous: bool = False,
 ) -> None:
     off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask, batch = offsets
     layout = reference.HND if kv_layout_hnd else reference.NHD
@@ -78,25 +102,79 @@ def _prefill_impl(
         if write_lse:
             lse.copy_(s)
         return
-    from . import _triton_prefill as kern
-
     num_kv_heads = k_cache.shape[1] if kv_layout_hnd else k_cache.shape[2]
-    block_m, block_n, num_warps, num_stages = PREFILL_CONFIGS[head_dim]
     soft = logits_soft_cap > 0
-    launch(kern.prefill_kernel, (num_qo_heads, num_tiles_grid), (
+    consts = dict(GROUP=num_qo_heads // num_kv_heads, PAGE=page_size, HEAD_DIM=head_dim, CAUSAL=causal,
+                  WINDOW=window_left >= 0, SOFT_CAP=soft, CUSTOM=custom, WRITE_LSE=write_lse,
+                  DOT_PRECISION="ieee" if q.dtype is torch.float32 else "tf32")
+    block_m, block_n, num_warps, num_stages = PREFILL_CONFIGS[head_dim]
+    if PREFILL_KERNEL == "v1":
+        from . import _triton_prefill as kern
+
+        kernel = kern.prefill_kernel
+    else:
+        from . import _triton_prefill_v2 as kern
+
+        kernel = kern.prefill_v2_kernel
+        tma = kv_contiguous and not kv_layout_hnd and _tma_ok(k_cache, page_size) and _tma_ok(v_cache, page_size)
+        if tma:
+            bm, block_n, num_warps, num_stages = PREFILL_TMA_CONFIGS[head_dim]
+            if bm != block_m:  # the plan's tiles are PREFILL_CONFIGS' BLOCK_M rows
+                raise MoeCommValueError(f"{_OP}: PREFILL_TMA_CONFIGS[{head_dim}] must have BLOCK_M = {block_m} "
+                                        f"(PREFILL_CONFIGS'), got {bm}")
+            _ensure_allocator(q.device)
+        consts["KV_TMA"] = tma
+    consts.update(BLOCK_M=block_m, BLOCK_N=block_n)
+    launch(kernel, (num_qo_heads, num_tiles_grid), (
         q, k_cache, v_cache, out, lse, meta, kv_indices, mask_bits,
         off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask,
         k_cache.shape[0], num_qo_heads,
         q.stride(0), q.stride(1), *nhd_strides(k_cache, layout), *nhd_strides(v_cache, layout),
         out.stride(0), out.stride(1), sm_scale, logits_soft_cap if soft else 1.0, max(window_left, 0),
-    ), dict(GROUP=num_qo_heads // num_kv_heads, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-            CAUSAL=causal, WINDOW=window_left >= 0, SOFT_CAP=soft, CUSTOM=custom, WRITE_LSE=write_lse,
-            DOT_PRECISION="ieee" if q.dtype is torch.float32 else "tf32"),
-        num_warps, num_stages)
+    ), consts, num_warps, num_stages)
+
+
+def _tma_ok(t: torch.Tensor, page_size: int) -> bool:
+    """An NHD cache [num_pages, P, Hk, D] whose token rows are evenly strided (a page is P rows, the
+    heads of a row adjacent) and TMA-addressable (16-byte aligned base and row stride, row ids < 2**31)."""
+    es = t.element_size()
+    return (t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.stride(0) == page_size * t.stride(1)
+            and (t.stride(1) * es) % 16 == 0 and t.data_ptr() % 16 == 0 and t.shape[0] * page_size < 2**31)
+
+
+def _ensure_allocator(device: torch.device) -> None:
+    """Tensor descriptors made in the kernel need a small global scratch: give Triton torch's
+    allocator (as moecomm.gemm does; the interpreter needs none)."""
+    if device.type != "cuda":
+        return
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 paged_prefill = define_op("attention_paged_prefill", _prefill_impl, fake=lambda *args: None, mutates_args=("out", "lse"),
                           differentiable=False)
+
+
+def pages_consecutive(indptr: np.ndarray, indices: np.ndarray) -> bool:
+    """Whether every request's page ids are consecutive (p, p + 1, ...): its KV is then one run of
+    token rows of the cache, which v2's TMA path reads. A shuffled table is rejected on the first
+    request's first two and last ids (scalar reads, < 1 us), a consecutive one costs one pass over
+    the ids (~4 numpy calls)."""
+    batch = indptr.shape[0] - 1
+    nnz = indptr.item(-1) if batch > 0 else 0
+    if nnz == 0:
+        return True
+    s0, e0 = indptr.item(0), indptr.item(1)
+    if e0 - s0 > 1 and (indices.item(s0 + 1) - indices.item(s0) != 1 or
+                        indices.item(e0 - 1) - indices.item(s0) != e0 - s0 - 1):
+        return False
+    bad = (indices[1:nnz] - indices[:nnz - 1]) != 1  # [nnz - 1] steps; those across a boundary do not count
+    ends = indptr[1:]
+    bad[ends[(ends > 0) & (ends < nnz)] - 1] = False
+    return not bad.any()
 
 
 def _pack_custom_mask(op, custom_mask, packed_custom_mask, qo_lens, kv_lens):
@@ -141,6 +219,7 @@ class _PrefillBase:
         self._device = float_workspace_buffer.device
         self._graph = bool(use_cuda_graph)
         self._plan = None
+        self._scalars_key = self._scalars = self._heads_key = None
         if not self._graph:
             self._staging = Staging(self._device, 1024)
             return
@@ -168,9 +247,8 @@ class _PrefillBase:
         off_kv_indptr, off_kv_len, off_mask = off_qo_indptr + bs, off_qo_indptr + 2 * bs, off_qo_indptr + 3 * bs
         return [off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask], off_qo_indptr + 4 * bs
 
-    def _plan_core(self, qo_indptr, kv_indptr_np, lengths, indices, num_qo_heads, num_kv_heads, head_dim, page_size,
-                   custom_mask, packed_custom_mask, causal, sm_scale, window_left, logits_soft_cap, q_data_type,
-                   kv_data_type, max_index, non_blocking):
+    def _check_scalars(self, q_data_type, kv_data_type, window_left, logits_soft_cap, sm_scale):
+        """plan()'s scalar arguments checked; (q dtype, kv dtype, soft cap)."""
         op = self._op
         q_dtype = parse_dtype(op, "q_data_type", q_data_type)
         kv_dtype = parse_dtype(op, "kv_data_type", kv_data_type, q_dtype)
@@ -184,12 +262,23 @@ class _PrefillBase:
             raise MoeCommValueError(f"{op}: logits_soft_cap must be None or a finite value >= 0, got {logits_soft_cap!r}")
         if sm_scale is not None and not (float(sm_scale) > 0 and math.isfinite(float(sm_scale))):
             raise MoeCommValueError(f"{op}: sm_scale must be a finite value > 0, got {sm_scale!r}")
+        return q_dtype, kv_dtype, cap
+
+    def _plan_core(self, qo_indptr, kv_indptr_np, lengths, indices, num_qo_heads, num_kv_heads, head_dim, page_size,
+                   custom_mask, packed_custom_mask, causal, sm_scale, window_left, logits_soft_cap, q_data_type,
+                   kv_data_type, max_index, non_blocking, kv_contiguous=False):
+        op = self._op
+        key = (q_data_type, kv_data_type, window_left, type(window_left), logits_soft_cap, sm_scale)
+        if key != self._scalars_key:  # as decode's plan(): checked once per distinct tuple
+            self._scalars = self._check_scalars(q_data_type, kv_data_type, window_left, logits_soft_cap, sm_scale)
+            self._scalars_key = key
+        q_dtype, kv_dtype, cap = self._scalars
         qo_np = host_ints(op, "qo_indptr", qo_indptr)
         batch = lengths.shape[0]
         if qo_np.shape[0] != batch + 1:
             raise MoeCommValueError(f"{op}: qo_indptr must have batch_size + 1 = {batch + 1} entries, got {qo_np.shape[0]}")
-        qo_lens = np.diff(qo_np)
-        if qo_np[0] != 0 or (batch and qo_lens.min() < 0):
+        qo_lens = qo_np[1:] - qo_np[:-1]  # (np.diff: ~1.5 us more)
+        if qo_np[0] != 0 or (batch and np.minimum.reduce(qo_lens) < 0):
             raise MoeCommValueError(f"{op}: qo_indptr must start at 0 and be non-decreasing, got {qo_np.tolist()[:8]}...")
         custom = custom_mask is not None or packed_custom_mask is not None
         if self._graph:
@@ -202,24 +291,26 @@ class _PrefillBase:
         if custom:
             bits, offs = _pack_custom_mask(op, custom_mask, packed_custom_mask, qo_lens, lengths)
         block_m = PREFILL_CONFIGS[head_dim][0]
-        ntiles = (qo_lens + block_m - 1) // block_m
-        num_tiles = int(ntiles.sum())
+        ntiles = qo_lens + (block_m - 1)
+        ntiles //= block_m
+        tile_end = np.add.accumulate(ntiles)  # [B] one past each request's last tile
+        num_tiles = tile_end.item(-1) if batch else 0
         if num_tiles > 65535:
             raise MoeCommValueError(f"{op}: qo_indptr must describe <= 65535 tiles of {block_m} query rows (CUDA's grid "
                                     f"limit), got {num_tiles}; split the batch")
-        tile_req = np.repeat(np.arange(batch), ntiles)
-        tile_indptr = np.zeros(batch + 1, dtype=np.int64)
-        np.cumsum(ntiles, out=tile_indptr[1:])
-        tile_q0 = (np.arange(num_tiles) - tile_indptr[tile_req]) * block_m
-        if causal and num_tiles:  # heaviest first: a causal tile reads keys up to its last row
-            work = np.minimum(tile_q0 + block_m, qo_lens[tile_req]) + (lengths - qo_lens)[tile_req]
-            order = np.argsort(-work, kind="stable")
+        tile_req = _arange(batch).repeat(ntiles)
+        tile_q0 = _arange(num_tiles) - (tile_end - ntiles)[tile_req]
+        tile_q0 *= block_m
+        if causal and num_tiles:
+            # heaviest first: a causal tile reads keys up to its last row, i.e. about its first row's
+            # position in the KV (exact but for a request's last, partial tile: within one tile)
+            order = np.argsort((qo_lens - lengths)[tile_req] - tile_q0, kind="stable")  # ascending: -position
             tile_req, tile_q0 = tile_req[order], tile_q0[order]
 
         (off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask), fixed_end = \
             self._layout(batch, num_tiles)
         dev_indices = None
-        num_indices = indices.shape[0] if isinstance(indices, torch.Tensor) else len(indices)
+        num_indices = indices.shape[0]
         if self._graph:
             if num_indices > self._indices_buf.shape[0]:
                 raise MoeCommValueError(f"{op}: paged_kv_indices must hold <= {self._indices_buf.shape[0]} ids "
@@ -241,11 +332,11 @@ class _PrefillBase:
         if custom:
             h[off_mask:off_mask + batch] = offs
         if dev_indices is None:
-            h[fixed_end:fixed_end + num_indices] = host_ints(op, "indices", indices)
+            h[fixed_end:fixed_end + num_indices] = indices  # the host ids' numpy array (check_indices')
         st.upload(need)
-        kv_indices = dev_indices if dev_indices is not None else st.dev[fixed_end:fixed_end + max(num_indices, 1)]
+        kv_indices = dev_indices if dev_indices is not None else st.dev_view(fixed_end, fixed_end + max(num_indices, 1))
         mask_t = torch.from_numpy(bits if bits.size else np.zeros(1, np.uint8)).to(self._device, non_blocking=non_blocking) \
-            if custom else st.dev[:1]
+            if custom else st.dev_view(0, 1)
         self._plan = dict(
             batch=batch, nnz=int(qo_np[-1]), num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
             page_size=page_size, q_dtype=q_dtype, kv_dtype=kv_dtype, causal=bool(causal), custom=custom,
@@ -253,7 +344,7 @@ class _PrefillBase:
             window_left=window_left, offsets=[off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len,
                                               off_mask, batch],
             num_tiles=cdiv(self._max_tokens, block_m) + self._max_batch if self._graph else max(num_tiles, 1),
-            kv_indices=kv_indices, mask=mask_t, meta=st.dev, max_index=max_index,
+            kv_indices=kv_indices, mask=mask_t, meta=st.dev, max_index=max_index, kv_contiguous=kv_contiguous,
         )
 
     def _run_core(self, q, k, v, page_size, out, lse, return_lse, scale_mul):
@@ -264,7 +355,7 @@ class _PrefillBase:
         op = paged_prefill if torch.compiler.is_compiling() or q.requires_grad else _prefill_impl  # as decode's run()
         op(q, k, v, p["meta"], p["kv_indices"], p["mask"], out, lse if return_lse else out,
                       p["offsets"], p["num_tiles"], page_size, self._kv_layout == reference.HND, p["causal"], p["custom"],
-                      return_lse, p["sm_scale"] * scale_mul, p["soft_cap"], p["window_left"])
+                      return_lse, p["sm_scale"] * scale_mul, p["soft_cap"], p["window_left"], p["kv_contiguous"])
         return (out, lse) if return_lse else out
 
     def _check_q(self, q):
@@ -330,20 +421,27 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillBase):
             q_data_type, kv_data_type: fp16/bf16 (fp32 too). num_pages: range-check host indices here.
         """
         op = self._op
-        check_heads(op, num_qo_heads, num_kv_heads, head_dim_qk, page_size)
-        if head_dim_vo is not None and head_dim_vo != head_dim_qk:
-            raise MoeCommValueError(f"{op}: head_dim_vo must equal head_dim_qk ({head_dim_qk}), got {head_dim_vo}")
-        if pos_encoding_mode != "NONE":
-            raise MoeCommValueError(f"{op}: pos_encoding_mode must be 'NONE' (rotate q and k with apply_rope first), "
-                                    f"got {pos_encoding_mode!r}")
+        key = (num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo, pos_encoding_mode, type(num_qo_heads),
+               type(num_kv_heads), type(head_dim_qk), type(page_size))
+        if key != self._heads_key:  # checked once per distinct tuple (as the scalars in _plan_core)
+            check_heads(op, num_qo_heads, num_kv_heads, head_dim_qk, page_size)
+            if head_dim_vo is not None and head_dim_vo != head_dim_qk:
+                raise MoeCommValueError(f"{op}: head_dim_vo must equal head_dim_qk ({head_dim_qk}), got {head_dim_vo}")
+            if pos_encoding_mode != "NONE":
+                raise MoeCommValueError(f"{op}: pos_encoding_mode must be 'NONE' (rotate q and k with apply_rope first), "
+                                        f"got {pos_encoding_mode!r}")
+            self._heads_key = key
         indptr_np = host_ints(op, "paged_kv_indptr", paged_kv_indptr)
         last_np = host_ints(op, "paged_kv_last_page_len", paged_kv_last_page_len)
         num_indices = paged_kv_indices.shape[0] if isinstance(paged_kv_indices, torch.Tensor) else len(paged_kv_indices)
         lengths = check_page_table(op, indptr_np, last_np, num_indices, page_size, "paged_kv_indptr")
-        max_index = check_indices(op, paged_kv_indices, num_pages)
-        self._plan_core(qo_indptr, indptr_np, lengths, paged_kv_indices, num_qo_heads, num_kv_heads, head_dim_qk,
-                        page_size, custom_mask, packed_custom_mask, causal, sm_scale, window_left, logits_soft_cap,
-                        q_data_type, kv_data_type, max_index, non_blocking)
+        max_index, indices_np = check_indices(op, paged_kv_indices, num_pages)
+        contiguous = (PREFILL_KERNEL != "v1" and indices_np is not None and not self._graph
+                      and self._kv_layout == reference.NHD and pages_consecutive(indptr_np, indices_np))
+        self._plan_core(qo_indptr, indptr_np, lengths, paged_kv_indices if indices_np is None else indices_np,
+                        num_qo_heads, num_kv_heads, head_dim_qk, page_size, custom_mask, packed_custom_mask, causal,
+                        sm_scale, window_left, logits_soft_cap, q_data_type, kv_data_type, max_index, non_blocking,
+                        contiguous)
 
     begin_forward = plan
 
@@ -405,13 +503,23 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillBase):
         lengths = check_page_table(op, kv_np, np.ones(max(kv_np.shape[0] - 1, 0), np.int64), int(kv_np[-1]) if kv_np.size else 0,
                                    1, "kv_indptr")
         nnz_kv = int(kv_np[-1])
-        indices = torch.arange(max(nnz_kv, 1), dtype=torch.int32, device=self._device)
+        indices = self._row_ids(max(nnz_kv, 1))
         self._plan_core(qo_indptr, kv_np, lengths, indices, num_qo_heads, num_kv_heads, head_dim_qk, 1, custom_mask,
                         packed_custom_mask, causal, sm_scale, window_left, logits_soft_cap, q_data_type, kv_data_type,
-                        nnz_kv - 1, non_blocking)
+                        nnz_kv - 1, non_blocking, True)  # one-token pages 0, 1, 2, ...: consecutive
         self._plan["nnz_kv"] = nnz_kv
 
     begin_forward = plan
+
+    def _row_ids(self, n: int):
+        """0..n-1 as the page ids of one-token pages: a slice of a cached arange (no kernel per plan);
+        a device tensor on the GPU, a numpy array on CPU (copied into the staging buffer there)."""
+        ids = getattr(self, "_ids", None)
+        if ids is None or ids.shape[0] < n:
+            cap = max(2 * n, 4096)
+            ids = self._ids = (torch.arange(cap, dtype=torch.int32, device=self._device) if self._device.type == "cuda"
+                               else np.arange(cap, dtype=np.int32))
+        return ids[:n]
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None, return_lse: bool = False):
