@@ -53,6 +53,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     echo "=== bench_$b $(date -u +%T) ===" | tee -a "$OUT/bench.log"
     site=""
     [ "$b" = gemm ] && site=${FI031_SITE:-}
+    [ "$b" = sampling ] && site=${FI072_SITE:-}  # bench_sampling times the flashinfer it imports
     PYTHONPATH="$PYTHONPATH${site:+:$site}" timeout ${BENCH_TIMEOUT:-240} python3 -m benchmarks.bench_$b --out "$OUT/results.jsonl" 2>&1 \
       | tee -a "$OUT/bench.log" | tail -60
   done
