@@ -117,7 +117,18 @@ class HFMoE(MoE):
         """Whether forward runs moecomm's layer: always for a layer from from_hf(block); in a model patched by
         patch_hf_model, while its config._experts_implementation is "moecomm" (another choice made later,
         set_experts_implementation("eager") say, runs transformers' block with it)."""
+        if self.parallel_by_transformers():
+            return False
         return not self.follows_experts_implementation or self._experts_implementation(self._modules["experts"]) == NAME
+
+    def parallel_by_transformers(self) -> bool:
+        """Whether transformers' tensor or expert parallelism (tp_plan / ep_plan, DistributedConfig) runs this
+        block: its styles shard the experts' Parameters into DTensors and replace the gate's and the experts'
+        forward on the instance (the all-reduce of partial outputs, the EP router's local expert ids). moecomm's
+        layer computes the whole unsharded block on one rank, so the block's own forward, through those
+        wrapped modules, runs instead; the state_dict and the plan's names stay transformers' own."""
+        ex, gate = self._modules["experts"], self._modules["gate"]
+        return "forward" in ex.__dict__ or "forward" in gate.__dict__ or type(ex.gate_up_proj).__name__ == "DTensor"
 
     def _gate_hooked(self) -> bool:
         g = self._modules["gate"]
