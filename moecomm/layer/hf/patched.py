@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...routing import RoutingMethod
+from ...routing import Routing, RoutingMethod
 from ..config import MoEConfig
 from ..moe import MoE
 from .blocks import BlockRow
@@ -45,11 +45,15 @@ class HFMoE(MoE):
         dtype, device: of the block's experts.
 
     Attributes beside MoE's: ``hf_block``, the replaced block (restore() puts the layer's current
-    tensors back into it), ``row``, ``jitter_noise`` (Mixtral's and MiniMax's router_jitter_noise).
+    tensors back into it), ``row``, ``jitter_noise`` (Mixtral's and MiniMax's router_jitter_noise),
+    ``routes_with_block_router`` (the routing is the block's router module's: see
+    convert.routes_beyond_kept_groups; the experts, dispatch and combine stay moecomm's).
     """
 
-    def __init__(self, block: nn.Module, row: BlockRow, config: MoEConfig, *, dtype: torch.dtype, device: Any):
+    def __init__(self, block: nn.Module, row: BlockRow, config: MoEConfig, *, dtype: torch.dtype, device: Any,
+                 routes_with_block_router: bool = False):
         nn.Module.__init__(self)
+        self.routes_with_block_router = routes_with_block_router
         object.__setattr__(self, "_hf_block", block)  # not a submodule: its tensors are the layer's, counted once
         self.row = row
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
@@ -146,6 +150,13 @@ class HFMoE(MoE):
         if self.routing == RoutingMethod.SIGMOID_GROUPED_TOPK:
             return F.linear(x.float(), w.float())
         return F.linear(x, w)
+
+    def _route_unchecked(self, x2: torch.Tensor) -> Routing:
+        """MoE's routing, or (routes_with_block_router) the block's router module's own top-k ids and weights."""
+        if not self.routes_with_block_router:
+            return super()._route_unchecked(x2)
+        _, topk_weights, topk_ids = self._modules["gate"](x2)  # transformers' grouped routers return 3 tensors
+        return Routing(topk_ids.to(torch.int32), topk_weights.float())
 
     def _may_replay(self, x2: torch.Tensor) -> bool:
         return not self._gate_hooked() and super()._may_replay(x2)
