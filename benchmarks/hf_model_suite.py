@@ -9,6 +9,7 @@ unpatched but fail patched.
 
     python -m benchmarks.hf_model_suite run --suite /tmp/hf-tests/suite --family mixtral --mode construct
     python -m benchmarks.hf_model_suite report --results /tmp/hf-tests/results
+    ... run --default-experts eager ...   # models that ask for no experts implementation get eager, not grouped_mm
 
 Modes:
   unpatched   transformers as it is
@@ -46,6 +47,7 @@ FAMILIES = {
 MODES = ("unpatched", "construct", "load")
 _MODE_VAR = "HF_MODEL_SUITE_MODE"  # read only by the plugin below, in the pytest process this script starts
 _COUNT_VAR = "HF_MODEL_SUITE_COUNT_FILE"
+_DEFAULT_EXPERTS_VAR = "HF_MODEL_SUITE_DEFAULT_EXPERTS"
 
 
 # ---------------------------------------------------------------------------------------------- the plugin
@@ -61,9 +63,19 @@ def pytest_configure(config) -> None:
     mode = os.environ.get(_MODE_VAR, "unpatched")
     if mode not in MODES:
         raise ValueError(f"hf_model_suite: {_MODE_VAR} must be one of {MODES}, got {mode!r}")
+    from transformers import PreTrainedModel
+
+    default_experts = os.environ.get(_DEFAULT_EXPERTS_VAR)
+    if default_experts:  # the experts implementation a model gets when none is asked for (transformers: grouped_mm)
+        pick = PreTrainedModel.get_correct_experts_implementation
+
+        @functools.wraps(pick)
+        def pick_default(self, requested_experts):
+            return pick(self, default_experts if requested_experts is None else requested_experts)
+
+        PreTrainedModel.get_correct_experts_implementation = pick_default
     if mode == "unpatched":
         return
-    from transformers import PreTrainedModel
 
     counts: dict = {}
     config._hf_model_suite_counts = counts
@@ -99,12 +111,17 @@ def pytest_unconfigure(config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- running
-def run(suite: Path, family: str, mode: str, results: Path, timeout_s: int, extra: list[str]) -> int:
-    """Run one family's test file under one mode; JUnit XML and patch counts land in ``results``."""
+def run(suite: Path, family: str, mode: str, results: Path, timeout_s: int, extra: list[str],
+        default_experts: str | None = None) -> int:
+    """Run one family's test file under one mode; JUnit XML and patch counts land in ``results``.
+    default_experts: the experts implementation models get when their config asks for none (transformers
+    picks grouped_mm, which torch's CPU kernel refuses for rows not a multiple of 16 bytes: intermediate 37)."""
     results.mkdir(parents=True, exist_ok=True)
     stem = results / f"{family}.{mode}"
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, **{_MODE_VAR: mode, _COUNT_VAR: f"{stem}.counts.json"})
+    if default_experts:
+        env[_DEFAULT_EXPERTS_VAR] = default_experts
     env["PYTHONPATH"] = os.pathsep.join([str(repo), str(suite), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "pytest", FAMILIES[family], "-p", "benchmarks.hf_model_suite", "-p",
            "no:cacheprovider", f"--timeout={timeout_s}", f"--junitxml={stem}.xml", "-q", "-rN",
@@ -171,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--mode", choices=[*MODES, "all"], default="all")
     r.add_argument("--results", type=Path, default=Path("/tmp/hf-tests/results"))
     r.add_argument("--timeout", type=int, default=300, help="pytest-timeout per test, seconds")
+    r.add_argument("--default-experts", choices=["eager", "grouped_mm", "batched_mm"], default=None,
+                   help="experts implementation of models that ask for none (default: transformers' choice)")
     r.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
     s = sub.add_parser("report")
     s.add_argument("--results", type=Path, default=Path("/tmp/hf-tests/results"))
@@ -182,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = list(MODES) if args.mode == "all" else [args.mode]
     for family in families:
         for mode in modes:
-            rc = run(args.suite, family, mode, args.results, args.timeout, args.pytest_args)
+            rc = run(args.suite, family, mode, args.results, args.timeout, args.pytest_args, args.default_experts)
             print(f"{family} {mode}: pytest exit {rc}", flush=True)
     report(args.results)
     return 0
