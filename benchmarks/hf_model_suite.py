@@ -145,8 +145,9 @@ def outcomes(xml_path: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
-def report(results: Path, modes: tuple[str, ...] = MODES) -> None:
-    """Print, per family, the counts per mode and the tests that pass unpatched but fail patched."""
+def report(results: Path, modes: tuple[str, ...] = MODES, failures: bool = False) -> None:
+    """Print, per family, the counts per mode and the tests that pass unpatched but fail patched; with
+    failures=True also every test failing patched, with its unpatched outcome and its message."""
     rows, regressions = [], []
     for family in FAMILIES:
         base_xml = results / f"{family}.unpatched.xml"
@@ -176,6 +177,21 @@ def report(results: Path, modes: tuple[str, ...] = MODES) -> None:
     print(f"\npass unpatched, not patched: {len(regressions)}")
     for family, mode, test, why in regressions:
         print(f"  {family:12s} {mode:9s} {test}  {why}")
+    if failures:
+        print("\nfailing patched (any mode), with the unpatched outcome:")
+        for family in FAMILIES:
+            seen: dict[str, tuple[str, str, str]] = {}
+            for mode in modes[1:]:
+                xml = results / f"{family}.{mode}.xml"
+                base_xml = results / f"{family}.unpatched.xml"
+                if not (xml.exists() and base_xml.exists()):
+                    continue
+                base = outcomes(base_xml)
+                for test, (status, why) in outcomes(xml).items():
+                    if status == "failed":
+                        seen.setdefault(test, (mode, base.get(test, ("missing", ""))[0], why))
+            for test, (mode, base_status, why) in sorted(seen.items()):
+                print(f"  {family:12s} {test}  [{mode}; unpatched {base_status}]  {why[:110]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
     s = sub.add_parser("report")
     s.add_argument("--results", type=Path, default=Path("/tmp/hf-tests/results"))
+    s.add_argument("--failures", action="store_true", help="also list every test failing patched")
     args = p.parse_args(argv)
     if args.cmd == "report":
-        report(args.results)
+        report(args.results, failures=args.failures)
         return 0
     families = list(FAMILIES) if args.family == "all" else [args.family]
     modes = list(MODES) if args.mode == "all" else [args.mode]
