@@ -43,9 +43,9 @@ def _wrap_forward(module: torch.nn.Module, scale: float) -> None:
 @pytest.mark.parametrize("where", ["experts", "gate"])
 @torch.no_grad()
 def test_module_wrapped_by_transformers_parallelism_runs_through_the_wrap(family, where):
-    """transformers' suite test_tp_forward / test_ep_forward: a model patched right after construction is then
-    distributed by from_pretrained(distributed_config=...), which wraps mlp.experts.forward (moe_tp_experts) and
-    mlp.gate.forward (ep_router). The patched layer must run the block through those wraps, as transformers does."""
+    """A model patched right after construction and then distributed by from_pretrained(distributed_config=...)
+    (transformers' test_tp_* / test_ep_*) has mlp.experts.forward (moe_tp_experts) and mlp.gate.forward
+    (ep_router) wrapped. The patched layer runs the block through those wraps, as transformers does."""
     ref = _model(family)
     plain = copy.deepcopy(ref)
     pat = copy.deepcopy(ref)

@@ -129,8 +129,11 @@ class HFMoE(MoE):
         """Whether transformers' tensor or expert parallelism (tp_plan / ep_plan, DistributedConfig) runs this
         block: its styles shard the experts' Parameters into DTensors and replace the gate's and the experts'
         forward on the instance (the all-reduce of partial outputs, the EP router's local expert ids). moecomm's
-        layer computes the whole unsharded block on one rank, so the block's own forward, through those
-        wrapped modules, runs instead; the state_dict and the plan's names stay transformers' own."""
+        layer is written for whole, local tensors: on DTensors its reference ops still come out right on CPU
+        (torch's DTensor dispatch redistributes per op: transformers' test_tp_* / test_ep_* pass either way),
+        but at the cost of gathering shards, and its custom GPU kernels take plain tensors only. So the
+        block's own forward, through those wrapped modules, runs instead (transformers' sharded path); the
+        state_dict and the plan's names stay transformers' own."""
         ex, gate = self._modules["experts"], self._modules["gate"]
         return "forward" in ex.__dict__ or "forward" in gate.__dict__ or type(ex.gate_up_proj).__name__ == "DTensor"
 
