@@ -1,5 +1,6 @@
-"""What transformers' own model tests caught on patched models (benchmarks/hf_model_suite.py), each as a
-fast CPU test of ours on the tiny configs of tests/hf/test_hf.py.
+"""Patched models under what transformers' own model tests do to them (benchmarks/hf_model_suite.py): its
+tensor / expert parallelism wrapping the gate's and the experts' forward, as fast CPU tests of ours on the
+tiny configs of tests/hf/test_hf.py (the DeepSeek-V3 test config is tests/hf/test_lifecycle.py's).
 
 # B = batch, S = sequence, H = hidden (64), E = experts (8), k = top_k (2)
 
