@@ -186,24 +186,26 @@ def test_mixtral_jitter_noise_is_applied_as_the_block_does():
 
 # ----------------------------------------------------------------------------- configs we do not compute
 @torch.no_grad()
-def test_deepseek_config_beyond_the_kept_groups_is_left_unpatched_with_one_line(caplog):
-    """transformers' own DeepSeek-V3 test config picks more experts than its kept groups hold (its
-    router then takes -inf-masked experts in torch.topk's tie order): before, patch_hf_model raised in
-    MoE.__init__; now it leaves those blocks as transformers' and says why, once."""
+@pytest.mark.parametrize("n_group, topk_group, top_k", [(4, 1, 4), (2, 1, 8)])  # the second: transformers' test config
+def test_deepseek_config_beyond_the_kept_groups_is_routed_by_the_blocks_router(n_group, topk_group, top_k):
+    """transformers' own DeepSeek-V3 test config picks more experts than its kept groups hold (its router
+    then takes -inf-masked experts in torch.topk's order among equal scores): before, patch_hf_model raised
+    in MoE.__init__, then left the blocks unpatched; now the layer routes with the block's router module
+    and computes the rest, as transformers does."""
     cfg = _config("deepseek_v3")
-    cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok = 4, 1, 4  # 1 group of 2 experts kept, top-4
+    cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok = n_group, topk_group, top_k
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    for mod in model.modules():
+        if hasattr(mod, "e_score_correction_bias") and hasattr(mod, "weight"):
+            mod.weight.normal_(0, 0.3)
     ids = _ids()
     want = model(ids).logits
-    with caplog.at_level(logging.WARNING, logger="moecomm"):
-        assert moecomm.patch_hf_model(model) == 0
-    lines = [r.getMessage() for r in caplog.records if r.name == "moecomm"]
-    assert len(lines) == 1, lines
-    assert "left 2 block(s) as transformers' own (model.layers.0.mlp, model.layers.1.mlp)" in lines[0]
-    assert "top_k must be <= topk_group * (num_experts // n_group) = 2" in lines[0]
-    assert not any(isinstance(m, moecomm.MoE) for m in model.modules())
-    assert torch.equal(model(ids).logits, want)
+    assert moecomm.patch_hf_model(model) == 2
+    layers = [m for m in model.modules() if isinstance(m, HFMoE)]
+    assert len(layers) == 2 and all(m.routes_with_block_router for m in layers)
+    got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
 
 
 def test_float64_model_is_left_unpatched(caplog):

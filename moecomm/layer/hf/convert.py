@@ -59,6 +59,19 @@ def _shared_mlp(block: nn.Module) -> nn.Module | None:
     return None
 
 
+def routes_beyond_kept_groups(block: nn.Module, row: BlockRow) -> bool:
+    """Whether a grouped block picks more experts than its kept groups hold (top_k > topk_group * experts
+    per group: transformers' own DeepSeek-V3 test config, top_k 8 of 8 experts in 2 groups, 1 kept). Its
+    router then also takes experts it masked to -inf, in torch.topk's order among equal scores, which no
+    grouped top-k rule reproduces; so the patched layer takes the routing from the block's router module
+    itself (one call, its topk_ids and topk_weights) and computes the experts and the combine."""
+    if not row.kind.grouped:
+        return False
+    gate, num_experts = block.gate, block.experts.gate_up_proj.shape[0]
+    n_group, topk_group = int(gate.num_group), int(gate.topk_group)
+    return n_group > 0 and num_experts % n_group == 0 and int(gate.top_k) > topk_group * (num_experts // n_group)
+
+
 def block_config(block: nn.Module, row: BlockRow) -> MoEConfig:
     """The MoEConfig of what a block of that row computes, read off the block (any device, meta too)."""
     experts, gate = block.experts, block.gate
@@ -78,7 +91,10 @@ def block_config(block: nn.Module, row: BlockRow) -> MoEConfig:
     kw: dict = {"activation": _activation(experts.act_fn, "experts"), "routing": kind.routing}
     kw["renormalize"] = True if kind.renormalize == "always" else bool(gate.norm_topk_prob)
     if kind.grouped:
-        kw.update(n_group=int(gate.num_group), topk_group=int(gate.topk_group), routed_scaling_factor=float(gate.routed_scaling_factor))
+        n_group, topk_group = int(gate.num_group), int(gate.topk_group)
+        if routes_beyond_kept_groups(block, row):  # the block's router routes (HFMoE.routes_with_block_router)
+            topk_group = n_group
+        kw.update(n_group=n_group, topk_group=topk_group, routed_scaling_factor=float(gate.routed_scaling_factor))
     elif kind.bias == "block":  # one group holding every expert: a plain top-k over sigmoid + bias
         kw.update(n_group=1, topk_group=1)
     shared = getattr(block, row.shared_name, None) if row.shared_name else None
@@ -105,8 +121,9 @@ def from_hf(block: nn.Module) -> HFMoE:
     Raises:
         MoeCommTypeError: the block is of another type (the message lists the supported ones), or
             its dtype is not one MoE supports.
-        MoeCommValueError: a layout or a config moecomm does not compute (DeepSeek-V3 with top_k >
-            topk_group * experts per group, say); patch_hf_model leaves such blocks as they are.
+        MoeCommValueError: a layout or a config moecomm does not compute (a float64 block, biased experts,
+            say); patch_hf_model leaves such blocks as they are. A grouped block picking more experts than
+            its kept groups hold is computed, routed by its own router (routes_beyond_kept_groups).
 
     Example:
         >>> moe = moecomm.from_hf(model.model.layers[0].mlp)
@@ -117,7 +134,8 @@ def from_hf(block: nn.Module) -> HFMoE:
         raise MoeCommTypeError(f"from_hf: block must be one of {', '.join(SUPPORTED_BLOCKS)}, got {type(block).__name__}")
     config = block_config(block, row)
     w = block.experts.gate_up_proj
-    return HFMoE(block, row, config, dtype=w.dtype, device=w.device)
+    return HFMoE(block, row, config, dtype=w.dtype, device=w.device,
+                 routes_with_block_router=routes_beyond_kept_groups(block, row))
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...routing import RoutingMethod
+from ...routing import Routing, RoutingMethod
 from ..config import MoEConfig
 from ..moe import MoE
 from .blocks import BlockRow
@@ -45,11 +45,15 @@ class HFMoE(MoE):
         dtype, device: of the block's experts.
 
     Attributes beside MoE's: ``hf_block``, the replaced block (restore() puts the layer's current
-    tensors back into it), ``row``, ``jitter_noise`` (Mixtral's and MiniMax's router_jitter_noise).
+    tensors back into it), ``row``, ``jitter_noise`` (Mixtral's and MiniMax's router_jitter_noise),
+    ``routes_with_block_router`` (the routing is the block's router module's: see
+    convert.routes_beyond_kept_groups; the experts, dispatch and combine stay moecomm's).
     """
 
-    def __init__(self, block: nn.Module, row: BlockRow, config: MoEConfig, *, dtype: torch.dtype, device: Any):
+    def __init__(self, block: nn.Module, row: BlockRow, config: MoEConfig, *, dtype: torch.dtype, device: Any,
+                 routes_with_block_router: bool = False):
         nn.Module.__init__(self)
+        self.routes_with_block_router = routes_with_block_router
         object.__setattr__(self, "_hf_block", block)  # not a submodule: its tensors are the layer's, counted once
         self.row = row
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
@@ -117,7 +121,21 @@ class HFMoE(MoE):
         """Whether forward runs moecomm's layer: always for a layer from from_hf(block); in a model patched by
         patch_hf_model, while its config._experts_implementation is "moecomm" (another choice made later,
         set_experts_implementation("eager") say, runs transformers' block with it)."""
+        if self.parallel_by_transformers():
+            return False
         return not self.follows_experts_implementation or self._experts_implementation(self._modules["experts"]) == NAME
+
+    def parallel_by_transformers(self) -> bool:
+        """Whether transformers' tensor or expert parallelism (tp_plan / ep_plan, DistributedConfig) runs this
+        block: its styles shard the experts' Parameters into DTensors and replace the gate's and the experts'
+        forward on the instance (the all-reduce of partial outputs, the EP router's local expert ids). moecomm's
+        layer is written for whole, local tensors: on DTensors its reference ops still come out right on CPU
+        (torch's DTensor dispatch redistributes per op: transformers' test_tp_* / test_ep_* pass either way),
+        but at the cost of gathering shards, and its custom GPU kernels take plain tensors only. So the
+        block's own forward, through those wrapped modules, runs instead (transformers' sharded path); the
+        state_dict and the plan's names stay transformers' own."""
+        ex, gate = self._modules["experts"], self._modules["gate"]
+        return "forward" in ex.__dict__ or "forward" in gate.__dict__ or type(ex.gate_up_proj).__name__ == "DTensor"
 
     def _gate_hooked(self) -> bool:
         g = self._modules["gate"]
@@ -135,6 +153,13 @@ class HFMoE(MoE):
         if self.routing == RoutingMethod.SIGMOID_GROUPED_TOPK:
             return F.linear(x.float(), w.float())
         return F.linear(x, w)
+
+    def _route_unchecked(self, x2: torch.Tensor) -> Routing:
+        """MoE's routing, or (routes_with_block_router) the block's router module's own top-k ids and weights."""
+        if not self.routes_with_block_router:
+            return super()._route_unchecked(x2)
+        _, topk_weights, topk_ids = self._modules["gate"](x2)  # transformers' grouped routers return 3 tensors
+        return Routing(topk_ids.to(torch.int32), topk_weights.float())
 
     def _may_replay(self, x2: torch.Tensor) -> bool:
         return not self._gate_hooked() and super()._may_replay(x2)
