@@ -11,7 +11,9 @@ launches makes check() name it within the timeout."""
 
 from __future__ import annotations
 
+import ctypes
 import re
+import subprocess
 import time
 
 import pytest
@@ -37,20 +39,25 @@ def test_sources_compile_for_sm90a(source, tmp_path, monkeypatch):
     monkeypatch.setenv("MOECOMM_CACHE_DIR", str(tmp_path))
     c = cuda.compile(source)
     assert c.compiled and c.arch == "sm_90a" and c.path.stat().st_size > 0
-    names = {"oneshot": "moecomm_ar_oneshot_", "twoshot": "moecomm_ar_twoshot_", "rmsnorm": "moecomm_ar_rmsnorm_"}
+    names = {"oneshot": ["moecomm_ar_oneshot_"], "twoshot": ["moecomm_ar_twoshot_"],
+             "rmsnorm": ["moecomm_ar_rmsnorm_", "moecomm_ar_rmsnorm_twoshot_"]}
     blob = c.path.read_bytes()
-    for suffix in ("bf16", "fp16", "fp32"):
-        assert (names[c.path.name.split("-")[0]] + suffix).encode() in blob
+    for prefix in names[c.path.name.split("-")[0]]:
+        for suffix in ("bf16", "fp16", "fp32"):
+            assert (prefix + suffix).encode() in blob
 
 
 def test_layout_constants_agree_with_the_header():
     text = (cuda.kernels_dir() / "allreduce" / "sync.cuh").read_text()
     got = {m[0]: int(m[1]) for m in re.findall(r"constexpr (?:int|long long) ([A-Z_]+) = (\d+);", text)}
-    for name in ("MAX_PEERS", "MAX_BLOCKS", "COUNTERS_OFFSET", "FLAGS_OFFSET", "HEADER_BYTES", "ERR_WORDS", "THREADS"):
+    for name in ("MAX_PEERS", "MAX_BLOCKS", "COUNTERS_OFFSET", "FLAGS_OFFSET", "HEADER_BYTES", "ERR_WORDS", "THREADS",
+                 "INV_OFFSET", "MAX_NORM_ROWS"):
         assert got[name] == getattr(layout, name), name
     assert re.search(r"PHASE_START = 0, PHASE_MID = 1, PHASE_END = 2", text)
     flags_end = layout.FLAGS_OFFSET + 4 * layout.NUM_PHASES * layout.MAX_BLOCKS * layout.MAX_PEERS
     assert layout.COUNTERS_OFFSET + 4 * layout.MAX_BLOCKS <= layout.FLAGS_OFFSET and flags_end <= layout.HEADER_BYTES
+    # the two-shot RMSNorm's 1/rms slots sit between the flags and the staging
+    assert flags_end <= layout.INV_OFFSET and layout.INV_OFFSET + 4 * layout.MAX_NORM_ROWS <= layout.HEADER_BYTES
     assert layout.HEADER_BYTES % 128 == 0 and layout.buffer_bytes(1000) == layout.HEADER_BYTES + 1024
     # the peer-pointer table of the kernels is reduce.cu's size too
     assert "constexpr int MAX_PEERS = 32;" in (cuda.kernels_dir() / "allreduce" / "reduce.cu").read_text()
@@ -80,7 +87,61 @@ def test_grid_is_a_function_of_the_sizes_only():
     assert layout.grid_blocks(Algo.TWOSHOT, 8 * 4096, 2, 8, 16) == 1
     assert layout.grid_blocks(Algo.TWOSHOT, 3, 2, 8, 16) == 1  # no full pack: the tail alone
     assert layout.grid_blocks(Algo.ONESHOT, 7 * 4096, 2, 8, 300, rows=7) == 7
+    # two-shot RMSNorm: a block per row of one shard, ceil(rows / W)
+    assert layout.grid_blocks(Algo.TWOSHOT, 128 * 7168, 2, 8, 16, rows=128) == 16
+    assert layout.grid_blocks(Algo.TWOSHOT, 129 * 7168, 2, 8, 300, rows=129) == 17
+    assert layout.grid_blocks(Algo.TWOSHOT, 3 * 7168, 2, 8, 16, rows=3) == 1
     assert layout.grid_blocks(Algo.ONESHOT, 10 ** 9, 4, 2, 1000) == layout.MAX_BLOCKS
+
+
+def _ptx_params(source: str, entry: str, tmp_path) -> list[str]:
+    ptx = tmp_path / "k.ptx"
+    subprocess.run([cuda._nvcc(), "-arch=sm_90a", "-ptx", "-std=c++17", "-o", str(ptx),
+                    str(cuda.kernels_dir() / source)], check=True, capture_output=True)
+    text = ptx.read_text()
+    head = text[text.index(f".entry {entry}("):]
+    return re.findall(r"\.param \.([a-z]\d+)", head[:head.index(")")])
+
+
+def _ctype(a) -> str:
+    if isinstance(a, torch.Tensor) or isinstance(a, ctypes.c_void_p) or isinstance(a, ctypes.c_longlong):
+        return "u64"
+    return {ctypes.c_int: "u32", ctypes.c_float: "f32"}[type(a)]
+
+
+@pytest.mark.parametrize("which", ("oneshot", "twoshot", "rmsnorm", "rmsnorm_twoshot"))
+def test_launch_arguments_match_the_kernel_signatures(which, tmp_path, monkeypatch):
+    """The wrappers pass exactly the kernels' parameters (count and width), with and without the
+    in-kernel staging copy: a mismatch would launch with garbage arguments on the GPU."""
+    if cuda._nvcc() is None:
+        pytest.skip("no nvcc")
+    from moecomm.allreduce import _ipc
+
+    calls = []
+
+    class Recorder:
+        def __call__(self, grid, block, args):
+            calls.append((grid, block, list(args)))
+
+    picked = []
+    monkeypatch.setattr(_ipc, "kernel", lambda w, dtype, device: picked.append(w[1] + _ipc._SUFFIX[dtype]) or Recorder())
+    t = torch.zeros(64, dtype=torch.bfloat16)
+    ptrs, err = torch.zeros(4, dtype=torch.int64), torch.zeros(16, dtype=torch.int32)
+    for src in (None, t):
+        if which in ("oneshot", "twoshot"):
+            algo = Algo.ONESHOT if which == "oneshot" else Algo.TWOSHOT
+            _ipc.launch_allreduce(algo, ptrs, 4, 0, 4, t, 16, 16, err, 10, 8, stage_src=src, stage_stride=16)
+        else:
+            algo = Algo.ONESHOT if which == "rmsnorm" else Algo.TWOSHOT
+            _ipc.launch_rmsnorm(algo, ptrs, 4, 0, 4, src, t, t, t, 16, t[:8], 2, 8, 1e-6, err, 10, 8)
+    entry = picked[0]
+    assert entry == {"oneshot": "moecomm_ar_oneshot_bf16", "twoshot": "moecomm_ar_twoshot_bf16",
+                     "rmsnorm": "moecomm_ar_rmsnorm_bf16", "rmsnorm_twoshot": "moecomm_ar_rmsnorm_twoshot_bf16"}[which]
+    source = "allreduce/rmsnorm.cu" if which.startswith("rmsnorm") else f"allreduce/{which}.cu"
+    want = _ptx_params(source, entry, tmp_path)
+    for grid, block, args in calls:
+        assert [_ctype(a) for a in args] == want, (which, args)
+        assert block == (layout.THREADS,) and grid[1] == 4
 
 
 def test_references():
