@@ -83,9 +83,16 @@ class VirtualAllReduce:
         return list(xs)
 
     @staticmethod
-    def _stacked(xs: Any, n: int) -> torch.Tensor | None:
-        """xs itself when the kernel can stage it (one contiguous aligned [W, ...] tensor), else None."""
-        return xs if isinstance(xs, torch.Tensor) and _ipc.stage_in_kernel(xs, n) else None
+    def _stacked(xs: Any) -> tuple[torch.Tensor | None, int]:
+        """(xs, rank stride in elements) when the kernel can stage it: one [W, ...] tensor whose rank
+        slices are contiguous, start 16-byte aligned and lie a multiple of 16 bytes apart (a padded
+        [W, stride][:, :n] view qualifies); else (None, 0): the host copies."""
+        if not isinstance(xs, torch.Tensor) or xs.dim() < 2 or not xs[0].is_contiguous():
+            return None, 0
+        step = xs.stride(0)
+        if xs.data_ptr() % 16 or (step * xs.element_size()) % 16 or step < xs[0].numel():
+            return None, 0
+        return xs, step
 
     def all_reduce(self, xs: Any, *, algo: Algo | None = None, launch_ranks: int | None = None) -> torch.Tensor:
         """Every virtual rank's all-reduce of the W inputs, in one launch.
@@ -98,8 +105,9 @@ class VirtualAllReduce:
                 arrive (their barriers time out, check() names the first missing rank).
 
         Returns out [W, *shape]: out[r] is rank r's output (every row equal, bit for bit).
-        A contiguous 16-byte-aligned [W, *shape] tensor is copied into the staging by the kernel
-        itself (one launch); a list, or a misaligned tensor, by W host copies first.
+        One [W, *shape] tensor with contiguous, 16-byte-aligned rank slices (contiguous, or a padded
+        [W, stride][:, :n] view) is copied into the staging by the kernel itself (one launch); a list,
+        or another layout, by W host copies first.
         """
         op = self.OP + ".all_reduce"
         raw, xs = xs, self._inputs(op, "xs", xs)
@@ -120,13 +128,14 @@ class VirtualAllReduce:
         table = self._e.table_for(xs) if algo is Algo.ONESHOT else None
         src = None
         if table is None:
-            src = self._stacked(raw, n)
+            src, step = self._stacked(raw)
             if src is None:  # not one aligned [W, n] tensor: the host copies, one per rank
                 for r in range(self.world_size):
                     self._e.stage(r, xs[r])
         self._e.alive()
         _ipc.launch_allreduce(algo, self._e.peer_ptrs, self.world_size, 0, k, store, stride, n, self._e.err,
-                              self._e.timeout_ns, self._e.max_blocks, in_ptrs=table, stage_src=src, stage_stride=n)
+                              self._e.timeout_ns, self._e.max_blocks, in_ptrs=table, stage_src=src,
+                              stage_stride=step if src is not None else 0)
         return out
 
     def launch_staged(self, algo: Algo, n: int, out: torch.Tensor, out_stride: int, *, launch_ranks: int | None = None) -> None:

@@ -232,6 +232,42 @@ def test_exact_on_integer_payloads(world_size, algo, dev):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("world_size", (1, 2, 4, 8))
+@pytest.mark.parametrize("algo", (Algo.ONESHOT, Algo.TWOSHOT))
+def test_the_kernel_stages_its_own_input(world_size, algo, dev, monkeypatch):
+    """The public call on one [W, n] tensor copies the inputs into the staging inside the kernel:
+    no host copy (Engine.stage is made to fail), exact on integer payloads with odd tails (a padded
+    [W, stride][:, :n] view, so every rank's slice is aligned), and the staging holds the input after
+    a one-shot call (it was NaN-filled before)."""
+    with VirtualAllReduce(world_size, max_size=8 << 20, device=dev, timeout_s=10.0) as ar:
+        monkeypatch.setattr(ar._e, "stage", lambda *a: pytest.fail("the host staged an input"))
+        for dtype in DTYPES:
+            e = torch.tensor([], dtype=dtype).element_size()
+            pack = layout.pack_elems(e)
+            for nbytes in SIZES_BYTES:
+                n = max(1, nbytes // e)
+                padded = torch.full((world_size, -(-n // pack) * pack), float("nan"), dtype=dtype, device=dev)
+                xs = padded[:, :n]
+                xs.copy_(_int_inputs(world_size, n, dtype, dev))
+                for st in ar._e.staging:
+                    st.fill_(255)  # bf16/fp16 NaN bits; fp32 NaN too
+                got = ar.all_reduce(xs, algo=algo)
+                torch.cuda.synchronize()
+                ar.check()
+                want = xs.float().sum(0).to(dtype)
+                for r in range(world_size):
+                    assert torch.equal(got[r], want), (dtype, n, r)
+                    if algo is Algo.ONESHOT:
+                        assert torch.equal(ar._e.staging[r][:n * e].view(dtype), xs[r]), (dtype, n, r)
+    # a list of tensors still works, through host copies
+    with VirtualAllReduce(2, max_size=1 << 20, device=dev, timeout_s=10.0) as ar:
+        xs = _int_inputs(2, 1001, torch.float16, dev)
+        got = ar.all_reduce(list(xs), algo=algo)
+        torch.cuda.synchronize()
+        assert all(torch.equal(got[r], xs.float().sum(0).half()) for r in range(2))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("world_size", (2, 8))
 def test_random_payloads_bit_identical_across_ranks_and_paths(world_size, dev):
     g = torch.Generator(device="cpu").manual_seed(world_size)
@@ -260,10 +296,28 @@ def test_calls_back_to_back_advance_the_epochs(dev):
             xs = _int_inputs(W, n, torch.bfloat16, dev) + j % 3
             outs.append(ar.all_reduce(xs, algo=Algo.ONESHOT if j % 2 else Algo.TWOSHOT))
             wants.append(xs.float().sum(0).bfloat16())
+        # fused calls of both variants between all-reduces, still without a sync
+        g = torch.Generator(device="cpu").manual_seed(3)
+        fused = []
+        for j in range(12):
+            rows = 1 + (j * 5) % 23
+            xs = torch.randn(W, rows, 512, generator=g).bfloat16().to(dev)
+            res = torch.randn(1, rows, 512, generator=g).bfloat16().to(dev).expand(W, -1, -1).contiguous()
+            w = (torch.rand(512, generator=g) + 0.5).bfloat16().to(dev)
+            got = ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6, algo=Algo.TWOSHOT if j % 2 else Algo.ONESHOT)
+            fused.append((got, xs, res, w))
+            n = (j * 104729) % (1 << 18) + 1
+            x2 = _int_inputs(W, n, torch.bfloat16, dev) - j % 5
+            outs.append(ar.all_reduce(x2, algo=Algo.ONESHOT if j % 3 else Algo.TWOSHOT))
+            wants.append(x2.float().sum(0).bfloat16())
         torch.cuda.synchronize()
         ar.check()
         for o, w in zip(outs, wants):
             assert all(torch.equal(o[r], w) for r in range(W))
+        for (out, new_res), xs, res, w in fused:
+            _, ref_res = residual_rmsnorm_reference(all_reduce_reference(list(xs))[0], res[0], w, 1e-6)
+            assert all(torch.equal(new_res[r], ref_res) for r in range(W))
+            assert all(torch.equal(out[r], out[0]) for r in range(W))
 
 
 # tolerance of the normalised output against the float64 truth: the kernel and the reference both
@@ -276,18 +330,27 @@ TOL = {torch.bfloat16: (2 ** -7, 2 ** -7), torch.float16: (2 ** -10, 2 ** -10), 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", (2, 8))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_residual_rmsnorm(world_size, dtype, dev):
+@pytest.mark.parametrize("algo", (Algo.ONESHOT, Algo.TWOSHOT))
+def test_fused_residual_rmsnorm(world_size, dtype, algo, dev):
+    """Both variants (one-shot: every rank every row; two-shot: shards of rows, gathered with the
+    owner's 1/rms), rows fewer than ranks (empty shards), odd hidden (the scalar path)."""
     g = torch.Generator(device="cpu").manual_seed(1)
     with VirtualAllReduce(world_size, max_size=1 << 20, device=dev, timeout_s=10.0) as ar:
-        for rows, hidden in ((1, 4096), (7, 7168), (33, 2048), (3, 4099), (2, 5)):
+        for rows, hidden in ((1, 4096), (7, 7168), (33, 2048), (3, 4099), (2, 5), (17, 1024)):
             xs = torch.randn(world_size, rows, hidden, generator=g).to(dtype).to(dev)
             # the residual stream is replicated under tensor parallelism: the same on every rank, so
             # every rank's normalised output must be bit-identical (checked below)
             res = torch.randn(1, rows, hidden, generator=g).to(dtype).to(dev).expand(world_size, -1, -1).contiguous()
             w = (torch.rand(hidden, generator=g) + 0.5).to(dtype).to(dev)
-            out, new_res = ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6)
+            out, new_res = ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6, algo=algo)
             torch.cuda.synchronize()
             ar.check()
+            # the other variant, and the host-staged path (a list): the same bits
+            other = Algo.TWOSHOT if algo is Algo.ONESHOT else Algo.ONESHOT
+            o2, nr2 = ar.all_reduce_residual_rmsnorm(list(xs), res, w, 1e-6, algo=other)
+            torch.cuda.synchronize()
+            ar.check()
+            assert torch.equal(o2, out) and torch.equal(nr2, new_res), (rows, hidden, "variants disagree")
             summed = all_reduce_reference(list(xs))[0]
             for r in range(world_size):
                 ref_out, ref_res = residual_rmsnorm_reference(summed, res[r], w, 1e-6)
@@ -351,7 +414,33 @@ def test_cuda_graph_capture_and_replay_with_fresh_inputs(register, dev):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("which", ("oneshot", "twoshot", "rmsnorm"))
+@pytest.mark.parametrize("algo", (Algo.ONESHOT, Algo.TWOSHOT))
+def test_fused_rmsnorm_in_a_cuda_graph_reads_fresh_inputs(algo, dev):
+    """The in-kernel staging copy is captured with the kernel: replays read the captured tensors."""
+    W, rows, hidden = 4, 9, 2048
+    g = torch.Generator(device="cpu").manual_seed(5)
+    with VirtualAllReduce(W, max_size=1 << 20, device=dev, timeout_s=10.0) as ar:
+        xs = torch.randn(W, rows, hidden, generator=g).bfloat16().to(dev)
+        res = torch.randn(W, rows, hidden, generator=g).bfloat16().to(dev)
+        w = (torch.rand(hidden, generator=g) + 0.5).bfloat16().to(dev)
+        ar.all_reduce_residual_rmsnorm(xs, res, w, algo=algo)  # load outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with ar.capture(), torch.cuda.graph(graph):
+            out, new_res = ar.all_reduce_residual_rmsnorm(xs, res, w, algo=algo)
+        for j in range(3):
+            xs.copy_(torch.randn(W, rows, hidden, generator=g).bfloat16())
+            res.copy_(torch.randn(1, rows, hidden, generator=g).bfloat16().expand(W, -1, -1))
+            graph.replay()
+            torch.cuda.synchronize()
+            ar.check()
+            want_out, want_res = ar.all_reduce_residual_rmsnorm(xs, res, w, algo=algo)
+            torch.cuda.synchronize()
+            assert torch.equal(out, want_out) and torch.equal(new_res, want_res), j
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ("oneshot", "twoshot", "rmsnorm", "rmsnorm_twoshot"))
 def test_a_rank_that_never_arrives_is_named_within_the_timeout(which, dev):
     W, timeout = 4, 0.25
     ar = VirtualAllReduce(W, max_size=1 << 20, device=dev, timeout_s=timeout)
@@ -359,8 +448,9 @@ def test_a_rank_that_never_arrives_is_named_within_the_timeout(which, dev):
     ar.all_reduce(xs)  # compile and load first: the timing below is the kernel's
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    if which == "rmsnorm":
-        ar.all_reduce_residual_rmsnorm(xs.view(W, 5, 1000), xs.view(W, 5, 1000), xs[0, :1000], launch_ranks=W - 1)
+    if which.startswith("rmsnorm"):
+        ar.all_reduce_residual_rmsnorm(xs.view(W, 5, 1000), xs.view(W, 5, 1000), xs[0, :1000], launch_ranks=W - 1,
+                                       algo=Algo.TWOSHOT if which == "rmsnorm_twoshot" else Algo.ONESHOT)
     else:
         ar.all_reduce(xs, algo=Algo.ONESHOT if which == "oneshot" else Algo.TWOSHOT, launch_ranks=W - 1)
     torch.cuda.synchronize()
