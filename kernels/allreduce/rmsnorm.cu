@@ -159,6 +159,96 @@ __device__ __forceinline__ void norm_row(const typename T::raw* from, bool peer,
   }
 }
 
+// Rows of at most CACHE * blockDim.x packs (hidden <= 8192 bf16 / 4096 fp32 at 512 threads: every
+// model shape of the benchmark), vector path: the fused row in registers. Each thread loads its
+// residual and weight packs first, then the W ranks' packs 4 ranks x CACHE packs at a time (8
+// independent 16-byte loads in flight per thread, instead of one load then its add), keeps the new
+// residual in registers for the norm (no read-back of residual_out), and stores out. The sums run in
+// the same order as add_row + norm_row (rank order per element; the thread's packs in g order for
+// the sum of squares), so a row gives the same bits on either path. Returns the row's 1 / rms.
+constexpr int CACHE = 2;
+
+template <typename T, int PACK>
+__device__ __forceinline__ float fused_row_cached(const Block& s, int world_size, const typename T::raw* residual,
+                                                  typename T::raw* residual_out, typename T::raw* keep,
+                                                  typename T::raw* out, const typename T::raw* weight, long long row,
+                                                  long long hidden, float eps, float* s_warp) {
+  using raw = typename T::raw;
+  constexpr int PEERS_AT_ONCE = 4;
+  const long long base = row * hidden, groups = hidden / PACK;
+  long long g[CACHE];
+  bool on[CACHE];
+  Pack16 res[CACHE], w[CACHE];
+  float acc[CACHE][PACK];
+#pragma unroll
+  for (int c = 0; c < CACHE; ++c) {
+    g[c] = threadIdx.x + static_cast<long long>(c) * blockDim.x;
+    on[c] = g[c] < groups;
+    if (on[c]) {
+      res[c] = reinterpret_cast<const Pack16*>(residual + base)[g[c]];
+      w[c] = reinterpret_cast<const Pack16*>(weight)[g[c]];
+    }
+  }
+  for (int r0 = 0; r0 < world_size; r0 += PEERS_AT_ONCE) {
+    Pack16 v[PEERS_AT_ONCE][CACHE];
+#pragma unroll
+    for (int k = 0; k < PEERS_AT_ONCE; ++k)
+#pragma unroll
+      for (int c = 0; c < CACHE; ++c)
+        if (r0 + k < world_size && on[c]) v[k][c] = ld_volatile16(staging<raw>(s.bufs[r0 + k]) + base + g[c] * PACK);
+#pragma unroll
+    for (int k = 0; k < PEERS_AT_ONCE; ++k)
+#pragma unroll
+      for (int c = 0; c < CACHE; ++c)
+        if (r0 + k < world_size && on[c]) {
+          const raw* e = reinterpret_cast<const raw*>(&v[k][c]);
+#pragma unroll
+          for (int j = 0; j < PACK; ++j) acc[c][j] = r0 + k == 0 ? T::load(e[j]) : acc[c][j] + T::load(e[j]);
+        }
+  }
+  float ss = 0.0f;
+  alignas(16) raw nr[CACHE][PACK];
+#pragma unroll
+  for (int c = 0; c < CACHE; ++c) {
+    if (!on[c]) continue;
+    const raw* re = reinterpret_cast<const raw*>(&res[c]);
+#pragma unroll
+    for (int j = 0; j < PACK; ++j) {
+      const float a = T::load(T::store(acc[c][j]));  // the all-reduce's rounded output
+      nr[c][j] = T::store(a + T::load(re[j]));
+      const float f = T::load(nr[c][j]);
+      ss += f * f;
+    }
+    reinterpret_cast<Pack16*>(residual_out + base)[g[c]] = *reinterpret_cast<const Pack16*>(nr[c]);
+    if (keep != nullptr) reinterpret_cast<Pack16*>(keep + base)[g[c]] = *reinterpret_cast<const Pack16*>(nr[c]);
+  }
+  const float inv = rsqrtf(block_sum(ss, s_warp) / static_cast<float>(hidden) + eps);
+#pragma unroll
+  for (int c = 0; c < CACHE; ++c) {
+    if (!on[c]) continue;
+    const raw* we = reinterpret_cast<const raw*>(&w[c]);
+    alignas(16) raw o[PACK];
+#pragma unroll
+    for (int j = 0; j < PACK; ++j) o[j] = T::store(T::load(nr[c][j]) * inv * T::load(we[j]));
+    reinterpret_cast<Pack16*>(out + base)[g[c]] = *reinterpret_cast<const Pack16*>(o);
+  }
+  return inv;
+}
+
+// One row, owner's side: the register path when it fits, else add_row then norm_row (same bits).
+template <typename T, int PACK>
+__device__ __forceinline__ float fused_row(const Block& s, int world_size, const typename T::raw* residual,
+                                           typename T::raw* residual_out, typename T::raw* keep, typename T::raw* out,
+                                           const typename T::raw* weight, long long row, long long hidden, float eps,
+                                           float* s_warp) {
+  if (PACK > 1 && hidden / PACK <= static_cast<long long>(CACHE) * blockDim.x)
+    return fused_row_cached<T, PACK>(s, world_size, residual, residual_out, keep, out, weight, row, hidden, eps, s_warp);
+  const float ss = add_row<T, PACK>(s, world_size, residual, residual_out, keep, row, hidden, s_warp);
+  const float inv = rsqrtf(ss / static_cast<float>(hidden) + eps);
+  norm_row<T, PACK>(residual_out, false, nullptr, out, weight, row, hidden, inv);
+  return inv;
+}
+
 template <typename T, int PACK>
 __device__ __forceinline__ void oneshot_rows(Block& s, int world_size, int rank, const typename T::raw* x,
                                              const typename T::raw* residual, typename T::raw* residual_out,
@@ -169,11 +259,8 @@ __device__ __forceinline__ void oneshot_rows(Block& s, int world_size, int rank,
   if (x != nullptr)
     for (long long row = blockIdx.x; row < rows; row += gridDim.x) copy_row<raw, PACK>(x, staging<raw>(s.bufs[rank]), row, hidden);
   if (!barrier(s, PHASE_START, world_size, rank, err, timeout_ns)) return;
-  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
-    const float ss = add_row<T, PACK>(s, world_size, residual, residual_out, nullptr, row, hidden, s_warp);
-    const float inv = rsqrtf(ss / static_cast<float>(hidden) + eps);
-    norm_row<T, PACK>(residual_out, false, nullptr, out, weight, row, hidden, inv);
-  }
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x)
+    fused_row<T, PACK>(s, world_size, residual, residual_out, nullptr, out, weight, row, hidden, eps, s_warp);
   if (!barrier(s, PHASE_END, world_size, rank, err, timeout_ns)) return;
   epilogue(s, rank);
 }
@@ -198,10 +285,9 @@ __device__ __forceinline__ void twoshot_rows(Block& s, int world_size, int rank,
     const long long r0 = rank * shard, r1 = min(rows, r0 + shard);
     raw* mine = staging<raw>(s.bufs[rank]);
     for (long long row = r0 + blockIdx.x; row < r1; row += gridDim.x) {
-      const float ss = add_row<T, PACK>(s, world_size, residual, residual_out, mine, row, hidden, s_warp);
-      const float inv = rsqrtf(ss / static_cast<float>(hidden) + eps);
+      const float inv = fused_row<T, PACK>(s, world_size, residual, residual_out, mine, out, weight, row, hidden, eps,
+                                           s_warp);
       if (threadIdx.x == 0) inv_ptr(s.bufs[rank])[row - r0] = inv;
-      norm_row<T, PACK>(residual_out, false, nullptr, out, weight, row, hidden, inv);
     }
   }
   if (!barrier(s, PHASE_MID, world_size, rank, err, timeout_ns)) return;
