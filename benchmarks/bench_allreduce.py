@@ -152,7 +152,9 @@ def run_gpu(writer: ResultWriter, dtype: torch.dtype, sizes, world_sizes, rms_sh
             for T, H in rms_shapes:
                 g = torch.Generator(device="cpu").manual_seed(T * H)
                 xs = torch.randn(W, T, H, generator=g).to(dtype).to(dev)
-                res = torch.randn(W, T, H, generator=g).to(dtype).to(dev)
+                # replicated, as under tensor parallelism (the two-shot variant adds each row's
+                # residual on the row's owner)
+                res = torch.randn(1, T, H, generator=g).to(dtype).expand(W, -1, -1).contiguous().to(dev)
                 w = (torch.rand(H, generator=g) + 0.5).to(dtype).to(dev)
                 _, ref_res = residual_rmsnorm_reference(reduce_sum_reference(list(xs)), res[0], w, 1e-6)
                 for algo in (Algo.ONESHOT, Algo.TWOSHOT):

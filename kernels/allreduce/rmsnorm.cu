@@ -37,6 +37,8 @@
 // order, same row sum of squares: one block per row, the same thread mapping). Block b of the
 // gathering rank reads exactly the rows block b of the owner wrote (the same rule on every rank).
 // Staging copy (x != nullptr): block b copies, of every shard, the rows block b of its owner reads.
+// A row's residual is read by its owner only: the variants agree when the residual is the same on
+// every rank (replicated, as under tensor parallelism: what the op is for).
 // Napkin math: each rank reads (W - 1) / W * rows * hidden * 2 over the links (one-shot: W - 1
 // times rows * hidden), so at 8 ranks and T 128 x H 7168 bf16 (1.8 MB) 3.2 MB instead of 12.8 MB.
 
@@ -241,8 +243,11 @@ __device__ __forceinline__ float fused_row(const Block& s, int world_size, const
                                            typename T::raw* residual_out, typename T::raw* keep, typename T::raw* out,
                                            const typename T::raw* weight, long long row, long long hidden, float eps,
                                            float* s_warp) {
-  if (PACK > 1 && hidden / PACK <= static_cast<long long>(CACHE) * blockDim.x)
-    return fused_row_cached<T, PACK>(s, world_size, residual, residual_out, keep, out, weight, row, hidden, eps, s_warp);
+  if constexpr (PACK > 1) {
+    if (hidden / PACK <= static_cast<long long>(CACHE) * blockDim.x)
+      return fused_row_cached<T, PACK>(s, world_size, residual, residual_out, keep, out, weight, row, hidden, eps,
+                                       s_warp);
+  }
   const float ss = add_row<T, PACK>(s, world_size, residual, residual_out, keep, row, hidden, s_warp);
   const float inv = rsqrtf(ss / static_cast<float>(hidden) + eps);
   norm_row<T, PACK>(residual_out, false, nullptr, out, weight, row, hidden, inv);

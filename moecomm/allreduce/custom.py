@@ -175,6 +175,8 @@ class CustomAllReduce:
         one-shot up to oneshot_max_bytes, two-shot (each rank reduces and normalises its
         ceil(num_tokens / W) rows, then gathers the others') up to max_size while a shard has at
         most layout.MAX_NORM_ROWS rows; beyond, all_reduce then the reference's add and norm.
+        The two-shot kernel adds each row's residual on the rank that owns the row: residual must
+        be the same on every rank (replicated, as under tensor parallelism).
         """
         op = self.OP + ".all_reduce_residual_rmsnorm"
         check_input(op, "x", x, self.device, None)

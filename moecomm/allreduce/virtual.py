@@ -170,7 +170,8 @@ class VirtualAllReduce:
             launch_ranks: as all_reduce.
 
         Returns (out [W, num_tokens, hidden], new_residual [W, num_tokens, hidden]); both paths give
-        the same bits.
+        the same bits when residuals[r] is the same on every rank (replicated, as under tensor
+        parallelism): two-shot adds each row's residual on the rank that owns the row.
         """
         op = self.OP + ".all_reduce_residual_rmsnorm"
         raw = xs
