@@ -130,11 +130,11 @@ def run_gpu(writer: ResultWriter, dtype: torch.dtype, sizes, world_sizes, rms_sh
                 ar.check()
                 assert all(torch.equal(got[r], want) for r in range(W)), ("stage", W, nbytes)
 
-                def hoststage(a=algo):
+                def hoststage(a=algo, xs=xs, n=n, store=store, stride=stride):
                     ar.stage(list(xs))
                     ar.launch_staged(a, n, store, stride)
 
-                for impl, fn in ((f"{algo.value}+stage", lambda: ar.all_reduce(xs)),
+                for impl, fn in ((f"{algo.value}+stage", lambda xs=xs: ar.all_reduce(xs)),
                                  (f"{algo.value}+hoststage", hoststage)):
                     t = graph_bench(fn, [()], replays=replays)
                     ar.check()

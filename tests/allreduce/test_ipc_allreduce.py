@@ -104,7 +104,7 @@ def _ptx_params(source: str, entry: str, tmp_path) -> list[str]:
 
 
 def _ctype(a) -> str:
-    if isinstance(a, torch.Tensor) or isinstance(a, ctypes.c_void_p) or isinstance(a, ctypes.c_longlong):
+    if isinstance(a, (torch.Tensor, ctypes.c_void_p, ctypes.c_longlong)):
         return "u64"
     return {ctypes.c_int: "u32", ctypes.c_float: "f32"}[type(a)]
 
