@@ -481,3 +481,59 @@ def test_inputs_are_checked(dev):
         assert ar.algo_for(4096) is Algo.ONESHOT and ar.oneshot_max_bytes == 512 << 10
     with pytest.raises(MoeCommError, match="VirtualAllReduce: used after close"):
         ar.all_reduce(torch.zeros(2, 4, device=dev))
+
+
+@pytest.mark.gpu
+def test_custom_allreduce_at_one_rank_stages_in_the_kernel(dev, tmp_path, monkeypatch):
+    """CustomAllReduce itself (one process, a one-rank gloo group): the call paths of custom.py.
+    A contiguous input is staged by the kernel (Engine.stage fails if called; the staging holds x
+    afterwards), a transposed one by the host; the fused op on the one-shot and two-shot kernels
+    (oneshot_max_bytes=0) gives the same bits, and W = 1 means the sum is x itself."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        one = CustomAllReduce(device=dev, max_size=1 << 20, timeout_s=10.0)
+        if not one.ipc:
+            pytest.skip(f"not eligible at one rank: {one.eligibility.reason}")
+        two = CustomAllReduce(device=dev, max_size=1 << 20, timeout_s=10.0, oneshot_max_bytes=0)
+        g = torch.Generator(device="cpu").manual_seed(7)
+        with one, two:
+            real_stage = one._e.stage
+            monkeypatch.setattr(one._e, "stage", lambda *a: pytest.fail("the host staged a contiguous input"))
+            for dtype in DTYPES:
+                e = torch.tensor([], dtype=dtype).element_size()
+                for n in (1, 1001, 4096, 100003):
+                    x = torch.randn(n, generator=g).to(dtype).to(dev)
+                    one._e.staging[0].fill_(255)
+                    y = one.all_reduce(x)
+                    torch.cuda.synchronize()
+                    one.check()
+                    assert torch.equal(y, x) and torch.equal(one._e.staging[0][:n * e].view(dtype), x), (dtype, n)
+                    out = torch.full_like(x, float("nan"))
+                    assert one.all_reduce(x, out=out) is out
+                    torch.cuda.synchronize()
+                    assert torch.equal(out, x)
+                    assert two.path_for(n * e) is Algo.TWOSHOT
+                    assert torch.equal(two.all_reduce(x), x)
+            monkeypatch.setattr(one._e, "stage", real_stage)
+            xt = torch.randn(64, 48, generator=g).bfloat16().to(dev).t()  # not contiguous: host-staged
+            assert torch.equal(one.all_reduce(xt), xt)
+            for rows, hidden in ((1, 7168), (9, 4096), (3, 4099)):
+                x = torch.randn(rows, hidden, generator=g).bfloat16().to(dev)
+                res = torch.randn(rows, hidden, generator=g).bfloat16().to(dev)
+                w = (torch.rand(hidden, generator=g) + 0.5).bfloat16().to(dev)
+                o1, r1 = one.all_reduce_residual_rmsnorm(x, res, w, 1e-6)
+                o2, r2 = two.all_reduce_residual_rmsnorm(x, res, w, 1e-6)
+                torch.cuda.synchronize()
+                one.check()
+                two.check()
+                _, ref_res = residual_rmsnorm_reference(x, res, w, 1e-6)
+                assert torch.equal(r1, ref_res) and torch.equal(r2, ref_res), (rows, hidden)
+                assert torch.equal(o1, o2), (rows, hidden, "one-shot and two-shot kernels disagree")
+                ref = torch.nn.functional.rms_norm(ref_res.float(), (hidden,), w.float(), 1e-6).bfloat16()
+                torch.testing.assert_close(o1, ref, rtol=2 * TOL[torch.bfloat16][0], atol=2 * TOL[torch.bfloat16][1])
+    finally:
+        dist.destroy_process_group()
