@@ -25,6 +25,7 @@ What is timed (all in CUDA graphs, moecomm.testing.graph_bench: device time, no 
                        CustomAllReduce takes it (one-shot up to the threshold, two-shot above)
   rmsnorm_fused_<algo> the same, the variant forced (both at every T: where each stops paying)
   rmsnorm_unfused      all_reduce (path by size) then residual add and torch's rms_norm
+  rmsnorm_allreduce_only  the all_reduce alone: fused - this = what the fusion adds (target <= 2 us)
 Napkin math, one GPU: one-shot reads W * W * n * e bytes in all (each rank reads everyone) and writes
 W * n * e; two-shot reads/writes ~4 W * n * e. At W 8 and 64 KB per rank, one-shot reads 4 MiB:
 ~1-2 us at HBM speed, so the barriers and the launch dominate, as they will on 8 GPUs.
@@ -173,7 +174,8 @@ def run_gpu(writer: ResultWriter, dtype: torch.dtype, sizes, world_sizes, rms_sh
                 copy = graph_bench(lambda: dst.copy_(src), [()], replays=replays)
                 fused = {"fused": None, "fused_oneshot": Algo.ONESHOT, "fused_twoshot": Algo.TWOSHOT}
                 impls = [(k, lambda xs=xs, res=res, w=w, a=a: ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6, algo=a))
-                         for k, a in fused.items()] + [("unfused", unfused)]
+                         for k, a in fused.items()] + [("unfused", unfused),
+                                                       ("allreduce_only", lambda xs=xs: ar.all_reduce(xs))]
                 for impl, fn in impls:
                     t = graph_bench(fn, [()], replays=replays)
                     ar.check()
