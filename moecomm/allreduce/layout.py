@@ -15,8 +15,11 @@ Thresholds (bytes of one rank's input; W = world_size):
     above                  -> NCCL (torch.distributed.all_reduce)
 Default oneshot_max: vLLM's measured crossover on 8x H100/H200 NVLink, 512 KB at 2-4 ranks and
 256 KB at 8 (at 8 ranks one-shot reads 7 n over NVLink against 1.75 n: it loses earlier). The
-multi-GPU issue re-measures them; until then they are vLLM's, overridable per instance
-(CustomAllReduce(oneshot_max_bytes=...)) or for the process (MOECOMM_ALLREDUCE_ONESHOT_BYTES).
+multi-GPU issue re-measures them; on one H200 with 8 virtual ranks (benchmarks/RESULTS.md,
+2026-12-01) one-shot beat two-shot at 256 KB (8.3 vs 10.6 us) and lost at 1 MB (19.3 vs 11.2):
+consistent with 256 KB at 8, so nothing argues for moving them. Until then they are vLLM's,
+overridable per instance (CustomAllReduce(oneshot_max_bytes=...)) or for the process
+(MOECOMM_ALLREDUCE_ONESHOT_BYTES).
 """
 
 from __future__ import annotations
