@@ -11,14 +11,21 @@ What is timed (all in CUDA graphs, moecomm.testing.graph_bench: device time, no 
                        virtual ranks (grid (SMs / W, W)), so the figure is W ranks' kernels sharing
                        one GPU's SMs and HBM, not one rank of a real node (peers' reads are local HBM
                        here, NVLink there). The multi-GPU issue measures the real thing.
-  <algo>+stage         the public call, path by size: W staging copies then the kernel (eager, or
-                       a graph captured with capture(register=False)).
+  <algo>+stage         the public call, path by size, on one [W, n] tensor: the kernel copies each
+                       rank's input into its staging itself, one launch (eager, or a graph captured
+                       with capture(register=False)).
+  <algo>+hoststage     what the public call did before (and still does for a list or a misaligned
+                       input): W staging copies (torch copy_, one kernel each: serialized on one
+                       stream here, ~1 us each) then the kernel.
   oneshot+registered   one-shot captured with ar.capture() around the graph: the kernel reads the
                        inputs in place, nothing is copied (what graph users get by default).
   copy                 the baseline beside every row: one device copy of the same bytes the W ranks
                        hand in (W * n * e): the floor of moving the input once.
-  rmsnorm_fused        all_reduce_residual_rmsnorm (staging + one kernel), T x H per rank
-  rmsnorm_unfused      all_reduce then residual add and torch's rms_norm on every rank's output
+  rmsnorm_fused        all_reduce_residual_rmsnorm (one kernel, staging inside), path by size as
+                       CustomAllReduce takes it (one-shot up to the threshold, two-shot above)
+  rmsnorm_fused_<algo> the same, the variant forced (both at every T: where each stops paying)
+  rmsnorm_unfused      all_reduce (path by size) then residual add and torch's rms_norm
+  rmsnorm_allreduce_only  the all_reduce alone: fused - this = what the fusion adds (target <= 2 us)
 Napkin math, one GPU: one-shot reads W * W * n * e bytes in all (each rank reads everyone) and writes
 W * n * e; two-shot reads/writes ~4 W * n * e. At W 8 and 64 KB per rank, one-shot reads 4 MiB:
 ~1-2 us at HBM speed, so the barriers and the launch dominate, as they will on 8 GPUs.
@@ -119,11 +126,22 @@ def run_gpu(writer: ResultWriter, dtype: torch.dtype, sizes, world_sizes, rms_sh
                                         impl=algo.value, median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms,
                                         copy_ms=copy.median_ms, bytes_per_rank=nbytes))
                 algo = ar.algo_for(nbytes)
-                t = graph_bench(lambda: ar.all_reduce(xs), [()], replays=replays)
+                got = ar.all_reduce(xs)
+                torch.cuda.synchronize()
                 ar.check()
-                _print(writer.write(op="allreduce", world_size=W, shape=f"{nbytes // 1024}KB", dtype=dname,
-                                    impl=f"{algo.value}+stage", median_ms=t.median_ms, p10_ms=t.p10_ms,
-                                    p90_ms=t.p90_ms, copy_ms=copy.median_ms, bytes_per_rank=nbytes))
+                assert all(torch.equal(got[r], want) for r in range(W)), ("stage", W, nbytes)
+
+                def hoststage(a=algo, xs=xs, n=n, store=store, stride=stride):
+                    ar.stage(list(xs))
+                    ar.launch_staged(a, n, store, stride)
+
+                for impl, fn in ((f"{algo.value}+stage", lambda xs=xs: ar.all_reduce(xs)),
+                                 (f"{algo.value}+hoststage", hoststage)):
+                    t = graph_bench(fn, [()], replays=replays)
+                    ar.check()
+                    _print(writer.write(op="allreduce", world_size=W, shape=f"{nbytes // 1024}KB", dtype=dname,
+                                        impl=impl, median_ms=t.median_ms, p10_ms=t.p10_ms,
+                                        p90_ms=t.p90_ms, copy_ms=copy.median_ms, bytes_per_rank=nbytes))
                 med, p10, p90 = _registered_graph(ar, xs, replays)
                 ar.check()
                 _print(writer.write(op="allreduce", world_size=W, shape=f"{nbytes // 1024}KB", dtype=dname,
@@ -132,17 +150,19 @@ def run_gpu(writer: ResultWriter, dtype: torch.dtype, sizes, world_sizes, rms_sh
                 _print(writer.write(op="allreduce", world_size=W, shape=f"{nbytes // 1024}KB", dtype=dname,
                                     impl="copy", median_ms=copy.median_ms, p10_ms=copy.p10_ms, p90_ms=copy.p90_ms,
                                     copy_ms=copy.median_ms, bytes_per_rank=nbytes))
-            for T, H in rms_shapes:  # the fused kernel is one-shot at every size here (CustomAllReduce
-                # takes it up to oneshot_max_bytes only): the rows past that show where it stops paying
+            for T, H in rms_shapes:
                 g = torch.Generator(device="cpu").manual_seed(T * H)
                 xs = torch.randn(W, T, H, generator=g).to(dtype).to(dev)
-                res = torch.randn(W, T, H, generator=g).to(dtype).to(dev)
+                # replicated, as under tensor parallelism (the two-shot variant adds each row's
+                # residual on the row's owner)
+                res = torch.randn(1, T, H, generator=g).to(dtype).expand(W, -1, -1).contiguous().to(dev)
                 w = (torch.rand(H, generator=g) + 0.5).to(dtype).to(dev)
-                out, new_res = ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6)
-                torch.cuda.synchronize()
-                ar.check()
                 _, ref_res = residual_rmsnorm_reference(reduce_sum_reference(list(xs)), res[0], w, 1e-6)
-                assert torch.equal(new_res[0], ref_res), (W, T, H)
+                for algo in (Algo.ONESHOT, Algo.TWOSHOT):
+                    out, new_res = ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6, algo=algo)
+                    torch.cuda.synchronize()
+                    ar.check()
+                    assert torch.equal(new_res[0], ref_res), (W, T, H, algo)
 
                 def unfused(xs=xs, res=res, w=w, H=H):
                     y = ar.all_reduce(xs)
@@ -152,8 +172,11 @@ def run_gpu(writer: ResultWriter, dtype: torch.dtype, sizes, world_sizes, rms_sh
                 src = torch.empty(W * T * H, dtype=dtype, device=dev)
                 dst = torch.empty_like(src)
                 copy = graph_bench(lambda: dst.copy_(src), [()], replays=replays)
-                for impl, fn in (("fused", lambda xs=xs, res=res, w=w: ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6)),
-                                 ("unfused", unfused)):
+                fused = {"fused": None, "fused_oneshot": Algo.ONESHOT, "fused_twoshot": Algo.TWOSHOT}
+                impls = [(k, lambda xs=xs, res=res, w=w, a=a: ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6, algo=a))
+                         for k, a in fused.items()] + [("unfused", unfused),
+                                                       ("allreduce_only", lambda xs=xs: ar.all_reduce(xs))]
+                for impl, fn in impls:
                     t = graph_bench(fn, [()], replays=replays)
                     ar.check()
                     _print(writer.write(op="rmsnorm", world_size=W, shape=f"T{T}_H{H}", dtype=dname,

@@ -8,6 +8,7 @@
 //
 //   [COUNTERS_OFFSET, +4*MAX_BLOCKS)   uint32 epoch[b]: calls block b of this rank has completed
 //   [FLAGS_OFFSET, +4*3*MAX_BLOCKS*MAX_PEERS)  uint32 flag[phase][b][src]: written by rank src
+//   [INV_OFFSET, +4*MAX_NORM_ROWS)     fp32 1/rms of the rows of this rank's shard (two-shot RMSNorm)
 //   [HEADER_BYTES, +max_size)          staging: this rank's input (copied in before the kernel);
 //                                      two-shot overwrites its own shard with the reduced shard
 //
@@ -49,6 +50,8 @@ constexpr int MAX_BLOCKS = 256;
 constexpr long long COUNTERS_OFFSET = 0;
 constexpr long long FLAGS_OFFSET = 4096;
 constexpr long long HEADER_BYTES = 131072;  // >= FLAGS_OFFSET + 4 * 3 * MAX_BLOCKS * MAX_PEERS (102400)
+constexpr long long INV_OFFSET = 102400;    // the flags' end; up to HEADER_BYTES: 28672 bytes of fp32
+constexpr long long MAX_NORM_ROWS = 7168;
 constexpr int PHASE_START = 0, PHASE_MID = 1, PHASE_END = 2;
 constexpr int ERR_WORDS = 4;
 constexpr int THREADS = 512;

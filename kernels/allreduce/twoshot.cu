@@ -19,6 +19,10 @@
 // against (W - 1) n read by one-shot: at 8 ranks 1.75 n instead of 7 n, which pays for the third
 // barrier once n is past a few hundred KB (the thresholds in moecomm/allreduce/layout.py).
 // Launch, rank selection (blockIdx.y) and residency: as oneshot.cu.
+//
+// Staging inside the kernel (stage_src != nullptr, as oneshot.cu): block b copies, of every shard,
+// the packs that block b of the shard's owner reads in the reduce-scatter (the same j = begin +
+// tid, + stride, ... rule per shard), and the tail; then the start barrier publishes them.
 
 #include "../common/dtypes.cuh"
 #include "sync.cuh"
@@ -29,7 +33,7 @@ namespace ar {
 template <typename T>
 __device__ __forceinline__ void twoshot_impl(const unsigned long long* peer_ptrs, int world_size, int rank_base,
                                              void* out_base, long long out_stride, long long n, int* err_base,
-                                             long long timeout_ns) {
+                                             long long timeout_ns, const void* stage_src, long long stage_stride) {
   using raw = typename T::raw;
   constexpr int PACK = 16 / sizeof(raw);
   const int rank = rank_base + blockIdx.y;
@@ -37,13 +41,24 @@ __device__ __forceinline__ void twoshot_impl(const unsigned long long* peer_ptrs
   int* err = err_base + blockIdx.y * ERR_WORDS;
   __shared__ Block s;
   if (!prologue(s, peer_ptrs, world_size, rank, err)) return;
-  if (!barrier(s, PHASE_START, world_size, rank, err, timeout_ns)) return;
 
   const long long tid = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   const long long num_packs = n / PACK;
   const long long shard_packs = (num_packs + world_size - 1) / world_size;
   const long long tail_start = num_packs * PACK;
+  if (stage_src != nullptr) {  // this rank's input -> its staging, in the reduce-scatter's partition
+    const raw* x = static_cast<const raw*>(stage_src) + blockIdx.y * stage_stride;
+    raw* mine = staging<raw>(s.bufs[rank]);
+    for (int q = 0; q < world_size; ++q) {
+      const long long begin = min(static_cast<long long>(q) * shard_packs, num_packs);
+      const long long end = min(begin + shard_packs, num_packs);
+      for (long long p = begin + tid; p < end; p += stride)
+        reinterpret_cast<Pack16*>(mine)[p] = reinterpret_cast<const Pack16*>(x)[p];
+    }
+    for (long long i = tail_start + tid; i < n; i += stride) mine[i] = x[i];
+  }
+  if (!barrier(s, PHASE_START, world_size, rank, err, timeout_ns)) return;
 
   // reduce-scatter of shard `rank`
   {
@@ -107,8 +122,9 @@ __device__ __forceinline__ void twoshot_impl(const unsigned long long* peer_ptrs
 #define MOECOMM_TWOSHOT(NAME, TYPE)                                                                        \
   extern "C" __global__ void __launch_bounds__(moecomm::ar::THREADS)                                     \
       NAME(const unsigned long long* peer_ptrs, int world_size, int rank_base, void* out, long long out_stride, \
-           long long n, int* err, long long timeout_ns) {                                                  \
-    moecomm::ar::twoshot_impl<TYPE>(peer_ptrs, world_size, rank_base, out, out_stride, n, err, timeout_ns); \
+           long long n, int* err, long long timeout_ns, const void* stage_src, long long stage_stride) {    \
+    moecomm::ar::twoshot_impl<TYPE>(peer_ptrs, world_size, rank_base, out, out_stride, n, err, timeout_ns,    \
+                                    stage_src, stage_stride);                                              \
   }
 
 MOECOMM_TWOSHOT(moecomm_ar_twoshot_bf16, moecomm::Bf16)

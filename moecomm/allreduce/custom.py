@@ -19,8 +19,9 @@ takes; ``ipc`` whether the IPC buffers are in use.
 Results: IPC paths add in rank order in fp32 and round once, so every rank gets bit-identical output
 (and the same bits as the virtual-rank tests); NCCL's order is its own.
 
-Eager calls copy the input into the rank's pre-registered staging buffer (one device copy of n
-bytes), then launch. CUDA graphs (``capture()``): one-shot calls read the graph's own input buffers,
+Eager calls: the kernel itself first copies the input into the rank's pre-registered staging buffer
+(n bytes read and written inside the one launch; a separate copy kernel cost a launch), then
+signals the peers; a non-contiguous or misaligned input is copied by the host first. CUDA graphs (``capture()``): one-shot calls read the graph's own input buffers,
 registered over IPC when the capture ends (vLLM's register_graph_buffers), so replays copy nothing;
 ``capture(register=False)`` captures the staging copy instead.
 
@@ -143,10 +144,14 @@ class CustomAllReduce:
         if x.numel() == 0:
             return dst if out is None else out
         table = e.table_for([x]) if algo is Algo.ONESHOT else None
+        src = None
         if table is None:
-            e.stage(0, x)
+            src = x if _ipc.stage_in_kernel(x, 0) else None
+            if src is None:  # not contiguous and aligned: a host copy into the staging first
+                e.stage(0, x)
+        e.alive()
         _ipc.launch_allreduce(algo, e.peer_ptrs, self.world_size, self.rank, 1, dst, x.numel(), x.numel(), e.err,
-                              e.timeout_ns, e.max_blocks, in_ptrs=table)
+                              e.timeout_ns, e.max_blocks, in_ptrs=table, stage_src=src)
         if out is not None and not direct:
             out.copy_(dst)
             return out
@@ -166,8 +171,12 @@ class CustomAllReduce:
                 in place).
 
         Returns (out, new_residual), both [num_tokens, hidden]: new_residual = all_reduce(x) +
-        residual (rounded to the dtype), out = RMSNorm(new_residual) * weight. One fused kernel
-        (one-shot) up to oneshot_max_bytes; above, all_reduce then the reference's add and norm.
+        residual (rounded to the dtype), out = RMSNorm(new_residual) * weight. One fused kernel:
+        one-shot up to oneshot_max_bytes, two-shot (each rank reduces and normalises its
+        ceil(num_tokens / W) rows, then gathers the others') up to max_size while a shard has at
+        most layout.MAX_NORM_ROWS rows; beyond, all_reduce then the reference's add and norm.
+        The two-shot kernel adds each row's residual on the rank that owns the row: residual must
+        be the same on every rank (replicated, as under tensor parallelism).
         """
         op = self.OP + ".all_reduce_residual_rmsnorm"
         check_input(op, "x", x, self.device, None)
@@ -184,7 +193,8 @@ class CustomAllReduce:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise MoeCommValueError(f"{op}: eps must be a number > 0, got {eps!r}")
         nbytes = x.numel() * x.element_size()
-        if self.path_for(nbytes) is not Algo.ONESHOT:
+        algo = self.path_for(nbytes)
+        if algo is Algo.NCCL or (algo is Algo.TWOSHOT and -(-rows // self.world_size) > layout.MAX_NORM_ROWS):
             out, new_res = residual_rmsnorm_reference(self.all_reduce(x), residual, weight, float(eps))
             if residual_out is not None:
                 residual_out.copy_(new_res)
@@ -197,8 +207,11 @@ class CustomAllReduce:
         out = torch.empty_like(res_in)
         if x.numel() == 0:
             return out, residual_out if residual_out is not None else res_out
-        e.stage(0, x)
-        _ipc.launch_rmsnorm(e.peer_ptrs, self.world_size, self.rank, 1, res_in, res_out, out, rows * hidden,
+        src = x if x.is_contiguous() else None  # the kernel copies x into the staging itself
+        if src is None:
+            e.stage(0, x)
+        e.alive()
+        _ipc.launch_rmsnorm(algo, e.peer_ptrs, self.world_size, self.rank, 1, src, res_in, res_out, out, rows * hidden,
                             weight.contiguous(), rows, hidden, float(eps), e.err, e.timeout_ns, e.max_blocks)
         if residual_out is not None and not direct:
             residual_out.copy_(res_out)
@@ -215,8 +228,8 @@ class CustomAllReduce:
         inputs (cuMemGetAddressRange + cuIpcGetMemHandle), the handles and offsets are exchanged
         over the group, the peers' are opened once each, and every call's table of input pointers
         is written: replays copy nothing into staging. Every rank must capture the same calls.
-        Other calls (two-shot, fused RMSNorm, misaligned inputs) capture their staging copy.
-        register=False: every call captures its staging copy (either nesting order works).
+        Other calls (two-shot, fused RMSNorm, misaligned inputs) capture their staging copy (inside
+        their kernel when the input is contiguous and aligned). register=False: every call captures its staging copy (either nesting order works).
         On the NCCL path (not eligible, or above max_size) the captured call is NCCL's.
         """
         if self._e is None:

@@ -5,7 +5,9 @@ them from the header and compares):
 
     [0, 4 * MAX_BLOCKS)                          uint32 epoch[block]: calls completed (no reset needed)
     [FLAGS_OFFSET, + 4 * 3 * MAX_BLOCKS * MAX_PEERS)  uint32 flag[phase][block][src rank]
-    [HEADER_BYTES, + max_size)                   staging: this rank's input, copied in before the kernel
+    [INV_OFFSET, + 4 * MAX_NORM_ROWS)            fp32 1/rms of this rank's rows (two-shot fused RMSNorm)
+    [HEADER_BYTES, + max_size)                   staging: this rank's input, copied in by the kernel itself
+                                                 (or by the host when the input is not 16-byte aligned)
 
 Thresholds (bytes of one rank's input; W = world_size):
     nbytes <= oneshot_max  -> one-shot (every rank reads all W inputs: 1 kernel, 2 barriers)
@@ -13,8 +15,11 @@ Thresholds (bytes of one rank's input; W = world_size):
     above                  -> NCCL (torch.distributed.all_reduce)
 Default oneshot_max: vLLM's measured crossover on 8x H100/H200 NVLink, 512 KB at 2-4 ranks and
 256 KB at 8 (at 8 ranks one-shot reads 7 n over NVLink against 1.75 n: it loses earlier). The
-multi-GPU issue re-measures them; until then they are vLLM's, overridable per instance
-(CustomAllReduce(oneshot_max_bytes=...)) or for the process (MOECOMM_ALLREDUCE_ONESHOT_BYTES).
+multi-GPU issue re-measures them; on one H200 with 8 virtual ranks (benchmarks/RESULTS.md,
+2026-12-01) one-shot beat two-shot at 256 KB (8.3 vs 10.6 us) and lost at 1 MB (19.3 vs 11.2):
+consistent with 256 KB at 8, so nothing argues for moving them. Until then they are vLLM's,
+overridable per instance (CustomAllReduce(oneshot_max_bytes=...)) or for the process
+(MOECOMM_ALLREDUCE_ONESHOT_BYTES).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ MAX_BLOCKS = 256
 COUNTERS_OFFSET = 0
 FLAGS_OFFSET = 4096
 HEADER_BYTES = 131072
+INV_OFFSET = 102400
+MAX_NORM_ROWS = 7168  # rows of one rank's shard in the two-shot fused RMSNorm (the inv slots)
 NUM_PHASES = 3
 PHASES = ("start", "mid", "end")
 ERR_WORDS = 4
@@ -80,11 +87,12 @@ def grid_blocks(algo: Algo, n: int, element_size: int, world_size: int, max_bloc
     """Blocks per rank of a launch (the same on every rank: it depends only on the call's sizes).
 
     one-shot: one thread per 16-byte pack of the whole input; two-shot: of one shard; rmsnorm
-    (algo ONESHOT with rows > 0): one block per row; each capped at ``max_blocks``.
+    (rows > 0): one block per row, of all rows (ONESHOT) or of one shard of ceil(rows / W) rows
+    (TWOSHOT); each capped at ``max_blocks``.
     """
     pack = pack_elems(element_size)
     if rows:
-        work_blocks = rows
+        work_blocks = rows if algo is Algo.ONESHOT else -(-rows // world_size)
     else:
         packs = -(-n // pack)
         if algo is Algo.TWOSHOT:

@@ -82,6 +82,18 @@ class VirtualAllReduce:
                                         f"{first.dtype}), got shape {list(x.shape)}, {x.dtype}")
         return list(xs)
 
+    @staticmethod
+    def _stacked(xs: Any) -> tuple[torch.Tensor | None, int]:
+        """(xs, rank stride in elements) when the kernel can stage it: one [W, ...] tensor whose rank
+        slices are contiguous, start 16-byte aligned and lie a multiple of 16 bytes apart (a padded
+        [W, stride][:, :n] view qualifies); else (None, 0): the host copies."""
+        if not isinstance(xs, torch.Tensor) or xs.dim() < 2 or not xs[0].is_contiguous():
+            return None, 0
+        step = xs.stride(0)
+        if xs.data_ptr() % 16 or (step * xs.element_size()) % 16 or step < xs[0].numel():
+            return None, 0
+        return xs, step
+
     def all_reduce(self, xs: Any, *, algo: Algo | None = None, launch_ranks: int | None = None) -> torch.Tensor:
         """Every virtual rank's all-reduce of the W inputs, in one launch.
 
@@ -93,9 +105,12 @@ class VirtualAllReduce:
                 arrive (their barriers time out, check() names the first missing rank).
 
         Returns out [W, *shape]: out[r] is rank r's output (every row equal, bit for bit).
+        One [W, *shape] tensor with contiguous, 16-byte-aligned rank slices (contiguous, or a padded
+        [W, stride][:, :n] view) is copied into the staging by the kernel itself (one launch); a list,
+        or another layout, by W host copies first.
         """
         op = self.OP + ".all_reduce"
-        xs = self._inputs(op, "xs", xs)
+        raw, xs = xs, self._inputs(op, "xs", xs)
         shape, dtype, n = xs[0].shape, xs[0].dtype, xs[0].numel()
         if algo is None:
             algo = self._e.algo(n * xs[0].element_size())
@@ -111,12 +126,16 @@ class VirtualAllReduce:
         if n == 0:
             return out
         table = self._e.table_for(xs) if algo is Algo.ONESHOT else None
+        src = None
         if table is None:
-            for r in range(self.world_size):
-                self._e.stage(r, xs[r])
+            src, step = self._stacked(raw)
+            if src is None:  # not one aligned [W, n] tensor: the host copies, one per rank
+                for r in range(self.world_size):
+                    self._e.stage(r, xs[r])
         self._e.alive()
         _ipc.launch_allreduce(algo, self._e.peer_ptrs, self.world_size, 0, k, store, stride, n, self._e.err,
-                              self._e.timeout_ns, self._e.max_blocks, in_ptrs=table)
+                              self._e.timeout_ns, self._e.max_blocks, in_ptrs=table, stage_src=src,
+                              stage_stride=step if src is not None else 0)
         return out
 
     def launch_staged(self, algo: Algo, n: int, out: torch.Tensor, out_stride: int, *, launch_ranks: int | None = None) -> None:
@@ -136,7 +155,8 @@ class VirtualAllReduce:
             self._e.stage(r, x)
 
     def all_reduce_residual_rmsnorm(self, xs: Any, residuals: Any, weight: torch.Tensor, eps: float = 1e-6,
-                                    *, launch_ranks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                    *, algo: Algo | None = None, launch_ranks: int | None = None
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused all-reduce + residual add + RMSNorm for every virtual rank, in one launch.
 
         Args:
@@ -144,11 +164,17 @@ class VirtualAllReduce:
             residuals: [W, num_tokens, hidden] rank r's residual stream, the same dtype.
             weight: [hidden] RMSNorm's scale, the same dtype.
             eps: added to the mean square (> 0).
+            algo: Algo.ONESHOT (every rank reduces every row) or Algo.TWOSHOT (rank r reduces and
+                normalises its shard of ceil(num_tokens / W) rows, then the ranks gather the rows);
+                default by size, as all_reduce.
             launch_ranks: as all_reduce.
 
-        Returns (out [W, num_tokens, hidden], new_residual [W, num_tokens, hidden]).
+        Returns (out [W, num_tokens, hidden], new_residual [W, num_tokens, hidden]); both paths give
+        the same bits when residuals[r] is the same on every rank (replicated, as under tensor
+        parallelism): two-shot adds each row's residual on the rank that owns the row.
         """
         op = self.OP + ".all_reduce_residual_rmsnorm"
+        raw = xs
         xl = self._inputs(op, "xs", xs)
         rl = self._inputs(op, "residuals", residuals)
         if xl[0].dim() != 2 or rl[0].shape != xl[0].shape or rl[0].dtype != xl[0].dtype:
@@ -160,15 +186,25 @@ class VirtualAllReduce:
             raise MoeCommValueError(f"{op}: weight must be [{hidden}] {xl[0].dtype}, got {list(weight.shape)} {weight.dtype}")
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
             raise MoeCommValueError(f"{op}: eps must be a number > 0, got {eps!r}")
+        if algo is None:
+            algo = self._e.algo(rows * hidden * xl[0].element_size())
+        if algo not in (Algo.ONESHOT, Algo.TWOSHOT):
+            raise MoeCommValueError(f"{op}: algo must be Algo.ONESHOT or Algo.TWOSHOT, got {algo!r}")
+        if algo is Algo.TWOSHOT and -(-rows // self.world_size) > layout.MAX_NORM_ROWS:
+            raise MoeCommValueError(f"{op}: with Algo.TWOSHOT num_tokens must be at most world_size * "
+                                    f"{layout.MAX_NORM_ROWS} = {self.world_size * layout.MAX_NORM_ROWS}, got {rows}")
         k = self.world_size if launch_ranks is None else launch_ranks
         res_in = torch.stack(rl).contiguous()
         res_out = torch.empty_like(res_in)
         out = torch.empty_like(res_in)
         if rows * hidden == 0:
             return out, res_out
-        for r in range(self.world_size):
-            self._e.stage(r, xl[r])
-        _ipc.launch_rmsnorm(self._e.peer_ptrs, self.world_size, 0, k, res_in, res_out, out, rows * hidden,
+        src = raw if isinstance(raw, torch.Tensor) and raw.is_contiguous() else None
+        if src is None:
+            for r in range(self.world_size):
+                self._e.stage(r, xl[r])
+        self._e.alive()
+        _ipc.launch_rmsnorm(algo, self._e.peer_ptrs, self.world_size, 0, k, src, res_in, res_out, out, rows * hidden,
                             weight.contiguous(), rows, hidden, float(eps), self._e.err, self._e.timeout_ns,
                             self._e.max_blocks)
         return out, res_out
@@ -180,7 +216,8 @@ class VirtualAllReduce:
         register=True (default): enclose the graph capture, ``with ar.capture(), torch.cuda.graph(g):``;
         one-shot calls on contiguous 16-byte-aligned inputs read the inputs in place (no staging
         copy in the graph); their pointer tables are written when capture() exits. Other calls
-        (two-shot, fused RMSNorm, misaligned inputs) capture their staging copy.
+        (two-shot, fused RMSNorm, misaligned inputs) capture their staging copy (inside the kernel
+        for an aligned [W, ...] tensor, else host copies).
         register=False: every call captures its staging copy (either nesting order works).
         Replays read the captured input tensors: copy fresh data into them before a replay.
         """

@@ -11,7 +11,9 @@ launches makes check() name it within the timeout."""
 
 from __future__ import annotations
 
+import ctypes
 import re
+import subprocess
 import time
 
 import pytest
@@ -37,20 +39,25 @@ def test_sources_compile_for_sm90a(source, tmp_path, monkeypatch):
     monkeypatch.setenv("MOECOMM_CACHE_DIR", str(tmp_path))
     c = cuda.compile(source)
     assert c.compiled and c.arch == "sm_90a" and c.path.stat().st_size > 0
-    names = {"oneshot": "moecomm_ar_oneshot_", "twoshot": "moecomm_ar_twoshot_", "rmsnorm": "moecomm_ar_rmsnorm_"}
+    names = {"oneshot": ["moecomm_ar_oneshot_"], "twoshot": ["moecomm_ar_twoshot_"],
+             "rmsnorm": ["moecomm_ar_rmsnorm_", "moecomm_ar_rmsnorm_twoshot_"]}
     blob = c.path.read_bytes()
-    for suffix in ("bf16", "fp16", "fp32"):
-        assert (names[c.path.name.split("-")[0]] + suffix).encode() in blob
+    for prefix in names[c.path.name.split("-")[0]]:
+        for suffix in ("bf16", "fp16", "fp32"):
+            assert (prefix + suffix).encode() in blob
 
 
 def test_layout_constants_agree_with_the_header():
     text = (cuda.kernels_dir() / "allreduce" / "sync.cuh").read_text()
     got = {m[0]: int(m[1]) for m in re.findall(r"constexpr (?:int|long long) ([A-Z_]+) = (\d+);", text)}
-    for name in ("MAX_PEERS", "MAX_BLOCKS", "COUNTERS_OFFSET", "FLAGS_OFFSET", "HEADER_BYTES", "ERR_WORDS", "THREADS"):
+    for name in ("MAX_PEERS", "MAX_BLOCKS", "COUNTERS_OFFSET", "FLAGS_OFFSET", "HEADER_BYTES", "ERR_WORDS", "THREADS",
+                 "INV_OFFSET", "MAX_NORM_ROWS"):
         assert got[name] == getattr(layout, name), name
     assert re.search(r"PHASE_START = 0, PHASE_MID = 1, PHASE_END = 2", text)
     flags_end = layout.FLAGS_OFFSET + 4 * layout.NUM_PHASES * layout.MAX_BLOCKS * layout.MAX_PEERS
     assert layout.COUNTERS_OFFSET + 4 * layout.MAX_BLOCKS <= layout.FLAGS_OFFSET and flags_end <= layout.HEADER_BYTES
+    # the two-shot RMSNorm's 1/rms slots sit between the flags and the staging
+    assert flags_end <= layout.INV_OFFSET and layout.INV_OFFSET + 4 * layout.MAX_NORM_ROWS <= layout.HEADER_BYTES
     assert layout.HEADER_BYTES % 128 == 0 and layout.buffer_bytes(1000) == layout.HEADER_BYTES + 1024
     # the peer-pointer table of the kernels is reduce.cu's size too
     assert "constexpr int MAX_PEERS = 32;" in (cuda.kernels_dir() / "allreduce" / "reduce.cu").read_text()
@@ -80,7 +87,61 @@ def test_grid_is_a_function_of_the_sizes_only():
     assert layout.grid_blocks(Algo.TWOSHOT, 8 * 4096, 2, 8, 16) == 1
     assert layout.grid_blocks(Algo.TWOSHOT, 3, 2, 8, 16) == 1  # no full pack: the tail alone
     assert layout.grid_blocks(Algo.ONESHOT, 7 * 4096, 2, 8, 300, rows=7) == 7
+    # two-shot RMSNorm: a block per row of one shard, ceil(rows / W)
+    assert layout.grid_blocks(Algo.TWOSHOT, 128 * 7168, 2, 8, 16, rows=128) == 16
+    assert layout.grid_blocks(Algo.TWOSHOT, 129 * 7168, 2, 8, 300, rows=129) == 17
+    assert layout.grid_blocks(Algo.TWOSHOT, 3 * 7168, 2, 8, 16, rows=3) == 1
     assert layout.grid_blocks(Algo.ONESHOT, 10 ** 9, 4, 2, 1000) == layout.MAX_BLOCKS
+
+
+def _ptx_params(source: str, entry: str, tmp_path) -> list[str]:
+    ptx = tmp_path / "k.ptx"
+    subprocess.run([cuda._nvcc(), "-arch=sm_90a", "-ptx", "-std=c++17", "-o", str(ptx),
+                    str(cuda.kernels_dir() / source)], check=True, capture_output=True)
+    text = ptx.read_text()
+    head = text[text.index(f".entry {entry}("):]
+    return re.findall(r"\.param \.([a-z]\d+)", head[:head.index(")")])
+
+
+def _ctype(a) -> str:
+    if isinstance(a, (torch.Tensor, ctypes.c_void_p, ctypes.c_longlong)):
+        return "u64"
+    return {ctypes.c_int: "u32", ctypes.c_float: "f32"}[type(a)]
+
+
+@pytest.mark.parametrize("which", ("oneshot", "twoshot", "rmsnorm", "rmsnorm_twoshot"))
+def test_launch_arguments_match_the_kernel_signatures(which, tmp_path, monkeypatch):
+    """The wrappers pass exactly the kernels' parameters (count and width), with and without the
+    in-kernel staging copy: a mismatch would launch with garbage arguments on the GPU."""
+    if cuda._nvcc() is None:
+        pytest.skip("no nvcc")
+    from moecomm.allreduce import _ipc
+
+    calls = []
+
+    class Recorder:
+        def __call__(self, grid, block, args):
+            calls.append((grid, block, list(args)))
+
+    picked = []
+    monkeypatch.setattr(_ipc, "kernel", lambda w, dtype, device: picked.append(w[1] + _ipc._SUFFIX[dtype]) or Recorder())
+    t = torch.zeros(64, dtype=torch.bfloat16)
+    ptrs, err = torch.zeros(4, dtype=torch.int64), torch.zeros(16, dtype=torch.int32)
+    for src in (None, t):
+        if which in ("oneshot", "twoshot"):
+            algo = Algo.ONESHOT if which == "oneshot" else Algo.TWOSHOT
+            _ipc.launch_allreduce(algo, ptrs, 4, 0, 4, t, 16, 16, err, 10, 8, stage_src=src, stage_stride=16)
+        else:
+            algo = Algo.ONESHOT if which == "rmsnorm" else Algo.TWOSHOT
+            _ipc.launch_rmsnorm(algo, ptrs, 4, 0, 4, src, t, t, t, 16, t[:8], 2, 8, 1e-6, err, 10, 8)
+    entry = picked[0]
+    assert entry == {"oneshot": "moecomm_ar_oneshot_bf16", "twoshot": "moecomm_ar_twoshot_bf16",
+                     "rmsnorm": "moecomm_ar_rmsnorm_bf16", "rmsnorm_twoshot": "moecomm_ar_rmsnorm_twoshot_bf16"}[which]
+    source = "allreduce/rmsnorm.cu" if which.startswith("rmsnorm") else f"allreduce/{which}.cu"
+    want = _ptx_params(source, entry, tmp_path)
+    for grid, block, args in calls:
+        assert [_ctype(a) for a in args] == want, (which, args)
+        assert block == (layout.THREADS,) and grid[1] == 4
 
 
 def test_references():
@@ -171,6 +232,42 @@ def test_exact_on_integer_payloads(world_size, algo, dev):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("world_size", (1, 2, 4, 8))
+@pytest.mark.parametrize("algo", (Algo.ONESHOT, Algo.TWOSHOT))
+def test_the_kernel_stages_its_own_input(world_size, algo, dev, monkeypatch):
+    """The public call on one [W, n] tensor copies the inputs into the staging inside the kernel:
+    no host copy (Engine.stage is made to fail), exact on integer payloads with odd tails (a padded
+    [W, stride][:, :n] view, so every rank's slice is aligned), and the staging holds the input after
+    a one-shot call (it was NaN-filled before)."""
+    with VirtualAllReduce(world_size, max_size=8 << 20, device=dev, timeout_s=10.0) as ar:
+        monkeypatch.setattr(ar._e, "stage", lambda *a: pytest.fail("the host staged an input"))
+        for dtype in DTYPES:
+            e = torch.tensor([], dtype=dtype).element_size()
+            pack = layout.pack_elems(e)
+            for nbytes in SIZES_BYTES:
+                n = max(1, nbytes // e)
+                padded = torch.full((world_size, -(-n // pack) * pack), float("nan"), dtype=dtype, device=dev)
+                xs = padded[:, :n]
+                xs.copy_(_int_inputs(world_size, n, dtype, dev))
+                for st in ar._e.staging:
+                    st.fill_(255)  # bf16/fp16 NaN bits; fp32 NaN too
+                got = ar.all_reduce(xs, algo=algo)
+                torch.cuda.synchronize()
+                ar.check()
+                want = xs.float().sum(0).to(dtype)
+                for r in range(world_size):
+                    assert torch.equal(got[r], want), (dtype, n, r)
+                    if algo is Algo.ONESHOT:
+                        assert torch.equal(ar._e.staging[r][:n * e].view(dtype), xs[r]), (dtype, n, r)
+    # a list of tensors still works, through host copies
+    with VirtualAllReduce(2, max_size=1 << 20, device=dev, timeout_s=10.0) as ar:
+        xs = _int_inputs(2, 1001, torch.float16, dev)
+        got = ar.all_reduce(list(xs), algo=algo)
+        torch.cuda.synchronize()
+        assert all(torch.equal(got[r], xs.float().sum(0).half()) for r in range(2))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("world_size", (2, 8))
 def test_random_payloads_bit_identical_across_ranks_and_paths(world_size, dev):
     g = torch.Generator(device="cpu").manual_seed(world_size)
@@ -199,10 +296,28 @@ def test_calls_back_to_back_advance_the_epochs(dev):
             xs = _int_inputs(W, n, torch.bfloat16, dev) + j % 3
             outs.append(ar.all_reduce(xs, algo=Algo.ONESHOT if j % 2 else Algo.TWOSHOT))
             wants.append(xs.float().sum(0).bfloat16())
+        # fused calls of both variants between all-reduces, still without a sync
+        g = torch.Generator(device="cpu").manual_seed(3)
+        fused = []
+        for j in range(12):
+            rows = 1 + (j * 5) % 23
+            xs = torch.randn(W, rows, 512, generator=g).bfloat16().to(dev)
+            res = torch.randn(1, rows, 512, generator=g).bfloat16().to(dev).expand(W, -1, -1).contiguous()
+            w = (torch.rand(512, generator=g) + 0.5).bfloat16().to(dev)
+            got = ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6, algo=Algo.TWOSHOT if j % 2 else Algo.ONESHOT)
+            fused.append((got, xs, res, w))
+            n = (j * 104729) % (1 << 18) + 1
+            x2 = _int_inputs(W, n, torch.bfloat16, dev) - j % 5
+            outs.append(ar.all_reduce(x2, algo=Algo.ONESHOT if j % 3 else Algo.TWOSHOT))
+            wants.append(x2.float().sum(0).bfloat16())
         torch.cuda.synchronize()
         ar.check()
         for o, w in zip(outs, wants):
             assert all(torch.equal(o[r], w) for r in range(W))
+        for (out, new_res), xs, res, w in fused:
+            _, ref_res = residual_rmsnorm_reference(all_reduce_reference(list(xs))[0], res[0], w, 1e-6)
+            assert all(torch.equal(new_res[r], ref_res) for r in range(W))
+            assert all(torch.equal(out[r], out[0]) for r in range(W))
 
 
 # tolerance of the normalised output against the float64 truth: the kernel and the reference both
@@ -215,18 +330,27 @@ TOL = {torch.bfloat16: (2 ** -7, 2 ** -7), torch.float16: (2 ** -10, 2 ** -10), 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", (2, 8))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_residual_rmsnorm(world_size, dtype, dev):
+@pytest.mark.parametrize("algo", (Algo.ONESHOT, Algo.TWOSHOT))
+def test_fused_residual_rmsnorm(world_size, dtype, algo, dev):
+    """Both variants (one-shot: every rank every row; two-shot: shards of rows, gathered with the
+    owner's 1/rms), rows fewer than ranks (empty shards), odd hidden (the scalar path)."""
     g = torch.Generator(device="cpu").manual_seed(1)
     with VirtualAllReduce(world_size, max_size=1 << 20, device=dev, timeout_s=10.0) as ar:
-        for rows, hidden in ((1, 4096), (7, 7168), (33, 2048), (3, 4099), (2, 5)):
+        for rows, hidden in ((1, 4096), (7, 7168), (33, 2048), (3, 4099), (2, 5), (17, 1024)):
             xs = torch.randn(world_size, rows, hidden, generator=g).to(dtype).to(dev)
             # the residual stream is replicated under tensor parallelism: the same on every rank, so
             # every rank's normalised output must be bit-identical (checked below)
             res = torch.randn(1, rows, hidden, generator=g).to(dtype).to(dev).expand(world_size, -1, -1).contiguous()
             w = (torch.rand(hidden, generator=g) + 0.5).to(dtype).to(dev)
-            out, new_res = ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6)
+            out, new_res = ar.all_reduce_residual_rmsnorm(xs, res, w, 1e-6, algo=algo)
             torch.cuda.synchronize()
             ar.check()
+            # the other variant, and the host-staged path (a list): the same bits
+            other = Algo.TWOSHOT if algo is Algo.ONESHOT else Algo.ONESHOT
+            o2, nr2 = ar.all_reduce_residual_rmsnorm(list(xs), res, w, 1e-6, algo=other)
+            torch.cuda.synchronize()
+            ar.check()
+            assert torch.equal(o2, out) and torch.equal(nr2, new_res), (rows, hidden, "variants disagree")
             summed = all_reduce_reference(list(xs))[0]
             for r in range(world_size):
                 ref_out, ref_res = residual_rmsnorm_reference(summed, res[r], w, 1e-6)
@@ -290,7 +414,33 @@ def test_cuda_graph_capture_and_replay_with_fresh_inputs(register, dev):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("which", ("oneshot", "twoshot", "rmsnorm"))
+@pytest.mark.parametrize("algo", (Algo.ONESHOT, Algo.TWOSHOT))
+def test_fused_rmsnorm_in_a_cuda_graph_reads_fresh_inputs(algo, dev):
+    """The in-kernel staging copy is captured with the kernel: replays read the captured tensors."""
+    W, rows, hidden = 4, 9, 2048
+    g = torch.Generator(device="cpu").manual_seed(5)
+    with VirtualAllReduce(W, max_size=1 << 20, device=dev, timeout_s=10.0) as ar:
+        xs = torch.randn(W, rows, hidden, generator=g).bfloat16().to(dev)
+        res = torch.randn(W, rows, hidden, generator=g).bfloat16().to(dev)
+        w = (torch.rand(hidden, generator=g) + 0.5).bfloat16().to(dev)
+        ar.all_reduce_residual_rmsnorm(xs, res, w, algo=algo)  # load outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with ar.capture(), torch.cuda.graph(graph):
+            out, new_res = ar.all_reduce_residual_rmsnorm(xs, res, w, algo=algo)
+        for j in range(3):
+            xs.copy_(torch.randn(W, rows, hidden, generator=g).bfloat16())
+            res.copy_(torch.randn(1, rows, hidden, generator=g).bfloat16().expand(W, -1, -1))
+            graph.replay()
+            torch.cuda.synchronize()
+            ar.check()
+            want_out, want_res = ar.all_reduce_residual_rmsnorm(xs, res, w, algo=algo)
+            torch.cuda.synchronize()
+            assert torch.equal(out, want_out) and torch.equal(new_res, want_res), j
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ("oneshot", "twoshot", "rmsnorm", "rmsnorm_twoshot"))
 def test_a_rank_that_never_arrives_is_named_within_the_timeout(which, dev):
     W, timeout = 4, 0.25
     ar = VirtualAllReduce(W, max_size=1 << 20, device=dev, timeout_s=timeout)
@@ -298,8 +448,9 @@ def test_a_rank_that_never_arrives_is_named_within_the_timeout(which, dev):
     ar.all_reduce(xs)  # compile and load first: the timing below is the kernel's
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    if which == "rmsnorm":
-        ar.all_reduce_residual_rmsnorm(xs.view(W, 5, 1000), xs.view(W, 5, 1000), xs[0, :1000], launch_ranks=W - 1)
+    if which.startswith("rmsnorm"):
+        ar.all_reduce_residual_rmsnorm(xs.view(W, 5, 1000), xs.view(W, 5, 1000), xs[0, :1000], launch_ranks=W - 1,
+                                       algo=Algo.TWOSHOT if which == "rmsnorm_twoshot" else Algo.ONESHOT)
     else:
         ar.all_reduce(xs, algo=Algo.ONESHOT if which == "oneshot" else Algo.TWOSHOT, launch_ranks=W - 1)
     torch.cuda.synchronize()
@@ -330,3 +481,59 @@ def test_inputs_are_checked(dev):
         assert ar.algo_for(4096) is Algo.ONESHOT and ar.oneshot_max_bytes == 512 << 10
     with pytest.raises(MoeCommError, match="VirtualAllReduce: used after close"):
         ar.all_reduce(torch.zeros(2, 4, device=dev))
+
+
+@pytest.mark.gpu
+def test_custom_allreduce_at_one_rank_stages_in_the_kernel(dev, tmp_path, monkeypatch):
+    """CustomAllReduce itself (one process, a one-rank gloo group): the call paths of custom.py.
+    A contiguous input is staged by the kernel (Engine.stage fails if called; the staging holds x
+    afterwards), a transposed one by the host; the fused op on the one-shot and two-shot kernels
+    (oneshot_max_bytes=0) gives the same bits, and W = 1 means the sum is x itself."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        one = CustomAllReduce(device=dev, max_size=1 << 20, timeout_s=10.0)
+        if not one.ipc:
+            pytest.skip(f"not eligible at one rank: {one.eligibility.reason}")
+        two = CustomAllReduce(device=dev, max_size=1 << 20, timeout_s=10.0, oneshot_max_bytes=0)
+        g = torch.Generator(device="cpu").manual_seed(7)
+        with one, two:
+            real_stage = one._e.stage
+            monkeypatch.setattr(one._e, "stage", lambda *a: pytest.fail("the host staged a contiguous input"))
+            for dtype in DTYPES:
+                e = torch.tensor([], dtype=dtype).element_size()
+                for n in (1, 1001, 4096, 100003):
+                    x = torch.randn(n, generator=g).to(dtype).to(dev)
+                    one._e.staging[0].fill_(255)
+                    y = one.all_reduce(x)
+                    torch.cuda.synchronize()
+                    one.check()
+                    assert torch.equal(y, x) and torch.equal(one._e.staging[0][:n * e].view(dtype), x), (dtype, n)
+                    out = torch.full_like(x, float("nan"))
+                    assert one.all_reduce(x, out=out) is out
+                    torch.cuda.synchronize()
+                    assert torch.equal(out, x)
+                    assert two.path_for(n * e) is Algo.TWOSHOT
+                    assert torch.equal(two.all_reduce(x), x)
+            monkeypatch.setattr(one._e, "stage", real_stage)
+            xt = torch.randn(64, 48, generator=g).bfloat16().to(dev).t()  # not contiguous: host-staged
+            assert torch.equal(one.all_reduce(xt), xt)
+            for rows, hidden in ((1, 7168), (9, 4096), (3, 4099)):
+                x = torch.randn(rows, hidden, generator=g).bfloat16().to(dev)
+                res = torch.randn(rows, hidden, generator=g).bfloat16().to(dev)
+                w = (torch.rand(hidden, generator=g) + 0.5).bfloat16().to(dev)
+                o1, r1 = one.all_reduce_residual_rmsnorm(x, res, w, 1e-6)
+                o2, r2 = two.all_reduce_residual_rmsnorm(x, res, w, 1e-6)
+                torch.cuda.synchronize()
+                one.check()
+                two.check()
+                _, ref_res = residual_rmsnorm_reference(x, res, w, 1e-6)
+                assert torch.equal(r1, ref_res) and torch.equal(r2, ref_res), (rows, hidden)
+                assert torch.equal(o1, o2), (rows, hidden, "one-shot and two-shot kernels disagree")
+                ref = torch.nn.functional.rms_norm(ref_res.float(), (hidden,), w.float(), 1e-6).bfloat16()
+                torch.testing.assert_close(o1, ref, rtol=2 * TOL[torch.bfloat16][0], atol=2 * TOL[torch.bfloat16][1])
+    finally:
+        dist.destroy_process_group()
