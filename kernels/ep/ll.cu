@@ -242,8 +242,12 @@ __device__ void ll_dispatch_impl(const unsigned char* __restrict__ x, const int*
   }
   if (tid < W) {
     const bool ok = wait_flag(me, &me->disp_flag[tid], epoch, tid, timeout_ns, 1u);
-    // the count was stored before the flag we acquired; a peer that never arrived sent nothing usable
-    s_cnt[tid] = ok ? *reinterpret_cast<volatile int*>(&me->disp_cnt[tid]) : 0;
+    // the count was stored before the flag we acquired; a peer that never arrived sent nothing usable:
+    // its count is 0 here AND in the word combine reads (a late peer may still overwrite that word:
+    // combine clamps it to [0, C], so no count, stale or late, ever indexes past a region)
+    const int cnt = ok ? *reinterpret_cast<volatile int*>(&me->disp_cnt[tid]) : 0;
+    if (!ok) st_relaxed_sys(&me->disp_cnt[tid], 0);
+    s_cnt[tid] = cnt < 0 ? 0 : (cnt > C ? C : cnt);
   }
   __syncthreads();
   // rows past a peer's count are left from earlier calls: their ids -1, so the expansion skips them
@@ -279,7 +283,8 @@ __device__ void ll_combine_impl(const typename D::raw* __restrict__ expert_out, 
     s_peers[tid] = peers[tid];
     // the rows each peer sent in the matching dispatch (that dispatch's own wait stored them; a
     // peer writes them again only in its next dispatch, after this combine)
-    s_cnt[tid] = *reinterpret_cast<volatile int*>(&me->disp_cnt[tid]);
+    const int cnt = *reinterpret_cast<volatile int*>(&me->disp_cnt[tid]);
+    s_cnt[tid] = cnt < 0 ? 0 : (cnt > C ? C : cnt);  // bounded whatever a timed-out exchange left there
   }
   __syncthreads();
   for (int row = blockIdx.x; row < W * C; row += gridDim.x) {
@@ -328,7 +333,18 @@ __device__ void ll_combine_impl(const typename D::raw* __restrict__ expert_out, 
     __threadfence_system();  // as in dispatch: every block's partial sums before the flag
     st_release_sys(&ctrl_of(s_peers[tid])->comb_flag[rank], epoch);
   }
-  if (tid < W) wait_flag(me, &me->comb_flag[tid], epoch, tid, timeout_ns, 2u);
+  __shared__ bool s_ok[LL_MAX_W];
+  if (tid < W) s_ok[tid] = wait_flag(me, &me->comb_flag[tid], epoch, tid, timeout_ns, 2u);
+  __syncthreads();
+  // a peer that did not arrive contributes 0, not what an earlier call left in its BACK rows (the
+  // source's gather_sum reads them next, on this stream): rare, so the cost of zeroing C rows is moot
+  for (int s = 0; s < W; ++s) {
+    if (s_ok[s]) continue;
+    unsigned short* back = reinterpret_cast<unsigned short*>(reinterpret_cast<unsigned char*>(s_peers[rank]) + back_off +
+                                                             static_cast<long long>(s) * C * H * sizeof(raw));
+    const long long n2 = static_cast<long long>(C) * H * sizeof(raw) / 2;  // every dtype's rows are whole 2-byte units
+    for (long long i = tid; i < n2; i += LL_THREADS) back[i] = 0;
+  }
   __syncthreads();
   if (tid == 0) {
     me->comb_ticket = 0u;

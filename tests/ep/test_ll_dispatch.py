@@ -27,7 +27,8 @@ from moecomm.distributed.health import RankFailureError
 from moecomm.distributed.symmetric import Eligibility
 from moecomm.ep.ipc import IPCDispatcher, choose_ep_path
 from moecomm.ep.ipc import layout as LY
-from moecomm.ep.ipc.dispatcher import timeout_error
+from moecomm.ep.ipc.dispatcher import PendingDispatch, timeout_error
+from moecomm.ep.ipc.virtual import virtual_dispatch, virtual_step
 from moecomm.ep.nccl.plan import expand_received
 from moecomm.ep.nccl.reference import gather_sum_reference
 from moecomm.ep.nccl.virtual import virtual_ep_forward
@@ -573,29 +574,20 @@ def _local_ids(disp) -> torch.Tensor:
 
 
 def _step(disps, streams, xs, ids, ws, E, expert=_gpu_expert, ranks=None):
-    """One dispatch -> expert -> combine on every virtual rank, each on its own stream; no sync inside."""
-    W = len(disps)
-    ranks = range(W) if ranks is None else ranks
-    cur = torch.cuda.current_stream()
-    res, ys = {}, {}
-    for r in ranks:
-        streams[r].wait_stream(cur)
-        with torch.cuda.stream(streams[r]):
-            res[r] = disps[r].dispatch(xs[r], ids[r], ws[r])
-    for r in ranks:
-        with torch.cuda.stream(streams[r]):
-            d = res[r]
-            N = d.gather_idx.shape[0]
-            local = _local_ids(disps[r])
-            # every expanded row's expert by its place in the offsets (padding rows: the last expert;
-            # combine never reads them); NaN would do too but costs a mask
-            e_of_row = local[torch.searchsorted(d.expert_offsets[1:].long(), torch.arange(N, device="cuda"),
-                                                right=True).clamp(max=max(len(disps[r].local_experts) - 1, 0))]
-            h = expert(d.tokens[d.gather_idx.long()], e_of_row, d.row_weights) if N else d.tokens.new_zeros((0, xs[r].shape[1]))
-            ys[r] = disps[r].combine(h, d.handle)
-    for r in ranks:
-        cur.wait_stream(streams[r])
-    return res, ys
+    """One dispatch -> expert -> combine on every virtual rank, each on its own stream, in the phase
+    order of moecomm.ep.ipc.virtual (every rank's LL kernel before any rank's Triton / torch work:
+    a first launch's module load behind a spinning kernel deadlocks); no sync inside."""
+
+    def run_expert(r, d):
+        N = d.gather_idx.shape[0]
+        local = _local_ids(disps[r])
+        # every expanded row's expert by its place in the offsets (padding rows: the last expert;
+        # combine never reads them); NaN would do too but costs a mask
+        e_of_row = local[torch.searchsorted(d.expert_offsets[1:].long(), torch.arange(N, device="cuda"),
+                                            right=True).clamp(max=max(len(disps[r].local_experts) - 1, 0))]
+        return expert(d.tokens[d.gather_idx.long()], e_of_row, d.row_weights) if N else d.tokens.new_zeros((0, xs[r].shape[1]))
+
+    return virtual_step(disps, streams, xs, ids, ws, run_expert, ranks=ranks)
 
 
 GPU_CASES = [  # (Ts, E, k, H, skew, placement map)
@@ -621,7 +613,7 @@ def test_ll_virtual_ranks_exact(monkeypatch, case, dtype):
     W = len(Ts)
     cap = max(Ts) or 1
     pl0 = ExpertPlacement(E, W, tuple(e2r) if e2r else ())
-    bufs, disps = _open(W, dict(timeout_s=20.0), E, k, H, dtype, cap, placement=pl0)
+    bufs, disps = _open(W, dict(timeout_s=5.0), E, k, H, dtype, cap, placement=pl0)
     streams = [torch.cuda.Stream() for _ in range(W)]
     try:
         for seed in range(3):
@@ -655,8 +647,8 @@ def test_ll_layers_share_one_buffer(monkeypatch):
     in the buffer, so each layer's calls advance the same counters; every result exact."""
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
     Ts, E, k, H, W = [9, 4, 0, 12], 16, 4, 128, 4
-    bufs, first = _open(W, dict(timeout_s=20.0), E, k, H, torch.bfloat16, 12)
-    second = [IPCDispatcher(E, k, H, buffer=b, dtype=torch.bfloat16, max_tokens=12, timeout_s=20.0) for b in bufs]
+    bufs, first = _open(W, dict(timeout_s=5.0), E, k, H, torch.bfloat16, 12)
+    second = [IPCDispatcher(E, k, H, buffer=b, dtype=torch.bfloat16, max_tokens=12, timeout_s=5.0) for b in bufs]
     for d in second:
         _local_ids(d)
     streams = [torch.cuda.Stream() for _ in range(W)]
@@ -681,7 +673,7 @@ def test_ll_overflow_flags_and_corrupts_nothing(monkeypatch):
     Ts, E, k, H = [40, 3, 40, 1], 16, 4, 512
     W = 4
     pl, xs, ids, ws = _gpu_inputs(Ts, E, k, H, skew=True, seed=5)
-    bufs, disps = _open(W, dict(timeout_s=20.0, capacity_per_peer=4), E, k, H, torch.bfloat16, 40)
+    bufs, disps = _open(W, dict(timeout_s=5.0, capacity_per_peer=4), E, k, H, torch.bfloat16, 40)
     streams = [torch.cuda.Stream() for _ in range(W)]
     try:
         res, ys = _step(disps, streams, xs, ids, ws, E)
@@ -763,11 +755,7 @@ def test_ll_timeout_names_the_rank_that_never_launched(monkeypatch):
     streams = [torch.cuda.Stream() for _ in range(W)]
     try:
         t0 = time.perf_counter()
-        cur = torch.cuda.current_stream()
-        for r in (0, 1, 3):  # rank 2 never launches
-            streams[r].wait_stream(cur)
-            with torch.cuda.stream(streams[r]):
-                disps[r].dispatch(xs[r], ids[r], ws[r])
+        virtual_dispatch(disps, streams, xs, ids, ws, ranks=(0, 1, 3))  # rank 2 never launches
         torch.cuda.synchronize()
         waited = time.perf_counter() - t0
         assert waited < timeout_s + 5.0, waited  # bounded: no hang
