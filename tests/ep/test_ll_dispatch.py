@@ -27,7 +27,7 @@ from moecomm.distributed.health import RankFailureError
 from moecomm.distributed.symmetric import Eligibility
 from moecomm.ep.ipc import IPCDispatcher, choose_ep_path
 from moecomm.ep.ipc import layout as LY
-from moecomm.ep.ipc.dispatcher import PendingDispatch, timeout_error
+from moecomm.ep.ipc.dispatcher import timeout_error
 from moecomm.ep.ipc.virtual import virtual_dispatch, virtual_step
 from moecomm.ep.nccl.plan import expand_received
 from moecomm.ep.nccl.reference import gather_sum_reference

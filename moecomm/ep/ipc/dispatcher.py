@@ -58,7 +58,13 @@ import torch
 from ... import _env
 from ...distributed.collectives import global_rank as _global_rank
 from ...distributed.health import RankFailureError
-from ...errors import MoeCommTypeError, MoeCommValueError, UnsupportedHardwareError, check_positive_int, check_tensor
+from ...errors import (
+    MoeCommTypeError,
+    MoeCommValueError,
+    UnsupportedHardwareError,
+    check_positive_int,
+    check_tensor,
+)
 from ..nccl.dispatcher import EPHandle, _validate
 from ..nccl.ops import gather_sum_unchecked
 from ..nccl.plan import expand_received
