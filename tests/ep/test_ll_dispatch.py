@@ -290,6 +290,49 @@ def test_layout_model_names_a_rank_that_did_not_send():
     assert "in combine" in str(timeout_error(0b11, 2, [0, 1], 1.0, 0))
 
 
+def test_layout_model_a_rank_that_never_runs_counts_as_zero():
+    """The timeout path, memory-safe and defined: rank 2 runs neither dispatch nor combine. The others
+    count its rows as 0 (ids -1, DISP_CNT 0: nothing downstream indexes with its stale count), their
+    BACK rows from it are zeroed (NaN before), and each y is the reference with rank 2's experts
+    contributing 0, exactly; the error words name rank 2 (phase 2: combine's, the latest)."""
+    pl, xs, ids, ws = _case("nondiv_w4")  # T [7, 0, 12, 5], 10 experts, top-3: rank 2 holds 3 of them
+    W, C, H, k = 4, 12, xs[0].shape[1], ids[0].shape[1]
+    lay = LY.LLLayout.of(W, C, H, k, torch.float32)
+    bufs = [torch.zeros(lay.nbytes, dtype=torch.uint8) for _ in range(W)]
+    for b in bufs:
+        b[lay.recv_off:] = 0xFF  # NaN, and ids -1
+        LY.LLLayout.word(b, LY.DISP_CNT, W).fill_(C + 5)  # a stale, out-of-range count: must never be used
+    e2r, e2l = pl.expert_to_rank_tensor(), pl.expert_to_local_tensor()
+    alive = (0, 1, 3)
+    homes = {r: torch.full((xs[r].shape[0], k), -7, dtype=torch.int32) for r in alive}
+    for r in alive:
+        LY.send_reference(bufs, lay, r, xs[r], ids[r], ws[r], e2r, e2l, homes[r], 1)
+    results = {}
+    for r in alive:
+        LY.receive_reference(bufs[r], lay, 1)
+        assert int(LY.LLLayout.word(bufs[r], LY.DISP_CNT + 4 * 2)) == 0
+        results[r] = expand_received(lay.recv(bufs[r]), lay.rows, pl.num_local_experts(r), None)
+    for r in alive:
+        ex = results[r]
+        n = int(ex.expert_offsets[-1])
+        local = torch.tensor(pl.local_experts(r), dtype=torch.long)
+        e_of_row = local[torch.repeat_interleave(ex.tokens_per_expert.long())] if n else local[:0]
+        h = torch.full((ex.gather_idx.shape[0], H), float("nan"))
+        h[:n] = vectorised_expert(lay.recv(bufs[r])[:, :H][ex.gather_idx[:n].long()], e_of_row, ex.row_weights[:n])
+        LY.combine_send_reference(bufs, lay, r, h, ex.slot_pos, 1)
+    for r in alive:
+        LY.combine_wait_reference(bufs[r], lay, 1)
+        assert LY.LLLayout.word(bufs[r], LY.ERROR_MASK, 2).tolist() == [1 << 2, 2]
+        assert (lay.back(bufs[r])[2 * C:3 * C] == 0).all()
+    on2 = torch.tensor(pl.expert_to_rank) == 2
+    ref = ep_reference(xs, ids, ws, pl, lambda rows, e: expert_times_id(rows, e) * (0.0 if on2[e] else 1.0))
+    full = ep_reference(xs, ids, ws, pl, expert_times_id)
+    for r in alive:
+        y = gather_sum_reference(lay.back(bufs[r]), homes[r])
+        assert torch.equal(y, ref.y[r]), r
+    assert not torch.equal(ref.y[0], full.y[0]) and not torch.equal(ref.y[3], full.y[3])  # rank 2 mattered
+
+
 def _threaded_ipc_run(monkeypatch, pl, xs, ids, ws, cap, steps, dtype=torch.float32, max_tokens=None):
     """IPCDispatcher's own code on CPU: W virtual ranks in W threads, the kernels replaced by the layout
     model with a barrier where ll.cu spins (every rank's stores land before any rank reads)."""

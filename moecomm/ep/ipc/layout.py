@@ -23,7 +23,7 @@ so each rank's dispatch writes ~128 * 5.3 * 14.4 KB = 9.8 MB (~1.2 MB per peer; 
 and its combine about as much back; a rank receives ~8 * 128 * 0.66 = 676 of its 1024 RECV rows.
 A smaller C (capacity_per_peer) shrinks the buffer, not the traffic.
 
-The model (send_reference / receive_reference / combine_send_reference) writes, with torch ops on
+The model (send_reference / receive_reference / combine_send_reference / combine_wait_reference) writes, with torch ops on
 plain uint8 tensors standing for the W buffers, exactly the bytes the kernels write: the CPU tests
 run it for W virtual ranks and compare with moecomm.ep.reference and the NCCL static mode, so the
 layout logic is checked without a GPU.
@@ -167,6 +167,8 @@ def receive_reference(buf: torch.Tensor, lay: LLLayout, epoch: int) -> None:
         lay.word(buf, ERROR_MASK).bitwise_or_(mask)
         lay.word(buf, ERROR_PHASE).fill_(1)
         cnt[late] = 0
+        lay.word(buf, DISP_CNT, W)[late] = 0  # combine's count of a late peer: 0 as well
+    cnt = cnt.clamp(0, C)
     meta = lay.recv(buf).view(torch.int32)[:, lay.rows.meta_col:lay.rows.meta_col + k]  # [W * C, k]
     slot = torch.arange(W * C, device=buf.device) % C
     src = torch.arange(W * C, device=buf.device) // C
@@ -194,3 +196,19 @@ def combine_send_reference(bufs: list[torch.Tensor], lay: LLLayout, rank: int, e
                     acc += expert_out[p].float()
             back[rank * C + slot] = acc.to(lay.dtype)
         lay.word(bufs[s], COMB_FLAG + 4 * rank).fill_(epoch)
+
+
+def combine_wait_reference(buf: torch.Tensor, lay: LLLayout, epoch: int) -> None:
+    """ll_combine's wait on one rank's buffer: peers whose comb_flag is behind ``epoch`` are recorded in
+    error_mask (phase 2) and contribute 0: their C rows of this rank's BACK are zeroed (not left
+    from an earlier call); then comb_epoch = epoch."""
+    W, C = lay.world_size, lay.capacity
+    late = (lay.word(buf, COMB_FLAG, W) - epoch) < 0
+    if bool(late.any()):
+        lay.word(buf, ERROR_MASK).bitwise_or_(int(sum(1 << s for s in range(W) if late[s])))
+        lay.word(buf, ERROR_PHASE).fill_(2)
+        back = lay.back(buf)
+        for s in range(W):
+            if late[s]:
+                back[s * C:(s + 1) * C] = 0
+    lay.word(buf, COMB_EPOCH).fill_(epoch)
