@@ -810,3 +810,51 @@ def test_ll_timeout_names_the_rank_that_never_launched(monkeypatch):
     finally:
         for b in bufs:
             b.close()
+
+
+@pytest.mark.gpu
+def test_ll_combine_timeout_counts_the_missing_rank_as_zero(monkeypatch):
+    """Every rank dispatches, rank 2 never combines: the others' combine kernels time out on it (0.5 s),
+    name it, touch nothing out of bounds (the H200's first run saw an illegal access after a timeout),
+    and their y is exact with rank 2's experts contributing 0 (its BACK rows zeroed, not stale NaN)."""
+    from moecomm.ep.ipc.virtual import virtual_combine
+
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    W, E, k, H, T, timeout_s = 4, 16, 4, 256, 8, 0.5
+    pl, xs, ids, ws = _gpu_inputs([T] * W, E, k, H, skew=False, seed=3)
+    bufs, disps = _open(W, dict(timeout_s=timeout_s), E, k, H, torch.bfloat16, T)
+    streams = [torch.cuda.Stream() for _ in range(W)]
+    alive = (0, 1, 3)
+    try:
+        res, _ = _step(disps, streams, xs, ids, ws, E)  # one full step first: every kernel loaded, BACK written
+        torch.cuda.synchronize()
+        for d in disps:
+            d.check_overflow()
+        for b in bufs:  # BACK NaN again: a row the timeout path leaves unwritten shows
+            b.local[disps[0].layout.back_off:] = 0xFF
+        res = virtual_dispatch(disps, streams, xs, ids, ws)
+        hs = {}
+        for r in range(W):
+            d = res[r]
+            N = d.gather_idx.shape[0]
+            local = _local_ids(disps[r])
+            e_of_row = local[torch.searchsorted(d.expert_offsets[1:].long(), torch.arange(N, device="cuda"),
+                                                right=True).clamp(max=max(len(disps[r].local_experts) - 1, 0))]
+            hs[r] = _gpu_expert(d.tokens[d.gather_idx.long()], e_of_row, d.row_weights)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ys = virtual_combine(disps, streams, hs, {r: res[r].handle for r in range(W)}, ranks=alive)
+        torch.cuda.synchronize()  # an illegal access would raise here
+        waited = time.perf_counter() - t0
+        assert waited < timeout_s + 5.0, waited
+        on2 = [pl.expert_to_rank[e] == 2 for e in range(E)]
+        ref = ep_reference([x.cpu() for x in xs], [i.cpu() for i in ids], [w.cpu() for w in ws], pl,
+                           lambda rows, e: _gpu_ref_expert(rows, e) * (0.0 if on2[e] else 1.0))
+        for r in alive:
+            assert torch.equal(ys[r].cpu(), ref.y[r]), r
+            with pytest.raises(RankFailureError, match=r"rank\(s\) \[2\] did not arrive in combine within timeout_s = 0.5 s"):
+                disps[r].check_errors()
+        print(f"\nLL combine timeout: the three ranks returned {waited:.3f} s after launch (timeout {timeout_s} s)")
+    finally:
+        for b in bufs:
+            b.close()
