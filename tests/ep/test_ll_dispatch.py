@@ -95,7 +95,9 @@ def test_layout_constants_agree_with_the_kernel():
 
     src = cuda.source_path("ep/ll.cu").read_text()
     const = {m[0]: int(m[1]) for m in re.findall(r"constexpr int (LL_\w+) = (\d+);", src)}
-    assert const == {"LL_MAX_W": LY.MAX_PEERS, "LL_MAX_T": LY.MAX_TOKENS, "LL_THREADS": _cuda.THREADS}
+    assert const == {"LL_MAX_W": LY.MAX_PEERS, "LL_MAX_T": LY.MAX_TOKENS, "LL_THREADS": _cuda.THREADS,
+                     "LL_FP8_MAX_H": LY.FP8_MAX_HIDDEN}
+    assert _cuda.FP8_MAX_H == LY.FP8_MAX_HIDDEN
     body = re.search(r"struct Ctrl \{(.*?)\};", src, re.S).group(1)
     fields = re.findall(r"(\w+)(?:\[LL_MAX_W\])?[,;]", body.replace("unsigned int", "").replace("int ", ""))
     offsets, off = {}, 0

@@ -124,6 +124,10 @@ class IPCDispatcher:
         group: the process group the buffer was opened over (names ranks in errors; None with
             virtual buffers or the default group).
         timeout_s: the longest spin-wait for a peer (default MOECOMM_TIMEOUT_S).
+        payload: "native" (tokens travel in ``dtype``) or "fp8" (bf16 only, hidden % 128 == 0: dispatch
+            sends e4m3 bytes with one fp32 scale per 128 columns, H + H / 32 bytes a token instead of
+            2H; dispatch_finish hands the experts q * scale in bf16, ``received_fp8()`` the raw rows;
+            combine stays bf16). Exact against layout.quantize_fp8_reference.
 
     Every rank of the node builds one with the same arguments and calls dispatch and combine in
     lockstep (as with NCCL). A result's tensors are views of the buffer, valid until the next dispatch.
@@ -131,7 +135,8 @@ class IPCDispatcher:
 
     def __init__(self, num_experts: int, top_k: int, hidden: int, *, buffer: Any,
                  placement: ExpertPlacement | None = None, dtype: torch.dtype = torch.bfloat16, max_tokens: int = 128,
-                 capacity_per_peer: int | None = None, group: Any = None, timeout_s: float | None = None):
+                 capacity_per_peer: int | None = None, group: Any = None, timeout_s: float | None = None,
+                 payload: str = "native"):
         op = "IPCDispatcher"
         self.num_experts = check_positive_int(op, "num_experts", num_experts)
         self.top_k = check_positive_int(op, "top_k", top_k)
@@ -163,10 +168,19 @@ class IPCDispatcher:
         if placement.ep_size != W or placement.num_experts != num_experts:
             raise MoeCommValueError(f"{op}: placement must be for {num_experts} experts on {W} ranks (the buffer's), "
                                     f"got {placement.num_experts} experts on {placement.ep_size} ranks")
-        self.layout = LLLayout.of(W, cap, hidden, top_k, dtype)
+        if payload not in ("native", "fp8"):
+            raise MoeCommValueError(f"{op}: payload must be 'native' or 'fp8', got {payload!r}")
+        if payload == "fp8":
+            if dtype is not torch.bfloat16:
+                raise MoeCommTypeError(f"{op}: payload='fp8' needs dtype bfloat16 (the tokens it quantises), got {dtype}")
+            if hidden % LY.FP8_GROUP or hidden > LY.FP8_MAX_HIDDEN:
+                raise MoeCommValueError(f"{op}: payload='fp8' needs hidden a multiple of {LY.FP8_GROUP} (one scale per "
+                                        f"{LY.FP8_GROUP} columns) and <= {LY.FP8_MAX_HIDDEN}, got {hidden}")
+        self.payload = payload
+        self.layout = LLLayout.of(W, cap, hidden, top_k, dtype, payload)
         if buffer.nbytes < self.layout.nbytes:
             raise MoeCommValueError(f"{op}: buffer.nbytes must be >= {self.layout.nbytes} (buffer_bytes({W}, {cap}, "
-                                    f"{hidden}, {top_k}, {dtype})), got {buffer.nbytes}")
+                                    f"{hidden}, {top_k}, {dtype}, {payload!r})), got {buffer.nbytes}")
         if timeout_s is None:
             timeout_s = _env.timeout_s()
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
@@ -186,7 +200,12 @@ class IPCDispatcher:
         self._e2l = placement.expert_to_local_tensor(self.device)
         self._home = torch.full((max_tokens, top_k), -1, dtype=torch.int32, device=self.device)
         local = buffer.local
-        self._recv = self.layout.recv(local)  # [W * C, width]
+        self._recv = self.layout.recv(local)  # [W * C, width] (uint8 for the fp8 payload)
+        # fp8: the dequantised tokens the experts read, allocated once (dispatch_finish writes them)
+        self._tokens = (torch.empty(W * cap, hidden, dtype=dtype, device=self.device) if payload == "fp8"
+                        else self._recv[:, :hidden])
+        self._dq = (torch.empty(W * cap, hidden // LY.FP8_GROUP, LY.FP8_GROUP, dtype=torch.float32, device=self.device)
+                    if payload == "fp8" else None)
         self._back = self.layout.back(local)  # [W * C, H]
         self._overflow = LLLayout.word(local, LY.OVERFLOW)
         self._errors = LLLayout.word(local, LY.ERROR_MASK, 2)  # mask, phase
@@ -214,13 +233,14 @@ class IPCDispatcher:
         """Compile (cache) and load ll.cu's two kernels of this dtype now, not inside a rank's first call."""
         from . import _cuda
 
-        _cuda.kernel("moecomm_ll_dispatch", self.device)
+        _cuda.kernel(_cuda.dispatch_entry(self.layout), self.device)
         _cuda.kernel(_cuda._COMBINE[self.dtype], self.device)
 
     @staticmethod
-    def buffer_bytes(world_size: int, capacity: int, hidden: int, top_k: int, dtype: torch.dtype) -> int:
-        """Bytes of the SymmetricBuffer a dispatcher of these sizes needs (moecomm.ep.ipc.layout)."""
-        return LLLayout.of(world_size, capacity, hidden, top_k, dtype).nbytes
+    def buffer_bytes(world_size: int, capacity: int, hidden: int, top_k: int, dtype: torch.dtype,
+                     payload: str = "native") -> int:
+        """Bytes of the SymmetricBuffer a dispatcher of these sizes (and payload) needs (moecomm.ep.ipc.layout)."""
+        return LLLayout.of(world_size, capacity, hidden, top_k, dtype, payload).nbytes
 
     @property
     def capacity(self) -> int:
@@ -303,10 +323,22 @@ class IPCDispatcher:
             raise MoeCommTypeError("IPCDispatcher.dispatch_finish: pending must be this dispatcher's dispatch_send "
                                    f"result, got {type(pending).__name__}")
         ex = expand_received(self._recv, self.layout.rows, self.num_local_experts, None)
+        if self.payload == "fp8":  # q * scale, rounded once to bf16 (layout.dequantize_fp8_reference)
+            q, scales = self.received_fp8()
+            R, G = scales.shape
+            torch.mul(q.float().view(R, G, LY.FP8_GROUP), scales[:, :, None], out=self._dq)
+            self._tokens.copy_(self._dq.view(R, -1))
         handle = EPHandle(self.group, self.ep_size, None, None, pending.home, ex.slot_pos, pending.num_tokens,
                           pending.hidden, ex.gather_idx.shape[0], buffers=self)
-        return DispatchResult(self._recv[:, :self.hidden], ex.expert_offsets, ex.tokens_per_expert, ex.row_weights,
-                              ex.gather_idx, handle)
+        return DispatchResult(self._tokens, ex.expert_offsets, ex.tokens_per_expert, ex.row_weights, ex.gather_idx,
+                              handle)
+
+    def received_fp8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """payload='fp8': (q [W * C, H] float8_e4m3fn, scales [W * C, H / 128] fp32), views of RECV as the
+        latest dispatch left it (for an expert GEMM that reads fp8 itself)."""
+        if self.payload != "fp8":
+            raise MoeCommValueError(f"IPCDispatcher.received_fp8: payload must be 'fp8', got {self.payload!r}")
+        return LY.split_fp8_rows(self._recv, self.hidden)
 
     # ------------------------------------------------------------------------- combine
 

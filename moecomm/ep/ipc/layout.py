@@ -44,6 +44,45 @@ DISP_EPOCH, COMB_EPOCH, DISP_TICKET, COMB_TICKET = 384, 388, 392, 396
 ERROR_MASK, ERROR_PHASE, OVERFLOW = 400, 404, 408
 MAX_WORLD_SIZE = 8  # one node of NVLink; the kernels' masks would take 32
 MAX_TOKENS = 1024  # LL_MAX_T in ll.cu: the plan of a call lives in one block's shared memory
+FP8_GROUP = 128  # columns per fp32 scale of the fp8 payload (DeepEP's and DeepSeek-V3's block)
+FP8_MAX = 448.0  # the largest finite e4m3 (float8_e4m3fn)
+FP8_MAX_HIDDEN = 16384  # LL_FP8_MAX_H in ll.cu: a token's quantised row is staged in shared memory
+
+
+def quantize_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [T, H] float8_e4m3fn, scales [T, H / 128] fp32) as ll_dispatch's fp8 payload computes them.
+
+    Per token and 128 columns: amax of |x| (fp32), scale = amax / 448 (1 where amax is 0), q = the
+    round-to-nearest-even e4m3 of x / scale, saturated to +-448 (the kernel's cvt.rn.satfinite; the
+    clamp keeps torch's cast from turning a value that rounds past 448 into NaN). fp32 division, as
+    the kernel's IEEE ``/`` (no fast-math): bit for bit the kernel's bytes.
+    """
+    T, H = x.shape
+    g = x.float().reshape(T, H // FP8_GROUP, FP8_GROUP)
+    amax = g.abs().amax(dim=2)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (g / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(T, H)
+    return q, scale
+
+
+def dequantize_fp8_reference(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[R, H] of ``dtype`` = q * scale (fp32, rounded once to dtype): what dispatch_finish hands the experts."""
+    R, H = q.shape
+    v = q.float().reshape(R, H // FP8_GROUP, FP8_GROUP) * scales.float()[:, :, None]
+    return v.reshape(R, H).to(dtype)
+
+
+def fp8_wire_row(x: torch.Tensor) -> torch.Tensor:
+    """[T, H + H / 32] uint8: the token part of fp8 RECV rows (e4m3 bytes, then the fp32 scales' bytes)."""
+    q, s = quantize_fp8_reference(x)
+    return torch.cat([q.view(torch.uint8), s.contiguous().view(torch.uint8)], dim=1)
+
+
+def split_fp8_rows(recv: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [R, H] float8_e4m3fn, scales [R, H / 128] fp32) views of fp8 RECV rows [R, width] uint8."""
+    G = hidden // FP8_GROUP
+    q = recv[:, :hidden].view(torch.float8_e4m3fn)
+    return q, recv[:, hidden:hidden + 4 * G].view(torch.float32)
 
 
 def _align(n: int, a: int) -> int:
@@ -73,22 +112,36 @@ class LLLayout:
     recv_off: int
     back_off: int
     nbytes: int
+    payload: str = "native"
 
     @staticmethod
-    def of(world_size: int, capacity: int, hidden: int, top_k: int, dtype: torch.dtype) -> LLLayout:
-        rows = RowLayout.of(hidden, top_k, dtype)
+    def of(world_size: int, capacity: int, hidden: int, top_k: int, dtype: torch.dtype,
+           payload: str = "native") -> LLLayout:
+        """payload "native": RECV rows carry the tokens in ``dtype``; "fp8": H e4m3 bytes, then H / 128
+        fp32 scales (one per 128 columns, H % 128 == 0), as one uint8 "token" of H + H / 32 bytes
+        (RowLayout over uint8: the ids start at the same place the expansion looks for them)."""
         es = dtype.itemsize
-        row_bytes = rows.width * es
+        if payload == "fp8":
+            rows = RowLayout.of(hidden + hidden // FP8_GROUP * 4, top_k, torch.uint8)
+            row_bytes, token_bytes = rows.width, rows.token_cols
+        else:
+            rows = RowLayout.of(hidden, top_k, dtype)
+            row_bytes, token_bytes = rows.width * es, hidden * es
         recv_off = CTRL_BYTES
         back_off = _align(recv_off + world_size * capacity * row_bytes, 16)
         nbytes = _align(back_off + world_size * capacity * hidden * es, 16)
-        return LLLayout(world_size, capacity, hidden, top_k, dtype, rows, row_bytes, hidden * es, rows.meta_col * 4,
-                        recv_off, back_off, nbytes)
+        return LLLayout(world_size, capacity, hidden, top_k, dtype, rows, row_bytes, token_bytes, rows.meta_col * 4,
+                        recv_off, back_off, nbytes, payload)
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        """The dtype of RECV's rows: the token dtype, or uint8 for the fp8 payload."""
+        return torch.uint8 if self.payload == "fp8" else self.dtype
 
     def recv(self, buf: torch.Tensor) -> torch.Tensor:
-        """[W * C, width] view (token dtype) of RECV in ``buf`` (a rank's uint8 buffer)."""
+        """[W * C, width] view (wire dtype) of RECV in ``buf`` (a rank's uint8 buffer)."""
         n = self.world_size * self.capacity
-        return buf[self.recv_off:self.recv_off + n * self.row_bytes].view(self.dtype).view(n, self.rows.width)
+        return buf[self.recv_off:self.recv_off + n * self.row_bytes].view(self.wire_dtype).view(n, self.rows.width)
 
     def back(self, buf: torch.Tensor) -> torch.Tensor:
         """[W * C, H] view of BACK in ``buf``."""
@@ -142,12 +195,16 @@ def send_reference(bufs: list[torch.Tensor], lay: LLLayout, rank: int, x: torch.
     rank_of = expert_to_rank[ids].long()  # [T, k]
     local = expert_to_local[ids].to(torch.int32)
     wbits = topk_weights.float().contiguous().view(torch.int32)
+    wire = fp8_wire_row(x) if lay.payload == "fp8" else None
     for d in range(W):
         recv = lay.recv(bufs[d])
         meta = recv.view(torch.int32)
         for t in torch.nonzero(dest[:, d] & (slot[:, d] < C)).flatten().tolist():
             row = rank * C + int(slot[t, d])
-            recv[row, :lay.hidden] = x[t]
+            if lay.payload == "fp8":
+                recv[row, :lay.token_bytes] = wire[t]
+            else:
+                recv[row, :lay.hidden] = x[t]
             mine = rank_of[t] == d
             meta[row, lay.rows.meta_col:lay.rows.meta_col + k] = torch.where(mine, local[t], -1)
             meta[row, lay.rows.meta_col + k:lay.rows.meta_col + 2 * k] = torch.where(mine, wbits[t], 0)
