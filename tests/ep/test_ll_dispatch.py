@@ -335,7 +335,7 @@ def test_layout_model_a_rank_that_never_runs_counts_as_zero():
     assert not torch.equal(ref.y[0], full.y[0]) and not torch.equal(ref.y[3], full.y[3])  # rank 2 mattered
 
 
-def _threaded_ipc_run(monkeypatch, pl, xs, ids, ws, cap, steps, dtype=torch.float32, max_tokens=None):
+def _threaded_ipc_run(monkeypatch, pl, xs, ids, ws, cap, steps, dtype=torch.float32, max_tokens=None, payload="native"):
     """IPCDispatcher's own code on CPU: W virtual ranks in W threads, the kernels replaced by the layout
     model with a barrier where ll.cu spins (every rank's stores land before any rank reads)."""
     import threading
@@ -344,7 +344,7 @@ def _threaded_ipc_run(monkeypatch, pl, xs, ids, ws, cap, steps, dtype=torch.floa
 
     W = pl.ep_size
     k, H = ids[0].shape[1], xs[0].shape[1]
-    lay = LY.LLLayout.of(W, cap, H, k, dtype)
+    lay = LY.LLLayout.of(W, cap, H, k, dtype, payload)
     bufs = [torch.zeros(lay.nbytes, dtype=torch.uint8) for _ in range(W)]
     for b in bufs:
         b[lay.recv_off:] = 0xFF  # NaN
@@ -369,7 +369,7 @@ def _threaded_ipc_run(monkeypatch, pl, xs, ids, ws, cap, steps, dtype=torch.floa
     views = [SimpleNamespace(rank=r, world_size=W, nbytes=lay.nbytes, device=torch.device("cpu"), local=bufs[r],
                              peer_ptrs=torch.zeros(W, dtype=torch.int64), virtual=True) for r in range(W)]
     disps = [IPCDispatcher(pl.num_experts, k, H, buffer=v, placement=pl, dtype=dtype, max_tokens=max_tokens or cap,
-                           capacity_per_peer=cap, timeout_s=5.0) for v in views]
+                           capacity_per_peer=cap, timeout_s=5.0, payload=payload) for v in views]
     out = {}
 
     def rank_main(r):

@@ -70,7 +70,7 @@ def combine_cuda(expert_out: torch.Tensor, slot_pos: torch.Tensor, peer_ptrs: to
     """One rank's ll_combine. expert_out [N, H] contiguous of the layout's dtype; slot_pos [W * C, k]
     int32 contiguous (the dispatch's); the partial sums go into the sources' BACK regions."""
     rows = lay.world_size * lay.capacity
-    vec = int(lay.token_bytes % 16 == 0 and expert_out.data_ptr() % 16 == 0 and lay.back_off % 16 == 0)
+    vec = int(lay.back_row_bytes % 16 == 0 and expert_out.data_ptr() % 16 == 0 and lay.back_off % 16 == 0)
     kernel(_COMBINE[lay.dtype], expert_out.device)(
         (grid_blocks(rows, expert_out.device, ranks_on_device),), (THREADS,),
         (expert_out, slot_pos, peer_ptrs, ctypes.c_int(rank), ctypes.c_int(lay.world_size), ctypes.c_int(lay.capacity),

@@ -96,7 +96,8 @@ class LLLayout:
     Attributes:
         world_size, capacity, hidden, top_k, dtype: W, C, H, k and the token dtype.
         rows: RowLayout of a RECV row (the NCCL path's).
-        row_bytes: bytes of a RECV row; token_bytes: H * e; meta_off: the ids' byte offset in a row.
+        row_bytes: bytes of a RECV row; token_bytes: its token part (H * e; fp8: H + H / 32);
+            meta_off: the ids' byte offset in a row; payload: "native" or "fp8".
         recv_off, back_off: where RECV and BACK start; nbytes: the whole buffer.
     """
 
@@ -146,7 +147,12 @@ class LLLayout:
     def back(self, buf: torch.Tensor) -> torch.Tensor:
         """[W * C, H] view of BACK in ``buf``."""
         n = self.world_size * self.capacity
-        return buf[self.back_off:self.back_off + n * self.token_bytes].view(self.dtype).view(n, self.hidden)
+        return buf[self.back_off:self.back_off + n * self.back_row_bytes].view(self.dtype).view(n, self.hidden)
+
+    @property
+    def back_row_bytes(self) -> int:
+        """Bytes of a BACK row: H elements of the token dtype, whatever the dispatch payload."""
+        return self.hidden * self.dtype.itemsize
 
     @staticmethod
     def word(buf: torch.Tensor, offset: int, count: int = 1) -> torch.Tensor:
