@@ -12,6 +12,11 @@ joined to the current one), as the W GPUs of a node would run it: its time is th
 slowest rank is done. Timed two ways (moecomm.testing): graph (CALLS calls captured in one CUDA
 graph, replayed, per call: the kernels' own time) and eager (launched from Python: W ranks' launch
 paths in a row, so host-bound at these sizes).
+Every call goes through moecomm.ep.ipc.virtual (every rank's LL kernel launched before any rank's
+Triton / torch work: see moecomm.ep.ipc.dispatcher on lazy loading); a spin that times out
+(TIMEOUT_S) is printed at once, naming the rank, and that shape is reported FAILED, never timed.
+Payloads (--payload): native (bf16 rows) and fp8 (e4m3 + a scale per 128 columns: ~0.52 of the
+bytes; the dispatch row includes the quantisation and, in its finish phase, the dequantisation).
 Ops: dispatch (ll_dispatch + the expansion by local expert), combine (ll_combine + the source's sum),
 d+c (both, the expert skipped). Repeated dispatches (or combines) without the other in between race
 on the buffers' contents, not on their flags: fine for timing, never for results (the tests check those).
@@ -33,7 +38,7 @@ from moecomm.ep.placement import ExpertPlacement
 from moecomm.testing import ResultWriter, bench, graph_bench
 
 SHAPES = [(1, 7168, 256, 8, 8), (128, 7168, 256, 8, 8)]  # (T, H, E, k, W)
-QUICK_SHAPES = [(5, 64, 8, 2, 2)]
+QUICK_SHAPES = [(5, 128, 8, 2, 2)]  # H % 128 == 0: the fp8 payload too
 CALLS = 20
 TIMEOUT_S = 5.0  # a spin that waits longer is a bug: fail naming the rank, not a long hang
 
@@ -54,15 +59,16 @@ def _rows_sent(ids, pl) -> int:
     return int(dest.sum())
 
 
-def gpu_rows(T, H, E, k, W, dtype, writer, replays) -> list[dict]:
+def gpu_rows(T, H, E, k, W, dtype, writer, replays, payload="native") -> list[dict]:
     from moecomm.distributed.symmetric import open_virtual
     from moecomm.ep.ipc import IPCDispatcher
     from moecomm.ep.ipc.virtual import virtual_combine, virtual_dispatch
 
     dev = torch.device("cuda")
     pl = ExpertPlacement(E, W)
-    bufs = open_virtual(IPCDispatcher.buffer_bytes(W, T, H, k, dtype), W, dev)
-    disps = [IPCDispatcher(E, k, H, buffer=b, dtype=dtype, max_tokens=T, timeout_s=TIMEOUT_S) for b in bufs]
+    bufs = open_virtual(IPCDispatcher.buffer_bytes(W, T, H, k, dtype, payload), W, dev)
+    disps = [IPCDispatcher(E, k, H, buffer=b, dtype=dtype, max_tokens=T, timeout_s=TIMEOUT_S, payload=payload)
+             for b in bufs]
     try:
         streams = [torch.cuda.Stream() for _ in range(W)]
         route = _routing(T, E, k, W, seed=0)
@@ -107,12 +113,12 @@ def gpu_rows(T, H, E, k, W, dtype, writer, replays) -> list[dict]:
                 ("eager", bench(fn, None, rep=replays), bench(copy, None, rep=replays)),
             ):
                 for impl, t in (("ll_ipc", t_ll), ("device_copy", t_copy)):
-                    rec = writer.write(bench="ll_dispatch", op=op, timing=timing, impl=impl, T=T, H=H, E=E, k=k, W=W,
+                    rec = writer.write(bench="ll_dispatch", op=op, timing=timing, impl=impl, payload=payload, T=T, H=H, E=E, k=k, W=W,
                                        dtype=str(dtype).replace("torch.", ""), bytes=nbytes, median_ms=t.median_ms,
                                        p10_ms=t.p10_ms, p90_ms=t.p90_ms, gbps=nbytes / t.median_ms / 1e6,
                                        ratio_to_copy=t.median_ms / t_copy.median_ms)
                     out.append(rec)
-                    print(f"{op:9s} {timing:5s} {impl:12s} T={T:4d} W={W} {nbytes / 1e6:8.3f} MB  {t.median_ms * 1e3:9.2f} us "
+                    print(f"{op:9s} {timing:5s} {impl:12s} {payload:6s} T={T:4d} W={W} {nbytes / 1e6:8.3f} MB  {t.median_ms * 1e3:9.2f} us "
                           f"[{t.p10_ms * 1e3:.2f}, {t.p90_ms * 1e3:.2f}]  {rec['gbps']:8.1f} GB/s  x{rec['ratio_to_copy']:.2f} of copy",
                           flush=True)
                 torch.cuda.synchronize()
@@ -168,22 +174,24 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (on CPU: the layout model)")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--payload", default="native,fp8", help="dispatch payloads to time, comma-separated (native, fp8)")
     args = ap.parse_args(argv)
     writer = ResultWriter(args.out)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rows, failed = [], []
     for T, H, E, k, W in shapes:
         if torch.cuda.is_available():
-            try:
-                rows += gpu_rows(T, H, E, k, W, torch.bfloat16, writer, 10 if args.quick else 50)
-            except Exception as exc:  # a timed-out exchange: say so, go on with the next shape
-                print(f"FAILED: T={T} H={H} E={E} k={k} W={W}: {type(exc).__name__}: {exc}", flush=True)
-                failed.append(T)
-                torch.cuda.synchronize()  # bounded: every spin ends within TIMEOUT_S
+            for payload in args.payload.split(","):
+                try:
+                    rows += gpu_rows(T, H, E, k, W, torch.bfloat16, writer, 10 if args.quick else 50, payload)
+                except Exception as exc:  # a timed-out exchange: say so, go on with the next shape
+                    print(f"FAILED: {payload} T={T} H={H} E={E} k={k} W={W}: {type(exc).__name__}: {exc}", flush=True)
+                    failed.append((payload, T))
+                    torch.cuda.synchronize()  # bounded: every spin ends within TIMEOUT_S
         else:
             rows += cpu_rows(T, H, E, k, W, torch.float32, writer, 3)
     if failed:
-        raise SystemExit(f"bench_ll_dispatch: the shapes with T in {failed} failed (messages above)")
+        raise SystemExit(f"bench_ll_dispatch: (payload, T) {failed} failed (messages above)")
     return rows
 
 

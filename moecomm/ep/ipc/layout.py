@@ -60,7 +60,9 @@ def quantize_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     T, H = x.shape
     g = x.float().reshape(T, H // FP8_GROUP, FP8_GROUP)
     amax = g.abs().amax(dim=2)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # a tensor divisor, not a Python scalar: torch's CUDA division by a scalar multiplies by its
+    # reciprocal (not IEEE-exact), the kernel's a / 448.0f is a true division
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
     q = (g / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(T, H)
     return q, scale
 
