@@ -485,8 +485,9 @@ def node_dispatcher(ep: Any, *, num_experts: int, top_k: int, hidden: int, group
     """The layer's dispatcher on CUDA with EP size > 1: NodeDispatcher(ep, IPCDispatcher or None).
 
     Inside one node, when moecomm.distributed.symmetric.eligibility(group) says IPC works (decided
-    once, cached, collective) and ll_max_tokens > 0, steps of at most min(ll_max_tokens, 1024) tokens
-    a rank take the low-latency IPC path (one symmetric buffer shared by every layer of these sizes:
+    once, cached, collective) and 0 < ll_max_tokens <= 1024, steps of at most ll_max_tokens tokens a
+    rank (the static mode's threshold: the ranks agree on the path exactly where they agreed on the
+    mode) take the low-latency IPC path (one symmetric buffer shared by every layer of these sizes:
     their calls never interleave); every other step takes ``ep`` (EPDispatcher). The path a step took
     is the NodeDispatcher's ``last_path``, and a change of path is logged once (logger 'moecomm').
     Collective: every rank of ``group`` builds its layers in the same order.
@@ -497,9 +498,12 @@ def node_dispatcher(ep: Any, *, num_experts: int, top_k: int, hidden: int, group
     from ..errors import UnsupportedHardwareError
 
     W = ep.ep_size
-    C = min(ll_max_tokens, LY.MAX_TOKENS)
+    C = ll_max_tokens
     if C <= 0:
         return NodeDispatcher(ep, None, eligibility=symmetric.Eligibility(False, "cuda_graph_tokens is 0 (no decode path)"))
+    if C > LY.MAX_TOKENS:  # the IPC path must replace the static mode at the same threshold, or ranks could disagree
+        return NodeDispatcher(ep, None, eligibility=symmetric.Eligibility(
+            False, f"cuda_graph_tokens = {C} exceeds the low-latency path's {LY.MAX_TOKENS} tokens a rank"))
     if W > LY.MAX_WORLD_SIZE:
         return NodeDispatcher(ep, None, eligibility=symmetric.Eligibility(
             False, f"EP size {W} exceeds the {LY.MAX_WORLD_SIZE} ranks of one node"))

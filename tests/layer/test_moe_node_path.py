@@ -84,9 +84,14 @@ def test_eligible_node_takes_the_ipc_path_and_says_so(mocked, caplog):
     assert calls == [("ep", "dispatch")] and nd.last_path.path == "nccl_throughput"
 
 
-def test_capacity_is_capped_at_the_kernels_limit(mocked):
+def test_no_ipc_above_the_kernels_limit(mocked):
+    """cuda_graph_tokens above ll.cu's LL_MAX_T: no IPC path (a capped one would split the static mode's
+    range in two, and ranks on either side of 1024 tokens would take different paths)."""
     nd = _build(ll_max_tokens=4096)
-    assert nd.ipc.max_tokens == 1024  # ll.cu's LL_MAX_T: the plan of a call lives in one block's shared memory
+    assert nd.ipc is None and mocked["opened"] == 0
+    nd.choose(3)
+    assert "cuda_graph_tokens = 4096 exceeds the low-latency path's 1024 tokens a rank" in nd.last_path.reason
+    assert _build(ll_max_tokens=1024).ipc.max_tokens == 1024
 
 
 @pytest.mark.parametrize("why", ["ineligible", "no_decode", "no_toolchain"])
