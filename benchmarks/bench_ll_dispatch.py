@@ -12,6 +12,11 @@ joined to the current one), as the W GPUs of a node would run it: its time is th
 slowest rank is done. Timed two ways (moecomm.testing): graph (CALLS calls captured in one CUDA
 graph, replayed, per call: the kernels' own time) and eager (launched from Python: W ranks' launch
 paths in a row, so host-bound at these sizes).
+Every call goes through moecomm.ep.ipc.virtual (every rank's LL kernel launched before any rank's
+Triton / torch work: see moecomm.ep.ipc.dispatcher on lazy loading); a spin that times out
+(TIMEOUT_S) is printed at once, naming the rank, and that shape is reported FAILED, never timed.
+Payloads (--payload): native (bf16 rows) and fp8 (e4m3 + a scale per 128 columns: ~0.52 of the
+bytes; the dispatch row includes the quantisation and, in its finish phase, the dequantisation).
 Ops: dispatch (ll_dispatch + the expansion by local expert), combine (ll_combine + the source's sum),
 d+c (both, the expert skipped). Repeated dispatches (or combines) without the other in between race
 on the buffers' contents, not on their flags: fine for timing, never for results (the tests check those).
@@ -33,8 +38,9 @@ from moecomm.ep.placement import ExpertPlacement
 from moecomm.testing import ResultWriter, bench, graph_bench
 
 SHAPES = [(1, 7168, 256, 8, 8), (128, 7168, 256, 8, 8)]  # (T, H, E, k, W)
-QUICK_SHAPES = [(5, 64, 8, 2, 2)]
+QUICK_SHAPES = [(5, 128, 8, 2, 2)]  # H % 128 == 0: the fp8 payload too
 CALLS = 20
+TIMEOUT_S = 5.0  # a spin that waits longer is a bug: fail naming the rank, not a long hang
 
 
 def _routing(T, E, k, W, seed):
@@ -53,75 +59,85 @@ def _rows_sent(ids, pl) -> int:
     return int(dest.sum())
 
 
-def gpu_rows(T, H, E, k, W, dtype, writer, replays) -> list[dict]:
+def gpu_rows(T, H, E, k, W, dtype, writer, replays, payload="native") -> list[dict]:
     from moecomm.distributed.symmetric import open_virtual
     from moecomm.ep.ipc import IPCDispatcher
+    from moecomm.ep.ipc.virtual import virtual_combine, virtual_dispatch
 
     dev = torch.device("cuda")
     pl = ExpertPlacement(E, W)
-    bufs = open_virtual(IPCDispatcher.buffer_bytes(W, T, H, k, dtype), W, dev)
-    disps = [IPCDispatcher(E, k, H, buffer=b, dtype=dtype, max_tokens=T, timeout_s=30.0) for b in bufs]
-    streams = [torch.cuda.Stream() for _ in range(W)]
-    route = _routing(T, E, k, W, seed=0)
-    xs = [torch.randn(T, H, device=dev).to(dtype) for _ in range(W)]
-    ids = [i.to(dev) for i, _ in route]
-    ws = [w.to(dev) for _, w in route]
-    rows = sum(_rows_sent(i, pl) for i, _ in route)
-    row_bytes = disps[0].layout.row_bytes
-    def on_all(fn):
-        def call():
-            cur = torch.cuda.current_stream()  # at call time: under capture, the capturing stream
-            for r in range(W):
-                streams[r].wait_stream(cur)
-                with torch.cuda.stream(streams[r]):
-                    fn(r)
-            for r in range(W):
-                cur.wait_stream(streams[r])
-        return call
+    bufs = open_virtual(IPCDispatcher.buffer_bytes(W, T, H, k, dtype, payload), W, dev)
+    disps = [IPCDispatcher(E, k, H, buffer=b, dtype=dtype, max_tokens=T, timeout_s=TIMEOUT_S, payload=payload)
+             for b in bufs]
+    try:
+        streams = [torch.cuda.Stream() for _ in range(W)]
+        route = _routing(T, E, k, W, seed=0)
+        xs = [torch.randn(T, H, device=dev).to(dtype) for _ in range(W)]
+        ids = [i.to(dev) for i, _ in route]
+        ws = [w.to(dev) for _, w in route]
+        rows = sum(_rows_sent(i, pl) for i, _ in route)
+        row_bytes = disps[0].layout.row_bytes
+        # every call through moecomm.ep.ipc.virtual: every rank's LL kernel before any rank's Triton / torch
+        # work (a module load behind a spinning kernel deadlocks: the first H200 run's T=128 crash)
+        state = {"res": virtual_dispatch(disps, streams, xs, ids, ws)}
+        torch.cuda.synchronize()
+        _check(disps, f"the first dispatch at T={T}")
+        hs = [torch.randn(state["res"][r].gather_idx.shape[0], H, device=dev).to(dtype) for r in range(W)]
+        handles = {r: state["res"][r].handle for r in range(W)}
 
-    res = [None] * W
+        def d():
+            state["res"] = virtual_dispatch(disps, streams, xs, ids, ws)
 
-    def d(r):
-        res[r] = disps[r].dispatch_unchecked(xs[r], ids[r], ws[r])
+        def c():
+            virtual_combine(disps, streams, hs, handles)
 
-    on_all(d)()
-    torch.cuda.synchronize()
-    hs = [torch.randn(res[r].gather_idx.shape[0], H, device=dev).to(dtype) for r in range(W)]
-    handles = [res[r].handle for r in range(W)]
+        def dc():
+            res = virtual_dispatch(disps, streams, xs, ids, ws)
+            virtual_combine(disps, streams, hs, {r: res[r].handle for r in range(W)})
 
-    def c(r):
-        disps[r].combine_unchecked(hs[r], handles[r])
+        c()
+        torch.cuda.synchronize()
+        _check(disps, f"the first combine at T={T}")
 
-    def dc(r):
-        out = disps[r].dispatch_unchecked(xs[r], ids[r], ws[r])
-        disps[r].combine_unchecked(hs[r], out.handle)
+        out = []
+        for op, fn, nbytes in (("dispatch", d, rows * row_bytes), ("combine", c, rows * H * dtype.itemsize),
+                               ("d+c", dc, rows * (row_bytes + H * dtype.itemsize))):
+            src = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=dev)
+            dst = torch.empty_like(src)
 
-    out = []
-    for op, fn, nbytes in (("dispatch", on_all(d), rows * row_bytes), ("combine", on_all(c), rows * H * dtype.itemsize),
-                           ("d+c", on_all(dc), rows * (row_bytes + H * dtype.itemsize))):
-        src = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=dev)
-        dst = torch.empty_like(src)
+            def copy():
+                dst.copy_(src)
 
-        def copy():
-            dst.copy_(src)
-
-        for timing, t_ll, t_copy in (
-            ("graph", graph_bench(fn, [()], replays=replays, calls=CALLS), graph_bench(copy, [()], replays=replays, calls=CALLS)),
-            ("eager", bench(fn, None, rep=replays), bench(copy, None, rep=replays)),
-        ):
-            for impl, t in (("ll_ipc", t_ll), ("device_copy", t_copy)):
-                rec = writer.write(bench="ll_dispatch", op=op, timing=timing, impl=impl, T=T, H=H, E=E, k=k, W=W,
-                                   dtype=str(dtype).replace("torch.", ""), bytes=nbytes, median_ms=t.median_ms,
-                                   p10_ms=t.p10_ms, p90_ms=t.p90_ms, gbps=nbytes / t.median_ms / 1e6,
-                                   ratio_to_copy=t.median_ms / t_copy.median_ms)
-                out.append(rec)
-                print(f"{op:9s} {timing:5s} {impl:12s} T={T:4d} W={W} {nbytes / 1e6:8.3f} MB  {t.median_ms * 1e3:9.2f} us "
-                      f"[{t.p10_ms * 1e3:.2f}, {t.p90_ms * 1e3:.2f}]  {rec['gbps']:8.1f} GB/s  x{rec['ratio_to_copy']:.2f} of copy")
-    for dsp in disps:
-        dsp.check_overflow()  # no timeout during the run (the contents raced on purpose, the flags did not)
-    for b in bufs:
-        b.close()
+            for timing, t_ll, t_copy in (
+                ("graph", graph_bench(fn, [()], replays=replays, calls=CALLS), graph_bench(copy, [()], replays=replays, calls=CALLS)),
+                ("eager", bench(fn, None, rep=replays), bench(copy, None, rep=replays)),
+            ):
+                for impl, t in (("ll_ipc", t_ll), ("device_copy", t_copy)):
+                    rec = writer.write(bench="ll_dispatch", op=op, timing=timing, impl=impl, payload=payload, T=T, H=H, E=E, k=k, W=W,
+                                       dtype=str(dtype).replace("torch.", ""), bytes=nbytes, median_ms=t.median_ms,
+                                       p10_ms=t.p10_ms, p90_ms=t.p90_ms, gbps=nbytes / t.median_ms / 1e6,
+                                       ratio_to_copy=t.median_ms / t_copy.median_ms)
+                    out.append(rec)
+                    print(f"{op:9s} {timing:5s} {impl:12s} {payload:6s} T={T:4d} W={W} {nbytes / 1e6:8.3f} MB  {t.median_ms * 1e3:9.2f} us "
+                          f"[{t.p10_ms * 1e3:.2f}, {t.p90_ms * 1e3:.2f}]  {rec['gbps']:8.1f} GB/s  x{rec['ratio_to_copy']:.2f} of copy",
+                          flush=True)
+                torch.cuda.synchronize()
+                _check(disps, f"{op} {timing} at T={T}")
+    finally:
+        for b in bufs:
+            b.close()  # synchronises first: every spin is bounded by TIMEOUT_S
     return out
+
+
+def _check(disps, what: str) -> None:
+    """Raise (after printing it at once) a timeout any rank saw, so that no timing of a broken exchange
+    is reported as a time. (Overflow never happens here: C = T.)"""
+    for dsp in disps:
+        try:
+            dsp.check_overflow()
+        except Exception as exc:
+            print(f"FAILED in {what}: {exc}", flush=True)
+            raise
 
 
 def cpu_rows(T, H, E, k, W, dtype, writer, rep) -> list[dict]:
@@ -158,15 +174,24 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (on CPU: the layout model)")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--payload", default="native,fp8", help="dispatch payloads to time, comma-separated (native, fp8)")
     args = ap.parse_args(argv)
     writer = ResultWriter(args.out)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    rows = []
+    rows, failed = [], []
     for T, H, E, k, W in shapes:
         if torch.cuda.is_available():
-            rows += gpu_rows(T, H, E, k, W, torch.bfloat16, writer, 10 if args.quick else 50)
+            for payload in args.payload.split(","):
+                try:
+                    rows += gpu_rows(T, H, E, k, W, torch.bfloat16, writer, 10 if args.quick else 50, payload)
+                except Exception as exc:  # a timed-out exchange: say so, go on with the next shape
+                    print(f"FAILED: {payload} T={T} H={H} E={E} k={k} W={W}: {type(exc).__name__}: {exc}", flush=True)
+                    failed.append((payload, T))
+                    torch.cuda.synchronize()  # bounded: every spin ends within TIMEOUT_S
         else:
             rows += cpu_rows(T, H, E, k, W, torch.float32, writer, 3)
+    if failed:
+        raise SystemExit(f"bench_ll_dispatch: (payload, T) {failed} failed (messages above)")
     return rows
 
 

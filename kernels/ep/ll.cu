@@ -119,11 +119,44 @@ __device__ __forceinline__ bool wait_flag(Ctrl* me, const unsigned int* flag, un
   return true;
 }
 
+// fp8 payload (moecomm/ep/ipc/layout.py quantize_fp8_reference is the same arithmetic): per token and
+// 128 columns, amax of |x| by a warp (4 columns a lane, a shuffle reduction), scale = amax / 448 (1 for
+// an all-zero group), q = cvt.rn.satfinite.e4m3x2 of x / scale (IEEE fp32 division: no fast-math).
+// The block stages a token's H bytes and H / 128 scales in shared memory once, then copies that row
+// to each destination as the native path copies x. Wire bytes: H + H / 32 a row instead of 2H (bf16).
+constexpr int LL_FP8_MAX_H = 16384;  // the staging row's size (the host checks hidden)
+
+__device__ __forceinline__ unsigned short e4m3x2(float hi, float lo) {
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;  // lo in the low byte: little-endian, lo first in memory
+}
+
+__device__ __forceinline__ void quantize_token_fp8(const unsigned short* __restrict__ xr, int H, unsigned char* stage) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int g = warp; g < H / 128; g += LL_THREADS / 32) {
+    float v[4];
+    float a = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      v[q] = __uint_as_float(static_cast<unsigned int>(xr[g * 128 + lane * 4 + q]) << 16);  // bf16 -> fp32: exact
+      a = fmaxf(a, fabsf(v[q]));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    const float scale = a > 0.0f ? a / 448.0f : 1.0f;
+    const unsigned int lo = e4m3x2(v[1] / scale, v[0] / scale), hi = e4m3x2(v[3] / scale, v[2] / scale);
+    reinterpret_cast<unsigned int*>(stage)[g * 32 + lane] = lo | (hi << 16);
+    if (lane == 0) reinterpret_cast<float*>(stage + H)[g] = scale;
+  }
+}
+
+template <bool FP8>
 __device__ void ll_dispatch_impl(const unsigned char* __restrict__ x, const int* __restrict__ ids,
                                  const float* __restrict__ weights, const int* __restrict__ e2r,
                                  const int* __restrict__ e2l, const long long* __restrict__ peers, int* __restrict__ home,
                                  int rank, int W, int T, int k, int E, int C, int token_bytes, int row_bytes,
-                                 int meta_off, long long recv_off, long long timeout_ns, int vec) {
+                                 int meta_off, long long recv_off, long long timeout_ns, int vec, int hidden) {
   __shared__ unsigned int s_mask[LL_MAX_T];
   __shared__ Lanes s_pref[LL_MAX_T];  // exclusive prefix: slot of token t among the tokens to rank d
   __shared__ Lanes s_warp[LL_THREADS / 32];
@@ -202,13 +235,20 @@ __device__ void ll_dispatch_impl(const unsigned char* __restrict__ x, const int*
       const int slot = static_cast<int>(lane_of(pref, d));
       home[t * k + tid] = owner && slot < C ? d * C + slot : -1;
     }
+    const unsigned char* src = x + static_cast<long long>(t) * token_bytes;
+    if constexpr (FP8) {
+      __shared__ __align__(16) unsigned char s_stage[LL_FP8_MAX_H + LL_FP8_MAX_H / 32];
+      __syncthreads();  // the previous token's copies have read the staging row
+      quantize_token_fp8(reinterpret_cast<const unsigned short*>(x) + static_cast<long long>(t) * hidden, hidden, s_stage);
+      __syncthreads();
+      src = s_stage;
+    }
     for (int d = 0; d < W; ++d) {
       if (!(mask >> d & 1u)) continue;
       const int slot = static_cast<int>(lane_of(pref, d));
       if (slot >= C) continue;  // dropped, flagged above
       unsigned char* row = reinterpret_cast<unsigned char*>(s_peers[d]) + recv_off +
                            (static_cast<long long>(rank) * C + slot) * row_bytes;
-      const unsigned char* src = x + static_cast<long long>(t) * token_bytes;
       if (vec) {
         const int n16 = token_bytes >> 4;
         for (int i = tid; i < n16; i += LL_THREADS)
@@ -242,8 +282,12 @@ __device__ void ll_dispatch_impl(const unsigned char* __restrict__ x, const int*
   }
   if (tid < W) {
     const bool ok = wait_flag(me, &me->disp_flag[tid], epoch, tid, timeout_ns, 1u);
-    // the count was stored before the flag we acquired; a peer that never arrived sent nothing usable
-    s_cnt[tid] = ok ? *reinterpret_cast<volatile int*>(&me->disp_cnt[tid]) : 0;
+    // the count was stored before the flag we acquired; a peer that never arrived sent nothing usable:
+    // its count is 0 here AND in the word combine reads (a late peer may still overwrite that word:
+    // combine clamps it to [0, C], so no count, stale or late, ever indexes past a region)
+    const int cnt = ok ? *reinterpret_cast<volatile int*>(&me->disp_cnt[tid]) : 0;
+    if (!ok) st_relaxed_sys(&me->disp_cnt[tid], 0);
+    s_cnt[tid] = cnt < 0 ? 0 : (cnt > C ? C : cnt);
   }
   __syncthreads();
   // rows past a peer's count are left from earlier calls: their ids -1, so the expansion skips them
@@ -279,7 +323,8 @@ __device__ void ll_combine_impl(const typename D::raw* __restrict__ expert_out, 
     s_peers[tid] = peers[tid];
     // the rows each peer sent in the matching dispatch (that dispatch's own wait stored them; a
     // peer writes them again only in its next dispatch, after this combine)
-    s_cnt[tid] = *reinterpret_cast<volatile int*>(&me->disp_cnt[tid]);
+    const int cnt = *reinterpret_cast<volatile int*>(&me->disp_cnt[tid]);
+    s_cnt[tid] = cnt < 0 ? 0 : (cnt > C ? C : cnt);  // bounded whatever a timed-out exchange left there
   }
   __syncthreads();
   for (int row = blockIdx.x; row < W * C; row += gridDim.x) {
@@ -328,7 +373,18 @@ __device__ void ll_combine_impl(const typename D::raw* __restrict__ expert_out, 
     __threadfence_system();  // as in dispatch: every block's partial sums before the flag
     st_release_sys(&ctrl_of(s_peers[tid])->comb_flag[rank], epoch);
   }
-  if (tid < W) wait_flag(me, &me->comb_flag[tid], epoch, tid, timeout_ns, 2u);
+  __shared__ bool s_ok[LL_MAX_W];
+  if (tid < W) s_ok[tid] = wait_flag(me, &me->comb_flag[tid], epoch, tid, timeout_ns, 2u);
+  __syncthreads();
+  // a peer that did not arrive contributes 0, not what an earlier call left in its BACK rows (the
+  // source's gather_sum reads them next, on this stream): rare, so the cost of zeroing C rows is moot
+  for (int s = 0; s < W; ++s) {
+    if (s_ok[s]) continue;
+    unsigned short* back = reinterpret_cast<unsigned short*>(reinterpret_cast<unsigned char*>(s_peers[rank]) + back_off +
+                                                             static_cast<long long>(s) * C * H * sizeof(raw));
+    const long long n2 = static_cast<long long>(C) * H * sizeof(raw) / 2;  // every dtype's rows are whole 2-byte units
+    for (long long i = tid; i < n2; i += LL_THREADS) back[i] = 0;
+  }
   __syncthreads();
   if (tid == 0) {
     me->comb_ticket = 0u;
@@ -342,8 +398,17 @@ extern "C" __global__ void __launch_bounds__(moecomm::LL_THREADS)
 moecomm_ll_dispatch(const unsigned char* x, const int* ids, const float* weights, const int* e2r, const int* e2l,
                     const long long* peers, int* home, int rank, int W, int T, int k, int E, int C, int token_bytes,
                     int row_bytes, int meta_off, long long recv_off, long long timeout_ns, int vec) {
-  moecomm::ll_dispatch_impl(x, ids, weights, e2r, e2l, peers, home, rank, W, T, k, E, C, token_bytes, row_bytes,
-                            meta_off, recv_off, timeout_ns, vec);
+  moecomm::ll_dispatch_impl<false>(x, ids, weights, e2r, e2l, peers, home, rank, W, T, k, E, C, token_bytes, row_bytes,
+                                   meta_off, recv_off, timeout_ns, vec, 0);
+}
+
+// x bf16 [T, hidden], hidden % 128 == 0 and <= LL_FP8_MAX_H; token_bytes = hidden + hidden / 32 (the wire row)
+extern "C" __global__ void __launch_bounds__(moecomm::LL_THREADS)
+moecomm_ll_dispatch_fp8(const unsigned char* x, const int* ids, const float* weights, const int* e2r, const int* e2l,
+                        const long long* peers, int* home, int rank, int W, int T, int k, int E, int C, int token_bytes,
+                        int row_bytes, int meta_off, long long recv_off, long long timeout_ns, int vec, int hidden) {
+  moecomm::ll_dispatch_impl<true>(x, ids, weights, e2r, e2l, peers, home, rank, W, T, k, E, C, token_bytes, row_bytes,
+                                  meta_off, recv_off, timeout_ns, vec, hidden);
 }
 
 #define MOECOMM_LL_COMBINE(NAME, D)                                                                          \

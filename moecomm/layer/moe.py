@@ -221,10 +221,21 @@ class MoE(nn.Module):
 
         # decode sizes (<= cuda_graph_tokens tokens a rank) take the static-capacity exchange: no host
         # sync, so a model-level CUDA graph can capture the layer; larger calls the throughput mode
-        return EPDispatcher(
+        ep = EPDispatcher(
             self.num_experts, self.top_k, self.hidden_size, group=self.ep_group, placement=self.placement,
             dtype=self.w_gate_up.dtype, max_tokens=self.cuda_graph_tokens or None, share_buffers=True,
         )
+        if self.w_gate_up.device.type != "cuda":
+            return ep  # no IPC off CUDA (CPU / meta layers): NCCL or gloo as before
+        return node_dispatcher(ep, num_experts=self.num_experts, top_k=self.top_k, hidden=self.hidden_size,
+                               group=self.ep_group, placement=self.placement, dtype=self.w_gate_up.dtype,
+                               device=self.w_gate_up.device, ll_max_tokens=self.cuda_graph_tokens or 0)
+
+    @property
+    def last_ep_path(self) -> Any:
+        """The expert-parallel path of the latest forward (moecomm.ep.ipc.PathChoice: .path, .reason),
+        or None (EP size 1, a CPU layer, or no forward yet)."""
+        return getattr(self.dispatcher, "last_path", None)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -464,6 +475,52 @@ def _topk_lowest_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor
     # torch.topk has no tie rule; moecomm.route picks the lowest expert index among equal scores
     values, ids = torch.sort(scores, dim=-1, descending=True, stable=True)
     return values[:, :k], ids[:, :k]
+
+
+_IPC_BUFFERS: dict[tuple, Any] = {}  # (group, device, bytes) -> SymmetricBuffer shared by the layers of a model
+
+
+def node_dispatcher(ep: Any, *, num_experts: int, top_k: int, hidden: int, group: Any, placement: Any,
+                    dtype: torch.dtype, device: torch.device, ll_max_tokens: int) -> Any:
+    """The layer's dispatcher on CUDA with EP size > 1: NodeDispatcher(ep, IPCDispatcher or None).
+
+    Inside one node, when moecomm.distributed.symmetric.eligibility(group) says IPC works (decided
+    once, cached, collective) and 0 < ll_max_tokens <= 1024, steps of at most ll_max_tokens tokens a
+    rank (the static mode's threshold: the ranks agree on the path exactly where they agreed on the
+    mode) take the low-latency IPC path (one symmetric buffer shared by every layer of these sizes:
+    their calls never interleave); every other step takes ``ep`` (EPDispatcher). The path a step took
+    is the NodeDispatcher's ``last_path``, and a change of path is logged once (logger 'moecomm').
+    Collective: every rank of ``group`` builds its layers in the same order.
+    """
+    from ..distributed import symmetric
+    from ..ep.ipc import IPCDispatcher, NodeDispatcher
+    from ..ep.ipc import layout as LY
+    from ..errors import UnsupportedHardwareError
+
+    W = ep.ep_size
+    C = ll_max_tokens
+    if C <= 0:
+        return NodeDispatcher(ep, None, eligibility=symmetric.Eligibility(False, "cuda_graph_tokens is 0 (no decode path)"))
+    if C > LY.MAX_TOKENS:  # the IPC path must replace the static mode at the same threshold, or ranks could disagree
+        return NodeDispatcher(ep, None, eligibility=symmetric.Eligibility(
+            False, f"cuda_graph_tokens = {C} exceeds the low-latency path's {LY.MAX_TOKENS} tokens a rank"))
+    if W > LY.MAX_WORLD_SIZE:
+        return NodeDispatcher(ep, None, eligibility=symmetric.Eligibility(
+            False, f"EP size {W} exceeds the {LY.MAX_WORLD_SIZE} ranks of one node"))
+    elig = symmetric.eligibility(group, device=device)
+    if not elig.ok:
+        return NodeDispatcher(ep, None, eligibility=elig)
+    nbytes = IPCDispatcher.buffer_bytes(W, C, hidden, top_k, dtype)
+    key = (id(group), str(device), nbytes)
+    try:
+        buf = _IPC_BUFFERS.get(key)
+        if buf is None or buf.closed:
+            buf = _IPC_BUFFERS[key] = symmetric.open_symmetric(nbytes, group, device=device)
+        ipc = IPCDispatcher(num_experts, top_k, hidden, buffer=buf, placement=placement, dtype=dtype, max_tokens=C,
+                            group=group)
+    except UnsupportedHardwareError as exc:  # no toolchain for ll.cu here: say so (once, on a path change), use NCCL
+        return NodeDispatcher(ep, None, eligibility=symmetric.Eligibility(False, str(exc)))
+    return NodeDispatcher(ep, ipc, eligibility=elig)
 
 
 def _group_size_rank(group: Any) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from moecomm.distributed.symmetric import Eligibility
 from moecomm.ep.ipc import IPCDispatcher, choose_ep_path
 from moecomm.ep.ipc import layout as LY
 from moecomm.ep.ipc.dispatcher import timeout_error
+from moecomm.ep.ipc.virtual import virtual_dispatch, virtual_step
 from moecomm.ep.nccl.plan import expand_received
 from moecomm.ep.nccl.reference import gather_sum_reference
 from moecomm.ep.nccl.virtual import virtual_ep_forward
@@ -94,7 +95,9 @@ def test_layout_constants_agree_with_the_kernel():
 
     src = cuda.source_path("ep/ll.cu").read_text()
     const = {m[0]: int(m[1]) for m in re.findall(r"constexpr int (LL_\w+) = (\d+);", src)}
-    assert const == {"LL_MAX_W": LY.MAX_PEERS, "LL_MAX_T": LY.MAX_TOKENS, "LL_THREADS": _cuda.THREADS}
+    assert const == {"LL_MAX_W": LY.MAX_PEERS, "LL_MAX_T": LY.MAX_TOKENS, "LL_THREADS": _cuda.THREADS,
+                     "LL_FP8_MAX_H": LY.FP8_MAX_HIDDEN}
+    assert _cuda.FP8_MAX_H == LY.FP8_MAX_HIDDEN
     body = re.search(r"struct Ctrl \{(.*?)\};", src, re.S).group(1)
     fields = re.findall(r"(\w+)(?:\[LL_MAX_W\])?[,;]", body.replace("unsigned int", "").replace("int ", ""))
     offsets, off = {}, 0
@@ -289,7 +292,50 @@ def test_layout_model_names_a_rank_that_did_not_send():
     assert "in combine" in str(timeout_error(0b11, 2, [0, 1], 1.0, 0))
 
 
-def _threaded_ipc_run(monkeypatch, pl, xs, ids, ws, cap, steps, dtype=torch.float32, max_tokens=None):
+def test_layout_model_a_rank_that_never_runs_counts_as_zero():
+    """The timeout path, memory-safe and defined: rank 2 runs neither dispatch nor combine. The others
+    count its rows as 0 (ids -1, DISP_CNT 0: nothing downstream indexes with its stale count), their
+    BACK rows from it are zeroed (NaN before), and each y is the reference with rank 2's experts
+    contributing 0, exactly; the error words name rank 2 (phase 2: combine's, the latest)."""
+    pl, xs, ids, ws = _case("nondiv_w4")  # T [7, 0, 12, 5], 10 experts, top-3: rank 2 holds 3 of them
+    W, C, H, k = 4, 12, xs[0].shape[1], ids[0].shape[1]
+    lay = LY.LLLayout.of(W, C, H, k, torch.float32)
+    bufs = [torch.zeros(lay.nbytes, dtype=torch.uint8) for _ in range(W)]
+    for b in bufs:
+        b[lay.recv_off:] = 0xFF  # NaN, and ids -1
+        LY.LLLayout.word(b, LY.DISP_CNT, W).fill_(C + 5)  # a stale, out-of-range count: must never be used
+    e2r, e2l = pl.expert_to_rank_tensor(), pl.expert_to_local_tensor()
+    alive = (0, 1, 3)
+    homes = {r: torch.full((xs[r].shape[0], k), -7, dtype=torch.int32) for r in alive}
+    for r in alive:
+        LY.send_reference(bufs, lay, r, xs[r], ids[r], ws[r], e2r, e2l, homes[r], 1)
+    results = {}
+    for r in alive:
+        LY.receive_reference(bufs[r], lay, 1)
+        assert int(LY.LLLayout.word(bufs[r], LY.DISP_CNT + 4 * 2)) == 0
+        results[r] = expand_received(lay.recv(bufs[r]), lay.rows, pl.num_local_experts(r), None)
+    for r in alive:
+        ex = results[r]
+        n = int(ex.expert_offsets[-1])
+        local = torch.tensor(pl.local_experts(r), dtype=torch.long)
+        e_of_row = local[torch.repeat_interleave(ex.tokens_per_expert.long())] if n else local[:0]
+        h = torch.full((ex.gather_idx.shape[0], H), float("nan"))
+        h[:n] = vectorised_expert(lay.recv(bufs[r])[:, :H][ex.gather_idx[:n].long()], e_of_row, ex.row_weights[:n])
+        LY.combine_send_reference(bufs, lay, r, h, ex.slot_pos, 1)
+    for r in alive:
+        LY.combine_wait_reference(bufs[r], lay, 1)
+        assert LY.LLLayout.word(bufs[r], LY.ERROR_MASK, 2).tolist() == [1 << 2, 2]
+        assert (lay.back(bufs[r])[2 * C:3 * C] == 0).all()
+    on2 = torch.tensor(pl.expert_to_rank) == 2
+    ref = ep_reference(xs, ids, ws, pl, lambda rows, e: expert_times_id(rows, e) * (0.0 if on2[e] else 1.0))
+    full = ep_reference(xs, ids, ws, pl, expert_times_id)
+    for r in alive:
+        y = gather_sum_reference(lay.back(bufs[r]), homes[r])
+        assert torch.equal(y, ref.y[r]), r
+    assert not torch.equal(ref.y[0], full.y[0]) and not torch.equal(ref.y[3], full.y[3])  # rank 2 mattered
+
+
+def _threaded_ipc_run(monkeypatch, pl, xs, ids, ws, cap, steps, dtype=torch.float32, max_tokens=None, payload="native"):
     """IPCDispatcher's own code on CPU: W virtual ranks in W threads, the kernels replaced by the layout
     model with a barrier where ll.cu spins (every rank's stores land before any rank reads)."""
     import threading
@@ -298,7 +344,7 @@ def _threaded_ipc_run(monkeypatch, pl, xs, ids, ws, cap, steps, dtype=torch.floa
 
     W = pl.ep_size
     k, H = ids[0].shape[1], xs[0].shape[1]
-    lay = LY.LLLayout.of(W, cap, H, k, dtype)
+    lay = LY.LLLayout.of(W, cap, H, k, dtype, payload)
     bufs = [torch.zeros(lay.nbytes, dtype=torch.uint8) for _ in range(W)]
     for b in bufs:
         b[lay.recv_off:] = 0xFF  # NaN
@@ -323,7 +369,7 @@ def _threaded_ipc_run(monkeypatch, pl, xs, ids, ws, cap, steps, dtype=torch.floa
     views = [SimpleNamespace(rank=r, world_size=W, nbytes=lay.nbytes, device=torch.device("cpu"), local=bufs[r],
                              peer_ptrs=torch.zeros(W, dtype=torch.int64), virtual=True) for r in range(W)]
     disps = [IPCDispatcher(pl.num_experts, k, H, buffer=v, placement=pl, dtype=dtype, max_tokens=max_tokens or cap,
-                           capacity_per_peer=cap, timeout_s=5.0) for v in views]
+                           capacity_per_peer=cap, timeout_s=5.0, payload=payload) for v in views]
     out = {}
 
     def rank_main(r):
@@ -573,29 +619,20 @@ def _local_ids(disp) -> torch.Tensor:
 
 
 def _step(disps, streams, xs, ids, ws, E, expert=_gpu_expert, ranks=None):
-    """One dispatch -> expert -> combine on every virtual rank, each on its own stream; no sync inside."""
-    W = len(disps)
-    ranks = range(W) if ranks is None else ranks
-    cur = torch.cuda.current_stream()
-    res, ys = {}, {}
-    for r in ranks:
-        streams[r].wait_stream(cur)
-        with torch.cuda.stream(streams[r]):
-            res[r] = disps[r].dispatch(xs[r], ids[r], ws[r])
-    for r in ranks:
-        with torch.cuda.stream(streams[r]):
-            d = res[r]
-            N = d.gather_idx.shape[0]
-            local = _local_ids(disps[r])
-            # every expanded row's expert by its place in the offsets (padding rows: the last expert;
-            # combine never reads them); NaN would do too but costs a mask
-            e_of_row = local[torch.searchsorted(d.expert_offsets[1:].long(), torch.arange(N, device="cuda"),
-                                                right=True).clamp(max=max(len(disps[r].local_experts) - 1, 0))]
-            h = expert(d.tokens[d.gather_idx.long()], e_of_row, d.row_weights) if N else d.tokens.new_zeros((0, xs[r].shape[1]))
-            ys[r] = disps[r].combine(h, d.handle)
-    for r in ranks:
-        cur.wait_stream(streams[r])
-    return res, ys
+    """One dispatch -> expert -> combine on every virtual rank, each on its own stream, in the phase
+    order of moecomm.ep.ipc.virtual (every rank's LL kernel before any rank's Triton / torch work:
+    a first launch's module load behind a spinning kernel deadlocks); no sync inside."""
+
+    def run_expert(r, d):
+        N = d.gather_idx.shape[0]
+        local = _local_ids(disps[r])
+        # every expanded row's expert by its place in the offsets (padding rows: the last expert;
+        # combine never reads them); NaN would do too but costs a mask
+        e_of_row = local[torch.searchsorted(d.expert_offsets[1:].long(), torch.arange(N, device="cuda"),
+                                            right=True).clamp(max=max(len(disps[r].local_experts) - 1, 0))]
+        return expert(d.tokens[d.gather_idx.long()], e_of_row, d.row_weights) if N else d.tokens.new_zeros((0, xs[r].shape[1]))
+
+    return virtual_step(disps, streams, xs, ids, ws, run_expert, ranks=ranks)
 
 
 GPU_CASES = [  # (Ts, E, k, H, skew, placement map)
@@ -621,7 +658,7 @@ def test_ll_virtual_ranks_exact(monkeypatch, case, dtype):
     W = len(Ts)
     cap = max(Ts) or 1
     pl0 = ExpertPlacement(E, W, tuple(e2r) if e2r else ())
-    bufs, disps = _open(W, dict(timeout_s=20.0), E, k, H, dtype, cap, placement=pl0)
+    bufs, disps = _open(W, dict(timeout_s=5.0), E, k, H, dtype, cap, placement=pl0)
     streams = [torch.cuda.Stream() for _ in range(W)]
     try:
         for seed in range(3):
@@ -655,8 +692,8 @@ def test_ll_layers_share_one_buffer(monkeypatch):
     in the buffer, so each layer's calls advance the same counters; every result exact."""
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
     Ts, E, k, H, W = [9, 4, 0, 12], 16, 4, 128, 4
-    bufs, first = _open(W, dict(timeout_s=20.0), E, k, H, torch.bfloat16, 12)
-    second = [IPCDispatcher(E, k, H, buffer=b, dtype=torch.bfloat16, max_tokens=12, timeout_s=20.0) for b in bufs]
+    bufs, first = _open(W, dict(timeout_s=5.0), E, k, H, torch.bfloat16, 12)
+    second = [IPCDispatcher(E, k, H, buffer=b, dtype=torch.bfloat16, max_tokens=12, timeout_s=5.0) for b in bufs]
     for d in second:
         _local_ids(d)
     streams = [torch.cuda.Stream() for _ in range(W)]
@@ -681,7 +718,7 @@ def test_ll_overflow_flags_and_corrupts_nothing(monkeypatch):
     Ts, E, k, H = [40, 3, 40, 1], 16, 4, 512
     W = 4
     pl, xs, ids, ws = _gpu_inputs(Ts, E, k, H, skew=True, seed=5)
-    bufs, disps = _open(W, dict(timeout_s=20.0, capacity_per_peer=4), E, k, H, torch.bfloat16, 40)
+    bufs, disps = _open(W, dict(timeout_s=5.0, capacity_per_peer=4), E, k, H, torch.bfloat16, 40)
     streams = [torch.cuda.Stream() for _ in range(W)]
     try:
         res, ys = _step(disps, streams, xs, ids, ws, E)
@@ -763,11 +800,7 @@ def test_ll_timeout_names_the_rank_that_never_launched(monkeypatch):
     streams = [torch.cuda.Stream() for _ in range(W)]
     try:
         t0 = time.perf_counter()
-        cur = torch.cuda.current_stream()
-        for r in (0, 1, 3):  # rank 2 never launches
-            streams[r].wait_stream(cur)
-            with torch.cuda.stream(streams[r]):
-                disps[r].dispatch(xs[r], ids[r], ws[r])
+        virtual_dispatch(disps, streams, xs, ids, ws, ranks=(0, 1, 3))  # rank 2 never launches
         torch.cuda.synchronize()
         waited = time.perf_counter() - t0
         assert waited < timeout_s + 5.0, waited  # bounded: no hang
@@ -776,6 +809,54 @@ def test_ll_timeout_names_the_rank_that_never_launched(monkeypatch):
                 disps[r].check_overflow()
             assert info.value.failed_ranks == [2]
         print(f"\nLL timeout: the three ranks returned {waited:.3f} s after launch (timeout {timeout_s} s)")
+    finally:
+        for b in bufs:
+            b.close()
+
+
+@pytest.mark.gpu
+def test_ll_combine_timeout_counts_the_missing_rank_as_zero(monkeypatch):
+    """Every rank dispatches, rank 2 never combines: the others' combine kernels time out on it (0.5 s),
+    name it, touch nothing out of bounds (the H200's first run saw an illegal access after a timeout),
+    and their y is exact with rank 2's experts contributing 0 (its BACK rows zeroed, not stale NaN)."""
+    from moecomm.ep.ipc.virtual import virtual_combine
+
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    W, E, k, H, T, timeout_s = 4, 16, 4, 256, 8, 0.5
+    pl, xs, ids, ws = _gpu_inputs([T] * W, E, k, H, skew=False, seed=3)
+    bufs, disps = _open(W, dict(timeout_s=timeout_s), E, k, H, torch.bfloat16, T)
+    streams = [torch.cuda.Stream() for _ in range(W)]
+    alive = (0, 1, 3)
+    try:
+        res, _ = _step(disps, streams, xs, ids, ws, E)  # one full step first: every kernel loaded, BACK written
+        torch.cuda.synchronize()
+        for d in disps:
+            d.check_overflow()
+        for b in bufs:  # BACK NaN again: a row the timeout path leaves unwritten shows
+            b.local[disps[0].layout.back_off:] = 0xFF
+        res = virtual_dispatch(disps, streams, xs, ids, ws)
+        hs = {}
+        for r in range(W):
+            d = res[r]
+            N = d.gather_idx.shape[0]
+            local = _local_ids(disps[r])
+            e_of_row = local[torch.searchsorted(d.expert_offsets[1:].long(), torch.arange(N, device="cuda"),
+                                                right=True).clamp(max=max(len(disps[r].local_experts) - 1, 0))]
+            hs[r] = _gpu_expert(d.tokens[d.gather_idx.long()], e_of_row, d.row_weights)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ys = virtual_combine(disps, streams, hs, {r: res[r].handle for r in range(W)}, ranks=alive)
+        torch.cuda.synchronize()  # an illegal access would raise here
+        waited = time.perf_counter() - t0
+        assert waited < timeout_s + 5.0, waited
+        on2 = [pl.expert_to_rank[e] == 2 for e in range(E)]
+        ref = ep_reference([x.cpu() for x in xs], [i.cpu() for i in ids], [w.cpu() for w in ws], pl,
+                           lambda rows, e: _gpu_ref_expert(rows, e) * (0.0 if on2[e] else 1.0))
+        for r in alive:
+            assert torch.equal(ys[r].cpu(), ref.y[r]), r
+            with pytest.raises(RankFailureError, match=r"rank\(s\) \[2\] did not arrive in combine within timeout_s = 0.5 s"):
+                disps[r].check_errors()
+        print(f"\nLL combine timeout: the three ranks returned {waited:.3f} s after launch (timeout {timeout_s} s)")
     finally:
         for b in bufs:
             b.close()

@@ -51,12 +51,12 @@ def choose_ep_path(num_tokens: int, *, ep_size: int, eligibility: Any = None, ll
     if ep_size == 1:
         return PathChoice(LOCAL, "EP size 1: the local permute, no exchange")
     why_not: str
-    if ll_max_tokens is None:
+    if eligibility is not None and not eligibility.ok:  # the root cause first: why no dispatcher was built
+        why_not = f"IPC is not eligible over the group: {eligibility.reason}"
+    elif ll_max_tokens is None:
         why_not = "no low-latency dispatcher was built"
     elif eligibility is None:
         why_not = "no symmetric (IPC) buffer was set up"
-    elif not eligibility.ok:
-        why_not = f"IPC is not eligible over the group: {eligibility.reason}"
     elif num_tokens > ll_max_tokens:
         why_not = f"{num_tokens} tokens exceed the low-latency capacity of {ll_max_tokens} a rank"
     else:

@@ -26,21 +26,45 @@ called by check_overflow()) raises RankFailureError naming the rank(s). After th
 epochs no longer agree with its peers': build a new one. Capacity overflow is flagged on the device
 (the rows that fit are exact, nothing is written out of bounds); check_overflow() raises it.
 
+Two phases a direction. dispatch = dispatch_send (the signal phase: the LL kernel alone, which
+sends, signals and spins until every peer's rows are in) + dispatch_finish (the finish phase: the
+expansion, Triton and torch kernels); combine = combine_send (ll_combine: partial sums into the
+sources' buffers, signal, spin) + combine_finish (gather_sum). One rank a process calls dispatch /
+combine (both phases in a row): its peers' kernels are launched by their own processes.
+
 Virtual ranks (open_virtual: W buffers on one GPU, the GPU tier): one IPCDispatcher per rank, each
-rank's calls on its own CUDA stream; only one block of each launch ever spins, so the W launches make
-progress whatever the order the GPU schedules them in.
+rank's calls on its own CUDA stream, and THE RULE: launch every rank's signal phase before any rank's
+finish phase, and between a rank's signal phase and the last rank's, call nothing that may
+synchronise the context: no module load (CUDA lazy loading loads a kernel's module at its first
+launch, and Triton loads each specialisation at its first launch: cuModuleLoadData, which may wait
+for the context's running kernels; NVIDIA's Lazy Loading notes, "Concurrent execution"), no first
+launch of any torch kernel, no cudaMalloc growth of the caching allocator, no .item() / .tolist().
+Otherwise rank 0's kernel spins waiting for rank 1's, which the host cannot launch before the load,
+which waits for rank 0's kernel: a deadlock broken only by the spin's timeout (what the first H200
+run showed). moecomm.ep.ipc.virtual (virtual_dispatch / virtual_combine / virtual_step) is the
+driver that keeps the rule (prepare_inputs for every rank, then every dispatch_send, then every
+finish, every expert, every combine_send, every combine_finish); the tests and the benchmark use
+it. The constructor loads ll.cu's kernels (compile + cuModuleLoad) so that no rank's first call does.
+Only one block of each launch ever spins, so the W launches make progress whatever the order the
+GPU schedules them in.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ... import _env
 from ...distributed.collectives import global_rank as _global_rank
 from ...distributed.health import RankFailureError
-from ...errors import MoeCommTypeError, MoeCommValueError, UnsupportedHardwareError, check_positive_int, check_tensor
+from ...errors import (
+    MoeCommTypeError,
+    MoeCommValueError,
+    UnsupportedHardwareError,
+    check_positive_int,
+    check_tensor,
+)
 from ..nccl.dispatcher import EPHandle, _validate
 from ..nccl.ops import gather_sum_unchecked
 from ..nccl.plan import expand_received
@@ -50,6 +74,18 @@ from . import layout as LY
 from .layout import LLLayout
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class PendingDispatch(NamedTuple):
+    """A dispatch whose signal phase (dispatch_send) is launched and whose finish phase is not.
+
+    Attributes: owner (the IPCDispatcher), num_tokens T, hidden H, home [T, k] int32 (a view of the
+    dispatcher's preallocated home, written by the kernel)."""
+
+    owner: Any
+    num_tokens: int
+    hidden: int
+    home: torch.Tensor
 _PHASES = {1: "dispatch", 2: "combine"}
 
 
@@ -88,6 +124,10 @@ class IPCDispatcher:
         group: the process group the buffer was opened over (names ranks in errors; None with
             virtual buffers or the default group).
         timeout_s: the longest spin-wait for a peer (default MOECOMM_TIMEOUT_S).
+        payload: "native" (tokens travel in ``dtype``) or "fp8" (bf16 only, hidden % 128 == 0: dispatch
+            sends e4m3 bytes with one fp32 scale per 128 columns, H + H / 32 bytes a token instead of
+            2H; dispatch_finish hands the experts q * scale in bf16, ``received_fp8()`` the raw rows;
+            combine stays bf16). Exact against layout.quantize_fp8_reference.
 
     Every rank of the node builds one with the same arguments and calls dispatch and combine in
     lockstep (as with NCCL). A result's tensors are views of the buffer, valid until the next dispatch.
@@ -95,7 +135,8 @@ class IPCDispatcher:
 
     def __init__(self, num_experts: int, top_k: int, hidden: int, *, buffer: Any,
                  placement: ExpertPlacement | None = None, dtype: torch.dtype = torch.bfloat16, max_tokens: int = 128,
-                 capacity_per_peer: int | None = None, group: Any = None, timeout_s: float | None = None):
+                 capacity_per_peer: int | None = None, group: Any = None, timeout_s: float | None = None,
+                 payload: str = "native"):
         op = "IPCDispatcher"
         self.num_experts = check_positive_int(op, "num_experts", num_experts)
         self.top_k = check_positive_int(op, "top_k", top_k)
@@ -127,10 +168,19 @@ class IPCDispatcher:
         if placement.ep_size != W or placement.num_experts != num_experts:
             raise MoeCommValueError(f"{op}: placement must be for {num_experts} experts on {W} ranks (the buffer's), "
                                     f"got {placement.num_experts} experts on {placement.ep_size} ranks")
-        self.layout = LLLayout.of(W, cap, hidden, top_k, dtype)
+        if payload not in ("native", "fp8"):
+            raise MoeCommValueError(f"{op}: payload must be 'native' or 'fp8', got {payload!r}")
+        if payload == "fp8":
+            if dtype is not torch.bfloat16:
+                raise MoeCommTypeError(f"{op}: payload='fp8' needs dtype bfloat16 (the tokens it quantises), got {dtype}")
+            if hidden % LY.FP8_GROUP or hidden > LY.FP8_MAX_HIDDEN:
+                raise MoeCommValueError(f"{op}: payload='fp8' needs hidden a multiple of {LY.FP8_GROUP} (one scale per "
+                                        f"{LY.FP8_GROUP} columns) and <= {LY.FP8_MAX_HIDDEN}, got {hidden}")
+        self.payload = payload
+        self.layout = LLLayout.of(W, cap, hidden, top_k, dtype, payload)
         if buffer.nbytes < self.layout.nbytes:
             raise MoeCommValueError(f"{op}: buffer.nbytes must be >= {self.layout.nbytes} (buffer_bytes({W}, {cap}, "
-                                    f"{hidden}, {top_k}, {dtype})), got {buffer.nbytes}")
+                                    f"{hidden}, {top_k}, {dtype}, {payload!r})), got {buffer.nbytes}")
         if timeout_s is None:
             timeout_s = _env.timeout_s()
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
@@ -144,11 +194,18 @@ class IPCDispatcher:
         self._virtual = bool(getattr(buffer, "virtual", False))
         self._ranks_on_device = W if self._virtual else 1
         self._check_hardware(self.device)
+        if self.device.type == "cuda":
+            self._preload()
         self._e2r = placement.expert_to_rank_tensor(self.device)
         self._e2l = placement.expert_to_local_tensor(self.device)
         self._home = torch.full((max_tokens, top_k), -1, dtype=torch.int32, device=self.device)
         local = buffer.local
-        self._recv = self.layout.recv(local)  # [W * C, width]
+        self._recv = self.layout.recv(local)  # [W * C, width] (uint8 for the fp8 payload)
+        # fp8: the dequantised tokens the experts read, allocated once (dispatch_finish writes them)
+        self._tokens = (torch.empty(W * cap, hidden, dtype=dtype, device=self.device) if payload == "fp8"
+                        else self._recv[:, :hidden])
+        self._dq = (torch.empty(W * cap, hidden // LY.FP8_GROUP, LY.FP8_GROUP, dtype=torch.float32, device=self.device)
+                    if payload == "fp8" else None)
         self._back = self.layout.back(local)  # [W * C, H]
         self._overflow = LLLayout.word(local, LY.OVERFLOW)
         self._errors = LLLayout.word(local, LY.ERROR_MASK, 2)  # mask, phase
@@ -172,10 +229,18 @@ class IPCDispatcher:
         if err is not None:
             raise UnsupportedHardwareError(f"{op}: the CUDA kernels of kernels/ep/ll.cu cannot run here: {err}")
 
+    def _preload(self) -> None:
+        """Compile (cache) and load ll.cu's two kernels of this dtype now, not inside a rank's first call."""
+        from . import _cuda
+
+        _cuda.kernel(_cuda.dispatch_entry(self.layout), self.device)
+        _cuda.kernel(_cuda._COMBINE[self.dtype], self.device)
+
     @staticmethod
-    def buffer_bytes(world_size: int, capacity: int, hidden: int, top_k: int, dtype: torch.dtype) -> int:
-        """Bytes of the SymmetricBuffer a dispatcher of these sizes needs (moecomm.ep.ipc.layout)."""
-        return LLLayout.of(world_size, capacity, hidden, top_k, dtype).nbytes
+    def buffer_bytes(world_size: int, capacity: int, hidden: int, top_k: int, dtype: torch.dtype,
+                     payload: str = "native") -> int:
+        """Bytes of the SymmetricBuffer a dispatcher of these sizes (and payload) needs (moecomm.ep.ipc.layout)."""
+        return LLLayout.of(world_size, capacity, hidden, top_k, dtype, payload).nbytes
 
     @property
     def capacity(self) -> int:
@@ -209,21 +274,71 @@ class IPCDispatcher:
 
     def dispatch_unchecked(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         """dispatch without the argument checks (the MoE forward: x [T <= max_tokens, H] of the
-        dispatcher's dtype and device, topk_ids [T, k] int32, topk_weights [T, k] fp32)."""
+        dispatcher's dtype and device, topk_ids [T, k] int32, topk_weights [T, k] fp32).
+        = dispatch_finish(dispatch_send_unchecked(...)): for one rank a process, never for virtual ranks."""
+        return self.dispatch_finish(self.dispatch_send_unchecked(x, topk_ids, topk_weights))
+
+    def dispatch_send(self, x: Any, topk_ids: Any, topk_weights: Any) -> PendingDispatch:
+        """The signal phase of dispatch (the LL kernel only: send, signal, wait); dispatch_finish
+        completes it. Arguments as dispatch (checked); returns the PendingDispatch to finish."""
+        op = "IPCDispatcher.dispatch_send"
+        x, ids, w = _validate(op, x, topk_ids, topk_weights, self.hidden, self.top_k, self.dtype)
+        if x.device != self.device:
+            raise MoeCommValueError(f"{op}: x must be on device {self.device} (the buffer's), got {x.device}")
+        if x.shape[0] > self.max_tokens:
+            raise MoeCommValueError(f"{op}: x must have at most max_tokens = {self.max_tokens} rows, got {x.shape[0]}")
+        return self.dispatch_send_unchecked(x, ids, w)
+
+    @staticmethod
+    def prepare_inputs(x: torch.Tensor, topk_ids: torch.Tensor,
+                       topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x contiguous [T, H], topk_ids int32 contiguous [T, k], topk_weights fp32 contiguous [T, k]):
+        the conversions dispatch_send makes (no-ops, no kernel, when the inputs already are so).
+        Virtual-rank drivers call it for every rank before any rank's dispatch_send (module docstring)."""
+        return x.contiguous(), topk_ids.to(torch.int32).contiguous(), topk_weights.to(torch.float32).contiguous()
+
+    def dispatch_send_unchecked(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingDispatch:
+        """dispatch_send without the argument checks. Launches exactly one kernel (ll_dispatch) when the
+        inputs are prepared (prepare_inputs), else the conversions first."""
         from ._cuda import dispatch_cuda
 
+        x, ids, w = self.prepare_inputs(x, topk_ids, topk_weights)
         T, H = x.shape
-        x = x.contiguous()
-        ids = topk_ids.to(torch.int32).contiguous()
-        w = topk_weights.to(torch.float32).contiguous()
         home = self._home[:T]
         dispatch_cuda(x, ids, w, self._e2r, self._e2l, self.buffer.peer_ptrs, home, self.layout, self.rank,
                       self._timeout_ns(), self._ranks_on_device)
+        return PendingDispatch(self, T, H, home)
+
+    def dispatch_finish(self, pending: PendingDispatch) -> DispatchResult:
+        """The finish phase of dispatch: the expansion by local expert (Triton / torch kernels, which
+        may load modules at their first launch: never while a peer's signal phase is not launched yet).
+
+        Args:
+            pending: this dispatcher's latest dispatch_send's PendingDispatch.
+
+        Returns:
+            DispatchResult (as dispatch).
+        """
+        if not isinstance(pending, PendingDispatch) or pending.owner is not self:
+            raise MoeCommTypeError("IPCDispatcher.dispatch_finish: pending must be this dispatcher's dispatch_send "
+                                   f"result, got {type(pending).__name__}")
         ex = expand_received(self._recv, self.layout.rows, self.num_local_experts, None)
-        handle = EPHandle(self.group, self.ep_size, None, None, home, ex.slot_pos, T, H, ex.gather_idx.shape[0],
-                          buffers=self)
-        return DispatchResult(self._recv[:, :H], ex.expert_offsets, ex.tokens_per_expert, ex.row_weights,
-                              ex.gather_idx, handle)
+        if self.payload == "fp8":  # q * scale, rounded once to bf16 (layout.dequantize_fp8_reference)
+            q, scales = self.received_fp8()
+            R, G = scales.shape
+            torch.mul(q.float().view(R, G, LY.FP8_GROUP), scales[:, :, None], out=self._dq)
+            self._tokens.copy_(self._dq.view(R, -1))
+        handle = EPHandle(self.group, self.ep_size, None, None, pending.home, ex.slot_pos, pending.num_tokens,
+                          pending.hidden, ex.gather_idx.shape[0], buffers=self)
+        return DispatchResult(self._tokens, ex.expert_offsets, ex.tokens_per_expert, ex.row_weights, ex.gather_idx,
+                              handle)
+
+    def received_fp8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """payload='fp8': (q [W * C, H] float8_e4m3fn, scales [W * C, H / 128] fp32), views of RECV as the
+        latest dispatch left it (for an expert GEMM that reads fp8 itself)."""
+        if self.payload != "fp8":
+            raise MoeCommValueError(f"IPCDispatcher.received_fp8: payload must be 'fp8', got {self.payload!r}")
+        return LY.split_fp8_rows(self._recv, self.hidden)
 
     # ------------------------------------------------------------------------- combine
 
@@ -239,21 +354,48 @@ class IPCDispatcher:
             y [T, H] of the dispatcher's dtype (a fresh tensor).
         """
         op = "IPCDispatcher.combine"
-        if not isinstance(handle, EPHandle) or handle.buffers is not self:
-            raise MoeCommTypeError(f"{op}: handle must be the handle of this IPCDispatcher's dispatch result, got "
-                                   f"{type(handle).__name__}" + (" of another dispatcher" if isinstance(handle, EPHandle) else ""))
+        self._check_handle(op, handle)
         out = check_tensor(op, "expert_out", expert_out, shape=[handle.num_rows, handle.hidden], dtype=(self.dtype,),
                            device=self.device)
         return self.combine_unchecked(out, handle)
 
     def combine_unchecked(self, expert_out: torch.Tensor, handle: EPHandle) -> torch.Tensor:
-        """combine without checks, for the MoE forward (expert_out [N, H] from its expert_mlp)."""
+        """combine without checks, for the MoE forward (expert_out [N, H] from its expert_mlp).
+        = combine_finish(combine_send_unchecked(...)): for one rank a process, never for virtual ranks."""
+        return self.combine_finish(self.combine_send_unchecked(expert_out, handle))
+
+    def combine_send(self, expert_out: Any, handle: EPHandle) -> EPHandle:
+        """The signal phase of combine (the LL kernel only); combine_finish(returned handle) completes it.
+        Arguments as combine (checked)."""
+        op = "IPCDispatcher.combine_send"
+        self._check_handle(op, handle)
+        out = check_tensor(op, "expert_out", expert_out, shape=[handle.num_rows, handle.hidden], dtype=(self.dtype,),
+                           device=self.device)
+        return self.combine_send_unchecked(out, handle)
+
+    def combine_send_unchecked(self, expert_out: torch.Tensor, handle: EPHandle) -> EPHandle:
+        """combine_send without checks: exactly one kernel (ll_combine) when expert_out and
+        handle.slot_pos are contiguous (they are: the expansion's and an expert's outputs)."""
         from ._cuda import combine_cuda
 
-        out = expert_out.contiguous()
-        combine_cuda(out, handle.slot_pos.contiguous(), self.buffer.peer_ptrs, self.layout, self.rank,
-                     self._timeout_ns(), self._ranks_on_device)
+        combine_cuda(expert_out.contiguous(), handle.slot_pos.contiguous(), self.buffer.peer_ptrs, self.layout,
+                     self.rank, self._timeout_ns(), self._ranks_on_device)
+        return handle
+
+    def combine_finish(self, handle: EPHandle) -> torch.Tensor:
+        """The finish phase of combine: y [T, H] (dispatcher's dtype, a fresh tensor) = the source's sum
+        of its rows in rank order (gather_sum, a Triton kernel: the same rule as dispatch_finish).
+
+        Args:
+            handle: the handle combine_send returned.
+        """
+        self._check_handle("IPCDispatcher.combine_finish", handle)
         return gather_sum_unchecked(self._back, handle.home)  # [T, H]: the rows of each rank, in slot order
+
+    def _check_handle(self, op: str, handle: Any) -> None:
+        if not isinstance(handle, EPHandle) or handle.buffers is not self:
+            raise MoeCommTypeError(f"{op}: handle must be the handle of this IPCDispatcher's dispatch result, got "
+                                   f"{type(handle).__name__}" + (" of another dispatcher" if isinstance(handle, EPHandle) else ""))
 
     # ------------------------------------------------------------------------- faults
 

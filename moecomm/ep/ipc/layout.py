@@ -23,7 +23,7 @@ so each rank's dispatch writes ~128 * 5.3 * 14.4 KB = 9.8 MB (~1.2 MB per peer; 
 and its combine about as much back; a rank receives ~8 * 128 * 0.66 = 676 of its 1024 RECV rows.
 A smaller C (capacity_per_peer) shrinks the buffer, not the traffic.
 
-The model (send_reference / receive_reference / combine_send_reference) writes, with torch ops on
+The model (send_reference / receive_reference / combine_send_reference / combine_wait_reference) writes, with torch ops on
 plain uint8 tensors standing for the W buffers, exactly the bytes the kernels write: the CPU tests
 run it for W virtual ranks and compare with moecomm.ep.reference and the NCCL static mode, so the
 layout logic is checked without a GPU.
@@ -44,6 +44,47 @@ DISP_EPOCH, COMB_EPOCH, DISP_TICKET, COMB_TICKET = 384, 388, 392, 396
 ERROR_MASK, ERROR_PHASE, OVERFLOW = 400, 404, 408
 MAX_WORLD_SIZE = 8  # one node of NVLink; the kernels' masks would take 32
 MAX_TOKENS = 1024  # LL_MAX_T in ll.cu: the plan of a call lives in one block's shared memory
+FP8_GROUP = 128  # columns per fp32 scale of the fp8 payload (DeepEP's and DeepSeek-V3's block)
+FP8_MAX = 448.0  # the largest finite e4m3 (float8_e4m3fn)
+FP8_MAX_HIDDEN = 16384  # LL_FP8_MAX_H in ll.cu: a token's quantised row is staged in shared memory
+
+
+def quantize_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [T, H] float8_e4m3fn, scales [T, H / 128] fp32) as ll_dispatch's fp8 payload computes them.
+
+    Per token and 128 columns: amax of |x| (fp32), scale = amax / 448 (1 where amax is 0), q = the
+    round-to-nearest-even e4m3 of x / scale, saturated to +-448 (the kernel's cvt.rn.satfinite; the
+    clamp keeps torch's cast from turning a value that rounds past 448 into NaN). fp32 division, as
+    the kernel's IEEE ``/`` (no fast-math): bit for bit the kernel's bytes.
+    """
+    T, H = x.shape
+    g = x.float().reshape(T, H // FP8_GROUP, FP8_GROUP)
+    amax = g.abs().amax(dim=2)
+    # a tensor divisor, not a Python scalar: torch's CUDA division by a scalar multiplies by its
+    # reciprocal (not IEEE-exact), the kernel's a / 448.0f is a true division
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
+    q = (g / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(T, H)
+    return q, scale
+
+
+def dequantize_fp8_reference(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[R, H] of ``dtype`` = q * scale (fp32, rounded once to dtype): what dispatch_finish hands the experts."""
+    R, H = q.shape
+    v = q.float().reshape(R, H // FP8_GROUP, FP8_GROUP) * scales.float()[:, :, None]
+    return v.reshape(R, H).to(dtype)
+
+
+def fp8_wire_row(x: torch.Tensor) -> torch.Tensor:
+    """[T, H + H / 32] uint8: the token part of fp8 RECV rows (e4m3 bytes, then the fp32 scales' bytes)."""
+    q, s = quantize_fp8_reference(x)
+    return torch.cat([q.view(torch.uint8), s.contiguous().view(torch.uint8)], dim=1)
+
+
+def split_fp8_rows(recv: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [R, H] float8_e4m3fn, scales [R, H / 128] fp32) views of fp8 RECV rows [R, width] uint8."""
+    G = hidden // FP8_GROUP
+    q = recv[:, :hidden].view(torch.float8_e4m3fn)
+    return q, recv[:, hidden:hidden + 4 * G].view(torch.float32)
 
 
 def _align(n: int, a: int) -> int:
@@ -57,7 +98,8 @@ class LLLayout:
     Attributes:
         world_size, capacity, hidden, top_k, dtype: W, C, H, k and the token dtype.
         rows: RowLayout of a RECV row (the NCCL path's).
-        row_bytes: bytes of a RECV row; token_bytes: H * e; meta_off: the ids' byte offset in a row.
+        row_bytes: bytes of a RECV row; token_bytes: its token part (H * e; fp8: H + H / 32);
+            meta_off: the ids' byte offset in a row; payload: "native" or "fp8".
         recv_off, back_off: where RECV and BACK start; nbytes: the whole buffer.
     """
 
@@ -73,27 +115,46 @@ class LLLayout:
     recv_off: int
     back_off: int
     nbytes: int
+    payload: str = "native"
 
     @staticmethod
-    def of(world_size: int, capacity: int, hidden: int, top_k: int, dtype: torch.dtype) -> LLLayout:
-        rows = RowLayout.of(hidden, top_k, dtype)
+    def of(world_size: int, capacity: int, hidden: int, top_k: int, dtype: torch.dtype,
+           payload: str = "native") -> LLLayout:
+        """payload "native": RECV rows carry the tokens in ``dtype``; "fp8": H e4m3 bytes, then H / 128
+        fp32 scales (one per 128 columns, H % 128 == 0), as one uint8 "token" of H + H / 32 bytes
+        (RowLayout over uint8: the ids start at the same place the expansion looks for them)."""
         es = dtype.itemsize
-        row_bytes = rows.width * es
+        if payload == "fp8":
+            rows = RowLayout.of(hidden + hidden // FP8_GROUP * 4, top_k, torch.uint8)
+            row_bytes, token_bytes = rows.width, rows.token_cols
+        else:
+            rows = RowLayout.of(hidden, top_k, dtype)
+            row_bytes, token_bytes = rows.width * es, hidden * es
         recv_off = CTRL_BYTES
         back_off = _align(recv_off + world_size * capacity * row_bytes, 16)
         nbytes = _align(back_off + world_size * capacity * hidden * es, 16)
-        return LLLayout(world_size, capacity, hidden, top_k, dtype, rows, row_bytes, hidden * es, rows.meta_col * 4,
-                        recv_off, back_off, nbytes)
+        return LLLayout(world_size, capacity, hidden, top_k, dtype, rows, row_bytes, token_bytes, rows.meta_col * 4,
+                        recv_off, back_off, nbytes, payload)
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        """The dtype of RECV's rows: the token dtype, or uint8 for the fp8 payload."""
+        return torch.uint8 if self.payload == "fp8" else self.dtype
 
     def recv(self, buf: torch.Tensor) -> torch.Tensor:
-        """[W * C, width] view (token dtype) of RECV in ``buf`` (a rank's uint8 buffer)."""
+        """[W * C, width] view (wire dtype) of RECV in ``buf`` (a rank's uint8 buffer)."""
         n = self.world_size * self.capacity
-        return buf[self.recv_off:self.recv_off + n * self.row_bytes].view(self.dtype).view(n, self.rows.width)
+        return buf[self.recv_off:self.recv_off + n * self.row_bytes].view(self.wire_dtype).view(n, self.rows.width)
 
     def back(self, buf: torch.Tensor) -> torch.Tensor:
         """[W * C, H] view of BACK in ``buf``."""
         n = self.world_size * self.capacity
-        return buf[self.back_off:self.back_off + n * self.token_bytes].view(self.dtype).view(n, self.hidden)
+        return buf[self.back_off:self.back_off + n * self.back_row_bytes].view(self.dtype).view(n, self.hidden)
+
+    @property
+    def back_row_bytes(self) -> int:
+        """Bytes of a BACK row: H elements of the token dtype, whatever the dispatch payload."""
+        return self.hidden * self.dtype.itemsize
 
     @staticmethod
     def word(buf: torch.Tensor, offset: int, count: int = 1) -> torch.Tensor:
@@ -142,12 +203,16 @@ def send_reference(bufs: list[torch.Tensor], lay: LLLayout, rank: int, x: torch.
     rank_of = expert_to_rank[ids].long()  # [T, k]
     local = expert_to_local[ids].to(torch.int32)
     wbits = topk_weights.float().contiguous().view(torch.int32)
+    wire = fp8_wire_row(x) if lay.payload == "fp8" else None
     for d in range(W):
         recv = lay.recv(bufs[d])
         meta = recv.view(torch.int32)
         for t in torch.nonzero(dest[:, d] & (slot[:, d] < C)).flatten().tolist():
             row = rank * C + int(slot[t, d])
-            recv[row, :lay.hidden] = x[t]
+            if lay.payload == "fp8":
+                recv[row, :lay.token_bytes] = wire[t]
+            else:
+                recv[row, :lay.hidden] = x[t]
             mine = rank_of[t] == d
             meta[row, lay.rows.meta_col:lay.rows.meta_col + k] = torch.where(mine, local[t], -1)
             meta[row, lay.rows.meta_col + k:lay.rows.meta_col + 2 * k] = torch.where(mine, wbits[t], 0)
@@ -167,6 +232,8 @@ def receive_reference(buf: torch.Tensor, lay: LLLayout, epoch: int) -> None:
         lay.word(buf, ERROR_MASK).bitwise_or_(mask)
         lay.word(buf, ERROR_PHASE).fill_(1)
         cnt[late] = 0
+        lay.word(buf, DISP_CNT, W)[late] = 0  # combine's count of a late peer: 0 as well
+    cnt = cnt.clamp(0, C)
     meta = lay.recv(buf).view(torch.int32)[:, lay.rows.meta_col:lay.rows.meta_col + k]  # [W * C, k]
     slot = torch.arange(W * C, device=buf.device) % C
     src = torch.arange(W * C, device=buf.device) // C
@@ -194,3 +261,19 @@ def combine_send_reference(bufs: list[torch.Tensor], lay: LLLayout, rank: int, e
                     acc += expert_out[p].float()
             back[rank * C + slot] = acc.to(lay.dtype)
         lay.word(bufs[s], COMB_FLAG + 4 * rank).fill_(epoch)
+
+
+def combine_wait_reference(buf: torch.Tensor, lay: LLLayout, epoch: int) -> None:
+    """ll_combine's wait on one rank's buffer: peers whose comb_flag is behind ``epoch`` are recorded in
+    error_mask (phase 2) and contribute 0: their C rows of this rank's BACK are zeroed (not left
+    from an earlier call); then comb_epoch = epoch."""
+    W, C = lay.world_size, lay.capacity
+    late = (lay.word(buf, COMB_FLAG, W) - epoch) < 0
+    if bool(late.any()):
+        lay.word(buf, ERROR_MASK).bitwise_or_(int(sum(1 << s for s in range(W) if late[s])))
+        lay.word(buf, ERROR_PHASE).fill_(2)
+        back = lay.back(buf)
+        for s in range(W):
+            if late[s]:
+                back[s * C:(s + 1) * C] = 0
+    lay.word(buf, COMB_EPOCH).fill_(epoch)

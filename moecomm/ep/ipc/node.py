@@ -44,6 +44,16 @@ class NodeDispatcher:
         self.num_local_experts = ep.num_local_experts
         self.last_path: PathChoice | None = None
 
+    @property
+    def ep_size(self) -> int:
+        """W, ranks of the expert-parallel group."""
+        return self.ep.ep_size
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The EPDispatcher's static-mode max_tokens (the IPC path's is ``ipc.max_tokens``)."""
+        return self.ep.max_tokens
+
     def choose(self, num_tokens: int) -> PathChoice:
         """The path of a step of ``num_tokens`` tokens a rank (recorded in last_path, logged on a change)."""
         c = choose_ep_path(num_tokens, ep_size=self.ep.ep_size, eligibility=self.eligibility,
