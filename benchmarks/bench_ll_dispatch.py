@@ -170,7 +170,7 @@ def cpu_rows(T, H, E, k, W, dtype, writer, rep) -> list[dict]:
     return [rec]
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (on CPU: the layout model)")
     ap.add_argument("--out", default=None, help="append JSON lines here")
@@ -192,8 +192,9 @@ def main(argv=None) -> list[dict]:
             rows += cpu_rows(T, H, E, k, W, torch.float32, writer, 3)
     if failed:
         raise SystemExit(f"bench_ll_dispatch: (payload, T) {failed} failed (messages above)")
-    return rows
+    print(f"{len(rows)} rows")
+    return 0  # the exit status (`moecomm bench ll_dispatch` returns it)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
