@@ -87,7 +87,11 @@ def with_config(name, fn):
     return run
 
 
-def _control_configs():
+def _control_configs(device):
+    """Our other launch configurations (control rows): on a GPU only. On a CPU the ops run their
+    reference, where a configuration means nothing (and Triton may not be installed)."""
+    if device.type != "cuda":
+        return []
     from moecomm.sampling import _triton
 
     return [c for c in _triton.CONFIGS if c != _triton.CONFIG]
@@ -106,7 +110,7 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
         impls["moecomm"] = lambda p: S.top_k_top_p_sampling_from_probs(p, top_k, top_p)
         if fi is not None:
             impls["flashinfer"] = lambda p: fi.sampling.top_k_top_p_sampling_from_probs(p, top_k, top_p)
-    for cfg in _control_configs():  # control rows: our other configurations, same run, same data
+    for cfg in _control_configs(device):  # control rows: our other configurations, same run, same data
         impls[f"moecomm[{cfg}]"] = with_config(cfg, impls["moecomm"])
     impls["torch_sort"] = lambda p: torch_sort_sampler(p, top_k, top_p)
     # validate before timing: every token of ours lies in the kept set
@@ -117,7 +121,7 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
         if top_k is None:
             return S.top_p_sampling_from_probs(p, top_p, seed=1)
         return S.top_k_top_p_sampling_from_probs(p, top_k, top_p, seed=1)
-    for cfg in _control_configs():  # every configuration draws the same tokens from the same seed
+    for cfg in _control_configs(device):  # every configuration draws the same tokens from the same seed
         same = (with_config(cfg, seeded)(sets[0][0]) == seeded(sets[0][0])).float().mean().item()
         if same < 1.0:
             print(f"  WARNING {op} B{batch} V{vocab}: moecomm[{cfg}] drew other tokens than the default on {1 - same:.2%} of rows")
@@ -153,7 +157,7 @@ def run_graph_case(writer, device, fi, vocab=128256):
     sets = _sets(1, vocab, device)
     fns = {"moecomm": lambda p: S.top_p_sampling_from_probs(p, 0.9),
            "moecomm_topk_topp": lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9)}
-    for cfg in _control_configs():
+    for cfg in _control_configs(device):
         fns[f"moecomm[{cfg}]"] = with_config(cfg, fns["moecomm"])
         fns[f"moecomm_topk_topp[{cfg}]"] = with_config(cfg, fns["moecomm_topk_topp"])
     if fi is not None:

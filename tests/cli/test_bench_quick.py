@@ -26,10 +26,21 @@ def test_every_benchmark_is_found():
     assert set(bench_capabilities()) >= {"dispatch", "gemm", "moe", "permute", "routing"}
 
 
+@pytest.mark.parametrize("triton", ["with_triton", "without_triton"])
 @pytest.mark.parametrize("capability", bench_capabilities())
-def test_bench_quick_runs_on_cpu(capability, tmp_path):
+def test_bench_quick_runs_on_cpu(capability, triton, tmp_path):
+    """Also where Triton is not installed (it is not a dependency; bench_sampling --quick once
+    imported the Triton kernels' module for its control rows and crashed there)."""
+    from test_without_triton import _BLOCKER
+
     out = tmp_path / "results.jsonl"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    paths = [str(ROOT)]
+    if triton == "without_triton":
+        shim = tmp_path / "no_triton"
+        shim.mkdir()
+        (shim / "sitecustomize.py").write_text(_BLOCKER)
+        paths.insert(0, str(shim))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]))
     env.pop("MOECOMM_BACKEND", None)
     p = subprocess.run([sys.executable, "-m", "moecomm.cli", "bench", capability, "--quick", "--out", str(out)],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
