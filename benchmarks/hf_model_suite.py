@@ -10,6 +10,7 @@ unpatched but fail patched.
     python -m benchmarks.hf_model_suite run --suite /tmp/hf-tests/suite --family mixtral --mode construct
     python -m benchmarks.hf_model_suite report --results /tmp/hf-tests/results
     ... run --default-experts eager ...   # models that ask for no experts implementation get eager, not grouped_mm
+    ... run --only generation ...         # only the GenerationTesterMixin tests (names read from the suite's file)
 
 Modes:
   unpatched   transformers as it is
@@ -21,7 +22,10 @@ Modes:
 
 The suite: a folder holding ``tests/`` with transformers 5.17.0's sdist test files (test_modeling_common.py
 and companions) and the per-model files tests/models/<family>/test_modeling_<family>.py from transformers'
-repository. Results are JUnit XML files, one per (family, mode), read by ``report``.
+repository, and tests/generation/test_utils.py (GenerationTesterMixin; not in the sdist: transcribed from a
+5.x tree of the code index). Results are JUnit XML files, one per (family, mode), read by ``report``.
+The generation tests build their models directly (model_class(config)), so load mode patches only the few
+that go through from_pretrained: for them construct mode is the one that tests patched models.
 
 Not a CI test: it runs transformers' suite, minutes per family on CPU.
 """
@@ -29,6 +33,7 @@ Not a CI test: it runs transformers' suite, minutes per family on CPU.
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import json
 import os
@@ -130,6 +135,19 @@ def run(suite: Path, family: str, mode: str, results: Path, timeout_s: int, extr
         return subprocess.call(cmd, cwd=suite, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def generation_tests(suite: Path) -> list[str]:
+    """The test_* method names of GenerationTesterMixin in the suite's tests/generation/test_utils.py, sorted."""
+    path = suite / "tests" / "generation" / "test_utils.py"
+    if not path.exists():
+        raise FileNotFoundError(f"hf_model_suite: --only generation needs {path}, which does not exist")
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name == "GenerationTesterMixin":
+            names = sorted(f.name for f in node.body if isinstance(f, ast.FunctionDef) and f.name.startswith("test_"))
+            if names:
+                return names
+    raise ValueError(f"hf_model_suite: {path} has no GenerationTesterMixin with test_* methods (a stub?)")
+
+
 def outcomes(xml_path: Path) -> dict[str, tuple[str, str]]:
     """test id -> (passed | failed | skipped, first line of the failure or skip message)."""
     out = {}
@@ -206,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--timeout", type=int, default=300, help="pytest-timeout per test, seconds")
     r.add_argument("--default-experts", choices=["eager", "grouped_mm", "batched_mm"], default=None,
                    help="experts implementation of models that ask for none (default: transformers' choice)")
+    r.add_argument("--only", choices=["generation"], default=None,
+                   help="run only these tests (generation: GenerationTesterMixin's, by name, with pytest -k)")
     r.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
     s = sub.add_parser("report")
     s.add_argument("--results", type=Path, default=Path("/tmp/hf-tests/results"))
@@ -216,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     families = list(FAMILIES) if args.family == "all" else [args.family]
     modes = list(MODES) if args.mode == "all" else [args.mode]
+    if args.only == "generation":  # -k matches substrings: test_generate_from_inputs_embeds also selects its variants
+        args.pytest_args = ["-k", " or ".join(generation_tests(args.suite)), *args.pytest_args]
     for family in families:
         for mode in modes:
             rc = run(args.suite, family, mode, args.results, args.timeout, args.pytest_args, args.default_experts)

@@ -65,3 +65,18 @@ def test_plugin_rejects_an_unknown_mode(monkeypatch):
     monkeypatch.setenv("HF_MODEL_SUITE_MODE", "sometimes")
     with pytest.raises(ValueError, match="HF_MODEL_SUITE_MODE must be one of .* got 'sometimes'"):
         suite.pytest_configure(types.SimpleNamespace())
+
+
+def test_generation_tests_are_read_from_the_suites_mixin(tmp_path):
+    gen = tmp_path / "tests" / "generation"
+    gen.mkdir(parents=True)
+    (gen / "test_utils.py").write_text(
+        "def test_module_level():\n    pass\n\n\nclass Other:\n    def test_other(self):\n        pass\n\n\n"
+        "class GenerationTesterMixin:\n    def _helper(self):\n        pass\n\n"
+        "    def test_sample_generate(self):\n        pass\n\n    def test_greedy_generate(self):\n        pass\n")
+    assert suite.generation_tests(tmp_path) == ["test_greedy_generate", "test_sample_generate"]
+    (gen / "test_utils.py").write_text("class GenerationTesterMixin:\n    pass\n")  # the stub: an error, not an empty -k
+    with pytest.raises(ValueError, match="no GenerationTesterMixin with test_\\* methods"):
+        suite.generation_tests(tmp_path)
+    with pytest.raises(FileNotFoundError, match="needs .*missing/tests/generation/test_utils.py"):
+        suite.generation_tests(tmp_path / "missing")
