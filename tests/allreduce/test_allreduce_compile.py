@@ -73,7 +73,7 @@ def _compiled_vs_eager(dtype_name: str) -> str:
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_compiled_equals_eager_gloo(world_size):
-    assert run_distributed(world_size, _compiled_vs_eager, "bfloat16", start_method="fork") == ["ok"] * world_size
+    assert run_distributed(world_size, _compiled_vs_eager, "bfloat16", start_method="spawn") == ["ok"] * world_size
 
 
 def _opcheck_and_closed() -> str:
@@ -93,4 +93,4 @@ def _opcheck_and_closed() -> str:
 
 
 def test_opcheck_and_closed_handle():
-    assert run_distributed(1, _opcheck_and_closed, start_method="fork") == ["ok"]
+    assert run_distributed(1, _opcheck_and_closed, start_method="spawn") == ["ok"]

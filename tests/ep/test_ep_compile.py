@@ -1,0 +1,109 @@
+"""Expert-parallel dispatch/combine under torch.compile(fullgraph=True): the EPDispatcher static mode
+(moecomm/ep/nccl/static_ops.py) and IPCDispatcher (moecomm/ep/ipc/ops.py) as opaque custom op pairs.
+CPU: a static-mode round trip (force_exchange: the exchange path over a group of one, with and
+without a gloo process group) compiled == eager == ep_reference, bit for bit, on small-integer
+payloads; the fakes agree with the real ops (torch.library.opcheck); IPCDispatcher's round trip
+compiled over the layout model (its kernels replaced, as in test_ll_dispatch.py) at W 1.
+GPU: the same on CUDA tensors through the Triton kernels (test_static_mode_compiled_on_gpu)."""
+
+# T = num_tokens, H = hidden, k = top_k, E = num_experts, L = local experts, N = expanded rows
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moecomm.ep.nccl import dispatcher as D
+from moecomm.ep.nccl import static_ops
+from moecomm.ep.placement import ExpertPlacement
+from moecomm.ep.reference import ep_reference
+from moecomm.testing import run_distributed
+
+from test_dispatch import expert_times_id, int_tokens, routing
+
+E, K, H, T, MAX_TOKENS = 8, 2, 16, 13, 16
+
+
+def _inputs(device="cpu", dtype=torch.float32, T=T):
+    ids, w = routing(T, E, K, skew=True, seed=3)
+    return int_tokens(T, H, seed=5, dtype=dtype).to(device), ids.to(device), w.to(device)
+
+
+def _step(disp):
+    def step(x, ids, w):
+        d = disp.dispatch(x, ids, w)
+        N = d.gather_idx.shape[0]
+        # the local expert of every expanded row from the offsets: static shapes (no repeat_interleave)
+        e_of_row = torch.searchsorted(d.expert_offsets[1:], torch.arange(N, device=x.device, dtype=torch.int32),
+                                      right=True).clamp(max=disp.num_local_experts - 1)
+        h = (d.tokens[d.gather_idx.long()].float() * (e_of_row[:, None] + 1) * d.row_weights[:, None]).to(x.dtype)
+        return disp.combine(h, d.handle), d.expert_offsets, d.tokens_per_expert
+    return step
+
+
+def _check_round_trip(disp, x, ids, w) -> None:
+    step = _step(disp)
+    eager = step(x, ids, w)
+    ref = ep_reference([x.cpu()], [ids.cpu()], [w.cpu()], ExpertPlacement(E, 1), expert_times_id)
+    assert torch.equal(eager[0].cpu(), ref.y[0])
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend=record)(x, ids, w)
+    assert "moecomm.ep_static_dispatch.default" in targets and "moecomm.ep_static_combine.default" in targets, targets
+    for a, b in zip(eager, got):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(x, ids, w)
+    for a, b in zip(eager, got):
+        assert torch.equal(a, b)
+    # a second call with other tokens (same shapes): the graph is reused and reads the new inputs
+    x2 = x * -1
+    assert torch.equal(torch.compile(step, fullgraph=True, backend="aot_eager")(x2, ids, w)[0], step(x2, ids, w)[0])
+    disp.check_overflow()
+
+
+def test_static_mode_compiled_without_process_group():
+    # no torch.distributed: the exchange of a group of one is a copy; the buffers are allocated by the
+    # op at its first call (on x's device), not during tracing
+    disp = D.EPDispatcher(E, K, H, dtype=torch.float32, max_tokens=MAX_TOKENS, force_exchange=True)
+    _check_round_trip(disp, *_inputs())
+
+
+def _gloo_round_trip() -> str:
+    disp = D.EPDispatcher(E, K, H, dtype=torch.float32, max_tokens=MAX_TOKENS, force_exchange=True)
+    _check_round_trip(disp, *_inputs())
+    return "ok"
+
+
+def test_static_mode_compiled_over_a_one_rank_gloo_group():
+    assert run_distributed(1, _gloo_round_trip, start_method="spawn") == ["ok"]
+
+
+def test_static_ops_opcheck():
+    disp = D.EPDispatcher(E, K, H, dtype=torch.float32, max_tokens=MAX_TOKENS, force_exchange=True)
+    x, ids, w = _inputs()
+    torch.library.opcheck(static_ops.ep_static_dispatch.op, (x, ids.to(torch.int32), w, disp._op_handle))
+    outs = static_ops.ep_static_dispatch(x, ids.to(torch.int32), w, disp._op_handle)
+    h = torch.randint(-3, 4, (outs[4].shape[0], H)).float()
+    torch.library.opcheck(static_ops.ep_static_combine.op, (h, outs[6], outs[5], disp._op_handle))
+
+
+def test_eager_static_mode_keeps_its_views():
+    """Eager calls do not go through the op: the result's tokens are still views of the buffers."""
+    disp = D.EPDispatcher(E, K, H, dtype=torch.float32, max_tokens=MAX_TOKENS, force_exchange=True)
+    d = disp.dispatch(*_inputs())
+    assert d.tokens.data_ptr() == disp._static.recv.data_ptr() and d.handle.op_handle is None
+
+
+@pytest.mark.gpu
+def test_static_mode_compiled_on_gpu(monkeypatch):
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    disp = D.EPDispatcher(E, K, H, dtype=torch.bfloat16, max_tokens=MAX_TOKENS, force_exchange=True)
+    _check_round_trip(disp, *_inputs("cuda", torch.bfloat16))
