@@ -107,3 +107,81 @@ def test_static_mode_compiled_on_gpu(monkeypatch):
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
     disp = D.EPDispatcher(E, K, H, dtype=torch.bfloat16, max_tokens=MAX_TOKENS, force_exchange=True)
     _check_round_trip(disp, *_inputs("cuda", torch.bfloat16))
+
+
+# --------------------------------------------------------------------------- IPCDispatcher
+
+
+def _ipc_over_layout_model(monkeypatch, dtype=torch.float32, fill=0xFF):
+    """A one-rank IPCDispatcher on CPU, its two kernels replaced by the layout model (as in
+    test_ll_dispatch.py's threaded run; W 1: no peer to wait for)."""
+    from moecomm.ep.ipc import _cuda
+    from moecomm.ep.ipc import layout as LY
+    from moecomm.ep.ipc.dispatcher import IPCDispatcher
+
+    lay = LY.LLLayout.of(1, MAX_TOKENS, H, K, dtype)
+    bufs = [torch.zeros(lay.nbytes, dtype=torch.uint8)]
+    bufs[0][lay.recv_off:] = fill  # 0xFF: NaN, rows never written show
+
+    def fake_dispatch(x, i, w, e2r, e2l, peer_ptrs, home, lay_, rank, timeout_ns, ranks_on_device):
+        epoch = int(LY.LLLayout.word(bufs[rank], LY.DISP_EPOCH)) + 1
+        LY.send_reference(bufs, lay_, rank, x, i, w, e2r, e2l, home, epoch)
+        LY.receive_reference(bufs[rank], lay_, epoch)
+
+    def fake_combine(out, slot_pos, peer_ptrs, lay_, rank, timeout_ns, ranks_on_device):
+        epoch = int(LY.LLLayout.word(bufs[rank], LY.COMB_EPOCH)) + 1
+        LY.combine_send_reference(bufs, lay_, rank, out, slot_pos, epoch)
+        LY.LLLayout.word(bufs[rank], LY.COMB_EPOCH).fill_(epoch)
+
+    monkeypatch.setattr(_cuda, "dispatch_cuda", fake_dispatch)
+    monkeypatch.setattr(_cuda, "combine_cuda", fake_combine)
+    monkeypatch.setattr(IPCDispatcher, "_check_hardware", staticmethod(lambda device: None))
+    view = SimpleNamespace(rank=0, world_size=1, nbytes=lay.nbytes, device=torch.device("cpu"), local=bufs[0],
+                           peer_ptrs=torch.zeros(1, dtype=torch.int64), virtual=True)
+    return IPCDispatcher(E, K, H, buffer=view, dtype=dtype, max_tokens=MAX_TOKENS, timeout_s=5.0)
+
+
+def test_ipc_dispatcher_compiled_over_the_layout_model(monkeypatch):
+    disp = _ipc_over_layout_model(monkeypatch)
+    x, ids, w = _inputs()
+    step = _step(disp)
+    eager = step(x, ids, w)
+    ref = ep_reference([x], [ids], [w], ExpertPlacement(E, 1), expert_times_id)
+    assert torch.equal(eager[0], ref.y[0])
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend=record)(x, ids, w)
+    assert "moecomm.ipc_ep_dispatch.default" in targets and "moecomm.ipc_ep_combine.default" in targets, targets
+    for a, b in zip(eager, got):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(x, ids, w)
+    for a, b in zip(eager, got):
+        assert torch.equal(a, b)
+    disp.check_overflow()
+
+
+def test_ipc_ops_opcheck(monkeypatch):
+    from moecomm.ep.ipc import ops as ipc_ops
+
+    # zero-filled: opcheck compares repeated calls with assert_close, and NaN padding rows never compare equal
+    disp = _ipc_over_layout_model(monkeypatch, fill=0)
+    x, ids, w = _inputs()
+    ids = ids.to(torch.int32)
+    torch.library.opcheck(ipc_ops.ipc_ep_dispatch.op, (x, ids, w, disp._op_handle))
+    outs = ipc_ops.ipc_ep_dispatch(x, ids, w, disp._op_handle)
+    h = torch.randint(-3, 4, (outs[4].shape[0], H)).float()
+    torch.library.opcheck(ipc_ops.ipc_ep_combine.op, (h, outs[6], outs[5], disp._op_handle))
+    # the fakes alone, under FakeTensorMode: shapes from the dispatcher's sizes, no data read
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx, fi, fw = mode.from_tensor(x), mode.from_tensor(ids), mode.from_tensor(w)
+        fo = torch.ops.moecomm.ipc_ep_dispatch(fx, fi, fw, disp._op_handle)
+        assert [tuple(t.shape) for t in fo] == [tuple(t.shape) for t in outs]
+        assert [t.dtype for t in fo] == [t.dtype for t in outs]
