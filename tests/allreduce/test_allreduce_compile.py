@@ -3,8 +3,8 @@
 CustomAllReduce takes its fallback (torch.distributed.all_reduce inside the op): compiled ==
 eager, bit for bit, and both == the exact sum of small-integer payloads; the fakes match the
 real op (torch.library.opcheck); a closed all-reduce's handle raises a clear error.
-GPU: the same through the IPC paths (one-shot, two-shot, fused) needs two GPUs of one node
-(marked multigpu: run on a host with two)."""
+GPU (test_compiled_ipc_paths_at_one_rank): a one-rank group on one GPU, where the IPC kernels run
+at W 1 (one-shot, two-shot, fused RMSNorm inside the ops): compiled == eager bit for bit."""
 
 # W = world_size, n = elements per rank.
 
@@ -94,3 +94,40 @@ def _opcheck_and_closed() -> str:
 
 def test_opcheck_and_closed_handle():
     assert run_distributed(1, _opcheck_and_closed, start_method="spawn") == ["ok"]
+
+
+@pytest.mark.gpu
+def test_compiled_ipc_paths_at_one_rank(tmp_path):
+    """CustomAllReduce on one GPU over a one-rank gloo group: the IPC kernels (ctypes launches through
+    the driver API, untraceable by dynamo) inside the custom ops."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        dev = torch.device("cuda", torch.cuda.current_device())
+        one = CustomAllReduce(device=dev, max_size=1 << 20, timeout_s=10.0)
+        if not one.ipc:
+            pytest.skip(f"not eligible at one rank: {one.eligibility.reason}")
+        two = CustomAllReduce(device=dev, max_size=1 << 20, timeout_s=10.0, oneshot_max_bytes=0)
+        with one, two:
+            for ar, algo in ((one, "ONESHOT"), (two, "TWOSHOT")):
+                x = _payload(0, (9, 4096), torch.bfloat16).to(dev)
+                res = _payload(3, (9, 4096), torch.bfloat16).to(dev)
+                weight = (torch.arange(4096) % 3 + 1).to(torch.bfloat16).to(dev)
+                assert ar.path_for(x.numel() * 2).name == algo
+
+                def step(x, res, weight):
+                    y = ar.all_reduce(x)
+                    out, new_res = ar.all_reduce_residual_rmsnorm(x, res, weight, eps=1e-6)
+                    return y, out, new_res
+
+                eager = step(x, res, weight)
+                torch._dynamo.reset()
+                compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, res, weight)
+                torch.cuda.synchronize()
+                ar.check()
+                assert torch.equal(eager[0], x)  # W 1: the sum is x
+                for a, b in zip(eager, compiled):
+                    assert torch.equal(a, b), algo
+    finally:
+        dist.destroy_process_group()

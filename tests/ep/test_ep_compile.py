@@ -4,7 +4,9 @@ CPU: a static-mode round trip (force_exchange: the exchange path over a group of
 without a gloo process group) compiled == eager == ep_reference, bit for bit, on small-integer
 payloads; the fakes agree with the real ops (torch.library.opcheck); IPCDispatcher's round trip
 compiled over the layout model (its kernels replaced, as in test_ll_dispatch.py) at W 1.
-GPU: the same on CUDA tensors through the Triton kernels (test_static_mode_compiled_on_gpu)."""
+GPU: the static mode on CUDA tensors through the Triton kernels (test_static_mode_compiled_on_gpu);
+IPCDispatcher at W 1 over a one-rank virtual buffer through the real ll.cu kernels
+(test_ipc_dispatcher_compiled_on_gpu)."""
 
 # T = num_tokens, H = hidden, k = top_k, E = num_experts, L = local experts, N = expanded rows
 
@@ -105,8 +107,9 @@ def test_eager_static_mode_keeps_its_views():
 @pytest.mark.gpu
 def test_static_mode_compiled_on_gpu(monkeypatch):
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
-    disp = D.EPDispatcher(E, K, H, dtype=torch.bfloat16, max_tokens=MAX_TOKENS, force_exchange=True)
-    _check_round_trip(disp, *_inputs("cuda", torch.bfloat16))
+    # fp32: the reference's sums of small integers times powers of two stay exact
+    disp = D.EPDispatcher(E, K, H, dtype=torch.float32, max_tokens=MAX_TOKENS, force_exchange=True)
+    _check_round_trip(disp, *_inputs("cuda"))
 
 
 # --------------------------------------------------------------------------- IPCDispatcher
@@ -185,3 +188,28 @@ def test_ipc_ops_opcheck(monkeypatch):
         fo = torch.ops.moecomm.ipc_ep_dispatch(fx, fi, fw, disp._op_handle)
         assert [tuple(t.shape) for t in fo] == [tuple(t.shape) for t in outs]
         assert [t.dtype for t in fo] == [t.dtype for t in outs]
+
+
+@pytest.mark.gpu
+def test_ipc_dispatcher_compiled_on_gpu(monkeypatch):
+    """One rank (W 1, one virtual buffer): ll_dispatch / ll_combine inside the ops, no peer to wait for."""
+    from moecomm.distributed.symmetric import open_virtual
+    from moecomm.ep.ipc.dispatcher import IPCDispatcher
+
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    (buf,) = open_virtual(IPCDispatcher.buffer_bytes(1, MAX_TOKENS, H, K, torch.float32), 1, "cuda")
+    disp = IPCDispatcher(E, K, H, buffer=buf, dtype=torch.float32, max_tokens=MAX_TOKENS, timeout_s=10.0)
+    x, ids, w = _inputs("cuda")
+    step = _step(disp)
+    eager = step(x, ids, w)
+    ref = ep_reference([x.cpu()], [ids.cpu()], [w.cpu()], ExpertPlacement(E, 1), expert_times_id)
+    assert torch.equal(eager[0].cpu(), ref.y[0])
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(x, ids, w)
+    for a, b in zip(eager, got):
+        assert torch.equal(a, b)
+    x2 = -x
+    assert torch.equal(torch.compile(step, fullgraph=True, backend="aot_eager")(x2, ids, w)[0], step(x2, ids, w)[0])
+    torch.cuda.synchronize()
+    disp.check_overflow()
+    buf.close()
