@@ -25,6 +25,10 @@ signals the peers; a non-contiguous or misaligned input is copied by the host fi
 registered over IPC when the capture ends (vLLM's register_graph_buffers), so replays copy nothing;
 ``capture(register=False)`` captures the staging copy instead.
 
+torch.compile(fullgraph=True): all_reduce and all_reduce_residual_rmsnorm check their arguments, then
+call one custom op each (moecomm/allreduce/ops.py: the object found by an int handle, every path, NCCL's
+included, inside the op); eager calls run the same code without the dispatcher.
+
 Errors: a barrier waits at most timeout_s (MOECOMM_TIMEOUT_S by default); on timeout the kernel
 writes which rank did not arrive into a device error word and exits; ``check()`` (a device sync, at
 a point the caller chooses) raises AllReduceTimeoutError naming the op and the rank.

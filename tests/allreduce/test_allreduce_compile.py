@@ -92,6 +92,30 @@ def _opcheck_and_closed() -> str:
     raise AssertionError("a closed all-reduce's handle did not raise")
 
 
+def _eager_skips_the_op() -> str:
+    ar = CustomAllReduce(max_size=1 << 16)
+    x = _payload(0, (5, 16), torch.float32)
+
+    class Refuse:
+        op = staticmethod(lambda *a: (_ for _ in ()).throw(AssertionError("eager call went through the op")))
+
+    real = ar_ops.ipc_all_reduce, ar_ops.ipc_all_reduce_residual_rmsnorm
+    ar_ops.ipc_all_reduce = ar_ops.ipc_all_reduce_residual_rmsnorm = Refuse()
+    try:
+        assert torch.equal(ar.all_reduce(x), x)
+        out, res = ar.all_reduce_residual_rmsnorm(x, x, torch.ones(16))
+        assert torch.equal(res, 2 * x)
+    finally:
+        ar_ops.ipc_all_reduce, ar_ops.ipc_all_reduce_residual_rmsnorm = real
+    ar.close()
+    return "ok"
+
+
+def test_eager_calls_skip_the_dispatcher():
+    """The eager path stays as it was: the implementation is called directly, not the registered op."""
+    assert run_distributed(1, _eager_skips_the_op, start_method="spawn") == ["ok"]
+
+
 def test_opcheck_and_closed_handle():
     assert run_distributed(1, _opcheck_and_closed, start_method="spawn") == ["ok"]
 

@@ -213,3 +213,19 @@ def test_ipc_dispatcher_compiled_on_gpu(monkeypatch):
     torch.cuda.synchronize()
     disp.check_overflow()
     buf.close()
+
+
+def test_node_dispatcher_compiled_records_its_path():
+    """NodeDispatcher (the layer's dispatcher on CUDA with EP > 1) under compile: its choice is made at
+    trace time and recorded in last_path; the log of a change is eager only (dynamo cannot trace it)."""
+    from moecomm.ep.ipc import NodeDispatcher
+
+    nd = NodeDispatcher(D.EPDispatcher(E, K, H, dtype=torch.float32, max_tokens=MAX_TOKENS, force_exchange=True))
+    x, ids, w = _inputs()
+    eager = _step(nd)(x, ids, w)
+    nd.last_path = None
+    torch._dynamo.reset()
+    got = torch.compile(_step(nd), fullgraph=True, backend="aot_eager")(x, ids, w)
+    assert nd.last_path is not None and nd.last_path.path == "local"
+    for a, b in zip(eager, got):
+        assert torch.equal(a, b)

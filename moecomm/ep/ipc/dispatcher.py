@@ -20,6 +20,9 @@ receiver's ld.acquire.sys); combine stores the receiver's per-row sums into the 
 same way, and the source sums its rows (gather_sum, rank order: exact). No host sync anywhere, every
 shape static: dispatch and combine can be captured in a CUDA graph with the experts.
 
+torch.compile(fullgraph=True): dispatch / combine (and their _unchecked twins) are one opaque custom op
+each (ops.py), one rank a process; the two-phase calls of virtual ranks stay eager.
+
 Faults: a spin-wait is bounded (timeout_s, default MOECOMM_TIMEOUT_S); a peer that does not arrive
 sets an error word naming it and the kernel goes on (its rows count as empty); check_errors() (also
 called by check_overflow()) raises RankFailureError naming the rank(s). After that the dispatcher's

@@ -39,6 +39,11 @@ bounds), and a device flag is set; check_overflow() raises it on the host at the
 caller chooses. In static mode a rank whose input is bad raises at once; its peers wait in the
 exchange and raise within the group's timeout, naming it (moecomm.distributed.health).
 
+Under torch.compile(fullgraph=True) a static-mode dispatch and its combine are one opaque custom op
+each (static_ops.py; results copied out of the buffers there), the DispatchResult and EPHandle built
+from their outputs; eager calls do not go through them. The throughput mode cannot be compiled
+fullgraph (its count exchange is a host sync and its shapes depend on the routing).
+
 EP size 1 is LocalDispatcher's permute: no exchange and no host sync (beyond the optional id check),
 unless force_exchange=True (benchmarks: the exchange path over a one-rank group).
 """
