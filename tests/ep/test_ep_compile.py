@@ -88,6 +88,32 @@ def test_static_mode_compiled_over_a_one_rank_gloo_group():
     assert run_distributed(1, _gloo_round_trip, start_method="spawn") == ["ok"]
 
 
+def _two_ranks_one_without_experts() -> list:
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    pl = ExpertPlacement(E, 2, (0,) * E)  # rank 1 holds no expert: its outputs have N = 0 rows
+    xs, ids, ws = [], [], []
+    for r, t in enumerate((13, 6)):
+        i, w = routing(t, E, K, skew=True, seed=10 + r)
+        xs.append(int_tokens(t, H, seed=20 + r))
+        ids.append(i)
+        ws.append(w)
+    ref = ep_reference(xs, ids, ws, pl, expert_times_id)
+    disp = D.EPDispatcher(E, K, H, placement=pl, dtype=torch.float32, max_tokens=MAX_TOKENS)
+    step = _step(disp)
+    eager = step(xs[rank], ids[rank], ws[rank])
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(xs[rank], ids[rank], ws[rank])
+    disp.check_overflow()
+    return [disp.num_local_experts, torch.equal(eager[0], ref.y[rank])] + [torch.equal(a, b) for a, b in zip(eager, got)]
+
+
+def test_static_mode_compiled_two_ranks_one_without_experts():
+    """A real two-rank exchange (gloo all_to_all_single inside the ops); rank 1's results have no rows."""
+    assert run_distributed(2, _two_ranks_one_without_experts) == [[E, True, True, True, True], [0, True, True, True, True]]
+
+
 def test_static_ops_opcheck():
     disp = D.EPDispatcher(E, K, H, dtype=torch.float32, max_tokens=MAX_TOKENS, force_exchange=True)
     x, ids, w = _inputs()
