@@ -25,6 +25,10 @@ signals the peers; a non-contiguous or misaligned input is copied by the host fi
 registered over IPC when the capture ends (vLLM's register_graph_buffers), so replays copy nothing;
 ``capture(register=False)`` captures the staging copy instead.
 
+torch.compile(fullgraph=True): all_reduce and all_reduce_residual_rmsnorm check their arguments, then
+call one custom op each (moecomm/allreduce/ops.py: the object found by an int handle, every path, NCCL's
+included, inside the op); eager calls run the same code without the dispatcher.
+
 Errors: a barrier waits at most timeout_s (MOECOMM_TIMEOUT_S by default); on timeout the kernel
 writes which rank did not arrive into a device error word and exits; ``check()`` (a device sync, at
 a point the caller chooses) raises AllReduceTimeoutError naming the op and the rank.
@@ -45,6 +49,7 @@ from ..distributed.symmetric import (Eligibility, close_allocation, eligibility,
                                      open_symmetric)
 from ..errors import MoeCommError, MoeCommValueError
 from . import _ipc, layout
+from . import ops as _ops
 from .engine import Engine, check_input, check_sizes
 from .layout import Algo
 from .reference import residual_rmsnorm_reference
@@ -84,6 +89,7 @@ class CustomAllReduce:
         else:
             dev = torch.device("cpu") if device is None else torch.device(device)
         self.device = dev
+        self._handle = _ops.REGISTRY.add(self)  # what the custom ops find it by (torch.compile)
         self.eligibility: Eligibility = (eligibility(group, device=dev) if dev.type == "cuda"
                                          else Eligibility(False, f"the device is {dev}, not CUDA"))
         self._e: Engine | None = None
@@ -134,6 +140,13 @@ class CustomAllReduce:
             if out.shape != x.shape or out.dtype != x.dtype:
                 raise MoeCommValueError(f"{op}: out must have x's shape {list(x.shape)} and dtype {x.dtype}, got "
                                         f"{list(out.shape)} {out.dtype}")
+        if torch.compiler.is_compiling():  # one opaque node (moecomm/allreduce/ops.py); eager skips the dispatcher
+            y = _ops.ipc_all_reduce.op(x, self._handle)
+            return y if out is None else out.copy_(y)
+        return self._all_reduce_trusted(x, out)
+
+    def _all_reduce_trusted(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """all_reduce after its checks (x, out checked): the eager path and the custom op's body."""
         nbytes = x.numel() * x.element_size()
         algo = self.path_for(nbytes)
         if algo is Algo.NCCL:
@@ -192,10 +205,21 @@ class CustomAllReduce:
                 raise MoeCommValueError(f"{op}: {name} must be {list(shape)} {x.dtype}, got {list(t.shape)} {t.dtype}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise MoeCommValueError(f"{op}: eps must be a number > 0, got {eps!r}")
+        if torch.compiler.is_compiling():  # one opaque node (moecomm/allreduce/ops.py)
+            out, new_res = _ops.ipc_all_reduce_residual_rmsnorm.op(x, residual, weight, float(eps), self._handle)
+            if residual_out is not None:
+                new_res = residual_out.copy_(new_res)
+            return out, new_res
+        return self._rmsnorm_trusted(x, residual, weight, float(eps), residual_out)
+
+    def _rmsnorm_trusted(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                         residual_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """all_reduce_residual_rmsnorm after its checks: the eager path and the custom op's body."""
+        rows, hidden = x.shape
         nbytes = x.numel() * x.element_size()
         algo = self.path_for(nbytes)
         if algo is Algo.NCCL or (algo is Algo.TWOSHOT and -(-rows // self.world_size) > layout.MAX_NORM_ROWS):
-            out, new_res = residual_rmsnorm_reference(self.all_reduce(x), residual, weight, float(eps))
+            out, new_res = residual_rmsnorm_reference(self._all_reduce_trusted(x, None), residual, weight, float(eps))
             if residual_out is not None:
                 residual_out.copy_(new_res)
                 new_res = residual_out
@@ -284,6 +308,7 @@ class CustomAllReduce:
 
     def close(self) -> None:
         """Unmap the peers' buffers and free ours (collective: a barrier over the group). Idempotent."""
+        _ops.REGISTRY.remove(self._handle)
         if self._e is not None:
             if self._opened:
                 torch.cuda.synchronize(self.device)  # no kernel of ours still reads a peer's graph input

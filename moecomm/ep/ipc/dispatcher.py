@@ -20,6 +20,9 @@ receiver's ld.acquire.sys); combine stores the receiver's per-row sums into the 
 same way, and the source sums its rows (gather_sum, rank order: exact). No host sync anywhere, every
 shape static: dispatch and combine can be captured in a CUDA graph with the experts.
 
+torch.compile(fullgraph=True): dispatch / combine (and their _unchecked twins) are one opaque custom op
+each (ops.py), one rank a process; the two-phase calls of virtual ranks stay eager.
+
 Faults: a spin-wait is bounded (timeout_s, default MOECOMM_TIMEOUT_S); a peer that does not arrive
 sets an error word naming it and the kernel goes on (its rows count as empty); check_errors() (also
 called by check_overflow()) raises RankFailureError naming the rank(s). After that the dispatcher's
@@ -71,6 +74,7 @@ from ..nccl.plan import expand_received
 from ..placement import ExpertPlacement
 from ..types import DispatchResult
 from . import layout as LY
+from . import ops as _ops
 from .layout import LLLayout
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -209,6 +213,7 @@ class IPCDispatcher:
         self._back = self.layout.back(local)  # [W * C, H]
         self._overflow = LLLayout.word(local, LY.OVERFLOW)
         self._errors = LLLayout.word(local, LY.ERROR_MASK, 2)  # mask, phase
+        self._op_handle = _ops.REGISTRY.add(self)  # what torch.compile's ops (ops.py) find it by
         if W > 1 and not self._virtual:
             from ...distributed import check_agreement
 
@@ -270,13 +275,24 @@ class IPCDispatcher:
         if x.shape[0] > self.max_tokens:
             raise MoeCommValueError(f"{op}: x must have at most max_tokens = {self.max_tokens} rows, got {x.shape[0]} "
                                     "(the low-latency path has fixed capacity; use EPDispatcher for larger steps)")
+        if torch.compiler.is_compiling():
+            return self._dispatch_compiled(x, ids, w)
         return self.dispatch_unchecked(x, ids, w)
 
     def dispatch_unchecked(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         """dispatch without the argument checks (the MoE forward: x [T <= max_tokens, H] of the
         dispatcher's dtype and device, topk_ids [T, k] int32, topk_weights [T, k] fp32).
-        = dispatch_finish(dispatch_send_unchecked(...)): for one rank a process, never for virtual ranks."""
+        = dispatch_finish(dispatch_send_unchecked(...)): for one rank a process, never for virtual ranks.
+        Under torch.compile: one opaque op (ops.py), the result built from its outputs."""
+        if torch.compiler.is_compiling():
+            return self._dispatch_compiled(x, topk_ids, topk_weights)
         return self.dispatch_finish(self.dispatch_send_unchecked(x, topk_ids, topk_weights))
+
+    def _dispatch_compiled(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> DispatchResult:
+        tokens, offsets, tpe, row_w, gather_idx, home, slot_pos = _ops.ipc_ep_dispatch.op(x, ids, w, self._op_handle)
+        handle = EPHandle(self.group, self.ep_size, None, None, home, slot_pos, x.shape[0], x.shape[1],
+                          gather_idx.shape[0], buffers=self, op_handle=self._op_handle)
+        return DispatchResult(tokens, offsets, tpe, row_w, gather_idx, handle)
 
     def dispatch_send(self, x: Any, topk_ids: Any, topk_weights: Any) -> PendingDispatch:
         """The signal phase of dispatch (the LL kernel only: send, signal, wait); dispatch_finish
@@ -361,7 +377,16 @@ class IPCDispatcher:
 
     def combine_unchecked(self, expert_out: torch.Tensor, handle: EPHandle) -> torch.Tensor:
         """combine without checks, for the MoE forward (expert_out [N, H] from its expert_mlp).
-        = combine_finish(combine_send_unchecked(...)): for one rank a process, never for virtual ranks."""
+        = combine_finish(combine_send_unchecked(...)): for one rank a process, never for virtual ranks.
+        Under torch.compile: one opaque op (ops.py)."""
+        if torch.compiler.is_compiling() or handle.op_handle is not None:  # compiling, or a handle made so
+            return _ops.ipc_ep_combine(expert_out, handle.slot_pos, handle.home, self._op_handle)
+        return self.combine_finish(self.combine_send_unchecked(expert_out, handle))
+
+    def _combine_eager(self, expert_out: torch.Tensor, slot_pos: torch.Tensor, home: torch.Tensor) -> torch.Tensor:
+        """ops.py's combine body: both phases over a handle rebuilt from the op's inputs."""
+        handle = EPHandle(self.group, self.ep_size, None, None, home, slot_pos, home.shape[0], expert_out.shape[1],
+                          expert_out.shape[0], buffers=self)
         return self.combine_finish(self.combine_send_unchecked(expert_out, handle))
 
     def combine_send(self, expert_out: Any, handle: EPHandle) -> EPHandle:

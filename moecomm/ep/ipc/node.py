@@ -59,7 +59,9 @@ class NodeDispatcher:
         c = choose_ep_path(num_tokens, ep_size=self.ep.ep_size, eligibility=self.eligibility,
                            ll_max_tokens=self.ipc.max_tokens if self.ipc is not None else None,
                            static_max_tokens=self.ep.max_tokens)
-        if self.last_path is None or c.path != self.last_path.path:
+        # not while compiling: dynamo cannot trace a logging call (fullgraph would fail); a compiled
+        # graph's shapes are fixed, so its path is the one its eager calls (or last_path) show
+        if (self.last_path is None or c.path != self.last_path.path) and not torch.compiler.is_compiling():
             log.info("moecomm: expert-parallel steps of %d tokens a rank take the %s path: %s", num_tokens, c.path,
                      c.reason)
         self.last_path = c

@@ -39,6 +39,11 @@ bounds), and a device flag is set; check_overflow() raises it on the host at the
 caller chooses. In static mode a rank whose input is bad raises at once; its peers wait in the
 exchange and raise within the group's timeout, naming it (moecomm.distributed.health).
 
+Under torch.compile(fullgraph=True) a static-mode dispatch and its combine are one opaque custom op
+each (static_ops.py; results copied out of the buffers there), the DispatchResult and EPHandle built
+from their outputs; eager calls do not go through them. The throughput mode cannot be compiled
+fullgraph (its count exchange is a host sync and its shapes depend on the routing).
+
 EP size 1 is LocalDispatcher's permute: no exchange and no host sync (beyond the optional id check),
 unless force_exchange=True (benchmarks: the exchange path over a one-rank group).
 """
@@ -61,6 +66,7 @@ from ...errors import MoeCommTypeError, MoeCommValueError, check_positive_int, c
 from ...jit.backend import Impl, choose, device_checks_allowed
 from ..placement import ExpertPlacement
 from ..types import DispatchResult
+from . import static_ops as _sops
 from .ops import gather_sum_unchecked
 from .reference import gather_sum_reference
 from .plan import RowLayout, expand_received, pack_send, plan_send
@@ -92,6 +98,8 @@ class EPHandle:
         num_tokens, hidden: T, H of the source rank; num_rows: N expanded rows (static: R * k).
         local: EP size 1 only, the LocalDispatcher's handle (home and slot_pos are None then).
         buffers: static mode, the dispatcher's buffers (combine writes into them).
+        op_handle: static mode, the dispatcher's handle in static_ops.REGISTRY (torch.compile's ops;
+            buffers is None in a handle made under compile: combine then runs through the op).
     """
 
     group: Any
@@ -105,6 +113,7 @@ class EPHandle:
     num_rows: int
     local: Any = None
     buffers: Any = None
+    op_handle: int | None = None
 
 
 class _Done:
@@ -374,6 +383,10 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
 
         y = unpermute_unchecked(out, handle.local, None)  # [T, H]
         return _Done(y) if async_op else y
+    if handle.op_handle is not None and (handle.buffers is None or torch.compiler.is_compiling()):
+        # static mode, a handle made under torch.compile (or compiling now): one opaque node (static_ops.py)
+        y = _sops.ep_static_combine(out, handle.slot_pos, handle.home, handle.op_handle)
+        return _Done(y) if async_op else y
     # the indices are the handle's: the ops run without re-checking
     bufs = handle.buffers
     if bufs is None:
@@ -528,6 +541,7 @@ class EPDispatcher:
         self.force_exchange = bool(force_exchange)
         self._static: _StaticBuffers | None = None
         self._pending_static: tuple | None = None  # static mode without a process group: sizes until the first call
+        self._op_handle = _sops.REGISTRY.add(self)  # what torch.compile's static-mode ops find it by
         if max_tokens is not None:
             check_positive_int(op, "max_tokens", max_tokens)
             cap = max_tokens if capacity_per_peer is None else check_positive_int(op, "capacity_per_peer", capacity_per_peer)
@@ -596,6 +610,9 @@ class EPDispatcher:
                 exchange; static mode: no check, ids are clamped, never out of bounds).
         """
         op = "EPDispatcher.dispatch"
+        if torch.compiler.is_compiling() and self._static_fits(x):
+            x, ids, w = _validate(op, x, topk_ids, topk_weights, self.hidden, self.top_k, self.dtype)
+            return self._dispatch_compiled(x, ids, w, async_op)
         dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         e2r, e2l = _placement_maps(self.placement, dev)
         if self._pending_static is not None:
@@ -626,6 +643,8 @@ class EPDispatcher:
         (checked once by the layer), topk_ids [T, k] int32 and topk_weights [T, k] fp32 from route().
         ``validate`` still checks the ids on the device in throughput mode (free for W > 1: the flag
         rides on the count exchange)."""
+        if torch.compiler.is_compiling() and self._static_fits(x):
+            return self._dispatch_compiled(x, topk_ids, topk_weights, async_op)
         e2r, e2l = _placement_maps(self.placement, x.device)
         if self._pending_static is not None:
             self._resolve_static(x.device)
@@ -638,6 +657,44 @@ class EPDispatcher:
                          ep_size=self.ep_size, e2r=e2r, e2l=e2l, hidden=self.hidden, top_k=self.top_k,
                          dtype=self.dtype, async_op=async_op, validate=validate, op="EPDispatcher.dispatch",
                          force_exchange=self.force_exchange, checked=False)
+
+    # ------------------------------------------------------------- static mode under torch.compile
+
+    def _static_fits(self, x: Any) -> bool:
+        mt = self.max_tokens
+        return mt is not None and isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] <= mt
+
+    def _static_rows(self) -> int:
+        """R = W * C, the static mode's received rows."""
+        cap = self._pending_static[1] if self._pending_static is not None else self._static.capacity
+        return self.ep_size * cap
+
+    def _dispatch_compiled(self, x, ids, w, async_op):
+        """The static mode as one opaque op (static_ops.py); the result built from its outputs."""
+        tokens, offsets, tpe, row_w, gather_idx, home, slot_pos = _sops.ep_static_dispatch.op(x, ids, w, self._op_handle)
+        T, H = x.shape
+        handle = EPHandle(self.group, self.ep_size, None, None, home, slot_pos, T, H, gather_idx.shape[0],
+                          op_handle=self._op_handle)
+        res = DispatchResult(tokens, offsets, tpe, row_w, gather_idx, handle)
+        return _Done(res) if async_op else res
+
+    def _static_dispatch_eager(self, x, ids, w) -> DispatchResult:
+        """static_ops' dispatch body: the eager static mode (buffers resolved on x's device first)."""
+        if self._pending_static is not None:
+            self._resolve_static(x.device)
+        bufs = self._static
+        if x.device != bufs.send.device:
+            raise MoeCommValueError(f"EPDispatcher.dispatch: x must be on device {bufs.send.device} (the "
+                                    f"dispatcher's), got {x.device}")
+        e2r, e2l = _placement_maps(self.placement, x.device)
+        return _dispatch_static(x, ids, w, group=self.group, bufs=bufs, rank=self.rank, ep_size=self.ep_size, e2r=e2r,
+                                e2l=e2l, L=self.num_local_experts, check=False, async_op=False, op="EPDispatcher.dispatch")
+
+    def _static_combine_eager(self, expert_out, slot_pos, home) -> torch.Tensor:
+        """static_ops' combine body: the eager static combine over this dispatcher's buffers."""
+        handle = EPHandle(self.group, self.ep_size, None, None, home, slot_pos, home.shape[0], expert_out.shape[1],
+                          expert_out.shape[0], buffers=self._static)  # no op_handle: the eager body
+        return _combine(expert_out, handle, False, "combine")
 
     def combine_unchecked(self, expert_out: torch.Tensor, handle: EPHandle, *,
                           async_op: bool = False) -> torch.Tensor | PendingCombine:
