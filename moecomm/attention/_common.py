@@ -24,6 +24,23 @@ _DTYPES.update({"float8_e4m3fn": getattr(torch, "float8_e4m3fn", None), "float8_
                 "e4m3": getattr(torch, "float8_e4m3fn", None), "e5m2": getattr(torch, "float8_e5m2", None)})
 
 
+def round_up(x: int, m: int) -> int:
+    """The smallest multiple of m that is >= x (m > 0)."""
+    return -(-x // m) * m
+
+
+_ARANGE = np.arange(1 << 12, dtype=np.int64)
+
+
+def arange_view(n: int) -> np.ndarray:
+    """np.arange(n) as a view of a cached one, grown on demand (plan() builds ids every call; a
+    fresh np.arange costs ~1 us). Callers read it or copy from it, never write it."""
+    global _ARANGE
+    if n > _ARANGE.shape[0]:
+        _ARANGE = np.arange(2 * n, dtype=np.int64)
+    return _ARANGE[:n]
+
+
 def parse_dtype(op: str, name: str, value, default: torch.dtype | None = None, fp8: bool = False) -> torch.dtype:
     if value is None:
         if default is None:

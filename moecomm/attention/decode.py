@@ -35,16 +35,18 @@ from . import reference
 from ._common import (
     FP8_DTYPES,
     Staging,
+    arange_view,
     check_heads,
     check_indices,
     check_kv_cache,
     check_layout,
     check_page_table,
     host_ints,
-    outputs,
     nhd_strides,
     num_sms,
+    outputs,
     parse_dtype,
+    round_up,
 )
 
 _OP = "BatchDecodeWithPagedKVCacheWrapper"
@@ -60,19 +62,6 @@ _MAX_GRID = 65535  # CUDA's limit on grid dimensions 1 and 2: more work items lo
 # the issue's three shapes, the only one above all three targets ((64, 4, 3): 3752 / 4141 / 4031).
 DECODE_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 4, 3), 128: (128, 4, 2), 256: (32, 4, 3)}
 
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-_ARANGE = np.arange(1 << 12, dtype=np.int64)
-
-
-def _arange(n: int) -> np.ndarray:
-    global _ARANGE
-    if n > _ARANGE.shape[0]:
-        _ARANGE = np.arange(2 * n, dtype=np.int64)
-    return _ARANGE[:n]
 
 
 def _decode_impl(
@@ -182,7 +171,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         """Offsets of the metadata sections (work_req, then per request: chunk, work_indptr,
         kv_indptr, kv_len) and the end of the fixed part."""
         wcap, bcap = (self._max_work, self._max_batch) if self._graph else (num_work, batch)
-        ws, bs = _round_up(max(wcap, 1), _ALIGN), _round_up(bcap + 1, _ALIGN)
+        ws, bs = round_up(max(wcap, 1), _ALIGN), round_up(bcap + 1, _ALIGN)
         off_req = _ALIGN
         off_chunk = off_req + ws
         off_work_indptr, off_kv_indptr, off_len = off_chunk + bs, off_chunk + 2 * bs, off_chunk + 3 * bs
@@ -289,10 +278,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if split:
             span = lengths if window_left < 0 else np.minimum(lengths, window_left + 1)
             if kv_chunk_size is not None:
-                chunk = _round_up(max(int(kv_chunk_size), 1), block_n)
+                chunk = round_up(max(int(kv_chunk_size), 1), block_n)
             else:
                 want = max(1, min(target, max_work - batch))
-                chunk = _round_up(max(_MIN_CHUNK, cdiv(int(span.sum()), want)), block_n)
+                chunk = round_up(max(_MIN_CHUNK, cdiv(int(span.sum()), want)), block_n)
             nsplit = span + (chunk - 1)
             nsplit //= chunk
             np.maximum(nsplit, 1, out=nsplit)
@@ -320,10 +309,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
             # each request's chunk length: the kernel's, from its item count (_triton_decode docstring)
             h[off_work_indptr] = 0
             h[off_work_indptr + 1:off_work_indptr + batch + 1] = work_end
-            h[off_req:off_req + num_work] = _arange(batch).repeat(nsplit)
+            h[off_req:off_req + num_work] = arange_view(batch).repeat(nsplit)
         elif self._graph:  # graph mode always takes the split path: one chunk per request
-            h[off_work_indptr:off_work_indptr + batch + 1] = _arange(batch + 1)
-            h[off_req:off_req + num_work] = _arange(batch)
+            h[off_work_indptr:off_work_indptr + batch + 1] = arange_view(batch + 1)
+            h[off_req:off_req + num_work] = arange_view(batch)
         if self._graph and batch < self._max_batch:  # rows a graph captured at a larger batch merges: none
             h[off_work_indptr + batch + 1:off_work_indptr + self._max_batch + 1] = num_work
         if self._graph:

@@ -32,15 +32,17 @@ from ..jit.ops import define_op
 from . import reference
 from ._common import (
     Staging,
+    arange_view,
     check_heads,
     check_indices,
     check_kv_cache,
     check_layout,
     check_page_table,
     host_ints,
-    outputs,
     nhd_strides,
+    outputs,
     parse_dtype,
+    round_up,
 )
 
 _OP = "BatchPrefillWithPagedKVCacheWrapper"
@@ -59,20 +61,6 @@ PREFILL_KERNEL = "v2"
 # 2 * 64 * 128 * 2 B = 32 KB a stage, 96 KB + Q's 32 KB of the 227 KB of shared memory.
 PREFILL_TMA_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
 
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-_ARANGE = np.arange(1 << 12, dtype=np.int64)
-
-
-def _arange(n: int) -> np.ndarray:
-    """np.arange(n) as a view of a cached one (plan() builds tile ids each call)."""
-    global _ARANGE
-    if n > _ARANGE.shape[0]:
-        _ARANGE = np.arange(2 * n, dtype=np.int64)
-    return _ARANGE[:n]
 
 
 def _prefill_impl(
@@ -241,7 +229,7 @@ class _PrefillBase:
 
     def _layout(self, batch: int, num_tiles: int):
         cap_t, cap_b = (self._tile_cap, self._max_batch) if self._graph else (num_tiles, batch)
-        ts, bs = _round_up(max(cap_t, 1), _ALIGN), _round_up(cap_b + 1, _ALIGN)
+        ts, bs = round_up(max(cap_t, 1), _ALIGN), round_up(cap_b + 1, _ALIGN)
         off_tile_req, off_tile_q0 = _ALIGN, _ALIGN + ts
         off_qo_indptr = _ALIGN + 2 * ts
         off_kv_indptr, off_kv_len, off_mask = off_qo_indptr + bs, off_qo_indptr + 2 * bs, off_qo_indptr + 3 * bs
@@ -298,8 +286,8 @@ class _PrefillBase:
         if num_tiles > 65535:
             raise MoeCommValueError(f"{op}: qo_indptr must describe <= 65535 tiles of {block_m} query rows (CUDA's grid "
                                     f"limit), got {num_tiles}; split the batch")
-        tile_req = _arange(batch).repeat(ntiles)
-        tile_q0 = _arange(num_tiles) - (tile_end - ntiles)[tile_req]
+        tile_req = arange_view(batch).repeat(ntiles)
+        tile_q0 = arange_view(num_tiles) - (tile_end - ntiles)[tile_req]
         tile_q0 *= block_m
         if causal and num_tiles:
             # heaviest first: a causal tile reads keys up to its last row, i.e. about its first row's
