@@ -24,7 +24,7 @@ import torch
 
 from ...jit.ops import define_op
 from ...jit.registry import Registry
-from ..nccl.static_ops import fresh
+from ..nccl.static_ops import fresh, static_dispatch_fakes
 
 REGISTRY = Registry("IPCDispatcher")
 
@@ -41,12 +41,8 @@ def _dispatch_impl(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
 
 def _dispatch_fake(x, topk_ids, topk_weights, handle):
     disp = REGISTRY.get(handle, _DISPATCH)
-    R, L, k = disp.ep_size * disp.capacity, disp.num_local_experts, disp.top_k
-    N = R * k if L else 0
-    i32 = dict(dtype=torch.int32, device=x.device)
-    return (torch.empty((R, disp.hidden), dtype=disp.dtype, device=x.device), torch.empty(L + 1, **i32),
-            torch.empty(L, **i32), torch.empty(N, dtype=torch.float32, device=x.device), torch.empty(N, **i32),
-            torch.empty((x.shape[0], k), **i32), torch.empty((R, k), **i32))
+    return static_dispatch_fakes(x, disp.ep_size * disp.capacity, disp.num_local_experts, disp.top_k, disp.hidden,
+                                 disp.dtype)
 
 
 def _combine_impl(expert_out: torch.Tensor, slot_pos: torch.Tensor, home: torch.Tensor, handle: int) -> torch.Tensor:

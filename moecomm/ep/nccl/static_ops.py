@@ -47,14 +47,22 @@ def _dispatch_impl(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
                  d.handle.slot_pos)
 
 
-def _dispatch_fake(x, topk_ids, topk_weights, handle):
-    disp = REGISTRY.get(handle, _DISPATCH)
-    R, L, k = disp._static_rows(), disp.num_local_experts, disp.top_k
+def static_dispatch_fakes(x: torch.Tensor, rows: int, num_local_experts: int, top_k: int, hidden: int,
+                          dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The outputs of a static-shape dispatch op (this mode's and the IPC path's), empty: tokens
+    [R, H] of ``dtype``, expert_offsets [L + 1], tokens_per_expert [L], row_weights [N] fp32,
+    gather_idx [N], home [T, k], slot_pos [R, k] (int32), N = R * k (0 on a rank without experts)."""
+    R, L, k = rows, num_local_experts, top_k
     N = R * k if L else 0
     i32 = dict(dtype=torch.int32, device=x.device)
-    return (x.new_empty((R, disp.hidden)), torch.empty(L + 1, **i32), torch.empty(L, **i32),
+    return (torch.empty((R, hidden), dtype=dtype, device=x.device), torch.empty(L + 1, **i32), torch.empty(L, **i32),
             torch.empty(N, dtype=torch.float32, device=x.device), torch.empty(N, **i32),
             torch.empty((x.shape[0], k), **i32), torch.empty((R, k), **i32))
+
+
+def _dispatch_fake(x, topk_ids, topk_weights, handle):
+    disp = REGISTRY.get(handle, _DISPATCH)
+    return static_dispatch_fakes(x, disp._static_rows(), disp.num_local_experts, disp.top_k, disp.hidden, x.dtype)
 
 
 def _combine_impl(expert_out: torch.Tensor, slot_pos: torch.Tensor, home: torch.Tensor, handle: int) -> torch.Tensor:
