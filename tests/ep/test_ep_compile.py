@@ -45,7 +45,9 @@ def _step(disp):
     return step
 
 
-def _check_round_trip(disp, x, ids, w) -> None:
+def _check_round_trip(disp, x, ids, w, ops=("ep_static_dispatch", "ep_static_combine")) -> None:
+    """eager == the reference; compiled (fullgraph, the ops ``ops`` in its graph; then aot_eager) ==
+    eager, and again on new tokens."""
     step = _step(disp)
     eager = step(x, ids, w)
     ref = ep_reference([x.cpu()], [ids.cpu()], [w.cpu()], ExpertPlacement(E, 1), expert_times_id)
@@ -58,7 +60,7 @@ def _check_round_trip(disp, x, ids, w) -> None:
 
     torch._dynamo.reset()
     got = torch.compile(step, fullgraph=True, backend=record)(x, ids, w)
-    assert "moecomm.ep_static_dispatch.default" in targets and "moecomm.ep_static_combine.default" in targets, targets
+    assert all(f"moecomm.{op}.default" in targets for op in ops), targets
     for a, b in zip(eager, got):
         assert torch.equal(a, b)
     torch._dynamo.reset()
@@ -172,26 +174,7 @@ def _ipc_over_layout_model(monkeypatch, dtype=torch.float32, fill=0xFF):
 
 def test_ipc_dispatcher_compiled_over_the_layout_model(monkeypatch):
     disp = _ipc_over_layout_model(monkeypatch)
-    x, ids, w = _inputs()
-    step = _step(disp)
-    eager = step(x, ids, w)
-    ref = ep_reference([x], [ids], [w], ExpertPlacement(E, 1), expert_times_id)
-    assert torch.equal(eager[0], ref.y[0])
-    targets = []
-
-    def record(gm, example_inputs):
-        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
-    torch._dynamo.reset()
-    got = torch.compile(step, fullgraph=True, backend=record)(x, ids, w)
-    assert "moecomm.ipc_ep_dispatch.default" in targets and "moecomm.ipc_ep_combine.default" in targets, targets
-    for a, b in zip(eager, got):
-        assert torch.equal(a, b)
-    torch._dynamo.reset()
-    got = torch.compile(step, fullgraph=True, backend="aot_eager")(x, ids, w)
-    for a, b in zip(eager, got):
-        assert torch.equal(a, b)
+    _check_round_trip(disp, *_inputs(), ops=("ipc_ep_dispatch", "ipc_ep_combine"))
     disp.check_overflow()
 
 
