@@ -42,6 +42,8 @@
 // once (the buffer is poisoned: the host raises at its next check()).
 #pragma once
 
+#include "../common/sys_scope.cuh"
+
 namespace moecomm {
 namespace ar {
 
@@ -55,26 +57,6 @@ constexpr long long MAX_NORM_ROWS = 7168;
 constexpr int PHASE_START = 0, PHASE_MID = 1, PHASE_END = 2;
 constexpr int ERR_WORDS = 4;
 constexpr int THREADS = 512;
-
-struct alignas(16) Pack16 {
-  unsigned int w[4];
-};
-
-__device__ __forceinline__ unsigned long long globaltimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-__device__ __forceinline__ void st_release_sys(unsigned int* p, unsigned int v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ unsigned int ld_acquire_sys(const unsigned int* p) {
-  unsigned int v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
 
 __device__ __forceinline__ Pack16 ld_volatile16(const void* p) {
   Pack16 v;

@@ -45,6 +45,7 @@
 // followed by its combine.
 
 #include "../common/dtypes.cuh"
+#include "../common/sys_scope.cuh"
 
 namespace moecomm {
 
@@ -60,22 +61,6 @@ struct Ctrl {
   unsigned int error_mask, error_phase, overflow, pad_;
 };
 static_assert(sizeof(Ctrl) <= 512, "CTRL is 512 bytes");
-
-__device__ __forceinline__ unsigned long long globaltimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-__device__ __forceinline__ void st_release_sys(unsigned int* p, unsigned int v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ unsigned int ld_acquire_sys(const unsigned int* p) {
-  unsigned int v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
 
 __device__ __forceinline__ void st_relaxed_sys(int* p, int v) {
   asm volatile("st.relaxed.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
@@ -302,10 +287,6 @@ __device__ void ll_dispatch_impl(const unsigned char* __restrict__ x, const int*
     me->disp_epoch = epoch;
   }
 }
-
-struct alignas(16) Pack16 {
-  unsigned int w[4];
-};
 
 template <typename D>
 __device__ void ll_combine_impl(const typename D::raw* __restrict__ expert_out, const int* __restrict__ slot_pos,
