@@ -378,8 +378,6 @@ def sweep(writer, device, dtype, args):
     """Ours under other kernel configurations, split thresholds and grid orders (the defaults are
     guesses until this has run on the GPU). Most promising first, decode and prefill interleaved,
     so that a run cut short by its time limit keeps the rows printed so far."""
-    from moecomm.attention import prefill as pre
-
     head = "  (BLOCK_N, warps, stages) target/SM split-below/SM heads_first: GB/s per decode shape"
     # H200, 2026-12-01, GB/s at the three shapes: (128, 4, 2) 4013 / 4137 / 3905 (the default since),
     # (64, 4, 3) 3752 / 4141 / 4031, (64, 4, 2) 4132 / 3724 / 4021, (64, 4, 5) 3926 / 4228 / 3863,
@@ -395,15 +393,8 @@ def sweep(writer, device, dtype, args):
     # (128, 64, 8, 3) 276.9, (64, 64, 4, 3) 267.6, (128, 64, 4, 3) 242.0: now around the best
     # v2's TMA path first (consecutive pages; BLOCK_M must stay PREFILL_CONFIGS' 128): tutorial 06's
     # sm_90 tiles, then v2's gather on shuffled pages, then the first kernel's (the 2026-12-01 sweep)
-    tma_first = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)]
-    for pipe in (True, False):  # v2's Q K^T one block ahead (PREFILL_PIPE_QK), then without
-        saved_pipe, pre.PREFILL_PIPE_QK = pre.PREFILL_PIPE_QK, pipe
-        try:
-            print(f"  PREFILL_PIPE_QK={pipe}")
-            _sweep_prefill(writer, device, dtype, args, tma_first, kernel="v2", consecutive=True)
-        finally:
-            pre.PREFILL_PIPE_QK = saved_pipe
-    _sweep_prefill(writer, device, dtype, args, [(128, 64, 4, 3), (128, 32, 4, 4)], kernel="v2", consecutive=True)
+    _sweep_prefill(writer, device, dtype, args, [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                                                 (128, 64, 4, 3), (128, 32, 4, 4)], kernel="v2", consecutive=True)
     _sweep_prefill(writer, device, dtype, args, [(128, 32, 4, 4), (128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 4)],
                    kernel="v2")
     _sweep_prefill(writer, device, dtype, args, [(128, 32, 4, 4), (128, 32, 4, 3), (128, 32, 8, 4), (64, 32, 4, 4),

@@ -77,9 +77,9 @@ def _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_
     n = tl.arange(0, BLOCK_N)
     kpos = s + n  # [BN]
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN] fp32
+    if SOFT_CAP:
+        qk = soft_cap * _tanh(qk * (sm_scale / soft_cap))
     if MASKED:
-        if SOFT_CAP:
-            qk = soft_cap * _tanh(qk * (sm_scale / soft_cap))
         qk = qk * 1.4426950408889634 if SOFT_CAP else qk * (sm_scale * 1.4426950408889634)
         vis = (kpos < kv_len)[None, :] & q_ok[:, None]
         if CAUSAL:
@@ -94,25 +94,15 @@ def _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
         p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     else:
-        acc, l_i, m_new = _softmax_pv(acc, l_i, m_i, qk, v, sm_scale, soft_cap, SOFT_CAP, DOT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _softmax_pv(acc, l_i, m_i, qk, v, sm_scale, soft_cap, SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """An unmasked block (every row sees every key): the scale folded into one multiply-subtract."""
-    if SOFT_CAP:
-        qk = soft_cap * _tanh(qk * (sm_scale / soft_cap))
-    scale = 1.4426950408889634 if SOFT_CAP else sm_scale * 1.4426950408889634
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale)
-    p = tl.exp2(qk * scale - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
+        # every row sees every key of the block: the scale folded into one multiply-subtract
+        scale = 1.4426950408889634 if SOFT_CAP else sm_scale * 1.4426950408889634
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale)
+        m_safe = m_new
+        p = tl.exp2(qk * scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -127,7 +117,7 @@ def prefill_v2_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, CUSTOM: tl.constexpr,
-    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_TMA: tl.constexpr, PIPE_QK: tl.constexpr = False,
+    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_TMA: tl.constexpr,
 ):
     h = tl.program_id(0)
     t = tl.program_id(1)
@@ -191,33 +181,13 @@ def prefill_v2_kernel(
             acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_base,
                                   sm_scale, soft_cap, window_left, BLOCK_N, True, CAUSAL, WINDOW, SOFT_CAP, CUSTOM,
                                   DOT_PRECISION)
-        f1e = tl.minimum(f1, hi)
-        if PIPE_QK:
-            # the unmasked blocks software-pipelined: block s + BLOCK_N's Q K^T is issued before block
-            # s's softmax and P V, so the tensor cores work on the next product while the warps do
-            # exp2 on this one (the overlap FlashAttention-3 gets on Hopper by hand)
-            if f0 < f1e:
-                k, v = _load_kv(k_ptr, v_ptr, k_desc, v_desc, kv_indices_ptr, page_base, tok0, f0, kv_len, kvh,
-                                num_pages, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                                PAGE, HEAD_DIM, BLOCK_N, False, KV_TMA)
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-                for s in range(f0, f1e - BLOCK_N, BLOCK_N):
-                    k_n, v_n = _load_kv(k_ptr, v_ptr, k_desc, v_desc, kv_indices_ptr, page_base, tok0, s + BLOCK_N,
-                                        kv_len, kvh, num_pages, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                                        stride_vh, PAGE, HEAD_DIM, BLOCK_N, False, KV_TMA)
-                    qk_n = tl.dot(q, tl.trans(k_n), input_precision=DOT_PRECISION)
-                    acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, sm_scale, soft_cap, SOFT_CAP, DOT_PRECISION)
-                    qk = qk_n
-                    v = v_n
-                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, sm_scale, soft_cap, SOFT_CAP, DOT_PRECISION)
-        else:
-            for s in range(f0, f1e, BLOCK_N):
-                k, v = _load_kv(k_ptr, v_ptr, k_desc, v_desc, kv_indices_ptr, page_base, tok0, s, kv_len, kvh,
-                                num_pages, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                                PAGE, HEAD_DIM, BLOCK_N, False, KV_TMA)
-                acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_base,
-                                      sm_scale, soft_cap, window_left, BLOCK_N, False, CAUSAL, WINDOW, SOFT_CAP, CUSTOM,
-                                      DOT_PRECISION)
+        for s in range(f0, tl.minimum(f1, hi), BLOCK_N):
+            k, v = _load_kv(k_ptr, v_ptr, k_desc, v_desc, kv_indices_ptr, page_base, tok0, s, kv_len, kvh, num_pages,
+                            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                            PAGE, HEAD_DIM, BLOCK_N, False, KV_TMA)
+            acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_base,
+                                  sm_scale, soft_cap, window_left, BLOCK_N, False, CAUSAL, WINDOW, SOFT_CAP, CUSTOM,
+                                  DOT_PRECISION)
         for s in range(tl.maximum(f1, lo), hi, BLOCK_N):
             k, v = _load_kv(k_ptr, v_ptr, k_desc, v_desc, kv_indices_ptr, page_base, tok0, s, kv_len, kvh, num_pages,
                             stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,

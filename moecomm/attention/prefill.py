@@ -55,9 +55,6 @@ PREFILL_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3), 12
 # consecutive, else the gather without masks inside kv_len) or "v1" (_triton_prefill, the first;
 # kept selectable until the H200 has timed both: benchmarks/bench_attention.py --prefill-kernels).
 PREFILL_KERNEL = "v2"
-# v2: the unmasked blocks' Q K^T issued one block ahead of the softmax (_triton_prefill_v2); the
-# benchmark's --sweep times both.
-PREFILL_PIPE_QK = False
 # v2's TMA path: head_dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages), tutorial 06's sm_90 tiles
 # (untimed guesses until the sweep runs). BLOCK_M must equal PREFILL_CONFIGS' (plan() cuts the
 # tiles before run() knows which path the cache allows). D128 at BLOCK_N 64, 3 stages: K + V
@@ -115,7 +112,6 @@ def _prefill_impl(
                                         f"(PREFILL_CONFIGS'), got {bm}")
             _ensure_allocator(q.device)
         consts["KV_TMA"] = tma
-        consts["PIPE_QK"] = PREFILL_PIPE_QK
     consts.update(BLOCK_M=block_m, BLOCK_N=block_n)
     launch(kernel, (num_qo_heads, num_tiles_grid), (
         q, k_cache, v_cache, out, lse, meta, kv_indices, mask_bits,
