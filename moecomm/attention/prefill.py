@@ -56,10 +56,15 @@ PREFILL_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3), 12
 # kept selectable until the H200 has timed both: benchmarks/bench_attention.py --prefill-kernels).
 PREFILL_KERNEL = "v2"
 # v2's TMA path: head_dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages), tutorial 06's sm_90 tiles
-# (untimed guesses until the sweep runs). BLOCK_M must equal PREFILL_CONFIGS' (plan() cuts the
-# tiles before run() knows which path the cache allows). D128 at BLOCK_N 64, 3 stages: K + V
-# 2 * 64 * 128 * 2 B = 32 KB a stage, 96 KB + Q's 32 KB of the 227 KB of shared memory.
-PREFILL_TMA_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
+# (D64 and D256 untimed guesses). BLOCK_M must equal PREFILL_CONFIGS' (plan() cuts the
+# tiles before run() knows which path the cache allows). D128 at BLOCK_N 128, 3 stages: K + V
+# 2 * 128 * 128 * 2 B = 64 KB a stage, 192 KB + Q's 32 KB of the 227 KB of shared memory.
+# H200 sweep, 2026-12-01 (session 8), D128 at B8 L4096 causal, TFLOP/s: (128, 128, 8, 3) 466.8 (the
+# default since), (128, 64, 8, 4) 444.3, (128, 64, 8, 3) 429.6, (128, 32, 4, 4) 422.3, (128, 128, 8, 2)
+# 374.1, (128, 64, 4, 3) 346.8. Tried and dropped: the unmasked blocks' Q K^T issued one block ahead
+# of their softmax (FlashAttention-3's overlap by hand): 249.1 at (128, 64, 8, 3), the loop-carried
+# [BM, BN] product stops Triton 3.6 from pipelining the TMA loads.
+PREFILL_TMA_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3), 256: (64, 32, 8, 2)}
 
 
 
