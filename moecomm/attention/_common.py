@@ -207,18 +207,32 @@ class Staging:
     Pinned, not pageable: a copy from pageable memory may wait for all the work queued on the stream
     (CUDA's "API synchronization behavior"), which would take away the host's lead over the GPU. A
     pinned buffer may be rewritten only once its previous copy has left it: a ring of _RING host
-    buffers, each with the event of its last copy, so that plan() waits (if ever) on the copy of
-    _RING plans ago, not on the one it queued just before.
+    buffers, so that plan() waits (if ever) on copies of several plans ago, never on the one it
+    queued just before.
+
+    Driver calls: on the sandboxed H200 host one costs several us (~10 us measured once), more than
+    most of plan()'s Python; a plan makes one (its copy) plus, per _GROUP plans, one event record and
+    one event query, instead of a record and a query per plan. The ring is _RING // _GROUP groups of
+    _GROUP buffers; entering a group records one event on the stream of the group just left (it
+    follows, in stream order, every copy queued out of that group) and waits on the event of the
+    group being entered (recorded _RING - _GROUP plans ago; queried first, so that a done copy costs
+    one query and no synchronize). Recording on entry, not after a group's last copy, keeps the
+    guard even when a plan raised between its ensure() and its upload(). A caller who switches
+    streams inside a group gets one extra event on the stream left, guarding that group's earlier
+    copies (stream order holds only within a stream).
 
     Host cost (plan() has <= 30 us in all): everything a plan would rebuild is cached here: the slices
     copied (per ring slot, sizes rounded up to _QUANTUM ints, so a plan of a similar size reuses its
     views; the extra <= 16 KB cost ~0.3 us of PCIe), the numpy view of each slot, and the stream the
     event is recorded on (torch.cuda.current_stream() builds a Python object per call: the raw handle
-    is compared instead, and the Stream rebuilt only when the caller switched streams). A slot's event
-    is queried before it is waited on (a done copy costs one query, no synchronize).
+    is compared instead, and the Stream rebuilt only when the caller switched streams).
+
+    The device calls are the methods _new_host, _new_dev, _new_event, _copy, _current_handle and
+    _current_stream, so that a test can stand in for them on a machine without a GPU.
     """
 
-    _RING = 4
+    _GROUP = 4
+    _RING = 8
     _QUANTUM = 4096  # ints (16 KB)
 
     def __init__(self, device: torch.device, size: int):
@@ -226,25 +240,49 @@ class Staging:
         self.cuda = device.type == "cuda"
         self.size = 0
         self._raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self._device_index = (device.index if device.index is not None else torch.cuda.current_device()) if self.cuda else 0
+        self._stream = None
+        self._stream_handle = None
         self._grow(size)
+
+    # the device calls (see the class docstring)
+    def _new_host(self, size: int) -> torch.Tensor:
+        return torch.zeros(size, dtype=torch.int32, pin_memory=True)
+
+    def _new_dev(self, size: int) -> torch.Tensor:
+        return torch.zeros(size, dtype=torch.int32, device=self.device)
+
+    def _new_event(self):
+        return torch.cuda.Event()
+
+    @staticmethod
+    def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src, non_blocking=True)
+
+    def _current_handle(self):
+        """The current stream's raw handle (no Python Stream object), None where torch has no such call."""
+        return self._raw_stream(self._device_index) if self._raw_stream is not None else None
+
+    def _current_stream(self):
+        return torch.cuda.current_stream(self.device)
 
     def _grow(self, size: int) -> None:
         size = max(int(size), 64)
         ring = self._RING if self.cuda else 1
-        self._hosts = [torch.zeros(size, dtype=torch.int32, pin_memory=self.cuda) for _ in range(ring)]
+        self._hosts = [self._new_host(size) if self.cuda else torch.zeros(size, dtype=torch.int32) for _ in range(ring)]
         self._host_nps = [t.numpy() for t in self._hosts]
-        self._events: list = [None] * ring
+        # the old buffers' copies may still be in flight: torch's pinned allocator keeps each one until
+        # the streams that copied from it are past that point, so the guards of the old ring can go
+        num_groups = max(ring // self._GROUP, 1)
+        self._guards: list[list] = [[] for _ in range(num_groups)]  # events to pass before rewriting a group
+        self._group_events: list = [None] * num_groups  # each group's own event, recorded when it is left
         self._copy_views: list[dict] = [{} for _ in range(ring)]
         self._slot = 0
         self.host = self._hosts[0]
         self.host_np = self._host_nps[0]
-        self.dev = torch.zeros(size, dtype=torch.int32, device=self.device) if self.cuda else self.host
+        self.dev = self._new_dev(size) if self.cuda else self.host
         self.size = size
-        self._stream = None
-        self._stream_handle = None
         self._dev_views: dict = {}
-        if self.cuda:
-            self._device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def ensure(self, size: int) -> bool:
         """Make room for ``size`` ints and pick the host buffer to write (``host_np``); True when the
@@ -256,10 +294,23 @@ class Staging:
             slot = self._slot = (self._slot + 1) % self._RING
             self.host = self._hosts[slot]
             self.host_np = self._host_nps[slot]
-            ev = self._events[slot]
-            if ev is not None and not ev.query():
-                ev.synchronize()  # the copy of _RING plans ago still in flight: a host far ahead
+            if slot % self._GROUP == 0:
+                self._enter_group(slot // self._GROUP)
         return False
+
+    def _enter_group(self, group: int) -> None:
+        left = (group - 1) % len(self._guards)
+        if self._stream is not None:  # one event after every copy queued out of the group just left
+            ev = self._group_events[left]
+            if ev is None:
+                ev = self._group_events[left] = self._new_event()
+            ev.record(self._stream)
+            self._guards[left].append(ev)
+        guards = self._guards[group]
+        for ev in guards:
+            if not ev.query():
+                ev.synchronize()  # copies of _RING - _GROUP plans ago still in flight: a host far ahead
+        guards.clear()
 
     def dev_view(self, start: int, stop: int) -> torch.Tensor:
         """dev[start:stop], cached (a torch slice costs ~1.5 us of host time; plans repeat their layout)."""
@@ -281,15 +332,16 @@ class Staging:
             if len(views) > 64:  # sizes that drift over a long run: start over rather than grow
                 views.clear()
             pair = views[n] = (self.dev[:n], self.host[:n])
-        pair[0].copy_(pair[1], non_blocking=True)
-        handle = self._raw_stream(self._device_index) if self._raw_stream is not None else None
+        self._copy(pair[0], pair[1])
+        handle = self._current_handle()
         if handle is None or handle != self._stream_handle:
-            self._stream = torch.cuda.current_stream(self.device)
-            self._stream_handle = handle
-        ev = self._events[self._slot]
-        if ev is None:
-            ev = self._events[self._slot] = torch.cuda.Event()
-        ev.record(self._stream)
+            stream = self._current_stream()
+            if self._stream is not None and stream != self._stream and self._slot % self._GROUP:
+                # this group's earlier copies went to the stream left: they get their own guard
+                ev = self._new_event()
+                ev.record(self._stream)
+                self._guards[self._slot // self._GROUP].append(ev)
+            self._stream, self._stream_handle = stream, handle
 
 
 def check_kv_cache(op: str, paged_kv_cache, kv_layout: str, num_kv_heads: int, head_dim: int, page_size: int,
