@@ -12,7 +12,10 @@ import pytest
 import torch
 from attn_helpers import workspace
 
-from moecomm.attention import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
+from moecomm.attention import (
+    BatchDecodeWithPagedKVCacheWrapper,
+    BatchPrefillWithPagedKVCacheWrapper,
+)
 from moecomm.errors import MoeCommTypeError, MoeCommValueError
 
 P = 8
