@@ -513,7 +513,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillBase):
         if pos_encoding_mode != "NONE":
             raise MoeCommValueError(f"{op}: pos_encoding_mode must be 'NONE', got {pos_encoding_mode!r}")
         kv_np = host_ints(op, "kv_indptr", kv_indptr)
-        lengths, _ = check_page_table(op, kv_np, np.ones(max(kv_np.shape[0] - 1, 0), np.int64),
+        lengths, _ = check_page_table(op, kv_np, np.ones(max(kv_np.shape[0] - 1, 0), kv_np.dtype),
                                       int(kv_np[-1]) if kv_np.size else 0, 1, "kv_indptr")
         nnz_kv = int(kv_np[-1])
         indices = self._row_ids(max(nnz_kv, 1))
