@@ -10,6 +10,8 @@
     python -m benchmarks.bench_attention --quick                  # tiny shapes, CPU, seconds (CI)
     python -m benchmarks.bench_attention --plan-only              # plan() host time only (CPU or GPU)
     python -m benchmarks.bench_attention --plan-only --profile    # + cProfile of each plan() (tottime)
+    python -m benchmarks.bench_attention --plan-only --pieces     # + plan()'s parts timed one by one
+                                                                  (with --quick: tiny shapes, a few calls)
 
 Napkin math. Decode reads every K and V byte once: B * L * Hk * D * 2 (K and V) * 2 bytes; B64 L4096
 Hk8 is 1.07 GB, 0.22 ms at the H200's 4.8 TB/s (~4.2 TB/s reachable by a copy). Effective GB/s =
@@ -150,12 +152,59 @@ def ours_prefill(B, L, Hq, Hk, dtype, device, warmup, rep, gen, kernel=None, con
     return dict(ms=ms, plan_us=plan_us, out=out, q=q, k=k, v=v, perm=perm, tma=tma)
 
 
-def plan_host_times(device, calls: int = 50, repeats: int = 9, profile: bool = False) -> list[dict]:
+def _per_call_us(fn, calls: int, repeats: int) -> tuple[float, float]:
+    """(best, median) over ``repeats`` runs of ``calls`` calls in a row, us per call (a shared CPU's
+    noise only adds time: the best is the floor, the median what a loaded host sees)."""
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - t0) / calls * 1e6)
+    runs.sort()
+    return runs[0], runs[len(runs) // 2]
+
+
+def _plan_pieces(kind: str, w, args: tuple) -> list[tuple[str, object]]:
+    """plan()'s pieces as separate calls on the same inputs: the page table to numpy, its check, the
+    host ids' range check, the staging buffer's ensure + upload (on a GPU: the one H2D copy and, per 4
+    plans, an event record and query). What the total has beyond their sum is the rest (scalars,
+    split / tiles, writes into the staging buffer, the plan record)."""
+    from moecomm.attention import _common as C
+
+    if kind == "decode":
+        indptr, indices, last = args[:3]
+    else:
+        indptr, indices, last = args[1:4]
+    op = "bench"
+    ip_np, last_np = C.host_ints(op, "indptr", indptr), C.host_ints(op, "last_page_len", last)
+    p, st = w._plan, w._staging
+    if kind == "decode":
+        fixed = w._layout(p["batch"], p["num_work"])[1]
+    else:
+        fixed = w._layout(p["batch"], p["num_tiles"])[1]
+    host_ids = not (isinstance(indices, torch.Tensor) and not indices.is_cpu)
+    need = fixed + (indices.shape[0] if host_ids else 0)
+    pieces = [
+        ("to numpy", lambda: (C.host_ints(op, "indptr", indptr), C.host_ints(op, "last_page_len", last))),
+        ("check_page_table", lambda: C.check_page_table(op, ip_np, last_np, indices.shape[0], PAGE)),
+    ]
+    if host_ids:
+        pieces.append(("check_indices", lambda: C.check_indices(op, indices, None)))
+    pieces.append(("staging", lambda: (st.ensure(need), st.upload(need))))
+    return pieces
+
+
+def plan_host_times(device, calls: int = 50, repeats: int = 9, profile: bool = False, pieces: bool = False,
+                    decode_shapes=None, prefill_shapes=None) -> list[dict]:
     """plan() host time per call (us) of the decode wrapper at the issue's three shapes and of the
-    prefill wrapper at the benchmark's shape and at B128 x 128 tokens: host page tables (int32,
-    shuffled pages), ``calls`` plans in a row, the best and the median of ``repeats`` such runs (a
-    shared CPU's noise only adds time). On CPU the upload is no copy (the "device" buffer is the host
-    one): the figure is plan()'s Python and numpy work, the part the GPU's host shares."""
+    prefill wrapper at the benchmark's shape and at B128 x 128 tokens, each with the page ids on the
+    host (range-checked, copied with the metadata) and on the device (not read: the FlashInfer user's
+    usual case; indptr and last_page_len stay on the host): int32, shuffled pages, ``calls`` plans in
+    a row, the best and the median of ``repeats`` such runs. On CPU "device ids" are a meta tensor (the
+    same code path, which cannot read them) and the upload is no copy (the "device" buffer is the host
+    one): the figure is plan()'s Python and numpy work, the part the GPU's host shares. ``pieces``
+    also times plan()'s parts one by one (_plan_pieces)."""
     from moecomm.attention import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
 
     def page_table(B, L):
@@ -163,33 +212,42 @@ def plan_host_times(device, calls: int = 50, repeats: int = 9, profile: bool = F
         return (torch.arange(0, B * pp + 1, pp, dtype=torch.int32), torch.randperm(B * pp).to(torch.int32),
                 torch.full((B,), L - (pp - 1) * PAGE, dtype=torch.int32))
 
-    cases = []
-    for B, L, Hq, Hk, _ in DECODE_SHAPES:
+    def on_device(ids):
+        return ids.to(device) if device.type == "cuda" else torch.empty(ids.shape, dtype=ids.dtype, device="meta")
+
+    cases = []  # (name, kind, wrapper, plan args, plan kwargs)
+    for B, L, Hq, Hk, *_ in decode_shapes or DECODE_SHAPES:
         indptr, indices, last = page_table(B, L)
-        w = BatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=device))
-        cases.append((f"decode B{B} L{L} {Hq}/{Hk}", lambda w=w, a=(indptr, indices, last, Hq, Hk): w.plan(
-            *a, HEAD_DIM, PAGE, q_data_type=torch.bfloat16)))
-    for B, L, Hq, Hk in PREFILL_SHAPES + [(128, 128, 32, 8)]:
+        for where, ids in (("host ids", indices), ("dev ids", on_device(indices))):
+            w = BatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=device))
+            cases.append((f"decode B{B} L{L} {Hq}/{Hk} {where}", "decode", w, (indptr, ids, last, Hq, Hk, HEAD_DIM, PAGE),
+                          dict(q_data_type=torch.bfloat16)))
+    for B, L, Hq, Hk in prefill_shapes or PREFILL_SHAPES + [(128, 128, 32, 8)]:
         indptr, indices, last = page_table(B, L)
         qo_indptr = torch.arange(0, B * L + 1, L, dtype=torch.int32)
-        w = BatchPrefillWithPagedKVCacheWrapper(torch.empty(16 << 20, dtype=torch.uint8, device=device))
-        cases.append((f"prefill B{B} L{L} {Hq}/{Hk} causal", lambda w=w, a=(qo_indptr, indptr, indices, last, Hq, Hk): w.plan(
-            *a, HEAD_DIM, PAGE, causal=True, q_data_type=torch.bfloat16)))
+        for where, ids in (("host ids", indices), ("dev ids", on_device(indices))):
+            w = BatchPrefillWithPagedKVCacheWrapper(torch.empty(16 << 20, dtype=torch.uint8, device=device))
+            cases.append((f"prefill B{B} L{L} {Hq}/{Hk} causal {where}", "prefill", w,
+                          (qo_indptr, indptr, ids, last, Hq, Hk, HEAD_DIM, PAGE), dict(causal=True, q_data_type=torch.bfloat16)))
     rows = []
-    for name, fn in cases:
+    for name, kind, w, a, kw in cases:
+        fn = lambda w=w, a=a, kw=kw: w.plan(*a, **kw)
         for _ in range(5):
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        runs = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            runs.append((time.perf_counter() - t0) / calls * 1e6)
-        runs.sort()
-        rows.append(dict(case=name, best_us=runs[0], median_us=runs[len(runs) // 2]))
-        print(f"  {name:34s} best {runs[0]:6.1f} us  median {runs[len(runs) // 2]:6.1f} us", flush=True)
+        best, median = _per_call_us(fn, calls, repeats)
+        row = dict(case=name, best_us=best, median_us=median)
+        print(f"  {name:40s} best {best:6.1f} us  median {median:6.1f} us", flush=True)
+        if pieces:
+            parts = {}
+            for piece, pfn in _plan_pieces(kind, w, a):
+                pfn()
+                parts[piece] = _per_call_us(pfn, calls, repeats)[1]
+            parts["rest"] = median - sum(parts.values())
+            row["pieces_us"] = parts
+            print("      " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
+        rows.append(row)
         if profile:
             import cProfile
             import pstats
@@ -199,7 +257,11 @@ def plan_host_times(device, calls: int = 50, repeats: int = 9, profile: bool = F
             for _ in range(calls):
                 fn()
             prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(8)
+            stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, ncalls, tottime, cumtime, callers)
+            top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:10]
+            print("      tottime us per plan (cProfile's own overhead included), function")
+            for (file, line, fname), (_, ncalls, tottime, _, _) in top:
+                print(f"      {tottime / calls * 1e6:7.2f}  {ncalls // calls:3d}x  {os.path.basename(file)}:{line}({fname})")
     return rows
 
 
@@ -419,6 +481,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--plan-only", action="store_true", help="only plan()'s host time (works on CPU)")
     parser.add_argument("--profile", action="store_true", help="with --plan-only: cProfile each case")
+    parser.add_argument("--pieces", action="store_true", help="with --plan-only: also time plan()'s parts one by one")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rep", type=int, default=50)
     args = parser.parse_args(argv)
@@ -431,9 +494,11 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     global DECODE_SHAPES, PREFILL_SHAPES
     if args.plan_only:  # the issue's shapes even on CPU: plan() does no device work there
-        print(f"plan() host time, {device.type}, D{HEAD_DIM}, page {PAGE}, host int32 page tables (target <= 30 us)")
+        print(f"plan() host time, {device.type}, D{HEAD_DIM}, page {PAGE}, int32 page tables, indptr and last_page_len "
+              f"on the host (target <= 30 us)")
         writer = ResultWriter(args.out)
-        for row in plan_host_times(device, profile=args.profile):
+        quick = dict(calls=5, repeats=3, decode_shapes=QUICK_DECODE, prefill_shapes=QUICK_PREFILL) if args.quick else {}
+        for row in plan_host_times(device, profile=args.profile, pieces=args.pieces, **quick):
             writer.write(op="attention_plan_host", device=device.type, **row)
         return 0
     if args.quick or device.type != "cuda":

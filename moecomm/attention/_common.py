@@ -29,16 +29,18 @@ def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-_ARANGE = np.arange(1 << 12, dtype=np.int64)
+_ARANGES = {4: np.arange(1 << 12, dtype=np.int32), 8: np.arange(1 << 12, dtype=np.int64)}  # by itemsize
+_INT64 = np.dtype(np.int64)
 
 
-def arange_view(n: int) -> np.ndarray:
-    """np.arange(n) as a view of a cached one, grown on demand (plan() builds ids every call; a
-    fresh np.arange costs ~1 us). Callers read it or copy from it, never write it."""
-    global _ARANGE
-    if n > _ARANGE.shape[0]:
-        _ARANGE = np.arange(2 * n, dtype=np.int64)
-    return _ARANGE[:n]
+def arange_view(n: int, dtype: np.dtype = _INT64) -> np.ndarray:
+    """np.arange(n) in int32 or int64 as a view of a cached one, grown on demand (plan() builds ids
+    every call; a fresh np.arange costs ~1 us; an op mixing int32 and int64 ~1 us more than one in
+    a single dtype). Callers read it or copy from it, never write it."""
+    a = _ARANGES[dtype.itemsize]
+    if n > a.shape[0]:
+        a = _ARANGES[dtype.itemsize] = np.arange(2 * n, dtype=a.dtype)
+    return a[:n]
 
 
 def parse_dtype(op: str, name: str, value, default: torch.dtype | None = None, fp8: bool = False) -> torch.dtype:
@@ -99,38 +101,74 @@ def check_heads(op: str, num_qo_heads, num_kv_heads, head_dim, page_size, head_d
         raise MoeCommValueError(f"{op}: page_size must be <= 128, got {page_size}")
 
 
-def check_page_table(op: str, indptr: np.ndarray, last_page_len: np.ndarray, num_indices: int, page_size: int,
-                     indptr_name: str = "indptr") -> np.ndarray:
-    """Validate the page table's host copies; return the KV length of each request ([B] int).
+_UNSIGNED = {4: np.uint32, 8: np.uint64}  # itemsize -> the unsigned view of an int32 / int64 array
+_CONSTS: dict = {}
 
-    Few numpy calls on purpose (each costs ~1 us; plan() has ~30 us): one reduction per check on the
-    common path, the detailed message only once a check fails."""
+
+def const(value: int, dtype: np.dtype) -> np.ndarray:
+    """A cached 0-d array of ``value`` in ``dtype``, for array-scalar arithmetic in plan().
+
+    numpy 2 prices an operand by its kind: array op Python int ~0.55 us (the weak-scalar casting
+    rules), array op 0-d array of the array's own dtype ~0.26 us (B <= 128). Read-only."""
+    key = (value, dtype)
+    c = _CONSTS.get(key)
+    if c is None:
+        if len(_CONSTS) > 256:  # chunk sizes that drift over a long run: start over rather than grow
+            _CONSTS.clear()
+        c = _CONSTS[key] = np.array(value, dtype=dtype)
+        c.flags.writeable = False
+    return c
+
+
+_NO_LENGTHS = np.zeros(0, dtype=np.int64)
+_NO_LENGTHS.flags.writeable = False
+
+
+def check_page_table(op: str, indptr: np.ndarray, last_page_len: np.ndarray, num_indices: int, page_size: int,
+                     indptr_name: str = "indptr") -> tuple[np.ndarray, bool]:
+    """Validate the page table's host copies; return (the KV length of each request [B], whether every
+    request has a page, i.e. every length is >= 1).
+
+    Few numpy calls on purpose (plan() has ~30 us: a ufunc reduction costs ~0.9 us, an elementwise op
+    ~0.26 us with a same-dtype 0-d operand): one reduction and eight elementwise ops on the common
+    path, the detailed message only once a check fails."""
     batch = indptr.shape[0] - 1
     if batch < 0:
         raise MoeCommValueError(f"{op}: {indptr_name} must have batch_size + 1 >= 1 entries, got 0")
     if last_page_len.shape[0] != batch:
         raise MoeCommValueError(f"{op}: last_page_len must have {batch} entries (one per request), got {last_page_len.shape[0]}")
-    if indptr[0] != 0:
-        raise MoeCommValueError(f"{op}: {indptr_name}[0] must be 0, got {int(indptr[0])}")
+    if indptr.item(0) != 0:
+        raise MoeCommValueError(f"{op}: {indptr_name}[0] must be 0, got {indptr.item(0)}")
     if batch == 0:
-        return np.zeros(0, dtype=np.int64)
+        return _NO_LENGTHS, True
+    if indptr.dtype != last_page_len.dtype:  # one dtype below (an in-place op would truncate int64 into int32)
+        indptr, last_page_len = indptr.astype(np.int64), last_page_len.astype(np.int64)
     pages = indptr[1:] - indptr[:-1]
-    # the ufuncs' reduce, not ndarray.min / max (their Python wrappers cost ~0.5 us each)
-    if np.minimum.reduce(pages) > 0:  # every request has pages (the common case)
-        lm1 = last_page_len - 1  # in [0, P) as unsigned: one reduction checks both bounds
-        if np.maximum.reduce(lm1.view(np.uint32 if lm1.dtype == np.int32 else np.uint64)) >= page_size:
-            _bad_last(op, pages, last_page_len, page_size)
-        lengths = pages * page_size + (last_page_len - page_size)
+    dt = pages.dtype
+    pm1 = pages - const(1, dt)  # >= 0 for a request with pages
+    lm1 = last_page_len - const(1, dt)  # in [0, P - 1]
+    # one reduction for the bounds: pages >= 0 and pm1 >= 0 (pages >= 1: or'ing pages too keeps
+    # pages = -2**31, whose pm1 wraps, out), lm1 >= 0 and P - 1 - lm1 >= 0 hold for every request iff
+    # their bitwise or is >= 0 (a negative number has the sign bit, an or of non-negative ones has
+    # not; lm1 >= 0 keeps P - 1 - lm1 from wrapping). The ufunc's reduce, not ndarray.min (its Python
+    # wrapper costs ~0.5 us).
+    bits = pm1 | pages
+    bits |= lm1
+    bits |= const(page_size - 1, dt) - lm1
+    full = bool(np.minimum.reduce(bits) >= 0)
+    if full:  # every request has pages and a valid last page (the common case)
+        lengths = pm1 * const(page_size, dt)  # (pages - 1) * P + last
+        lengths += last_page_len
     else:
-        if pages.min() < 0:
+        if np.minimum.reduce(pages) < 0:
             b = int(np.argmax(pages < 0))
             raise MoeCommValueError(f"{op}: {indptr_name} must be non-decreasing, got {indptr_name}[{b + 1}] = "
                                     f"{int(indptr[b + 1])} < {indptr_name}[{b}] = {int(indptr[b])}")
         _bad_last(op, pages, last_page_len, page_size)
         lengths = np.where(pages > 0, (pages - 1) * page_size + last_page_len, 0)
-    if indptr[-1] > num_indices:
-        raise MoeCommValueError(f"{op}: indices must hold {indptr_name}[-1] = {int(indptr[-1])} page ids, got {num_indices}")
-    return lengths
+    if indptr.item(-1) > num_indices:
+        raise MoeCommValueError(f"{op}: indices must hold {indptr_name}[-1] = {indptr.item(-1)} page ids, got {num_indices}")
+    return lengths, full
 
 
 def _bad_last(op, pages, last_page_len, page_size):
@@ -142,17 +180,18 @@ def _bad_last(op, pages, last_page_len, page_size):
 
 
 def check_indices(op: str, indices, num_pages: int | None) -> tuple[int | None, np.ndarray | None]:
-    """Range-check host page ids (device ids are not read: the kernels clamp them); return (their
-    maximum, their host array), (None, None) for ids on the device. One reduction: the max over the
-    ids as unsigned (a negative id shows as >= 2**31)."""
+    """Range-check host page ids (device ids are not read, not even their size's worth of checks:
+    the kernels clamp them); return (their maximum, their host array), (None, None) for ids on the
+    device. One pass, no copy: the max over the ids viewed as unsigned (a negative id shows as
+    >= 2**31); the min / argmin only once that pass found a bad id."""
     if isinstance(indices, torch.Tensor) and not indices.is_cpu:
         if indices.dtype not in _INT_DTYPES:
             raise MoeCommTypeError(f"{op}: indices must have dtype int32 or int64, got {str(indices.dtype).replace('torch.', '')}")
         return None, None
     arr = host_ints(op, "indices", indices)
-    if arr.size == 0:
+    if arr.shape[0] == 0:
         return -1, arr
-    hi = int(np.maximum.reduce(arr.view(np.uint32 if arr.dtype == np.int32 else np.uint64)))
+    hi = np.maximum.reduce(arr.view(_UNSIGNED[arr.itemsize])).item()
     if hi >= 2**31:
         if int(arr.min()) < 0:
             raise MoeCommValueError(f"{op}: indices must be >= 0 (page ids), got {int(arr.min())} at position {int(np.argmin(arr))}")
@@ -168,18 +207,32 @@ class Staging:
     Pinned, not pageable: a copy from pageable memory may wait for all the work queued on the stream
     (CUDA's "API synchronization behavior"), which would take away the host's lead over the GPU. A
     pinned buffer may be rewritten only once its previous copy has left it: a ring of _RING host
-    buffers, each with the event of its last copy, so that plan() waits (if ever) on the copy of
-    _RING plans ago, not on the one it queued just before.
+    buffers, so that plan() waits (if ever) on copies of several plans ago, never on the one it
+    queued just before.
+
+    Driver calls: on the sandboxed H200 host one costs several us (~10 us measured once), more than
+    most of plan()'s Python; a plan makes one (its copy) plus, per _GROUP plans, one event record and
+    one event query, instead of a record and a query per plan. The ring is _RING // _GROUP groups of
+    _GROUP buffers; entering a group records one event on the stream of the group just left (it
+    follows, in stream order, every copy queued out of that group) and waits on the event of the
+    group being entered (recorded _RING - _GROUP plans ago; queried first, so that a done copy costs
+    one query and no synchronize). Recording on entry, not after a group's last copy, keeps the
+    guard even when a plan raised between its ensure() and its upload(). A caller who switches
+    streams inside a group gets one extra event on the stream left, guarding that group's earlier
+    copies (stream order holds only within a stream).
 
     Host cost (plan() has <= 30 us in all): everything a plan would rebuild is cached here: the slices
     copied (per ring slot, sizes rounded up to _QUANTUM ints, so a plan of a similar size reuses its
     views; the extra <= 16 KB cost ~0.3 us of PCIe), the numpy view of each slot, and the stream the
     event is recorded on (torch.cuda.current_stream() builds a Python object per call: the raw handle
-    is compared instead, and the Stream rebuilt only when the caller switched streams). A slot's event
-    is queried before it is waited on (a done copy costs one query, no synchronize).
+    is compared instead, and the Stream rebuilt only when the caller switched streams).
+
+    The device calls are the methods _new_host, _new_dev, _new_event, _copy, _current_handle and
+    _current_stream, so that a test can stand in for them on a machine without a GPU.
     """
 
-    _RING = 4
+    _GROUP = 4
+    _RING = 8
     _QUANTUM = 4096  # ints (16 KB)
 
     def __init__(self, device: torch.device, size: int):
@@ -187,25 +240,49 @@ class Staging:
         self.cuda = device.type == "cuda"
         self.size = 0
         self._raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self._device_index = (device.index if device.index is not None else torch.cuda.current_device()) if self.cuda else 0
+        self._stream = None
+        self._stream_handle = None
         self._grow(size)
+
+    # the device calls (see the class docstring)
+    def _new_host(self, size: int) -> torch.Tensor:
+        return torch.zeros(size, dtype=torch.int32, pin_memory=True)
+
+    def _new_dev(self, size: int) -> torch.Tensor:
+        return torch.zeros(size, dtype=torch.int32, device=self.device)
+
+    def _new_event(self):
+        return torch.cuda.Event()
+
+    @staticmethod
+    def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src, non_blocking=True)
+
+    def _current_handle(self):
+        """The current stream's raw handle (no Python Stream object), None where torch has no such call."""
+        return self._raw_stream(self._device_index) if self._raw_stream is not None else None
+
+    def _current_stream(self):
+        return torch.cuda.current_stream(self.device)
 
     def _grow(self, size: int) -> None:
         size = max(int(size), 64)
         ring = self._RING if self.cuda else 1
-        self._hosts = [torch.zeros(size, dtype=torch.int32, pin_memory=self.cuda) for _ in range(ring)]
+        self._hosts = [self._new_host(size) if self.cuda else torch.zeros(size, dtype=torch.int32) for _ in range(ring)]
         self._host_nps = [t.numpy() for t in self._hosts]
-        self._events: list = [None] * ring
+        # the old buffers' copies may still be in flight: torch's pinned allocator keeps each one until
+        # the streams that copied from it are past that point, so the guards of the old ring can go
+        num_groups = max(ring // self._GROUP, 1)
+        self._guards: list[list] = [[] for _ in range(num_groups)]  # events to pass before rewriting a group
+        self._group_events: list = [None] * num_groups  # each group's own event, recorded when it is left
         self._copy_views: list[dict] = [{} for _ in range(ring)]
         self._slot = 0
         self.host = self._hosts[0]
         self.host_np = self._host_nps[0]
-        self.dev = torch.zeros(size, dtype=torch.int32, device=self.device) if self.cuda else self.host
+        self.dev = self._new_dev(size) if self.cuda else self.host
         self.size = size
-        self._stream = None
-        self._stream_handle = None
         self._dev_views: dict = {}
-        if self.cuda:
-            self._device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def ensure(self, size: int) -> bool:
         """Make room for ``size`` ints and pick the host buffer to write (``host_np``); True when the
@@ -217,10 +294,23 @@ class Staging:
             slot = self._slot = (self._slot + 1) % self._RING
             self.host = self._hosts[slot]
             self.host_np = self._host_nps[slot]
-            ev = self._events[slot]
-            if ev is not None and not ev.query():
-                ev.synchronize()  # the copy of _RING plans ago still in flight: a host far ahead
+            if slot % self._GROUP == 0:
+                self._enter_group(slot // self._GROUP)
         return False
+
+    def _enter_group(self, group: int) -> None:
+        left = (group - 1) % len(self._guards)
+        if self._stream is not None:  # one event after every copy queued out of the group just left
+            ev = self._group_events[left]
+            if ev is None:
+                ev = self._group_events[left] = self._new_event()
+            ev.record(self._stream)
+            self._guards[left].append(ev)
+        guards = self._guards[group]
+        for ev in guards:
+            if not ev.query():
+                ev.synchronize()  # copies of _RING - _GROUP plans ago still in flight: a host far ahead
+        guards.clear()
 
     def dev_view(self, start: int, stop: int) -> torch.Tensor:
         """dev[start:stop], cached (a torch slice costs ~1.5 us of host time; plans repeat their layout)."""
@@ -242,15 +332,16 @@ class Staging:
             if len(views) > 64:  # sizes that drift over a long run: start over rather than grow
                 views.clear()
             pair = views[n] = (self.dev[:n], self.host[:n])
-        pair[0].copy_(pair[1], non_blocking=True)
-        handle = self._raw_stream(self._device_index) if self._raw_stream is not None else None
+        self._copy(pair[0], pair[1])
+        handle = self._current_handle()
         if handle is None or handle != self._stream_handle:
-            self._stream = torch.cuda.current_stream(self.device)
-            self._stream_handle = handle
-        ev = self._events[self._slot]
-        if ev is None:
-            ev = self._events[self._slot] = torch.cuda.Event()
-        ev.record(self._stream)
+            stream = self._current_stream()
+            if self._stream is not None and stream != self._stream and self._slot % self._GROUP:
+                # this group's earlier copies went to the stream left: they get their own guard
+                ev = self._new_event()
+                ev.record(self._stream)
+                self._guards[self._slot // self._GROUP].append(ev)
+            self._stream, self._stream_handle = stream, handle
 
 
 def check_kv_cache(op: str, paged_kv_cache, kv_layout: str, num_kv_heads: int, head_dim: int, page_size: int,

@@ -41,6 +41,7 @@ from ._common import (
     check_kv_cache,
     check_layout,
     check_page_table,
+    const,
     host_ints,
     nhd_strides,
     num_sms,
@@ -160,6 +161,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._plan = None
         self._views: dict = {}
         self._scalars_key = self._scalars = None
+        self._layouts: dict = {}
         # graph mode: the metadata buffer's final size now, so that no plan() ever moves it
         self._staging = Staging(self._device, self._layout(self._max_batch, self._max_work)[1] if self._graph else 1024)
 
@@ -169,7 +171,16 @@ class BatchDecodeWithPagedKVCacheWrapper:
 
     def _layout(self, batch: int, num_work: int) -> tuple[list[int], int]:
         """Offsets of the metadata sections (work_req, then per request: chunk, work_indptr,
-        kv_indptr, kv_len) and the end of the fixed part."""
+        kv_indptr, kv_len) and the end of the fixed part; cached per (batch, num_work), as plans
+        repeat their sizes (run() only reads the offsets)."""
+        hit = self._layouts.get((batch, num_work))
+        if hit is None:
+            if len(self._layouts) > 256:
+                self._layouts.clear()
+            hit = self._layouts[(batch, num_work)] = self._make_layout(batch, num_work)
+        return hit
+
+    def _make_layout(self, batch: int, num_work: int) -> tuple[list[int], int]:
         wcap, bcap = (self._max_work, self._max_batch) if self._graph else (num_work, batch)
         ws, bs = round_up(max(wcap, 1), _ALIGN), round_up(bcap + 1, _ALIGN)
         off_req = _ALIGN
@@ -255,14 +266,14 @@ class BatchDecodeWithPagedKVCacheWrapper:
         indptr_np = host_ints(_OP, "indptr", indptr)
         last_np = host_ints(_OP, "last_page_len", last_page_len)
         num_indices = indices.shape[0] if isinstance(indices, torch.Tensor) else len(indices)
-        lengths = check_page_table(_OP, indptr_np, last_np, num_indices, page_size)
+        lengths, full = check_page_table(_OP, indptr_np, last_np, num_indices, page_size)
         max_index, indices_np = check_indices(_OP, indices, num_pages)
         batch = lengths.shape[0]
         if self._graph and batch > self._max_batch:
             raise MoeCommValueError(f"{_OP}: batch size must be <= {self._max_batch} (the CUDA-graph buffers' size), got {batch}")
-        if self._graph and indptr_np[-1] > self._indices_buf.shape[0]:
+        if self._graph and indptr_np.item(-1) > self._indices_buf.shape[0]:
             raise MoeCommValueError(f"{_OP}: indptr[-1] must be <= {self._indices_buf.shape[0]} (paged_kv_indices_buffer's "
-                                    f"size), got {int(indptr_np[-1])}")
+                                    f"size), got {indptr_np.item(-1)}")
 
         block_n = DECODE_CONFIGS[head_dim][0]
         cap_work, part_o, part_lse = self._partials(num_qo_heads, head_dim)
@@ -281,11 +292,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 chunk = round_up(max(int(kv_chunk_size), 1), block_n)
             else:
                 want = max(1, min(target, max_work - batch))
-                chunk = round_up(max(_MIN_CHUNK, cdiv(int(span.sum()), want)), block_n)
-            nsplit = span + (chunk - 1)
-            nsplit //= chunk
-            np.maximum(nsplit, 1, out=nsplit)
-            work_end = np.add.accumulate(nsplit)  # [B] one past each request's last item (np.cumsum: +1 us)
+                chunk = round_up(max(_MIN_CHUNK, cdiv(int(np.add.reduce(span)), want)), block_n)
+            dt = span.dtype  # same-dtype 0-d operands: half the cost of a Python int's (_common.const)
+            nsplit = span + const(chunk - 1, dt)
+            nsplit //= const(chunk, dt)
+            if not full:  # a request without KV is one work item too (every length >= 1 otherwise)
+                np.maximum(nsplit, 1, out=nsplit)
+            work_end = np.add.accumulate(nsplit, dtype=dt)  # [B] one past each request's last item
             num_work = work_end.item(-1)
             if num_work > max_work:  # a forced chunk size past the workspace: one item per request
                 if self._graph:
@@ -309,7 +322,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             # each request's chunk length: the kernel's, from its item count (_triton_decode docstring)
             h[off_work_indptr] = 0
             h[off_work_indptr + 1:off_work_indptr + batch + 1] = work_end
-            h[off_req:off_req + num_work] = arange_view(batch).repeat(nsplit)
+            h[off_req:off_req + num_work] = arange_view(batch, nsplit.dtype).repeat(nsplit)
         elif self._graph:  # graph mode always takes the split path: one chunk per request
             h[off_work_indptr:off_work_indptr + batch + 1] = arange_view(batch + 1)
             h[off_req:off_req + num_work] = arange_view(batch)
@@ -330,12 +343,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
             num_programs = min(max(self._max_batch, target), _MAX_GRID)
         else:
             num_programs = min(max(num_work, 1), _MAX_GRID)
-        self._plan = dict(
-            batch=batch, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
-            q_dtype=q_dtype, kv_dtype=kv_dtype, sm_scale=scale, soft_cap=cap, window_left=window_left,
-            offsets=offsets, num_programs=num_programs, direct=direct, kv_indices=kv_indices, num_work=num_work,
-            part_o=part_o, part_lse=part_lse, max_index=max_index, meta=st.dev,
-        )
+        self._plan = {  # a literal: half the cost of dict(**kwargs)
+            "batch": batch, "num_qo_heads": num_qo_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
+            "page_size": page_size, "q_dtype": q_dtype, "kv_dtype": kv_dtype, "sm_scale": scale, "soft_cap": cap,
+            "window_left": window_left, "offsets": offsets, "num_programs": num_programs, "direct": direct,
+            "kv_indices": kv_indices, "num_work": num_work, "part_o": part_o, "part_lse": part_lse,
+            "max_index": max_index, "meta": st.dev,
+        }
 
     begin_forward = plan
 

@@ -34,3 +34,21 @@ def test_bench_quick_with_a_peer(tmp_path):
     impls = {(r["op"], r["impl"]) for r in rows}
     assert ("attention_decode", "moecomm") in impls and ("attention_decode", "fake-stand-in") in impls
     assert ("attention_prefill", "moecomm") in impls and ("attention_prefill", "fake-stand-in") in impls
+
+
+def test_plan_only_with_pieces_and_device_ids(tmp_path):
+    """--plan-only --pieces --quick on CPU: every case, host and device page ids ("dev ids": a meta
+    tensor here, the code path that never reads them), with its pieces, in the JSON lines."""
+    out = tmp_path / "plan.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOECOMM_BACKEND")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_attention", "--plan-only", "--pieces", "--profile",
+                           "--quick", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    cases = [r["case"] for r in rows]
+    assert len(cases) == 4 and sum("dev ids" in c for c in cases) == 2, cases
+    for r in rows:
+        assert r["op"] == "attention_plan_host" and r["median_us"] > 0
+        want = {"to numpy", "check_page_table", "staging", "rest"} | ({"check_indices"} if "host ids" in r["case"] else set())
+        assert set(r["pieces_us"]) == want, r
