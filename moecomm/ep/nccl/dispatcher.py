@@ -241,6 +241,16 @@ def _fail_peers(group, W: int, device: torch.device, op: str, flag: int) -> None
 
 
 def _validate(op, x, topk_ids, topk_weights, hidden, top_k, dtype):
+    # the common case in one expression (~1 us); anything else takes the checks below, which name
+    # what is wrong
+    if type(x) is torch.Tensor and type(topk_ids) is torch.Tensor and type(topk_weights) is torch.Tensor:
+        xs, ks = x.shape, topk_ids.shape
+        if (len(xs) == 2 and len(ks) == 2 and ks[0] == xs[0] and ks[1] >= 1 and topk_weights.shape == ks
+                and (hidden is None or xs[1] == hidden) and (top_k is None or ks[1] == top_k)
+                and (x.dtype is dtype if dtype is not None else x.dtype in _FLOAT_DTYPES)
+                and topk_ids.dtype in _ID_DTYPES and topk_weights.dtype in _FLOAT_DTYPES
+                and topk_ids.device == x.device and topk_weights.device == x.device):
+            return x, topk_ids, topk_weights
     x = check_tensor(op, "x", x, ndim=2, dtype=_FLOAT_DTYPES)
     T = x.shape[0]
     if hidden is not None and x.shape[1] != hidden:
@@ -273,11 +283,13 @@ def _local(x, ids, w, E, check, op, async_op):
 
 def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, rank: int, ep_size: int,
               e2r: torch.Tensor, e2l: torch.Tensor, hidden, top_k, dtype, async_op: bool, validate: bool,
-              op: str, force_exchange: bool = False, checked: bool = True, workspaces: dict | None = None):
+              op: str, force_exchange: bool = False, checked: bool = True, workspaces: dict | None = None,
+              num_local_experts: int | None = None):
     """The throughput mode (see the module docstring); arguments as dispatch(). checked=False: the
     caller (the MoE forward) built x, topk_ids and topk_weights itself, so the argument checks are
     skipped (validate still decides the device check of the ids). workspaces: the dispatcher's
-    Workspace per stream (None: every scratch tensor new).
+    Workspace per stream (None: every scratch tensor new); num_local_experts: L, when the caller
+    knows it (the placement counts it in O(E) otherwise).
 
     Host work per call (kernel path): the plan's 2 launches, the count exchange (1 all_to_all_single,
     1 device-to-host copy: the sync), 3 allocations (the send rows, the received rows, the result's
@@ -297,7 +309,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     T, H = x.shape
     k = ids.shape[1]
     E = placement.num_experts
-    L = placement.num_local_experts(rank)
+    L = placement.num_local_experts(rank) if num_local_experts is None else num_local_experts
     dev = x.device
     if e2r.device != dev:  # the caller's guess of x's device was wrong (a DLPack array, say)
         e2r, e2l = _placement_maps(placement, dev)
@@ -732,7 +744,8 @@ class EPDispatcher:
         return _dispatch(x, topk_ids, topk_weights, group=self.group, placement=self.placement, rank=self.rank,
                          ep_size=self.ep_size, e2r=e2r, e2l=e2l, hidden=self.hidden, top_k=self.top_k,
                          dtype=self.dtype, async_op=async_op, validate=validate, op=op,
-                         force_exchange=self.force_exchange, workspaces=self._workspaces)
+                         force_exchange=self.force_exchange, workspaces=self._workspaces,
+                         num_local_experts=self.num_local_experts)
 
     def combine(self, expert_out: Any, handle: EPHandle, *, async_op: bool = False) -> torch.Tensor | PendingCombine:
         """y [T, H] = per token, the sum of its expert outputs (weights already applied); see combine()."""
@@ -757,7 +770,8 @@ class EPDispatcher:
         return _dispatch(x, topk_ids, topk_weights, group=self.group, placement=self.placement, rank=self.rank,
                          ep_size=self.ep_size, e2r=e2r, e2l=e2l, hidden=self.hidden, top_k=self.top_k,
                          dtype=self.dtype, async_op=async_op, validate=validate, op="EPDispatcher.dispatch",
-                         force_exchange=self.force_exchange, checked=False, workspaces=self._workspaces)
+                         force_exchange=self.force_exchange, checked=False, workspaces=self._workspaces,
+                         num_local_experts=self.num_local_experts)
 
     # ------------------------------------------------------------- static mode under torch.compile
 
