@@ -254,7 +254,7 @@ def _compile_plan_pack() -> int:
     for check in (False, True):
         compile_for_hopper(ep_plan_kernel, sig, {"K": 8, "KP": 8, "W": 8, "NUM_BINS": 16, "BLOCK_T": 64,
                                                  "CHECK": check}, num_warps=4)
-    sig = {"key_ptr": "*i32", "hist_ptr": "*i32", "R": "i32", "NV": "i32", "stride_kr": "i32", "key_col": "i32",
+    sig = {"key_ptr": "*bf16", "hist_ptr": "*i32", "R": "i32", "NV": "i32", "stride_kr": "i32", "key_col": "i32",
            "K": "constexpr", "KP": "constexpr", "NUM_BINS": "constexpr", "BLOCK_R": "constexpr"}
     compile_for_hopper(ep_expand_hist_kernel, sig, {"K": 8, "KP": 8, "NUM_BINS": 64, "BLOCK_R": 16}, num_warps=4)
     sig = {"hist_ptr": "*i32", "base_ptr": "*i32", "NB": "i32", "HC": "i32", "BLOCK_B": "constexpr",
@@ -266,23 +266,23 @@ def _compile_plan_pack() -> int:
     sig.update({n: "i32" for n in ("R", "NV", "NB", "HC", "num_out", "stride_kr", "key_col", "stride_cnt")})
     sig.update({n: "constexpr" for n in ("K", "KP", "NUM_BINS", "BLOCK_R", "CHUNK_B", "ONEHOT", "SCANNED", "SCATTER",
                                           "DROP_NEG", "PLAN")})
+    recv_sig = dict(sig, key_ptr="*bf16")  # the receiver reads the keys from the bf16 rows in place
     order = ["key_ptr", "hist_ptr", "base_ptr", "dst_ptr", "src_ptr", "row_w_ptr", "offs_ptr", "cnt_ptr", "info_ptr",
              "R", "NV", "NB", "HC", "num_out", "stride_kr", "key_col", "stride_cnt", "K", "KP", "NUM_BINS", "BLOCK_R",
              "CHUNK_B", "ONEHOT", "SCANNED", "SCATTER", "DROP_NEG", "PLAN"]
     # the sender (one-hot, W 8) and the receiver (pairwise, L 256; one-hot, L 32), each fused and scanned
     for bins, block_r, onehot, plan in ((16, 64, True, True), (512, 16, False, False), (64, 16, True, False)):
         for scanned in (False, True):
-            compile_for_hopper(ep_sort_scatter_kernel, {n: sig[n] for n in order}, {
+            compile_for_hopper(ep_sort_scatter_kernel, {n: (sig if plan else recv_sig)[n] for n in order}, {
                 "K": 8, "KP": 8, "NUM_BINS": bins, "BLOCK_R": block_r, "CHUNK_B": max(1, 4096 // bins),
                 "ONEHOT": onehot, "SCANNED": scanned, "SCATTER": not plan, "DROP_NEG": not plan, "PLAN": plan},
                 num_warps=4)
-    sig = {n: "*i32" for n in ("rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "meta_ptr", "home_ptr",
-                               "flag_ptr")}
+    sig = {n: "*i32" for n in ("rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "home_ptr", "flag_ptr")}
     sig.update({"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*bf16"})
     sig.update({n: "i32" for n in ("num_rows", "capacity", "stride_xt", "stride_xh", "stride_wt", "stride_wk",
                                    "stride_ot", "stride_mt", "meta_col")})
     sig.update({n: "constexpr" for n in ("H", "K", "KP", "W", "BLOCK_H", "STATIC")})
-    order = ["x_ptr", "w_ptr", "rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "out_ptr", "meta_ptr",
+    order = ["x_ptr", "w_ptr", "rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "out_ptr",
              "home_ptr", "flag_ptr", "num_rows", "capacity", "stride_xt", "stride_xh", "stride_wt", "stride_wk",
              "stride_ot", "stride_mt", "meta_col", "H", "K", "KP", "W", "BLOCK_H", "STATIC"]
     for static in (False, True):

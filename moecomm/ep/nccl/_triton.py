@@ -227,8 +227,10 @@ def ep_expand_hist_kernel(
     R, NV, stride_kr, key_col,
     K: tl.constexpr, KP: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # keys (r, j) at key_ptr + key_col + r * stride_kr + j, read in place (the received rows'
-    # metadata); key v in [0, NV) is its bucket, anything else (-1: another rank's slot) bucket NV
+    # keys (r, j) at int32 key_col + r * stride_kr + j of key_ptr's memory, read in place (the received
+    # rows' metadata, whatever the rows' dtype: no view op on the host); key v in [0, NV) is its
+    # bucket, anything else (-1: another rank's slot) bucket NV
+    key_ptr = key_ptr.to(tl.pointer_type(tl.int32))
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, KP)
@@ -268,6 +270,8 @@ def ep_sort_scatter_kernel(
     # place p < num_out, src[p] = the slot's row and row_w[p] = the fp32 bits beside its key (at
     # key + K); program 0: offs [NV + 1] where each bucket starts, cnt[v * stride_cnt] its count
     # (v < NV); PLAN: info [NV, 3] columns 1 and 2 (pairs, bad-id flag) from hist's other columns.
+    # Keys as in ep_expand_hist_kernel (int32 units of key_ptr's memory).
+    key_ptr = key_ptr.to(tl.pointer_type(tl.int32))
     pid = tl.program_id(0)
     bins = tl.arange(0, NUM_BINS)
     bm = bins <= NV
@@ -335,7 +339,7 @@ def ep_sort_scatter_kernel(
 
 @triton.jit
 def ep_pack_send_kernel(
-    x_ptr, w_ptr, rank_ptr, local_ptr, first_ptr, sort_row_ptr, offs_ptr, out_ptr, meta_ptr, home_ptr, flag_ptr,
+    x_ptr, w_ptr, rank_ptr, local_ptr, first_ptr, sort_row_ptr, offs_ptr, out_ptr, home_ptr, flag_ptr,
     num_rows, capacity, stride_xt, stride_xh, stride_wt, stride_wk, stride_ot, stride_mt, meta_col,
     H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, W: tl.constexpr, BLOCK_H: tl.constexpr,
     STATIC: tl.constexpr,
@@ -373,7 +377,7 @@ def ep_pack_send_kernel(
             r = tl.sum(tl.where(cols == jj, row, 0), axis=0).to(tl.int64)
             w_of_row = tl.sum(tl.where(cols == jj, first, 0), axis=0)
             mine = rank == w_of_row
-            base_ptr = meta_ptr + r * stride_mt + meta_col
+            base_ptr = out_ptr.to(tl.pointer_type(tl.int32)) + r * stride_mt + meta_col  # the row's int32 words
             tl.store(base_ptr + cols, tl.where(mine, local, -1), mask=cm & (r >= 0))
             tl.store(base_ptr + K + cols, tl.where(mine, wbits, 0), mask=cm & (r >= 0))
 
@@ -468,18 +472,20 @@ def plan_send_triton(topk_ids: torch.Tensor, e2r: torch.Tensor, e2l: torch.Tenso
         "ONEHOT": sh.onehot, "SCANNED": sh.scanned, "SCATTER": False, "DROP_NEG": False, "PLAN": True}, 4)
 
 
-def expand_received_triton(meta: torch.Tensor, meta_col: int, top_k: int, num_local_experts: int, hist: torch.Tensor,
+def expand_received_triton(recv: torch.Tensor, meta_col: int, top_k: int, num_local_experts: int, hist: torch.Tensor,
                            base: torch.Tensor, gather_idx: torch.Tensor, expert_offsets: torch.Tensor,
                            tokens_per_expert: torch.Tensor, row_weights: torch.Tensor, slot_pos: torch.Tensor) -> None:
     """The receiver's expansion in two launches (three when SCANNED), reading the received rows'
-    metadata in place: meta = recv.view(int32) [R, width_words], ids at column meta_col, weights' bits
-    after them. Writes slot_pos [R, k] (-1: a slot of another rank), expert_offsets [L + 1],
-    tokens_per_expert [L], and gather_idx / row_weights at the places < their size (N in the
-    throughput mode, R * k in the static one). hist, base: scratch of expand_sort_shape's sizes."""
-    R = meta.shape[0]
+    metadata in place: recv [R, width] (any row dtype, rows of whole int32 words), ids at int32
+    column meta_col, the weights' bits after them. Writes slot_pos [R, k] (-1: a slot of another
+    rank), expert_offsets [L + 1], tokens_per_expert [L], and gather_idx / row_weights at the places
+    < their size (N in the throughput mode, R * k in the static one). hist, base: scratch of
+    expand_sort_shape's sizes."""
+    R = recv.shape[0]
     k, L = top_k, num_local_experts
     sh = expand_sort_shape(R, k, L)
-    stride = meta.stride(0)
+    stride = recv.stride(0) * recv.element_size() // 4  # int32 words per row
+    meta = recv
     if R > 0:
         _expand_hist_launcher((sh.num_blocks,), (meta, hist, R, L, stride, meta_col),
                               {"K": k, "KP": sh.kp, "NUM_BINS": sh.num_bins, "BLOCK_R": sh.block_r}, 4)
@@ -501,12 +507,11 @@ def pack_send_triton(x: torch.Tensor, topk_weights: torch.Tensor, rank: torch.Te
         return
     k = rank.shape[1]
     W = rank_offsets.shape[0] - 1
-    meta = out.view(torch.int32)
     BLOCK_H = _block_h(H)
     flag = overflow if overflow is not None else home
     _pack_send_launcher((T, cdiv(H, BLOCK_H)), (
-        x, topk_weights, rank, local, first, sort_row, rank_offsets, out, meta, home, flag,
+        x, topk_weights, rank, local, first, sort_row, rank_offsets, out, home, flag,
         out.shape[0], capacity or 0, x.stride(0), x.stride(1), topk_weights.stride(0), topk_weights.stride(1),
-        out.stride(0), meta.stride(0), meta_col,
+        out.stride(0), out.stride(0) * out.element_size() // 4, meta_col,
     ), {"H": H, "K": k, "KP": max(2, next_pow2(k)), "W": W, "BLOCK_H": BLOCK_H, "STATIC": capacity is not None},
         NUM_WARPS_DEFAULT)

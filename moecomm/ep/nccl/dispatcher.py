@@ -456,8 +456,8 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
             partial = gather_sum_unchecked(out, handle.slot_pos)  # [R, H]: summed over local experts
             back = out.new_empty((S, H))  # [S, H]
         else:
-            both = out.new_empty((R + S, H))  # one allocation: [R, H] sent back, [S, H] received
-            partial, back = both[:R], both[R:]
+            # one allocation: [R, H] sent back, [S, H] received (both views in one call)
+            partial, back = torch.split_with_sizes(out.new_empty((R + S, H)), [R, S])
             _gather_sum_into(out, handle.slot_pos, partial)  # summed over local experts
         splits_out, splits_in = handle.send_splits, handle.recv_splits
     else:

@@ -267,7 +267,7 @@ def pack_send(x: torch.Tensor, topk_weights: torch.Tensor, plan: SendPlan, layou
         overflow: [1] int32, static mode: set to 1 when a rank's rows did not fit (sticky).
     """
     if choose(x, "ep_pack") is Impl.TRITON:
-        from ._triton import pack_send_triton as run
+        run = _triton().pack_send_triton
     else:
         run = pack_send_reference
     run(x, topk_weights, plan.rank, plan.local, plan.first, plan.sort_row, plan.rank_offsets, out, home, overflow,
@@ -343,7 +343,7 @@ def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: in
             scratch = carve_int32([(sh.hist_elems,), (sh.base_elems,)], recv.device, workspace)
             if workspace is not None:
                 workspace.keep(key, scratch)
-        kernels.expand_received_triton(recv.view(torch.int32), layout.meta_col, k, L, *scratch, out.gather_idx,
+        kernels.expand_received_triton(recv, layout.meta_col, k, L, *scratch, out.gather_idx,
                                        out.expert_offsets, out.tokens_per_expert, out.row_weights, out.slot_pos)
         return out
     meta = recv.view(torch.int32)[:, layout.meta_col:layout.meta_col + 2 * k]  # [R, 2k]
