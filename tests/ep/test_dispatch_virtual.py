@@ -233,9 +233,9 @@ def test_nccl_two_ranks_bf16_exact(max_tokens):
 
 
 @pytest.mark.parametrize("T,E,k,H,scanned", [
-    (4096, 64, 8, 512, False),   # the shape (H cut): the receiver's sort at the fused path's limit (256 x 128)
+    (4096, 64, 8, 512, False),   # the shape (H cut): the receiver's sort fused (256 blocks x 65 counts)
     (4096, 64, 8, 512, True),    # the same through the scan launch
-    (8192, 256, 8, 256, False),  # 512 buckets: past the limit, the scan launch on its own
+    (8192, 256, 8, 256, False),  # 257 buckets x 512 blocks: past the limit, the scan launch on its own
     (333, 10, 3, 4096, False),   # k not a power of two, E not one either
 ])
 def test_force_exchange_one_rank_bf16_exact_and_stable(monkeypatch, T, E, k, H, scanned):

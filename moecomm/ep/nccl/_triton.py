@@ -161,7 +161,7 @@ def gather_sum_triton(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | 
 #      counts are integers: exact, and written once each.
 # The order is that of a stable sort by key over the flat slot index (token-major at the sender,
 # received-row-major at the receiver), the one moecomm.permute's counting sort gives: bit-identical
-# results. When the prologue's share of hist would be large (NB * NUM_BINS > PREFIX_MAX_ELEMS: the
+# results. When the prologue's share of hist would be large (NB * HC > PREFIX_MAX_ELEMS: the
 # receiver at DeepSeek-V3 prefill sizes), a third launch, ep_sort_scan_kernel, computes the
 # exclusive prefix over blocks once and the scatter reads its row (SCANNED).
 # The in-block rank: with few keys, a one-hot [BLOCK_R * KP, NUM_BINS] tile and its cumulative sum
@@ -174,7 +174,11 @@ def gather_sum_triton(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | 
 ONEHOT_MAX_ELEMS = 8192  # the one-hot tile, int32: 64 registers a thread at 4 warps
 MAX_SORT_BLOCK = 512  # slots per block (the plan kernel's former 64 tokens x top-8)
 PAIR_BLOCK = 128  # slots per block when the keys are too many for the one-hot tile: a [128, 128] compare
-PREFIX_MAX_ELEMS = 32768  # hist entries each scatter program sums in its prologue (128 KiB from L2); beyond, a scan launch
+# hist entries (NB * HC) each scatter program sums in its prologue, 96 KiB from L2; beyond, a scan
+# launch. The crossover: an eager round trip at W 1, T 4096 (L 64: 256 x 65 entries) is host-bound,
+# so a launch (~16 us of host) costs more than the prologue's reads; at T 8192 it is GPU-bound, so
+# the prologue's ~2x more reads per program (NB^2 * HC in all) cost more than the scan's few us.
+PREFIX_MAX_ELEMS = 24576
 SCAN_BLOCK_B = 64
 
 
@@ -427,7 +431,7 @@ def sort_shape(num_rows: int, top_k: int, num_values: int, hist_cols: int) -> So
     slots = min(MAX_SORT_BLOCK, ONEHOT_MAX_ELEMS // num_bins) if onehot else PAIR_BLOCK
     block_r = max(1, slots // kp)
     nb = cdiv(num_rows, block_r)
-    scanned = nb * num_bins > PREFIX_MAX_ELEMS
+    scanned = nb * hist_cols > PREFIX_MAX_ELEMS
     chunk_b = max(1, min(64, 4096 // num_bins))
     return SortShape(kp, num_bins, block_r, onehot, nb, hist_cols, scanned, nb * hist_cols,
                      (nb + 1) * hist_cols if scanned else 0, chunk_b)
