@@ -84,7 +84,8 @@ class _HostOpCounter:
             counter.counts["host syncs"] += 1 if (t.is_cuda or cpu_only) else 0
             return orig_tolist(t)
 
-        self._restore = lambda: (setattr(L.Launcher, "__call__", orig_call), setattr(torch.Tensor, "tolist", orig_tolist))
+        self._restore = lambda: (setattr(L.Launcher, "__call__", orig_call),
+                                 setattr(torch.Tensor, "tolist", orig_tolist))
         L.Launcher.__call__, torch.Tensor.tolist = counted_call, counted_tolist
         self._mode = Mode()
         self._mode.__enter__()

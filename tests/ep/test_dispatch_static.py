@@ -58,7 +58,7 @@ def sort_path(request, monkeypatch):
 
 @pytest.mark.parametrize("T,E,k,W", _plan_cases())
 @pytest.mark.parametrize("bad", [False, True])
-def test_plan_kernels_match_reference_interpreted(triton_backend, sort_path, T, E, k, W, bad, monkeypatch):
+def test_plan_kernels_match_reference(triton_backend, sort_path, T, E, k, W, bad, monkeypatch):
     """plan_send's kernels (plan + sort's scatter) against the reference plan and moecomm.permute's
     reference counting sort, bit for bit; the workspace is prefilled with -7, so an entry the kernels
     leave unwritten (counts included: there is no zeros fill) fails."""
@@ -128,7 +128,7 @@ def _received(R, k, L, H, dtype, seed):
 @pytest.mark.parametrize("R,k,L", [(0, 2, 3), (1, 1, 1), (37, 3, 5), (300, 8, 4), (130, 8, 40), (70, 8, 64),
                                    (45, 4, 300)])
 @pytest.mark.parametrize("mode", ["throughput", "static"])
-def test_expand_kernels_match_reference_interpreted(triton_backend, sort_path, R, k, L, mode, monkeypatch):
+def test_expand_kernels_match_reference(triton_backend, sort_path, R, k, L, mode, monkeypatch):
     """expand_received's kernels (histogram + scatter, the metadata read in place) against the
     reference (a contiguous copy of the ids and moecomm.permute's reference counting sort), bit for
     bit, into outputs prefilled with -7 / NaN: one-hot tiles (L < 64) and the pairwise compare
@@ -277,7 +277,8 @@ def _compile_plan_pack() -> int:
                 "K": 8, "KP": 8, "NUM_BINS": bins, "BLOCK_R": block_r, "CHUNK_B": max(1, 4096 // bins),
                 "ONEHOT": onehot, "SCANNED": scanned, "SCATTER": not plan, "DROP_NEG": not plan, "PLAN": plan},
                 num_warps=4)
-    sig = {n: "*i32" for n in ("rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "home_ptr", "flag_ptr")}
+    sig = {n: "*i32" for n in ("rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "home_ptr",
+                               "flag_ptr")}
     sig.update({"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*bf16"})
     sig.update({n: "i32" for n in ("num_rows", "capacity", "stride_xt", "stride_xh", "stride_wt", "stride_wk",
                                    "stride_ot", "stride_mt", "meta_col")})

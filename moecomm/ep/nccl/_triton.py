@@ -287,7 +287,8 @@ def ep_sort_scatter_kernel(
         pre = tl.full([NUM_BINS], 0, tl.int32)
         for c0 in range(0, NB, CHUNK_B):
             blk = c0 + tl.arange(0, CHUNK_B)
-            tile = tl.load(hist_ptr + blk[:, None] * HC + bins[None, :], mask=(blk < NB)[:, None] & bm[None, :], other=0)
+            tile = tl.load(hist_ptr + blk[:, None] * HC + bins[None, :], mask=(blk < NB)[:, None] & bm[None, :],
+                           other=0)
             tot += tl.sum(tile, axis=0)
             pre += tl.sum(tl.where((blk < pid)[:, None], tile, 0), axis=0)
     start = tl.cumsum(tot, axis=0) - tot  # [NUM_BINS]; start[NV] = the slots of buckets < NV
@@ -332,8 +333,8 @@ def ep_sort_scatter_kernel(
                 for c0 in range(0, NB, CHUNK_B):
                     blk = c0 + tl.arange(0, CHUNK_B)
                     bk = blk < NB
-                    tile = tl.load(hist_ptr + blk[:, None] * HC + NV + 1 + bins[None, :], mask=bk[:, None] & pm[None, :],
-                                   other=0)
+                    tile = tl.load(hist_ptr + blk[:, None] * HC + NV + 1 + bins[None, :],
+                                   mask=bk[:, None] & pm[None, :], other=0)
                     pairs += tl.sum(tile, axis=0)
                     badv += tl.load(hist_ptr + blk * HC + 2 * NV + 1, mask=bk, other=0)
                 nbad = tl.sum(badv, axis=0) + bins * 0

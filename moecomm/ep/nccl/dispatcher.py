@@ -803,8 +803,8 @@ class EPDispatcher:
                                     f"dispatcher's), got {x.device}")
         e2r, e2l = _placement_maps(self.placement, x.device)
         return _dispatch_static(x, ids, w, group=self.group, bufs=bufs, rank=self.rank, ep_size=self.ep_size, e2r=e2r,
-                                e2l=e2l, L=self.num_local_experts, check=False, async_op=False, op="EPDispatcher.dispatch",
-                                index=self._static_index)
+                                e2l=e2l, L=self.num_local_experts, check=False, async_op=False,
+                                op="EPDispatcher.dispatch", index=self._static_index)
 
     def _static_combine_eager(self, expert_out, slot_pos, home) -> torch.Tensor:
         """static_ops' combine body: the eager static combine over this dispatcher's buffers."""

@@ -303,7 +303,8 @@ def dispatch_outputs(num_tokens: int, top_k: int, num_rows: int, num_pairs: int,
     sizes = []
     for n in (T * k, R * k, N, N, L, L + 1):  # each part, then the padding to the next 16 bytes
         sizes += (n, -n % _ALIGN)
-    parts = torch.split_with_sizes(torch.empty(sum(sizes), dtype=torch.int32, device=device), sizes)  # one call: all views
+    base = torch.empty(sum(sizes), dtype=torch.int32, device=device)
+    parts = torch.split_with_sizes(base, sizes)  # one call makes all the views
     home, slot_pos, row_weights = parts[0].view(T, k), parts[2].view(R, k), parts[6].view(torch.float32)
     return home, Expanded(parts[4], parts[10], parts[8], row_weights, slot_pos)
 
