@@ -1,6 +1,15 @@
 """Where the time of an expert-parallel dispatch + combine goes, on several GPUs (NCCL).
 
     torchrun --nproc-per-node 2 -m benchmarks.profile_dispatch [--tokens 4096] [--hidden 4096]
+    python -m benchmarks.profile_dispatch --count [--tokens 4096] [--hidden 64]   # one process, any machine
+
+--count: what one eager round trip (dispatch + combine, EPDispatcher(force_exchange=True) over a
+one-rank group: gloo on CPU with the Triton kernels interpreted, NCCL on a GPU) asks of the host,
+counted, not timed: Triton launches through moecomm.jit.launch, torch ops by kind (allocations =
+outputs with fresh storage, views, device ops = the rest), collectives, host syncs (item, tolist,
+device-to-host copies; on a CPU-only run each tolist / item, where a GPU would wait). The counts do
+not depend on H, and on T only through the kernels' size thresholds (the counting sorts' block-scan
+fallback): T 4096 is the issue's shape; the CPU default, T 512, takes the same paths in ~1 min.
 
 # T = tokens per rank, H = hidden, E = experts, k = top_k, W = ranks
 
@@ -39,14 +48,149 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
+class _HostOpCounter:
+    """Counts what a block of code asks of the host: Triton launches, torch ops by kind, collectives, syncs."""
+
+    def __init__(self):
+        from collections import Counter
+
+        self.counts = Counter()
+        self.ops = Counter()  # aten op name -> calls (the table under the totals)
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+        from moecomm.jit import launch as L
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counter._record(func, args, out)
+                return out
+
+        orig_call, orig_tolist = L.Launcher.__call__, torch.Tensor.tolist
+
+        def counted_call(launcher, *a, **kw):
+            counter.counts["triton launches"] += 1
+            with _disable_current_modes():  # the interpreter's own torch calls are not ours
+                return orig_call(launcher, *a, **kw)
+
+        cpu_only = not torch.cuda.is_available()
+
+        def counted_tolist(t):
+            # a GPU syncs here when t lives on it; on a CPU-only run every tolist stands for that read
+            counter.counts["host syncs"] += 1 if (t.is_cuda or cpu_only) else 0
+            return orig_tolist(t)
+
+        self._restore = lambda: (setattr(L.Launcher, "__call__", orig_call),
+                                 setattr(torch.Tensor, "tolist", orig_tolist))
+        L.Launcher.__call__, torch.Tensor.tolist = counted_call, counted_tolist
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        self._restore()
+        return False
+
+    def _record(self, func, args, out) -> None:
+        name = str(func.overloadpacket).split(".")[-1]
+        ns = func.namespace
+        self.ops[f"{ns}.{name}"] += 1
+        if ns == "c10d":
+            self.counts["collectives"] += 1
+            return
+        if name == "_local_scalar_dense":
+            self.counts["host syncs"] += 1
+            return
+        if func.is_view:
+            self.counts["views"] += 1
+            return
+        ins = [a for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+        outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        in_ptrs = {t.untyped_storage().data_ptr() for t in ins}
+        fresh = [o for o in outs if o.untyped_storage().data_ptr() not in in_ptrs]
+        self.counts["allocations"] += len(fresh)
+        if name in ("_to_copy", "copy_") and ins and ins[-1].is_cuda and not outs[0].is_cuda:
+            self.counts["host syncs"] += 1  # device -> host: waits for the GPU
+        if name not in ("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"):
+            self.counts["torch device ops"] += 1  # something that runs a kernel (a fill, a copy, arithmetic)
+
+
+def count_round_trip(T: int, H: int, E: int, k: int, *, device: torch.device, dtype: torch.dtype) -> dict:
+    """Host work of one eager dispatch and one combine (their counts apart), after two warm-up trips."""
+    from benchmarks.bench_dispatch_onerank import _routing
+    from moecomm.ep.nccl.dispatcher import EPDispatcher
+
+    disp = EPDispatcher(E, k, H, dtype=dtype, force_exchange=True)
+    ids, w = _routing(T, E, k, device)
+    x = torch.randn(T, H, device=device).to(dtype)
+    d = disp.dispatch(x, ids, w)
+    h = torch.randn(d.gather_idx.shape[0], H, device=device).to(dtype)  # the experts' rows, once
+    for _ in range(2):  # warm-up: kernels compiled, workspaces grown
+        disp.combine(h, disp.dispatch(x, ids, w).handle)
+    _sync()
+    res = {}
+    with _HostOpCounter() as c:
+        d = disp.dispatch(x, ids, w)
+    res["dispatch"] = c
+    with _HostOpCounter() as c:
+        disp.combine(h, d.handle)
+    res["combine"] = c
+    _sync()
+    return res
+
+
+def _count_main(args) -> int:
+    import torch.distributed as dist
+
+    from benchmarks.bench_dispatch_onerank import _one_rank_group
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    _one_rank_group(device)
+    try:
+        res = count_round_trip(args.tokens, args.hidden, args.experts, args.top_k, device=device, dtype=dtype)
+    finally:
+        dist.destroy_process_group()
+    keys = ("triton launches", "torch device ops", "allocations", "views", "collectives", "host syncs")
+    print(f"host work of one round trip, T={args.tokens} H={args.hidden} E={args.experts} top-{args.top_k}, one-rank "
+          f"{'NCCL' if cuda else 'gloo (Triton interpreted)'} group, {str(dtype).replace('torch.', '')}")
+    print(f"  {'':<18}" + "".join(f"{k:>18}" for k in keys))
+    total = {k: 0 for k in keys}
+    for part, c in res.items():
+        print(f"  {part:<18}" + "".join(f"{c.counts[k]:>18}" for k in keys))
+        for k in keys:
+            total[k] += c.counts[k]
+    print(f"  {'round trip':<18}" + "".join(f"{total[k]:>18}" for k in keys))
+    for part, c in res.items():
+        print(f"  {part} torch ops: " + ", ".join(f"{n} {v}" for n, v in sorted(c.ops.items())))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=None, help="default 4096 (--count on CPU: 512)")
+    p.add_argument("--hidden", type=int, default=None, help="default 4096 (--count on CPU: 64)")
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--count", action="store_true", help="count launches, torch ops and syncs of one round trip")
     args = p.parse_args(argv)
+    if args.count:
+        import os
+
+        if not torch.cuda.is_available():  # the kernels through Triton's interpreter (before triton is imported)
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+            os.environ.setdefault("MOECOMM_BACKEND", "triton")
+        gpu = torch.cuda.is_available()
+        args.tokens, args.hidden = args.tokens or (4096 if gpu else 512), args.hidden or (4096 if gpu else 64)
+        return _count_main(args)
+    args.tokens, args.hidden = args.tokens or 4096, args.hidden or 4096
 
     import moecomm.distributed as mdist
     from moecomm.ep.nccl import dispatcher as D

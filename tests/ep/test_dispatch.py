@@ -161,7 +161,8 @@ def test_nan_stays_in_its_token(triton_backend):
     assert y[4].isnan().any() and not y[torch.arange(9) != 4].isnan().any()
 
 
-def test_kernels_compile_for_hopper():
+def _compile_pack_gather() -> int:
+    """Compile pack_rows' and gather_sum's kernels for sm_90; run without TRITON_INTERPRET."""
     from moecomm.ep.nccl._triton import ep_gather_sum_kernel, ep_pack_kernel
 
     common = {"num_out_rows": "i32", "stride_xt": "i32", "stride_xh": "i32", "stride_pt": "i32", "stride_pw": "i32",
@@ -174,9 +175,10 @@ def test_kernels_compile_for_hopper():
            "H": "constexpr", "C": "constexpr", "BLOCK_H": "constexpr"}
     k = compile_for_hopper(ep_gather_sum_kernel, sig, {"H": 33, "C": 8, "BLOCK_H": 64}, num_warps=4)
     assert "add.f32" in k.asm["ptx"] or "add.rn.f32" in k.asm["ptx"]  # fp32 accumulation
+    return 2
 
 
-def test_kernels_vectorise_for_hopper():
+def _vectorise_pack_gather() -> int:
     """With what Triton specialises a contiguous bf16 launch on (16-byte aligned pointers and row
     strides, unit inner strides), H = 4096 rows move as 16-byte vectors: a copy kernel that loads
     2 bytes at a time cannot reach copy bandwidth."""
@@ -205,6 +207,25 @@ def test_kernels_vectorise_for_hopper():
                              options={"num_warps": 4}).asm["ptx"]
         ops = set(re.findall(r"(?:ld|st)\.global\.[\w.]+", ptx))
         assert "ld.global.v4.b32" in ops and "st.global.v4.b32" in ops, (kernel, sorted(ops))
+    return 2
+
+
+# In a fresh process without TRITON_INTERPRET: with it, a cold-cache sm_90 compile after interpreted
+# kernels fails inside triton.language's helpers (moecomm.testing.run_without_interpreter).
+
+
+def test_kernels_compile_for_hopper():
+    pytest.importorskip("triton")
+    from moecomm.testing import run_without_interpreter
+
+    assert run_without_interpreter(__file__, "_compile_pack_gather") == "2"
+
+
+def test_kernels_vectorise_for_hopper():
+    pytest.importorskip("triton")
+    from moecomm.testing import run_without_interpreter
+
+    assert run_without_interpreter(__file__, "_vectorise_pack_gather") == "2"
 
 
 def test_ops_under_torch_compile():
@@ -351,6 +372,51 @@ def test_ep_size_one_is_a_local_permute(async_op):
         assert torch.equal(g[o[e]:o[e + 1]], ref.received[0][e])
 
 
+def _expert_rows(res, E):
+    local = torch.repeat_interleave(torch.arange(E, device=res.tokens.device), res.tokens_per_expert.long())
+    return vectorised_expert(res.tokens[res.gather_idx.long()], local, res.row_weights)
+
+
+def _check_result(res, y, x, ids, w, E):
+    ref = ep_reference([x.cpu()], [ids.cpu()], [w.cpu()], ExpertPlacement(E, 1), expert_times_id)
+    g = res.tokens[res.gather_idx.long()].cpu()
+    offs = res.expert_offsets.tolist()
+    for e in range(E):
+        assert torch.equal(g[offs[e]:offs[e + 1]], ref.received[0][e]), e
+    assert torch.equal(y.cpu(), ref.y[0])
+
+
+def test_throughput_results_are_owned_across_calls(backend):
+    """The workspace holds only scratch: a result (and its handle) stays right while the same
+    dispatcher runs more calls, of other sizes too (the workspace grows), and async calls
+    interleave. EP size 1 through the exchange path (force_exchange), no process group."""
+    E, k, H = 8, 3, 16
+    dev = torch.device(backend)
+    disp = D.EPDispatcher(E, k, H, force_exchange=True)
+    calls = []
+    for T, seed in ((40, 1), (40, 2), (7, 3), (0, 4), (130, 5), (40, 6)):
+        i, w = routing(T, E, k, skew=bool(seed % 2), seed=seed)
+        x, i, w = int_tokens(T, H, seed).to(dev), i.to(dev), w.to(dev)
+        res = disp.dispatch(x, i, w)
+        calls.append((res, x, i, w))
+    for res, x, i, w in calls:  # every earlier result read after all the later calls
+        y = disp.combine(_expert_rows(res, E), res.handle)
+        _check_result(res, y, x, i, w, E)
+    ins = [tuple(t.to(dev) for t in (int_tokens(T, H, s), *routing(T, E, k, skew=False, seed=s)))
+           for T, s in ((33, 7), (50, 8))]
+    p1, p2 = (disp.dispatch(x, i, w, async_op=True) for x, i, w in ins)
+    r2, r1 = p2.wait(), p1.wait()
+    c1, c2 = (disp.combine(_expert_rows(r, E), r.handle, async_op=True) for r in (r1, r2))
+    for r, c, (x, i, w) in ((r2, c2.wait(), ins[1]), (r1, c1.wait(), ins[0])):
+        _check_result(r, c, x, i, w, E)
+    # expert rows that require grad: the sums are recorded (as before), the result the same
+    res, x, i, w = calls[0]
+    h = _expert_rows(res, E).requires_grad_(True)
+    y = disp.combine(h, res.handle)
+    assert y.requires_grad
+    _check_result(res, y.detach(), x, i, w, E)
+
+
 def test_numpy_input_is_not_copied():
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     ids = np.array([[0, 1], [1, 2], [2, 0]], dtype=np.int64)
@@ -489,3 +555,11 @@ def test_gloo_two_ranks():
 def test_gloo_four_ranks():
     outs = run_distributed(4, _dist_cases, ["custom_w4"], 2, timeout_s=90)
     _check_dist(outs, ["custom_w4"], 2)
+
+
+@pytest.mark.parametrize("W,case,bad_rank", [(2, "uniform_w2", 0), (3, "skew_t0_w3", 2), (4, "custom_w4", 1)])
+def test_gloo_ranks_through_the_kernels(triton_backend, W, case, bad_rank):
+    """The same through the Triton kernels (interpreted on CPU): the plan, the sorts, the workspace
+    and the one-allocation outputs of every rank; a rank without tokens, one without experts."""
+    outs = run_distributed(W, _dist_cases, [case], bad_rank, timeout_s=240)
+    _check_dist(outs, [case], bad_rank)

@@ -20,7 +20,7 @@ import torch
 
 from moecomm.ep.nccl import dispatcher as D
 from moecomm.ep.nccl import plan as P
-from moecomm.ep.nccl.reference import pack_send_reference, plan_send_reference
+from moecomm.ep.nccl.reference import pack_send_reference
 from moecomm.ep.nccl.virtual import virtual_ep_forward
 from moecomm.ep.placement import ExpertPlacement
 from moecomm.ep.reference import ep_reference
@@ -38,19 +38,44 @@ def _plan_inputs(T, E, k, W, *, bad: bool = False, seed: int = 0):
     return ids.to(torch.int32), w, pl.expert_to_rank_tensor(), pl.expert_to_local_tensor()
 
 
-@pytest.mark.parametrize("T,E,k,W", [(0, 8, 2, 2), (1, 4, 1, 1), (33, 10, 4, 3), (70, 16, 8, 4), (9, 6, 3, 8)])
-@pytest.mark.parametrize("bad", [False, True])
-def test_plan_kernel_matches_reference_interpreted(triton_backend, T, E, k, W, bad):
-    from moecomm.ep.nccl._triton import plan_send_triton
+def _plan_cases():
+    # (T, E, k, W): empty, one token, E % W != 0, several sort blocks (64 tokens a block at small W),
+    # more ranks than tokens, many ranks (the one-hot tile takes fewer tokens a block), k not a power of 2
+    return [(0, 8, 2, 2), (1, 4, 1, 1), (33, 10, 4, 3), (150, 16, 8, 4), (9, 6, 3, 8), (70, 96, 3, 48)]
 
-    ids, w, e2r, e2l = _plan_inputs(T, E, k, W, bad=bad, seed=T)
-    rank, local, first = (torch.full((T, k), -7, dtype=torch.int32) for _ in range(3))
-    info = torch.zeros(W, 3, dtype=torch.int32)
-    plan_send_triton(ids, e2r, e2l, W, rank, local, first, info, True)
-    want = plan_send_reference(ids, e2r, e2l, W, True)
-    for got, ref in zip((rank, local, first, info), want):
-        assert torch.equal(got, ref)
-    assert int(info[:, 2].max()) == int(bad and T > 0)
+
+@pytest.fixture(params=["fused", "scanned"])
+def sort_path(request, monkeypatch):
+    """The counting sorts' two paths: the prefix over blocks in the scatter's prologue, or the scan launch."""
+    from moecomm.ep.nccl import _triton as K
+
+    if request.param == "scanned":
+        monkeypatch.setattr(K, "PREFIX_MAX_ELEMS", 0)
+    K.sort_shape.cache_clear()
+    yield request.param
+    K.sort_shape.cache_clear()
+
+
+@pytest.mark.parametrize("T,E,k,W", _plan_cases())
+@pytest.mark.parametrize("bad", [False, True])
+def test_plan_kernels_match_reference(triton_backend, sort_path, T, E, k, W, bad, monkeypatch):
+    """plan_send's kernels (plan + sort's scatter) against the reference plan and moecomm.permute's
+    reference counting sort, bit for bit; the workspace is prefilled with -7, so an entry the kernels
+    leave unwritten (counts included: there is no zeros fill) fails."""
+    dev = torch.device(triton_backend)  # the compiled kernels on a GPU, the interpreter on CPU
+    ids, w, e2r, e2l = (t.to(dev) for t in _plan_inputs(T, E, k, W, bad=bad, seed=T))
+    ws = P.Workspace(dev)
+    ws.reserve(1 << 14).fill_(-7)
+    got = P.plan_send(ids, e2r, e2l, W, check_ids=True, workspace=ws)
+    monkeypatch.setenv("MOECOMM_BACKEND", "reference")
+    want = P.plan_send(ids, e2r, e2l, W, check_ids=True)
+    for f in ("rank", "local", "first", "sort_row", "rank_offsets", "info"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    assert int(got.info[:, 2].max()) == int(bad and T > 0)
+    assert got.info.data_ptr() == got.counts[0].data_ptr()  # the count exchange reads both halves at once
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    again = P.plan_send(ids, e2r, e2l, W, check_ids=False, workspace=ws)  # same shapes: the kept views
+    assert again is got and int(got.info[:, 2].max()) == 0  # rewritten, the flag cleared (not sticky)
 
 
 def _packed(x, w, plan, lay, rows, capacity, kernel):
@@ -84,6 +109,59 @@ def test_pack_kernel_matches_reference_interpreted(triton_backend, T, E, k, W, H
         assert not got[0][:, :H].isnan().any()  # throughput: every one of the S rows is written
     need = int(plan.info[:, 0].max())
     assert int(got[2]) == int(cap is not None and need > cap)  # overflow flagged exactly when a rank's rows exceed C
+
+
+def _received(R, k, L, H, dtype, seed):
+    """[R, width] received rows: per row, each slot a local expert in [0, L) or -1 (another rank's;
+    about a third), the weights' bits beside them; the token part NaN (the expansion never reads it)."""
+    g = torch.Generator().manual_seed(seed)
+    lay = P.RowLayout.of(H, k, dtype)
+    recv = torch.full((R, lay.width), float("nan"), dtype=dtype)
+    meta = recv.view(torch.int32)[:, lay.meta_col:lay.meta_col + 2 * k]
+    ids = torch.randint(0, L, (R, k), generator=g, dtype=torch.int32)
+    ids[torch.rand(R, k, generator=g) < 0.35] = -1
+    meta[:, :k] = ids
+    meta[:, k:] = torch.randn(R, k, generator=g).view(torch.int32)
+    return recv, lay, int((ids >= 0).sum())
+
+
+@pytest.mark.parametrize("R,k,L", [(0, 2, 3), (1, 1, 1), (37, 3, 5), (300, 8, 4), (130, 8, 40), (70, 8, 64),
+                                   (45, 4, 300)])
+@pytest.mark.parametrize("mode", ["throughput", "static"])
+def test_expand_kernels_match_reference(triton_backend, sort_path, R, k, L, mode, monkeypatch):
+    """expand_received's kernels (histogram + scatter, the metadata read in place) against the
+    reference (a contiguous copy of the ids and moecomm.permute's reference counting sort), bit for
+    bit, into outputs prefilled with -7 / NaN: one-hot tiles (L < 64) and the pairwise compare
+    (L >= 64), one block and many, fused and scanned."""
+    dev = torch.device(triton_backend)  # the compiled kernels on a GPU, the interpreter on CPU
+    recv, lay, N = _received(R, k, L, 16, torch.float16, seed=R + L)
+    recv = recv.to(dev)
+    num_pairs = N if mode == "throughput" else None
+    home, out = P.dispatch_outputs(3, k, R, N if num_pairs is not None else R * k, L, dev)
+    for t in (home, out.gather_idx, out.expert_offsets, out.tokens_per_expert, out.slot_pos):
+        t.fill_(-7)
+    out.row_weights.fill_(float("nan"))
+    ws = P.Workspace(dev)
+    ws.reserve(1 << 14).fill_(-7)
+    got = P.expand_received(recv, lay, L, num_pairs, out=out, workspace=ws)
+    assert got is out
+    monkeypatch.setenv("MOECOMM_BACKEND", "reference")
+    want = P.expand_received(recv, lay, L, num_pairs)
+    for f in ("gather_idx", "expert_offsets", "tokens_per_expert", "slot_pos"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    assert torch.equal(got.row_weights.view(torch.int32), want.row_weights.view(torch.int32))  # the weights' bits
+    assert (home == -7).all()  # a neighbour in the same allocation: untouched
+    assert int(got.expert_offsets[-1]) == N and got.gather_idx.shape[0] == (N if mode == "throughput" else R * k)
+
+
+def test_dispatch_outputs_are_one_aligned_allocation():
+    home, ex = P.dispatch_outputs(5, 3, 7, 11, 2, torch.device("cpu"))
+    parts = (home, ex.slot_pos, ex.gather_idx, ex.row_weights, ex.tokens_per_expert, ex.expert_offsets)
+    assert [tuple(t.shape) for t in parts] == [(5, 3), (7, 3), (11,), (11,), (2,), (3,)]
+    assert len({t.untyped_storage().data_ptr() for t in parts}) == 1
+    assert all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in parts) and ex.row_weights.dtype == torch.float32
+    ends = sorted((t.data_ptr(), t.data_ptr() + t.numel() * 4) for t in parts)
+    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # disjoint
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -164,23 +242,48 @@ def test_static_mode_arguments():
 
 
 def _compile_plan_pack() -> int:
-    """Compile the plan kernel and both pack variants for sm_90; run without TRITON_INTERPRET."""
-    from moecomm.ep.nccl._triton import ep_pack_send_kernel, ep_plan_kernel
+    """Compile the plan kernel, the sorts' kernels (each variant) and both pack variants for sm_90;
+    run without TRITON_INTERPRET."""
+    from moecomm.ep.nccl._triton import (ep_expand_hist_kernel, ep_pack_send_kernel, ep_plan_kernel,
+                                         ep_sort_scan_kernel, ep_sort_scatter_kernel)
 
     sig = {"ids_ptr": "*i32", "e2r_ptr": "*i32", "e2l_ptr": "*i32", "rank_ptr": "*i32", "local_ptr": "*i32",
-           "first_ptr": "*i32", "info_ptr": "*i32", "T": "i32", "E": "i32", "stride_it": "i32", "stride_ik": "i32",
+           "first_ptr": "*i32", "hist_ptr": "*i32", "T": "i32", "E": "i32", "stride_it": "i32", "stride_ik": "i32",
            "K": "constexpr", "KP": "constexpr", "W": "constexpr", "NUM_BINS": "constexpr", "BLOCK_T": "constexpr",
            "CHECK": "constexpr"}
-    k = compile_for_hopper(ep_plan_kernel, sig, {"K": 8, "KP": 8, "W": 8, "NUM_BINS": 16, "BLOCK_T": 64, "CHECK": True},
-                           num_warps=4)
-    assert "atom" in k.asm["ptx"]
-    sig = {n: "*i32" for n in ("rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "meta_ptr", "home_ptr",
+    for check in (False, True):
+        compile_for_hopper(ep_plan_kernel, sig, {"K": 8, "KP": 8, "W": 8, "NUM_BINS": 16, "BLOCK_T": 64,
+                                                 "CHECK": check}, num_warps=4)
+    sig = {"key_ptr": "*bf16", "hist_ptr": "*i32", "R": "i32", "NV": "i32", "stride_kr": "i32", "key_col": "i32",
+           "K": "constexpr", "KP": "constexpr", "NUM_BINS": "constexpr", "BLOCK_R": "constexpr"}
+    compile_for_hopper(ep_expand_hist_kernel, sig, {"K": 8, "KP": 8, "NUM_BINS": 64, "BLOCK_R": 16}, num_warps=4)
+    sig = {"hist_ptr": "*i32", "base_ptr": "*i32", "NB": "i32", "HC": "i32", "BLOCK_B": "constexpr",
+           "BLOCK_C": "constexpr"}
+    compile_for_hopper(ep_sort_scan_kernel, sig, {"BLOCK_B": 64, "BLOCK_C": 64}, num_warps=4)
+    sig = {n: "*i32" for n in ("key_ptr", "hist_ptr", "base_ptr", "dst_ptr", "src_ptr", "offs_ptr", "cnt_ptr",
+                               "info_ptr")}
+    sig["row_w_ptr"] = "*fp32"
+    sig.update({n: "i32" for n in ("R", "NV", "NB", "HC", "num_out", "stride_kr", "key_col", "stride_cnt")})
+    sig.update({n: "constexpr" for n in ("K", "KP", "NUM_BINS", "BLOCK_R", "CHUNK_B", "ONEHOT", "SCANNED", "SCATTER",
+                                          "DROP_NEG", "PLAN")})
+    recv_sig = dict(sig, key_ptr="*bf16")  # the receiver reads the keys from the bf16 rows in place
+    order = ["key_ptr", "hist_ptr", "base_ptr", "dst_ptr", "src_ptr", "row_w_ptr", "offs_ptr", "cnt_ptr", "info_ptr",
+             "R", "NV", "NB", "HC", "num_out", "stride_kr", "key_col", "stride_cnt", "K", "KP", "NUM_BINS", "BLOCK_R",
+             "CHUNK_B", "ONEHOT", "SCANNED", "SCATTER", "DROP_NEG", "PLAN"]
+    # the sender (one-hot, W 8) and the receiver (pairwise, L 256; one-hot, L 32), each fused and scanned
+    for bins, block_r, onehot, plan in ((16, 64, True, True), (512, 16, False, False), (64, 16, True, False)):
+        for scanned in (False, True):
+            compile_for_hopper(ep_sort_scatter_kernel, {n: (sig if plan else recv_sig)[n] for n in order}, {
+                "K": 8, "KP": 8, "NUM_BINS": bins, "BLOCK_R": block_r, "CHUNK_B": max(1, 4096 // bins),
+                "ONEHOT": onehot, "SCANNED": scanned, "SCATTER": not plan, "DROP_NEG": not plan, "PLAN": plan},
+                num_warps=4)
+    sig = {n: "*i32" for n in ("rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "home_ptr",
                                "flag_ptr")}
     sig.update({"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*bf16"})
     sig.update({n: "i32" for n in ("num_rows", "capacity", "stride_xt", "stride_xh", "stride_wt", "stride_wk",
                                    "stride_ot", "stride_mt", "meta_col")})
     sig.update({n: "constexpr" for n in ("H", "K", "KP", "W", "BLOCK_H", "STATIC")})
-    order = ["x_ptr", "w_ptr", "rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "out_ptr", "meta_ptr",
+    order = ["x_ptr", "w_ptr", "rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "out_ptr",
              "home_ptr", "flag_ptr", "num_rows", "capacity", "stride_xt", "stride_xh", "stride_wt", "stride_wk",
              "stride_ot", "stride_mt", "meta_col", "H", "K", "KP", "W", "BLOCK_H", "STATIC"]
     for static in (False, True):

@@ -230,3 +230,40 @@ def test_nccl_two_ranks_bf16_exact(max_tokens):
         for lx in range(pl.num_local_experts(r)):
             assert torch.equal(torch.from_numpy(g[offs[lx]:offs[lx + 1]]), ref.received[r][lx].float()), (r, lx)
         assert torch.equal(torch.from_numpy(y), ref.y[r].float()), r
+
+
+@pytest.mark.parametrize("T,E,k,H,scanned", [
+    (4096, 64, 8, 512, False),   # the issue's shape (H cut): the receiver's sort fused (256 blocks x 65 counts)
+    (4096, 64, 8, 512, True),    # the same through the scan launch
+    (8192, 256, 8, 256, False),  # 257 buckets x 512 blocks: past the limit, the scan launch on its own
+    (333, 10, 3, 4096, False),   # k not a power of two, E not one either
+])
+def test_force_exchange_one_rank_bf16_exact_and_stable(monkeypatch, T, E, k, H, scanned):
+    """EP size 1 through the exchange path (what bench_dispatch_onerank times), the compiled kernels:
+    exact against the reference, twice with new routing (the workspace's kept views rewritten), the
+    first result still exact after the second call (it owns its tensors)."""
+    from moecomm.ep.nccl import _triton as K
+
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    if scanned:
+        monkeypatch.setattr(K, "PREFIX_MAX_ELEMS", 0)
+    K.sort_shape.cache_clear()
+    try:
+        disp = D.EPDispatcher(E, k, H, dtype=torch.bfloat16, force_exchange=True)
+        runs = []
+        for seed in (0, 1):
+            xs, ids, ws = _inputs([T], E, k, H, "cuda", skew=bool(seed), seed=seed)
+            res = disp.dispatch(xs[0], ids[0], ws[0])
+            runs.append((xs, ids, ws, res))
+        pl = ExpertPlacement(E, 1)
+        for xs, ids, ws, res in runs:
+            local = torch.arange(E, device="cuda")[torch.repeat_interleave(res.tokens_per_expert.long())]
+            y = disp.combine(_vector_expert(res.tokens[res.gather_idx.long()], local, res.row_weights), res.handle)
+            ref = ep_reference([t.cpu() for t in xs], [t.cpu() for t in ids], [t.cpu() for t in ws], pl, _expert)
+            g = res.tokens[res.gather_idx.long()].cpu()
+            offs = res.expert_offsets.tolist()
+            for e in range(E):
+                assert torch.equal(g[offs[e]:offs[e + 1]], ref.received[0][e]), e
+            assert torch.equal(y.cpu(), ref.y[0])
+    finally:
+        K.sort_shape.cache_clear()

@@ -22,6 +22,9 @@ specialisation is compiled: on the 2-core CI box JITFunction.run spends ~7 us of
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -140,27 +143,56 @@ def gather_sum_triton(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | 
     return out
 
 
-# ----------------------------------------------------------------------------- plan and pack
+# ----------------------------------------------------------------------------- plan, sort and pack
 #
-# The send side of a dispatch in two kernels around one counting sort (moecomm.permute's):
-#   ep_plan_kernel: per token, each slot's rank and local expert, the dedup (a token goes once to
-#     each rank that holds any of its experts) and, with atomics, the [W, 3] counts the ranks
-#     exchange (rows, pairs, bad-id flag); the counts are integers, so their sums are exact and
-#     independent of the atomics' order;
-#   the permute's counting sort of the dedup'd ranks: each (token, rank) row's place, grouped by
-#     rank, token order kept;
-#   ep_pack_send_kernel: the token's part of each of its rows and (column block 0) their metadata:
-#     k local expert ids and k weights, so tokens and metadata travel in ONE all_to_all_single.
+# Both sides of a dispatch sort small integer keys stably: the sender its (token, rank) rows by
+# destination rank (keys in [0, W], W = a slot whose rank an earlier slot of its token owns), the
+# receiver its (row, slot) pairs by local expert (keys in [0, L], L = a slot of another rank). A
+# counting sort in two launches, with no zeros fill and no atomics:
+#   1. a histogram kernel, one program per block of BLOCK_R rows (BLOCK_R * KP slots): the block's
+#      count of every key into hist [NB, HC]. The sender's is ep_plan_kernel, which also computes
+#      each slot's rank and local expert and the dedup, and writes, beside the row counts, the
+#      block's (token, expert) pairs per rank and a bad-id flag;
+#   2. ep_sort_scatter_kernel, one program per block: in its prologue the totals of every key and the
+#      sum over the earlier blocks (it reads hist, NB * HC int32 from L2: a few KiB at prefill sizes),
+#      so where its slots of key v start; then each slot's rank among the block's earlier slots of
+#      the same key; the place of each slot = start[v] + earlier blocks + that rank. Program 0 writes
+#      the totals and the starts (and, for the sender, the [W, 3] counts the ranks exchange). The
+#      counts are integers: exact, and written once each.
+# The order is that of a stable sort by key over the flat slot index (token-major at the sender,
+# received-row-major at the receiver), the one moecomm.permute's counting sort gives: bit-identical
+# results. When the prologue's share of hist would be large (NB * HC > PREFIX_MAX_ELEMS: the
+# receiver at DeepSeek-V3 prefill sizes), a third launch, ep_sort_scan_kernel, computes the
+# exclusive prefix over blocks once and the scatter reads its row (SCANNED).
+# The in-block rank: with few keys, a one-hot [BLOCK_R * KP, NUM_BINS] tile and its cumulative sum
+# over slots (ONEHOT: up to ONEHOT_MAX_ELEMS int32, larger blocks, fewer of them); with many keys
+# the pairwise compare of PAIR_BLOCK slots (as moecomm.permute's hist kernel).
+#
+# ep_pack_send_kernel: the token's part of each of its rows and (column block 0) their metadata:
+# k local expert ids and k weights, so tokens and metadata travel in ONE all_to_all_single.
+
+ONEHOT_MAX_ELEMS = 8192  # the one-hot tile, int32: 64 registers a thread at 4 warps
+MAX_SORT_BLOCK = 512  # slots per block (the plan kernel's former 64 tokens x top-8)
+PAIR_BLOCK = 128  # slots per block when the keys are too many for the one-hot tile: a [128, 128] compare
+# hist entries (NB * HC) each scatter program sums in its prologue, 96 KiB from L2; beyond, a scan
+# launch. The crossover: an eager round trip at W 1, T 4096 (L 64: 256 x 65 entries) is host-bound,
+# so a launch (~16 us of host) costs more than the prologue's reads; at T 8192 it is GPU-bound, so
+# the prologue's ~2x more reads per program (NB^2 * HC in all) cost more than the scan's few us.
+PREFIX_MAX_ELEMS = 24576
+SCAN_BLOCK_B = 64
 
 
 @triton.jit
 def ep_plan_kernel(
-    ids_ptr, e2r_ptr, e2l_ptr, rank_ptr, local_ptr, first_ptr, info_ptr,
+    ids_ptr, e2r_ptr, e2l_ptr, rank_ptr, local_ptr, first_ptr, hist_ptr,
     T, E, stride_it, stride_ik,
     K: tl.constexpr, KP: tl.constexpr, W: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_T: tl.constexpr,
     CHECK: tl.constexpr,
 ):
-    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # hist row of this block (HC = 2W + 2 int32): rows per key [0, W] (W: the slots that own no row),
+    # then (token, expert) pairs per rank [0, W), then 1 if an id was outside [0, E)
+    pid = tl.program_id(0)
+    toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, KP)
     m = (toks < T)[:, None] & (cols < K)[None, :]
     ids = tl.load(ids_ptr + toks.to(tl.int64)[:, None] * stride_it + cols[None, :] * stride_ik, mask=m, other=0)
@@ -180,18 +212,139 @@ def ep_plan_kernel(
     tl.store(local_ptr + flat, local, mask=m)
     tl.store(first_ptr + flat, first, mask=m)
     bins = tl.arange(0, NUM_BINS)
-    rows = tl.histogram(tl.reshape(first, [BLOCK_T * KP]), NUM_BINS)
-    pairs = tl.histogram(tl.reshape(tl.where(m, rank, W), [BLOCK_T * KP]), NUM_BINS)
-    tl.atomic_add(info_ptr + bins * 3, rows, mask=bins < W)
-    tl.atomic_add(info_ptr + bins * 3 + 1, pairs, mask=bins < W)
+    m1 = tl.reshape(m.to(tl.int32), [BLOCK_T * KP]) > 0
+    rows = tl.histogram(tl.reshape(first, [BLOCK_T * KP]), NUM_BINS, mask=m1)
+    pairs = tl.histogram(tl.reshape(rank, [BLOCK_T * KP]), NUM_BINS, mask=m1)
+    row_ptr = hist_ptr + pid * (2 * W + 2)
+    tl.store(row_ptr + bins, rows, mask=bins <= W)
+    tl.store(row_ptr + W + 1 + bins, pairs, mask=bins < W)
     if CHECK:
         bad = tl.max(tl.max((m & ((ids < 0) | (ids >= E))).to(tl.int32), axis=1), axis=0)
-        tl.atomic_max(info_ptr + bins * 3 + 2, tl.full([NUM_BINS], 1, tl.int32), mask=(bins < W) & (bad > 0))
+    else:
+        bad = 0
+    tl.store(row_ptr + 2 * W + 1 + bins, bad + bins * 0, mask=bins == 0)
+
+
+@triton.jit
+def ep_expand_hist_kernel(
+    key_ptr, hist_ptr,
+    R, NV, stride_kr, key_col,
+    K: tl.constexpr, KP: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # keys (r, j) at int32 key_col + r * stride_kr + j of key_ptr's memory, read in place (the received
+    # rows' metadata, whatever the rows' dtype: no view op on the host); key v in [0, NV) is its
+    # bucket, anything else (-1: another rank's slot) bucket NV
+    key_ptr = key_ptr.to(tl.pointer_type(tl.int32))
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, KP)
+    m = (rows < R)[:, None] & (cols < K)[None, :]
+    v = tl.load(key_ptr + key_col + rows.to(tl.int64)[:, None] * stride_kr + cols[None, :], mask=m, other=-1)
+    bucket = tl.where((v >= 0) & (v < NV), v, NV)
+    m1 = tl.reshape(m.to(tl.int32), [BLOCK_R * KP]) > 0
+    h = tl.histogram(tl.reshape(bucket, [BLOCK_R * KP]), NUM_BINS, mask=m1)
+    bins = tl.arange(0, NUM_BINS)
+    tl.store(hist_ptr + pid * (NV + 1) + bins, h, mask=bins <= NV)
+
+
+@triton.jit
+def ep_sort_scan_kernel(hist_ptr, base_ptr, NB, HC, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    # base [NB, HC]: exclusive prefix of hist over blocks; base[NB] (one row more): the totals
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < HC
+    carry = tl.full([BLOCK_C], 0, tl.int32)
+    for b0 in range(0, NB, BLOCK_B):
+        blk = b0 + tl.arange(0, BLOCK_B)
+        mk = (blk < NB)[:, None] & cm[None, :]
+        ptrs = blk[:, None] * HC + cols[None, :]
+        tile = tl.load(hist_ptr + ptrs, mask=mk, other=0)
+        tl.store(base_ptr + ptrs, tl.cumsum(tile, axis=0) - tile + carry[None, :], mask=mk)
+        carry += tl.sum(tile, axis=0)
+    tl.store(base_ptr + NB * HC + cols, carry, mask=cm)
+
+
+@triton.jit
+def ep_sort_scatter_kernel(
+    key_ptr, hist_ptr, base_ptr, dst_ptr, src_ptr, row_w_ptr, offs_ptr, cnt_ptr, info_ptr,
+    R, NV, NB, HC, num_out, stride_kr, key_col, stride_cnt,
+    K: tl.constexpr, KP: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_B: tl.constexpr,
+    ONEHOT: tl.constexpr, SCANNED: tl.constexpr, SCATTER: tl.constexpr, DROP_NEG: tl.constexpr, PLAN: tl.constexpr,
+):
+    # Outputs: dst [R, K] the place of each slot (DROP_NEG: -1 for bucket NV); SCATTER: at each
+    # place p < num_out, src[p] = the slot's row and row_w[p] = the fp32 bits beside its key (at
+    # key + K); program 0: offs [NV + 1] where each bucket starts, cnt[v * stride_cnt] its count
+    # (v < NV); PLAN: info [NV, 3] columns 1 and 2 (pairs, bad-id flag) from hist's other columns.
+    # Keys as in ep_expand_hist_kernel (int32 units of key_ptr's memory).
+    key_ptr = key_ptr.to(tl.pointer_type(tl.int32))
+    pid = tl.program_id(0)
+    bins = tl.arange(0, NUM_BINS)
+    bm = bins <= NV
+    if SCANNED:
+        tot = tl.load(base_ptr + NB * HC + bins, mask=bm, other=0)
+        pre = tl.load(base_ptr + pid * HC + bins, mask=bm & (pid < NB), other=0)
+    else:
+        tot = tl.full([NUM_BINS], 0, tl.int32)
+        pre = tl.full([NUM_BINS], 0, tl.int32)
+        for c0 in range(0, NB, CHUNK_B):
+            blk = c0 + tl.arange(0, CHUNK_B)
+            tile = tl.load(hist_ptr + blk[:, None] * HC + bins[None, :], mask=(blk < NB)[:, None] & bm[None, :],
+                           other=0)
+            tot += tl.sum(tile, axis=0)
+            pre += tl.sum(tl.where((blk < pid)[:, None], tile, 0), axis=0)
+    start = tl.cumsum(tot, axis=0) - tot  # [NUM_BINS]; start[NV] = the slots of buckets < NV
+    base = start + pre
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, KP)
+    m = (rows < R)[:, None] & (cols < K)[None, :]
+    kptr = key_ptr + key_col + rows.to(tl.int64)[:, None] * stride_kr + cols[None, :]
+    v = tl.load(kptr, mask=m, other=-1)
+    bucket = tl.where((v >= 0) & (v < NV), v, NV)  # [BLOCK_R, KP]
+    b1 = tl.reshape(bucket, [BLOCK_R * KP])  # flat slot order: row-major, the sort's stable order
+    m1 = tl.reshape(m.to(tl.int32), [BLOCK_R * KP]) > 0
+    if ONEHOT:
+        oh = ((b1[:, None] == bins[None, :]) & m1[:, None]).to(tl.int32)  # [BLOCK_R * KP, NUM_BINS]
+        incl = tl.cumsum(oh, axis=0)  # slots of each key up to and including this one
+        d1 = tl.sum(oh * (base[None, :] + incl - 1), axis=1)
+    else:
+        idx = tl.arange(0, BLOCK_R * KP)
+        same = (b1[:, None] == b1[None, :]) & (idx[None, :] < idx[:, None]) & m1[None, :]
+        d1 = tl.gather(base, b1, 0) + tl.sum(same.to(tl.int32), axis=1)
+    dst = tl.reshape(d1, [BLOCK_R, KP])
+    if DROP_NEG:
+        tl.store(dst_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], tl.where(bucket < NV, dst, -1), mask=m)
+    else:
+        tl.store(dst_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], dst, mask=m)
+    if SCATTER:
+        ok = m & (dst >= 0) & (dst < num_out)  # throughput: the N valid places only; static: all R * K
+        tl.store(src_ptr + dst, rows[:, None] + cols[None, :] * 0, mask=ok)
+        wv = tl.load(kptr + K, mask=m, other=0).to(tl.float32, bitcast=True)  # a bit copy
+        tl.store(row_w_ptr + dst, wv, mask=ok)
+    if pid == 0:
+        tl.store(offs_ptr + bins, start, mask=bm)
+        tl.store(cnt_ptr + bins * stride_cnt, tot, mask=bins < NV)
+        if PLAN:
+            pm = bins < NV
+            if SCANNED:
+                pairs = tl.load(base_ptr + NB * HC + NV + 1 + bins, mask=pm, other=0)
+                nbad = tl.load(base_ptr + NB * HC + 2 * NV + 1 + bins * 0)
+            else:
+                pairs = tl.full([NUM_BINS], 0, tl.int32)
+                badv = tl.full([CHUNK_B], 0, tl.int32)
+                for c0 in range(0, NB, CHUNK_B):
+                    blk = c0 + tl.arange(0, CHUNK_B)
+                    bk = blk < NB
+                    tile = tl.load(hist_ptr + blk[:, None] * HC + NV + 1 + bins[None, :],
+                                   mask=bk[:, None] & pm[None, :], other=0)
+                    pairs += tl.sum(tile, axis=0)
+                    badv += tl.load(hist_ptr + blk * HC + 2 * NV + 1, mask=bk, other=0)
+                nbad = tl.sum(badv, axis=0) + bins * 0
+            tl.store(info_ptr + bins * 3 + 1, pairs, mask=pm)
+            tl.store(info_ptr + bins * 3 + 2, (nbad > 0).to(tl.int32), mask=pm)
 
 
 @triton.jit
 def ep_pack_send_kernel(
-    x_ptr, w_ptr, rank_ptr, local_ptr, first_ptr, sort_row_ptr, offs_ptr, out_ptr, meta_ptr, home_ptr, flag_ptr,
+    x_ptr, w_ptr, rank_ptr, local_ptr, first_ptr, sort_row_ptr, offs_ptr, out_ptr, home_ptr, flag_ptr,
     num_rows, capacity, stride_xt, stride_xh, stride_wt, stride_wk, stride_ot, stride_mt, meta_col,
     H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, W: tl.constexpr, BLOCK_H: tl.constexpr,
     STATIC: tl.constexpr,
@@ -229,27 +382,125 @@ def ep_pack_send_kernel(
             r = tl.sum(tl.where(cols == jj, row, 0), axis=0).to(tl.int64)
             w_of_row = tl.sum(tl.where(cols == jj, first, 0), axis=0)
             mine = rank == w_of_row
-            base_ptr = meta_ptr + r * stride_mt + meta_col
+            base_ptr = out_ptr.to(tl.pointer_type(tl.int32)) + r * stride_mt + meta_col  # the row's int32 words
             tl.store(base_ptr + cols, tl.where(mine, local, -1), mask=cm & (r >= 0))
             tl.store(base_ptr + K + cols, tl.where(mine, wbits, 0), mask=cm & (r >= 0))
 
 
 _plan_launcher = Launcher(ep_plan_kernel)
+_expand_hist_launcher = Launcher(ep_expand_hist_kernel)
+_sort_scan_launcher = Launcher(ep_sort_scan_kernel)
+_sort_scatter_launcher = Launcher(ep_sort_scatter_kernel)
 _pack_send_launcher = Launcher(ep_pack_send_kernel)
-PLAN_BLOCK_T = 64
+
+
+@dataclass(frozen=True)
+class SortShape:
+    """How a counting sort of R rows x k keys over NV + 1 buckets is cut into blocks (host side).
+
+    Attributes:
+        kp: k rounded up to a power of two (>= 2): a block's columns.
+        num_bins: NV + 1 rounded up to a power of two.
+        block_r: rows per block (block_r * kp slots).
+        onehot: the in-block rank through the one-hot tile (else the pairwise compare).
+        num_blocks: NB, blocks (>= 0); the scatter runs max(NB, 1) programs (program 0 writes the totals).
+        hist_cols: HC, int32 per block row of hist.
+        scanned: a scan launch computes the prefix over blocks (else the scatter's prologue does).
+        hist_elems, base_elems: int32 the scratch of hist and of the scan's output take (0: none).
+        chunk_b: blocks per trip of the prologue's loop.
+    """
+
+    kp: int
+    num_bins: int
+    block_r: int
+    onehot: bool
+    num_blocks: int
+    hist_cols: int
+    scanned: bool
+    hist_elems: int
+    base_elems: int
+    chunk_b: int
+
+
+@functools.lru_cache(maxsize=512)
+def sort_shape(num_rows: int, top_k: int, num_values: int, hist_cols: int) -> SortShape:
+    """SortShape of a sort of ``num_rows`` x ``top_k`` keys with values [0, num_values) (+ the dropped
+    bucket num_values), hist rows of ``hist_cols`` int32."""
+    kp = max(2, next_pow2(top_k))
+    num_bins = max(2, next_pow2(num_values + 1))
+    onehot = num_bins * PAIR_BLOCK <= ONEHOT_MAX_ELEMS
+    slots = min(MAX_SORT_BLOCK, ONEHOT_MAX_ELEMS // num_bins) if onehot else PAIR_BLOCK
+    block_r = max(1, slots // kp)
+    nb = cdiv(num_rows, block_r)
+    scanned = nb * hist_cols > PREFIX_MAX_ELEMS
+    chunk_b = max(1, min(64, 4096 // num_bins))
+    return SortShape(kp, num_bins, block_r, onehot, nb, hist_cols, scanned, nb * hist_cols,
+                     (nb + 1) * hist_cols if scanned else 0, chunk_b)
+
+
+def plan_sort_shape(num_tokens: int, top_k: int, ep_size: int) -> SortShape:
+    """The sender's sort: keys = destination rank [0, W] per slot, hist rows of 2W + 2 (rows, pairs, flag)."""
+    return sort_shape(num_tokens, top_k, ep_size, 2 * ep_size + 2)
+
+
+def expand_sort_shape(num_rows: int, top_k: int, num_local_experts: int) -> SortShape:
+    """The receiver's sort: keys = local expert [0, L] per (received row, slot)."""
+    return sort_shape(num_rows, top_k, num_local_experts, num_local_experts + 1)
+
+
+def _scan(sh: SortShape, hist: torch.Tensor, base: torch.Tensor) -> None:
+    block_c = max(16, min(64, next_pow2(sh.hist_cols)))
+    _sort_scan_launcher((cdiv(sh.hist_cols, block_c),), (hist, base, sh.num_blocks, sh.hist_cols),
+                        {"BLOCK_B": SCAN_BLOCK_B, "BLOCK_C": block_c}, 4)
 
 
 def plan_send_triton(topk_ids: torch.Tensor, e2r: torch.Tensor, e2l: torch.Tensor, ep_size: int, rank: torch.Tensor,
-                     local: torch.Tensor, first: torch.Tensor, info: torch.Tensor, check_ids: bool) -> None:
-    """ep_plan_kernel into rank/local/first [T, k] int32 and info [W, 3] int32 (zeroed by the caller)."""
+                     local: torch.Tensor, first: torch.Tensor, sort_row: torch.Tensor, rank_offsets: torch.Tensor,
+                     info: torch.Tensor, hist: torch.Tensor, base: torch.Tensor, check_ids: bool) -> None:
+    """The sender's plan in two launches (three when SCANNED): rank/local/first/sort_row [T, k],
+    rank_offsets [W + 1] and info [W, 3] (all int32, every entry written: no zeros fill); hist and
+    base: int32 scratch of plan_sort_shape's hist_elems / base_elems (base unused unless scanned)."""
     T, k = topk_ids.shape
-    if T == 0:
-        return
-    kp = max(2, next_pow2(k))
-    _plan_launcher((cdiv(T, PLAN_BLOCK_T),), (topk_ids, e2r, e2l, rank, local, first, info, T, e2r.shape[0],
-                                              topk_ids.stride(0), topk_ids.stride(1)),
-                   {"K": k, "KP": kp, "W": ep_size, "NUM_BINS": max(2, next_pow2(ep_size + 1)),
-                    "BLOCK_T": PLAN_BLOCK_T, "CHECK": bool(check_ids)}, 4)
+    W = ep_size
+    sh = plan_sort_shape(T, k, W)
+    if T > 0:
+        _plan_launcher((sh.num_blocks,), (topk_ids, e2r, e2l, rank, local, first, hist, T, e2r.shape[0],
+                                          topk_ids.stride(0), topk_ids.stride(1)),
+                       {"K": k, "KP": sh.kp, "W": W, "NUM_BINS": sh.num_bins, "BLOCK_T": sh.block_r,
+                        "CHECK": bool(check_ids)}, 4)
+    if sh.scanned:
+        _scan(sh, hist, base)
+    _sort_scatter_launcher((max(sh.num_blocks, 1),), (
+        first, hist, base, sort_row, first, first, rank_offsets, info, info,
+        T, W, sh.num_blocks, sh.hist_cols, 0, k, 0, 3,
+    ), {"K": k, "KP": sh.kp, "NUM_BINS": sh.num_bins, "BLOCK_R": sh.block_r, "CHUNK_B": sh.chunk_b,
+        "ONEHOT": sh.onehot, "SCANNED": sh.scanned, "SCATTER": False, "DROP_NEG": False, "PLAN": True}, 4)
+
+
+def expand_received_triton(recv: torch.Tensor, meta_col: int, top_k: int, num_local_experts: int, hist: torch.Tensor,
+                           base: torch.Tensor, gather_idx: torch.Tensor, expert_offsets: torch.Tensor,
+                           tokens_per_expert: torch.Tensor, row_weights: torch.Tensor, slot_pos: torch.Tensor) -> None:
+    """The receiver's expansion in two launches (three when SCANNED), reading the received rows'
+    metadata in place: recv [R, width] (any row dtype, rows of whole int32 words), ids at int32
+    column meta_col, the weights' bits after them. Writes slot_pos [R, k] (-1: a slot of another
+    rank), expert_offsets [L + 1], tokens_per_expert [L], and gather_idx / row_weights at the places
+    < their size (N in the throughput mode, R * k in the static one). hist, base: scratch of
+    expand_sort_shape's sizes."""
+    R = recv.shape[0]
+    k, L = top_k, num_local_experts
+    sh = expand_sort_shape(R, k, L)
+    stride = recv.stride(0) * recv.element_size() // 4  # int32 words per row
+    meta = recv
+    if R > 0:
+        _expand_hist_launcher((sh.num_blocks,), (meta, hist, R, L, stride, meta_col),
+                              {"K": k, "KP": sh.kp, "NUM_BINS": sh.num_bins, "BLOCK_R": sh.block_r}, 4)
+    if sh.scanned:
+        _scan(sh, hist, base)
+    _sort_scatter_launcher((max(sh.num_blocks, 1),), (
+        meta, hist, base, slot_pos, gather_idx, row_weights, expert_offsets, tokens_per_expert, expert_offsets,
+        R, L, sh.num_blocks, sh.hist_cols, gather_idx.shape[0], stride, meta_col, 1,
+    ), {"K": k, "KP": sh.kp, "NUM_BINS": sh.num_bins, "BLOCK_R": sh.block_r, "CHUNK_B": sh.chunk_b,
+        "ONEHOT": sh.onehot, "SCANNED": sh.scanned, "SCATTER": True, "DROP_NEG": True, "PLAN": False}, 4)
 
 
 def pack_send_triton(x: torch.Tensor, topk_weights: torch.Tensor, rank: torch.Tensor, local: torch.Tensor,
@@ -261,12 +512,11 @@ def pack_send_triton(x: torch.Tensor, topk_weights: torch.Tensor, rank: torch.Te
         return
     k = rank.shape[1]
     W = rank_offsets.shape[0] - 1
-    meta = out.view(torch.int32)
     BLOCK_H = _block_h(H)
     flag = overflow if overflow is not None else home
     _pack_send_launcher((T, cdiv(H, BLOCK_H)), (
-        x, topk_weights, rank, local, first, sort_row, rank_offsets, out, meta, home, flag,
+        x, topk_weights, rank, local, first, sort_row, rank_offsets, out, home, flag,
         out.shape[0], capacity or 0, x.stride(0), x.stride(1), topk_weights.stride(0), topk_weights.stride(1),
-        out.stride(0), meta.stride(0), meta_col,
+        out.stride(0), out.stride(0) * out.element_size() // 4, meta_col,
     ), {"H": H, "K": k, "KP": max(2, next_pow2(k)), "W": W, "BLOCK_H": BLOCK_H, "STATIC": capacity is not None},
         NUM_WARPS_DEFAULT)

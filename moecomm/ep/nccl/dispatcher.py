@@ -12,16 +12,18 @@
 Two modes (moecomm/ep/nccl/plan.py has the row layout and the kernels' story):
 
 Throughput mode (prefill; every call when no max_tokens is given): one step, on every rank:
-1. plan (one kernel, then the permute's counting sort): destination ranks, the dedup (a token whose
-   several experts live on one rank is sent there ONCE, with its k (local expert, weight) pairs),
-   the [W, 3] counts and an error flag;
+1. plan (two kernels: the plan with a counting sort's histogram, then the sort's scatter; plan.py):
+   destination ranks, the dedup (a token whose several experts live on one rank is sent there ONCE,
+   with its k (local expert, weight) pairs), each row's place grouped by rank, the [W, 3] counts
+   and an error flag;
 2. the counts in one small all_to_all_single: THE host sync of a step (all_to_all_single takes host
    split sizes, and the receiver must size its buffers). A rank whose input failed validation sends
    its flag instead of hanging its peers: every rank raises, naming it;
 3. pack (one kernel): the send rows, tokens and metadata side by side, grouped by rank;
 4. one all_to_all_single of the rows;
-5. expand (receiver; the counting sort again): the (row, local expert) pairs grouped by local
-   expert, stably, so the rows of expert l are ordered by (source rank, token, slot);
+5. expand (receiver; a counting sort again, two kernels reading the received rows in place): the
+   (row, local expert) pairs grouped by local expert, stably, so the rows of expert l are ordered
+   by (source rank, token, slot);
 6. combine: the receiver sums each received token's rows over its local experts (gather_sum, fp32)
    BEFORE they travel back, the reverse all_to_all_single returns one row per (token, rank), and the
    source rank sums those per token (gather_sum): each output row is written once, no atomics, so
@@ -32,11 +34,11 @@ at most C rows per peer (capacity_per_peer, default max_tokens, which never over
 allocated once at construction, equal split sizes: dispatch and combine make NO host sync and can
 be captured in a CUDA graph with the experts. Every output keeps its static size: d.tokens is
 [W * C, H], d.gather_idx and d.row_weights [W * C * k], and the rows after d.expert_offsets[L] are
-padding that no expert owns (the grouped GEMMs skip them). The result's tensors are views of the
-dispatcher's buffers, valid until its next dispatch. A step whose rows to a peer do not fit is not
-silently truncated: the rows that fit are exchanged, the others dropped (never written out of
-bounds), and a device flag is set; check_overflow() raises it on the host at the sync point the
-caller chooses. In static mode a rank whose input is bad raises at once; its peers wait in the
+padding that no expert owns (the grouped GEMMs skip them). The result's tensors (the index tensors
+too) are views of the dispatcher's buffers, valid until its next dispatch. A step whose rows to a
+peer do not fit is not silently truncated: the rows that fit are exchanged, the others dropped
+(never written out of bounds), and a device flag is set; check_overflow() raises it on the host at
+the sync point the caller chooses. In static mode a rank whose input is bad raises at once; its peers wait in the
 exchange and raise within the group's timeout, naming it (moecomm.distributed.health).
 
 Under torch.compile(fullgraph=True) a static-mode dispatch and its combine are one opaque custom op
@@ -46,6 +48,19 @@ fullgraph (its count exchange is a host sync and its shapes depend on the routin
 
 EP size 1 is LocalDispatcher's permute: no exchange and no host sync (beyond the optional id check),
 unless force_exchange=True (benchmarks: the exchange path over a one-rank group).
+
+Memory and lifetimes in the throughput mode. The kernels' scratch (the send plan, the sorts'
+histograms, the exchanged counts) lives in a grow-only Workspace (plan.py) that an EPDispatcher
+keeps per stream and reuses: it is never handed out. What a result holds is the caller's: tokens
+(the received rows) is a new tensor, and gather_idx, row_weights, tokens_per_expert,
+expert_offsets and the handle's home and slot_pos are views of ONE new int32 tensor per dispatch
+(plan.dispatch_outputs), so results of earlier calls stay valid while later ones run (a training
+step that keeps them for backward, micro-batches in flight). The row buffers (send rows, the
+combine's partial sums and returned rows) stay with the caching allocator: kept per dispatcher
+they would hold ~T * H * (k-ish) bytes for every MoE layer of a model (0.7 GB per layer at
+DeepSeek-V3 prefill sizes), and it tracks NCCL's streams for async_op. The functional dispatch()
+has no dispatcher, hence no workspace: its scratch is one new int32 tensor per step. Static mode:
+every result tensor is a view of the dispatcher's buffers, valid until its next dispatch.
 """
 
 from __future__ import annotations
@@ -67,9 +82,9 @@ from ...jit.backend import Impl, choose, device_checks_allowed
 from ..placement import ExpertPlacement
 from ..types import DispatchResult
 from . import static_ops as _sops
-from .ops import gather_sum_unchecked
+from .ops import _triton_kernels, gather_sum_unchecked
 from .reference import gather_sum_reference
-from .plan import RowLayout, expand_received, pack_send, plan_send
+from .plan import RowLayout, Workspace, dispatch_outputs, expand_received, pack_send, plan_send
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -94,7 +109,7 @@ class EPHandle:
         send_splits: [W] host ints, rows this rank sent to each rank (S = sum); None in static mode.
         recv_splits: [W] host ints, rows this rank received from each rank (R = sum); None in static mode.
         home: [T, k] int32, the send row of each token's owning slots (-1: none).
-        slot_pos: [R, k] int32 expanded row of each received (row, slot) (-1 or >= N: none).
+        slot_pos: [R, k] int32 expanded row of each received (row, slot) (-1: none).
         num_tokens, hidden: T, H of the source rank; num_rows: N expanded rows (static: R * k).
         local: EP size 1 only, the LocalDispatcher's handle (home and slot_pos are None then).
         buffers: static mode, the dispatcher's buffers (combine writes into them).
@@ -180,14 +195,17 @@ def _all_to_all(out, inp, out_splits, in_splits, group, what: str, async_op: boo
 # ----------------------------------------------------------------------------- the count exchange
 
 
-def _exchange_counts(info: torch.Tensor, group, op: str,
-                     counts: torch.Tensor | None = None) -> tuple[list[int], list[int], list[int], list[int]]:
+def _exchange_counts(info: torch.Tensor, group, op: str, counts: torch.Tensor | None = None,
+                     workspace: Workspace | None = None,
+                     counts_recv: torch.Tensor | None = None) -> tuple[list[int], list[int], list[int], list[int]]:
     """all_to_all_single of [W, 3] (rows, pairs, flag) per destination; THE host sync of a step.
 
     Args:
         info: [W, 3] int32, what this rank sends each destination.
         counts: optional [2, W, 3] int32 whose [0] is info (plan_send's buffer): the exchange
             receives into [1] and both come to the host in one copy.
+        workspace: a CUDA exchange copies into its pinned host buffer (no allocation).
+        counts_recv: counts[1], when the caller has that view already.
 
     Returns (rows sent, rows received, pairs received, flags received) as host lists.
     """
@@ -195,8 +213,15 @@ def _exchange_counts(info: torch.Tensor, group, op: str,
     if counts is None:
         counts = torch.empty((2, W, 3), dtype=info.dtype, device=info.device)
         counts[0].copy_(info)
-    _all_to_all(counts[1], counts[0], None, None, group, f"{op}: count exchange", False)
-    host = counts.cpu().tolist()  # one device->host copy: the sync
+    if counts_recv is None:
+        info, counts_recv = counts[0], counts[1]
+    _all_to_all(counts_recv, info, None, None, group, f"{op}: count exchange", False)
+    if not counts.is_cuda:
+        host = counts.tolist()
+    elif workspace is not None:
+        host = workspace.host_counts((2, W, 3)).copy_(counts).tolist()  # one device->host copy: the sync
+    else:
+        host = counts.cpu().tolist()  # one device->host copy: the sync
     sent = [row[0] for row in host[0]]
     got = host[1]
     return sent, [r[0] for r in got], [r[1] for r in got], [r[2] for r in got]
@@ -216,6 +241,16 @@ def _fail_peers(group, W: int, device: torch.device, op: str, flag: int) -> None
 
 
 def _validate(op, x, topk_ids, topk_weights, hidden, top_k, dtype):
+    # the common case in one expression (~1 us); anything else takes the checks below, which name
+    # what is wrong
+    if type(x) is torch.Tensor and type(topk_ids) is torch.Tensor and type(topk_weights) is torch.Tensor:
+        xs, ks = x.shape, topk_ids.shape
+        if (len(xs) == 2 and len(ks) == 2 and ks[0] == xs[0] and ks[1] >= 1 and topk_weights.shape == ks
+                and (hidden is None or xs[1] == hidden) and (top_k is None or ks[1] == top_k)
+                and (x.dtype is dtype if dtype is not None else x.dtype in _FLOAT_DTYPES)
+                and topk_ids.dtype in _ID_DTYPES and topk_weights.dtype in _FLOAT_DTYPES
+                and topk_ids.device == x.device and topk_weights.device == x.device):
+            return x, topk_ids, topk_weights
     x = check_tensor(op, "x", x, ndim=2, dtype=_FLOAT_DTYPES)
     T = x.shape[0]
     if hidden is not None and x.shape[1] != hidden:
@@ -248,10 +283,17 @@ def _local(x, ids, w, E, check, op, async_op):
 
 def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, rank: int, ep_size: int,
               e2r: torch.Tensor, e2l: torch.Tensor, hidden, top_k, dtype, async_op: bool, validate: bool,
-              op: str, force_exchange: bool = False, checked: bool = True):
+              op: str, force_exchange: bool = False, checked: bool = True, workspaces: dict | None = None,
+              num_local_experts: int | None = None):
     """The throughput mode (see the module docstring); arguments as dispatch(). checked=False: the
     caller (the MoE forward) built x, topk_ids and topk_weights itself, so the argument checks are
-    skipped (validate still decides the device check of the ids)."""
+    skipped (validate still decides the device check of the ids). workspaces: the dispatcher's
+    Workspace per stream (None: every scratch tensor new); num_local_experts: L, when the caller
+    knows it (the placement counts it in O(E) otherwise).
+
+    Host work per call (kernel path): the plan's 2 launches, the count exchange (1 all_to_all_single,
+    1 device-to-host copy: the sync), 3 allocations (the send rows, the received rows, the result's
+    int32 indices), the pack's launch, the rows' all_to_all_single, the expansion's 2 launches."""
     W = ep_size
     if not checked:
         x, ids, w = x, topk_ids, topk_weights
@@ -267,14 +309,18 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     T, H = x.shape
     k = ids.shape[1]
     E = placement.num_experts
-    L = placement.num_local_experts(rank)
-    e2r, e2l = e2r.to(x.device), e2l.to(x.device)  # no-op unless x is not where the caller guessed
+    L = placement.num_local_experts(rank) if num_local_experts is None else num_local_experts
+    dev = x.device
+    if e2r.device != dev:  # the caller's guess of x's device was wrong (a DLPack array, say)
+        e2r, e2l = _placement_maps(placement, dev)
     check = device_checks_allowed(validate)
     if W == 1 and not force_exchange:
         return _local(x, ids, w, E, check, op, async_op)
 
-    plan = plan_send(ids, e2r, e2l, W, check_ids=check)
-    send_splits, recv_splits, recv_pairs, flags = _exchange_counts(plan.info, group, op, plan.counts)
+    ws = _workspace(workspaces, dev) if workspaces is not None else None
+    plan = plan_send(ids, e2r, e2l, W, check_ids=check, workspace=ws)
+    send_splits, recv_splits, recv_pairs, flags = _exchange_counts(plan.info, group, op, plan.counts, ws,
+                                                                   plan.counts_recv)
     me_bad = flags[rank]
     if me_bad:
         lo, hi = int(ids.min()), int(ids.max())
@@ -287,8 +333,9 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
                                     f"{_FLAG_REASONS.get(f, f'error flag {f}')}")
     S, R, N = sum(send_splits), sum(recv_splits), sum(recv_pairs)
     layout = RowLayout.of(H, k, x.dtype)
+    # home and the expansion's outputs: one int32 allocation, owned by the result
+    home, outputs = dispatch_outputs(T, k, R, N, L, dev)
     send = x.new_empty((S, layout.width))  # [S, width]: tokens and metadata, one exchange
-    home = torch.empty((T, k), dtype=torch.int32, device=x.device)
     pack_send(x, w, plan, layout, send, home)
     recv = x.new_empty((R, layout.width))
     works = [_all_to_all(recv, send, recv_splits, send_splits, group, f"{op}: all_to_all", async_op)]
@@ -296,7 +343,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     def finish(works):
         if async_op:
             _wait_all(works, group, f"{op}: all_to_all")
-        ex = expand_received(recv, layout, L, N)
+        ex = expand_received(recv, layout, L, N, out=outputs, workspace=ws)
         handle = EPHandle(group, W, send_splits, recv_splits, home, ex.slot_pos, T, H, N)
         return DispatchResult(recv[:, :H], ex.expert_offsets, ex.tokens_per_expert, ex.row_weights, ex.gather_idx,
                               handle)
@@ -317,17 +364,30 @@ class _StaticBuffers:
     back: torch.Tensor  # [W * C, H]
     home: torch.Tensor  # [max_tokens, k] int32
     overflow: torch.Tensor  # [1] int32, sticky until check_overflow()
+    send_ids: torch.Tensor  # send's [W * C, k] int32 expert-id columns (reset to -1 every step)
+
+
+@dataclass
+class _StaticIndex:
+    """One dispatcher's own part of the static mode (not shared by share_buffers: L is its own), made
+    once: the kernels' scratch, reserved for max_tokens and W * C rows so that it never grows (a
+    captured CUDA graph keeps its addresses), and the expansion's outputs (None on a rank without
+    experts), which a dispatch result views until the next dispatch."""
+
+    workspace: Workspace
+    outputs: Any
 
 
 def _dispatch_static(x, ids, w, *, group, bufs: _StaticBuffers, rank: int, ep_size: int, e2r, e2l, L: int,
-                     check: bool, async_op: bool, op: str):
+                     check: bool, async_op: bool, op: str, index: _StaticIndex | None = None):
     """The static-capacity mode (see the module docstring): no host sync, fixed shapes."""
     T, H = x.shape
     k = ids.shape[1]
     lay = bufs.layout
-    plan = plan_send(ids, e2r, e2l, ep_size, check_ids=check)
+    ws = index.workspace if index is not None else None
+    plan = plan_send(ids, e2r, e2l, ep_size, check_ids=check, workspace=ws)
     # rows this step leaves empty must read as empty at the receiver: their ids -1
-    bufs.send.view(torch.int32)[:, lay.meta_col:lay.meta_col + k].fill_(-1)
+    bufs.send_ids.fill_(-1)
     home = bufs.home[:T]
     pack_send(x, w, plan, lay, bufs.send, home, capacity=bufs.capacity, overflow=bufs.overflow)
     works = [_all_to_all(bufs.recv, bufs.send, None, None, group, f"{op}: all_to_all", async_op)]
@@ -335,7 +395,7 @@ def _dispatch_static(x, ids, w, *, group, bufs: _StaticBuffers, rank: int, ep_si
     def finish(works):
         if async_op:
             _wait_all(works, group, f"{op}: all_to_all")
-        ex = expand_received(bufs.recv, lay, L, None)
+        ex = expand_received(bufs.recv, lay, L, None, out=index.outputs if index is not None else None, workspace=ws)
         handle = EPHandle(group, ep_size, None, None, home, ex.slot_pos, T, H, ex.gather_idx.shape[0], buffers=bufs)
         return DispatchResult(bufs.recv[:, :H], ex.expert_offsets, ex.tokens_per_expert, ex.row_weights,
                               ex.gather_idx, handle)
@@ -390,8 +450,15 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
     # the indices are the handle's: the ops run without re-checking
     bufs = handle.buffers
     if bufs is None:
-        partial = gather_sum_unchecked(out, handle.slot_pos)  # [R, H]: summed over local experts
-        back = out.new_empty((sum(handle.send_splits), handle.hidden))  # [S, H]
+        R, S, H = handle.slot_pos.shape[0], sum(handle.send_splits), handle.hidden
+        if out.requires_grad and torch.is_grad_enabled():
+            # through the op, which records the sum (the exchange without a process group is a copy_)
+            partial = gather_sum_unchecked(out, handle.slot_pos)  # [R, H]: summed over local experts
+            back = out.new_empty((S, H))  # [S, H]
+        else:
+            # one allocation: [R, H] sent back, [S, H] received (both views in one call)
+            partial, back = torch.split_with_sizes(out.new_empty((R + S, H)), [R, S])
+            _gather_sum_into(out, handle.slot_pos, partial)  # summed over local experts
         splits_out, splits_in = handle.send_splits, handle.recv_splits
     else:
         if out.dtype != bufs.partial.dtype:
@@ -405,19 +472,26 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
     def finish(works):
         if async_op:
             _wait_all(works, handle.group, f"{op}: all_to_all")
-        return gather_sum_unchecked(back, handle.home)  # [T, H]
+        if back.requires_grad:
+            return gather_sum_unchecked(back, handle.home)  # [T, H], recorded
+        return _gather_sum_new(back, handle.home)  # [T, H]
 
     return PendingCombine(works, finish) if async_op else finish(works)
 
 
 def _gather_sum_into(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
-    """gather_sum written into a caller-owned buffer (the static mode's partial sums)."""
+    """gather_sum written into a caller-owned buffer (the receiver's partial sums)."""
     if choose(src, "ep_gather_sum") is Impl.TRITON:
-        from ._triton import gather_sum_triton
-
-        gather_sum_triton(src, idx, out)
+        _triton_kernels().gather_sum_triton(src, idx, out)
     else:
         out.copy_(gather_sum_reference(src, idx))
+
+
+def _gather_sum_new(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """gather_sum into a new tensor, without the custom op's dispatch (nothing to record)."""
+    if choose(src, "ep_gather_sum") is Impl.TRITON:
+        return _triton_kernels().gather_sum_triton(src, idx)
+    return gather_sum_reference(src, idx)
 
 
 def dispatch(
@@ -466,6 +540,30 @@ def dispatch(
     return _dispatch(x, topk_ids, topk_weights, group=group, placement=placement, rank=rank, ep_size=W,
                      e2r=e2r, e2l=e2l, hidden=None, top_k=None, dtype=None, async_op=async_op,
                      validate=validate, op=op)
+
+
+_current_stream = getattr(torch._C, "_cuda_getCurrentStream", None)  # (stream id, device, type); ~0.3 us
+
+
+def _stream_key(device: torch.device):
+    """Which stream the calls on ``device`` queue on now (CPU: None)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if _current_stream is not None:
+        return _current_stream(index)[0]
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+def _workspace(workspaces: dict, device: torch.device) -> Workspace:
+    """The dispatcher's Workspace for the current stream of ``device`` (made on first use)."""
+    key = (device, _stream_key(device))
+    ws = workspaces.get(key)
+    if ws is None:
+        if len(workspaces) >= 16:  # streams come and go (a stream per micro-batch, say): keep a few
+            workspaces.clear()
+        ws = workspaces[key] = Workspace(device)
+    return ws
 
 
 @functools.lru_cache(maxsize=64)
@@ -540,7 +638,9 @@ class EPDispatcher:
         self.local_experts = placement.local_experts(self.rank)
         self.force_exchange = bool(force_exchange)
         self._static: _StaticBuffers | None = None
+        self._static_index: _StaticIndex | None = None
         self._pending_static: tuple | None = None  # static mode without a process group: sizes until the first call
+        self._workspaces: dict = {}  # throughput mode: (device, stream) -> Workspace (plan.py says what lives there)
         self._op_handle = _sops.REGISTRY.add(self)  # what torch.compile's static-mode ops find it by
         if max_tokens is not None:
             check_positive_int(op, "max_tokens", max_tokens)
@@ -571,23 +671,35 @@ class EPDispatcher:
         self._pending_static = None
         if not share:
             self._static = self._allocate(max_tokens, capacity, dtype, device)
-            return
-        key = (id(self.group), self.ep_size, max_tokens, capacity, self.hidden, self.top_k, dtype, device)
-        if key not in _SHARED_BUFFERS:
-            _SHARED_BUFFERS[key] = self._allocate(max_tokens, capacity, dtype, device)
-        self._static = _SHARED_BUFFERS[key]
+        else:
+            key = (id(self.group), self.ep_size, max_tokens, capacity, self.hidden, self.top_k, dtype, device)
+            if key not in _SHARED_BUFFERS:
+                _SHARED_BUFFERS[key] = self._allocate(max_tokens, capacity, dtype, device)
+            self._static = _SHARED_BUFFERS[key]
+        rows, k, L = self.ep_size * capacity, self.top_k, self.num_local_experts
+        ws = Workspace(device)
+        outputs = None
+        if choose(self._static.send, "ep_plan") is Impl.TRITON:  # the kernel path: scratch and outputs made here
+            from .plan import expand_scratch_elems, plan_scratch_elems
+
+            ws.reserve(max(plan_scratch_elems(max_tokens, k, self.ep_size), expand_scratch_elems(rows, k, L)))
+            if L:
+                outputs = dispatch_outputs(0, k, rows, rows * k, L, device)[1]
+        self._static_index = _StaticIndex(ws, outputs)
 
     def _allocate(self, max_tokens: int, capacity: int, dtype: torch.dtype, dev: torch.device) -> _StaticBuffers:
         lay = RowLayout.of(self.hidden, self.top_k, dtype)
         rows = self.ep_size * capacity
+        send = torch.zeros((rows, lay.width), dtype=dtype, device=dev)
         return _StaticBuffers(
             capacity, max_tokens, lay,
-            send=torch.zeros((rows, lay.width), dtype=dtype, device=dev),
+            send=send,
             recv=torch.zeros((rows, lay.width), dtype=dtype, device=dev),
             partial=torch.zeros((rows, self.hidden), dtype=dtype, device=dev),
             back=torch.zeros((rows, self.hidden), dtype=dtype, device=dev),
             home=torch.full((max_tokens, self.top_k), -1, dtype=torch.int32, device=dev),
             overflow=torch.zeros(1, dtype=torch.int32, device=dev),
+            send_ids=send.view(torch.int32)[:, lay.meta_col:lay.meta_col + self.top_k],
         )
 
     @property
@@ -627,11 +739,13 @@ class EPDispatcher:
                 _report(exc)  # the peers wait in the exchange and then name this rank
                 raise
             return _dispatch_static(x, ids, w, group=self.group, bufs=bufs, rank=self.rank, ep_size=self.ep_size,
-                                    e2r=e2r, e2l=e2l, L=self.num_local_experts, check=False, async_op=async_op, op=op)
+                                    e2r=e2r, e2l=e2l, L=self.num_local_experts, check=False, async_op=async_op, op=op,
+                                    index=self._static_index)
         return _dispatch(x, topk_ids, topk_weights, group=self.group, placement=self.placement, rank=self.rank,
                          ep_size=self.ep_size, e2r=e2r, e2l=e2l, hidden=self.hidden, top_k=self.top_k,
                          dtype=self.dtype, async_op=async_op, validate=validate, op=op,
-                         force_exchange=self.force_exchange)
+                         force_exchange=self.force_exchange, workspaces=self._workspaces,
+                         num_local_experts=self.num_local_experts)
 
     def combine(self, expert_out: Any, handle: EPHandle, *, async_op: bool = False) -> torch.Tensor | PendingCombine:
         """y [T, H] = per token, the sum of its expert outputs (weights already applied); see combine()."""
@@ -652,11 +766,12 @@ class EPDispatcher:
         if bufs is not None and x.shape[0] <= bufs.max_tokens:
             return _dispatch_static(x, topk_ids, topk_weights, group=self.group, bufs=bufs, rank=self.rank,
                                     ep_size=self.ep_size, e2r=e2r, e2l=e2l, L=self.num_local_experts, check=False,
-                                    async_op=async_op, op="EPDispatcher.dispatch")
+                                    async_op=async_op, op="EPDispatcher.dispatch", index=self._static_index)
         return _dispatch(x, topk_ids, topk_weights, group=self.group, placement=self.placement, rank=self.rank,
                          ep_size=self.ep_size, e2r=e2r, e2l=e2l, hidden=self.hidden, top_k=self.top_k,
                          dtype=self.dtype, async_op=async_op, validate=validate, op="EPDispatcher.dispatch",
-                         force_exchange=self.force_exchange, checked=False)
+                         force_exchange=self.force_exchange, checked=False, workspaces=self._workspaces,
+                         num_local_experts=self.num_local_experts)
 
     # ------------------------------------------------------------- static mode under torch.compile
 
@@ -688,7 +803,8 @@ class EPDispatcher:
                                     f"dispatcher's), got {x.device}")
         e2r, e2l = _placement_maps(self.placement, x.device)
         return _dispatch_static(x, ids, w, group=self.group, bufs=bufs, rank=self.rank, ep_size=self.ep_size, e2r=e2r,
-                                e2l=e2l, L=self.num_local_experts, check=False, async_op=False, op="EPDispatcher.dispatch")
+                                e2l=e2l, L=self.num_local_experts, check=False, async_op=False,
+                                op="EPDispatcher.dispatch", index=self._static_index)
 
     def _static_combine_eager(self, expert_out, slot_pos, home) -> torch.Tensor:
         """static_ops' combine body: the eager static combine over this dispatcher's buffers."""

@@ -12,8 +12,9 @@ metadata adds 8k bytes to a row of 2H: 0.8% at H 4096, k 8).
 Send side, all on the device, no host sync:
 1. plan_send: each slot's rank and local expert, the dedup (a token goes ONCE to each rank that
    holds any of its experts: the first of its slots on that rank "owns" the row), the [W, 3] counts
-   (rows, pairs, bad-id flag) the ranks exchange; then the permute's stable counting sort of the
-   owning slots by rank: rows grouped by rank, token order kept (moecomm.permute's kernels).
+   (rows, pairs, bad-id flag) the ranks exchange, and a stable counting sort of the owning slots by
+   rank: rows grouped by rank, token order kept. Two launches (_triton.py: the plan kernel with the
+   sort's histogram, then the sort's scatter), no zeros fill.
 2. pack_send: each row's token part and metadata; home [T, k], the row each owning slot's token was
    written to (-1 for the other slots), which combine reads to sum the returned rows.
    Throughput mode: S rows, rank w's at rank_offsets[w]. Static mode: W * C rows, rank w's at
@@ -21,7 +22,14 @@ Send side, all on the device, no host sync:
    is set on the device.
 Receive side: expand_received groups the received (row, local expert) pairs by local expert with
 the same counting sort (rows of expert l ordered by source rank, token, slot), with each pair's
-routing weight riding along.
+routing weight riding along: two launches reading the received rows' metadata in place.
+
+Memory (the host cost of a call is mostly launches and allocations, ~16 and ~6 us each on the H200
+host): the kernels' scratch (the plan's [T, k] arrays, the sorts' histograms, the [2, W, 3] counts)
+comes from a Workspace, grow-only, that the dispatcher keeps per stream and reuses across calls;
+what a dispatch hands its caller (home, slot_pos, gather_idx, row_weights, tokens_per_expert,
+expert_offsets) is carved from ONE new int32 tensor per call (dispatch_outputs), so it is the
+caller's to keep.
 """
 
 from __future__ import annotations
@@ -34,6 +42,104 @@ import torch
 from ...jit.backend import Impl, choose
 from ...permute.api import permute_indices_unchecked, permute_indices_weighted_op
 from .reference import pack_send_reference, plan_send_reference
+
+_kernels = None  # moecomm.ep.nccl._triton, imported on first use (it imports triton)
+
+
+def _triton():
+    global _kernels
+    if _kernels is None:
+        from . import _triton as kernels
+
+        _kernels = kernels
+    return _kernels
+
+
+# ----------------------------------------------------------------------------- scratch and outputs
+
+_ALIGN = 4  # int32 per 16 bytes: every carved part starts 16-byte aligned (what Triton specialises on)
+
+
+def _carve(base: torch.Tensor, shapes: list[tuple[int, ...]], offsets: list[int]) -> list[torch.Tensor]:
+    out = []
+    for shape, off in zip(shapes, offsets):
+        stride, st = [], 1
+        for d in reversed(shape):
+            stride.append(st)
+            st *= d
+        out.append(base.as_strided(shape, tuple(reversed(stride)), off))
+    return out
+
+
+def _layout(shapes: list[tuple[int, ...]]) -> tuple[list[int], int]:
+    offsets, at = [], 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        offsets.append(at)
+        at += -(-n // _ALIGN) * _ALIGN
+    return offsets, max(at, _ALIGN)
+
+
+class Workspace:
+    """Grow-only int32 scratch on one device, for the kernels of one dispatcher on one stream.
+
+    What lives here: plan_send's SendPlan (rank, local, first, sort_row [T, k], rank_offsets [W + 1],
+    counts [2, W, 3], the sort's histograms) and expand_received's histograms, each carved from
+    offset 0 of one buffer (so they overlap), plus a pinned host copy of the counts. None of it is
+    handed to a caller. That is safe because each part is written and then read by kernels that
+    ONE call queues back to back on ONE stream (plan, count exchange, pack inside dispatch; the
+    expansion's two launches inside its finish): a later call's kernels queue after them. Hence one
+    Workspace per stream (EPDispatcher keys them by the current stream): two streams never share
+    one. The views are made once per shape key and kept, so a call whose shapes repeat makes no
+    view op and no allocation; growing replaces the buffer and forgets the kept views.
+    """
+
+    MAX_KEYS = 64
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._buf: torch.Tensor | None = None
+        self._memo: dict = {}
+        self._host: dict = {}
+
+    @property
+    def capacity(self) -> int:
+        """int32 elements the buffer holds now."""
+        return 0 if self._buf is None else self._buf.numel()
+
+    def reserve(self, elems: int) -> torch.Tensor:
+        """The buffer, grown to at least ``elems`` int32 (kept views are forgotten when it grows)."""
+        if self._buf is None or self._buf.numel() < elems:
+            self._buf = torch.empty(max(elems, 2 * self.capacity), dtype=torch.int32, device=self.device)
+            self._memo.clear()
+        return self._buf
+
+    def memo(self, key):
+        return self._memo.get(key)
+
+    def keep(self, key, value):
+        if len(self._memo) >= self.MAX_KEYS:
+            self._memo.clear()
+        self._memo[key] = value
+        return value
+
+    def host_counts(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A pinned int32 host tensor of ``shape`` (the count exchange's device-to-host copy lands here)."""
+        t = self._host.get(shape)
+        if t is None:
+            t = self._host[shape] = torch.empty(shape, dtype=torch.int32, pin_memory=True)
+        return t
+
+
+def carve_int32(shapes: list[tuple[int, ...]], device: torch.device,
+                workspace: Workspace | None = None) -> list[torch.Tensor]:
+    """Contiguous int32 views of the given shapes, 16-byte aligned, from ``workspace`` (offset 0) or
+    from one new tensor."""
+    offsets, total = _layout(shapes)
+    base = workspace.reserve(total) if workspace is not None else torch.empty(total, dtype=torch.int32, device=device)
+    return _carve(base, shapes, offsets)
 
 
 @dataclass(frozen=True)
@@ -78,6 +184,8 @@ class SendPlan:
         info: [W, 3] per destination rank: rows, (token, expert) pairs, 1 if an id was out of [0, E).
         counts: [2, W, 3] whose [0] is info and [1] the count exchange's receive slot (kernel path;
             None on the reference path).
+        counts_recv: counts[1] (kernel path).
+        scratch: the kernels' histograms (kernel path).
     """
 
     rank: torch.Tensor
@@ -87,10 +195,34 @@ class SendPlan:
     rank_offsets: torch.Tensor
     info: torch.Tensor
     counts: torch.Tensor | None = None
+    counts_recv: torch.Tensor | None = None
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _new_plan(T: int, k: int, W: int, device: torch.device, workspace: Workspace | None) -> SendPlan:
+    sh = _triton().plan_sort_shape(T, k, W)
+    rank, local, first, sort_row, offsets, counts, hist, base = carve_int32(
+        [(T, k), (T, k), (T, k), (T, k), (W + 1,), (2, W, 3), (sh.hist_elems,), (sh.base_elems,)], device, workspace)
+    # counts: info, then the slot the count exchange receives into; one buffer so that both reach
+    # the host in one copy
+    return SendPlan(rank, local, first, sort_row, offsets, counts[0], counts, counts[1], (hist, base))
+
+
+def plan_scratch_elems(num_tokens: int, top_k: int, ep_size: int) -> int:
+    """int32 elements of a Workspace that plan_send (kernel path) carves for these sizes."""
+    T, k, W = num_tokens, top_k, ep_size
+    sh = _triton().plan_sort_shape(T, k, W)
+    return _layout([(T, k), (T, k), (T, k), (T, k), (W + 1,), (2, W, 3), (sh.hist_elems,), (sh.base_elems,)])[1]
+
+
+def expand_scratch_elems(num_rows: int, top_k: int, num_local_experts: int) -> int:
+    """int32 elements of a Workspace that expand_received (kernel path) carves for these sizes."""
+    sh = _triton().expand_sort_shape(num_rows, top_k, num_local_experts)
+    return _layout([(sh.hist_elems,), (sh.base_elems,)])[1]
 
 
 def plan_send(topk_ids: torch.Tensor, expert_to_rank: torch.Tensor, expert_to_local: torch.Tensor, ep_size: int,
-              *, check_ids: bool = True) -> SendPlan:
+              *, check_ids: bool = True, workspace: Workspace | None = None) -> SendPlan:
     """Destinations, dedup, counts and row order of every token; no host sync. Trusted arguments.
 
     Args:
@@ -99,25 +231,24 @@ def plan_send(topk_ids: torch.Tensor, expert_to_rank: torch.Tensor, expert_to_lo
         expert_to_local: [E] int32, local index of each expert on its rank.
         ep_size: W.
         check_ids: set the bad-id flag of info for ids outside [0, E) (False: it stays 0).
+        workspace: where the plan lives (kernel path): then the SAME SendPlan object, rewritten, is
+            returned by every call of these shapes, valid until the workspace's next use (the
+            dispatcher consumes it inside its call). None: new tensors (one allocation).
     """
     T, k = topk_ids.shape
-    dev = topk_ids.device
     if choose(topk_ids, "ep_plan") is Impl.TRITON:
-        from ._triton import plan_send_triton
-
-        rank = torch.empty((T, k), dtype=torch.int32, device=dev)
-        local = torch.empty_like(rank)
-        first = torch.empty_like(rank)
-        # [2, W, 3]: info, then the slot the count exchange receives into; one buffer so that both
-        # reach the host in one copy (no cat launch, no second allocation)
-        counts = torch.zeros((2, ep_size, 3), dtype=torch.int32, device=dev)
-        info = counts[0]
-        plan_send_triton(topk_ids, expert_to_rank, expert_to_local, ep_size, rank, local, first, info, check_ids)
-    else:
-        rank, local, first, info = plan_send_reference(topk_ids, expert_to_rank, expert_to_local, ep_size, check_ids)
-        counts = None
+        plan = None
+        if workspace is not None:
+            key = ("plan", T, k, ep_size)
+            plan = workspace.memo(key) or workspace.keep(key, _new_plan(T, k, ep_size, topk_ids.device, workspace))
+        else:
+            plan = _new_plan(T, k, ep_size, topk_ids.device, None)
+        _triton().plan_send_triton(topk_ids, expert_to_rank, expert_to_local, ep_size, plan.rank, plan.local,
+                                   plan.first, plan.sort_row, plan.rank_offsets, plan.info, *plan.scratch, check_ids)
+        return plan
+    rank, local, first, info = plan_send_reference(topk_ids, expert_to_rank, expert_to_local, ep_size, check_ids)
     order = permute_indices_unchecked(first, ep_size)  # ids W (repeated ranks) sort into the dropped bucket
-    return SendPlan(rank, local, first, order.dst_row, order.expert_offsets, info, counts)
+    return SendPlan(rank, local, first, order.dst_row, order.expert_offsets, info)
 
 
 def pack_send(x: torch.Tensor, topk_weights: torch.Tensor, plan: SendPlan, layout: RowLayout, out: torch.Tensor,
@@ -136,7 +267,7 @@ def pack_send(x: torch.Tensor, topk_weights: torch.Tensor, plan: SendPlan, layou
         overflow: [1] int32, static mode: set to 1 when a rank's rows did not fit (sticky).
     """
     if choose(x, "ep_pack") is Impl.TRITON:
-        from ._triton import pack_send_triton as run
+        run = _triton().pack_send_triton
     else:
         run = pack_send_reference
     run(x, topk_weights, plan.rank, plan.local, plan.first, plan.sort_row, plan.rank_offsets, out, home, overflow,
@@ -153,7 +284,7 @@ class Expanded:
         expert_offsets: [L + 1] int32.
         tokens_per_expert: [L] int32.
         row_weights: [N] (static: [R * k]) fp32 routing weight of each expanded row.
-        slot_pos: [R, k] int32, expanded row of each (received row, slot); -1 or >= N = none.
+        slot_pos: [R, k] int32, expanded row of each (received row, slot); -1 = none.
     """
 
     gather_idx: torch.Tensor
@@ -163,28 +294,65 @@ class Expanded:
     slot_pos: torch.Tensor
 
 
-def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: int, num_pairs: int | None) -> Expanded:
+def dispatch_outputs(num_tokens: int, top_k: int, num_rows: int, num_pairs: int, num_local_experts: int,
+                     device: torch.device) -> tuple[torch.Tensor, Expanded]:
+    """home [T, k] and an Expanded to fill (gather_idx [N], expert_offsets [L + 1], tokens_per_expert
+    [L], row_weights [N] fp32, slot_pos [R, k]): views of ONE new int32 tensor, each 16-byte
+    aligned. They belong to the dispatch result they are handed to (nothing writes them later)."""
+    T, k, R, N, L = num_tokens, top_k, num_rows, num_pairs, num_local_experts
+    sizes = []
+    for n in (T * k, R * k, N, N, L, L + 1):  # each part, then the padding to the next 16 bytes
+        sizes += (n, -n % _ALIGN)
+    base = torch.empty(sum(sizes), dtype=torch.int32, device=device)
+    parts = torch.split_with_sizes(base, sizes)  # one call makes all the views
+    home, slot_pos, row_weights = parts[0].view(T, k), parts[2].view(R, k), parts[6].view(torch.float32)
+    return home, Expanded(parts[4], parts[10], parts[8], row_weights, slot_pos)
+
+
+def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: int, num_pairs: int | None, *,
+                    out: Expanded | None = None, workspace: Workspace | None = None) -> Expanded:
     """Group the received (row, local expert) pairs by local expert; no host sync.
 
     Args:
-        recv: [R, width] received rows (RowLayout).
+        recv: [R, width] received rows (RowLayout), rows with unit inner stride; read in place.
         layout: their RowLayout.
         num_local_experts: L.
         num_pairs: N, the valid pairs (throughput mode, known from the count exchange); None in
             static mode, where empty rows carry ids -1 and every output keeps its static size.
+        out: where the kernel path writes (dispatch_outputs' Expanded, N = num_pairs or R * k); the
+            reference path returns new tensors. None: new ones (one allocation).
+        workspace: where the kernels' histograms live (see Workspace); None: one new tensor.
     """
     k = layout.top_k
-    if num_local_experts == 0:  # a rank without experts: nothing to expand, in either mode (static shapes stay static)
-        dev, R = recv.device, recv.shape[0]
+    L = num_local_experts
+    R = recv.shape[0]
+    if L == 0:  # a rank without experts: nothing to expand, in either mode (static shapes stay static)
+        dev = recv.device
         none = torch.empty(0, dtype=torch.int32, device=dev)
         return Expanded(none, torch.zeros(1, dtype=torch.int32, device=dev), none, none.float(),
                         torch.full((R, k), -1, dtype=torch.int32, device=dev))
+    if choose(recv, "ep_expand") is Impl.TRITON:
+        kernels = _triton()
+        if out is None:
+            _, out = dispatch_outputs(0, k, R, R * k if num_pairs is None else num_pairs, L, recv.device)
+        scratch = None
+        if workspace is not None:
+            key = ("expand", R, k, L)
+            scratch = workspace.memo(key)
+        if scratch is None:
+            sh = kernels.expand_sort_shape(R, k, L)
+            scratch = carve_int32([(sh.hist_elems,), (sh.base_elems,)], recv.device, workspace)
+            if workspace is not None:
+                workspace.keep(key, scratch)
+        kernels.expand_received_triton(recv, layout.meta_col, k, L, *scratch, out.gather_idx,
+                                       out.expert_offsets, out.tokens_per_expert, out.row_weights, out.slot_pos)
+        return out
     meta = recv.view(torch.int32)[:, layout.meta_col:layout.meta_col + 2 * k]  # [R, 2k]
     lid = meta[:, :k].contiguous()  # [R, k]; -1 (and any id >= L) sorts into the dropped bucket
     w = meta[:, k:].view(torch.float32)  # [R, k]
-    src, dst_row, tpe, offsets, row_w = permute_indices_weighted_op(lid, num_local_experts, w)
+    src, dst_row, tpe, offsets, row_w = permute_indices_weighted_op(lid, L, w)
+    slot_pos = torch.where((lid >= 0) & (lid < L), dst_row, -1)
     if num_pairs is not None:
-        # the valid pairs are the first N rows of the order; rows >= N in slot_pos are ignored by gather_sum
-        return Expanded(src[:num_pairs], offsets, tpe, row_w[:num_pairs], dst_row)
-    slot_pos = torch.where((lid >= 0) & (lid < num_local_experts), dst_row, -1)
+        # the valid pairs are the first N rows of the order
+        return Expanded(src[:num_pairs], offsets, tpe, row_w[:num_pairs], slot_pos)
     return Expanded(src, offsets, tpe, row_w, slot_pos)
