@@ -116,3 +116,15 @@ def test_cc_with_words_of_its_own(cache_dir, tiny, monkeypatch):
     monkeypatch.setenv("CC", f"{cc} -DTINY_UNUSED=1")
     assert host.compiler() == [cc, "-DTINY_UNUSED=1"]
     assert host.compile(tiny).compiled
+
+
+@needs_cc
+def test_plan_host_source_builds_without_warnings(tmp_path):
+    """kernels/attention/plan_host.c is C99 with no warning under -Wall -Wextra -pedantic -Wconversion."""
+    import subprocess
+
+    src = host.source_path("attention/plan_host.c")
+    cmd = [*host.compiler(), *host.DEFAULT_FLAGS, "-Wall", "-Wextra", "-pedantic", "-Wconversion", "-Werror",
+           "-o", str(tmp_path / "p.so"), str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
