@@ -8,7 +8,8 @@
                                      else an importable flashinfer; --peer-jit lets 0.3.1 compile its kernels)
     python -m benchmarks.bench_attention --sweep                  # + kernel configurations of ours
     python -m benchmarks.bench_attention --quick                  # tiny shapes, CPU, seconds (CI)
-    python -m benchmarks.bench_attention --plan-only              # plan() host time only (CPU or GPU)
+    python -m benchmarks.bench_attention --plan-only              # plan() host time only (CPU or GPU): its
+                                                                  compiled C path and its numpy path, a row each
     python -m benchmarks.bench_attention --plan-only --profile    # + cProfile of each plan() (tottime)
     python -m benchmarks.bench_attention --plan-only --pieces     # + plan()'s parts timed one by one
                                                                   (with --quick: tiny shapes, a few calls)
@@ -155,29 +156,36 @@ def ours_prefill(B, L, Hq, Hk, dtype, device, warmup, rep, gen, kernel=None, con
 def _per_call_us(fn, calls: int, repeats: int) -> tuple[float, float]:
     """(best, median) over ``repeats`` runs of ``calls`` calls in a row, us per call (a shared CPU's
     noise only adds time: the best is the floor, the median what a loaded host sees)."""
-    runs = []
+    return _per_call_us_each([fn], calls, repeats)[0]
+
+
+def _per_call_us_each(fns, calls: int, repeats: int) -> list[tuple[float, float]]:
+    """_per_call_us of each of ``fns``, their runs interleaved (a drift of the host's speed during
+    the measurement shifts them alike, so their ratio holds)."""
+    runs = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        runs.append((time.perf_counter() - t0) / calls * 1e6)
-    runs.sort()
-    return runs[0], runs[len(runs) // 2]
+        for fn, r in zip(fns, runs):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            r.append((time.perf_counter() - t0) / calls * 1e6)
+    return [(sorted(r)[0], sorted(r)[len(r) // 2]) for r in runs]
 
 
 def _plan_pieces(kind: str, w, args: tuple) -> list[tuple[str, object]]:
-    """plan()'s pieces as separate calls on the same inputs: the page table to numpy, its check, the
-    host ids' range check, the staging buffer's ensure + upload (on a GPU: the one H2D copy and, per 4
-    plans, an event record and query). What the total has beyond their sum is the rest (scalars,
+    """plan()'s pieces as separate calls on the same inputs, for its numpy path: the page table to
+    numpy, its check, the host ids' range check, the staging buffer's ensure + upload (on a GPU: the
+    one H2D copy and, per 4 plans, an event record and query). For its C path: the Python that
+    writes the call's inputs ("tables"), the C call itself ("c call": checks, split / tiles, every
+    staging section), ensure + upload. What the total has beyond their sum is the rest (scalars,
     split / tiles, writes into the staging buffer, the plan record)."""
     from moecomm.attention import _common as C
 
     if kind == "decode":
         indptr, indices, last = args[:3]
+        qo = None
     else:
-        indptr, indices, last = args[1:4]
-    op = "bench"
-    ip_np, last_np = C.host_ints(op, "indptr", indptr), C.host_ints(op, "last_page_len", last)
+        qo, indptr, indices, last = args[:4]
     p, st = w._plan, w._staging
     if kind == "decode":
         fixed = w._layout(p["batch"], p["num_work"])[1]
@@ -185,6 +193,13 @@ def _plan_pieces(kind: str, w, args: tuple) -> list[tuple[str, object]]:
         fixed = w._layout(p["batch"], p["num_tiles"])[1]
     host_ids = not (isinstance(indices, torch.Tensor) and not indices.is_cpu)
     need = fixed + (indices.shape[0] if host_ids else 0)
+    if w._cargs is not None:  # the C path
+        a = w._cargs
+        flags = a.tables(indptr, last, indices, None, st, qo)
+        return [("tables", lambda: a.tables(indptr, last, indices, None, st, qo, flags & 96)),
+                ("c call", lambda: a.call(st)), ("staging", lambda: (st.ensure(need), st.upload(need)))]
+    op = "bench"
+    ip_np, last_np = C.host_ints(op, "indptr", indptr), C.host_ints(op, "last_page_len", last)
     pieces = [
         ("to numpy", lambda: (C.host_ints(op, "indptr", indptr), C.host_ints(op, "last_page_len", last))),
         ("check_page_table", lambda: C.check_page_table(op, ip_np, last_np, indices.shape[0], PAGE)),
@@ -195,17 +210,43 @@ def _plan_pieces(kind: str, w, args: tuple) -> list[tuple[str, object]]:
     return pieces
 
 
+def _made_with_host_c(make, on: bool):
+    """make() with plan()'s C path allowed or not (MOECOMM_HOST_C, read when a wrapper is made)."""
+    saved = os.environ.get("MOECOMM_HOST_C")
+    os.environ["MOECOMM_HOST_C"] = "1" if on else "0"
+    try:
+        return make()
+    finally:
+        if saved is None:
+            del os.environ["MOECOMM_HOST_C"]
+        else:
+            os.environ["MOECOMM_HOST_C"] = saved
+
+
 def plan_host_times(device, calls: int = 50, repeats: int = 9, profile: bool = False, pieces: bool = False,
                     decode_shapes=None, prefill_shapes=None) -> list[dict]:
     """plan() host time per call (us) of the decode wrapper at the issue's three shapes and of the
     prefill wrapper at the benchmark's shape and at B128 x 128 tokens, each with the page ids on the
     host (range-checked, copied with the metadata) and on the device (not read: the FlashInfer user's
     usual case; indptr and last_page_len stay on the host): int32, shuffled pages, ``calls`` plans in
-    a row, the best and the median of ``repeats`` such runs. On CPU "device ids" are a meta tensor (the
-    same code path, which cannot read them) and the upload is no copy (the "device" buffer is the host
-    one): the figure is plan()'s Python and numpy work, the part the GPU's host shares. ``pieces``
-    also times plan()'s parts one by one (_plan_pieces)."""
-    from moecomm.attention import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
+    a row, the best and the median of ``repeats`` such runs. Each case twice, interleaved: plan()'s
+    numpy path (MOECOMM_HOST_C=0) and its compiled C path (kernels/attention/plan_host.c; "c": one
+    row each, the C row with numpy / c). On CPU "device ids" are a meta tensor (the same code path,
+    which cannot read them) and the upload is no copy (the "device" buffer is the host one): the
+    figure is plan()'s Python and numpy work, the part the GPU's host shares. ``pieces`` also times
+    plan()'s parts one by one (_plan_pieces)."""
+    from moecomm.attention import (
+        BatchDecodeWithPagedKVCacheWrapper,
+        BatchPrefillWithPagedKVCacheWrapper,
+        _plan_host,
+    )
+    from moecomm.jit import host
+
+    paths = ["numpy", "c"]
+    if _plan_host.library() is None:
+        print(f"  (no C path here: {host.compile_error() or 'plan_host.c did not build or load (see the log)'}; "
+              "numpy rows only)")
+        paths = ["numpy"]
 
     def page_table(B, L):
         pp = math.ceil(L / PAGE)
@@ -215,53 +256,65 @@ def plan_host_times(device, calls: int = 50, repeats: int = 9, profile: bool = F
     def on_device(ids):
         return ids.to(device) if device.type == "cuda" else torch.empty(ids.shape, dtype=ids.dtype, device="meta")
 
-    cases = []  # (name, kind, wrapper, plan args, plan kwargs)
+    cases = []  # (name, kind, make a wrapper, plan args, plan kwargs)
     for B, L, Hq, Hk, *_ in decode_shapes or DECODE_SHAPES:
         indptr, indices, last = page_table(B, L)
         for where, ids in (("host ids", indices), ("dev ids", on_device(indices))):
-            w = BatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=device))
-            cases.append((f"decode B{B} L{L} {Hq}/{Hk} {where}", "decode", w, (indptr, ids, last, Hq, Hk, HEAD_DIM, PAGE),
+            make = lambda: BatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=device))
+            cases.append((f"decode B{B} L{L} {Hq}/{Hk} {where}", "decode", make, (indptr, ids, last, Hq, Hk, HEAD_DIM, PAGE),
                           dict(q_data_type=torch.bfloat16)))
     for B, L, Hq, Hk in prefill_shapes or PREFILL_SHAPES + [(128, 128, 32, 8)]:
         indptr, indices, last = page_table(B, L)
         qo_indptr = torch.arange(0, B * L + 1, L, dtype=torch.int32)
         for where, ids in (("host ids", indices), ("dev ids", on_device(indices))):
-            w = BatchPrefillWithPagedKVCacheWrapper(torch.empty(16 << 20, dtype=torch.uint8, device=device))
-            cases.append((f"prefill B{B} L{L} {Hq}/{Hk} causal {where}", "prefill", w,
+            make = lambda: BatchPrefillWithPagedKVCacheWrapper(torch.empty(16 << 20, dtype=torch.uint8, device=device))
+            cases.append((f"prefill B{B} L{L} {Hq}/{Hk} causal {where}", "prefill", make,
                           (qo_indptr, indptr, ids, last, Hq, Hk, HEAD_DIM, PAGE), dict(causal=True, q_data_type=torch.bfloat16)))
     rows = []
-    for name, kind, w, a, kw in cases:
-        fn = lambda w=w, a=a, kw=kw: w.plan(*a, **kw)
-        for _ in range(5):
-            fn()
+    for name, kind, make, a, kw in cases:
+        ws = {path: _made_with_host_c(make, path == "c") for path in paths}
+        fns = {path: (lambda w=w: w.plan(*a, **kw)) for path, w in ws.items()}
+        for fn in fns.values():
+            for _ in range(5):
+                fn()
+        if "c" in ws:
+            assert ws["c"]._cargs is not None and ws["numpy"]._cargs is None
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best, median = _per_call_us(fn, calls, repeats)
-        row = dict(case=name, best_us=best, median_us=median)
-        print(f"  {name:40s} best {best:6.1f} us  median {median:6.1f} us", flush=True)
-        if pieces:
-            parts = {}
-            for piece, pfn in _plan_pieces(kind, w, a):
-                pfn()
-                parts[piece] = _per_call_us(pfn, calls, repeats)[1]
-            parts["rest"] = median - sum(parts.values())
-            row["pieces_us"] = parts
-            print("      " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
-        rows.append(row)
-        if profile:
-            import cProfile
-            import pstats
+        times = dict(zip(paths, _per_call_us_each([fns[p] for p in paths], calls, repeats)))
+        for path in paths:
+            best, median = times[path]
+            row = dict(case=name, path=path, best_us=best, median_us=median)
+            extra = ""
+            if path == "c":
+                row["numpy_over_c"] = times["numpy"][1] / median
+                extra = f"  numpy / c {row['numpy_over_c']:4.1f}x"
+            print(f"  {name:40s} {path:5s} best {best:6.1f} us  median {median:6.1f} us{extra}", flush=True)
+            w = ws[path]
+            if pieces:
+                parts = {}
+                for piece, pfn in _plan_pieces(kind, w, a):
+                    pfn()
+                    parts[piece] = _per_call_us(pfn, calls, repeats)[1]
+                parts["rest"] = median - sum(parts.values())
+                row["pieces_us"] = parts
+                print("      " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
+            rows.append(row)
+            if profile:
+                import cProfile
+                import pstats
 
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(calls):
-                fn()
-            prof.disable()
-            stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, ncalls, tottime, cumtime, callers)
-            top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:10]
-            print("      tottime us per plan (cProfile's own overhead included), function")
-            for (file, line, fname), (_, ncalls, tottime, _, _) in top:
-                print(f"      {tottime / calls * 1e6:7.2f}  {ncalls // calls:3d}x  {os.path.basename(file)}:{line}({fname})")
+                fn = fns[path]
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(calls):
+                    fn()
+                prof.disable()
+                stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, ncalls, tottime, cumtime, callers)
+                top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:10]
+                print("      tottime us per plan (cProfile's own overhead included), function")
+                for (file, line, fname), (_, ncalls, tottime, _, _) in top:
+                    print(f"      {tottime / calls * 1e6:7.2f}  {ncalls // calls:3d}x  {os.path.basename(file)}:{line}({fname})")
     return rows
 
 

@@ -19,6 +19,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MOECOMM_LOG_LEVEL": ("WARNING", "level of the 'moecomm' logger"),
     "MOECOMM_MPIEXEC": ("", "the mpiexec `moecomm demo --launcher mpirun` runs (default: the one beside mpi4py's MPI library)"),
     "MOECOMM_CUDA_GRAPH_TOKENS": ("128", "MoE layers replay a CUDA graph per token count up to this many tokens (0: never)"),
+    "MOECOMM_HOST_C": ("1", "0 makes the attention wrappers' plan() run its numpy path instead of its compiled C one (kernels/attention/plan_host.c, built with the system C compiler)"),
     "MOECOMM_ALLREDUCE_ONESHOT_BYTES": ("", "IPC all-reduce: largest input (bytes per rank) taking one-shot instead of two-shot (default: 512 KB at 2-4 ranks, 256 KB at 8)"),
 }
 
@@ -101,6 +102,16 @@ def allreduce_oneshot_bytes() -> int | None:
     if value < 0:
         raise ValueError(f"MOECOMM_ALLREDUCE_ONESHOT_BYTES must be an integer >= 0, got {raw!r}")
     return value
+
+
+def host_c() -> bool:
+    """Whether plan() may use its compiled C path (MOECOMM_HOST_C, default 1)."""
+    return get("MOECOMM_HOST_C").strip().lower() not in ("0", "false", "no", "off")
+
+
+def c_compiler() -> str | None:
+    """The C compiler moecomm.jit.host runs, from CC (a command line: "ccache gcc" works); None when unset."""
+    return os.environ.get("CC", "").strip() or None
 
 
 def cuda_home() -> str | None:

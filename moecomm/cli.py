@@ -52,6 +52,11 @@ def info_rows() -> list[tuple[str, str]]:
     else:
         rows.append(("backend triton", "interpreter only: no GPU (set TRITON_INTERPRET=1 MOECOMM_BACKEND=triton to run kernels on CPU)"))
     rows.append(("backend reference", "yes (pure torch, any device)"))
+    from .jit import host as _host
+
+    cerr = _host.compile_error()
+    rows.append(("host C (plan)", f"no: {cerr}; attention plan() runs its numpy path" if cerr else
+                 f"yes ({_host.compiler_id()}): attention plan() in compiled C"))
     import torch.distributed as dist
 
     rows.append(("dist gloo", "yes" if dist.is_available() and dist.is_gloo_available() else "no: torch built without gloo"))

@@ -5,7 +5,8 @@ staging buffer (one H2D copy per plan), KV-cache checks at run().
 
 plan() is on the host's critical path once per batch (target <= 30 us for B <= 128): everything
 here works on numpy arrays of the host copies of indptr / last_page_len, never on device data,
-and the device sees the result through one non-blocking copy of one pinned int32 buffer.
+and the device sees the result through one non-blocking copy of one pinned int32 buffer. The checks
+here are also the reference (and the messages) of plan()'s compiled C path (_plan_host).
 """
 
 from __future__ import annotations
@@ -271,6 +272,7 @@ class Staging:
         ring = self._RING if self.cuda else 1
         self._hosts = [self._new_host(size) if self.cuda else torch.zeros(size, dtype=torch.int32) for _ in range(ring)]
         self._host_nps = [t.numpy() for t in self._hosts]
+        self._host_ptrs = [t.data_ptr() for t in self._hosts]  # for plan()'s C path (_plan_host)
         # the old buffers' copies may still be in flight: torch's pinned allocator keeps each one until
         # the streams that copied from it are past that point, so the guards of the old ring can go
         num_groups = max(ring // self._GROUP, 1)
@@ -280,13 +282,14 @@ class Staging:
         self._slot = 0
         self.host = self._hosts[0]
         self.host_np = self._host_nps[0]
+        self.host_ptr = self._host_ptrs[0]
         self.dev = self._new_dev(size) if self.cuda else self.host
         self.size = size
         self._dev_views: dict = {}
 
     def ensure(self, size: int) -> bool:
-        """Make room for ``size`` ints and pick the host buffer to write (``host_np``); True when the
-        buffers were reallocated (views of the old ones are stale)."""
+        """Make room for ``size`` ints and pick the host buffer to write (``host_np``, at address
+        ``host_ptr``); True when the buffers were reallocated (views of the old ones are stale)."""
         if size > self.size:
             self._grow(max(size, 2 * self.size))
             return True
@@ -294,6 +297,7 @@ class Staging:
             slot = self._slot = (self._slot + 1) % self._RING
             self.host = self._hosts[slot]
             self.host_np = self._host_nps[slot]
+            self.host_ptr = self._host_ptrs[slot]
             if slot % self._GROUP == 0:
                 self._enter_group(slot // self._GROUP)
         return False

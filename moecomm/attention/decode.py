@@ -5,7 +5,9 @@
 Class name and plan()/run() arguments follow FlashInfer's, so that callers switch by changing an
 import. plan() runs once per batch on the host (numpy over the host copies of indptr and
 last_page_len, then ONE non-blocking copy of one pinned int32 buffer); every layer's run() reuses
-it and does no host sync.
+it and does no host sync. Where a C compiler is here, plan()'s page-table work is one call into
+compiled C instead (_plan_host: kernels/attention/plan_host.c, ~3x less host time); the numpy code
+stays its reference, its fallback, and the one place of its error messages.
 
 Split-KV (flash-decoding) is decided in plan(): when B * Hk programs would not fill the GPU
 (_TARGET_PROGRAMS_PER_SM programs per SM), each request's KV is cut into equal chunks (multiples
@@ -27,11 +29,12 @@ import math
 import numpy as np
 import torch
 
+from .. import _env
 from ..errors import MoeCommTypeError, MoeCommValueError
 from ..jit import backend as _backend
 from ..jit.launch import cdiv, launch
 from ..jit.ops import define_op
-from . import reference
+from . import _plan_host, reference
 from ._common import (
     FP8_DTYPES,
     Staging,
@@ -161,6 +164,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._plan = None
         self._views: dict = {}
         self._scalars_key = self._scalars = None
+        self._host_c = _env.host_c()  # plan()'s compiled C path allowed (MOECOMM_HOST_C)
+        self._cargs: _plan_host.Args | None = None  # its inputs for the current scalars (None: numpy path)
         self._layouts: dict = {}
         # graph mode: the metadata buffer's final size now, so that no plan() ever moves it
         self._staging = Staging(self._device, self._layout(self._max_batch, self._max_work)[1] if self._graph else 1024)
@@ -255,13 +260,23 @@ class BatchDecodeWithPagedKVCacheWrapper:
         # are in the key so that True never passes as a cached 1)
         key = (num_qo_heads, num_kv_heads, head_dim, page_size, window_left, type(num_qo_heads), type(num_kv_heads),
                type(head_dim), type(page_size), type(window_left), pos_encoding_mode, logits_soft_cap, q_data_type,
-               kv_data_type, data_type, sm_scale)
+               kv_data_type, data_type, sm_scale, not disable_split_kv, kv_chunk_size, type(kv_chunk_size))
         if key != self._scalars_key:
             self._scalars = self._check_scalars(num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode,
                                                 window_left, logits_soft_cap, q_data_type, kv_data_type, data_type,
                                                 sm_scale)
+            self._cargs = self._c_args(num_qo_heads, num_kv_heads, head_dim, page_size, window_left, disable_split_kv,
+                                       kv_chunk_size) if self._host_c else None
             self._scalars_key = key
         q_dtype, kv_dtype, cap, scale = self._scalars
+        # the host work in compiled C when it is here (_plan_host); what it does not take, or rejects, below
+        a = self._cargs
+        if a is not None and a.knobs == (DECODE_CONFIGS[head_dim], _TARGET_PROGRAMS_PER_SM, _SPLIT_BELOW_PER_SM):
+            if self._plan_c(a, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+                            window_left, q_dtype, kv_dtype, cap, scale, non_blocking, num_pages):
+                return
+        elif a is not None:  # the benchmark's --sweep changed a tuning knob: new inputs, from the next plan on
+            self._scalars_key = None
 
         indptr_np = host_ints(_OP, "indptr", indptr)
         last_np = host_ints(_OP, "last_page_len", last_page_len)
@@ -352,6 +367,57 @@ class BatchDecodeWithPagedKVCacheWrapper:
         }
 
     begin_forward = plan
+
+    def _c_args(self, num_qo_heads, num_kv_heads, head_dim, page_size, window_left, disable_split_kv, kv_chunk_size):
+        """The C path's inputs for these (validated) scalars, or None where it does not take them."""
+        cap_work, part_o, part_lse = self._partials(num_qo_heads, head_dim)
+        target = cdiv(_TARGET_PROGRAMS_PER_SM * self._sms, num_kv_heads)
+        a = _plan_host.decode_args(
+            page_size, window_left, DECODE_CONFIGS[head_dim][0], target, _SPLIT_BELOW_PER_SM * self._sms, num_kv_heads,
+            disable_split_kv, kv_chunk_size, self._graph, self._max_batch,
+            min(cap_work, self._max_work) if self._graph else cap_work, self._max_work,
+            self._indices_buf.shape[0] if self._graph else 0, _ALIGN, _MIN_CHUNK)
+        if a is not None:
+            a.knobs = (DECODE_CONFIGS[head_dim], _TARGET_PROGRAMS_PER_SM, _SPLIT_BELOW_PER_SM)
+            a.extra = (part_o, part_lse, min(max(self._max_batch, target), _MAX_GRID))  # + graph mode's grid
+        return a
+
+    def _plan_c(self, a, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, window_left,
+                q_dtype, kv_dtype, cap, scale, non_blocking, num_pages) -> bool:
+        """plan() through the C call (_plan_host): True when it planned; False, having written nothing,
+        when the numpy path must (an input it does not take, or a check that failed: the numpy path
+        raises the error)."""
+        st = self._staging
+        flags = a.tables(indptr, last_page_len, indices, num_pages, st)
+        if flags is None or a.call(st) != _plan_host.OK:
+            return False
+        num_work, split, max_index, need = a.out(4)
+        batch = indptr.shape[0] - 1
+        num_indices = indices.shape[0]
+        host_ids = flags & _plan_host.F_HOST_IDS
+        offsets, fixed_end = self._layout(batch, num_work)
+        if self._graph:
+            self._indices_buf[:num_indices].copy_(torch.as_tensor(indices).to(torch.int32), non_blocking=non_blocking)
+            kv_indices = self._indices_buf
+            num_programs = a.extra[2]
+        else:
+            if host_ids:
+                kv_indices = None
+            else:  # ids on the device
+                kv_indices = indices if indices.dtype is torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
+            num_programs = min(max(num_work, 1), _MAX_GRID)
+        st.upload(need)
+        if kv_indices is None:
+            kv_indices = st.dev_view(fixed_end, fixed_end + max(num_indices, 1))
+        self._plan = {  # as plan()'s numpy path
+            "batch": batch, "num_qo_heads": num_qo_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
+            "page_size": page_size, "q_dtype": q_dtype, "kv_dtype": kv_dtype, "sm_scale": scale, "soft_cap": cap,
+            "window_left": window_left, "offsets": offsets, "num_programs": num_programs,
+            "direct": not split and not self._graph, "kv_indices": kv_indices, "num_work": num_work,
+            "part_o": a.extra[0], "part_lse": a.extra[1],
+            "max_index": max_index if host_ids else None, "meta": st.dev,
+        }
+        return True
 
     def run(self, q: torch.Tensor, paged_kv_cache, *, q_scale: float | None = None, k_scale: float | None = None,
             v_scale: float | None = None, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,

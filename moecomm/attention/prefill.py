@@ -6,6 +6,8 @@ ragged queries over a paged (or contiguous ragged) KV, plan() then run().
 FlashInfer's class names and plan()/run() arguments. plan() does the host work once per batch:
 validates the page table, cuts each request's queries into BLOCK_M tiles (heaviest first), packs a
 custom mask into bits, and uploads the metadata with one copy; run() launches one kernel per layer.
+The paged wrapper's plan() without a custom mask does that work in one call into compiled C where a
+C compiler is here (_plan_host: kernels/attention/plan_host.c); the numpy code is its reference.
 Masks: causal (queries at the end of the KV: query i sees keys j <= kv_len - qo_len + i), a
 sliding window (window_left), a custom mask (bool per (query, key) of each request, or FlashInfer's
 packed bits), combined by "and"; logits soft-cap; sm_scale. CUDA-graph mode (paged wrapper): the
@@ -25,11 +27,12 @@ import math
 import numpy as np
 import torch
 
-from ..errors import MoeCommTypeError, MoeCommValueError
+from .. import _env
+from ..errors import MoeCommError, MoeCommTypeError, MoeCommValueError
 from ..jit import backend as _backend
 from ..jit.launch import cdiv, launch
 from ..jit.ops import define_op
-from . import reference
+from . import _plan_host, reference
 from ._common import (
     Staging,
     arange_view,
@@ -419,6 +422,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillBase):
                  jit_args=None, *, max_num_qo_tokens: int | None = None):
         super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, qo_indptr_buf, paged_kv_indices_buf,
                          max_num_qo_tokens)
+        self._host_c = _env.host_c()  # plan()'s compiled C path allowed (MOECOMM_HOST_C)
+        self._cargs: _plan_host.Args | None = None  # its inputs for the current heads (None: numpy path)
 
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim_qk: int, page_size: int, head_dim_vo: int | None = None, custom_mask=None,
@@ -448,7 +453,18 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillBase):
             if pos_encoding_mode != "NONE":
                 raise MoeCommValueError(f"{op}: pos_encoding_mode must be 'NONE' (rotate q and k with apply_rope first), "
                                         f"got {pos_encoding_mode!r}")
+            self._cargs = self._c_args(page_size, head_dim_qk) if self._host_c else None
             self._heads_key = key
+        # the host work in compiled C when it is here (_plan_host); what it does not take, or rejects, below
+        a = self._cargs
+        if a is not None and custom_mask is None and packed_custom_mask is None:
+            if a.knobs is not PREFILL_CONFIGS[head_dim_qk]:  # the benchmark's --sweep changed BLOCK_M: new inputs
+                a = self._cargs = self._c_args(page_size, head_dim_qk)
+            if a is not None and self._plan_c(a, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
+                                              num_qo_heads, num_kv_heads, head_dim_qk, page_size, causal, sm_scale,
+                                              window_left, logits_soft_cap, q_data_type, kv_data_type, non_blocking,
+                                              num_pages):
+                return
         indptr_np = host_ints(op, "paged_kv_indptr", paged_kv_indptr)
         last_np = host_ints(op, "paged_kv_last_page_len", paged_kv_last_page_len)
         num_indices = paged_kv_indices.shape[0] if isinstance(paged_kv_indices, torch.Tensor) else len(paged_kv_indices)
@@ -462,6 +478,64 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillBase):
                         contiguous)
 
     begin_forward = plan
+
+    def _c_args(self, page_size: int, head_dim: int):
+        """The C path's inputs for these (validated) heads, or None without the library."""
+        a = _plan_host.prefill_args(page_size, PREFILL_CONFIGS[head_dim][0], self._graph, getattr(self, "_max_batch", 0),
+                                    getattr(self, "_max_tokens", 0), getattr(self, "_tile_cap", 0),
+                                    self._indices_buf.shape[0] if self._graph else 0, _ALIGN, 65535)
+        if a is not None:
+            a.knobs = PREFILL_CONFIGS[head_dim]
+        return a
+
+    def _plan_c(self, a, qo_indptr, kv_indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+                causal, sm_scale, window_left, logits_soft_cap, q_data_type, kv_data_type, non_blocking, num_pages) -> bool:
+        """plan() without a custom mask through the C call (_plan_host): True when it planned; False,
+        having written nothing, when the numpy path must (an input it does not take, or a check that
+        failed: the numpy path raises the error, in its order)."""
+        key = (q_data_type, kv_data_type, window_left, type(window_left), logits_soft_cap, sm_scale)
+        if key != self._scalars_key:  # as _plan_core, but an error is the numpy path's to raise (after the table's)
+            try:
+                self._scalars = self._check_scalars(q_data_type, kv_data_type, window_left, logits_soft_cap, sm_scale)
+            except MoeCommError:
+                return False
+            self._scalars_key = key
+        q_dtype, kv_dtype, cap = self._scalars
+        flags = _plan_host.F_CAUSAL if causal else 0
+        if PREFILL_KERNEL != "v1" and not self._graph and self._kv_layout == reference.NHD:
+            flags |= _plan_host.F_CONSECUTIVE  # v2's TMA path wants to know
+        st = self._staging
+        flags = a.tables(kv_indptr, last_page_len, indices, num_pages, st, qo_indptr, flags)
+        if flags is None or a.call(st) != _plan_host.OK:
+            return False
+        num_tiles, max_index, consecutive, need, nnz = a.out(5)
+        batch = kv_indptr.shape[0] - 1
+        num_indices = indices.shape[0]
+        host_ids = flags & _plan_host.F_HOST_IDS
+        (off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask), fixed_end = \
+            self._layout(batch, num_tiles)
+        if self._graph:
+            self._indices_buf[:num_indices].copy_(torch.as_tensor(indices).to(torch.int32), non_blocking=non_blocking)
+            kv_indices = self._indices_buf
+        elif not host_ids:  # ids on the device
+            kv_indices = indices if indices.dtype is torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
+        else:
+            kv_indices = None
+        st.upload(need)
+        if kv_indices is None:
+            kv_indices = st.dev_view(fixed_end, fixed_end + max(num_indices, 1))
+        self._plan = {  # as _plan_core's
+            "batch": batch, "nnz": nnz, "num_qo_heads": num_qo_heads, "num_kv_heads": num_kv_heads,
+            "head_dim": head_dim, "page_size": page_size, "q_dtype": q_dtype, "kv_dtype": kv_dtype,
+            "causal": bool(causal), "custom": False,
+            "sm_scale": 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale), "soft_cap": cap,
+            "window_left": window_left, "offsets": [off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len,
+                                                    off_mask, batch],
+            "num_tiles": cdiv(self._max_tokens, a.knobs[0]) + self._max_batch if self._graph else max(num_tiles, 1),
+            "kv_indices": kv_indices, "mask": st.dev_view(0, 1), "meta": st.dev,
+            "max_index": max_index if host_ids else None, "kv_contiguous": bool(consecutive),
+        }
+        return True
 
     def run(self, q: torch.Tensor, paged_kv_cache, *, k_scale: float | None = None, v_scale: float | None = None,
             out: torch.Tensor | None = None, lse: torch.Tensor | None = None, return_lse: bool = False):

@@ -38,7 +38,11 @@ def test_bench_quick_with_a_peer(tmp_path):
 
 def test_plan_only_with_pieces_and_device_ids(tmp_path):
     """--plan-only --pieces --quick on CPU: every case, host and device page ids ("dev ids": a meta
-    tensor here, the code path that never reads them), with its pieces, in the JSON lines."""
+    tensor here, the code path that never reads them), each through plan()'s numpy path and (where a
+    C compiler is here) its C path, with its pieces, in the JSON lines."""
+    from moecomm.attention import _plan_host
+
+    paths = ["numpy", "c"] if _plan_host.library() is not None else ["numpy"]
     out = tmp_path / "plan.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOECOMM_BACKEND")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -46,9 +50,13 @@ def test_plan_only_with_pieces_and_device_ids(tmp_path):
                            "--quick", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    cases = [r["case"] for r in rows]
-    assert len(cases) == 4 and sum("dev ids" in c for c in cases) == 2, cases
+    cases = [(r["case"], r["path"]) for r in rows]
+    assert len(cases) == 4 * len(paths) and sum("dev ids" in c for c, _ in cases) == 2 * len(paths), cases
+    assert {p for _, p in cases} == set(paths), cases
     for r in rows:
         assert r["op"] == "attention_plan_host" and r["median_us"] > 0
+        if r["path"] == "c":
+            assert set(r["pieces_us"]) == {"tables", "c call", "staging", "rest"} and r["numpy_over_c"] > 0, r
+            continue
         want = {"to numpy", "check_page_table", "staging", "rest"} | ({"check_indices"} if "host ids" in r["case"] else set())
         assert set(r["pieces_us"]) == want, r

@@ -1,7 +1,9 @@
 """plan()'s page-table checks, one bad input at a time, for the decode and the paged prefill wrapper,
 with int32 and int64 tables (and a table of mixed dtypes): each raises an error naming the argument,
 also from a wrapper that has just planned well (nothing is cached past a bad table). Page ids on the
-device are never read by plan(): a meta tensor (which has no data to read) plans.
+device are never read by plan(): a meta tensor (which has no data to read) plans. Every test runs
+twice: plan()'s compiled C path ("c", where a C compiler is here) and its numpy path (MOECOMM_HOST_C=0):
+the same messages (test_plan_host.py checks that the C call itself rejects each bad table).
 
 # B = batch, P = page_size
 """
@@ -19,6 +21,13 @@ from moecomm.attention import (
 from moecomm.errors import MoeCommTypeError, MoeCommValueError
 
 P = 8
+
+
+@pytest.fixture(autouse=True, params=["c", "numpy"])
+def host_path(request, monkeypatch):
+    """Which plan() path the wrappers made in the test take (read when a wrapper is made)."""
+    monkeypatch.setenv("MOECOMM_HOST_C", "1" if request.param == "c" else "0")
+    return request.param
 GOOD = dict(indptr=[0, 2, 5], indices=[4, 0, 3, 1, 2], last_page_len=[3, 8])  # B = 2, 5 pages
 
 

@@ -63,7 +63,8 @@ def test_wheel_and_editable_install_find_the_kernel_sources(tmp_path):
     import zipfile
 
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"moecomm/_kernels/allreduce/reduce.cu", "moecomm/_kernels/common/dtypes.cuh"} <= names
+    assert {"moecomm/_kernels/allreduce/reduce.cu", "moecomm/_kernels/common/dtypes.cuh",
+            "moecomm/_kernels/attention/plan_host.c"} <= names
 
     # 2. installed into a fresh venv, moecomm finds and reads the sources from site-packages
     venv = tmp_path / "venv"
