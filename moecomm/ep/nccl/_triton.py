@@ -187,7 +187,7 @@ def ep_plan_kernel(
     ids_ptr, e2r_ptr, e2l_ptr, rank_ptr, local_ptr, first_ptr, hist_ptr,
     T, E, stride_it, stride_ik,
     K: tl.constexpr, KP: tl.constexpr, W: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_T: tl.constexpr,
-    CHECK: tl.constexpr,
+    CHECK: tl.constexpr, HB: tl.constexpr,
 ):
     # hist row of this block (HC = 2W + 2 int32): rows per key [0, W] (W: the slots that own no row),
     # then (token, expert) pairs per rank [0, W), then 1 if an id was outside [0, E)
@@ -213,11 +213,18 @@ def ep_plan_kernel(
     tl.store(first_ptr + flat, first, mask=m)
     bins = tl.arange(0, NUM_BINS)
     m1 = tl.reshape(m.to(tl.int32), [BLOCK_T * KP]) > 0
-    rows = tl.histogram(tl.reshape(first, [BLOCK_T * KP]), NUM_BINS, mask=m1)
-    pairs = tl.histogram(tl.reshape(rank, [BLOCK_T * KP]), NUM_BINS, mask=m1)
+    f1 = tl.reshape(first, [BLOCK_T * KP])
+    r1 = tl.reshape(rank, [BLOCK_T * KP])
     row_ptr = hist_ptr + pid * (2 * W + 2)
-    tl.store(row_ptr + bins, rows, mask=bins <= W)
-    tl.store(row_ptr + W + 1 + bins, pairs, mask=bins < W)
+    # the block's counts as one-hot sums, HB bins at a time (a [BLOCK_T * KP, HB] tile of at most
+    # ONEHOT_MAX_ELEMS): tl.histogram of these reshaped tiles miscounted on the H200 (Triton 3.6;
+    # right in the interpreter), see tests/ep/test_dispatch_static.py::test_plan_kernels_match_reference
+    for c0 in tl.static_range(0, NUM_BINS, HB):
+        hb = c0 + tl.arange(0, HB)
+        rows = tl.sum(((f1[:, None] == hb[None, :]) & m1[:, None]).to(tl.int32), axis=0)
+        pairs = tl.sum(((r1[:, None] == hb[None, :]) & m1[:, None]).to(tl.int32), axis=0)
+        tl.store(row_ptr + hb, rows, mask=hb <= W)
+        tl.store(row_ptr + W + 1 + hb, pairs, mask=hb < W)
     if CHECK:
         bad = tl.max(tl.max((m & ((ids < 0) | (ids >= E))).to(tl.int32), axis=1), axis=0)
     else:
@@ -229,7 +236,7 @@ def ep_plan_kernel(
 def ep_expand_hist_kernel(
     key_ptr, hist_ptr,
     R, NV, stride_kr, key_col,
-    K: tl.constexpr, KP: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_R: tl.constexpr,
+    K: tl.constexpr, KP: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_R: tl.constexpr, HB: tl.constexpr,
 ):
     # keys (r, j) at int32 key_col + r * stride_kr + j of key_ptr's memory, read in place (the received
     # rows' metadata, whatever the rows' dtype: no view op on the host); key v in [0, NV) is its
@@ -242,9 +249,11 @@ def ep_expand_hist_kernel(
     v = tl.load(key_ptr + key_col + rows.to(tl.int64)[:, None] * stride_kr + cols[None, :], mask=m, other=-1)
     bucket = tl.where((v >= 0) & (v < NV), v, NV)
     m1 = tl.reshape(m.to(tl.int32), [BLOCK_R * KP]) > 0
-    h = tl.histogram(tl.reshape(bucket, [BLOCK_R * KP]), NUM_BINS, mask=m1)
-    bins = tl.arange(0, NUM_BINS)
-    tl.store(hist_ptr + pid * (NV + 1) + bins, h, mask=bins <= NV)
+    b1 = tl.reshape(bucket, [BLOCK_R * KP])
+    for c0 in tl.static_range(0, NUM_BINS, HB):  # one-hot sums, as ep_plan_kernel (not tl.histogram)
+        hb = c0 + tl.arange(0, HB)
+        h = tl.sum(((b1[:, None] == hb[None, :]) & m1[:, None]).to(tl.int32), axis=0)
+        tl.store(hist_ptr + pid * (NV + 1) + hb, h, mask=hb <= NV)
 
 
 @triton.jit
@@ -448,6 +457,12 @@ def expand_sort_shape(num_rows: int, top_k: int, num_local_experts: int) -> Sort
     return sort_shape(num_rows, top_k, num_local_experts, num_local_experts + 1)
 
 
+def _hist_chunk(sh: SortShape) -> int:
+    """Bins a histogram kernel counts at a time: its one-hot tile [block_r * kp, HB] stays within
+    ONEHOT_MAX_ELEMS int32 (both powers of two)."""
+    return max(1, min(sh.num_bins, ONEHOT_MAX_ELEMS // (sh.block_r * sh.kp)))
+
+
 def _scan(sh: SortShape, hist: torch.Tensor, base: torch.Tensor) -> None:
     block_c = max(16, min(64, next_pow2(sh.hist_cols)))
     _sort_scan_launcher((cdiv(sh.hist_cols, block_c),), (hist, base, sh.num_blocks, sh.hist_cols),
@@ -467,7 +482,7 @@ def plan_send_triton(topk_ids: torch.Tensor, e2r: torch.Tensor, e2l: torch.Tenso
         _plan_launcher((sh.num_blocks,), (topk_ids, e2r, e2l, rank, local, first, hist, T, e2r.shape[0],
                                           topk_ids.stride(0), topk_ids.stride(1)),
                        {"K": k, "KP": sh.kp, "W": W, "NUM_BINS": sh.num_bins, "BLOCK_T": sh.block_r,
-                        "CHECK": bool(check_ids)}, 4)
+                        "CHECK": bool(check_ids), "HB": _hist_chunk(sh)}, 4)
     if sh.scanned:
         _scan(sh, hist, base)
     _sort_scatter_launcher((max(sh.num_blocks, 1),), (
@@ -493,7 +508,8 @@ def expand_received_triton(recv: torch.Tensor, meta_col: int, top_k: int, num_lo
     meta = recv
     if R > 0:
         _expand_hist_launcher((sh.num_blocks,), (meta, hist, R, L, stride, meta_col),
-                              {"K": k, "KP": sh.kp, "NUM_BINS": sh.num_bins, "BLOCK_R": sh.block_r}, 4)
+                              {"K": k, "KP": sh.kp, "NUM_BINS": sh.num_bins, "BLOCK_R": sh.block_r,
+                               "HB": _hist_chunk(sh)}, 4)
     if sh.scanned:
         _scan(sh, hist, base)
     _sort_scatter_launcher((max(sh.num_blocks, 1),), (
