@@ -478,7 +478,9 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
   });
   *cnt_above = block_reduce(ac, Sum<long long>(), 0LL);
   *mass_above = block_reduce(am, Sum<double>(), 0.0);
-  return s_n;  // complete: block_reduce synchronised after the last append
+  const int n = s_n;  // complete: block_reduce synchronised after the last append
+  __syncthreads();    // read by every thread before the next fill_range may reset it
+  return n;
 }
 
 // The last token satisfying cond over the whole row, from HBM: radix levels of 11-bit digits of the

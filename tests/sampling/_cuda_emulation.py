@@ -48,9 +48,10 @@ _lib: ctypes.CDLL | None = None
 
 
 def launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first, seed, offset, per_row_seed,
-           threads: int = 128):
+           threads: int = 128, lag_us: int = 0):
     """One launch of the kernel on CPU tensors, planned by _cuda.plan_launch (threads: the block size
-    to emulate; the GPU runs 1024, the kernel takes any multiple of 32)."""
+    to emulate; the GPU runs 1024, the kernel takes any multiple of 32; lag_us: after every
+    __syncthreads the threads other than 0 sleep this long, to shake out shared-memory races)."""
     global _lib
     from moecomm.sampling import _cuda
 
@@ -63,7 +64,8 @@ def launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_
     paths = torch.zeros(num_rows, dtype=torch.int32)
 
     def run():
-        rc.append(_lib.emu_sample(ctypes.c_void_p(paths.data_ptr()), plan.entry.encode(), ctypes.c_int(plan.grid[0]), ctypes.c_int(threads),
+        rc.append(_lib.emu_sample(ctypes.c_void_p(paths.data_ptr()), ctypes.c_int(lag_us), plan.entry.encode(),
+                                  ctypes.c_int(plan.grid[0]), ctypes.c_int(threads),
                                   ctypes.c_longlong(plan.shared_bytes), *args))
 
     th = threading.Thread(target=run, daemon=True)
@@ -77,7 +79,7 @@ def launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_
 
 
 def sample(x, *, indices=None, top_k=None, top_p=None, min_p=None, top_k_first=True, seed=0, offset=0,
-           per_row_seed=False, out_dtype=torch.int32, threads: int = 128):
+           per_row_seed=False, out_dtype=torch.int32, threads: int = 128, lag_us: int = 0):
     """(tokens, valid, logprob, paths) of the emulated kernel (outputs prefilled with garbage so that
     unwritten rows show; paths: [B] int32, the OR of sample.cu's PATH_* bits each row took)."""
     num_rows = indices.shape[0] if indices is not None else x.shape[0]
@@ -85,5 +87,5 @@ def sample(x, *, indices=None, top_k=None, top_p=None, min_p=None, top_k_first=T
     valid = torch.full((num_rows,), True)
     logprob = torch.full((num_rows,), 123.0)
     _, paths = launch(x, indices, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first, seed, offset,
-                      per_row_seed, threads)
+                      per_row_seed, threads, lag_us)
     return out, valid, logprob, paths

@@ -11,7 +11,7 @@ static int* g_paths = nullptr;  // per output row: the OR of sample.cu's PATH_* 
 
 alignas(16) unsigned char moecomm_sample_dyn[1 << 22];
 
-extern "C" int emu_sample(int* paths, const char* entry, int grid, int threads, long long dyn_bytes, const float* x,
+extern "C" int emu_sample(int* paths, int lag_us, const char* entry, int grid, int threads, long long dyn_bytes, const float* x,
                           const void* rowmap, void* out, unsigned char* valid, float* logprob, const void* k_ptr,
                           const float* p_ptr, const float* minp_ptr, const long long* seed_ptr,
                           const long long* offset_ptr, int V, int num_in_rows, long long stride_x, long long k_val,
@@ -23,6 +23,7 @@ extern "C" int emu_sample(int* paths, const char* entry, int grid, int threads, 
   if (!std::strcmp(entry, "moecomm_sample_probs_none")) fn = moecomm_sample_probs_none;
   if (fn == nullptr) return 2;
   g_paths = paths;
+  shim::lag_us = lag_us;
   shim::launch(
       grid, threads,
       [&] { fn(MOECOMM_SAMPLE_ARGS); },

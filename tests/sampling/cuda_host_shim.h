@@ -9,6 +9,7 @@
 #pragma once
 
 #include <barrier>
+#include <chrono>
 #include <math.h>
 #include <cstdint>
 #include <cstring>
@@ -44,6 +45,9 @@ struct Block {
   std::vector<unsigned long long> slots;  // 32 per warp
 };
 inline Block* block = nullptr;
+// Race shaker: after every __syncthreads, threads other than 0 sleep this long, so thread 0 runs
+// ahead; a shared variable it rewrites before the others have read it then shows as wrong tokens.
+inline int lag_us = 0;
 
 inline void warp_sync() { block->warp_bar[threadIdx.x >> 5]->arrive_and_wait(); }
 
@@ -88,7 +92,10 @@ inline void launch(unsigned grid, unsigned threads, const std::function<void()>&
 }
 }  // namespace shim
 
-inline void __syncthreads() { shim::block->bar->arrive_and_wait(); }
+inline void __syncthreads() {
+  shim::block->bar->arrive_and_wait();
+  if (shim::lag_us > 0 && threadIdx.x != 0) std::this_thread::sleep_for(std::chrono::microseconds(shim::lag_us));
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { shim::warp_sync(); }
 
 template <typename T>

@@ -220,7 +220,7 @@ def test_dispatch_on_cpu_never_picks_the_cuda_kernel(monkeypatch):
 
 
 def _same_as_reference(x, *, cap=None, threads=32, indices=None, top_k=None, top_p=None, min_p=None,
-                       top_k_first=True, seed=5, offset=3, per_row_seed=False, monkeypatch=None):
+                       top_k_first=True, seed=5, offset=3, per_row_seed=False, monkeypatch=None, lag_us=0):
     """Runs the emulated kernel and the reference; asserts equal tokens, valid flags and log-probs.
     Returns the paths the rows took (sample.cu's PATH_* bits)."""
     if cap is not None:
@@ -228,7 +228,7 @@ def _same_as_reference(x, *, cap=None, threads=32, indices=None, top_k=None, top
     out_dtype = torch.int64 if indices is not None and indices.dtype is torch.int64 else torch.int32
     a, va, la, paths = emu.sample(x, indices=indices, top_k=top_k, top_p=top_p, min_p=min_p, top_k_first=top_k_first,
                                   seed=seed, offset=offset, per_row_seed=per_row_seed, out_dtype=out_dtype,
-                                  threads=threads)
+                                  threads=threads, lag_us=lag_us)
     t = lambda v: v if isinstance(v, torch.Tensor) else torch.tensor([v])  # noqa: E731
     b, vb, lb = ref.sample(x, from_logits=False, indices=indices, top_k=top_k, top_p=top_p, min_p=min_p,
                            top_k_first=top_k_first, seed=t(seed), offset=t(offset), per_row_seed=per_row_seed,
@@ -370,6 +370,18 @@ def test_emulated_unnormalised_and_tiny_values(monkeypatch):
     for cap in (None, 32):
         for kw in (dict(top_p=0.9), dict(top_k=20, top_p=0.8), dict(min_p=0.001), dict(top_p=0.999)):
             _same_as_reference(rows, cap=cap, monkeypatch=monkeypatch, **kw)
+
+
+@needs_gxx
+def test_emulated_with_thread_0_running_ahead(monkeypatch):
+    """After every __syncthreads the other threads wait 100 us: a shared variable that thread 0
+    rewrites (a counter reset, the next level's digit counts) before they have read it shows as
+    wrong tokens or a deadlock (seen when list_select lost its trailing barrier). Every path once."""
+    p = _probs(1, 2000, seed=14)
+    idx = torch.zeros(2, dtype=torch.int32)
+    for cap, kw in ((None, dict(top_k=40, top_p=0.8)), (None, dict(top_p=0.9, min_p=0.01)), (64, dict(top_p=0.95)),
+                    (8, dict(top_k=300, top_p=0.9)), (8, dict(min_p=0.02))):
+        _same_as_reference(p, indices=idx, cap=cap, monkeypatch=monkeypatch, lag_us=100, **kw)
 
 
 @needs_gxx
