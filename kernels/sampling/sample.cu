@@ -16,7 +16,7 @@
 // row. Here the race needs the random numbers of the KEPT tokens only (~4% of the row for top-p 0.9
 // at logits x 3), and the kept set is found with a histogram and a short list instead of pivots:
 //
-//  pass A  (HBM) per token: S += v (fp64), max, the bad-row flag, the count of v > 0, and ONE native
+//  pass A  (HBM) per token: S += v (fp64), max and min (bad rows), the count of v > 0, and ONE native
 //          shared-memory atomic into 2048 bins of (bits of v) >> 20 (1/8 of a binade): the COUNT per
 //          bin when top_k is given (the kept set lies in the top-k set), else for top-p a lower bound
 //          of the MASS per bin, the sum of q = the top 13 significand bits (v >= q * 2^(e - 139),
@@ -74,7 +74,7 @@ extern __shared__ __align__(16) unsigned char moecomm_sample_dyn[];  // list + s
 // Which way a row went (tests/sampling's host emulation records it to check that each is tested);
 // nothing in a real build.
 #ifndef MOECOMM_SAMPLE_TRACE
-#define MOECOMM_SAMPLE_TRACE(path)
+#define MOECOMM_SAMPLE_TRACE(path) ((void)(path))
 #endif
 
 namespace moecomm {
@@ -117,14 +117,24 @@ __device__ __forceinline__ u64 make_key(float v, int i) {
 __device__ __forceinline__ float key_value(u64 k) { return __uint_as_float(static_cast<unsigned>(k >> 32)); }
 __device__ __forceinline__ int key_index(u64 k) { return static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(k)); }
 
-// 2^(e - 139) for a biased exponent e in [1, 255] (the scale of q in pass A's mass bins), exact.
+// Pass A's q of a token: 1 and the top 12 bits of its fp32 mantissa (4096 <= q < 8192; within bin b
+// q >= 4096 + 512 * (b & 7)). For a normal v of biased exponent e: q 2^(e - 139) <= v < (q + 1) 2^(e - 139);
+// a subnormal (e = 0, bins 0-7) is below (q + 1) 2^-138 and at least 0.
+__device__ __forceinline__ unsigned q_of(unsigned bits) { return ((bits >> 11) & 0xFFFu) | 0x1000u; }
+// 2^(max(e, 1) - 139) for the bin's biased exponent e = bin >> 3, exact.
 __device__ __forceinline__ double q_scale(int bin) {
   const int e = imax(bin >> 3, 1);
   return __longlong_as_double(static_cast<long long>(e - 139 + 1023) << 52);
 }
-// An upper bound of the number of tokens in a q-sum bin: every q of a normal bin is >= 4096 + 512 * (bin & 7).
-__device__ __forceinline__ long long q_count_bound(int bin, unsigned qsum, long long npos) {
-  return bin >= 8 ? static_cast<long long>(qsum / (4096u + 512u * static_cast<unsigned>(bin & 7))) : npos;
+// Bounds from a bin's q-sum: at most this many tokens; their mass at least ..._lo, below ..._hi.
+__device__ __forceinline__ long long q_count_bound(int bin, unsigned qsum) {
+  return static_cast<long long>(qsum / (4096u + 512u * static_cast<unsigned>(bin & 7)));
+}
+__device__ __forceinline__ double q_mass_lo(int bin, unsigned qsum) {
+  return bin >= 8 ? static_cast<double>(qsum) * q_scale(bin) : 0.0;
+}
+__device__ __forceinline__ double q_mass_hi(int bin, unsigned qsum) {
+  return (static_cast<double>(qsum) + static_cast<double>(q_count_bound(bin, qsum))) * q_scale(bin);
 }
 
 template <typename T>
@@ -449,33 +459,50 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
   __syncthreads();
   long long ac = 0;
   double am = 0.0;
-  for_each_quad(row, [&](int q, float4 x) {
-    const float v[4] = {x.x, x.y, x.z, x.w};
-    u64 keys[4];
+  const int T = blockDim.x, t = threadIdx.x;
+  // for_each_quad's loop, with one warp-aggregated append for the UNROLL quads of an iteration
+  for (int base = 0; base < row.nq; base += UNROLL * T) {
+    float4 x[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int q = base + u * T + t;
+      x[u] = q < row.nq ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     int c = 0;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      keys[j] = 0;
-      if (v[j] > 0.0f) {
-        const u64 k = make_key(v[j], 4 * q + j);
-        if (k >= kb) {
-          ++ac;
-          am += static_cast<double>(v[j]);
-        } else if (k >= ka) {
-          keys[j] = k;
-          ++c;
+    for (int u = 0; u < UNROLL; ++u) {
+      const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (v[j] > 0.0f) {
+          const u64 k = make_key(v[j], 4 * (base + u * T + t) + j);
+          if (k >= kb) {
+            ++ac;
+            am += static_cast<double>(v[j]);
+          } else if (k >= ka) {
+            ++c;
+          }
         }
       }
     }
     int pos = warp_append(c, &s_n);
+    if (c > 0) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (keys[j] != 0) {
-        if (pos < cap) A[pos] = keys[j];
-        ++pos;
+      for (int u = 0; u < UNROLL; ++u) {
+        const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (v[j] > 0.0f) {
+            const u64 k = make_key(v[j], 4 * (base + u * T + t) + j);
+            if (k >= ka && k < kb) {
+              if (pos < cap) A[pos] = k;
+              ++pos;
+            }
+          }
+        }
       }
     }
-  });
+  }
   *cnt_above = block_reduce(ac, Sum<long long>(), 0LL);
   *mass_above = block_reduce(am, Sum<double>(), 0.0);
   const int n = s_n;  // complete: block_reduce synchronised after the last append
@@ -633,37 +660,34 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
     for (int b = t; b < NUM_BINS; b += T) hist[b] = 0;
     __syncthreads();
   }
+  // per token: fp64 sum, max, min, count of v > 0, one native shared atomic (~12 instructions). The
+  // bad-row test needs no per-token branch: a negative value (-inf too) shows in the min, NaN and
+  // +inf in the fp64 sum (finite fp32 values cannot overflow it).
   double s = 0.0;
-  float mx = 0.0f;
-  int bad = 0;
-  long long npos = 0;
+  float mx = 0.0f, mn = 0.0f;
+  int npos_t = 0;
   for_each_quad(row, [&](int, float4 xq) {
     const float v[4] = {xq.x, xq.y, xq.z, xq.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       s += static_cast<double>(v[j]);
       mx = fmaxf(mx, v[j]);
-      bad |= !(v[j] >= 0.0f && v[j] < __int_as_float(0x7f800000));  // NaN, negative, +inf
-      if (v[j] > 0.0f) {
-        ++npos;
-        const unsigned bits = __float_as_uint(v[j]);
-        if (HIST == HIST_COUNT) atomicAdd(&hist[bits >> 20], 1u);
-        if (HIST == HIST_QSUM) {
-          const unsigned mant = bits & 0x7FFFFFu;
-          atomicAdd(&hist[bits >> 20], ((bits >> 23) != 0 ? (mant | 0x800000u) : mant) >> 11);
-        }
-      }
+      mn = fminf(mn, v[j]);
+      const unsigned bits = __float_as_uint(v[j]);
+      const bool pos = static_cast<int>(bits) > 0;  // v > 0 (NaN and +inf too: their row is bad anyway)
+      npos_t += pos ? 1 : 0;
+      if (HIST != HIST_NONE && pos)
+        atomicAdd(&hist[bits >> 20], HIST == HIST_COUNT ? 1u : q_of(bits));
     }
   });
   const double S = block_reduce(s, Sum<double>(), 0.0);
   const float M = block_reduce(mx, Max<float>(), 0.0f);
-  bad = block_reduce(bad, Max<int>(), 0);
-  npos = block_reduce(npos, Sum<long long>(), 0LL);
-  if (bad || !(S > 0.0)) {
+  const float mnr = -block_reduce(-mn, Max<float>(), 0.0f);
+  const long long npos = block_reduce(static_cast<long long>(npos_t), Sum<long long>(), 0LL);
+  if (!(mnr >= 0.0f) || !(S > 0.0) || !(S < 1.0e300)) {  // a negative value, NaN or +inf, or a zero sum
     write_row(out, valid, logprob, flags, pid, 0, false, 0.0f);
     return;
   }
-
   // the rule's constants for this row
   const float thr = has_minp ? __fmul_rn(min_p, M) : 0.0f;
   const u64 kthr = has_minp ? static_cast<u64>(__float_as_uint(thr)) << 32 : 0;
@@ -709,8 +733,8 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
         const int b = top - j;
         if (b >= 0) {
           const unsigned h = hist[b];
-          lo_mine += static_cast<double>(h) * q_scale(b);
-          hi_mine += (static_cast<double>(h) + static_cast<double>(q_count_bound(b, h, npos))) * q_scale(b);
+          lo_mine += q_mass_lo(b, h);
+          hi_mine += q_mass_hi(b, h);
         }
       }
       if (t == 0) {
@@ -726,8 +750,8 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
           const unsigned h = hist[b];
           if (h > 0 && lo_run >= P) atomicMax(&s_sel, b);   // first token certainly dropped
           if (h > 0 && hi_run < P) atomicMin(&s_sel2, b);   // first token certainly kept
-          lo_run += static_cast<double>(h) * q_scale(b);
-          hi_run += (static_cast<double>(h) + static_cast<double>(q_count_bound(b, h, npos))) * q_scale(b);
+          lo_run += q_mass_lo(b, h);
+          hi_run += q_mass_hi(b, h);
         }
       }
       __syncthreads();
@@ -739,7 +763,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
     for (int j = 0; j < per; ++j) {
       const int b = top - j;
       if (b >= 0) {
-        const long long c = hist[b] > 0 ? q_count_bound(b, hist[b], npos) : 0;
+        const long long c = q_count_bound(b, hist[b]);
         if (b >= b0) cnt += c;
         if (b >= wlo && b <= whi) wcnt += c;
       }
