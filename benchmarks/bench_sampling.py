@@ -7,10 +7,11 @@
     PYTHONPATH=/tmp/fisite python -m benchmarks.bench_sampling --out results.jsonl   # with FlashInfer
 
 Ours, side by side in each row: "moecomm[cuda]" (the default: kernels/sampling/sample.cu, a
-histogram pass and a shared-memory list, ~2 reads of the row) and the Triton kernel
-"moecomm[deep]" (its default launch configuration; ~1.2 to ~3 reads, every one racing every token),
-with "moecomm[v1]" (its previous configuration) as the control row; api.SAMPLE_KERNEL picks between
-the two kernels. The ratios and the targets are against moecomm[cuda].
+histogram pass and a shared-memory list, 1 to 2 reads of the row) with "moecomm[cuda-nomap]" (the
+same without the sector map: pass B reads the whole row) and the Triton kernel "moecomm[deep]" (its
+default launch configuration; ~1.2 to ~3 reads, every one racing every token) with "moecomm[v1]"
+(its previous configuration) as control rows; api.SAMPLE_KERNEL picks between the two kernels. The
+ratios and the targets are against moecomm[cuda].
 
 Peers: FlashInfer is timed when `import flashinfer` works in this process (one version per
 process: both are the package `flashinfer`; run once per PYTHONPATH). The first lines say what
@@ -93,20 +94,21 @@ def with_config(name, fn):
     return run
 
 
-def with_kernel(kernel, fn, config=None):
+def with_kernel(kernel, fn, config=None, sector_map=True):
     """fn run with api.SAMPLE_KERNEL = kernel ("cuda": sample.cu for the calls it covers; "triton":
-    the Triton kernel for all), and the Triton launch configuration `config` when given."""
-    from moecomm.sampling import api
+    the Triton kernel for all), the Triton launch configuration `config` when given, and the CUDA
+    kernel's sector map on or off (_cuda.SECTOR_MAP: pass B skips the sectors without a candidate)."""
+    from moecomm.sampling import _cuda, api
 
     inner = with_config(config, fn) if config is not None else fn
 
     def run(*args):
-        old = api.SAMPLE_KERNEL
-        api.SAMPLE_KERNEL = kernel
+        old = api.SAMPLE_KERNEL, _cuda.SECTOR_MAP
+        api.SAMPLE_KERNEL, _cuda.SECTOR_MAP = kernel, sector_map
         try:
             return inner(*args)
         finally:
-            api.SAMPLE_KERNEL = old
+            api.SAMPLE_KERNEL, _cuda.SECTOR_MAP = old
     return run
 
 
@@ -132,6 +134,8 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
         call = lambda p: S.top_k_top_p_sampling_from_probs(p, top_k, top_p)  # noqa: E731
         seeded = lambda p: S.top_k_top_p_sampling_from_probs(p, top_k, top_p, seed=1)  # noqa: E731
     impls = {ours: with_kernel("cuda", call)}
+    if device.type == "cuda":  # control row: pass B reads the whole row
+        impls["moecomm[cuda-nomap]"] = with_kernel("cuda", call, sector_map=False)
     for name, cfg in _triton_rows(device).items():  # the Triton kernel: its default, then the control rows
         impls[name] = with_kernel("triton", call, cfg)
     if fi is not None:
@@ -142,15 +146,18 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
     impls["torch_sort"] = lambda p: torch_sort_sampler(p, top_k, top_p)
     # validate before timing: every token of each of our kernels lies in the kept set
     kept = {}
-    for name in [ours] + list(_triton_rows(device)):
+    for name in [n for n in impls if n.startswith("moecomm")]:
         kept[name] = _in_kept(impls[name](*sets[0]), sets[0][0], top_k, top_p)
         if kept[name] < 1.0:  # loud, recorded, and the timing still runs (the table must say it)
             print(f"  WARNING {op} B{batch} V{vocab}: {1 - kept[name]:.2%} of {name}'s tokens lie outside the kept set")
     ok = kept[ours]
     # the same seed: the CUDA kernel, every Triton configuration and the reference draw the same tokens
     want = with_kernel("cuda", seeded)(sets[0][0])
-    for name, cfg in _triton_rows(device).items():
-        same = (with_kernel("triton", seeded, cfg)(sets[0][0]) == want).float().mean().item()
+    others = {name: with_kernel("triton", seeded, cfg) for name, cfg in _triton_rows(device).items()}
+    if device.type == "cuda":
+        others["moecomm[cuda-nomap]"] = with_kernel("cuda", seeded, sector_map=False)
+    for name, fn in others.items():
+        same = (fn(sets[0][0]) == want).float().mean().item()
         if same < 0.995:
             print(f"  WARNING {op} B{batch} V{vocab}: {name} drew other tokens than {ours} on {1 - same:.2%} of rows")
     times = {}
@@ -186,7 +193,8 @@ def run_graph_case(writer, device, fi, vocab=128256):
     sets = _sets(1, vocab, device)
     top_p = lambda p: S.top_p_sampling_from_probs(p, 0.9)  # noqa: E731
     topk_topp = lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9)  # noqa: E731
-    fns = {"moecomm[cuda]": with_kernel("cuda", top_p), "moecomm_topk_topp[cuda]": with_kernel("cuda", topk_topp)}
+    fns = {"moecomm[cuda]": with_kernel("cuda", top_p), "moecomm_topk_topp[cuda]": with_kernel("cuda", topk_topp),
+           "moecomm[cuda-nomap]": with_kernel("cuda", top_p, sector_map=False)}
     for name, cfg in _triton_rows(device).items():
         fns[name] = with_kernel("triton", top_p, cfg)
         fns[name.replace("moecomm", "moecomm_topk_topp")] = with_kernel("triton", topk_topp, cfg)

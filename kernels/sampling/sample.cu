@@ -18,18 +18,19 @@
 //
 //  pass A  (HBM) per token: S += v (fp64), max and min (bad rows), the count of v > 0, and ONE native
 //          shared-memory atomic into 2048 bins of (bits of v) >> 20 (1/8 of a binade): the COUNT per
-//          bin when top_k is given (the kept set lies in the top-k set), else for top-p a lower bound
-//          of the MASS per bin, the sum of q = the top 13 significand bits (v >= q * 2^(e - 139),
-//          so sum(q) * 2^(e - 139) <= mass < (sum(q) + count) * 2^(e - 139)). fp32 atomicAdd on shared
-//          memory is a compare-and-swap loop on sm_90 (ATOMS.CAST.SPIN; integer adds are native), so
-//          the bins hold integers. No bins for min-p alone.
+//          bin when top_k is given (the kept set lies in the top-k set), else for top-p bounds of
+//          the MASS per bin from the sum of q = 1.(top 12 mantissa bits) * 2^12 (q 2^(e - 139) <= v <
+//          (q + 1) 2^(e - 139)). fp32 atomicAdd on shared memory is a compare-and-swap loop on sm_90
+//          (ATOMS.CAST.SPIN; integer adds are native), so the bins hold integers. No bins for min-p
+//          alone. And a byte per 32-byte sector, its largest exponent (the sector map).
 //  plan    a block scan of the bins from the top gives the lowest bin b0 that must be listed: for
 //          top-k the bin holding rank k - 1 (exact counts: the list size is known), for top-p the
 //          highest bin whose first token is certainly dropped (lower-bound mass above >= p * S),
 //          for min-p the bin of min_p * max. An upper bound of the list size comes with it.
 //  pass B  (HBM) every token with v > 0 in bins >= b0 is appended to a list of composite keys in
-//          shared memory (warp-aggregated: one atomicAdd a warp). The list is a prefix of the order,
-//          so ranks and masses inside it are the row's.
+//          shared memory (warp-aggregated: one atomicAdd a warp per 16 tokens a lane); sectors whose
+//          largest exponent is below b0's are not loaded. The list is a prefix of the order, so
+//          ranks and masses inside it are the row's.
 //  select  in shared memory, exact: a radix select over the list's keys (8-bit digits from the top;
 //          a level counts the digits of the entries in the current bucket, scatters those entries
 //          by digit into a scratch copy, and prefix-sums their values in fp64 in that order, which
@@ -51,17 +52,20 @@
 //          that bucket, the race pass. No host sync, no inter-block communication, no spin.
 //
 // Napkin math (H200: 4.8 TB/s, 132 SMs at ~1.98 GHz, 227 KB shared memory a block). One pass over
-// B128 V128256 fp32 is 65.7 MB (~14 us), B512 V151936 311 MB (~65 us). Per token and pass: one
-// 16-byte load per 4 tokens, ~12 instructions (fp64 add, max, flag, compare, key, one atomic) in
-// pass A and ~8 in pass B: ~1/6 of the pivot passes' 65, below the bytes' time at full issue
-// (B512: 78M tokens * 20 / 33 T lane-instr/s = 47 us against 130 us of two passes). The list: for
-// top-p 0.9 at logits x 3 ~4.3% of V plus ~2 bins (~5.6K keys at V128256, 6.7K at V151936; top-k
-// 50: ~60); its select ~3 levels of ~2 list sweeps each; the race ~5 kept entries a thread. So
-// ~2 HBM passes a row: B128 ~35-45 us (one row a SM, 64 KB of loads in flight a SM), B512 ~140-160
-// us (four waves of 132 rows), B1 ~15 us (one SM streams at ~80-120 GB/s; the second pass mostly
-// hits L2). Shared memory: 2 * CAP keys (list + scratch; CAP = 12288: 192 KB) + ~6 KB: one block of
-// 1024 threads an SM. Not done: a per-sector "highest bin" byte map written in pass A so that
-// pass B loads only the sectors that can hold a listed token (~1/3 of them for top-p).
+// B128 V128256 fp32 is 65.7 MB (~14 us), B512 V151936 311 MB (~65 us). Why this beats the pivot
+// passes: those spend ~65 lane-instructions a token a pass (the race of every token, 8 pivots) for
+// 2-4 passes; here pass A is ~17 SASS instructions a token (cuobjdump: F2F.F64 + DADD, 2 FMNMX, the
+// bin, q, a branch around ATOMS.ADD) and pass B ~8 on the sectors it loads, and Philox runs only
+// for the kept tokens. B512: 78M tokens * ~25 / 33 T lane-instr/s = ~60 us of issue against 2 x 65
+// us of bytes (F2F.F64 at 16 a clock an SM: ~19 us, hidden); B128: one row an SM, 64 KB of 16-byte
+// loads in flight an SM against the ~36 KB its 36 GB/s share needs. The list: for top-p 0.9 at
+// logits x 3 ~4.3% of V plus ~2 bins (~5.6K keys at V128256, 6.7K at V151936); the sectors holding a
+// token of b0's binade or above ~45% of the row; top-k 50: ~60 keys, pass B loads <1% of the row.
+// The select: ~3 levels of ~2 sweeps of the list (~6 keys a thread) and ~10 barriers each; the race
+// ~5 kept entries a thread (~60 instructions each). Expected: B128 top-p ~30-40 us, top-k + top-p ~20-30; B512 ~100-150 us
+// (four waves of 132 rows, one block an SM); B1 ~10-15 us (one SM streams ~80-120 GB/s; pass B's
+// sectors mostly hit L2). Shared memory: 2 * CAP keys (list + scratch; CAP = 12288: 192 KB) +
+// ~6 KB static: one block of 1024 threads an SM.
 //
 // Randomness (reference.py): key = seed (lo, hi words), counter = (i / 4, row or 0 with one seed per
 // row, offset lo, offset hi), lane i % 4; u = (r + 0.5) 2^-32 and E = -log(1 - u), by its series
@@ -94,7 +98,9 @@ constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8
 constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K = 1 << 3, F_K_TENSOR = 1 << 4,
               F_K64 = 1 << 5, F_HAS_P = 1 << 6, F_P_TENSOR = 1 << 7, F_HAS_MINP = 1 << 8, F_MINP_TENSOR = 1 << 9,
               F_TOPK_FIRST = 1 << 10, F_SEED_TENSOR = 1 << 11, F_SEED_PER_ROW = 1 << 12, F_OFFSET_TENSOR = 1 << 13,
-              F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15;
+              F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16;
+constexpr int SCRATCH_MIN_BYTES = 24576;  // the scratch's floor: the fallback's 2048 counts + 2048 fp64 masses
+constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bins in the scratch
 
 // Block-shared state. The kernel is the only user of these, one block at a time per SM.
 __shared__ unsigned s_dcnt[NUM_DIGITS], s_dfill[NUM_DIGITS], s_doff[NUM_DIGITS];
@@ -362,7 +368,10 @@ struct Pick {  // the last token of the order satisfying a Cond: its key, rank a
 };
 
 // The digits a thread owns in a descending scan over nd digits: top, top - 1, ..., top - per + 1 (>= 0).
-__device__ __forceinline__ int digits_per_thread(int nd) { return (nd + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x); }
+__device__ __forceinline__ int digits_per_thread(int nd) {
+  const int T = static_cast<int>(blockDim.x);
+  return (nd + T - 1) / T;
+}
 
 // The last entry satisfying cond among the n keys of A (distinct, unsorted), which are a contiguous
 // stretch of the order with cnt_above tokens of mass mass_above before it. B: scratch of n keys.
@@ -453,8 +462,10 @@ __device__ Pick list_select(const u64* __restrict__ A, u64* __restrict__ B, int 
 
 // Appends to A every token with v > 0 and ka <= K < kb (the entries beyond cap are counted, not
 // stored); returns how many there are. *cnt_above, *mass_above: the tokens with K >= kb, exactly.
+// map (or nullptr): pass A's sector map; a sector whose byte is below map_min is not loaded (then
+// kb must be 2^63 and ka's low 55 bits 0: the skipped tokens are all below ka).
 __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 ka, u64 kb, long long* cnt_above,
-                          double* mass_above) {
+                          double* mass_above, const unsigned char* map = nullptr, unsigned map_min = 0) {
   if (threadIdx.x == 0) s_n = 0;
   __syncthreads();
   long long ac = 0;
@@ -466,7 +477,8 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int q = base + u * T + t;
-      x[u] = q < row.nq ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      const bool need = q < row.nq && (map == nullptr || map[q >> 1] >= map_min);
+      x[u] = need ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
     int c = 0;
 #pragma unroll
@@ -663,11 +675,25 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   // per token: fp64 sum, max, min, count of v > 0, one native shared atomic (~12 instructions). The
   // bad-row test needs no per-token branch: a negative value (-inf too) shows in the min, NaN and
   // +inf in the fp64 sum (finite fp32 values cannot overflow it).
+  // The sector map (F_SECTOR_MAP, where the scratch has room): a byte per 8 tokens (32 bytes, the two
+  // quads of lanes 2i and 2i + 1), the largest fp32 exponent among them, so that pass B skips the
+  // sectors that cannot hold a listed token (>99% of the row for top-k 50, ~55% for top-p 0.9).
+  unsigned char* map = reinterpret_cast<unsigned char*>(B) + MAP_OFFSET;
+  const bool use_map = (flags & F_SECTOR_MAP) && (row.nq + 1) / 2 <= imax(8 * cap, SCRATCH_MIN_BYTES) - MAP_OFFSET;
   double s = 0.0;
   float mx = 0.0f, mn = 0.0f;
   int npos_t = 0;
-  for_each_quad(row, [&](int, float4 xq) {
+  for_each_quad(row, [&](int q, float4 xq) {
     const float v[4] = {xq.x, xq.y, xq.z, xq.w};
+    if (use_map) {  // block-uniform: every lane shuffles
+      unsigned mb = __float_as_uint(v[0]);
+      mb = mb > __float_as_uint(v[1]) ? mb : __float_as_uint(v[1]);
+      mb = mb > __float_as_uint(v[2]) ? mb : __float_as_uint(v[2]);
+      mb = mb > __float_as_uint(v[3]) ? mb : __float_as_uint(v[3]);
+      const unsigned other = __shfl_xor_sync(FULL, mb, 1);
+      mb = (mb > other ? mb : other) >> 23;
+      if ((q & 1) == 0 && q < row.nq) map[q >> 1] = static_cast<unsigned char>(mb < 255u ? mb : 255u);
+    }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       s += static_cast<double>(v[j]);
@@ -781,9 +807,10 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
     long long c0 = 0;
     double m0 = 0.0;
     const u64 ka = static_cast<u64>(b0) << 52;
-    n = fill_range(row, A, cap, ka, 1ull << 63, &c0, &m0);
+    n = fill_range(row, A, cap, ka, 1ull << 63, &c0, &m0, use_map ? map : nullptr, static_cast<unsigned>(b0) >> 3);
     if (n > 0 && n <= cap) {
-      // every token below the list is dropped: the list holds all of them, or only tokens below min_p * max lie below it
+      // every token below the list is dropped: the list holds all of them, or only tokens below
+      // min_p * max lie below it
       const bool below_dropped = n == npos || (has_minp && ka <= kthr);
       bool good = true;
       if (!trivial) {

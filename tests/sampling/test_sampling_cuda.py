@@ -149,7 +149,7 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
         _cuda.F_HAS_MINP: min_p is not None, _cuda.F_MINP_TENSOR: isinstance(min_p, torch.Tensor),
         _cuda.F_TOPK_FIRST: tkf, _cuda.F_SEED_TENSOR: isinstance(seed, torch.Tensor), _cuda.F_SEED_PER_ROW: per_row,
         _cuda.F_OFFSET_TENSOR: isinstance(offset, torch.Tensor),
-        _cuda.F_OFFSET_PER_ROW: isinstance(offset, torch.Tensor), _cuda.F_LOGPROB: True,
+        _cuda.F_OFFSET_PER_ROW: isinstance(offset, torch.Tensor), _cuda.F_LOGPROB: True, _cuda.F_SECTOR_MAP: True,
     }
     assert {f: bool(flags & f) for f in want} == want
     assert plan.args[0] is x and plan.args[2] is out and plan.args[3] is valid and plan.args[4] is logprob
@@ -162,7 +162,8 @@ def test_flags_and_constants_agree_with_the_source():
     flags = dict(re.findall(r"(F_[A-Z0-9_]+) = 1 << (\d+)", src))
     assert {name: 1 << int(bit) for name, bit in flags.items()} == {
         name: getattr(_cuda, name) for name in flags}, flags
-    assert len(flags) == 16
+    assert len(flags) == 17
+    assert f"constexpr int SCRATCH_MIN_BYTES = {_cuda.HIST_SCRATCH_BYTES};" in src
     assert f"constexpr int PHILOX_ROUNDS = {ref.PHILOX_ROUNDS};" in src
     assert "__launch_bounds__(1024, 1)" in src and _cuda.THREADS == 1024
     assert "constexpr int NUM_BINS = 2048;" in src and _cuda.HIST_SCRATCH_BYTES == 2048 * (4 + 8)
@@ -307,6 +308,15 @@ def test_emulated_ties_and_flat_rows(monkeypatch):
     assert bool((a < 4).all())  # flat row, top-k 4: the four lowest indices
     for v in (1, 3):
         _same_as_reference(_probs(4, v, seed=6), top_k=2, top_p=0.6)
+
+
+@needs_gxx
+def test_emulated_without_the_sector_map(monkeypatch):
+    """SECTOR_MAP = False (pass B reads the whole row): the same tokens."""
+    monkeypatch.setattr(_cuda, "SECTOR_MAP", False)
+    p = _probs(1, 2500, seed=3)
+    for kw in (dict(top_p=0.9), dict(top_k=40, top_p=0.8), dict(min_p=0.05)):
+        _same_as_reference(p, indices=torch.zeros(8, dtype=torch.int32), **kw)
 
 
 @needs_gxx
