@@ -35,8 +35,9 @@
 //          a level counts the digits of the entries in the current bucket, scatters those entries
 //          by digit into a scratch copy, and prefix-sums their values in fp64 in that order, which
 //          gives each digit's rank and mass-before without floating-point atomics; the lowest digit
-//          whose first entry is still kept holds l; ~3 levels). top_k_first selects the top-k
-//          boundary first (its mass is S_ref). Sums are fp64 like the reference's, so boundaries
+//          whose first entry is still kept holds l; ~3 levels). For top-p only the entries of the
+//          uncertain bins are selected (those above are counted and summed in one sweep: ~5% of
+//          the list). top_k_first selects the top-k boundary first (its mass is S_ref). Sums are fp64 like the reference's, so boundaries
 //          agree with it except within ~1e-16 relative.
 //  race    over the kept list entries (Philox of the entry's quad, its lane, E, v / E; block argmax,
 //          ties to the lowest index). logprob = log(v) - log(S) in fp64.
@@ -61,11 +62,11 @@
 // loads in flight an SM against the ~36 KB its 36 GB/s share needs. The list: for top-p 0.9 at
 // logits x 3 ~4.3% of V plus ~2 bins (~5.6K keys at V128256, 6.7K at V151936); the sectors holding a
 // token of b0's binade or above ~45% of the row; top-k 50: ~60 keys, pass B loads <1% of the row.
-// The select: ~3 levels of ~2 sweeps of the list (~6 keys a thread) and ~10 barriers each; the race
-// ~5 kept entries a thread (~60 instructions each). Expected: B128 top-p ~30-40 us, top-k + top-p ~20-30; B512 ~100-150 us
-// (four waves of 132 rows, one block an SM); B1 ~10-15 us (one SM streams ~80-120 GB/s; pass B's
-// sectors mostly hit L2). Shared memory: 2 * CAP keys (list + scratch; CAP = 12288: 192 KB) +
-// ~6 KB static: one block of 1024 threads an SM.
+// The select: one sweep of the list, then ~3 levels of ~10 barriers on the few hundred keys of the
+// uncertain bins; the race ~5 kept entries a thread (~60 instructions each). Expected: B128 top-p
+// ~30-40 us, top-k + top-p ~20-30; B512 ~100-150 us (four waves of 132 rows, one block an SM); B1
+// ~10-15 us (one SM streams ~80-120 GB/s; pass B's sectors mostly hit L2). Shared memory: 2 * CAP
+// keys (list + scratch; CAP = 12288: 192 KB) + ~6 KB static: one block of 1024 threads an SM.
 //
 // Randomness (reference.py): key = seed (lo, hi words), counter = (i / 4, row or 0 with one seed per
 // row, offset lo, offset hi), lane i % 4; u = (r + 0.5) 2^-32 and E = -log(1 - u), by its series
@@ -92,7 +93,7 @@ constexpr int NUM_DIGITS = 256;   // the list select's 8-bit digits
 constexpr int UNROLL = 4;         // 16-byte loads a thread keeps in flight
 constexpr int HIST_NONE = 0, HIST_COUNT = 1, HIST_QSUM = 2;
 constexpr unsigned FULL = 0xffffffffu;
-constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8;  // MOECOMM_SAMPLE_TRACE
+constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8, PATH_SPLIT = 16;  // the trace
 
 // flags (moecomm/sampling/_cuda.py builds them)
 constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K = 1 << 3, F_K_TENSOR = 1 << 4,
@@ -522,6 +523,33 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
   return n;
 }
 
+// The entries of A (n keys) below kb, copied to W (warp-aggregated; returns how many), and the
+// count and fp64 mass of those at or above it (*cnt_above, *mass_above). For top-p's list: the
+// select then runs on the uncertain bins only, with the exact rank and mass above them.
+__device__ int split_list(const u64* __restrict__ A, int n, u64 kb, u64* __restrict__ W, long long* cnt_above,
+                          double* mass_above) {
+  if (threadIdx.x == 0) s_n = 0;
+  __syncthreads();
+  long long ac = 0;
+  double am = 0.0;
+  for (int j0 = 0; j0 < n; j0 += blockDim.x) {  // block-uniform trip count: every lane appends
+    const int j = j0 + threadIdx.x;
+    const u64 k = j < n ? A[j] : 0;
+    const bool below = j < n && k < kb;
+    if (j < n && !below) {
+      ++ac;
+      am += static_cast<double>(key_value(k));
+    }
+    const int pos = warp_append(below ? 1 : 0, &s_n);
+    if (below) W[pos] = k;
+  }
+  *cnt_above = block_reduce(ac, Sum<long long>(), 0LL);
+  *mass_above = block_reduce(am, Sum<double>(), 0.0);
+  const int m = s_n;
+  __syncthreads();
+  return m;
+}
+
 // The last token satisfying cond over the whole row, from HBM: radix levels of 11-bit digits of the
 // composite key (bits 62..52 = pass A's bins, 51..41, ..., 7..0), one pass a level counting (and for
 // top-p summing in fp64) the tokens of the current bucket, until the bucket holding the answer fits
@@ -820,7 +848,20 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
           good = pk.rank < n - 1 || below_dropped || n >= k_eff;
           c.P = p * (pk.mass + static_cast<double>(key_value(pk.key)));
         }
-        const Pick pl = list_select(A, B, n, 0, 0.0, c);
+        Pick pl;
+        bool done = false;
+        if (HIST == HIST_QSUM && whi < NUM_BINS - 1) {
+          // top-p: l lies in the uncertain bins (<= whi); the bins above are summed, not selected
+          long long c0 = 0;
+          double m0 = 0.0;
+          const int nw = split_list(A, n, static_cast<u64>(whi + 1) << 52, B, &c0, &m0);
+          if (nw > 0 && 2 * nw <= cap && c(c0, m0)) {  // the window's first entry is kept: l is in it
+            MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
+            pl = list_select(B, B + nw, nw, c0, m0, c);
+            done = true;
+          }
+        }
+        if (!done) pl = list_select(A, B, n, 0, 0.0, c);
         good = good && (pl.rank < n - 1 || below_dropped || n >= k_eff);
         kell = pl.key;
       } else {
