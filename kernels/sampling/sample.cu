@@ -74,6 +74,8 @@
 // logf is the accurate one: the same bits as torch's kernels on the same device.
 // No CUDA headers, no torch headers: fp32 probabilities in, tokens / valid / logprob out.
 
+#include "../common/block.cuh"
+
 extern __shared__ __align__(16) unsigned char moecomm_sample_dyn[];  // list + scratch (bytes: see _cuda.py)
 
 // Which way a row went (tests/sampling's host emulation records it to check that each is tested);
@@ -92,7 +94,6 @@ constexpr int NUM_BINS = 2048;    // pass-A bins: (bits of v) >> 20, the top 11 
 constexpr int NUM_DIGITS = 256;   // the list select's 8-bit digits
 constexpr int UNROLL = 4;         // 16-byte loads a thread keeps in flight
 constexpr int HIST_NONE = 0, HIST_COUNT = 1, HIST_QSUM = 2;
-constexpr unsigned FULL = 0xffffffffu;
 constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8, PATH_SPLIT = 16;  // the trace
 
 // flags (moecomm/sampling/_cuda.py builds them)
@@ -106,9 +107,6 @@ constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bin
 // Block-shared state. The kernel is the only user of these, one block at a time per SM.
 __shared__ unsigned s_dcnt[NUM_DIGITS], s_dfill[NUM_DIGITS], s_doff[NUM_DIGITS];
 __shared__ double s_dmass[NUM_DIGITS];
-__shared__ __align__(16) unsigned char s_scratch[34 * 8];  // reductions and scans (33 slots of 8 bytes)
-__shared__ float s_wkey[32];
-__shared__ int s_widx[32];
 __shared__ int s_sel, s_sel2, s_n;
 
 // ----------------------------------------------------------------------------- small helpers
@@ -142,133 +140,6 @@ __device__ __forceinline__ double q_mass_lo(int bin, unsigned qsum) {
 }
 __device__ __forceinline__ double q_mass_hi(int bin, unsigned qsum) {
   return (static_cast<double>(qsum) + static_cast<double>(q_count_bound(bin, qsum))) * q_scale(bin);
-}
-
-template <typename T>
-struct Sum {
-  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
-};
-template <typename T>
-struct Max {
-  __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
-};
-
-template <typename T, typename Op>
-__device__ __forceinline__ T warp_reduce(T v, Op op) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(FULL, v, o));
-  return v;
-}
-
-// The reduction of v over the block, returned to every thread. Every thread must call it.
-template <typename T, typename Op>
-__device__ T block_reduce(T v, Op op, T identity) {
-  T* sc = reinterpret_cast<T*>(s_scratch);
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  v = warp_reduce(v, op);
-  if (lane == 0) sc[w] = v;
-  __syncthreads();
-  if (w == 0) {
-    T x = lane < static_cast<int>(blockDim.x >> 5) ? sc[lane] : identity;
-    x = warp_reduce(x, op);
-    if (lane == 0) sc[32] = x;
-  }
-  __syncthreads();
-  const T r = sc[32];
-  __syncthreads();
-  return r;
-}
-
-// Exclusive prefix sum of v in thread order (thread 0 gets 0); *total (if given) the sum of all.
-template <typename T>
-__device__ T block_exclusive_scan(T v, T* total) {
-  T* sc = reinterpret_cast<T*>(s_scratch);
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  T incl = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const T y = __shfl_up_sync(FULL, incl, o);
-    if (lane >= o) incl = incl + y;
-  }
-  T excl = __shfl_up_sync(FULL, incl, 1);
-  if (lane == 0) excl = T(0);
-  if (lane == 31) sc[w] = incl;
-  __syncthreads();
-  if (w == 0) {
-    const T x = lane < static_cast<int>(blockDim.x >> 5) ? sc[lane] : T(0);
-    T xi = x;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const T y = __shfl_up_sync(FULL, xi, o);
-      if (lane >= o) xi = xi + y;
-    }
-    T xe = __shfl_up_sync(FULL, xi, 1);
-    if (lane == 0) xe = T(0);
-    sc[lane] = xe;
-    if (lane == 31) sc[32] = xi;
-  }
-  __syncthreads();
-  const T r = sc[w] + excl;
-  if (total != nullptr) *total = sc[32];
-  __syncthreads();
-  return r;
-}
-
-// The block's best race entry: the largest key, ties to the lowest index. Every thread gets it.
-__device__ void block_argmax(float& key, int& idx) {
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float k2 = __shfl_xor_sync(FULL, key, o);
-    const int i2 = __shfl_xor_sync(FULL, idx, o);
-    if (k2 > key || (k2 == key && i2 < idx)) {
-      key = k2;
-      idx = i2;
-    }
-  }
-  if (lane == 0) {
-    s_wkey[w] = key;
-    s_widx[w] = idx;
-  }
-  __syncthreads();
-  if (w == 0) {
-    const bool in = lane < static_cast<int>(blockDim.x >> 5);
-    float k = in ? s_wkey[lane] : -1.0f;
-    int i = in ? s_widx[lane] : 0x7fffffff;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float k2 = __shfl_xor_sync(FULL, k, o);
-      const int i2 = __shfl_xor_sync(FULL, i, o);
-      if (k2 > k || (k2 == k && i2 < i)) {
-        k = k2;
-        i = i2;
-      }
-    }
-    if (lane == 0) {
-      s_wkey[0] = k;
-      s_widx[0] = i;
-    }
-  }
-  __syncthreads();
-  key = s_wkey[0];
-  idx = s_widx[0];
-  __syncthreads();
-}
-
-// The position of this lane's first item among the warp's, after one atomicAdd on *counter for
-// the whole warp (every lane of the warp must call it; cnt may be 0).
-__device__ __forceinline__ int warp_append(int cnt, int* counter) {
-  const int lane = threadIdx.x & 31;
-  int incl = cnt;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(FULL, incl, o);
-    if (lane >= o) incl += y;
-  }
-  int base = 0;
-  if (lane == 31 && incl > 0) base = atomicAdd(counter, incl);
-  base = __shfl_sync(FULL, base, 31);
-  return base + incl - cnt;
 }
 
 // ----------------------------------------------------------------------------- randomness

@@ -28,7 +28,7 @@ def _library() -> ctypes.CDLL:
     from moecomm.jit import cuda
 
     src = cuda.source_path("sampling/sample.cu")
-    parts = [src, HERE / "cuda_host_shim.h", HERE / "cuda_host_run.cpp"]
+    parts = [*cuda.included_files(src), HERE / "cuda_host_shim.h", HERE / "cuda_host_run.cpp"]
     key = hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / f"moecomm-sample-emu-{key}.so"
     if not out.is_file():
