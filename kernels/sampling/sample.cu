@@ -753,7 +753,9 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
       if (nw > 0 && nw <= cap) {
         MOECOMM_SAMPLE_TRACE(PATH_WINDOW);
         const Pick pl = list_select(A, B, nw, c0, m0, cond_pk);
-        got = pl.rank < c0 + nw - 1 || c0 + nw == npos || (has_minp && ka <= kthr);
+        // l is in the window: its first entry is kept (the bounds said so; checked exactly here, as
+        // a q-sum bin can wrap past 2^32 at V > 2^19) and an entry after l is dropped (or none can be)
+        got = cond_pk(c0, m0) && (pl.rank < c0 + nw - 1 || c0 + nw == npos || (has_minp && ka <= kthr));
         kell = pl.key;
       }
     }
