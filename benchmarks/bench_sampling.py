@@ -6,14 +6,21 @@
     python -m benchmarks.bench_sampling --quick         # tiny shapes, CPU, seconds (CI smoke test)
     PYTHONPATH=/tmp/fisite python -m benchmarks.bench_sampling --out results.jsonl   # with FlashInfer
 
+Ours, side by side in each row: "moecomm[cuda]" (the default: kernels/sampling/sample.cu, a
+histogram pass and a shared-memory list, 1 to 2 reads of the row) with "moecomm[cuda-nomap]" (the
+same without the sector map: pass B reads the whole row) and the Triton kernel "moecomm[deep]" (its
+default launch configuration; ~1.2 to ~3 reads, every one racing every token) with "moecomm[v1]"
+(its previous configuration) as control rows; api.SAMPLE_KERNEL picks between the two kernels. The
+ratios and the targets are against moecomm[cuda].
+
 Peers: FlashInfer is timed when `import flashinfer` works in this process (one version per
 process: both are the package `flashinfer`; run once per PYTHONPATH). The first lines say what
 was found. torch's sampler is the sort-based one serving stacks use (sort, cumsum, mask,
 renormalise, torch.multinomial).
 
 Napkin math: one read of the probabilities is B * V * 4 bytes: 64 MB at B128 V128256 (~14 us at
-4.8 TB/s), 311 MB at B512 V151936 (~65 us); ours reads them ~1.2 (top-p) to ~3 (top-k + top-p)
-times on average (see moecomm/sampling/_triton.py). GB/s below counts one read.
+4.8 TB/s), 311 MB at B512 V151936 (~65 us); see the header of kernels/sampling/sample.cu and
+moecomm/sampling/_triton.py for each kernel's passes. GB/s below counts one read.
 """
 
 from __future__ import annotations
@@ -87,44 +94,72 @@ def with_config(name, fn):
     return run
 
 
-def _control_configs(device):
-    """Our other launch configurations (control rows): on a GPU only. On a CPU the ops run their
-    reference, where a configuration means nothing (and Triton may not be installed)."""
+def with_kernel(kernel, fn, config=None, sector_map=True):
+    """fn run with api.SAMPLE_KERNEL = kernel ("cuda": sample.cu for the calls it covers; "triton":
+    the Triton kernel for all), the Triton launch configuration `config` when given, and the CUDA
+    kernel's sector map on or off (_cuda.SECTOR_MAP: pass B skips the sectors without a candidate)."""
+    from moecomm.sampling import _cuda, api
+
+    inner = with_config(config, fn) if config is not None else fn
+
+    def run(*args):
+        old = api.SAMPLE_KERNEL, _cuda.SECTOR_MAP
+        api.SAMPLE_KERNEL, _cuda.SECTOR_MAP = kernel, sector_map
+        try:
+            return inner(*args)
+        finally:
+            api.SAMPLE_KERNEL, _cuda.SECTOR_MAP = old
+    return run
+
+
+def _triton_rows(device):
+    """{name: Triton configuration} of the Triton kernel's rows beside ours: on a GPU only (on a
+    CPU every op runs its reference, and Triton may not be installed)."""
     if device.type != "cuda":
-        return []
+        return {}
     from moecomm.sampling import _triton
 
-    return [c for c in _triton.CONFIGS if c != _triton.CONFIG]
+    return {f"moecomm[{c}]": c for c in [_triton.CONFIG] + [c for c in _triton.CONFIGS if c != _triton.CONFIG]}
 
 
 def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
     sets = _sets(batch, vocab, device)
     top_k = 50 if op == "top_k_top_p" else None
     top_p = 0.9
-    impls = {}
+    ours = "moecomm[cuda]" if device.type == "cuda" else "moecomm"
     if op == "top_p":
-        impls["moecomm"] = lambda p: S.top_p_sampling_from_probs(p, top_p)
-        if fi is not None:
-            impls["flashinfer"] = lambda p: fi.sampling.top_p_sampling_from_probs(p, top_p)
+        call = lambda p: S.top_p_sampling_from_probs(p, top_p)  # noqa: E731
+        seeded = lambda p: S.top_p_sampling_from_probs(p, top_p, seed=1)  # noqa: E731
     else:
-        impls["moecomm"] = lambda p: S.top_k_top_p_sampling_from_probs(p, top_k, top_p)
-        if fi is not None:
+        call = lambda p: S.top_k_top_p_sampling_from_probs(p, top_k, top_p)  # noqa: E731
+        seeded = lambda p: S.top_k_top_p_sampling_from_probs(p, top_k, top_p, seed=1)  # noqa: E731
+    impls = {ours: with_kernel("cuda", call)}
+    if device.type == "cuda":  # control row: pass B reads the whole row
+        impls["moecomm[cuda-nomap]"] = with_kernel("cuda", call, sector_map=False)
+    for name, cfg in _triton_rows(device).items():  # the Triton kernel: its default, then the control rows
+        impls[name] = with_kernel("triton", call, cfg)
+    if fi is not None:
+        if op == "top_p":
+            impls["flashinfer"] = lambda p: fi.sampling.top_p_sampling_from_probs(p, top_p)
+        else:
             impls["flashinfer"] = lambda p: fi.sampling.top_k_top_p_sampling_from_probs(p, top_k, top_p)
-    for cfg in _control_configs(device):  # control rows: our other configurations, same run, same data
-        impls[f"moecomm[{cfg}]"] = with_config(cfg, impls["moecomm"])
     impls["torch_sort"] = lambda p: torch_sort_sampler(p, top_k, top_p)
-    # validate before timing: every token of ours lies in the kept set
-    ok = _in_kept(impls["moecomm"](*sets[0]), sets[0][0], top_k, top_p)
-    if ok < 1.0:  # loud, recorded, and the timing still runs (the table must say it)
-        print(f"  WARNING {op} B{batch} V{vocab}: {1 - ok:.2%} of our tokens lie outside the kept set")
-    def seeded(p):
-        if top_k is None:
-            return S.top_p_sampling_from_probs(p, top_p, seed=1)
-        return S.top_k_top_p_sampling_from_probs(p, top_k, top_p, seed=1)
-    for cfg in _control_configs(device):  # every configuration draws the same tokens from the same seed
-        same = (with_config(cfg, seeded)(sets[0][0]) == seeded(sets[0][0])).float().mean().item()
-        if same < 1.0:
-            print(f"  WARNING {op} B{batch} V{vocab}: moecomm[{cfg}] drew other tokens than the default on {1 - same:.2%} of rows")
+    # validate before timing: every token of each of our kernels lies in the kept set
+    kept = {}
+    for name in [n for n in impls if n.startswith("moecomm")]:
+        kept[name] = _in_kept(impls[name](*sets[0]), sets[0][0], top_k, top_p)
+        if kept[name] < 1.0:  # loud, recorded, and the timing still runs (the table must say it)
+            print(f"  WARNING {op} B{batch} V{vocab}: {1 - kept[name]:.2%} of {name}'s tokens lie outside the kept set")
+    ok = kept[ours]
+    # the same seed: the CUDA kernel, every Triton configuration and the reference draw the same tokens
+    want = with_kernel("cuda", seeded)(sets[0][0])
+    others = {name: with_kernel("triton", seeded, cfg) for name, cfg in _triton_rows(device).items()}
+    if device.type == "cuda":
+        others["moecomm[cuda-nomap]"] = with_kernel("cuda", seeded, sector_map=False)
+    for name, fn in others.items():
+        same = (fn(sets[0][0]) == want).float().mean().item()
+        if same < 0.995:
+            print(f"  WARNING {op} B{batch} V{vocab}: {name} drew other tokens than {ours} on {1 - same:.2%} of rows")
     times = {}
     for name, fn in impls.items():
         try:
@@ -132,11 +167,11 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
         except Exception as exc:
             print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
     base = times.get("flashinfer")
-    t_ours = times["moecomm"].median_ms
+    t_ours = times[ours].median_ms
     read_bytes = batch * vocab * 4
-    row = f"{op:12s} B{batch:<4d} V{vocab:<7d} ours {t_ours:8.4f} ms"
+    row = f"{op:12s} B{batch:<4d} V{vocab:<7d} {ours} {t_ours:8.4f} ms"
     for name, t in times.items():
-        if name != "moecomm":
+        if name != ours:
             row += f" | {name} {t.median_ms:8.4f} ({t.median_ms / t_ours:5.2f}x)"
     target = TARGETS.get((op, batch, vocab))
     if target is not None:
@@ -149,17 +184,20 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
                      median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms,
                      gbps_one_read=read_bytes / (t.median_ms * 1e-3) / 1e9,
                      speedup_of_ours=t.median_ms / t_ours, target_ms=target, ours_in_kept_set=ok,
+                     in_kept_set=kept.get(name),
                      flashinfer=getattr(fi, "__version__", None) if fi is not None else None)
 
 
 def run_graph_case(writer, device, fi, vocab=128256):
     """B1 replayed in a CUDA graph (the decode-step setting): device time per call."""
     sets = _sets(1, vocab, device)
-    fns = {"moecomm": lambda p: S.top_p_sampling_from_probs(p, 0.9),
-           "moecomm_topk_topp": lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9)}
-    for cfg in _control_configs(device):
-        fns[f"moecomm[{cfg}]"] = with_config(cfg, fns["moecomm"])
-        fns[f"moecomm_topk_topp[{cfg}]"] = with_config(cfg, fns["moecomm_topk_topp"])
+    top_p = lambda p: S.top_p_sampling_from_probs(p, 0.9)  # noqa: E731
+    topk_topp = lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9)  # noqa: E731
+    fns = {"moecomm[cuda]": with_kernel("cuda", top_p), "moecomm_topk_topp[cuda]": with_kernel("cuda", topk_topp),
+           "moecomm[cuda-nomap]": with_kernel("cuda", top_p, sector_map=False)}
+    for name, cfg in _triton_rows(device).items():
+        fns[name] = with_kernel("triton", top_p, cfg)
+        fns[name.replace("moecomm", "moecomm_topk_topp")] = with_kernel("triton", topk_topp, cfg)
     if fi is not None:
         fns["flashinfer"] = lambda p: fi.sampling.top_p_sampling_from_probs(p, 0.9)
         fns["flashinfer_topk_topp"] = lambda p: fi.sampling.top_k_top_p_sampling_from_probs(p, 50, 0.9)
@@ -169,7 +207,7 @@ def run_graph_case(writer, device, fi, vocab=128256):
         except Exception as exc:
             print(f"  graph {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
-        print(f"cuda graph B1 V{vocab} {name:22s} {t.median_ms * 1e3:8.2f} us/call (target 20 us for top-p)", flush=True)
+        print(f"cuda graph B1 V{vocab} {name:30s} {t.median_ms * 1e3:8.2f} us/call (target 20 us for top-p)", flush=True)
         writer.write(op="graph_top_p" if "topk" not in name else "graph_top_k_top_p", batch=1, vocab=vocab, impl=name,
                      median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms, target_ms=0.02 if "topk" not in name else None)
 
@@ -193,9 +231,9 @@ print("FIRST", time.perf_counter() - t0, out)
 
 
 def run_first_call(writer, cache_dir):
-    """First call of each function in a fresh process: cold Triton cache, then warm."""
+    """First call of each function in a fresh process: cold Triton and CUDA caches, then warm."""
     for label in ("cold", "warm"):
-        env = dict(os.environ, TRITON_CACHE_DIR=cache_dir)
+        env = dict(os.environ, TRITON_CACHE_DIR=cache_dir, MOECOMM_CACHE_DIR=cache_dir)
         proc = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, timeout=300)
         line = [l for l in proc.stdout.splitlines() if l.startswith("FIRST")]
         if proc.returncode != 0 or not line:
@@ -206,7 +244,7 @@ def run_first_call(writer, cache_dir):
 
 
 def run_sweep(device):
-    """Launch configurations of the sampling kernel (_triton.CONFIGS, and variations of the
+    """Launch configurations of the Triton sampling kernel (_triton.CONFIGS, and variations of the
     default) on the benchmark's rows; each line names its configuration."""
     from moecomm.sampling import _triton
 
@@ -223,9 +261,9 @@ def run_sweep(device):
             sets = _sets(batch, vocab, device)
             fn = (lambda p: S.top_p_sampling_from_probs(p, 0.9)) if op == "top_p" else (
                 lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9))
-            t = bench(with_config("sweep", fn), sets, warmup=5, rep=20, device=device)
+            t = bench(with_kernel("triton", fn, "sweep"), sets, warmup=5, rep=20, device=device)
             row += f" {op} B{batch} {t.median_ms:.4f} ms;"
-        t = graph_bench(with_config("sweep", lambda p: S.top_p_sampling_from_probs(p, 0.9)), _sets(1, 128256, device),
+        t = graph_bench(with_kernel("triton", lambda p: S.top_p_sampling_from_probs(p, 0.9), "sweep"), _sets(1, 128256, device),
                         replays=20, calls=10)
         row += f" graph top_p B1 {t.median_ms * 1e3:.1f} us"
         print(row, flush=True)

@@ -326,6 +326,8 @@ def device_arch(device: Any = None) -> str:
 
 
 _CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+DEFAULT_DYNAMIC_SHARED_BYTES = 48 * 1024  # what a launch may use without opting in (every arch since sm_30)
 
 
 class _Driver:
@@ -337,6 +339,7 @@ class _Driver:
         self.lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
         self.lib.cuModuleGetFunction.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p]
         self.lib.cuModuleLoadData.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self.lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self.contexts: dict[int, ctypes.c_void_p] = {}
 
     def check(self, rc: int, what: str) -> None:
@@ -399,6 +402,20 @@ class CudaKernel:
 
     def __init__(self, compiled: Compiled, name: str, device_index: int, handle: ctypes.c_void_p):
         self.compiled, self.name, self.device_index, self._fn = compiled, name, device_index, handle
+        self.max_dynamic_shared_bytes = DEFAULT_DYNAMIC_SHARED_BYTES  # raised by set_max_dynamic_shared_bytes
+
+    def set_max_dynamic_shared_bytes(self, nbytes: int) -> None:
+        """Let launches of this kernel use up to ``nbytes`` of dynamic shared memory (beyond 48 KB a
+        kernel must opt in: cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES); an H100/H200 allows
+        227 KB a block). __call__ does it by itself for a larger shared_mem; the driver refuses more
+        than the device has (CudaDriverError)."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise MoeCommValueError(f"moecomm.jit.cuda: nbytes must be an int >= 0, got {nbytes!r}")
+        drv = _get_driver()
+        with drv.current(self.device_index):
+            drv.check(drv.lib.cuFuncSetAttribute(self._fn, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes),
+                      f"cuFuncSetAttribute({self.name}, MAX_DYNAMIC_SHARED_SIZE_BYTES, {nbytes})")
+        self.max_dynamic_shared_bytes = nbytes
 
     def __call__(self, grid: Sequence[int], block: Sequence[int], args: Sequence[Any], *, shared_mem: int = 0,
                  stream: Any = None) -> None:
@@ -408,19 +425,22 @@ class CudaKernel:
             grid, block: up to three sizes each.
             args: the kernel's parameters in order: torch tensors (passed as device pointers) or
                 ctypes scalars of the parameter's exact type (ctypes.c_int, ctypes.c_longlong, ...).
+            shared_mem: bytes of dynamic shared memory (past 48 KB the kernel is opted in first).
         """
         import torch
 
         g, b = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
         vals = [_arg(i, a) for i, a in enumerate(args)]
         params = (ctypes.c_void_p * max(len(vals), 1))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in vals])
+        if shared_mem > self.max_dynamic_shared_bytes:
+            self.set_max_dynamic_shared_bytes(shared_mem)
         if stream is None:
             stream = torch.cuda.current_stream(self.device_index)
         handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
         drv = _get_driver()
         with drv.current(self.device_index):
             drv.check(drv.lib.cuLaunchKernel(self._fn, *g, *b, shared_mem, ctypes.c_void_p(handle), params, None),
-                      f"cuLaunchKernel({self.name}, grid={g}, block={b})")
+                      f"cuLaunchKernel({self.name}, grid={g}, block={b}, shared_mem={shared_mem})")
 
 
 _loaded: dict[tuple[str, int], ctypes.c_void_p] = {}

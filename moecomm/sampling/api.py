@@ -59,6 +59,31 @@ class SampleOutput(NamedTuple):
 # the two ops (registered custom ops with fakes: torch.compile and CUDA graphs go through them)
 
 
+# Which kernel samples a call that kernels/sampling/sample.cu covers (fp32 probabilities with top-k /
+# top-p / min-p; moecomm.sampling._cuda.covers): "cuda" (the default) or "triton". Every other call,
+# and any call when the CUDA toolchain is not usable here, runs the Triton kernel. The benchmark sets
+# it to time both kernels in one run; MOECOMM_BACKEND=reference still means the reference.
+SAMPLE_KERNEL = "cuda"
+_SAMPLE_KERNELS = ("cuda", "triton")
+
+
+def _sample_kernel(impl, x: torch.Tensor, launch_args: tuple) -> str | None:
+    """The kernel that runs a sampling call: "cuda", "triton", or None (the reference).
+
+    impl: _backend.choose's answer (CUDA when MOECOMM_BACKEND=cuda forces it, or when Triton is
+    missing); launch_args: the arguments of launch_sample after x."""
+    if impl is _backend.Impl.REFERENCE:
+        return None
+    if SAMPLE_KERNEL not in _SAMPLE_KERNELS:
+        raise MoeCommValueError(f"moecomm.sampling.api: SAMPLE_KERNEL must be one of {_SAMPLE_KERNELS}, got {SAMPLE_KERNEL!r}")
+    if x.is_cuda and (impl is _backend.Impl.CUDA or SAMPLE_KERNEL == "cuda") and _backend.cuda_compile_error() is None:
+        from . import _cuda
+
+        if _cuda.covers(x, *launch_args):
+            return "cuda"
+    return "triton" if _backend.triton_import_error() is None else None
+
+
 def _sample_impl(
     x: torch.Tensor, indices: torch.Tensor | None, num_rows: int, from_logits: bool,
     top_k_t: torch.Tensor | None, top_k_v: int, has_top_k: bool,
@@ -75,15 +100,24 @@ def _sample_impl(
     seed = seed_t if seed_t is not None else seed_v
     offset = offset_t if offset_t is not None else offset_v
     out_dtype = torch.int64 if out_int64 else torch.int32
-    if _backend.choose(x, "sampling") is _backend.Impl.TRITON:
-        from . import _triton
-
+    impl = _backend.choose(x, "sampling", has=(_backend.Impl.TRITON, _backend.Impl.CUDA))
+    if impl is not _backend.Impl.REFERENCE:
         tokens = torch.empty(num_rows, dtype=out_dtype, device=x.device)
         valid = torch.empty(num_rows, dtype=torch.bool, device=x.device)
         logprob = torch.empty(num_rows, dtype=torch.float32, device=x.device)
-        _triton.launch_sample(x, indices, num_rows, tokens, valid, logprob, None, MODE_SAMPLE, from_logits,
-                              top_k, top_p, min_p, temp, top_k_first, seed, offset, per_row_seed)
-        return tokens, valid, logprob
+        args = (indices, num_rows, tokens, valid, logprob, None, MODE_SAMPLE, from_logits, top_k, top_p, min_p, temp,
+                top_k_first, seed, offset, per_row_seed)
+        kernel = _sample_kernel(impl, x, args)
+        if kernel == "cuda":
+            from . import _cuda
+
+            _cuda.launch_sample(x, *args)
+            return tokens, valid, logprob
+        if kernel == "triton":
+            from . import _triton
+
+            _triton.launch_sample(x, *args)
+            return tokens, valid, logprob
     dev = x.device
     seed_r = seed if isinstance(seed, torch.Tensor) else torch.tensor([seed], dtype=torch.int64, device=dev)
     offset_r = offset if isinstance(offset, torch.Tensor) else torch.tensor([offset], dtype=torch.int64, device=dev)

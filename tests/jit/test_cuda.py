@@ -186,3 +186,45 @@ def test_load_and_launch_a_tiny_kernel_on_gpu(cache_dir, tiny):
         k((1,), (1,), (x, 3))
     with pytest.raises(cuda.CudaDriverError, match="cuModuleGetFunction"):
         cuda.load(tiny, "no_such_kernel")
+
+
+def test_dynamic_shared_memory_past_48kb_is_opted_in_once(monkeypatch):
+    """A launch asking for more than 48 KB of dynamic shared memory first sets the function's
+    MAX_DYNAMIC_SHARED_SIZE_BYTES (attribute 8) to it, once; smaller launches set nothing (checked
+    against a recording driver: no GPU here)."""
+    import contextlib
+    import ctypes
+
+    calls = []
+
+    class Lib:
+        def cuFuncSetAttribute(self, fn, attr, value):
+            calls.append(("attr", fn.value, attr, value))
+            return 0
+
+        def cuLaunchKernel(self, fn, *rest):
+            calls.append(("launch", fn.value, rest[:6], rest[6]))
+            return 0
+
+    class Driver:
+        lib = Lib()
+
+        def check(self, rc, what):
+            assert rc == 0, what
+
+        @contextlib.contextmanager
+        def current(self, index):
+            yield
+
+    monkeypatch.setattr(cuda, "_get_driver", lambda: Driver())
+    k = cuda.CudaKernel(None, "k", 0, ctypes.c_void_p(1234))
+    assert k.max_dynamic_shared_bytes == 48 * 1024
+    k((2,), (1024,), (ctypes.c_int(1),), shared_mem=40_000, stream=0)
+    k((2,), (1024,), (ctypes.c_int(1),), shared_mem=200_704, stream=0)
+    k((2,), (1024,), (ctypes.c_int(1),), shared_mem=200_704, stream=0)
+    k((2,), (1024,), (ctypes.c_int(1),), shared_mem=100_000, stream=0)
+    assert [c for c in calls if c[0] == "attr"] == [("attr", 1234, 8, 200_704)]
+    assert [c[3] for c in calls if c[0] == "launch"] == [40_000, 200_704, 200_704, 100_000]
+    assert k.max_dynamic_shared_bytes == 200_704
+    with pytest.raises(MoeCommValueError, match="nbytes must be an int >= 0, got -1"):
+        k.set_max_dynamic_shared_bytes(-1)

@@ -115,10 +115,11 @@ def test_every_config_matches_reference(triton_backend, monkeypatch, config):
     """Each launch configuration (_triton.CONFIGS: chunk, warps, pivots, loads in flight) draws the
     reference's tokens: V = 5000 is 3 chunks of 2048 / 5 of 1024 (fewer than the 4 loads in flight
     at the end of the row, more at its start)."""
-    from moecomm.sampling import _triton
+    from moecomm.sampling import _triton, api
 
     assert set(_triton.CONFIGS) == {"v1", "deep"}, "a new configuration: add it here"
     monkeypatch.setattr(_triton, "CONFIG", config)
+    monkeypatch.setattr(api, "SAMPLE_KERNEL", "triton")  # on a GPU: the Triton kernel, not sample.cu
     p = _probs(3, 5000, seed=21)
     for fn, args in ((S.top_p_sampling_from_probs, (0.9,)), (S.top_k_top_p_sampling_from_probs, (40, 0.9)),
                      (S.min_p_sampling_from_probs, (0.05,))):

@@ -1,5 +1,8 @@
 """gpu tier: the compiled kernels at real vocabulary sizes, 1e6-draw statistics of the kernels,
-CUDA-graph capture with fresh numbers per replay, and no host sync.
+CUDA-graph capture with fresh numbers per replay, and no host sync. The sampling tests run twice
+(sample_kernel): with api.SAMPLE_KERNEL = "cuda" (kernels/sampling/sample.cu for the calls it covers,
+the Triton kernel for the rest) and "triton" (the Triton kernel for every call);
+tests/sampling/test_sampling_cuda.py has the CUDA kernel's own tests.
 
 Equality at V = 128256: the compiled kernels use approximate exp2 / log (PTX ex2/lg2.approx) and
 sum in another order than the float64 reference, so a row can differ where two race keys or a
@@ -22,6 +25,18 @@ pytestmark = pytest.mark.gpu
 N = 1_000_000
 
 
+@pytest.fixture(params=["cuda", "triton"])
+def sample_kernel(request, monkeypatch):
+    from moecomm.sampling import api
+
+    if request.param == "cuda":
+        from moecomm.jit import cuda
+
+        assert cuda.toolchain_error() is None, cuda.toolchain_error()
+    monkeypatch.setattr(api, "SAMPLE_KERNEL", request.param)
+    return request.param
+
+
 def _probs(rows, vocab, scale=3.0, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     return torch.softmax(torch.randn(rows, vocab, device="cuda", generator=g) * scale, -1)
@@ -32,18 +47,18 @@ def _probs(rows, vocab, scale=3.0, seed=0):
     ("top_k_top_p", S.top_k_top_p_sampling_from_probs, {"top_k": 50, "top_p": 0.9}),
     ("min_p", S.min_p_sampling_from_probs, {"min_p": 0.1}), ("top_k", S.top_k_sampling_from_probs, {"top_k": 50}),
 ])
-def test_kernel_matches_reference_large_vocab(name, fn, kw):
+def test_kernel_matches_reference_large_vocab(name, fn, kw, sample_kernel):
     p = _probs(64, 128256, seed=1)
     a, b = both(fn, p, **kw, seed=7)
     agree = (a == b).float().mean().item()
-    print(f"{name}: {agree:.4f} of rows equal")
+    print(f"{name} [{sample_kernel}]: {agree:.4f} of rows equal")
     assert agree >= 0.995
     keep = ref.kept_mask(p, kw.get("top_k"), kw.get("top_p"), kw.get("min_p"))
     assert bool(keep.gather(1, a.long()[:, None]).all())
 
 
 @pytest.mark.parametrize("kw", [{"top_p": 0.9}, {"top_k": 50, "top_p": 0.9}, {"min_p": 0.05}, {}])
-def test_kernel_exact_distribution_1e6(kw):
+def test_kernel_exact_distribution_1e6(kw, sample_kernel):
     """1e6 draws of the compiled kernel from one distribution (V = 1000, logits x 3): never outside
     the kept set, chi-square p >= 1e-4, total variation < 0.01 (kept sets of up to ~200 tokens)."""
     p = _probs(1, 1000, seed=3)
@@ -58,11 +73,11 @@ def test_kernel_exact_distribution_1e6(kw):
     assert int(counts[~keep].sum()) == 0
     tv = 0.5 * (counts.double() / N - w).abs().sum().item()
     chi2, pval = chi_square_pvalue(counts, w)
-    print(kw, f"kept {int(keep.sum())} tv {tv:.4f} chi2 {chi2:.1f} p {pval:.3g}")
+    print(kw, sample_kernel, f"kept {int(keep.sum())} tv {tv:.4f} chi2 {chi2:.1f} p {pval:.3g}")
     assert tv < 0.01 and pval >= 1e-4
 
 
-def test_cuda_graph_fresh_numbers_and_no_sync():
+def test_cuda_graph_fresh_numbers_and_no_sync(sample_kernel):
     p = _probs(8, 128256, seed=2)
     seed = torch.tensor([5], device="cuda")
     offset = torch.tensor([0], device="cuda")
@@ -104,7 +119,7 @@ def test_renorm_large_vocab():
 
 @pytest.mark.parametrize("name,kw", [("top_p", {"top_p": 0.9}), ("top_p_min_p", {"top_p": 0.9, "min_p": 0.001}),
                                      ("logits_top_p", {"top_p": 0.9})])
-def test_candidate_carried_through_the_pass_loop(name, kw):
+def test_candidate_carried_through_the_pass_loop(name, kw, sample_kernel):
     """Issue 14's regression on the GPU: 1e5 rows of one distribution (V = 1000), each with its own
     random numbers, so that every path of the pass loop is taken (a candidate dropped, the next
     verified kept): never a token outside the kept set (before the fix ~0.04% of top-p rows
@@ -121,5 +136,5 @@ def test_candidate_carried_through_the_pass_loop(name, kw):
     keep = ref.kept_mask(v, None, kw.get("top_p"), kw.get("min_p"))[0]
     outside = int((~keep[a.long()]).sum())
     agree = (a == b).float().mean().item()
-    print(name, f"outside {outside}, {agree:.5f} of rows equal to the reference")
+    print(name, sample_kernel, f"outside {outside}, {agree:.5f} of rows equal to the reference")
     assert outside == 0 and agree >= 0.995

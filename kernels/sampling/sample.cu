@@ -1,0 +1,842 @@
+// Sampling from probabilities with top-k / top-p / min-p: one thread block per output row, two
+// passes over the row in HBM, the kept set decided exactly in shared memory, the exponential race
+// run only over the kept tokens. Draws the tokens of moecomm/sampling/reference.py (the contract):
+//
+//   kept(i)  <=>  v_i > 0  and  rank(i) < top_k  and  mass_before(i) < top_p * S_ref  and  v_i >= min_p * max v
+//   token     =  argmax over kept i of v_i / E_i,  E_i = -log(1 - u_i),  u_i from Philox4x32-7
+//
+// in the composite order "descending v, ties by ascending index". Composite key of token i (v > 0):
+//   K(i) = (fp32 bits of v_i) << 32 | (0xFFFFFFFF - i)     (uint64; larger = earlier; unique)
+// The kept set is a prefix of that order, so it is {v > 0 and K >= K(l)} for its last token l, and
+// min-p is the same with K >= (bits of thr) << 32: the race threshold is the larger of the two.
+//
+// Why not the Triton kernel's pivot passes (moecomm/sampling/_triton.py): they race every token in
+// every pass (Philox4x32-7 is ~56 integer instructions a quad, -log(1 - u) ~9 more), ~65
+// lane-instructions a token a pass: ALU-bound at ~2.3x the bytes at B512 V151936, and 2-4 passes a
+// row. Here the race needs the random numbers of the KEPT tokens only (~4% of the row for top-p 0.9
+// at logits x 3), and the kept set is found with a histogram and a short list instead of pivots:
+//
+//  pass A  (HBM) per token: S += v (fp64), max and min (bad rows), the count of v > 0, and ONE native
+//          shared-memory atomic into 2048 bins of (bits of v) >> 20 (1/8 of a binade): the COUNT per
+//          bin when top_k is given (the kept set lies in the top-k set), else for top-p bounds of
+//          the MASS per bin from the sum of q = 1.(top 12 mantissa bits) * 2^12 (q 2^(e - 139) <= v <
+//          (q + 1) 2^(e - 139)). fp32 atomicAdd on shared memory is a compare-and-swap loop on sm_90
+//          (ATOMS.CAST.SPIN; integer adds are native), so the bins hold integers. No bins for min-p
+//          alone. And a byte per 32-byte sector, its largest exponent (the sector map).
+//  plan    a block scan of the bins from the top gives the lowest bin b0 that must be listed: for
+//          top-k the bin holding rank k - 1 (exact counts: the list size is known), for top-p the
+//          highest bin whose first token is certainly dropped (lower-bound mass above >= p * S),
+//          for min-p the bin of min_p * max. An upper bound of the list size comes with it.
+//  pass B  (HBM) every token with v > 0 in bins >= b0 is appended to a list of composite keys in
+//          shared memory (warp-aggregated: one atomicAdd a warp per 16 tokens a lane); sectors whose
+//          largest exponent is below b0's are not loaded. The list is a prefix of the order, so
+//          ranks and masses inside it are the row's.
+//  select  in shared memory, exact: a radix select over the list's keys (8-bit digits from the top;
+//          a level counts the digits of the entries in the current bucket, scatters those entries
+//          by digit into a scratch copy, and prefix-sums their values in fp64 in that order, which
+//          gives each digit's rank and mass-before without floating-point atomics; the lowest digit
+//          whose first entry is still kept holds l; ~3 levels). For top-p only the entries of the
+//          uncertain bins are selected (those above are counted and summed in one sweep: ~5% of
+//          the list). top_k_first selects the top-k boundary first (its mass is S_ref). Sums are fp64 like the reference's, so boundaries
+//          agree with it except within ~1e-16 relative.
+//  race    over the kept list entries (Philox of the entry's quad, its lane, E, v / E; block argmax,
+//          ties to the lowest index). logprob = log(v) - log(S) in fp64.
+//  check   the list is enough when some entry after l is dropped, or nothing below the list can be
+//          kept (the list holds every v > 0, or k entries, or only tokens below min_p * max lie
+//          below it). Otherwise, or when the list would not fit, the fallback below.
+//  fallback (every input, slower): for top-p, a window list of the uncertain bins (those between
+//          "certainly kept" and "certainly dropped" by the mass bounds) with the exact count and
+//          mass above it summed in the same pass, the select on it, then a race pass over HBM
+//          (Philox only for quads holding a kept token). Where no window fits (flat rows, ties,
+//          huge top-k): radix levels over HBM (11-bit digits of the composite key, exact counts and
+//          fp64 masses, one pass a level until the bucket holding l fits the list), the select on
+//          that bucket, the race pass. No host sync, no inter-block communication, no spin.
+//
+// Napkin math (H200: 4.8 TB/s, 132 SMs at ~1.98 GHz, 227 KB shared memory a block). One pass over
+// B128 V128256 fp32 is 65.7 MB (~14 us), B512 V151936 311 MB (~65 us). Why this beats the pivot
+// passes: those spend ~65 lane-instructions a token a pass (the race of every token, 8 pivots) for
+// 2-4 passes; here pass A is ~17 SASS instructions a token (cuobjdump: F2F.F64 + DADD, 2 FMNMX, the
+// bin, q, a branch around ATOMS.ADD) and pass B ~8 on the sectors it loads, and Philox runs only
+// for the kept tokens. B512: 78M tokens * ~25 / 33 T lane-instr/s = ~60 us of issue against 2 x 65
+// us of bytes (F2F.F64 at 16 a clock an SM: ~19 us, hidden); B128: one row an SM, 64 KB of 16-byte
+// loads in flight an SM against the ~36 KB its 36 GB/s share needs. The list: for top-p 0.9 at
+// logits x 3 ~4.3% of V plus ~2 bins (~5.6K keys at V128256, 6.7K at V151936); the sectors holding a
+// token of b0's binade or above ~45% of the row; top-k 50: ~60 keys, pass B loads <1% of the row.
+// The select: one sweep of the list, then ~3 levels of ~10 barriers on the few hundred keys of the
+// uncertain bins; the race ~5 kept entries a thread (~60 instructions each). Expected: B128 top-p
+// ~30-40 us, top-k + top-p ~20-30; B512 ~100-150 us (four waves of 132 rows, one block an SM); B1
+// ~10-15 us (one SM streams ~80-120 GB/s; pass B's sectors mostly hit L2). Shared memory: 2 * CAP
+// keys (list + scratch; CAP = 12288: 192 KB) + ~6 KB static: one block of 1024 threads an SM.
+//
+// Randomness (reference.py): key = seed (lo, hi words), counter = (i / 4, row or 0 with one seed per
+// row, offset lo, offset hi), lane i % 4; u = (r + 0.5) 2^-32 and E = -log(1 - u), by its series
+// u (1 + u (1/2 + u / 3)) below 2^-8. Every rounding step is written with __f*_rn (no contraction),
+// logf is the accurate one: the same bits as torch's kernels on the same device.
+// No CUDA headers, no torch headers: fp32 probabilities in, tokens / valid / logprob out.
+
+#include "../common/block.cuh"
+
+extern __shared__ __align__(16) unsigned char moecomm_sample_dyn[];  // list + scratch (bytes: see _cuda.py)
+
+// Which way a row went (tests/sampling's host emulation records it to check that each is tested);
+// nothing in a real build.
+#ifndef MOECOMM_SAMPLE_TRACE
+#define MOECOMM_SAMPLE_TRACE(path) ((void)(path))
+#endif
+
+namespace moecomm {
+namespace sampling {
+
+typedef unsigned long long u64;
+
+constexpr int PHILOX_ROUNDS = 7;  // reference.PHILOX_ROUNDS
+constexpr int NUM_BINS = 2048;    // pass-A bins: (bits of v) >> 20, the top 11 bits below the sign
+constexpr int NUM_DIGITS = 256;   // the list select's 8-bit digits
+constexpr int UNROLL = 4;         // 16-byte loads a thread keeps in flight
+constexpr int HIST_NONE = 0, HIST_COUNT = 1, HIST_QSUM = 2;
+constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8, PATH_SPLIT = 16;  // the trace
+
+// flags (moecomm/sampling/_cuda.py builds them)
+constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K = 1 << 3, F_K_TENSOR = 1 << 4,
+              F_K64 = 1 << 5, F_HAS_P = 1 << 6, F_P_TENSOR = 1 << 7, F_HAS_MINP = 1 << 8, F_MINP_TENSOR = 1 << 9,
+              F_TOPK_FIRST = 1 << 10, F_SEED_TENSOR = 1 << 11, F_SEED_PER_ROW = 1 << 12, F_OFFSET_TENSOR = 1 << 13,
+              F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16;
+constexpr int SCRATCH_MIN_BYTES = 24576;  // the scratch's floor: the fallback's 2048 counts + 2048 fp64 masses
+constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bins in the scratch
+
+// Block-shared state. The kernel is the only user of these, one block at a time per SM.
+__shared__ unsigned s_dcnt[NUM_DIGITS], s_dfill[NUM_DIGITS], s_doff[NUM_DIGITS];
+__shared__ double s_dmass[NUM_DIGITS];
+__shared__ int s_sel, s_sel2, s_n;
+
+// ----------------------------------------------------------------------------- small helpers
+
+__device__ __forceinline__ long long lmin(long long a, long long b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ u64 umax64(u64 a, u64 b) { return a > b ? a : b; }
+
+__device__ __forceinline__ u64 make_key(float v, int i) {
+  return (static_cast<u64>(__float_as_uint(v)) << 32) | static_cast<u64>(0xFFFFFFFFu - static_cast<unsigned>(i));
+}
+__device__ __forceinline__ float key_value(u64 k) { return __uint_as_float(static_cast<unsigned>(k >> 32)); }
+__device__ __forceinline__ int key_index(u64 k) { return static_cast<int>(0xFFFFFFFFu - static_cast<unsigned>(k)); }
+
+// Pass A's q of a token: 1 and the top 12 bits of its fp32 mantissa (4096 <= q < 8192; within bin b
+// q >= 4096 + 512 * (b & 7)). For a normal v of biased exponent e: q 2^(e - 139) <= v < (q + 1) 2^(e - 139);
+// a subnormal (e = 0, bins 0-7) is below (q + 1) 2^-138 and at least 0.
+__device__ __forceinline__ unsigned q_of(unsigned bits) { return ((bits >> 11) & 0xFFFu) | 0x1000u; }
+// 2^(max(e, 1) - 139) for the bin's biased exponent e = bin >> 3, exact.
+__device__ __forceinline__ double q_scale(int bin) {
+  const int e = imax(bin >> 3, 1);
+  return __longlong_as_double(static_cast<long long>(e - 139 + 1023) << 52);
+}
+// Bounds from a bin's q-sum: at most this many tokens; their mass at least ..._lo, below ..._hi.
+__device__ __forceinline__ long long q_count_bound(int bin, unsigned qsum) {
+  return static_cast<long long>(qsum / (4096u + 512u * static_cast<unsigned>(bin & 7)));
+}
+__device__ __forceinline__ double q_mass_lo(int bin, unsigned qsum) {
+  return bin >= 8 ? static_cast<double>(qsum) * q_scale(bin) : 0.0;
+}
+__device__ __forceinline__ double q_mass_hi(int bin, unsigned qsum) {
+  return (static_cast<double>(qsum) + static_cast<double>(q_count_bound(bin, qsum))) * q_scale(bin);
+}
+
+// ----------------------------------------------------------------------------- randomness
+
+struct Rng {
+  unsigned k0, k1, c1, c2, c3;
+};
+
+// Philox4x32-7 of counter (q, c1, c2, c3) under key (k0, k1): reference.philox4x32, word for word.
+__device__ __forceinline__ void philox(const Rng& g, unsigned q, unsigned& r0, unsigned& r1, unsigned& r2,
+                                       unsigned& r3) {
+  unsigned c0 = q, c1 = g.c1, c2 = g.c2, c3 = g.c3, k0 = g.k0, k1 = g.k1;
+#pragma unroll
+  for (int i = 0; i < PHILOX_ROUNDS; ++i) {
+    const unsigned hb = __umulhi(0xCD9E8D57u, c2), lb = 0xCD9E8D57u * c2;
+    const unsigned ha = __umulhi(0xD2511F53u, c0), la = 0xD2511F53u * c0;
+    c0 = hb ^ c1 ^ k0;
+    c2 = ha ^ c3 ^ k1;
+    c1 = lb;
+    c3 = la;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  r0 = c0;
+  r1 = c1;
+  r2 = c2;
+  r3 = c3;
+}
+
+// E = -log(1 - u), u = (r + 0.5) 2^-32; the series below 2^-8 (reference.exponential_from_uniform).
+__device__ __forceinline__ float exponential(unsigned r) {
+  const float u = __fmul_rn(__fadd_rn(__uint2float_rn(r), 0.5f), 2.3283064365386963e-10f);
+  if (u < 0.00390625f) return __fmul_rn(u, __fadd_rn(1.0f, __fmul_rn(u, __fadd_rn(0.5f, __fmul_rn(u, 0.33333334f)))));
+  return -logf(__fsub_rn(1.0f, u));
+}
+
+__device__ __forceinline__ void race_update(float v, unsigned r, int i, float& best, int& best_i) {
+  const float key = __fdiv_rn(v, exponential(r));
+  if (key > best || (key == best && i < best_i)) {
+    best = key;
+    best_i = i;
+  }
+}
+
+// ----------------------------------------------------------------------------- streaming the row
+
+struct RowRef {
+  const float* p;
+  int V;
+  int nq;    // quads: (V + 3) / 4
+  bool vec;  // 16-byte aligned row: full quads by one 16-byte load
+};
+
+__device__ __forceinline__ float4 load_quad(const RowRef& r, int q) {
+  const int i = q << 2;
+  if (r.vec && i + 4 <= r.V) return __ldg(reinterpret_cast<const float4*>(r.p) + q);
+  float4 o;
+  o.x = i < r.V ? __ldg(r.p + i) : 0.0f;
+  o.y = i + 1 < r.V ? __ldg(r.p + i + 1) : 0.0f;
+  o.z = i + 2 < r.V ? __ldg(r.p + i + 2) : 0.0f;
+  o.w = i + 3 < r.V ? __ldg(r.p + i + 3) : 0.0f;
+  return o;
+}
+
+// f(q, x) for every quad q of the row (x: tokens 4q .. 4q + 3, zeros past the end), UNROLL loads in
+// flight a thread. Every thread runs the same number of iterations (quads past the row come as
+// zeros), so f may use warp-wide operations.
+template <typename F>
+__device__ __forceinline__ void for_each_quad(const RowRef& r, F&& f) {
+  const int T = blockDim.x, t = threadIdx.x;
+  for (int base = 0; base < r.nq; base += UNROLL * T) {
+    float4 x[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int q = base + u * T + t;
+      x[u] = q < r.nq ? load_quad(r, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) f(base + u * T + t, x[u]);
+  }
+}
+
+// ----------------------------------------------------------------------------- the kept set
+
+struct Cond {  // kept(rank, mass_before) of a token: monotone along the order
+  long long k;
+  double P;
+  bool use_mass;
+  __device__ __forceinline__ bool operator()(long long rank, double mass) const {
+    return rank < k && (!use_mass || mass < P);
+  }
+};
+
+struct Pick {  // the last token of the order satisfying a Cond: its key, rank and mass before it
+  u64 key;
+  long long rank;
+  double mass;
+};
+
+// The digits a thread owns in a descending scan over nd digits: top, top - 1, ..., top - per + 1 (>= 0).
+__device__ __forceinline__ int digits_per_thread(int nd) {
+  const int T = static_cast<int>(blockDim.x);
+  return (nd + T - 1) / T;
+}
+
+// The last entry satisfying cond among the n keys of A (distinct, unsorted), which are a contiguous
+// stretch of the order with cnt_above tokens of mass mass_above before it. B: scratch of n keys.
+// Radix select with 8-bit digits from the top; each level keeps only the bucket holding the answer.
+__device__ Pick list_select(const u64* __restrict__ A, u64* __restrict__ B, int n, long long cnt_above,
+                            double mass_above, const Cond cond) {
+  const int t = threadIdx.x, T = blockDim.x;
+  const int per = digits_per_thread(NUM_DIGITS);
+  const int top = NUM_DIGITS - 1 - t * per;
+  u64 prefix = 0;
+  int hs = 64;  // key bits at and above hs are fixed (equal to prefix's); 64: none yet
+  for (int shift = 56;; shift -= 8) {
+    for (int d = t; d < NUM_DIGITS; d += T) {
+      s_dcnt[d] = 0;
+      s_dfill[d] = 0;
+    }
+    if (t == 0) {
+      s_sel = NUM_DIGITS;
+      s_sel2 = -1;
+    }
+    __syncthreads();
+    const u64 ph = hs >= 64 ? 0 : prefix >> hs;
+    for (int j = t; j < n; j += T) {
+      const u64 k = A[j];
+      if (hs >= 64 || (k >> hs) == ph) atomicAdd(&s_dcnt[(k >> shift) & 255], 1u);
+    }
+    __syncthreads();
+    // bucket offsets in descending digit order (the order of the keys)
+    unsigned mine = 0;
+    for (int j = 0; j < per; ++j)
+      if (top - j >= 0) mine += s_dcnt[top - j];
+    unsigned total = 0;
+    unsigned ex = block_exclusive_scan<unsigned>(mine, &total);
+    for (int j = 0; j < per; ++j) {
+      const int d = top - j;
+      if (d >= 0) {
+        s_doff[d] = ex;
+        ex += s_dcnt[d];
+      }
+    }
+    __syncthreads();
+    for (int j = t; j < n; j += T) {
+      const u64 k = A[j];
+      if (hs >= 64 || (k >> hs) == ph) {
+        const int d = static_cast<int>((k >> shift) & 255);
+        B[s_doff[d] + atomicAdd(&s_dfill[d], 1u)] = k;
+      }
+    }
+    __syncthreads();
+    // fp64 prefix sums of the values in bucket order: each bucket's mass before its first entry
+    const int m = static_cast<int>(total);
+    const int chunk = (m + T - 1) / T;
+    const int lo = imin(t * chunk, m), hi = imin(lo + chunk, m);
+    double part = 0.0;
+    for (int j = lo; j < hi; ++j) part += static_cast<double>(key_value(B[j]));
+    double run = block_exclusive_scan<double>(part, nullptr);
+    for (int j = lo; j < hi; ++j) {
+      const u64 k = B[j];
+      const int d = static_cast<int>((k >> shift) & 255);
+      if (static_cast<unsigned>(j) == s_doff[d]) s_dmass[d] = run;
+      run += static_cast<double>(key_value(k));
+    }
+    __syncthreads();
+    // the lowest non-empty digit whose first entry is kept holds the answer
+    for (int j = 0; j < per; ++j) {
+      const int d = top - j;
+      if (d >= 0 && s_dcnt[d] > 0) {
+        if (cond(cnt_above + s_doff[d], mass_above + s_dmass[d])) atomicMin(&s_sel, d);
+        atomicMax(&s_sel2, d);
+      }
+    }
+    __syncthreads();
+    int d = s_sel;
+    if (d == NUM_DIGITS) d = s_sel2;  // only by fp64 rounding against the level above: take the first
+    const unsigned c = s_dcnt[d];
+    cnt_above += s_doff[d];
+    mass_above += s_dmass[d];
+    prefix |= static_cast<u64>(d) << shift;
+    hs = shift;
+    if (c == 1 || shift == 0) {
+      const Pick p{B[s_doff[d]], cnt_above, mass_above};
+      __syncthreads();
+      return p;
+    }
+    __syncthreads();
+  }
+}
+
+// Appends to A every token with v > 0 and ka <= K < kb (the entries beyond cap are counted, not
+// stored); returns how many there are. *cnt_above, *mass_above: the tokens with K >= kb, exactly.
+// map (or nullptr): pass A's sector map; a sector whose byte is below map_min is not loaded (then
+// kb must be 2^63 and ka's low 55 bits 0: the skipped tokens are all below ka).
+__device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 ka, u64 kb, long long* cnt_above,
+                          double* mass_above, const unsigned char* map = nullptr, unsigned map_min = 0) {
+  if (threadIdx.x == 0) s_n = 0;
+  __syncthreads();
+  long long ac = 0;
+  double am = 0.0;
+  const int T = blockDim.x, t = threadIdx.x;
+  // for_each_quad's loop, with one warp-aggregated append for the UNROLL quads of an iteration
+  for (int base = 0; base < row.nq; base += UNROLL * T) {
+    float4 x[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int q = base + u * T + t;
+      const bool need = q < row.nq && (map == nullptr || map[q >> 1] >= map_min);
+      x[u] = need ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    int c = 0;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (v[j] > 0.0f) {
+          const u64 k = make_key(v[j], 4 * (base + u * T + t) + j);
+          if (k >= kb) {
+            ++ac;
+            am += static_cast<double>(v[j]);
+          } else if (k >= ka) {
+            ++c;
+          }
+        }
+      }
+    }
+    int pos = warp_append(c, &s_n);
+    if (c > 0) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (v[j] > 0.0f) {
+            const u64 k = make_key(v[j], 4 * (base + u * T + t) + j);
+            if (k >= ka && k < kb) {
+              if (pos < cap) A[pos] = k;
+              ++pos;
+            }
+          }
+        }
+      }
+    }
+  }
+  *cnt_above = block_reduce(ac, Sum<long long>(), 0LL);
+  *mass_above = block_reduce(am, Sum<double>(), 0.0);
+  const int n = s_n;  // complete: block_reduce synchronised after the last append
+  __syncthreads();    // read by every thread before the next fill_range may reset it
+  return n;
+}
+
+// The entries of A (n keys) below kb, copied to W (warp-aggregated; returns how many), and the
+// count and fp64 mass of those at or above it (*cnt_above, *mass_above). For top-p's list: the
+// select then runs on the uncertain bins only, with the exact rank and mass above them.
+__device__ int split_list(const u64* __restrict__ A, int n, u64 kb, u64* __restrict__ W, long long* cnt_above,
+                          double* mass_above) {
+  if (threadIdx.x == 0) s_n = 0;
+  __syncthreads();
+  long long ac = 0;
+  double am = 0.0;
+  for (int j0 = 0; j0 < n; j0 += blockDim.x) {  // block-uniform trip count: every lane appends
+    const int j = j0 + threadIdx.x;
+    const u64 k = j < n ? A[j] : 0;
+    const bool below = j < n && k < kb;
+    if (j < n && !below) {
+      ++ac;
+      am += static_cast<double>(key_value(k));
+    }
+    const int pos = warp_append(below ? 1 : 0, &s_n);
+    if (below) W[pos] = k;
+  }
+  *cnt_above = block_reduce(ac, Sum<long long>(), 0LL);
+  *mass_above = block_reduce(am, Sum<double>(), 0.0);
+  const int m = s_n;
+  __syncthreads();
+  return m;
+}
+
+// The last token satisfying cond over the whole row, from HBM: radix levels of 11-bit digits of the
+// composite key (bits 62..52 = pass A's bins, 51..41, ..., 7..0), one pass a level counting (and for
+// top-p summing in fp64) the tokens of the current bucket, until the bucket holding the answer fits
+// the list; then that bucket is listed and list_select finishes. B: scratch (>= 24 KB).
+__device__ Pick hbm_select(const RowRef& row, u64* A, u64* B, int cap, const Cond cond) {
+  const int t = threadIdx.x, T = blockDim.x;
+  unsigned* hcnt = reinterpret_cast<unsigned*>(B);
+  double* hmass = reinterpret_cast<double*>(B) + NUM_BINS / 2;
+  u64 prefix = 0;
+  int hs = 63;  // bit 63 of every key is 0
+  for (int lvl = 0;; ++lvl) {
+    const int shift = lvl < 5 ? 52 - 11 * lvl : 0;
+    const int nd = lvl < 5 ? 2048 : 256;
+    for (int d = t; d < NUM_BINS; d += T) {
+      hcnt[d] = 0;
+      hmass[d] = 0.0;
+    }
+    if (t == 0) {
+      s_sel = nd;
+      s_sel2 = -1;
+    }
+    __syncthreads();
+    const u64 ph = prefix >> hs;
+    long long ac = 0;
+    double am = 0.0;
+    for_each_quad(row, [&](int q, float4 x) {
+      const float v[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (v[j] > 0.0f) {
+          const u64 k = make_key(v[j], 4 * q + j);
+          const u64 h = k >> hs;
+          if (h > ph) {
+            ++ac;
+            am += static_cast<double>(v[j]);
+          } else if (h == ph) {
+            const int d = static_cast<int>((k >> shift) & static_cast<u64>(nd - 1));
+            atomicAdd(&hcnt[d], 1u);
+            if (cond.use_mass) atomicAdd(&hmass[d], static_cast<double>(v[j]));
+          }
+        }
+      }
+    });
+    ac = block_reduce(ac, Sum<long long>(), 0LL);
+    am = block_reduce(am, Sum<double>(), 0.0);
+    const int per = digits_per_thread(nd);
+    const int top = nd - 1 - t * per;
+    long long mc = 0;
+    double mm = 0.0;
+    for (int j = 0; j < per; ++j)
+      if (top - j >= 0) {
+        mc += hcnt[top - j];
+        mm += hmass[top - j];
+      }
+    long long ec = block_exclusive_scan<long long>(mc, nullptr);
+    double em = block_exclusive_scan<double>(mm, nullptr);
+    for (int j = 0; j < per; ++j) {
+      const int d = top - j;
+      if (d >= 0) {
+        const unsigned c = hcnt[d];
+        if (c > 0) {
+          if (cond(ac + ec, am + em)) atomicMin(&s_sel, d);
+          atomicMax(&s_sel2, d);
+        }
+        ec += c;
+        em += hmass[d];
+      }
+    }
+    __syncthreads();
+    int d = s_sel;
+    if (d == nd) d = s_sel2;
+    const unsigned c = hcnt[d];
+    prefix |= static_cast<u64>(d) << shift;
+    hs = shift;
+    __syncthreads();
+    if (static_cast<long long>(c) <= cap || shift == 0) break;
+  }
+  long long c0 = 0;
+  double m0 = 0.0;
+  const int n = fill_range(row, A, cap, prefix, prefix + (1ull << hs), &c0, &m0);
+  return list_select(A, B, imin(n, cap), c0, m0, cond);
+}
+
+// ----------------------------------------------------------------------------- one row
+
+__device__ void write_row(void* out, unsigned char* valid, float* logprob, int flags, int pid, int token, bool ok,
+                          float lp) {
+  if (threadIdx.x != 0) return;
+  if (flags & F_OUT64)
+    static_cast<long long*>(out)[pid] = ok ? token : 0;
+  else
+    static_cast<int*>(out)[pid] = ok ? token : 0;
+  valid[pid] = ok ? 1 : 0;
+  if (flags & F_LOGPROB) logprob[pid] = ok ? lp : __int_as_float(0x7fc00000);
+}
+
+template <int HIST>
+__device__ void sample_row(const float* __restrict__ x, const void* rowmap, void* out, unsigned char* valid,
+                           float* logprob, const void* k_ptr, const float* p_ptr, const float* minp_ptr,
+                           const long long* seed_ptr, const long long* offset_ptr, int V, int num_in_rows,
+                           long long stride_x, long long k_val, double p_val, float minp_val, long long seed_val,
+                           long long offset_val, int flags, int cap) {
+  const int pid = blockIdx.x, t = threadIdx.x, T = blockDim.x;
+
+  // the row and its parameters; a bad index or a parameter out of range: an invalid row, never a fault
+  long long in_row = pid;
+  bool ok = true;
+  if (flags & F_ROWMAP) {
+    in_row = (flags & F_ROWMAP64) ? static_cast<const long long*>(rowmap)[pid] : static_cast<const int*>(rowmap)[pid];
+    ok = in_row >= 0 && in_row < num_in_rows;
+  }
+  const bool has_k = flags & F_HAS_K, has_p = flags & F_HAS_P, has_minp = flags & F_HAS_MINP;
+  long long k = V;
+  if (has_k) {
+    k = !(flags & F_K_TENSOR) ? k_val
+        : (flags & F_K64)     ? static_cast<const long long*>(k_ptr)[pid]
+                              : static_cast<const int*>(k_ptr)[pid];
+    ok = ok && k >= 1;
+  }
+  double p = 1.0;
+  if (has_p) {
+    p = (flags & F_P_TENSOR) ? static_cast<double>(p_ptr[pid]) : p_val;
+    ok = ok && p > 0.0 && p <= 1.0;
+  }
+  float min_p = 0.0f;
+  if (has_minp) {
+    min_p = (flags & F_MINP_TENSOR) ? minp_ptr[pid] : minp_val;
+    ok = ok && min_p >= 0.0f && min_p <= 1.0f;
+  }
+  if (!ok) {
+    write_row(out, valid, logprob, flags, pid, 0, false, 0.0f);
+    return;
+  }
+  const long long seed = (flags & F_SEED_TENSOR) ? seed_ptr[(flags & F_SEED_PER_ROW) ? pid : 0] : seed_val;
+  const long long off = (flags & F_OFFSET_TENSOR) ? offset_ptr[(flags & F_OFFSET_PER_ROW) ? pid : 0] : offset_val;
+  const Rng rng{static_cast<unsigned>(seed), static_cast<unsigned>(static_cast<u64>(seed) >> 32),
+                (flags & F_SEED_PER_ROW) ? 0u : static_cast<unsigned>(pid), static_cast<unsigned>(off),
+                static_cast<unsigned>(static_cast<u64>(off) >> 32)};
+  const float* row_ptr = x + in_row * stride_x;
+  const RowRef row{row_ptr, V, (V + 3) >> 2, (reinterpret_cast<u64>(row_ptr) & 15) == 0};
+
+  u64* A = reinterpret_cast<u64*>(moecomm_sample_dyn);  // the list: cap keys
+  u64* B = A + cap;                                      // scratch: max(cap keys, 24 KB)
+  unsigned* hist = reinterpret_cast<unsigned*>(B);       // pass A's bins live in the scratch until the list exists
+
+  // pass A
+  if (HIST != HIST_NONE) {
+    for (int b = t; b < NUM_BINS; b += T) hist[b] = 0;
+    __syncthreads();
+  }
+  // per token: fp64 sum, max, min, count of v > 0, one native shared atomic (~12 instructions). The
+  // bad-row test needs no per-token branch: a negative value (-inf too) shows in the min, NaN and
+  // +inf in the fp64 sum (finite fp32 values cannot overflow it).
+  // The sector map (F_SECTOR_MAP, where the scratch has room): a byte per 8 tokens (32 bytes, the two
+  // quads of lanes 2i and 2i + 1), the largest fp32 exponent among them, so that pass B skips the
+  // sectors that cannot hold a listed token (>99% of the row for top-k 50, ~55% for top-p 0.9).
+  unsigned char* map = reinterpret_cast<unsigned char*>(B) + MAP_OFFSET;
+  const bool use_map = (flags & F_SECTOR_MAP) && (row.nq + 1) / 2 <= imax(8 * cap, SCRATCH_MIN_BYTES) - MAP_OFFSET;
+  double s = 0.0;
+  float mx = 0.0f, mn = 0.0f;
+  int npos_t = 0;
+  for_each_quad(row, [&](int q, float4 xq) {
+    const float v[4] = {xq.x, xq.y, xq.z, xq.w};
+    if (use_map) {  // block-uniform: every lane shuffles
+      unsigned mb = __float_as_uint(v[0]);
+      mb = mb > __float_as_uint(v[1]) ? mb : __float_as_uint(v[1]);
+      mb = mb > __float_as_uint(v[2]) ? mb : __float_as_uint(v[2]);
+      mb = mb > __float_as_uint(v[3]) ? mb : __float_as_uint(v[3]);
+      const unsigned other = __shfl_xor_sync(FULL, mb, 1);
+      mb = (mb > other ? mb : other) >> 23;
+      if ((q & 1) == 0 && q < row.nq) map[q >> 1] = static_cast<unsigned char>(mb < 255u ? mb : 255u);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      s += static_cast<double>(v[j]);
+      mx = fmaxf(mx, v[j]);
+      mn = fminf(mn, v[j]);
+      const unsigned bits = __float_as_uint(v[j]);
+      const bool pos = static_cast<int>(bits) > 0;  // v > 0 (NaN and +inf too: their row is bad anyway)
+      npos_t += pos ? 1 : 0;
+      if (HIST != HIST_NONE && pos)
+        atomicAdd(&hist[bits >> 20], HIST == HIST_COUNT ? 1u : q_of(bits));
+    }
+  });
+  const double S = block_reduce(s, Sum<double>(), 0.0);
+  const float M = block_reduce(mx, Max<float>(), 0.0f);
+  const float mnr = -block_reduce(-mn, Max<float>(), 0.0f);
+  const long long npos = block_reduce(static_cast<long long>(npos_t), Sum<long long>(), 0LL);
+  if (!(mnr >= 0.0f) || !(S > 0.0) || !(S < 1.0e300)) {  // a negative value, NaN or +inf, or a zero sum
+    write_row(out, valid, logprob, flags, pid, 0, false, 0.0f);
+    return;
+  }
+  // the rule's constants for this row
+  const float thr = has_minp ? __fmul_rn(min_p, M) : 0.0f;
+  const u64 kthr = has_minp ? static_cast<u64>(__float_as_uint(thr)) << 32 : 0;
+  const int bthr = has_minp ? static_cast<int>(__float_as_uint(thr) >> 20) : 0;
+  const bool p_all = !has_p || p >= 1.0;
+  const long long k_eff = lmin(k, npos);  // ranks of positive tokens run 0 .. npos - 1
+  const bool need_sk = (flags & F_TOPK_FIRST) && has_k && !p_all;
+  const bool trivial = p_all && k_eff >= npos;  // every positive token passes top-k and top-p
+  const Cond cond_k{k_eff, 0.0, false};
+  Cond cond_pk{k_eff, p_all ? 0.0 : p * S, !p_all};
+
+  // plan: the lowest bin b0 to list and an upper bound of the list's size
+  int b0 = bthr;
+  long long est = npos;
+  int wlo = 0, whi = NUM_BINS - 1;  // top-p's window of uncertain bins
+  long long est_win = npos + 1;
+  const int per = digits_per_thread(NUM_BINS);
+  const int top = NUM_BINS - 1 - t * per;
+  if (HIST == HIST_COUNT) {
+    long long mine = 0;
+    for (int j = 0; j < per; ++j)
+      if (top - j >= 0) mine += hist[top - j];
+    if (t == 0) s_sel = NUM_BINS;
+    long long run = block_exclusive_scan<long long>(mine, nullptr);
+    for (int j = 0; j < per; ++j) {
+      const int b = top - j;
+      if (b >= 0) {
+        const unsigned c = hist[b];
+        if (c > 0 && run < k_eff) atomicMin(&s_sel, b);  // the bin holding rank k_eff - 1
+        run += c;
+      }
+    }
+    __syncthreads();
+    b0 = need_sk ? s_sel : imax(s_sel, bthr);
+    long long cnt = 0;
+    for (int j = 0; j < per; ++j)
+      if (top - j >= b0) cnt += hist[top - j];
+    est = block_reduce(cnt, Sum<long long>(), 0LL);
+  } else if (HIST == HIST_QSUM) {
+    if (!p_all) {
+      double lo_mine = 0.0, hi_mine = 0.0;
+      for (int j = 0; j < per; ++j) {
+        const int b = top - j;
+        if (b >= 0) {
+          const unsigned h = hist[b];
+          lo_mine += q_mass_lo(b, h);
+          hi_mine += q_mass_hi(b, h);
+        }
+      }
+      if (t == 0) {
+        s_sel = -1;
+        s_sel2 = NUM_BINS;
+      }
+      double lo_run = block_exclusive_scan<double>(lo_mine, nullptr);
+      double hi_run = block_exclusive_scan<double>(hi_mine, nullptr);
+      const double P = cond_pk.P;
+      for (int j = 0; j < per; ++j) {
+        const int b = top - j;
+        if (b >= 0) {
+          const unsigned h = hist[b];
+          if (h > 0 && lo_run >= P) atomicMax(&s_sel, b);   // first token certainly dropped
+          if (h > 0 && hi_run < P) atomicMin(&s_sel2, b);   // first token certainly kept
+          lo_run += q_mass_lo(b, h);
+          hi_run += q_mass_hi(b, h);
+        }
+      }
+      __syncthreads();
+      wlo = imax(s_sel, 0);
+      whi = s_sel2 < NUM_BINS ? s_sel2 : NUM_BINS - 1;
+    }
+    b0 = imax(wlo, bthr);
+    long long cnt = 0, wcnt = 0;
+    for (int j = 0; j < per; ++j) {
+      const int b = top - j;
+      if (b >= 0) {
+        const long long c = q_count_bound(b, hist[b]);
+        if (b >= b0) cnt += c;
+        if (b >= wlo && b <= whi) wcnt += c;
+      }
+    }
+    est = lmin(block_reduce(cnt, Sum<long long>(), 0LL), npos);
+    est_win = lmin(block_reduce(wcnt, Sum<long long>(), 0LL), npos);
+  }
+  // (the bins are dead from here: the scratch is free)
+
+  // the list path: every positive token of bins >= b0, the select, the sufficiency check
+  u64 kell = 0;
+  bool in_list = false;
+  int n = 0;
+  if (est <= cap) {
+    long long c0 = 0;
+    double m0 = 0.0;
+    const u64 ka = static_cast<u64>(b0) << 52;
+    n = fill_range(row, A, cap, ka, 1ull << 63, &c0, &m0, use_map ? map : nullptr, static_cast<unsigned>(b0) >> 3);
+    if (n > 0 && n <= cap) {
+      // every token below the list is dropped: the list holds all of them, or only tokens below
+      // min_p * max lie below it
+      const bool below_dropped = n == npos || (has_minp && ka <= kthr);
+      bool good = true;
+      if (!trivial) {
+        Cond c = cond_pk;
+        if (need_sk) {  // top_k_first: top-p on the top-k set's mass
+          const Pick pk = list_select(A, B, n, 0, 0.0, cond_k);
+          good = pk.rank < n - 1 || below_dropped || n >= k_eff;
+          c.P = p * (pk.mass + static_cast<double>(key_value(pk.key)));
+        }
+        Pick pl;
+        bool done = false;
+        if (HIST == HIST_QSUM && whi < NUM_BINS - 1) {
+          // top-p: l lies in the uncertain bins (<= whi); the bins above are summed, not selected
+          long long c0 = 0;
+          double m0 = 0.0;
+          const int nw = split_list(A, n, static_cast<u64>(whi + 1) << 52, B, &c0, &m0);
+          if (nw > 0 && 2 * nw <= cap && c(c0, m0)) {  // the window's first entry is kept: l is in it
+            MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
+            pl = list_select(B, B + nw, nw, c0, m0, c);
+            done = true;
+          }
+        }
+        if (!done) pl = list_select(A, B, n, 0, 0.0, c);
+        good = good && (pl.rank < n - 1 || below_dropped || n >= k_eff);
+        kell = pl.key;
+      } else {
+        good = below_dropped;
+      }
+      in_list = good;
+    }
+  }
+
+  // the fallback: the boundary from HBM (top-p's window of uncertain bins, else radix levels)
+  if (!in_list && !trivial) {
+    bool got = false;
+    if (HIST == HIST_QSUM && est_win <= cap) {
+      long long c0 = 0;
+      double m0 = 0.0;
+      const u64 ka = static_cast<u64>(wlo) << 52;
+      const int nw = fill_range(row, A, cap, ka, static_cast<u64>(whi + 1) << 52, &c0, &m0);
+      if (nw > 0 && nw <= cap) {
+        MOECOMM_SAMPLE_TRACE(PATH_WINDOW);
+        const Pick pl = list_select(A, B, nw, c0, m0, cond_pk);
+        // l is in the window: its first entry is kept (the bounds said so; checked exactly here, as
+        // a q-sum bin can wrap past 2^32 at V > 2^19) and an entry after l is dropped (or none can be)
+        got = cond_pk(c0, m0) && (pl.rank < c0 + nw - 1 || c0 + nw == npos || (has_minp && ka <= kthr));
+        kell = pl.key;
+      }
+    }
+    if (!got) {
+      MOECOMM_SAMPLE_TRACE(PATH_LEVELS);
+      Cond c = cond_pk;
+      if (need_sk) {
+        const Pick pk = hbm_select(row, A, B, cap, cond_k);
+        c.P = p * (pk.mass + static_cast<double>(key_value(pk.key)));
+      }
+      kell = hbm_select(row, A, B, cap, c).key;
+    }
+  }
+  if (!in_list && trivial) kell = 0;
+
+  // the race over the kept tokens: v > 0 and K >= max(K(l), K(min_p * max))
+  const u64 klo = umax64(kell, kthr);
+  float best = -1.0f;
+  int best_i = 0x7fffffff;
+  MOECOMM_SAMPLE_TRACE(in_list ? PATH_LIST : PATH_HBM_RACE);
+  if (in_list) {
+    for (int j = t; j < n; j += T) {
+      const u64 key = A[j];
+      if (key >= klo) {
+        const int i = key_index(key);
+        unsigned r0, r1, r2, r3;
+        philox(rng, static_cast<unsigned>(i) >> 2, r0, r1, r2, r3);
+        const int lane = i & 3;
+        race_update(key_value(key), lane == 0 ? r0 : lane == 1 ? r1 : lane == 2 ? r2 : r3, i, best, best_i);
+      }
+    }
+  } else {
+    for_each_quad(row, [&](int q, float4 xq) {
+      const float v[4] = {xq.x, xq.y, xq.z, xq.w};
+      bool kp[4];
+      bool any = false;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        kp[j] = v[j] > 0.0f && make_key(v[j], 4 * q + j) >= klo;
+        any = any || kp[j];
+      }
+      if (any) {  // one Philox call for the quad's four tokens
+        unsigned r[4];
+        philox(rng, static_cast<unsigned>(q), r[0], r[1], r[2], r[3]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (kp[j]) race_update(v[j], r[j], 4 * q + j, best, best_i);
+      }
+    });
+  }
+  block_argmax(best, best_i);
+  const bool found = best_i != 0x7fffffff;
+  float lp = 0.0f;
+  if (t == 0 && found && (flags & F_LOGPROB))
+    lp = static_cast<float>(log(static_cast<double>(row_ptr[best_i])) - log(S));
+  write_row(out, valid, logprob, flags, pid, found ? best_i : 0, found, lp);
+}
+
+}  // namespace sampling
+}  // namespace moecomm
+
+// Entry points, one per pass-A histogram (moecomm/sampling/_cuda.py picks): top-k given -> counts;
+// top-p without top-k -> q-sums; min-p alone -> none. Arguments as sample_row's; grid = output rows,
+// block = 1024 threads, dynamic shared memory = cap keys + max(cap keys, 24 KB).
+#define MOECOMM_SAMPLE_PARAMS                                                                               \
+  const float *x, const void *rowmap, void *out, unsigned char *valid, float *logprob, const void *k_ptr, \
+      const float *p_ptr, const float *minp_ptr, const long long *seed_ptr, const long long *offset_ptr, int V, \
+      int num_in_rows, long long stride_x, long long k_val, double p_val, float minp_val, long long seed_val, \
+      long long offset_val, int flags, int cap
+#define MOECOMM_SAMPLE_ARGS                                                                                  \
+  x, rowmap, out, valid, logprob, k_ptr, p_ptr, minp_ptr, seed_ptr, offset_ptr, V, num_in_rows, stride_x, k_val, \
+      p_val, minp_val, seed_val, offset_val, flags, cap
+
+extern "C" __global__ void __launch_bounds__(1024, 1) moecomm_sample_probs_count(MOECOMM_SAMPLE_PARAMS) {
+  moecomm::sampling::sample_row<moecomm::sampling::HIST_COUNT>(MOECOMM_SAMPLE_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(1024, 1) moecomm_sample_probs_qsum(MOECOMM_SAMPLE_PARAMS) {
+  moecomm::sampling::sample_row<moecomm::sampling::HIST_QSUM>(MOECOMM_SAMPLE_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(1024, 1) moecomm_sample_probs_none(MOECOMM_SAMPLE_PARAMS) {
+  moecomm::sampling::sample_row<moecomm::sampling::HIST_NONE>(MOECOMM_SAMPLE_ARGS);
+}

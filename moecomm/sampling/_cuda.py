@@ -1,0 +1,208 @@
+"""Launch wrapper of kernels/sampling/sample.cu: sampling from fp32 probabilities with top-k / top-p /
+min-p (compiled, cached and loaded by moecomm.jit.cuda; the design and its napkin math are in the
+.cu file's header).
+
+# B = output rows, R = rows of probs, V = vocab, CAP = list capacity (keys of shared memory)
+
+Nothing here checks user input: api.py did. ``covers`` says whether the kernel implements a call
+(else the Triton kernel runs it); ``plan_launch`` builds the flags and the argument list (no
+device needed: tests check it against the kernel's PTX signature and run it through a host
+emulation of the source); ``launch_sample`` launches on torch's current stream, with no host sync
+(seeds, offsets and per-row parameters given as tensors are read on the device).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+import torch
+
+from ..jit import cuda
+
+SOURCE = "sampling/sample.cu"
+THREADS = 1024  # __launch_bounds__(1024, 1) in sample.cu
+DEFAULT_CAPACITY = 12288  # list keys: 2 x 96 KB of shared memory (list + scratch)
+MIN_CAPACITY = 4096  # below this the fallback would run too often to be worth the kernel
+HIST_SCRATCH_BYTES = 24576  # the scratch also holds the fallback's 2048 counts + 2048 fp64 masses
+STATIC_SMEM_BYTES = 8192  # sample.cu's __shared__ arrays (5.7 KB by ptxas -v), rounded up
+MAX_VOCAB = 2**31 - 2**20  # api._check_dist's bound: indices and quad counters fit int32
+# LIST_CAPACITY: None = the device's (DEFAULT_CAPACITY, or less where shared memory is smaller);
+# tests set a small number to force the fallback paths (list overflow, window, radix levels).
+LIST_CAPACITY: int | None = None
+
+ENTRY = {"count": "moecomm_sample_probs_count", "qsum": "moecomm_sample_probs_qsum",
+         "none": "moecomm_sample_probs_none"}
+# sample.cu's F_* flags
+F_ROWMAP, F_ROWMAP64, F_OUT64, F_HAS_K, F_K_TENSOR, F_K64, F_HAS_P, F_P_TENSOR = (1 << i for i in range(8))
+F_HAS_MINP, F_MINP_TENSOR, F_TOPK_FIRST, F_SEED_TENSOR, F_SEED_PER_ROW, F_OFFSET_TENSOR, F_OFFSET_PER_ROW, F_LOGPROB = (
+    1 << i for i in range(8, 16))
+F_SECTOR_MAP = 1 << 16
+# Pass A writes a byte per 32-byte sector (its largest exponent) so that pass B loads only the sectors
+# that can hold a listed token; False: pass B reads the whole row (the benchmark's control row).
+SECTOR_MAP = True
+MODE_SAMPLE = 0
+_optin: dict[int, int] = {}
+
+
+class Launch(NamedTuple):
+    """One launch of sample.cu: entry point, grid, block, dynamic shared memory, arguments."""
+
+    entry: str
+    grid: tuple[int]
+    block: tuple[int]
+    shared_bytes: int
+    args: tuple
+
+
+def effective_filters(top_k, top_p, min_p, vocab: int):
+    """(top_k, top_p, min_p) with the scalar no-ops dropped (top_k >= V, top_p >= 1, min_p <= 0):
+    each keeps every positive token, so the reference's kept set is the same without it."""
+    if top_k is not None and not isinstance(top_k, torch.Tensor) and top_k >= vocab:
+        top_k = None
+    if top_p is not None and not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
+        top_p = None
+    if min_p is not None and not isinstance(min_p, torch.Tensor) and min_p <= 0.0:
+        min_p = None
+    return top_k, top_p, min_p
+
+
+def covers(
+    x: torch.Tensor, rowmap, num_rows: int, out: torch.Tensor, valid: torch.Tensor, logprob, y,
+    mode: int, from_logits: bool, top_k, top_p, min_p, temperature, top_k_first: bool,
+    seed, offset, per_row_seed: bool,
+) -> bool:
+    """Whether launch_sample implements this call (its arguments): fp32 probabilities with unit column
+    stride, MODE_SAMPLE, no temperature, at least one of top-k / top-p / min-p that filters (plain
+    sampling is one pass of the Triton kernel's race, which this kernel cannot beat), and a device
+    whose shared memory holds the list."""
+    if mode != MODE_SAMPLE or from_logits or temperature is not None or y is not None:
+        return False
+    if x.dtype is not torch.float32 or x.dim() != 2 or x.shape[1] < 1 or x.shape[1] >= MAX_VOCAB:
+        return False
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        return False
+    if isinstance(top_k, torch.Tensor) and top_k.dtype not in (torch.int32, torch.int64):
+        return False
+    if not any(f is not None for f in effective_filters(top_k, top_p, min_p, x.shape[1])):
+        return False
+    return device_ok(x.device)
+
+
+def shared_bytes(capacity: int) -> int:
+    """Dynamic shared memory of a launch: the list (capacity keys) and the scratch (as many, >= 24 KB)."""
+    return 8 * capacity + max(8 * capacity, HIST_SCRATCH_BYTES)
+
+
+def capacity(device: torch.device) -> int:
+    """The list's capacity in keys: LIST_CAPACITY if set, else DEFAULT_CAPACITY or what the device's
+    shared memory a block (opt-in) holds beside the static arrays (H100/H200: 227 KB, the default fits)."""
+    if LIST_CAPACITY is not None:
+        return int(LIST_CAPACITY)
+    if device.type != "cuda":
+        return DEFAULT_CAPACITY
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _optin:
+        props = torch.cuda.get_device_properties(index)
+        _optin[index] = int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+    room = (_optin[index] - STATIC_SMEM_BYTES) // 16
+    return max(0, min(DEFAULT_CAPACITY, room // 1024 * 1024))
+
+
+def device_ok(device: torch.device) -> bool:
+    """The device's shared memory holds a list of at least MIN_CAPACITY keys (sm_80 and later do)."""
+    return LIST_CAPACITY is not None or capacity(device) >= MIN_CAPACITY
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype is torch.float32 else t.float()
+
+
+def plan_launch(
+    x: torch.Tensor, rowmap, num_rows: int, out: torch.Tensor, valid: torch.Tensor, logprob, top_k, top_p, min_p,
+    top_k_first: bool, seed, offset, per_row_seed: bool,
+) -> Launch:
+    """The launch of sample.cu for a call that covers() accepts (arguments as launch_sample's)."""
+    vocab = x.shape[1]
+    top_k, top_p, min_p = effective_filters(top_k, top_p, min_p, vocab)
+    dummy = out
+    flags = (F_LOGPROB if logprob is not None else 0) | (F_SECTOR_MAP if SECTOR_MAP else 0)
+    if rowmap is not None:
+        flags |= F_ROWMAP | (F_ROWMAP64 if rowmap.dtype is torch.int64 else 0)
+    if out.dtype is torch.int64:
+        flags |= F_OUT64
+    k_t, k_v = dummy, 0
+    if top_k is not None:
+        flags |= F_HAS_K
+        if isinstance(top_k, torch.Tensor):
+            k_t = top_k
+            flags |= F_K_TENSOR | (F_K64 if top_k.dtype is torch.int64 else 0)
+        else:
+            k_v = int(top_k)
+    p_t, p_v = dummy, 1.0
+    if top_p is not None:
+        flags |= F_HAS_P
+        if isinstance(top_p, torch.Tensor):
+            p_t = _f32(top_p)
+            flags |= F_P_TENSOR
+        else:
+            p_v = float(top_p)
+    m_t, m_v = dummy, 0.0
+    if min_p is not None:
+        flags |= F_HAS_MINP
+        if isinstance(min_p, torch.Tensor):
+            m_t = _f32(min_p)
+            flags |= F_MINP_TENSOR
+        else:
+            m_v = float(min_p)
+    if top_k_first:
+        flags |= F_TOPK_FIRST
+    seed_t, seed_v = dummy, 0
+    if isinstance(seed, torch.Tensor):
+        seed_t = seed
+        flags |= F_SEED_TENSOR | (F_SEED_PER_ROW if per_row_seed else 0)
+    else:
+        seed_v = int(seed)
+    off_t, off_v = dummy, 0
+    if isinstance(offset, torch.Tensor):
+        off_t = offset
+        flags |= F_OFFSET_TENSOR | (F_OFFSET_PER_ROW if offset.numel() > 1 and num_rows > 1 else 0)
+    else:
+        off_v = int(offset)
+    entry = ENTRY["count" if top_k is not None else ("qsum" if top_p is not None else "none")]
+    cap = capacity(x.device)
+    args = (
+        x, rowmap if rowmap is not None else dummy, out, valid, logprob if logprob is not None else dummy,
+        k_t, p_t, m_t, seed_t, off_t,
+        ctypes.c_int(vocab), ctypes.c_int(x.shape[0]), ctypes.c_longlong(x.stride(0)),
+        ctypes.c_longlong(k_v), ctypes.c_double(p_v), ctypes.c_float(m_v),
+        ctypes.c_longlong(_as_int64(seed_v)), ctypes.c_longlong(_as_int64(off_v)),
+        ctypes.c_int(flags), ctypes.c_int(cap),
+    )
+    return Launch(entry, (num_rows,), (THREADS,), shared_bytes(cap), args)
+
+
+def _as_int64(v: int) -> int:
+    v %= 2**64
+    return v - 2**64 if v >= 2**63 else v
+
+
+def launch_sample(
+    x: torch.Tensor, rowmap, num_rows: int, out: torch.Tensor, valid: torch.Tensor, logprob, y,
+    mode: int, from_logits: bool, top_k, top_p, min_p, temperature, top_k_first: bool,
+    seed, offset, per_row_seed: bool,
+) -> None:
+    """Sample num_rows tokens (the signature of _triton.launch_sample, for the calls covers() accepts).
+
+    Args:
+        x: [R, V] fp32 probabilities, unit column stride. rowmap: [B] int32/int64 rows of x, or None.
+        out: [B] int32/int64 tokens; valid: [B] bool; logprob: [B] fp32 or None. y: None.
+        top_k: int or [B] int32/int64; top_p, min_p: float or [B] float tensors; None: off.
+        seed, offset: int or int64 tensor [1] or [B]; per_row_seed: seed holds one value per row.
+    """
+    if num_rows == 0:
+        return
+    plan = plan_launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first, seed, offset,
+                       per_row_seed)
+    kernel = cuda.load(SOURCE, plan.entry, device=x.device)
+    kernel(plan.grid, plan.block, plan.args, shared_mem=plan.shared_bytes)

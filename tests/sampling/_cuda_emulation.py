@@ -1,0 +1,91 @@
+"""kernels/sampling/sample.cu run on the CPU: the source compiled as host C++ over cuda_host_shim.h
+(one thread per CUDA thread), launched with the argument list of moecomm.sampling._cuda.plan_launch.
+So the kernel's logic and its wrapper's flags are tested without a GPU; what this cannot show is
+the GPU's own behaviour (memory ordering beyond __syncthreads, timing, register limits)."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+TIMEOUT_S = 120.0
+
+
+def compiler_error() -> str | None:
+    return None if shutil.which("g++") else "g++ not found"
+
+
+def _library() -> ctypes.CDLL:
+    from moecomm.jit import cuda
+
+    src = cuda.source_path("sampling/sample.cu")
+    parts = [*cuda.included_files(src), HERE / "cuda_host_shim.h", HERE / "cuda_host_run.cpp"]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"moecomm-sample-emu-{key}.so"
+    if not out.is_file():
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        cmd = ["g++", "-O2", "-std=c++20", "-pthread", "-fPIC", "-shared", "-Wno-unknown-pragmas",
+               f'-DSAMPLE_CU="{src}"', "-o", str(tmp), str(HERE / "cuda_host_run.cpp")]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"building the host emulation failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
+        os.replace(tmp, out)
+    lib = ctypes.CDLL(str(out))
+    lib.emu_sample.restype = ctypes.c_int
+    return lib
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first, seed, offset, per_row_seed,
+           threads: int = 128, lag_us: int = 0):
+    """One launch of the kernel on CPU tensors, planned by _cuda.plan_launch (threads: the block size
+    to emulate; the GPU runs 1024, the kernel takes any multiple of 32; lag_us: after every
+    __syncthreads the threads other than 0 sleep this long, to shake out shared-memory races)."""
+    global _lib
+    from moecomm.sampling import _cuda
+
+    if _lib is None:
+        _lib = _library()
+    plan = _cuda.plan_launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first, seed,
+                             offset, per_row_seed)
+    args = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in plan.args]
+    rc = []
+    paths = torch.zeros(num_rows, dtype=torch.int32)
+
+    def run():
+        rc.append(_lib.emu_sample(ctypes.c_void_p(paths.data_ptr()), ctypes.c_int(lag_us), plan.entry.encode(),
+                                  ctypes.c_int(plan.grid[0]), ctypes.c_int(threads),
+                                  ctypes.c_longlong(plan.shared_bytes), *args))
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(TIMEOUT_S)
+    if th.is_alive():
+        raise TimeoutError(f"the emulated kernel did not finish in {TIMEOUT_S} s (a barrier reached by part of a block?)")
+    if rc != [0]:
+        raise RuntimeError(f"emu_sample returned {rc}")
+    return plan, paths
+
+
+def sample(x, *, indices=None, top_k=None, top_p=None, min_p=None, top_k_first=True, seed=0, offset=0,
+           per_row_seed=False, out_dtype=torch.int32, threads: int = 128, lag_us: int = 0):
+    """(tokens, valid, logprob, paths) of the emulated kernel (outputs prefilled with garbage so that
+    unwritten rows show; paths: [B] int32, the OR of sample.cu's PATH_* bits each row took)."""
+    num_rows = indices.shape[0] if indices is not None else x.shape[0]
+    out = torch.full((num_rows,), -7, dtype=out_dtype)
+    valid = torch.full((num_rows,), True)
+    logprob = torch.full((num_rows,), 123.0)
+    _, paths = launch(x, indices, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first, seed, offset,
+                      per_row_seed, threads, lag_us)
+    return out, valid, logprob, paths

@@ -1,0 +1,167 @@
+// Runs a CUDA C++ kernel source as host C++ (g++ -std=c++20 -pthread): one std::thread per CUDA
+// thread, __syncthreads a std::barrier of the block, warp shuffles through a per-warp exchange and
+// a std::barrier of 32, shared-memory atomics as GCC __atomic builtins (compare-and-swap loops for
+// floating point), __shared__ variables as globals (blocks run one after another). Enough of CUDA
+// for kernels/sampling/sample.cu, whose collectives every lane of a warp reaches; a kernel that
+// calls __syncthreads or a warp collective from divergent code deadlocks here (the tests run it
+// under a timeout). Device math: logf / log from the C library (torch's CPU kernels may differ by
+// an ulp from CUDA's; the tests allow for it).
+#pragma once
+
+#include <barrier>
+#include <chrono>
+#include <math.h>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __shared__
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
+
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+namespace shim {
+struct Block {
+  std::unique_ptr<std::barrier<>> bar;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
+  std::vector<unsigned long long> slots;  // 32 per warp
+};
+inline Block* block = nullptr;
+// Race shaker: after every __syncthreads, threads other than 0 sleep this long, so thread 0 runs
+// ahead; a shared variable it rewrites before the others have read it then shows as wrong tokens.
+inline int lag_us = 0;
+
+inline void warp_sync() { block->warp_bar[threadIdx.x >> 5]->arrive_and_wait(); }
+
+template <typename T>
+T exchange(T v, int src_lane) {
+  static_assert(sizeof(T) <= 8, "8-byte values at most");
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  unsigned long long bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  block->slots[w * 32 + lane] = bits;
+  warp_sync();
+  bits = block->slots[w * 32 + (src_lane & 31)];
+  warp_sync();
+  T r;
+  std::memcpy(&r, &bits, sizeof(T));
+  return r;
+}
+
+// Runs fn on grid x block threads, one block after another; before_block(b) first for each block.
+inline void launch(unsigned grid, unsigned threads, const std::function<void()>& fn,
+                   const std::function<void(unsigned)>& before_block = {}) {
+  gridDim.x = grid;
+  blockDim.x = threads;
+  for (unsigned b = 0; b < grid; ++b) {
+    Block blk;
+    blk.bar = std::make_unique<std::barrier<>>(threads);
+    for (unsigned w = 0; w < threads / 32; ++w) blk.warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+    blk.slots.assign(threads, 0);
+    block = &blk;
+    if (before_block) before_block(b);
+    std::vector<std::thread> ts;
+    ts.reserve(threads);
+    for (unsigned t = 0; t < threads; ++t)
+      ts.emplace_back([=] {
+        blockIdx.x = b;
+        threadIdx.x = t;
+        fn();
+      });
+    for (auto& th : ts) th.join();
+    block = nullptr;
+  }
+}
+}  // namespace shim
+
+inline void __syncthreads() {
+  shim::block->bar->arrive_and_wait();
+  if (shim::lag_us > 0 && threadIdx.x != 0) std::this_thread::sleep_for(std::chrono::microseconds(shim::lag_us));
+}
+inline void __syncwarp(unsigned = 0xffffffffu) { shim::warp_sync(); }
+
+template <typename T>
+T __shfl_sync(unsigned, T v, int src) { return shim::exchange(v, src); }
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int m) { return shim::exchange(v, (threadIdx.x & 31) ^ m); }
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned d) {
+  const int lane = threadIdx.x & 31;
+  return shim::exchange(v, lane >= static_cast<int>(d) ? lane - static_cast<int>(d) : lane);
+}
+
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline double atomicAdd(double* p, double v) {
+  double old;
+  __atomic_load(p, &old, __ATOMIC_SEQ_CST);
+  for (;;) {
+    double want = old + v;
+    if (__atomic_compare_exchange(p, &old, &want, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) return old;
+  }
+}
+inline int atomicMin(int* p, int v) {
+  int old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+  while (v < old && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
+inline int atomicMax(int* p, int v) {
+  int old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+  while (v > old && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
+
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline double __longlong_as_double(long long i) {
+  double d;
+  std::memcpy(&d, &i, 8);
+  return d;
+}
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}
+// one IEEE operation each (x86-64 without -mfma never contracts)
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __uint2float_rn(unsigned u) { return static_cast<float>(u); }
+template <typename T>
+T __ldg(const T* p) { return *p; }
+
+
+

@@ -1,0 +1,639 @@
+"""kernels/sampling/sample.cu through moecomm.sampling._cuda: sampling from fp32 probabilities with
+top-k / top-p / min-p (the design is in the .cu file's header).
+
+# B = output rows, R = rows of probs, V = vocab, CAP = the list's capacity in keys
+
+CPU: the source compiles for sm_90a with nvcc (no spills; registers, shared memory within a
+block's limits); the wrapper's argument list matches each entry point's PTX signature for every
+kind of argument; flags and constants agree with the source; covers() and the capacity. And the
+kernel itself, compiled as host C++ over tests/sampling/cuda_host_shim.h (one thread per CUDA
+thread, the real __syncthreads / shuffle / atomic structure), launched with the wrapper's argument
+list, against the reference token for token on every path (the list in shared memory, top-p's
+window, the radix levels over the row, the race over the row: forced with a small LIST_CAPACITY)
+and edge case (ties, flat rows, bad rows and parameters, odd vocabularies and strides, per-row
+tensors, indices, per-row seeds). Exact equality there: kernel and reference use the same Philox
+bits, the same fp32 rounding steps for E and v / E, and fp64 sums for the kept set.
+
+GPU (-m gpu): the compiled kernel against the reference at V = 128256 for B 1 / 7 / 128 and every
+filter combination: >= 99.5% of rows equal (the brief's bound; the design expects all), never a
+token outside the kept set computed with a 1e-5 relative margin; ties, flat rows, the scalar path,
+bad rows, the fallback paths forced, CUDA-graph capture with fresh numbers per replay, no host sync,
+and the dispatch (the CUDA kernel runs the calls it covers, the Triton kernel the rest).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+
+import pytest
+import torch
+
+import moecomm.sampling as S
+from moecomm.jit import cuda
+from moecomm.sampling import _cuda, api
+from moecomm.sampling import reference as ref
+
+import _cuda_emulation as emu
+
+needs_nvcc = pytest.mark.skipif(cuda._nvcc() is None, reason="nvcc not found: the CUDA source cannot be compiled here")
+needs_gxx = pytest.mark.skipif(emu.compiler_error() is not None, reason="g++ not found: no host emulation of the kernel")
+MAX_SMEM_BLOCK = 232448  # H100 / H200: 227 KB of shared memory a block (opt-in)
+
+
+def _probs(rows, vocab, scale=3.0, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(rows, vocab, generator=g) * scale, -1).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the source: compiles, fits, and the wrapper passes what the kernel takes
+
+
+@needs_nvcc
+def test_source_compiles_for_sm90a(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOECOMM_CACHE_DIR", str(tmp_path))
+    c = cuda.compile(_cuda.SOURCE)
+    assert c.compiled and c.arch == "sm_90a"
+    blob = c.path.read_bytes()
+    for entry in _cuda.ENTRY.values():
+        assert entry.encode() in blob
+
+
+@pytest.fixture(scope="module")
+def nvcc_out(tmp_path_factory):
+    """(ptxas -v log of the sm_90a cubin, the PTX text): nvcc run twice for the whole module."""
+    if cuda._nvcc() is None:
+        pytest.skip("nvcc not found")
+    d = tmp_path_factory.mktemp("nvcc")
+    src = str(cuda.source_path(_cuda.SOURCE))
+    res = subprocess.run([cuda._nvcc(), "-cubin", "-arch=sm_90a", "-O3", "-std=c++17", "-Xptxas", "-v", "-o",
+                          str(d / "s.cubin"), src], capture_output=True, text=True, timeout=600, check=True)
+    subprocess.run([cuda._nvcc(), "-ptx", "-arch=sm_90a", "-O3", "-std=c++17", "-o", str(d / "s.ptx"), src],
+                   check=True, capture_output=True, timeout=600)
+    return res.stdout + res.stderr, (d / "s.ptx").read_text()
+
+
+@needs_nvcc
+def test_registers_spills_and_shared_memory(nvcc_out):
+    """ptxas -v: every entry at most 64 registers (1024 threads a block), no spills, no stack; its
+    static shared memory plus the default list's dynamic bytes fit a block of an H100 / H200."""
+    log = nvcc_out[0]
+    for entry in _cuda.ENTRY.values():
+        part = log[log.index(f"Compiling entry function '{entry}'"):]
+        part = part[:part.index("Compile time")]
+        regs = int(re.search(r"Used (\d+) registers", part).group(1))
+        smem = int(re.search(r"(\d+) bytes smem", part).group(1))
+        assert regs <= 64, (entry, regs)
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in part, (entry, part)
+        assert smem <= _cuda.STATIC_SMEM_BYTES, (entry, smem)
+        assert smem + _cuda.shared_bytes(_cuda.DEFAULT_CAPACITY) <= MAX_SMEM_BLOCK, (entry, smem)
+        print(f"{entry}: {regs} registers, {smem} + {_cuda.shared_bytes(_cuda.DEFAULT_CAPACITY)} bytes of shared memory")
+
+
+def _ptx_params(entry: str, text: str) -> list[str]:
+    head = text[text.index(f".entry {entry}("):]
+    return re.findall(r"\.param \.([a-z]\d+)", head[:head.index(")")])
+
+
+def _ptx_type(a) -> str:
+    if isinstance(a, (torch.Tensor, ctypes.c_longlong)):
+        return "u64"
+    return {ctypes.c_int: "u32", ctypes.c_float: "f32", ctypes.c_double: "f64"}[type(a)]
+
+
+_PLANS = [  # (top_k, top_p, min_p, top_k_first, rowmap dtype, out dtype, seed / offset as tensors, per-row seed) -> entry
+    (dict(top_p=0.9), "qsum"),
+    (dict(top_k=50, top_p=0.9), "count"),
+    (dict(min_p=0.1), "none"),
+    (dict(top_k="t32", top_p="t", min_p="t", rowmap=torch.int64, out=torch.int64, seed="t", offset="t", per_row=True), "count"),
+    (dict(top_k="t64", top_p=0.5, top_k_first=False, rowmap=torch.int32, seed="t"), "count"),
+    (dict(top_p="t", min_p=0.2, offset="t"), "qsum"),
+]
+
+
+def _plan_args(num_rows=4, vocab=1000, top_k=None, top_p=None, min_p=None, top_k_first=True, rowmap=None,
+               out=torch.int32, seed=7, offset=3, per_row=False):
+    x = torch.rand(num_rows, vocab)
+    t = lambda dtype, v: torch.full((num_rows,), v, dtype=dtype)  # noqa: E731
+    kk = {"t32": t(torch.int32, 5), "t64": t(torch.int64, 5)}.get(top_k, top_k) if isinstance(top_k, str) else top_k
+    pp = t(torch.float32, 0.9) if top_p == "t" else top_p
+    mm = t(torch.bfloat16, 0.1) if min_p == "t" else min_p
+    rm = torch.arange(num_rows, dtype=rowmap) if rowmap is not None else None
+    ss = t(torch.int64, 11) if seed == "t" else seed
+    oo = t(torch.int64, 2) if offset == "t" else offset
+    return (x, rm, num_rows, torch.empty(num_rows, dtype=out), torch.empty(num_rows, dtype=torch.bool),
+            torch.empty(num_rows), kk, pp, mm, top_k_first, ss, oo, per_row)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("kw,entry", _PLANS, ids=[str(i) for i in range(len(_PLANS))])
+def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
+    """The argument list (count, width, order) against the entry's PTX parameters, and the flags
+    against what was asked: a mismatch would only show as garbage on the device."""
+    args = _plan_args(**kw)
+    plan = _cuda.plan_launch(*args)
+    assert plan.entry == _cuda.ENTRY[entry]
+    assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out[1])
+    assert plan.block == (_cuda.THREADS,) and plan.grid == (4,)
+    assert plan.shared_bytes == _cuda.shared_bytes(_cuda.DEFAULT_CAPACITY)
+    flags = plan.args[-2].value
+    x, rowmap, _, out, valid, logprob, top_k, top_p, min_p, tkf, seed, offset, per_row = args
+    want = {
+        _cuda.F_ROWMAP: rowmap is not None, _cuda.F_ROWMAP64: rowmap is not None and rowmap.dtype is torch.int64,
+        _cuda.F_OUT64: out.dtype is torch.int64, _cuda.F_HAS_K: top_k is not None,
+        _cuda.F_K_TENSOR: isinstance(top_k, torch.Tensor),
+        _cuda.F_K64: isinstance(top_k, torch.Tensor) and top_k.dtype is torch.int64,
+        _cuda.F_HAS_P: top_p is not None, _cuda.F_P_TENSOR: isinstance(top_p, torch.Tensor),
+        _cuda.F_HAS_MINP: min_p is not None, _cuda.F_MINP_TENSOR: isinstance(min_p, torch.Tensor),
+        _cuda.F_TOPK_FIRST: tkf, _cuda.F_SEED_TENSOR: isinstance(seed, torch.Tensor), _cuda.F_SEED_PER_ROW: per_row,
+        _cuda.F_OFFSET_TENSOR: isinstance(offset, torch.Tensor),
+        _cuda.F_OFFSET_PER_ROW: isinstance(offset, torch.Tensor), _cuda.F_LOGPROB: True, _cuda.F_SECTOR_MAP: True,
+    }
+    assert {f: bool(flags & f) for f in want} == want
+    assert plan.args[0] is x and plan.args[2] is out and plan.args[3] is valid and plan.args[4] is logprob
+    if isinstance(min_p, torch.Tensor):  # a bf16 tensor goes to the kernel as fp32
+        assert plan.args[7].dtype is torch.float32 and torch.equal(plan.args[7], min_p.float())
+
+
+def test_flags_and_constants_agree_with_the_source():
+    src = cuda.source_path(_cuda.SOURCE).read_text()
+    flags = dict(re.findall(r"(F_[A-Z0-9_]+) = 1 << (\d+)", src))
+    assert {name: 1 << int(bit) for name, bit in flags.items()} == {
+        name: getattr(_cuda, name) for name in flags}, flags
+    assert len(flags) == 17
+    assert f"constexpr int SCRATCH_MIN_BYTES = {_cuda.HIST_SCRATCH_BYTES};" in src
+    assert f"constexpr int PHILOX_ROUNDS = {ref.PHILOX_ROUNDS};" in src
+    assert "__launch_bounds__(1024, 1)" in src and _cuda.THREADS == 1024
+    assert "constexpr int NUM_BINS = 2048;" in src and _cuda.HIST_SCRATCH_BYTES == 2048 * (4 + 8)
+    for entry in _cuda.ENTRY.values():
+        assert f"void __launch_bounds__(1024, 1) {entry}(MOECOMM_SAMPLE_PARAMS)" in src
+
+
+def test_covers_and_capacity(monkeypatch):
+    x = torch.rand(3, 100)
+    base = dict(rowmap=None, num_rows=3, out=None, valid=None, logprob=None, y=None, mode=0, from_logits=False,
+                top_k=None, top_p=None, min_p=None, temperature=None, top_k_first=True, seed=0, offset=0,
+                per_row_seed=False)
+
+    def covers(x=x, **kw):
+        return _cuda.covers(x, **{**base, **kw})
+
+    assert covers(top_p=0.9) and covers(top_k=5) and covers(min_p=0.1) and covers(top_k=torch.ones(3, dtype=torch.int64))
+    assert covers(top_p=torch.full((3,), 0.9)) and covers(top_k=5, top_p=0.5, top_k_first=False)
+    assert not covers()  # plain sampling: the Triton kernel's one-pass race
+    assert not covers(top_p=1.0) and not covers(top_k=100) and not covers(min_p=0.0)  # no-ops: plain sampling
+    assert covers(top_k=99) and covers(top_p=1.0, min_p=0.5)
+    assert not covers(top_p=0.9, from_logits=True) and not covers(top_p=0.9, temperature=0.7)
+    assert not covers(top_p=0.9, mode=1) and not covers(top_p=0.9, y=x)
+    assert not covers(x.bfloat16(), top_p=0.9) and not covers(x.half(), top_p=0.9)
+    assert not covers(torch.rand(100, 3).t(), top_p=0.9)  # column stride 3
+    assert covers(torch.rand(3, 200)[:, ::1][:, :100], top_p=0.9)  # a row stride other than V is fine
+    assert _cuda.effective_filters(7, 1.0, 0.0, 7) == (None, None, None)
+    assert _cuda.shared_bytes(12288) == 196608 and _cuda.shared_bytes(8) == 64 + _cuda.HIST_SCRATCH_BYTES
+    # capacity: the default on a large device, less on a small one, the override for tests
+    assert _cuda.capacity(torch.device("cpu")) == _cuda.DEFAULT_CAPACITY
+    dev = torch.device("cuda", 0)
+    for optin, cap in ((232448, 12288), (166912, 9216), (101376, 5120), (49152, 2048)):
+        monkeypatch.setitem(_cuda._optin, 0, optin)
+        assert _cuda.capacity(dev) == cap, optin
+        assert _cuda.device_ok(dev) == (cap >= _cuda.MIN_CAPACITY)
+    monkeypatch.setattr(_cuda, "LIST_CAPACITY", 16)
+    assert _cuda.capacity(dev) == 16 and _cuda.device_ok(dev)
+
+
+def test_dispatch_on_cpu_never_picks_the_cuda_kernel(monkeypatch):
+    """CPU tensors: the reference, or the Triton interpreter when MOECOMM_BACKEND=triton."""
+    from moecomm.jit import backend
+
+    x = torch.rand(2, 50)
+    args = (None, 2, None, None, None, None, 0, False, None, 0.9, None, None, True, 0, 0, False)
+    assert api._sample_kernel(backend.Impl.REFERENCE, x, args) is None
+    assert api._sample_kernel(backend.Impl.TRITON, x, args) == ("triton" if backend.triton_import_error() is None else None)
+    monkeypatch.setattr(api, "SAMPLE_KERNEL", "fast")
+    with pytest.raises(ValueError, match=r"SAMPLE_KERNEL must be one of \('cuda', 'triton'\), got 'fast'"):
+        api._sample_kernel(backend.Impl.TRITON, x, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel's logic on the CPU (host emulation of the source)
+
+
+def _same_as_reference(x, *, cap=None, threads=32, indices=None, top_k=None, top_p=None, min_p=None,
+                       top_k_first=True, seed=5, offset=3, per_row_seed=False, monkeypatch=None, lag_us=0):
+    """Runs the emulated kernel and the reference; asserts equal tokens, valid flags and log-probs.
+    Returns the paths the rows took (sample.cu's PATH_* bits)."""
+    if cap is not None:
+        monkeypatch.setattr(_cuda, "LIST_CAPACITY", cap)
+    out_dtype = torch.int64 if indices is not None and indices.dtype is torch.int64 else torch.int32
+    a, va, la, paths = emu.sample(x, indices=indices, top_k=top_k, top_p=top_p, min_p=min_p, top_k_first=top_k_first,
+                                  seed=seed, offset=offset, per_row_seed=per_row_seed, out_dtype=out_dtype,
+                                  threads=threads, lag_us=lag_us)
+    t = lambda v: v if isinstance(v, torch.Tensor) else torch.tensor([v])  # noqa: E731
+    b, vb, lb = ref.sample(x, from_logits=False, indices=indices, top_k=top_k, top_p=top_p, min_p=min_p,
+                           top_k_first=top_k_first, seed=t(seed), offset=t(offset), per_row_seed=per_row_seed,
+                           out_dtype=out_dtype)
+    assert a.dtype == b.dtype
+    assert torch.equal(va, vb), (va, vb)
+    assert torch.equal(a, b), (a[a != b], b[a != b], paths[a != b])
+    assert torch.equal(la.isnan(), ~vb)
+    torch.testing.assert_close(la[vb], lb[vb], atol=1e-6, rtol=0)
+    return paths
+
+
+EMU_CASES = [
+    ("top_p", dict(top_p=0.9)), ("top_p_small", dict(top_p=0.3)), ("top_k", dict(top_k=40)),
+    ("top_k_1", dict(top_k=1)), ("min_p", dict(min_p=0.05)),
+    ("top_k_top_p", dict(top_k=40, top_p=0.8)), ("joint", dict(top_k=40, top_p=0.8, top_k_first=False)),
+    ("top_p_min_p", dict(top_p=0.95, min_p=0.01)), ("top_k_min_p", dict(top_k=300, min_p=0.02)),
+    ("all_three", dict(top_k=200, top_p=0.9, min_p=0.005)), ("top_p_0.99", dict(top_p=0.99)),
+]
+
+
+@needs_gxx
+@pytest.mark.parametrize("name,kw", EMU_CASES, ids=[c[0] for c in EMU_CASES])
+def test_emulated_kernel_matches_reference(name, kw, monkeypatch):
+    """16 draws from one distribution (V = 2500: not a multiple of the block's loads) and 5 distinct
+    rows (V = 333) through indices: every token, valid flag and log-prob as the reference's."""
+    p = _probs(1, 2500, seed=3)
+    paths = _same_as_reference(p, indices=torch.zeros(16, dtype=torch.int32), **kw)
+    assert bool(((paths & ~16) == 1).all()), paths  # the list in shared memory holds every kept set here
+    if set(kw) == {"top_p"}:  # top-p selects on its uncertain bins only
+        assert bool((paths & 16).any()), paths
+    _same_as_reference(_probs(5, 333, seed=4), seed=9, offset=2**33 + 5, **kw)
+
+
+FALLBACK_CASES = [
+    dict(top_p=0.9), dict(top_p=0.99), dict(top_p=0.5, min_p=0.02), dict(top_k=50), dict(top_k=300, top_p=0.9),
+    dict(top_k=300, top_p=0.9, top_k_first=False), dict(min_p=0.01), dict(top_k=2000, top_p=0.95, min_p=0.001),
+]
+
+
+@needs_gxx
+@pytest.mark.parametrize("cap", [8, 64, 256])
+def test_emulated_fallback_paths(cap, monkeypatch):
+    """A small list capacity forces the fallbacks: top-p's window of uncertain bins, the radix
+    levels over the row, the race over the row. Same tokens as the reference on each; together the
+    capacities take every path."""
+    p = _probs(1, 3000, seed=5)
+    idx = torch.zeros(4, dtype=torch.int32)
+    seen = 0
+    for kw in FALLBACK_CASES:
+        paths = _same_as_reference(p, indices=idx, cap=cap, monkeypatch=monkeypatch, seed=21, **kw)
+        for v in paths.tolist():
+            seen |= v
+    want = {8: 2 | 4 | 8, 64: 1 | 2 | 4 | 8, 256: 1 | 2 | 8}[cap]
+    assert seen & want == want, (cap, seen)
+
+
+@needs_gxx
+def test_emulated_ties_and_flat_rows(monkeypatch):
+    """All-equal rows (top-k keeps the lowest indices; top-p the shortest prefix), rows of a few
+    distinct values, one non-zero value, a vocabulary of 1 and 3; with a small capacity the ties go
+    through the radix levels' index digits."""
+    vocab = 1000
+    rows = torch.zeros(6, vocab)
+    rows[0] = 1.0  # flat
+    rows[1, ::3] = 0.5  # two values
+    rows[1, 1::3] = 0.25
+    rows[2, [10, 20, 30]] = 0.3  # three equal maxima and a smaller one
+    rows[2, 40] = 0.1
+    rows[3, 777] = 2.0  # one non-zero token
+    rows[4] = torch.arange(vocab) % 4 + 1.0  # four values, repeating
+    rows[5, :500] = 1e-3
+    for cap in (None, 16):
+        for kw in (dict(top_k=1), dict(top_k=7), dict(top_p=0.5), dict(top_k=50, top_p=0.3), dict(min_p=1.0),
+                   dict(top_k=600, top_p=0.999, top_k_first=False), dict(top_p=0.001), dict(min_p=0.3, top_p=0.7)):
+            _same_as_reference(rows, cap=cap, monkeypatch=monkeypatch, seed=2, **kw)
+    a, *_ = emu.sample(rows[:1].expand(8, -1).contiguous(), top_k=4, seed=1)
+    assert bool((a < 4).all())  # flat row, top-k 4: the four lowest indices
+    for v in (1, 3):
+        _same_as_reference(_probs(4, v, seed=6), top_k=2, top_p=0.6)
+
+
+@needs_gxx
+def test_emulated_without_the_sector_map(monkeypatch):
+    """SECTOR_MAP = False (pass B reads the whole row): the same tokens."""
+    monkeypatch.setattr(_cuda, "SECTOR_MAP", False)
+    p = _probs(1, 2500, seed=3)
+    for kw in (dict(top_p=0.9), dict(top_k=40, top_p=0.8), dict(min_p=0.05)):
+        _same_as_reference(p, indices=torch.zeros(8, dtype=torch.int32), **kw)
+
+
+@needs_gxx
+def test_emulated_scalar_path_and_odd_strides():
+    """Rows that are not 16-byte aligned (a row stride of V + 1, a view starting one element in)
+    take the scalar loads; vocabularies not a multiple of 4 end in a partial quad."""
+    base = _probs(5, 1302, seed=7)
+    for view in (base[:, :1001], base[:, 1:1302], base[:, 3:1302:1][:, :1298]):
+        assert view.stride(1) == 1 and (view.stride(0) % 4 != 0 or view.data_ptr() % 16 != 0)
+        for kw in (dict(top_p=0.9), dict(top_k=30, top_p=0.9), dict(min_p=0.05)):
+            _same_as_reference(view, **kw)
+
+
+@needs_gxx
+def test_emulated_bad_rows_parameters_and_indices():
+    """NaN, +inf, a negative value, an all-zero row: invalid (token 0, logprob NaN); per-row
+    parameters out of range and indices out of [0, R) likewise; the other rows are sampled."""
+    p = _probs(6, 300, seed=9)
+    p[1, 3] = float("nan")
+    p[2, 5] = float("inf")
+    p[3, 7] = -0.5
+    p[4] = 0.0
+    for kw in (dict(top_p=0.9), dict(top_k=5), dict(min_p=0.1), dict(top_k=5, top_p=0.9)):
+        _same_as_reference(p, **kw)
+    q = _probs(4, 300, seed=10)
+    _same_as_reference(q, top_k=torch.tensor([5, 0, 5, -1]), top_p=torch.tensor([0.9, 0.9, 1.5, 0.9]))
+    _same_as_reference(q, top_p=torch.tensor([0.5, 0.0, float("nan"), 1.0]), min_p=torch.tensor([0.1, 0.1, 0.1, -0.1]))
+    _same_as_reference(q, min_p=torch.tensor([0.0, 1.5, float("nan"), 1.0]))
+    _same_as_reference(q, top_p=0.9, indices=torch.tensor([0, 9, -1, 3], dtype=torch.int32))
+
+
+@needs_gxx
+def test_emulated_per_row_tensors_seeds_and_indices():
+    """Per-row top-k (int32 and int64, some >= V), top-p (some 1.0), min-p; indices with repeats
+    (int64 indices: int64 tokens); one seed per row (the row left out of the counter) and per-row
+    offsets; seeds and offsets beyond 32 bits."""
+    p = _probs(4, 700, seed=11)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.tensor([3, 0, 0, 2, 3, 1, 1, 1], dtype=torch.int64)
+    k32 = torch.tensor([1, 5, 700, 50, 2, 9, 10_000, 3], dtype=torch.int32)
+    tp = torch.tensor([0.9, 1.0, 0.5, 0.2, 0.99, 0.7, 1.0, 0.95])
+    mp = torch.rand(8, generator=g) * 0.1
+    seeds = torch.randint(-2**62, 2**62, (8,), generator=g)
+    offs = torch.randint(0, 2**40, (8,), generator=g)
+    _same_as_reference(p, indices=idx, top_k=k32, top_p=tp)
+    _same_as_reference(p, indices=idx, top_k=k32.long(), top_p=tp, top_k_first=False, min_p=mp)
+    _same_as_reference(p, indices=idx, top_p=tp, min_p=mp, seed=seeds, offset=offs, per_row_seed=True)
+    _same_as_reference(p, indices=idx, min_p=mp, seed=torch.tensor([-3]), offset=torch.tensor([2**35 + 1]))
+    # a per-row seed: a row's token depends on its own seed, not on its slot or its neighbours
+    a, *_ = emu.sample(p, indices=idx, top_p=0.9, seed=seeds, offset=0, per_row_seed=True)
+    b, *_ = emu.sample(p, indices=idx.flip(0), top_p=0.9, seed=seeds.flip(0), offset=0, per_row_seed=True)
+    assert torch.equal(a, b.flip(0))
+
+
+@needs_gxx
+def test_emulated_unnormalised_and_tiny_values(monkeypatch):
+    """Rows that do not sum to 1 (x 1e6, x 1e-30: the bins' scale and the fp64 sums), and
+    subnormal probabilities (the bins below 2^-126), on the list and through the fallbacks."""
+    p = _probs(3, 800, seed=12)
+    rows = torch.cat([p * 1e6, p * 1e-30, torch.where(p > p.median(), p, p * 1e-38)])
+    for cap in (None, 32):
+        for kw in (dict(top_p=0.9), dict(top_k=20, top_p=0.8), dict(min_p=0.001), dict(top_p=0.999)):
+            _same_as_reference(rows, cap=cap, monkeypatch=monkeypatch, **kw)
+
+
+@needs_gxx
+def test_emulated_with_thread_0_running_ahead(monkeypatch):
+    """After every __syncthreads the other threads wait 100 us: a shared variable that thread 0
+    rewrites (a counter reset, the next level's digit counts) before they have read it shows as
+    wrong tokens or a deadlock (seen when list_select lost its trailing barrier). Every path once."""
+    p = _probs(1, 2000, seed=14)
+    idx = torch.zeros(2, dtype=torch.int32)
+    for cap, kw in ((None, dict(top_k=40, top_p=0.8)), (None, dict(top_p=0.9)), (None, dict(top_p=0.9, min_p=0.01)),
+                    (64, dict(top_p=0.95)),
+                    (8, dict(top_k=300, top_p=0.9)), (8, dict(min_p=0.02))):
+        _same_as_reference(p, indices=idx, cap=cap, monkeypatch=monkeypatch, lag_us=100, **kw)
+
+
+@needs_gxx
+def test_emulated_full_block_of_1024_threads(monkeypatch):
+    """The block size the GPU runs (the other emulated tests use 64 threads: the kernel takes any
+    multiple of 32), on the list and on the radix levels."""
+    p = _probs(1, 5000, seed=13)
+    _same_as_reference(p, threads=1024, top_k=50, top_p=0.9)
+    _same_as_reference(p, threads=1024, cap=64, monkeypatch=monkeypatch, top_p=0.95)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the compiled kernel
+
+
+def _gpu_probs(rows, vocab, scale=3.0, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.softmax(torch.randn(rows, vocab, device="cuda", generator=g) * scale, -1)
+
+
+@pytest.fixture
+def on_cuda_kernel(monkeypatch):
+    """Kernels (not the reference), the CUDA kernel for the calls it covers; counts its launches."""
+    assert cuda.toolchain_error() is None, cuda.toolchain_error()
+    monkeypatch.setattr(api, "SAMPLE_KERNEL", "cuda")
+    calls = []
+    real = _cuda.launch_sample
+    monkeypatch.setattr(_cuda, "launch_sample", lambda *a: (calls.append(a[2]), real(*a))[1])
+    return calls
+
+
+def _kernel_vs_reference(fn, *args, **kwargs):
+    from _sampling_helpers import both
+
+    return both(fn, *args, **kwargs)
+
+
+def _kept_with_margin(v, top_k=None, top_p=None, min_p=None, top_k_first=True, rel=1e-5):
+    """The reference's kept set, widened by a relative margin on the mass and min-p thresholds (a
+    token at the boundary within fp rounding counts as kept)."""
+    wide_p = None if top_p is None else (torch.clamp(top_p * (1 + rel), max=1.0) if isinstance(top_p, torch.Tensor)
+                                         else min(1.0, top_p * (1 + rel)))
+    wide_m = None if min_p is None else min_p * (1 - rel)
+    return ref.kept_mask(v, top_k, wide_p, wide_m, top_k_first)
+
+
+def _check_rows(a, b, va, vb, x_rows, kw, what):
+    mismatch = int((a != b).sum())
+    agree = 1 - mismatch / a.numel()
+    print(f"{what}: {agree:.4f} of {a.numel()} rows equal to the reference")
+    assert torch.equal(va, vb), what
+    assert mismatch <= max(1, int(0.005 * a.numel())), what  # >= 99.5% (one row may differ at small B)
+    keep = _kept_with_margin(x_rows, kw.get("top_k"), kw.get("top_p"), kw.get("min_p"), kw.get("top_k_first", True))
+    inside = keep.gather(1, a.long()[:, None])[:, 0]
+    assert bool(inside[va].all()), f"{what}: a token outside the kept set"
+
+
+GPU_CASES = [
+    ("top_p", dict(top_p=0.9)), ("top_p_0.5", dict(top_p=0.5)), ("top_p_0.99", dict(top_p=0.99)),
+    ("top_k", dict(top_k=50)), ("top_k_1", dict(top_k=1)), ("top_k_top_p", dict(top_k=50, top_p=0.9)),
+    ("joint", dict(top_k=50, top_p=0.9, top_k_first=False)), ("top_k_2000_top_p", dict(top_k=2000, top_p=0.95)),
+    ("min_p", dict(min_p=0.1)), ("min_p_small", dict(min_p=0.001)), ("top_p_min_p", dict(top_p=0.95, min_p=0.01)),
+    ("top_k_min_p", dict(top_k=100, min_p=0.05)), ("per_row", "per_row"), ("indices_per_row_seed", "indices"),
+]
+
+
+def _gpu_case(kw, batch):
+    """(kwargs for S.sample, the rows of probs each output row samples from)."""
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    if kw == "per_row":
+        k = torch.randint(1, 3000, (batch,), device="cuda", generator=g)
+        tp = torch.rand(batch, device="cuda", generator=g) * 0.7 + 0.3
+        tp[::3] = 1.0
+        mp = torch.rand(batch, device="cuda", generator=g) * 0.05
+        return dict(top_k=k.int(), top_p=tp, min_p=mp), None
+    if kw == "indices":
+        idx = torch.randint(0, 4, (batch,), device="cuda", generator=g)
+        seeds = torch.randint(-2**62, 2**62, (batch,), device="cuda", generator=g)
+        return dict(top_p=0.9, top_k=100, indices=idx, seed=seeds, offset=torch.tensor([7], device="cuda")), idx
+    return dict(kw), None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 7, 128])
+@pytest.mark.parametrize("name,kw", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_kernel_matches_reference_large_vocab(name, kw, batch, on_cuda_kernel):
+    p = _gpu_probs(4 if kw == "indices" else batch, 128256, seed=batch + 1)
+    kwargs, idx = _gpu_case(kw, batch)
+    kwargs.setdefault("seed", 7)
+    filt = {k: v for k, v in kwargs.items() if k in ("top_k", "top_p", "min_p", "top_k_first")}
+    order = "top_k_first" if filt.pop("top_k_first", True) else "joint"
+    run = lambda: S.sample(probs=p, **{k: v for k, v in kwargs.items() if k != "top_k_first"},  # noqa: E731
+                           filter_apply_order=order, return_logprobs=True)
+    a, b = _kernel_vs_reference(run)
+    assert len(on_cuda_kernel) == 1, "the CUDA kernel did not run"
+    rows = p[idx] if idx is not None else p
+    _check_rows(a.tokens, b.tokens, a.valid, b.valid, rows, {**filt, "top_k_first": order == "top_k_first"},
+                f"{name} B{batch}")
+    same = a.tokens == b.tokens
+    torch.testing.assert_close(a.logprobs[same], b.logprobs[same], atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+def test_ties_flat_rows_and_odd_vocabularies(on_cuda_kernel):
+    """Flat rows at V = 128256 (the list cannot hold a top-k boundary inside 128256 equal values:
+    the radix levels over the row run on the index digits), rows of a few values, V not a multiple
+    of 4 and rows not 16-byte aligned (scalar loads)."""
+    vocab = 128256
+    rows = torch.zeros(7, vocab, device="cuda")
+    rows[0] = 1.0
+    rows[1, ::3] = 0.5
+    rows[1, 1::3] = 0.25
+    rows[2, [10, 20, 30]] = 0.3
+    rows[3, 100_000] = 1.0
+    rows[4] = (torch.arange(vocab, device="cuda") % 5 + 1).float()
+    rows[5, :60_000] = 1.0
+    rows[6] = _gpu_probs(1, vocab, seed=5)[0]
+    base = torch.zeros(7, vocab + 4, device="cuda")
+    base[:, 1:vocab + 1] = rows
+    odd = base[:, 1:vocab]  # V = 128255, rows start one element in
+    for x in (rows, odd):
+        for kw in (dict(top_k=1), dict(top_k=50), dict(top_p=0.5), dict(top_k=50, top_p=0.3), dict(min_p=1.0),
+                   dict(top_p=0.9, min_p=0.5), dict(top_k=70_000, top_p=0.99, top_k_first=False)):
+            order = "top_k_first" if kw.pop("top_k_first", True) else "joint"
+            run = lambda: S.sample(probs=x, **kw, filter_apply_order=order, seed=3, return_logprobs=True)  # noqa: E731
+            a, b = _kernel_vs_reference(run)
+            _check_rows(a.tokens, b.tokens, a.valid, b.valid, x, {**kw, "top_k_first": order == "top_k_first"},
+                        f"ties {kw} V{x.shape[1]}")
+    assert len(on_cuda_kernel) == 14
+    a = S.top_k_sampling_from_probs(rows[:1].expand(64, -1), 4, seed=1)
+    assert bool((a < 4).all())  # a flat row's top 4 are its four lowest indices
+
+
+@pytest.mark.gpu
+def test_bad_rows_parameters_and_indices(on_cuda_kernel):
+    p = _gpu_probs(6, 128256, seed=9)
+    p[1, 3] = float("nan")
+    p[2, 5] = float("inf")
+    p[3, 7] = -0.5
+    p[4] = 0.0
+    for fn, args in ((S.top_p_sampling_from_probs, (0.9,)), (S.top_k_sampling_from_probs, (5,)),
+                     (S.min_p_sampling_from_probs, (0.1,)), (S.top_k_top_p_sampling_from_probs, (5, 0.9))):
+        (a, va), (b, vb) = _kernel_vs_reference(fn, p, *args, seed=4, return_valid=True)
+        assert va.tolist() == [True, False, False, False, False, True] and torch.equal(va, vb)
+        assert torch.equal(a, b)
+    q = _gpu_probs(4, 128256, seed=10)
+    out = S.sample(probs=q, top_k=torch.tensor([5, 0, 5, -1], device="cuda"),
+                   top_p=torch.tensor([0.9, 0.9, 1.5, 0.9], device="cuda"), seed=1, return_logprobs=True)
+    assert out.valid.tolist() == [True, False, False, False] and out.tokens[1:].tolist() == [0, 0, 0]
+    assert bool(out.logprobs[1:].isnan().all()) and not bool(out.logprobs[0].isnan())
+    (a, va), (b, vb) = _kernel_vs_reference(S.top_p_sampling_from_probs, q, 0.9, seed=1, return_valid=True,
+                                            indices=torch.tensor([0, 9, -1, 3], device="cuda", dtype=torch.int32))
+    assert va.tolist() == [True, False, False, True] and torch.equal(a, b)
+    assert len(on_cuda_kernel) == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cap", [64, 2048])
+def test_fallback_paths_forced(cap, on_cuda_kernel, monkeypatch):
+    """A small list capacity at V = 128256: top-p's window of uncertain bins, the radix levels over
+    the row and the race over the row do the work the list does by default."""
+    monkeypatch.setattr(_cuda, "LIST_CAPACITY", cap)
+    p = _gpu_probs(16, 128256, seed=11)
+    for kw in (dict(top_p=0.9), dict(top_p=0.99), dict(top_k=50), dict(top_k=3000, top_p=0.9),
+               dict(top_k=3000, top_p=0.9, top_k_first=False), dict(min_p=0.01), dict(top_p=0.6, min_p=0.001)):
+        order = "top_k_first" if kw.pop("top_k_first", True) else "joint"
+        run = lambda: S.sample(probs=p, **kw, filter_apply_order=order, seed=5)  # noqa: E731
+        a, b = _kernel_vs_reference(run)
+        _check_rows(a.tokens, b.tokens, a.valid, b.valid, p, {**kw, "top_k_first": order == "top_k_first"},
+                    f"cap {cap} {kw}")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_fresh_numbers_per_replay_and_no_sync(on_cuda_kernel):
+    """Captured with seed / offset tensors (and per-row seeds) and with the default generator: each
+    replay reads them on the device; the eager calls never sync the host."""
+    p = _gpu_probs(8, 128256, seed=2)
+    seed = torch.tensor([5], device="cuda")
+    seeds = torch.arange(8, device="cuda") * 1000 + 1
+    offset = torch.tensor([0], device="cuda")
+    k = torch.full((8,), 50, device="cuda", dtype=torch.int32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # compiled and loaded here, outside the capture; and no host sync in the calls
+        S.top_k_top_p_sampling_from_probs(p, k, 0.9, seed=seed, offset=offset)
+        S.top_p_sampling_from_probs(p, 0.9)
+        S.min_p_sampling_from_probs(p, 0.05, seed=seeds, offset=offset)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    g1, g2, g3 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g1):
+        out_default = S.top_p_sampling_from_probs(p, 0.9)
+    with torch.cuda.graph(g2):
+        out_seeded = S.top_k_top_p_sampling_from_probs(p, k, 0.9, seed=seed, offset=offset)
+    with torch.cuda.graph(g3):
+        out_rows = S.min_p_sampling_from_probs(p, 0.05, seed=seeds, offset=offset)
+    draws, seeded, per_row = [], [], []
+    for i in range(6):
+        for g in (g1, g2, g3):
+            g.replay()
+        draws.append(out_default.clone())
+        seeded.append(out_seeded.clone())
+        per_row.append(out_rows.clone())
+        if i % 2 == 1:
+            offset += 1  # the caller advances the offset: fresh numbers at the next replay
+    torch.cuda.synchronize()
+    assert len({tuple(d.tolist()) for d in draws}) > 1, "the default generator gave the same tokens every replay"
+    assert torch.equal(seeded[0], seeded[1]) and not torch.equal(seeded[1], seeded[2])
+    assert torch.equal(per_row[2], per_row[3]) and not torch.equal(per_row[3], per_row[4])
+    want = S.top_k_top_p_sampling_from_probs(p, k, 0.9, seed=5, offset=2)
+    assert torch.equal(seeded[4], want)
+    assert len(on_cuda_kernel) == 7  # 3 eager, 3 captured, 1 eager: the replays launch from the graphs
+
+
+@pytest.mark.gpu
+def test_dispatch_cuda_for_covered_calls_triton_for_the_rest(monkeypatch):
+    """With SAMPLE_KERNEL = "cuda" the covered calls launch sample.cu and nothing else does; with
+    "triton" none does."""
+    from moecomm.sampling import _triton
+
+    seen = []
+    real_c, real_t = _cuda.launch_sample, _triton.launch_sample
+    monkeypatch.setattr(_cuda, "launch_sample", lambda *a: (seen.append("cuda"), real_c(*a))[1])
+    monkeypatch.setattr(_triton, "launch_sample", lambda *a: (seen.append("triton"), real_t(*a))[1])
+    p = _gpu_probs(4, 1000)
+    calls = [
+        (lambda: S.top_p_sampling_from_probs(p, 0.9), "cuda"),
+        (lambda: S.top_k_top_p_sampling_from_probs(p, 5, 0.9), "cuda"),
+        (lambda: S.min_p_sampling_from_probs(p, 0.1), "cuda"),
+        (lambda: S.sampling_from_probs(p), "triton"),
+        (lambda: S.top_p_sampling_from_probs(p, 1.0), "triton"),
+        (lambda: S.top_p_sampling_from_probs(p.bfloat16(), 0.9), "triton"),
+        (lambda: S.top_k_top_p_sampling_from_logits(torch.log(p), 5, 0.9), "triton"),
+        (lambda: S.top_p_renorm_probs(p, 0.9), "triton"),
+    ]
+    for kernel in ("cuda", "triton"):
+        monkeypatch.setattr(api, "SAMPLE_KERNEL", kernel)
+        for call, want in calls:
+            seen.clear()
+            call()
+            assert seen == [want if kernel == "cuda" else "triton"], (kernel, want, seen)
