@@ -228,3 +228,46 @@ def test_dynamic_shared_memory_past_48kb_is_opted_in_once(monkeypatch):
     assert k.max_dynamic_shared_bytes == 200_704
     with pytest.raises(MoeCommValueError, match="nbytes must be an int >= 0, got -1"):
         k.set_max_dynamic_shared_bytes(-1)
+
+
+def test_launch_parameters_are_packed_at_their_offsets(monkeypatch):
+    """The kernelParams array a launch hands cuLaunchKernel points at each argument's value, of its
+    own C type, aligned to its size: read back through the recording driver for a mixed signature
+    (tensor pointers, int, long long, float, double, a null pointer), twice with other values (the
+    signature's buffer is reused)."""
+    import contextlib
+    import ctypes
+
+    import torch
+
+    seen = []
+    kinds = [ctypes.c_uint64, ctypes.c_int, ctypes.c_uint64, ctypes.c_longlong, ctypes.c_float, ctypes.c_double,
+             ctypes.c_uint64, ctypes.c_int]
+
+    class Lib:
+        def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+            ptrs = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+            seen.append([k.from_address(ptrs[i]).value for i, k in enumerate(kinds)])
+            return 0
+
+    class Driver:
+        lib = Lib()
+
+        def check(self, rc, what):
+            assert rc == 0, what
+
+        @contextlib.contextmanager
+        def current(self, index):
+            yield
+
+    monkeypatch.setattr(cuda, "_get_driver", lambda: Driver())
+    k = cuda.CudaKernel(None, "k", 0, ctypes.c_void_p(1))
+    a, b = torch.zeros(3), torch.zeros(5, dtype=torch.int32)
+    for n, x in ((7, 1.5), (-3, -0.25)):
+        k((1,), (32,), (a, ctypes.c_int(n), b, ctypes.c_longlong(2**40 + n), ctypes.c_float(x), ctypes.c_double(x / 3),
+                        ctypes.c_void_p(0), ctypes.c_int(-n)), stream=0)
+        want = [a.data_ptr(), n, b.data_ptr(), 2**40 + n, x, x / 3, 0, -n]
+        got = seen[-1]
+        assert got[:4] == want[:4] and got[6:] == want[6:] and got[4] == pytest.approx(x) and got[5] == x / 3
+    with pytest.raises(MoeCommTypeError, match="launch argument 1 must be a torch.Tensor or a ctypes scalar"):
+        k((1,), (1,), (a, 3))
