@@ -159,3 +159,18 @@ def get_or_create(path: str | os.PathLike, create: Callable[[], bytes], *,
             return path, False
         atomic_write(path, create())
     return path, True
+
+
+def run_compiler(cmd: list[str], out: Path, error: type[Exception], who: str, src: Path, timeout_s: float) -> bytes:
+    """Run a compiler command that writes ``out``; return the file's bytes. Any failure raises
+    ``error`` with the command line and the compiler's output (``who``: the module, for the message)."""
+    import subprocess
+
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise error(f"{who}: could not run the compiler ({exc})\n$ {' '.join(cmd)}") from exc
+    if res.returncode != 0 or not out.is_file():
+        raise error(f"{who}: compiling {src} failed (exit {res.returncode})\n$ {' '.join(cmd)}\n"
+                    f"{(res.stderr + res.stdout).strip()}")
+    return out.read_bytes()

@@ -42,8 +42,8 @@ import hashlib
 import json
 import os
 import re
-import struct
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -54,7 +54,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import _env
-from ..errors import MoeCommError, MoeCommTypeError, MoeCommValueError, UnsupportedHardwareError
+from ..errors import (
+    MoeCommError,
+    MoeCommTypeError,
+    MoeCommValueError,
+    UnsupportedHardwareError,
+)
 from . import cache
 
 DEFAULT_ARCH = "sm_90a"  # Hopper with its arch-specific instructions (wgmma, setmaxnreg); plain sm_90 lacks them
@@ -203,14 +208,7 @@ def _run_nvcc(src: Path, arch: str, flags: Sequence[str]) -> bytes:
     with tempfile.TemporaryDirectory(prefix="moecomm-nvcc-") as tmp:
         out = Path(tmp) / (src.stem + ".cubin")
         cmd = [_nvcc() or "nvcc", "-cubin", f"-arch={arch}", *flags, "-o", str(out), str(src)]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise CudaCompileError(f"moecomm.jit.cuda: could not run the compiler ({exc})\n$ {' '.join(cmd)}") from exc
-        if res.returncode != 0 or not out.is_file():
-            raise CudaCompileError(f"moecomm.jit.cuda: compiling {src} failed (exit {res.returncode})\n"
-                                   f"$ {' '.join(cmd)}\n{(res.stderr + res.stdout).strip()}")
-        return out.read_bytes()
+        return cache.run_compiler(cmd, out, CudaCompileError, "moecomm.jit.cuda", src, 600)
 
 
 def _run_nvrtc(src: Path, arch: str, flags: Sequence[str]) -> bytes:

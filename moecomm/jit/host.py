@@ -125,14 +125,7 @@ def _run_cc(src: Path, flags: Sequence[str]) -> bytes:
     with tempfile.TemporaryDirectory(prefix="moecomm-cc-") as tmp:
         out = Path(tmp) / (src.stem + ".so")
         cmd = [*compiler(), *flags, f"-I{kernels_dir()}", "-o", str(out), str(src)]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise HostCompileError(f"moecomm.jit.host: could not run the C compiler ({exc})\n$ {' '.join(cmd)}") from exc
-        if res.returncode != 0 or not out.is_file():
-            raise HostCompileError(f"moecomm.jit.host: compiling {src} failed (exit {res.returncode})\n"
-                                   f"$ {' '.join(cmd)}\n{(res.stderr + res.stdout).strip()}")
-        return out.read_bytes()
+        return cache.run_compiler(cmd, out, HostCompileError, "moecomm.jit.host", src, 300)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,6 +118,15 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype is torch.float32 else t.float()
 
 
+def _float_param(v, dummy: torch.Tensor, off: float, has_flag: int, tensor_flag: int):
+    """(tensor argument, scalar argument, flags) of a float parameter: None (off), a float or a [B] tensor."""
+    if v is None:
+        return dummy, off, 0
+    if isinstance(v, torch.Tensor):
+        return _f32(v), off, has_flag | tensor_flag
+    return dummy, float(v), has_flag
+
+
 def plan_launch(
     x: torch.Tensor, rowmap, num_rows: int, out: torch.Tensor, valid: torch.Tensor, logprob, top_k, top_p, min_p,
     top_k_first: bool, seed, offset, per_row_seed: bool,
@@ -139,22 +148,9 @@ def plan_launch(
             flags |= F_K_TENSOR | (F_K64 if top_k.dtype is torch.int64 else 0)
         else:
             k_v = int(top_k)
-    p_t, p_v = dummy, 1.0
-    if top_p is not None:
-        flags |= F_HAS_P
-        if isinstance(top_p, torch.Tensor):
-            p_t = _f32(top_p)
-            flags |= F_P_TENSOR
-        else:
-            p_v = float(top_p)
-    m_t, m_v = dummy, 0.0
-    if min_p is not None:
-        flags |= F_HAS_MINP
-        if isinstance(min_p, torch.Tensor):
-            m_t = _f32(min_p)
-            flags |= F_MINP_TENSOR
-        else:
-            m_v = float(min_p)
+    p_t, p_v, p_flags = _float_param(top_p, dummy, 1.0, F_HAS_P, F_P_TENSOR)
+    m_t, m_v, m_flags = _float_param(min_p, dummy, 0.0, F_HAS_MINP, F_MINP_TENSOR)
+    flags |= p_flags | m_flags
     if top_k_first:
         flags |= F_TOPK_FIRST
     seed_t, seed_v = dummy, 0

@@ -250,13 +250,14 @@ def _compile_plan_pack() -> int:
     sig = {"ids_ptr": "*i32", "e2r_ptr": "*i32", "e2l_ptr": "*i32", "rank_ptr": "*i32", "local_ptr": "*i32",
            "first_ptr": "*i32", "hist_ptr": "*i32", "T": "i32", "E": "i32", "stride_it": "i32", "stride_ik": "i32",
            "K": "constexpr", "KP": "constexpr", "W": "constexpr", "NUM_BINS": "constexpr", "BLOCK_T": "constexpr",
-           "CHECK": "constexpr"}
+           "CHECK": "constexpr", "HB": "constexpr"}
     for check in (False, True):
         compile_for_hopper(ep_plan_kernel, sig, {"K": 8, "KP": 8, "W": 8, "NUM_BINS": 16, "BLOCK_T": 64,
-                                                 "CHECK": check}, num_warps=4)
+                                                 "CHECK": check, "HB": 16}, num_warps=4)
     sig = {"key_ptr": "*bf16", "hist_ptr": "*i32", "R": "i32", "NV": "i32", "stride_kr": "i32", "key_col": "i32",
-           "K": "constexpr", "KP": "constexpr", "NUM_BINS": "constexpr", "BLOCK_R": "constexpr"}
-    compile_for_hopper(ep_expand_hist_kernel, sig, {"K": 8, "KP": 8, "NUM_BINS": 64, "BLOCK_R": 16}, num_warps=4)
+           "K": "constexpr", "KP": "constexpr", "NUM_BINS": "constexpr", "BLOCK_R": "constexpr", "HB": "constexpr"}
+    compile_for_hopper(ep_expand_hist_kernel, sig, {"K": 8, "KP": 8, "NUM_BINS": 64, "BLOCK_R": 16, "HB": 64},
+                       num_warps=4)
     sig = {"hist_ptr": "*i32", "base_ptr": "*i32", "NB": "i32", "HC": "i32", "BLOCK_B": "constexpr",
            "BLOCK_C": "constexpr"}
     compile_for_hopper(ep_sort_scan_kernel, sig, {"BLOCK_B": 64, "BLOCK_C": 64}, num_warps=4)

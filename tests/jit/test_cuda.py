@@ -188,11 +188,26 @@ def test_load_and_launch_a_tiny_kernel_on_gpu(cache_dir, tiny):
         cuda.load(tiny, "no_such_kernel")
 
 
+def _recording_driver(lib):
+    """A stand-in for moecomm.jit.cuda's driver whose library is ``lib`` (no GPU here)."""
+    import contextlib
+
+    class Driver:
+        def check(self, rc, what):
+            assert rc == 0, what
+
+        @contextlib.contextmanager
+        def current(self, index):
+            yield
+
+    Driver.lib = lib
+    return Driver
+
+
 def test_dynamic_shared_memory_past_48kb_is_opted_in_once(monkeypatch):
     """A launch asking for more than 48 KB of dynamic shared memory first sets the function's
     MAX_DYNAMIC_SHARED_SIZE_BYTES (attribute 8) to it, once; smaller launches set nothing (checked
     against a recording driver: no GPU here)."""
-    import contextlib
     import ctypes
 
     calls = []
@@ -206,16 +221,7 @@ def test_dynamic_shared_memory_past_48kb_is_opted_in_once(monkeypatch):
             calls.append(("launch", fn.value, rest[:6], rest[6]))
             return 0
 
-    class Driver:
-        lib = Lib()
-
-        def check(self, rc, what):
-            assert rc == 0, what
-
-        @contextlib.contextmanager
-        def current(self, index):
-            yield
-
+    Driver = _recording_driver(Lib())
     monkeypatch.setattr(cuda, "_get_driver", lambda: Driver())
     k = cuda.CudaKernel(None, "k", 0, ctypes.c_void_p(1234))
     assert k.max_dynamic_shared_bytes == 48 * 1024
@@ -235,7 +241,6 @@ def test_launch_parameters_are_packed_at_their_offsets(monkeypatch):
     own C type, aligned to its size: read back through the recording driver for a mixed signature
     (tensor pointers, int, long long, float, double, a null pointer), twice with other values (the
     signature's buffer is reused)."""
-    import contextlib
     import ctypes
 
     import torch
@@ -250,16 +255,7 @@ def test_launch_parameters_are_packed_at_their_offsets(monkeypatch):
             seen.append([k.from_address(ptrs[i]).value for i, k in enumerate(kinds)])
             return 0
 
-    class Driver:
-        lib = Lib()
-
-        def check(self, rc, what):
-            assert rc == 0, what
-
-        @contextlib.contextmanager
-        def current(self, index):
-            yield
-
+    Driver = _recording_driver(Lib())
     monkeypatch.setattr(cuda, "_get_driver", lambda: Driver())
     k = cuda.CudaKernel(None, "k", 0, ctypes.c_void_p(1))
     a, b = torch.zeros(3), torch.zeros(5, dtype=torch.int32)

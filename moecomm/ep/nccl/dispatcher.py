@@ -382,7 +382,6 @@ def _dispatch_static(x, ids, w, *, group, bufs: _StaticBuffers, rank: int, ep_si
                      check: bool, async_op: bool, op: str, index: _StaticIndex | None = None):
     """The static-capacity mode (see the module docstring): no host sync, fixed shapes."""
     T, H = x.shape
-    k = ids.shape[1]
     lay = bufs.layout
     ws = index.workspace if index is not None else None
     plan = plan_send(ids, e2r, e2l, ep_size, check_ids=check, workspace=ws)
