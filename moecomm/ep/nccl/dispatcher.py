@@ -82,6 +82,7 @@ from ...jit.backend import Impl, choose, device_checks_allowed
 from ..placement import ExpertPlacement
 from ..types import DispatchResult
 from . import static_ops as _sops
+from .handle import EPHandle, PendingCombine, PendingDispatch, _Done
 from .ops import _triton_kernels, gather_sum_unchecked
 from .reference import gather_sum_reference
 from .plan import RowLayout, Workspace, dispatch_outputs, expand_received, pack_send, plan_send
@@ -97,75 +98,7 @@ _FLAG_REASONS = {
 }
 
 
-# ----------------------------------------------------------------------------- handles
-
-
-@dataclass
-class EPHandle:
-    """What combine needs to bring rows home; built by dispatch, opaque to callers.
-
-    Attributes:
-        group: the process group (None: default), ep_size W.
-        send_splits: [W] host ints, rows this rank sent to each rank (S = sum); None in static mode.
-        recv_splits: [W] host ints, rows this rank received from each rank (R = sum); None in static mode.
-        home: [T, k] int32, the send row of each token's owning slots (-1: none).
-        slot_pos: [R, k] int32 expanded row of each received (row, slot) (-1: none).
-        num_tokens, hidden: T, H of the source rank; num_rows: N expanded rows (static: R * k).
-        local: EP size 1 only, the LocalDispatcher's handle (home and slot_pos are None then).
-        buffers: static mode, the dispatcher's buffers (combine writes into them).
-        op_handle: static mode, the dispatcher's handle in static_ops.REGISTRY (torch.compile's ops;
-            buffers is None in a handle made under compile: combine then runs through the op).
-    """
-
-    group: Any
-    ep_size: int
-    send_splits: list[int] | None
-    recv_splits: list[int] | None
-    home: torch.Tensor | None
-    slot_pos: torch.Tensor | None
-    num_tokens: int
-    hidden: int
-    num_rows: int
-    local: Any = None
-    buffers: Any = None
-    op_handle: int | None = None
-
-
-class _Done:
-    """An already-finished async result (EP size 1, or nothing to exchange)."""
-
-    def __init__(self, value: Any):
-        self._value = value
-
-    def is_completed(self) -> bool:
-        return True
-
-    def wait(self) -> Any:
-        return self._value
-
-
-class PendingDispatch:
-    """Returned by dispatch(..., async_op=True): the all-to-alls are in flight.
-
-    ``wait()`` -> DispatchResult (on a GPU, it orders the current stream after the exchange);
-    ``is_completed()`` -> whether the exchange has finished.
-    """
-
-    def __init__(self, works: list, finish):
-        self._works, self._finish, self._value = works, finish, None
-
-    def is_completed(self) -> bool:
-        return self._value is not None or all(w.is_completed() for w in self._works)
-
-    def wait(self) -> DispatchResult:
-        if self._value is None:
-            self._value = self._finish(self._works)
-        return self._value
-
-
-class PendingCombine(PendingDispatch):
-    """Returned by combine(..., async_op=True); ``wait()`` -> y [T, H]."""
-
+# EPHandle and the async results live in handle.py (re-exported here: the package's names)
 
 
 # ----------------------------------------------------------------------------- the exchange
