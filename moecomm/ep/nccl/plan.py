@@ -41,18 +41,9 @@ import torch
 
 from ...jit.backend import Impl, choose
 from ...permute.api import permute_indices_unchecked, permute_indices_weighted_op
+from .ops import _triton_kernels as _triton  # moecomm.ep.nccl._triton, imported on first use
 from .reference import pack_send_reference, plan_send_reference
 
-_kernels = None  # moecomm.ep.nccl._triton, imported on first use (it imports triton)
-
-
-def _triton():
-    global _kernels
-    if _kernels is None:
-        from . import _triton as kernels
-
-        _kernels = kernels
-    return _kernels
 
 
 # ----------------------------------------------------------------------------- scratch and outputs
