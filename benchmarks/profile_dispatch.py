@@ -180,6 +180,8 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--count", action="store_true", help="count launches, torch ops and syncs of one round trip")
+    p.add_argument("--force-exchange", action="store_true", help="exchange through NCCL even on one rank")
+    p.add_argument("--cprofile", action="store_true", help="also cProfile's top functions of the round trip")
     args = p.parse_args(argv)
     if args.count:
         import os
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
     dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")  # CPU: gloo smoke run
     dtype = torch.bfloat16 if cuda else torch.float32
     T, H, E, k = args.tokens, args.hidden, args.experts, args.top_k
-    disp = D.EPDispatcher(E, k, H, dtype=dtype)
+    disp = D.EPDispatcher(E, k, H, dtype=dtype, force_exchange=args.force_exchange)
     ids, w = _routing(T, E, k, dev, seed=rank)
     x = torch.randn(T, H, device=dev).to(dtype)
 
@@ -262,6 +264,23 @@ def main(argv=None) -> int:
         print(ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
         if cuda:
             print(ka.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+    if args.cprofile:
+        import cProfile
+        import io
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(args.reps):
+            round_trip()
+        pr.disable()
+        _sync()
+        if rank == 0:
+            for key in ("tottime", "cumulative"):
+                s = io.StringIO()
+                pstats.Stats(pr, stream=s).sort_stats(key).print_stats(25)
+                print(f"cProfile of {args.reps} round trips, by {key}:")
+                print(s.getvalue())
     dist.barrier()
     mdist.shutdown()
     return 0

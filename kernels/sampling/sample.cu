@@ -84,6 +84,29 @@ extern __shared__ __align__(16) unsigned char moecomm_sample_dyn[];  // list + s
 #define MOECOMM_SAMPLE_TRACE(path) ((void)(path))
 #endif
 
+// Where a block's time goes (benchmarks/profile_sampling.py builds with -DMOECOMM_SAMPLE_PROFILE):
+// thread 0 writes the SM clock at the end of each phase (slots 0-9) and the list sizes (10-14) of
+// the first PROFILE_ROWS blocks; moecomm_sample_profile_read copies them out. Nothing otherwise.
+#ifdef MOECOMM_SAMPLE_PROFILE
+constexpr int PROFILE_ROWS = 4096, PROFILE_SLOTS = 16;
+__device__ long long moecomm_sample_profile[PROFILE_ROWS * PROFILE_SLOTS];
+#define MOECOMM_SAMPLE_CLOCK(slot)                                                        \
+  if (threadIdx.x == 0 && blockIdx.x < PROFILE_ROWS)                                       \
+  moecomm_sample_profile[blockIdx.x * PROFILE_SLOTS + (slot)] = static_cast<long long>(clock64())
+#define MOECOMM_SAMPLE_VALUE(slot, v)                  \
+  if (threadIdx.x == 0 && blockIdx.x < PROFILE_ROWS) \
+  moecomm_sample_profile[blockIdx.x * PROFILE_SLOTS + (slot)] = static_cast<long long>(v)
+extern "C" __global__ void moecomm_sample_profile_read(long long* dst, int n) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    dst[i] = moecomm_sample_profile[i];
+    moecomm_sample_profile[i] = -1;
+  }
+}
+#else
+#define MOECOMM_SAMPLE_CLOCK(slot) ((void)0)
+#define MOECOMM_SAMPLE_VALUE(slot, v) ((void)0)
+#endif
+
 namespace moecomm {
 namespace sampling {
 
@@ -92,6 +115,7 @@ typedef unsigned long long u64;
 constexpr int PHILOX_ROUNDS = 7;  // reference.PHILOX_ROUNDS
 constexpr int NUM_BINS = 2048;    // pass-A bins: (bits of v) >> 20, the top 11 bits below the sign
 constexpr int NUM_DIGITS = 256;   // the list select's 8-bit digits
+constexpr int SMALL_MAX = 2048;   // list_select hands a bucket of at most this many keys to small_select
 constexpr int UNROLL = 4;         // 16-byte loads a thread keeps in flight
 constexpr int HIST_NONE = 0, HIST_COUNT = 1, HIST_QSUM = 2;
 constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8, PATH_SPLIT = 16;  // the trace
@@ -108,6 +132,14 @@ constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bin
 __shared__ unsigned s_dcnt[NUM_DIGITS], s_dfill[NUM_DIGITS], s_doff[NUM_DIGITS];
 __shared__ double s_dmass[NUM_DIGITS];
 __shared__ int s_sel, s_sel2, s_n;
+// small_select's cuts (one a warp) and its answer
+__shared__ long long s_cut_cnt[32];
+__shared__ double s_cut_mass[32];
+__shared__ u64 s_cut_min[32];
+__shared__ u64 s_pick_key;
+__shared__ long long s_pick_rank;
+__shared__ double s_pick_mass;
+__shared__ double s_row_sum;  // S for the log-prob at the end (not held in a register across the row)
 
 // ----------------------------------------------------------------------------- small helpers
 
@@ -245,11 +277,150 @@ __device__ __forceinline__ int digits_per_thread(int nd) {
   return (nd + T - 1) / T;
 }
 
+
+// The last entry satisfying cond among the m keys of src (distinct, unsorted, m >= 1), a contiguous
+// stretch of the order with cnt_hi tokens of mass mass_hi before it (as list_select; when not even
+// the first entry satisfies cond, the first). X: room for m keys (X == src: in place).
+//
+// Cuts instead of digits, for the short lists of top-k and of top-p's uncertain bins. With
+// H(c) = cond(count and fp64 mass of the entries >= c), an entry k is kept iff H(k + 1), and H only
+// turns false going down. Each round the warps count and sum the entries at or above each cut
+// lo + w * step (the 32 cuts split [lo, hi] evenly) and finds the smallest of them. For the lowest
+// cut c* where H holds, every entry >= c* is kept (the smallest of them, f, is l unless an entry
+// below c* is kept too) and every entry below the cut under c* is dropped: the next range is
+// [cut under c*, c* - 1] (its entries compacted into X), with f as the answer if none of them is
+// kept. The range shrinks 32-fold a round: a window of ~700 keys takes ~2 rounds of
+// ~6 barriers; at <= 32 entries one warp sorts them (bitonic), prefix-sums their values and picks.
+// The mass above f is its cut's sum less f (fp64: within an ulp of the in-order sum, as the radix
+// levels' sums are within an ulp of the reference's).
+__device__ __noinline__ Pick small_select(const u64* src, u64* X, int m, long long cnt_hi, double mass_hi, const Cond cond) {
+  constexpr int C = 32;  // cuts a round (warp w takes cuts w, w + W, ...: one each at 1024 threads)
+  const int t = threadIdx.x, T = blockDim.x, lane = t & 31, w = t >> 5, W = T >> 5;
+  u64 mn = ~0ull, mx = 0;
+  for (int j = t; j < m; j += T) {
+    const u64 k = src[j];
+    mn = k < mn ? k : mn;
+    mx = k > mx ? k : mx;
+  }
+  u64 lo = ~block_reduce(~mn, Max<u64>(), 0ull), hi = block_reduce(mx, Max<u64>(), 0ull);
+  if (t == 0) {  // the answer when no entry of the range is kept (in shared memory: registers are
+    s_pick_key = hi;  // short at 1024 threads): at first, the first
+    s_pick_rank = cnt_hi;
+    s_pick_mass = mass_hi;
+  }
+  const u64* cur = src;
+  while (m > 32) {
+    const u64 step = (hi - lo) / static_cast<u64>(C) + 1;
+    for (int ci = w; ci < C; ci += W) {
+      const u64 cut = lo + step * static_cast<u64>(ci);  // keys are below 2^63: no overflow
+      long long c = 0;
+      double sm = 0.0;
+      u64 kmin = ~0ull;
+      for (int j = lane; j < m; j += 32) {
+        const u64 k = cur[j];
+        if (k >= cut) {
+          ++c;
+          sm += static_cast<double>(key_value(k));
+          kmin = k < kmin ? k : kmin;
+        }
+      }
+      c = warp_reduce(c, Sum<long long>());
+      sm = warp_reduce(sm, Sum<double>());
+      kmin = ~warp_reduce(~kmin, Max<u64>());
+      if (lane == 0) {
+        s_cut_cnt[ci] = c;
+        s_cut_mass[ci] = sm;
+        s_cut_min[ci] = kmin;
+      }
+    }
+    __syncthreads();
+    // the lowest cut where H holds (C when none: l lies above the top cut, or nothing is kept)
+    const bool h = cond(cnt_hi + s_cut_cnt[lane], mass_hi + s_cut_mass[lane]);
+    const unsigned hm = __ballot_sync(FULL, h);
+    const int ws = hm ? __ffs(hm) - 1 : C;
+    if (ws == 0) {  // every entry of the range is kept: l is the smallest
+      const u64 k = s_cut_min[0];
+      const Pick p{k, cnt_hi + s_cut_cnt[0] - 1, mass_hi + (s_cut_mass[0] - static_cast<double>(key_value(k)))};
+      __syncthreads();
+      return p;
+    }
+    const u64 lo2 = lo + step * static_cast<u64>(ws - 1);
+    u64 hi2 = hi;
+    if (ws < C) {
+      hi2 = lo + step * static_cast<u64>(ws) - 1;
+      if (s_cut_cnt[ws] > 0) {
+        if (t == 0) {  // read after the barrier below
+          const u64 f = s_cut_min[ws];
+          s_pick_key = f;
+          s_pick_rank = cnt_hi + s_cut_cnt[ws] - 1;
+          s_pick_mass = mass_hi + (s_cut_mass[ws] - static_cast<double>(key_value(f)));
+        }
+        cnt_hi += s_cut_cnt[ws];
+        mass_hi += s_cut_mass[ws];
+      }
+    }
+    if (t == 0) s_n = 0;
+    __syncthreads();  // the cuts read, the counter reset
+    for (int j0 = 0; j0 < m; j0 += T) {  // compact [lo2, hi2] into X (in place: reads before writes)
+      const int j = j0 + t;
+      const u64 k = j < m ? cur[j] : 0;
+      const bool in = j < m && k >= lo2 && k <= hi2;
+      __syncthreads();
+      const int pos = warp_append(in ? 1 : 0, &s_n);
+      if (in) X[pos] = k;
+    }
+    __syncthreads();
+    m = s_n;
+    cur = X;
+    lo = lo2;
+    hi = hi2;
+    __syncthreads();  // s_n read by every thread
+  }
+  // <= 32 entries: warp 0 sorts them descending, prefix-sums their values, picks the last kept
+  if (w == 0) {
+    u64 k = lane < m ? cur[lane] : 0;  // 0: no key (every key's low word is >= 2^31)
+#pragma unroll
+    for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+      for (int j = size >> 1; j > 0; j >>= 1) {
+        const u64 o = __shfl_xor_sync(FULL, k, j);
+        const bool desc = (lane & size) == 0;  // size 32: the whole warp, descending
+        const bool low = (lane & j) == 0;
+        k = (low == desc) ? (k > o ? k : o) : (k < o ? k : o);
+      }
+    }
+    const double v = k ? static_cast<double>(key_value(k)) : 0.0;
+    double incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const double y = __shfl_up_sync(FULL, incl, o);
+      if (lane >= o) incl += y;
+    }
+    double ex = __shfl_up_sync(FULL, incl, 1);
+    if (lane == 0) ex = 0.0;
+    const bool kept = lane < m && cond(cnt_hi + lane, mass_hi + ex);
+    const unsigned km = __ballot_sync(FULL, kept);
+    const int L = km ? 31 - __clz(km) : 0;
+    const u64 kl = __shfl_sync(FULL, k, L);
+    const double el = __shfl_sync(FULL, ex, L);
+    if (lane == 0 && km) {  // else the fallback stays
+      s_pick_key = kl;
+      s_pick_rank = cnt_hi + L;
+      s_pick_mass = mass_hi + el;
+    }
+  }
+  __syncthreads();
+  const Pick p{s_pick_key, s_pick_rank, s_pick_mass};
+  __syncthreads();
+  return p;
+}
+
 // The last entry satisfying cond among the n keys of A (distinct, unsorted), which are a contiguous
 // stretch of the order with cnt_above tokens of mass mass_above before it. B: scratch of n keys.
 // Radix select with 8-bit digits from the top; each level keeps only the bucket holding the answer.
 __device__ Pick list_select(const u64* __restrict__ A, u64* __restrict__ B, int n, long long cnt_above,
                             double mass_above, const Cond cond) {
+  if (n <= SMALL_MAX) return small_select(A, B, n, cnt_above, mass_above, cond);
   const int t = threadIdx.x, T = blockDim.x;
   const int per = digits_per_thread(NUM_DIGITS);
   const int top = NUM_DIGITS - 1 - t * per;
@@ -328,6 +499,11 @@ __device__ Pick list_select(const u64* __restrict__ A, u64* __restrict__ B, int 
       __syncthreads();
       return p;
     }
+    if (c <= SMALL_MAX) {  // the bucket, contiguous in B, finished by cuts in place
+      const int off = static_cast<int>(s_doff[d]);
+      __syncthreads();
+      return small_select(B + off, B + off, static_cast<int>(c), cnt_above, mass_above, cond);
+    }
     __syncthreads();
   }
 }
@@ -391,6 +567,51 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
   *mass_above = block_reduce(am, Sum<double>(), 0.0);
   const int n = s_n;  // complete: block_reduce synchronised after the last append
   __syncthreads();    // read by every thread before the next fill_range may reset it
+  return n;
+}
+
+// The list path's pass B: appends to A every token whose fp32 bits (as a signed int: -0.0 is not
+// listed) are >= tb >= 1, i.e. v > 0 in bins >= tb >> 20 (the entries beyond cap are counted, not
+// stored); returns how many there are. fill_range with kb = 2^63 and ka = tb << 32, on 32-bit
+// compares: no key is built for a token that is not listed (~3x fewer instructions a token: the
+// pass is bound by issue, not bytes). map as fill_range's.
+__device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsigned tb, const unsigned char* map,
+                          unsigned map_min) {
+  if (threadIdx.x == 0) s_n = 0;
+  __syncthreads();
+  const int T = blockDim.x, t = threadIdx.x;
+  const int tbi = static_cast<int>(tb);
+  for (int base = 0; base < row.nq; base += UNROLL * T) {
+    float4 x[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int q = base + u * T + t;
+      const bool need = q < row.nq && (map == nullptr || map[q >> 1] >= map_min);
+      x[u] = need ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    int c = 0;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      c += (__float_as_int(x[u].x) >= tbi) + (__float_as_int(x[u].y) >= tbi) + (__float_as_int(x[u].z) >= tbi) +
+           (__float_as_int(x[u].w) >= tbi);
+    int pos = warp_append(c, &s_n);
+    if (c > 0) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (__float_as_int(v[j]) >= tbi) {
+            if (pos < cap) A[pos] = make_key(v[j], 4 * (base + u * T + t) + j);
+            ++pos;
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();  // every append done
+  const int n = s_n;
+  __syncthreads();  // read by every thread before the next fill_range / list_above may reset it
   return n;
 }
 
@@ -540,9 +761,10 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
                               : static_cast<const int*>(k_ptr)[pid];
     ok = ok && k >= 1;
   }
-  double p = 1.0;
+  // top_p, read where it is used (not held in a register across the row: they are short at 1024 threads)
+  auto top_p = [&]() { return has_p ? ((flags & F_P_TENSOR) ? static_cast<double>(p_ptr[pid]) : p_val) : 1.0; };
   if (has_p) {
-    p = (flags & F_P_TENSOR) ? static_cast<double>(p_ptr[pid]) : p_val;
+    const double p = top_p();
     ok = ok && p > 0.0 && p <= 1.0;
   }
   float min_p = 0.0f;
@@ -554,17 +776,13 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
     write_row(out, valid, logprob, flags, pid, 0, false, 0.0f);
     return;
   }
-  const long long seed = (flags & F_SEED_TENSOR) ? seed_ptr[(flags & F_SEED_PER_ROW) ? pid : 0] : seed_val;
-  const long long off = (flags & F_OFFSET_TENSOR) ? offset_ptr[(flags & F_OFFSET_PER_ROW) ? pid : 0] : offset_val;
-  const Rng rng{static_cast<unsigned>(seed), static_cast<unsigned>(static_cast<u64>(seed) >> 32),
-                (flags & F_SEED_PER_ROW) ? 0u : static_cast<unsigned>(pid), static_cast<unsigned>(off),
-                static_cast<unsigned>(static_cast<u64>(off) >> 32)};
   const float* row_ptr = x + in_row * stride_x;
   const RowRef row{row_ptr, V, (V + 3) >> 2, (reinterpret_cast<u64>(row_ptr) & 15) == 0};
 
   u64* A = reinterpret_cast<u64*>(moecomm_sample_dyn);  // the list: cap keys
   u64* B = A + cap;                                      // scratch: max(cap keys, 24 KB)
   unsigned* hist = reinterpret_cast<unsigned*>(B);       // pass A's bins live in the scratch until the list exists
+  MOECOMM_SAMPLE_CLOCK(0);
 
   // pass A
   if (HIST != HIST_NONE) {
@@ -606,9 +824,11 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
     }
   });
   const double S = block_reduce(s, Sum<double>(), 0.0);
+  if (t == 0) s_row_sum = S;
   const float M = block_reduce(mx, Max<float>(), 0.0f);
   const float mnr = -block_reduce(-mn, Max<float>(), 0.0f);
   const long long npos = block_reduce(static_cast<long long>(npos_t), Sum<long long>(), 0LL);
+  MOECOMM_SAMPLE_CLOCK(1);
   if (!(mnr >= 0.0f) || !(S > 0.0) || !(S < 1.0e300)) {  // a negative value, NaN or +inf, or a zero sum
     write_row(out, valid, logprob, flags, pid, 0, false, 0.0f);
     return;
@@ -617,12 +837,12 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   const float thr = has_minp ? __fmul_rn(min_p, M) : 0.0f;
   const u64 kthr = has_minp ? static_cast<u64>(__float_as_uint(thr)) << 32 : 0;
   const int bthr = has_minp ? static_cast<int>(__float_as_uint(thr) >> 20) : 0;
-  const bool p_all = !has_p || p >= 1.0;
+  const bool p_all = !has_p || top_p() >= 1.0;
   const long long k_eff = lmin(k, npos);  // ranks of positive tokens run 0 .. npos - 1
   const bool need_sk = (flags & F_TOPK_FIRST) && has_k && !p_all;
   const bool trivial = p_all && k_eff >= npos;  // every positive token passes top-k and top-p
   const Cond cond_k{k_eff, 0.0, false};
-  Cond cond_pk{k_eff, p_all ? 0.0 : p * S, !p_all};
+  Cond cond_pk{k_eff, p_all ? 0.0 : top_p() * S, !p_all};
 
   // plan: the lowest bin b0 to list and an upper bound of the list's size
   int b0 = bthr;
@@ -697,16 +917,20 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
     est_win = lmin(block_reduce(wcnt, Sum<long long>(), 0LL), npos);
   }
   // (the bins are dead from here: the scratch is free)
+  MOECOMM_SAMPLE_CLOCK(2);
+  MOECOMM_SAMPLE_VALUE(12, est);
+  MOECOMM_SAMPLE_VALUE(13, b0);
 
   // the list path: every positive token of bins >= b0, the select, the sufficiency check
   u64 kell = 0;
   bool in_list = false;
   int n = 0;
   if (est <= cap) {
-    long long c0 = 0;
-    double m0 = 0.0;
     const u64 ka = static_cast<u64>(b0) << 52;
-    n = fill_range(row, A, cap, ka, 1ull << 63, &c0, &m0, use_map ? map : nullptr, static_cast<unsigned>(b0) >> 3);
+    n = list_above(row, A, cap, b0 > 0 ? static_cast<unsigned>(b0) << 20 : 1u, use_map ? map : nullptr,
+                   static_cast<unsigned>(b0) >> 3);
+    MOECOMM_SAMPLE_CLOCK(3);
+    MOECOMM_SAMPLE_VALUE(10, n);
     if (n > 0 && n <= cap) {
       // every token below the list is dropped: the list holds all of them, or only tokens below
       // min_p * max lie below it
@@ -717,7 +941,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
         if (need_sk) {  // top_k_first: top-p on the top-k set's mass
           const Pick pk = list_select(A, B, n, 0, 0.0, cond_k);
           good = pk.rank < n - 1 || below_dropped || n >= k_eff;
-          c.P = p * (pk.mass + static_cast<double>(key_value(pk.key)));
+          c.P = top_p() * (pk.mass + static_cast<double>(key_value(pk.key)));
         }
         Pick pl;
         bool done = false;
@@ -726,6 +950,8 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
           long long c0 = 0;
           double m0 = 0.0;
           const int nw = split_list(A, n, static_cast<u64>(whi + 1) << 52, B, &c0, &m0);
+          MOECOMM_SAMPLE_CLOCK(4);
+          MOECOMM_SAMPLE_VALUE(11, nw);
           if (nw > 0 && 2 * nw <= cap && c(c0, m0)) {  // the window's first entry is kept: l is in it
             MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
             pl = list_select(B, B + nw, nw, c0, m0, c);
@@ -739,6 +965,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
         good = below_dropped;
       }
       in_list = good;
+      MOECOMM_SAMPLE_CLOCK(5);
     }
   }
 
@@ -764,14 +991,22 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
       Cond c = cond_pk;
       if (need_sk) {
         const Pick pk = hbm_select(row, A, B, cap, cond_k);
-        c.P = p * (pk.mass + static_cast<double>(key_value(pk.key)));
+        c.P = top_p() * (pk.mass + static_cast<double>(key_value(pk.key)));
       }
       kell = hbm_select(row, A, B, cap, c).key;
     }
   }
   if (!in_list && trivial) kell = 0;
+  MOECOMM_SAMPLE_CLOCK(6);
+  MOECOMM_SAMPLE_VALUE(14, in_list ? 1 : 0);
 
-  // the race over the kept tokens: v > 0 and K >= max(K(l), K(min_p * max))
+  // the race over the kept tokens: v > 0 and K >= max(K(l), K(min_p * max)); the random stream's
+  // key and counter read here, not at the start (registers are short at 1024 threads)
+  const long long seed = (flags & F_SEED_TENSOR) ? seed_ptr[(flags & F_SEED_PER_ROW) ? pid : 0] : seed_val;
+  const long long off = (flags & F_OFFSET_TENSOR) ? offset_ptr[(flags & F_OFFSET_PER_ROW) ? pid : 0] : offset_val;
+  const Rng rng{static_cast<unsigned>(seed), static_cast<unsigned>(static_cast<u64>(seed) >> 32),
+                (flags & F_SEED_PER_ROW) ? 0u : static_cast<unsigned>(pid), static_cast<unsigned>(off),
+                static_cast<unsigned>(static_cast<u64>(off) >> 32)};
   const u64 klo = umax64(kell, kthr);
   float best = -1.0f;
   int best_i = 0x7fffffff;
@@ -806,12 +1041,14 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
       }
     });
   }
+  MOECOMM_SAMPLE_CLOCK(7);
   block_argmax(best, best_i);
   const bool found = best_i != 0x7fffffff;
   float lp = 0.0f;
   if (t == 0 && found && (flags & F_LOGPROB))
-    lp = static_cast<float>(log(static_cast<double>(row_ptr[best_i])) - log(S));
+    lp = static_cast<float>(log(static_cast<double>(row_ptr[best_i])) - log(s_row_sum));
   write_row(out, valid, logprob, flags, pid, found ? best_i : 0, found, lp);
+  MOECOMM_SAMPLE_CLOCK(8);
 }
 
 }  // namespace sampling

@@ -22,6 +22,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__
 #define __restrict__ __restrict
 #define __shared__
 #define __launch_bounds__(...)
@@ -108,6 +109,19 @@ T __shfl_up_sync(unsigned, T v, unsigned d) {
   return shim::exchange(v, lane >= static_cast<int>(d) ? lane - static_cast<int>(d) : lane);
 }
 
+inline unsigned __ballot_sync(unsigned, bool pred) {
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  shim::block->slots[w * 32 + lane] = pred ? 1 : 0;
+  shim::warp_sync();
+  unsigned r = 0;
+  for (int i = 0; i < 32; ++i)
+    if (shim::block->slots[w * 32 + i]) r |= 1u << i;
+  shim::warp_sync();
+  return r;
+}
+inline int __ffs(int x) { return x ? __builtin_ctz(static_cast<unsigned>(x)) + 1 : 0; }
+inline int __clz(int x) { return x ? __builtin_clz(static_cast<unsigned>(x)) : 32; }
+
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline double atomicAdd(double* p, double v) {
@@ -135,6 +149,11 @@ inline unsigned __float_as_uint(float f) {
   unsigned u;
   std::memcpy(&u, &f, 4);
   return u;
+}
+inline int __float_as_int(float f) {
+  int i;
+  std::memcpy(&i, &f, 4);
+  return i;
 }
 inline float __uint_as_float(unsigned u) {
   float f;

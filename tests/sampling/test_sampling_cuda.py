@@ -385,6 +385,28 @@ def test_emulated_unnormalised_and_tiny_values(monkeypatch):
 
 
 @needs_gxx
+def test_emulated_long_lists_radix_levels_then_cuts():
+    """Lists longer than small_select takes (2048 keys): a radix level over the list, then its
+    bucket finished by cuts in place; and lists just above and below 32 keys (the warp's sort)."""
+    p = _probs(2, 40000, seed=14)
+    for kw in (dict(top_k=3000), dict(top_k=2500, top_p=0.95), dict(top_p=0.999), dict(top_k=33), dict(top_k=32),
+               dict(top_k=31, top_p=0.9)):
+        paths = _same_as_reference(p, threads=128, **kw)
+        assert bool((paths & 1).all()) or "top_k" not in kw, (kw, paths)  # top-p 0.999 overflows to the window
+
+
+@needs_gxx
+def test_emulated_negative_zeros_are_zeros(monkeypatch):
+    """-0.0 entries (sign bit set: a float-bits compare that ignores the sign would list them above
+    every positive token) are zeros: never drawn, not counted; on the list and through the fallbacks."""
+    p = _probs(2, 900, seed=13)
+    p[:, ::2] = -0.0
+    for cap in (None, 16):
+        for kw in (dict(top_p=0.9), dict(top_k=30), dict(top_k=30, top_p=0.8), dict(min_p=0.01)):
+            _same_as_reference(p, cap=cap, monkeypatch=monkeypatch, **kw)
+
+
+@needs_gxx
 def test_emulated_with_thread_0_running_ahead(monkeypatch):
     """After every __syncthreads the other threads wait 100 us: a shared variable that thread 0
     rewrites (a counter reset, the next level's digit counts) before they have read it shows as

@@ -1,0 +1,167 @@
+"""Where the time of kernels/sampling/sample.cu goes, phase by phase, and the host time of the API.
+
+    python -m benchmarks.profile_sampling            # GPU: the benchmark's rows
+    python -m benchmarks.profile_sampling --host     # also: host us per API call, and its profile
+
+# B = rows, V = vocab
+
+Phases: the kernel built with -DMOECOMM_SAMPLE_PROFILE writes, from thread 0 of each block, the
+SM clock at the end of each phase; printed as the median over the blocks, in cycles and in us at
+the clock given (--ghz; the H200 runs its SMs at ~1.98 GHz under this load). Beside it: the
+production build's time per launch (CUDA events around 20 back-to-back launches on one input,
+so the row may sit in L2 at B1), and the list sizes. Host: perf_counter over back-to-back calls at
+B1 V1000 (the kernel is then shorter than the host path), and cProfile's top functions.
+"""
+
+# Shape legend: B = rows, V = vocab.
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import ctypes
+import io
+import pstats
+import time
+
+import torch
+
+PHASES = ("pass A", "plan", "pass B (list)", "split", "select", "fallback", "race", "argmax+write")
+PROFILE_ROWS, PROFILE_SLOTS = 4096, 16  # sample.cu's
+
+
+def _probs(batch: int, vocab: int, device) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return torch.softmax(torch.randn(batch, vocab, generator=g) * 3, -1).to(device)
+
+
+def _launch_plan(x, op: str):
+    from moecomm.sampling import _cuda
+
+    B = x.shape[0]
+    out = torch.empty(B, dtype=torch.int32, device=x.device)
+    valid = torch.empty(B, dtype=torch.bool, device=x.device)
+    top_k = 50 if op == "top_k_top_p" else None
+    return _cuda.plan_launch(x, None, B, out, valid, None, top_k, 0.9, None, True, 1234, 0, False), out
+
+
+def phases(op: str, batch: int, vocab: int, ghz: float, device) -> str:
+    from moecomm.jit import cuda
+    from moecomm.sampling import _cuda
+
+    x = _probs(batch, vocab, device)
+    plan, out = _launch_plan(x, op)
+    prod = cuda.load(_cuda.SOURCE, plan.entry, device=device)
+    flags = tuple(cuda.DEFAULT_FLAGS) + ("-DMOECOMM_SAMPLE_PROFILE",)
+    prof = cuda.load(_cuda.SOURCE, plan.entry, device=device, flags=flags)
+    read = cuda.load(_cuda.SOURCE, "moecomm_sample_profile_read", device=device, flags=flags)
+
+    def run(k):
+        k(plan.grid, plan.block, plan.args, shared_mem=plan.shared_bytes)
+
+    for _ in range(3):
+        run(prod)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        run(prod)
+    end.record()
+    torch.cuda.synchronize()
+    kernel_us = start.elapsed_time(end) / 20 * 1e3
+    tok_prod = out.clone()
+    n = PROFILE_ROWS * PROFILE_SLOTS
+    buf = torch.empty(n, dtype=torch.int64, device=device)
+    for _ in range(2):  # the first read also resets the marks to -1 (a phase a row skips stays -1)
+        run(prof)
+        read((64,), (256,), (buf, ctypes.c_int(n)))
+    torch.cuda.synchronize()
+    same = bool(torch.equal(out, tok_prod))
+    rows = buf.view(PROFILE_ROWS, PROFILE_SLOTS)[: min(batch, PROFILE_ROWS)].cpu()
+    t = rows[:, :9]
+    line = [f"{op:12s} B{batch:<4d} V{vocab}: kernel {kernel_us:7.1f} us/launch (production build); "
+            f"profile build's tokens {'equal' if same else 'DIFFER'}"]
+    prev = t[:, 0]
+    total = torch.zeros(t.shape[0], dtype=torch.int64)
+    for i, name in enumerate(PHASES, start=1):
+        cur = t[:, i]
+        has = cur >= 0
+        if not bool(has.any()):
+            continue
+        d = torch.where(has, cur - prev, torch.zeros_like(cur))
+        total += d
+        med = float(d[has].double().median())
+        line.append(f"    {name:14s} {med:10.0f} cycles {med / ghz / 1e3:8.2f} us  (rows {int(has.sum())})")
+        prev = torch.where(has, cur, prev)
+    med = float(total.double().median())
+    line.append(f"    {'block total':14s} {med:10.0f} cycles {med / ghz / 1e3:8.2f} us")
+    vals = rows[:, 10:15].double()
+    names = ("list n", "window nw", "estimate", "b0", "in list")
+    line.append("    " + ", ".join(f"{nm} median {float(vals[:, j][vals[:, j] >= 0].median()):.0f}"
+                               for j, nm in enumerate(names) if bool((vals[:, j] >= 0).any())))
+    return "\n".join(line)
+
+
+def host(device) -> str:
+    import moecomm.sampling as S
+
+    x = _probs(1, 1000, device)
+    fns = {"top_p": lambda: S.top_p_sampling_from_probs(x, 0.9),
+           "top_k_top_p": lambda: S.top_k_top_p_sampling_from_probs(x, 50, 0.9),
+           "top_p seed=int": lambda: S.top_p_sampling_from_probs(x, 0.9, seed=1, offset=0)}
+    lines = []
+    for name, fn in fns.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(500):
+            fn()
+        us = (time.perf_counter() - t0) / 500 * 1e6
+        torch.cuda.synchronize()
+        lines.append(f"host {name:16s} {us:7.1f} us per call (B1 V1000, back to back)")
+    pieces = {
+        "torch.randint (device seed)": lambda: torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=device),
+        "torch.empty x3": lambda: (torch.empty(1, dtype=torch.int32, device=device),
+                                   torch.empty(1, dtype=torch.bool, device=device),
+                                   torch.empty(1, dtype=torch.float32, device=device)),
+    }
+    for name, fn in pieces.items():
+        for _ in range(50):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(1000):
+            fn()
+        lines.append(f"host {name:28s} {(time.perf_counter() - t0) / 1000 * 1e6:6.1f} us")
+    pr = cProfile.Profile()
+    fn = fns["top_p"]
+    pr.enable()
+    for _ in range(500):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
+    lines.append(s.getvalue())
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", action="store_true", help="also the host time of the API")
+    parser.add_argument("--ghz", type=float, default=1.98, help="SM clock to convert cycles (default 1.98)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_sampling: needs a CUDA device (the kernel's clock marks); nothing to do here")
+        return 0
+    device = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name()}; cycles -> us at {args.ghz} GHz")
+    for op in ("top_p", "top_k_top_p"):
+        for batch, vocab in ((1, 128256), (128, 128256), (512, 151936)):
+            print(phases(op, batch, vocab, args.ghz, device), flush=True)
+    if args.host:
+        print(host(device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
