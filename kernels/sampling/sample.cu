@@ -572,6 +572,41 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
   return n;
 }
 
+// Appends to A the tokens of the UNROLL quads x (quad base + u * T + t holds tokens 4q .. 4q + 3)
+// whose fp32 bits, as a signed int, are >= tb (tb >= 1: v > 0, -0.0 not), at positions taken from
+// *counter (one atomic a warp; every lane of the warp must call it). Those past cap are not stored:
+// *lost (if given) gets the largest bits among them. A lane whose items all fit (nearly always)
+// stores them with predicated instructions, no branch a token.
+__device__ __forceinline__ void append_above(const float4 (&x)[UNROLL], int base, int tb, u64* __restrict__ A,
+                                             int cap, int* counter, int* lost) {
+  const int T = blockDim.x, t = threadIdx.x;
+  int c = 0;
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u)
+    c += (__float_as_int(x[u].x) >= tb) + (__float_as_int(x[u].y) >= tb) + (__float_as_int(x[u].z) >= tb) +
+         (__float_as_int(x[u].w) >= tb);
+  int pos = warp_append(c, counter);
+  if (c == 0) return;
+  const bool fits = pos + c <= cap;
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const bool take = __float_as_int(v[j]) >= tb;
+      if (fits) {
+        if (take) A[pos] = make_key(v[j], 4 * (base + u * T + t) + j);
+      } else if (take) {
+        if (pos < cap)
+          A[pos] = make_key(v[j], 4 * (base + u * T + t) + j);
+        else if (lost != nullptr)
+          atomicMax(lost, __float_as_int(v[j]));
+      }
+      pos += take;
+    }
+  }
+}
+
 // The list path's pass B: appends to A every token whose fp32 bits (as a signed int: -0.0 is not
 // listed) are >= tb >= 1, i.e. v > 0 in bins >= tb >> 20 (the entries beyond cap are counted, not
 // stored); returns how many there are. fill_range with kb = 2^63 and ka = tb << 32, on 32-bit
@@ -591,25 +626,7 @@ __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsig
       const bool need = q < row.nq && (map == nullptr || map[q >> 1] >= map_min);
       x[u] = need ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
-    int c = 0;
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
-      c += (__float_as_int(x[u].x) >= tbi) + (__float_as_int(x[u].y) >= tbi) + (__float_as_int(x[u].z) >= tbi) +
-           (__float_as_int(x[u].w) >= tbi);
-    int pos = warp_append(c, &s_n);
-    if (c > 0) {
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (__float_as_int(v[j]) >= tbi) {
-            if (pos < cap) A[pos] = make_key(v[j], 4 * (base + u * T + t) + j);
-            ++pos;
-          }
-        }
-      }
-    }
+    append_above(x, base, tbi, A, cap, &s_n, nullptr);
   }
   __syncthreads();  // every append done
   const int n = s_n;
@@ -747,6 +764,32 @@ __device__ Pick hbm_select(const RowRef& row, u64* A, u64* B, int cap, const Con
   return list_select(A, B, imin(n, cap), c0, m0, cond);
 }
 
+// Pass A's list threshold, into s_tau: the edge of the lowest binade whose count from the top in the
+// sample (hist[0 .. 255], counts by binade: bits >> 23), projected to the row, is within budget
+// tokens (1: all positive tokens; +inf's bits: not even the top binade). Warp 0 only; lane l owns
+// binades 255 - 8 l .. 248 - 8 l.
+__device__ __forceinline__ void pick_tau(const unsigned* hist, int V, double budget) {
+  const int lane = threadIdx.x & 31, etop = 255 - 8 * lane;
+  const double cut = budget * (4.0 * blockDim.x) / V;  // in sampled tokens
+  unsigned cnt = 0;
+  for (int j = 0; j < 8; ++j) cnt += hist[etop - j];
+  unsigned ci = cnt;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const unsigned y = __shfl_up_sync(FULL, ci, o);
+    if (lane >= o) ci += y;
+  }
+  unsigned run = ci - cnt;
+  int e = 256;
+  for (int j = 0; j < 8; ++j) {
+    run += hist[etop - j];
+    if (run <= cut) e = etop - j;
+  }
+  e = -warp_reduce(-e, Max<int>());
+  if (lane == 0) s_tau = e >= 256 ? 0x7f800000 : (e > 0 ? e << 23 : 1);
+}
+
+
 // ----------------------------------------------------------------------------- one row
 
 __device__ void write_row(void* out, unsigned char* valid, float* logprob, int flags, int pid, int token, bool ok,
@@ -808,8 +851,9 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
 
   // pass A
   // The list, speculatively, during pass A (F_PASS_A_LIST): every token with fp32 bits >= tau, tau
-  // the lowest bin edge whose tokens the list holds by an estimate (a projection from a sample of
-  // one quad a thread spread over the row: ~3/4 of its capacity), so that the list usually holds
+  // the lowest binade edge whose tokens the list holds by an estimate (a projection from a sample of
+  // one quad a thread spread over the row: 3/4 of its capacity, 4 top_k + 256 with top-k), so that
+  // the list usually holds
   // bin b0's and pass B is not needed (~45% of the row read again for top-p). A token with no room
   // left is dropped and its bits remembered (s_lost): the list then holds every token above them.
   if (t == 0) {
@@ -822,43 +866,21 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
     __syncthreads();
   }
   if ((flags & F_PASS_A_LIST) && 4ll * row.V > 3ll * cap) {
+    // the sample: one quad a thread, spread over the row; counts by binade (bits >> 23)
     const int q = static_cast<int>(static_cast<long long>(t) * row.nq / T);
     const float4 xq = load_quad(row, q);
     const float v[4] = {xq.x, xq.y, xq.z, xq.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int bits = __float_as_int(v[j]);
-      if (bits > 0 && bits < 0x7f800000) atomicAdd(&hist[bits >> 20], 1u);
+      if (bits > 0 && bits < 0x7f800000) atomicAdd(&hist[bits >> 23], 1u);
     }
     __syncthreads();
-    if (t < 32) {  // warp 0: the lowest bin whose sampled count from the top, projected, fits
-      const double budget = 0.75 * cap * (4.0 * T) / row.V;  // in sampled tokens
-      constexpr int PER = NUM_BINS / 32;
-      const int top = NUM_BINS - 1 - t * PER;
-      unsigned mine = 0;
-      for (int j = 0; j < PER; ++j) mine += hist[top - j];
-      unsigned incl = mine;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const unsigned y = __shfl_up_sync(FULL, incl, o);
-        if (t >= o) incl += y;
-      }
-      const unsigned over = __ballot_sync(FULL, incl > budget);
-      if (over) {
-        const int lane = __ffs(over) - 1;  // the first lane past the budget walks its bins
-        if (t == lane) {
-          double run = incl - mine;
-          int b = top;
-          for (int j = 0; j < PER; ++j, --b) {
-            run += hist[b];
-            if (run > budget) break;
-          }
-          s_tau = (b + 1) << 20;  // bins above b (b + 1 <= 2047: bits < 2^31)
-        }
-      }
-    }
+    // budget: 3/4 of the list; with top-k (the kept set lies in the top-k set) 4 k + 256, which
+    // the binade below the rank-k token's usually holds (a binade ~2-3x the count above the next)
+    if (t < 32) pick_tau(hist, row.V, has_k ? fmin(0.75 * cap, 4.0 * static_cast<double>(k) + 256.0) : 0.75 * cap);
     __syncthreads();
-    for (int b = t; b < NUM_BINS; b += T) hist[b] = 0;
+    for (int b = t; b < 256; b += T) hist[b] = 0;
     __syncthreads();
   }
   // per token: fp64 sum, max, min, count of v > 0, one native shared atomic (~12 instructions). The
@@ -904,31 +926,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
           atomicAdd(&hist[bits >> 20], HIST == HIST_COUNT ? 1u : q_of(bits));
       }
     }
-    if (flags & F_PASS_A_LIST) {  // block-uniform: every lane appends
-      const int tau = s_tau;  // read here: registers are short at 1024 threads
-      int c = 0;
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u)
-        c += (__float_as_int(x[u].x) >= tau) + (__float_as_int(x[u].y) >= tau) + (__float_as_int(x[u].z) >= tau) +
-             (__float_as_int(x[u].w) >= tau);
-      int pos = warp_append(c, &s_n);
-      if (c > 0) {
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-          const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (__float_as_int(v[j]) >= tau) {
-              if (pos < cap)
-                A[pos] = make_key(v[j], 4 * (base + u * T + t) + j);
-              else
-                atomicMax(&s_lost, __float_as_int(v[j]));
-              ++pos;
-            }
-          }
-        }
-      }
-    }
+    if (flags & F_PASS_A_LIST) append_above(x, base, s_tau, A, cap, &s_n, &s_lost);  // block-uniform
   }
   const double S = block_reduce(s, Sum<double>(), 0.0);
   if (t == 0) s_row_sum = S;
