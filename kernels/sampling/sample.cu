@@ -853,8 +853,8 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   // The list, speculatively, during pass A (F_PASS_A_LIST): every token with fp32 bits >= tau, tau
   // the lowest binade edge whose tokens the list holds by an estimate (a projection from a sample of
   // one quad a thread spread over the row: 3/4 of its capacity, 4 top_k + 256 with top-k), so that
-  // the list usually holds
-  // bin b0's and pass B is not needed (~45% of the row read again for top-p). A token with no room
+  // the list usually holds bin b0's and pass B (~45% of the row read again for top-p, all its tokens
+  // compared and appended again) is not needed. A token with no room
   // left is dropped and its bits remembered (s_lost): the list then holds every token above them.
   if (t == 0) {
     s_n = 0;
