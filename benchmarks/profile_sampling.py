@@ -155,15 +155,9 @@ def main(argv=None) -> int:
         return 0
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}; cycles -> us at {args.ghz} GHz")
-    from moecomm.sampling import _cuda
-
     for op in ("top_p", "top_k_top_p"):
         for batch, vocab in ((1, 128256), (128, 128256), (512, 151936)):
-            for pass_a_list in (True, False):  # False: the list by pass B (the control)
-                _cuda.PASS_A_LIST = pass_a_list
-                print(("" if pass_a_list else "[PASS_A_LIST=False] ") + phases(op, batch, vocab, args.ghz, device),
-                      flush=True)
-            _cuda.PASS_A_LIST = True
+            print(phases(op, batch, vocab, args.ghz, device), flush=True)
     if args.host:
         print(host(device))
     return 0

@@ -118,14 +118,13 @@ constexpr int NUM_DIGITS = 256;   // the list select's 8-bit digits
 constexpr int SMALL_MAX = 2048;   // list_select hands a bucket of at most this many keys to small_select
 constexpr int UNROLL = 4;         // 16-byte loads a thread keeps in flight
 constexpr int HIST_NONE = 0, HIST_COUNT = 1, HIST_QSUM = 2;
-constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8, PATH_SPLIT = 16,
-              PATH_PASS_A_LIST = 32;  // the trace
+constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8, PATH_SPLIT = 16;  // the trace
 
 // flags (moecomm/sampling/_cuda.py builds them)
 constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K = 1 << 3, F_K_TENSOR = 1 << 4,
               F_K64 = 1 << 5, F_HAS_P = 1 << 6, F_P_TENSOR = 1 << 7, F_HAS_MINP = 1 << 8, F_MINP_TENSOR = 1 << 9,
               F_TOPK_FIRST = 1 << 10, F_SEED_TENSOR = 1 << 11, F_SEED_PER_ROW = 1 << 12, F_OFFSET_TENSOR = 1 << 13,
-              F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16, F_PASS_A_LIST = 1 << 17;
+              F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16;
 constexpr int SCRATCH_MIN_BYTES = 24576;  // the scratch's floor: the fallback's 2048 counts + 2048 fp64 masses
 constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bins in the scratch
 
@@ -133,7 +132,6 @@ constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bin
 __shared__ unsigned s_dcnt[NUM_DIGITS], s_dfill[NUM_DIGITS], s_doff[NUM_DIGITS];
 __shared__ double s_dmass[NUM_DIGITS];
 __shared__ int s_sel, s_sel2, s_n;
-__shared__ int s_tau, s_lost;  // pass A's list: its threshold (fp32 bits), the largest bits it had no room for
 // small_select's cuts (one a warp) and its answer
 __shared__ long long s_cut_cnt[32];
 __shared__ double s_cut_mass[32];
@@ -572,41 +570,6 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
   return n;
 }
 
-// Appends to A the tokens of the UNROLL quads x (quad base + u * T + t holds tokens 4q .. 4q + 3)
-// whose fp32 bits, as a signed int, are >= tb (tb >= 1: v > 0, -0.0 not), at positions taken from
-// *counter (one atomic a warp; every lane of the warp must call it). Those past cap are not stored:
-// *lost (if given) gets the largest bits among them. A lane whose items all fit (nearly always)
-// stores them with predicated instructions, no branch a token.
-__device__ __forceinline__ void append_above(const float4 (&x)[UNROLL], int base, int tb, u64* __restrict__ A,
-                                             int cap, int* counter, int* lost) {
-  const int T = blockDim.x, t = threadIdx.x;
-  int c = 0;
-#pragma unroll
-  for (int u = 0; u < UNROLL; ++u)
-    c += (__float_as_int(x[u].x) >= tb) + (__float_as_int(x[u].y) >= tb) + (__float_as_int(x[u].z) >= tb) +
-         (__float_as_int(x[u].w) >= tb);
-  int pos = warp_append(c, counter);
-  if (c == 0) return;
-  const bool fits = pos + c <= cap;
-#pragma unroll
-  for (int u = 0; u < UNROLL; ++u) {
-    const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const bool take = __float_as_int(v[j]) >= tb;
-      if (fits) {
-        if (take) A[pos] = make_key(v[j], 4 * (base + u * T + t) + j);
-      } else if (take) {
-        if (pos < cap)
-          A[pos] = make_key(v[j], 4 * (base + u * T + t) + j);
-        else if (lost != nullptr)
-          atomicMax(lost, __float_as_int(v[j]));
-      }
-      pos += take;
-    }
-  }
-}
-
 // The list path's pass B: appends to A every token whose fp32 bits (as a signed int: -0.0 is not
 // listed) are >= tb >= 1, i.e. v > 0 in bins >= tb >> 20 (the entries beyond cap are counted, not
 // stored); returns how many there are. fill_range with kb = 2^63 and ka = tb << 32, on 32-bit
@@ -626,32 +589,30 @@ __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsig
       const bool need = q < row.nq && (map == nullptr || map[q >> 1] >= map_min);
       x[u] = need ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
-    append_above(x, base, tbi, A, cap, &s_n, nullptr);
+    int c = 0;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      c += (__float_as_int(x[u].x) >= tbi) + (__float_as_int(x[u].y) >= tbi) + (__float_as_int(x[u].z) >= tbi) +
+           (__float_as_int(x[u].w) >= tbi);
+    int pos = warp_append(c, &s_n);
+    if (c > 0) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (__float_as_int(v[j]) >= tbi) {
+            if (pos < cap) A[pos] = make_key(v[j], 4 * (base + u * T + t) + j);
+            ++pos;
+          }
+        }
+      }
+    }
   }
   __syncthreads();  // every append done
   const int n = s_n;
   __syncthreads();  // read by every thread before the next fill_range / list_above may reset it
   return n;
-}
-
-// The entries of src (pass A's list: s_n keys, at most cap) whose fp32 bits are >= tb, copied to dst
-// (warp-aggregated; returns how many): the list cut down to the bins the plan asks for.
-__device__ int keep_above(const u64* __restrict__ src, int cap, unsigned tb, u64* __restrict__ dst) {
-  const int n = imin(s_n, cap);
-  __syncthreads();  // every thread has read s_n
-  if (threadIdx.x == 0) s_n = 0;
-  __syncthreads();
-  for (int j0 = 0; j0 < n; j0 += blockDim.x) {  // block-uniform trip count: every lane appends
-    const int j = j0 + threadIdx.x;
-    const u64 k = j < n ? src[j] : 0;
-    const bool in = j < n && static_cast<unsigned>(k >> 32) >= tb;
-    const int pos = warp_append(in ? 1 : 0, &s_n);
-    if (in) dst[pos] = k;
-  }
-  __syncthreads();
-  const int m = s_n;
-  __syncthreads();
-  return m;
 }
 
 // The entries of A (n keys) below kb, copied to W (warp-aggregated; returns how many), and the
@@ -764,32 +725,6 @@ __device__ Pick hbm_select(const RowRef& row, u64* A, u64* B, int cap, const Con
   return list_select(A, B, imin(n, cap), c0, m0, cond);
 }
 
-// Pass A's list threshold, into s_tau: the edge of the lowest binade whose count from the top in the
-// sample (hist[0 .. 255], counts by binade: bits >> 23), projected to the row, is within budget
-// tokens (1: all positive tokens; +inf's bits: not even the top binade). Warp 0 only; lane l owns
-// binades 255 - 8 l .. 248 - 8 l.
-__device__ __forceinline__ void pick_tau(const unsigned* hist, int V, double budget) {
-  const int lane = threadIdx.x & 31, etop = 255 - 8 * lane;
-  const double cut = budget * (4.0 * blockDim.x) / V;  // in sampled tokens
-  unsigned cnt = 0;
-  for (int j = 0; j < 8; ++j) cnt += hist[etop - j];
-  unsigned ci = cnt;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const unsigned y = __shfl_up_sync(FULL, ci, o);
-    if (lane >= o) ci += y;
-  }
-  unsigned run = ci - cnt;
-  int e = 256;
-  for (int j = 0; j < 8; ++j) {
-    run += hist[etop - j];
-    if (run <= cut) e = etop - j;
-  }
-  e = -warp_reduce(-e, Max<int>());
-  if (lane == 0) s_tau = e >= 256 ? 0x7f800000 : (e > 0 ? e << 23 : 1);
-}
-
-
 // ----------------------------------------------------------------------------- one row
 
 __device__ void write_row(void* out, unsigned char* valid, float* logprob, int flags, int pid, int token, bool ok,
@@ -850,37 +785,8 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   MOECOMM_SAMPLE_CLOCK(0);
 
   // pass A
-  // The list, speculatively, during pass A (F_PASS_A_LIST): every token with fp32 bits >= tau, tau
-  // the lowest binade edge whose tokens the list holds by an estimate (a projection from a sample of
-  // one quad a thread spread over the row: 3/4 of its capacity, 4 top_k + 256 with top-k), so that
-  // the list usually holds bin b0's and pass B (~45% of the row read again for top-p, all its tokens
-  // compared and appended again) is not needed. A token with no room
-  // left is dropped and its bits remembered (s_lost): the list then holds every token above them.
-  if (t == 0) {
-    s_n = 0;
-    s_lost = -1;
-    s_tau = 1;  // all positive tokens (a row shorter than 3/4 of the list)
-  }
-  if (HIST != HIST_NONE || (flags & F_PASS_A_LIST)) {
+  if (HIST != HIST_NONE) {
     for (int b = t; b < NUM_BINS; b += T) hist[b] = 0;
-    __syncthreads();
-  }
-  if ((flags & F_PASS_A_LIST) && 4ll * row.V > 3ll * cap) {
-    // the sample: one quad a thread, spread over the row; counts by binade (bits >> 23)
-    const int q = static_cast<int>(static_cast<long long>(t) * row.nq / T);
-    const float4 xq = load_quad(row, q);
-    const float v[4] = {xq.x, xq.y, xq.z, xq.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int bits = __float_as_int(v[j]);
-      if (bits > 0 && bits < 0x7f800000) atomicAdd(&hist[bits >> 23], 1u);
-    }
-    __syncthreads();
-    // budget: 3/4 of the list; with top-k (the kept set lies in the top-k set) 4 k + 256, which
-    // the binade below the rank-k token's usually holds (a binade ~2-3x the count above the next)
-    if (t < 32) pick_tau(hist, row.V, has_k ? fmin(0.75 * cap, 4.0 * static_cast<double>(k) + 256.0) : 0.75 * cap);
-    __syncthreads();
-    for (int b = t; b < 256; b += T) hist[b] = 0;
     __syncthreads();
   }
   // per token: fp64 sum, max, min, count of v > 0, one native shared atomic (~12 instructions). The
@@ -894,40 +800,29 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   double s = 0.0;
   float mx = 0.0f, mn = 0.0f;
   int npos_t = 0;
-  for (int base = 0; base < row.nq; base += UNROLL * T) {
-    float4 x[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int q = base + u * T + t;
-      x[u] = q < row.nq ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for_each_quad(row, [&](int q, float4 xq) {
+    const float v[4] = {xq.x, xq.y, xq.z, xq.w};
+    if (use_map) {  // block-uniform: every lane shuffles
+      unsigned mb = __float_as_uint(v[0]);
+      mb = mb > __float_as_uint(v[1]) ? mb : __float_as_uint(v[1]);
+      mb = mb > __float_as_uint(v[2]) ? mb : __float_as_uint(v[2]);
+      mb = mb > __float_as_uint(v[3]) ? mb : __float_as_uint(v[3]);
+      const unsigned other = __shfl_xor_sync(FULL, mb, 1);
+      mb = (mb > other ? mb : other) >> 23;
+      if ((q & 1) == 0 && q < row.nq) map[q >> 1] = static_cast<unsigned char>(mb < 255u ? mb : 255u);
     }
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int q = base + u * T + t;
-      const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-      if (use_map) {  // block-uniform: every lane shuffles
-        unsigned mb = __float_as_uint(v[0]);
-        mb = mb > __float_as_uint(v[1]) ? mb : __float_as_uint(v[1]);
-        mb = mb > __float_as_uint(v[2]) ? mb : __float_as_uint(v[2]);
-        mb = mb > __float_as_uint(v[3]) ? mb : __float_as_uint(v[3]);
-        const unsigned other = __shfl_xor_sync(FULL, mb, 1);
-        mb = (mb > other ? mb : other) >> 23;
-        if ((q & 1) == 0 && q < row.nq) map[q >> 1] = static_cast<unsigned char>(mb < 255u ? mb : 255u);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        s += static_cast<double>(v[j]);
-        mx = fmaxf(mx, v[j]);
-        mn = fminf(mn, v[j]);
-        const unsigned bits = __float_as_uint(v[j]);
-        const bool pos = static_cast<int>(bits) > 0;  // v > 0 (NaN and +inf too: their row is bad anyway)
-        npos_t += pos ? 1 : 0;
-        if (HIST != HIST_NONE && pos)
-          atomicAdd(&hist[bits >> 20], HIST == HIST_COUNT ? 1u : q_of(bits));
-      }
+    for (int j = 0; j < 4; ++j) {
+      s += static_cast<double>(v[j]);
+      mx = fmaxf(mx, v[j]);
+      mn = fminf(mn, v[j]);
+      const unsigned bits = __float_as_uint(v[j]);
+      const bool pos = static_cast<int>(bits) > 0;  // v > 0 (NaN and +inf too: their row is bad anyway)
+      npos_t += pos ? 1 : 0;
+      if (HIST != HIST_NONE && pos)
+        atomicAdd(&hist[bits >> 20], HIST == HIST_COUNT ? 1u : q_of(bits));
     }
-    if (flags & F_PASS_A_LIST) append_above(x, base, s_tau, A, cap, &s_n, &s_lost);  // block-uniform
-  }
+  });
   const double S = block_reduce(s, Sum<double>(), 0.0);
   if (t == 0) s_row_sum = S;
   const float M = block_reduce(mx, Max<float>(), 0.0f);
@@ -1032,16 +927,8 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   int n = 0;
   if (est <= cap) {
     const u64 ka = static_cast<u64>(b0) << 52;
-    const int tb0 = b0 > 0 ? b0 << 20 : 1;
-    if ((flags & F_PASS_A_LIST) && tb0 >= s_tau && tb0 > s_lost) {  // pass A listed every token of bins >= b0
-      n = keep_above(A, cap, static_cast<unsigned>(tb0), B);
-      u64* const list = B;
-      B = A;
-      A = list;
-      MOECOMM_SAMPLE_TRACE(PATH_PASS_A_LIST);
-    } else {
-      n = list_above(row, A, cap, static_cast<unsigned>(tb0), use_map ? map : nullptr, static_cast<unsigned>(b0) >> 3);
-    }
+    n = list_above(row, A, cap, b0 > 0 ? static_cast<unsigned>(b0) << 20 : 1u, use_map ? map : nullptr,
+                   static_cast<unsigned>(b0) >> 3);
     MOECOMM_SAMPLE_CLOCK(3);
     MOECOMM_SAMPLE_VALUE(10, n);
     if (n > 0 && n <= cap) {

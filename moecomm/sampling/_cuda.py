@@ -37,14 +37,10 @@ ENTRY = {"count": "moecomm_sample_probs_count", "qsum": "moecomm_sample_probs_qs
 F_ROWMAP, F_ROWMAP64, F_OUT64, F_HAS_K, F_K_TENSOR, F_K64, F_HAS_P, F_P_TENSOR = (1 << i for i in range(8))
 F_HAS_MINP, F_MINP_TENSOR, F_TOPK_FIRST, F_SEED_TENSOR, F_SEED_PER_ROW, F_OFFSET_TENSOR, F_OFFSET_PER_ROW, F_LOGPROB = (
     1 << i for i in range(8, 16))
-F_SECTOR_MAP, F_PASS_A_LIST = 1 << 16, 1 << 17
+F_SECTOR_MAP = 1 << 16
 # Pass A writes a byte per 32-byte sector (its largest exponent) so that pass B loads only the sectors
 # that can hold a listed token; False: pass B reads the whole row (the benchmark's control row).
 SECTOR_MAP = True
-# Pass A also lists the tokens above a threshold estimated from a sample of the row, so that pass B
-# (the row read again) is needed only when the list missed the boundary's bins; False: always pass B
-# (the benchmark's control row).
-PASS_A_LIST = True
 MODE_SAMPLE = 0
 _optin: dict[int, int] = {}
 
@@ -139,8 +135,7 @@ def plan_launch(
     vocab = x.shape[1]
     top_k, top_p, min_p = effective_filters(top_k, top_p, min_p, vocab)
     dummy = out
-    flags = ((F_LOGPROB if logprob is not None else 0) | (F_SECTOR_MAP if SECTOR_MAP else 0)
-             | (F_PASS_A_LIST if PASS_A_LIST else 0))
+    flags = (F_LOGPROB if logprob is not None else 0) | (F_SECTOR_MAP if SECTOR_MAP else 0)
     if rowmap is not None:
         flags |= F_ROWMAP | (F_ROWMAP64 if rowmap.dtype is torch.int64 else 0)
     if out.dtype is torch.int64:

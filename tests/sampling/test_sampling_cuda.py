@@ -77,11 +77,8 @@ def nvcc_out(tmp_path_factory):
 
 @needs_nvcc
 def test_registers_spills_and_shared_memory(nvcc_out):
-    """ptxas -v: every entry at most 64 registers (1024 threads a block) and at most 32 bytes of
-    spill stores and loads each (found by cuobjdump in the setup of hbm_select, the fallback's radix
-    levels: a few addresses a row, not the streaming loops; more means registers ran out somewhere
-    that matters); its static shared memory plus the default list's dynamic bytes fit a block of an
-    H100 / H200."""
+    """ptxas -v: every entry at most 64 registers (1024 threads a block), no spills, no stack; its
+    static shared memory plus the default list's dynamic bytes fit a block of an H100 / H200."""
     log = nvcc_out[0]
     for entry in _cuda.ENTRY.values():
         part = log[log.index(f"Compiling entry function '{entry}'"):]
@@ -89,8 +86,7 @@ def test_registers_spills_and_shared_memory(nvcc_out):
         regs = int(re.search(r"Used (\d+) registers", part).group(1))
         smem = int(re.search(r"(\d+) bytes smem", part).group(1))
         assert regs <= 64, (entry, regs)
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", part)
-        assert int(spills.group(1)) <= 32 and int(spills.group(2)) <= 32, (entry, part)
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in part, (entry, part)
         assert smem <= _cuda.STATIC_SMEM_BYTES, (entry, smem)
         assert smem + _cuda.shared_bytes(_cuda.DEFAULT_CAPACITY) <= MAX_SMEM_BLOCK, (entry, smem)
         print(f"{entry}: {regs} registers, {smem} + {_cuda.shared_bytes(_cuda.DEFAULT_CAPACITY)} bytes of shared memory")
@@ -154,7 +150,6 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
         _cuda.F_TOPK_FIRST: tkf, _cuda.F_SEED_TENSOR: isinstance(seed, torch.Tensor), _cuda.F_SEED_PER_ROW: per_row,
         _cuda.F_OFFSET_TENSOR: isinstance(offset, torch.Tensor),
         _cuda.F_OFFSET_PER_ROW: isinstance(offset, torch.Tensor), _cuda.F_LOGPROB: True, _cuda.F_SECTOR_MAP: True,
-        _cuda.F_PASS_A_LIST: True,
     }
     assert {f: bool(flags & f) for f in want} == want
     assert plan.args[0] is x and plan.args[2] is out and plan.args[3] is valid and plan.args[4] is logprob
@@ -167,7 +162,7 @@ def test_flags_and_constants_agree_with_the_source():
     flags = dict(re.findall(r"(F_[A-Z0-9_]+) = 1 << (\d+)", src))
     assert {name: 1 << int(bit) for name, bit in flags.items()} == {
         name: getattr(_cuda, name) for name in flags}, flags
-    assert len(flags) == 18
+    assert len(flags) == 17
     assert f"constexpr int SCRATCH_MIN_BYTES = {_cuda.HIST_SCRATCH_BYTES};" in src
     assert f"constexpr int PHILOX_ROUNDS = {ref.PHILOX_ROUNDS};" in src
     assert "__launch_bounds__(1024, 1)" in src and _cuda.THREADS == 1024
@@ -263,8 +258,7 @@ def test_emulated_kernel_matches_reference(name, kw, monkeypatch):
     rows (V = 333) through indices: every token, valid flag and log-prob as the reference's."""
     p = _probs(1, 2500, seed=3)
     paths = _same_as_reference(p, indices=torch.zeros(16, dtype=torch.int32), **kw)
-    assert bool(((paths & ~(16 | 32)) == 1).all()), paths  # the list in shared memory holds every kept set here
-    assert bool((paths & 32).all()), paths  # listed in pass A (V < 3/4 of the list: every positive token)
+    assert bool(((paths & ~16) == 1).all()), paths  # the list in shared memory holds every kept set here
     if set(kw) == {"top_p"}:  # top-p selects on its uncertain bins only
         assert bool((paths & 16).any()), paths
     _same_as_reference(_probs(5, 333, seed=4), seed=9, offset=2**33 + 5, **kw)
@@ -319,31 +313,12 @@ def test_emulated_ties_and_flat_rows(monkeypatch):
 
 
 @needs_gxx
-@pytest.mark.parametrize("sector_map", [True, False])
-def test_emulated_pass_b(sector_map, monkeypatch):
-    """PASS_A_LIST = False (the list built by pass B, reading the row again), with and without the
-    sector map (False: pass B reads the whole row): the same tokens, listed by pass B."""
-    monkeypatch.setattr(_cuda, "SECTOR_MAP", sector_map)
-    monkeypatch.setattr(_cuda, "PASS_A_LIST", False)
+def test_emulated_without_the_sector_map(monkeypatch):
+    """SECTOR_MAP = False (pass B reads the whole row): the same tokens."""
+    monkeypatch.setattr(_cuda, "SECTOR_MAP", False)
     p = _probs(1, 2500, seed=3)
     for kw in (dict(top_p=0.9), dict(top_k=40, top_p=0.8), dict(min_p=0.05)):
-        paths = _same_as_reference(p, indices=torch.zeros(8, dtype=torch.int32), **kw)
-        assert bool(((paths & 1) == 1).all() and not (paths & 32).any()), paths
-
-
-@needs_gxx
-def test_emulated_pass_a_list_sampled_threshold(monkeypatch):
-    """A row longer than 3/4 of the list: pass A lists the tokens above a threshold estimated from a
-    sample; where the boundary's bins lie above it the list is used (path 32), where not (or the
-    list overflowed) pass B lists again; the same tokens either way, both ways taken."""
-    monkeypatch.setattr(_cuda, "LIST_CAPACITY", 1024)
-    p = _probs(2, 20000, seed=15)
-    flat = torch.ones(1, 20000)
-    seen = []
-    for x, kw in ((p, dict(top_k=50)), (p, dict(top_k=50, top_p=0.9)), (p, dict(top_p=0.3)), (p, dict(top_p=0.9)),
-                  (p, dict(min_p=0.1)), (flat, dict(top_k=5))):
-        seen += _same_as_reference(x, threads=64, **kw).tolist()
-    assert any(v & 32 for v in seen) and any(v & 1 and not v & 32 for v in seen), seen
+        _same_as_reference(p, indices=torch.zeros(8, dtype=torch.int32), **kw)
 
 
 @needs_gxx
