@@ -289,27 +289,33 @@ __device__ __forceinline__ int digits_per_thread(int nd) {
 // cut c* where H holds, every entry >= c* is kept (the smallest of them, f, is l unless an entry
 // below c* is kept too) and every entry below the cut under c* is dropped: the next range is
 // [cut under c*, c* - 1] (its entries compacted into X), with f as the answer if none of them is
-// kept. The range shrinks 32-fold a round: a window of ~700 keys takes ~2 rounds of
-// ~6 barriers; at <= 32 entries one warp sorts them (bitonic), prefix-sums their values and picks.
+// kept. The range shrinks 32-fold a round: a window of ~700 keys takes ~1-2 rounds of
+// ~6 barriers; at <= 64 entries (top-k 50's list at once) one warp sorts them (bitonic),
+// prefix-sums their values and picks: two barriers.
 // The mass above f is its cut's sum less f (fp64: within an ulp of the in-order sum, as the radix
 // levels' sums are within an ulp of the reference's).
 __device__ __noinline__ Pick small_select(const u64* src, u64* X, int m, long long cnt_hi, double mass_hi, const Cond cond) {
   constexpr int C = 32;  // cuts a round (warp w takes cuts w, w + W, ...: one each at 1024 threads)
   const int t = threadIdx.x, T = blockDim.x, lane = t & 31, w = t >> 5, W = T >> 5;
-  u64 mn = ~0ull, mx = 0;
-  for (int j = t; j < m; j += T) {
-    const u64 k = src[j];
-    mn = k < mn ? k : mn;
-    mx = k > mx ? k : mx;
-  }
-  u64 lo = ~block_reduce(~mn, Max<u64>(), 0ull), hi = block_reduce(mx, Max<u64>(), 0ull);
-  if (t == 0) {  // the answer when no entry of the range is kept (in shared memory: registers are
-    s_pick_key = hi;  // short at 1024 threads): at first, the first
-    s_pick_rank = cnt_hi;
-    s_pick_mass = mass_hi;
-  }
   const u64* cur = src;
-  while (m > 32) {
+  const bool rounds = m > 64;
+  u64 lo = 0, hi = 0;
+  if (rounds) {
+    u64 mn = ~0ull, mx = 0;
+    for (int j = t; j < m; j += T) {
+      const u64 k = src[j];
+      mn = k < mn ? k : mn;
+      mx = k > mx ? k : mx;
+    }
+    lo = ~block_reduce(~mn, Max<u64>(), 0ull);
+    hi = block_reduce(mx, Max<u64>(), 0ull);
+    if (t == 0) {  // the answer when no entry of the range is kept (in shared memory: registers are
+      s_pick_key = hi;  // short at 1024 threads): at first, the first
+      s_pick_rank = cnt_hi;
+      s_pick_mass = mass_hi;
+    }
+  }
+  while (m > 64) {
     const u64 step = (hi - lo) / static_cast<u64>(C) + 1;
     for (int ci = w; ci < C; ci += W) {
       const u64 cut = lo + step * static_cast<u64>(ci);  // keys are below 2^63: no overflow
@@ -376,34 +382,50 @@ __device__ __noinline__ Pick small_select(const u64* src, u64* X, int m, long lo
     hi = hi2;
     __syncthreads();  // s_n read by every thread
   }
-  // <= 32 entries: warp 0 sorts them descending, prefix-sums their values, picks the last kept
+  // <= 64 entries: warp 0 sorts them descending (entry i = 32 r + lane in register r: a bitonic
+  // network of 64), prefix-sums their values and picks the last kept
   if (w == 0) {
-    u64 k = lane < m ? cur[lane] : 0;  // 0: no key (every key's low word is >= 2^31)
+    u64 k0 = lane < m ? cur[lane] : 0, k1 = lane + 32 < m ? cur[lane + 32] : 0;  // 0: no key (low words >= 2^31)
 #pragma unroll
-    for (int size = 2; size <= 32; size <<= 1) {
+    for (int size = 2; size <= 64; size <<= 1) {
 #pragma unroll
       for (int j = size >> 1; j > 0; j >>= 1) {
-        const u64 o = __shfl_xor_sync(FULL, k, j);
-        const bool desc = (lane & size) == 0;  // size 32: the whole warp, descending
-        const bool low = (lane & j) == 0;
-        k = (low == desc) ? (k > o ? k : o) : (k < o ? k : o);
+        if (j == 32) {  // partners in one lane: entry lane (>) and entry lane + 32
+          const u64 a = k0 > k1 ? k0 : k1, b = k0 > k1 ? k1 : k0;
+          k0 = a;
+          k1 = b;
+        } else {
+          const u64 o0 = __shfl_xor_sync(FULL, k0, j), o1 = __shfl_xor_sync(FULL, k1, j);
+          const bool low = (lane & j) == 0;
+          const bool d0 = (lane & size) == 0, d1 = ((lane + 32) & size) == 0;  // descending blocks
+          k0 = (low == d0) ? (k0 > o0 ? k0 : o0) : (k0 < o0 ? k0 : o0);
+          k1 = (low == d1) ? (k1 > o1 ? k1 : o1) : (k1 < o1 ? k1 : o1);
+        }
       }
     }
-    const double v = k ? static_cast<double>(key_value(k)) : 0.0;
-    double incl = v;
+    const double v0 = k0 ? static_cast<double>(key_value(k0)) : 0.0, v1 = k1 ? static_cast<double>(key_value(k1)) : 0.0;
+    double i0 = v0, i1 = v1;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-      const double y = __shfl_up_sync(FULL, incl, o);
-      if (lane >= o) incl += y;
+      const double y0 = __shfl_up_sync(FULL, i0, o), y1 = __shfl_up_sync(FULL, i1, o);
+      if (lane >= o) {
+        i0 += y0;
+        i1 += y1;
+      }
     }
-    double ex = __shfl_up_sync(FULL, incl, 1);
-    if (lane == 0) ex = 0.0;
-    const bool kept = lane < m && cond(cnt_hi + lane, mass_hi + ex);
-    const unsigned km = __ballot_sync(FULL, kept);
-    const int L = km ? 31 - __clz(km) : 0;
-    const u64 kl = __shfl_sync(FULL, k, L);
-    const double el = __shfl_sync(FULL, ex, L);
-    if (lane == 0 && km) {  // else the fallback stays
+    const double half = __shfl_sync(FULL, i0, 31);  // the first 32 entries' mass
+    double e0 = __shfl_up_sync(FULL, i0, 1), e1 = __shfl_up_sync(FULL, i1, 1);
+    if (lane == 0) {
+      e0 = 0.0;
+      e1 = 0.0;
+    }
+    e1 += half;
+    const unsigned m0 = __ballot_sync(FULL, lane < m && cond(cnt_hi + lane, mass_hi + e0));
+    const unsigned m1 = __ballot_sync(FULL, lane + 32 < m && cond(cnt_hi + 32 + lane, mass_hi + e1));
+    const int L = m1 ? 32 + 31 - __clz(m1) : (m0 ? 31 - __clz(m0) : 0);  // the order keeps a prefix
+    const u64 kl = __shfl_sync(FULL, L >= 32 ? k1 : k0, L & 31);
+    const double el = __shfl_sync(FULL, L >= 32 ? e1 : e0, L & 31);
+    if (lane == 0 && ((m0 | m1) || !rounds)) {  // else a round's fallback stays (none kept: the first)
       s_pick_key = kl;
       s_pick_rank = cnt_hi + L;
       s_pick_mass = mass_hi + el;
