@@ -611,15 +611,23 @@ __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsig
       const bool need = q < row.nq && (map == nullptr || map[q >> 1] >= map_min);
       x[u] = need ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
+    // a quad's largest bits first: most quads hold no listed token (~82% for top-p 0.9, >99% for
+    // top-k 50), and theirs skip the per-token work
     int c = 0;
+    unsigned qm = 0;
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
-      c += (__float_as_int(x[u].x) >= tbi) + (__float_as_int(x[u].y) >= tbi) + (__float_as_int(x[u].z) >= tbi) +
-           (__float_as_int(x[u].w) >= tbi);
+    for (int u = 0; u < UNROLL; ++u) {
+      const int a = __float_as_int(x[u].x), b = __float_as_int(x[u].y), d = __float_as_int(x[u].z),
+                e = __float_as_int(x[u].w);
+      if (imax(imax(a, b), imax(d, e)) >= tbi) {
+        qm |= 1u << u;
+        c += (a >= tbi) + (b >= tbi) + (d >= tbi) + (e >= tbi);
+      }
+    }
     int pos = warp_append(c, &s_n);
-    if (c > 0) {
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
+    for (int u = 0; u < UNROLL; ++u) {
+      if (qm & (1u << u)) {
         const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
