@@ -332,8 +332,10 @@ DEFAULT_DYNAMIC_SHARED_BYTES = 48 * 1024  # what a launch may use without opting
 class _Driver:
     """The few CUDA driver calls a launch needs, through ctypes."""
 
-    def __init__(self) -> None:
-        self.lib = ctypes.CDLL("libcuda.so.1")
+    def __init__(self, path: str = "libcuda.so.1") -> None:
+        # path: the driver library; benchmarks/profile_sampling.py --host-mock passes a stand-in built
+        # from C no-ops, so that a launch's host work (ctypes conversions included) is timed without a GPU
+        self.lib = ctypes.CDLL(path)
         self.check(self.lib.cuInit(0), "cuInit")
         self.lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
         self.lib.cuModuleGetFunction.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p]
@@ -505,9 +507,7 @@ def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str 
     """
     import torch
 
-    where = str(device) if device is not None else (torch.cuda.current_device() if torch.cuda.is_available() else None)
-    memo = (str(source), name, where, arch,
-            tuple(flags) if not isinstance(flags, str) else flags, compiler_kind)
+    memo = _call_key(source, name, device, arch, flags, compiler_kind)
     kern = _by_call.get(memo)
     if kern is not None:
         return kern
@@ -539,6 +539,14 @@ def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str 
     kern = _kernels[k] = CudaKernel(compiled, name, index, fn)
     _by_call[memo] = kern
     return kern
+
+
+def _call_key(source, name: str, device: Any, arch: str | None, flags: Sequence[str], compiler_kind: str) -> tuple:
+    """load()'s memo key of its arguments."""
+    import torch
+
+    where = str(device) if device is not None else (torch.cuda.current_device() if torch.cuda.is_available() else None)
+    return (str(source), name, where, arch, tuple(flags) if not isinstance(flags, str) else flags, compiler_kind)
 
 
 def load_error() -> str | None:
