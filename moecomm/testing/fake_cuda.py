@@ -29,14 +29,19 @@ from pathlib import Path
 
 import torch
 
-# libcuda's entry points that moecomm.jit.cuda calls, as no-ops (one device, its primary context
-# 0x1000 current unless fake_set_current says otherwise; launches counted)
+# libcuda's entry points that moecomm.jit.cuda calls, as no-ops (device d's primary context is
+# 0x1000 + 0x100 d; device 0's is current unless fake_set_current says otherwise; launches counted,
+# the last one's arguments kept for tests; a launch without a current context fails as the driver's)
 _SOURCE = r"""
 #include <stdint.h>
 static void* current = (void*)0x1000;
 static void* stack[64];
 static int depth = 0;
 static long launches = 0, pushes = 0;
+static void** last_params = 0;
+static void* last_stream = 0;
+static void* last_fn = 0;
+static unsigned last_dims[7];
 int cuInit(unsigned flags) { return 0; }
 int cuGetErrorName(int rc, const char** s) { *s = "CUDA_ERROR_FAKE"; return 0; }
 int cuDeviceGet(int* d, int i) { *d = i; return 0; }
@@ -48,7 +53,17 @@ int cuFuncSetAttribute(void* f, int attr, int value) { return 0; }
 int cuModuleLoadData(void** m, const void* image) { *m = (void*)0x2000; return 0; }
 int cuModuleGetFunction(void** f, void* m, const char* name) { *f = (void*)0x3000; return 0; }
 int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                   unsigned smem, void* stream, void** params, void** extra) { launches++; return 0; }
+                   unsigned smem, void* stream, void** params, void** extra) {
+  unsigned d[7] = {gx, gy, gz, bx, by, bz, smem};
+  for (int i = 0; i < 7; i++) last_dims[i] = d[i];
+  last_fn = f; last_stream = stream; last_params = params; launches++;
+  return current ? 0 : 201;  /* CUDA_ERROR_INVALID_CONTEXT without a current context, as the driver */
+}
+void** fake_last_params(void) { return last_params; }
+void* fake_last_stream(void) { return last_stream; }
+void* fake_last_fn(void) { return last_fn; }
+unsigned fake_last_dim(int i) { return last_dims[i]; }
+void* fake_current(void) { return current; }
 long fake_launches(void) { return launches; }
 long fake_pushes(void) { return pushes; }
 void fake_set_current(void* c) { current = c; }
@@ -99,6 +114,17 @@ class FakeCudaGenerator:
         self.offset = offset
 
 
+def fake_library() -> ctypes.CDLL:
+    """The fake driver loaded with its test hooks' return types (fake_* functions)."""
+    lib = ctypes.CDLL(str(fake_driver_library()))
+    lib.fake_launches.restype = lib.fake_pushes.restype = ctypes.c_long
+    lib.fake_last_params.restype = ctypes.POINTER(ctypes.c_void_p)
+    lib.fake_last_stream.restype = lib.fake_last_fn.restype = lib.fake_current.restype = ctypes.c_void_p
+    lib.fake_last_dim.restype = ctypes.c_uint
+    lib.fake_set_current.argtypes = [ctypes.c_void_p]
+    return lib
+
+
 class Mock:
     """What gpu_host_mock() gives: the fake driver's counters and the default generator."""
 
@@ -125,8 +151,7 @@ def gpu_host_mock(kernels: Sequence[tuple[str, str]] = (), capturing: bool = Fal
     from ..jit import backend, cuda
 
     lib_path = fake_driver_library()
-    lib = ctypes.CDLL(str(lib_path))
-    lib.fake_launches.restype = lib.fake_pushes.restype = ctypes.c_long
+    lib = fake_library()
     gen = FakeCudaGenerator()
     mp = _Patches()
     try:
