@@ -454,7 +454,7 @@ class Signature:
     signature apart.
     """
 
-    __slots__ = ("types", "packer", "buffer", "params")
+    __slots__ = ("buffer", "packer", "params", "types")
 
     def __init__(self, types: Sequence[type]) -> None:
         fmt, offsets, at = "=", [], 0

@@ -9,7 +9,7 @@ calls) is most of a decode step's sampling at small batch, and it can be cut and
 machine if everything that needs a GPU answers as on one. What is real here: every line of moecomm
 (the dispatch, the checks, plan_launch, CudaKernel's packing, its ctypes calls with their argument
 conversions). What is not: the driver (a C library of no-ops with libcuda's symbols and ABI, built
-with the system C compiler), the CUDA allocator (torch.empty allocates host memory: ~0.5 us where
+with the system C compiler through moecomm.jit.host), the CUDA allocator (torch.empty allocates host memory: ~0.5 us where
 the caching allocator takes ~3-4 us), torch's stream and device queries (Python stand-ins), and the
 default generator (a Python stand-in with torch.Generator's initial_seed / get_offset / set_offset).
 So a figure here is a lower bound of the GPU host's; differences between two versions of moecomm
@@ -21,8 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import shutil
-import subprocess
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -72,24 +71,21 @@ void fake_set_current(void* c) { current = c; }
 
 def compiler_error() -> str | None:
     """None when the fake driver can be built here (a C compiler), else why not."""
-    return None if (shutil.which("cc") or shutil.which("gcc")) else "no C compiler (cc, gcc) to build the fake driver"
+    from ..jit import host
+
+    return host.compile_error()
 
 
 def fake_driver_library() -> Path:
-    """The fake libcuda's path, built once per source text into the temp folder."""
-    key = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
-    out = Path(tempfile.gettempdir()) / f"moecomm-fake-libcuda-{key}.so"
-    if not out.is_file():
-        err = compiler_error()
-        if err:
-            raise RuntimeError(f"moecomm.testing.fake_cuda: {err}")
-        src = out.with_suffix(".c")
-        src.write_text(_SOURCE)
-        tmp = out.with_suffix(".tmp.so")
-        subprocess.run([shutil.which("cc") or "gcc", "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)], check=True,
-                       capture_output=True, timeout=120)
-        tmp.replace(out)
-    return out
+    """The fake libcuda's path: _SOURCE compiled through moecomm.jit.host's cache (once per text)."""
+    from ..jit import host
+
+    src = Path(tempfile.gettempdir()) / f"moecomm-fake-libcuda-{hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]}.c"
+    if not src.is_file():
+        tmp = src.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(_SOURCE)
+        tmp.replace(src)  # atomic: processes starting together read a whole file
+    return host.compile(src).path
 
 
 class FakeCudaGenerator:

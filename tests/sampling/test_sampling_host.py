@@ -5,8 +5,6 @@ checks against the kernel's PTX signature and runs through the host emulation)."
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 
@@ -33,8 +31,8 @@ def _planned(plan):
     return [a.data_ptr() if isinstance(a, torch.Tensor) else (a.value or 0) for a in plan.args]
 
 
-@pytest.mark.parametrize("kw", [dict(top_p=0.9), dict(top_k=50, top_p=0.5), dict(min_p=0.1),
-                                dict(top_k=7, top_p=0.8, seed=-5, offset=2**40 + 3)])
+@pytest.mark.parametrize("kw", [{"top_p": 0.9}, {"top_k": 50, "top_p": 0.5}, {"min_p": 0.1},
+                                {"top_k": 7, "top_p": 0.8, "seed": -5, "offset": 2**40 + 3}])
 def test_the_launch_packs_plan_launchs_arguments(kw, monkeypatch):
     """Each call launches once, with exactly the values of plan_launch's ctypes arguments for the
     same tensors (captured from launch_sample), its entry's grid, block and shared memory."""
@@ -43,7 +41,8 @@ def test_the_launch_packs_plan_launchs_arguments(kw, monkeypatch):
     real = _cuda.launch_sample
 
     def spy(*args):
-        x_, rowmap, num_rows, out, valid, logprob, y, mode, from_logits, top_k, top_p, min_p, temp, tkf, seed, offset, prs = args
+        x_, rowmap, num_rows, out, valid, logprob = args[:6]
+        top_k, top_p, min_p, _temperature, tkf, seed, offset, prs = args[9:]
         plans.append(_cuda.plan_launch(x_, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, tkf, seed, offset, prs))
         return real(*args)
 
