@@ -78,13 +78,15 @@ def covers(
     whose shared memory holds the list."""
     if mode != MODE_SAMPLE or from_logits or temperature is not None or y is not None:
         return False
-    if x.dtype is not torch.float32 or x.dim() != 2 or x.shape[1] < 1 or x.shape[1] >= MAX_VOCAB:
+    if x.dtype is not torch.float32 or x.dim() != 2:
         return False
-    if x.shape[1] > 1 and x.stride(1) != 1:
+    vocab = x.shape[1]
+    if vocab < 1 or vocab >= MAX_VOCAB or (vocab > 1 and x.stride(1) != 1):
         return False
     if isinstance(top_k, torch.Tensor) and top_k.dtype not in (torch.int32, torch.int64):
         return False
-    if not any(f is not None for f in effective_filters(top_k, top_p, min_p, x.shape[1])):
+    k, p, m = effective_filters(top_k, top_p, min_p, vocab)
+    if k is None and p is None and m is None:
         return False
     return device_ok(x.device)
 
