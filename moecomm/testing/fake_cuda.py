@@ -157,6 +157,7 @@ def gpu_host_mock(kernels: Sequence[tuple[str, str]] = (), capturing: bool = Fal
         backend._CHOSEN.clear()
         mp.set(cuda, "_driver", cuda._Driver(str(lib_path)))
         mp.set(cuda, "_by_call", {})
+        mp.set(cuda, "_by_args", {})
         mp.set(torch.cuda, "current_device", lambda: 0)
         mp.set(torch.cuda, "is_current_stream_capturing", lambda: capturing)
         mp.set(torch.cuda, "default_generators", (gen,))

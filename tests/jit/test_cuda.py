@@ -365,3 +365,25 @@ def test_launch_failure_names_the_kernel(fake_driver, monkeypatch):
     monkeypatch.setattr(drv, "_launch_fn", lambda *a: 999)
     with pytest.raises(cuda.CudaDriverError, match=r"cuLaunchKernel\(moecomm_k, grid=\(1, 1, 1\).*CUDA_ERROR_FAKE \(999\)"):
         k((1,), (1,), (ctypes.c_int(1),), stream=0)
+
+
+def test_load_memo_by_the_arguments_as_given(monkeypatch):
+    """load() answers a repeated call from a memo of its arguments as given (a device given), filled
+    from the normalised memo; an unhashable argument (flags as a list) uses the normalised key
+    only; forget_loaded() clears both (no GPU: the normalised memo holds a stand-in kernel)."""
+    import ctypes
+
+    import torch
+
+    monkeypatch.setattr(cuda, "_by_call", {})
+    monkeypatch.setattr(cuda, "_by_args", {})
+    dev = torch.device("cuda", 0)
+    kern = cuda.CudaKernel(None, "k", 0, ctypes.c_void_p(1))
+    cuda._by_call[cuda._call_key("allreduce/reduce.cu", "k", dev, None, cuda.DEFAULT_FLAGS, "auto")] = kern
+    assert cuda.load("allreduce/reduce.cu", "k", device=dev) is kern
+    assert list(cuda._by_args.values()) == [kern]
+    assert cuda.load("allreduce/reduce.cu", "k", device=torch.device("cuda:0")) is kern  # equal device: same entry
+    assert cuda.load("allreduce/reduce.cu", "k", device="cuda:0", flags=list(cuda.DEFAULT_FLAGS)) is kern
+    assert len(cuda._by_args) == 1
+    cuda.forget_loaded()
+    assert not cuda._by_args and not cuda._by_call
