@@ -353,6 +353,7 @@ class _Driver:
         self._get_current_fn = self.lib["cuCtxGetCurrent"]
         self._current_out = ctypes.c_void_p()  # written under _launch_lock only
         self._current_ref = ctypes.byref(self._current_out)
+        self._context_values: dict[int, int] = {}  # device -> its primary context's handle, as an int
 
     def check(self, rc: int, what: str) -> None:
         if rc != 0:
@@ -400,9 +401,11 @@ class _Driver:
         there would fail with CUDA_ERROR_INVALID_CONTEXT. The check costs ~0.2 us (the C call and
         a compare); the push/pop pair it saves, and the contextmanager around it, ~2 us.
         """
-        ctx = self.contexts.get(index) or self.context(index)
+        ctx = self._context_values.get(index)
+        if ctx is None:
+            ctx = self._context_values[index] = self.context(index).value
         rc = self._get_current_fn(self._current_ref)
-        if rc == 0 and self._current_out.value == ctx.value:
+        if rc == 0 and self._current_out.value == ctx:
             return self._launch_fn(fn, *g, *b, shared_mem, ctypes.c_void_p(stream), params, None)
         with self.current(index):
             return self._launch_fn(fn, *g, *b, shared_mem, ctypes.c_void_p(stream), params, None)
@@ -550,7 +553,8 @@ class CudaKernel:
             values: one per parameter: ints (device pointers: tensor.data_ptr()) and floats.
             shared_mem, stream: as __call__'s.
         """
-        g, b = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+        g = grid if type(grid) is tuple and len(grid) == 3 else (tuple(grid) + (1, 1))[:3]
+        b = block if type(block) is tuple and len(block) == 3 else (tuple(block) + (1, 1))[:3]
         if shared_mem > self.max_dynamic_shared_bytes:
             self.set_max_dynamic_shared_bytes(shared_mem)
         if stream is None:

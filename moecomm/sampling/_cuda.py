@@ -232,5 +232,8 @@ def launch_sample(
     entry, tensors, scalars, cap = _plan(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first,
                                          seed, offset, per_row_seed)
     kernel = cuda.load(SOURCE, entry, device=x.device)
-    kernel.launch((num_rows,), (THREADS,), SIGNATURE, [t.data_ptr() for t in tensors] + scalars,
+    kernel.launch((num_rows, 1, 1), (THREADS, 1, 1), SIGNATURE, list(map(_data_ptr, tensors)) + scalars,
                   shared_mem=shared_bytes(cap))
+
+
+_data_ptr = torch.Tensor.data_ptr
