@@ -184,3 +184,24 @@ def test_when_the_seed_comes_from_the_device(monkeypatch):
         assert api._philox_on_host(None, dev0, True) is None
         monkeypatch.undo()
         assert mock.generator.get_offset() == 4  # only the first call advanced it
+
+
+def test_logprobs_are_computed_only_when_asked_for(monkeypatch):
+    """The functions that return no log-probabilities launch without a logprob buffer (no
+    F_LOGPROB, the dummy pointer: one allocation less); S.sample(return_logprobs=True) passes one;
+    the tokens do not depend on it (same seed, same tokens from the reference either way)."""
+    seen = []
+    real = _cuda.launch_sample
+    monkeypatch.setattr(_cuda, "launch_sample", lambda *a: (seen.append(a[5]), real(*a))[1])
+    x = _probs(4, 1000)
+    with fake_cuda.gpu_host_mock(kernels=KERNELS) as mock:
+        S.top_p_sampling_from_probs(x, 0.9, seed=3)
+        no_lp = _launched(mock.lib)[18]
+        out = S.sample(probs=x, top_p=0.9, seed=3, return_logprobs=True)
+        with_lp = _launched(mock.lib)[18]
+    assert seen[0] is None and isinstance(seen[1], torch.Tensor) and out.logprobs is seen[1]
+    assert not no_lp & _cuda.F_LOGPROB and with_lp & _cuda.F_LOGPROB
+    a = S.sample(probs=x, top_p=0.9, seed=3)  # CPU: the reference, with and without log-probabilities
+    b = S.sample(probs=x, top_p=0.9, seed=3, return_logprobs=True)
+    assert a.logprobs is None and torch.equal(a.tokens, b.tokens) and torch.equal(a.valid, b.valid)
+    torch.testing.assert_close(b.logprobs, torch.log(x.gather(1, b.tokens.long()[:, None])[:, 0]), atol=1e-5, rtol=0)
