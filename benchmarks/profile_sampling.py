@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_sampling            # GPU: the benchmark's rows
     python -m benchmarks.profile_sampling --host     # also: host us per API call, and its profile
+    python -m benchmarks.profile_sampling --host-mock  # no GPU: the same host path over a fake driver
 
 # B = rows, V = vocab
 
@@ -11,6 +12,12 @@ the clock given (--ghz; the H200 runs its SMs at ~1.98 GHz under this load). Bes
 production build's time per launch (CUDA events around 20 back-to-back launches on one input,
 so the row may sit in L2 at B1), and the list sizes. Host: perf_counter over back-to-back calls at
 B1 V1000 (the kernel is then shorter than the host path), and cProfile's top functions.
+
+--host-mock (any machine, no GPU): the same calls on CPU tensors taken down the CUDA host path by
+moecomm.testing.fake_cuda.gpu_host_mock (the real dispatch, checks, plan_launch and CudaKernel
+packing and ctypes calls; a fake libcuda of C no-ops; torch's allocator, stream and generator
+queries are the CPU's or Python stand-ins, so the figure is a lower bound of the GPU host's: compare
+two versions of moecomm with it, not it with the GPU). Median of 7 runs of 2000 calls.
 """
 
 # Shape legend: B = rows, V = vocab.
@@ -102,12 +109,8 @@ def phases(op: str, batch: int, vocab: int, ghz: float, device) -> str:
 
 
 def host(device) -> str:
-    import moecomm.sampling as S
-
     x = _probs(1, 1000, device)
-    fns = {"top_p": lambda: S.top_p_sampling_from_probs(x, 0.9),
-           "top_k_top_p": lambda: S.top_k_top_p_sampling_from_probs(x, 50, 0.9),
-           "top_p seed=int": lambda: S.top_p_sampling_from_probs(x, 0.9, seed=1, offset=0)}
+    fns = _host_calls(x)
     lines = []
     for name, fn in fns.items():
         for _ in range(50):
@@ -145,11 +148,62 @@ def host(device) -> str:
     return "\n".join(lines)
 
 
+def _host_calls(x):
+    import moecomm.sampling as S
+
+    return {"top_p": lambda: S.top_p_sampling_from_probs(x, 0.9),
+            "top_k_top_p": lambda: S.top_k_top_p_sampling_from_probs(x, 50, 0.9),
+            "top_p seed=int": lambda: S.top_p_sampling_from_probs(x, 0.9, seed=1, offset=0)}
+
+
+def host_mock(profile: bool = False, runs: int = 7, n: int = 2000) -> str:
+    """Host us per call on this CPU, the GPU's host path over a fake driver (see the module docstring)."""
+    from moecomm.sampling import _cuda
+    from moecomm.testing.fake_cuda import gpu_host_mock
+
+    x = _probs(1, 1000, "cpu")
+    lines = []
+    with gpu_host_mock(kernels=[(_cuda.SOURCE, e) for e in _cuda.ENTRY.values()]) as mock:
+        for name, fn in _host_calls(x).items():
+            for _ in range(200):
+                fn()
+            before = mock.launches()
+            ts = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                ts.append((time.perf_counter() - t0) / n * 1e6)
+            launched = mock.launches() - before
+            if launched != runs * n:  # the mock must have taken the CUDA kernel's path, once a call
+                raise RuntimeError(f"profile_sampling --host-mock: {name}: {launched} launches for {runs * n} calls")
+            ts.sort()
+            lines.append(f"host-mock {name:16s} {ts[runs // 2]:6.2f} us per call (median of {runs} x {n}; "
+                         f"min {ts[0]:.2f}, max {ts[-1]:.2f}; B1 V1000, fake driver)")
+        if profile:
+            pr = cProfile.Profile()
+            fn = _host_calls(x)["top_p"]
+            pr.enable()
+            for _ in range(n):
+                fn()
+            pr.disable()
+            s = io.StringIO()
+            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+            lines.append(s.getvalue())
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", action="store_true", help="also the host time of the API")
+    parser.add_argument("--host-mock", action="store_true",
+                        help="only the host time of the API, on this CPU over a fake driver (no GPU needed)")
+    parser.add_argument("--cprofile", action="store_true", help="with --host-mock: also cProfile's top functions")
     parser.add_argument("--ghz", type=float, default=1.98, help="SM clock to convert cycles (default 1.98)")
     args = parser.parse_args(argv)
+    if args.host_mock:
+        print(host_mock(profile=args.cprofile))
+        return 0
     if not torch.cuda.is_available():
         print("profile_sampling: needs a CUDA device (the kernel's clock marks); nothing to do here")
         return 0

@@ -332,14 +332,28 @@ DEFAULT_DYNAMIC_SHARED_BYTES = 48 * 1024  # what a launch may use without opting
 class _Driver:
     """The few CUDA driver calls a launch needs, through ctypes."""
 
-    def __init__(self) -> None:
-        self.lib = ctypes.CDLL("libcuda.so.1")
+    def __init__(self, path: str = "libcuda.so.1") -> None:
+        # path: the driver library; benchmarks/profile_sampling.py --host-mock passes a stand-in built
+        # from C no-ops, so that a launch's host work (ctypes conversions included) is timed without a GPU
+        self.lib = ctypes.CDLL(path)
         self.check(self.lib.cuInit(0), "cuInit")
         self.lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
         self.lib.cuModuleGetFunction.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p]
         self.lib.cuModuleLoadData.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         self.lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self.contexts: dict[int, ctypes.c_void_p] = {}
+        # The launch path's own handles on cuLaunchKernel and cuCtxGetCurrent, without argtypes:
+        # ctypes then converts nothing through from_param (cuLaunchKernel with its 11 argtypes took
+        # 1.25 us a call on the CPU machine, 0.45 us without; cuCtxGetCurrent 0.45 -> 0.20 us). Safe
+        # because every pointer-sized argument is passed as a ctypes object (c_void_p, an array,
+        # byref, None) and the rest are ints < 2**31 passed as C int, which every ABI CUDA runs on
+        # passes like the unsigned int the prototype says. lib[name] is a fresh function object,
+        # so the argtypes above (error paths, other callers) stay as they are.
+        self._launch_fn = self.lib["cuLaunchKernel"]
+        self._get_current_fn = self.lib["cuCtxGetCurrent"]
+        self._current_out = ctypes.c_void_p()  # written under _launch_lock only
+        self._current_ref = ctypes.byref(self._current_out)
+        self._context_values: dict[int, int] = {}  # device -> its primary context's handle, as an int
 
     def check(self, rc: int, what: str) -> None:
         if rc != 0:
@@ -372,6 +386,30 @@ class _Driver:
         finally:
             self.lib.cuCtxPopCurrent(ctypes.byref(ctypes.c_void_p()))
 
+    def launch(self, index: int, fn: ctypes.c_void_p, g: tuple, b: tuple, shared_mem: int, stream: int,
+               params: Any) -> int:
+        """cuLaunchKernel in device ``index``'s primary context; its return code. The caller holds
+        _launch_lock (this writes the one cuCtxGetCurrent buffer).
+
+        The context is asked for on every launch, and pushed only when another (or none) is current.
+        Not skipped when torch's current device is the kernel's: torch's current device is not a
+        current context. c10/cuda/CUDAFunctions.cpp (CUDA 12 path) keeps a thread_local
+        targetDeviceIndex that c10::cuda::GetDevice returns before any context exists on that
+        device (MaybeSetDevice, called by device guards' destructors, only records the index when
+        the device has no primary context yet), and on a thread that never made a runtime call
+        cudaGetDevice answers 0 while no context is bound (the runtime binds it lazily). A launch
+        there would fail with CUDA_ERROR_INVALID_CONTEXT. The check costs ~0.2 us (the C call and
+        a compare); the push/pop pair it saves, and the contextmanager around it, ~2 us.
+        """
+        ctx = self._context_values.get(index)
+        if ctx is None:
+            ctx = self._context_values[index] = self.context(index).value
+        rc = self._get_current_fn(self._current_ref)
+        if rc == 0 and self._current_out.value == ctx:
+            return self._launch_fn(fn, *g, *b, shared_mem, ctypes.c_void_p(stream), params, None)
+        with self.current(index):
+            return self._launch_fn(fn, *g, *b, shared_mem, ctypes.c_void_p(stream), params, None)
+
 
 _driver_lock = threading.Lock()
 _driver: _Driver | None = None
@@ -379,6 +417,8 @@ _driver: _Driver | None = None
 
 def _get_driver() -> _Driver:
     global _driver
+    if _driver is not None:  # every launch asks: no lock once it exists
+        return _driver
     with _driver_lock:
         if _driver is None:
             _driver = _Driver()
@@ -396,18 +436,85 @@ def _arg(i: int, a: Any) -> ctypes._SimpleCData:
                            f"(ctypes.c_int(3), say), got {type(a).__name__}")
 
 
+# ctypes scalar type -> struct format character (standard sizes: "=" below, padding made explicit)
+_FORMATS = {ctypes.c_void_p: "Q", ctypes.c_int: "i", ctypes.c_uint: "I", ctypes.c_long: "q", ctypes.c_ulong: "Q",
+            ctypes.c_longlong: "q", ctypes.c_ulonglong: "Q", ctypes.c_float: "f", ctypes.c_double: "d",
+            ctypes.c_short: "h", ctypes.c_ushort: "H", ctypes.c_byte: "b", ctypes.c_ubyte: "B", ctypes.c_bool: "?"}
+_launch_lock = threading.Lock()
+
+
+class Signature:
+    """A kernel's parameter list as C types, with the one buffer its launches pack the values into.
+
+        SIGNATURE = cuda.Signature((ctypes.c_void_p, ctypes.c_int))    # (float* x, int n), at import
+        kernel.launch((blocks,), (256,), SIGNATURE, (x.data_ptr(), n))
+
+    Each parameter sits at an offset aligned to its size and kernelParams points at the offsets, so
+    a launch costs one struct.pack_into of plain ints and floats, instead of a ctypes object and a
+    byref per argument (~1 us each; the sampling kernel's 20 arguments were ~20 us of its host
+    time). cuLaunchKernel copies the parameters during the call, so the buffer is free again when
+    it returns; launches hold _launch_lock around pack and launch, which keeps threads sharing a
+    signature apart.
+    """
+
+    __slots__ = ("buffer", "packer", "params", "types")
+
+    def __init__(self, types: Sequence[type]) -> None:
+        fmt, offsets, at = "=", [], 0
+        for i, kind in enumerate(types):
+            ch = _FORMATS.get(kind)
+            if ch is None:
+                raise MoeCommTypeError(f"moecomm.jit.cuda: launch argument {i} has type {getattr(kind, '__name__', kind)}, "
+                                       f"which launches do not pack (use one of {sorted(t.__name__ for t in _FORMATS)})")
+            size = struct.calcsize("=" + ch)
+            pad = -at % size
+            fmt += "x" * pad + ch
+            at += pad
+            offsets.append(at)
+            at += size
+        self.types = tuple(types)
+        self.packer = struct.Struct(fmt) if offsets else None
+        self.buffer = ctypes.create_string_buffer(max(at, 8))
+        base = ctypes.addressof(self.buffer)
+        self.params = (ctypes.c_void_p * max(len(offsets), 1))(*[base + o for o in offsets])
+
+    def pack_error(self, values: Sequence[Any]) -> MoeCommTypeError:
+        """The named error of values that struct.pack_into refused (the slow path of a failure)."""
+        if len(values) != len(self.types):
+            return MoeCommTypeError(f"moecomm.jit.cuda: launch values must number {len(self.types)} (the signature's "
+                                    f"parameters), got {len(values)}")
+        for i, (kind, v) in enumerate(zip(self.types, values)):
+            try:
+                struct.pack("=" + _FORMATS[kind], v)
+            except (struct.error, TypeError, OverflowError) as exc:
+                return MoeCommTypeError(f"moecomm.jit.cuda: launch value {i} must fit {kind.__name__}, got {v!r} ({exc})")
+        return MoeCommTypeError(f"moecomm.jit.cuda: launch values do not pack: {values!r}")
+
+
+def _raw_stream(index: int) -> int:
+    """The handle of torch's current stream of device ``index``: the private call Triton's launcher
+    uses (an int, no Stream object: ~0.2 us), or the public API (~5 us) where a torch lacks it."""
+    import torch
+
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get is not None:
+        return get(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
 class CudaKernel:
     """One ``extern "C" __global__`` function of a loaded cubin, launchable on torch's stream."""
 
     def __init__(self, compiled: Compiled, name: str, device_index: int, handle: ctypes.c_void_p):
         self.compiled, self.name, self.device_index, self._fn = compiled, name, device_index, handle
         self.max_dynamic_shared_bytes = DEFAULT_DYNAMIC_SHARED_BYTES  # raised by set_max_dynamic_shared_bytes
-        self._packed: dict[tuple, tuple] = {}  # launch signature (argument kinds) -> _pack_layout
+        # argument types -> (Signature, which arguments are tensors), for __call__
+        self._packed: dict[tuple, tuple[Signature, tuple[bool, ...]]] = {}
 
     def set_max_dynamic_shared_bytes(self, nbytes: int) -> None:
         """Let launches of this kernel use up to ``nbytes`` of dynamic shared memory (beyond 48 KB a
         kernel must opt in: cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES); an H100/H200 allows
-        227 KB a block). __call__ does it by itself for a larger shared_mem; the driver refuses more
+        227 KB a block). A launch does it by itself for a larger shared_mem; the driver refuses more
         than the device has (CudaDriverError)."""
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise MoeCommValueError(f"moecomm.jit.cuda: nbytes must be an int >= 0, got {nbytes!r}")
@@ -427,65 +534,65 @@ class CudaKernel:
                 ctypes scalars of the parameter's exact type (ctypes.c_int, ctypes.c_longlong, ...).
             shared_mem: bytes of dynamic shared memory (past 48 KB the kernel is opted in first).
         """
-        import torch
+        kinds = tuple(map(type, args))  # the signature's key: C speed (a generator over isinstance was ~7 us)
+        hit = self._packed.get(kinds)
+        if hit is None:
+            hit = self._packed[kinds] = _signature_of(args, kinds)
+        sig, is_tensor = hit
+        values = [a.data_ptr() if t else (a.value or 0) for a, t in zip(args, is_tensor)]
+        self.launch(grid, block, sig, values, shared_mem=shared_mem, stream=stream)
 
-        g, b = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
-        kinds = tuple(_TENSOR if isinstance(a, torch.Tensor) else type(a) for a in args)
-        packed = self._packed.get(kinds)
-        if packed is None:
-            packed = self._packed[kinds] = _pack_layout(args, kinds)
-        fmt, buf, params = packed
+    def launch(self, grid: Sequence[int], block: Sequence[int], signature: Signature, values: Sequence[Any], *,
+               shared_mem: int = 0, stream: Any = None) -> None:
+        """Launch with the parameters ``values`` of types ``signature`` (a Signature made once): the
+        path of a caller whose kernel's parameter types are fixed (no types looked at per launch).
+
+        Args:
+            grid, block: up to three sizes each.
+            signature: the kernel's parameter types (ctypes.c_void_p for a pointer).
+            values: one per parameter: ints (device pointers: tensor.data_ptr()) and floats.
+            shared_mem, stream: as __call__'s.
+        """
+        g = grid if type(grid) is tuple and len(grid) == 3 else (tuple(grid) + (1, 1))[:3]
+        b = block if type(block) is tuple and len(block) == 3 else (tuple(block) + (1, 1))[:3]
         if shared_mem > self.max_dynamic_shared_bytes:
             self.set_max_dynamic_shared_bytes(shared_mem)
         if stream is None:
-            stream = torch.cuda.current_stream(self.device_index)
-        handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
+            handle = _raw_stream(self.device_index)
+        else:
+            handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
         drv = _get_driver()
-        # the values into this signature's one buffer (cuLaunchKernel copies the parameters at the
-        # launch, so the buffer is free again when it returns; the lock keeps two threads apart)
-        values = [a.data_ptr() if k is _TENSOR else (a.value or 0) for a, k in zip(args, kinds)]
-        with _launch_lock, drv.current(self.device_index):
-            if fmt:
-                struct.pack_into(fmt, buf, 0, *values)
-            drv.check(drv.lib.cuLaunchKernel(self._fn, *g, *b, shared_mem, ctypes.c_void_p(handle), params, None),
-                      f"cuLaunchKernel({self.name}, grid={g}, block={b}, shared_mem={shared_mem})")
+        packer = signature.packer
+        with _launch_lock:
+            if packer is not None:
+                try:
+                    packer.pack_into(signature.buffer, 0, *values)
+                except (struct.error, TypeError, OverflowError):
+                    raise signature.pack_error(values) from None
+            rc = drv.launch(self.device_index, self._fn, g, b, shared_mem, handle, signature.params)
+        if rc != 0:
+            drv.check(rc, f"cuLaunchKernel({self.name}, grid={g}, block={b}, shared_mem={shared_mem})")
 
 
-_TENSOR = object()  # the kind of a torch.Tensor argument (passed as its device pointer)
-# ctypes scalar type -> struct format character (standard sizes: "=" below, padding made explicit)
-_FORMATS = {ctypes.c_void_p: "Q", ctypes.c_int: "i", ctypes.c_uint: "I", ctypes.c_long: "q", ctypes.c_ulong: "Q",
-            ctypes.c_longlong: "q", ctypes.c_ulonglong: "Q", ctypes.c_float: "f", ctypes.c_double: "d",
-            ctypes.c_short: "h", ctypes.c_ushort: "H", ctypes.c_byte: "b", ctypes.c_ubyte: "B", ctypes.c_bool: "?"}
-_launch_lock = threading.Lock()
+def _signature_of(args: Sequence[Any], kinds: tuple) -> tuple[Signature, tuple[bool, ...]]:
+    """(Signature, tensor or not per argument) of a launch's arguments; the named error for an
+    argument that is neither a tensor nor a ctypes scalar."""
+    import torch
 
-
-def _pack_layout(args: Sequence[Any], kinds: tuple) -> tuple[str, Any, Any]:
-    """(struct format, buffer, kernelParams array) of one launch signature: each parameter at an
-    offset aligned to its size, the array pointing at the offsets. A launch then costs one
-    struct.pack_into instead of a ctypes object and a byref per argument (~1 us each; the sampling
-    kernel's 20 arguments were ~20 us of its host time)."""
-    fmt, offsets, at = "=", [], 0
+    types, is_tensor = [], []
     for i, (a, kind) in enumerate(zip(args, kinds)):
-        ch = "Q" if kind is _TENSOR else _FORMATS.get(kind)
-        if ch is None:
+        t = issubclass(kind, torch.Tensor)
+        if not t:
             _arg(i, a)  # raises the named error for anything that is not a tensor or a ctypes scalar
-            raise MoeCommTypeError(f"moecomm.jit.cuda: launch argument {i} has ctypes type {kind.__name__}, which "
-                                   f"launches do not pack (use one of {sorted(t.__name__ for t in _FORMATS)})")
-        size = struct.calcsize("=" + ch)
-        pad = -at % size
-        fmt += "x" * pad + ch
-        at += pad
-        offsets.append(at)
-        at += size
-    buf = ctypes.create_string_buffer(max(at, 8))
-    base = ctypes.addressof(buf)
-    params = (ctypes.c_void_p * max(len(offsets), 1))(*[base + o for o in offsets])
-    return (fmt if offsets else ""), buf, params
+        types.append(ctypes.c_void_p if t else kind)
+        is_tensor.append(t)
+    return Signature(types), tuple(is_tensor)
 
 
 _loaded: dict[tuple[str, int], ctypes.c_void_p] = {}
 _kernels: dict[tuple[str, str, int], CudaKernel] = {}  # (cubin, function, device) -> kernel
-_by_call: dict[tuple, CudaKernel] = {}  # load()'s arguments -> kernel
+_by_call: dict[tuple, CudaKernel] = {}  # load()'s arguments, normalised (_call_key) -> kernel
+_by_args: dict[tuple, CudaKernel] = {}  # load()'s arguments as given (a device given) -> kernel
 
 
 def forget_loaded() -> None:
@@ -493,6 +600,7 @@ def forget_loaded() -> None:
     Module handles stay loaded: a cubin's functions are reused, not loaded twice."""
     _kernels.clear()
     _by_call.clear()
+    _by_args.clear()
 
 
 def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str | None = None,
@@ -503,13 +611,24 @@ def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str 
     cubin and loads it; later calls with the same arguments return the same kernel from a
     dictionary (so an edit of a source takes effect in the next process, not in this one).
     """
+    # first the arguments as given (a launch wrapper calls with the same objects every time: ~0.3 us
+    # instead of ~1 us for the normalised key); device None follows the current device: no shortcut
+    fast = (source, name, device, arch, flags, compiler_kind) if device is not None else None
+    if fast is not None:
+        try:
+            kern = _by_args.get(fast)
+        except TypeError:  # an unhashable argument (flags as a list): the normalised key only
+            fast = None
+        else:
+            if kern is not None:
+                return kern
     import torch
 
-    where = str(device) if device is not None else (torch.cuda.current_device() if torch.cuda.is_available() else None)
-    memo = (str(source), name, where, arch,
-            tuple(flags) if not isinstance(flags, str) else flags, compiler_kind)
+    memo = _call_key(source, name, device, arch, flags, compiler_kind)
     kern = _by_call.get(memo)
     if kern is not None:
+        if fast is not None:
+            _by_args[fast] = kern
         return kern
     err = load_error()
     if err is not None:
@@ -523,6 +642,8 @@ def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str 
     kern = _kernels.get(k)
     if kern is not None:
         _by_call[memo] = kern
+        if fast is not None:
+            _by_args[fast] = kern
         return kern
     drv = _get_driver()
     torch.cuda.init()
@@ -538,7 +659,17 @@ def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str 
                   f"cuModuleGetFunction({name!r} in {compiled.path})")
     kern = _kernels[k] = CudaKernel(compiled, name, index, fn)
     _by_call[memo] = kern
+    if fast is not None:
+        _by_args[fast] = kern
     return kern
+
+
+def _call_key(source, name: str, device: Any, arch: str | None, flags: Sequence[str], compiler_kind: str) -> tuple:
+    """load()'s memo key of its arguments."""
+    import torch
+
+    where = str(device) if device is not None else (torch.cuda.current_device() if torch.cuda.is_available() else None)
+    return (str(source), name, where, arch, tuple(flags) if not isinstance(flags, str) else flags, compiler_kind)
 
 
 def load_error() -> str | None:

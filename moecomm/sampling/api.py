@@ -6,8 +6,7 @@ Names, arguments and returns follow flashinfer.sampling (0.7.2) so that switchin
 Differences, all documented per function: the kept-set rule with ties (reference.py), one seed
 per row leaving the row index out of the random stream, bad rows flagged instead of undefined,
 ``deterministic`` accepted and ignored (every kernel here is deterministic), and the default
-randomness is a seed drawn ON THE DEVICE from the generator (torch.randint), so a captured CUDA
-graph draws fresh numbers on every replay and torch.compile(fullgraph=True) traces it.
+randomness below (a graph replay draws fresh numbers, torch.compile(fullgraph=True) traces it).
 
 Randomness, in order:
 - ``seed`` (int, or int64 tensor [1] or [B]) and ``offset`` (same; default 0): used as given. A
@@ -15,8 +14,23 @@ Randomness, in order:
   tokens depend on its own seed and offset only, whatever its batch neighbours. With tensors
   nothing is read on the host: update ``offset`` in place between CUDA-graph replays for fresh
   numbers (or use the default below).
-- otherwise ``generator`` (or torch's default generator of the device): one int64 seed is drawn on
-  the device per call. torch.manual_seed(s) then fixes every token (deterministic by default).
+- otherwise ``generator`` (or torch's default generator of the device) decides, one of two ways:
+  - an eager call on a CUDA tensor of the current device, not under CUDA-graph capture
+    (torch.cuda.is_current_stream_capturing()) nor torch.compile (torch.compiler.is_compiling()):
+    the generator's Philox state, read on the host where torch keeps it (no device read):
+    seed = generator.initial_seed(), offset = generator.get_offset(), and the generator's offset
+    advanced by 4 (generator.set_offset), as a torch op drawing a few numbers advances it. So
+    torch.manual_seed(s) fixes every token, each call gets fresh numbers, and the seed and offset
+    of a call do not depend on the batch (row r's numbers are those of row r in any batch drawn
+    at that state). ~1.5 us of host time instead of ~14 us for a draw on the device.
+  - otherwise (capture, compile, CPU tensors, a tensor on another device than the current one,
+    a torch without Generator.get_offset): one int64 seed drawn on the device per call
+    (torch.randint), so a captured graph draws fresh numbers at every replay and torch.compile
+    traces it; torch.manual_seed(s) fixes every token there too.
+  The two ways give different tokens for the same generator state (a captured graph and the same
+  call eager do not draw the same numbers). The read and the advance are not atomic: a torch op
+  drawing from the same generator in another thread between them would be rewound (later draws
+  would repeat its offsets); torch's own ops lock the generator, a read from Python cannot.
 
 Nothing here reads device memory on the host (no .item(), no data-dependent shape), except
 ``check_nan=True``, which syncs as in FlashInfer.
@@ -32,7 +46,10 @@ import torch
 from ..errors import MoeCommTypeError, MoeCommValueError, check_tensor
 from ..jit import backend as _backend
 from ..jit.ops import define_op
-from . import reference
+from . import _cuda, reference
+
+# _cuda (imported here: a call's import statement costs ~0.7 us) brings only the standard library and
+# moecomm.jit.cuda, which start nothing; _triton (Triton itself) stays imported on first use
 
 _PROB_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -76,11 +93,9 @@ def _sample_kernel(impl, x: torch.Tensor, launch_args: tuple) -> str | None:
         return None
     if SAMPLE_KERNEL not in _SAMPLE_KERNELS:
         raise MoeCommValueError(f"moecomm.sampling.api: SAMPLE_KERNEL must be one of {_SAMPLE_KERNELS}, got {SAMPLE_KERNEL!r}")
-    if x.is_cuda and (impl is _backend.Impl.CUDA or SAMPLE_KERNEL == "cuda") and _backend.cuda_compile_error() is None:
-        from . import _cuda
-
-        if _cuda.covers(x, *launch_args):
-            return "cuda"
+    if (x.is_cuda and (impl is _backend.Impl.CUDA or SAMPLE_KERNEL == "cuda") and _backend.cuda_compile_error() is None
+            and _cuda.covers(x, *launch_args)):
+        return "cuda"
     return "triton" if _backend.triton_import_error() is None else None
 
 
@@ -91,8 +106,11 @@ def _sample_impl(
     min_p_t: torch.Tensor | None, min_p_v: float, has_min_p: bool,
     temp_t: torch.Tensor | None, temp_v: float, has_temp: bool,
     top_k_first: bool, seed_t: torch.Tensor | None, seed_v: int, offset_t: torch.Tensor | None, offset_v: int,
-    per_row_seed: bool, out_int64: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    per_row_seed: bool, out_int64: bool, want_logprob: bool,
+) -> list[torch.Tensor]:
+    """[tokens, valid] or, with want_logprob, [tokens, valid, logprob] (a list: the op's schema has
+    no optional output, and the log-probabilities nobody asked for cost an allocation, ~4 us of host
+    time on the H200 machine, and the kernel's log)."""
     top_k = _pick(top_k_t, top_k_v, has_top_k)
     top_p = _pick(top_p_t, top_p_v, has_top_p)
     min_p = _pick(min_p_t, min_p_v, has_min_p)
@@ -104,32 +122,31 @@ def _sample_impl(
     if impl is not _backend.Impl.REFERENCE:
         tokens = torch.empty(num_rows, dtype=out_dtype, device=x.device)
         valid = torch.empty(num_rows, dtype=torch.bool, device=x.device)
-        logprob = torch.empty(num_rows, dtype=torch.float32, device=x.device)
+        logprob = torch.empty(num_rows, dtype=torch.float32, device=x.device) if want_logprob else None
         args = (indices, num_rows, tokens, valid, logprob, None, MODE_SAMPLE, from_logits, top_k, top_p, min_p, temp,
                 top_k_first, seed, offset, per_row_seed)
         kernel = _sample_kernel(impl, x, args)
         if kernel == "cuda":
-            from . import _cuda
-
             _cuda.launch_sample(x, *args)
-            return tokens, valid, logprob
+            return [tokens, valid, logprob] if want_logprob else [tokens, valid]
         if kernel == "triton":
             from . import _triton
 
             _triton.launch_sample(x, *args)
-            return tokens, valid, logprob
+            return [tokens, valid, logprob] if want_logprob else [tokens, valid]
     dev = x.device
     seed_r = seed if isinstance(seed, torch.Tensor) else torch.tensor([seed], dtype=torch.int64, device=dev)
     offset_r = offset if isinstance(offset, torch.Tensor) else torch.tensor([offset], dtype=torch.int64, device=dev)
-    return reference.sample(x, from_logits=from_logits, indices=indices, temperature=temp, top_k=top_k, top_p=top_p,
-                            min_p=min_p, top_k_first=top_k_first, seed=seed_r.long(), offset=offset_r.long(),
-                            per_row_seed=per_row_seed, out_dtype=out_dtype)
+    res = reference.sample(x, from_logits=from_logits, indices=indices, temperature=temp, top_k=top_k, top_p=top_p,
+                           min_p=min_p, top_k_first=top_k_first, seed=seed_r.long(), offset=offset_r.long(),
+                           per_row_seed=per_row_seed, out_dtype=out_dtype)
+    return list(res) if want_logprob else list(res[:2])
 
 
 def _sample_fake(x, indices, num_rows, *args):
-    out_int64 = args[-1]
-    return (x.new_empty(num_rows, dtype=torch.int64 if out_int64 else torch.int32),
-            x.new_empty(num_rows, dtype=torch.bool), x.new_empty(num_rows, dtype=torch.float32))
+    out_int64, want_logprob = args[-2:]
+    out = [x.new_empty(num_rows, dtype=torch.int64 if out_int64 else torch.int32), x.new_empty(num_rows, dtype=torch.bool)]
+    return out + [x.new_empty(num_rows, dtype=torch.float32)] if want_logprob else out
 
 
 _sample_op = define_op("sampling_sample", _sample_impl, fake=_sample_fake, differentiable=False)
@@ -224,17 +241,56 @@ def _param(op: str, name: str, value, num_rows: int, device, *, integer: bool, l
 
 
 def _top_k(op, value, num_rows, device):
+    if value is None:  # most calls: no top-k (0.5 -> 0.1 us)
+        return None, 0, False
     t, v, has = _param(op, "top_k", value, num_rows, device, integer=True, lo=0, hi=float("inf"), lo_open=True)
     return t, min(int(v), 2**31 - 1), has
 
 
-def _rng(op: str, generator, seed, offset, num_rows: int, device):
-    """(seed tensor or None, seed int, offset tensor or None, offset int, per_row_seed)."""
+def _philox_on_host(generator, device, is_cuda: bool) -> tuple[int, int] | None:
+    """(seed, offset) of an eager call on a CUDA device: the generator's Philox seed and offset,
+    the offset advanced by 4 as a torch op that draws a few numbers advances it; or None where the
+    seed must be drawn on the device (see the module docstring: capture, compile, CPU, the
+    tensor's device not the current one, a torch without Generator.get_offset).
+
+    ~1.5 us of host calls instead of torch.randint on the device (14 us of host time on the H200
+    machine). Nothing is read from the device: the CUDA generator's state lives on the host."""
+    if not is_cuda or torch.compiler.is_compiling():
+        return None
+    current = torch.cuda.current_device()
+    index = device.index if device.index is not None else current
+    # the capture status read is the current device's current stream's: the stream the launch uses
+    # only when the tensor's device is the current one
+    if index != current or torch.cuda.is_current_stream_capturing():
+        return None
+    if generator is None:
+        gens = torch.cuda.default_generators
+        if index >= len(gens):
+            return None
+        generator = gens[index]
+    elif generator.device.type != "cuda" or (generator.device.index or 0) != index:
+        return None  # torch.randint raises its own error for a generator of another device
+    get_offset = getattr(generator, "get_offset", None)
+    if get_offset is None:
+        return None
+    offset = get_offset()
+    generator.set_offset(offset + 4)
+    seed = generator.initial_seed() % 2**64
+    return (seed - 2**64 if seed >= 2**63 else seed), offset
+
+
+def _rng(op: str, generator, seed, offset, num_rows: int, device, is_cuda: bool):
+    """(seed tensor or None, seed int, offset tensor or None, offset int, per_row_seed).
+
+    is_cuda: the input is a CUDA tensor (the default randomness may then be read on the host)."""
     if seed is None:
         if offset is not None:
             raise MoeCommValueError(f"{op}: offset must come with a seed, got offset={type(offset).__name__} and seed=None")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise MoeCommTypeError(f"{op}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+        state = _philox_on_host(generator, device, is_cuda)
+        if state is not None:
+            return None, state[0], None, state[1], False
         # drawn on the device: no host read, fresh at every CUDA-graph replay, traceable by torch.compile
         s = torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
         return s, 0, None, 0, False
@@ -276,7 +332,9 @@ def _order(op: str, filter_apply_order: str) -> bool:
     return filter_apply_order == "top_k_first"
 
 
-def _run_sample(op, x, from_logits, indices, top_k, top_p, min_p, temperature, top_k_first, generator, seed, offset):
+def _run_sample(op, x, from_logits, indices, top_k, top_p, min_p, temperature, top_k_first, generator, seed, offset,
+                want_logprob: bool = False):
+    """SampleOutput of one sampling call (logprobs None unless want_logprob)."""
     x = _check_dist(op, "logits" if from_logits else "probs", x)
     indices = _check_indices(op, indices, x)
     num_rows = indices.shape[0] if indices is not None else x.shape[0]
@@ -286,15 +344,15 @@ def _run_sample(op, x, from_logits, indices, top_k, top_p, min_p, temperature, t
     mt, mv, hm = _param(op, "min_p", min_p, num_rows, dev, integer=False, lo=0.0, hi=1.0, lo_open=False)
     tt, tv, ht = _param(op, "temperature", temperature, num_rows, dev, integer=False, lo=0.0, hi=float("inf"),
                         lo_open=True, hi_open=True)
-    st, sv, ot, ov, per_row = _rng(op, generator, seed, offset, num_rows, dev)
+    st, sv, ot, ov, per_row = _rng(op, generator, seed, offset, num_rows, dev, x.is_cuda)
     out_int64 = indices is not None and indices.dtype is torch.int64
-    return _sample_op(x, indices, num_rows, from_logits, kt, kv, hk, pt, float(pv), hp, mt, float(mv), hm,
-                      tt, float(tv) if ht else 1.0, ht, top_k_first, st, sv, ot, ov, per_row, out_int64)
+    res = _sample_op(x, indices, num_rows, from_logits, kt, kv, hk, pt, float(pv), hp, mt, float(mv), hm,
+                     tt, float(tv) if ht else 1.0, ht, top_k_first, st, sv, ot, ov, per_row, out_int64, want_logprob)
+    return SampleOutput(res[0], res[1], res[2] if want_logprob else None)
 
 
-def _ret(res, return_valid: bool):
-    tokens, valid, _ = res
-    return (tokens, valid) if return_valid else tokens
+def _ret(res: SampleOutput, return_valid: bool):
+    return (res.tokens, res.valid) if return_valid else res.tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,8 +362,9 @@ _RNG_ARGS = """        indices: [B] int32/int64 or None: output row i samples fr
             (several outputs may share a distribution); the output then has the indices' dtype.
             An index out of [0, R) gives an invalid row.
         deterministic: accepted for FlashInfer compatibility; every path here is deterministic.
-        generator: torch.Generator on the device, or None (torch's default): one seed is drawn
-            from it on the device per call.
+        generator: torch.Generator on the device, or None (torch's default): its Philox state
+            seeds the call (see the module docstring: read on the host in eager calls, drawn on
+            the device under capture or compile).
         check_nan: raise if the input holds NaN (reads the device: syncs).
         seed, offset: int, or int64 tensor [1] or [B] on the device (see the module docstring).
         return_valid: also return valid [B] bool (False: a bad row, whose token is 0)."""

@@ -102,9 +102,8 @@ class SamplingPipeline:
             from_logits, min_p = False, None
             get = {k: v for k, v in get.items() if k is not Temperature}
         op = "SamplingPipeline"
-        tokens, valid, logprobs = api._run_sample(op, x, from_logits, indices, get.get(TopK), get.get(TopP), min_p,
-                                                  get.get(Temperature), top_k_first, generator, seed, offset)
-        return api.SampleOutput(tokens, valid, logprobs if self.return_logprobs else None)
+        return api._run_sample(op, x, from_logits, indices, get.get(TopK), get.get(TopP), min_p, get.get(Temperature),
+                               top_k_first, generator, seed, offset, self.return_logprobs)
 
 
 def sample(logits=None, *, probs=None, temperature=None, top_k=None, top_p=None, min_p=None,
@@ -125,6 +124,5 @@ def sample(logits=None, *, probs=None, temperature=None, top_k=None, top_p=None,
     from_logits = logits is not None
     if not from_logits and temperature is not None:
         raise MoeCommValueError("sample: temperature needs logits, got probs")
-    tokens, valid, logprobs = api._run_sample("sample", logits if from_logits else probs, from_logits, indices,
-                                              top_k, top_p, min_p, temperature, first, generator, seed, offset)
-    return api.SampleOutput(tokens, valid, logprobs if return_logprobs else None)
+    return api._run_sample("sample", logits if from_logits else probs, from_logits, indices, top_k, top_p, min_p,
+                           temperature, first, generator, seed, offset, bool(return_logprobs))

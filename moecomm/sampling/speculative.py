@@ -63,7 +63,7 @@ def chain_speculative_sampling(
             check_tensor(op, name, t, shape=(batch,), device=dev)
     if vocab < 1:
         raise MoeCommValueError(f"{op}: draft_probs must have a vocabulary of at least 1, got shape {list(draft_probs.shape)}")
-    st, sv, ot, ov, per_row = api._rng(op, generator, seed, offset, batch, dev)
+    st, sv, ot, ov, per_row = api._rng(op, generator, seed, offset, batch, dev, draft_probs.is_cuda)
     seed_t = st if st is not None else torch.full((1,), sv, dtype=torch.int64, device=dev)
     offset_t = ot if ot is not None else torch.full((1,), ov, dtype=torch.int64, device=dev)
 

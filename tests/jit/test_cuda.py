@@ -200,6 +200,9 @@ def _recording_driver(lib):
         def current(self, index):
             yield
 
+        def launch(self, index, fn, g, b, shared_mem, stream, params):
+            return self.lib.cuLaunchKernel(fn, *g, *b, shared_mem, stream, params, None)
+
     Driver.lib = lib
     return Driver
 
@@ -267,3 +270,120 @@ def test_launch_parameters_are_packed_at_their_offsets(monkeypatch):
         assert got[:4] == want[:4] and got[6:] == want[6:] and got[4] == pytest.approx(x) and got[5] == x / 3
     with pytest.raises(MoeCommTypeError, match="launch argument 1 must be a torch.Tensor or a ctypes scalar"):
         k((1,), (1,), (a, 3))
+
+
+needs_cc = pytest.mark.skipif(__import__("moecomm.testing.fake_cuda", fromlist=["x"]).compiler_error() is not None,
+                              reason="no C compiler: the fake driver library cannot be built")
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    """The real _Driver over moecomm.testing.fake_cuda's C library (libcuda's ABI, no GPU), with its
+    test hooks; device 0's primary context current at the start."""
+    from moecomm.testing import fake_cuda
+
+    lib = fake_cuda.fake_library()
+    drv = cuda._Driver(str(fake_cuda.fake_driver_library()))
+    monkeypatch.setattr(cuda, "_driver", drv)
+    lib.fake_set_current(0x1000)
+    yield lib
+    lib.fake_set_current(0x1000)
+
+
+@needs_cc
+def test_launch_pushes_the_context_only_when_it_is_not_current(fake_driver):
+    """A launch asks the driver for the current context (cuCtxGetCurrent) and pushes the kernel's
+    device's primary context only when another one, or none, is current (a fresh thread: no
+    context although torch's current device may read 0); the pushed context is popped after."""
+    import ctypes
+
+    lib = fake_driver
+    k0 = cuda.CudaKernel(None, "k0", 0, ctypes.c_void_p(0x3000))
+    k1 = cuda.CudaKernel(None, "k1", 1, ctypes.c_void_p(0x3100))
+    seen = []
+
+    def launch(k, current):
+        lib.fake_set_current(current)
+        pushes, launches = lib.fake_pushes(), lib.fake_launches()
+        k((2,), (32,), (ctypes.c_int(5),), stream=0)
+        assert lib.fake_launches() == launches + 1
+        assert lib.fake_current() == (current or None)  # restored after a push
+        seen.append(lib.fake_pushes() - pushes)
+
+    launch(k0, 0x1000)  # device 0's context current: no push
+    launch(k0, 0)  # none current (a thread that made no runtime call yet): pushed
+    launch(k0, 0x1100)  # device 1's current: pushed
+    launch(k1, 0x1000)
+    launch(k1, 0x1100)
+    assert seen == [0, 1, 1, 1, 0]
+    assert lib.fake_last_fn() == 0x3100
+
+
+@needs_cc
+def test_launch_hands_the_driver_packed_values_and_64bit_handles(fake_driver):
+    """Through the real ctypes call (no argtypes on the launch path): the kernelParams array points
+    at each value of its C type, the stream handle keeps its 64 bits, grid, block and shared memory
+    arrive; the Signature path and __call__ pack the same bytes."""
+    import ctypes
+
+    import torch
+
+    lib = fake_driver
+    k = cuda.CudaKernel(None, "k", 0, ctypes.c_void_p(0x3000))
+    a = torch.zeros(4)
+    types = (ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float, ctypes.c_double, ctypes.c_int)
+    stream = 0x7F12_3456_789A
+
+    def read():
+        ptrs = lib.fake_last_params()
+        return [t.from_address(ptrs[i]).value for i, t in enumerate(types)]
+
+    k((3, 2), (128,), (a, ctypes.c_int(-7), ctypes.c_longlong(-2**40), ctypes.c_float(0.1), ctypes.c_double(1 / 3),
+                       ctypes.c_int(2**31 - 1)), shared_mem=1000, stream=stream)
+    first = read()
+    assert first == [a.data_ptr(), -7, -2**40, ctypes.c_float(0.1).value, 1 / 3, 2**31 - 1]
+    assert lib.fake_last_stream() == stream
+    assert [lib.fake_last_dim(i) for i in range(7)] == [3, 2, 1, 128, 1, 1, 1000]
+    sig = cuda.Signature(types)
+    k.launch((1,), (32,), sig, (a.data_ptr(), -7, -2**40, 0.1, 1 / 3, 2**31 - 1), stream=stream)
+    assert read() == first
+    with pytest.raises(MoeCommTypeError, match=r"launch value 1 must fit c_int, got 2.5"):
+        k.launch((1,), (32,), sig, (a.data_ptr(), 2.5, 0, 0.0, 0.0, 0), stream=0)
+    with pytest.raises(MoeCommTypeError, match="launch values must number 6"):
+        k.launch((1,), (32,), sig, (a.data_ptr(),), stream=0)
+    with pytest.raises(MoeCommTypeError, match="launch argument 1 has type c_char_p"):
+        cuda.Signature((ctypes.c_void_p, ctypes.c_char_p))
+
+
+@needs_cc
+def test_launch_failure_names_the_kernel(fake_driver, monkeypatch):
+    """A launch the driver refuses raises CudaDriverError with the kernel, grid and error name."""
+    import ctypes
+
+    k = cuda.CudaKernel(None, "moecomm_k", 0, ctypes.c_void_p(0x3000))
+    drv = cuda._driver
+    monkeypatch.setattr(drv, "_launch_fn", lambda *a: 999)
+    with pytest.raises(cuda.CudaDriverError, match=r"cuLaunchKernel\(moecomm_k, grid=\(1, 1, 1\).*CUDA_ERROR_FAKE \(999\)"):
+        k((1,), (1,), (ctypes.c_int(1),), stream=0)
+
+
+def test_load_memo_by_the_arguments_as_given(monkeypatch):
+    """load() answers a repeated call from a memo of its arguments as given (a device given), filled
+    from the normalised memo; an unhashable argument (flags as a list) uses the normalised key
+    only; forget_loaded() clears both (no GPU: the normalised memo holds a stand-in kernel)."""
+    import ctypes
+
+    import torch
+
+    monkeypatch.setattr(cuda, "_by_call", {})
+    monkeypatch.setattr(cuda, "_by_args", {})
+    dev = torch.device("cuda", 0)
+    kern = cuda.CudaKernel(None, "k", 0, ctypes.c_void_p(1))
+    cuda._by_call[cuda._call_key("allreduce/reduce.cu", "k", dev, None, cuda.DEFAULT_FLAGS, "auto")] = kern
+    assert cuda.load("allreduce/reduce.cu", "k", device=dev) is kern
+    assert list(cuda._by_args.values()) == [kern]
+    assert cuda.load("allreduce/reduce.cu", "k", device=torch.device("cuda:0")) is kern  # equal device: same entry
+    assert cuda.load("allreduce/reduce.cu", "k", device="cuda:0", flags=list(cuda.DEFAULT_FLAGS)) is kern
+    assert len(cuda._by_args) == 1
+    cuda.forget_loaded()
+    assert not cuda._by_args and not cuda._by_call

@@ -201,7 +201,9 @@ def test_covers_and_capacity(monkeypatch):
     dev = torch.device("cuda", 0)
     for optin, cap in ((232448, 12288), (166912, 9216), (101376, 5120), (49152, 2048)):
         monkeypatch.setitem(_cuda._optin, 0, optin)
+        monkeypatch.setattr(_cuda, "_capacity", {})  # memoised per device: forget the last answer
         assert _cuda.capacity(dev) == cap, optin
+        assert _cuda._capacity == {dev: cap}
         assert _cuda.device_ok(dev) == (cap >= _cuda.MIN_CAPACITY)
     monkeypatch.setattr(_cuda, "LIST_CAPACITY", 16)
     assert _cuda.capacity(dev) == 16 and _cuda.device_ok(dev)
