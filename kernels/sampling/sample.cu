@@ -131,7 +131,7 @@ constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bin
 // Block-shared state. The kernel is the only user of these, one block at a time per SM.
 __shared__ unsigned s_dcnt[NUM_DIGITS], s_dfill[NUM_DIGITS], s_doff[NUM_DIGITS];
 __shared__ double s_dmass[NUM_DIGITS];
-__shared__ int s_sel, s_sel2, s_n, s_wn;
+__shared__ int s_sel, s_sel2, s_n;
 // small_select's cuts (one a warp) and its answer
 __shared__ long long s_cut_cnt[32];
 __shared__ double s_cut_mass[32];
@@ -594,21 +594,13 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
 
 // The list path's pass B: appends to A every token whose fp32 bits (as a signed int: -0.0 is not
 // listed) are >= tb >= 1, i.e. v > 0 in bins >= tb >> 20 (the entries beyond cap are counted, not
-// stored); returns how many there are. With kb != 0 it also splits them as split_list would: those
-// with keys >= kb counted and summed (fp64) into *cnt_above, *mass_above, the others copied to W
-// (*nw of them; at most wcap stored): top-p's window, without a sweep of the list afterwards. fill_range with kb = 2^63 and ka = tb << 32, on 32-bit
+// stored); returns how many there are. fill_range with kb = 2^63 and ka = tb << 32, on 32-bit
 // compares: no key is built for a token that is not listed (~3x fewer instructions a token: the
 // pass is bound by issue, not bytes). map as fill_range's.
 __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsigned tb, const unsigned char* map,
-                          unsigned map_min, const u64 kb, u64* __restrict__ W, int wcap, int* nw, long long* cnt_above,
-                          double* mass_above) {
-  if (threadIdx.x == 0) {
-    s_n = 0;
-    s_wn = 0;
-  }
+                          unsigned map_min) {
+  if (threadIdx.x == 0) s_n = 0;
   __syncthreads();
-  long long ac = 0;
-  double am = 0.0;
   const int T = blockDim.x, t = threadIdx.x;
   const int tbi = static_cast<int>(tb);
   for (int base = 0; base < row.nq; base += UNROLL * T) {
@@ -640,44 +632,15 @@ __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsig
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           if (__float_as_int(v[j]) >= tbi) {
-            const u64 k = make_key(v[j], 4 * (base + u * T + t) + j);
-            if (pos < cap) A[pos] = k;
+            if (pos < cap) A[pos] = make_key(v[j], 4 * (base + u * T + t) + j);
             ++pos;
-            if (kb != 0) {  // top-p's split: the bins above the window summed, the window copied
-              if (k >= kb) {
-                ++ac;
-                am += static_cast<double>(v[j]);
-              } else {
-                const int wp = atomicAdd(&s_wn, 1);
-                if (wp < wcap) W[wp] = k;
-              }
-            }
           }
         }
       }
     }
   }
-  if (kb != 0) {  // per-warp partial sums (small_select's cut arrays are free here)
-    ac = warp_reduce(ac, Sum<long long>());
-    am = warp_reduce(am, Sum<double>());
-    if ((t & 31) == 0) {
-      s_cut_cnt[t >> 5] = ac;
-      s_cut_mass[t >> 5] = am;
-    }
-  }
   __syncthreads();  // every append done
   const int n = s_n;
-  if (kb != 0) {
-    *nw = s_wn;
-    long long c = 0;
-    double m = 0.0;
-    for (int i = 0; i < (T >> 5); ++i) {
-      c += s_cut_cnt[i];
-      m += s_cut_mass[i];
-    }
-    *cnt_above = c;
-    *mass_above = m;
-  }
   __syncthreads();  // read by every thread before the next fill_range / list_above may reset it
   return n;
 }
@@ -994,17 +957,8 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   int n = 0;
   if (est <= cap) {
     const u64 ka = static_cast<u64>(b0) << 52;
-    // top-p's window of uncertain bins (<= whi) copied out during pass B, behind the sector map in
-    // the scratch, with room for small_select's compaction after it
-    const int woff = MAP_OFFSET / 8 + (use_map ? ((row.nq + 1) / 2 + 7) / 8 : 0);
-    const int wcap = (imax(8 * cap, SCRATCH_MIN_BYTES) / 8 - woff) / 2;
-    const bool win = HIST == HIST_QSUM && whi < NUM_BINS - 1 && wcap >= 64;
-    u64* const W = B + woff;
-    int nw = 0;
-    long long c0 = 0;
-    double m0 = 0.0;
     n = list_above(row, A, cap, b0 > 0 ? static_cast<unsigned>(b0) << 20 : 1u, use_map ? map : nullptr,
-                   static_cast<unsigned>(b0) >> 3, win ? static_cast<u64>(whi + 1) << 52 : 0, W, wcap, &nw, &c0, &m0);
+                   static_cast<unsigned>(b0) >> 3);
     MOECOMM_SAMPLE_CLOCK(3);
     MOECOMM_SAMPLE_VALUE(10, n);
     if (n > 0 && n <= cap) {
@@ -1021,22 +975,16 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
         }
         Pick pl;
         bool done = false;
-        if (win && nw > 0 && nw <= wcap && c(c0, m0)) {
-          // top-p: l lies in the uncertain bins (<= whi; the window's first entry is kept); the
-          // bins above were summed in pass B, not selected
-          MOECOMM_SAMPLE_VALUE(11, nw);
-          MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
-          pl = list_select(W, W + nw, nw, c0, m0, c);
-          done = true;
-        } else if (HIST == HIST_QSUM && whi < NUM_BINS - 1) {  // the window did not fit: split the list
-          long long c1 = 0;
-          double m1 = 0.0;
-          const int nw1 = split_list(A, n, static_cast<u64>(whi + 1) << 52, B, &c1, &m1);
+        if (HIST == HIST_QSUM && whi < NUM_BINS - 1) {
+          // top-p: l lies in the uncertain bins (<= whi); the bins above are summed, not selected
+          long long c0 = 0;
+          double m0 = 0.0;
+          const int nw = split_list(A, n, static_cast<u64>(whi + 1) << 52, B, &c0, &m0);
           MOECOMM_SAMPLE_CLOCK(4);
-          MOECOMM_SAMPLE_VALUE(11, nw1);
-          if (nw1 > 0 && 2 * nw1 <= cap && c(c1, m1)) {  // the window's first entry is kept: l is in it
+          MOECOMM_SAMPLE_VALUE(11, nw);
+          if (nw > 0 && 2 * nw <= cap && c(c0, m0)) {  // the window's first entry is kept: l is in it
             MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
-            pl = list_select(B, B + nw1, nw1, c1, m1, c);
+            pl = list_select(B, B + nw, nw, c0, m0, c);
             done = true;
           }
         }
