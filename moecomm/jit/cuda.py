@@ -22,7 +22,10 @@ NVIDIA driver has). Chosen over cupy.RawModule and cuda-python because it needs 
 torch: the cubin is loaded into the device's primary context, the one torch's runtime uses, and
 launched with cuLaunchKernel on torch's current stream (its raw handle), with torch tensors passed as
 device pointers. So kernels order with torch's work on that stream and CUDA-graph capture sees them,
-and cupy's own allocator, streams and device state never enter the process.
+and cupy's own allocator, streams and device state never enter the process. A wrapper whose kernel
+takes fixed parameter types launches through a Signature made once (``kernel.launch(grid, block,
+SIGNATURE, values)``, plain ints and floats): one struct.pack_into and two driver calls, ~2.5 us of
+host time on the CPU machine (benchmarks/profile_sampling.py --host-mock).
 
 Seen on the GPU machine (H200, torch 2.11, cupy-cuda13x 14.2, cuda-python 13.3, nvcc 13.0): cubins
 from nvcc, cupy's NVRTC and cuda-python's NVRTC load and run; reduce.cu's first call (compile, load,
