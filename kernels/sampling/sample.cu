@@ -597,6 +597,7 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
 // stored); returns how many there are. fill_range with kb = 2^63 and ka = tb << 32, on 32-bit
 // compares: no key is built for a token that is not listed (~3x fewer instructions a token: the
 // pass is bound by issue, not bytes). map as fill_range's.
+template <bool SPARSE>
 __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsigned tb, const unsigned char* map,
                           unsigned map_min) {
   if (threadIdx.x == 0) s_n = 0;
@@ -611,29 +612,33 @@ __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsig
       const bool need = q < row.nq && (map == nullptr || map[q >> 1] >= map_min);
       x[u] = need ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
-    // a quad's largest bits first: most quads hold no listed token (~82% for top-p 0.9, >99% for
-    // top-k 50), and theirs skip the per-token work
+    // SPARSE (top-k given: >99% of the quads hold no listed token for top-k 50): a quad's largest
+    // bits first, and the quads without a listed token skip the per-token work. Not for top-p, whose
+    // ~18% of quads with one make the branches cost more than they save (H200: pass B 17.3 -> 19.5
+    // us at top-p B128, 7.7 -> 7.1 at top-k + top-p).
     int c = 0;
-    unsigned qm = 0;
+    unsigned qm = SPARSE ? 0u : (1u << UNROLL) - 1;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int a = __float_as_int(x[u].x), b = __float_as_int(x[u].y), d = __float_as_int(x[u].z),
                 e = __float_as_int(x[u].w);
-      if (imax(imax(a, b), imax(d, e)) >= tbi) {
-        qm |= 1u << u;
+      if (!SPARSE || imax(imax(a, b), imax(d, e)) >= tbi) {
+        if (SPARSE) qm |= 1u << u;
         c += (a >= tbi) + (b >= tbi) + (d >= tbi) + (e >= tbi);
       }
     }
     int pos = warp_append(c, &s_n);
+    if (c > 0) {
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      if (qm & (1u << u)) {
-        const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+      for (int u = 0; u < UNROLL; ++u) {
+        if (qm & (1u << u)) {
+          const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (__float_as_int(v[j]) >= tbi) {
-            if (pos < cap) A[pos] = make_key(v[j], 4 * (base + u * T + t) + j);
-            ++pos;
+          for (int j = 0; j < 4; ++j) {
+            if (__float_as_int(v[j]) >= tbi) {
+              if (pos < cap) A[pos] = make_key(v[j], 4 * (base + u * T + t) + j);
+              ++pos;
+            }
           }
         }
       }
@@ -957,7 +962,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   int n = 0;
   if (est <= cap) {
     const u64 ka = static_cast<u64>(b0) << 52;
-    n = list_above(row, A, cap, b0 > 0 ? static_cast<unsigned>(b0) << 20 : 1u, use_map ? map : nullptr,
+    n = list_above<HIST == HIST_COUNT>(row, A, cap, b0 > 0 ? static_cast<unsigned>(b0) << 20 : 1u, use_map ? map : nullptr,
                    static_cast<unsigned>(b0) >> 3);
     MOECOMM_SAMPLE_CLOCK(3);
     MOECOMM_SAMPLE_VALUE(10, n);
