@@ -157,7 +157,7 @@ def _plan(
     """(entry, the 10 tensor arguments, the 10 scalar values as ints / floats, capacity): what
     plan_launch wraps in ctypes and launch_sample packs directly (one code for both, so the list
     the tests check against the PTX is the one launched)."""
-    vocab = x.shape[1]
+    num_in_rows, vocab = x.shape
     top_k, top_p, min_p = effective_filters(top_k, top_p, min_p, vocab)
     dummy = out
     flags = (F_LOGPROB if logprob is not None else 0) | (F_SECTOR_MAP if SECTOR_MAP else 0)
@@ -182,19 +182,19 @@ def _plan(
     if isinstance(seed, torch.Tensor):
         seed_t = seed
         flags |= F_SEED_TENSOR | (F_SEED_PER_ROW if per_row_seed else 0)
-    else:
-        seed_v = _as_int64(int(seed))
+    else:  # api passes int64 values already (the reduction is for other callers)
+        seed_v = seed if type(seed) is int and -2**63 <= seed < 2**63 else _as_int64(int(seed))
     off_t, off_v = dummy, 0
     if isinstance(offset, torch.Tensor):
         off_t = offset
         flags |= F_OFFSET_TENSOR | (F_OFFSET_PER_ROW if offset.numel() > 1 and num_rows > 1 else 0)
     else:
-        off_v = _as_int64(int(offset))
+        off_v = offset if type(offset) is int and -2**63 <= offset < 2**63 else _as_int64(int(offset))
     entry = ENTRY["count" if top_k is not None else ("qsum" if top_p is not None else "none")]
     cap = capacity(x.device)
     tensors = (x, rowmap if rowmap is not None else dummy, out, valid, logprob if logprob is not None else dummy,
                k_t, p_t, m_t, seed_t, off_t)
-    return entry, tensors, [vocab, x.shape[0], x.stride(0), k_v, p_v, m_v, seed_v, off_v, flags, cap], cap
+    return entry, tensors, [vocab, num_in_rows, x.stride(0), k_v, p_v, m_v, seed_v, off_v, flags, cap], cap
 
 
 def plan_launch(
