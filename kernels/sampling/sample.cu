@@ -530,6 +530,18 @@ __device__ Pick list_select(const u64* __restrict__ A, u64* __restrict__ B, int 
   }
 }
 
+// The UNROLL quads base + u * blockDim.x + threadIdx.x of pass B: zeros past the row and, with a
+// sector map, for the sectors whose largest exponent is below map_min (nothing there is listed).
+__device__ __forceinline__ void load_listable_quads(const RowRef& row, int base, const unsigned char* map,
+                                                    unsigned map_min, float4 (&x)[UNROLL]) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int q = base + u * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+    const bool need = q < row.nq && (map == nullptr || map[q >> 1] >= map_min);
+    x[u] = need ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+}
+
 // Appends to A every token with v > 0 and ka <= K < kb (the entries beyond cap are counted, not
 // stored); returns how many there are. *cnt_above, *mass_above: the tokens with K >= kb, exactly.
 // map (or nullptr): pass A's sector map; a sector whose byte is below map_min is not loaded (then
@@ -544,12 +556,7 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
   // for_each_quad's loop, with one warp-aggregated append for the UNROLL quads of an iteration
   for (int base = 0; base < row.nq; base += UNROLL * T) {
     float4 x[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int q = base + u * T + t;
-      const bool need = q < row.nq && (map == nullptr || map[q >> 1] >= map_min);
-      x[u] = need ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
+    load_listable_quads(row, base, map, map_min, x);
     int c = 0;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
@@ -606,12 +613,7 @@ __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsig
   const int tbi = static_cast<int>(tb);
   for (int base = 0; base < row.nq; base += UNROLL * T) {
     float4 x[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int q = base + u * T + t;
-      const bool need = q < row.nq && (map == nullptr || map[q >> 1] >= map_min);
-      x[u] = need ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
+    load_listable_quads(row, base, map, map_min, x);
     // SPARSE (top-k given: >99% of the quads hold no listed token for top-k 50): a quad's largest
     // bits first, and the quads without a listed token skip the per-token work. Not for top-p, whose
     // ~18% of quads with one make the branches cost more than they save (H200: pass B 17.3 -> 19.5
