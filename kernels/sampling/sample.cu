@@ -31,7 +31,9 @@
 //          shared memory (warp-aggregated: one atomicAdd a warp per 16 tokens a lane); sectors whose
 //          largest exponent is below b0's are not loaded. The list is a prefix of the order, so
 //          ranks and masses inside it are the row's.
-//  select  in shared memory, exact: a radix select over the list's keys (8-bit digits from the top;
+//  select  in shared memory, exact. Lists of <= 2048 keys (top-k's, top-p's window): small_select's
+//          cuts (32 a round, counted and fp64-summed by the warps) down to <= 64 keys, sorted and
+//          prefix-summed by one warp. Longer ones: a radix select over the list's keys (8-bit digits from the top;
 //          a level counts the digits of the entries in the current bucket, scatters those entries
 //          by digit into a scratch copy, and prefix-sums their values in fp64 in that order, which
 //          gives each digit's rank and mass-before without floating-point atomics; the lowest digit
@@ -63,9 +65,10 @@
 // logits x 3 ~4.3% of V plus ~2 bins (~5.6K keys at V128256, 6.7K at V151936); the sectors holding a
 // token of b0's binade or above ~45% of the row; top-k 50: ~60 keys, pass B loads <1% of the row.
 // The select: one sweep of the list, then ~3 levels of ~10 barriers on the few hundred keys of the
-// uncertain bins; the race ~5 kept entries a thread (~60 instructions each). Expected: B128 top-p
-// ~30-40 us, top-k + top-p ~20-30; B512 ~100-150 us (four waves of 132 rows, one block an SM); B1
-// ~10-15 us (one SM streams ~80-120 GB/s; pass B's sectors mostly hit L2). Shared memory: 2 * CAP
+// uncertain bins; the race ~5 kept entries a thread (~60 instructions each). Expected then: B128
+// top-p ~30-40 us; measured (H200, benchmarks/profile_sampling.py, RESULTS.md): 63.5 us, of which
+// pass A 22 (one block streams ~20-30 GB/s, not the 80-120 guessed), pass B 17 and the select 6.5
+// (bound by issue and barriers, not bytes), plan 4, split 3, race 4. Shared memory: 2 * CAP
 // keys (list + scratch; CAP = 12288: 192 KB) + ~6 KB static: one block of 1024 threads an SM.
 //
 // Randomness (reference.py): key = seed (lo, hi words), counter = (i / 4, row or 0 with one seed per
