@@ -182,14 +182,14 @@ def _plan(
     if isinstance(seed, torch.Tensor):
         seed_t = seed
         flags |= F_SEED_TENSOR | (F_SEED_PER_ROW if per_row_seed else 0)
-    else:  # api passes int64 values already (the reduction is for other callers)
-        seed_v = seed if type(seed) is int and -2**63 <= seed < 2**63 else _as_int64(int(seed))
+    else:
+        seed_v = _as_int64(seed)
     off_t, off_v = dummy, 0
     if isinstance(offset, torch.Tensor):
         off_t = offset
         flags |= F_OFFSET_TENSOR | (F_OFFSET_PER_ROW if offset.numel() > 1 and num_rows > 1 else 0)
     else:
-        off_v = offset if type(offset) is int and -2**63 <= offset < 2**63 else _as_int64(int(offset))
+        off_v = _as_int64(offset)
     entry = ENTRY["count" if top_k is not None else ("qsum" if top_p is not None else "none")]
     cap = capacity(x.device)
     tensors = (x, rowmap if rowmap is not None else dummy, out, valid, logprob if logprob is not None else dummy,
@@ -209,8 +209,11 @@ def plan_launch(
     return Launch(entry, (num_rows,), (THREADS,), shared_bytes(cap), args)
 
 
-def _as_int64(v: int) -> int:
-    v %= 2**64
+def _as_int64(v) -> int:
+    """v as the int64 the kernel reads (mod 2^64); api passes int64 values already: returned as they are."""
+    if type(v) is int and -2**63 <= v < 2**63:
+        return v
+    v = int(v) % 2**64
     return v - 2**64 if v >= 2**63 else v
 
 
