@@ -563,3 +563,46 @@ def test_gloo_ranks_through_the_kernels(triton_backend, W, case, bad_rank):
     and the one-allocation outputs of every rank; a rank without tokens, one without experts."""
     outs = run_distributed(W, _dist_cases, [case], bad_rank, timeout_s=240)
     _check_dist(outs, [case], bad_rank)
+
+
+@pytest.mark.gpu
+def test_throughput_mode_over_nccl_direct_equals_c10d(monkeypatch):
+    """Over a one-rank NCCL group with the exchange forced, the synchronous exchanges go through
+    NCCL directly (moecomm.distributed.nccl: the count exchange, the rows, the rows back: 3 a round
+    trip), async ones through torch.distributed; results exact against the reference either way,
+    and MOECOMM_EP_NCCL=c10d gives the same bits."""
+    import torch.distributed as dist
+
+    from moecomm.distributed import nccl as N
+
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        E, k, H, dev = 8, 3, 64, torch.device("cuda")
+        disp = D.EPDispatcher(E, k, H, force_exchange=True)
+        outs = {}
+        for mode in ("direct", "c10d"):
+            monkeypatch.setenv("MOECOMM_EP_NCCL", mode)
+            N.forget()
+            got = []
+            for T, seed in ((40, 1), (0, 2), (130, 3)):
+                i, w = routing(T, E, k, skew=bool(seed % 2), seed=seed)
+                x, i, w = int_tokens(T, H, seed).to(dev), i.to(dev), w.to(dev)
+                res = disp.dispatch(x, i, w)
+                y = disp.combine(_expert_rows(res, E), res.handle)
+                _check_result(res, y, x, i, w, E)
+                got.append(y.cpu())
+            comm = N._communicators.get(dist.group.WORLD)
+            if mode == "direct":
+                assert comm is not None and comm.exchanges == 3 * 3  # T = 0 too: its (empty) exchanges are made
+                before = comm.exchanges
+                p = disp.dispatch(x, i, w, async_op=True).wait()  # async: torch.distributed's rows
+                _check_result(p, disp.combine(_expert_rows(p, E), p.handle), x, i, w, E)
+                assert comm.exchanges == before + 2  # the count exchange and the combine's return trip
+            else:
+                assert comm is None
+            outs[mode] = got
+        assert all(torch.equal(a, b) for a, b in zip(outs["direct"], outs["c10d"]))
+    finally:
+        N.forget()
+        dist.destroy_process_group()

@@ -198,3 +198,117 @@ def test_choose_follows_the_environment_as_it_changes(monkeypatch):
     monkeypatch.setenv("MOECOMM_BACKEND", "reference")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert choose(t, "test_op") is Impl.REFERENCE
+
+
+class _FakeSignedCompiled(_FakeCompiled):
+    """A compiled kernel with what the packed path reads: the compiled signature and metadata."""
+
+    def __init__(self, launches, signature, **metadata):
+        super().__init__(launches)
+        self.function = 0x3000  # what the fake driver's cuModuleGetFunction hands out
+        self.src = type("Src", (), {"signature": signature})()
+        md = {"num_ctas": 1, "global_scratch_size": 0, "profile_scratch_size": 0, "launch_cooperative_grid": False,
+              "launch_pdl": False, "shared": 96, "name": "ep_pack_kernel", **metadata}
+        self.metadata = type("Metadata", (), md)()
+
+
+def _pack_signature(ints_as_constexpr=()):
+    sig = {"x_ptr": "*fp16", "pos_ptr": "*i32", "out_ptr": "*fp16", "num_out_rows": "i32", "stride_xt": "i32",
+           "stride_xh": "i32", "stride_pt": "i32", "stride_pw": "i32", "stride_ot": "i32",
+           "H": "constexpr", "W": "constexpr", "BLOCK_H": "constexpr"}
+    for name in ints_as_constexpr:
+        sig[name] = "constexpr"
+    return sig
+
+
+@pytest.mark.skipif(__import__("moecomm.testing.fake_cuda", fromlist=["x"]).compiler_error() is not None,
+                    reason="no C compiler for the stand-in driver")
+def test_packed_launch_packs_the_compiled_signature(fake_triton, monkeypatch):
+    """After the first launch, a kernel the packed path can take is launched through the driver
+    with its runtime parameters as the compiled signature lists them (ints Triton specialised to
+    constants left out), then the two null scratch pointers; grid, block (32 x num_warps) and the
+    compiled shared memory as given; an empty grid launches nothing. A kernel with scratch keeps
+    Triton's launcher."""
+    import ctypes
+    import struct
+
+    from moecomm.ep.nccl import _triton as DT
+    from moecomm.testing.fake_cuda import gpu_host_mock
+
+    fresh, _, launches, compiles = fake_triton
+    x, pos = torch.zeros(6, 32, dtype=torch.float16), torch.zeros(6, 2, dtype=torch.int32)
+    out = torch.zeros(9, 32, dtype=torch.float16)
+    args = (x, pos, out, 9, x.stride(0), x.stride(1), 2, 1, 32)
+    cx = {"H": 32, "W": 2, "BLOCK_H": 32}
+    with gpu_host_mock() as mock:
+        kernel = fresh(DT.ep_pack_kernel)
+        compiled = _FakeSignedCompiled(launches, _pack_signature(("stride_xh", "stride_pw")))
+        monkeypatch.setattr(kernel, "_do_compile", lambda *a, **kw: compiles.append(a) or compiled)
+        launcher = Launcher(kernel)
+        n0 = mock.launches()  # the stand-in driver counts over the process
+        launcher((6, 1), args, cx, 8)  # Triton's run
+        assert mock.launches() == n0 and len(launches) == 1
+        launcher((6, 3), args, cx, 8)
+        assert launcher.packed_launches == 1 and mock.launches() == n0 + 1 and len(launches) == 1
+        lib = mock.lib
+        assert [lib.fake_last_dim(i) for i in range(7)] == [6, 3, 1, 256, 1, 1, 96]
+        assert lib.fake_last_fn() == 0x3000
+        params = lib.fake_last_params()
+        read = lambda i, fmt: struct.unpack(fmt, ctypes.string_at(params[i], struct.calcsize(fmt)))[0]  # noqa: E731
+        assert [read(i, "=Q") for i in range(3)] == [x.data_ptr(), pos.data_ptr(), out.data_ptr()]
+        # num_out_rows, stride_xt, stride_pt, stride_ot: the 1s (stride_xh, stride_pw) specialised away
+        assert [read(i, "=i") for i in range(3, 7)] == [9, 32, 2, 32]
+        assert read(7, "=Q") == 0 and read(8, "=Q") == 0  # the scratch pointers
+        launcher((0, 3), args, cx, 8)  # empty grid: nothing launched, as Triton's launcher
+        assert mock.launches() == n0 + 1
+
+        scratch = fresh(DT.ep_pack_kernel)
+        compiled2 = _FakeSignedCompiled(launches, _pack_signature(), global_scratch_size=128)
+        monkeypatch.setattr(scratch, "_do_compile", lambda *a, **kw: compiled2)
+        launcher = Launcher(scratch)
+        for _ in range(2):
+            launcher((6, 1), args, cx, 4)
+        assert launcher.packed_launches == 0 and launcher.direct_launches == 1 and mock.launches() == n0 + 1
+
+
+def _packed_matches_ptx() -> int:
+    """packed_parameters of real compiled kernels against their PTX: as many parameters, of the
+    same widths, in the same order (pointers and the two scratch pointers .u64, i32 .u32)."""
+    import ctypes
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from moecomm.ep.nccl._triton import ep_gather_sum_kernel, ep_sort_scan_kernel
+    from moecomm.jit.launch import packed_parameters
+
+    cases = [
+        (ep_gather_sum_kernel, {"src_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "num_src_rows": "i32",
+                                "stride_sm": "i32", "stride_sh": "constexpr", "stride_im": "i32", "stride_ic": "constexpr",
+                                "stride_om": "i64", "H": "constexpr", "C": "constexpr", "BLOCK_H": "constexpr"},
+         {"stride_sh": 1, "stride_ic": 1, "H": 4096, "C": 2, "BLOCK_H": 1024}, 9),
+        (ep_sort_scan_kernel, {"hist_ptr": "*i32", "base_ptr": "*i32", "NB": "i32", "HC": "i32",
+                               "BLOCK_B": "constexpr", "BLOCK_C": "constexpr"}, {"BLOCK_B": 64, "BLOCK_C": 32}, 4),
+    ]
+    width = {ctypes.c_void_p: "u64", ctypes.c_int: "u32", ctypes.c_longlong: "u64"}
+    for kernel, sig, consts, n in cases:
+        fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+        compiled = triton.compile(ASTSource(fn, sig, consts, {}), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 4})
+        types, plan = packed_parameters(compiled, n)
+        assert types is not None, plan
+        entry = re.search(r"\.entry\s+\w+\s*\((.*?)\)", compiled.asm["ptx"], re.S).group(1)
+        ptx = re.findall(r"\.param\s+\.(\w+)", entry)
+        assert ptx == [width[t] for t in types], (kernel, ptx, types)
+        assert [i for i, _ in plan] == [i for i, ty in enumerate(list(sig.values())[:n]) if ty != "constexpr"]
+    return 2
+
+
+def test_packed_parameters_match_the_ptx():
+    pytest.importorskip("triton")
+    from moecomm.testing import run_without_interpreter
+
+    assert run_without_interpreter(__file__, "_packed_matches_ptx") == "2"
