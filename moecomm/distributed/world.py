@@ -280,9 +280,6 @@ def shutdown() -> None:
                 dist.barrier()
         except Exception:  # a peer already gone: nothing left to protect
             pass
-    from . import nccl
-
-    nccl.forget()  # the direct exchanges' communicators go before the groups they serve
     if ours:
         dist.destroy_process_group()
     _WORLD = None

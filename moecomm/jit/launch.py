@@ -10,17 +10,8 @@ took 21-48 us of host time per launch (bench_permute --pieces), and at Qwen3-30B
 - JITFunction.run binds and specialises every argument, builds its cache key (str() of the
   options), reads the current device, stream and several knobs, and calls two (empty) launch hooks
   through Python, on every call. Launcher takes that path once per specialisation, keeps the
-  compiled kernel under a key at least as fine as Triton's own, and later launches it itself.
-
-The later launches take one of two paths. Packed (the usual one on a GPU): the compiled kernel's
-function handle launched through moecomm.jit.cuda's driver path, its parameters packed by a
-Signature built once from the compiled signature (the runtime arguments Triton kept, in order,
-then Triton 3.6's two scratch pointers, null), ~1 us of packing and driver calls where Triton's
-launcher (CudaLauncher.__call__ in Python, then its C glue, which asks the driver about every
-pointer) took ~8 us on the H200 host. Taken only where it is exactly what Triton's launcher would
-do: one CTA a cluster, no cooperative or PDL launch, no global or profile scratch, parameters of
-pointer, integer or fp32/fp64 types. Otherwise, run: the arguments handed straight to the compiled
-kernel's launcher, as JITFunction.run does at its end.
+  compiled kernel under a key at least as fine as Triton's own, and later hands the arguments
+  straight to the compiled kernel's launcher, as JITFunction.run does at its end.
 """
 
 from __future__ import annotations
@@ -69,101 +60,6 @@ def spec_key(args: tuple) -> tuple:
 
 _Tensor = torch.Tensor
 
-# Triton's scalar parameter types -> the ctypes type of the kernel's C parameter (its launcher's
-# ty_to_cpp; fp32 and fp64 arguments are passed as float / double, fp16 and bf16 scalars are not
-# packed here: those kernels keep Triton's launcher)
-_SCALAR_TYPES = {"i1": "c_byte", "i8": "c_byte", "i16": "c_short", "i32": "c_int", "i64": "c_longlong",
-                 "u1": "c_ubyte", "u8": "c_ubyte", "u16": "c_ushort", "u32": "c_uint", "u64": "c_ulonglong",
-                 "fp32": "c_float", "f32": "c_float", "fp64": "c_double"}
-
-
-class _Packed:
-    """How a compiled Triton kernel is launched without Triton's launcher (see the module docstring)."""
-
-    __slots__ = ("signature", "plan", "function", "block", "shared", "device", "kernel")
-
-    def __init__(self, signature, plan, function, block, shared, device, kernel):
-        self.signature, self.plan, self.function = signature, plan, function
-        self.block, self.shared, self.device, self.kernel = block, shared, device, kernel
-
-
-def packed_parameters(compiled, num_args: int):
-    """(ctypes types of the cubin's parameters, ((argument index, is a pointer), ...)) of a Triton 3.6
-    CompiledKernel whose first ``num_args`` parameters are the runtime arguments, or (None, why)
-    when its launch needs Triton's launcher. Needs no GPU (tests compare it with the PTX)."""
-    import ctypes
-
-    md = getattr(compiled, "metadata", None)
-    src = getattr(compiled, "src", None)
-    signature = getattr(src, "signature", None)
-    if md is None or not isinstance(signature, dict) or len(signature) < num_args:
-        return None, "no compiled signature"
-    for attr, ok in (("num_ctas", 1), ("global_scratch_size", 0), ("profile_scratch_size", 0),
-                     ("launch_cooperative_grid", False), ("launch_pdl", False)):
-        if getattr(md, attr, ok) != ok:
-            return None, f"{attr} = {getattr(md, attr)}"
-    if getattr(md, "tensordesc_meta", None):
-        return None, "tensor descriptors"
-    tys = list(signature.values())
-    types, plan = [], []
-    for i, ty in enumerate(tys[:num_args]):
-        if ty == "constexpr":
-            continue  # specialised away (an int == 1, a None): not a parameter of the cubin
-        if not isinstance(ty, str):
-            return None, f"parameter {i} of type {ty!r}"
-        if ty[0] == "*":
-            types.append(ctypes.c_void_p)
-            plan.append((i, True))
-        elif ty in _SCALAR_TYPES:
-            types.append(getattr(ctypes, _SCALAR_TYPES[ty]))
-            plan.append((i, False))
-        else:
-            return None, f"parameter {i} of type {ty}"
-    if any(ty != "constexpr" for ty in tys[num_args:]):
-        return None, "runtime parameters after the constexprs"
-    types += [ctypes.c_void_p, ctypes.c_void_p]  # global_scratch, profile_scratch: null (size 0)
-    return types, tuple(plan)
-
-
-def packed_launch_plan(compiled, num_args: int, num_warps: int, device: int):
-    """A _Packed for ``compiled`` (loaded: its function handle is read), or (None, why)."""
-    import ctypes
-
-    from . import cuda
-
-    types, plan = packed_parameters(compiled, num_args)
-    if types is None:
-        return None, plan
-    fn = compiled.function
-    if not fn:
-        return None, "no function handle"
-    md = compiled.metadata
-    return _Packed(cuda.Signature(types), plan, ctypes.c_void_p(fn), (32 * num_warps, 1, 1),
-                   int(getattr(md, "shared", 0)), device, getattr(md, "name", "triton kernel")), None
-
-
-def _launch_packed(p: _Packed, grid: tuple, args: tuple, stream: int) -> None:
-    """One launch of a _Packed kernel on ``stream`` (Triton's rule: an empty grid launches nothing)."""
-    from . import cuda
-
-    g0 = grid[0]
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
-    if g0 * g1 * g2 <= 0:
-        return
-    values = [args[i].data_ptr() if t else args[i] for i, t in p.plan]
-    values += (0, 0)
-    sig = p.signature
-    drv = cuda._driver or cuda._get_driver()
-    with cuda._launch_lock:
-        try:
-            sig.packer.pack_into(sig.buffer, 0, *values)
-        except Exception as exc:  # struct.error, TypeError, OverflowError
-            raise sig.pack_error(values) from exc
-        rc = drv.launch(p.device, p.function, (g0, g1, g2), p.block, p.shared, stream, sig.params)
-    if rc != 0:
-        drv.check(rc, f"cuLaunchKernel({p.kernel}, grid={(g0, g1, g2)}, block={p.block}, shared_mem={p.shared})")
-
 
 class Launcher:
     """Launch one @triton.jit kernel; after the first launch of a specialisation, without
@@ -194,8 +90,6 @@ class Launcher:
             self._params = [(p.name, p.is_constexpr) for p in kernel.params]
         self.cache: dict = {}
         self.direct_launches = 0  # tests check that the direct path is taken on a GPU
-        self.packed_launches = 0  # of them, through the packed path
-        self.packed = _packed_default()  # False: always through the compiled kernel's launcher
 
     def _regular(self, grid, args, constexprs, num_warps, num_stages):
         opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
@@ -240,31 +134,7 @@ class Launcher:
             elif run is not None and compiled.function is not None:
                 if len(self.cache) >= 256:  # bound what odd shapes and views can add
                     self.cache.clear()
-                packed = None
-                if self.packed:
-                    packed, why = packed_launch_plan(compiled, len(args), num_warps, device)
-                    if packed is None:  # a kernel Triton's launcher must run (said at debug level)
-                        from .backend import log
-
-                        log.debug("moecomm: %s launches through Triton's launcher (%s)",
-                                  getattr(self.kernel, "__name__", "kernel"), why)
-                self.cache[key] = packed or (run, compiled.function, compiled.packed_metadata, order)
-            return
-        if type(hit) is _Packed:
-            try:
-                _launch_packed(hit, grid, args, drv.get_current_stream(device))
-            except Exception as exc:  # what Triton's launcher would not have refused: say so once, then its path
-                from .backend import warn_once
-
-                name = getattr(self.kernel, "__name__", "kernel")
-                warn_once(f"packed-launch-{name}", f"moecomm: packed launch of {name} failed ({type(exc).__name__}: "
-                          f"{exc}); Triton's launcher is used from now on")
-                self.packed = False
-                self.cache.clear()
-                self._regular(grid, args, constexprs, num_warps, num_stages)
-                return
-            self.direct_launches += 1
-            self.packed_launches += 1
+                self.cache[key] = (run, compiled.function, compiled.packed_metadata, order)
             return
         run, function, packed_metadata, order = hit
         g1 = grid[1] if len(grid) > 1 else 1
@@ -285,13 +155,6 @@ class Launcher:
             self._regular(grid, args, constexprs, num_warps, num_stages)
             return
         self.direct_launches += 1
-
-
-def _packed_default() -> bool:
-    """MOECOMM_TRITON_PACKED_LAUNCH=0 keeps every Triton launch on the compiled kernel's launcher."""
-    import os
-
-    return os.environ.get("MOECOMM_TRITON_PACKED_LAUNCH", "1") != "0"
 
 
 # id(kernel) -> its Launcher. Keyed by id: a JITFunction hashes by its source hash behind a lock

@@ -114,42 +114,15 @@ class _Finished:
         return None
 
 
-def _all_to_all(out, inp, out_splits, in_splits, group, what: str, async_op: bool = False, direct: bool = False):
+def _all_to_all(out, inp, out_splits, in_splits, group, what: str, async_op: bool = False):
     """all_to_all_single over the group; in a process without torch.distributed (a group of one,
-    EPDispatcher(force_exchange=True)) the exchange is a copy. direct: a synchronous exchange of
-    contiguous CUDA tensors outside capture may go through NCCL directly (moecomm.distributed.nccl,
-    one communicator per group; the caller checks it after its next host sync)."""
+    EPDispatcher(force_exchange=True)) the exchange is a copy."""
     import torch.distributed as dist
 
     if group is None and not (dist.is_available() and dist.is_initialized()):
         out.copy_(inp)
         return _Finished() if async_op else None
-    if direct and not async_op and inp.is_cuda:
-        comm = _direct_communicator(group)
-        if comm is not None and inp.is_contiguous() and out.is_contiguous():
-            try:
-                comm.all_to_all(out, inp, out_splits, in_splits, what)
-            except Exception as exc:
-                from ...distributed.health import explain_failure
-
-                explain_failure(group, what, exc)
-                raise
-            return None
     return _collective_all_to_all(out, inp, out_splits, in_splits, group, what, async_op)
-
-
-def _direct_communicator(group):
-    """The group's direct NCCL communicator, or None (torch.distributed keeps the exchange)."""
-    from ...distributed import nccl
-
-    comms = nccl._communicators
-    if group is None:  # keyed by the group object: a later default group is a new one
-        import torch.distributed as dist
-
-        group = dist.group.WORLD
-    if group in comms:
-        return comms[group]
-    return nccl.communicator(group)
 
 
 # ----------------------------------------------------------------------------- the count exchange
@@ -175,17 +148,13 @@ def _exchange_counts(info: torch.Tensor, group, op: str, counts: torch.Tensor | 
         counts[0].copy_(info)
     if counts_recv is None:
         info, counts_recv = counts[0], counts[1]
-    _all_to_all(counts_recv, info, None, None, group, f"{op}: count exchange", False, direct=True)
+    _all_to_all(counts_recv, info, None, None, group, f"{op}: count exchange", False)
     if not counts.is_cuda:
         host = counts.tolist()
+    elif workspace is not None:
+        host = workspace.host_counts((2, W, 3)).copy_(counts).tolist()  # one device->host copy: the sync
     else:
-        if workspace is not None:
-            host = workspace.host_counts((2, W, 3)).copy_(counts).tolist()  # one device->host copy: the sync
-        else:
-            host = counts.cpu().tolist()  # one device->host copy: the sync
-        comm = _direct_communicator(group)
-        if comm is not None:  # an exchange the watchdog aborted received garbage: raise before using it
-            comm.check(group, f"{op}: count exchange")
+        host = counts.cpu().tolist()  # one device->host copy: the sync
     sent = [row[0] for row in host[0]]
     got = host[1]
     return sent, [r[0] for r in got], [r[1] for r in got], [r[2] for r in got]
@@ -302,7 +271,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     send = x.new_empty((S, layout.width))  # [S, width]: tokens and metadata, one exchange
     pack_send(x, w, plan, layout, send, home)
     recv = x.new_empty((R, layout.width))
-    works = [_all_to_all(recv, send, recv_splits, send_splits, group, f"{op}: all_to_all", async_op, direct=True)]
+    works = [_all_to_all(recv, send, recv_splits, send_splits, group, f"{op}: all_to_all", async_op)]
 
     def finish(works):
         if async_op:
@@ -423,7 +392,6 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
             partial, back = torch.split_with_sizes(out.new_empty((R + S, H)), [R, S])
             _gather_sum_into(out, handle.slot_pos, partial)  # summed over local experts
         splits_out, splits_in = handle.send_splits, handle.recv_splits
-        direct = True
     else:
         if out.dtype != bufs.partial.dtype:
             raise MoeCommTypeError(f"{op}: expert_out must have dtype {str(bufs.partial.dtype).replace('torch.', '')} "
@@ -431,8 +399,7 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
         partial, back = bufs.partial, bufs.back
         _gather_sum_into(out, handle.slot_pos, partial)
         splits_out = splits_in = None
-        direct = False  # the static mode: captured in CUDA graphs, through torch.distributed
-    works = [_all_to_all(back, partial, splits_out, splits_in, handle.group, f"{op}: all_to_all", async_op, direct)]
+    works = [_all_to_all(back, partial, splits_out, splits_in, handle.group, f"{op}: all_to_all", async_op)]
 
     def finish(works):
         if async_op:
