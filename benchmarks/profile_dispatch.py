@@ -2,6 +2,15 @@
 
     torchrun --nproc-per-node 2 -m benchmarks.profile_dispatch [--tokens 4096] [--hidden 4096]
     python -m benchmarks.profile_dispatch --count [--tokens 4096] [--hidden 64]   # one process, any machine
+    python -m benchmarks.profile_dispatch --host                                  # one GPU: host time, timed
+
+--host: the host time of one eager round trip over a one-rank NCCL group (the exchange forced),
+timed with the GPU idle at the start of each trip (median of --reps; back to back the count
+exchange's sync would also wait for the previous trip's kernels), each stage of the dispatcher
+timed inside it (inclusive perf_counter around its functions), and the unit costs a round trip is
+made of: a Triton launch (Triton's own path, moecomm's Launcher), an all_to_all_single of the
+[W, 3] counts (torch.distributed's function, the process group's method), an allocation, a
+small device-to-host copy.
 
 --count: what one eager round trip (dispatch + combine, EPDispatcher(force_exchange=True) over a
 one-rank group: gloo on CPU with the Triton kernels interpreted, NCCL on a GPU) asks of the host,
@@ -172,6 +181,120 @@ def _count_main(args) -> int:
     return 0
 
 
+def _host_us(fn, reps: int, idle: bool = True) -> float:
+    """Median host time of fn in us; idle: the GPU drained before each call (not timed)."""
+    ts = []
+    for _ in range(reps):
+        if idle:
+            _sync()
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e6)
+    _sync()
+    return statistics.median(ts)
+
+
+class _StageTimer:
+    """Inclusive host time of named module functions while active (perf_counter around each call)."""
+
+    def __init__(self, targets):  # [(module, attribute name)]
+        from collections import defaultdict
+
+        self.targets, self.total, self.calls = targets, defaultdict(float), defaultdict(int)
+        self._saved = []
+
+    def __enter__(self):
+        for mod, name in self.targets:
+            orig = getattr(mod, name)
+            self._saved.append((mod, name, orig))
+
+            def timed(*a, _orig=orig, _key=f"{mod.__name__.split('.')[-1]}.{name}", **kw):
+                t = time.perf_counter()
+                try:
+                    return _orig(*a, **kw)
+                finally:
+                    self.total[_key] += time.perf_counter() - t
+                    self.calls[_key] += 1
+
+            setattr(mod, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, orig in reversed(self._saved):
+            setattr(mod, name, orig)
+        return False
+
+
+def _host_main(args) -> int:
+    """--host (see the module docstring): one process, one GPU, a one-rank NCCL group."""
+    from benchmarks.bench_dispatch_onerank import _one_rank_group, _routing
+    from moecomm.ep.nccl import _triton as K
+    from moecomm.ep.nccl import dispatcher as D
+    from moecomm.jit import launch as L
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    _one_rank_group(dev)
+    T, H, E, k, reps = args.tokens or 4096, args.hidden or 4096, args.experts, args.top_k, max(args.reps, 30)
+    dtype = torch.bfloat16
+    disp = D.EPDispatcher(E, k, H, dtype=dtype, force_exchange=True)
+    ids, w = _routing(T, E, k, dev)
+    x = torch.randn(T, H, device=dev).to(dtype)
+    d = disp.dispatch(x, ids, w)
+    h = torch.randn(d.gather_idx.shape[0], H, device=dev).to(dtype)
+
+    def round_trip():
+        disp.combine(h, disp.dispatch(x, ids, w, validate=False).handle)
+
+    for _ in range(5):
+        round_trip()
+    _sync()
+    print(f"T={T} H={H} E={E} top-{k}, bf16, one-rank NCCL group, exchange forced")
+    idle = _host_us(round_trip, reps)
+    b2b = _host_us(round_trip, reps, idle=False)
+    print(f"  round trip host time: {idle:.1f} us (GPU idle at the start; median of {reps}); back to back {b2b:.1f} us")
+    state = {}
+    only_d = lambda: state.__setitem__("d", disp.dispatch(x, ids, w, validate=False))  # noqa: E731
+    print(f"  dispatch alone {_host_us(only_d, reps):.1f} us; combine alone "
+          f"{_host_us(lambda: disp.combine(h, state['d'].handle), reps):.1f} us")
+    targets = [(D, n) for n in ("plan_send", "_exchange_counts", "dispatch_outputs", "pack_send", "_all_to_all",
+                                "expand_received", "_gather_sum_into", "_gather_sum_new")]
+    targets += [(L.Launcher, "__call__")]
+    with _StageTimer(targets) as st:
+        for _ in range(reps):
+            _sync()
+            round_trip()
+        _sync()
+    for key in st.total:
+        print(f"    {key:<28} {st.total[key] / reps * 1e6:8.1f} us a trip ({st.calls[key] / reps:.0f} calls)")
+    # unit costs
+    src = torch.randn(64, 128, device=dev, dtype=dtype)
+    idx = torch.randint(0, 64, (16, 2), device=dev, dtype=torch.int32)
+    out = torch.empty(16, 128, device=dev, dtype=dtype)
+    K.gather_sum_triton(src, idx, out)
+    bh = K._block_h(128)
+    regular = lambda: K.ep_gather_sum_kernel[(16, 1)](src, idx, out, 64, *src.stride(), *idx.stride(), out.stride(0),  # noqa: E731
+                                                       H=128, C=2, BLOCK_H=bh, num_warps=4)
+    regular()
+    units = {"triton launch, JITFunction.run": regular,
+             "triton launch, moecomm Launcher (gather_sum_triton)": lambda: K.gather_sum_triton(src, idx, out)}
+    import torch.distributed as dist
+
+    cnt = torch.zeros(2, 1, 3, dtype=torch.int32, device=dev)
+    pg = dist.distributed_c10d._get_default_group()
+    opts = dist.AllToAllOptions()
+    units["all_to_all_single [W,3], torch.distributed"] = lambda: dist.all_to_all_single(cnt[1], cnt[0])
+    units["all_to_all_single [W,3], pg.alltoall_base"] = lambda: pg.alltoall_base(cnt[1], cnt[0], [], [], opts)
+    units["torch.empty [4096, 4096] bf16"] = lambda: torch.empty((4096, 4096), device=dev, dtype=dtype)
+    pinned = torch.empty(6, dtype=torch.int32, pin_memory=True)
+    units["device-to-host copy of [2, 1, 3] (GPU idle)"] = lambda: pinned.copy_(cnt.view(-1)).tolist()
+    for name, fn in units.items():
+        fn()
+        print(f"  unit: {name:<52} {_host_us(fn, 200, idle=False):6.1f} us (back to back), "
+              f"{_host_us(fn, 50):6.1f} us (GPU idle)")
+    dist.destroy_process_group()
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=None, help="default 4096 (--count on CPU: 512)")
@@ -182,7 +305,10 @@ def main(argv=None) -> int:
     p.add_argument("--count", action="store_true", help="count launches, torch ops and syncs of one round trip")
     p.add_argument("--force-exchange", action="store_true", help="exchange through NCCL even on one rank")
     p.add_argument("--cprofile", action="store_true", help="also cProfile's top functions of the round trip")
+    p.add_argument("--host", action="store_true", help="host time of a round trip, by stage, and its unit costs")
     args = p.parse_args(argv)
+    if args.host:
+        return _host_main(args)
     if args.count:
         import os
 
