@@ -33,6 +33,10 @@ from ...jit.launch import Launcher, cdiv, next_pow2
 
 BLOCK_H_DEFAULT = 1024
 NUM_WARPS_DEFAULT = 4
+# pack_send's launch configuration when set (benchmarks/probe_pack.py sweeps them); None: the defaults
+PACK_BLOCK_H: int | None = None
+PACK_BLOCK_H_DEFAULT = 2048
+PACK_NUM_WARPS: int | None = None
 
 
 @triton.jit
@@ -374,10 +378,18 @@ def ep_pack_send_kernel(
         ok = keep & (srow < num_rows)
         row = tl.where(ok, srow, -1)
     offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    v = tl.load(x_ptr + t * stride_xt + offs.to(tl.int64) * stride_xh, mask=offs < H)  # raw bits: a pure copy
+    # raw bits: a pure copy; where BLOCK_H divides H the column mask is dropped (whole 16-byte vectors)
+    if H % BLOCK_H == 0:
+        v = tl.load(x_ptr + t * stride_xt + offs.to(tl.int64) * stride_xh)
+    else:
+        v = tl.load(x_ptr + t * stride_xt + offs.to(tl.int64) * stride_xh, mask=offs < H)
     for jj in tl.static_range(K):
         r = tl.sum(tl.where(cols == jj, row, 0), axis=0).to(tl.int64)
-        tl.store(out_ptr + r * stride_ot + offs, v, mask=(offs < H) & (r >= 0))
+        if H % BLOCK_H == 0:
+            if r >= 0:  # the slots that own no row (every one but the first per rank) store nothing
+                tl.store(out_ptr + r * stride_ot + offs, v)
+        else:
+            tl.store(out_ptr + r * stride_ot + offs, v, mask=(offs < H) & (r >= 0))
     if hb == 0:
         tl.store(home_ptr + t * K + cols, row, mask=cm)
         if STATIC:
@@ -528,11 +540,13 @@ def pack_send_triton(x: torch.Tensor, topk_weights: torch.Tensor, rank: torch.Te
         return
     k = rank.shape[1]
     W = rank_offsets.shape[0] - 1
-    BLOCK_H = _block_h(H)
+    # 2048 columns a program: 87% of a copy's bandwidth at W 1 on the H200, where 1024 gave 78% and
+    # 8 warps or 4096 columns less (benchmarks/probe_pack.py, T 8192 H 4096, graph replay)
+    BLOCK_H = PACK_BLOCK_H or min(PACK_BLOCK_H_DEFAULT, max(16, next_pow2(H)))
     flag = overflow if overflow is not None else home
     _pack_send_launcher((T, cdiv(H, BLOCK_H)), (
         x, topk_weights, rank, local, first, sort_row, rank_offsets, out, home, flag,
         out.shape[0], capacity or 0, x.stride(0), x.stride(1), topk_weights.stride(0), topk_weights.stride(1),
         out.stride(0), out.stride(0) * out.element_size() // 4, meta_col,
     ), {"H": H, "K": k, "KP": max(2, next_pow2(k)), "W": W, "BLOCK_H": BLOCK_H, "STATIC": capacity is not None},
-        NUM_WARPS_DEFAULT)
+        PACK_NUM_WARPS or NUM_WARPS_DEFAULT)
