@@ -76,15 +76,21 @@ def _b2b_us(fn, reps: int) -> float:
     return (t1 - t0) / reps * 1e6
 
 
-def _kernel_us(fn, reps: int = 10) -> float:
-    """Sum of the device time of every kernel one call launches (torch.profiler), in us."""
+def _kernel_us(fn, reps: int = 10, by_kernel: dict | None = None) -> float:
+    """Sum of the device time of every kernel one call launches (torch.profiler), in us;
+    ``by_kernel`` (a dict) receives each kernel name's us per call."""
     acts = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    return sum(ev.device_time_total for ev in prof.events()
-               if ev.device_type == torch.autograd.DeviceType.CUDA) / reps
+    total = 0.0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total += ev.device_time_total
+            if by_kernel is not None:
+                by_kernel[ev.name] = by_kernel.get(ev.name, 0.0) + ev.device_time_total / reps
+    return total / reps
 
 
 def _copy_gbps(device, nbytes=1 << 30) -> float:
@@ -120,13 +126,18 @@ def throughput(T, H, E, k, device, dtype, writer, rep, stream=print):
     line = (f"throughput T{T} H{H} top-{k} of {E}: host {host:.0f} us per dispatch + combine, the GPU idle at its "
             f"start (target <= 150; back to back {b2b:.0f} us a call)")
     if device.type == "cuda":
-        kern = _kernel_us(round_trip)
+        per: dict = {}
+        kern = _kernel_us(round_trip, by_kernel=per)
         copy = _copy_gbps(device)
         floor_us = nbytes / copy / 1e3
         row.update(kernel_us=kern, copy_gbps=copy, floor_us=floor_us, kernel_over_floor=kern / floor_us)
         line += (f"; kernels {kern:.0f} us for {nbytes / 2**20:.0f} MiB, {floor_us:.0f} us at copy bandwidth "
                  f"({copy:.0f} GB/s): {kern / floor_us:.2f}x (target <= 1.3); wall {wall.median_ms:.3f} ms")
     stream(line)
+    if device.type == "cuda":
+        stream("  kernels of a round trip (us): " + ", ".join(
+            f"{name[:48]} {us:.1f}" for name, us in sorted(per.items(), key=lambda kv: -kv[1])))
+        row["kernels"] = per
     writer.write(**row)
     return row
 

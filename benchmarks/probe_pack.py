@@ -1,4 +1,5 @@
-"""pack_send's device time against a copy of the same bytes, per launch configuration (one GPU).
+"""pack_send's and gather_sum's device time against a copy of the same bytes, per launch
+configuration (one GPU).
 
     python -m benchmarks.probe_pack            # T 8192, H 4096, top-8 of 64, W 1 and 8, bf16
 
@@ -43,6 +44,20 @@ def main() -> int:
             t = graph_bench(lambda: pack_send(x, w, plan, lay, out, home), [()], replays=30).median_ms * 1e3
             print(f"  pack BLOCK_H {bh or 'default'} warps {nw or 'default'}: {t:.1f} us ({copy / t:.0%} of copy)")
         K.PACK_BLOCK_H = K.PACK_NUM_WARPS = None
+    # the receiver's sum over its local experts (combine, C = k): reads N rows, writes R
+    R, N = 4096, 4096 * k
+    src = torch.randn(N, H, device=dev).to(torch.bfloat16)
+    idx = torch.randperm(N, device=dev).to(torch.int32).view(R, k)
+    out = torch.empty(R, H, dtype=src.dtype, device=dev)
+    nbytes = (N + R) * H * 2
+    a = torch.empty(nbytes // 4, dtype=torch.bfloat16, device=dev)
+    b = torch.empty_like(a)
+    copy = graph_bench(lambda: b.copy_(a), [()], replays=30).median_ms * 1e3
+    print(f"gather_sum C{k}: R {R} rows from N {N}; copy of the same bytes {copy:.1f} us")
+    for bh, nw in [(None, 4), (1024, 4), (2048, 4), (2048, 8), (4096, 8), (512, 4), (None, 4)]:
+        t = graph_bench(lambda: K.gather_sum_triton(src, idx, out, block_h=bh, num_warps=nw), [()],
+                        replays=30).median_ms * 1e3
+        print(f"  gather_sum BLOCK_H {bh or 'default'} warps {nw}: {t:.1f} us ({copy / t:.0%} of copy)")
     return 0
 
 
