@@ -227,6 +227,10 @@ class _StageTimer:
 
 def _host_main(args) -> int:
     """--host (see the module docstring): one process, one GPU, a one-rank NCCL group."""
+    if not torch.cuda.is_available():
+        print("profile_dispatch --host times the NCCL path's host work: it needs a CUDA GPU (none is visible "
+              "here; --count counts the same work on any machine)")
+        return 2
     from benchmarks.bench_dispatch_onerank import _one_rank_group, _routing
     from moecomm.ep.nccl import _triton as K
     from moecomm.ep.nccl import dispatcher as D
