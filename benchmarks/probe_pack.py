@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from moecomm.ep.nccl import _triton as K
-from moecomm.ep.nccl.plan import RowLayout, pack_send, plan_send
-from moecomm.ep.placement import ExpertPlacement
-from moecomm.testing import graph_bench
-
 
 def main() -> int:
     if not torch.cuda.is_available():
         print("probe_pack times GPU kernels: it needs a CUDA GPU (none is visible here)")
         return 2
+    from moecomm.ep.nccl import _triton as K  # Triton: only where the kernels run
+    from moecomm.ep.nccl.plan import RowLayout, pack_send, plan_send
+    from moecomm.ep.placement import ExpertPlacement
+    from moecomm.testing import graph_bench
     dev = torch.device("cuda")
     T, H, E, k = 8192, 4096, 64, 8
     g = torch.Generator().manual_seed(0)
