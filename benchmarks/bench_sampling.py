@@ -94,21 +94,22 @@ def with_config(name, fn):
     return run
 
 
-def with_kernel(kernel, fn, config=None, sector_map=True):
+def with_kernel(kernel, fn, config=None, sector_map=True, paired=None):
     """fn run with api.SAMPLE_KERNEL = kernel ("cuda": sample.cu for the calls it covers; "triton":
-    the Triton kernel for all), the Triton launch configuration `config` when given, and the CUDA
-    kernel's sector map on or off (_cuda.SECTOR_MAP: pass B skips the sectors without a candidate)."""
+    the Triton kernel for all), the Triton launch configuration `config` when given, the CUDA
+    kernel's sector map on or off (_cuda.SECTOR_MAP: pass B skips the sectors without a candidate)
+    and its paired entries forced on or off (_cuda.PAIRED; None: by the batch)."""
     from moecomm.sampling import _cuda, api
 
     inner = with_config(config, fn) if config is not None else fn
 
     def run(*args):
-        old = api.SAMPLE_KERNEL, _cuda.SECTOR_MAP
-        api.SAMPLE_KERNEL, _cuda.SECTOR_MAP = kernel, sector_map
+        old = api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED
+        api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED = kernel, sector_map, paired
         try:
             return inner(*args)
         finally:
-            api.SAMPLE_KERNEL, _cuda.SECTOR_MAP = old
+            api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED = old
     return run
 
 
@@ -134,8 +135,14 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
         call = lambda p: S.top_k_top_p_sampling_from_probs(p, top_k, top_p)  # noqa: E731
         seeded = lambda p: S.top_k_top_p_sampling_from_probs(p, top_k, top_p, seed=1)  # noqa: E731
     impls = {ours: with_kernel("cuda", call)}
-    if device.type == "cuda":  # control row: pass B reads the whole row
+    paired_by_batch = None
+    if device.type == "cuda":  # control rows: pass B reads the whole row; the other block pairing
+        from moecomm.sampling import _cuda
+
         impls["moecomm[cuda-nomap]"] = with_kernel("cuda", call, sector_map=False)
+        paired_by_batch = _cuda.paired(device, batch, top_k)
+        other = "unpaired" if paired_by_batch else "paired"
+        impls[f"moecomm[cuda-{other}]"] = with_kernel("cuda", call, paired=not paired_by_batch)
     for name, cfg in _triton_rows(device).items():  # the Triton kernel: its default, then the control rows
         impls[name] = with_kernel("triton", call, cfg)
     if fi is not None:
@@ -156,6 +163,7 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
     others = {name: with_kernel("triton", seeded, cfg) for name, cfg in _triton_rows(device).items()}
     if device.type == "cuda":
         others["moecomm[cuda-nomap]"] = with_kernel("cuda", seeded, sector_map=False)
+        others[f"moecomm[cuda-{other}]"] = with_kernel("cuda", seeded, paired=not paired_by_batch)
     for name, fn in others.items():
         same = (fn(sets[0][0]) == want).float().mean().item()
         if same < 0.995:
@@ -169,7 +177,7 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
     base = times.get("flashinfer")
     t_ours = times[ours].median_ms
     read_bytes = batch * vocab * 4
-    row = f"{op:12s} B{batch:<4d} V{vocab:<7d} {ours} {t_ours:8.4f} ms"
+    row = f"{op:12s} B{batch:<4d} V{vocab:<7d} {ours}{'[paired]' if paired_by_batch else ''} {t_ours:8.4f} ms"
     for name, t in times.items():
         if name != ours:
             row += f" | {name} {t.median_ms:8.4f} ({t.median_ms / t_ours:5.2f}x)"

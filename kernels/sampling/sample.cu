@@ -1096,7 +1096,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
 
 // Entry points, one per pass-A histogram (moecomm/sampling/_cuda.py picks): top-k given -> counts;
 // top-p without top-k -> q-sums; min-p alone -> none. Arguments as sample_row's; grid = output rows,
-// block = 1024 threads, dynamic shared memory = cap keys + max(cap keys, 24 KB).
+// block = 1024 threads (the _paired entries: 512), dynamic shared memory = cap keys + max(cap keys, 24 KB).
 #define MOECOMM_SAMPLE_PARAMS                                                                               \
   const float *x, const void *rowmap, void *out, unsigned char *valid, float *logprob, const void *k_ptr, \
       const float *p_ptr, const float *minp_ptr, const long long *seed_ptr, const long long *offset_ptr, int V, \
@@ -1106,14 +1106,17 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   x, rowmap, out, valid, logprob, k_ptr, p_ptr, minp_ptr, seed_ptr, offset_ptr, V, num_in_rows, stride_x, k_val, \
       p_val, minp_val, seed_val, offset_val, flags, cap
 
-extern "C" __global__ void __launch_bounds__(1024, 1) moecomm_sample_probs_count(MOECOMM_SAMPLE_PARAMS) {
-  moecomm::sampling::sample_row<moecomm::sampling::HIST_COUNT>(MOECOMM_SAMPLE_ARGS);
-}
+#define MOECOMM_SAMPLE_ENTRY(name, hist, threads, blocks_per_sm)                                      \
+  extern "C" __global__ void __launch_bounds__(threads, blocks_per_sm) name(MOECOMM_SAMPLE_PARAMS) { \
+    moecomm::sampling::sample_row<moecomm::sampling::hist>(MOECOMM_SAMPLE_ARGS);                      \
+  }
 
-extern "C" __global__ void __launch_bounds__(1024, 1) moecomm_sample_probs_qsum(MOECOMM_SAMPLE_PARAMS) {
-  moecomm::sampling::sample_row<moecomm::sampling::HIST_QSUM>(MOECOMM_SAMPLE_ARGS);
-}
-
-extern "C" __global__ void __launch_bounds__(1024, 1) moecomm_sample_probs_none(MOECOMM_SAMPLE_PARAMS) {
-  moecomm::sampling::sample_row<moecomm::sampling::HIST_NONE>(MOECOMM_SAMPLE_ARGS);
-}
+MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_count, HIST_COUNT, 1024, 1)
+MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_qsum, HIST_QSUM, 1024, 1)
+MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_none, HIST_NONE, 1024, 1)
+// Paired: blocks of 512 threads, two an SM (the same 64 registers a thread; a list of at most
+// PAIRED_CAPACITY keys so that both blocks' shared memory fits), for batches of more rows than
+// SMs: one block's memory-bound pass A overlaps the other's issue-bound list and select.
+MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_count_paired, HIST_COUNT, 512, 2)
+MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_qsum_paired, HIST_QSUM, 512, 2)
+MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_none_paired, HIST_NONE, 512, 2)

@@ -22,6 +22,18 @@ from ..jit import cuda
 
 SOURCE = "sampling/sample.cu"
 THREADS = 1024  # __launch_bounds__(1024, 1) in sample.cu
+PAIRED_THREADS = 512  # the _paired entries: __launch_bounds__(512, 2)
+# the paired list: two blocks' dynamic (16 bytes a key) and static shared memory and the 1 KB the
+# driver reserves a block fit an H100/H200 SM's 228 KB: 2 x (16 x 6656 + 8192 + 1024) = 231424
+PAIRED_CAPACITY = 6656
+# PAIRED: None = paired blocks for calls with a top-k of at most PAIRED_MAX_TOP_K (one value for the
+# batch) and at least PAIRED_MIN_ROWS_PER_SM rows an SM; True / False force them on / off
+# (benchmarks, tests). Measured on the H200 (bench_sampling, same run): top-k 50 + top-p 0.9 at
+# B512 V151936 0.134 ms paired, 0.158 single; top-p 0.9 alone 0.462 paired, 0.270 single (its lists
+# outgrow the paired capacity and take the fallback); at B128 the single blocks win both.
+PAIRED: bool | None = None
+PAIRED_MIN_ROWS_PER_SM = 2
+PAIRED_MAX_TOP_K = 1024
 DEFAULT_CAPACITY = 12288  # list keys: 2 x 96 KB of shared memory (list + scratch)
 MIN_CAPACITY = 4096  # below this the fallback would run too often to be worth the kernel
 HIST_SCRATCH_BYTES = 24576  # the scratch also holds the fallback's 2048 counts + 2048 fp64 masses
@@ -33,6 +45,7 @@ LIST_CAPACITY: int | None = None
 
 ENTRY = {"count": "moecomm_sample_probs_count", "qsum": "moecomm_sample_probs_qsum",
          "none": "moecomm_sample_probs_none"}
+PAIRED_ENTRY = {k: v + "_paired" for k, v in ENTRY.items()}
 # sample.cu's F_* flags
 F_ROWMAP, F_ROWMAP64, F_OUT64, F_HAS_K, F_K_TENSOR, F_K64, F_HAS_P, F_P_TENSOR = (1 << i for i in range(8))
 F_HAS_MINP, F_MINP_TENSOR, F_TOPK_FIRST, F_SEED_TENSOR, F_SEED_PER_ROW, F_OFFSET_TENSOR, F_OFFSET_PER_ROW, F_LOGPROB = (
@@ -190,8 +203,11 @@ def _plan(
         flags |= F_OFFSET_TENSOR | (F_OFFSET_PER_ROW if offset.numel() > 1 and num_rows > 1 else 0)
     else:
         off_v = _as_int64(offset)
-    entry = ENTRY["count" if top_k is not None else ("qsum" if top_p is not None else "none")]
-    cap = capacity(x.device)
+    kind = "count" if top_k is not None else ("qsum" if top_p is not None else "none")
+    if paired(x.device, num_rows, top_k):
+        entry, cap = PAIRED_ENTRY[kind], min(capacity(x.device), PAIRED_CAPACITY)
+    else:
+        entry, cap = ENTRY[kind], capacity(x.device)
     tensors = (x, rowmap if rowmap is not None else dummy, out, valid, logprob if logprob is not None else dummy,
                k_t, p_t, m_t, seed_t, off_t)
     return entry, tensors, [vocab, num_in_rows, x.stride(0), k_v, p_v, m_v, seed_v, off_v, flags, cap], cap
@@ -206,7 +222,35 @@ def plan_launch(
     entry, tensors, scalars, cap = _plan(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first,
                                          seed, offset, per_row_seed)
     args = tensors + tuple(t(v) for t, v in zip(SCALAR_TYPES, scalars))
-    return Launch(entry, (num_rows,), (THREADS,), shared_bytes(cap), args)
+    return Launch(entry, (num_rows,), (threads_of(entry),), shared_bytes(cap), args)
+
+
+def threads_of(entry: str) -> int:
+    """The block size of an entry point."""
+    return PAIRED_THREADS if entry.endswith("_paired") else THREADS
+
+
+def paired(device: torch.device, num_rows: int, top_k) -> bool:
+    """Whether a launch of num_rows rows with this (effective) top_k takes the paired entries (see PAIRED)."""
+    if PAIRED is not None:
+        return bool(PAIRED)
+    if top_k is None or isinstance(top_k, torch.Tensor) or int(top_k) > PAIRED_MAX_TOP_K:
+        return False
+    return num_rows >= PAIRED_MIN_ROWS_PER_SM * _sm_count(device)
+
+
+_sms: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    n = _sms.get(device)
+    if n is None:
+        n = 132
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            n = int(torch.cuda.get_device_properties(index).multi_processor_count)
+        _sms[device] = n
+    return n
 
 
 def _as_int64(v) -> int:
@@ -235,8 +279,8 @@ def launch_sample(
     entry, tensors, scalars, cap = _plan(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first,
                                          seed, offset, per_row_seed)
     kernel = cuda.load(SOURCE, entry, device=x.device)
-    kernel.launch((num_rows, 1, 1), (THREADS, 1, 1), SIGNATURE, list(map(_data_ptr, tensors)) + scalars,
-                  shared_mem=shared_bytes(cap))
+    kernel.launch((num_rows, 1, 1), (threads_of(entry), 1, 1), SIGNATURE,
+                  list(map(_data_ptr, tensors)) + scalars, shared_mem=shared_bytes(cap))
 
 
 _data_ptr = torch.Tensor.data_ptr

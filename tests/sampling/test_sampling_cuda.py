@@ -57,7 +57,7 @@ def test_source_compiles_for_sm90a(tmp_path, monkeypatch):
     c = cuda.compile(_cuda.SOURCE)
     assert c.compiled and c.arch == "sm_90a"
     blob = c.path.read_bytes()
-    for entry in _cuda.ENTRY.values():
+    for entry in [*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values()]:
         assert entry.encode() in blob
 
 
@@ -81,9 +81,10 @@ def test_registers_spills_and_shared_memory(nvcc_out):
     spill stores and loads in each function (cuobjdump places them at small_select's call sites and
     in setup code: a few words a row, none in the streaming loops; more means registers ran out
     somewhere that matters); its static shared memory plus the default list's dynamic bytes fit a
-    block of an H100 / H200."""
+    block of an H100 / H200 (the paired entries: two blocks with the paired list fit an SM's 228 KB,
+    with the 1 KB the driver reserves a block)."""
     log = nvcc_out[0]
-    for entry in _cuda.ENTRY.values():
+    for entry in [*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values()]:
         part = log[log.index(f"Compiling entry function '{entry}'"):]
         part = part[:part.index("Compile time")]
         regs = int(re.search(r"Used (\d+) registers", part).group(1))
@@ -93,6 +94,8 @@ def test_registers_spills_and_shared_memory(nvcc_out):
             assert int(st) <= 128 and int(ld) <= 128, (entry, part)
         assert smem <= _cuda.STATIC_SMEM_BYTES, (entry, smem)
         assert smem + _cuda.shared_bytes(_cuda.DEFAULT_CAPACITY) <= MAX_SMEM_BLOCK, (entry, smem)
+        if entry.endswith("_paired"):
+            assert 2 * (smem + _cuda.shared_bytes(_cuda.PAIRED_CAPACITY) + 1024) <= 228 * 1024, (entry, smem)
         print(f"{entry}: {regs} registers, {smem} + {_cuda.shared_bytes(_cuda.DEFAULT_CAPACITY)} bytes of shared memory")
 
 
@@ -142,6 +145,7 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
     assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out[1])
     assert plan.block == (_cuda.THREADS,) and plan.grid == (4,)
     assert plan.shared_bytes == _cuda.shared_bytes(_cuda.DEFAULT_CAPACITY)
+    assert plan.args[-1].value == _cuda.DEFAULT_CAPACITY
     flags = plan.args[-2].value
     x, rowmap, _, out, valid, logprob, top_k, top_p, min_p, tkf, seed, offset, per_row = args
     want = {
@@ -161,6 +165,28 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
         assert plan.args[7].dtype is torch.float32 and torch.equal(plan.args[7], min_p.float())
 
 
+@needs_nvcc
+def test_paired_launches_match_their_entries(nvcc_out, monkeypatch):
+    """Calls with one top-k of at most PAIRED_MAX_TOP_K over PAIRED_MIN_ROWS_PER_SM rows an SM
+    and more (or PAIRED = True) take the paired entries: 512 threads, the paired list's capacity
+    (as the cap argument and in the shared bytes), the same parameter list as the PTX's. Top-p
+    alone, a per-row or a larger top-k keep the single blocks."""
+    monkeypatch.setattr(_cuda, "_sms", {torch.device("cpu"): 2})
+    for rows, want in ((3, False), (4, True)):
+        plan = _cuda.plan_launch(*_plan_args(num_rows=rows, top_k=50, top_p=0.9))
+        assert plan.entry == (_cuda.PAIRED_ENTRY if want else _cuda.ENTRY)["count"], rows
+        cap = _cuda.PAIRED_CAPACITY if want else _cuda.DEFAULT_CAPACITY
+        assert plan.block == ((_cuda.PAIRED_THREADS if want else _cuda.THREADS),) and plan.args[-1].value == cap
+        assert plan.shared_bytes == _cuda.shared_bytes(cap)
+        assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out[1])
+    for kw in (dict(top_p=0.9), dict(top_k=_cuda.PAIRED_MAX_TOP_K + 1), dict(top_k="t32", top_p=0.9)):
+        assert _cuda.plan_launch(*_plan_args(num_rows=8, vocab=5000, **kw)).entry in _cuda.ENTRY.values(), kw
+    monkeypatch.setattr(_cuda, "PAIRED", False)
+    assert _cuda.plan_launch(*_plan_args(num_rows=4, top_k=5)).entry == _cuda.ENTRY["count"]
+    monkeypatch.setattr(_cuda, "PAIRED", True)
+    assert _cuda.plan_launch(*_plan_args(num_rows=1, min_p=0.1)).entry == _cuda.PAIRED_ENTRY["none"]
+
+
 def test_flags_and_constants_agree_with_the_source():
     src = cuda.source_path(_cuda.SOURCE).read_text()
     flags = dict(re.findall(r"(F_[A-Z0-9_]+) = 1 << (\d+)", src))
@@ -169,10 +195,12 @@ def test_flags_and_constants_agree_with_the_source():
     assert len(flags) == 17
     assert f"constexpr int SCRATCH_MIN_BYTES = {_cuda.HIST_SCRATCH_BYTES};" in src
     assert f"constexpr int PHILOX_ROUNDS = {ref.PHILOX_ROUNDS};" in src
-    assert "__launch_bounds__(1024, 1)" in src and _cuda.THREADS == 1024
+    assert _cuda.THREADS == 1024 and _cuda.PAIRED_THREADS == 512
     assert "constexpr int NUM_BINS = 2048;" in src and _cuda.HIST_SCRATCH_BYTES == 2048 * (4 + 8)
-    for entry in _cuda.ENTRY.values():
-        assert f"void __launch_bounds__(1024, 1) {entry}(MOECOMM_SAMPLE_PARAMS)" in src
+    hist = {"count": "HIST_COUNT", "qsum": "HIST_QSUM", "none": "HIST_NONE"}
+    for kind, entry in _cuda.ENTRY.items():
+        assert f"MOECOMM_SAMPLE_ENTRY({entry}, {hist[kind]}, 1024, 1)" in src
+        assert f"MOECOMM_SAMPLE_ENTRY({_cuda.PAIRED_ENTRY[kind]}, {hist[kind]}, 512, 2)" in src
 
 
 def test_covers_and_capacity(monkeypatch):
@@ -427,11 +455,12 @@ def test_emulated_with_thread_0_running_ahead(monkeypatch):
 
 @needs_gxx
 def test_emulated_full_block_of_1024_threads(monkeypatch):
-    """The block size the GPU runs (the other emulated tests use 64 threads: the kernel takes any
-    multiple of 32), on the list and on the radix levels."""
+    """The block sizes the GPU runs (1024, and 512 for the paired entries; the other emulated tests
+    use 64 threads: the kernel takes any multiple of 32), on the list and on the radix levels."""
     p = _probs(1, 5000, seed=13)
-    _same_as_reference(p, threads=1024, top_k=50, top_p=0.9)
-    _same_as_reference(p, threads=1024, cap=64, monkeypatch=monkeypatch, top_p=0.95)
+    for threads in (1024, 512):
+        _same_as_reference(p, threads=threads, top_k=50, top_p=0.9)
+        _same_as_reference(p, threads=threads, cap=64, monkeypatch=monkeypatch, top_p=0.95)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,6 +552,33 @@ def test_kernel_matches_reference_large_vocab(name, kw, batch, on_cuda_kernel):
                 f"{name} B{batch}")
     same = a.tokens == b.tokens
     torch.testing.assert_close(a.logprobs[same], b.logprobs[same], atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,kw", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_paired_blocks_match_the_reference_and_the_single_blocks(name, kw, on_cuda_kernel, monkeypatch):
+    """The paired entries (512 threads, two an SM, the smaller list) forced at B 64: the reference's
+    tokens, and the same tokens as the 1024-thread entries (the draw depends on the row and the
+    seed, not on the block size)."""
+    batch = 64
+    p = _gpu_probs(4 if kw == "indices" else batch, 151936, seed=batch + 5)
+    kwargs, idx = _gpu_case(kw, batch)
+    kwargs.setdefault("seed", 11)
+    filt = {k: v for k, v in kwargs.items() if k in ("top_k", "top_p", "min_p", "top_k_first")}
+    order = "top_k_first" if filt.pop("top_k_first", True) else "joint"
+    run = lambda: S.sample(probs=p, **{k: v for k, v in kwargs.items() if k != "top_k_first"},  # noqa: E731
+                           filter_apply_order=order, return_logprobs=True)
+    monkeypatch.setattr(_cuda, "PAIRED", False)
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    single = run()
+    monkeypatch.setattr(_cuda, "PAIRED", True)
+    a, b = _kernel_vs_reference(run)
+    assert len(on_cuda_kernel) == 2, "the CUDA kernel did not run"
+    rows = p[idx] if idx is not None else p
+    _check_rows(a.tokens, b.tokens, a.valid, b.valid, rows, {**filt, "top_k_first": order == "top_k_first"},
+                f"{name} paired B{batch}")
+    assert torch.equal(a.tokens, single.tokens) and torch.equal(a.valid, single.valid), name
+    torch.testing.assert_close(a.logprobs, single.logprobs, atol=1e-6, rtol=0)
 
 
 @pytest.mark.gpu
