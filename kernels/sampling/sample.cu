@@ -69,7 +69,9 @@
 // top-p ~30-40 us; measured (H200, benchmarks/profile_sampling.py, RESULTS.md): 63.5 us, of which
 // pass A 22 (one block streams ~20-30 GB/s, not the 80-120 guessed), pass B 17 and the select 6.5
 // (bound by issue and barriers, not bytes), plan 4, split 3, race 4. Shared memory: 2 * CAP
-// keys (list + scratch; CAP = 12288: 192 KB) + ~6 KB static: one block of 1024 threads an SM.
+// keys (list + scratch; CAP = 12288: 192 KB) + ~6 KB static: one block of 1024 threads an SM. The
+// _paired entries run blocks of 512 threads with CAP = 6656, two an SM, for short lists over many
+// rows (top-k 50 + top-p at B512: 158 -> 134 us; top-p alone outgrows that list: 270 -> 462).
 //
 // Randomness (reference.py): key = seed (lo, hi words), counter = (i / 4, row or 0 with one seed per
 // row, offset lo, offset hi), lane i % 4; u = (r + 0.5) 2^-32 and E = -log(1 - u), by its series
