@@ -534,22 +534,27 @@ def _gpu_case(kw, batch):
     return dict(kw), None
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 7, 128])
-@pytest.mark.parametrize("name,kw", GPU_CASES, ids=[c[0] for c in GPU_CASES])
-def test_kernel_matches_reference_large_vocab(name, kw, batch, on_cuda_kernel):
-    p = _gpu_probs(4 if kw == "indices" else batch, 128256, seed=batch + 1)
+def _gpu_sample_case(kw, batch, vocab, probs_seed, seed):
+    """(a call of S.sample for one of GPU_CASES, the probs, the rows each output samples, the filters)."""
+    p = _gpu_probs(4 if kw == "indices" else batch, vocab, seed=probs_seed)
     kwargs, idx = _gpu_case(kw, batch)
-    kwargs.setdefault("seed", 7)
+    kwargs.setdefault("seed", seed)
     filt = {k: v for k, v in kwargs.items() if k in ("top_k", "top_p", "min_p", "top_k_first")}
     order = "top_k_first" if filt.pop("top_k_first", True) else "joint"
     run = lambda: S.sample(probs=p, **{k: v for k, v in kwargs.items() if k != "top_k_first"},  # noqa: E731
                            filter_apply_order=order, return_logprobs=True)
+    return run, p, idx, {**filt, "top_k_first": order == "top_k_first"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 7, 128])
+@pytest.mark.parametrize("name,kw", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_kernel_matches_reference_large_vocab(name, kw, batch, on_cuda_kernel):
+    run, p, idx, filt = _gpu_sample_case(kw, batch, 128256, batch + 1, 7)
     a, b = _kernel_vs_reference(run)
     assert len(on_cuda_kernel) == 1, "the CUDA kernel did not run"
     rows = p[idx] if idx is not None else p
-    _check_rows(a.tokens, b.tokens, a.valid, b.valid, rows, {**filt, "top_k_first": order == "top_k_first"},
-                f"{name} B{batch}")
+    _check_rows(a.tokens, b.tokens, a.valid, b.valid, rows, filt, f"{name} B{batch}")
     same = a.tokens == b.tokens
     torch.testing.assert_close(a.logprobs[same], b.logprobs[same], atol=1e-5, rtol=0)
 
@@ -561,13 +566,7 @@ def test_paired_blocks_match_the_reference_and_the_single_blocks(name, kw, on_cu
     tokens, and the same tokens as the 1024-thread entries (the draw depends on the row and the
     seed, not on the block size)."""
     batch = 64
-    p = _gpu_probs(4 if kw == "indices" else batch, 151936, seed=batch + 5)
-    kwargs, idx = _gpu_case(kw, batch)
-    kwargs.setdefault("seed", 11)
-    filt = {k: v for k, v in kwargs.items() if k in ("top_k", "top_p", "min_p", "top_k_first")}
-    order = "top_k_first" if filt.pop("top_k_first", True) else "joint"
-    run = lambda: S.sample(probs=p, **{k: v for k, v in kwargs.items() if k != "top_k_first"},  # noqa: E731
-                           filter_apply_order=order, return_logprobs=True)
+    run, p, idx, filt = _gpu_sample_case(kw, batch, 151936, batch + 5, 11)
     monkeypatch.setattr(_cuda, "PAIRED", False)
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
     single = run()
@@ -575,8 +574,7 @@ def test_paired_blocks_match_the_reference_and_the_single_blocks(name, kw, on_cu
     a, b = _kernel_vs_reference(run)
     assert len(on_cuda_kernel) == 2, "the CUDA kernel did not run"
     rows = p[idx] if idx is not None else p
-    _check_rows(a.tokens, b.tokens, a.valid, b.valid, rows, {**filt, "top_k_first": order == "top_k_first"},
-                f"{name} paired B{batch}")
+    _check_rows(a.tokens, b.tokens, a.valid, b.valid, rows, filt, f"{name} paired B{batch}")
     assert torch.equal(a.tokens, single.tokens) and torch.equal(a.valid, single.valid), name
     torch.testing.assert_close(a.logprobs, single.logprobs, atol=1e-6, rtol=0)
 
