@@ -8,7 +8,9 @@
 
 Ours, side by side in each row: "moecomm[cuda]" (the default: kernels/sampling/sample.cu, a
 histogram pass and a shared-memory list, 1 to 2 reads of the row) with "moecomm[cuda-nomap]" (the
-same without the sector map: pass B reads the whole row) and the Triton kernel "moecomm[deep]" (its
+same without the sector map: pass B reads the whole row), "moecomm[cuda-expmap]" (the map by
+exponents instead of pass-A bins), "moecomm[cuda-paired]" / "[cuda-unpaired]" (the other block
+pairing: for top-p at B512 the single blocks, for B128 the lean paired ones) and the Triton kernel "moecomm[deep]" (its
 default launch configuration; ~1.2 to ~3 reads, every one racing every token) with "moecomm[v1]"
 (its previous configuration) as control rows; api.SAMPLE_KERNEL picks between the two kernels. The
 ratios and the targets are against moecomm[cuda].
@@ -94,22 +96,23 @@ def with_config(name, fn):
     return run
 
 
-def with_kernel(kernel, fn, config=None, sector_map=True, paired=None):
+def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=True):
     """fn run with api.SAMPLE_KERNEL = kernel ("cuda": sample.cu for the calls it covers; "triton":
     the Triton kernel for all), the Triton launch configuration `config` when given, the CUDA
     kernel's sector map on or off (_cuda.SECTOR_MAP: pass B skips the sectors without a candidate)
-    and its paired entries forced on or off (_cuda.PAIRED; None: by the batch)."""
+    and by bins or by exponents (_cuda.SECTOR_MAP_BINS), and its paired entries forced on or off
+    (_cuda.PAIRED; None: by the batch)."""
     from moecomm.sampling import _cuda, api
 
     inner = with_config(config, fn) if config is not None else fn
 
     def run(*args):
-        old = api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED
-        api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED = kernel, sector_map, paired
+        old = api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS
+        api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS = kernel, sector_map, paired, map_bins
         try:
             return inner(*args)
         finally:
-            api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED = old
+            api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS = old
     return run
 
 
@@ -140,7 +143,8 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
         from moecomm.sampling import _cuda
 
         impls["moecomm[cuda-nomap]"] = with_kernel("cuda", call, sector_map=False)
-        paired_by_batch = _cuda.paired(device, batch, top_k)
+        impls["moecomm[cuda-expmap]"] = with_kernel("cuda", call, map_bins=False)
+        paired_by_batch = _cuda.paired(device, batch, top_k, top_p)
         other = "unpaired" if paired_by_batch else "paired"
         impls[f"moecomm[cuda-{other}]"] = with_kernel("cuda", call, paired=not paired_by_batch)
     for name, cfg in _triton_rows(device).items():  # the Triton kernel: its default, then the control rows
@@ -163,6 +167,7 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
     others = {name: with_kernel("triton", seeded, cfg) for name, cfg in _triton_rows(device).items()}
     if device.type == "cuda":
         others["moecomm[cuda-nomap]"] = with_kernel("cuda", seeded, sector_map=False)
+        others["moecomm[cuda-expmap]"] = with_kernel("cuda", seeded, map_bins=False)
         others[f"moecomm[cuda-{other}]"] = with_kernel("cuda", seeded, paired=not paired_by_batch)
     for name, fn in others.items():
         same = (fn(sets[0][0]) == want).float().mean().item()
@@ -202,7 +207,8 @@ def run_graph_case(writer, device, fi, vocab=128256):
     top_p = lambda p: S.top_p_sampling_from_probs(p, 0.9)  # noqa: E731
     topk_topp = lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9)  # noqa: E731
     fns = {"moecomm[cuda]": with_kernel("cuda", top_p), "moecomm_topk_topp[cuda]": with_kernel("cuda", topk_topp),
-           "moecomm[cuda-nomap]": with_kernel("cuda", top_p, sector_map=False)}
+           "moecomm[cuda-nomap]": with_kernel("cuda", top_p, sector_map=False),
+           "moecomm[cuda-expmap]": with_kernel("cuda", top_p, map_bins=False)}
     for name, cfg in _triton_rows(device).items():
         fns[name] = with_kernel("triton", top_p, cfg)
         fns[name.replace("moecomm", "moecomm_topk_topp")] = with_kernel("triton", topk_topp, cfg)

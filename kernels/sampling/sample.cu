@@ -29,7 +29,7 @@
 //          for min-p the bin of min_p * max. An upper bound of the list size comes with it.
 //  pass B  (HBM) every token with v > 0 in bins >= b0 is appended to a list of composite keys in
 //          shared memory (warp-aggregated: one atomicAdd a warp per 16 tokens a lane); sectors whose
-//          largest exponent is below b0's are not loaded. The list is a prefix of the order, so
+//          largest exponent (F_MAP_BINS: bin) is below b0's are not loaded. The list is a prefix of the order, so
 //          ranks and masses inside it are the row's.
 //  select  in shared memory, exact. Lists of <= 2048 keys (top-k's, top-p's window): small_select's
 //          cuts (32 a round, counted and fp64-summed by the warps) down to <= 64 keys, sorted and
@@ -70,8 +70,14 @@
 // pass A 22 (one block streams ~20-30 GB/s, not the 80-120 guessed), pass B 17 and the select 6.5
 // (bound by issue and barriers, not bytes), plan 4, split 3, race 4. Shared memory: 2 * CAP
 // keys (list + scratch; CAP = 12288: 192 KB) + ~6 KB static: one block of 1024 threads an SM. The
-// _paired entries run blocks of 512 threads with CAP = 6656, two an SM, for short lists over many
-// rows (top-k 50 + top-p at B512: 158 -> 134 us; top-p alone outgrows that list: 270 -> 462).
+// _paired entries run blocks of 512 threads, two an SM (104 KB of dynamic shared memory each), for
+// many rows (top-k 50 + top-p at B512: 158 -> 134 us). Their classic layout (CAP = 6656, a scratch
+// as large) is too short for top-p's lists (~4.7-8.7K keys at V151936: 270 -> 462 us, the
+// fallback); the lean layout (the scratch's KB in the flags) sizes the scratch to pass A's bins and
+// sector map (8 KB + V / 8: 27 KB at V151936) and gives the list the rest (9856 keys). A select
+// copies its keys into the scratch, so a list longer than the scratch is selected on its
+// uncertain bins only (top-p's split: ~0.5-1K keys) or the row takes the fallback, whose lists
+// are bounded by the scratch (select_cap_of).
 //
 // Randomness (reference.py): key = seed (lo, hi words), counter = (i / 4, row or 0 with one seed per
 // row, offset lo, offset hi), lane i % 4; u = (r + 0.5) 2^-32 and E = -log(1 - u), by its series
@@ -129,9 +135,18 @@ constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8
 constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K = 1 << 3, F_K_TENSOR = 1 << 4,
               F_K64 = 1 << 5, F_HAS_P = 1 << 6, F_P_TENSOR = 1 << 7, F_HAS_MINP = 1 << 8, F_MINP_TENSOR = 1 << 9,
               F_TOPK_FIRST = 1 << 10, F_SEED_TENSOR = 1 << 11, F_SEED_PER_ROW = 1 << 12, F_OFFSET_TENSOR = 1 << 13,
-              F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16;
+              F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16, F_MAP_BINS = 1 << 17;
 constexpr int SCRATCH_MIN_BYTES = 24576;  // the scratch's floor: the fallback's 2048 counts + 2048 fp64 masses
 constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bins in the scratch
+// flags >> SCRATCH_KB_SHIFT (bits 20-27): the scratch's size in KB, >= 24, set by _cuda.py for the
+// lean layout (the paired entries: a scratch sized to pass A's bins and sector map, the list takes
+// the rest of the block's shared memory); 0: the classic layout, a scratch of max(cap keys, 24 KB).
+constexpr int SCRATCH_KB_SHIFT = 20;
+// F_MAP_BINS: the sector map's byte is the sector's largest pass-A bin less MAP_BASE_BIN (the bin of
+// 2^-32), clamped to [0, 255] (v from 2^-32 to ~0.94 at 1/8-binade precision, larger ones 255)
+// instead of its largest exponent: pass B then skips the sectors below b0's bin, not only those
+// below its binade (top-p 0.9 at logits x 3: ~32% of the sectors loaded instead of ~40-43%).
+constexpr int MAP_BASE_BIN = 760;
 
 // Block-shared state. The kernel is the only user of these, one block at a time per SM.
 __shared__ unsigned s_dcnt[NUM_DIGITS], s_dfill[NUM_DIGITS], s_doff[NUM_DIGITS];
@@ -152,6 +167,27 @@ __device__ __forceinline__ long long lmin(long long a, long long b) { return a <
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ u64 umax64(u64 a, u64 b) { return a > b ? a : b; }
+
+// The scratch's bytes (see SCRATCH_KB_SHIFT), and the most keys a select over the list may take:
+// list_select / small_select copy their keys into the scratch, so min(cap, scratch keys) (cap in
+// the classic layout; in the lean one the list may hold more keys than a select on all of them
+// can take: such a list is selected on its uncertain bins only, or the row takes the fallback).
+// Functions of the kernel's parameters, recomputed where used (no register held across the row).
+__device__ __forceinline__ int scratch_bytes_of(int flags, int cap) {
+  const int kb = (flags >> SCRATCH_KB_SHIFT) & 255;
+  return kb > 0 ? kb * 1024 : imax(8 * cap, SCRATCH_MIN_BYTES);
+}
+__device__ __forceinline__ int select_cap_of(int flags, int cap) { return imin(cap, scratch_bytes_of(flags, cap) / 8); }
+// The sector map's byte of a sector whose largest fp32 bits are mb, and the lowest byte pass B loads
+// for a list of bins >= b0 (a sector is skipped iff its byte is below: then all of it is below b0).
+// Either way a clamped (bits >> shift) - base: exponents (shift 23, base 0) or bins (F_MAP_BINS).
+__device__ __forceinline__ unsigned map_byte(int flags, unsigned mb) {
+  const int d = static_cast<int>(mb >> ((flags & F_MAP_BINS) ? 20 : 23)) - ((flags & F_MAP_BINS) ? MAP_BASE_BIN : 0);
+  return static_cast<unsigned>(imin(imax(d, 0), 255));
+}
+__device__ __forceinline__ unsigned map_min_of(int flags, int b0) {
+  return map_byte(flags, static_cast<unsigned>(b0) << 20);
+}
 
 __device__ __forceinline__ u64 make_key(float v, int i) {
   return (static_cast<u64>(__float_as_uint(v)) << 32) | static_cast<u64>(0xFFFFFFFFu - static_cast<unsigned>(i));
@@ -536,7 +572,7 @@ __device__ Pick list_select(const u64* __restrict__ A, u64* __restrict__ B, int 
 }
 
 // The UNROLL quads base + u * blockDim.x + threadIdx.x of pass B: zeros past the row and, with a
-// sector map, for the sectors whose largest exponent is below map_min (nothing there is listed).
+// sector map, for the sectors whose byte is below map_min (nothing there is listed: map_min_of).
 __device__ __forceinline__ void load_listable_quads(const RowRef& row, int base, const unsigned char* map,
                                                     unsigned map_min, float4 (&x)[UNROLL]) {
 #pragma unroll
@@ -657,10 +693,10 @@ __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsig
   return n;
 }
 
-// The entries of A (n keys) below kb, copied to W (warp-aggregated; returns how many), and the
+// The entries of A (n keys) below kb, copied to W (warp-aggregated, at most wcap stored; returns how many), and the
 // count and fp64 mass of those at or above it (*cnt_above, *mass_above). For top-p's list: the
 // select then runs on the uncertain bins only, with the exact rank and mass above them.
-__device__ int split_list(const u64* __restrict__ A, int n, u64 kb, u64* __restrict__ W, long long* cnt_above,
+__device__ int split_list(const u64* __restrict__ A, int n, u64 kb, u64* __restrict__ W, int wcap, long long* cnt_above,
                           double* mass_above) {
   if (threadIdx.x == 0) s_n = 0;
   __syncthreads();
@@ -675,7 +711,7 @@ __device__ int split_list(const u64* __restrict__ A, int n, u64 kb, u64* __restr
       am += static_cast<double>(key_value(k));
     }
     const int pos = warp_append(below ? 1 : 0, &s_n);
-    if (below) W[pos] = k;
+    if (below && pos < wcap) W[pos] = k;  // beyond wcap: counted, not stored
   }
   *cnt_above = block_reduce(ac, Sum<long long>(), 0LL);
   *mass_above = block_reduce(am, Sum<double>(), 0.0);
@@ -822,7 +858,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   const RowRef row{row_ptr, V, (V + 3) >> 2, (reinterpret_cast<u64>(row_ptr) & 15) == 0};
 
   u64* A = reinterpret_cast<u64*>(moecomm_sample_dyn);  // the list: cap keys
-  u64* B = A + cap;                                      // scratch: max(cap keys, 24 KB)
+  u64* B = A + cap;                                      // scratch: scratch_bytes_of(flags, cap)
   unsigned* hist = reinterpret_cast<unsigned*>(B);       // pass A's bins live in the scratch until the list exists
   MOECOMM_SAMPLE_CLOCK(0);
 
@@ -835,10 +871,11 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   // bad-row test needs no per-token branch: a negative value (-inf too) shows in the min, NaN and
   // +inf in the fp64 sum (finite fp32 values cannot overflow it).
   // The sector map (F_SECTOR_MAP, where the scratch has room): a byte per 8 tokens (32 bytes, the two
-  // quads of lanes 2i and 2i + 1), the largest fp32 exponent among them, so that pass B skips the
-  // sectors that cannot hold a listed token (>99% of the row for top-k 50, ~55% for top-p 0.9).
+  // quads of lanes 2i and 2i + 1), the largest fp32 exponent (or bin: F_MAP_BINS) among them, so that
+  // pass B skips the sectors that cannot hold a listed token (>99% of the row for top-k 50, ~55-68%
+  // for top-p 0.9).
   unsigned char* map = reinterpret_cast<unsigned char*>(B) + MAP_OFFSET;
-  const bool use_map = (flags & F_SECTOR_MAP) && (row.nq + 1) / 2 <= imax(8 * cap, SCRATCH_MIN_BYTES) - MAP_OFFSET;
+  const bool use_map = (flags & F_SECTOR_MAP) && (row.nq + 1) / 2 <= scratch_bytes_of(flags, cap) - MAP_OFFSET;
   double s = 0.0;
   float mx = 0.0f, mn = 0.0f;
   int npos_t = 0;
@@ -850,8 +887,8 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
       mb = mb > __float_as_uint(v[2]) ? mb : __float_as_uint(v[2]);
       mb = mb > __float_as_uint(v[3]) ? mb : __float_as_uint(v[3]);
       const unsigned other = __shfl_xor_sync(FULL, mb, 1);
-      mb = (mb > other ? mb : other) >> 23;
-      if ((q & 1) == 0 && q < row.nq) map[q >> 1] = static_cast<unsigned char>(mb < 255u ? mb : 255u);
+      mb = mb > other ? mb : other;
+      if ((q & 1) == 0 && q < row.nq) map[q >> 1] = static_cast<unsigned char>(map_byte(flags, mb));
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -970,7 +1007,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   if (est <= cap) {
     const u64 ka = static_cast<u64>(b0) << 52;
     n = list_above<HIST == HIST_COUNT>(row, A, cap, b0 > 0 ? static_cast<unsigned>(b0) << 20 : 1u, use_map ? map : nullptr,
-                   static_cast<unsigned>(b0) >> 3);
+                   map_min_of(flags, b0));
     MOECOMM_SAMPLE_CLOCK(3);
     MOECOMM_SAMPLE_VALUE(10, n);
     if (n > 0 && n <= cap) {
@@ -979,29 +1016,39 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
       const bool below_dropped = n == npos || (has_minp && ka <= kthr);
       bool good = true;
       if (!trivial) {
+        // a select over the whole list needs n keys of scratch: in the lean layout a longer list
+        // is selected on its uncertain bins (top-p) or the row takes the fallback
+        const int scap = select_cap_of(flags, cap);
         Cond c = cond_pk;
         if (need_sk) {  // top_k_first: top-p on the top-k set's mass
-          const Pick pk = list_select(A, B, n, 0, 0.0, cond_k);
-          good = pk.rank < n - 1 || below_dropped || n >= k_eff;
-          c.P = top_p() * (pk.mass + static_cast<double>(key_value(pk.key)));
+          if (n <= scap) {
+            const Pick pk = list_select(A, B, n, 0, 0.0, cond_k);
+            good = pk.rank < n - 1 || below_dropped || n >= k_eff;
+            c.P = top_p() * (pk.mass + static_cast<double>(key_value(pk.key)));
+          } else {
+            good = false;
+          }
         }
-        Pick pl;
+        Pick pl{0, 0, 0.0};
         bool done = false;
         if (HIST == HIST_QSUM && whi < NUM_BINS - 1) {
           // top-p: l lies in the uncertain bins (<= whi); the bins above are summed, not selected
           long long c0 = 0;
           double m0 = 0.0;
-          const int nw = split_list(A, n, static_cast<u64>(whi + 1) << 52, B, &c0, &m0);
+          const int nw = split_list(A, n, static_cast<u64>(whi + 1) << 52, B, scap, &c0, &m0);
           MOECOMM_SAMPLE_CLOCK(4);
           MOECOMM_SAMPLE_VALUE(11, nw);
-          if (nw > 0 && 2 * nw <= cap && c(c0, m0)) {  // the window's first entry is kept: l is in it
+          if (nw > 0 && 2 * nw <= scap && c(c0, m0)) {  // the window's first entry is kept: l is in it
             MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
             pl = list_select(B, B + nw, nw, c0, m0, c);
             done = true;
           }
         }
-        if (!done) pl = list_select(A, B, n, 0, 0.0, c);
-        good = good && (pl.rank < n - 1 || below_dropped || n >= k_eff);
+        if (!done && good && n <= scap) {
+          pl = list_select(A, B, n, 0, 0.0, c);
+          done = true;
+        }
+        good = good && done && (pl.rank < n - 1 || below_dropped || n >= k_eff);
         kell = pl.key;
       } else {
         good = below_dropped;
@@ -1014,12 +1061,13 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   // the fallback: the boundary from HBM (top-p's window of uncertain bins, else radix levels)
   if (!in_list && !trivial) {
     bool got = false;
-    if (HIST == HIST_QSUM && est_win <= cap) {
+    const int scap = select_cap_of(flags, cap);  // the fallback's lists are selected whole
+    if (HIST == HIST_QSUM && est_win <= scap) {
       long long c0 = 0;
       double m0 = 0.0;
       const u64 ka = static_cast<u64>(wlo) << 52;
-      const int nw = fill_range(row, A, cap, ka, static_cast<u64>(whi + 1) << 52, &c0, &m0);
-      if (nw > 0 && nw <= cap) {
+      const int nw = fill_range(row, A, scap, ka, static_cast<u64>(whi + 1) << 52, &c0, &m0);
+      if (nw > 0 && nw <= scap) {
         MOECOMM_SAMPLE_TRACE(PATH_WINDOW);
         const Pick pl = list_select(A, B, nw, c0, m0, cond_pk);
         // l is in the window: its first entry is kept (the bounds said so; checked exactly here, as
@@ -1032,10 +1080,10 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
       MOECOMM_SAMPLE_TRACE(PATH_LEVELS);
       Cond c = cond_pk;
       if (need_sk) {
-        const Pick pk = hbm_select(row, A, B, cap, cond_k);
+        const Pick pk = hbm_select(row, A, B, scap, cond_k);
         c.P = top_p() * (pk.mass + static_cast<double>(key_value(pk.key)));
       }
-      kell = hbm_select(row, A, B, cap, c).key;
+      kell = hbm_select(row, A, B, scap, c).key;
     }
   }
   if (!in_list && trivial) kell = 0;
@@ -1098,7 +1146,8 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
 
 // Entry points, one per pass-A histogram (moecomm/sampling/_cuda.py picks): top-k given -> counts;
 // top-p without top-k -> q-sums; min-p alone -> none. Arguments as sample_row's; grid = output rows,
-// block = 1024 threads (the _paired entries: 512), dynamic shared memory = cap keys + max(cap keys, 24 KB).
+// block = 1024 threads (the _paired entries: 512), dynamic shared memory = cap keys + the scratch
+// (scratch_bytes_of: max(cap keys, 24 KB), or the lean layout's KB from the flags).
 #define MOECOMM_SAMPLE_PARAMS                                                                               \
   const float *x, const void *rowmap, void *out, unsigned char *valid, float *logprob, const void *k_ptr, \
       const float *p_ptr, const float *minp_ptr, const long long *seed_ptr, const long long *offset_ptr, int V, \

@@ -26,14 +26,28 @@ PAIRED_THREADS = 512  # the _paired entries: __launch_bounds__(512, 2)
 # the paired list: two blocks' dynamic (16 bytes a key) and static shared memory and the 1 KB the
 # driver reserves a block fit an H100/H200 SM's 228 KB: 2 x (16 x 6656 + 8192 + 1024) = 231424
 PAIRED_CAPACITY = 6656
+PAIRED_SHARED_BYTES = 16 * PAIRED_CAPACITY  # a paired block's dynamic shared memory (106496 bytes)
 # PAIRED: None = paired blocks for calls with a top-k of at most PAIRED_MAX_TOP_K (one value for the
-# batch) and at least PAIRED_MIN_ROWS_PER_SM rows an SM; True / False force them on / off
-# (benchmarks, tests). Measured on the H200 (bench_sampling, same run): top-k 50 + top-p 0.9 at
-# B512 V151936 0.134 ms paired, 0.158 single; top-p 0.9 alone 0.462 paired, 0.270 single (its lists
-# outgrow the paired capacity and take the fallback); at B128 the single blocks win both.
+# batch), or top-p without top-k (PAIRED_TOP_P), over at least PAIRED_MIN_ROWS_PER_SM rows an SM;
+# True / False force them on / off (benchmarks, tests). Measured on the H200 (bench_sampling, same
+# run, classic layout): top-k 50 + top-p 0.9 at B512 V151936 0.134 ms paired, 0.158 single; top-p
+# 0.9 alone 0.462 paired, 0.270 single (its lists, ~7.1K keys at V151936, outgrew the 6656 keys and
+# took the fallback: hence LEAN_SCRATCH); at B128 the single blocks win both.
 PAIRED: bool | None = None
 PAIRED_MIN_ROWS_PER_SM = 2
 PAIRED_MAX_TOP_K = 1024
+# PAIRED_TOP_P: top-p without top-k (the q-sum entries) over >= PAIRED_MIN_ROWS_PER_SM rows an SM
+# takes the paired entries too (with LEAN_SCRATCH only: the classic paired list is too short).
+PAIRED_TOP_P = True
+# LEAN_SCRATCH: the paired entries' shared memory split as [list | scratch of lean_scratch_bytes(V)]
+# instead of [list | scratch as large as the list]: the scratch holds pass A's bins and sector map
+# (8 KB + V / 8 bytes) and the selects' copies (top-p's uncertain bins, ~0.5-1K keys; whole lists
+# up to the scratch's keys), the list gets the rest: 9856 keys at V151936 (top-p 0.9's lists there:
+# ~4.7-8.7K keys, the plan's bound ~4.9-9.1K) instead of 6656. False: the classic split (control).
+LEAN_SCRATCH = True
+LEAN_SCRATCH_MAX = 48 * 1024  # beyond (V > ~320K): a 24 KB scratch, no sector map
+MAP_OFFSET_BYTES = 2048 * 4  # sample.cu's MAP_OFFSET: the sector map follows pass A's 2048 bins
+SCRATCH_KB_SHIFT = 20  # sample.cu's SCRATCH_KB_SHIFT: flags bits 20-27 give the lean scratch in KB
 DEFAULT_CAPACITY = 12288  # list keys: 2 x 96 KB of shared memory (list + scratch)
 MIN_CAPACITY = 4096  # below this the fallback would run too often to be worth the kernel
 HIST_SCRATCH_BYTES = 24576  # the scratch also holds the fallback's 2048 counts + 2048 fp64 masses
@@ -50,10 +64,15 @@ PAIRED_ENTRY = {k: v + "_paired" for k, v in ENTRY.items()}
 F_ROWMAP, F_ROWMAP64, F_OUT64, F_HAS_K, F_K_TENSOR, F_K64, F_HAS_P, F_P_TENSOR = (1 << i for i in range(8))
 F_HAS_MINP, F_MINP_TENSOR, F_TOPK_FIRST, F_SEED_TENSOR, F_SEED_PER_ROW, F_OFFSET_TENSOR, F_OFFSET_PER_ROW, F_LOGPROB = (
     1 << i for i in range(8, 16))
-F_SECTOR_MAP = 1 << 16
+F_SECTOR_MAP, F_MAP_BINS = 1 << 16, 1 << 17
 # Pass A writes a byte per 32-byte sector (its largest exponent) so that pass B loads only the sectors
 # that can hold a listed token; False: pass B reads the whole row (the benchmark's control row).
 SECTOR_MAP = True
+# SECTOR_MAP_BINS: the map's byte is the sector's largest pass-A bin (1/8 binade, from 2^-32) instead
+# of its largest exponent, so pass B also skips the sectors of b0's binade below b0's bin (top-p 0.9,
+# logits x 3: ~32% of the sectors loaded instead of ~40% at V151936, ~43% at V128256); False: the
+# exponent map (the benchmark's control row).
+SECTOR_MAP_BINS = True
 MODE_SAMPLE = 0
 _optin: dict[int, int] = {}
 
@@ -104,9 +123,22 @@ def covers(
     return device_ok(x.device)
 
 
-def shared_bytes(capacity: int) -> int:
-    """Dynamic shared memory of a launch: the list (capacity keys) and the scratch (as many, >= 24 KB)."""
-    return 8 * capacity + max(8 * capacity, HIST_SCRATCH_BYTES)
+def shared_bytes(capacity: int, scratch_bytes: int | None = None) -> int:
+    """Dynamic shared memory of a launch: the list (capacity keys) and the scratch (scratch_bytes,
+    or in the classic layout as many bytes as the list, >= 24 KB)."""
+    if scratch_bytes is None:
+        scratch_bytes = max(8 * capacity, HIST_SCRATCH_BYTES)
+    return 8 * capacity + scratch_bytes
+
+
+def lean_scratch_bytes(vocab: int) -> int:
+    """The lean layout's scratch (whole KB, what sample.cu reads from the flags): pass A's bins and
+    the sector map (a byte per 8 tokens) when they fit LEAN_SCRATCH_MAX, and at least the 24 KB of
+    the fallback's counts and masses. 27 KB at V151936, 24 KB at V128256."""
+    need = MAP_OFFSET_BYTES + ((vocab + 3) // 4 + 1) // 2
+    if need > LEAN_SCRATCH_MAX:
+        need = HIST_SCRATCH_BYTES  # the kernel then finds no room for the map and goes without it
+    return max(HIST_SCRATCH_BYTES, -(-need // 1024) * 1024)
 
 
 def capacity(device: torch.device) -> int:
@@ -167,13 +199,15 @@ def _plan(
     x: torch.Tensor, rowmap, num_rows: int, out: torch.Tensor, valid: torch.Tensor, logprob, top_k, top_p, min_p,
     top_k_first: bool, seed, offset, per_row_seed: bool,
 ) -> tuple[str, tuple, list, int]:
-    """(entry, the 10 tensor arguments, the 10 scalar values as ints / floats, capacity): what
+    """(entry, the 10 tensor arguments, the 10 scalar values as ints / floats, dynamic shared bytes): what
     plan_launch wraps in ctypes and launch_sample packs directly (one code for both, so the list
     the tests check against the PTX is the one launched)."""
     num_in_rows, vocab = x.shape
     top_k, top_p, min_p = effective_filters(top_k, top_p, min_p, vocab)
     dummy = out
     flags = (F_LOGPROB if logprob is not None else 0) | (F_SECTOR_MAP if SECTOR_MAP else 0)
+    if SECTOR_MAP and SECTOR_MAP_BINS:
+        flags |= F_MAP_BINS
     if rowmap is not None:
         flags |= F_ROWMAP | (F_ROWMAP64 if rowmap.dtype is torch.int64 else 0)
     if out.dtype is torch.int64:
@@ -204,13 +238,19 @@ def _plan(
     else:
         off_v = _as_int64(offset)
     kind = "count" if top_k is not None else ("qsum" if top_p is not None else "none")
-    if paired(x.device, num_rows, top_k):
-        entry, cap = PAIRED_ENTRY[kind], min(capacity(x.device), PAIRED_CAPACITY)
-    else:
+    scratch = None
+    if not paired(x.device, num_rows, top_k, top_p):
         entry, cap = ENTRY[kind], capacity(x.device)
+    elif LEAN_SCRATCH:
+        scratch = lean_scratch_bytes(vocab)
+        entry, cap = PAIRED_ENTRY[kind], min(capacity(x.device), (PAIRED_SHARED_BYTES - scratch) // 8)
+        flags |= (scratch // 1024) << SCRATCH_KB_SHIFT
+    else:
+        entry, cap = PAIRED_ENTRY[kind], min(capacity(x.device), PAIRED_CAPACITY)
     tensors = (x, rowmap if rowmap is not None else dummy, out, valid, logprob if logprob is not None else dummy,
                k_t, p_t, m_t, seed_t, off_t)
-    return entry, tensors, [vocab, num_in_rows, x.stride(0), k_v, p_v, m_v, seed_v, off_v, flags, cap], cap
+    return (entry, tensors, [vocab, num_in_rows, x.stride(0), k_v, p_v, m_v, seed_v, off_v, flags, cap],
+            shared_bytes(cap, scratch))
 
 
 def plan_launch(
@@ -219,10 +259,10 @@ def plan_launch(
 ) -> Launch:
     """The launch of sample.cu for a call that covers() accepts (arguments as launch_sample's);
     its args are the tensors and ctypes scalars of SIGNATURE, in order."""
-    entry, tensors, scalars, cap = _plan(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first,
-                                         seed, offset, per_row_seed)
+    entry, tensors, scalars, smem = _plan(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p,
+                                          top_k_first, seed, offset, per_row_seed)
     args = tensors + tuple(t(v) for t, v in zip(SCALAR_TYPES, scalars))
-    return Launch(entry, (num_rows,), (threads_of(entry),), shared_bytes(cap), args)
+    return Launch(entry, (num_rows,), (threads_of(entry),), smem, args)
 
 
 def threads_of(entry: str) -> int:
@@ -230,11 +270,15 @@ def threads_of(entry: str) -> int:
     return PAIRED_THREADS if entry.endswith("_paired") else THREADS
 
 
-def paired(device: torch.device, num_rows: int, top_k) -> bool:
-    """Whether a launch of num_rows rows with this (effective) top_k takes the paired entries (see PAIRED)."""
+def paired(device: torch.device, num_rows: int, top_k, top_p=None) -> bool:
+    """Whether a launch of num_rows rows with this (effective) top_k and top_p takes the paired
+    entries (see PAIRED and PAIRED_TOP_P)."""
     if PAIRED is not None:
         return bool(PAIRED)
-    if top_k is None or isinstance(top_k, torch.Tensor) or int(top_k) > PAIRED_MAX_TOP_K:
+    if top_k is None:
+        if top_p is None or not (PAIRED_TOP_P and LEAN_SCRATCH):
+            return False
+    elif isinstance(top_k, torch.Tensor) or int(top_k) > PAIRED_MAX_TOP_K:
         return False
     return num_rows >= PAIRED_MIN_ROWS_PER_SM * _sm_count(device)
 
@@ -276,11 +320,11 @@ def launch_sample(
     """
     if num_rows == 0:
         return
-    entry, tensors, scalars, cap = _plan(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first,
-                                         seed, offset, per_row_seed)
+    entry, tensors, scalars, smem = _plan(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p,
+                                          top_k_first, seed, offset, per_row_seed)
     kernel = cuda.load(SOURCE, entry, device=x.device)
     kernel.launch((num_rows, 1, 1), (threads_of(entry), 1, 1), SIGNATURE,
-                  list(map(_data_ptr, tensors)) + scalars, shared_mem=shared_bytes(cap))
+                  list(map(_data_ptr, tensors)) + scalars, shared_mem=smem)
 
 
 _data_ptr = torch.Tensor.data_ptr

@@ -73,6 +73,8 @@ def launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_
     th.join(TIMEOUT_S)
     if th.is_alive():
         raise TimeoutError(f"the emulated kernel did not finish in {TIMEOUT_S} s (a barrier reached by part of a block?)")
+    if rc == [3]:
+        raise RuntimeError(f"{plan.entry} wrote past its {plan.shared_bytes} bytes of dynamic shared memory")
     if rc != [0]:
         raise RuntimeError(f"emu_sample returned {rc}")
     return plan, paths

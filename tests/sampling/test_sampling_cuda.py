@@ -158,6 +158,7 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
         _cuda.F_TOPK_FIRST: tkf, _cuda.F_SEED_TENSOR: isinstance(seed, torch.Tensor), _cuda.F_SEED_PER_ROW: per_row,
         _cuda.F_OFFSET_TENSOR: isinstance(offset, torch.Tensor),
         _cuda.F_OFFSET_PER_ROW: isinstance(offset, torch.Tensor), _cuda.F_LOGPROB: True, _cuda.F_SECTOR_MAP: True,
+        _cuda.F_MAP_BINS: True,
     }
     assert {f: bool(flags & f) for f in want} == want
     assert plan.args[0] is x and plan.args[2] is out and plan.args[3] is valid and plan.args[4] is logprob
@@ -167,32 +168,69 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
 
 @needs_nvcc
 def test_paired_launches_match_their_entries(nvcc_out, monkeypatch):
-    """Calls with one top-k of at most PAIRED_MAX_TOP_K over PAIRED_MIN_ROWS_PER_SM rows an SM
-    and more (or PAIRED = True) take the paired entries: 512 threads, the paired list's capacity
-    (as the cap argument and in the shared bytes), the same parameter list as the PTX's. Top-p
-    alone, a per-row or a larger top-k keep the single blocks."""
+    """Calls with one top-k of at most PAIRED_MAX_TOP_K, or top-p without top-k, over
+    PAIRED_MIN_ROWS_PER_SM rows an SM and more (or PAIRED = True) take the paired entries: 512
+    threads, the lean layout's list and scratch (the cap argument, the scratch's KB in the flags,
+    the shared bytes), the same parameter list as the PTX's. A per-row or a larger top-k and min-p
+    alone keep the single blocks; LEAN_SCRATCH = False gives the classic paired list, and top-p
+    the single blocks."""
     monkeypatch.setattr(_cuda, "_sms", {torch.device("cpu"): 2})
-    for rows, want in ((3, False), (4, True)):
-        plan = _cuda.plan_launch(*_plan_args(num_rows=rows, top_k=50, top_p=0.9))
-        assert plan.entry == (_cuda.PAIRED_ENTRY if want else _cuda.ENTRY)["count"], rows
-        cap = _cuda.PAIRED_CAPACITY if want else _cuda.DEFAULT_CAPACITY
-        assert plan.block == ((_cuda.PAIRED_THREADS if want else _cuda.THREADS),) and plan.args[-1].value == cap
-        assert plan.shared_bytes == _cuda.shared_bytes(cap)
-        assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out[1])
-    for kw in (dict(top_p=0.9), dict(top_k=_cuda.PAIRED_MAX_TOP_K + 1), dict(top_k="t32", top_p=0.9)):
+    for kw, kind in ((dict(top_k=50, top_p=0.9), "count"), (dict(top_p=0.9), "qsum")):
+        for rows, want in ((3, False), (4, True)):
+            plan = _cuda.plan_launch(*_plan_args(num_rows=rows, **kw))
+            assert plan.entry == (_cuda.PAIRED_ENTRY if want else _cuda.ENTRY)[kind], rows
+            scratch = _cuda.lean_scratch_bytes(1000) if want else None
+            cap = (_cuda.PAIRED_SHARED_BYTES - scratch) // 8 if want else _cuda.DEFAULT_CAPACITY
+            assert plan.block == ((_cuda.PAIRED_THREADS if want else _cuda.THREADS),) and plan.args[-1].value == cap
+            assert plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT == (scratch // 1024 if want else 0)
+            assert plan.shared_bytes == _cuda.shared_bytes(cap, scratch)
+            assert plan.shared_bytes == (_cuda.PAIRED_SHARED_BYTES if want else _cuda.shared_bytes(cap))
+            assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out[1])
+    for kw in (dict(min_p=0.1), dict(top_k=_cuda.PAIRED_MAX_TOP_K + 1), dict(top_k="t32", top_p=0.9)):
         assert _cuda.plan_launch(*_plan_args(num_rows=8, vocab=5000, **kw)).entry in _cuda.ENTRY.values(), kw
+    monkeypatch.setattr(_cuda, "PAIRED_TOP_P", False)
+    assert _cuda.plan_launch(*_plan_args(num_rows=8, top_p=0.9)).entry == _cuda.ENTRY["qsum"]
+    monkeypatch.setattr(_cuda, "PAIRED_TOP_P", True)
+    monkeypatch.setattr(_cuda, "LEAN_SCRATCH", False)  # the classic paired list (the session-10 entries)
+    assert _cuda.plan_launch(*_plan_args(num_rows=8, top_p=0.9)).entry == _cuda.ENTRY["qsum"]
+    plan = _cuda.plan_launch(*_plan_args(num_rows=8, top_k=50))
+    assert plan.entry == _cuda.PAIRED_ENTRY["count"] and plan.args[-1].value == _cuda.PAIRED_CAPACITY
+    assert plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT == 0
+    assert plan.shared_bytes == _cuda.shared_bytes(_cuda.PAIRED_CAPACITY) == _cuda.PAIRED_SHARED_BYTES
+    monkeypatch.setattr(_cuda, "LEAN_SCRATCH", True)
     monkeypatch.setattr(_cuda, "PAIRED", False)
     assert _cuda.plan_launch(*_plan_args(num_rows=4, top_k=5)).entry == _cuda.ENTRY["count"]
     monkeypatch.setattr(_cuda, "PAIRED", True)
     assert _cuda.plan_launch(*_plan_args(num_rows=1, min_p=0.1)).entry == _cuda.PAIRED_ENTRY["none"]
 
 
+def test_lean_layout_sizes():
+    """The lean layout's scratch (whole KB, >= 24 KB: pass A's 8 KB of bins and the sector map, a
+    byte per 8 tokens) and the list it leaves within the paired block's shared memory, at the
+    benchmark's vocabularies (napkin math: top-p 0.9 lists at V151936 are ~4.7-8.7K keys, the
+    plan's bound ~4.9-9.1K: over the classic 6656, within the lean 9856), at a vocabulary whose map
+    fills the scratch's maximum and beyond it (no map: 24 KB); the flag bits hold it."""
+    for vocab, scratch in ((1000, 24576), (128256, 24576), (151936, 27648), (32000, 24576), (262144, 40960)):
+        assert _cuda.lean_scratch_bytes(vocab) == scratch, vocab
+        nq = (vocab + 3) // 4
+        assert scratch >= _cuda.MAP_OFFSET_BYTES + (nq + 1) // 2  # the kernel's use_map test holds
+    assert (_cuda.PAIRED_SHARED_BYTES - _cuda.lean_scratch_bytes(151936)) // 8 == 9856
+    assert (_cuda.PAIRED_SHARED_BYTES - _cuda.lean_scratch_bytes(128256)) // 8 == 10240
+    v_max = 8 * (_cuda.LEAN_SCRATCH_MAX - _cuda.MAP_OFFSET_BYTES) - 8  # the largest V whose map fits
+    assert _cuda.lean_scratch_bytes(v_max) == _cuda.LEAN_SCRATCH_MAX
+    assert _cuda.lean_scratch_bytes(v_max + 64) == _cuda.HIST_SCRATCH_BYTES
+    assert _cuda.LEAN_SCRATCH_MAX // 1024 < 256  # 8 bits of the flags
+
+
 def test_flags_and_constants_agree_with_the_source():
     src = cuda.source_path(_cuda.SOURCE).read_text()
+    assert f"constexpr int SCRATCH_KB_SHIFT = {_cuda.SCRATCH_KB_SHIFT};" in src
+    assert "constexpr int MAP_OFFSET = NUM_BINS * 4;" in src and _cuda.MAP_OFFSET_BYTES == 2048 * 4
+    assert "constexpr int MAP_BASE_BIN = 760;" in src and (127 - 32) << 3 == 760  # the bin of 2^-32
     flags = dict(re.findall(r"(F_[A-Z0-9_]+) = 1 << (\d+)", src))
     assert {name: 1 << int(bit) for name, bit in flags.items()} == {
         name: getattr(_cuda, name) for name in flags}, flags
-    assert len(flags) == 17
+    assert len(flags) == 18
     assert f"constexpr int SCRATCH_MIN_BYTES = {_cuda.HIST_SCRATCH_BYTES};" in src
     assert f"constexpr int PHILOX_ROUNDS = {ref.PHILOX_ROUNDS};" in src
     assert _cuda.THREADS == 1024 and _cuda.PAIRED_THREADS == 512
@@ -347,12 +385,33 @@ def test_emulated_ties_and_flat_rows(monkeypatch):
 
 
 @needs_gxx
-def test_emulated_without_the_sector_map(monkeypatch):
-    """SECTOR_MAP = False (pass B reads the whole row): the same tokens."""
-    monkeypatch.setattr(_cuda, "SECTOR_MAP", False)
+@pytest.mark.parametrize("mode", ["off", "exponents"])
+def test_emulated_without_the_sector_map(mode, monkeypatch):
+    """SECTOR_MAP = False (pass B reads the whole row), or the map of exponents instead of bins
+    (SECTOR_MAP_BINS = False): the same tokens; the flags say which."""
+    monkeypatch.setattr(_cuda, "SECTOR_MAP" if mode == "off" else "SECTOR_MAP_BINS", False)
     p = _probs(1, 2500, seed=3)
+    flags = _cuda.plan_launch(*_plan_args(top_p=0.9)).args[-2].value
+    assert bool(flags & _cuda.F_SECTOR_MAP) == (mode != "off") and not flags & _cuda.F_MAP_BINS
     for kw in (dict(top_p=0.9), dict(top_k=40, top_p=0.8), dict(min_p=0.05)):
         _same_as_reference(p, indices=torch.zeros(8, dtype=torch.int32), **kw)
+
+
+@needs_gxx
+def test_emulated_bin_map_at_its_clamps(monkeypatch):
+    """The map of bins (the default) around its clamps: rows whose values straddle b0's binade
+    (listed and skipped sectors in one binade), rows below 2^-32 (byte 0: b0 below the base loads
+    every sector), rows near and above 1 (byte 255); same tokens as the reference, and as the map of
+    exponents."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.rand(3000, generator=g) + 1.0  # one binade, [1, 2): eight bins
+    rows = torch.stack([base * 2.0**-10, base * 2.0**-40, base * 2.0**-1, base * 4.0])
+    for kw in (dict(top_p=0.3), dict(top_k=100), dict(min_p=0.8)):
+        _same_as_reference(rows, threads=64, **kw)
+    # (a map_min one bin too high is caught by test_emulated_kernel_matches_reference[top_p_small]:
+    # most such holes in the list only send the row to the fallback, which is exact)
+    monkeypatch.setattr(_cuda, "SECTOR_MAP_BINS", False)
+    _same_as_reference(rows, threads=64, top_p=0.3)
 
 
 @needs_gxx
@@ -463,6 +522,57 @@ def test_emulated_full_block_of_1024_threads(monkeypatch):
         _same_as_reference(p, threads=threads, cap=64, monkeypatch=monkeypatch, top_p=0.95)
 
 
+def _list_and_window(row, top_p):
+    """(list size, uncertain-bin window size) of the top-p plan of sample.cu for one fp32 row: the
+    bins >= the highest bin whose first token is certainly dropped, and those of them <= the lowest
+    bin whose first token is certainly kept (pass A's q-sum bounds, as the kernel computes them)."""
+    bits = row.contiguous().view(torch.int32).long()
+    pos = bits > 0
+    b = bits >> 20
+    q = ((bits >> 11) & 0xFFF) | 0x1000
+    qs = torch.zeros(2048, dtype=torch.float64).index_add_(0, b[pos], q[pos].double())
+    ar = torch.arange(2048)
+    scale = torch.pow(2.0, (torch.clamp(ar >> 3, min=1) - 139).double())
+    lo = torch.where(ar >= 8, qs * scale, torch.zeros_like(qs))
+    hi = (qs + torch.floor(qs / (4096 + 512 * (ar & 7)).double())) * scale
+    P = top_p * row.double().sum()
+    above_lo = lo.flip(0).cumsum(0).flip(0) - lo  # the bounds of the mass of the bins above
+    above_hi = hi.flip(0).cumsum(0).flip(0) - hi
+    dropped, kept = ar[(qs > 0) & (above_lo >= P)], ar[(qs > 0) & (above_hi < P)]
+    wlo = int(dropped.max()) if dropped.numel() else 0
+    whi = int(kept.min()) if kept.numel() else 2047
+    return int((pos & (b >= wlo)).sum()), int((pos & (b >= wlo) & (b <= whi)).sum())
+
+
+@needs_gxx
+def test_emulated_lean_layout_lists_longer_than_the_scratch(monkeypatch):
+    """The paired entries' lean layout (PAIRED forced; at V 8000 a 24 KB scratch of 3072 keys
+    beside a list of 10240): top-p 0.9 lists of ~3.5K keys (logits x 1.5), more than the scratch holds, selected
+    on their uncertain bins (the list path, split); a row whose window is the whole list (values
+    within one bin) and a top-k list longer than the scratch: the fallback, on the scratch's
+    capacity. Same tokens as the reference on each, and as the classic layout's."""
+    monkeypatch.setattr(_cuda, "PAIRED", True)
+    vocab = 8000
+    p = _probs(2, vocab, scale=1.5, seed=21)
+    scap = _cuda.lean_scratch_bytes(vocab) // 8
+    plan = _cuda.plan_launch(p, None, 2, torch.empty(2, dtype=torch.int32), torch.empty(2, dtype=torch.bool), None,
+                             None, 0.9, None, True, 1, 0, False)
+    assert plan.entry == _cuda.PAIRED_ENTRY["qsum"] and plan.args[-1].value == 10240 and scap == 3072
+    for r in range(2):  # the case this layout is for: a list longer than the scratch, a short window
+        n, nw = _list_and_window(p[r], 0.9)
+        assert scap < n <= 10240 and 0 < 2 * nw <= scap, (n, nw)
+    paths = _same_as_reference(p, threads=64, top_p=0.9, seed=3)
+    assert bool((paths == (1 | 16)).all()), paths  # the list, split: no fallback
+    flat = 1.0 + torch.rand(1, 8000, generator=torch.Generator().manual_seed(2)) * 1e-3  # one bin: window = list
+    assert _list_and_window(flat[0], 0.5)[1] == 8000
+    paths = _same_as_reference(flat, threads=64, top_p=0.5, seed=4)
+    assert bool((paths & 4).all()) and not bool((paths & 1).any()), paths  # the radix levels over the row
+    paths = _same_as_reference(p[:1], threads=64, top_k=3500, top_p=0.95, seed=5)  # top_k_first's list > scap
+    assert bool((paths & 4).all()), paths
+    monkeypatch.setattr(_cuda, "LEAN_SCRATCH", False)  # the classic paired list: the same tokens
+    paths = _same_as_reference(p, threads=64, top_p=0.9, seed=3)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the compiled kernel
 
@@ -560,12 +670,14 @@ def test_kernel_matches_reference_large_vocab(name, kw, batch, on_cuda_kernel):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "classic"])
 @pytest.mark.parametrize("name,kw", GPU_CASES, ids=[c[0] for c in GPU_CASES])
-def test_paired_blocks_match_the_reference_and_the_single_blocks(name, kw, on_cuda_kernel, monkeypatch):
-    """The paired entries (512 threads, two an SM, the smaller list) forced at B 64: the reference's
-    tokens, and the same tokens as the 1024-thread entries (the draw depends on the row and the
-    seed, not on the block size)."""
+def test_paired_blocks_match_the_reference_and_the_single_blocks(name, kw, lean, on_cuda_kernel, monkeypatch):
+    """The paired entries (512 threads, two an SM, the smaller list; its lean layout and the
+    classic one) forced at B 64: the reference's tokens, and the same tokens as the 1024-thread
+    entries (the draw depends on the row and the seed, not on the block size or the layout)."""
     batch = 64
+    monkeypatch.setattr(_cuda, "LEAN_SCRATCH", lean)
     run, p, idx, filt = _gpu_sample_case(kw, batch, 151936, batch + 5, 11)
     monkeypatch.setattr(_cuda, "PAIRED", False)
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
@@ -577,6 +689,26 @@ def test_paired_blocks_match_the_reference_and_the_single_blocks(name, kw, on_cu
     _check_rows(a.tokens, b.tokens, a.valid, b.valid, rows, filt, f"{name} paired B{batch}")
     assert torch.equal(a.tokens, single.tokens) and torch.equal(a.valid, single.valid), name
     torch.testing.assert_close(a.logprobs, single.logprobs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [151936, 128256])
+def test_top_p_takes_the_lean_paired_blocks_over_many_rows(vocab, on_cuda_kernel, monkeypatch):
+    """Top-p alone over 2 rows an SM (the benchmark's B512 row's setting) picks the lean paired
+    entries by itself: the reference's tokens and the single blocks' (PAIRED = False), on rows
+    whose lists (~5-9K keys at V151936) outgrow the classic paired list."""
+    batch = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    p = _gpu_probs(batch, vocab, seed=17)
+    assert _cuda.paired(p.device, batch, None, 0.9)
+    run = lambda: S.sample(probs=p, top_p=0.9, seed=13, return_logprobs=True)  # noqa: E731
+    a, b = _kernel_vs_reference(run)
+    _check_rows(a.tokens, b.tokens, a.valid, b.valid, p, dict(top_p=0.9), f"top-p lean paired B{batch} V{vocab}")
+    monkeypatch.setattr(_cuda, "PAIRED", False)
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    single = run()
+    assert torch.equal(a.tokens, single.tokens) and torch.equal(a.valid, single.valid)
+    torch.testing.assert_close(a.logprobs, single.logprobs, atol=1e-6, rtol=0)
+    assert len(on_cuda_kernel) == 2
 
 
 @pytest.mark.gpu
