@@ -24,6 +24,7 @@ return exchange reads and writes S*H*e, the source's sum reads S*H*e and writes 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -100,9 +101,14 @@ def _copy_gbps(device, nbytes=1 << 30) -> float:
     return nbytes / t.median_ms / 1e6
 
 
-def throughput(T, H, E, k, device, dtype, writer, rep, stream=print):
+def throughput(T, H, E, k, device, dtype, writer, rep, stream=print, path="native"):
+    """path: "native" (one C call per phase, kernels/ep/native.c) or "python" (MOECOMM_EP_NATIVE=0)."""
+    from moecomm.ep.nccl import native
     from moecomm.ep.nccl.dispatcher import EPDispatcher
 
+    os.environ["MOECOMM_EP_NATIVE"] = "1" if path == "native" else "0"
+    rt = native.runtime(None, device)
+    programs = rt.programs if rt is not None else 0
     disp = EPDispatcher(E, k, H, dtype=dtype, force_exchange=True)
     ids, w = _routing(T, E, k, device)
     x = torch.randn(T, H, device=device).to(dtype)
@@ -121,10 +127,13 @@ def throughput(T, H, E, k, device, dtype, writer, rep, stream=print):
     host = _host_us(round_trip, max(rep, 30))
     b2b = _b2b_us(round_trip, rep)
     wall = bench(round_trip, [()], rep=rep, device=device)
-    row = dict(bench="dispatch_onerank", mode="throughput", T=T, H=H, E=E, k=k, S=S, N=N, host_us=host,
+    taken = rt is not None and rt.programs > programs
+    if path == "native" and not taken:
+        path = f"python (native path not taken: {native.why_not(None, device)})"
+    row = dict(bench="dispatch_onerank", mode="throughput", path=path, T=T, H=H, E=E, k=k, S=S, N=N, host_us=host,
                back_to_back_us=b2b, median_ms=wall.median_ms, min_bytes=nbytes)
-    line = (f"throughput T{T} H{H} top-{k} of {E}: host {host:.0f} us per dispatch + combine, the GPU idle at its "
-            f"start (target <= 150; back to back {b2b:.0f} us a call)")
+    line = (f"throughput [{path}] T{T} H{H} top-{k} of {E}: host {host:.0f} us per dispatch + combine, the GPU "
+            f"idle at its start (target <= 150; back to back {b2b:.0f} us a call)")
     if device.type == "cuda":
         per: dict = {}
         kern = _kernel_us(round_trip, by_kernel=per)
@@ -190,11 +199,14 @@ def main(argv=None) -> int:
     print(f"one-rank {dist.get_backend()} group on {torch.cuda.get_device_name() if gpu else 'CPU'}, "
           f"{str(dtype).replace('torch.', '')}; the exchange forced (EPDispatcher(force_exchange=True))")
     try:
+        shape = (4096, 4096, 64, 8) if gpu else (64, 32, 8, 2)
+        # the native path, the Python path, the native path again (the control row: its spread is noise)
+        for path in ("native", "python", "native"):
+            throughput(*shape, device, dtype, writer, rep, path=path)
+        os.environ.pop("MOECOMM_EP_NATIVE", None)
         if gpu:
-            throughput(4096, 4096, 64, 8, device, dtype, writer, rep)
             static(128, 7168, 256, 8, 2048, device, dtype, writer, rep)
         else:
-            throughput(64, 32, 8, 2, device, dtype, writer, rep)
             static(8, 32, 8, 2, 16, device, dtype, writer, rep)
     finally:
         dist.destroy_process_group()

@@ -16,6 +16,7 @@ took 21-48 us of host time per launch (bench_permute --pieces), and at Qwen3-30B
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -59,6 +60,54 @@ def spec_key(args: tuple) -> tuple:
 
 
 _Tensor = torch.Tensor
+
+
+class _Recording(threading.local):
+    """The recorder this thread's launches go to instead of the GPU (None: they launch)."""
+
+    recorder = None
+
+
+recording = _Recording()
+
+
+# Triton's scalar parameter types -> the kind of a cubin parameter in kernels/ep/native.c (2 int32,
+# 3 int64); pointers are kind 1
+_NATIVE_KINDS = {"i32": 2, "i64": 3}
+
+
+def native_parameters(compiled, num_args: int) -> tuple[list[int], list[int]] | tuple[None, str]:
+    """(the runtime argument each cubin parameter takes, its kind: 1 pointer, 2 int32, 3 int64) of a
+    Triton 3.6 CompiledKernel whose first ``num_args`` parameters are the runtime arguments, or
+    (None, why) when a launch of it needs Triton's launcher (clusters, cooperative or PDL launches,
+    scratch memory, tensor descriptors, parameters of other types). After these parameters a
+    Triton 3.6 kernel takes two null pointers (global and profile scratch). Needs no GPU."""
+    md = getattr(compiled, "metadata", None)
+    src = getattr(compiled, "src", None)
+    signature = getattr(src, "signature", None)
+    if md is None or not isinstance(signature, dict) or len(signature) < num_args:
+        return None, "no compiled signature"
+    for attr, ok in (("num_ctas", 1), ("global_scratch_size", 0), ("profile_scratch_size", 0),
+                     ("launch_cooperative_grid", False), ("launch_pdl", False)):
+        if getattr(md, attr, ok) != ok:
+            return None, f"{attr} = {getattr(md, attr)}"
+    if getattr(md, "tensordesc_meta", None):
+        return None, "tensor descriptors"
+    tys = list(signature.values())
+    args, kinds = [], []
+    for i, ty in enumerate(tys[:num_args]):
+        if ty == "constexpr":
+            continue  # specialised away (an int == 1): not a parameter of the cubin
+        if not isinstance(ty, str):
+            return None, f"parameter {i} of type {ty!r}"
+        kind = 1 if ty[0] == "*" else _NATIVE_KINDS.get(ty)
+        if kind is None:
+            return None, f"parameter {i} of type {ty}"
+        args.append(i)
+        kinds.append(kind)
+    if any(ty != "constexpr" for ty in tys[num_args:]):
+        return None, "runtime parameters after the constexprs"
+    return args, kinds
 
 
 class Launcher:
@@ -107,6 +156,10 @@ class Launcher:
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict[str, Any], num_warps: int,
                  num_stages: int | None = None) -> None:
+        rec = recording.recorder
+        if rec is not None:  # a native phase is being recorded (moecomm/ep/nccl/native.py)
+            rec.launch(self, grid, args, constexprs, num_warps, num_stages)
+            return
         if not self.enabled:
             self._regular(grid, args, constexprs, num_warps, num_stages)
             return

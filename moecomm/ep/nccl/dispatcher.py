@@ -81,6 +81,7 @@ from ...errors import MoeCommTypeError, MoeCommValueError, check_positive_int, c
 from ...jit.backend import Impl, choose, device_checks_allowed
 from ..placement import ExpertPlacement
 from ..types import DispatchResult
+from . import native as _native
 from . import static_ops as _sops
 from .handle import EPHandle, PendingCombine, PendingDispatch, _Done
 from .ops import _triton_kernels, gather_sum_unchecked
@@ -155,9 +156,49 @@ def _exchange_counts(info: torch.Tensor, group, op: str, counts: torch.Tensor | 
         host = workspace.host_counts((2, W, 3)).copy_(counts).tolist()  # one device->host copy: the sync
     else:
         host = counts.cpu().tolist()  # one device->host copy: the sync
+    return _parse_counts(host)
+
+
+def _parse_counts(host: list) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(rows sent, rows received, pairs received, flags received) from the [2, W, 3] counts as a list."""
     sent = [row[0] for row in host[0]]
     got = host[1]
     return sent, [r[0] for r in got], [r[1] for r in got], [r[2] for r in got]
+
+
+# ----------------------------------------------------------------------------- the native path
+
+
+def _native_for(group, dev: torch.device, async_op: bool):
+    """(runtime, communicator) when this synchronous throughput-mode call queues its phases through
+    native.c (native.py says when), else None."""
+    if async_op or dev.type != "cuda":
+        return None
+    rt = _native.runtime(group, dev)
+    if rt is None:
+        return None
+    comm = _native.comm(group)
+    return (rt, comm, _raw_stream(dev)) if comm else None
+
+
+def _raw_stream(dev: torch.device) -> int:
+    return torch._C._cuda_getCurrentRawStream(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+def _native_phase(nat, key, what: str, group, record) -> bool:
+    """Record ``record()`` (launches and exchanges) and queue it in one native call: True. False when
+    it cannot be queued natively (nothing was queued; the path is then off for the process, said
+    once) and the caller runs the phase in Python."""
+    rt, comm, stream = nat
+    rec = _native.Recorder(rt, key)
+    try:
+        with rec:
+            record(rec)
+        rec.run(stream, comm, what, group, lambda: _global_rank(group, _group_info(group)[0]))
+    except _native.NotNative as why:
+        _native.disable(str(why))
+        return False
+    return True
 
 
 def _fail_peers(group, W: int, device: torch.device, op: str, flag: int) -> None:
@@ -251,9 +292,28 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
         return _local(x, ids, w, E, check, op, async_op)
 
     ws = _workspace(workspaces, dev) if workspaces is not None else None
-    plan = plan_send(ids, e2r, e2l, W, check_ids=check, workspace=ws)
-    send_splits, recv_splits, recv_pairs, flags = _exchange_counts(plan.info, group, op, plan.counts, ws,
-                                                                   plan.counts_recv)
+    nat = _native_for(group, dev, async_op) if ws is not None else None
+    key = (x.dtype, ids.dtype, w.dtype)
+    plan = None
+    if nat is not None:  # plan, count exchange and the sync in one native call
+        host = ws.host_counts((2, W, 3))
+        box = []
+
+        def record_counts(rec):
+            p = plan_send(ids, e2r, e2l, W, check_ids=check, workspace=ws)
+            rec.all_to_all(p.counts_recv, p.info, 12, [1] * W, [1] * W)  # [W, 3] int32: 12 bytes a peer
+            rec.to_host(host, p.counts)
+            box.append(p)
+
+        if _native_phase(nat, key, f"{op}: count exchange", group, record_counts):
+            plan = box[0]
+            send_splits, recv_splits, recv_pairs, flags = _parse_counts(host.tolist())
+        else:
+            nat = None
+    if plan is None:
+        plan = plan_send(ids, e2r, e2l, W, check_ids=check, workspace=ws)
+        send_splits, recv_splits, recv_pairs, flags = _exchange_counts(plan.info, group, op, plan.counts, ws,
+                                                                       plan.counts_recv)
     me_bad = flags[rank]
     if me_bad:
         lo, hi = int(ids.min()), int(ids.max())
@@ -269,8 +329,21 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     # home and the expansion's outputs: one int32 allocation, owned by the result
     home, outputs = dispatch_outputs(T, k, R, N, L, dev)
     send = x.new_empty((S, layout.width))  # [S, width]: tokens and metadata, one exchange
-    pack_send(x, w, plan, layout, send, home)
     recv = x.new_empty((R, layout.width))
+    if nat is not None:  # pack, the rows' exchange and the expansion in one native call
+        box = []
+
+        def record_rows(rec):
+            pack_send(x, w, plan, layout, send, home)
+            rec.all_to_all(recv, send, layout.width * x.element_size(), send_splits, recv_splits)
+            box.append(expand_received(recv, layout, L, N, out=outputs, workspace=ws))
+
+        if _native_phase(nat, key, f"{op}: all_to_all", group, record_rows):
+            ex = box[0]
+            handle = EPHandle(group, W, send_splits, recv_splits, home, ex.slot_pos, T, H, N)
+            return DispatchResult(recv[:, :H], ex.expert_offsets, ex.tokens_per_expert, ex.row_weights,
+                                  ex.gather_idx, handle)
+    pack_send(x, w, plan, layout, send, home)
     works = [_all_to_all(recv, send, recv_splits, send_splits, group, f"{op}: all_to_all", async_op)]
 
     def finish(works):
@@ -390,6 +463,17 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
         else:
             # one allocation: [R, H] sent back, [S, H] received (both views in one call)
             partial, back = torch.split_with_sizes(out.new_empty((R + S, H)), [R, S])
+            nat = _native_for(handle.group, out.device, async_op)
+            if nat is not None:  # the sum, the exchange back and the source's sum in one native call
+                box = []
+
+                def record_back(rec):
+                    _gather_sum_into(out, handle.slot_pos, partial)
+                    rec.all_to_all(back, partial, H * out.element_size(), handle.recv_splits, handle.send_splits)
+                    box.append(_gather_sum_new(back, handle.home))
+
+                if _native_phase(nat, (out.dtype,), f"{op}: all_to_all", handle.group, record_back):
+                    return box[0]
             _gather_sum_into(out, handle.slot_pos, partial)  # summed over local experts
         splits_out, splits_in = handle.send_splits, handle.recv_splits
     else:
