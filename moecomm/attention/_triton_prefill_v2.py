@@ -20,8 +20,24 @@ why its sweep preferred BLOCK_N 32 with 4 warps, half the tile the tutorial runs
 - otherwise (shuffled pages): the first kernel's gather, but the blocks known to lie inside kv_len
   load without masks (one predicate less per element, the common case of a long prefill).
 
-Both: the causal split of the tutorial (blocks strictly below every row's diagonal without any
-mask arithmetic, then the diagonal blocks masked), exp2 with log2(e) folded into sm_scale, the
+- WS (KV_TMA's warp-specialised variant, prefill.PREFILL_WS / MOECOMM_PREFILL_WS, default off until
+  timed on the GPU): the loop written so that Triton 3.6's Hopper warp-specialisation pass
+  (nvidia.passes.hopper.add_hopper_warpspec, taken for a `tl.range(..., warp_specialize=True)` loop)
+  transforms it into one producer warpgroup issuing the TMA loads and two consumer warpgroups of
+  BLOCK_M / 2 rows each doing both GEMMs and the softmax (ttg.warp_specialize with two partitions,
+  12 warps from num_warps=4, setmaxnreg 232 for the consumers). What the pass takes, found by
+  compiling for sm_90 on CPU (tests/attention/test_prefill_ws.py keeps it so): num_warps == 4 and
+  num_stages > 1 (else it leaves the loop alone); ONE KV loop in the function (a second loop, before
+  or after, masked or not, warp-specialised or not, crashes the pass: "operation destroyed but still
+  has uses" / a dominance assertion); Q through a tensor descriptor (a pointer load of Q, kept in
+  registers, crashes it in WSLowerToken); no scf.if with an else inside (it declines). Hence one loop
+  over every block with the causal / length / window mask applied to each (2 ops an element more
+  than the unmasked blocks above), and Q, K and V through descriptors bounded to the request (rows
+  past qo_len / kv_len read as 0, so V needs no zeroing in registers and stays in shared memory for
+  the second GEMM). 128 x 128 tiles fit 2 stages (180 KB of shared memory; 3 would need 246 KB).
+
+Both (the non-WS loops): the causal split of the tutorial (blocks strictly below every row's diagonal
+without any mask arithmetic, then the diagonal blocks masked); all: exp2 with log2(e) folded into sm_scale, the
 heaviest tiles first (plan()), and query heads of one KV head next to each other in the grid (their
 K / V tiles shared through L2).
 """
@@ -107,6 +123,62 @@ def _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_
 
 
 @triton.jit
+def _ws_blocks(q_ptr, k_ptr, v_ptr, row0, q0, qo_len, tok0, kv_len, h, kvh, num_qo_heads, qpos,
+               stride_qn, stride_kt, stride_vt, sm_scale, soft_cap, window_left,
+               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """WS: (acc, l_i, m_i) of one tile over all its KV blocks, in the one loop the Hopper
+    warp-specialisation pass takes (module docstring). Q [BLOCK_M, D], K and V [BLOCK_N, D] tiles
+    come through descriptors whose rows are this request's only: the rows past qo_len / kv_len read
+    as 0 (a zero key's logit is masked, a zero value adds nothing)."""
+    kv_width = (num_qo_heads // GROUP) * HEAD_DIM
+    q_desc = tl.make_tensor_descriptor(q_ptr + row0.to(tl.int64) * stride_qn,
+                                       shape=[tl.maximum(qo_len, 1), num_qo_heads * HEAD_DIM],
+                                       strides=[stride_qn, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(k_ptr + tok0.to(tl.int64) * stride_kt, shape=[tl.maximum(kv_len, 1), kv_width],
+                                       strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(v_ptr + tok0.to(tl.int64) * stride_vt, shape=[tl.maximum(kv_len, 1), kv_width],
+                                       strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    q = q_desc.load([q0, h * HEAD_DIM])  # [BM, D]; through shared memory (the pass needs a TMA load here)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    qpos_min = q0 + (kv_len - qo_len)
+    qpos_max = tl.minimum(q0 + BLOCK_M, qo_len) - 1 + (kv_len - qo_len)
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.minimum(kv_len, qpos_max + 1)
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(qpos_min - window_left, 0) // BLOCK_N * BLOCK_N
+    scale = 1.4426950408889634 if SOFT_CAP else sm_scale * 1.4426950408889634
+    for s in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+        k = k_desc.load([s, kvh * HEAD_DIM])
+        v = v_desc.load([s, kvh * HEAD_DIM])
+        kpos = s + tl.arange(0, BLOCK_N)  # [BN]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN] fp32
+        if SOFT_CAP:
+            qk = soft_cap * _tanh(qk * (sm_scale / soft_cap))
+        # causal: kpos <= qpos implies kpos < kv_len for the rows stored (qpos < kv_len); the rows
+        # past qo_len may see the zero rows past kv_len, and are not stored
+        if CAUSAL:
+            vis = kpos[None, :] <= qpos[:, None]
+        else:
+            vis = (kpos < kv_len)[None, :]
+        if WINDOW:
+            vis = vis & (kpos[None, :] >= qpos[:, None] - window_left)
+        qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        p = tl.exp2(qk * scale - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def prefill_v2_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, meta_ptr, kv_indices_ptr, mask_ptr,
     off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask,
@@ -117,7 +189,7 @@ def prefill_v2_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, CUSTOM: tl.constexpr,
-    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_TMA: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_TMA: tl.constexpr, WS: tl.constexpr = False,
 ):
     h = tl.program_id(0)
     t = tl.program_id(1)
@@ -138,10 +210,11 @@ def prefill_v2_kernel(
         if KV_TMA:
             # token rows of the whole cache; run() checked stride_kp == PAGE * stride_kt (and V's)
             num_rows = num_pages * PAGE
-            k_desc = tl.make_tensor_descriptor(k_ptr, shape=[num_rows, (num_qo_heads // GROUP) * HEAD_DIM],
-                                               strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM])
-            v_desc = tl.make_tensor_descriptor(v_ptr, shape=[num_rows, (num_qo_heads // GROUP) * HEAD_DIM],
-                                               strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM])
+            if not WS:  # (WS: bounded to the request, in _ws_blocks)
+                k_desc = tl.make_tensor_descriptor(k_ptr, shape=[num_rows, (num_qo_heads // GROUP) * HEAD_DIM],
+                                                   strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM])
+                v_desc = tl.make_tensor_descriptor(v_ptr, shape=[num_rows, (num_qo_heads // GROUP) * HEAD_DIM],
+                                                   strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM])
             first = tl.load(kv_indices_ptr + page_base, mask=kv_len > 0, other=0)
             tok0 = tl.minimum(tl.maximum(first, 0), num_pages - 1) * PAGE
         m = tl.arange(0, BLOCK_M)
@@ -150,51 +223,57 @@ def prefill_v2_kernel(
         q_ok = q_rows < qo_len
         qpos = q_rows + (kv_len - qo_len)  # positions in the KV sequence
         rows = (row0 + q_rows).to(tl.int64)
-        q = tl.load(q_ptr + rows[:, None] * stride_qn + h * stride_qh + d[None, :], mask=q_ok[:, None], other=0.0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        if WS:
+            acc, l_i, m_i = _ws_blocks(q_ptr, k_ptr, v_ptr, row0, q0, qo_len, tok0, kv_len, h, kvh, num_qo_heads, qpos,
+                                       stride_qn, stride_kt, stride_vt, sm_scale, soft_cap, window_left, GROUP,
+                                       HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFT_CAP, DOT_PRECISION)
+        else:
+            q = tl.load(q_ptr + rows[:, None] * stride_qn + h * stride_qh + d[None, :], mask=q_ok[:, None], other=0.0)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-        qpos_min = q0 + (kv_len - qo_len)
-        qpos_max = tl.minimum(q0 + BLOCK_M, qo_len) - 1 + (kv_len - qo_len)
-        hi = kv_len
-        if CAUSAL:
-            hi = tl.minimum(kv_len, qpos_max + 1)
-        lo = 0
-        f0 = 0  # blocks from f0 on are above the window's lower edge for every row
-        if WINDOW:
-            lo = tl.maximum(qpos_min - window_left, 0) // BLOCK_N * BLOCK_N
-            f0 = (tl.maximum(qpos_max - window_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        f1 = kv_len // BLOCK_N * BLOCK_N  # blocks before f1 lie inside kv_len
-        if CAUSAL:
-            f1 = tl.maximum(tl.minimum(kv_len, qpos_min + 1), 0) // BLOCK_N * BLOCK_N  # and before every row's diagonal
-        if CUSTOM:
-            f0 = lo
-            f1 = lo
-        f0 = tl.maximum(f0, lo)
-        f1 = tl.maximum(f1, f0)
-        # [lo, f0): window's lower edge, masked; [f0, f1): no mask at all; [f1, hi): diagonal / end, masked
-        for s in range(lo, tl.minimum(f0, hi), BLOCK_N):
-            k, v = _load_kv(k_ptr, v_ptr, k_desc, v_desc, kv_indices_ptr, page_base, tok0, s, kv_len, kvh, num_pages,
-                            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                            PAGE, HEAD_DIM, BLOCK_N, True, KV_TMA)
-            acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_base,
-                                  sm_scale, soft_cap, window_left, BLOCK_N, True, CAUSAL, WINDOW, SOFT_CAP, CUSTOM,
-                                  DOT_PRECISION)
-        for s in range(f0, tl.minimum(f1, hi), BLOCK_N):
-            k, v = _load_kv(k_ptr, v_ptr, k_desc, v_desc, kv_indices_ptr, page_base, tok0, s, kv_len, kvh, num_pages,
-                            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                            PAGE, HEAD_DIM, BLOCK_N, False, KV_TMA)
-            acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_base,
-                                  sm_scale, soft_cap, window_left, BLOCK_N, False, CAUSAL, WINDOW, SOFT_CAP, CUSTOM,
-                                  DOT_PRECISION)
-        for s in range(tl.maximum(f1, lo), hi, BLOCK_N):
-            k, v = _load_kv(k_ptr, v_ptr, k_desc, v_desc, kv_indices_ptr, page_base, tok0, s, kv_len, kvh, num_pages,
-                            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                            PAGE, HEAD_DIM, BLOCK_N, True, KV_TMA)
-            acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_base,
-                                  sm_scale, soft_cap, window_left, BLOCK_N, True, CAUSAL, WINDOW, SOFT_CAP, CUSTOM,
-                                  DOT_PRECISION)
+            qpos_min = q0 + (kv_len - qo_len)
+            qpos_max = tl.minimum(q0 + BLOCK_M, qo_len) - 1 + (kv_len - qo_len)
+            hi = kv_len
+            if CAUSAL:
+                hi = tl.minimum(kv_len, qpos_max + 1)
+            lo = 0
+            f0 = 0  # blocks from f0 on are above the window's lower edge for every row
+            if WINDOW:
+                lo = tl.maximum(qpos_min - window_left, 0) // BLOCK_N * BLOCK_N
+                f0 = (tl.maximum(qpos_max - window_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+            f1 = kv_len // BLOCK_N * BLOCK_N  # blocks before f1 lie inside kv_len
+            if CAUSAL:
+                # and before every row's diagonal
+                f1 = tl.maximum(tl.minimum(kv_len, qpos_min + 1), 0) // BLOCK_N * BLOCK_N
+            if CUSTOM:
+                f0 = lo
+                f1 = lo
+            f0 = tl.maximum(f0, lo)
+            f1 = tl.maximum(f1, f0)
+            # [lo, f0): window's lower edge, masked; [f0, f1): no mask at all; [f1, hi): diagonal / end, masked
+            for s in range(lo, tl.minimum(f0, hi), BLOCK_N):
+                k, v = _load_kv(k_ptr, v_ptr, k_desc, v_desc, kv_indices_ptr, page_base, tok0, s, kv_len, kvh,
+                                num_pages, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                PAGE, HEAD_DIM, BLOCK_N, True, KV_TMA)
+                acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_base,
+                                      sm_scale, soft_cap, window_left, BLOCK_N, True, CAUSAL, WINDOW, SOFT_CAP, CUSTOM,
+                                      DOT_PRECISION)
+            for s in range(f0, tl.minimum(f1, hi), BLOCK_N):
+                k, v = _load_kv(k_ptr, v_ptr, k_desc, v_desc, kv_indices_ptr, page_base, tok0, s, kv_len, kvh,
+                                num_pages, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                PAGE, HEAD_DIM, BLOCK_N, False, KV_TMA)
+                acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_base,
+                                      sm_scale, soft_cap, window_left, BLOCK_N, False, CAUSAL, WINDOW, SOFT_CAP, CUSTOM,
+                                      DOT_PRECISION)
+            for s in range(tl.maximum(f1, lo), hi, BLOCK_N):
+                k, v = _load_kv(k_ptr, v_ptr, k_desc, v_desc, kv_indices_ptr, page_base, tok0, s, kv_len, kvh,
+                                num_pages, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                PAGE, HEAD_DIM, BLOCK_N, True, KV_TMA)
+                acc, l_i, m_i = _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_base,
+                                      sm_scale, soft_cap, window_left, BLOCK_N, True, CAUSAL, WINDOW, SOFT_CAP, CUSTOM,
+                                      DOT_PRECISION)
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         tl.store(out_ptr + rows[:, None] * stride_on + h * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),

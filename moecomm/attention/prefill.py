@@ -16,7 +16,8 @@ exiting at once) are fixed at construction, so one captured run() replays for an
 Kernels (PREFILL_KERNEL): "v2" (_triton_prefill_v2, the default) reads each request's K / V tiles
 with TMA when plan() finds its pages consecutive in the host page table (pages_consecutive) and
 run() finds an NHD cache whose token rows are evenly strided (_tma_ok), else it gathers them as
-"v1" (_triton_prefill) does. Both use the same tiles and metadata, so the choice is made at run().
+"v1" (_triton_prefill) does. That TMA path has a warp-specialised variant (PREFILL_WS,
+MOECOMM_PREFILL_WS; off by default). Both use the same tiles and metadata, so the choice is made at run().
 Not here: in-kernel RoPE (use apply_rope first); block-sparse lives in blocksparse.py.
 """
 
@@ -69,6 +70,15 @@ PREFILL_KERNEL = "v2"
 # of their softmax (FlashAttention-3's overlap by hand): 249.1 at (128, 64, 8, 3), the loop-carried
 # [BM, BN] product stops Triton 3.6 from pipelining the TMA loads.
 PREFILL_TMA_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3), 256: (64, 32, 8, 2)}
+# The TMA path's warp-specialised variant (_triton_prefill_v2's WS: Triton 3.6's Hopper pass makes one
+# producer and two consumer warpgroups of the loop): off by default until the H200 has timed it
+# (benchmarks/probe_prefill_ws.py). PREFILL_WS: True / False, or None to read MOECOMM_PREFILL_WS
+# (0 / 1, default 0) at each run(). It applies where the TMA path does, without a custom mask, for
+# fp16 / bf16 queries whose heads are adjacent (Q through a descriptor) and a head_dim listed here.
+# head_dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages): the pass takes num_warps 4 only (12 warps
+# come out) and num_stages > 1; 128 x 128 tiles fit 2 stages (180 KB of shared memory, 3: 246 KB).
+PREFILL_WS: bool | None = None
+PREFILL_WS_CONFIGS: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 4, 2)}
 
 
 
@@ -114,13 +124,17 @@ def _prefill_impl(
 
         kernel = kern.prefill_v2_kernel
         tma = kv_contiguous and not kv_layout_hnd and _tma_ok(k_cache, page_size) and _tma_ok(v_cache, page_size)
+        ws = (tma and not custom and head_dim in PREFILL_WS_CONFIGS and q.dtype in (torch.bfloat16, torch.float16)
+              and _ws_enabled() and _q_tma_ok(q))
         if tma:
-            bm, block_n, num_warps, num_stages = PREFILL_TMA_CONFIGS[head_dim]
+            name = "PREFILL_WS_CONFIGS" if ws else "PREFILL_TMA_CONFIGS"
+            bm, block_n, num_warps, num_stages = (PREFILL_WS_CONFIGS if ws else PREFILL_TMA_CONFIGS)[head_dim]
             if bm != block_m:  # the plan's tiles are PREFILL_CONFIGS' BLOCK_M rows
-                raise MoeCommValueError(f"{_OP}: PREFILL_TMA_CONFIGS[{head_dim}] must have BLOCK_M = {block_m} "
+                raise MoeCommValueError(f"{_OP}: {name}[{head_dim}] must have BLOCK_M = {block_m} "
                                         f"(PREFILL_CONFIGS'), got {bm}")
             _ensure_allocator(q.device)
         consts["KV_TMA"] = tma
+        consts["WS"] = ws
     consts.update(BLOCK_M=block_m, BLOCK_N=block_n)
     launch(kernel, (num_qo_heads, num_tiles_grid), (
         q, k_cache, v_cache, out, lse, meta, kv_indices, mask_bits,
@@ -137,6 +151,24 @@ def _tma_ok(t: torch.Tensor, page_size: int) -> bool:
     es = t.element_size()
     return (t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.stride(0) == page_size * t.stride(1)
             and (t.stride(1) * es) % 16 == 0 and t.data_ptr() % 16 == 0 and t.shape[0] * page_size < 2**31)
+
+
+def _q_tma_ok(q: torch.Tensor) -> bool:
+    """q [nnz, Hq, D] whose heads of a row are adjacent and TMA-addressable: WS reads it as the 2-D
+    tensor [nnz, Hq * D] (16-byte aligned base and row stride)."""
+    es = q.element_size()
+    return (q.stride(2) == 1 and q.stride(1) == q.shape[2] and (q.stride(0) * es) % 16 == 0
+            and q.data_ptr() % 16 == 0)
+
+
+def _ws_enabled() -> bool:
+    """PREFILL_WS, or where it is None the MOECOMM_PREFILL_WS variable (0 / 1, default 0)."""
+    if PREFILL_WS is not None:
+        return bool(PREFILL_WS)
+    value = _env.raw("MOECOMM_PREFILL_WS")
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return value is not None and value.strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _ensure_allocator(device: torch.device) -> None:
