@@ -249,27 +249,37 @@ def _host_main(args) -> int:
     def round_trip():
         disp.combine(h, disp.dispatch(x, ids, w, validate=False).handle)
 
-    for _ in range(5):
-        round_trip()
-    _sync()
+    import os
+
+    from moecomm.ep.nccl import native as NV
+
     print(f"T={T} H={H} E={E} top-{k}, bf16, one-rank NCCL group, exchange forced")
-    idle = _host_us(round_trip, reps)
-    b2b = _host_us(round_trip, reps, idle=False)
-    print(f"  round trip host time: {idle:.1f} us (GPU idle at the start; median of {reps}); back to back {b2b:.1f} us")
-    state = {}
-    only_d = lambda: state.__setitem__("d", disp.dispatch(x, ids, w, validate=False))  # noqa: E731
-    print(f"  dispatch alone {_host_us(only_d, reps):.1f} us; combine alone "
-          f"{_host_us(lambda: disp.combine(h, state['d'].handle), reps):.1f} us")
-    targets = [(D, n) for n in ("plan_send", "_exchange_counts", "dispatch_outputs", "pack_send", "_all_to_all",
-                                "expand_received", "_gather_sum_into", "_gather_sum_new")]
-    targets += [(L.Launcher, "__call__")]
-    with _StageTimer(targets) as st:
-        for _ in range(reps):
-            _sync()
+    for path in ("native", "python", "native"):  # the native path twice: its spread is the noise
+        os.environ["MOECOMM_EP_NATIVE"] = "1" if path == "native" else "0"
+        for _ in range(5):
             round_trip()
         _sync()
-    for key in st.total:
-        print(f"    {key:<28} {st.total[key] / reps * 1e6:8.1f} us a trip ({st.calls[key] / reps:.0f} calls)")
+        why = NV.why_not(None, dev) if path == "native" else None
+        print(f" [{path}{' NOT TAKEN: ' + why if why else ''}]")
+        idle = _host_us(round_trip, reps)
+        b2b = _host_us(round_trip, reps, idle=False)
+        print(f"  round trip host time: {idle:.1f} us (GPU idle at the start; median of {reps}); back to back {b2b:.1f} us")
+        state = {}
+        only_d = lambda: state.__setitem__("d", disp.dispatch(x, ids, w, validate=False))  # noqa: E731
+        print(f"  dispatch alone {_host_us(only_d, reps):.1f} us; combine alone "
+              f"{_host_us(lambda: disp.combine(h, state['d'].handle), reps):.1f} us")
+        targets = [(D, n) for n in ("plan_send", "_exchange_counts", "dispatch_outputs", "pack_send", "_all_to_all",
+                                    "expand_received", "_gather_sum_into", "_gather_sum_new", "_native_for",
+                                    "_native_phase")]
+        targets += [(L.Launcher, "__call__"), (NV.Recorder, "run"), (NV.Recorder, "launch")]
+        with _StageTimer(targets) as st:
+            for _ in range(reps):
+                _sync()
+                round_trip()
+            _sync()
+        for key in st.total:
+            print(f"    {key:<28} {st.total[key] / reps * 1e6:8.1f} us a trip ({st.calls[key] / reps:.0f} calls)")
+    os.environ.pop("MOECOMM_EP_NATIVE", None)
     # unit costs
     src = torch.randn(64, 128, device=dev, dtype=dtype)
     idx = torch.randint(0, 64, (16, 2), device=dev, dtype=torch.int32)
@@ -291,6 +301,15 @@ def _host_main(args) -> int:
     units["torch.empty [4096, 4096] bf16"] = lambda: torch.empty((4096, 4096), device=dev, dtype=dtype)
     pinned = torch.empty(6, dtype=torch.int32, pin_memory=True)
     units["device-to-host copy of [2, 1, 3] (GPU idle)"] = lambda: pinned.copy_(cnt.view(-1)).tolist()
+    rt = NV.runtime(None, dev)
+    if rt is not None:
+        from array import array
+
+        wait = array("q", [NV.OP_WAIT])
+        addr = wait.buffer_info()[0]
+        stream = torch.cuda.current_stream().cuda_stream
+        units["native.c: a program of one wait (ctypes call + cuStreamQuery)"] = (
+            lambda: rt.library.run(addr, 1, stream, 0, 10**9, rt.library.info_addr))
     for name, fn in units.items():
         fn()
         print(f"  unit: {name:<52} {_host_us(fn, 200, idle=False):6.1f} us (back to back), "
