@@ -1,8 +1,9 @@
 """Paged prefill's warp-specialised variant (issue 15) against the shipped TMA kernel, cuDNN's SDPA and
 FlashInfer 0.7.2: one process, one GPU, every row timed interleaved with the others.
 
-    PYTHONPATH=$PWD:/tmp/fisite python -m benchmarks.probe_prefill_ws   # H200: ~1-2 min (mostly compiles)
+    PYTHONPATH=$PWD:/tmp/fisite python -m benchmarks.probe_prefill_ws   # H200: < 90 s (mostly compiles)
     python -m benchmarks.probe_prefill_ws --rep 60 --no-flashinfer      # more samples; no peer
+    python -m benchmarks.probe_prefill_ws --non-causal-table            # also the non-causal table
 
 # B = batch, L = sequence length, Hq / Hk = heads, D = head_dim, P = page_size
 
@@ -16,8 +17,8 @@ between its two rows is the noise of this run; the WS variant (prefill.PREFILL_W
 Triton's Hopper pass takes (num_warps 4); the WS loop compiled with num_warps 8, which the pass leaves
 alone (the one-loop, every-block-masked code without warp specialisation: what the loop form costs by
 itself); SDPA's cuDNN and flash backends on the same KV made contiguous; FlashInfer 0.7.2's paged
-prefill when it imports. Then the non-causal case (4 * B * Hq * L^2 * D FLOPs) for the shipped kernel,
-the default WS tiles and cuDNN: the loop's rate without the causal triangle's short rows.
+prefill when it imports. With --non-causal-table, the non-causal case (4 * B * Hq * L^2 * D FLOPs) for
+the shipped kernel, the default WS tiles and cuDNN: the loop's rate without the causal triangle's short rows.
 
 Each variant is first compiled and run once in a child process of its own (all at once, on the same
 GPU): a compile that aborts the interpreter (an assertion inside Triton's warp-specialisation pass
@@ -27,6 +28,14 @@ out warp-specialised (ttg.warp_specialize in its TTGIR; 12 warps) and its setmax
 process then runs the variants that passed (their compiles now in Triton's cache), checks each output
 again (max abs error, bf16: flagged WRONG above 3e-2; timed anyway) and times them all interleaved
 (moecomm.testing.bench_interleaved: the rows share the GPU's clock and power states).
+
+Timing guards. bench_interleaved picks CUDA events only when its argument sets hold a CUDA tensor;
+called with none (as the first version of this probe did) it takes the CPU path, wall clock around
+each call with no synchronisation, and times the launch alone: every row came out ~35x too fast
+(cuDNN "0.063 ms", 17431 TFLOP/s). The rows are now called with q as their argument (the events
+path), and each row is timed a second way, wall clock around a few back-to-back calls between two
+synchronisations ("sync ms"). A row faster than the H200's dense bf16 peak (989 TFLOP/s), or whose
+event median is under SYNC_RATIO of its synchronised time, prints TIMING INVALID instead of numbers.
 """
 
 from __future__ import annotations
@@ -37,11 +46,15 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import torch
 
 B, L, HQ, HK, D, P = 8, 4096, 32, 8, 128, 16
 ATOL = 3e-2  # bf16 outputs of |o| < ~1: ~4e-3 each rounding, P.V in bf16 about as much again; bench_attention's flag
+PEAK_TFLOPS = 989.0  # H200 (and H100 SXM) dense bf16 tensor-core peak: no row can beat it
+SYNC_RATIO = 0.7  # event median / synchronised wall clock below this: the events missed the work
+SYNC_CALLS = 5  # back-to-back calls of the synchronised check (~12 ms a row at ~2.3 ms a call)
 
 # label -> (PREFILL_WS, config: (BLOCK_M, BLOCK_N, num_warps, num_stages) or None for the shipped one)
 VARIANTS = {
@@ -49,7 +62,6 @@ VARIANTS = {
     "ws 128x128 w4 s2": (True, (128, 128, 4, 2)),
     "ws 128x64 w4 s2": (True, (128, 64, 4, 2)),
     "ws 128x64 w4 s3": (True, (128, 64, 4, 3)),
-    "ws 128x64 w4 s4": (True, (128, 64, 4, 4)),
     "ws-loop w8 s2 (no WS)": (True, (128, 128, 8, 2)),
     "ws-loop w8 s3 (no WS)": (True, (128, 64, 8, 3)),
 }
@@ -229,6 +241,42 @@ def _sdpa_fn(qs, kc, vc, causal, backend):
     return fn
 
 
+def _sync_ms(fn, calls: int) -> float:
+    """Wall clock per call of ``calls`` back-to-back calls between two synchronisations: a bound the
+    events cannot beat by much (launch gaps of a ~2 ms kernel are a few us)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
+HEADER = (f"{'variant':28s} {'ms':>7s} {'p10':>7s} {'p90':>7s} {'sync ms':>7s} {'TFLOP/s':>8s} {'/cuDNN':>7s} "
+          f"{'max err':>8s}  compile")
+
+
+def timing_valid(t, sync_ms: float, flops: float) -> bool:
+    """Whether a row's event median is possible: at most the bf16 peak, and not far under the wall
+    clock of the same calls between synchronisations (False for NaN too)."""
+    tf = flops / (t.median_ms * 1e-3) / 1e12 if t.median_ms > 0 else float("inf")
+    return tf <= PEAK_TFLOPS and t.median_ms >= SYNC_RATIO * sync_ms
+
+
+def format_row(name: str, t, sync_ms: float, flops: float, base, err: float | None, desc: str) -> str:
+    """One table row; TIMING INVALID in place of the numbers when timing_valid() says no (t, base:
+    Timing, base the cuDNN row's, None when it has none or its own timing is invalid)."""
+    tf = flops / (t.median_ms * 1e-3) / 1e12 if t.median_ms > 0 else float("inf")
+    e = f"{err:8.2g}" if err is not None else f"{'':8s}"
+    if not timing_valid(t, sync_ms, flops):
+        why = (f"events {t.median_ms:.3f} ms = {tf:.0f} TFLOP/s, synchronised wall clock {sync_ms:.3f} ms; "
+               f"peak {PEAK_TFLOPS:.0f}")
+        return f"{name:28s} {'TIMING INVALID':>39s} {'':7s} {e}  ({why})"
+    ratio = f"{base.median_ms / t.median_ms:7.3f}" if base else "    n/a"
+    return f"{name:28s} {t.median_ms:7.3f} {t.p10_ms:7.3f} {t.p90_ms:7.3f} {sync_ms:7.3f} {tf:8.1f} {ratio} {e}  {desc}"
+
+
 def run_case(causal: bool, labels: list[str], checks: dict, args) -> None:
     """One table: every variant that passed its child's check, the control twice, SDPA, FlashInfer."""
     from moecomm.attention import prefill as pre
@@ -266,21 +314,31 @@ def run_case(causal: bool, labels: list[str], checks: dict, args) -> None:
             else:
                 notes[why] = ((fi().float() - case["ref"].float()).abs().max().item(), "")
                 fns[why] = fi
-        times = bench_interleaved(fns, warmup=args.warmup, rep=args.rep)
+        # q as every call's argument: bench_interleaved takes CUDA events only when its argument sets hold a
+        # CUDA tensor (without one it wall-clocks each launch unsynchronised: the ~35x of the first run)
+        times = bench_interleaved({n: (lambda _q, f=f: f()) for n, f in fns.items()}, [(case["q"],)],
+                                  warmup=args.warmup, rep=args.rep)
+        sync_ms = {n: _sync_ms(f, SYNC_CALLS) for n, f in fns.items()}
     finally:
         pre.PREFILL_WS = saved[0]
         pre.PREFILL_WS_CONFIGS.clear()
         pre.PREFILL_WS_CONFIGS.update(saved[1])
     base = times.get("sdpa cudnn")
+    if base is not None and not timing_valid(base, sync_ms["sdpa cudnn"], flops):
+        base = None  # no ratio to an impossible time
     print(f"\n{'causal' if causal else 'non-causal'} B{B} L{L} {HQ}/{HK} heads D{D} P{P} bf16, consecutive pages; "
-          f"median of {args.rep} interleaved calls [p10, p90]; max err vs {case['ref_name']}")
-    print(f"{'variant':28s} {'ms':>7s} {'p10':>7s} {'p90':>7s} {'TFLOP/s':>8s} {'/cuDNN':>7s} {'max err':>8s}  compile")
+          f"median of {args.rep} interleaved calls (CUDA events) [p10, p90]; sync ms: wall clock of {SYNC_CALLS} "
+          f"back-to-back calls; max err vs {case['ref_name']}")
+    print(HEADER)
+    invalid = 0
     for name, t in times.items():
-        tf = flops / (t.median_ms * 1e-3) / 1e12
-        ratio = f"{base.median_ms / t.median_ms:7.3f}" if base else "    n/a"
         err, desc = notes.get(name, (None, ""))
-        e = f"{err:8.2g}" if err is not None else f"{'':8s}"
-        print(f"{name:28s} {t.median_ms:7.3f} {t.p10_ms:7.3f} {t.p90_ms:7.3f} {tf:8.1f} {ratio} {e}  {desc}", flush=True)
+        line = format_row(name, t, sync_ms[name], flops, base, err, desc)
+        invalid += "TIMING INVALID" in line
+        print(line, flush=True)
+    if invalid:
+        print(f"  {invalid} row(s) TIMING INVALID: faster than {PEAK_TFLOPS:.0f} TFLOP/s or than their synchronised "
+              f"wall clock; no number of this table can be trusted")
     del case, fns
     torch.cuda.empty_cache()
 
@@ -290,8 +348,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=int, default=50, help="timed rounds (one call of every row each)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-flashinfer", action="store_true")
-    ap.add_argument("--no-non-causal", action="store_true", help="skip the non-causal table")
-    ap.add_argument("--check-timeout", type=float, default=150.0, help="seconds for each variant's child check")
+    ap.add_argument("--non-causal-table", action="store_true", help="also the non-causal table (~+20 s)")
+    ap.add_argument("--check-timeout", type=float, default=60.0, help="seconds for each variant's child check")
     ap.add_argument("--check-only", metavar="LABEL", help=argparse.SUPPRESS)  # the child of preflight()
     ap.add_argument("--non-causal", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -305,7 +363,7 @@ def main(argv=None) -> int:
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     labels = list(VARIANTS)
-    non_causal = [] if args.no_non_causal else NON_CAUSAL
+    non_causal = NON_CAUSAL if args.non_causal_table else []
     checks = preflight([(label, True) for label in labels] + [(label, False) for label in non_causal],
                        args.check_timeout)
     print("each variant compiled and checked in a child process (max abs error vs cuDNN; compile):")
