@@ -71,8 +71,11 @@ PREFILL_KERNEL = "v2"
 # [BM, BN] product stops Triton 3.6 from pipelining the TMA loads.
 PREFILL_TMA_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3), 256: (64, 32, 8, 2)}
 # The TMA path's warp-specialised variant (_triton_prefill_v2's WS: Triton 3.6's Hopper pass makes one
-# producer and two consumer warpgroups of the loop): off by default until the H200 has timed it
-# (benchmarks/probe_prefill_ws.py). PREFILL_WS: True / False, or None to read MOECOMM_PREFILL_WS
+# producer and two consumer warpgroups of the loop): EXPERIMENTAL and off. On the H200 (2026-12-02,
+# benchmarks/probe_prefill_ws.py, tests/attention/test_prefill_ws.py's gpu test) its results were
+# wrong at every tile shape tried (max error vs cuDNN NaN or ~1e19, where the interpreter runs it
+# exactly): Triton 3.6's pass or its lowering, not yet isolated; the one-loop form without the pass
+# (8 warps) is right. PREFILL_WS: True / False, or None to read MOECOMM_PREFILL_WS
 # (0 / 1, default 0) at each run(). It applies where the TMA path does, without a custom mask, for
 # fp16 / bf16 queries whose heads are adjacent (Q through a descriptor) and a head_dim listed here.
 # head_dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages): the pass takes num_warps 4 only (12 warps

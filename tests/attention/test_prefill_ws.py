@@ -159,6 +159,8 @@ def _gpu_cache(kv_lens, Hk, D, P, seed=0):
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason="the WS variant's results were wrong on the H200 with Triton 3.6 (NaN / ~1e19 "
+                   "vs the reference, 2026-12-02; prefill.py's PREFILL_WS comment): it stays off until this passes")
 @pytest.mark.parametrize("qo_lens,kv_lens,Hq,Hk", [
     ([4096] * 2, [4096] * 2, 32, 8),            # the benchmark's sequences, GQA 4
     ([1, 300, 2000, 77], [33000, 301, 4096, 77], 32, 8),  # ragged, queries after a prefix, a short one
