@@ -310,6 +310,20 @@ def _host_main(args) -> int:
         stream = torch.cuda.current_stream().cuda_stream
         units["native.c: a program of one wait (ctypes call + cuStreamQuery)"] = (
             lambda: rt.library.run(addr, 1, stream, 0, 10**9, rt.library.info_addr))
+        rec = NV.Recorder(rt, ("unit",))
+        with rec:
+            K.gather_sum_triton(src, idx, out)
+        rec.run(stream, NV.comm(None), "unit", None, lambda: 0)  # adds the variant
+        one_launch = array("q", rec.ops)
+        la, ln = one_launch.buffer_info()
+        units["native.c: a program of one launch (gather_sum [16, 128])"] = (
+            lambda: rt.library.run(la, ln, stream, 0, 10**9, rt.library.info_addr))
+        comm = NV.comm(None)
+        if comm:
+            one_a2a = array("q", [NV.OP_A2A, cnt[0].data_ptr(), cnt[1].data_ptr(), 12, 1, 1, 1])
+            aa, an = one_a2a.buffer_info()
+            units["native.c: a program of one exchange ([1, 3] int32, ncclSend/Recv group)"] = (
+                lambda: rt.library.run(aa, an, stream, comm, 10**9, rt.library.info_addr))
     for name, fn in units.items():
         fn()
         print(f"  unit: {name:<52} {_host_us(fn, 200, idle=False):6.1f} us (back to back), "

@@ -262,6 +262,7 @@ def test_recorder_records_launches_and_exchanges_on_its_thread_only():
     class _Rt:
         def __init__(self):
             self.keys = []
+            self.families = {}  # the recorder looks here first, then asks family()
 
         def family(self, key):
             self.keys.append(key)

@@ -215,12 +215,13 @@ class Recorder:
     """One phase's program, recorded: Launcher launches (through moecomm.jit.launch.recording) and the
     exchanges, then queued by run()."""
 
-    __slots__ = ("rt", "key", "ops", "launches")
+    __slots__ = ("rt", "key", "ops", "launches", "families")
 
     def __init__(self, rt: Runtime, key):
         self.rt, self.key = rt, key
         self.ops: list[int] = []
         self.launches: list = []
+        self.families = rt.families
 
     def __enter__(self):
         recording.recorder = self
@@ -230,13 +231,16 @@ class Recorder:
         recording.recorder = None
         return False
 
-    def launch(self, launcher: Launcher, grid, args, constexprs, num_warps, num_stages) -> None:
-        fam = self.rt.family((id(launcher), self.key, tuple(constexprs.values()), num_warps, num_stages))
+    def launch(self, launcher: Launcher, grid, args, constexprs, num_warps, num_stages, _T=_Tensor) -> None:
+        key = (id(launcher), self.key, tuple(constexprs.values()), num_warps, num_stages)
+        fam = self.families.get(key)
+        if fam is None:
+            fam = self.rt.family(key)
         ops = self.ops
         self.launches.append((len(ops), fam, launcher, grid, args, constexprs, num_warps, num_stages))
         n = len(grid)
         ops += (OP_LAUNCH, fam, grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, len(args))
-        ops += [a.data_ptr() if type(a) is _Tensor else a for a in args]
+        ops += [a.data_ptr() if type(a) is _T else a for a in args]
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, unit_bytes: int, send_units, recv_units) -> None:
         """out's rank-p part from rank p, inp's rank-p part to rank p (parts in units of unit_bytes)."""

@@ -291,13 +291,16 @@ def dispatch_outputs(num_tokens: int, top_k: int, num_rows: int, num_pairs: int,
     [L], row_weights [N] fp32, slot_pos [R, k]): views of ONE new int32 tensor, each 16-byte
     aligned. They belong to the dispatch result they are handed to (nothing writes them later)."""
     T, k, R, N, L = num_tokens, top_k, num_rows, num_pairs, num_local_experts
-    sizes = []
-    for n in (T * k, R * k, N, N, L, L + 1):  # each part, then the padding to the next 16 bytes
-        sizes += (n, -n % _ALIGN)
+    sizes, at = [], []
+    for n in (T * k, R * k, N, N, L, L + 1):  # each part, then (if any) the padding to the next 16 bytes
+        at.append(len(sizes))
+        sizes.append(n)
+        if n % _ALIGN:
+            sizes.append(-n % _ALIGN)
     base = torch.empty(sum(sizes), dtype=torch.int32, device=device)
-    parts = torch.split_with_sizes(base, sizes)  # one call makes all the views
-    home, slot_pos, row_weights = parts[0].view(T, k), parts[2].view(R, k), parts[6].view(torch.float32)
-    return home, Expanded(parts[4], parts[10], parts[8], row_weights, slot_pos)
+    parts = torch.split_with_sizes(base, sizes)  # one call makes all the views (~1.5 us a view: no empty pads)
+    home, slot_pos, row_weights = parts[at[0]].view(T, k), parts[at[1]].view(R, k), parts[at[3]].view(torch.float32)
+    return home, Expanded(parts[at[2]], parts[at[5]], parts[at[4]], row_weights, slot_pos)
 
 
 def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: int, num_pairs: int | None, *,
