@@ -8,12 +8,13 @@
 
 Ours, side by side in each row: "moecomm[cuda]" (the default: kernels/sampling/sample.cu, a
 histogram pass and a shared-memory list, 1 to 2 reads of the row) with "moecomm[cuda-nomap]" (the
-same without the sector map: pass B reads the whole row), "moecomm[cuda-expmap]" (the map by
-exponents instead of pass-A bins), "moecomm[cuda-paired]" / "[cuda-unpaired]" (the other block
-pairing: for top-p at B512 the single blocks, for B128 the lean paired ones) and the Triton kernel "moecomm[deep]" (its
-default launch configuration; ~1.2 to ~3 reads, every one racing every token) with "moecomm[v1]"
-(its previous configuration) as control rows; api.SAMPLE_KERNEL picks between the two kernels. The
-ratios and the targets are against moecomm[cuda].
+same without the sector map: pass B reads the whole row), the other sector map
+("moecomm[cuda-binmap]" by pass-A bins beside the default's by exponents, or "[cuda-expmap]" if
+_cuda.SECTOR_MAP_BINS flips), "moecomm[cuda-paired]" / "[cuda-unpaired]" (the other block pairing:
+at B128 and B512 the single blocks, at B1 the lean paired ones) and the Triton kernel
+"moecomm[deep]" (its default launch configuration; ~1.2 to ~3 reads, every one racing every token)
+with "moecomm[v1]" (its previous configuration) as control rows; api.SAMPLE_KERNEL picks between the
+two kernels. The ratios and the targets are against moecomm[cuda].
 
 Peers: FlashInfer is timed when `import flashinfer` works in this process (one version per
 process: both are the package `flashinfer`; run once per PYTHONPATH). The first lines say what
@@ -96,24 +97,34 @@ def with_config(name, fn):
     return run
 
 
-def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=True):
+def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=None):
     """fn run with api.SAMPLE_KERNEL = kernel ("cuda": sample.cu for the calls it covers; "triton":
     the Triton kernel for all), the Triton launch configuration `config` when given, the CUDA
     kernel's sector map on or off (_cuda.SECTOR_MAP: pass B skips the sectors without a candidate)
-    and by bins or by exponents (_cuda.SECTOR_MAP_BINS), and its paired entries forced on or off
-    (_cuda.PAIRED; None: by the batch)."""
+    and by bins or by exponents (_cuda.SECTOR_MAP_BINS; None: the module's default), and its paired
+    entries forced on or off (_cuda.PAIRED; None: by the batch)."""
     from moecomm.sampling import _cuda, api
 
     inner = with_config(config, fn) if config is not None else fn
 
     def run(*args):
         old = api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS
-        api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS = kernel, sector_map, paired, map_bins
+        bins = _cuda.SECTOR_MAP_BINS if map_bins is None else map_bins
+        api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS = kernel, sector_map, paired, bins
         try:
             return inner(*args)
         finally:
             api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS = old
     return run
+
+
+def map_control():
+    """(row name, SECTOR_MAP_BINS) of the sector-map control row: the map the default does not use,
+    named from the switch so that the label stays right if the default flips."""
+    from moecomm.sampling import _cuda
+
+    bins = not _cuda.SECTOR_MAP_BINS
+    return f"moecomm[cuda-{'binmap' if bins else 'expmap'}]", bins
 
 
 def _triton_rows(device):
@@ -143,7 +154,8 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
         from moecomm.sampling import _cuda
 
         impls["moecomm[cuda-nomap]"] = with_kernel("cuda", call, sector_map=False)
-        impls["moecomm[cuda-expmap]"] = with_kernel("cuda", call, map_bins=False)
+        map_row, other_map = map_control()
+        impls[map_row] = with_kernel("cuda", call, map_bins=other_map)
         paired_by_batch = _cuda.paired(device, batch, top_k, top_p)
         other = "unpaired" if paired_by_batch else "paired"
         impls[f"moecomm[cuda-{other}]"] = with_kernel("cuda", call, paired=not paired_by_batch)
@@ -167,7 +179,7 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
     others = {name: with_kernel("triton", seeded, cfg) for name, cfg in _triton_rows(device).items()}
     if device.type == "cuda":
         others["moecomm[cuda-nomap]"] = with_kernel("cuda", seeded, sector_map=False)
-        others["moecomm[cuda-expmap]"] = with_kernel("cuda", seeded, map_bins=False)
+        others[map_row] = with_kernel("cuda", seeded, map_bins=other_map)
         others[f"moecomm[cuda-{other}]"] = with_kernel("cuda", seeded, paired=not paired_by_batch)
     for name, fn in others.items():
         same = (fn(sets[0][0]) == want).float().mean().item()
@@ -208,7 +220,7 @@ def run_graph_case(writer, device, fi, vocab=128256):
     topk_topp = lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9)  # noqa: E731
     fns = {"moecomm[cuda]": with_kernel("cuda", top_p), "moecomm_topk_topp[cuda]": with_kernel("cuda", topk_topp),
            "moecomm[cuda-nomap]": with_kernel("cuda", top_p, sector_map=False),
-           "moecomm[cuda-expmap]": with_kernel("cuda", top_p, map_bins=False)}
+           map_control()[0]: with_kernel("cuda", top_p, map_bins=map_control()[1])}
     for name, cfg in _triton_rows(device).items():
         fns[name] = with_kernel("triton", top_p, cfg)
         fns[name.replace("moecomm", "moecomm_topk_topp")] = with_kernel("triton", topk_topp, cfg)

@@ -71,13 +71,13 @@
 // (bound by issue and barriers, not bytes), plan 4, split 3, race 4. Shared memory: 2 * CAP
 // keys (list + scratch; CAP = 12288: 192 KB) + ~6 KB static: one block of 1024 threads an SM. The
 // _paired entries run blocks of 512 threads, two an SM (104 KB of dynamic shared memory each), for
-// many rows (top-k 50 + top-p at B512: 158 -> 134 us). Their classic layout (CAP = 6656, a scratch
-// as large) is too short for top-p's lists (~4.7-8.7K keys at V151936: 270 -> 462 us, the
-// fallback); the lean layout (the scratch's KB in the flags) sizes the scratch to pass A's bins and
-// sector map (8 KB + V / 8: 27 KB at V151936) and gives the list the rest (9856 keys). A select
-// copies its keys into the scratch, so a list longer than the scratch is selected on its
-// uncertain bins only (top-p's split: ~0.5-1K keys) or the row takes the fallback, whose lists
-// are bounded by the scratch (select_cap_of).
+// B >= SMs / 2 (H200, bench_sampling: top-k 50 + top-p at B512 162 -> 138 us; top-p at B128 99 ->
+// 82). Their classic layout (CAP = 6656, a scratch as large) is too short for top-p's lists
+// (~4.7-8.7K keys at V151936: 270 -> 462 us, the fallback); the lean layout (the scratch's KB in
+// the flags) sizes the scratch to pass A's bins and sector map (8 KB + V / 8: 27 KB at V151936) and
+// gives the list the rest (9856 keys). A select copies its keys into the scratch, so a list longer
+// than the scratch is selected on its uncertain bins only (top-p's split: ~0.5-1K keys) or the row
+// takes the fallback, whose lists are bounded by the scratch (select_cap_of).
 //
 // Randomness (reference.py): key = seed (lo, hi words), counter = (i / 4, row or 0 with one seed per
 // row, offset lo, offset hi), lane i % 4; u = (r + 0.5) 2^-32 and E = -log(1 - u), by its series
@@ -145,7 +145,9 @@ constexpr int SCRATCH_KB_SHIFT = 20;
 // F_MAP_BINS: the sector map's byte is the sector's largest pass-A bin less MAP_BASE_BIN (the bin of
 // 2^-32), clamped to [0, 255] (v from 2^-32 to ~0.94 at 1/8-binade precision, larger ones 255)
 // instead of its largest exponent: pass B then skips the sectors below b0's bin, not only those
-// below its binade (top-p 0.9 at logits x 3: ~32% of the sectors loaded instead of ~40-43%).
+// below its binade (top-p 0.9 at logits x 3: ~32% of the sectors loaded instead of ~40-43%). Not the
+// default (_cuda.SECTOR_MAP_BINS): on the H200 it was no faster (top-p B128 V128256: 98.8 us by
+// bins, 89.6 by exponents; B512 V151936 paired: 240.7 / 241.1).
 constexpr int MAP_BASE_BIN = 760;
 
 // Block-shared state. The kernel is the only user of these, one block at a time per SM.
@@ -1166,8 +1168,10 @@ MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_count, HIST_COUNT, 1024, 1)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_qsum, HIST_QSUM, 1024, 1)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_none, HIST_NONE, 1024, 1)
 // Paired: blocks of 512 threads, two an SM (the same 64 registers a thread; a list of at most
-// PAIRED_CAPACITY keys so that both blocks' shared memory fits), for batches of more rows than
-// SMs: one block's memory-bound pass A overlaps the other's issue-bound list and select.
+// PAIRED_CAPACITY keys so that both blocks' shared memory fits), for batches of at least half a
+// row an SM (_cuda.PAIRED_MIN_ROWS_PER_SM): over many rows one block's memory-bound pass A overlaps
+// the other's issue-bound list and select; at B128 on 132 SMs they won too (H200, top-p V128256:
+// 82 us against 99 single; top-k 50 + top-p: 60 against 62), where most SMs hold one block.
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_count_paired, HIST_COUNT, 512, 2)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_qsum_paired, HIST_QSUM, 512, 2)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_none_paired, HIST_NONE, 512, 2)

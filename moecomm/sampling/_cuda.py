@@ -29,12 +29,16 @@ PAIRED_CAPACITY = 6656
 PAIRED_SHARED_BYTES = 16 * PAIRED_CAPACITY  # a paired block's dynamic shared memory (106496 bytes)
 # PAIRED: None = paired blocks for calls with a top-k of at most PAIRED_MAX_TOP_K (one value for the
 # batch), or top-p without top-k (PAIRED_TOP_P), over at least PAIRED_MIN_ROWS_PER_SM rows an SM;
-# True / False force them on / off (benchmarks, tests). Measured on the H200 (bench_sampling, same
-# run, classic layout): top-k 50 + top-p 0.9 at B512 V151936 0.134 ms paired, 0.158 single; top-p
-# 0.9 alone 0.462 paired, 0.270 single (its lists, ~7.1K keys at V151936, outgrew the 6656 keys and
-# took the fallback: hence LEAN_SCRATCH); at B128 the single blocks win both.
+# True / False force them on / off (benchmarks, tests). Measured on the H200 (132 SMs;
+# bench_sampling, eager medians, one run, lean layout, map by bins): top-p 0.9 at B128 V128256 0.082
+# ms paired, 0.099 single; B512 V151936 0.241 paired, 0.275 single; top-k 50 + top-p 0.9 at B128
+# 0.060 paired, 0.062 single; B512 0.138 paired, 0.162 single; B1: within 1%. So pairing wins below
+# one row an SM too (B128: 0.97), not only when one block's pass A overlaps the other's select as
+# sample.cu's header argued (the 512-thread block's cheaper barriers, we guess; an earlier run with
+# the classic layout had B128 favour the single blocks). The cut at half a row an SM (>= 66 rows on
+# 132 SMs) is a choice between the measured B1 (a tie) and B128, not a measurement: nothing between.
 PAIRED: bool | None = None
-PAIRED_MIN_ROWS_PER_SM = 2
+PAIRED_MIN_ROWS_PER_SM = 0.5
 PAIRED_MAX_TOP_K = 1024
 # PAIRED_TOP_P: top-p without top-k (the q-sum entries) over >= PAIRED_MIN_ROWS_PER_SM rows an SM
 # takes the paired entries too (with LEAN_SCRATCH only: the classic paired list is too short).
@@ -70,9 +74,11 @@ F_SECTOR_MAP, F_MAP_BINS = 1 << 16, 1 << 17
 SECTOR_MAP = True
 # SECTOR_MAP_BINS: the map's byte is the sector's largest pass-A bin (1/8 binade, from 2^-32) instead
 # of its largest exponent, so pass B also skips the sectors of b0's binade below b0's bin (top-p 0.9,
-# logits x 3: ~32% of the sectors loaded instead of ~40% at V151936, ~43% at V128256); False: the
-# exponent map (the benchmark's control row).
-SECTOR_MAP_BINS = True
+# logits x 3: ~32% of the sectors loaded instead of ~40% at V151936, ~43% at V128256). False (the
+# default): the exponent map; the bin map is the benchmark's control row. Loading fewer sectors did
+# not pay on the H200 (bench_sampling, one run, ms): top-p B128 V128256 single blocks 0.0988 by bins,
+# 0.0896 by exponents; B512 V151936 paired 0.2407 / 0.2411; top-k + top-p B512 0.1382 / 0.1388.
+SECTOR_MAP_BINS = False
 MODE_SAMPLE = 0
 _optin: dict[int, int] = {}
 

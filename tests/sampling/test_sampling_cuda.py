@@ -158,7 +158,7 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
         _cuda.F_TOPK_FIRST: tkf, _cuda.F_SEED_TENSOR: isinstance(seed, torch.Tensor), _cuda.F_SEED_PER_ROW: per_row,
         _cuda.F_OFFSET_TENSOR: isinstance(offset, torch.Tensor),
         _cuda.F_OFFSET_PER_ROW: isinstance(offset, torch.Tensor), _cuda.F_LOGPROB: True, _cuda.F_SECTOR_MAP: True,
-        _cuda.F_MAP_BINS: True,
+        _cuda.F_MAP_BINS: False,  # the default map is by exponents (SECTOR_MAP_BINS: the bin map, no faster)
     }
     assert {f: bool(flags & f) for f in want} == want
     assert plan.args[0] is x and plan.args[2] is out and plan.args[3] is valid and plan.args[4] is logprob
@@ -168,13 +168,18 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
 
 @needs_nvcc
 def test_paired_launches_match_their_entries(nvcc_out, monkeypatch):
-    """Calls with one top-k of at most PAIRED_MAX_TOP_K, or top-p without top-k, over
-    PAIRED_MIN_ROWS_PER_SM rows an SM and more (or PAIRED = True) take the paired entries: 512
-    threads, the lean layout's list and scratch (the cap argument, the scratch's KB in the flags,
-    the shared bytes), the same parameter list as the PTX's. A per-row or a larger top-k and min-p
-    alone keep the single blocks; LEAN_SCRATCH = False gives the classic paired list, and top-p
-    the single blocks."""
-    monkeypatch.setattr(_cuda, "_sms", {torch.device("cpu"): 2})
+    """Calls with one top-k of at most PAIRED_MAX_TOP_K, or top-p without top-k, over half a row an
+    SM and more (PAIRED_MIN_ROWS_PER_SM; or PAIRED = True) take the paired entries: 512 threads, the
+    lean layout's list and scratch (the cap argument, the scratch's KB in the flags, the shared
+    bytes), the same parameter list as the PTX's. On 132 SMs (the H200) the cut is 66 rows, so the
+    benchmark's B128 pairs and B1 does not. A per-row or a larger top-k and min-p alone keep the
+    single blocks; LEAN_SCRATCH = False gives the classic paired list, and top-p the single blocks."""
+    assert _cuda.PAIRED_MIN_ROWS_PER_SM == 0.5
+    monkeypatch.setattr(_cuda, "_sms", {torch.device("cpu"): 132})
+    for rows, want in ((1, False), (65, False), (66, True), (128, True), (512, True)):
+        assert _cuda.paired(torch.device("cpu"), rows, 50, 0.9) == want, rows
+        assert _cuda.paired(torch.device("cpu"), rows, None, 0.9) == want, rows
+    monkeypatch.setattr(_cuda, "_sms", {torch.device("cpu"): 8})  # a 4-row cut: small plans
     for kw, kind in ((dict(top_k=50, top_p=0.9), "count"), (dict(top_p=0.9), "qsum")):
         for rows, want in ((3, False), (4, True)):
             plan = _cuda.plan_launch(*_plan_args(num_rows=rows, **kw))
@@ -385,31 +390,37 @@ def test_emulated_ties_and_flat_rows(monkeypatch):
 
 
 @needs_gxx
-@pytest.mark.parametrize("mode", ["off", "exponents"])
+@pytest.mark.parametrize("mode", ["off", "bins"])
 def test_emulated_without_the_sector_map(mode, monkeypatch):
-    """SECTOR_MAP = False (pass B reads the whole row), or the map of exponents instead of bins
-    (SECTOR_MAP_BINS = False): the same tokens; the flags say which."""
-    monkeypatch.setattr(_cuda, "SECTOR_MAP" if mode == "off" else "SECTOR_MAP_BINS", False)
+    """SECTOR_MAP = False (pass B reads the whole row; with SECTOR_MAP_BINS on too: no map, no bins
+    flag), or the map of bins instead of the default's exponents (SECTOR_MAP_BINS = True): the same
+    tokens, and the list holds every kept set (a bin map's map_min one bin too high leaves holes that
+    top-p 0.3 sends to the exact fallback: only the path shows them); the flags say which."""
+    if mode == "off":
+        monkeypatch.setattr(_cuda, "SECTOR_MAP", False)
+    monkeypatch.setattr(_cuda, "SECTOR_MAP_BINS", True)
     p = _probs(1, 2500, seed=3)
     flags = _cuda.plan_launch(*_plan_args(top_p=0.9)).args[-2].value
-    assert bool(flags & _cuda.F_SECTOR_MAP) == (mode != "off") and not flags & _cuda.F_MAP_BINS
-    for kw in (dict(top_p=0.9), dict(top_k=40, top_p=0.8), dict(min_p=0.05)):
-        _same_as_reference(p, indices=torch.zeros(8, dtype=torch.int32), **kw)
+    assert bool(flags & _cuda.F_SECTOR_MAP) == bool(flags & _cuda.F_MAP_BINS) == (mode != "off")
+    for kw in (dict(top_p=0.9), dict(top_p=0.3), dict(top_k=40, top_p=0.8), dict(min_p=0.05)):
+        paths = _same_as_reference(p, indices=torch.zeros(8, dtype=torch.int32), **kw)
+        assert bool(((paths & ~16) == 1).all()), (kw, paths)
 
 
 @needs_gxx
 def test_emulated_bin_map_at_its_clamps(monkeypatch):
-    """The map of bins (the default) around its clamps: rows whose values straddle b0's binade
-    (listed and skipped sectors in one binade), rows below 2^-32 (byte 0: b0 below the base loads
-    every sector), rows near and above 1 (byte 255); same tokens as the reference, and as the map of
-    exponents."""
+    """The map of bins (SECTOR_MAP_BINS = True, the control) around its clamps: rows whose values
+    straddle b0's binade (listed and skipped sectors in one binade), rows below 2^-32 (byte 0: b0
+    below the base loads every sector), rows near and above 1 (byte 255); same tokens as the
+    reference, and as the map of exponents (the default)."""
+    monkeypatch.setattr(_cuda, "SECTOR_MAP_BINS", True)
     g = torch.Generator().manual_seed(8)
     base = torch.rand(3000, generator=g) + 1.0  # one binade, [1, 2): eight bins
     rows = torch.stack([base * 2.0**-10, base * 2.0**-40, base * 2.0**-1, base * 4.0])
     for kw in (dict(top_p=0.3), dict(top_k=100), dict(min_p=0.8)):
         _same_as_reference(rows, threads=64, **kw)
-    # (a map_min one bin too high is caught by test_emulated_kernel_matches_reference[top_p_small]:
-    # most such holes in the list only send the row to the fallback, which is exact)
+    # (a map_min one bin too high is caught by test_emulated_without_the_sector_map[bins]: most
+    # such holes in the list only send the row to the fallback, which is exact)
     monkeypatch.setattr(_cuda, "SECTOR_MAP_BINS", False)
     _same_as_reference(rows, threads=64, top_p=0.3)
 
@@ -694,12 +705,13 @@ def test_paired_blocks_match_the_reference_and_the_single_blocks(name, kw, lean,
 @pytest.mark.gpu
 @pytest.mark.parametrize("vocab", [151936, 128256])
 def test_top_p_takes_the_lean_paired_blocks_over_many_rows(vocab, on_cuda_kernel, monkeypatch):
-    """Top-p alone over 2 rows an SM (the benchmark's B512 row's setting) picks the lean paired
-    entries by itself: the reference's tokens and the single blocks' (PAIRED = False), on rows
-    whose lists (~5-9K keys at V151936) outgrow the classic paired list."""
-    batch = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    """Top-p alone over half a row an SM (the cut: 66 rows on the H200, below the benchmark's B128)
+    picks the lean paired entries by itself, one row fewer does not: the reference's tokens and the
+    single blocks' (PAIRED = False), on rows whose lists (~5-9K keys at V151936) outgrow the classic
+    paired list."""
+    batch = -(-torch.cuda.get_device_properties(0).multi_processor_count // 2)
     p = _gpu_probs(batch, vocab, seed=17)
-    assert _cuda.paired(p.device, batch, None, 0.9)
+    assert _cuda.paired(p.device, batch, None, 0.9) and not _cuda.paired(p.device, batch - 1, None, 0.9)
     run = lambda: S.sample(probs=p, top_p=0.9, seed=13, return_logprobs=True)  # noqa: E731
     a, b = _kernel_vs_reference(run)
     _check_rows(a.tokens, b.tokens, a.valid, b.valid, p, dict(top_p=0.9), f"top-p lean paired B{batch} V{vocab}")
