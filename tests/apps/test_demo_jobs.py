@@ -67,17 +67,24 @@ def test_ctrl_c_during_a_torchrun_demo_is_a_short_clean_exit(tmp_path):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode == 130, (out, err)
-    assert err.strip() == "moecomm demo: interrupted", err
-    assert "Traceback" not in out + err and len(out.splitlines()) <= 2, out
-    assert took < 30, took
-    # the ranks get the same SIGINT and exit on their own; on a loaded 2-core machine that can take
-    # a few seconds after the demo returned: wait for it, bounded
-    deadline = time.monotonic() + 20
-    while _processes_with(f"--seed={seed}") and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _processes_with(f"--seed={seed}") == [], "ranks or torchrun outlived the demo by 20 s"
-    assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)  # torchrun's log folder went too
+    try:
+        assert p.returncode == 130, (out, err)
+        assert err.strip() == "moecomm demo: interrupted", err
+        assert "Traceback" not in out + err and len(out.splitlines()) <= 2, out
+        assert took < 30, took
+        # the ranks get the same SIGINT and exit on their own; on a loaded 2-core machine that can take
+        # a few seconds after the demo returned: wait for it, bounded
+        deadline = time.monotonic() + 20
+        while _processes_with(f"--seed={seed}") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _processes_with(f"--seed={seed}") == [], "ranks or torchrun outlived the demo by 20 s"
+        assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)  # torchrun's log folder went too
+    finally:  # a failure above must not leave 4 ranks of a 100000-step demo busy for the rest of the run
+        for pid in _processes_with(f"--seed={seed}"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "ray"])
