@@ -30,15 +30,16 @@ PAIRED_SHARED_BYTES = 16 * PAIRED_CAPACITY  # a paired block's dynamic shared me
 # PAIRED: None = paired blocks for calls with a top-k of at most PAIRED_MAX_TOP_K (one value for the
 # batch), or top-p without top-k (PAIRED_TOP_P), over at least PAIRED_MIN_ROWS_PER_SM rows an SM;
 # True / False force them on / off (benchmarks, tests). Measured on the H200 (132 SMs;
-# bench_sampling, eager medians, one run, lean layout, map by bins): top-p 0.9 at B128 V128256 0.082
-# ms paired, 0.099 single; B512 V151936 0.241 paired, 0.275 single; top-k 50 + top-p 0.9 at B128
-# 0.060 paired, 0.062 single; B512 0.138 paired, 0.162 single; B1: within 1%. So pairing wins below
-# one row an SM too (B128: 0.97), not only when one block's pass A overlaps the other's select as
-# sample.cu's header argued (the 512-thread block's cheaper barriers, we guess; an earlier run with
-# the classic layout had B128 favour the single blocks). The cut at half a row an SM (>= 66 rows on
-# 132 SMs) is a choice between the measured B1 (a tie) and B128, not a measurement: nothing between.
+# bench_sampling, eager medians, lean layout; two calls of 2026-12-02 on two machines, the other
+# pairing timed as the control row): top-p 0.9 at B512 V151936 0.241 / 0.242 ms paired, 0.275 /
+# 0.276 single; top-k 50 + top-p 0.9 at B512 0.138 / 0.140 paired, 0.162 / 0.163 single: pairing
+# wins where one block's memory-bound pass A overlaps the other's select (sample.cu's header). At
+# B128 (< 1 row an SM) the two calls disagree: top-p 0.082 paired vs 0.099 single (bin map) in the
+# first, 0.083 paired vs 0.066 single (exponent map) in the second; top-k + top-p 0.060 vs 0.062,
+# then 0.114 vs 0.106: eager medians under ~0.1 ms follow the host's launch cost, which differed
+# ~2x between the machines. So the cut stays at 2 rows an SM, where both calls agree. B1: a tie.
 PAIRED: bool | None = None
-PAIRED_MIN_ROWS_PER_SM = 0.5
+PAIRED_MIN_ROWS_PER_SM = 2
 PAIRED_MAX_TOP_K = 1024
 # PAIRED_TOP_P: top-p without top-k (the q-sum entries) over >= PAIRED_MIN_ROWS_PER_SM rows an SM
 # takes the paired entries too (with LEAN_SCRATCH only: the classic paired list is too short).

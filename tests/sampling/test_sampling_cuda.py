@@ -168,20 +168,20 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
 
 @needs_nvcc
 def test_paired_launches_match_their_entries(nvcc_out, monkeypatch):
-    """Calls with one top-k of at most PAIRED_MAX_TOP_K, or top-p without top-k, over half a row an
-    SM and more (PAIRED_MIN_ROWS_PER_SM; or PAIRED = True) take the paired entries: 512 threads, the
+    """Calls with one top-k of at most PAIRED_MAX_TOP_K, or top-p without top-k, over two rows an SM
+    and more (PAIRED_MIN_ROWS_PER_SM; or PAIRED = True) take the paired entries: 512 threads, the
     lean layout's list and scratch (the cap argument, the scratch's KB in the flags, the shared
-    bytes), the same parameter list as the PTX's. On 132 SMs (the H200) the cut is 66 rows, so the
-    benchmark's B128 pairs and B1 does not. A per-row or a larger top-k and min-p alone keep the
+    bytes), the same parameter list as the PTX's. On 132 SMs (the H200) the cut is 264 rows, so the
+    benchmark's B512 pairs and B128 does not. A per-row or a larger top-k and min-p alone keep the
     single blocks; LEAN_SCRATCH = False gives the classic paired list, and top-p the single blocks."""
-    assert _cuda.PAIRED_MIN_ROWS_PER_SM == 0.5
+    assert _cuda.PAIRED_MIN_ROWS_PER_SM == 2
     monkeypatch.setattr(_cuda, "_sms", {torch.device("cpu"): 132})
-    for rows, want in ((1, False), (65, False), (66, True), (128, True), (512, True)):
+    for rows, want in ((1, False), (128, False), (263, False), (264, True), (512, True)):
         assert _cuda.paired(torch.device("cpu"), rows, 50, 0.9) == want, rows
         assert _cuda.paired(torch.device("cpu"), rows, None, 0.9) == want, rows
-    monkeypatch.setattr(_cuda, "_sms", {torch.device("cpu"): 8})  # a 4-row cut: small plans
+    monkeypatch.setattr(_cuda, "_sms", {torch.device("cpu"): 8})  # a 16-row cut: small plans
     for kw, kind in ((dict(top_k=50, top_p=0.9), "count"), (dict(top_p=0.9), "qsum")):
-        for rows, want in ((3, False), (4, True)):
+        for rows, want in ((15, False), (16, True)):
             plan = _cuda.plan_launch(*_plan_args(num_rows=rows, **kw))
             assert plan.entry == (_cuda.PAIRED_ENTRY if want else _cuda.ENTRY)[kind], rows
             scratch = _cuda.lean_scratch_bytes(1000) if want else None
@@ -192,13 +192,13 @@ def test_paired_launches_match_their_entries(nvcc_out, monkeypatch):
             assert plan.shared_bytes == (_cuda.PAIRED_SHARED_BYTES if want else _cuda.shared_bytes(cap))
             assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out[1])
     for kw in (dict(min_p=0.1), dict(top_k=_cuda.PAIRED_MAX_TOP_K + 1), dict(top_k="t32", top_p=0.9)):
-        assert _cuda.plan_launch(*_plan_args(num_rows=8, vocab=5000, **kw)).entry in _cuda.ENTRY.values(), kw
+        assert _cuda.plan_launch(*_plan_args(num_rows=16, vocab=5000, **kw)).entry in _cuda.ENTRY.values(), kw
     monkeypatch.setattr(_cuda, "PAIRED_TOP_P", False)
-    assert _cuda.plan_launch(*_plan_args(num_rows=8, top_p=0.9)).entry == _cuda.ENTRY["qsum"]
+    assert _cuda.plan_launch(*_plan_args(num_rows=16, top_p=0.9)).entry == _cuda.ENTRY["qsum"]
     monkeypatch.setattr(_cuda, "PAIRED_TOP_P", True)
     monkeypatch.setattr(_cuda, "LEAN_SCRATCH", False)  # the classic paired list (the session-10 entries)
-    assert _cuda.plan_launch(*_plan_args(num_rows=8, top_p=0.9)).entry == _cuda.ENTRY["qsum"]
-    plan = _cuda.plan_launch(*_plan_args(num_rows=8, top_k=50))
+    assert _cuda.plan_launch(*_plan_args(num_rows=16, top_p=0.9)).entry == _cuda.ENTRY["qsum"]
+    plan = _cuda.plan_launch(*_plan_args(num_rows=16, top_k=50))
     assert plan.entry == _cuda.PAIRED_ENTRY["count"] and plan.args[-1].value == _cuda.PAIRED_CAPACITY
     assert plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT == 0
     assert plan.shared_bytes == _cuda.shared_bytes(_cuda.PAIRED_CAPACITY) == _cuda.PAIRED_SHARED_BYTES
@@ -705,11 +705,13 @@ def test_paired_blocks_match_the_reference_and_the_single_blocks(name, kw, lean,
 @pytest.mark.gpu
 @pytest.mark.parametrize("vocab", [151936, 128256])
 def test_top_p_takes_the_lean_paired_blocks_over_many_rows(vocab, on_cuda_kernel, monkeypatch):
-    """Top-p alone over half a row an SM (the cut: 66 rows on the H200, below the benchmark's B128)
-    picks the lean paired entries by itself, one row fewer does not: the reference's tokens and the
-    single blocks' (PAIRED = False), on rows whose lists (~5-9K keys at V151936) outgrow the classic
+    """Top-p alone over PAIRED_MIN_ROWS_PER_SM rows an SM (the cut: 264 rows on the H200) picks the
+    lean paired entries by itself, one row fewer does not: the reference's tokens and the single
+    blocks' (PAIRED = False), on rows whose lists (~5-9K keys at V151936) outgrow the classic
     paired list."""
-    batch = -(-torch.cuda.get_device_properties(0).multi_processor_count // 2)
+    import math
+
+    batch = math.ceil(torch.cuda.get_device_properties(0).multi_processor_count * _cuda.PAIRED_MIN_ROWS_PER_SM)
     p = _gpu_probs(batch, vocab, seed=17)
     assert _cuda.paired(p.device, batch, None, 0.9) and not _cuda.paired(p.device, batch - 1, None, 0.9)
     run = lambda: S.sample(probs=p, top_p=0.9, seed=13, return_logprobs=True)  # noqa: E731
