@@ -269,9 +269,9 @@ def _host_main(args) -> int:
         print(f"  dispatch alone {_host_us(only_d, reps):.1f} us; combine alone "
               f"{_host_us(lambda: disp.combine(h, state['d'].handle), reps):.1f} us")
         targets = [(D, n) for n in ("plan_send", "_exchange_counts", "dispatch_outputs", "pack_send", "_all_to_all",
-                                    "expand_received", "_gather_sum_into", "_gather_sum_new", "_native_for",
-                                    "_native_phase")]
-        targets += [(L.Launcher, "__call__"), (NV.Recorder, "run"), (NV.Recorder, "launch")]
+                                    "expand_received", "_gather_sum_into", "_gather_sum_new")]
+        targets += [(L.Launcher, "__call__"), (NV, "for_call"), (NV, "phase"), (NV.Recorder, "run"),
+                    (NV.Recorder, "launch")]
         with _StageTimer(targets) as st:
             for _ in range(reps):
                 _sync()

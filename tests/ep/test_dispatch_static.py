@@ -400,8 +400,9 @@ def test_one_rank_benchmark_quick(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_dispatch_onerank", "--quick", "--out", str(out)],
                           env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    modes = [json.loads(line)["mode"] for line in out.read_text().splitlines()]
-    assert modes == ["throughput", "static"], modes
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["throughput", "static"], rows
+    assert rows[0]["path"] == "python", rows[0]  # CPU: the native path queues CUDA kernels only
 
 
 def _graph_step_matches_eager(disp, H, E, k, T):

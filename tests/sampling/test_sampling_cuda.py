@@ -51,28 +51,46 @@ def _probs(rows, vocab, scale=3.0, seed=0, device="cpu"):
 # the source: compiles, fits, and the wrapper passes what the kernel takes
 
 
+@pytest.fixture(scope="module")
+def nvcc_out(tmp_path_factory):
+    """(ptxas -v log of the sm_90a cubin, the PTX text, moecomm.jit.cuda.compile's result): ONE nvcc
+    run for the whole module, and it is the library's own (cuda.compile into a fresh cache, its
+    command with -Xptxas -v and --keep appended: the log and the PTX of the same compile; -v and
+    --keep change no code). Three runs took ~150 s of the CPU suite on 2 cores."""
+    if cuda._nvcc() is None:
+        pytest.skip("nvcc not found")
+    from moecomm.jit import cache
+
+    d = tmp_path_factory.mktemp("nvcc")
+    logs = []
+
+    def verbose(cmd, out, error, who, src, timeout_s):  # cache.run_compiler, keeping the compiler's output
+        cmd = [*cmd[:-1], "-Xptxas", "-v", "--keep", "--keep-dir", str(d), cmd[-1]]  # the source stays last
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        logs.append(res)
+        if res.returncode != 0 or not out.is_file():
+            raise error(f"{who}: compiling {src} failed (exit {res.returncode})\n{res.stderr}{res.stdout}")
+        return out.read_bytes()
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("MOECOMM_CACHE_DIR", str(d / "cache"))
+        mp.setattr(cache, "run_compiler", verbose)
+        c = cuda.compile(_cuda.SOURCE)
+    finally:
+        mp.undo()
+    assert len(logs) == 1, "cuda.compile ran nvcc more than once"
+    res = logs[0]
+    return res.stdout + res.stderr, (d / f"{cuda.source_path(_cuda.SOURCE).stem}.ptx").read_text(), c
+
+
 @needs_nvcc
-def test_source_compiles_for_sm90a(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOECOMM_CACHE_DIR", str(tmp_path))
-    c = cuda.compile(_cuda.SOURCE)
+def test_source_compiles_for_sm90a(nvcc_out):
+    c = nvcc_out[2]
     assert c.compiled and c.arch == "sm_90a"
     blob = c.path.read_bytes()
     for entry in [*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values()]:
         assert entry.encode() in blob
-
-
-@pytest.fixture(scope="module")
-def nvcc_out(tmp_path_factory):
-    """(ptxas -v log of the sm_90a cubin, the PTX text): nvcc run twice for the whole module."""
-    if cuda._nvcc() is None:
-        pytest.skip("nvcc not found")
-    d = tmp_path_factory.mktemp("nvcc")
-    src = str(cuda.source_path(_cuda.SOURCE))
-    res = subprocess.run([cuda._nvcc(), "-cubin", "-arch=sm_90a", "-O3", "-std=c++17", "-Xptxas", "-v", "-o",
-                          str(d / "s.cubin"), src], capture_output=True, text=True, timeout=600, check=True)
-    subprocess.run([cuda._nvcc(), "-ptx", "-arch=sm_90a", "-O3", "-std=c++17", "-o", str(d / "s.ptx"), src],
-                   check=True, capture_output=True, timeout=600)
-    return res.stdout + res.stderr, (d / "s.ptx").read_text()
 
 
 @needs_nvcc

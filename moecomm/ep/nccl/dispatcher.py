@@ -28,6 +28,8 @@ Throughput mode (prefill; every call when no max_tokens is given): one step, on 
    BEFORE they travel back, the reverse all_to_all_single returns one row per (token, rank), and the
    source rank sums those per token (gather_sum): each output row is written once, no atomics, so
    results are deterministic.
+On CUDA over NCCL, a synchronous call queues 1-2 (with the sync), 3-5 and 6 in one C call each
+(native.py: the same kernels and exchanges, ~2x less host time; MOECOMM_EP_NATIVE=0: this Python).
 
 Static-capacity mode (decode; EPDispatcher(max_tokens=...) and a call of at most max_tokens tokens):
 at most C rows per peer (capacity_per_peer, default max_tokens, which never overflows), buffers
@@ -66,7 +68,6 @@ every result tensor is a view of the dispatcher's buffers, valid until its next 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,7 +84,7 @@ from ..placement import ExpertPlacement
 from ..types import DispatchResult
 from . import native as _native
 from . import static_ops as _sops
-from .handle import EPHandle, PendingCombine, PendingDispatch, _Done
+from .handle import EPHandle, PendingCombine, PendingDispatch, _Done, _StaticBuffers, _StaticIndex
 from .ops import _triton_kernels, gather_sum_unchecked
 from .reference import gather_sum_reference
 from .plan import RowLayout, Workspace, dispatch_outputs, expand_received, pack_send, plan_send
@@ -164,41 +165,6 @@ def _parse_counts(host: list) -> tuple[list[int], list[int], list[int], list[int
     sent = [row[0] for row in host[0]]
     got = host[1]
     return sent, [r[0] for r in got], [r[1] for r in got], [r[2] for r in got]
-
-
-# ----------------------------------------------------------------------------- the native path
-
-
-def _native_for(group, dev: torch.device, async_op: bool):
-    """(runtime, communicator) when this synchronous throughput-mode call queues its phases through
-    native.c (native.py says when), else None."""
-    if async_op or dev.type != "cuda":
-        return None
-    rt = _native.runtime(group, dev)
-    if rt is None:
-        return None
-    comm = _native.comm(group)
-    return (rt, comm, _raw_stream(dev)) if comm else None
-
-
-def _raw_stream(dev: torch.device) -> int:
-    return torch._C._cuda_getCurrentRawStream(dev.index if dev.index is not None else torch.cuda.current_device())
-
-
-def _native_phase(nat, key, what: str, group, record) -> bool:
-    """Record ``record()`` (launches and exchanges) and queue it in one native call: True. False when
-    it cannot be queued natively (nothing was queued; the path is then off for the process, said
-    once) and the caller runs the phase in Python."""
-    rt, comm, stream = nat
-    rec = _native.Recorder(rt, key)
-    try:
-        with rec:
-            record(rec)
-        rec.run(stream, comm, what, group, lambda: _global_rank(group, _group_info(group)[0]))
-    except _native.NotNative as why:
-        _native.disable(str(why))
-        return False
-    return True
 
 
 def _fail_peers(group, W: int, device: torch.device, op: str, flag: int) -> None:
@@ -292,7 +258,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
         return _local(x, ids, w, E, check, op, async_op)
 
     ws = _workspace(workspaces, dev) if workspaces is not None else None
-    nat = _native_for(group, dev, async_op) if ws is not None else None
+    nat = _native.for_call(group, dev, async_op) if ws is not None else None
     key = (x.dtype, ids.dtype, w.dtype)
     plan = None
     if nat is not None:  # plan, count exchange and the sync in one native call
@@ -305,7 +271,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
             rec.to_host(host, p.counts)
             box.append(p)
 
-        if _native_phase(nat, key, f"{op}: count exchange", group, record_counts):
+        if _native.phase(nat, key, f"{op}: count exchange", group, record_counts):
             plan = box[0]
             send_splits, recv_splits, recv_pairs, flags = _parse_counts(host.tolist())
         else:
@@ -338,7 +304,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
             rec.all_to_all(recv, send, layout.width * x.element_size(), send_splits, recv_splits)
             box.append(expand_received(recv, layout, L, N, out=outputs, workspace=ws))
 
-        if _native_phase(nat, key, f"{op}: all_to_all", group, record_rows):
+        if _native.phase(nat, key, f"{op}: all_to_all", group, record_rows):
             ex = box[0]
             handle = EPHandle(group, W, send_splits, recv_splits, home, ex.slot_pos, T, H, N)
             return DispatchResult(recv[:, :H], ex.expert_offsets, ex.tokens_per_expert, ex.row_weights,
@@ -355,33 +321,6 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
                               handle)
 
     return PendingDispatch(works, finish) if async_op else finish(works)
-
-
-@dataclass
-class _StaticBuffers:
-    """The static mode's buffers, allocated once (EPDispatcher(max_tokens=...))."""
-
-    capacity: int
-    max_tokens: int
-    layout: RowLayout
-    send: torch.Tensor  # [W * C, width]
-    recv: torch.Tensor  # [W * C, width]
-    partial: torch.Tensor  # [W * C, H]: the receiver's sums, sent back
-    back: torch.Tensor  # [W * C, H]
-    home: torch.Tensor  # [max_tokens, k] int32
-    overflow: torch.Tensor  # [1] int32, sticky until check_overflow()
-    send_ids: torch.Tensor  # send's [W * C, k] int32 expert-id columns (reset to -1 every step)
-
-
-@dataclass
-class _StaticIndex:
-    """One dispatcher's own part of the static mode (not shared by share_buffers: L is its own), made
-    once: the kernels' scratch, reserved for max_tokens and W * C rows so that it never grows (a
-    captured CUDA graph keeps its addresses), and the expansion's outputs (None on a rank without
-    experts), which a dispatch result views until the next dispatch."""
-
-    workspace: Workspace
-    outputs: Any
 
 
 def _dispatch_static(x, ids, w, *, group, bufs: _StaticBuffers, rank: int, ep_size: int, e2r, e2l, L: int,
@@ -463,7 +402,7 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
         else:
             # one allocation: [R, H] sent back, [S, H] received (both views in one call)
             partial, back = torch.split_with_sizes(out.new_empty((R + S, H)), [R, S])
-            nat = _native_for(handle.group, out.device, async_op)
+            nat = _native.for_call(handle.group, out.device, async_op)
             if nat is not None:  # the sum, the exchange back and the source's sum in one native call
                 box = []
 
@@ -472,7 +411,7 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
                     rec.all_to_all(back, partial, H * out.element_size(), handle.recv_splits, handle.send_splits)
                     box.append(_gather_sum_new(back, handle.home))
 
-                if _native_phase(nat, (out.dtype,), f"{op}: all_to_all", handle.group, record_back):
+                if _native.phase(nat, (out.dtype,), f"{op}: all_to_all", handle.group, record_back):
                     return box[0]
             _gather_sum_into(out, handle.slot_pos, partial)  # summed over local experts
         splits_out, splits_in = handle.send_splits, handle.recv_splits

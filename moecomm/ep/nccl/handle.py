@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..types import DispatchResult
+from .plan import RowLayout, Workspace
 
 
 @dataclass
@@ -79,3 +80,30 @@ class PendingDispatch:
 
 class PendingCombine(PendingDispatch):
     """Returned by combine(..., async_op=True); ``wait()`` -> y [T, H]."""
+
+
+@dataclass
+class _StaticBuffers:
+    """The static mode's buffers, allocated once (EPDispatcher(max_tokens=...))."""
+
+    capacity: int
+    max_tokens: int
+    layout: RowLayout
+    send: torch.Tensor  # [W * C, width]
+    recv: torch.Tensor  # [W * C, width]
+    partial: torch.Tensor  # [W * C, H]: the receiver's sums, sent back
+    back: torch.Tensor  # [W * C, H]
+    home: torch.Tensor  # [max_tokens, k] int32
+    overflow: torch.Tensor  # [1] int32, sticky until check_overflow()
+    send_ids: torch.Tensor  # send's [W * C, k] int32 expert-id columns (reset to -1 every step)
+
+
+@dataclass
+class _StaticIndex:
+    """One dispatcher's own part of the static mode (not shared by share_buffers: L is its own), made
+    once: the kernels' scratch, reserved for max_tokens and W * C rows so that it never grows (a
+    captured CUDA graph keeps its addresses), and the expansion's outputs (None on a rank without
+    experts), which a dispatch result views until the next dispatch."""
+
+    workspace: Workspace
+    outputs: Any

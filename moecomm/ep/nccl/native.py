@@ -400,3 +400,40 @@ def runtime(group, device: torch.device) -> Runtime | None:
         return None
     rt = _RUNTIME[0] if _RUNTIME else _process_runtime()
     return rt
+
+
+# ----------------------------------------------------------------------------- the dispatcher's use
+
+
+def for_call(group, dev: torch.device, async_op: bool):
+    """(runtime, communicator, stream) when a synchronous throughput-mode call on ``dev`` over
+    ``group`` queues its phases natively (see the module doc), else None."""
+    if async_op or dev.type != "cuda":
+        return None
+    rt = runtime(group, dev)
+    if rt is None:
+        return None
+    ptr = comm(group)
+    if not ptr:
+        return None
+    from ...jit.cuda import _raw_stream
+
+    return rt, ptr, _raw_stream(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+def phase(nat, key, what: str, group, record) -> bool:
+    """Record ``record(recorder)`` (launches and exchanges) and queue it in one native call: True.
+    False when it cannot be queued natively (nothing was queued; the path is then off for the
+    process, said once): the caller runs the phase in Python."""
+    from ...distributed.collectives import global_rank, group_info
+
+    rt, ptr, stream = nat
+    rec = Recorder(rt, key)
+    try:
+        with rec:
+            record(rec)
+        rec.run(stream, ptr, what, group, lambda: global_rank(group, group_info(group)[0]))
+    except NotNative as why:
+        disable(str(why))
+        return False
+    return True
