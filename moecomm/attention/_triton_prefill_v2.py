@@ -123,7 +123,7 @@ def _step(acc, l_i, m_i, q, k, v, s, kv_len, qpos, q_rows, q_ok, mask_ptr, mask_
 
 
 @triton.jit
-def _ws_blocks(q_ptr, k_ptr, v_ptr, row0, q0, qo_len, tok0, kv_len, h, kvh, num_qo_heads, qpos,
+def _ws_blocks(q_ptr, k_ptr, v_ptr, row0, q0, qo_len, tok0, kv_len, h, kvh, num_qo_heads, qpos, lo, hi,
                stride_qn, stride_kt, stride_vt, sm_scale, soft_cap, window_left,
                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -143,14 +143,6 @@ def _ws_blocks(q_ptr, k_ptr, v_ptr, row0, q0, qo_len, tok0, kv_len, h, kvh, num_
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    qpos_min = q0 + (kv_len - qo_len)
-    qpos_max = tl.minimum(q0 + BLOCK_M, qo_len) - 1 + (kv_len - qo_len)
-    hi = kv_len
-    if CAUSAL:
-        hi = tl.minimum(kv_len, qpos_max + 1)
-    lo = 0
-    if WINDOW:
-        lo = tl.maximum(qpos_min - window_left, 0) // BLOCK_N * BLOCK_N
     scale = 1.4426950408889634 if SOFT_CAP else sm_scale * 1.4426950408889634
     for s in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
         k = k_desc.load([s, kvh * HEAD_DIM])
@@ -223,25 +215,26 @@ def prefill_v2_kernel(
         q_ok = q_rows < qo_len
         qpos = q_rows + (kv_len - qo_len)  # positions in the KV sequence
         rows = (row0 + q_rows).to(tl.int64)
+        # the KV blocks [lo, hi) any row of the tile sees
+        qpos_min = q0 + (kv_len - qo_len)
+        qpos_max = tl.minimum(q0 + BLOCK_M, qo_len) - 1 + (kv_len - qo_len)
+        hi = kv_len
+        if CAUSAL:
+            hi = tl.minimum(kv_len, qpos_max + 1)
+        lo = 0
+        if WINDOW:
+            lo = tl.maximum(qpos_min - window_left, 0) // BLOCK_N * BLOCK_N
         if WS:
             acc, l_i, m_i = _ws_blocks(q_ptr, k_ptr, v_ptr, row0, q0, qo_len, tok0, kv_len, h, kvh, num_qo_heads, qpos,
-                                       stride_qn, stride_kt, stride_vt, sm_scale, soft_cap, window_left, GROUP,
+                                       lo, hi, stride_qn, stride_kt, stride_vt, sm_scale, soft_cap, window_left, GROUP,
                                        HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFT_CAP, DOT_PRECISION)
         else:
             q = tl.load(q_ptr + rows[:, None] * stride_qn + h * stride_qh + d[None, :], mask=q_ok[:, None], other=0.0)
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-            qpos_min = q0 + (kv_len - qo_len)
-            qpos_max = tl.minimum(q0 + BLOCK_M, qo_len) - 1 + (kv_len - qo_len)
-            hi = kv_len
-            if CAUSAL:
-                hi = tl.minimum(kv_len, qpos_max + 1)
-            lo = 0
             f0 = 0  # blocks from f0 on are above the window's lower edge for every row
             if WINDOW:
-                lo = tl.maximum(qpos_min - window_left, 0) // BLOCK_N * BLOCK_N
                 f0 = (tl.maximum(qpos_max - window_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
             f1 = kv_len // BLOCK_N * BLOCK_N  # blocks before f1 lie inside kv_len
             if CAUSAL:
