@@ -48,10 +48,24 @@ def _processes_with(marker: str) -> list[int]:
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_ctrl_c_during_a_torchrun_demo_is_a_short_clean_exit(tmp_path):
     seed = str(40000 + os.getpid() % 10000)  # marks this test's processes
+    try:
+        _ctrl_c_demo(tmp_path, seed)
+    finally:  # whatever failed (a timeout included), no rank of a 100000-step demo outlives the test
+        for pid in _processes_with(f"--seed={seed}"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _ctrl_c_demo(tmp_path, seed: str) -> None:
     cmd = [sys.executable, "-m", "moecomm.cli", "demo", "-n", "4", "--launcher", "torchrun", "--iters=100000",
            f"--seed={seed}", "--timeout=60", "--hidden=64", "--intermediate=32", "--tokens-per-rank=64"]
+    # SIGINT as a terminal leaves it: a suite started as a background job of a non-interactive shell
+    # (`cmd &`) inherits SIGINT ignored, and so would the demo, which would then run to its timeout
     p = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+                         text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         deadline = time.monotonic() + 120
@@ -67,24 +81,17 @@ def test_ctrl_c_during_a_torchrun_demo_is_a_short_clean_exit(tmp_path):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    try:
-        assert p.returncode == 130, (out, err)
-        assert err.strip() == "moecomm demo: interrupted", err
-        assert "Traceback" not in out + err and len(out.splitlines()) <= 2, out
-        assert took < 30, took
-        # the ranks get the same SIGINT and exit on their own; on a loaded 2-core machine that can take
-        # a few seconds after the demo returned: wait for it, bounded
-        deadline = time.monotonic() + 20
-        while _processes_with(f"--seed={seed}") and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert _processes_with(f"--seed={seed}") == [], "ranks or torchrun outlived the demo by 20 s"
-        assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)  # torchrun's log folder went too
-    finally:  # a failure above must not leave 4 ranks of a 100000-step demo busy for the rest of the run
-        for pid in _processes_with(f"--seed={seed}"):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+    assert p.returncode == 130, (out, err)
+    assert err.strip() == "moecomm demo: interrupted", err
+    assert "Traceback" not in out + err and len(out.splitlines()) <= 2, out
+    assert took < 30, took
+    # the ranks get the same SIGINT and exit on their own; on a loaded 2-core machine that can take
+    # a few seconds after the demo returned: wait for it, bounded
+    deadline = time.monotonic() + 20
+    while _processes_with(f"--seed={seed}") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_with(f"--seed={seed}") == [], "ranks or torchrun outlived the demo by 20 s"
+    assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)  # torchrun's log folder went too
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "ray"])
