@@ -259,7 +259,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
 
     ws = _workspace(workspaces, dev) if workspaces is not None else None
     nat = _native.for_call(group, dev, async_op) if ws is not None else None
-    key = (x.dtype, ids.dtype, w.dtype)
+    key = (x.dtype, ids.dtype, w.dtype, dev.index)  # a family's kernels are loaded on one device
     plan = None
     if nat is not None:  # plan, count exchange and the sync in one native call
         host = ws.host_counts((2, W, 3))
@@ -411,7 +411,7 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
                     rec.all_to_all(back, partial, H * out.element_size(), handle.recv_splits, handle.send_splits)
                     box.append(_gather_sum_new(back, handle.home))
 
-                if _native.phase(nat, (out.dtype,), f"{op}: all_to_all", handle.group, record_back):
+                if _native.phase(nat, (out.dtype, out.device.index), f"{op}: all_to_all", handle.group, record_back):
                     return box[0]
             _gather_sum_into(out, handle.slot_pos, partial)  # summed over local experts
         splits_out, splits_in = handle.send_splits, handle.recv_splits

@@ -19,7 +19,8 @@ ProcessGroupNCCL._comm_ptr(), so there is one communicator and c10d's and these 
 ordered by NCCL as issued), and the count exchange's copy and wait.
 
 Specialisation: a kernel family = one Launcher with one set of constexprs, warps and stages at one
-call site (the dtypes of the phase in the key); its variants = Triton's compiled kernels for the
+call site (the dtypes and the device of the phase in the key: a variant's function handle is loaded
+on one device); its variants = Triton's compiled kernels for the
 argument classes it specialises on (a pointer 16-byte aligned or not; an int == 1, divisible by 16,
 i32 / i64: the classes of moecomm.jit.launch.spec_key). native.c picks the variant whose classes
 match each launch's values and refuses the whole program before queueing anything when none does;
