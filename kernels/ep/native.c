@@ -17,7 +17,8 @@
  *              classes match the values is launched (none: status MC_RESPECIALISE, nothing queued)
  *   OP_A2A     2, send, recv, unit_bytes, W, send_units[W], recv_units[W]   one ncclGroup of
  *              W sends and W receives (a zero count skips that call), rank p's part at the sum of
- *              the counts before p
+ *              the counts before p; W == 1 (a one-rank group: the counts must be equal) is one
+ *              cuMemcpyDtoDAsync, no NCCL (what c10d does for a one-rank all_to_all_single)
  *   OP_D2H     3, host_dst, device_src, bytes               cuMemcpyDtoHAsync
  *   OP_WAIT    4                                            spin on cuStreamQuery until the
  *              stream is idle, checking the communicator's async error; bounded by timeout_ns
@@ -36,7 +37,7 @@
 #include <string.h>
 #include <time.h>
 
-#define MC_VERSION 1
+#define MC_VERSION 2
 #define MAX_FAMILIES 256
 #define MAX_VARIANTS 8
 #define MAX_ARGS 48
@@ -65,6 +66,7 @@ typedef int (*launch_fn)(void *f, unsigned gx, unsigned gy, unsigned gz, unsigne
                          unsigned smem, void *stream, void **params, void **extra);
 typedef int (*query_fn)(void *stream);
 typedef int (*d2h_fn)(void *dst, uint64_t src, size_t bytes, void *stream);
+typedef int (*d2d_fn)(uint64_t dst, uint64_t src, size_t bytes, void *stream);
 typedef int (*group_fn)(void);
 typedef int (*p2p_fn)(const void *buf, size_t count, int dtype, int peer, void *comm, void *stream);
 typedef int (*async_error_fn)(void *comm, int *result);
@@ -73,6 +75,7 @@ static struct {
     launch_fn launch;
     query_fn query;
     d2h_fn d2h;
+    d2d_fn d2d;
     group_fn group_start, group_end;
     p2p_fn send, recv;
     async_error_fn async_error;
@@ -98,9 +101,9 @@ static int nfamilies;
 int moecomm_native_version(void) { return MC_VERSION; }
 
 /* fns: cuLaunchKernel, cuStreamQuery, cuMemcpyDtoHAsync_v2, ncclGroupStart, ncclGroupEnd, ncclSend,
- * ncclRecv, ncclCommGetAsyncError (addresses; the tests pass stand-ins) */
+ * ncclRecv, ncclCommGetAsyncError, cuMemcpyDtoDAsync_v2 (addresses; the tests pass stand-ins) */
 int moecomm_native_init(const int64_t *fns, int64_t n) {
-    if (n != 8) return MC_BAD_PROGRAM;
+    if (n != 9) return MC_BAD_PROGRAM;
     api.launch = (launch_fn)(intptr_t)fns[0];
     api.query = (query_fn)(intptr_t)fns[1];
     api.d2h = (d2h_fn)(intptr_t)fns[2];
@@ -109,6 +112,7 @@ int moecomm_native_init(const int64_t *fns, int64_t n) {
     api.send = (p2p_fn)(intptr_t)fns[5];
     api.recv = (p2p_fn)(intptr_t)fns[6];
     api.async_error = (async_error_fn)(intptr_t)fns[7];
+    api.d2d = (d2d_fn)(intptr_t)fns[8];
     api.ready = 1;
     return MC_OK;
 }
@@ -228,7 +232,16 @@ static int walk(const int64_t *prog, int64_t n, void *stream, void *comm, int64_
             const int64_t *sc = prog + at + 5, *rc_ = sc + W;
             for (int64_t p = 0; p < W; p++)
                 if (sc[p] < 0 || rc_[p] < 0) return MC_BAD_PROGRAM;
-            if (run) {
+            if (W == 1 && sc[0] != rc_[0]) return MC_BAD_PROGRAM; /* a rank receives what it sends itself */
+            if (run && W == 1) {
+                if (sc[0] > 0) {
+                    int rc = api.d2d((uint64_t)prog[at + 2], (uint64_t)prog[at + 1], (size_t)(sc[0] * unit), stream);
+                    if (rc != 0) {
+                        info[1] = rc;
+                        return MC_CUDA_ERROR;
+                    }
+                }
+            } else if (run) {
                 char *send = (char *)(intptr_t)prog[at + 1], *recv = (char *)(intptr_t)prog[at + 2];
                 int64_t so = 0, ro = 0;
                 int rc = api.group_start();

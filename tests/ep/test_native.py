@@ -32,6 +32,7 @@ LAUNCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c
                           ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
 QUERY = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
 D2H = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p)
+D2D = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p)
 GROUP = ctypes.CFUNCTYPE(ctypes.c_int)
 P2P = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                        ctypes.c_void_p)
@@ -40,7 +41,7 @@ ASYNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_
 
 class FakeApi:
     """Stand-ins for cuLaunchKernel, cuStreamQuery, cuMemcpyDtoHAsync, ncclGroupStart/End,
-    ncclSend/Recv and ncclCommGetAsyncError: each call appended to ``calls``."""
+    ncclSend/Recv, ncclCommGetAsyncError and cuMemcpyDtoDAsync: each call appended to ``calls``."""
 
     def __init__(self, param_kinds: dict[int, list[str]] | None = None):
         self.calls: list = []
@@ -67,6 +68,10 @@ class FakeApi:
             self.calls.append(("d2h", dst, src, n, stream))
             return 0
 
+        def d2d(dst, src, n, stream):
+            self.calls.append(("d2d", dst, src, n, stream))
+            return 0
+
         def group_start():
             self.calls.append(("group_start",))
             return 0
@@ -88,7 +93,7 @@ class FakeApi:
             return 0
 
         self._keep = [LAUNCH(launch), QUERY(query), D2H(d2h), GROUP(group_start), GROUP(group_end), P2P(send),
-                      P2P(recv), ASYNC(async_err)]
+                      P2P(recv), ASYNC(async_err), D2D(d2d)]
 
     def addresses(self) -> list[int]:
         return [ctypes.cast(f, ctypes.c_void_p).value for f in self._keep]
@@ -201,6 +206,13 @@ def test_all_to_all_sends_and_receives_every_part_at_its_offset(native_lib):
     ]
 
 
+def test_a_one_rank_exchange_is_a_device_copy(native_lib):
+    # W 1: no NCCL kernel (c10d's one-rank all_to_all_single copies too); an empty one queues nothing
+    library, api = native_lib
+    rc, _ = _run(library, [N.OP_A2A, 0x10000, 0x90000, 12, 1, 5, 5, N.OP_A2A, 0x10000, 0x90000, 12, 1, 0, 0])
+    assert rc == N.OK and api.calls == [("d2d", 0x90000, 0x10000, 60, 0x51)]
+
+
 def test_a_failed_send_closes_the_group_and_names_ncclResult(native_lib):
     library, api = native_lib
     api.send_rc = 3  # ncclInternalError
@@ -234,6 +246,7 @@ def test_wait_is_bounded_and_sees_the_async_error(native_lib):
     [N.OP_LAUNCH, 12345, 1, 1, 1, 0],  # no such family
     [N.OP_A2A, 1, 2, 4, 2, 1, -1, 1, 1],  # a negative count
     [N.OP_A2A, 1, 2, 4, 3, 1, 1],  # counts cut short
+    [N.OP_A2A, 1, 2, 4, 1, 3, 2],  # a one-rank group receiving other than it sends
     [N.OP_D2H, 1, 2],
 ])
 def test_a_bad_program_queues_nothing(native_lib, bad):

@@ -12,7 +12,8 @@ with the Python between them 420-780 us of host time, where its kernels take ~18
 eager round trip waited on the host. Here each phase runs the same Python wrappers (plan.py's
 plan_send, pack_send, expand_received, the combine's gather_sum) with moecomm.jit.launch's
 Launcher in record mode: a launch appends (kernel family, grid, argument values) to an int64
-program instead of launching, the exchanges append ncclSend / ncclRecv groups, and one call into
+program instead of launching, the exchanges append ncclSend / ncclRecv groups (a one-rank group's:
+one device copy, as c10d's all_to_all_single makes), and one call into
 native.c queues the program: cuLaunchKernel on the compiled Triton kernels' function handles,
 NCCL on the current stream with torch's own communicator of the group (borrowed through
 ProcessGroupNCCL._comm_ptr(), so there is one communicator and c10d's and these exchanges are
@@ -56,7 +57,7 @@ from ...jit import host as _host
 from ...jit.launch import Launcher, native_parameters, recording
 
 SOURCE = "ep/native.c"
-VERSION = 1  # native.c's MC_VERSION
+VERSION = 2  # native.c's MC_VERSION
 OK, RESPECIALISE, CUDA_ERROR, NCCL_ERROR, TIMEOUT, BAD_PROGRAM, NOT_READY = 0, 1, 2, 3, 4, 5, 6
 OP_LAUNCH, OP_A2A, OP_D2H, OP_WAIT = 1, 2, 3, 4
 EXTRA_PARAMS = 2  # Triton 3.6's global and profile scratch pointers (null)
@@ -142,7 +143,7 @@ def _nccl_path() -> str | None:
 
 
 def _api_functions() -> list[int]:
-    """Addresses of the 8 functions native.c calls (libcuda's and torch's libnccl's)."""
+    """Addresses of the 9 functions native.c calls (libcuda's and torch's libnccl's)."""
     from ...jit import cuda
 
     drv = cuda._get_driver().lib
@@ -163,7 +164,7 @@ def _api_functions() -> list[int]:
 
     return [addr(drv, "cuLaunchKernel"), addr(drv, "cuStreamQuery"), addr(drv, "cuMemcpyDtoHAsync_v2"),
             addr(nccl, "ncclGroupStart"), addr(nccl, "ncclGroupEnd"), addr(nccl, "ncclSend"), addr(nccl, "ncclRecv"),
-            addr(nccl, "ncclCommGetAsyncError")]
+            addr(nccl, "ncclCommGetAsyncError"), addr(drv, "cuMemcpyDtoDAsync_v2")]
 
 
 # ----------------------------------------------------------------------------- the runtime
