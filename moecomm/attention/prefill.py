@@ -24,6 +24,7 @@ Not here: in-kernel RoPE (use apply_rope first); block-sparse lives in blockspar
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -82,6 +83,30 @@ PREFILL_TMA_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3)
 # come out) and num_stages > 1; 128 x 128 tiles fit 2 stages (180 KB of shared memory, 3: 246 KB).
 PREFILL_WS: bool | None = None
 PREFILL_WS_CONFIGS: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 4, 2)}
+# The TMA path's hand-scheduled warp-specialised Hopper kernel (_gluon_prefill, Gluon: a TMA producer
+# warp, two consumer warpgroups of BLOCK_M / 2 rows, FlashAttention-3's overlap). Where it applies
+# (_gluon_applies: sm_90, fp16 / bf16 Q and cache, a head_dim listed here, causal or no mask, no
+# window / soft cap / custom mask, Q's heads adjacent) it replaces v2's TMA loop. PREFILL_GLUON:
+# True / False, or None to read MOECOMM_PREFILL_GLUON (0 / 1, default PREFILL_GLUON_DEFAULT) at
+# each run(). head_dim -> GluonConfig; BLOCK_M must be PREFILL_CONFIGS' (the plan's tiles).
+PREFILL_GLUON: bool | None = None
+PREFILL_GLUON_DEFAULT = False
+
+
+class GluonConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    stages: int          # K / V ring depth (K + V: 2 * BLOCK_N * D * 2 bytes a stage)
+    pipe: bool           # Q K^T of block j issued before P V of block j - 1 (FlashAttention-3's overlap)
+    consumer_regs: int   # setmaxnreg of the worker consumer warpgroup (the default one gets the rest)
+    producer_regs: int
+    maxnreg: int         # the kernel's register cap at entry (384 threads: 65536 / 384 -> 168)
+
+
+PREFILL_GLUON_CONFIGS: dict[int, GluonConfig] = {
+    128: GluonConfig(128, 128, 2, True, 240, 24, 168),
+    64: GluonConfig(128, 128, 3, True, 240, 24, 168),
+}
 
 
 
@@ -129,6 +154,14 @@ def _prefill_impl(
         tma = kv_contiguous and not kv_layout_hnd and _tma_ok(k_cache, page_size) and _tma_ok(v_cache, page_size)
         ws = (tma and not custom and head_dim in PREFILL_WS_CONFIGS and q.dtype in (torch.bfloat16, torch.float16)
               and _ws_enabled() and _q_tma_ok(q))
+        if tma and _gluon_enabled() and _gluon_applies(q, k_cache, v_cache, custom, window_left, soft):
+            cfg = PREFILL_GLUON_CONFIGS[head_dim]
+            if cfg.block_m != block_m:
+                raise MoeCommValueError(f"{_OP}: PREFILL_GLUON_CONFIGS[{head_dim}] must have BLOCK_M = {block_m} "
+                                        f"(PREFILL_CONFIGS'), got {cfg.block_m}")
+            _launch_gluon(q, k_cache, v_cache, out, lse, meta, kv_indices, mask_bits, offsets, num_tiles_grid,
+                          page_size, layout, causal, write_lse, sm_scale, cfg)
+            return
         if tma:
             name = "PREFILL_WS_CONFIGS" if ws else "PREFILL_TMA_CONFIGS"
             bm, block_n, num_warps, num_stages = (PREFILL_WS_CONFIGS if ws else PREFILL_TMA_CONFIGS)[head_dim]
@@ -162,6 +195,72 @@ def _q_tma_ok(q: torch.Tensor) -> bool:
     es = q.element_size()
     return (q.stride(2) == 1 and q.stride(1) == q.shape[2] and (q.stride(0) * es) % 16 == 0
             and q.data_ptr() % 16 == 0)
+
+
+def _gluon_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, custom: bool, window_left: int,
+                   soft_cap: bool) -> bool:
+    """Whether the Gluon kernel covers this launch (the TMA path already applies): gluon_supports()
+    for this GPU and Q readable by TMA."""
+    if q.device.type != "cuda" or not _q_tma_ok(q):
+        return False
+    return gluon_supports(_device_capability(q.device), q.dtype, k_cache.dtype, v_cache.dtype, q.shape[2], custom,
+                          window_left, soft_cap)
+
+
+def gluon_supports(capability: tuple[int, int], q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype,
+                   head_dim: int, custom: bool, window_left: int, soft_cap: bool) -> bool:
+    """The Gluon kernel's domain: sm_90 (wgmma, setmaxnreg), fp16 / bf16 Q with K / V of the same
+    dtype, a head_dim in PREFILL_GLUON_CONFIGS, and only the masks it has (causal or none: no
+    window, soft cap or custom mask)."""
+    if custom or window_left >= 0 or soft_cap or tuple(capability) != (9, 0):
+        return False
+    return q_dtype in (torch.bfloat16, torch.float16) and k_dtype == q_dtype and v_dtype == q_dtype \
+        and head_dim in PREFILL_GLUON_CONFIGS
+
+
+_CAPABILITY: dict = {}
+
+
+def _device_capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(index)
+    if cap is None:
+        cap = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return cap
+
+
+def _gluon_enabled() -> bool:
+    """PREFILL_GLUON, or where it is None the MOECOMM_PREFILL_GLUON variable (0 / 1; unset:
+    PREFILL_GLUON_DEFAULT)."""
+    if PREFILL_GLUON is not None:
+        return bool(PREFILL_GLUON)
+    value = _env.raw("MOECOMM_PREFILL_GLUON")
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if value is None or not value.strip():
+        return PREFILL_GLUON_DEFAULT
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def _launch_gluon(q, k_cache, v_cache, out, lse, meta, kv_indices, mask_bits, offsets, num_tiles_grid, page_size,
+                  layout, causal, write_lse, sm_scale, cfg: GluonConfig) -> None:
+    """prefill_v2_kernel's arguments into _gluon_prefill's kernel (its own constexprs), launched
+    directly: its register cap (maxnreg) is a launch option moecomm.jit's launch() does not pass."""
+    from . import _gluon_prefill as gk
+
+    off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask, _ = offsets
+    num_qo_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    _ensure_allocator(q.device)  # descriptors made in the kernel need a global scratch
+    gk.prefill_gluon_kernel[(num_qo_heads, num_tiles_grid)](
+        q, k_cache, v_cache, out, lse, meta, kv_indices, mask_bits,
+        off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask,
+        k_cache.shape[0], num_qo_heads,
+        q.stride(0), q.stride(1), *nhd_strides(k_cache, layout), *nhd_strides(v_cache, layout),
+        out.stride(0), out.stride(1), sm_scale, 1.0, 0,
+        GROUP=num_qo_heads // num_kv_heads, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal, WRITE_LSE=write_lse, PIPE=cfg.pipe,
+        CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, num_warps=4, maxnreg=cfg.maxnreg)
 
 
 def _ws_enabled() -> bool:

@@ -1,0 +1,227 @@
+"""Paged prefill's Gluon kernel (moecomm/attention/_gluon_prefill.py, issue 15) against the shipped v2 TMA
+kernel, cuDNN's SDPA and FlashInfer 0.7.2: one process, one GPU, every row timed interleaved.
+
+    PYTHONPATH=$PWD:/tmp/fisite python -m benchmarks.probe_prefill_gluon   # H200: < 90 s (mostly compiles)
+    python -m benchmarks.probe_prefill_gluon --no-flashinfer --no-non-causal
+
+# B = batch, L = sequence length, Hq / Hk = heads, D = head_dim, P = page_size
+
+The case is probe_prefill_ws's (its helpers are reused): B 8 x L 4096, causal, Hq 32 / Hk 8, bf16,
+D 128, P 16, each request's pages consecutive. Causal prefill is 2 * B * Hq * L^2 * D = 1.1 TFLOP:
+cuDNN's ~569 TFLOP/s is ~1.93 ms, the target 0.95x of it ~540 TFLOP/s = 2.03 ms.
+
+Rows: v2 (prefill.PREFILL_GLUON = False) twice, the control (the spread between its rows is this run's
+noise); the Gluon kernel at each GluonConfig of VARIANTS; SDPA cuDNN / flash on the same KV made
+contiguous; FlashInfer 0.7.2's paged prefill when it imports. Then (unless --no-non-causal) the
+non-causal case (4 * B * Hq * L^2 * D FLOPs) for v2, the default Gluon config and cuDNN.
+
+Each Gluon variant is first compiled and run once in a child process (all at once): a kernel that
+hangs on a barrier or faults costs its row only (the child is killed after --check-timeout). This
+process then checks every row against cuDNN again (bf16: WRONG above 3e-2, timed anyway) and times
+them interleaved (moecomm.testing.bench_interleaved with q as argument: CUDA events), with
+probe_prefill_ws's guards (TIMING INVALID above the bf16 peak or under 0.7x of a synchronised clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+from benchmarks import probe_prefill_ws as ws
+
+B, L, HQ, HK, D, P = ws.B, ws.L, ws.HQ, ws.HK, ws.D, ws.P
+ATOL = ws.ATOL
+
+
+def _cfg(block_n, stages, pipe, consumer_regs=240, producer_regs=24, maxnreg=168):
+    from moecomm.attention.prefill import GluonConfig
+
+    return GluonConfig(128, block_n, stages, pipe, consumer_regs, producer_regs, maxnreg)
+
+
+# label -> GluonConfig args (None: v2, the Gluon kernel switched off)
+VARIANTS = {
+    "v2 (shipped)": None,
+    "gluon 128x128 s2 pipe": (128, 2, True),
+    "gluon 128x128 s3 pipe": (128, 3, True),
+    "gluon 128x128 s2 serial": (128, 2, False),
+    "gluon 128x64 s3 pipe": (64, 3, True),
+    "gluon 128x64 s4 pipe": (64, 4, True),
+}
+NON_CAUSAL = ["v2 (shipped)", "gluon 128x128 s2 pipe"]
+
+
+def _variant_fn(w, q, kv, label):
+    from moecomm.attention import prefill as pre
+
+    args = VARIANTS[label]
+
+    def fn():
+        pre.PREFILL_GLUON = args is not None
+        if args is not None:
+            pre.PREFILL_GLUON_CONFIGS[D] = _cfg(*args)
+        return w.run(q, kv)
+
+    return fn
+
+
+def _gluon_cache() -> dict:
+    from moecomm.attention import _gluon_prefill as gk
+
+    return {key: k for cache in gk.prefill_gluon_kernel.device_caches.values() for key, k in cache[0].items()}
+
+
+def _info(kk) -> dict:
+    kk = kk.result() if hasattr(kk, "result") else kk
+    ptx = kk.asm.get("ptx", "") if hasattr(kk.asm, "get") else ""
+    return dict(warps=kk.metadata.num_warps, regs=getattr(kk, "n_regs", "?"), spills=getattr(kk, "n_spills", "?"),
+                shared=kk.metadata.shared,
+                setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))))
+
+
+def _first_run(case, label):
+    fn = _variant_fn(case["w"], case["q"], (case["k"], case["v"]), label)
+    before = set(_gluon_cache())
+    out = fn()
+    torch.cuda.synchronize()
+    err = (out.float() - case["ref"].float()).abs().max().item()
+    new = [k for key, k in _gluon_cache().items() if key not in before]
+    return fn, err, (_info(new[-1]) if new else None)
+
+
+def _describe(info) -> str:
+    if not info:
+        return ""
+    regs = f"regs {info['regs']}" + (f" (setmaxnreg {'/'.join(info['setmaxnreg'])})" if info.get("setmaxnreg") else "")
+    return f"{info['warps']} warps, {regs}, spills {info['spills']}, smem {info['shared'] // 1024} KB"
+
+
+def preflight(keys, timeout_s):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {}
+    for label, causal in keys:
+        cmd = [sys.executable, "-m", "benchmarks.probe_prefill_gluon", "--check-only", label]
+        if not causal:
+            cmd.append("--non-causal")
+        procs[(label, causal)] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                  text=True)
+    out = {}
+    for key, proc in procs.items():
+        try:
+            so, se = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            so, se = proc.communicate()
+            out[key] = dict(error=f"timed out after {timeout_s:.0f} s (a hang on a barrier?)")
+            continue
+        line = next((x for x in reversed(so.splitlines()) if x.startswith("{")), None)
+        if proc.returncode != 0 or line is None:
+            lines = [x for x in se.strip().splitlines() if x.strip() and not x.startswith((" ", "#", "{", "}"))]
+            out[key] = dict(error=f"failed (exit {proc.returncode}): {' | '.join(lines[-4:])[-600:]}")
+        else:
+            out[key] = json.loads(line)
+    return out
+
+
+def run_case(causal, labels, checks, args):
+    from moecomm.attention import prefill as pre
+    from moecomm.testing import bench_interleaved
+
+    flops = (2 if causal else 4) * B * HQ * L * L * D
+    case = ws._case(causal)
+    fns, notes = {}, {}
+    for name, (fn, o) in case["sdpa"].items():
+        fns[f"sdpa {name}"] = fn
+        notes[f"sdpa {name}"] = ((o.float() - case["ref"].float()).abs().max().item(), "")
+    saved = pre.PREFILL_GLUON, dict(pre.PREFILL_GLUON_CONFIGS)
+    try:
+        for label in labels:
+            chk = checks.get((label, causal), {})
+            if "error" in chk:
+                print(f"  {label}: skipped, its check {chk['error']}")
+                continue
+            try:
+                fn, err, info = _first_run(case, label)
+            except Exception as exc:
+                print(f"  {label}: failed, {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            notes[label] = (err, _describe(info or chk.get("info")))
+            if not err <= ATOL:
+                print(f"  WRONG: {label}: max abs error vs {case['ref_name']} {err:.3g} (> {ATOL}); timed anyway, flagged")
+            fns[label] = fn
+        if "v2 (shipped)" in fns:
+            fns["v2 (control, again)"] = fns["v2 (shipped)"]
+            notes["v2 (control, again)"] = notes["v2 (shipped)"]
+        if causal and not args.no_flashinfer:
+            fi, why = ws._flashinfer_fn(case, causal)
+            if fi is None:
+                print(f"  FlashInfer: {why}")
+            else:
+                notes[why] = ((fi().float() - case["ref"].float()).abs().max().item(), "")
+                fns[why] = fi
+        times = bench_interleaved({n: (lambda _q, f=f: f()) for n, f in fns.items()}, [(case["q"],)],
+                                  warmup=args.warmup, rep=args.rep)
+        sync_ms = {n: ws._sync_ms(f, ws.SYNC_CALLS) for n, f in fns.items()}
+    finally:
+        pre.PREFILL_GLUON = saved[0]
+        pre.PREFILL_GLUON_CONFIGS.clear()
+        pre.PREFILL_GLUON_CONFIGS.update(saved[1])
+    base = times.get("sdpa cudnn")
+    if base is not None and not ws.timing_valid(base, sync_ms["sdpa cudnn"], flops):
+        base = None
+    print(f"\n{'causal' if causal else 'non-causal'} B{B} L{L} {HQ}/{HK} heads D{D} P{P} bf16, consecutive pages; "
+          f"median of {args.rep} interleaved calls (CUDA events) [p10, p90]; sync ms: wall clock of {ws.SYNC_CALLS} "
+          f"back-to-back calls; max err vs {case['ref_name']}")
+    print(ws.HEADER)
+    for name, t in times.items():
+        err, desc = notes.get(name, (None, ""))
+        print(ws.format_row(name, t, sync_ms[name], flops, base, err, desc), flush=True)
+    del case, fns
+    torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rep", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--no-non-causal", action="store_true")
+    ap.add_argument("--only", nargs="*", help="variant labels to keep (default: all)")
+    ap.add_argument("--check-timeout", type=float, default=60.0)
+    ap.add_argument("--check-only", metavar="LABEL", help=argparse.SUPPRESS)
+    ap.add_argument("--non-causal", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("probe_prefill_gluon times GPU kernels: it needs a CUDA GPU (none is visible here)")
+        return 2
+    if args.check_only:
+        case = ws._case(not args.non_causal)
+        _, err, info = _first_run(case, args.check_only)
+        print(json.dumps(dict(err=err, info=info)), flush=True)
+        return 0
+    import triton
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    labels = [x for x in VARIANTS if not args.only or x in args.only or VARIANTS[x] is None]
+    non_causal = [] if args.no_non_causal else [x for x in NON_CAUSAL if x in labels]
+    keys = [(x, True) for x in labels if VARIANTS[x] is not None] + [(x, False) for x in non_causal
+                                                                     if VARIANTS[x] is not None]
+    checks = preflight(keys, args.check_timeout)
+    print("each Gluon variant compiled and checked in a child process (max abs error vs cuDNN; compile):")
+    for (label, causal), chk in checks.items():
+        what = chk["error"] if "error" in chk else f"err {chk['err']:.2g}; {_describe(chk['info'])}"
+        print(f"  {label:28s} {'causal' if causal else 'non-causal':10s} {what}", flush=True)
+    run_case(True, labels, checks, args)
+    if non_causal:
+        run_case(False, non_causal, checks, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
