@@ -405,8 +405,8 @@ def test_native_round_trip_equals_the_python_path(monkeypatch):
             d0, y0 = _round_trip(disp, x, ids, w)
             monkeypatch.setenv("MOECOMM_EP_NATIVE", "1")
             before = rt.programs
-            for _ in range(2):  # the first call compiles variants, the second finds them
-                d1, y1 = _round_trip(disp, x, ids, w)
+            for ids_i in (ids, ids.clone()):  # the first call compiles variants and records the count
+                d1, y1 = _round_trip(disp, x, ids_i, w)  # phase's template, the second patches its ids
                 torch.cuda.synchronize()
             assert rt.programs == before + 6, (T, rt.programs - before)
             for a in ("tokens", "gather_idx", "expert_offsets", "tokens_per_expert", "row_weights"):
@@ -415,3 +415,75 @@ def test_native_round_trip_equals_the_python_path(monkeypatch):
             assert torch.equal(y0, y1), T
     finally:
         dist.destroy_process_group()
+
+
+class _CaptureLib:
+    """A Library stand-in whose run() keeps each program it is given and answers ``rc``."""
+
+    def __init__(self):
+        self.programs: list[list[int]] = []
+        self.info = [0, 0]
+        self.info_addr = 0
+        self.rc = N.OK
+        self._families = 0
+
+    def new_family(self):
+        self._families += 1
+        return self._families
+
+    def run(self, addr, n, stream, comm, timeout_ns, info):
+        self.programs.append(list(struct.unpack(f"{n}q", ctypes.string_at(addr, 8 * n))))
+        return self.rc
+
+
+def _record_plan(rt, ids, e2r, e2l, W, ws, host):
+    from moecomm.ep.nccl.plan import plan_send
+
+    def record(rec):
+        p = plan_send(ids, e2r, e2l, W, workspace=ws)
+        rec.all_to_all(p.counts_recv, p.info, 12, [1] * W, [1] * W)
+        rec.to_host(host, p.counts)
+        return p
+
+    return N.phase((rt, 0xC0, 0x51), ("k",), "test", None, record, (ids,))
+
+
+def test_a_template_is_the_recording_with_the_sources_addresses_patched(monkeypatch):
+    """The count phase's Template (the dispatcher keeps one per shapes): queued with another ids
+    tensor, exactly the program a fresh recording with that tensor makes; a source address of
+    another 16-byte alignment is refused with nothing queued; a pointer into a source's storage
+    outside the source makes the recording not reusable."""
+    from moecomm.ep.nccl import plan as P
+    from moecomm.jit.backend import Impl
+
+    monkeypatch.setattr(P, "choose", lambda *a, **kw: Impl.TRITON)  # the kernel path, recorded on CPU
+    T, k, E, W = 37, 4, 16, 2
+    e2r = torch.arange(E, dtype=torch.int32) // (E // W)
+    e2l = torch.arange(E, dtype=torch.int32) % (E // W)
+    ws, host = P.Workspace(torch.device("cpu")), torch.zeros((2, W, 3), dtype=torch.int32)
+    lib = _CaptureLib()
+    rt = N.Runtime(lib)
+    ids_a = torch.randint(0, E, (T, k), dtype=torch.int32)
+    tpl = _record_plan(rt, ids_a, e2r, e2l, W, ws, host)
+    assert tpl.reusable and len(tpl.patches) == 1  # the plan kernel's one pointer into ids
+    ids_b = torch.randint(0, E, (T, k), dtype=torch.int32)
+    assert tpl.run((rt, 0xC0, 0x51), (ids_b,), "test", None) is True
+    _record_plan(rt, ids_b, e2r, e2l, W, ws, host)
+    recorded_a, replayed_b, recorded_b = lib.programs
+    assert replayed_b == recorded_b and replayed_b != recorded_a
+    assert [i for i, (a, b) in enumerate(zip(recorded_a, recorded_b)) if a != b] == [tpl.patches[0][0]]
+    # another alignment class of ids: Triton would specialise otherwise, so the template declines
+    odd = torch.randint(0, E, (T * k + 1,), dtype=torch.int32)[1:].view(T, k)
+    assert tpl.run((rt, 0xC0, 0x51), (odd,), "test", None) is False and len(lib.programs) == 3
+    # a failure in native.c raises as Recorder.run does
+    lib.rc = N.TIMEOUT
+    monkeypatch.setattr(N, "_rank_of", lambda group: lambda: 3)
+    with pytest.raises(N.NativeError, match="rank 3: test did not complete within MOECOMM_TIMEOUT_S"):
+        tpl.run((rt, 0xC0, 0x51), (ids_b,), "test", None)
+    lib.rc = N.OK
+    # the recorded pointer lies in the source's storage but outside the source: not reusable
+    base = torch.randint(0, E, (2 * T, k), dtype=torch.int32)
+    rec = N.Recorder(rt, ("k",), (base[T:],))
+    with rec:
+        rec.to_host(host, base[:1])
+    assert not rec.template(None).reusable

@@ -263,19 +263,27 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     plan = None
     if nat is not None:  # plan, count exchange and the sync in one native call
         host = ws.host_counts((2, W, 3))
-        box = []
-
-        def record_counts(rec):
-            p = plan_send(ids, e2r, e2l, W, check_ids=check, workspace=ws)
-            rec.all_to_all(p.counts_recv, p.info, 12, [1] * W, [1] * W)  # [W, 3] int32: 12 bytes a peer
-            rec.to_host(host, p.counts)
-            box.append(p)
-
-        if _native.phase(nat, key, f"{op}: count exchange", group, record_counts):
-            plan = box[0]
-            send_splits, recv_splits, recv_pairs, flags = _parse_counts(host.tolist())
+        # the phase depends on nothing else of the call (its Template says why; ws forgets it on growth)
+        tkey = ("native-counts", T, k, W, ids.dtype, ids.stride(), check, e2r.data_ptr(), e2l.data_ptr())
+        tpl = ws.memo(tkey)
+        if tpl is not None and tpl.run(nat, (ids,), f"{op}: count exchange", group):
+            plan = tpl.result
         else:
-            nat = None
+            def record_counts(rec):
+                p = plan_send(ids, e2r, e2l, W, check_ids=check, workspace=ws)
+                rec.all_to_all(p.counts_recv, p.info, 12, [1] * W, [1] * W)  # [W, 3] int32: 12 bytes a peer
+                rec.to_host(host, p.counts)
+                return p
+
+            tpl = _native.phase(nat, key, f"{op}: count exchange", group, record_counts, (ids,))
+            if tpl is False:
+                nat = None
+            else:
+                plan = tpl.result
+                if tpl.reusable:
+                    ws.keep(tkey, tpl)
+        if plan is not None:
+            send_splits, recv_splits, recv_pairs, flags = _parse_counts(host.tolist())
     if plan is None:
         plan = plan_send(ids, e2r, e2l, W, check_ids=check, workspace=ws)
         send_splits, recv_splits, recv_pairs, flags = _exchange_counts(plan.info, group, op, plan.counts, ws,

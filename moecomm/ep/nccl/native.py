@@ -180,6 +180,9 @@ class Runtime:
         self.lock = threading.Lock()
         self.programs = 0  # programs queued (tests and benchmarks read it)
         self.compiles = 0  # variants added
+        from ...jit.cuda import _raw_stream
+
+        self.stream = _raw_stream  # device index -> torch's current stream there (a handle)
 
     def family(self, key) -> int:
         fam = self.families.get(key)
@@ -215,15 +218,24 @@ class Runtime:
 
 class Recorder:
     """One phase's program, recorded: Launcher launches (through moecomm.jit.launch.recording) and the
-    exchanges, then queued by run()."""
+    exchanges, then queued by run().
 
-    __slots__ = ("rt", "key", "ops", "launches", "families")
+    ``sources``: tensors of the call (a dispatch's ids) whose addresses a later call of the same
+    shapes changes: every recorded pointer into one of them becomes a patch of the phase's Template
+    (template()); every other tensor it records is kept alive by the template (so an address in it
+    always means that tensor)."""
 
-    def __init__(self, rt: Runtime, key):
+    __slots__ = ("rt", "key", "ops", "launches", "families", "sources", "patches", "kept", "reusable")
+
+    def __init__(self, rt: Runtime, key, sources: tuple = ()):
         self.rt, self.key = rt, key
         self.ops: list[int] = []
         self.launches: list = []
         self.families = rt.families
+        self.sources = [_span(t) + (i,) for i, t in enumerate(sources)]
+        self.patches: list = []
+        self.kept: list = []
+        self.reusable = True  # False: a pointer into a source's storage outside the source itself
 
     def __enter__(self):
         recording.recorder = self
@@ -242,14 +254,45 @@ class Recorder:
         self.launches.append((len(ops), fam, launcher, grid, args, constexprs, num_warps, num_stages))
         n = len(grid)
         ops += (OP_LAUNCH, fam, grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, len(args))
-        ops += [a.data_ptr() if type(a) is _T else a for a in args]
+        if self.sources:
+            for a in args:
+                if type(a) is _T:
+                    self._pointer(a)
+                else:
+                    ops.append(a)
+        else:
+            ops += [a.data_ptr() if type(a) is _T else a for a in args]
+
+    def _pointer(self, t: torch.Tensor) -> None:
+        p = t.data_ptr()
+        for lo, hi, st_lo, st_hi, i in self.sources:
+            if lo <= p < hi:
+                self.patches.append((len(self.ops), i, p - lo, p & 15))
+                break
+            if st_lo <= p < st_hi:
+                self.reusable = False
+        else:
+            self.kept.append(t)
+        self.ops.append(p)
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, unit_bytes: int, send_units, recv_units) -> None:
         """out's rank-p part from rank p, inp's rank-p part to rank p (parts in units of unit_bytes)."""
+        if self.sources:
+            self.ops.append(OP_A2A)
+            self._pointer(inp)
+            self._pointer(out)
+            self.ops += (unit_bytes, len(send_units), *send_units, *recv_units)
+            return
         self.ops += (OP_A2A, inp.data_ptr(), out.data_ptr(), unit_bytes, len(send_units), *send_units, *recv_units)
 
     def to_host(self, host: torch.Tensor, src: torch.Tensor) -> None:
         """Copy src (contiguous, on the device) into host (pinned), then wait for the stream: the sync."""
+        if self.sources:
+            self.ops.append(OP_D2H)
+            self._pointer(host)
+            self._pointer(src)
+            self.ops += (src.numel() * src.element_size(), OP_WAIT)
+            return
         self.ops += (OP_D2H, host.data_ptr(), src.data_ptr(), src.numel() * src.element_size(), OP_WAIT)
 
     def run(self, stream: int, comm: int, what: str, group, rank_of) -> None:
@@ -259,23 +302,94 @@ class Recorder:
             prog = array("q", self.ops)
         except (TypeError, OverflowError) as exc:  # a float or a huge int among the arguments
             raise NotNative(f"an argument native.c cannot take ({exc})") from None
-        addr, n = prog.buffer_info()
-        lib = rt.library
-        timeout_ns = int(_env.timeout_s() * 1e9)
         for _ in range(MAX_VARIANTS + 1):
-            rc = lib.run(addr, n, stream, comm, timeout_ns, lib.info_addr)
+            rc = _queue(rt, prog, stream, comm)
             if rc == OK:
-                rt.programs += 1
                 return
             if rc == RESPECIALISE:  # nothing queued: add the variant this launch needs, and again
-                at = lib.info[0]
+                at = rt.library.info[0]
                 rec = next((r for r in self.launches if r[0] == at), None)
                 if rec is None:
                     raise NotNative(f"native.c refused op {at}")
                 rt.add_variant(rec[1], *rec[2:])
                 continue
-            raise _failure(rc, lib.info[0], lib.info[1], what, group, rank_of)
+            raise _failure(rc, rt.library.info[0], rt.library.info[1], what, group, rank_of)
         raise NotNative("too many variants for one program")
+
+    def template(self, result) -> Template:
+        """The program queued by run(), for later calls whose only change is the sources' addresses
+        (not ``reusable`` when it pointed into a source's storage outside the source)."""
+        return Template(array("q", self.ops), tuple(self.patches), result, self.kept, self.reusable)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(first byte, past the last byte) of the elements of ``t``, then the same of its storage."""
+    lo = t.data_ptr()
+    end = lo + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) if t.numel() else lo
+    st = t.untyped_storage()
+    return lo, end, st.data_ptr(), st.data_ptr() + st.nbytes()
+
+
+class Template:
+    """A recorded phase to queue again without recording it: the program, the slots that hold
+    addresses in the call's sources (patched from the next call's), and what the recording
+    returned (its tensors live in the dispatcher's Workspace, rewritten by every call).
+
+    Valid for a call when everything the recorded wrappers' launches depend on besides the sources'
+    addresses is in the caller's key (shapes, strides, dtypes, flags, the Workspace's buffer; the
+    caller keeps a template in that Workspace's memo, which forgets it when the buffer grows) and
+    each patched address has the recorded 16-byte alignment (Triton specialises on it: otherwise
+    run() answers False and the caller records)."""
+
+    __slots__ = ("prog", "patches", "result", "kept", "reusable")
+
+    def __init__(self, prog: array, patches: tuple, result, kept: list, reusable: bool = True):
+        self.prog, self.patches, self.result, self.kept, self.reusable = prog, patches, result, kept, reusable
+
+    def run(self, nat, sources: tuple, what: str, group) -> bool:
+        """Queue the program with ``sources``' addresses (as Recorder.run); False: not applicable
+        (nothing queued)."""
+        rt, ptr, stream = nat
+        prog = array("q", self.prog)
+        for slot, i, off, align in self.patches:
+            p = sources[i].data_ptr() + off
+            if p & 15 != align:
+                return False
+            prog[slot] = p
+        rc = _queue(rt, prog, stream, ptr)
+        if rc == OK:
+            return True
+        if rc == RESPECIALISE:
+            return False
+        raise _failure(rc, rt.library.info[0], rt.library.info[1], what, group, _rank_of(group))
+
+
+_TIMEOUT_NS: dict = {}  # MOECOMM_TIMEOUT_S as set -> nanoseconds (parsed once per value)
+
+
+def _queue(rt: Runtime, prog: array, stream: int, comm: int) -> int:
+    """One native.c run of ``prog``: its status (OK counted in rt.programs)."""
+    raw = _env.raw("MOECOMM_TIMEOUT_S")
+    timeout_ns = _TIMEOUT_NS.get(raw)
+    if timeout_ns is None:
+        timeout_ns = _TIMEOUT_NS[raw] = int(_env.timeout_s() * 1e9)
+    lib = rt.library
+    addr, n = prog.buffer_info()
+    rc = lib.run(addr, n, stream, comm, timeout_ns, lib.info_addr)
+    if rc == OK:
+        rt.programs += 1
+    return rc
+
+
+def _rank_of(group):
+    """rank_of() of _failure: this rank's global rank in ``group``."""
+
+    def rank_of():
+        from ...distributed.collectives import global_rank, group_info
+
+        return global_rank(group, group_info(group)[0])
+
+    return rank_of
 
 
 def _failure(rc: int, at: int, code: int, what: str, group, rank_of) -> Exception:
@@ -315,9 +429,16 @@ def unavailable() -> str | None:
     return _WHY_NOT[-1] if _WHY_NOT else None
 
 
+_ENABLED: dict = {}  # MOECOMM_EP_NATIVE as set (raw) -> enabled()
+
+
 def enabled() -> bool:
     """MOECOMM_EP_NATIVE (default 1): 0 keeps the throughput mode on its Python path."""
-    return _env.get("MOECOMM_EP_NATIVE").strip().lower() not in ("0", "false", "no", "off")
+    raw = _env.raw("MOECOMM_EP_NATIVE")
+    on = _ENABLED.get(raw)
+    if on is None:
+        on = _ENABLED[raw] = _env.get("MOECOMM_EP_NATIVE").strip().lower() not in ("0", "false", "no", "off")
+    return on
 
 
 def _process_runtime() -> Runtime | None:
@@ -418,24 +539,21 @@ def for_call(group, dev: torch.device, async_op: bool):
     ptr = comm(group)
     if not ptr:
         return None
-    from ...jit.cuda import _raw_stream
-
-    return rt, ptr, _raw_stream(dev.index if dev.index is not None else torch.cuda.current_device())
+    return rt, ptr, rt.stream(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
-def phase(nat, key, what: str, group, record) -> bool:
-    """Record ``record(recorder)`` (launches and exchanges) and queue it in one native call: True.
-    False when it cannot be queued natively (nothing was queued; the path is then off for the
-    process, said once): the caller runs the phase in Python."""
-    from ...distributed.collectives import global_rank, group_info
-
+def phase(nat, key, what: str, group, record, sources: tuple | None = None):
+    """Record ``record(recorder)`` (launches and exchanges) and queue it in one native call: True,
+    or with ``sources`` (see Recorder) the phase's Template (what ``record`` returned as its
+    result). False when it cannot be queued natively (nothing was queued; the path is then off for
+    the process, said once): the caller runs the phase in Python."""
     rt, ptr, stream = nat
-    rec = Recorder(rt, key)
+    rec = Recorder(rt, key, sources or ())
     try:
         with rec:
-            record(rec)
-        rec.run(stream, ptr, what, group, lambda: global_rank(group, group_info(group)[0]))
+            result = record(rec)
+        rec.run(stream, ptr, what, group, _rank_of(group))
     except NotNative as why:
         disable(str(why))
         return False
-    return True
+    return rec.template(result) if sources is not None else True
