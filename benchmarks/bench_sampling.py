@@ -97,24 +97,30 @@ def with_config(name, fn):
     return run
 
 
-def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=None):
+def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=None, split=None, paired_map=None):
     """fn run with api.SAMPLE_KERNEL = kernel ("cuda": sample.cu for the calls it covers; "triton":
     the Triton kernel for all), the Triton launch configuration `config` when given, the CUDA
     kernel's sector map on or off (_cuda.SECTOR_MAP: pass B skips the sectors without a candidate)
     and by bins or by exponents (_cuda.SECTOR_MAP_BINS; None: the module's default), and its paired
-    entries forced on or off (_cuda.PAIRED; None: by the batch)."""
+    entries forced on or off (_cuda.PAIRED; None: by the batch), its split rows forced to a cluster
+    size (_cuda.SPLIT; 1: off; None: by the batch) and the paired top-p's sector map
+    (_cuda.PAIRED_TOP_P_SECTOR_MAP; None: the module's default)."""
     from moecomm.sampling import _cuda, api
 
     inner = with_config(config, fn) if config is not None else fn
 
     def run(*args):
-        old = api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS
+        old = (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
+               _cuda.PAIRED_TOP_P_SECTOR_MAP)
         bins = _cuda.SECTOR_MAP_BINS if map_bins is None else map_bins
-        api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS = kernel, sector_map, paired, bins
+        pmap = _cuda.PAIRED_TOP_P_SECTOR_MAP if paired_map is None else paired_map
+        (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
+         _cuda.PAIRED_TOP_P_SECTOR_MAP) = kernel, sector_map, paired, bins, split, pmap
         try:
             return inner(*args)
         finally:
-            api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS = old
+            (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
+             _cuda.PAIRED_TOP_P_SECTOR_MAP) = old
     return run
 
 
@@ -137,7 +143,7 @@ def _triton_rows(device):
     return {f"moecomm[{c}]": c for c in [_triton.CONFIG] + [c for c in _triton.CONFIGS if c != _triton.CONFIG]}
 
 
-def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
+def run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=True, torch_sort=True):
     sets = _sets(batch, vocab, device)
     top_k = 50 if op == "top_k_top_p" else None
     top_p = 0.9
@@ -149,7 +155,7 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
         call = lambda p: S.top_k_top_p_sampling_from_probs(p, top_k, top_p)  # noqa: E731
         seeded = lambda p: S.top_k_top_p_sampling_from_probs(p, top_k, top_p, seed=1)  # noqa: E731
     impls = {ours: with_kernel("cuda", call)}
-    paired_by_batch = None
+    paired_by_batch, split_by_batch = None, 1
     if device.type == "cuda":  # control rows: pass B reads the whole row; the other block pairing
         from moecomm.sampling import _cuda
 
@@ -159,14 +165,20 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
         paired_by_batch = _cuda.paired(device, batch, top_k, top_p)
         other = "unpaired" if paired_by_batch else "paired"
         impls[f"moecomm[cuda-{other}]"] = with_kernel("cuda", call, paired=not paired_by_batch)
-    for name, cfg in _triton_rows(device).items():  # the Triton kernel: its default, then the control rows
+        split_by_batch = _cuda.split_blocks(device, batch, top_k, top_p)
+        if split_by_batch > 1:  # the split rows' control: one block a row
+            impls["moecomm[cuda-nosplit]"] = with_kernel("cuda", call, split=1)
+        if paired_by_batch and top_k is None:  # paired top-p goes without the map: the control keeps it
+            impls["moecomm[cuda-pairedmap]"] = with_kernel("cuda", call, paired_map=True)
+    for name, cfg in (_triton_rows(device) if triton else {}).items():  # the Triton kernel: its default, then the control rows
         impls[name] = with_kernel("triton", call, cfg)
     if fi is not None:
         if op == "top_p":
             impls["flashinfer"] = lambda p: fi.sampling.top_p_sampling_from_probs(p, top_p)
         else:
             impls["flashinfer"] = lambda p: fi.sampling.top_k_top_p_sampling_from_probs(p, top_k, top_p)
-    impls["torch_sort"] = lambda p: torch_sort_sampler(p, top_k, top_p)
+    if torch_sort:
+        impls["torch_sort"] = lambda p: torch_sort_sampler(p, top_k, top_p)
     # validate before timing: every token of each of our kernels lies in the kept set
     kept = {}
     for name in [n for n in impls if n.startswith("moecomm")]:
@@ -176,9 +188,13 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
     ok = kept[ours]
     # the same seed: the CUDA kernel, every Triton configuration and the reference draw the same tokens
     want = with_kernel("cuda", seeded)(sets[0][0])
-    others = {name: with_kernel("triton", seeded, cfg) for name, cfg in _triton_rows(device).items()}
+    others = {name: with_kernel("triton", seeded, cfg) for name, cfg in (_triton_rows(device) if triton else {}).items()}
     if device.type == "cuda":
         others["moecomm[cuda-nomap]"] = with_kernel("cuda", seeded, sector_map=False)
+        if "moecomm[cuda-nosplit]" in impls:
+            others["moecomm[cuda-nosplit]"] = with_kernel("cuda", seeded, split=1)
+        if "moecomm[cuda-pairedmap]" in impls:
+            others["moecomm[cuda-pairedmap]"] = with_kernel("cuda", seeded, paired_map=True)
         others[map_row] = with_kernel("cuda", seeded, map_bins=other_map)
         others[f"moecomm[cuda-{other}]"] = with_kernel("cuda", seeded, paired=not paired_by_batch)
     for name, fn in others.items():
@@ -194,7 +210,8 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
     base = times.get("flashinfer")
     t_ours = times[ours].median_ms
     read_bytes = batch * vocab * 4
-    row = f"{op:12s} B{batch:<4d} V{vocab:<7d} {ours}{'[paired]' if paired_by_batch else ''} {t_ours:8.4f} ms"
+    how = "[paired]" if paired_by_batch else (f"[split{split_by_batch}]" if device.type == "cuda" and split_by_batch > 1 else "")
+    row = f"{op:12s} B{batch:<4d} V{vocab:<7d} {ours}{how} {t_ours:8.4f} ms"
     for name, t in times.items():
         if name != ours:
             row += f" | {name} {t.median_ms:8.4f} ({t.median_ms / t_ours:5.2f}x)"
@@ -213,29 +230,41 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep):
                      flashinfer=getattr(fi, "__version__", None) if fi is not None else None)
 
 
-def run_graph_case(writer, device, fi, vocab=128256):
-    """B1 replayed in a CUDA graph (the decode-step setting): device time per call."""
-    sets = _sets(1, vocab, device)
+def run_graph_case(writer, device, fi, vocab=128256, batches=(1,), triton=True):
+    """Replayed in a CUDA graph (the decode-step setting): device time per call, top-p at each batch
+    (ours by the batch: split rows over a cluster of 8 at B <= 16; "moecomm[cuda-nosplit]" one block a
+    row, the control), and at B1 top-k + top-p and the map controls."""
+    from moecomm.sampling import _cuda
+
     top_p = lambda p: S.top_p_sampling_from_probs(p, 0.9)  # noqa: E731
     topk_topp = lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9)  # noqa: E731
-    fns = {"moecomm[cuda]": with_kernel("cuda", top_p), "moecomm_topk_topp[cuda]": with_kernel("cuda", topk_topp),
-           "moecomm[cuda-nomap]": with_kernel("cuda", top_p, sector_map=False),
-           map_control()[0]: with_kernel("cuda", top_p, map_bins=map_control()[1])}
-    for name, cfg in _triton_rows(device).items():
-        fns[name] = with_kernel("triton", top_p, cfg)
-        fns[name.replace("moecomm", "moecomm_topk_topp")] = with_kernel("triton", topk_topp, cfg)
-    if fi is not None:
-        fns["flashinfer"] = lambda p: fi.sampling.top_p_sampling_from_probs(p, 0.9)
-        fns["flashinfer_topk_topp"] = lambda p: fi.sampling.top_k_top_p_sampling_from_probs(p, 50, 0.9)
-    for name, fn in fns.items():
-        try:
-            t = graph_bench(fn, sets, replays=50, calls=20)
-        except Exception as exc:
-            print(f"  graph {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
-            continue
-        print(f"cuda graph B1 V{vocab} {name:30s} {t.median_ms * 1e3:8.2f} us/call (target 20 us for top-p)", flush=True)
-        writer.write(op="graph_top_p" if "topk" not in name else "graph_top_k_top_p", batch=1, vocab=vocab, impl=name,
-                     median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms, target_ms=0.02 if "topk" not in name else None)
+    for batch in batches:
+        sets = _sets(batch, vocab, device)
+        fns = {"moecomm[cuda]": with_kernel("cuda", top_p), "moecomm[cuda-nosplit]": with_kernel("cuda", top_p, split=1),
+               "moecomm_topk_topp[cuda]": with_kernel("cuda", topk_topp),
+               "moecomm_topk_topp[cuda-nosplit]": with_kernel("cuda", topk_topp, split=1)}
+        if batch == 1:
+            fns["moecomm[cuda-nomap]"] = with_kernel("cuda", top_p, sector_map=False)
+            fns[map_control()[0]] = with_kernel("cuda", top_p, map_bins=map_control()[1])
+            for name, cfg in (_triton_rows(device) if triton else {}).items():
+                fns[name] = with_kernel("triton", top_p, cfg)
+                fns[name.replace("moecomm", "moecomm_topk_topp")] = with_kernel("triton", topk_topp, cfg)
+        if fi is not None:
+            fns["flashinfer"] = lambda p: fi.sampling.top_p_sampling_from_probs(p, 0.9)
+            fns["flashinfer_topk_topp"] = lambda p: fi.sampling.top_k_top_p_sampling_from_probs(p, 50, 0.9)
+        split = _cuda.split_blocks(device, batch, None, 0.9)
+        for name, fn in fns.items():
+            try:
+                t = graph_bench(fn, sets, replays=50, calls=20)
+            except Exception as exc:
+                print(f"  graph {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            tag = f" [split{split}]" if split > 1 and name.startswith("moecomm") and "nosplit" not in name else ""
+            print(f"cuda graph B{batch} V{vocab} {name:32s} {t.median_ms * 1e3:8.2f} us/call{tag}"
+                  f"{' (target 20 us for top-p)' if batch == 1 else ''}", flush=True)
+            writer.write(op="graph_top_p" if "topk" not in name else "graph_top_k_top_p", batch=batch, vocab=vocab,
+                         impl=name, median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms,
+                         target_ms=0.02 if "topk" not in name and batch == 1 else None, split=split)
 
 
 _FIRST_CALL = r"""
@@ -302,6 +331,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--first-call-cache", default=None, help="an empty folder: also time first calls (cold, warm)")
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations of our kernel")
+    parser.add_argument("--graph-batches", default="1", help="batches of the CUDA-graph rows, comma-separated")
+    parser.add_argument("--shapes", default=None, help="eager rows, as B:V,B:V (default: B1/B128 V128256, B512 V151936)")
+    parser.add_argument("--ops", default="top_p,top_k_top_p", help="eager ops, comma-separated")
+    parser.add_argument("--no-triton", action="store_true", help="leave out the Triton kernel's rows")
+    parser.add_argument("--no-torch", action="store_true", help="leave out torch's sort-based sampler")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fi, fi_info = find_flashinfer() if device.type == "cuda" else (None, "not tried on CPU")
@@ -310,12 +344,16 @@ def main(argv=None) -> int:
           f"peers: torch sort-based sampler; FlashInfer {'found: ' + fi_info if fi is not None else 'not found (' + fi_info + ')'}")
     print("columns: median ms; (x) = that peer's time / ours, > 1 means ours is faster")
     shapes = [(4, 1000)] if args.quick else [(1, 128256), (128, 128256), (512, 151936)]
+    if args.shapes and not args.quick:
+        shapes = [tuple(int(v) for v in sv.split(":")) for sv in args.shapes.split(",")]
     warmup, rep = (1, 3) if args.quick else (10, 50)
-    for op in ("top_p", "top_k_top_p"):
+    for op in args.ops.split(","):
         for batch, vocab in shapes:
-            run_case(writer, device, fi, op, batch, vocab, warmup, rep)
+            run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=not args.no_triton,
+                     torch_sort=not args.no_torch)
     if device.type == "cuda" and not args.quick:
-        run_graph_case(writer, device, fi)
+        run_graph_case(writer, device, fi, batches=[int(b) for b in args.graph_batches.split(",")],
+                       triton=not args.no_triton)
         if args.sweep:
             run_sweep(device)
         if args.first_call_cache:

@@ -129,7 +129,8 @@ constexpr int NUM_DIGITS = 256;   // the list select's 8-bit digits
 constexpr int SMALL_MAX = 2048;   // list_select hands a bucket of at most this many keys to small_select
 constexpr int UNROLL = 4;         // 16-byte loads a thread keeps in flight
 constexpr int HIST_NONE = 0, HIST_COUNT = 1, HIST_QSUM = 2;
-constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8, PATH_SPLIT = 16;  // the trace
+constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8, PATH_SPLIT = 16,
+              PATH_CLUSTER = 32;  // the trace (PATH_CLUSTER: the row ran split over a cluster)
 
 // flags (moecomm/sampling/_cuda.py builds them)
 constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K = 1 << 3, F_K_TENSOR = 1 << 4,
@@ -217,6 +218,43 @@ __device__ __forceinline__ double q_mass_hi(int bin, unsigned qsum) {
   return (static_cast<double>(qsum) + static_cast<double>(q_count_bound(bin, qsum))) * q_scale(bin);
 }
 
+// ----------------------------------------------------------------------------- thread-block clusters
+// (sm_90; sample_row_split). In PTX, not cooperative_groups: this file includes no CUDA header (the
+// same instructions: barrier.cluster.arrive.release + wait.acquire is cluster.sync(), mapa is
+// map_shared_rank). tests/sampling/cuda_host_shim.h defines MOECOMM_CLUSTER_SHIM and its own.
+#ifndef MOECOMM_CLUSTER_SHIM
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900  // no clusters: _cuda.py launches no _split entry there
+__device__ __forceinline__ unsigned cluster_rank() { return 0; }
+__device__ __forceinline__ unsigned cluster_size() { return 1; }
+__device__ __forceinline__ void cluster_sync() { __syncthreads(); }
+template <typename T>
+__device__ __forceinline__ T* cluster_map(T* p, int) { return p; }
+#else
+__device__ __forceinline__ unsigned cluster_rank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ unsigned cluster_size() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+  return r;
+}
+// Every thread of every block of the cluster; the writes before it (shared memory of any block of
+// the cluster, and global) are seen by every thread after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The generic address of the same shared-memory location in block `rank` of the cluster.
+template <typename T>
+__device__ __forceinline__ T* cluster_map(T* p, int rank) {
+  u64 out;
+  asm volatile("mapa.u64 %0, %1, %2;" : "=l"(out) : "l"(reinterpret_cast<u64>(p)), "r"(rank));
+  return reinterpret_cast<T*>(out);
+}
+#endif
+#endif
+
 // ----------------------------------------------------------------------------- randomness
 
 struct Rng {
@@ -264,8 +302,9 @@ __device__ __forceinline__ void race_update(float v, unsigned r, int i, float& b
 struct RowRef {
   const float* p;
   int V;
-  int nq;    // quads: (V + 3) / 4
+  int nq;    // quads: (V + 3) / 4 (a split row's slice: one past its last quad)
   bool vec;  // 16-byte aligned row: full quads by one 16-byte load
+  int q0 = 0;  // the first quad (a split row's slice: sample_row_split; 0: the whole row)
 };
 
 __device__ __forceinline__ float4 load_quad(const RowRef& r, int q) {
@@ -285,7 +324,7 @@ __device__ __forceinline__ float4 load_quad(const RowRef& r, int q) {
 template <typename F>
 __device__ __forceinline__ void for_each_quad(const RowRef& r, F&& f) {
   const int T = blockDim.x, t = threadIdx.x;
-  for (int base = 0; base < r.nq; base += UNROLL * T) {
+  for (int base = r.q0; base < r.nq; base += UNROLL * T) {
     float4 x[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
@@ -597,7 +636,7 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
   double am = 0.0;
   const int T = blockDim.x, t = threadIdx.x;
   // for_each_quad's loop, with one warp-aggregated append for the UNROLL quads of an iteration
-  for (int base = 0; base < row.nq; base += UNROLL * T) {
+  for (int base = row.q0; base < row.nq; base += UNROLL * T) {
     float4 x[UNROLL];
     load_listable_quads(row, base, map, map_min, x);
     int c = 0;
@@ -642,19 +681,35 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
   return n;
 }
 
+// Where a split row's pass B also puts its tokens (sample_row_split): the listed tokens below tw
+// (top-p's uncertain bins, or all of them) are appended to rank 0's gather list (keys, at most cap
+// stored, *counter in rank 0's shared memory: one remote atomic a warp an iteration), those at or
+// above tw only counted and summed (ac, am: this block's, after list_above).
+struct Gather {
+  u64* keys;
+  int cap;
+  int* counter;
+  int tw;
+  long long ac;
+  double am;
+};
+
 // The list path's pass B: appends to A every token whose fp32 bits (as a signed int: -0.0 is not
 // listed) are >= tb >= 1, i.e. v > 0 in bins >= tb >> 20 (the entries beyond cap are counted, not
 // stored); returns how many there are. fill_range with kb = 2^63 and ka = tb << 32, on 32-bit
 // compares: no key is built for a token that is not listed (~3x fewer instructions a token: the
-// pass is bound by issue, not bytes). map as fill_range's.
-template <bool SPARSE>
+// pass is bound by issue, not bytes). map as fill_range's. GATHER: each listed token also goes to g
+// (see Gather).
+template <bool SPARSE, bool GATHER = false>
 __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsigned tb, const unsigned char* map,
-                          unsigned map_min) {
+                          unsigned map_min, Gather* g = nullptr) {
   if (threadIdx.x == 0) s_n = 0;
   __syncthreads();
   const int T = blockDim.x, t = threadIdx.x;
   const int tbi = static_cast<int>(tb);
-  for (int base = 0; base < row.nq; base += UNROLL * T) {
+  long long ac = 0;
+  double am = 0.0;
+  for (int base = row.q0; base < row.nq; base += UNROLL * T) {
     float4 x[UNROLL];
     load_listable_quads(row, base, map, map_min, x);
     // SPARSE (top-k given: >99% of the quads hold no listed token for top-k 50): a quad's largest
@@ -673,6 +728,26 @@ __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsig
       }
     }
     int pos = warp_append(c, &s_n);
+    int gc = 0;
+    if (GATHER && c > 0) {  // of the listed: those below tw to the gather list, the others summed
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int bits = __float_as_int(v[j]);
+          if (bits >= tbi) {
+            if (bits < g->tw) {
+              ++gc;
+            } else {
+              ++ac;
+              am += static_cast<double>(v[j]);
+            }
+          }
+        }
+      }
+    }
+    int gpos = GATHER ? warp_append(gc, g->counter) : 0;
     if (c > 0) {
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
@@ -681,13 +756,22 @@ __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsig
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             if (__float_as_int(v[j]) >= tbi) {
-              if (pos < cap) A[pos] = make_key(v[j], 4 * (base + u * T + t) + j);
+              const u64 key = make_key(v[j], 4 * (base + u * T + t) + j);
+              if (pos < cap) A[pos] = key;
               ++pos;
+              if (GATHER && __float_as_int(v[j]) < g->tw) {
+                if (gpos < g->cap) g->keys[gpos] = key;
+                ++gpos;
+              }
             }
           }
         }
       }
     }
+  }
+  if (GATHER) {
+    g->ac = block_reduce(ac, Sum<long long>(), 0LL);
+    g->am = block_reduce(am, Sum<double>(), 0.0);
   }
   __syncthreads();  // every append done
   const int n = s_n;
@@ -818,69 +902,54 @@ __device__ void write_row(void* out, unsigned char* valid, float* logprob, int f
   if (flags & F_LOGPROB) logprob[pid] = ok ? lp : __int_as_float(0x7fc00000);
 }
 
-template <int HIST>
-__device__ void sample_row(const float* __restrict__ x, const void* rowmap, void* out, unsigned char* valid,
-                           float* logprob, const void* k_ptr, const float* p_ptr, const float* minp_ptr,
-                           const long long* seed_ptr, const long long* offset_ptr, int V, int num_in_rows,
-                           long long stride_x, long long k_val, double p_val, float minp_val, long long seed_val,
-                           long long offset_val, int flags, int cap) {
-  const int pid = blockIdx.x, t = threadIdx.x, T = blockDim.x;
+// top_p of output row pid (1 without top-p), read where it is used (not held in a register across
+// the row: they are short at 1024 threads)
+__device__ __forceinline__ double top_p_of(int flags, const float* p_ptr, double p_val, int pid) {
+  return (flags & F_HAS_P) ? ((flags & F_P_TENSOR) ? static_cast<double>(p_ptr[pid]) : p_val) : 1.0;
+}
 
-  // the row and its parameters; a bad index or a parameter out of range: an invalid row, never a fault
-  long long in_row = pid;
-  bool ok = true;
+struct RowArgs {
+  long long in_row;  // the row of x
+  long long k;       // top_k (V without)
+  float min_p;       // 0 without
+  bool ok;           // false: a bad index or a parameter out of range (an invalid row, never a fault)
+};
+
+__device__ __forceinline__ RowArgs row_args(int pid, const void* rowmap, const void* k_ptr, const float* p_ptr,
+                                            const float* minp_ptr, int V, int num_in_rows, long long k_val,
+                                            double p_val, float minp_val, int flags) {
+  RowArgs a{pid, V, 0.0f, true};
   if (flags & F_ROWMAP) {
-    in_row = (flags & F_ROWMAP64) ? static_cast<const long long*>(rowmap)[pid] : static_cast<const int*>(rowmap)[pid];
-    ok = in_row >= 0 && in_row < num_in_rows;
+    a.in_row = (flags & F_ROWMAP64) ? static_cast<const long long*>(rowmap)[pid] : static_cast<const int*>(rowmap)[pid];
+    a.ok = a.in_row >= 0 && a.in_row < num_in_rows;
   }
-  const bool has_k = flags & F_HAS_K, has_p = flags & F_HAS_P, has_minp = flags & F_HAS_MINP;
-  long long k = V;
-  if (has_k) {
-    k = !(flags & F_K_TENSOR) ? k_val
-        : (flags & F_K64)     ? static_cast<const long long*>(k_ptr)[pid]
-                              : static_cast<const int*>(k_ptr)[pid];
-    ok = ok && k >= 1;
+  if (flags & F_HAS_K) {
+    a.k = !(flags & F_K_TENSOR) ? k_val
+          : (flags & F_K64)     ? static_cast<const long long*>(k_ptr)[pid]
+                                : static_cast<const int*>(k_ptr)[pid];
+    a.ok = a.ok && a.k >= 1;
   }
-  // top_p, read where it is used (not held in a register across the row: they are short at 1024 threads)
-  auto top_p = [&]() { return has_p ? ((flags & F_P_TENSOR) ? static_cast<double>(p_ptr[pid]) : p_val) : 1.0; };
-  if (has_p) {
-    const double p = top_p();
-    ok = ok && p > 0.0 && p <= 1.0;
+  if (flags & F_HAS_P) {
+    const double p = top_p_of(flags, p_ptr, p_val, pid);
+    a.ok = a.ok && p > 0.0 && p <= 1.0;
   }
-  float min_p = 0.0f;
-  if (has_minp) {
-    min_p = (flags & F_MINP_TENSOR) ? minp_ptr[pid] : minp_val;
-    ok = ok && min_p >= 0.0f && min_p <= 1.0f;
+  if (flags & F_HAS_MINP) {
+    a.min_p = (flags & F_MINP_TENSOR) ? minp_ptr[pid] : minp_val;
+    a.ok = a.ok && a.min_p >= 0.0f && a.min_p <= 1.0f;
   }
-  if (!ok) {
-    write_row(out, valid, logprob, flags, pid, 0, false, 0.0f);
-    return;
-  }
-  const float* row_ptr = x + in_row * stride_x;
-  const RowRef row{row_ptr, V, (V + 3) >> 2, (reinterpret_cast<u64>(row_ptr) & 15) == 0};
+  return a;
+}
 
-  u64* A = reinterpret_cast<u64*>(moecomm_sample_dyn);  // the list: cap keys
-  u64* B = A + cap;                                      // scratch: scratch_bytes_of(flags, cap)
-  unsigned* hist = reinterpret_cast<unsigned*>(B);       // pass A's bins live in the scratch until the list exists
-  MOECOMM_SAMPLE_CLOCK(0);
-
-  // pass A
-  if (HIST != HIST_NONE) {
-    for (int b = t; b < NUM_BINS; b += T) hist[b] = 0;
-    __syncthreads();
-  }
-  // per token: fp64 sum, max, min, count of v > 0, one native shared atomic (~12 instructions). The
-  // bad-row test needs no per-token branch: a negative value (-inf too) shows in the min, NaN and
-  // +inf in the fp64 sum (finite fp32 values cannot overflow it).
-  // The sector map (F_SECTOR_MAP, where the scratch has room): a byte per 8 tokens (32 bytes, the two
-  // quads of lanes 2i and 2i + 1), the largest fp32 exponent (or bin: F_MAP_BINS) among them, so that
-  // pass B skips the sectors that cannot hold a listed token (>99% of the row for top-k 50, ~55-68%
-  // for top-p 0.9).
-  unsigned char* map = reinterpret_cast<unsigned char*>(B) + MAP_OFFSET;
-  const bool use_map = (flags & F_SECTOR_MAP) && (row.nq + 1) / 2 <= scratch_bytes_of(flags, cap) - MAP_OFFSET;
-  double s = 0.0;
-  float mx = 0.0f, mn = 0.0f;
-  int npos_t = 0;
+// Pass A over row (or a split row's slice) into this thread's partials: per token the fp64 sum, max,
+// min, count of v > 0 and one native shared atomic (~12 instructions). The bad-row test needs no
+// per-token branch: a negative value (-inf too) shows in the min, NaN and +inf in the fp64 sum
+// (finite fp32 values cannot overflow it). The sector map (use_map): a byte per 8 tokens (32
+// bytes, the two quads of lanes 2i and 2i + 1; row.q0 even), the largest fp32 exponent (or bin:
+// F_MAP_BINS) among them, so that pass B skips the sectors that cannot hold a listed token (>99% of
+// the row for top-k 50, ~55-68% for top-p 0.9).
+template <int HIST>
+__device__ __forceinline__ void pass_a(const RowRef& row, unsigned* hist, unsigned char* map, bool use_map, int flags,
+                                       double& s, float& mx, float& mn, int& npos_t) {
   for_each_quad(row, [&](int q, float4 xq) {
     const float v[4] = {xq.x, xq.y, xq.z, xq.w};
     if (use_map) {  // block-uniform: every lane shuffles
@@ -904,32 +973,22 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
         atomicAdd(&hist[bits >> 20], HIST == HIST_COUNT ? 1u : q_of(bits));
     }
   });
-  const double S = block_reduce(s, Sum<double>(), 0.0);
-  if (t == 0) s_row_sum = S;
-  const float M = block_reduce(mx, Max<float>(), 0.0f);
-  const float mnr = -block_reduce(-mn, Max<float>(), 0.0f);
-  const long long npos = block_reduce(static_cast<long long>(npos_t), Sum<long long>(), 0LL);
-  MOECOMM_SAMPLE_CLOCK(1);
-  if (!(mnr >= 0.0f) || !(S > 0.0) || !(S < 1.0e300)) {  // a negative value, NaN or +inf, or a zero sum
-    write_row(out, valid, logprob, flags, pid, 0, false, 0.0f);
-    return;
-  }
-  // the rule's constants for this row
-  const float thr = has_minp ? __fmul_rn(min_p, M) : 0.0f;
-  const u64 kthr = has_minp ? static_cast<u64>(__float_as_uint(thr)) << 32 : 0;
-  const int bthr = has_minp ? static_cast<int>(__float_as_uint(thr) >> 20) : 0;
-  const bool p_all = !has_p || top_p() >= 1.0;
-  const long long k_eff = lmin(k, npos);  // ranks of positive tokens run 0 .. npos - 1
-  const bool need_sk = (flags & F_TOPK_FIRST) && has_k && !p_all;
-  const bool trivial = p_all && k_eff >= npos;  // every positive token passes top-k and top-p
-  const Cond cond_k{k_eff, 0.0, false};
-  Cond cond_pk{k_eff, p_all ? 0.0 : top_p() * S, !p_all};
+}
 
-  // plan: the lowest bin b0 to list and an upper bound of the list's size
-  int b0 = bthr;
-  long long est = npos;
-  int wlo = 0, whi = NUM_BINS - 1;  // top-p's window of uncertain bins
-  long long est_win = npos + 1;
+struct BinPlan {
+  int b0;             // the lowest bin to list
+  long long est;      // an upper bound of the list's size
+  int wlo, whi;       // top-p's window of uncertain bins
+  long long est_win;  // an upper bound of the window's size
+};
+
+// plan: the lowest bin b0 to list and an upper bound of the list's size, from pass A's bins
+// (HIST_COUNT: exact counts; HIST_QSUM: mass bounds; P = top_p * S). Every thread calls it.
+template <int HIST>
+__device__ __forceinline__ BinPlan plan_bins(const unsigned* hist, long long k_eff, long long npos, int bthr,
+                                             bool need_sk, bool p_all, double P) {
+  BinPlan pl{bthr, npos, 0, NUM_BINS - 1, npos + 1};
+  const int t = threadIdx.x;
   const int per = digits_per_thread(NUM_BINS);
   const int top = NUM_BINS - 1 - t * per;
   if (HIST == HIST_COUNT) {
@@ -947,11 +1006,11 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
       }
     }
     __syncthreads();
-    b0 = need_sk ? s_sel : imax(s_sel, bthr);
+    pl.b0 = need_sk ? s_sel : imax(s_sel, bthr);
     long long cnt = 0;
     for (int j = 0; j < per; ++j)
-      if (top - j >= b0) cnt += hist[top - j];
-    est = block_reduce(cnt, Sum<long long>(), 0LL);
+      if (top - j >= pl.b0) cnt += hist[top - j];
+    pl.est = block_reduce(cnt, Sum<long long>(), 0LL);
   } else if (HIST == HIST_QSUM) {
     if (!p_all) {
       double lo_mine = 0.0, hi_mine = 0.0;
@@ -969,7 +1028,6 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
       }
       double lo_run = block_exclusive_scan<double>(lo_mine, nullptr);
       double hi_run = block_exclusive_scan<double>(hi_mine, nullptr);
-      const double P = cond_pk.P;
       for (int j = 0; j < per; ++j) {
         const int b = top - j;
         if (b >= 0) {
@@ -981,32 +1039,174 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
         }
       }
       __syncthreads();
-      wlo = imax(s_sel, 0);
-      whi = s_sel2 < NUM_BINS ? s_sel2 : NUM_BINS - 1;
+      pl.wlo = imax(s_sel, 0);
+      pl.whi = s_sel2 < NUM_BINS ? s_sel2 : NUM_BINS - 1;
     }
-    b0 = imax(wlo, bthr);
+    pl.b0 = imax(pl.wlo, bthr);
     long long cnt = 0, wcnt = 0;
     for (int j = 0; j < per; ++j) {
       const int b = top - j;
       if (b >= 0) {
         const long long c = q_count_bound(b, hist[b]);
-        if (b >= b0) cnt += c;
-        if (b >= wlo && b <= whi) wcnt += c;
+        if (b >= pl.b0) cnt += c;
+        if (b >= pl.wlo && b <= pl.whi) wcnt += c;
       }
     }
-    est = lmin(block_reduce(cnt, Sum<long long>(), 0LL), npos);
-    est_win = lmin(block_reduce(wcnt, Sum<long long>(), 0LL), npos);
+    pl.est = lmin(block_reduce(cnt, Sum<long long>(), 0LL), npos);
+    pl.est_win = lmin(block_reduce(wcnt, Sum<long long>(), 0LL), npos);
   }
+  return pl;
+}
+
+// The fallback (every input, slower): the boundary key K(l) from HBM over the whole row: top-p's
+// window of uncertain bins, else radix levels. A: the list (cap keys), B: the scratch.
+template <int HIST>
+__device__ __forceinline__ u64 fallback_boundary(const RowRef& row, u64* A, u64* B, int flags, int cap,
+                                                 const BinPlan& pl, const Cond& cond_pk, const Cond& cond_k,
+                                                 bool need_sk, u64 kthr, long long npos, const float* p_ptr,
+                                                 double p_val, int pid) {
+  u64 kell = 0;
+  bool got = false;
+  const bool has_minp = flags & F_HAS_MINP;
+  const int scap = select_cap_of(flags, cap);  // the fallback's lists are selected whole
+  if (HIST == HIST_QSUM && pl.est_win <= scap) {
+    long long c0 = 0;
+    double m0 = 0.0;
+    const u64 ka = static_cast<u64>(pl.wlo) << 52;
+    const int nw = fill_range(row, A, scap, ka, static_cast<u64>(pl.whi + 1) << 52, &c0, &m0);
+    if (nw > 0 && nw <= scap) {
+      MOECOMM_SAMPLE_TRACE(PATH_WINDOW);
+      const Pick pk = list_select(A, B, nw, c0, m0, cond_pk);
+      // l is in the window: its first entry is kept (the bounds said so; checked exactly here, as
+      // a q-sum bin can wrap past 2^32 at V > 2^19) and an entry after l is dropped (or none can be)
+      got = cond_pk(c0, m0) && (pk.rank < c0 + nw - 1 || c0 + nw == npos || (has_minp && ka <= kthr));
+      kell = pk.key;
+    }
+  }
+  if (!got) {
+    MOECOMM_SAMPLE_TRACE(PATH_LEVELS);
+    Cond c = cond_pk;
+    if (need_sk) {
+      const Pick pk = hbm_select(row, A, B, scap, cond_k);
+      c.P = top_p_of(flags, p_ptr, p_val, pid) * (pk.mass + static_cast<double>(key_value(pk.key)));
+    }
+    kell = hbm_select(row, A, B, scap, c).key;
+  }
+  return kell;
+}
+
+// The random stream of output row pid; read at the race, not at the start (registers are short at
+// 1024 threads)
+__device__ __forceinline__ Rng row_rng(int flags, const long long* seed_ptr, const long long* offset_ptr,
+                                       long long seed_val, long long offset_val, int pid) {
+  const long long seed = (flags & F_SEED_TENSOR) ? seed_ptr[(flags & F_SEED_PER_ROW) ? pid : 0] : seed_val;
+  const long long off = (flags & F_OFFSET_TENSOR) ? offset_ptr[(flags & F_OFFSET_PER_ROW) ? pid : 0] : offset_val;
+  return Rng{static_cast<unsigned>(seed), static_cast<unsigned>(static_cast<u64>(seed) >> 32),
+             (flags & F_SEED_PER_ROW) ? 0u : static_cast<unsigned>(pid), static_cast<unsigned>(off),
+             static_cast<unsigned>(static_cast<u64>(off) >> 32)};
+}
+
+// The race over the list's kept entries (K >= klo), this thread's best so far
+__device__ __forceinline__ void race_list(const u64* A, int n, u64 klo, const Rng& rng, float& best, int& best_i) {
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const u64 key = A[j];
+    if (key >= klo) {
+      const int i = key_index(key);
+      unsigned r0, r1, r2, r3;
+      philox(rng, static_cast<unsigned>(i) >> 2, r0, r1, r2, r3);
+      const int lane = i & 3;
+      race_update(key_value(key), lane == 0 ? r0 : lane == 1 ? r1 : lane == 2 ? r2 : r3, i, best, best_i);
+    }
+  }
+}
+
+// The race over the row's (slice's) kept tokens from HBM: v > 0 and K >= klo
+__device__ __forceinline__ void race_row(const RowRef& row, u64 klo, const Rng& rng, float& best, int& best_i) {
+  for_each_quad(row, [&](int q, float4 xq) {
+    const float v[4] = {xq.x, xq.y, xq.z, xq.w};
+    bool kp[4];
+    bool any = false;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      kp[j] = v[j] > 0.0f && make_key(v[j], 4 * q + j) >= klo;
+      any = any || kp[j];
+    }
+    if (any) {  // one Philox call for the quad's four tokens
+      unsigned r[4];
+      philox(rng, static_cast<unsigned>(q), r[0], r[1], r[2], r[3]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (kp[j]) race_update(v[j], r[j], 4 * q + j, best, best_i);
+    }
+  });
+}
+
+template <int HIST>
+__device__ void sample_row(const float* __restrict__ x, const void* rowmap, void* out, unsigned char* valid,
+                           float* logprob, const void* k_ptr, const float* p_ptr, const float* minp_ptr,
+                           const long long* seed_ptr, const long long* offset_ptr, int V, int num_in_rows,
+                           long long stride_x, long long k_val, double p_val, float minp_val, long long seed_val,
+                           long long offset_val, int flags, int cap) {
+  const int pid = blockIdx.x, t = threadIdx.x, T = blockDim.x;
+  const RowArgs ra = row_args(pid, rowmap, k_ptr, p_ptr, minp_ptr, V, num_in_rows, k_val, p_val, minp_val, flags);
+  if (!ra.ok) {
+    write_row(out, valid, logprob, flags, pid, 0, false, 0.0f);
+    return;
+  }
+  const bool has_k = flags & F_HAS_K, has_p = flags & F_HAS_P, has_minp = flags & F_HAS_MINP;
+  auto top_p = [&]() { return top_p_of(flags, p_ptr, p_val, pid); };
+  const float* row_ptr = x + ra.in_row * stride_x;
+  const RowRef row{row_ptr, V, (V + 3) >> 2, (reinterpret_cast<u64>(row_ptr) & 15) == 0};
+
+  u64* A = reinterpret_cast<u64*>(moecomm_sample_dyn);  // the list: cap keys
+  u64* B = A + cap;                                      // scratch: scratch_bytes_of(flags, cap)
+  unsigned* hist = reinterpret_cast<unsigned*>(B);       // pass A's bins live in the scratch until the list exists
+  MOECOMM_SAMPLE_CLOCK(0);
+
+  // pass A
+  if (HIST != HIST_NONE) {
+    for (int b = t; b < NUM_BINS; b += T) hist[b] = 0;
+    __syncthreads();
+  }
+  unsigned char* map = reinterpret_cast<unsigned char*>(B) + MAP_OFFSET;  // the sector map, where the scratch has room
+  const bool use_map = (flags & F_SECTOR_MAP) && (row.nq + 1) / 2 <= scratch_bytes_of(flags, cap) - MAP_OFFSET;
+  double s = 0.0;
+  float mx = 0.0f, mn = 0.0f;
+  int npos_t = 0;
+  pass_a<HIST>(row, hist, map, use_map, flags, s, mx, mn, npos_t);
+  const double S = block_reduce(s, Sum<double>(), 0.0);
+  if (t == 0) s_row_sum = S;
+  const float M = block_reduce(mx, Max<float>(), 0.0f);
+  const float mnr = -block_reduce(-mn, Max<float>(), 0.0f);
+  const long long npos = block_reduce(static_cast<long long>(npos_t), Sum<long long>(), 0LL);
+  MOECOMM_SAMPLE_CLOCK(1);
+  if (!(mnr >= 0.0f) || !(S > 0.0) || !(S < 1.0e300)) {  // a negative value, NaN or +inf, or a zero sum
+    write_row(out, valid, logprob, flags, pid, 0, false, 0.0f);
+    return;
+  }
+  // the rule's constants for this row
+  const float thr = has_minp ? __fmul_rn(ra.min_p, M) : 0.0f;
+  const u64 kthr = has_minp ? static_cast<u64>(__float_as_uint(thr)) << 32 : 0;
+  const int bthr = has_minp ? static_cast<int>(__float_as_uint(thr) >> 20) : 0;
+  const bool p_all = !has_p || top_p() >= 1.0;
+  const long long k_eff = lmin(ra.k, npos);  // ranks of positive tokens run 0 .. npos - 1
+  const bool need_sk = (flags & F_TOPK_FIRST) && has_k && !p_all;
+  const bool trivial = p_all && k_eff >= npos;  // every positive token passes top-k and top-p
+  const Cond cond_k{k_eff, 0.0, false};
+  Cond cond_pk{k_eff, p_all ? 0.0 : top_p() * S, !p_all};
+
+  const BinPlan pl = plan_bins<HIST>(hist, k_eff, npos, bthr, need_sk, p_all, cond_pk.P);
   // (the bins are dead from here: the scratch is free)
+  const int b0 = pl.b0, whi = pl.whi;
   MOECOMM_SAMPLE_CLOCK(2);
-  MOECOMM_SAMPLE_VALUE(12, est);
+  MOECOMM_SAMPLE_VALUE(12, pl.est);
   MOECOMM_SAMPLE_VALUE(13, b0);
 
   // the list path: every positive token of bins >= b0, the select, the sufficiency check
   u64 kell = 0;
   bool in_list = false;
   int n = 0;
-  if (est <= cap) {
+  if (pl.est <= cap) {
     const u64 ka = static_cast<u64>(b0) << 52;
     n = list_above<HIST == HIST_COUNT>(row, A, cap, b0 > 0 ? static_cast<unsigned>(b0) << 20 : 1u, use_map ? map : nullptr,
                    map_min_of(flags, b0));
@@ -1031,7 +1231,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
             good = false;
           }
         }
-        Pick pl{0, 0, 0.0};
+        Pick pk{0, 0, 0.0};
         bool done = false;
         if (HIST == HIST_QSUM && whi < NUM_BINS - 1) {
           // top-p: l lies in the uncertain bins (<= whi); the bins above are summed, not selected
@@ -1042,16 +1242,16 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
           MOECOMM_SAMPLE_VALUE(11, nw);
           if (nw > 0 && 2 * nw <= scap && c(c0, m0)) {  // the window's first entry is kept: l is in it
             MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
-            pl = list_select(B, B + nw, nw, c0, m0, c);
+            pk = list_select(B, B + nw, nw, c0, m0, c);
             done = true;
           }
         }
         if (!done && good && n <= scap) {
-          pl = list_select(A, B, n, 0, 0.0, c);
+          pk = list_select(A, B, n, 0, 0.0, c);
           done = true;
         }
-        good = good && done && (pl.rank < n - 1 || below_dropped || n >= k_eff);
-        kell = pl.key;
+        good = good && done && (pk.rank < n - 1 || below_dropped || n >= k_eff);
+        kell = pk.key;
       } else {
         good = below_dropped;
       }
@@ -1061,78 +1261,22 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   }
 
   // the fallback: the boundary from HBM (top-p's window of uncertain bins, else radix levels)
-  if (!in_list && !trivial) {
-    bool got = false;
-    const int scap = select_cap_of(flags, cap);  // the fallback's lists are selected whole
-    if (HIST == HIST_QSUM && est_win <= scap) {
-      long long c0 = 0;
-      double m0 = 0.0;
-      const u64 ka = static_cast<u64>(wlo) << 52;
-      const int nw = fill_range(row, A, scap, ka, static_cast<u64>(whi + 1) << 52, &c0, &m0);
-      if (nw > 0 && nw <= scap) {
-        MOECOMM_SAMPLE_TRACE(PATH_WINDOW);
-        const Pick pl = list_select(A, B, nw, c0, m0, cond_pk);
-        // l is in the window: its first entry is kept (the bounds said so; checked exactly here, as
-        // a q-sum bin can wrap past 2^32 at V > 2^19) and an entry after l is dropped (or none can be)
-        got = cond_pk(c0, m0) && (pl.rank < c0 + nw - 1 || c0 + nw == npos || (has_minp && ka <= kthr));
-        kell = pl.key;
-      }
-    }
-    if (!got) {
-      MOECOMM_SAMPLE_TRACE(PATH_LEVELS);
-      Cond c = cond_pk;
-      if (need_sk) {
-        const Pick pk = hbm_select(row, A, B, scap, cond_k);
-        c.P = top_p() * (pk.mass + static_cast<double>(key_value(pk.key)));
-      }
-      kell = hbm_select(row, A, B, scap, c).key;
-    }
-  }
+  if (!in_list && !trivial) kell = fallback_boundary<HIST>(row, A, B, flags, cap, pl, cond_pk, cond_k, need_sk, kthr, npos,
+                                                           p_ptr, p_val, pid);
   if (!in_list && trivial) kell = 0;
   MOECOMM_SAMPLE_CLOCK(6);
   MOECOMM_SAMPLE_VALUE(14, in_list ? 1 : 0);
 
-  // the race over the kept tokens: v > 0 and K >= max(K(l), K(min_p * max)); the random stream's
-  // key and counter read here, not at the start (registers are short at 1024 threads)
-  const long long seed = (flags & F_SEED_TENSOR) ? seed_ptr[(flags & F_SEED_PER_ROW) ? pid : 0] : seed_val;
-  const long long off = (flags & F_OFFSET_TENSOR) ? offset_ptr[(flags & F_OFFSET_PER_ROW) ? pid : 0] : offset_val;
-  const Rng rng{static_cast<unsigned>(seed), static_cast<unsigned>(static_cast<u64>(seed) >> 32),
-                (flags & F_SEED_PER_ROW) ? 0u : static_cast<unsigned>(pid), static_cast<unsigned>(off),
-                static_cast<unsigned>(static_cast<u64>(off) >> 32)};
+  // the race over the kept tokens: v > 0 and K >= max(K(l), K(min_p * max))
+  const Rng rng = row_rng(flags, seed_ptr, offset_ptr, seed_val, offset_val, pid);
   const u64 klo = umax64(kell, kthr);
   float best = -1.0f;
   int best_i = 0x7fffffff;
   MOECOMM_SAMPLE_TRACE(in_list ? PATH_LIST : PATH_HBM_RACE);
-  if (in_list) {
-    for (int j = t; j < n; j += T) {
-      const u64 key = A[j];
-      if (key >= klo) {
-        const int i = key_index(key);
-        unsigned r0, r1, r2, r3;
-        philox(rng, static_cast<unsigned>(i) >> 2, r0, r1, r2, r3);
-        const int lane = i & 3;
-        race_update(key_value(key), lane == 0 ? r0 : lane == 1 ? r1 : lane == 2 ? r2 : r3, i, best, best_i);
-      }
-    }
-  } else {
-    for_each_quad(row, [&](int q, float4 xq) {
-      const float v[4] = {xq.x, xq.y, xq.z, xq.w};
-      bool kp[4];
-      bool any = false;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        kp[j] = v[j] > 0.0f && make_key(v[j], 4 * q + j) >= klo;
-        any = any || kp[j];
-      }
-      if (any) {  // one Philox call for the quad's four tokens
-        unsigned r[4];
-        philox(rng, static_cast<unsigned>(q), r[0], r[1], r[2], r[3]);
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          if (kp[j]) race_update(v[j], r[j], 4 * q + j, best, best_i);
-      }
-    });
-  }
+  if (in_list)
+    race_list(A, n, klo, rng, best, best_i);
+  else
+    race_row(row, klo, rng, best, best_i);
   MOECOMM_SAMPLE_CLOCK(7);
   block_argmax(best, best_i);
   const bool found = best_i != 0x7fffffff;
@@ -1141,6 +1285,309 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
     lp = static_cast<float>(log(static_cast<double>(row_ptr[best_i])) - log(s_row_sum));
   write_row(out, valid, logprob, flags, pid, found ? best_i : 0, found, lp);
   MOECOMM_SAMPLE_CLOCK(8);
+}
+
+// ----------------------------------------------------------------------------- one row, split over a cluster
+//
+// A row over a thread-block cluster of C blocks (C <= 16 here; the _split8 entries: _cuda.split_blocks
+// picks them for batches of at most 128 / C rows, where single blocks leave SMs idle: one block
+// streams a 512 KB row at ~10 GB/s, so B1 took ~57 us). Block `rank` of the cluster owns quads
+// [rank * chunk, (rank + 1) * chunk) of the row (chunk: a multiple of 32 quads). The algorithm and
+// its random numbers are sample_row's, token for token; only who does what changes:
+//   pass A   each block over its slice: partial S, max, min, count, its bins and its slice's
+//            sector map. cluster barrier 1. Every block sums all blocks' partials (distributed
+//            shared memory, in rank order: the same bits in every block) and bins, and runs the plan
+//            itself (the same b0 / window everywhere, no further exchange).
+//   pass B   each block lists its slice's tokens of bins >= b0 in its own list (for the race), and
+//            appends those below top-p's window top (all of them without one) to rank 0's gather
+//            list through distributed shared memory (one remote atomic a warp); the ones above are
+//            counted and summed. cluster barrier 2.
+//   select   rank 0 alone, on the gather list (top-p: its uncertain bins, ~0.5-1K keys), with the
+//            count and mass above summed in rank order; where that does not settle the boundary
+//            (a list overflow, an odd window), rank 0 runs the single block's fallback over the
+//            whole row. cluster barrier 3.
+//   race     every block over its own list (or its slice of the row, after a fallback), its winner
+//            written into rank 0's shared memory; cluster barrier 4; rank 0 picks (ties to the lowest
+//            index) and writes the row.
+// Four cluster barriers (~1 us each at C = 8) for pass A and pass B C times shorter; the plan
+// (~4 us) and the select (~6 us) are as long as a single block's. No global memory is shared, no
+// spin: a cluster's blocks are co-scheduled by the hardware. A block's shared memory is read by the
+// others only between barriers 1 and 2 (its partials), rank 0's until barrier 4, and no block exits
+// before the last access to its shared memory (every block passes all four barriers).
+
+constexpr int MAX_CLUSTER = 16;
+
+struct SplitShared {
+  double sum;  // this block's pass-A partials
+  float max, min;
+  long long npos;
+  int n;  // this block's pass-B list, and its tokens above the gather list's top
+  long long ac;
+  double am;
+  int gn;  // rank 0: the gather list's length (every block appends to it)
+  int in_list;  // rank 0: the boundary, and whether the blocks' lists hold the kept set
+  u64 kell;
+  float best_key[MAX_CLUSTER];  // rank 0: each block's race winner
+  int best_idx[MAX_CLUSTER];
+  double tot_sum;  // the cluster's totals (each block its own copy)
+  float tot_max, tot_min;
+  long long tot_npos, tot_n, tot_ac;
+  double tot_am;
+  int over;
+};
+__shared__ SplitShared s_split;
+
+// The split layout of a block's scratch B (scratch_bytes_of(flags, cap) bytes): [this block's pass-A
+// bins, 8 KB | the sector map (the whole row's bytes at MAP_OFFSET; a block writes and reads its
+// slice's) | the cluster's summed bins, 8 KB | the gather list (rank 0's is used)]; a select on the
+// gather list takes [0, gather) as its scratch. The map only where >= 4 KB of gather list remain.
+__device__ __forceinline__ int split_gather_offset(int flags, int cap, int nq, bool* use_map) {
+  const int with_map = ((MAP_OFFSET + (nq + 1) / 2 + 15) & ~15) + NUM_BINS * 4;
+  *use_map = (flags & F_SECTOR_MAP) && scratch_bytes_of(flags, cap) - with_map >= 4096;
+  return *use_map ? with_map : MAP_OFFSET + NUM_BINS * 4;
+}
+
+// The cluster's summed bins (8 KB below the gather list)
+__device__ __forceinline__ unsigned* split_hsum(u64* B, int flags, int cap, int nq) {
+  bool use_map = false;
+  const int goff = split_gather_offset(flags, cap, nq, &use_map);
+  return reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(B) + goff) - NUM_BINS;
+}
+
+template <int HIST>
+__device__ __noinline__ void sample_row_split(const float* __restrict__ x, const void* rowmap, void* out,
+                                              unsigned char* valid, float* logprob, const void* k_ptr,
+                                              const float* p_ptr, const float* minp_ptr, const long long* seed_ptr,
+                                              const long long* offset_ptr, int V, int num_in_rows, long long stride_x,
+                                              long long k_val, double p_val, float minp_val, long long seed_val,
+                                              long long offset_val, int flags, int cap) {
+  const int C = static_cast<int>(cluster_size()), rank = static_cast<int>(cluster_rank());
+  const int pid = blockIdx.x / C, t = threadIdx.x, T = blockDim.x, lane = t & 31, w = t >> 5;
+  const RowArgs ra = row_args(pid, rowmap, k_ptr, p_ptr, minp_ptr, V, num_in_rows, k_val, p_val, minp_val, flags);
+  if (!ra.ok) {  // the same answer in every block, before any block's shared memory is read
+    if (rank == 0) write_row(out, valid, logprob, flags, pid, 0, false, 0.0f);
+    return;
+  }
+  const bool has_k = flags & F_HAS_K, has_p = flags & F_HAS_P, has_minp = flags & F_HAS_MINP;
+  auto top_p = [&]() { return top_p_of(flags, p_ptr, p_val, pid); };
+  const float* row_ptr = x + ra.in_row * stride_x;
+  const int nq = (V + 3) >> 2;
+  const bool vec = (reinterpret_cast<u64>(row_ptr) & 15) == 0;
+  const int chunk = ((nq + C - 1) / C + 31) & ~31;
+  const int q0 = imin(rank * chunk, nq);
+  const RowRef mine{row_ptr, V, imin(q0 + chunk, nq), vec, q0};  // this block's slice
+
+  u64* A = reinterpret_cast<u64*>(moecomm_sample_dyn);  // this block's list: cap keys
+  u64* B = A + cap;                                      // scratch (split layout above)
+  unsigned* hist = reinterpret_cast<unsigned*>(B);
+  unsigned char* map = reinterpret_cast<unsigned char*>(B) + MAP_OFFSET;
+  bool use_map = false;
+  // (the gather list G at goff, its capacity gcap; the summed bins just below it: recomputed where
+  // used, from flags, cap and nq: registers are short at 1024 threads)
+  split_gather_offset(flags, cap, nq, &use_map);
+
+  // pass A over the slice, the cluster's totals and bins
+  if (HIST != HIST_NONE) {
+    for (int b = t; b < NUM_BINS; b += T) hist[b] = 0;
+    __syncthreads();
+  }
+  {
+    double s = 0.0;
+    float mx = 0.0f, mn = 0.0f;
+    int npos_t = 0;
+    pass_a<HIST>(mine, hist, map, use_map, flags, s, mx, mn, npos_t);
+    s = block_reduce(s, Sum<double>(), 0.0);
+    mx = block_reduce(mx, Max<float>(), 0.0f);
+    mn = -block_reduce(-mn, Max<float>(), 0.0f);
+    const long long np = block_reduce(static_cast<long long>(npos_t), Sum<long long>(), 0LL);
+    if (t == 0) {
+      s_split.sum = s;
+      s_split.max = mx;
+      s_split.min = mn;
+      s_split.npos = np;
+      s_split.gn = 0;  // rank 0's is the one used: reset before barrier 1, appended to after it
+    }
+  }
+  cluster_sync();  // 1: every block's partials and bins are written (and every block has started)
+  if (w == 0) {  // the totals in rank order (a fixed tree: the same bits in every block)
+    double s = 0.0;
+    float mx = 0.0f, mn = 0.0f;
+    long long np = 0;
+    if (lane < C) {
+      const SplitShared* o = cluster_map(&s_split, lane);
+      s = o->sum;
+      mx = o->max;
+      mn = o->min;
+      np = o->npos;
+    }
+    s = warp_reduce(s, Sum<double>());
+    mx = warp_reduce(mx, Max<float>());
+    mn = -warp_reduce(-mn, Max<float>());
+    np = warp_reduce(np, Sum<long long>());
+    if (lane == 0) {
+      s_split.tot_sum = s;
+      s_split.tot_max = mx;
+      s_split.tot_min = mn;
+      s_split.tot_npos = np;
+    }
+  }
+  if (HIST != HIST_NONE) {
+    unsigned* hsum = split_hsum(B, flags, cap, nq);
+    for (int b = t; b < NUM_BINS; b += T) {
+      unsigned acc = 0;  // integer sums: the single block's bins exactly
+      for (int r = 0; r < C; ++r) acc += cluster_map(hist, r)[b];
+      hsum[b] = acc;
+    }
+  }
+  __syncthreads();
+  const double S = s_split.tot_sum;
+  const float M = s_split.tot_max;
+  const long long npos = s_split.tot_npos;
+  if (!(s_split.tot_min >= 0.0f) || !(S > 0.0) || !(S < 1.0e300)) {  // a negative value, NaN or +inf, or a zero sum
+    if (rank == 0) write_row(out, valid, logprob, flags, pid, 0, false, 0.0f);
+    cluster_sync();  // the others have read this block's partials
+    return;
+  }
+  const float thr = has_minp ? __fmul_rn(ra.min_p, M) : 0.0f;
+  const u64 kthr = has_minp ? static_cast<u64>(__float_as_uint(thr)) << 32 : 0;
+  const int bthr = has_minp ? static_cast<int>(__float_as_uint(thr) >> 20) : 0;
+  const bool p_all = !has_p || top_p() >= 1.0;
+  const long long k_eff = lmin(ra.k, npos);
+  const bool need_sk = (flags & F_TOPK_FIRST) && has_k && !p_all;
+  const bool trivial = p_all && k_eff >= npos;
+  const Cond cond_k{k_eff, 0.0, false};
+  const Cond cond_pk{k_eff, p_all ? 0.0 : top_p() * S, !p_all};
+  const BinPlan pl = plan_bins<HIST>(split_hsum(B, flags, cap, nq), k_eff, npos, bthr, need_sk, p_all, cond_pk.P);
+  // top-p's window top: the listed tokens of bins above whi are certainly kept (counted, summed);
+  // not where min-p lists none of the window (b0 > whi: the whole list is gathered)
+  const bool windowed = HIST == HIST_QSUM && !trivial && pl.whi < NUM_BINS - 1 && pl.b0 <= pl.whi;
+  const bool try_list = pl.est <= cap;  // the same in every block
+
+  // pass B over the slice
+  int n_mine = 0;
+  if (try_list) {
+    const int goff = split_gather_offset(flags, cap, nq, &use_map);
+    Gather g{cluster_map(B + goff / 8, 0), (scratch_bytes_of(flags, cap) - goff) / 8, cluster_map(&s_split.gn, 0), windowed ? (pl.whi + 1) << 20 : 0x7fffffff, 0, 0.0};
+    n_mine = list_above<HIST == HIST_COUNT, true>(mine, A, cap, pl.b0 > 0 ? static_cast<unsigned>(pl.b0) << 20 : 1u,
+                                                  use_map ? map : nullptr, map_min_of(flags, pl.b0), &g);
+    if (t == 0) {
+      s_split.n = n_mine;
+      s_split.ac = g.ac;
+      s_split.am = g.am;
+    }
+  } else if (t == 0) {
+    s_split.n = 0;
+    s_split.ac = 0;
+    s_split.am = 0.0;
+  }
+  cluster_sync();  // 2: every list and every append to rank 0's gather list done
+
+  if (rank == 0) {
+    MOECOMM_SAMPLE_TRACE(PATH_CLUSTER);
+    if (w == 0) {  // the lists' totals in rank order
+      long long n = 0, ac = 0;
+      double am = 0.0;
+      int over = 0;
+      if (lane < C) {
+        const SplitShared* o = cluster_map(&s_split, lane);
+        n = o->n;
+        ac = o->ac;
+        am = o->am;
+        over = o->n > cap ? 1 : 0;
+      }
+      n = warp_reduce(n, Sum<long long>());
+      ac = warp_reduce(ac, Sum<long long>());
+      am = warp_reduce(am, Sum<double>());
+      over = __ballot_sync(FULL, over != 0) != 0u ? 1 : 0;
+      if (lane == 0) {
+        s_split.tot_n = n;
+        s_split.tot_ac = ac;
+        s_split.tot_am = am;
+        s_split.over = over;
+      }
+    }
+    __syncthreads();
+    const long long n = s_split.tot_n;
+    u64 kell = 0;
+    bool in_list = false;
+    if (try_list && n > 0 && !s_split.over) {
+      const u64 ka = static_cast<u64>(pl.b0) << 52;
+      const bool below_dropped = n == npos || (has_minp && ka <= kthr);
+      if (!trivial) {
+        const int ng = s_split.gn;
+        bool use_map2 = false;
+        const int goff = split_gather_offset(flags, cap, nq, &use_map2);
+        const u64* G = B + goff / 8;  // rank 0's gather list; a select on it takes B's front as its scratch
+        bool good = ng > 0 && ng <= imin((scratch_bytes_of(flags, cap) - goff) / 8, goff / 8);
+        Cond c = cond_pk;
+        Pick pk{0, 0, 0.0};
+        if (good && need_sk) {  // top_k_first: top-p on the top-k set's mass (the gather list is the whole list)
+          const Pick pkk = list_select(G, B, ng, 0, 0.0, cond_k);
+          good = pkk.rank < n - 1 || below_dropped || n >= k_eff;
+          c.P = top_p() * (pkk.mass + static_cast<double>(key_value(pkk.key)));
+        }
+        const long long c0 = s_split.tot_ac;
+        const double m0 = s_split.tot_am;
+        good = good && c(c0, m0);  // the gather list's first entry is kept: l is in it
+        if (good) {
+          if (windowed) MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
+          pk = list_select(G, B, ng, c0, m0, c);
+        }
+        in_list = good && (pk.rank < n - 1 || below_dropped || n >= k_eff);
+        kell = pk.key;
+      } else {
+        in_list = below_dropped;
+      }
+    }
+    if (!in_list && !trivial) {
+      const RowRef row{row_ptr, V, nq, vec};  // the whole row, by rank 0 alone
+      kell = fallback_boundary<HIST>(row, A, B, flags, cap, pl, cond_pk, cond_k, need_sk, kthr, npos, p_ptr, p_val, pid);
+    }
+    if (!in_list && trivial) kell = 0;
+    MOECOMM_SAMPLE_TRACE(in_list ? PATH_LIST : PATH_HBM_RACE);
+    if (t == 0) {
+      s_split.kell = kell;
+      s_split.in_list = in_list ? 1 : 0;
+    }
+  }
+  cluster_sync();  // 3: rank 0's boundary written
+
+  {
+    const SplitShared* r0 = cluster_map(&s_split, 0);
+    const u64 kell = r0->kell;
+    const bool in_list = r0->in_list != 0;
+    const Rng rng = row_rng(flags, seed_ptr, offset_ptr, seed_val, offset_val, pid);
+    const u64 klo = umax64(kell, kthr);
+    float best = -1.0f;
+    int best_i = 0x7fffffff;
+    if (in_list)
+      race_list(A, n_mine, klo, rng, best, best_i);
+    else
+      race_row(mine, klo, rng, best, best_i);
+    block_argmax(best, best_i);
+    if (t == 0) {
+      SplitShared* d = cluster_map(&s_split, 0);
+      d->best_key[rank] = best;
+      d->best_idx[rank] = best_i;
+    }
+  }
+  cluster_sync();  // 4: every block's winner in rank 0's shared memory
+  if (rank == 0 && t == 0) {
+    float best = -1.0f;
+    int best_i = 0x7fffffff;
+    for (int r = 0; r < C; ++r) {
+      const float k = s_split.best_key[r];
+      const int i = s_split.best_idx[r];
+      if (k > best || (k == best && i < best_i)) {
+        best = k;
+        best_i = i;
+      }
+    }
+    const bool found = best_i != 0x7fffffff;
+    float lp = 0.0f;
+    if (found && (flags & F_LOGPROB)) lp = static_cast<float>(log(static_cast<double>(row_ptr[best_i])) - log(s_split.tot_sum));
+    write_row(out, valid, logprob, flags, pid, found ? best_i : 0, found, lp);
+  }
 }
 
 }  // namespace sampling
@@ -1175,3 +1622,21 @@ MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_none, HIST_NONE, 1024, 1)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_count_paired, HIST_COUNT, 512, 2)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_qsum_paired, HIST_QSUM, 512, 2)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_none_paired, HIST_NONE, 512, 2)
+
+// Split: a row over a cluster of 8 blocks of 1024 threads (sample_row_split; grid = rows x 8), for
+// batches of at most 16 rows, which leave SMs idle (_cuda.split_blocks). The body reads the cluster
+// size at run time, so clusters of 2 or 4 are one line each here (and one in _cuda.SPLIT_SIZES);
+// not built: each costs ~8 s of nvcc (the CPU suite compiles this file once, ~52 s -> ~68 s with
+// the two of size 8). No entry for min-p alone (nothing to select: one pass of the race).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define MOECOMM_CLUSTER_DIMS(c)
+#else
+#define MOECOMM_CLUSTER_DIMS(c) __cluster_dims__(c, 1, 1)
+#endif
+#define MOECOMM_SAMPLE_SPLIT_ENTRY(name, hist, cluster)                                                   \
+  extern "C" __global__ void MOECOMM_CLUSTER_DIMS(cluster) __launch_bounds__(1024, 1) name(MOECOMM_SAMPLE_PARAMS) { \
+    moecomm::sampling::sample_row_split<moecomm::sampling::hist>(MOECOMM_SAMPLE_ARGS);                    \
+  }
+
+MOECOMM_SAMPLE_SPLIT_ENTRY(moecomm_sample_probs_count_split8, HIST_COUNT, 8)
+MOECOMM_SAMPLE_SPLIT_ENTRY(moecomm_sample_probs_qsum_split8, HIST_QSUM, 8)

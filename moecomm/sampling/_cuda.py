@@ -80,6 +80,20 @@ SECTOR_MAP = True
 # not pay on the H200 (bench_sampling, one run, ms): top-p B128 V128256 single blocks 0.0988 by bins,
 # 0.0896 by exponents; B512 V151936 paired 0.2407 / 0.2411; top-k + top-p B512 0.1382 / 0.1388.
 SECTOR_MAP_BINS = False
+# PAIRED_TOP_P_SECTOR_MAP: whether top-p alone on the paired entries (B >= 2 rows an SM) writes and
+# reads the sector map. False: pass B there reads the whole row, which was ~5% faster in both H200
+# calls of 2026-12-02 (B512 V151936: 0.2276 / 0.2288 ms without, 0.2411 / 0.2424 with): with two
+# blocks an SM the loads the map saves cost less than pass A's map bytes and pass B's gathers.
+PAIRED_TOP_P_SECTOR_MAP = False
+# Split rows (sample.cu's sample_row_split): a row over a thread-block cluster of SPLIT_SIZES blocks
+# (sm_90 and later), for batches whose single blocks leave SMs idle: one block streams a row at ~10
+# GB/s (B1 V128256: ~57 us), a cluster of 8 cuts pass A and pass B 8-fold. SPLIT: None = by the
+# batch (split_blocks: the largest size with rows x size <= SPLIT_MAX_BLOCKS, only where PAIRED is
+# None); an int forces that cluster size (1: off; benchmarks, tests). Not for min-p alone.
+SPLIT: int | None = None
+SPLIT_SIZES = (8,)
+SPLIT_MAX_BLOCKS = 128  # of the H200's 132 SMs: whole clusters of 8 per GPC (16 x 8)
+SPLIT_ENTRY = {(k, c): ENTRY[k] + f"_split{c}" for k in ("count", "qsum") for c in SPLIT_SIZES}
 MODE_SAMPLE = 0
 _optin: dict[int, int] = {}
 
@@ -246,7 +260,10 @@ def _plan(
         off_v = _as_int64(offset)
     kind = "count" if top_k is not None else ("qsum" if top_p is not None else "none")
     scratch = None
-    if not paired(x.device, num_rows, top_k, top_p):
+    split = split_blocks(x.device, num_rows, top_k, top_p)
+    if split > 1:
+        entry, cap = SPLIT_ENTRY[kind, split], capacity(x.device)
+    elif not paired(x.device, num_rows, top_k, top_p):
         entry, cap = ENTRY[kind], capacity(x.device)
     elif LEAN_SCRATCH:
         scratch = lean_scratch_bytes(vocab)
@@ -254,6 +271,8 @@ def _plan(
         flags |= (scratch // 1024) << SCRATCH_KB_SHIFT
     else:
         entry, cap = PAIRED_ENTRY[kind], min(capacity(x.device), PAIRED_CAPACITY)
+    if kind == "qsum" and entry == PAIRED_ENTRY[kind] and not PAIRED_TOP_P_SECTOR_MAP:
+        flags &= ~(F_SECTOR_MAP | F_MAP_BINS)
     tensors = (x, rowmap if rowmap is not None else dummy, out, valid, logprob if logprob is not None else dummy,
                k_t, p_t, m_t, seed_t, off_t)
     return (entry, tensors, [vocab, num_in_rows, x.stride(0), k_v, p_v, m_v, seed_v, off_v, flags, cap],
@@ -269,7 +288,43 @@ def plan_launch(
     entry, tensors, scalars, smem = _plan(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p,
                                           top_k_first, seed, offset, per_row_seed)
     args = tensors + tuple(t(v) for t, v in zip(SCALAR_TYPES, scalars))
-    return Launch(entry, (num_rows,), (threads_of(entry),), smem, args)
+    return Launch(entry, (num_rows * cluster_of(entry),), (threads_of(entry),), smem, args)
+
+
+def cluster_of(entry: str) -> int:
+    """The blocks a row of an entry point: its cluster size (_split<c> entries), else 1."""
+    head, _, c = entry.rpartition("_split")
+    return int(c) if head else 1
+
+
+def split_blocks(device: torch.device, num_rows: int, top_k, top_p=None) -> int:
+    """The cluster size a row of this launch is split over (1: one block a row; see SPLIT). By the
+    batch: the largest of SPLIT_SIZES with num_rows x size <= SPLIT_MAX_BLOCKS, for calls with a
+    top-k or a top-p (min-p alone has nothing to select), on sm_90 and later, where PAIRED is None."""
+    if top_k is None and top_p is None:
+        return 1
+    if SPLIT is not None:
+        return int(SPLIT) if int(SPLIT) in SPLIT_SIZES else 1
+    if PAIRED is not None or num_rows < 1 or not _clusters(device):
+        return 1
+    fits = [c for c in SPLIT_SIZES if num_rows * c <= SPLIT_MAX_BLOCKS]
+    return max(fits) if fits else 1
+
+
+_cluster_ok: dict = {}
+
+
+def _clusters(device: torch.device) -> bool:
+    """Thread-block clusters: a CUDA device of compute capability 9.0 and later (a CPU tensor, which
+    only the host emulation launches, plans without them unless SPLIT says so)."""
+    ok = _cluster_ok.get(device)
+    if ok is None:
+        ok = False
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            ok = torch.cuda.get_device_capability(index)[0] >= 9
+        _cluster_ok[device] = ok
+    return ok
 
 
 def threads_of(entry: str) -> int:
@@ -330,7 +385,7 @@ def launch_sample(
     entry, tensors, scalars, smem = _plan(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p,
                                           top_k_first, seed, offset, per_row_seed)
     kernel = cuda.load(SOURCE, entry, device=x.device)
-    kernel.launch((num_rows, 1, 1), (threads_of(entry), 1, 1), SIGNATURE,
+    kernel.launch((num_rows * cluster_of(entry), 1, 1), (threads_of(entry), 1, 1), SIGNATURE,
                   list(map(_data_ptr, tensors)) + scalars, shared_mem=smem)
 
 

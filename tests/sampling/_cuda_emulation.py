@@ -1,7 +1,12 @@
 """kernels/sampling/sample.cu run on the CPU: the source compiled as host C++ over cuda_host_shim.h
 (one thread per CUDA thread), launched with the argument list of moecomm.sampling._cuda.plan_launch.
 So the kernel's logic and its wrapper's flags are tested without a GPU; what this cannot show is
-the GPU's own behaviour (memory ordering beyond __syncthreads, timing, register limits)."""
+the GPU's own behaviour (memory ordering beyond __syncthreads, timing, register limits).
+
+Cluster launches (the _split entries: a row over a thread-block cluster): the blocks of a cluster
+run at the same time, each in its own copy of the library (copies of one .so file, each with its
+own __shared__ globals); the shim's cluster_sync is a barrier over all their threads and its
+cluster_map moves an address to the same offset in another copy (distributed shared memory)."""
 
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ def _library() -> ctypes.CDLL:
     if not out.is_file():
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         cmd = ["g++", "-O2", "-std=c++20", "-pthread", "-fPIC", "-shared", "-Wno-unknown-pragmas",
+               "-fvisibility=hidden", "-fno-gnu-unique",  # the cluster's copies bind no symbol of each other
                f'-DSAMPLE_CU="{src}"', "-o", str(tmp), str(HERE / "cuda_host_run.cpp")]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
@@ -44,7 +50,30 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+def _copies(n: int) -> list[ctypes.CDLL]:
+    """n copies of the library, each loaded on its own (RTLD_LOCAL: its own globals), for the ranks
+    of a cluster launch."""
+    global _lib
+    if _lib is None:
+        _lib = _library()
+    while len(_rank_libs) < n:
+        src = Path(_lib._name)
+        dst = src.with_name(f"{src.stem}-rank{len(_rank_libs)}.so")
+        if not dst.is_file():
+            tmp = dst.with_suffix(f".{os.getpid()}.tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        lib = ctypes.CDLL(str(dst))
+        lib.emu_sample_block.restype = ctypes.c_int
+        lib.emu_cluster_new.restype = ctypes.c_void_p
+        lib.emu_cluster_new.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.emu_cluster_free.argtypes = [ctypes.c_void_p]
+        _rank_libs.append(lib)
+    return _rank_libs[:n]
+
+
 _lib: ctypes.CDLL | None = None
+_rank_libs: list[ctypes.CDLL] = []
 
 
 def launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first, seed, offset, per_row_seed,
@@ -62,6 +91,10 @@ def launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_
     args = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in plan.args]
     rc = []
     paths = torch.zeros(num_rows, dtype=torch.int32)
+    size = _cuda.cluster_of(plan.entry)
+    if size > 1:
+        _launch_clusters(plan, size, num_rows, threads, lag_us, paths, args)
+        return plan, paths
 
     def run():
         rc.append(_lib.emu_sample(ctypes.c_void_p(paths.data_ptr()), ctypes.c_int(lag_us), plan.entry.encode(),
@@ -78,6 +111,33 @@ def launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_
     if rc != [0]:
         raise RuntimeError(f"emu_sample returned {rc}")
     return plan, paths
+
+
+def _launch_clusters(plan, size, num_rows, threads, lag_us, paths, args):
+    """A cluster launch: for each row its `size` blocks at once, block r in library copy r."""
+    libs = _copies(size)
+    for row in range(num_rows):
+        cluster = libs[0].emu_cluster_new(size, threads)
+        rc: dict[int, int] = {}
+
+        def run(r, cluster=cluster, rc=rc):
+            rc[r] = libs[r].emu_sample_block(
+                ctypes.c_void_p(cluster), ctypes.c_int(r), ctypes.c_int(row * size + r), ctypes.c_void_p(paths.data_ptr()),
+                ctypes.c_int(lag_us), plan.entry.encode(), ctypes.c_int(plan.grid[0]), ctypes.c_int(threads),
+                ctypes.c_longlong(plan.shared_bytes), *args)
+
+        ths = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(size)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join(TIMEOUT_S)
+            if th.is_alive():
+                raise TimeoutError(f"the emulated cluster did not finish in {TIMEOUT_S} s (a barrier reached by part of it?)")
+        libs[0].emu_cluster_free(ctypes.c_void_p(cluster))
+        if any(v == 3 for v in rc.values()):
+            raise RuntimeError(f"{plan.entry} wrote past its {plan.shared_bytes} bytes of dynamic shared memory")
+        if sorted(rc.items()) != [(r, 0) for r in range(size)]:
+            raise RuntimeError(f"emu_sample_block returned {rc}")
 
 
 def sample(x, *, indices=None, top_k=None, top_p=None, min_p=None, top_k_first=True, seed=0, offset=0,

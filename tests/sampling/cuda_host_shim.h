@@ -16,6 +16,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -27,6 +28,8 @@
 #define __shared__
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+#define __cluster_dims__(...)
+#define MOECOMM_CLUSTER_SHIM 1  // sample.cu takes the cluster primitives below instead of its PTX
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -67,6 +70,10 @@ T exchange(T v, int src_lane) {
   return r;
 }
 
+// Runs fn on block b of a grid of `grid` (threads host threads); before_block(b) first.
+inline void launch_block(unsigned grid, unsigned b, unsigned threads, const std::function<void()>& fn,
+                         const std::function<void(unsigned)>& before_block = {});
+
 // Runs fn on grid x block threads, one block after another; before_block(b) first for each block.
 inline void launch(unsigned grid, unsigned threads, const std::function<void()>& fn,
                    const std::function<void(unsigned)>& before_block = {}) {
@@ -91,11 +98,69 @@ inline void launch(unsigned grid, unsigned threads, const std::function<void()>&
     block = nullptr;
   }
 }
+
+inline void launch_block(unsigned grid, unsigned b, unsigned threads, const std::function<void()>& fn,
+                         const std::function<void(unsigned)>& before_block) {
+  gridDim.x = grid;
+  blockDim.x = threads;
+  Block blk;
+  blk.bar = std::make_unique<std::barrier<>>(threads);
+  for (unsigned w = 0; w < threads / 32; ++w) blk.warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+  blk.slots.assign(threads, 0);
+  block = &blk;
+  if (before_block) before_block(b);
+  std::vector<std::thread> ts;
+  ts.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t)
+    ts.emplace_back([=] {
+      blockIdx.x = b;
+      threadIdx.x = t;
+      fn();
+    });
+  for (auto& th : ts) th.join();
+  block = nullptr;
+}
 }  // namespace shim
 
 inline void __syncthreads() {
   shim::block->bar->arrive_and_wait();
   if (shim::lag_us > 0 && threadIdx.x != 0) std::this_thread::sleep_for(std::chrono::microseconds(shim::lag_us));
+}
+
+// Thread-block clusters: a cluster's blocks run at the same time, each in its own copy of the
+// library (tests/sampling/_cuda_emulation.py loads one copy a rank, so each block has its own
+// __shared__ globals; built with -fvisibility=hidden -fno-gnu-unique so that no copy binds to
+// another's). cluster_sync is one std::barrier over every thread of the cluster; cluster_map moves
+// an address of this copy's globals (static __shared__ variables, the dynamic shared memory) to the
+// same offset in rank r's copy, from each copy's anchor.
+namespace shim {
+struct Cluster {
+  std::barrier<>* bar;
+  // the barrier's wait, in the copy that made it (each copy has its own libstdc++ waiter pool for
+  // std::atomic waits: a wait in one copy would never see the notify of another)
+  void (*arrive_and_wait)(std::barrier<>*);
+  unsigned char* anchor[16];
+  int size;
+};
+inline Cluster* cluster = nullptr;  // this copy's block's cluster (nullptr: not a cluster launch)
+inline int cluster_rank_ = 0;
+inline unsigned char anchor_byte = 0;
+}  // namespace shim
+inline unsigned cluster_rank() { return shim::cluster ? static_cast<unsigned>(shim::cluster_rank_) : 0u; }
+inline unsigned cluster_size() { return shim::cluster ? static_cast<unsigned>(shim::cluster->size) : 1u; }
+inline void cluster_sync() {
+  if (shim::cluster == nullptr) {
+    __syncthreads();
+    return;
+  }
+  shim::cluster->arrive_and_wait(shim::cluster->bar);
+  if (shim::lag_us > 0 && threadIdx.x != 0) std::this_thread::sleep_for(std::chrono::microseconds(shim::lag_us));
+}
+template <typename T>
+T* cluster_map(T* p, int rank) {
+  if (shim::cluster == nullptr) return p;
+  unsigned char* b = reinterpret_cast<unsigned char*>(const_cast<std::remove_cv_t<T>*>(p));
+  return reinterpret_cast<T*>(shim::cluster->anchor[rank] + (b - &shim::anchor_byte));
 }
 inline void __syncwarp(unsigned = 0xffffffffu) { shim::warp_sync(); }
 

@@ -89,7 +89,7 @@ def test_source_compiles_for_sm90a(nvcc_out):
     c = nvcc_out[2]
     assert c.compiled and c.arch == "sm_90a"
     blob = c.path.read_bytes()
-    for entry in [*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values()]:
+    for entry in [*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values(), *_cuda.SPLIT_ENTRY.values()]:
         assert entry.encode() in blob
 
 
@@ -102,7 +102,7 @@ def test_registers_spills_and_shared_memory(nvcc_out):
     block of an H100 / H200 (the paired entries: two blocks with the paired list fit an SM's 228 KB,
     with the 1 KB the driver reserves a block)."""
     log = nvcc_out[0]
-    for entry in [*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values()]:
+    for entry in [*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values(), *_cuda.SPLIT_ENTRY.values()]:
         part = log[log.index(f"Compiling entry function '{entry}'"):]
         part = part[:part.index("Compile time")]
         regs = int(re.search(r"Used (\d+) registers", part).group(1))
@@ -262,6 +262,9 @@ def test_flags_and_constants_agree_with_the_source():
     for kind, entry in _cuda.ENTRY.items():
         assert f"MOECOMM_SAMPLE_ENTRY({entry}, {hist[kind]}, 1024, 1)" in src
         assert f"MOECOMM_SAMPLE_ENTRY({_cuda.PAIRED_ENTRY[kind]}, {hist[kind]}, 512, 2)" in src
+    for (kind, size), entry in _cuda.SPLIT_ENTRY.items():
+        assert f"MOECOMM_SAMPLE_SPLIT_ENTRY({entry}, {hist[kind]}, {size})" in src
+    assert "constexpr int MAX_CLUSTER = 16;" in src and max(_cuda.SPLIT_SIZES) <= 16
 
 
 def test_covers_and_capacity(monkeypatch):
@@ -602,6 +605,105 @@ def test_emulated_lean_layout_lists_longer_than_the_scratch(monkeypatch):
     paths = _same_as_reference(p, threads=64, top_p=0.9, seed=3)
 
 
+@needs_nvcc
+def test_split_plan_and_its_cluster_entries(nvcc_out, monkeypatch):
+    """Split rows (a row over a cluster of 8 blocks): by the batch on a device with clusters, at most
+    SPLIT_MAX_BLOCKS / 8 = 16 rows, calls with a top-k or a top-p (not min-p alone), never where
+    PAIRED is forced; SPLIT forces a size (1: off). The launch: rows x 8 blocks of 1024 threads, the
+    single block's list and scratch, the entry's PTX parameters and its cluster shape in the PTX."""
+    dev = torch.device("cuda", 0)
+    monkeypatch.setitem(_cuda._cluster_ok, dev, True)
+    assert _cuda.SPLIT is None and _cuda.SPLIT_SIZES == (8,) and _cuda.SPLIT_MAX_BLOCKS == 128
+    for rows, want in ((1, 8), (7, 8), (16, 8), (17, 1), (128, 1)):
+        assert _cuda.split_blocks(dev, rows, None, 0.9) == want, rows
+        assert _cuda.split_blocks(dev, rows, 50, 0.9) == want and _cuda.split_blocks(dev, rows, 50, None) == want
+    assert _cuda.split_blocks(dev, 1, None, None) == 1  # min-p alone
+    assert _cuda.split_blocks(torch.device("cpu"), 1, None, 0.9) == 1  # no clusters: the host emulation
+    monkeypatch.setitem(_cuda._cluster_ok, dev, False)  # compute capability < 9
+    assert _cuda.split_blocks(dev, 1, None, 0.9) == 1
+    monkeypatch.setitem(_cuda._cluster_ok, dev, True)
+    monkeypatch.setattr(_cuda, "PAIRED", True)
+    assert _cuda.split_blocks(dev, 1, None, 0.9) == 1
+    monkeypatch.setattr(_cuda, "PAIRED", None)
+    monkeypatch.setattr(_cuda, "SPLIT", 1)
+    assert _cuda.split_blocks(dev, 1, None, 0.9) == 1
+    monkeypatch.setattr(_cuda, "SPLIT", 8)
+    assert _cuda.split_blocks(torch.device("cpu"), 300, 50, None) == 8
+    for kw, kind in _PLANS:
+        plan = _cuda.plan_launch(*_plan_args(num_rows=3, **kw))
+        if kind == "none":
+            assert plan.entry == _cuda.ENTRY["none"] and plan.grid == (3,)
+            continue
+        assert plan.entry == _cuda.SPLIT_ENTRY[kind, 8] and _cuda.cluster_of(plan.entry) == 8
+        assert plan.grid == (24,) and plan.block == (1024,) and plan.args[-1].value == _cuda.DEFAULT_CAPACITY
+        assert plan.shared_bytes == _cuda.shared_bytes(_cuda.DEFAULT_CAPACITY)
+        assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out[1])
+        head = nvcc_out[1][nvcc_out[1].index(f".entry {plan.entry}("):]
+        assert re.search(r"\.reqnctapercluster\s+8,\s*1,\s*1", head[:head.index("{")]), plan.entry
+    assert _cuda.cluster_of(_cuda.ENTRY["qsum"]) == _cuda.cluster_of(_cuda.PAIRED_ENTRY["qsum"]) == 1
+
+
+def test_paired_top_p_goes_without_the_sector_map(monkeypatch):
+    """Top-p alone on the paired entries reads the whole row in pass B (PAIRED_TOP_P_SECTOR_MAP =
+    False: ~5% faster at B512 on the H200); top-k + top-p there and top-p on single blocks keep it."""
+    monkeypatch.setattr(_cuda, "PAIRED", True)
+    flags = lambda **kw: _cuda.plan_launch(*_plan_args(**kw)).args[-2].value  # noqa: E731
+    assert not flags(top_p=0.9) & _cuda.F_SECTOR_MAP and flags(top_k=50, top_p=0.9) & _cuda.F_SECTOR_MAP
+    monkeypatch.setattr(_cuda, "PAIRED_TOP_P_SECTOR_MAP", True)
+    assert flags(top_p=0.9) & _cuda.F_SECTOR_MAP
+    monkeypatch.setattr(_cuda, "PAIRED_TOP_P_SECTOR_MAP", False)
+    monkeypatch.setattr(_cuda, "PAIRED", False)
+    assert flags(top_p=0.9) & _cuda.F_SECTOR_MAP
+
+
+SPLIT_CASES = [
+    ("top_p", dict(top_p=0.9)), ("top_k_top_p", dict(top_k=40, top_p=0.8)),
+    ("joint", dict(top_k=40, top_p=0.8, top_k_first=False)), ("top_p_min_p", dict(top_p=0.95, min_p=0.01)),
+    ("all_three", dict(top_k=200, top_p=0.9, min_p=0.005)),
+]
+
+
+@needs_gxx
+@pytest.mark.parametrize("name,kw", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_emulated_split_rows_match_reference(name, kw, monkeypatch):
+    """SPLIT = 8: each row over a cluster of 8 emulated blocks at once (distributed shared memory
+    between library copies), V = 2500 (slices of 32-quad multiples, the last one short): the
+    reference's tokens, valid flags and log-probs, on the cluster's list path (top-p: its window
+    gathered into rank 0)."""
+    monkeypatch.setattr(_cuda, "SPLIT", 8)
+    p = _probs(3, 2500, seed=3)
+    paths = _same_as_reference(p, threads=32, seed=4, **kw)
+    assert bool(((paths & ~16) == (32 | 1)).all()), paths
+    if set(kw) == {"top_p"}:
+        assert bool((paths & 16).all()), paths  # the window gathered, the bins above summed
+
+
+@needs_gxx
+def test_emulated_split_rows_fallbacks_edges_and_races(monkeypatch):
+    """The split rows where the lists do not settle it (small capacities: rank 0's fallback over the
+    whole row, then every block races its slice from HBM), bad rows and parameters, tiny vocabularies
+    (blocks with empty slices), per-row tensors, and thread 0 of every block running ahead."""
+    monkeypatch.setattr(_cuda, "SPLIT", 8)
+    p = _probs(1, 3000, seed=5)
+    idx = torch.zeros(2, dtype=torch.int32)
+    seen = 0
+    for cap, kw in ((8, dict(top_p=0.9)), (8, dict(top_k=300, top_p=0.9)), (64, dict(top_p=0.99)),
+                    (64, dict(top_k=50)), (256, dict(top_k=300, top_p=0.9, top_k_first=False))):
+        paths = _same_as_reference(p, indices=idx, cap=cap, monkeypatch=monkeypatch, seed=21, **kw)
+        seen |= int(paths[0])
+    assert seen & (32 | 2 | 4 | 8) == 32 | 2 | 4 | 8, seen
+    monkeypatch.setattr(_cuda, "LIST_CAPACITY", None)
+    bad = _probs(5, 700, seed=9)
+    bad[1, 3] = float("nan")
+    bad[2, 5] = -0.5
+    bad[3] = 0.0
+    _same_as_reference(bad, top_p=0.9, seed=2)
+    _same_as_reference(bad, top_k=torch.tensor([5, 5, 5, 5, 0]), top_p=torch.tensor([0.9, 0.5, 0.9, 0.9, 0.9]), seed=2)
+    for v in (1, 3, 130):
+        _same_as_reference(_probs(2, v, seed=6), top_k=2, top_p=0.6)
+    _same_as_reference(_probs(2, 1500, seed=7), top_p=0.9, lag_us=100, seed=8)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the compiled kernel
 
@@ -718,6 +820,45 @@ def test_paired_blocks_match_the_reference_and_the_single_blocks(name, kw, lean,
     _check_rows(a.tokens, b.tokens, a.valid, b.valid, rows, filt, f"{name} paired B{batch}")
     assert torch.equal(a.tokens, single.tokens) and torch.equal(a.valid, single.valid), name
     torch.testing.assert_close(a.logprobs, single.logprobs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,vocab", [(1, 128256), (16, 128256), (3, 151936)])
+@pytest.mark.parametrize("name,kw", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_split_rows_match_the_reference_and_the_single_blocks(name, kw, batch, vocab, on_cuda_kernel, monkeypatch):
+    """Rows split over a cluster of 8 blocks (the default at these batches on the H200; SPLIT = 8
+    forces it): the reference's tokens, and the same tokens, valid flags and log-probs as one block
+    a row (SPLIT = 1): the draw depends on the row and the seed, not on who streams which slice."""
+    assert _cuda.split_blocks(torch.device("cuda"), batch, 50, 0.9) == 8, "not split by default here"
+    run, p, idx, filt = _gpu_sample_case(kw, batch, vocab, batch + 3, 19)
+    monkeypatch.setattr(_cuda, "SPLIT", 1)
+    monkeypatch.setenv("MOECOMM_BACKEND", "triton")
+    single = run()
+    monkeypatch.setattr(_cuda, "SPLIT", 8)
+    a, b = _kernel_vs_reference(run)
+    assert len(on_cuda_kernel) == 2, "the CUDA kernel did not run"
+    rows = p[idx] if idx is not None else p
+    _check_rows(a.tokens, b.tokens, a.valid, b.valid, rows, filt, f"{name} split B{batch} V{vocab}")
+    assert torch.equal(a.tokens, single.tokens) and torch.equal(a.valid, single.valid), name
+    torch.testing.assert_close(a.logprobs, single.logprobs, atol=1e-6, rtol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_split_rows_fallbacks_and_bad_rows(on_cuda_kernel, monkeypatch):
+    """Split rows with a small list capacity (rank 0's fallback over the whole row, the race over
+    every block's slice) and with bad rows: the reference's tokens and valid flags."""
+    monkeypatch.setattr(_cuda, "SPLIT", 8)
+    p = _gpu_probs(4, 128256, seed=23)
+    p[1, 3] = float("nan")
+    p[2] = 0.0
+    for cap in (None, 64, 2048):
+        monkeypatch.setattr(_cuda, "LIST_CAPACITY", cap)
+        for kw in (dict(top_p=0.9), dict(top_p=0.99), dict(top_k=50), dict(top_k=3000, top_p=0.9),
+                   dict(top_p=0.6, min_p=0.001)):
+            run = lambda: S.sample(probs=p, **kw, seed=5)  # noqa: E731
+            a, b = _kernel_vs_reference(run)
+            assert a.valid.tolist() == [True, False, False, True]
+            _check_rows(a.tokens, b.tokens, a.valid, b.valid, p, kw, f"split cap {cap} {kw}")
 
 
 @pytest.mark.gpu

@@ -61,6 +61,25 @@ def test_kernel_matches_reference_large_vocab(name, fn, kw, sample_kernel):
 def test_kernel_exact_distribution_1e6(kw, sample_kernel):
     """1e6 draws of the compiled kernel from one distribution (V = 1000, logits x 3): never outside
     the kept set, chi-square p >= 1e-4, total variation < 0.01 (kept sets of up to ~200 tokens)."""
+    _exact_distribution_1e6(kw, sample_kernel)
+
+
+@pytest.mark.parametrize("kw", [{"top_p": 0.9}, {"top_k": 50, "top_p": 0.9}, {"top_p": 0.5}])
+def test_split_rows_exact_distribution_1e6(kw, monkeypatch):
+    """The same 1e6 draws with every row split over a cluster of 8 blocks (_cuda.SPLIT = 8; the
+    default only below 17 rows): the split path's distribution is the exact one too."""
+    from moecomm.sampling import _cuda, api
+
+    monkeypatch.setattr(api, "SAMPLE_KERNEL", "cuda")
+    monkeypatch.setattr(_cuda, "SPLIT", 8)
+    seen = []
+    real = _cuda.launch_sample
+    monkeypatch.setattr(_cuda, "launch_sample", lambda *a: (seen.append(a), real(*a))[1])
+    _exact_distribution_1e6(kw, "cuda split")
+    assert len(seen) == 1
+
+
+def _exact_distribution_1e6(kw, what):
     p = _probs(1, 1000, seed=3)
     idx = torch.zeros(N, dtype=torch.int32, device="cuda")
     fn = S.top_k_top_p_sampling_from_probs if "top_k" in kw else (
@@ -73,7 +92,7 @@ def test_kernel_exact_distribution_1e6(kw, sample_kernel):
     assert int(counts[~keep].sum()) == 0
     tv = 0.5 * (counts.double() / N - w).abs().sum().item()
     chi2, pval = chi_square_pvalue(counts, w)
-    print(kw, sample_kernel, f"kept {int(keep.sum())} tv {tv:.4f} chi2 {chi2:.1f} p {pval:.3g}")
+    print(kw, what, f"kept {int(keep.sum())} tv {tv:.4f} chi2 {chi2:.1f} p {pval:.3g}")
     assert tv < 0.01 and pval >= 1e-4
 
 
