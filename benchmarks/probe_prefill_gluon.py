@@ -39,22 +39,22 @@ B, L, HQ, HK, D, P = ws.B, ws.L, ws.HQ, ws.HK, ws.D, ws.P
 ATOL = ws.ATOL
 
 
-def _cfg(block_n, stages, pipe, consumer_regs=240, producer_regs=24, maxnreg=168):
+def _cfg(block_n, stages, pipe, pingpong, late_k_release, consumer_regs=240, producer_regs=24):
     from moecomm.attention.prefill import GluonConfig
 
-    return GluonConfig(128, block_n, stages, pipe, consumer_regs, producer_regs, maxnreg)
+    return GluonConfig(128, block_n, stages, pipe, pingpong, late_k_release, consumer_regs, producer_regs)
 
 
 # label -> GluonConfig args (None: v2, the Gluon kernel switched off)
 VARIANTS = {
     "v2 (shipped)": None,
-    "gluon 128x128 s2 pipe": (128, 2, True),
-    "gluon 128x128 s3 pipe": (128, 3, True),
-    "gluon 128x128 s2 serial": (128, 2, False),
-    "gluon 128x64 s3 pipe": (64, 3, True),
-    "gluon 128x64 s4 pipe": (64, 4, True),
+    "gluon 128x128 s2": (128, 2, True, False, False),
+    "gluon 128x128 s2 pingpong": (128, 2, True, True, False),
+    "gluon 128x128 s2 late-k": (128, 2, True, False, True),
+    "gluon 128x128 s3": (128, 3, True, False, False),
+    "gluon 128x128 s3 late-k": (128, 3, True, False, True),
 }
-NON_CAUSAL = ["v2 (shipped)", "gluon 128x128 s2 pipe"]
+NON_CAUSAL = ["v2 (shipped)", "gluon 128x128 s2"]
 
 
 def _variant_fn(w, q, kv, label):

@@ -19,8 +19,13 @@ specialisation of that loop gave wrong values. Here the schedule is written out:
   the other's GEMMs).
 - PIPE (FlashAttention-3's intra-warpgroup overlap): block j's Q K^T is issued before block j-1's
   P V, and block j's softmax runs while that P V is in flight (wgmma_wait(1) retires only the
-  older Q K^T). O is rescaled after the P V retires. Costs one more [BLOCK_M / 2, BLOCK_N] fp32
-  tile of registers (S of block j beside P of block j-1).
+  older Q K^T). O is rescaled to block j-1's max while block j's Q K^T runs (O is idle then: the
+  previous P V retired), just before that P V is issued. Costs one more [BLOCK_M / 2, BLOCK_N]
+  fp32 tile of registers (S of block j beside P of block j-1).
+- PINGPONG (FlashAttention-3's warp scheduler barriers): the two consumers take turns issuing
+  their wgmma (two mbarriers), so one's softmax runs beside the other's GEMMs by construction.
+- LATE_K_RELEASE: block j's K slot released with block j-1's V slot after the softmax (one
+  mbarrier arrive point, whose warpgroup barrier then sits off the Q K^T -> softmax path).
 - masks: every row of a block strictly below the tile's first row's diagonal (and inside kv_len)
   sees every key of it: no mask arithmetic; the diagonal / last blocks (s >= F1) take the causal
   and length mask, a uniform branch per block.
@@ -69,11 +74,27 @@ def _softmax_block(qk, m_i, l_i, s, F1, qpos, kv_len, qk_scale, BLOCK_N: gl.cons
 
 
 @gluon.jit
-def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
+def _turn_wait(turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """PINGPONG: wait for this warpgroup's k-th turn to issue wgmma. Turns alternate WG 0, 1, 0, ...
+    (FlashAttention-3's warp scheduler barriers): turn.index(WG) completes its phase k - 1 + WG when
+    the other warpgroup passed; WG 0's first wait (parity 1 on a fresh barrier) passes at once."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (k + WG + 1) & 1)
+
+
+@gluon.jit
+def _turn_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+
+
+@gluon.jit
+def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
               out_ptr, lse_ptr, row0, q0, qo_len, kv_len, h, num_qo_heads, stride_on, stride_oh,
               n_blocks, F1, qk_scale,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, PIPE: gl.constexpr):
+              STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, PIPE: gl.constexpr,
+              PINGPONG: gl.constexpr, LATE_K_RELEASE: gl.constexpr):
     """Rows [WG * BLOCK_M / 2, (WG + 1) * BLOCK_M / 2) of the tile: both GEMMs, softmax, store."""
     HALF: gl.constexpr = BLOCK_M // 2
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -97,7 +118,9 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
         if PIPE:
             # block 0: Q K^T, softmax (O is 0: nothing to rescale)
             mbarrier.wait(k_ready.index(0), 0)
+            _turn_wait(turn, 0, WG, PINGPONG)
             qk = warpgroup_mma(q_s, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            _turn_pass(turn, WG, PINGPONG)
             qk = warpgroup_mma_wait(0, deps=[qk])
             mbarrier.arrive(k_empty.index(0), count=1)
             p, alpha, m_i, l_i = _softmax_block(qk, m_i, l_i, 0, F1, qpos, kv_len, qk_scale, BLOCK_N, CAUSAL, s_layout)
@@ -106,20 +129,29 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
                 slot = j % STAGES
                 prev = (j - 1) % STAGES
                 mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-                qk = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+                _turn_wait(turn, j, WG, PINGPONG)
+                qk = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                # O (not in flight: the last P V retired) rescaled to block j-1's max while Q K^T runs
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
                 acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+                _turn_pass(turn, WG, PINGPONG)
                 qk = warpgroup_mma_wait(1, deps=[qk])  # groups retire in order: Q K^T done, P V may run on
-                mbarrier.arrive(k_empty.index(slot), count=1)
+                if not LATE_K_RELEASE:
+                    mbarrier.arrive(k_empty.index(slot), count=1)
                 p, alpha, m_i, l_i = _softmax_block(qk, m_i, l_i, j * BLOCK_N, F1, qpos, kv_len, qk_scale, BLOCK_N,
                                                     CAUSAL, s_layout)
                 acc, p_op = warpgroup_mma_wait(0, deps=[acc, p_op])
+                if LATE_K_RELEASE:  # both slots at one point: one warpgroup barrier (arrive's) an iteration
+                    mbarrier.arrive(k_empty.index(slot), count=1)
                 mbarrier.arrive(v_empty.index(prev), count=1)
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
             last = (n_blocks - 1) % STAGES
             mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
+            _turn_wait(turn, n_blocks, WG, PINGPONG)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             acc = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+            _turn_pass(turn, WG, PINGPONG)
             acc = warpgroup_mma_wait(0, deps=[acc])
             mbarrier.arrive(v_empty.index(last), count=1)
         else:
@@ -194,8 +226,8 @@ def prefill_gluon_kernel(
     stride_on, stride_oh,
     sm_scale, soft_cap, window_left,
     GROUP: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, PIPE: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, PIPE: gl.constexpr, PINGPONG: gl.constexpr,
+    LATE_K_RELEASE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     """The arguments of prefill_v2_kernel (run() launches either); mask_ptr, soft_cap, window_left and
     the page / head strides are unused (no custom mask, no soft cap, no window; KV rows by stride_kt)."""
@@ -235,6 +267,9 @@ def prefill_gluon_kernel(
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # PINGPONG's turns
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
@@ -244,12 +279,14 @@ def prefill_gluon_kernel(
 
         # (constexprs spelled out in each tuple: a tuple held in a variable turns them into tensors)
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, out_ptr, lse_ptr, row0, q0,
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr, row0, q0,
                          qo_len, kv_len, h, num_qo_heads, stride_on, stride_oh, n_blocks, F1, qk_scale, 0, HEAD_DIM,
-                         BLOCK_M, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PIPE)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, out_ptr, lse_ptr, row0, q0,
+                         BLOCK_M, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PIPE, PINGPONG,
+                         LATE_K_RELEASE)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr, row0, q0,
                          qo_len, kv_len, h, num_qo_heads, stride_on, stride_oh, n_blocks, F1, qk_scale, 1, HEAD_DIM,
-                         BLOCK_M, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PIPE)),
+                         BLOCK_M, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PIPE, PINGPONG,
+                         LATE_K_RELEASE)),
             (_producer, (q_ptr, k_ptr, v_ptr, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
                          row0, q0, qo_len, tok0, kv_len, h, kvh, num_qo_heads, kv_width, stride_qn, stride_kt,
                          stride_vt, n_blocks, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),

@@ -90,7 +90,7 @@ PREFILL_WS_CONFIGS: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 4, 2
 # True / False, or None to read MOECOMM_PREFILL_GLUON (0 / 1, default PREFILL_GLUON_DEFAULT) at
 # each run(). head_dim -> GluonConfig; BLOCK_M must be PREFILL_CONFIGS' (the plan's tiles).
 PREFILL_GLUON: bool | None = None
-PREFILL_GLUON_DEFAULT = False
+PREFILL_GLUON_DEFAULT = True
 
 
 class GluonConfig(NamedTuple):
@@ -98,14 +98,15 @@ class GluonConfig(NamedTuple):
     block_n: int
     stages: int          # K / V ring depth (K + V: 2 * BLOCK_N * D * 2 bytes a stage)
     pipe: bool           # Q K^T of block j issued before P V of block j - 1 (FlashAttention-3's overlap)
+    pingpong: bool       # the two consumer warpgroups take turns issuing their wgmma (with pipe only)
+    late_k_release: bool  # K's slot released with V's, after the softmax (with pipe only)
     consumer_regs: int   # setmaxnreg of the worker consumer warpgroup (the default one gets the rest)
-    producer_regs: int
-    maxnreg: int         # the kernel's register cap at entry (384 threads: 65536 / 384 -> 168)
+    producer_regs: int   # (the compiler caps the kernel at 65536 / 384 threads -> 168 registers at entry)
 
 
 PREFILL_GLUON_CONFIGS: dict[int, GluonConfig] = {
-    128: GluonConfig(128, 128, 2, True, 240, 24, 168),
-    64: GluonConfig(128, 128, 3, True, 240, 24, 168),
+    128: GluonConfig(128, 128, 2, True, False, False, 240, 24),
+    64: GluonConfig(128, 128, 3, True, False, False, 240, 24),
 }
 
 
@@ -154,7 +155,7 @@ def _prefill_impl(
         tma = kv_contiguous and not kv_layout_hnd and _tma_ok(k_cache, page_size) and _tma_ok(v_cache, page_size)
         ws = (tma and not custom and head_dim in PREFILL_WS_CONFIGS and q.dtype in (torch.bfloat16, torch.float16)
               and _ws_enabled() and _q_tma_ok(q))
-        if tma and _gluon_enabled() and _gluon_applies(q, k_cache, v_cache, custom, window_left, soft):
+        if tma and not ws and _gluon_enabled() and _gluon_applies(q, k_cache, v_cache, custom, window_left, soft):
             cfg = PREFILL_GLUON_CONFIGS[head_dim]
             if cfg.block_m != block_m:
                 raise MoeCommValueError(f"{_OP}: PREFILL_GLUON_CONFIGS[{head_dim}] must have BLOCK_M = {block_m} "
@@ -244,23 +245,23 @@ def _gluon_enabled() -> bool:
 
 def _launch_gluon(q, k_cache, v_cache, out, lse, meta, kv_indices, mask_bits, offsets, num_tiles_grid, page_size,
                   layout, causal, write_lse, sm_scale, cfg: GluonConfig) -> None:
-    """prefill_v2_kernel's arguments into _gluon_prefill's kernel (its own constexprs), launched
-    directly: its register cap (maxnreg) is a launch option moecomm.jit's launch() does not pass."""
+    """prefill_v2_kernel's arguments into _gluon_prefill's kernel, with its own constexprs."""
     from . import _gluon_prefill as gk
 
     off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask, _ = offsets
     num_qo_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     _ensure_allocator(q.device)  # descriptors made in the kernel need a global scratch
-    gk.prefill_gluon_kernel[(num_qo_heads, num_tiles_grid)](
+    consts = dict(GROUP=num_qo_heads // num_kv_heads, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal, WRITE_LSE=write_lse, PIPE=cfg.pipe,
+                  PINGPONG=cfg.pingpong, LATE_K_RELEASE=cfg.late_k_release, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs)
+    launch(gk.prefill_gluon_kernel, (num_qo_heads, num_tiles_grid), (
         q, k_cache, v_cache, out, lse, meta, kv_indices, mask_bits,
         off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask,
         k_cache.shape[0], num_qo_heads,
         q.stride(0), q.stride(1), *nhd_strides(k_cache, layout), *nhd_strides(v_cache, layout),
         out.stride(0), out.stride(1), sm_scale, 1.0, 0,
-        GROUP=num_qo_heads // num_kv_heads, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal, WRITE_LSE=write_lse, PIPE=cfg.pipe,
-        CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, num_warps=4, maxnreg=cfg.maxnreg)
+    ), consts, 4)  # 4 warps: the default partition (a consumer warpgroup); the workers add 5 (12 in all)
 
 
 def _ws_enabled() -> bool:

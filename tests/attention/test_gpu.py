@@ -152,6 +152,7 @@ def test_prefill_consecutive_pages_bf16(monkeypatch, qo_lens, kv_lens, kernel):
     from moecomm.attention import prefill as pre
 
     monkeypatch.setattr(pre, "PREFILL_KERNEL", kernel)
+    monkeypatch.setattr(pre, "PREFILL_GLUON", False)  # v2's own TMA loop (the Gluon kernel: test_prefill_gluon)
     seen = []
     real = pre.launch
     monkeypatch.setattr(pre, "launch", lambda kern, grid, args, consts, *rest: (

@@ -91,10 +91,11 @@ def _compile_gluon_for_hopper() -> str:
     for head_dim, causal in ((128, True), (64, False)):
         cfg = pre.PREFILL_GLUON_CONFIGS[head_dim]
         consts = dict(GROUP=4, PAGE=16, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages,
-                      CAUSAL=causal, WRITE_LSE=True, PIPE=cfg.pipe, CONSUMER_REGS=cfg.consumer_regs,
+                      CAUSAL=causal, WRITE_LSE=True, PIPE=cfg.pipe, PINGPONG=cfg.pingpong, LATE_K_RELEASE=cfg.late_k_release,
+                      CONSUMER_REGS=cfg.consumer_regs,
                       PRODUCER_REGS=cfg.producer_regs)
         k = triton.compile(GluonASTSource(kern, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": 4, "maxnreg": cfg.maxnreg})
+                           options={"num_warps": 4})
         ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
         assert ttgir.count("ttg.warp_specialize(") == 1, "expected one warp-specialised region"
         parts = re.findall(r"^\s*partition(\d+)\(.*num_warps\((\d+)\)", ttgir, re.M)
@@ -157,20 +158,33 @@ def _cuda_sm90() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _cuda_sm90(), reason="the Gluon kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("qo_lens,kv_lens,Hq,Hk,D,dtype", [
+GPU_CASES = [  # (qo_lens, kv_lens, Hq, Hk, D, dtype)
     ([4096] * 2, [4096] * 2, 32, 8, 128, BF16),                     # the benchmark's sequences, GQA 4
     ([1, 17, 1023, 4096], [1, 17, 1023, 4096], 32, 8, 128, BF16),  # lengths 1, 17, 1023, 4096 (partial tiles)
     ([1, 300, 2000, 77], [33000, 301, 4096, 77], 32, 8, 128, BF16),  # ragged, queries after a prefix
     ([129, 5, 3], [129, 0, 1], 8, 2, 128, FP16),                   # a partial second tile; no keys; fp16
     ([200, 1, 1023], [250, 17, 1023], 8, 2, 64, BF16),             # head_dim 64
-])
-def test_gluon_gpu_matches_reference(monkeypatch, qo_lens, kv_lens, Hq, Hk, D, dtype):
+]
+# other schedules of the D128 kernel (benchmarks/probe_prefill_gluon.py times them): the second and
+# third cases each. (stages, pingpong, late_k_release)
+ALT_SCHEDULES = [(2, True, False), (2, False, True), (3, False, False), (3, False, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_sm90(), reason="the Gluon kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("case,schedule", [(c, None) for c in GPU_CASES]
+                         + [(c, s) for s in ALT_SCHEDULES for c in GPU_CASES[1:3]],
+                         ids=lambda x: "default" if x is None else "-".join(map(str, x)) if len(x) == 3 else None)
+def test_gluon_gpu_matches_reference(monkeypatch, case, schedule):
     from moecomm.attention import BatchPrefillWithPagedKVCacheWrapper
     from moecomm.attention import reference as ref
 
+    qo_lens, kv_lens, Hq, Hk, D, dtype = case
     monkeypatch.setattr(pre, "PREFILL_GLUON", True)
+    if schedule is not None:
+        stages, pingpong, late_k = schedule
+        monkeypatch.setitem(pre.PREFILL_GLUON_CONFIGS, D, pre.PREFILL_GLUON_CONFIGS[D]._replace(
+            stages=stages, pingpong=pingpong, late_k_release=late_k))
     taken = []
     real = pre._launch_gluon
     monkeypatch.setattr(pre, "_launch_gluon", lambda *a, **k: (taken.append(1), real(*a, **k))[1])
