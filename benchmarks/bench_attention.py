@@ -124,9 +124,11 @@ def ours_decode(B, L, Hq, Hk, dtype, device, warmup, rep, gen, check=True):
                 direct=w._plan["direct"])
 
 
-def ours_prefill(B, L, Hq, Hk, dtype, device, warmup, rep, gen, kernel=None, consecutive=False):
+def ours_prefill(B, L, Hq, Hk, dtype, device, warmup, rep, gen, kernel=None, consecutive=False, gluon=None):
     """Our paged prefill; kernel: "v1" / "v2" (None: the default); consecutive: each request's pages
-    in order (v2's TMA path; the same random KV, so the output matches the shuffled run's)."""
+    in order (v2's TMA path; the same random KV, so the output matches the shuffled run's); gluon:
+    prefill.PREFILL_GLUON for the call (None: the default; on sm_90 the TMA path then launches the
+    Gluon kernel, False keeps v2's own TMA loop)."""
     from moecomm.attention import BatchPrefillWithPagedKVCacheWrapper
     from moecomm.attention import prefill as pre
 
@@ -134,9 +136,11 @@ def ours_prefill(B, L, Hq, Hk, dtype, device, warmup, rep, gen, kernel=None, con
     if consecutive:  # the same tokens, their pages renumbered 0, 1, 2, ... in request order
         k, v = k[perm.long()].contiguous(), v[perm.long()].contiguous()
         perm = torch.arange(perm.shape[0], dtype=torch.int32, device=device)
-    saved = pre.PREFILL_KERNEL
+    saved = pre.PREFILL_KERNEL, pre.PREFILL_GLUON
     if kernel is not None:
         pre.PREFILL_KERNEL = kernel
+    if gluon is not None:
+        pre.PREFILL_GLUON = gluon
     q = torch.randn(B * L, Hq, HEAD_DIM, device=device, dtype=dtype, generator=gen)
     qo_indptr = torch.arange(0, B * L + 1, L, dtype=torch.int32)
     w = BatchPrefillWithPagedKVCacheWrapper(torch.empty(16 << 20, dtype=torch.uint8, device=device))
@@ -149,7 +153,7 @@ def ours_prefill(B, L, Hq, Hk, dtype, device, warmup, rep, gen, kernel=None, con
         ms = _time(lambda: w.run(q, (k, v)), warmup, rep)
         tma = bool(w._plan["kv_contiguous"]) and pre.PREFILL_KERNEL != "v1"
     finally:
-        pre.PREFILL_KERNEL = saved
+        pre.PREFILL_KERNEL, pre.PREFILL_GLUON = saved
     return dict(ms=ms, plan_us=plan_us, out=out, q=q, k=k, v=v, perm=perm, tma=tma)
 
 
@@ -471,7 +475,7 @@ def _sweep_prefill(writer, device, dtype, args, configs, kernel="v1", consecutiv
                 gen = torch.Generator(device=device).manual_seed(1)
                 try:
                     r = ours_prefill(B, L, Hq, Hk, dtype, device, args.warmup, max(10, args.rep // 3), gen, kernel=kernel,
-                                     consecutive=consecutive)
+                                     consecutive=consecutive, gluon=False)  # v2's own configurations
                     tf = 2 * B * Hq * L * L * HEAD_DIM / (r["ms"] * 1e-3) / 1e12
                     ref_out = _SWEEP_OUTPUTS.setdefault(("prefill", B, L, Hq, Hk), r["out"])
                     err = (r["out"].float() - ref_out.float()).abs().max().item()
@@ -631,11 +635,12 @@ def _decode_row(writer, device, dtype, args, peers, peer_rows, B, L, Hq, Hk, tar
     print(line + f" {target:6d}", flush=True)
 
 
-PREFILL_VARIANTS = [  # (label, kernel, consecutive pages): the default first, the old kernel as control
-    ("v2 shuffled", "v2", False),
-    ("v1 shuffled", "v1", False),
-    ("v2 consec", "v2", True),
-    ("v1 consec", "v1", True),
+PREFILL_VARIANTS = [  # (label, kernel, consecutive pages, PREFILL_GLUON): the default first, the old kernels as control
+    ("v2 shuffled", "v2", False, None),
+    ("v1 shuffled", "v1", False, None),
+    ("gluon consec", "v2", True, None),  # the default on sm_90 (elsewhere v2's TMA loop, as the next row)
+    ("v2 consec", "v2", True, False),
+    ("v1 consec", "v1", True, None),
 ]
 
 
@@ -645,11 +650,11 @@ def _prefill_row(writer, device, dtype, args, peers, peer_rows, B, L, Hq, Hk):
     flops = 2 * B * Hq * L * L * HEAD_DIM  # causal: half of 4 * B * Hq * L^2 * D
     shape = dict(B=B, L=L, Hq=Hq, Hk=Hk, D=HEAD_DIM, page_size=PAGE, dtype=str(dtype)[6:], causal=True)
     sdpa = None
-    for label, kernel, consecutive in PREFILL_VARIANTS:
+    for label, kernel, consecutive, gluon in PREFILL_VARIANTS:
         gen = torch.Generator(device=device).manual_seed(1)
         try:
             r = ours_prefill(B, L, Hq, Hk, dtype, device, args.warmup, max(10, args.rep // 3), gen, kernel=kernel,
-                             consecutive=consecutive)
+                             consecutive=consecutive, gluon=gluon)
         except Exception as exc:  # one variant failing keeps the others' rows
             print(f"{B:4d} {L:6d} {Hq:3d}/{Hk:<2d} {label:12s} error {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             continue

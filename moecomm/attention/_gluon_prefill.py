@@ -34,7 +34,11 @@ specialisation of that loop gave wrong values. Here the schedule is written out:
   value row adds nothing, and no NaN from the next request's or an unused slot reaches 0 * NaN).
 - exp2 with log2(e) folded into sm_scale; the LSE written as v2 writes it (log2 domain, scaled).
 
-Applies (prefill.py's _gluon_ok): sm_90, NHD cache whose token rows are evenly strided, pages
+Measured (H200, 2026-12-02, benchmarks/probe_prefill_gluon.py; benchmarks/RESULTS.md): 8 x 4096
+causal, 32/8 heads, D128 bf16: 494.6 TFLOP/s = 0.888x cuDNN (v2 0.767x, FlashInfer 0.7.2 0.863x);
+non-causal 0.903x. PINGPONG, LATE_K_RELEASE and a third stage each within ~0.01x (not shipped).
+
+Applies (prefill.py's _gluon_applies): sm_90, NHD cache whose token rows are evenly strided, pages
 consecutive per request, head_dim 64 / 128, bf16 / fp16, causal or no mask, any sm_scale; not with
 a window, soft cap or custom mask. Gluon does not run in the interpreter: CPU tests compile it for
 sm_90a (tests/attention/test_prefill_gluon.py).

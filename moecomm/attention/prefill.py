@@ -16,8 +16,10 @@ exiting at once) are fixed at construction, so one captured run() replays for an
 Kernels (PREFILL_KERNEL): "v2" (_triton_prefill_v2, the default) reads each request's K / V tiles
 with TMA when plan() finds its pages consecutive in the host page table (pages_consecutive) and
 run() finds an NHD cache whose token rows are evenly strided (_tma_ok), else it gathers them as
-"v1" (_triton_prefill) does. That TMA path has a warp-specialised variant (PREFILL_WS,
-MOECOMM_PREFILL_WS; off by default). Both use the same tiles and metadata, so the choice is made at run().
+"v1" (_triton_prefill) does. On sm_90 that TMA path launches the hand-scheduled warp-specialised
+Gluon kernel (_gluon_prefill; PREFILL_GLUON, MOECOMM_PREFILL_GLUON=0 turns it off) where its features
+cover the call (causal or no mask); Triton's automatic warp specialisation of v2's loop (PREFILL_WS,
+MOECOMM_PREFILL_WS) stays off by default. All use the same tiles and metadata, so the choice is made at run().
 Not here: in-kernel RoPE (use apply_rope first); block-sparse lives in blocksparse.py.
 """
 
@@ -84,11 +86,18 @@ PREFILL_TMA_CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3)
 PREFILL_WS: bool | None = None
 PREFILL_WS_CONFIGS: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 4, 2)}
 # The TMA path's hand-scheduled warp-specialised Hopper kernel (_gluon_prefill, Gluon: a TMA producer
-# warp, two consumer warpgroups of BLOCK_M / 2 rows, FlashAttention-3's overlap). Where it applies
-# (_gluon_applies: sm_90, fp16 / bf16 Q and cache, a head_dim listed here, causal or no mask, no
-# window / soft cap / custom mask, Q's heads adjacent) it replaces v2's TMA loop. PREFILL_GLUON:
-# True / False, or None to read MOECOMM_PREFILL_GLUON (0 / 1, default PREFILL_GLUON_DEFAULT) at
-# each run(). head_dim -> GluonConfig; BLOCK_M must be PREFILL_CONFIGS' (the plan's tiles).
+# warp, two consumer warpgroups of BLOCK_M / 2 rows, FlashAttention-3's intra-warpgroup overlap).
+# Where it applies (_gluon_applies: sm_90, fp16 / bf16 Q and cache, a head_dim listed here, causal or
+# no mask, no window / soft cap / custom mask, Q's heads adjacent; PREFILL_WS, when switched on, keeps
+# its own variant) it replaces v2's TMA loop. The default since the H200 (2026-12-02,
+# benchmarks/probe_prefill_gluon.py, one run, B8 L4096 32/8 heads D128 P16 bf16): causal 494.6
+# TFLOP/s = 0.888x cuDNN (557.2), v2 427.5 (0.767x), FlashInfer 0.7.2 480.9 (0.863x); non-causal
+# 591.8 = 0.903x cuDNN (655.5), v2 0.781x. Schedules timed in that run (causal, x cuDNN): 2 stages
+# 0.888, + ping-pong turns 0.876, + late K release 0.889, 3 stages 0.879, 3 stages + late K 0.871
+# (within ~0.01 of each other: the simplest is shipped); every one right against the fp32
+# reference (tests/attention/test_prefill_gluon.py). D64's entry is right on the GPU, untimed.
+# PREFILL_GLUON: True / False, or None to read MOECOMM_PREFILL_GLUON (0 / 1; unset:
+# PREFILL_GLUON_DEFAULT) at each run(). head_dim -> GluonConfig; BLOCK_M must be PREFILL_CONFIGS'.
 PREFILL_GLUON: bool | None = None
 PREFILL_GLUON_DEFAULT = True
 
