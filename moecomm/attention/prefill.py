@@ -211,7 +211,7 @@ def _gluon_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    soft_cap: bool) -> bool:
     """Whether the Gluon kernel covers this launch (the TMA path already applies): gluon_supports()
     for this GPU and Q readable by TMA."""
-    if q.device.type != "cuda" or not _q_tma_ok(q):
+    if q.device.type != "cuda" or not _q_tma_ok(q) or not _gluon_importable():
         return False
     return gluon_supports(_device_capability(q.device), q.dtype, k_cache.dtype, v_cache.dtype, q.shape[2], custom,
                           window_left, soft_cap)
@@ -229,6 +229,22 @@ def gluon_supports(capability: tuple[int, int], q_dtype: torch.dtype, k_dtype: t
 
 
 _CAPABILITY: dict = {}
+_GLUON_IMPORT: list = []
+
+
+def _gluon_importable() -> bool:
+    """Whether _gluon_prefill imports (Triton 3.6's Gluon API; an older Triton has none): asked once."""
+    if not _GLUON_IMPORT:
+        try:
+            from . import _gluon_prefill  # noqa: F401
+            _GLUON_IMPORT.append(True)
+        except Exception as exc:  # ImportError, or an API that moved: v2 runs, and says why once
+            from ..jit.backend import warn_once
+
+            warn_once("prefill-gluon-import", f"moecomm: the Gluon prefill kernel is unavailable ({type(exc).__name__}: "
+                      f"{exc}); prefill's TMA path runs v2")
+            _GLUON_IMPORT.append(False)
+    return _GLUON_IMPORT[0]
 
 
 def _device_capability(device: torch.device) -> tuple[int, int]:

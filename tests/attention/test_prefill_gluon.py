@@ -31,6 +31,7 @@ def test_gluon_domain():
     assert not ok(dt=FP32, kdt=FP32) and not ok(kdt=torch.float8_e4m3fn) and not ok(dt=FP16)
     assert not ok(d=256) and not ok(d=96)
     assert not ok(custom=True) and not ok(window=0) and not ok(soft=True)
+    assert pre._gluon_importable()  # Triton 3.6's Gluon here: the kernel module imports
 
 
 def test_gluon_switch(monkeypatch):
