@@ -252,6 +252,7 @@ def _host_main(args) -> int:
     import os
 
     from moecomm.ep.nccl import native as NV
+    from moecomm.ep.nccl import phases as PH
 
     print(f"T={T} H={H} E={E} top-{k}, bf16, one-rank NCCL group, exchange forced")
     for path in ("native", "python", "native"):  # the native path twice: its spread is the noise
@@ -271,7 +272,8 @@ def _host_main(args) -> int:
         targets = [(D, n) for n in ("plan_send", "_exchange_counts", "dispatch_outputs", "pack_send", "_all_to_all",
                                     "expand_received", "_gather_sum_into", "_gather_sum_new")]
         targets += [(L.Launcher, "__call__"), (NV, "for_call"), (NV, "phase"), (NV.Recorder, "run"),
-                    (NV.Recorder, "launch")]
+                    (NV.Recorder, "launch"), (NV.Template, "run"), (PH, "counts_phase"), (PH, "rows_phase"),
+                    (PH, "back_phase")]
         with _StageTimer(targets) as st:
             for _ in range(reps):
                 _sync()
@@ -286,8 +288,9 @@ def _host_main(args) -> int:
     out = torch.empty(16, 128, device=dev, dtype=dtype)
     K.gather_sum_triton(src, idx, out)
     bh = K._block_h(128)
-    regular = lambda: K.ep_gather_sum_kernel[(16, 1)](src, idx, out, 64, *src.stride(), *idx.stride(), out.stride(0),  # noqa: E731
-                                                       H=128, C=2, BLOCK_H=bh, num_warps=4)
+    regular = lambda: K.ep_gather_sum_kernel[(16, 1)](src, idx, out, src, 64, *src.stride(), *idx.stride(),  # noqa: E731
+                                                       out.stride(0), H=128, C=2, BLOCK_H=bh, CNT_W=0, CNT_WP=1,
+                                                       CNT_ROWS=-1, CNT_SRC=-1, num_warps=4)
     regular()
     units = {"triton launch, JITFunction.run": regular,
              "triton launch, moecomm Launcher (gather_sum_triton)": lambda: K.gather_sum_triton(src, idx, out)}

@@ -20,6 +20,7 @@
  *              the counts before p; W == 1 (a one-rank group: the counts must be equal) is one
  *              cuMemcpyDtoDAsync, no NCCL (what c10d does for a one-rank all_to_all_single)
  *   OP_D2H     3, host_dst, device_src, bytes               cuMemcpyDtoHAsync
+ *   OP_COPY    5, device_dst, device_src, bytes             cuMemcpyDtoDAsync
  *   OP_WAIT    4                                            spin on cuStreamQuery until the
  *              stream is idle, checking the communicator's async error; bounded by timeout_ns
  * Every program is validated (op layout, a variant for every launch) before anything is queued,
@@ -57,6 +58,7 @@
 #define OP_A2A 2
 #define OP_D2H 3
 #define OP_WAIT 4
+#define OP_COPY 5
 
 #define CUDA_ERROR_NOT_READY 600
 #define NCCL_IN_PROGRESS 7
@@ -273,6 +275,16 @@ static int walk(const int64_t *prog, int64_t n, void *stream, void *comm, int64_
             if (at + 4 > n || prog[at + 3] < 0) return MC_BAD_PROGRAM;
             if (run && prog[at + 3] > 0) {
                 int rc = api.d2h((void *)(intptr_t)prog[at + 1], (uint64_t)prog[at + 2], (size_t)prog[at + 3], stream);
+                if (rc != 0) {
+                    info[1] = rc;
+                    return MC_CUDA_ERROR;
+                }
+            }
+            at += 4;
+        } else if (op == OP_COPY) {
+            if (at + 4 > n || prog[at + 3] < 0) return MC_BAD_PROGRAM;
+            if (run && prog[at + 3] > 0) {
+                int rc = api.d2d((uint64_t)prog[at + 1], (uint64_t)prog[at + 2], (size_t)prog[at + 3], stream);
                 if (rc != 0) {
                     info[1] = rc;
                     return MC_CUDA_ERROR;

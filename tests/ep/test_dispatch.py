@@ -149,6 +149,30 @@ def test_gather_sum_kernel_interpreted(triton_backend, M, C, H, N, dtype, atol):
     torch.testing.assert_close(gather_sum_reference(src, idx).double(), truth, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("M,S", [(0, 3), (1, 1), (37, 50), (130, 20)])
+def test_gather_sum_takes_its_counts_from_the_device(triton_backend, M, S):
+    """gather_sum with DeviceCounts (a native phase's template): the rows from part 1 of the
+    counts (the grid a bucket of them: the programs past them write nothing, read no index), the
+    source bound from part 0 (indices >= S add nothing), equal to the host-count launch."""
+    from moecomm.ep.nccl._triton import DeviceCounts, gather_sum_triton
+
+    dev = torch.device(triton_backend)
+    g = torch.Generator().manual_seed(M + S)
+    H, C = 24, 3
+    src = (torch.rand(S + 9, H, generator=g) * 8 - 4).to(dev)  # 9 rows past S that must not be read
+    idx = torch.randint(-1, S + 9, (M + 40, C), generator=g, dtype=torch.int32).to(dev)
+    counts = torch.zeros((2, 2, 3), dtype=torch.int32)
+    counts[0, :, 0] = torch.tensor([S - S // 3, S // 3])  # part 0: rows sent (the source rows here)
+    counts[1, :, 0] = torch.tensor([M // 2, M - M // 2])  # part 1: rows received (the launch's rows)
+    counts[1, :, 1] = 10**6  # the pairs, another column: not read
+    buf = torch.full((M + 40, H), float("nan"), device=dev)
+    gather_sum_triton(src, idx[:M], out=buf[:M], counts=DeviceCounts(counts.to(dev), 2, rows=DeviceCounts.RECV_ROWS,
+                                                                      src=DeviceCounts.SENT_ROWS))
+    want = torch.full((M, H), float("nan"), device=dev)
+    gather_sum_triton(src[:S], idx[:M], out=want)
+    assert torch.equal(buf[:M], want) and buf[M:].isnan().all()
+
+
 def test_nan_stays_in_its_token(triton_backend):
     x, plan, S = _pack_inputs(9, 16, 2, seed=3, dtype=torch.float32)
     x = x.clone()
@@ -170,11 +194,15 @@ def _compile_pack_gather() -> int:
     k = compile_for_hopper(ep_pack_kernel, {"x_ptr": "*bf16", "pos_ptr": "*i32", "out_ptr": "*bf16", **common},
                            {"H": 7168, "W": 8, "BLOCK_H": 1024}, num_warps=4)
     assert "st.global" in k.asm["ptx"]
-    sig = {"src_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "num_src_rows": "i32",
+    sig = {"src_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "cnt_ptr": "*i32", "num_src_rows": "i32",
            "stride_sm": "i32", "stride_sh": "i32", "stride_im": "i32", "stride_ic": "i32", "stride_om": "i32",
-           "H": "constexpr", "C": "constexpr", "BLOCK_H": "constexpr"}
-    k = compile_for_hopper(ep_gather_sum_kernel, sig, {"H": 33, "C": 8, "BLOCK_H": 64}, num_warps=4)
-    assert "add.f32" in k.asm["ptx"] or "add.rn.f32" in k.asm["ptx"]  # fp32 accumulation
+           "H": "constexpr", "C": "constexpr", "BLOCK_H": "constexpr", "CNT_W": "constexpr", "CNT_WP": "constexpr",
+           "CNT_ROWS": "constexpr", "CNT_SRC": "constexpr"}
+    for cnt in ((0, 1, -1, -1), (4, 4, 3, 4), (4, 4, -1, 0)):  # counts from the host; from the device
+        k = compile_for_hopper(ep_gather_sum_kernel, sig, {"H": 33, "C": 8, "BLOCK_H": 64,
+                                                           **dict(zip(("CNT_W", "CNT_WP", "CNT_ROWS", "CNT_SRC"), cnt))},
+                               num_warps=4)
+        assert "add.f32" in k.asm["ptx"] or "add.rn.f32" in k.asm["ptx"]  # fp32 accumulation
     return 2
 
 
@@ -197,11 +225,16 @@ def _vectorise_pack_gather() -> int:
                           (ep_gather_sum_kernel, ("src", "idx", "out", "num_src_rows", "stride_sm", "stride_sh",
                                                   "stride_im", "stride_ic", "stride_om", "C"))):
         ptrs, (rows, s_row, s_col, s_it, s_iw, s_out, fan) = names[:3], names[3:]
-        sig = {f"{ptrs[0]}_ptr": "*bf16", f"{ptrs[1]}_ptr": "*i32", f"{ptrs[2]}_ptr": "*bf16", rows: "i32",
-               s_row: "i32", s_col: "constexpr", s_it: "i32", s_iw: "constexpr", s_out: "i32",
-               "H": "constexpr", fan: "constexpr", "BLOCK_H": "constexpr"}
+        sig = {f"{ptrs[0]}_ptr": "*bf16", f"{ptrs[1]}_ptr": "*i32", f"{ptrs[2]}_ptr": "*bf16"}
         consts = {s_col: 1, s_iw: 1, "H": 4096, fan: 1, "BLOCK_H": 1024}
-        attrs = {(i,): aligned for i in (0, 1, 2, 4, 8)}  # the pointers, the row strides
+        if kernel is ep_gather_sum_kernel:  # its counts pointer, unused with CNT_W 0
+            sig["cnt_ptr"] = "*i32"
+            consts.update(CNT_W=0, CNT_WP=1, CNT_ROWS=-1, CNT_SRC=-1)
+        first = len(sig)
+        sig.update({rows: "i32", s_row: "i32", s_col: "constexpr", s_it: "i32", s_iw: "constexpr", s_out: "i32",
+                    "H": "constexpr", fan: "constexpr", "BLOCK_H": "constexpr"})
+        sig.update({n: "constexpr" for n in consts if n.startswith("CNT_")})
+        attrs = {(i,): aligned for i in (0, 1, 2, first + 1, first + 5)}  # the pointers, the row strides
         fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
         ptx = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                              options={"num_warps": 4}).asm["ptx"]

@@ -7,6 +7,8 @@ nothing written out of bounds), gloo with 2 and 4 ranks, a killed rank in static
 
 from __future__ import annotations
 
+import functools
+
 import os
 import re
 import signal
@@ -103,6 +105,9 @@ def test_pack_kernel_matches_reference_interpreted(triton_backend, T, E, k, W, H
     rows = int(plan.info[:, 0].sum()) if cap is None else W * cap
     got = _packed(x, w, plan, lay, rows, cap, pack_send_triton)
     want = _packed(x, w, plan, lay, rows, cap, pack_send_reference)
+    if cap is None:  # S from the plan's rank_offsets on the device (a native phase's template): the same rows
+        dev_rows = _packed(x, w, plan, lay, rows, cap, functools.partial(pack_send_triton, device_rows=True))
+        assert torch.equal(got[0].view(torch.int32), dev_rows[0].view(torch.int32)) and torch.equal(got[1], dev_rows[1])
     assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32))  # bit for bit, NaN rows included
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     if cap is None:
@@ -127,23 +132,32 @@ def _received(R, k, L, H, dtype, seed):
 
 @pytest.mark.parametrize("R,k,L", [(0, 2, 3), (1, 1, 1), (37, 3, 5), (300, 8, 4), (130, 8, 40), (70, 8, 64),
                                    (45, 4, 300)])
-@pytest.mark.parametrize("mode", ["throughput", "static"])
+@pytest.mark.parametrize("mode", ["throughput", "static", "device counts"])
 def test_expand_kernels_match_reference(triton_backend, sort_path, R, k, L, mode, monkeypatch):
     """expand_received's kernels (histogram + scatter, the metadata read in place) against the
     reference (a contiguous copy of the ids and moecomm.permute's reference counting sort), bit for
     bit, into outputs prefilled with -7 / NaN: one-hot tiles (L < 64) and the pairwise compare
-    (L >= 64), one block and many, fused and scanned."""
+    (L >= 64), one block and many, fused and scanned; and with R and N taken from a dispatch's
+    counts on the device (3 peers' parts; the grid a bucket of R: its blocks past R count nothing)."""
+    from moecomm.ep.nccl._triton import DeviceCounts
+
     dev = torch.device(triton_backend)  # the compiled kernels on a GPU, the interpreter on CPU
     recv, lay, N = _received(R, k, L, 16, torch.float16, seed=R + L)
     recv = recv.to(dev)
-    num_pairs = N if mode == "throughput" else None
+    num_pairs = N if mode != "static" else None
+    counts = None
+    if mode == "device counts":
+        c = torch.full((2, 3, 3), -7, dtype=torch.int32)
+        c[1, :, 0] = torch.tensor([R // 3, R - R // 3 - R // 4, R // 4])
+        c[1, :, 1] = torch.tensor([N // 2, 0, N - N // 2])
+        counts = DeviceCounts(c.to(dev), 3)
     home, out = P.dispatch_outputs(3, k, R, N if num_pairs is not None else R * k, L, dev)
     for t in (home, out.gather_idx, out.expert_offsets, out.tokens_per_expert, out.slot_pos):
         t.fill_(-7)
     out.row_weights.fill_(float("nan"))
     ws = P.Workspace(dev)
     ws.reserve(1 << 14).fill_(-7)
-    got = P.expand_received(recv, lay, L, num_pairs, out=out, workspace=ws)
+    got = P.expand_received(recv, lay, L, num_pairs, out=out, workspace=ws, counts=counts)
     assert got is out
     monkeypatch.setenv("MOECOMM_BACKEND", "reference")
     want = P.expand_received(recv, lay, L, num_pairs)
@@ -151,7 +165,7 @@ def test_expand_kernels_match_reference(triton_backend, sort_path, R, k, L, mode
         assert torch.equal(getattr(got, f), getattr(want, f)), f
     assert torch.equal(got.row_weights.view(torch.int32), want.row_weights.view(torch.int32))  # the weights' bits
     assert (home == -7).all()  # a neighbour in the same allocation: untouched
-    assert int(got.expert_offsets[-1]) == N and got.gather_idx.shape[0] == (N if mode == "throughput" else R * k)
+    assert int(got.expert_offsets[-1]) == N and got.gather_idx.shape[0] == (N if mode != "static" else R * k)
 
 
 def test_dispatch_outputs_are_one_aligned_allocation():
@@ -254,10 +268,12 @@ def _compile_plan_pack() -> int:
     for check in (False, True):
         compile_for_hopper(ep_plan_kernel, sig, {"K": 8, "KP": 8, "W": 8, "NUM_BINS": 16, "BLOCK_T": 64,
                                                  "CHECK": check, "HB": 16}, num_warps=4)
-    sig = {"key_ptr": "*bf16", "hist_ptr": "*i32", "R": "i32", "NV": "i32", "stride_kr": "i32", "key_col": "i32",
-           "K": "constexpr", "KP": "constexpr", "NUM_BINS": "constexpr", "BLOCK_R": "constexpr", "HB": "constexpr"}
-    compile_for_hopper(ep_expand_hist_kernel, sig, {"K": 8, "KP": 8, "NUM_BINS": 64, "BLOCK_R": 16, "HB": 64},
-                       num_warps=4)
+    sig = {"key_ptr": "*bf16", "hist_ptr": "*i32", "cnt_ptr": "*i32", "R": "i32", "NV": "i32", "stride_kr": "i32",
+           "key_col": "i32", "K": "constexpr", "KP": "constexpr", "NUM_BINS": "constexpr", "BLOCK_R": "constexpr",
+           "HB": "constexpr", "CNT_W": "constexpr", "CNT_WP": "constexpr"}
+    for cnt_w in (0, 8):  # R from the host, or from the counts on the device
+        compile_for_hopper(ep_expand_hist_kernel, sig, {"K": 8, "KP": 8, "NUM_BINS": 64, "BLOCK_R": 16, "HB": 64,
+                                                        "CNT_W": cnt_w, "CNT_WP": max(1, cnt_w)}, num_warps=4)
     sig = {"hist_ptr": "*i32", "base_ptr": "*i32", "NB": "i32", "HC": "i32", "BLOCK_B": "constexpr",
            "BLOCK_C": "constexpr"}
     compile_for_hopper(ep_sort_scan_kernel, sig, {"BLOCK_B": 64, "BLOCK_C": 64}, num_warps=4)
@@ -266,30 +282,33 @@ def _compile_plan_pack() -> int:
     sig["row_w_ptr"] = "*fp32"
     sig.update({n: "i32" for n in ("R", "NV", "NB", "HC", "num_out", "stride_kr", "key_col", "stride_cnt")})
     sig.update({n: "constexpr" for n in ("K", "KP", "NUM_BINS", "BLOCK_R", "CHUNK_B", "ONEHOT", "SCANNED", "SCATTER",
-                                          "DROP_NEG", "PLAN")})
+                                          "DROP_NEG", "PLAN", "CNT_W", "CNT_WP")})
     recv_sig = dict(sig, key_ptr="*bf16")  # the receiver reads the keys from the bf16 rows in place
     order = ["key_ptr", "hist_ptr", "base_ptr", "dst_ptr", "src_ptr", "row_w_ptr", "offs_ptr", "cnt_ptr", "info_ptr",
              "R", "NV", "NB", "HC", "num_out", "stride_kr", "key_col", "stride_cnt", "K", "KP", "NUM_BINS", "BLOCK_R",
-             "CHUNK_B", "ONEHOT", "SCANNED", "SCATTER", "DROP_NEG", "PLAN"]
-    # the sender (one-hot, W 8) and the receiver (pairwise, L 256; one-hot, L 32), each fused and scanned
-    for bins, block_r, onehot, plan in ((16, 64, True, True), (512, 16, False, False), (64, 16, True, False)):
+             "CHUNK_B", "ONEHOT", "SCANNED", "SCATTER", "DROP_NEG", "PLAN", "CNT_W", "CNT_WP"]
+    # the sender (one-hot, W 8) and the receiver (pairwise, L 256; one-hot, L 32), each fused and
+    # scanned; the receiver's also with R and N from the counts on the device
+    for bins, block_r, onehot, plan, cnt_w in ((16, 64, True, True, 0), (512, 16, False, False, 0),
+                                               (64, 16, True, False, 0), (64, 16, True, False, 4)):
         for scanned in (False, True):
             compile_for_hopper(ep_sort_scatter_kernel, {n: (sig if plan else recv_sig)[n] for n in order}, {
                 "K": 8, "KP": 8, "NUM_BINS": bins, "BLOCK_R": block_r, "CHUNK_B": max(1, 4096 // bins),
-                "ONEHOT": onehot, "SCANNED": scanned, "SCATTER": not plan, "DROP_NEG": not plan, "PLAN": plan},
-                num_warps=4)
+                "ONEHOT": onehot, "SCANNED": scanned, "SCATTER": not plan, "DROP_NEG": not plan, "PLAN": plan,
+                "CNT_W": cnt_w, "CNT_WP": max(1, cnt_w)}, num_warps=4)
     sig = {n: "*i32" for n in ("rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "home_ptr",
                                "flag_ptr")}
     sig.update({"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*bf16"})
     sig.update({n: "i32" for n in ("num_rows", "capacity", "stride_xt", "stride_xh", "stride_wt", "stride_wk",
                                    "stride_ot", "stride_mt", "meta_col")})
-    sig.update({n: "constexpr" for n in ("H", "K", "KP", "W", "BLOCK_H", "STATIC")})
+    sig.update({n: "constexpr" for n in ("H", "K", "KP", "W", "BLOCK_H", "STATIC", "DEV_ROWS")})
     order = ["x_ptr", "w_ptr", "rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "out_ptr",
              "home_ptr", "flag_ptr", "num_rows", "capacity", "stride_xt", "stride_xh", "stride_wt", "stride_wk",
-             "stride_ot", "stride_mt", "meta_col", "H", "K", "KP", "W", "BLOCK_H", "STATIC"]
-    for static in (False, True):
+             "stride_ot", "stride_mt", "meta_col", "H", "K", "KP", "W", "BLOCK_H", "STATIC", "DEV_ROWS"]
+    for static, dev_rows in ((False, False), (True, False), (False, True)):
         k = compile_for_hopper(ep_pack_send_kernel, {n: sig[n] for n in order},
-                               {"H": 7168, "K": 8, "KP": 8, "W": 8, "BLOCK_H": 1024, "STATIC": static}, num_warps=4)
+                               {"H": 7168, "K": 8, "KP": 8, "W": 8, "BLOCK_H": 1024, "STATIC": static,
+                                "DEV_ROWS": dev_rows}, num_warps=4)
         assert "st.global" in k.asm["ptx"]
     return 3
 

@@ -206,6 +206,12 @@ def test_all_to_all_sends_and_receives_every_part_at_its_offset(native_lib):
     ]
 
 
+def test_a_device_copy(native_lib):
+    library, api = native_lib
+    rc, _ = _run(library, [N.OP_COPY, 0x9000, 0x7000, 24, N.OP_COPY, 0x9000, 0x7000, 0])
+    assert rc == N.OK and api.calls == [("d2d", 0x9000, 0x7000, 24, 0x51)]  # nothing for 0 bytes
+
+
 def test_a_one_rank_exchange_is_a_device_copy(native_lib):
     # W 1: no NCCL kernel (c10d's one-rank all_to_all_single copies too); an empty one queues nothing
     library, api = native_lib
@@ -248,6 +254,7 @@ def test_wait_is_bounded_and_sees_the_async_error(native_lib):
     [N.OP_A2A, 1, 2, 4, 3, 1, 1],  # counts cut short
     [N.OP_A2A, 1, 2, 4, 1, 3, 2],  # a one-rank group receiving other than it sends
     [N.OP_D2H, 1, 2],
+    [N.OP_COPY, 1, 2, -4],
 ])
 def test_a_bad_program_queues_nothing(native_lib, bad):
     library, api = native_lib
@@ -287,7 +294,7 @@ def test_recorder_records_launches_and_exchanges_on_its_thread_only():
     rec = N.Recorder(rt, ("k",))
     seen = []
     with rec:
-        launcher((2, 1), (src, idx, src, 4, 8, 1, 3, 1, 8), {"H": 8, "C": 3, "BLOCK_H": 8}, 4)
+        launcher((2, 1), (src, idx, src, idx, 4, 8, 1, 3, 1, 8), {"H": 8, "C": 3, "BLOCK_H": 8}, 4)
         t = threading.Thread(target=lambda: seen.append(recording.recorder))
         t.start()
         t.join()
@@ -295,7 +302,8 @@ def test_recorder_records_launches_and_exchanges_on_its_thread_only():
         rec.to_host(idx, src)
     assert recording.recorder is None and seen == [None]
     assert rt.keys == [(id(launcher), ("k",), (8, 3, 8), 4, None)]
-    assert rec.ops == [N.OP_LAUNCH, 7, 2, 1, 1, 9, src.data_ptr(), idx.data_ptr(), src.data_ptr(), 4, 8, 1, 3, 1, 8,
+    assert rec.ops == [N.OP_LAUNCH, 7, 2, 1, 1, 10, src.data_ptr(), idx.data_ptr(), src.data_ptr(), idx.data_ptr(), 4,
+                       8, 1, 3, 1, 8,
                        N.OP_A2A, idx.data_ptr(), src.data_ptr(), 12, 2, 1, 2, 3, 4,
                        N.OP_D2H, idx.data_ptr(), src.data_ptr(), 4 * 8 * 4, N.OP_WAIT]
     assert rec.launches[0][:2] == (0, 7)
@@ -322,10 +330,13 @@ def _native_parameters_match_the_ptx() -> int:
     from moecomm.jit.launch import native_parameters
 
     cases = [
-        (ep_gather_sum_kernel, {"src_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "num_src_rows": "i32",
-                                "stride_sm": "i32", "stride_sh": "constexpr", "stride_im": "i32", "stride_ic": "constexpr",
-                                "stride_om": "i64", "H": "constexpr", "C": "constexpr", "BLOCK_H": "constexpr"},
-         {"stride_sh": 1, "stride_ic": 1, "H": 4096, "C": 2, "BLOCK_H": 1024}, 9),
+        (ep_gather_sum_kernel, {"src_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "cnt_ptr": "*i32",
+                                "num_src_rows": "i32", "stride_sm": "i32", "stride_sh": "constexpr", "stride_im": "i32",
+                                "stride_ic": "constexpr", "stride_om": "i64", "H": "constexpr", "C": "constexpr",
+                                "BLOCK_H": "constexpr", "CNT_W": "constexpr", "CNT_WP": "constexpr",
+                                "CNT_ROWS": "constexpr", "CNT_SRC": "constexpr"},
+         {"stride_sh": 1, "stride_ic": 1, "H": 4096, "C": 2, "BLOCK_H": 1024, "CNT_W": 2, "CNT_WP": 2, "CNT_ROWS": 3,
+          "CNT_SRC": -1}, 10),
         (ep_sort_scan_kernel, {"hist_ptr": "*i32", "base_ptr": "*i32", "NB": "i32", "HC": "i32",
                                "BLOCK_B": "constexpr", "BLOCK_C": "constexpr"}, {"BLOCK_B": 64, "BLOCK_C": 32}, 4),
     ]
@@ -487,3 +498,60 @@ def test_a_template_is_the_recording_with_the_sources_addresses_patched(monkeypa
     with rec:
         rec.to_host(host, base[:1])
     assert not rec.template(None).reusable
+
+
+def test_the_rows_and_back_phases_templates_patch_addresses_and_splits(monkeypatch):
+    """dispatch's second phase and combine's phase read S, R and N on the device, so a call whose
+    counts differ (R in the same bucket, other splits) and whose tensors are new queues from the
+    template exactly the program a fresh recording of that call makes."""
+    from moecomm.ep.nccl import phases as PH
+    from moecomm.ep.nccl import plan as P
+    from moecomm.ep.nccl.handle import EPHandle
+    from moecomm.jit.backend import Impl
+
+    for mod in (P, PH):
+        monkeypatch.setattr(mod, "choose", lambda *a, **kw: Impl.TRITON)  # the kernel path, recorded on CPU
+    T, k, E, W, H, L = 37, 4, 16, 2, 32, 8
+    lib = _CaptureLib()
+    nat = (N.Runtime(lib), 0xC0, 0x51)
+    ws = P.Workspace(torch.device("cpu"))
+    ws._host[(2, W, 3)] = torch.zeros((2, W, 3), dtype=torch.int32)  # no pinned memory without a GPU
+    e2r = torch.arange(E, dtype=torch.int32) // (E // W)
+    e2l = torch.arange(E, dtype=torch.int32) % (E // W)
+    ids = torch.randint(0, E, (T, k), dtype=torch.int32)
+    plan = PH.counts_phase(nat, ("k",), ws, ids, e2r, e2l, W, True, None, "test")
+    lay = P.RowLayout.of(H, k, torch.float16)
+
+    def tensors(R, N, send_splits, recv_splits):
+        x, w = torch.zeros(T, H, dtype=torch.float16), torch.zeros(T, k)
+        home, outputs = P.dispatch_outputs(T, k, R, N, L, torch.device("cpu"), W)
+        send = torch.empty(sum(send_splits), lay.width, dtype=torch.float16)
+        recv = torch.empty(R, lay.width, dtype=torch.float16)
+        out = torch.zeros(N, H, dtype=torch.float16)
+        partial, bk = torch.split_with_sizes(torch.empty(R + sum(send_splits), H, dtype=torch.float16),
+                                             [R, sum(send_splits)])
+        return x, w, home, outputs, send, recv, out, partial, bk, N, send_splits, recv_splits
+
+    def trip(x, w, home, outputs, send, recv, out, partial, bk, N, send_splits, recv_splits):
+        assert PH.rows_phase(nat, ("k",), ws, x, w, plan, lay, send, recv, home, outputs, send_splits, recv_splits,
+                             L, N, None, "test") is outputs
+        handle = EPHandle(None, W, send_splits, recv_splits, home, outputs.slot_pos, T, H, N, counts=outputs.counts)
+        y = PH.back_phase(nat, out, handle, partial, bk, "test")
+        assert y is not None and y.shape == (T, H)
+
+    a = tensors(50, 130, [20, 17], [30, 20])
+    b = tensors(52, 140, [17, 20], [26, 26])  # R 50 and 52: one bucket (48..56)
+    assert P._triton().DeviceCounts.bucket(50) == P._triton().DeviceCounts.bucket(52)
+    trip(*a)
+    first = len(lib.programs)
+    trip(*b)  # from the templates
+    replayed = lib.programs[first:]
+    ws._memo = {key: v for key, v in ws._memo.items() if key[0] != "native-rows"}
+    PH._BACK_TEMPLATES.clear()
+    trip(*b)  # recorded afresh
+    fresh = lib.programs[first + 2:]
+    assert len(replayed) == len(fresh) == 2 and replayed[0] == fresh[0] and len(replayed[1]) == len(fresh[1])
+    # combine's result is a new tensor each call (the allocator may reuse the address): the rest equal
+    assert len([i for i, (u, v) in enumerate(zip(replayed[1], fresh[1])) if u != v]) <= 1
+    assert lib.programs[first - 2] != replayed[0]  # the splits and the addresses did change
+    assert lib.programs[first - 2][:6] != replayed[0][:6] and len(lib.programs[first - 2]) == len(replayed[0])

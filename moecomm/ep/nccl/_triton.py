@@ -66,20 +66,33 @@ def ep_pack_kernel(
 
 @triton.jit
 def ep_gather_sum_kernel(
-    src_ptr, idx_ptr, out_ptr,
+    src_ptr, idx_ptr, out_ptr, cnt_ptr,
     num_src_rows,
     stride_sm, stride_sh, stride_im, stride_ic, stride_om,
     H: tl.constexpr, C: tl.constexpr, BLOCK_H: tl.constexpr,
+    CNT_W: tl.constexpr, CNT_WP: tl.constexpr, CNT_ROWS: tl.constexpr, CNT_SRC: tl.constexpr,
 ):
+    # CNT_W > 0: a dispatch's [2, CNT_W, 3] int32 counts at cnt_ptr; a count c = 3 * part + column
+    # is the sum over peers of counts[part, :, column]. CNT_SRC >= 0: num_src_rows = count CNT_SRC;
+    # CNT_ROWS >= 0: the grid is a bucket of count CNT_ROWS, the programs past it read and write nothing
     m = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_row = offs < H
+    live = m >= 0
+    if CNT_W > 0:
+        wi = tl.arange(0, CNT_WP)
+        if CNT_SRC >= 0:
+            num_src_rows = tl.sum(tl.load(cnt_ptr + (CNT_SRC // 3) * CNT_W * 3 + wi * 3 + CNT_SRC % 3, mask=wi < CNT_W,
+                                          other=0), axis=0)
+        if CNT_ROWS >= 0:
+            live = m < tl.sum(tl.load(cnt_ptr + (CNT_ROWS // 3) * CNT_W * 3 + wi * 3 + CNT_ROWS % 3, mask=wi < CNT_W,
+                                      other=0), axis=0)
     # tl.full, not tl.zeros: tl.zeros is a @jit helper, and the triton 3.6 interpreter patches
     # triton.language.core for helpers without restoring it, which breaks every later sm_90
     # compile in the same process (CI runs interpreted tests before the compile checks)
     acc = tl.full([BLOCK_H], 0.0, tl.float32)
     for c in tl.static_range(C):  # unrolled: C row loads in flight at once (C = k or W, small)
-        i = tl.load(idx_ptr + m * stride_im + c * stride_ic).to(tl.int64)
+        i = tl.load(idx_ptr + m * stride_im + c * stride_ic, mask=live, other=-1).to(tl.int64)
         ok = (i >= 0) & (i < num_src_rows)
         src_ptrs = src_ptr + i * stride_sm + offs.to(tl.int64) * stride_sh
         # upcast before adding: fp32 accumulation (and the interpreter adds bf16 bits wrongly)
@@ -88,10 +101,10 @@ def ep_gather_sum_kernel(
         else:
             v = tl.load(src_ptrs, mask=in_row & ok, other=0.0)
         acc += v.to(tl.float32)
-    if H % BLOCK_H == 0:
+    if H % BLOCK_H == 0 and CNT_ROWS < 0:
         tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty))
     else:
-        tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=in_row)
+        tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=in_row & live)
 
 
 # ----------------------------------------------------------------------------- launching
@@ -126,11 +139,14 @@ def pack_rows_triton(x: torch.Tensor, pos: torch.Tensor, num_rows: int, out: tor
 
 
 def gather_sum_triton(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None, *,
-                      block_h: int | None = None, num_warps: int = NUM_WARPS_DEFAULT) -> torch.Tensor:
+                      block_h: int | None = None, num_warps: int = NUM_WARPS_DEFAULT,
+                      counts: DeviceCounts | None = None) -> torch.Tensor:
     """[M, H] with row m = sum of src[idx[m, c]] over idx >= 0 (fp32 accumulate, src.dtype out).
 
     ``out``: a caller-owned [M, H] buffer with unit inner stride (tests pass a NaN-filled one).
     ``block_h``, ``num_warps``: launch configuration (the benchmark's --sweep); default: BLOCK_H = min(1024, next power of 2 of H), 4 warps.
+    ``counts``: take the row counts from a dispatch's counts on the device (DeviceCounts: the
+    launch then depends on no count, what a recorded program's template needs).
     """
     M, C = idx.shape
     H = src.shape[1]
@@ -141,10 +157,35 @@ def gather_sum_triton(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | 
     BLOCK_H = block_h or _block_h(H)
     stride_sm, stride_sh = src.stride()
     stride_im, stride_ic = idx.stride()
-    _gather_sum_launcher((M, cdiv(H, BLOCK_H)), (src, idx, out, src.shape[0], stride_sm, stride_sh, stride_im, stride_ic,
-                                                   out.stride(0)),
-                         {"H": H, "C": C, "BLOCK_H": BLOCK_H}, num_warps)
+    grid_m, nsrc, cnt = M, src.shape[0], src
+    cx = {"H": H, "C": C, "BLOCK_H": BLOCK_H, "CNT_W": 0, "CNT_WP": 1, "CNT_ROWS": -1, "CNT_SRC": -1}
+    if counts is not None:
+        grid_m, nsrc, cnt = (counts.bucket(M) if counts.rows >= 0 else M), 0, counts.tensor
+        cx.update(CNT_W=counts.W, CNT_WP=max(2, next_pow2(counts.W)), CNT_ROWS=counts.rows, CNT_SRC=counts.src)
+    _gather_sum_launcher((grid_m, cdiv(H, BLOCK_H)), (src, idx, out, cnt, nsrc, stride_sm, stride_sh, stride_im,
+                                                        stride_ic, out.stride(0)), cx, num_warps)
     return out
+
+
+@dataclass(frozen=True)
+class DeviceCounts:
+    """A dispatch's [2, W, 3] int32 counts on the device (rows, pairs, flag per peer: [0] sent, [1]
+    received), from which a kernel takes a count instead of a host int. gather_sum: ``rows`` / ``src``
+    the count that bounds the launch's programs / its source rows, as 3 * part + column (SENT_ROWS,
+    RECV_ROWS, RECV_PAIRS; -1: the host's)."""
+
+    tensor: torch.Tensor
+    W: int
+    rows: int = -1
+    src: int = -1
+
+    SENT_ROWS, RECV_ROWS, RECV_PAIRS = 0, 3, 4
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        """n rounded up to 1/8 of its power of two (>= 16): the grids of templated launches."""
+        g = max(16, next_pow2(n) // 8)
+        return -(-n // g) * g
 
 
 # ----------------------------------------------------------------------------- plan, sort and pack
@@ -238,14 +279,20 @@ def ep_plan_kernel(
 
 @triton.jit
 def ep_expand_hist_kernel(
-    key_ptr, hist_ptr,
+    key_ptr, hist_ptr, cnt_ptr,
     R, NV, stride_kr, key_col,
     K: tl.constexpr, KP: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_R: tl.constexpr, HB: tl.constexpr,
+    CNT_W: tl.constexpr, CNT_WP: tl.constexpr,
 ):
     # keys (r, j) at int32 key_col + r * stride_kr + j of key_ptr's memory, read in place (the received
     # rows' metadata, whatever the rows' dtype: no view op on the host); key v in [0, NV) is its
-    # bucket, anything else (-1: another rank's slot) bucket NV
+    # bucket, anything else (-1: another rank's slot) bucket NV. CNT_W > 0: R = the rows received
+    # by a dispatch's [2, CNT_W, 3] counts at cnt_ptr (the grid: blocks of a bucket of R; a block
+    # past R counts zeros)
     key_ptr = key_ptr.to(tl.pointer_type(tl.int32))
+    if CNT_W > 0:
+        wi = tl.arange(0, CNT_WP)
+        R = tl.sum(tl.load(cnt_ptr + CNT_W * 3 + wi * 3, mask=wi < CNT_W, other=0), axis=0)
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, KP)
@@ -282,13 +329,20 @@ def ep_sort_scatter_kernel(
     R, NV, NB, HC, num_out, stride_kr, key_col, stride_cnt,
     K: tl.constexpr, KP: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_B: tl.constexpr,
     ONEHOT: tl.constexpr, SCANNED: tl.constexpr, SCATTER: tl.constexpr, DROP_NEG: tl.constexpr, PLAN: tl.constexpr,
+    CNT_W: tl.constexpr, CNT_WP: tl.constexpr,
 ):
     # Outputs: dst [R, K] the place of each slot (DROP_NEG: -1 for bucket NV); SCATTER: at each
     # place p < num_out, src[p] = the slot's row and row_w[p] = the fp32 bits beside its key (at
     # key + K); program 0: offs [NV + 1] where each bucket starts, cnt[v * stride_cnt] its count
     # (v < NV); PLAN: info [NV, 3] columns 1 and 2 (pairs, bad-id flag) from hist's other columns.
-    # Keys as in ep_expand_hist_kernel (int32 units of key_ptr's memory).
+    # Keys as in ep_expand_hist_kernel (int32 units of key_ptr's memory). CNT_W > 0 (not PLAN):
+    # info_ptr holds a dispatch's [2, CNT_W, 3] counts, R = the rows and num_out = the pairs received
+    # (NB: blocks of a bucket of R, as ep_expand_hist_kernel's).
     key_ptr = key_ptr.to(tl.pointer_type(tl.int32))
+    if CNT_W > 0:
+        wi = tl.arange(0, CNT_WP)
+        R = tl.sum(tl.load(info_ptr + CNT_W * 3 + wi * 3, mask=wi < CNT_W, other=0), axis=0)
+        num_out = tl.sum(tl.load(info_ptr + CNT_W * 3 + wi * 3 + 1, mask=wi < CNT_W, other=0), axis=0)
     pid = tl.program_id(0)
     bins = tl.arange(0, NUM_BINS)
     bm = bins <= NV
@@ -360,10 +414,13 @@ def ep_pack_send_kernel(
     x_ptr, w_ptr, rank_ptr, local_ptr, first_ptr, sort_row_ptr, offs_ptr, out_ptr, home_ptr, flag_ptr,
     num_rows, capacity, stride_xt, stride_xh, stride_wt, stride_wk, stride_ot, stride_mt, meta_col,
     H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, W: tl.constexpr, BLOCK_H: tl.constexpr,
-    STATIC: tl.constexpr,
+    STATIC: tl.constexpr, DEV_ROWS: tl.constexpr,
 ):
+    # DEV_ROWS (throughput mode): num_rows = offs[W], the rows the plan sends (not a host int)
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
+    if DEV_ROWS:
+        num_rows = tl.load(offs_ptr + W)
     cols = tl.arange(0, KP)
     cm = cols < K
     first = tl.load(first_ptr + t * K + cols, mask=cm, other=W)
@@ -501,40 +558,51 @@ def plan_send_triton(topk_ids: torch.Tensor, e2r: torch.Tensor, e2l: torch.Tenso
         first, hist, base, sort_row, first, first, rank_offsets, info, info,
         T, W, sh.num_blocks, sh.hist_cols, 0, k, 0, 3,
     ), {"K": k, "KP": sh.kp, "NUM_BINS": sh.num_bins, "BLOCK_R": sh.block_r, "CHUNK_B": sh.chunk_b,
-        "ONEHOT": sh.onehot, "SCANNED": sh.scanned, "SCATTER": False, "DROP_NEG": False, "PLAN": True}, 4)
+        "ONEHOT": sh.onehot, "SCANNED": sh.scanned, "SCATTER": False, "DROP_NEG": False, "PLAN": True,
+        "CNT_W": 0, "CNT_WP": 1}, 4)
 
 
 def expand_received_triton(recv: torch.Tensor, meta_col: int, top_k: int, num_local_experts: int, hist: torch.Tensor,
                            base: torch.Tensor, gather_idx: torch.Tensor, expert_offsets: torch.Tensor,
-                           tokens_per_expert: torch.Tensor, row_weights: torch.Tensor, slot_pos: torch.Tensor) -> None:
+                           tokens_per_expert: torch.Tensor, row_weights: torch.Tensor, slot_pos: torch.Tensor,
+                           counts: DeviceCounts | None = None) -> None:
     """The receiver's expansion in two launches (three when SCANNED), reading the received rows'
     metadata in place: recv [R, width] (any row dtype, rows of whole int32 words), ids at int32
     column meta_col, the weights' bits after them. Writes slot_pos [R, k] (-1: a slot of another
     rank), expert_offsets [L + 1], tokens_per_expert [L], and gather_idx / row_weights at the places
     < their size (N in the throughput mode, R * k in the static one). hist, base: scratch of
-    expand_sort_shape's sizes."""
+    expand_sort_shape's sizes (of DeviceCounts.bucket(R) with ``counts``). ``counts``: R and N
+    from the dispatch's counts on the device (the launches then depend on R's bucket only)."""
     R = recv.shape[0]
     k, L = top_k, num_local_experts
-    sh = expand_sort_shape(R, k, L)
     stride = recv.stride(0) * recv.element_size() // 4  # int32 words per row
     meta = recv
+    rows, num_out, cnt, cw = R, gather_idx.shape[0], hist, {"CNT_W": 0, "CNT_WP": 1}
+    if counts is not None:
+        rows, num_out, cnt = counts.bucket(R) if R > 0 else 0, 0, counts.tensor
+        cw = {"CNT_W": counts.W, "CNT_WP": max(2, next_pow2(counts.W))}
+    sh = expand_sort_shape(rows, k, L)
     if R > 0:
-        _expand_hist_launcher((sh.num_blocks,), (meta, hist, R, L, stride, meta_col),
+        _expand_hist_launcher((sh.num_blocks,), (meta, hist, cnt, 0 if counts is not None else R, L, stride, meta_col),
                               {"K": k, "KP": sh.kp, "NUM_BINS": sh.num_bins, "BLOCK_R": sh.block_r,
-                               "HB": _hist_chunk(sh)}, 4)
+                               "HB": _hist_chunk(sh), **cw}, 4)
     if sh.scanned:
         _scan(sh, hist, base)
+    info = cnt if counts is not None else expert_offsets
     _sort_scatter_launcher((max(sh.num_blocks, 1),), (
-        meta, hist, base, slot_pos, gather_idx, row_weights, expert_offsets, tokens_per_expert, expert_offsets,
-        R, L, sh.num_blocks, sh.hist_cols, gather_idx.shape[0], stride, meta_col, 1,
+        meta, hist, base, slot_pos, gather_idx, row_weights, expert_offsets, tokens_per_expert, info,
+        0 if counts is not None else R, L, sh.num_blocks, sh.hist_cols, num_out, stride, meta_col, 1,
     ), {"K": k, "KP": sh.kp, "NUM_BINS": sh.num_bins, "BLOCK_R": sh.block_r, "CHUNK_B": sh.chunk_b,
-        "ONEHOT": sh.onehot, "SCANNED": sh.scanned, "SCATTER": True, "DROP_NEG": True, "PLAN": False}, 4)
+        "ONEHOT": sh.onehot, "SCANNED": sh.scanned, "SCATTER": True, "DROP_NEG": True, "PLAN": False, **cw}, 4)
 
 
 def pack_send_triton(x: torch.Tensor, topk_weights: torch.Tensor, rank: torch.Tensor, local: torch.Tensor,
                      first: torch.Tensor, sort_row: torch.Tensor, rank_offsets: torch.Tensor, out: torch.Tensor,
-                     home: torch.Tensor, overflow: torch.Tensor | None, *, meta_col: int, capacity: int | None) -> None:
-    """ep_pack_send_kernel: see moecomm.ep.nccl.reference.pack_send_reference for what it writes."""
+                     home: torch.Tensor, overflow: torch.Tensor | None, *, meta_col: int, capacity: int | None,
+                     device_rows: bool = False) -> None:
+    """ep_pack_send_kernel: see moecomm.ep.nccl.reference.pack_send_reference for what it writes.
+    ``device_rows`` (throughput mode): the bound on the rows written read from rank_offsets[W] on
+    the device (the launch then depends on no count)."""
     T, H = x.shape
     if T == 0:
         return
@@ -546,7 +614,7 @@ def pack_send_triton(x: torch.Tensor, topk_weights: torch.Tensor, rank: torch.Te
     flag = overflow if overflow is not None else home
     _pack_send_launcher((T, cdiv(H, BLOCK_H)), (
         x, topk_weights, rank, local, first, sort_row, rank_offsets, out, home, flag,
-        out.shape[0], capacity or 0, x.stride(0), x.stride(1), topk_weights.stride(0), topk_weights.stride(1),
-        out.stride(0), out.stride(0) * out.element_size() // 4, meta_col,
-    ), {"H": H, "K": k, "KP": max(2, next_pow2(k)), "W": W, "BLOCK_H": BLOCK_H, "STATIC": capacity is not None},
-        PACK_NUM_WARPS or NUM_WARPS_DEFAULT)
+        0 if device_rows else out.shape[0], capacity or 0, x.stride(0), x.stride(1), topk_weights.stride(0),
+        topk_weights.stride(1), out.stride(0), out.stride(0) * out.element_size() // 4, meta_col,
+    ), {"H": H, "K": k, "KP": max(2, next_pow2(k)), "W": W, "BLOCK_H": BLOCK_H, "STATIC": capacity is not None,
+        "DEV_ROWS": bool(device_rows) and capacity is None}, PACK_NUM_WARPS or NUM_WARPS_DEFAULT)

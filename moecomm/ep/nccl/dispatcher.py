@@ -83,10 +83,11 @@ from ...jit.backend import Impl, choose, device_checks_allowed
 from ..placement import ExpertPlacement
 from ..types import DispatchResult
 from . import native as _native
+from . import phases as _phases
+from .phases import _gather_sum_into, _gather_sum_new
 from . import static_ops as _sops
 from .handle import EPHandle, PendingCombine, PendingDispatch, _Done, _StaticBuffers, _StaticIndex
-from .ops import _triton_kernels, gather_sum_unchecked
-from .reference import gather_sum_reference
+from .ops import gather_sum_unchecked
 from .plan import RowLayout, Workspace, dispatch_outputs, expand_received, pack_send, plan_send
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -262,28 +263,11 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     key = (x.dtype, ids.dtype, w.dtype, dev.index)  # a family's kernels are loaded on one device
     plan = None
     if nat is not None:  # plan, count exchange and the sync in one native call
-        host = ws.host_counts((2, W, 3))
-        # the phase depends on nothing else of the call (its Template says why; ws forgets it on growth)
-        tkey = ("native-counts", T, k, W, ids.dtype, ids.stride(), check, e2r.data_ptr(), e2l.data_ptr())
-        tpl = ws.memo(tkey)
-        if tpl is not None and tpl.run(nat, (ids,), f"{op}: count exchange", group):
-            plan = tpl.result
+        plan = _phases.counts_phase(nat, key, ws, ids, e2r, e2l, W, check, group, op)
+        if plan is None:
+            nat = None
         else:
-            def record_counts(rec):
-                p = plan_send(ids, e2r, e2l, W, check_ids=check, workspace=ws)
-                rec.all_to_all(p.counts_recv, p.info, 12, [1] * W, [1] * W)  # [W, 3] int32: 12 bytes a peer
-                rec.to_host(host, p.counts)
-                return p
-
-            tpl = _native.phase(nat, key, f"{op}: count exchange", group, record_counts, (ids,))
-            if tpl is False:
-                nat = None
-            else:
-                plan = tpl.result
-                if tpl.reusable:
-                    ws.keep(tkey, tpl)
-        if plan is not None:
-            send_splits, recv_splits, recv_pairs, flags = _parse_counts(host.tolist())
+            send_splits, recv_splits, recv_pairs, flags = _parse_counts(ws.host_counts((2, W, 3)).tolist())
     if plan is None:
         plan = plan_send(ids, e2r, e2l, W, check_ids=check, workspace=ws)
         send_splits, recv_splits, recv_pairs, flags = _exchange_counts(plan.info, group, op, plan.counts, ws,
@@ -300,21 +284,16 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
                                     f"{_FLAG_REASONS.get(f, f'error flag {f}')}")
     S, R, N = sum(send_splits), sum(recv_splits), sum(recv_pairs)
     layout = RowLayout.of(H, k, x.dtype)
-    # home and the expansion's outputs: one int32 allocation, owned by the result
-    home, outputs = dispatch_outputs(T, k, R, N, L, dev)
+    # home and the expansion's outputs (and the native path's copy of the counts): one int32
+    # allocation, owned by the result
+    home, outputs = dispatch_outputs(T, k, R, N, L, dev, W if nat is not None else 0)
     send = x.new_empty((S, layout.width))  # [S, width]: tokens and metadata, one exchange
     recv = x.new_empty((R, layout.width))
     if nat is not None:  # pack, the rows' exchange and the expansion in one native call
-        box = []
-
-        def record_rows(rec):
-            pack_send(x, w, plan, layout, send, home)
-            rec.all_to_all(recv, send, layout.width * x.element_size(), send_splits, recv_splits)
-            box.append(expand_received(recv, layout, L, N, out=outputs, workspace=ws))
-
-        if _native.phase(nat, key, f"{op}: all_to_all", group, record_rows):
-            ex = box[0]
-            handle = EPHandle(group, W, send_splits, recv_splits, home, ex.slot_pos, T, H, N)
+        ex = _phases.rows_phase(nat, key, ws, x, w, plan, layout, send, recv, home, outputs, send_splits,
+                                recv_splits, L, N, group, op)
+        if ex is not None:
+            handle = EPHandle(group, W, send_splits, recv_splits, home, ex.slot_pos, T, H, N, counts=outputs.counts)
             return DispatchResult(recv[:, :H], ex.expert_offsets, ex.tokens_per_expert, ex.row_weights,
                                   ex.gather_idx, handle)
     pack_send(x, w, plan, layout, send, home)
@@ -412,15 +391,9 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
             partial, back = torch.split_with_sizes(out.new_empty((R + S, H)), [R, S])
             nat = _native.for_call(handle.group, out.device, async_op)
             if nat is not None:  # the sum, the exchange back and the source's sum in one native call
-                box = []
-
-                def record_back(rec):
-                    _gather_sum_into(out, handle.slot_pos, partial)
-                    rec.all_to_all(back, partial, H * out.element_size(), handle.recv_splits, handle.send_splits)
-                    box.append(_gather_sum_new(back, handle.home))
-
-                if _native.phase(nat, (out.dtype, out.device.index), f"{op}: all_to_all", handle.group, record_back):
-                    return box[0]
+                y = _phases.back_phase(nat, out, handle, partial, back, op)
+                if y is not None:
+                    return y
             _gather_sum_into(out, handle.slot_pos, partial)  # summed over local experts
         splits_out, splits_in = handle.send_splits, handle.recv_splits
     else:
@@ -440,21 +413,6 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
         return _gather_sum_new(back, handle.home)  # [T, H]
 
     return PendingCombine(works, finish) if async_op else finish(works)
-
-
-def _gather_sum_into(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
-    """gather_sum written into a caller-owned buffer (the receiver's partial sums)."""
-    if choose(src, "ep_gather_sum") is Impl.TRITON:
-        _triton_kernels().gather_sum_triton(src, idx, out)
-    else:
-        out.copy_(gather_sum_reference(src, idx))
-
-
-def _gather_sum_new(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """gather_sum into a new tensor, without the custom op's dispatch (nothing to record)."""
-    if choose(src, "ep_gather_sum") is Impl.TRITON:
-        return _triton_kernels().gather_sum_triton(src, idx)
-    return gather_sum_reference(src, idx)
 
 
 def dispatch(

@@ -30,6 +30,8 @@ class EPHandle:
         buffers: static mode, the dispatcher's buffers (combine writes into them).
         op_handle: static mode, the dispatcher's handle in static_ops.REGISTRY (torch.compile's ops;
             buffers is None in a handle made under compile: combine then runs through the op).
+        counts: the native path's copy of the dispatch's [2, W, 3] counts on the device (its
+            combine's kernels read R, N and S there); None otherwise.
     """
 
     group: Any
@@ -44,6 +46,7 @@ class EPHandle:
     local: Any = None
     buffers: Any = None
     op_handle: int | None = None
+    counts: Any = None
 
 
 class _Done:

@@ -59,7 +59,7 @@ from ...jit.launch import Launcher, native_parameters, recording
 SOURCE = "ep/native.c"
 VERSION = 2  # native.c's MC_VERSION
 OK, RESPECIALISE, CUDA_ERROR, NCCL_ERROR, TIMEOUT, BAD_PROGRAM, NOT_READY = 0, 1, 2, 3, 4, 5, 6
-OP_LAUNCH, OP_A2A, OP_D2H, OP_WAIT = 1, 2, 3, 4
+OP_LAUNCH, OP_A2A, OP_D2H, OP_WAIT, OP_COPY = 1, 2, 3, 4, 5
 EXTRA_PARAMS = 2  # Triton 3.6's global and profile scratch pointers (null)
 MAX_VARIANTS = 8  # native.c's MAX_VARIANTS
 
@@ -225,7 +225,7 @@ class Recorder:
     (template()); every other tensor it records is kept alive by the template (so an address in it
     always means that tensor)."""
 
-    __slots__ = ("rt", "key", "ops", "launches", "families", "sources", "patches", "kept", "reusable")
+    __slots__ = ("rt", "key", "ops", "launches", "families", "sources", "patches", "kept", "reusable", "splits")
 
     def __init__(self, rt: Runtime, key, sources: tuple = ()):
         self.rt, self.key = rt, key
@@ -236,6 +236,7 @@ class Recorder:
         self.patches: list = []
         self.kept: list = []
         self.reusable = True  # False: a pointer into a source's storage outside the source itself
+        self.splits: list[int] = []  # where each exchange's send and receive units start in ops
 
     def __enter__(self):
         recording.recorder = self
@@ -264,36 +265,43 @@ class Recorder:
             ops += [a.data_ptr() if type(a) is _T else a for a in args]
 
     def _pointer(self, t: torch.Tensor) -> None:
+        """Append t's address (with sources: as a patch, or keeping t alive)."""
         p = t.data_ptr()
-        for lo, hi, st_lo, st_hi, i in self.sources:
+        if not self.sources:
+            self.ops.append(p)
+            return
+        for lo, hi, _, _, i in self.sources:
             if lo <= p < hi:
                 self.patches.append((len(self.ops), i, p - lo, p & 15))
                 break
-            if st_lo <= p < st_hi:
-                self.reusable = False
         else:
+            if any(st_lo <= p < st_hi for _, _, st_lo, st_hi, _ in self.sources):
+                self.reusable = False
             self.kept.append(t)
         self.ops.append(p)
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, unit_bytes: int, send_units, recv_units) -> None:
         """out's rank-p part from rank p, inp's rank-p part to rank p (parts in units of unit_bytes)."""
-        if self.sources:
-            self.ops.append(OP_A2A)
-            self._pointer(inp)
-            self._pointer(out)
-            self.ops += (unit_bytes, len(send_units), *send_units, *recv_units)
-            return
-        self.ops += (OP_A2A, inp.data_ptr(), out.data_ptr(), unit_bytes, len(send_units), *send_units, *recv_units)
+        self.ops.append(OP_A2A)
+        self._pointer(inp)
+        self._pointer(out)
+        self.ops += (unit_bytes, len(send_units))
+        self.splits.append(len(self.ops))  # where a template's next splits go
+        self.ops += (*send_units, *recv_units)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst <- src on the device (both contiguous, of src's bytes)."""
+        self.ops.append(OP_COPY)
+        self._pointer(dst)
+        self._pointer(src)
+        self.ops.append(src.numel() * src.element_size())
 
     def to_host(self, host: torch.Tensor, src: torch.Tensor) -> None:
         """Copy src (contiguous, on the device) into host (pinned), then wait for the stream: the sync."""
-        if self.sources:
-            self.ops.append(OP_D2H)
-            self._pointer(host)
-            self._pointer(src)
-            self.ops += (src.numel() * src.element_size(), OP_WAIT)
-            return
-        self.ops += (OP_D2H, host.data_ptr(), src.data_ptr(), src.numel() * src.element_size(), OP_WAIT)
+        self.ops.append(OP_D2H)
+        self._pointer(host)
+        self._pointer(src)
+        self.ops += (src.numel() * src.element_size(), OP_WAIT)
 
     def run(self, stream: int, comm: int, what: str, group, rank_of) -> None:
         """Queue the program on ``stream`` (raises NativeError; NotNative when nothing was queued)."""
@@ -319,13 +327,15 @@ class Recorder:
     def template(self, result) -> Template:
         """The program queued by run(), for later calls whose only change is the sources' addresses
         (not ``reusable`` when it pointed into a source's storage outside the source)."""
-        return Template(array("q", self.ops), tuple(self.patches), result, self.kept, self.reusable)
+        return Template(array("q", self.ops), tuple(self.patches), result, self.kept, self.reusable,
+                        tuple(self.splits))
 
 
 def _span(t: torch.Tensor) -> tuple[int, int, int, int]:
-    """(first byte, past the last byte) of the elements of ``t``, then the same of its storage."""
+    """(first byte, past the last byte) of the elements of ``t`` (an empty one: its address), then
+    the same of its storage."""
     lo = t.data_ptr()
-    end = lo + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) if t.numel() else lo
+    end = lo + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) if t.numel() else lo + 1
     st = t.untyped_storage()
     return lo, end, st.data_ptr(), st.data_ptr() + st.nbytes()
 
@@ -341,14 +351,16 @@ class Template:
     each patched address has the recorded 16-byte alignment (Triton specialises on it: otherwise
     run() answers False and the caller records)."""
 
-    __slots__ = ("prog", "patches", "result", "kept", "reusable")
+    __slots__ = ("prog", "patches", "result", "kept", "reusable", "splits")
 
-    def __init__(self, prog: array, patches: tuple, result, kept: list, reusable: bool = True):
+    def __init__(self, prog: array, patches: tuple, result, kept: list, reusable: bool = True, splits: tuple = ()):
         self.prog, self.patches, self.result, self.kept, self.reusable = prog, patches, result, kept, reusable
+        self.splits = splits
 
-    def run(self, nat, sources: tuple, what: str, group) -> bool:
-        """Queue the program with ``sources``' addresses (as Recorder.run); False: not applicable
-        (nothing queued)."""
+    def run(self, nat, sources: tuple, what: str, group, splits: tuple = ()) -> bool:
+        """Queue the program with ``sources``' addresses and each exchange's ``splits`` (send units
+        + receive units, in the recorded order; () keeps the recorded ones), as Recorder.run would;
+        False: not applicable (nothing queued)."""
         rt, ptr, stream = nat
         prog = array("q", self.prog)
         for slot, i, off, align in self.patches:
@@ -356,6 +368,8 @@ class Template:
             if p & 15 != align:
                 return False
             prog[slot] = p
+        for at, units in zip(self.splits, splits):
+            prog[at:at + len(units)] = array("q", units)
         rc = _queue(rt, prog, stream, ptr)
         if rc == OK:
             return True

@@ -243,7 +243,8 @@ def plan_send(topk_ids: torch.Tensor, expert_to_rank: torch.Tensor, expert_to_lo
 
 
 def pack_send(x: torch.Tensor, topk_weights: torch.Tensor, plan: SendPlan, layout: RowLayout, out: torch.Tensor,
-              home: torch.Tensor, *, capacity: int | None = None, overflow: torch.Tensor | None = None) -> None:
+              home: torch.Tensor, *, capacity: int | None = None, overflow: torch.Tensor | None = None,
+              device_rows: bool = False) -> None:
     """Write every send row (token part and metadata) into ``out`` and home [T, k]. Trusted arguments.
 
     Args:
@@ -256,13 +257,16 @@ def pack_send(x: torch.Tensor, topk_weights: torch.Tensor, plan: SendPlan, layou
         home: [T, k] int32 out: the row of each owning slot, -1 for the other slots (and overflow).
         capacity: C, static mode; None: throughput mode.
         overflow: [1] int32, static mode: set to 1 when a rank's rows did not fit (sticky).
+        device_rows: kernel path, throughput mode: the kernel takes S from the plan on the device
+            (its launch then depends on no count: a native phase's template).
     """
     if choose(x, "ep_pack") is Impl.TRITON:
-        run = _triton().pack_send_triton
-    else:
-        run = pack_send_reference
-    run(x, topk_weights, plan.rank, plan.local, plan.first, plan.sort_row, plan.rank_offsets, out, home, overflow,
-        meta_col=layout.meta_col, capacity=capacity)
+        _triton().pack_send_triton(x, topk_weights, plan.rank, plan.local, plan.first, plan.sort_row,
+                                   plan.rank_offsets, out, home, overflow, meta_col=layout.meta_col,
+                                   capacity=capacity, device_rows=device_rows)
+        return
+    pack_send_reference(x, topk_weights, plan.rank, plan.local, plan.first, plan.sort_row, plan.rank_offsets, out,
+                        home, overflow, meta_col=layout.meta_col, capacity=capacity)
 
 
 @dataclass
@@ -276,6 +280,8 @@ class Expanded:
         tokens_per_expert: [L] int32.
         row_weights: [N] (static: [R * k]) fp32 routing weight of each expanded row.
         slot_pos: [R, k] int32, expanded row of each (received row, slot); -1 = none.
+        counts: dispatch_outputs(counts=W): [2, W, 3] int32 for a copy of the dispatch's counts
+            (the native path's: its combine reads them on the device); else None.
     """
 
     gather_idx: torch.Tensor
@@ -283,16 +289,18 @@ class Expanded:
     tokens_per_expert: torch.Tensor
     row_weights: torch.Tensor
     slot_pos: torch.Tensor
+    counts: torch.Tensor | None = None
 
 
 def dispatch_outputs(num_tokens: int, top_k: int, num_rows: int, num_pairs: int, num_local_experts: int,
-                     device: torch.device) -> tuple[torch.Tensor, Expanded]:
+                     device: torch.device, counts: int = 0) -> tuple[torch.Tensor, Expanded]:
     """home [T, k] and an Expanded to fill (gather_idx [N], expert_offsets [L + 1], tokens_per_expert
-    [L], row_weights [N] fp32, slot_pos [R, k]): views of ONE new int32 tensor, each 16-byte
-    aligned. They belong to the dispatch result they are handed to (nothing writes them later)."""
+    [L], row_weights [N] fp32, slot_pos [R, k]; with ``counts`` = W also counts [2, W, 3]): views of
+    ONE new int32 tensor, each 16-byte aligned. They belong to the dispatch result they are handed
+    to (nothing writes them later)."""
     T, k, R, N, L = num_tokens, top_k, num_rows, num_pairs, num_local_experts
     sizes, at = [], []
-    for n in (T * k, R * k, N, N, L, L + 1):  # each part, then (if any) the padding to the next 16 bytes
+    for n in (T * k, R * k, N, N, L, L + 1, 6 * counts):  # each part, then the padding to the next 16 bytes
         at.append(len(sizes))
         sizes.append(n)
         if n % _ALIGN:
@@ -300,11 +308,12 @@ def dispatch_outputs(num_tokens: int, top_k: int, num_rows: int, num_pairs: int,
     base = torch.empty(sum(sizes), dtype=torch.int32, device=device)
     parts = torch.split_with_sizes(base, sizes)  # one call makes all the views (~1.5 us a view: no empty pads)
     home, slot_pos, row_weights = parts[at[0]].view(T, k), parts[at[1]].view(R, k), parts[at[3]].view(torch.float32)
-    return home, Expanded(parts[at[2]], parts[at[5]], parts[at[4]], row_weights, slot_pos)
+    cnt = parts[at[6]].view(2, counts, 3) if counts else None
+    return home, Expanded(parts[at[2]], parts[at[5]], parts[at[4]], row_weights, slot_pos, cnt)
 
 
 def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: int, num_pairs: int | None, *,
-                    out: Expanded | None = None, workspace: Workspace | None = None) -> Expanded:
+                    out: Expanded | None = None, workspace: Workspace | None = None, counts=None) -> Expanded:
     """Group the received (row, local expert) pairs by local expert; no host sync.
 
     Args:
@@ -316,6 +325,9 @@ def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: in
         out: where the kernel path writes (dispatch_outputs' Expanded, N = num_pairs or R * k); the
             reference path returns new tensors. None: new ones (one allocation).
         workspace: where the kernels' histograms live (see Workspace); None: one new tensor.
+        counts: kernel path, throughput mode: a _triton.DeviceCounts, the dispatch's counts on the
+            device from which the kernels take R and N (their launches then depend on a bucket of R
+            only: a native phase's template).
     """
     k = layout.top_k
     L = num_local_experts
@@ -330,16 +342,18 @@ def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: in
         if out is None:
             _, out = dispatch_outputs(0, k, R, R * k if num_pairs is None else num_pairs, L, recv.device)
         scratch = None
+        rows = R if counts is None or R == 0 else counts.bucket(R)  # the kernels' blocks cover these
         if workspace is not None:
-            key = ("expand", R, k, L)
+            key = ("expand", rows, k, L)
             scratch = workspace.memo(key)
         if scratch is None:
-            sh = kernels.expand_sort_shape(R, k, L)
+            sh = kernels.expand_sort_shape(rows, k, L)
             scratch = carve_int32([(sh.hist_elems,), (sh.base_elems,)], recv.device, workspace)
             if workspace is not None:
                 workspace.keep(key, scratch)
         kernels.expand_received_triton(recv, layout.meta_col, k, L, *scratch, out.gather_idx,
-                                       out.expert_offsets, out.tokens_per_expert, out.row_weights, out.slot_pos)
+                                       out.expert_offsets, out.tokens_per_expert, out.row_weights, out.slot_pos,
+                                       counts=counts)
         return out
     meta = recv.view(torch.int32)[:, layout.meta_col:layout.meta_col + 2 * k]  # [R, 2k]
     lid = meta[:, :k].contiguous()  # [R, k]; -1 (and any id >= L) sorts into the dropped bucket

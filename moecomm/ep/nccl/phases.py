@@ -1,0 +1,141 @@
+"""The throughput mode's three native phases (native.py), each queued from its Template when one
+of its shapes exists, else recorded (and its template kept).
+
+    plan = counts_phase(...)       # plan + count exchange + the sync: depends on T, k, W (the ids' address patched)
+    rows_phase(...)                # pack + the rows' exchange + the expansion
+    y = back_phase(...)            # the receiver's sum + the exchange back + the source's sum
+
+A template is valid for a call when everything its launches depend on besides the sources'
+addresses and the exchanges' splits is in its key. The count phase's program depends on the
+shapes of the ids only. The other two read the counts on the device (the exchanged [2, W, 3]
+counts, copied into the dispatch's result so that its combine reads its own): S, R and N are
+not host ints of their launches, whose grids cover a bucket of R (_triton.DeviceCounts.bucket: 1/8
+of R's power of two); so their keys hold shapes, strides, dtypes and R's bucket, and a step whose
+routing changes the counts patches the splits. Templates are only kept when the phase ran the
+kernel path (the reference ops run eagerly while a phase records, outside its program).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...jit.backend import Impl, choose
+from . import native as _native
+from .ops import _triton_kernels
+from .plan import expand_received, pack_send, plan_send
+from .reference import gather_sum_reference
+
+_BACK_TEMPLATES: dict = {}  # combine's Templates by shapes (their programs point only into their sources)
+
+
+def counts_phase(nat, key, ws, ids, e2r, e2l, W: int, check: bool, group, op: str):
+    """plan_send + the count exchange + its copy to ws's pinned host counts + the wait: the
+    SendPlan, or None (it runs in Python)."""
+    T, k = ids.shape
+    what = f"{op}: count exchange"
+    host = ws.host_counts((2, W, 3))
+    kernels = choose(ids, "ep_plan") is Impl.TRITON
+    tkey = ("native-counts", T, k, W, ids.dtype, ids.stride(), check, e2r.data_ptr(), e2l.data_ptr())
+    tpl = ws.memo(tkey) if kernels else None
+    if tpl is not None and tpl.run(nat, (ids,), what, group):
+        return tpl.result
+
+    def record(rec):
+        p = plan_send(ids, e2r, e2l, W, check_ids=check, workspace=ws)
+        rec.all_to_all(p.counts_recv, p.info, 12, [1] * W, [1] * W)  # [W, 3] int32: 12 bytes a peer
+        rec.to_host(host, p.counts)
+        return p
+
+    tpl = _native.phase(nat, key, what, group, record, (ids,))
+    if tpl is False:
+        return None
+    if tpl.reusable and kernels:  # ws forgets it when its buffer grows
+        ws.keep(tkey, tpl)
+    return tpl.result
+
+
+def rows_phase(nat, key, ws, x, w, plan, layout, send, recv, home, outputs, send_splits, recv_splits, L: int,
+               N: int, group, op: str):
+    """pack_send + the rows' exchange + expand_received into ``outputs`` (whose counts get the
+    dispatch's counts): the Expanded (``outputs``, or the reference's new tensors), or None (it runs
+    in Python)."""
+    R = recv.shape[0]
+    dc = _triton_kernels().DeviceCounts
+    sources = (x, w, send, recv, home, outputs.slot_pos, outputs.gather_idx, outputs.row_weights,
+               outputs.tokens_per_expert, outputs.expert_offsets, outputs.counts)
+    # L 0: the expansion is torch ops, not a program
+    kernels = L > 0 and choose(x, "ep_pack") is Impl.TRITON and choose(recv, "ep_expand") is Impl.TRITON
+    tkey = ("native-rows", x.shape, w.shape, x.stride(), w.stride(), x.dtype, w.dtype, L, dc.bucket(R) if R else 0)
+    what = f"{op}: all_to_all"
+    tpl = ws.memo(tkey) if kernels else None
+    if tpl is not None and tpl.run(nat, sources, what, group, (send_splits + recv_splits,)):
+        return outputs
+    W = len(send_splits)
+
+    def record(rec):
+        rec.copy(outputs.counts, plan.counts)  # the counts stay with the result (its combine reads them)
+        pack_send(x, w, plan, layout, send, home, device_rows=True)
+        rec.all_to_all(recv, send, layout.width * x.element_size(), send_splits, recv_splits)
+        return expand_received(recv, layout, L, N, out=outputs, workspace=ws, counts=dc(outputs.counts, W))
+
+    tpl = _native.phase(nat, key, what, group, record, sources)
+    if tpl is False:
+        return None
+    if tpl.reusable and kernels:
+        ws.keep(tkey, tpl)
+    return tpl.result
+
+
+def back_phase(nat, out: torch.Tensor, handle, partial: torch.Tensor, back: torch.Tensor, op: str):
+    """combine's sum of ``out`` [N, H] into ``partial``, the exchange into ``back``, and the sum into
+    a new [T, H]: that tensor, or None (it runs in Python)."""
+    T, H, W, R = handle.num_tokens, handle.hidden, handle.ep_size, partial.shape[0]
+    y = out.new_empty((T, H))
+    what = f"{op}: all_to_all"
+    cnt = handle.counts
+    fkey = (out.dtype, out.device.index)
+    K = _triton_kernels()
+    dc = K.DeviceCounts
+    if cnt is None or choose(out, "ep_gather_sum") is not Impl.TRITON:  # host counts, no template
+        def record_plain(rec):
+            _gather_sum_into(out, handle.slot_pos, partial)
+            rec.all_to_all(back, partial, H * out.element_size(), handle.recv_splits, handle.send_splits)
+            _gather_sum_into(back, handle.home, y)
+
+        return y if _native.phase(nat, fkey, what, handle.group, record_plain) else None
+    sources = (out, handle.slot_pos, partial, back, handle.home, y, cnt)
+    tkey = (out.shape[1:], out.stride(), out.dtype, handle.slot_pos.shape[1], T, W, dc.bucket(R) if R else 0,
+            out.device.index, nat[2])
+    splits = (handle.recv_splits + handle.send_splits,)
+    tpl = _BACK_TEMPLATES.get(tkey)
+    if tpl is not None and tpl.run(nat, sources, what, handle.group, splits):
+        return y
+
+    def record(rec):
+        K.gather_sum_triton(out, handle.slot_pos, partial, counts=dc(cnt, W, rows=dc.RECV_ROWS, src=dc.RECV_PAIRS))
+        rec.all_to_all(back, partial, H * out.element_size(), handle.recv_splits, handle.send_splits)
+        K.gather_sum_triton(back, handle.home, y, counts=dc(cnt, W, src=dc.SENT_ROWS))
+
+    tpl = _native.phase(nat, fkey, what, handle.group, record, sources)
+    if tpl is False:
+        return None
+    if tpl.reusable:
+        if len(_BACK_TEMPLATES) >= 64:
+            _BACK_TEMPLATES.clear()
+        _BACK_TEMPLATES[tkey] = tpl
+    return y
+
+
+def _gather_sum_into(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
+    """gather_sum written into a caller-owned buffer (the receiver's partial sums)."""
+    if choose(src, "ep_gather_sum") is Impl.TRITON:
+        _triton_kernels().gather_sum_triton(src, idx, out)
+    else:
+        out.copy_(gather_sum_reference(src, idx))
+
+
+def _gather_sum_new(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """gather_sum into a new tensor, without the custom op's dispatch (nothing to record)."""
+    if choose(src, "ep_gather_sum") is Impl.TRITON:
+        return _triton_kernels().gather_sum_triton(src, idx)
+    return gather_sum_reference(src, idx)
