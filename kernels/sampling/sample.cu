@@ -1316,6 +1316,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
 // before the last access to its shared memory (every block passes all four barriers).
 
 constexpr int MAX_CLUSTER = 16;
+constexpr int MAX_SPLIT_UNROLL = 8;  // the bins' remote loads in flight a thread
 
 struct SplitShared {
   double sum;  // this block's pass-A partials
@@ -1434,8 +1435,15 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
   if (HIST != HIST_NONE) {
     unsigned* hsum = split_hsum(B, flags, cap, nq);
     for (int b = t; b < NUM_BINS; b += T) {
-      unsigned acc = 0;  // integer sums: the single block's bins exactly
-      for (int r = 0; r < C; ++r) acc += cluster_map(hist, r)[b];
+      // the C remote loads issued back to back (one latency of distributed shared memory, not C);
+      // integer sums: the single block's bins exactly
+      unsigned v[MAX_SPLIT_UNROLL];
+#pragma unroll
+      for (int r = 0; r < MAX_SPLIT_UNROLL; ++r) v[r] = r < C ? cluster_map(hist, r)[b] : 0u;
+      unsigned acc = 0;
+#pragma unroll
+      for (int r = 0; r < MAX_SPLIT_UNROLL; ++r) acc += v[r];
+      for (int r = MAX_SPLIT_UNROLL; r < C; ++r) acc += cluster_map(hist, r)[b];
       hsum[b] = acc;
     }
   }

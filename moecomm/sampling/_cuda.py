@@ -92,7 +92,11 @@ PAIRED_TOP_P_SECTOR_MAP = False
 # None); an int forces that cluster size (1: off; benchmarks, tests). Not for min-p alone.
 SPLIT: int | None = None
 SPLIT_SIZES = (8,)
-SPLIT_MAX_BLOCKS = 128  # of the H200's 132 SMs: whole clusters of 8 per GPC (16 x 8)
+# SPLIT_MAX_BLOCKS: the split rows' blocks must run in one wave: a cluster of 8 needs 8 free SMs
+# of one GPC (an H200's GPCs hold 14-18 of its 132 SMs). Measured (H200, CUDA-graph replay, top-p
+# V128256, 2026-12-02 call 1): B1 31.7 us split / 57.1 one block a row, B4 32.3 / 58.5, but B16
+# 61.0 / 60.1 (top-k + top-p 48.4 / 37.2): 16 clusters of 8 took two waves. 96 blocks: 12 rows.
+SPLIT_MAX_BLOCKS = 96
 SPLIT_ENTRY = {(k, c): ENTRY[k] + f"_split{c}" for k in ("count", "qsum") for c in SPLIT_SIZES}
 MODE_SAMPLE = 0
 _optin: dict[int, int] = {}
