@@ -555,3 +555,34 @@ def test_the_rows_and_back_phases_templates_patch_addresses_and_splits(monkeypat
     assert len([i for i, (u, v) in enumerate(zip(replayed[1], fresh[1])) if u != v]) <= 1
     assert lib.programs[first - 2] != replayed[0]  # the splits and the addresses did change
     assert lib.programs[first - 2][:6] != replayed[0][:6] and len(lib.programs[first - 2]) == len(replayed[0])
+
+
+def test_a_template_recorded_while_the_workspace_grew_is_not_kept(monkeypatch):
+    """The rows phase's expansion may grow the Workspace after the count phase put the plan in it:
+    a template recorded then would read the old buffer's plan on every later call (the H200 saw
+    every expert's rows wrong at L 256); it is not kept, and the next call's is."""
+    from moecomm.ep.nccl import phases as PH
+    from moecomm.ep.nccl import plan as P
+    from moecomm.jit.backend import Impl
+
+    for mod in (P, PH):
+        monkeypatch.setattr(mod, "choose", lambda *a, **kw: Impl.TRITON)
+    T, k, E, W, H, L, R, Np = 37, 4, 512, 2, 32, 256, 500, 900
+    nat = (N.Runtime(_CaptureLib()), 0xC0, 0x51)
+    ws = P.Workspace(torch.device("cpu"))
+    ws._host[(2, W, 3)] = torch.zeros((2, W, 3), dtype=torch.int32)
+    e2r = torch.arange(E, dtype=torch.int32) // (E // W)
+    e2l = torch.arange(E, dtype=torch.int32) % (E // W)
+    lay = P.RowLayout.of(H, k, torch.float16)
+    kept = []
+    for _ in range(2):
+        ids = torch.randint(0, E, (T, k), dtype=torch.int32)
+        plan = PH.counts_phase(nat, ("k",), ws, ids, e2r, e2l, W, True, None, "test")
+        cap = ws.capacity
+        home, outputs = P.dispatch_outputs(T, k, R, Np, L, torch.device("cpu"), W)
+        x, w = torch.zeros(T, H, dtype=torch.float16), torch.zeros(T, k)
+        send, recv = torch.empty(60, lay.width, dtype=torch.float16), torch.empty(R, lay.width, dtype=torch.float16)
+        assert PH.rows_phase(nat, ("k",), ws, x, w, plan, lay, send, recv, home, outputs, [30, 30], [250, 250], L, Np,
+                             None, "test") is outputs
+        kept.append((ws.capacity > cap, any(key[0] == "native-rows" for key in ws._memo)))
+    assert kept == [(True, False), (False, True)]  # grew: not kept; the next call's (no growth) kept

@@ -6,7 +6,9 @@ of its shapes exists, else recorded (and its template kept).
     y = back_phase(...)            # the receiver's sum + the exchange back + the source's sum
 
 A template is valid for a call when everything its launches depend on besides the sources'
-addresses and the exchanges' splits is in its key. The count phase's program depends on the
+addresses and the exchanges' splits is in its key, and the Workspace it points into is the one
+of the call (templates live in its memo, which it clears when its buffer grows; one recorded while
+it grew is not kept). The count phase's program depends on the
 shapes of the ids only. The other two read the counts on the device (the exchanged [2, W, 3]
 counts, copied into the dispatch's result so that its combine reads its own): S, R and N are
 not host ints of their launches, whose grids cover a bucket of R (_triton.DeviceCounts.bucket: 1/8
@@ -25,6 +27,7 @@ from .ops import _triton_kernels
 from .plan import expand_received, pack_send, plan_send
 from .reference import gather_sum_reference
 
+TEMPLATES = True  # False: every phase recorded (tests and benchmarks compare the two)
 _BACK_TEMPLATES: dict = {}  # combine's Templates by shapes (their programs point only into their sources)
 
 
@@ -36,7 +39,7 @@ def counts_phase(nat, key, ws, ids, e2r, e2l, W: int, check: bool, group, op: st
     host = ws.host_counts((2, W, 3))
     kernels = choose(ids, "ep_plan") is Impl.TRITON
     tkey = ("native-counts", T, k, W, ids.dtype, ids.stride(), check, e2r.data_ptr(), e2l.data_ptr())
-    tpl = ws.memo(tkey) if kernels else None
+    tpl = ws.memo(tkey) if kernels and TEMPLATES else None
     if tpl is not None and tpl.run(nat, (ids,), what, group):
         return tpl.result
 
@@ -46,10 +49,11 @@ def counts_phase(nat, key, ws, ids, e2r, e2l, W: int, check: bool, group, op: st
         rec.to_host(host, p.counts)
         return p
 
+    cap = ws.capacity
     tpl = _native.phase(nat, key, what, group, record, (ids,))
     if tpl is False:
         return None
-    if tpl.reusable and kernels:  # ws forgets it when its buffer grows
+    if tpl.reusable and kernels and ws.capacity == cap:  # ws forgets it when its buffer grows
         ws.keep(tkey, tpl)
     return tpl.result
 
@@ -67,7 +71,7 @@ def rows_phase(nat, key, ws, x, w, plan, layout, send, recv, home, outputs, send
     kernels = L > 0 and choose(x, "ep_pack") is Impl.TRITON and choose(recv, "ep_expand") is Impl.TRITON
     tkey = ("native-rows", x.shape, w.shape, x.stride(), w.stride(), x.dtype, w.dtype, L, dc.bucket(R) if R else 0)
     what = f"{op}: all_to_all"
-    tpl = ws.memo(tkey) if kernels else None
+    tpl = ws.memo(tkey) if kernels and TEMPLATES else None
     if tpl is not None and tpl.run(nat, sources, what, group, (send_splits + recv_splits,)):
         return outputs
     W = len(send_splits)
@@ -78,10 +82,13 @@ def rows_phase(nat, key, ws, x, w, plan, layout, send, recv, home, outputs, send
         rec.all_to_all(recv, send, layout.width * x.element_size(), send_splits, recv_splits)
         return expand_received(recv, layout, L, N, out=outputs, workspace=ws, counts=dc(outputs.counts, W))
 
+    cap = ws.capacity
     tpl = _native.phase(nat, key, what, group, record, sources)
     if tpl is False:
         return None
-    if tpl.reusable and kernels:
+    # kept only when ws did not grow while recording: the plan (made before) lives in the old
+    # buffer then, which the program would read on every later call
+    if tpl.reusable and kernels and ws.capacity == cap:
         ws.keep(tkey, tpl)
     return tpl.result
 
@@ -107,7 +114,7 @@ def back_phase(nat, out: torch.Tensor, handle, partial: torch.Tensor, back: torc
     tkey = (out.shape[1:], out.stride(), out.dtype, handle.slot_pos.shape[1], T, W, dc.bucket(R) if R else 0,
             out.device.index, nat[2])
     splits = (handle.recv_splits + handle.send_splits,)
-    tpl = _BACK_TEMPLATES.get(tkey)
+    tpl = _BACK_TEMPLATES.get(tkey) if TEMPLATES else None
     if tpl is not None and tpl.run(nat, sources, what, handle.group, splits):
         return y
 
