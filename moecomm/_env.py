@@ -20,6 +20,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MOECOMM_MPIEXEC": ("", "the mpiexec `moecomm demo --launcher mpirun` runs (default: the one beside mpi4py's MPI library)"),
     "MOECOMM_CUDA_GRAPH_TOKENS": ("128", "MoE layers replay a CUDA graph per token count up to this many tokens (0: never)"),
     "MOECOMM_HOST_C": ("1", "0 makes the attention wrappers' plan() run its numpy path instead of its compiled C one (kernels/attention/plan_host.c, built with the system C compiler)"),
+    "MOECOMM_PREFILL_GLUON": ("1", "0 keeps paged prefill's TMA path on the Triton v2 loop instead of the warp-specialised Gluon kernel it launches on sm_90 (fp16 / bf16, head_dim 64 / 128, causal or no mask)"),
     "MOECOMM_PREFILL_WS": ("0", "1 makes paged prefill's TMA path launch its warp-specialised variant (experimental: wrong results on the H200 with Triton 3.6, measured 2026-12-02)"),
     "MOECOMM_EP_NATIVE": ("1", "0 keeps the EP dispatcher's throughput mode on its Python path instead of one C call per phase (kernels/ep/native.c, built with the system C compiler)"),
     "MOECOMM_ALLREDUCE_ONESHOT_BYTES": ("", "IPC all-reduce: largest input (bytes per rank) taking one-shot instead of two-shot (default: 512 KB at 2-4 ranks, 256 KB at 8)"),
