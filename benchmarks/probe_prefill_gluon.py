@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
 
 import torch
 
@@ -103,87 +100,12 @@ def _describe(info) -> str:
 
 
 def preflight(keys, timeout_s):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {}
-    for label, causal in keys:
-        cmd = [sys.executable, "-m", "benchmarks.probe_prefill_gluon", "--check-only", label]
-        if not causal:
-            cmd.append("--non-causal")
-        procs[(label, causal)] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                  text=True)
-    out = {}
-    for key, proc in procs.items():
-        try:
-            so, se = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            so, se = proc.communicate()
-            out[key] = dict(error=f"timed out after {timeout_s:.0f} s (a hang on a barrier?)")
-            continue
-        line = next((x for x in reversed(so.splitlines()) if x.startswith("{")), None)
-        if proc.returncode != 0 or line is None:
-            lines = [x for x in se.strip().splitlines() if x.strip() and not x.startswith((" ", "#", "{", "}"))]
-            out[key] = dict(error=f"failed (exit {proc.returncode}): {' | '.join(lines[-4:])[-600:]}")
-        else:
-            out[key] = json.loads(line)
-    return out
+    return ws.preflight(keys, timeout_s, module="benchmarks.probe_prefill_gluon")
 
 
 def run_case(causal, labels, checks, args):
-    from moecomm.attention import prefill as pre
-    from moecomm.testing import bench_interleaved
-
-    flops = (2 if causal else 4) * B * HQ * L * L * D
-    case = ws._case(causal)
-    fns, notes = {}, {}
-    for name, (fn, o) in case["sdpa"].items():
-        fns[f"sdpa {name}"] = fn
-        notes[f"sdpa {name}"] = ((o.float() - case["ref"].float()).abs().max().item(), "")
-    saved = pre.PREFILL_GLUON, dict(pre.PREFILL_GLUON_CONFIGS)
-    try:
-        for label in labels:
-            chk = checks.get((label, causal), {})
-            if "error" in chk:
-                print(f"  {label}: skipped, its check {chk['error']}")
-                continue
-            try:
-                fn, err, info = _first_run(case, label)
-            except Exception as exc:
-                print(f"  {label}: failed, {type(exc).__name__}: {str(exc)[:300]}")
-                continue
-            notes[label] = (err, _describe(info or chk.get("info")))
-            if not err <= ATOL:
-                print(f"  WRONG: {label}: max abs error vs {case['ref_name']} {err:.3g} (> {ATOL}); timed anyway, flagged")
-            fns[label] = fn
-        if "v2 (shipped)" in fns:
-            fns["v2 (control, again)"] = fns["v2 (shipped)"]
-            notes["v2 (control, again)"] = notes["v2 (shipped)"]
-        if causal and not args.no_flashinfer:
-            fi, why = ws._flashinfer_fn(case, causal)
-            if fi is None:
-                print(f"  FlashInfer: {why}")
-            else:
-                notes[why] = ((fi().float() - case["ref"].float()).abs().max().item(), "")
-                fns[why] = fi
-        times = bench_interleaved({n: (lambda _q, f=f: f()) for n, f in fns.items()}, [(case["q"],)],
-                                  warmup=args.warmup, rep=args.rep)
-        sync_ms = {n: ws._sync_ms(f, ws.SYNC_CALLS) for n, f in fns.items()}
-    finally:
-        pre.PREFILL_GLUON = saved[0]
-        pre.PREFILL_GLUON_CONFIGS.clear()
-        pre.PREFILL_GLUON_CONFIGS.update(saved[1])
-    base = times.get("sdpa cudnn")
-    if base is not None and not ws.timing_valid(base, sync_ms["sdpa cudnn"], flops):
-        base = None
-    print(f"\n{'causal' if causal else 'non-causal'} B{B} L{L} {HQ}/{HK} heads D{D} P{P} bf16, consecutive pages; "
-          f"median of {args.rep} interleaved calls (CUDA events) [p10, p90]; sync ms: wall clock of {ws.SYNC_CALLS} "
-          f"back-to-back calls; max err vs {case['ref_name']}")
-    print(ws.HEADER)
-    for name, t in times.items():
-        err, desc = notes.get(name, (None, ""))
-        print(ws.format_row(name, t, sync_ms[name], flops, base, err, desc), flush=True)
-    del case, fns
-    torch.cuda.empty_cache()
+    ws.run_case(causal, labels, checks, args, first_run=_first_run, describe=_describe, switch="PREFILL_GLUON",
+                control="v2 (shipped)")
 
 
 def main(argv=None) -> int:

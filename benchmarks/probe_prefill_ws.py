@@ -132,14 +132,15 @@ def check_variant(label: str, causal: bool) -> dict:
     return dict(err=err, info=info)
 
 
-def preflight(keys: list[tuple[str, bool]], timeout_s: float) -> dict[tuple[str, bool], dict]:
-    """check_variant of every (variant, causal), each in its own child process, all at once (the
-    compiles run in parallel; a compile that aborts its process, or a kernel that faults, costs that
-    row only): key -> {"err", "info"}, or {"error": ...}."""
+def preflight(keys: list[tuple[str, bool]], timeout_s: float,
+              module: str = "benchmarks.probe_prefill_ws") -> dict[tuple[str, bool], dict]:
+    """check_variant of every (variant, causal), each in its own child process (``python -m module
+    --check-only``), all at once (the compiles run in parallel; a compile that aborts its process,
+    or a kernel that faults, costs that row only): key -> {"err", "info"}, or {"error": ...}."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = {}
     for label, causal in keys:
-        cmd = [sys.executable, "-m", "benchmarks.probe_prefill_ws", "--check-only", label]
+        cmd = [sys.executable, "-m", module, "--check-only", label]
         if not causal:
             cmd.append("--non-causal")
         procs[(label, causal)] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -151,7 +152,7 @@ def preflight(keys: list[tuple[str, bool]], timeout_s: float) -> dict[tuple[str,
         except subprocess.TimeoutExpired:
             proc.kill()
             so, se = proc.communicate()
-            out[key] = dict(error=f"timed out after {timeout_s:.0f} s")
+            out[key] = dict(error=f"timed out after {timeout_s:.0f} s (a hang on a barrier?)")
             continue
         line = next((x for x in reversed(so.splitlines()) if x.startswith("{")), None)
         if proc.returncode != 0 or line is None:
@@ -277,18 +278,23 @@ def format_row(name: str, t, sync_ms: float, flops: float, base, err: float | No
     return f"{name:28s} {t.median_ms:7.3f} {t.p10_ms:7.3f} {t.p90_ms:7.3f} {sync_ms:7.3f} {tf:8.1f} {ratio} {e}  {desc}"
 
 
-def run_case(causal: bool, labels: list[str], checks: dict, args) -> None:
-    """One table: every variant that passed its child's check, the control twice, SDPA, FlashInfer."""
+def run_case(causal: bool, labels: list[str], checks: dict, args, first_run=None, describe=None,
+             switch: str = "PREFILL_WS", control: str = "shipped") -> None:
+    """One table: every variant that passed its child's check, the control twice, SDPA, FlashInfer.
+    first_run / describe: a probe's own (probe_prefill_gluon's); switch: the prefill module's flag
+    and (+ "_CONFIGS") configs the variants set, restored after; control: the label timed twice."""
     from moecomm.attention import prefill as pre
     from moecomm.testing import bench_interleaved
 
+    first_run, describe = first_run or _first_run, describe or _describe
     flops = (2 if causal else 4) * B * HQ * L * L * D
     case = _case(causal)
     fns, notes = {}, {}
     for name, (fn, o) in case["sdpa"].items():
         fns[f"sdpa {name}"] = fn
         notes[f"sdpa {name}"] = ((o.float() - case["ref"].float()).abs().max().item(), "")
-    saved = pre.PREFILL_WS, dict(pre.PREFILL_WS_CONFIGS)
+    configs = getattr(pre, switch + "_CONFIGS")
+    saved = getattr(pre, switch), dict(configs)
     try:
         for label in labels:
             chk = checks.get((label, causal), {})
@@ -296,17 +302,17 @@ def run_case(causal: bool, labels: list[str], checks: dict, args) -> None:
                 print(f"  {label}: skipped, its check {chk['error']}")
                 continue
             try:
-                fn, err, info = _first_run(case, label)
+                fn, err, info = first_run(case, label)
             except Exception as exc:  # e.g. out of shared memory: the others' rows stay
                 print(f"  {label}: failed, {type(exc).__name__}: {str(exc)[:300]}")
                 continue
-            notes[label] = (err, _describe(info or chk.get("info")))
+            notes[label] = (err, describe(info or chk.get("info")))
             if not err <= ATOL:  # NaN too
                 print(f"  WRONG: {label}: max abs error vs {case['ref_name']} {err:.3g} (> {ATOL}); timed anyway, flagged")
             fns[label] = fn
-        if "shipped" in fns:  # the control: the same function under a second name, timed in the same rounds
-            fns["shipped (control, again)"] = fns["shipped"]
-            notes["shipped (control, again)"] = notes["shipped"]
+        if control in fns:  # the control: the same function under a second name, timed in the same rounds
+            fns[f"{control} (control, again)"] = fns[control]
+            notes[f"{control} (control, again)"] = notes[control]
         if causal and not args.no_flashinfer:
             fi, why = _flashinfer_fn(case, causal)
             if fi is None:
@@ -320,9 +326,9 @@ def run_case(causal: bool, labels: list[str], checks: dict, args) -> None:
                                   warmup=args.warmup, rep=args.rep)
         sync_ms = {n: _sync_ms(f, SYNC_CALLS) for n, f in fns.items()}
     finally:
-        pre.PREFILL_WS = saved[0]
-        pre.PREFILL_WS_CONFIGS.clear()
-        pre.PREFILL_WS_CONFIGS.update(saved[1])
+        setattr(pre, switch, saved[0])
+        configs.clear()
+        configs.update(saved[1])
     base = times.get("sdpa cudnn")
     if base is not None and not timing_valid(base, sync_ms["sdpa cudnn"], flops):
         base = None  # no ratio to an impossible time

@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_prefill import _close, _run, _setup, _truth
 from test_prefill_v2 import _consecutive, spy  # noqa: F401  (spy: a fixture)
+from test_prefill_ws import BF16_ATOL, _gpu_cache
 
 from moecomm.attention import prefill as pre
 
@@ -131,28 +132,6 @@ def test_gluon_compiles_warp_specialized_for_hopper():
 
 
 # ------------------------------------------------------------------------------------------ GPU
-
-BF16_ATOL = 1.6e-2  # as test_gpu: bf16 outputs round to ~4e-3, P.V in bf16 adds about as much
-
-
-def _gpu_cache(kv_lens, Hk, D, P, dtype, seed=0):
-    """NHD cache, each request's pages consecutive from page 1; page 0, every slot past a kv_len and
-    the page after the last NaN (a tile read past its request that leaked into the output fails)."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    npages = [-(-n // P) for n in kv_lens]
-    nnz = sum(npages)
-    k = torch.randn(nnz + 2, P, Hk, D, device="cuda", generator=gen).to(dtype)
-    v = torch.randn(nnz + 2, P, Hk, D, device="cuda", generator=gen).to(dtype)
-    indptr = torch.tensor([0] + np.cumsum(npages).tolist(), dtype=torch.int32)
-    last = torch.tensor([n - (p - 1) * P if p else 0 for n, p in zip(kv_lens, npages)], dtype=torch.int32)
-    indices = torch.arange(1, nnz + 1, dtype=torch.int32)
-    k[0] = v[0] = float("nan")
-    for b in range(len(kv_lens)):
-        if npages[b]:
-            page, used = int(indices[int(indptr[b + 1]) - 1]), int(last[b])
-            k[page, used:] = v[page, used:] = float("nan")
-    k[nnz + 1] = v[nnz + 1] = float("nan")
-    return k, v, indices, indptr, last
 
 
 def _cuda_sm90() -> bool:

@@ -138,14 +138,14 @@ def test_ws_compiles_warp_specialized_for_hopper():
 BF16_ATOL = 1.6e-2  # as test_gpu: bf16 outputs round to ~4e-3, P.V in bf16 adds about as much
 
 
-def _gpu_cache(kv_lens, Hk, D, P, seed=0):
-    """bf16 NHD cache, each request's pages consecutive from page 1; page 0 and every slot past a
-    kv_len NaN (a tile read past the request that leaked into the output fails)."""
+def _gpu_cache(kv_lens, Hk, D, P, dtype=torch.bfloat16, seed=0):
+    """NHD cache, each request's pages consecutive from page 1; page 0, every slot past a kv_len and
+    the page after the last NaN (a tile read past its request that leaked into the output fails)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     npages = [-(-n // P) for n in kv_lens]
     nnz = sum(npages)
-    k = torch.randn(nnz + 2, P, Hk, D, device="cuda", generator=gen).to(torch.bfloat16)
-    v = torch.randn(nnz + 2, P, Hk, D, device="cuda", generator=gen).to(torch.bfloat16)
+    k = torch.randn(nnz + 2, P, Hk, D, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(nnz + 2, P, Hk, D, device="cuda", generator=gen).to(dtype)
     indptr = torch.tensor([0] + np.cumsum(npages).tolist(), dtype=torch.int32)
     last = torch.tensor([n - (p - 1) * P if p else 0 for n, p in zip(kv_lens, npages)], dtype=torch.int32)
     indices = torch.arange(1, nnz + 1, dtype=torch.int32)

@@ -77,26 +77,7 @@ inline void launch_block(unsigned grid, unsigned b, unsigned threads, const std:
 // Runs fn on grid x block threads, one block after another; before_block(b) first for each block.
 inline void launch(unsigned grid, unsigned threads, const std::function<void()>& fn,
                    const std::function<void(unsigned)>& before_block = {}) {
-  gridDim.x = grid;
-  blockDim.x = threads;
-  for (unsigned b = 0; b < grid; ++b) {
-    Block blk;
-    blk.bar = std::make_unique<std::barrier<>>(threads);
-    for (unsigned w = 0; w < threads / 32; ++w) blk.warp_bar.push_back(std::make_unique<std::barrier<>>(32));
-    blk.slots.assign(threads, 0);
-    block = &blk;
-    if (before_block) before_block(b);
-    std::vector<std::thread> ts;
-    ts.reserve(threads);
-    for (unsigned t = 0; t < threads; ++t)
-      ts.emplace_back([=] {
-        blockIdx.x = b;
-        threadIdx.x = t;
-        fn();
-      });
-    for (auto& th : ts) th.join();
-    block = nullptr;
-  }
+  for (unsigned b = 0; b < grid; ++b) launch_block(grid, b, threads, fn, before_block);
 }
 
 inline void launch_block(unsigned grid, unsigned b, unsigned threads, const std::function<void()>& fn,
