@@ -23,9 +23,11 @@ and the dispatch (the CUDA kernel runs the calls it covers, the Triton kernel th
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,37 +53,78 @@ def _probs(rows, vocab, scale=3.0, seed=0, device="cpu"):
 # the source: compiles, fits, and the wrapper passes what the kernel takes
 
 
+class _Started(Exception):
+    """start_nvcc's way out of cuda.compile once the compiler runs in the background."""
+
+
+_NVCC: dict = {}  # the one compile: its command as the library builds it, the process, the kept files
+
+
+def start_nvcc() -> None:
+    """Start the library's own nvcc command for the sampling source (cuda.compile into a fresh
+    cache, its command with -Xptxas -v and --keep appended: -v and --keep change no code) in the
+    background: tests/sampling/conftest.py calls this after collection when a selected test uses
+    nvcc_out, so the ~80 s of ptxas overlap the tests before this module (one run: three took ~150 s
+    of the CPU suite on 2 cores)."""
+    if _NVCC or cuda._nvcc() is None:
+        return
+    import tempfile
+
+    from moecomm.jit import cache
+
+    d = Path(tempfile.mkdtemp(prefix="moecomm-test-nvcc-"))
+
+    def start(cmd, out, error, who, src, timeout_s):  # cache.run_compiler's place: start, do not wait
+        o = cmd.index("-o")
+        cubin = d / out.name
+        run = [*cmd[:o + 1], str(cubin), *cmd[o + 2:-1], "-Xptxas", "-v", "--keep", "--keep-dir", str(d), cmd[-1]]
+        _NVCC.update(cmd=cmd, o=o, cubin=cubin, dir=d,
+                     proc=subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        atexit.register(_NVCC["proc"].kill)  # a run that ends before the fixture leaves no compiler behind
+        raise _Started
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("MOECOMM_CACHE_DIR", str(d / "cache-start"))
+        mp.setattr(cache, "run_compiler", start)
+        cuda.compile(_cuda.SOURCE)
+    except _Started:
+        pass
+    finally:
+        mp.undo()
+
+
 @pytest.fixture(scope="module")
 def nvcc_out(tmp_path_factory):
-    """(ptxas -v log of the sm_90a cubin, the PTX text, moecomm.jit.cuda.compile's result): ONE nvcc
-    run for the whole module, and it is the library's own (cuda.compile into a fresh cache, its
-    command with -Xptxas -v and --keep appended: the log and the PTX of the same compile; -v and
-    --keep change no code). Three runs took ~150 s of the CPU suite on 2 cores."""
+    """(ptxas -v log of the sm_90a cubin, the PTX text, moecomm.jit.cuda.compile's result) of the
+    one compile start_nvcc began (started here if it was not): cuda.compile into a fresh cache
+    then runs the same command (checked) and takes that cubin."""
     if cuda._nvcc() is None:
         pytest.skip("nvcc not found")
     from moecomm.jit import cache
 
-    d = tmp_path_factory.mktemp("nvcc")
-    logs = []
+    start_nvcc()
+    so, se = _NVCC["proc"].communicate(timeout=900)
+    rc = _NVCC["proc"].returncode
+    assert rc == 0, f"nvcc failed (exit {rc})\n{se}{so}"
+    cmds = []
 
-    def verbose(cmd, out, error, who, src, timeout_s):  # cache.run_compiler, keeping the compiler's output
-        cmd = [*cmd[:-1], "-Xptxas", "-v", "--keep", "--keep-dir", str(d), cmd[-1]]  # the source stays last
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-        logs.append(res)
-        if res.returncode != 0 or not out.is_file():
-            raise error(f"{who}: compiling {src} failed (exit {res.returncode})\n{res.stderr}{res.stdout}")
-        return out.read_bytes()
+    def finished(cmd, out, error, who, src, timeout_s):  # the library's command, answered by that run
+        cmds.append(cmd)
+        return _NVCC["cubin"].read_bytes()
 
     mp = pytest.MonkeyPatch()
     try:
-        mp.setenv("MOECOMM_CACHE_DIR", str(d / "cache"))
-        mp.setattr(cache, "run_compiler", verbose)
+        mp.setenv("MOECOMM_CACHE_DIR", str(tmp_path_factory.mktemp("nvcc") / "cache"))
+        mp.setattr(cache, "run_compiler", finished)
         c = cuda.compile(_cuda.SOURCE)
     finally:
         mp.undo()
-    assert len(logs) == 1, "cuda.compile ran nvcc more than once"
-    res = logs[0]
-    return res.stdout + res.stderr, (d / f"{cuda.source_path(_cuda.SOURCE).stem}.ptx").read_text(), c
+    o = _NVCC["o"]
+    assert len(cmds) == 1, "cuda.compile ran nvcc more than once"
+    assert cmds[0][:o] + cmds[0][o + 2:] == _NVCC["cmd"][:o] + _NVCC["cmd"][o + 2:]  # the same compile
+    ptx = (_NVCC["dir"] / f"{cuda.source_path(_cuda.SOURCE).stem}.ptx").read_text()
+    return so + se, ptx, c
 
 
 @needs_nvcc
