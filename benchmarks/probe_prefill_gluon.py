@@ -135,10 +135,7 @@ def main(argv=None) -> int:
     keys = [(x, True) for x in labels if VARIANTS[x] is not None] + [(x, False) for x in non_causal
                                                                      if VARIANTS[x] is not None]
     checks = preflight(keys, args.check_timeout)
-    print("each Gluon variant compiled and checked in a child process (max abs error vs cuDNN; compile):")
-    for (label, causal), chk in checks.items():
-        what = chk["error"] if "error" in chk else f"err {chk['err']:.2g}; {_describe(chk['info'])}"
-        print(f"  {label:28s} {'causal' if causal else 'non-causal':10s} {what}", flush=True)
+    ws.print_checks(checks, _describe, "each Gluon variant")
     run_case(True, labels, checks, args)
     if non_causal:
         run_case(False, non_causal, checks, args)

@@ -163,6 +163,14 @@ def preflight(keys: list[tuple[str, bool]], timeout_s: float,
     return out
 
 
+def print_checks(checks: dict, describe, what: str) -> None:
+    """preflight's results, a line each (its error, or the max abs error vs cuDNN and the compile)."""
+    print(f"{what} compiled and checked in a child process (max abs error vs cuDNN; compile):")
+    for (label, causal), chk in checks.items():
+        line = chk["error"] if "error" in chk else f"err {chk['err']:.2g}; {describe(chk['info'])}"
+        print(f"  {label:28s} {'causal' if causal else 'non-causal':10s} {line}", flush=True)
+
+
 def _describe(info: dict | None) -> str:
     """One line of a kernel's compile info (or of why there is none)."""
     if not info:
@@ -372,10 +380,7 @@ def main(argv=None) -> int:
     non_causal = NON_CAUSAL if args.non_causal_table else []
     checks = preflight([(label, True) for label in labels] + [(label, False) for label in non_causal],
                        args.check_timeout)
-    print("each variant compiled and checked in a child process (max abs error vs cuDNN; compile):")
-    for (label, causal), chk in checks.items():
-        what = chk["error"] if "error" in chk else f"err {chk['err']:.2g}; {_describe(chk['info'])}"
-        print(f"  {label:28s} {'causal' if causal else 'non-causal':10s} {what}", flush=True)
+    print_checks(checks, _describe, "each variant")
     run_case(True, labels, checks, args)
     if non_causal:
         run_case(False, non_causal, checks, args)

@@ -27,6 +27,27 @@ def compile_for_hopper(kernel: Any, signature: dict[str, str], constexprs: dict[
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def cubin_resources(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, stack bytes, local bytes) of a compiled kernel's cubin, from Triton's bundled
+    cuobjdump --dump-resource-usage (stack or local > 0: spills)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if m is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{usage}")
+    regs, stack, local = map(int, m.groups())
+    return regs, stack, local
+
+
 def run_without_interpreter(test_file: str, function: str, *, timeout_s: float = 600) -> str:
     """Call ``function()`` of the module at ``test_file`` in a fresh Python without TRITON_INTERPRET,
     and return the last word it prints (its return value).

@@ -73,14 +73,12 @@ def _compile_gluon_for_hopper() -> str:
     """The shipped configurations (D128 causal, D64 non-causal; bf16, GQA 4) compiled for sm_90a with
     a real launch's hints: one ttg.warp_specialize with two worker partitions (a consumer warpgroup,
     the producer warp), 12 warps, wgmma, TMA, setmaxnreg, no spills, shared memory within 227 KB."""
-    import subprocess
-    import tempfile
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from moecomm.attention import _gluon_prefill as gk
+    from moecomm.testing.aot import cubin_resources
 
     kern = gk.prefill_gluon_kernel
     ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "lse_ptr": "*fp32",
@@ -110,14 +108,7 @@ def _compile_gluon_for_hopper() -> str:
         if cfg.pipe:
             assert "wgmma.wait_group.sync.aligned 1;" in ptx, "Q K^T of the next block no longer overlaps P V"
         assert k.metadata.shared <= 232448, k.metadata.shared
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
-                                   capture_output=True, text=True, check=True).stdout
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-        assert m is not None, usage
-        nregs, stack, local = map(int, m.groups())
+        nregs, stack, local = cubin_resources(k.asm["cubin"])
         assert stack == 0 and local == 0, f"spills: stack {stack} B, local {local} B"
         words.append(f"D{head_dim}:regs{nregs}")
     return ",".join(words)

@@ -91,12 +91,10 @@ def test_ws_selection(triton_backend, spy, monkeypatch):
 def _compile_ws_for_hopper() -> str:
     """The shipped WS configuration (D128, bf16, causal, GQA 4) compiled for sm_90 with real launches'
     hints: warp-specialised by Triton's Hopper pass, no spills, shared memory within the H200's."""
-    import subprocess
-
-    import triton
     from test_compile import _compile, _sig
 
     from moecomm.attention import _triton_prefill_v2 as k2
+    from moecomm.testing.aot import cubin_resources
 
     ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "lse_ptr": "*fp32",
             "meta_ptr": "*i32", "kv_indices_ptr": "*i32", "mask_ptr": "*u8"}
@@ -111,16 +109,7 @@ def _compile_ws_for_hopper() -> str:
     assert k.metadata.num_warps == 12  # a producer warpgroup + two consumers
     assert "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx and "wgmma" in ptx
     assert k.metadata.shared <= 232448, k.metadata.shared  # 227 KB a block on sm_90
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    assert m is not None, usage
-    regs, stack, local = map(int, m.groups())
+    regs, stack, local = cubin_resources(k.asm["cubin"])
     assert stack == 0 and local == 0, f"spills: stack {stack} B, local {local} B"
     return f"regs{regs}"
 
