@@ -23,6 +23,10 @@
  *   OP_COPY    5, device_dst, device_src, bytes             cuMemcpyDtoDAsync
  *   OP_WAIT    4                                            spin on cuStreamQuery until the
  *              stream is idle, checking the communicator's async error; bounded by timeout_ns
+ * moecomm_native_run_patched queues a copy of a program (a Template's, native.py) with some slots
+ * rewritten first: an address in one of the call's sources (the source's address + an offset, of
+ * the recorded 16-byte alignment: another one answers MC_RESPECIALISE, nothing queued, as Triton
+ * would specialise otherwise) and runs of values (an exchange's split sizes).
  * Every program is validated (op layout, a variant for every launch) before anything is queued,
  * so a non-zero status from validation means nothing ran and the caller may take its Python path.
  *
@@ -38,12 +42,13 @@
 #include <string.h>
 #include <time.h>
 
-#define MC_VERSION 2
+#define MC_VERSION 3
 #define MAX_FAMILIES 256
 #define MAX_VARIANTS 8
 #define MAX_ARGS 48
 #define MAX_PARAMS 52
 #define MAX_W 1024
+#define MAX_PROG 4096 /* a patched program's length (moecomm_native_run_patched) */
 
 /* statuses */
 #define MC_OK 0
@@ -326,4 +331,53 @@ int moecomm_native_run(const int64_t *prog, int64_t n, void *stream, void *comm,
     int rc = walk(prog, n, stream, comm, timeout_ns, info, 0);
     if (rc != MC_OK) return rc;
     return walk(prog, n, stream, comm, timeout_ns, info, 1);
+}
+
+static int patch(int64_t *copy, const int64_t *prog, int64_t n, const int64_t *patches, int64_t npatch,
+                 const int64_t *srcs, int64_t nsrcs, const int64_t *sets, int64_t nsets, int64_t *info);
+
+/* moecomm_native_run on a copy of prog with (a) patches: npatch quadruples (slot, source, offset,
+ * alignment): copy[slot] = srcs[source] + offset, refused (MC_RESPECIALISE, info[0] = -1 - the
+ * patch, nothing queued) when that address & 15 is not the alignment; (b) sets: runs of (slot,
+ * count, values[count]): copy[slot .. slot + count) = values. Slots out of the program, sources out
+ * of srcs: MC_BAD_PROGRAM (a program longer than MAX_PROG is copied to the heap). prog itself is not written. */
+int moecomm_native_run_patched(const int64_t *prog, int64_t n, const int64_t *patches, int64_t npatch,
+                               const int64_t *srcs, int64_t nsrcs, const int64_t *sets, int64_t nsets,
+                               void *stream, void *comm, int64_t timeout_ns, int64_t *info) {
+    int64_t local[MAX_PROG];
+    if (!api.ready) return MC_NOT_READY;
+    info[0] = info[1] = 0;
+    if (n < 0 || npatch < 0 || nsrcs < 0 || nsets < 0) return MC_BAD_PROGRAM;
+    int64_t *copy = n <= MAX_PROG ? local : (int64_t *)malloc((size_t)n * sizeof(int64_t));
+    if (copy == NULL) return MC_BAD_PROGRAM;
+    int rc = patch(copy, prog, n, patches, npatch, srcs, nsrcs, sets, nsets, info);
+    if (rc == MC_OK) rc = moecomm_native_run(copy, n, stream, comm, timeout_ns, info);
+    if (copy != local) free(copy);
+    return rc;
+}
+
+static int patch(int64_t *copy, const int64_t *prog, int64_t n, const int64_t *patches, int64_t npatch,
+                 const int64_t *srcs, int64_t nsrcs, const int64_t *sets, int64_t nsets, int64_t *info) {
+    memcpy(copy, prog, (size_t)n * sizeof(int64_t));
+    for (int64_t i = 0; i < npatch; i++) {
+        const int64_t *q = patches + 4 * i;
+        if (q[0] < 0 || q[0] >= n || q[1] < 0 || q[1] >= nsrcs) {
+            info[0] = -1 - i;
+            return MC_BAD_PROGRAM;
+        }
+        int64_t p = srcs[q[1]] + q[2];
+        if ((p & 15) != q[3]) {
+            info[0] = -1 - i;
+            return MC_RESPECIALISE;
+        }
+        copy[q[0]] = p;
+    }
+    for (int64_t at = 0; at < nsets;) {
+        if (at + 2 > nsets) return MC_BAD_PROGRAM;
+        int64_t slot = sets[at], count = sets[at + 1];
+        if (slot < 0 || count < 0 || slot + count > n || at + 2 + count > nsets) return MC_BAD_PROGRAM;
+        memcpy(copy + slot, sets + at + 2, (size_t)count * sizeof(int64_t));
+        at += 2 + count;
+    }
+    return MC_OK;
 }

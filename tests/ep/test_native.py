@@ -17,6 +17,7 @@ import ctypes
 import shutil
 import struct
 import threading
+from array import array
 
 import pytest
 import torch
@@ -217,6 +218,41 @@ def test_a_one_rank_exchange_is_a_device_copy(native_lib):
     library, api = native_lib
     rc, _ = _run(library, [N.OP_A2A, 0x10000, 0x90000, 12, 1, 5, 5, N.OP_A2A, 0x10000, 0x90000, 12, 1, 0, 0])
     assert rc == N.OK and api.calls == [("d2d", 0x90000, 0x10000, 60, 0x51)]
+
+
+def _run_patched(library, ops, table, srcs, sets, n_prog=None):
+    from array import array
+
+    prog, tab, src, st = array("q", ops), array("q", table), array("q", srcs), array("q", sets)
+    before = list(prog)
+    rc = library.run_patched(prog.buffer_info()[0], len(prog) if n_prog is None else n_prog, tab.buffer_info()[0],
+                             len(tab) // 4, src.buffer_info()[0], len(src), st.buffer_info()[0], len(st), 0x51, 0xC0,
+                             10**9, library.info_addr)
+    assert list(prog) == before  # the template's program is never written
+    return rc, library.info[0]
+
+
+def test_a_patched_program_queues_its_sources_addresses_and_splits(native_lib):
+    """A template's run: addresses rewritten from the call's sources (+ offsets), split sizes set,
+    then queued as moecomm_native_run would; an address of another alignment class, or a slot or
+    source out of range, queues nothing."""
+    library, api = native_lib
+    ops = [N.OP_COPY, 0, 0, 24, N.OP_A2A, 0, 0, 12, 1, 7, 7]
+    table = [1, 0, 32, 0, 2, 1, 0, 0, 5, 1, 16, 0, 6, 0, 0, 0]  # (slot, source, offset, alignment)
+    rc, _ = _run_patched(library, ops, table, [0x7000, 0x9000], [9, 2, 3, 3])
+    assert rc == N.OK
+    assert api.calls == [("d2d", 0x7020, 0x9000, 24, 0x51), ("d2d", 0x7000, 0x9010, 36, 0x51)]
+    api.calls.clear()
+    rc, at = _run_patched(library, ops, table, [0x7000, 0x9008], [])  # source 1 now 8 bytes off its class
+    assert (rc, at) == (N.RESPECIALISE, -2) and api.calls == []
+    for table_, srcs, sets in (([11, 0, 0, 0], [0x7000], []), ([1, 2, 0, 0], [0x7000], []),
+                               ([], [], [10, 2, 1, 1]), ([], [], [9, 3, 1])):
+        rc, _ = _run_patched(library, ops, table_, srcs, sets)
+        assert rc == N.BAD_PROGRAM and api.calls == [], (table_, srcs, sets)
+    # longer than native.c's stack copy (MAX_PROG 4096): copied to the heap, the same program
+    long_ops = [N.OP_COPY, 0, 0, 8] * 1100
+    rc, _ = _run_patched(library, long_ops, [4397, 0, 0, 0], [0x4000], [])
+    assert rc == N.OK and len(api.calls) == 1100 and api.calls[-1][1] == 0x4000 and api.calls[-2][1] == 0
 
 
 def test_a_failed_send_closes_the_group_and_names_ncclResult(native_lib):
@@ -443,8 +479,27 @@ class _CaptureLib:
         return self._families
 
     def run(self, addr, n, stream, comm, timeout_ns, info):
-        self.programs.append(list(struct.unpack(f"{n}q", ctypes.string_at(addr, 8 * n))))
+        self.programs.append(_ints(addr, n))
         return self.rc
+
+    def run_patched(self, pa, pn, ta, tn, sa, sn, ea, en, stream, comm, timeout_ns, info):
+        """native.c's moecomm_native_run_patched (its own test: test_run_patched_*)."""
+        prog, table, srcs, sets = _ints(pa, pn), _ints(ta, 4 * tn), _ints(sa, sn), _ints(ea, en)
+        for slot, src, off, align in zip(*[iter(table)] * 4):
+            if (srcs[src] + off) & 15 != align:
+                return N.RESPECIALISE
+            prog[slot] = srcs[src] + off
+        at = 0
+        while at < en:
+            slot, count = sets[at], sets[at + 1]
+            prog[slot:slot + count] = sets[at + 2:at + 2 + count]
+            at += 2 + count
+        patched = array("q", prog)
+        return self.run(patched.buffer_info()[0], pn, stream, comm, timeout_ns, info)
+
+
+def _ints(addr, n) -> list[int]:
+    return list(struct.unpack(f"{n}q", ctypes.string_at(addr, 8 * n))) if n else []
 
 
 def _record_plan(rt, ids, e2r, e2l, W, ws, host):

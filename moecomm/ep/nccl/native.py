@@ -57,7 +57,7 @@ from ...jit import host as _host
 from ...jit.launch import Launcher, native_parameters, recording
 
 SOURCE = "ep/native.c"
-VERSION = 2  # native.c's MC_VERSION
+VERSION = 3  # native.c's MC_VERSION
 OK, RESPECIALISE, CUDA_ERROR, NCCL_ERROR, TIMEOUT, BAD_PROGRAM, NOT_READY = 0, 1, 2, 3, 4, 5, 6
 OP_LAUNCH, OP_A2A, OP_D2H, OP_WAIT, OP_COPY = 1, 2, 3, 4, 5
 EXTRA_PARAMS = 2  # Triton 3.6's global and profile scratch pointers (null)
@@ -70,6 +70,9 @@ _FUNCTIONS = {
     "moecomm_native_add_variant": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64]),
     "moecomm_native_run": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                           ctypes.c_int64, ctypes.c_void_p]),
+    "moecomm_native_run_patched": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]),
 }
 
 _Tensor = torch.Tensor
@@ -107,6 +110,7 @@ class Library:
         self.info = (ctypes.c_int64 * 2)()
         self.info_addr = ctypes.addressof(self.info)
         self.run = lib.moecomm_native_run
+        self.run_patched = lib.moecomm_native_run_patched
 
     def new_family(self) -> int:
         fam = self.lib.moecomm_native_new_family()
@@ -351,45 +355,59 @@ class Template:
     each patched address has the recorded 16-byte alignment (Triton specialises on it: otherwise
     run() answers False and the caller records)."""
 
-    __slots__ = ("prog", "patches", "result", "kept", "reusable", "splits")
+    __slots__ = ("prog", "patches", "result", "kept", "reusable", "splits", "table")
 
     def __init__(self, prog: array, patches: tuple, result, kept: list, reusable: bool = True, splits: tuple = ()):
         self.prog, self.patches, self.result, self.kept, self.reusable = prog, patches, result, kept, reusable
         self.splits = splits
+        self.table = array("q", [v for q in patches for v in q])  # (slot, source, offset, alignment) quadruples
 
     def run(self, nat, sources: tuple, what: str, group, splits: tuple = ()) -> bool:
         """Queue the program with ``sources``' addresses and each exchange's ``splits`` (send units
-        + receive units, in the recorded order; () keeps the recorded ones), as Recorder.run would;
-        False: not applicable (nothing queued)."""
+        + receive units, in the recorded order; () keeps the recorded ones), as Recorder.run would
+        (native.c patches a copy: the template is not written); False: not applicable (an address of
+        another alignment class, nothing queued)."""
         rt, ptr, stream = nat
-        prog = array("q", self.prog)
-        for slot, i, off, align in self.patches:
-            p = sources[i].data_ptr() + off
-            if p & 15 != align:
-                return False
-            prog[slot] = p
-        for at, units in zip(self.splits, splits):
-            prog[at:at + len(units)] = array("q", units)
-        rc = _queue(rt, prog, stream, ptr)
+        srcs = array("q", [t.data_ptr() for t in sources])
+        sets = _NO_SETS
+        if splits:
+            sets = array("q")
+            for at, units in zip(self.splits, splits):
+                sets.append(at)
+                sets.append(len(units))
+                sets.extend(units)
+        lib = rt.library
+        pa, pn = self.prog.buffer_info()
+        ta, tn = self.table.buffer_info()
+        sa, sn = srcs.buffer_info()
+        ea, en = sets.buffer_info()
+        rc = lib.run_patched(pa, pn, ta, tn // 4, sa, sn, ea, en, stream, ptr, _timeout_ns(), lib.info_addr)
         if rc == OK:
+            rt.programs += 1
             return True
         if rc == RESPECIALISE:
             return False
-        raise _failure(rc, rt.library.info[0], rt.library.info[1], what, group, _rank_of(group))
+        raise _failure(rc, lib.info[0], lib.info[1], what, group, _rank_of(group))
 
 
+_NO_SETS = array("q")
 _TIMEOUT_NS: dict = {}  # MOECOMM_TIMEOUT_S as set -> nanoseconds (parsed once per value)
 
 
-def _queue(rt: Runtime, prog: array, stream: int, comm: int) -> int:
-    """One native.c run of ``prog``: its status (OK counted in rt.programs)."""
+def _timeout_ns() -> int:
+    """MOECOMM_TIMEOUT_S in nanoseconds (the bound of a program's waits)."""
     raw = _env.raw("MOECOMM_TIMEOUT_S")
     timeout_ns = _TIMEOUT_NS.get(raw)
     if timeout_ns is None:
         timeout_ns = _TIMEOUT_NS[raw] = int(_env.timeout_s() * 1e9)
+    return timeout_ns
+
+
+def _queue(rt: Runtime, prog: array, stream: int, comm: int) -> int:
+    """One native.c run of ``prog``: its status (OK counted in rt.programs)."""
     lib = rt.library
     addr, n = prog.buffer_info()
-    rc = lib.run(addr, n, stream, comm, timeout_ns, lib.info_addr)
+    rc = lib.run(addr, n, stream, comm, _timeout_ns(), lib.info_addr)
     if rc == OK:
         rt.programs += 1
     return rc
