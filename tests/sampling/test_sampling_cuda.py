@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -53,87 +56,160 @@ def _probs(rows, vocab, scale=3.0, seed=0, device="cpu"):
 # the source: compiles, fits, and the wrapper passes what the kernel takes
 
 
-class _Started(Exception):
-    """start_nvcc's way out of cuda.compile once the compiler runs in the background."""
-
-
-_NVCC: dict = {}  # the one compile: its command as the library builds it, the process, the kept files
+HOT_ENTRY = _cuda.SPLIT_ENTRY["qsum", 8]  # top-p at B1-B12: the CUDA-graph target's entry
+_NVCC: dict = {}  # the one compile: its commands (the library's), the process, the folder of its files
 
 
 def start_nvcc() -> None:
-    """Start the library's own nvcc command for the sampling source (cuda.compile into a fresh
-    cache, its command with -Xptxas -v and --keep appended: -v and --keep change no code) in the
-    background: tests/sampling/conftest.py calls this after collection when a selected test uses
-    nvcc_out, so the ~80 s of ptxas overlap the tests before this module (one run: three took ~150 s
-    of the CPU suite on 2 cores)."""
+    """Start the library's own nvcc commands for the sampling source (moecomm.jit.cuda.nvcc_command)
+    in the background, one after another: the front end (the whole source's PTX), that PTX assembled
+    whole with -Xptxas -v (every entry's registers, spills and shared memory; -v changes no code:
+    the whole build, the reference of the SASS check), and HOT_ENTRY's group assembled alone as
+    _cuda.launch_sample compiles it. tests/sampling/conftest.py calls this after collection when a
+    selected test uses nvcc_out, so the ~30 s (2 cores) overlap the tests before this module."""
     if _NVCC or cuda._nvcc() is None:
         return
+    import shlex
     import tempfile
 
-    from moecomm.jit import cache
-
     d = Path(tempfile.mkdtemp(prefix="moecomm-test-nvcc-"))
+    src, arch, flags = cuda.source_path(_cuda.SOURCE), cuda.DEFAULT_ARCH, cuda.DEFAULT_FLAGS
+    ptx = d / f"{src.stem}.ptx"
+    cmds = {"ptx": cuda.nvcc_command(src, arch, flags, ptx, stage="ptx"),
+            "whole": cuda.nvcc_command(ptx, arch, (*flags, "-Xptxas", "-v"), d / "whole.cubin"),
+            "group": cuda.nvcc_command(ptx, arch, flags, d / "group.cubin", entries=(HOT_ENTRY,))}
+    script = (f"{shlex.join(cmds['ptx'])} && {shlex.join(cmds['whole'])} > {d / 'whole.log'} 2>&1 && "
+              f"{shlex.join(cmds['group'])}")
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _NVCC.update(cmds=cmds, dir=d, ptx=ptx, proc=proc)
+    atexit.register(_kill_nvcc, proc)  # a run that ends before the fixture leaves no compiler behind
 
-    def start(cmd, out, error, who, src, timeout_s):  # cache.run_compiler's place: start, do not wait
-        o = cmd.index("-o")
-        cubin = d / out.name
-        run = [*cmd[:o + 1], str(cubin), *cmd[o + 2:-1], "-Xptxas", "-v", "--keep", "--keep-dir", str(d), cmd[-1]]
-        _NVCC.update(cmd=cmd, o=o, cubin=cubin, dir=d,
-                     proc=subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        atexit.register(_NVCC["proc"].kill)  # a run that ends before the fixture leaves no compiler behind
-        raise _Started
 
-    mp = pytest.MonkeyPatch()
-    try:
-        mp.setenv("MOECOMM_CACHE_DIR", str(d / "cache-start"))
-        mp.setattr(cache, "run_compiler", start)
-        cuda.compile(_cuda.SOURCE)
-    except _Started:
-        pass
-    finally:
-        mp.undo()
+def _kill_nvcc(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # the shell and the nvcc it runs: their own process group
+
+
+def _same_command(ran: list[str], want: list[str]) -> bool:
+    """The same nvcc command but for its output and input files."""
+    o, w = ran.index("-o"), want.index("-o")
+    return ran[:o] + ran[o + 2:-1] == want[:w] + want[w + 2:-1] and Path(ran[-1]).suffix == Path(want[-1]).suffix
+
+
+class NvccOut(NamedTuple):
+    log: str  # ptxas -v of the whole build
+    ptx: str  # the whole source's PTX
+    group: cuda.Compiled  # moecomm.jit.cuda.compile(SOURCE, entries=(HOT_ENTRY,)): HOT_ENTRY's cubin
+    whole: Path  # the whole build's cubin
 
 
 @pytest.fixture(scope="module")
-def nvcc_out(tmp_path_factory):
-    """(ptxas -v log of the sm_90a cubin, the PTX text, moecomm.jit.cuda.compile's result) of the
-    one compile start_nvcc began (started here if it was not): cuda.compile into a fresh cache
-    then runs the same command (checked) and takes that cubin."""
+def nvcc_out(tmp_path_factory) -> NvccOut:
+    """The compile start_nvcc began (started here if it was not), then cuda.compile of HOT_ENTRY's
+    group into a fresh cache: it runs the same two commands (checked), answered by that run's files,
+    and a second compile finds the cubin on disk."""
     if cuda._nvcc() is None:
         pytest.skip("nvcc not found")
     from moecomm.jit import cache
 
     start_nvcc()
     so, se = _NVCC["proc"].communicate(timeout=900)
-    rc = _NVCC["proc"].returncode
-    assert rc == 0, f"nvcc failed (exit {rc})\n{se}{so}"
-    cmds = []
+    d = _NVCC["dir"]
+    log = (d / "whole.log").read_text() if (d / "whole.log").is_file() else ""
+    assert _NVCC["proc"].returncode == 0, f"nvcc failed (exit {_NVCC['proc'].returncode})\n{se}{so}{log}"
+    ran = []
 
-    def finished(cmd, out, error, who, src, timeout_s):  # the library's command, answered by that run
-        cmds.append(cmd)
-        return _NVCC["cubin"].read_bytes()
+    def finished(cmd, out, error, who, src, timeout_s):  # the library's commands, answered by that run
+        ran.append(cmd)
+        return (_NVCC["ptx"] if "-ptx" in cmd else d / "group.cubin").read_bytes()
 
     mp = pytest.MonkeyPatch()
     try:
         mp.setenv("MOECOMM_CACHE_DIR", str(tmp_path_factory.mktemp("nvcc") / "cache"))
         mp.setattr(cache, "run_compiler", finished)
-        c = cuda.compile(_cuda.SOURCE)
+        c = cuda.compile(_cuda.SOURCE, entries=(HOT_ENTRY,))
+        again = cuda.compile(_cuda.SOURCE, entries=(HOT_ENTRY,))
     finally:
         mp.undo()
-    o = _NVCC["o"]
-    assert len(cmds) == 1, "cuda.compile ran nvcc more than once"
-    assert cmds[0][:o] + cmds[0][o + 2:] == _NVCC["cmd"][:o] + _NVCC["cmd"][o + 2:]  # the same compile
-    ptx = (_NVCC["dir"] / f"{cuda.source_path(_cuda.SOURCE).stem}.ptx").read_text()
-    return so + se, ptx, c
+    assert len(ran) == 2 and not again.compiled and again.path == c.path, ran
+    assert _same_command(ran[0], _NVCC["cmds"]["ptx"]) and _same_command(ran[1], _NVCC["cmds"]["group"]), ran
+    return NvccOut(log, _NVCC["ptx"].read_text(), c, d / "whole.cubin")
+
+
+def _cuobjdump(cubin: Path, *args: str) -> str:
+    import triton
+
+    return subprocess.run([triton.knobs.nvidia.cuobjdump.path, *args, str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _sass(cubin: Path, function: str | None = None) -> dict[str, list[str]]:
+    """{function: its SASS instructions, addresses and encodings left out} (Triton's cuobjdump), of
+    every function or the one named."""
+    funcs: dict[str, list[str]] = {}
+    cur: list[str] = []
+    for line in _cuobjdump(cubin, "-sass", *(("-fun", function) if function else ())).splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+        elif re.match(r"\s+/\*[0-9a-f]{4,}\*/", line):
+            cur.append(re.sub(r"/\*[^*]*\*/", "", line).split(";")[0].strip())
+    return funcs
+
+
+def _resources(cubin: Path) -> dict[str, str]:
+    """{function: its REG / STACK / SHARED / LOCAL figures} (cuobjdump --dump-resource-usage)."""
+    text = _cuobjdump(cubin, "--dump-resource-usage")
+    return dict(re.findall(r"Function (\S+):\s*\n\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+)", text))
 
 
 @needs_nvcc
 def test_source_compiles_for_sm90a(nvcc_out):
-    c = nvcc_out[2]
-    assert c.compiled and c.arch == "sm_90a"
-    blob = c.path.read_bytes()
+    c = nvcc_out.group
+    assert c.compiled and c.arch == "sm_90a" and c.entries == (HOT_ENTRY,)
+    blob = nvcc_out.whole.read_bytes()
     for entry in [*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values(), *_cuda.SPLIT_ENTRY.values()]:
         assert entry.encode() in blob
+
+
+@needs_nvcc
+def test_entry_groups_hold_their_entry_with_the_whole_builds_code(nvcc_out):
+    """launch_sample compiles one entry a cubin (cuda.load's entries=): the entries it launches are
+    the PTX's, all of them; HOT_ENTRY's cubin holds that entry alone, with the whole build's
+    SASS instruction for instruction and its registers, stack and shared memory: assembling a group
+    changes no code."""
+    entries = {*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values(), *_cuda.SPLIT_ENTRY.values()}
+    assert set(re.findall(r"^\.visible \.entry (\w+)\(", nvcc_out.ptx, re.MULTILINE)) == entries
+    group, whole = _sass(nvcc_out.group.path), _sass(nvcc_out.whole, HOT_ENTRY)
+    assert set(group) == {HOT_ENTRY} and set(_resources(nvcc_out.whole)) == entries
+    # cuobjdump lists an entry's code with that of the functions it calls (sample_row_split and
+    # small_select are __noinline__): ~25K instructions
+    assert len(group[HOT_ENTRY]) > 10000 and group[HOT_ENTRY] == whole[HOT_ENTRY]
+    res_group, res_whole = _resources(nvcc_out.group.path), _resources(nvcc_out.whole)
+    assert res_group[HOT_ENTRY] == res_whole[HOT_ENTRY] and res_group[HOT_ENTRY].startswith("REG:64 ")
+
+
+def test_launch_compiles_only_its_entry(monkeypatch):
+    """launch_sample asks moecomm.jit.cuda.load for its entry's group alone (entries=(entry,)), so a
+    first call assembles one entry of sample.cu; the entry is the plan's."""
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def load(source, name, **kw):
+        asked.append((source, name, kw.get("entries")))
+        raise Stop
+
+    monkeypatch.setattr(cuda, "load", load)
+    for kw in (dict(top_p=0.9), dict(top_k=50, top_p=0.9), dict(min_p=0.1)):
+        x, rowmap, rows, out, valid, logprob, k, p, m, tkf, seed, offset, per_row = _plan_args(**kw)
+        with pytest.raises(Stop):
+            _cuda.launch_sample(x, rowmap, rows, out, valid, logprob, None, _cuda.MODE_SAMPLE, False, k, p, m, None,
+                                tkf, seed, offset, per_row)
+        entry = _cuda.plan_launch(x, rowmap, rows, out, valid, logprob, k, p, m, tkf, seed, offset, per_row).entry
+        assert asked[-1] == (_cuda.SOURCE, entry, (entry,)), kw
 
 
 @needs_nvcc
@@ -144,7 +220,7 @@ def test_registers_spills_and_shared_memory(nvcc_out):
     somewhere that matters); its static shared memory plus the default list's dynamic bytes fit a
     block of an H100 / H200 (the paired entries: two blocks with the paired list fit an SM's 228 KB,
     with the 1 KB the driver reserves a block)."""
-    log = nvcc_out[0]
+    log = nvcc_out.log
     for entry in [*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values(), *_cuda.SPLIT_ENTRY.values()]:
         part = log[log.index(f"Compiling entry function '{entry}'"):]
         part = part[:part.index("Compile time")]
@@ -203,7 +279,7 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
     args = _plan_args(**kw)
     plan = _cuda.plan_launch(*args)
     assert plan.entry == _cuda.ENTRY[entry]
-    assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out[1])
+    assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out.ptx)
     assert plan.block == (_cuda.THREADS,) and plan.grid == (4,)
     assert plan.shared_bytes == _cuda.shared_bytes(_cuda.DEFAULT_CAPACITY)
     assert plan.args[-1].value == _cuda.DEFAULT_CAPACITY
@@ -251,7 +327,7 @@ def test_paired_launches_match_their_entries(nvcc_out, monkeypatch):
             assert plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT == (scratch // 1024 if want else 0)
             assert plan.shared_bytes == _cuda.shared_bytes(cap, scratch)
             assert plan.shared_bytes == (_cuda.PAIRED_SHARED_BYTES if want else _cuda.shared_bytes(cap))
-            assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out[1])
+            assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out.ptx)
     for kw in (dict(min_p=0.1), dict(top_k=_cuda.PAIRED_MAX_TOP_K + 1), dict(top_k="t32", top_p=0.9)):
         assert _cuda.plan_launch(*_plan_args(num_rows=16, vocab=5000, **kw)).entry in _cuda.ENTRY.values(), kw
     monkeypatch.setattr(_cuda, "PAIRED_TOP_P", False)
@@ -680,8 +756,8 @@ def test_split_plan_and_its_cluster_entries(nvcc_out, monkeypatch):
         assert plan.entry == _cuda.SPLIT_ENTRY[kind, 8] and _cuda.cluster_of(plan.entry) == 8
         assert plan.grid == (24,) and plan.block == (1024,) and plan.args[-1].value == _cuda.DEFAULT_CAPACITY
         assert plan.shared_bytes == _cuda.shared_bytes(_cuda.DEFAULT_CAPACITY)
-        assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out[1])
-        head = nvcc_out[1][nvcc_out[1].index(f".entry {plan.entry}("):]
+        assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out.ptx)
+        head = nvcc_out.ptx[nvcc_out.ptx.index(f".entry {plan.entry}("):]
         assert re.search(r"\.reqnctapercluster\s+8,\s*1,\s*1", head[:head.index("{")]), plan.entry
     assert _cuda.cluster_of(_cuda.ENTRY["qsum"]) == _cuda.cluster_of(_cuda.PAIRED_ENTRY["qsum"]) == 1
 
