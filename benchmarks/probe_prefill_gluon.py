@@ -36,22 +36,27 @@ B, L, HQ, HK, D, P = ws.B, ws.L, ws.HQ, ws.HK, ws.D, ws.P
 ATOL = ws.ATOL
 
 
-def _cfg(block_n, stages, pipe, pingpong, late_k_release, consumer_regs=240, producer_regs=24):
+def _cfg(block_n, stages, pipe, pingpong, late_k_release, branch_softmax=True, persistent=False, consumer_regs=232,
+         producer_regs=40):
     from moecomm.attention.prefill import GluonConfig
 
-    return GluonConfig(128, block_n, stages, pipe, pingpong, late_k_release, consumer_regs, producer_regs)
+    return GluonConfig(128, block_n, stages, pipe, pingpong, late_k_release, consumer_regs, producer_regs,
+                       branch_softmax, persistent)
 
 
-# label -> GluonConfig args (None: v2, the Gluon kernel switched off)
+# label -> _cfg args (None: v2, the Gluon kernel switched off). "plain": neither of the two; "branch": the softmax inside the
+# mask / no-mask branches (P V's wait stays after it in SASS); "persistent": grid = SM count.
 VARIANTS = {
     "v2 (shipped)": None,
-    "gluon 128x128 s2": (128, 2, True, False, False),
-    "gluon 128x128 s2 pingpong": (128, 2, True, True, False),
-    "gluon 128x128 s2 late-k": (128, 2, True, False, True),
-    "gluon 128x128 s3": (128, 3, True, False, False),
-    "gluon 128x128 s3 late-k": (128, 3, True, False, True),
+    "gluon s2 plain": (128, 2, True, False, False, False, False),
+    "gluon s2 branch": (128, 2, True, False, False, True, False),
+    "gluon s2 persistent": (128, 2, True, False, False, False, True),
+    "gluon s2 branch persistent": (128, 2, True, False, False, True, True),
+    "gluon s2 branch persistent pingpong": (128, 2, True, True, False, True, True),
+    "gluon s2 branch persistent late-k": (128, 2, True, False, True, True, True),
+    "gluon s3 branch persistent": (128, 3, True, False, False, True, True),
 }
-NON_CAUSAL = ["v2 (shipped)", "gluon 128x128 s2"]
+NON_CAUSAL = ["v2 (shipped)", "gluon s2 plain", "gluon s2 branch persistent"]
 
 
 def _variant_fn(w, q, kv, label):

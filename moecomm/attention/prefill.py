@@ -48,6 +48,7 @@ from ._common import (
     const,
     host_ints,
     nhd_strides,
+    num_sms,
     outputs,
     parse_dtype,
     round_up,
@@ -111,11 +112,13 @@ class GluonConfig(NamedTuple):
     late_k_release: bool  # K's slot released with V's, after the softmax (with pipe only)
     consumer_regs: int   # setmaxnreg of the worker consumer warpgroup (the default one gets the rest)
     producer_regs: int   # (the compiler caps the kernel at 65536 / 384 threads -> 168 registers at entry)
+    branch_softmax: bool = True  # the whole softmax in the mask / no-mask branches (keeps P V's wait after it)
+    persistent: bool = False     # grid = the SM count, each program looping over work items (else one each)
 
 
 PREFILL_GLUON_CONFIGS: dict[int, GluonConfig] = {
-    128: GluonConfig(128, 128, 2, True, False, False, 240, 24),
-    64: GluonConfig(128, 128, 3, True, False, False, 240, 24),
+    128: GluonConfig(128, 128, 2, True, False, False, 232, 40, True, False),
+    64: GluonConfig(128, 128, 3, True, False, False, 232, 40, True, False),
 }
 
 
@@ -277,16 +280,40 @@ def _launch_gluon(q, k_cache, v_cache, out, lse, meta, kv_indices, mask_bits, of
     num_qo_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     _ensure_allocator(q.device)  # descriptors made in the kernel need a global scratch
-    consts = dict(GROUP=num_qo_heads // num_kv_heads, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal, WRITE_LSE=write_lse, PIPE=cfg.pipe,
-                  PINGPONG=cfg.pingpong, LATE_K_RELEASE=cfg.late_k_release, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs)
-    launch(gk.prefill_gluon_kernel, (num_qo_heads, num_tiles_grid), (
+    consts = gluon_constexprs(cfg, num_qo_heads // num_kv_heads, page_size, head_dim, q.element_size(), causal, write_lse)
+    launch(gk.prefill_gluon_kernel, (gluon_grid(num_qo_heads * num_tiles_grid, cfg, q.device),), (
         q, k_cache, v_cache, out, lse, meta, kv_indices, mask_bits,
         off_tile_req, off_tile_q0, off_qo_indptr, off_kv_indptr, off_kv_len, off_mask,
         k_cache.shape[0], num_qo_heads,
         q.stride(0), q.stride(1), *nhd_strides(k_cache, layout), *nhd_strides(v_cache, layout),
         out.stride(0), out.stride(1), sm_scale, 1.0, 0,
     ), consts, 4)  # 4 warps: the default partition (a consumer warpgroup); the workers add 5 (12 in all)
+
+
+_SMEM_LIMIT = 232448  # bytes of shared memory a block may have on sm_90 (227 KB)
+
+
+def gluon_constexprs(cfg: GluonConfig, group: int, page_size: int, head_dim: int, itemsize: int, causal: bool,
+                     write_lse: bool) -> dict:
+    """The Gluon kernel's constexprs for cfg. Q_SLOTS: two Q tiles (the next item's loads while this
+    one runs) where they fit beside the K / V ring with ~8 KB to spare (the in-kernel descriptors'
+    staging, barriers), else one."""
+    q_tile = cfg.block_m * head_dim * itemsize
+    ring = cfg.stages * 2 * cfg.block_n * head_dim * itemsize
+    q_slots = 2 if 2 * q_tile + ring <= _SMEM_LIMIT - 8192 else 1
+    return dict(GROUP=group, PAGE=page_size, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                STAGES=cfg.stages, CAUSAL=causal, WRITE_LSE=write_lse, PIPE=cfg.pipe, PINGPONG=cfg.pingpong,
+                LATE_K_RELEASE=cfg.late_k_release, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
+                BRANCH_SOFTMAX=cfg.branch_softmax, Q_SLOTS=q_slots)
+
+
+def gluon_grid(num_items: int, cfg: GluonConfig, device: torch.device) -> int:
+    """The Gluon kernel's 1-D grid over num_items = Hq * tiles work items (the kernel reads the real
+    tile count from the metadata: CUDA-graph mode's surplus items exit): one program each, or with
+    cfg.persistent one per SM (fewer when there are fewer items), each looping over its items."""
+    if cfg.persistent:
+        return max(1, min(num_items, num_sms(device)))
+    return max(1, num_items)
 
 
 def _ws_enabled() -> bool:

@@ -69,6 +69,47 @@ def test_gluon_not_taken_off_hopper(triton_backend, spy, monkeypatch):
     assert not taken and spy[-1][1]["KV_TMA"] is True
 
 
+def test_gluon_grid_and_q_slots():
+    """One program per work item, or with persistent one per SM (fewer with fewer items, >= 1); two
+    Q tiles where they fit beside the K / V ring (D128: 2 stages yes, 3 no; D64 3 stages yes)."""
+    cpu = torch.device("cpu")
+    cfg = pre.PREFILL_GLUON_CONFIGS[128]
+    one, per = cfg._replace(persistent=False), cfg._replace(persistent=True)
+    assert pre.gluon_grid(8192, one, cpu) == 8192 and pre.gluon_grid(0, one, cpu) == 1
+    assert pre.gluon_grid(8192, per, cpu) == pre.num_sms(cpu) == 132
+    assert pre.gluon_grid(5, per, cpu) == 5 and pre.gluon_grid(0, per, cpu) == 1
+    slots = lambda c, d, itemsize=2: pre.gluon_constexprs(c, 4, 16, d, itemsize, True, True)["Q_SLOTS"]
+    assert slots(cfg._replace(stages=2), 128) == 2 and slots(cfg._replace(stages=3), 128) == 1
+    assert slots(pre.PREFILL_GLUON_CONFIGS[64]._replace(stages=3), 64) == 2
+    consts = pre.gluon_constexprs(cfg, 4, 16, 128, 2, False, True)
+    assert consts["BRANCH_SOFTMAX"] is cfg.branch_softmax and consts["CAUSAL"] is False and consts["GROUP"] == 4
+
+
+def _mufu_between_waits(cubin: bytes) -> list[int]:
+    """For each wgmma.wait_group 1 in the SASS, the MUFU.EX2 (softmax exponentials) before the next
+    wait_group 0: the softmax that runs while P V is still in flight."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    counts, n = [], None
+    for line in sass.splitlines():
+        if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in line:
+            n = 0
+        elif n is not None and "MUFU.EX2" in line:
+            n += 1
+        elif n is not None and "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line:
+            counts.append(n)
+            n = None
+    return counts
+
+
 def _compile_gluon_for_hopper() -> str:
     """The shipped configurations (D128 causal, D64 non-causal; bf16, GQA 4) compiled for sm_90a with
     a real launch's hints: one ttg.warp_specialize with two worker partitions (a consumer warpgroup,
@@ -90,10 +131,7 @@ def _compile_gluon_for_hopper() -> str:
     words = []
     for head_dim, causal in ((128, True), (64, False)):
         cfg = pre.PREFILL_GLUON_CONFIGS[head_dim]
-        consts = dict(GROUP=4, PAGE=16, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages,
-                      CAUSAL=causal, WRITE_LSE=True, PIPE=cfg.pipe, PINGPONG=cfg.pingpong, LATE_K_RELEASE=cfg.late_k_release,
-                      CONSUMER_REGS=cfg.consumer_regs,
-                      PRODUCER_REGS=cfg.producer_regs)
+        consts = pre.gluon_constexprs(cfg, 4, 16, head_dim, 2, causal, True)
         k = triton.compile(GluonASTSource(kern, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": 4})
         ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
@@ -108,6 +146,12 @@ def _compile_gluon_for_hopper() -> str:
         if cfg.pipe:
             assert "wgmma.wait_group.sync.aligned 1;" in ptx, "Q K^T of the next block no longer overlaps P V"
         assert k.metadata.shared <= 232448, k.metadata.shared
+        if cfg.pipe and cfg.branch_softmax:
+            # ptxas hoists the P V wait to the top of its basic block: with the whole softmax inside the
+            # mask branches it stays after the softmax's exponentials (BLOCK_N / 2 a thread, both
+            # branches' copies), in each consumer warpgroup's loop
+            mufu = _mufu_between_waits(k.asm["cubin"])
+            assert len(mufu) == 2 and min(mufu) >= cfg.block_n // 2, mufu
         nregs, stack, local = cubin_resources(k.asm["cubin"])
         assert stack == 0 and local == 0, f"spills: stack {stack} B, local {local} B"
         words.append(f"D{head_dim}:regs{nregs}")
@@ -137,15 +181,23 @@ GPU_CASES = [  # (qo_lens, kv_lens, Hq, Hk, D, dtype)
     ([200, 1, 1023], [250, 17, 1023], 8, 2, 64, BF16),             # head_dim 64
 ]
 # other schedules of the D128 kernel (benchmarks/probe_prefill_gluon.py times them): the second and
-# third cases each. (stages, pingpong, late_k_release)
-ALT_SCHEDULES = [(2, True, False), (2, False, True), (3, False, False), (3, False, True)]
+# third cases each, as GluonConfig fields; "sms" caps the persistent grid (programs then loop over
+# many items each: ring and Q-slot phases across items, items without keys, descriptor reuse).
+ALT_SCHEDULES = [dict(persistent=True), dict(persistent=True, pingpong=True), dict(persistent=True, late_k_release=True),
+                 dict(persistent=True, stages=3), dict(stages=3, late_k_release=True), dict(branch_softmax=False)]
+SMALL_GRID = dict(persistent=True, sms=3)
+
+
+def _schedule_id(x):
+    if isinstance(x, dict):
+        return "-".join(f"{k}={v}" for k, v in x.items())
+    return "default" if x is None else None
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_sm90(), reason="the Gluon kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("case,schedule", [(c, None) for c in GPU_CASES]
-                         + [(c, s) for s in ALT_SCHEDULES for c in GPU_CASES[1:3]],
-                         ids=lambda x: "default" if x is None else "-".join(map(str, x)) if len(x) == 3 else None)
+@pytest.mark.parametrize("case,schedule", [(c, None) for c in GPU_CASES] + [(c, SMALL_GRID) for c in GPU_CASES]
+                         + [(c, s) for s in ALT_SCHEDULES for c in GPU_CASES[1:3]], ids=_schedule_id)
 def test_gluon_gpu_matches_reference(monkeypatch, case, schedule):
     from moecomm.attention import BatchPrefillWithPagedKVCacheWrapper
     from moecomm.attention import reference as ref
@@ -153,9 +205,11 @@ def test_gluon_gpu_matches_reference(monkeypatch, case, schedule):
     qo_lens, kv_lens, Hq, Hk, D, dtype = case
     monkeypatch.setattr(pre, "PREFILL_GLUON", True)
     if schedule is not None:
-        stages, pingpong, late_k = schedule
-        monkeypatch.setitem(pre.PREFILL_GLUON_CONFIGS, D, pre.PREFILL_GLUON_CONFIGS[D]._replace(
-            stages=stages, pingpong=pingpong, late_k_release=late_k))
+        fields = dict(schedule)
+        sms = fields.pop("sms", None)
+        if sms is not None:
+            monkeypatch.setattr(pre, "num_sms", lambda device: sms)
+        monkeypatch.setitem(pre.PREFILL_GLUON_CONFIGS, D, pre.PREFILL_GLUON_CONFIGS[D]._replace(**fields))
     taken = []
     real = pre._launch_gluon
     monkeypatch.setattr(pre, "_launch_gluon", lambda *a, **k: (taken.append(1), real(*a, **k))[1])
