@@ -13,7 +13,7 @@ cuDNN's ~569 TFLOP/s is ~1.93 ms, the target 0.95x of it ~540 TFLOP/s = 2.03 ms.
 Rows: v2 (prefill.PREFILL_GLUON = False) twice, the control (the spread between its rows is this run's
 noise); the Gluon kernel at each GluonConfig of VARIANTS; SDPA cuDNN / flash on the same KV made
 contiguous; FlashInfer 0.7.2's paged prefill when it imports. Then (unless --no-non-causal) the
-non-causal case (4 * B * Hq * L^2 * D FLOPs) for v2, the default Gluon config and cuDNN.
+non-causal case (4 * B * Hq * L^2 * D FLOPs) for the NON_CAUSAL labels and cuDNN.
 
 Each Gluon variant is first compiled and run once in a child process (all at once): a kernel that
 hangs on a barrier or faults costs its row only (the child is killed after --check-timeout). This
@@ -44,8 +44,9 @@ def _cfg(block_n, stages, pipe, pingpong, late_k_release, branch_softmax=True, p
                        branch_softmax, persistent)
 
 
-# label -> _cfg args (None: v2, the Gluon kernel switched off). "plain": neither of the two; "branch": the softmax inside the
-# mask / no-mask branches (P V's wait stays after it in SASS); "persistent": grid = SM count.
+# label -> _cfg args (None: v2, the Gluon kernel switched off). "branch": the softmax inside the mask /
+# no-mask branches (P V's wait stays after it in SASS); "persistent": grid = SM count (the D128
+# default since session 13, without branch); "plain": neither.
 VARIANTS = {
     "v2 (shipped)": None,
     "gluon s2 plain": (128, 2, True, False, False, False, False),
@@ -56,7 +57,7 @@ VARIANTS = {
     "gluon s2 branch persistent late-k": (128, 2, True, False, True, True, True),
     "gluon s3 branch persistent": (128, 3, True, False, False, True, True),
 }
-NON_CAUSAL = ["v2 (shipped)", "gluon s2 plain", "gluon s2 branch persistent"]
+NON_CAUSAL = ["v2 (shipped)", "gluon s2 plain", "gluon s2 persistent", "gluon s2 branch persistent"]
 
 
 def _variant_fn(w, q, kv, label):

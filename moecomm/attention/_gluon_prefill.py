@@ -2,26 +2,35 @@
 (triton.experimental.gluon), FlashAttention-3's structure, for the TMA path's common case.
 
 # B = batch, Hq / Hk = heads, G = Hq // Hk, D = head_dim, P = page_size
-# one program = BLOCK_M (128) query rows of one request and one query head, as v2's plan tiles;
-# BLOCK_N KV tokens per step
+# work item w = t * Hq + h: BLOCK_M (128) query rows of plan()'s tile t (heaviest first) and query
+# head h; BLOCK_N KV tokens per step
 
 Why (benchmarks/RESULTS.md, "Paged attention"): at 8 x 4096 causal, 32/8 heads, D128, v2's TMA path
 reached 0.77x cuDNN on the H200. Its one loop per program does load, Q K^T, softmax and P V in
 program order in 8 warps that all wait for the same wgmma; Triton 3.6's automatic warp
 specialisation of that loop gave wrong values. Here the schedule is written out:
 
-- partitions (gl.warp_specialize): a producer (1 warp) issues every TMA load: Q once (two halves
-  of BLOCK_M / 2 rows), then K and V tiles into a STAGES-deep ring guarded by mbarriers (ready:
-  the TMA's bytes arrived; empty: both consumers are done with the slot, count 2). Two consumer
-  warpgroups (the default partition and one worker of 4 warps) own BLOCK_M / 2 rows each and run
-  both GEMMs as async wgmma (S = Q K^T from shared memory, O += P V with P from registers) and the
-  online softmax in registers; the two interleave on the SM's tensor cores (one's softmax beside
-  the other's GEMMs).
+- partitions (gl.warp_specialize): a producer (1 warp) issues every TMA load: per work item Q (two
+  halves of BLOCK_M / 2 rows) into one of Q_SLOTS slots, then K and V tiles into a STAGES-deep ring
+  guarded by mbarriers (ready: the TMA's bytes arrived; empty: both consumers are done with the slot,
+  count 2), the ring counted across items. Two consumer warpgroups (the default partition and one
+  worker of 4 warps) own BLOCK_M / 2 rows each and run both GEMMs as async wgmma (S = Q K^T from
+  shared memory, O += P V with P from registers) and the online softmax in registers; the two
+  interleave on the SM's tensor cores (one's softmax beside the other's GEMMs).
+- work items: program p runs items p, p + grid, ...: with GluonConfig.persistent the grid is the SM
+  count (prefill.gluon_grid), so the producer loads the next item's Q, K and V while the consumers
+  finish this one (its last blocks, the epilogue's stores) instead of each tile paying its own start
+  and drain with the SM idle (one 196 KB program fits an SM). Items are visited in plan()'s order,
+  heaviest tiles first, strided: each round of grid items is about even. A Q slot is released
+  (q_empty) after the item's last P V: every load of that item has landed, so its descriptors (two
+  sets, by item parity, each its own global scratch) can be rewritten two items on.
 - PIPE (FlashAttention-3's intra-warpgroup overlap): block j's Q K^T is issued before block j-1's
-  P V, and block j's softmax runs while that P V is in flight (wgmma_wait(1) retires only the
-  older Q K^T). O is rescaled to block j-1's max while block j's Q K^T runs (O is idle then: the
-  previous P V retired), just before that P V is issued. Costs one more [BLOCK_M / 2, BLOCK_N]
-  fp32 tile of registers (S of block j beside P of block j-1).
+  P V, and block j's softmax is meant to run while that P V is in flight (wgmma_wait(1) retires only
+  the older Q K^T). ptxas hoists the P V wait (WARPGROUP.DEPBAR) to the top of its basic block, i.e.
+  before the softmax, when only the mask sits in the branch; BRANCH_SOFTMAX puts the whole softmax
+  in each branch, and the wait then stays after it (checked in SASS on CPU). Measured, it gains
+  nothing (the other consumer warpgroup keeps the tensor cores busy meanwhile) and costs ~0.016x
+  persistent: off for D128. Costs one more [BLOCK_M / 2, BLOCK_N] fp32 tile of registers.
 - PINGPONG (FlashAttention-3's warp scheduler barriers): the two consumers take turns issuing
   their wgmma (two mbarriers), so one's softmax runs beside the other's GEMMs by construction.
 - LATE_K_RELEASE: block j's K slot released with block j-1's V slot after the softmax (one
@@ -34,9 +43,9 @@ specialisation of that loop gave wrong values. Here the schedule is written out:
   value row adds nothing, and no NaN from the next request's or an unused slot reaches 0 * NaN).
 - exp2 with log2(e) folded into sm_scale; the LSE written as v2 writes it (log2 domain, scaled).
 
-Measured (H200, 2026-12-02, benchmarks/probe_prefill_gluon.py; benchmarks/RESULTS.md): 8 x 4096
-causal, 32/8 heads, D128 bf16: 494.6 TFLOP/s = 0.888x cuDNN (v2 0.767x, FlashInfer 0.7.2 0.863x);
-non-causal 0.903x. PINGPONG, LATE_K_RELEASE and a third stage each within ~0.01x (not shipped).
+Measured (H200, 2026-12-02, session 13, benchmarks/probe_prefill_gluon.py; benchmarks/RESULTS.md):
+8 x 4096 causal, 32/8 heads, D128 bf16: persistent 535.0 TFLOP/s = 0.957x cuDNN (559.0), one
+program a tile 0.857x, v2 0.762x, FlashInfer 0.7.2 0.864x; non-causal (branch + persistent) 0.947x.
 
 Applies (prefill.py's _gluon_applies): sm_90, NHD cache whose token rows are evenly strided, pages
 consecutive per request, head_dim 64 / 128, bf16 / fp16, causal or no mask, any sm_scale; not with

@@ -90,13 +90,16 @@ PREFILL_WS_CONFIGS: dict[int, tuple[int, int, int, int]] = {128: (128, 128, 4, 2
 # warp, two consumer warpgroups of BLOCK_M / 2 rows, FlashAttention-3's intra-warpgroup overlap).
 # Where it applies (_gluon_applies: sm_90, fp16 / bf16 Q and cache, a head_dim listed here, causal or
 # no mask, no window / soft cap / custom mask, Q's heads adjacent; PREFILL_WS, when switched on, keeps
-# its own variant) it replaces v2's TMA loop. The default since the H200 (2026-12-02,
-# benchmarks/probe_prefill_gluon.py, one run, B8 L4096 32/8 heads D128 P16 bf16): causal 494.6
-# TFLOP/s = 0.888x cuDNN (557.2), v2 427.5 (0.767x), FlashInfer 0.7.2 480.9 (0.863x); non-causal
-# 591.8 = 0.903x cuDNN (655.5), v2 0.781x. Schedules timed in that run (causal, x cuDNN): 2 stages
-# 0.888, + ping-pong turns 0.876, + late K release 0.889, 3 stages 0.879, 3 stages + late K 0.871
-# (within ~0.01 of each other: the simplest is shipped); every one right against the fp32
-# reference (tests/attention/test_prefill_gluon.py). D64's entry is right on the GPU, untimed.
+# its own variant) it replaces v2's TMA loop. H200, 2026-12-02 (session 13,
+# benchmarks/probe_prefill_gluon.py, one run, B8 L4096 32/8 heads D128 P16 bf16, x cuDNN 559.0 TFLOP/s):
+# persistent (grid = SM count, work items looped) 535.0 TFLOP/s = 0.957x, the default; one program a
+# tile 0.857x; + the softmax inside the mask branches (ptxas then keeps P V's wait after it) 0.941x
+# persistent, 0.857x not (no gain: the other consumer warpgroup already fills the tensor cores);
+# branch + ping-pong 0.948x, + late K 0.945x, 3 stages (one Q slot) 0.926x; v2 0.762x (control again
+# 0.767x), FlashInfer 0.7.2 0.864x. Non-causal: branch + persistent 0.947x, one program a tile 0.881x.
+# Session 12's kernel (one program a tile, regs 240 / 24): 0.888x. Every variant right against the
+# fp32 reference (tests/attention/test_prefill_gluon.py). D64's entry (branch + persistent, the
+# combination its GPU test ran) is untimed.
 # PREFILL_GLUON: True / False, or None to read MOECOMM_PREFILL_GLUON (0 / 1; unset:
 # PREFILL_GLUON_DEFAULT) at each run(). head_dim -> GluonConfig; BLOCK_M must be PREFILL_CONFIGS'.
 PREFILL_GLUON: bool | None = None
@@ -117,8 +120,8 @@ class GluonConfig(NamedTuple):
 
 
 PREFILL_GLUON_CONFIGS: dict[int, GluonConfig] = {
-    128: GluonConfig(128, 128, 2, True, False, False, 232, 40, True, False),
-    64: GluonConfig(128, 128, 3, True, False, False, 232, 40, True, False),
+    128: GluonConfig(128, 128, 2, True, False, False, 232, 40, False, True),
+    64: GluonConfig(128, 128, 3, True, False, False, 232, 40, True, True),
 }
 
 

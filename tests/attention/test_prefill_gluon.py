@@ -183,8 +183,9 @@ GPU_CASES = [  # (qo_lens, kv_lens, Hq, Hk, D, dtype)
 # other schedules of the D128 kernel (benchmarks/probe_prefill_gluon.py times them): the second and
 # third cases each, as GluonConfig fields; "sms" caps the persistent grid (programs then loop over
 # many items each: ring and Q-slot phases across items, items without keys, descriptor reuse).
-ALT_SCHEDULES = [dict(persistent=True), dict(persistent=True, pingpong=True), dict(persistent=True, late_k_release=True),
-                 dict(persistent=True, stages=3), dict(stages=3, late_k_release=True), dict(branch_softmax=False)]
+ALT_SCHEDULES = [dict(persistent=False), dict(branch_softmax=True), dict(branch_softmax=True, pingpong=True),
+                 dict(branch_softmax=True, late_k_release=True), dict(branch_softmax=True, stages=3),
+                 dict(persistent=False, stages=3, late_k_release=True)]
 SMALL_GRID = dict(persistent=True, sms=3)
 
 
