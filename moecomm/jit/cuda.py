@@ -668,12 +668,13 @@ def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str 
     cubin and loads it; later calls with the same arguments return the same kernel from a
     dictionary (so an edit of a source takes effect in the next process, not in this one).
     ``entries`` (holding ``name``): compile and load only that entry group's cubin (compile()'s
-    argument). The kernel is the same code either way, so the dictionary does not tell them apart:
-    the first load of ``name`` in a process decides which cubin it comes from.
+    argument). The group is part of the dictionary's key: the code of ``name`` is the same in every
+    group, but a module's __device__ variables are not shared between modules (a kernel that reads
+    what another wrote must come from the same group).
     """
     # first the arguments as given (a launch wrapper calls with the same objects every time: ~0.3 us
     # instead of ~1 us for the normalised key); device None follows the current device: no shortcut
-    fast = (source, name, device, arch, flags, compiler_kind) if device is not None else None
+    fast = (source, name, device, arch, flags, compiler_kind, entries) if device is not None else None
     if fast is not None:
         try:
             kern = _by_args.get(fast)
@@ -684,7 +685,7 @@ def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str 
                 return kern
     import torch
 
-    memo = _call_key(source, name, device, arch, flags, compiler_kind)
+    memo = _call_key(source, name, device, arch, flags, compiler_kind, entries)
     kern = _by_call.get(memo)
     if kern is not None:
         if fast is not None:
@@ -727,12 +728,14 @@ def load(source: str | os.PathLike, name: str, *, device: Any = None, arch: str 
     return kern
 
 
-def _call_key(source, name: str, device: Any, arch: str | None, flags: Sequence[str], compiler_kind: str) -> tuple:
+def _call_key(source, name: str, device: Any, arch: str | None, flags: Sequence[str], compiler_kind: str,
+              entries: Sequence[str] | None = None) -> tuple:
     """load()'s memo key of its arguments."""
     import torch
 
     where = str(device) if device is not None else (torch.cuda.current_device() if torch.cuda.is_available() else None)
-    return (str(source), name, where, arch, tuple(flags) if not isinstance(flags, str) else flags, compiler_kind)
+    group = None if entries is None else (entries if isinstance(entries, str) else tuple(sorted(set(entries))))
+    return (str(source), name, where, arch, tuple(flags) if not isinstance(flags, str) else flags, compiler_kind, group)
 
 
 def load_error() -> str | None:

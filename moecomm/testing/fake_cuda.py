@@ -141,7 +141,8 @@ def gpu_host_mock(kernels: Sequence[tuple[str, str]] = (), capturing: bool = Fal
 
     Args:
         kernels: (source, function) pairs that cuda.load(source, function, device=<a CPU tensor's
-            device>) returns as loaded kernels of device 0 (nothing is compiled or loaded).
+            device>) returns as loaded kernels of device 0, with entries=None or (function,)
+            (nothing is compiled or loaded).
         capturing: what torch.cuda.is_current_stream_capturing() answers.
     """
     from ..jit import backend, cuda
@@ -164,9 +165,10 @@ def gpu_host_mock(kernels: Sequence[tuple[str, str]] = (), capturing: bool = Fal
         mp.set(torch.cuda, "current_stream", lambda device=None: _FakeStream())
         mp.set(torch._C, "_cuda_getCurrentRawStream", lambda index: 0)
         mp.set(torch._C, "_cuda_getDevice", lambda: 0)
-        for source, name in kernels:  # the memo entries the first real load() would leave
-            key = cuda._call_key(source, name, torch.device("cpu"), None, cuda.DEFAULT_FLAGS, "auto")
-            cuda._by_call[key] = cuda.CudaKernel(None, name, 0, ctypes.c_void_p(0x3000))
+        for source, name in kernels:  # the memo entries the first real load() would leave (whole, or the name's group)
+            kern = cuda.CudaKernel(None, name, 0, ctypes.c_void_p(0x3000))
+            for group in (None, (name,)):
+                cuda._by_call[cuda._call_key(source, name, torch.device("cpu"), None, cuda.DEFAULT_FLAGS, "auto", group)] = kern
         yield Mock(lib, gen)
     finally:
         mp.undo()

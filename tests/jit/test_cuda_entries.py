@@ -92,3 +92,11 @@ def test_bad_groups_are_named(three):
 def test_an_entry_missing_from_the_source_is_a_compile_error(three):
     with pytest.raises(cuda.CudaCompileError, match="Unknown function k_div"):
         cuda.compile(three, entries=("k_div",))
+
+
+def test_load_tells_groups_apart(three):
+    """load()'s memo key holds the group: a kernel of another group's cubin is another module's (its
+    __device__ variables are that module's), so it is never handed out for this group."""
+    key = lambda entries: cuda._call_key(three, "k_add", "cuda:0", None, cuda.DEFAULT_FLAGS, "auto", entries)  # noqa: E731
+    assert key(("k_add", "k_mul")) == key(["k_mul", "k_add", "k_mul"])
+    assert len({key(None), key(("k_add",)), key(("k_add", "k_mul"))}) == 3
