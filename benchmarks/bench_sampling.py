@@ -322,6 +322,34 @@ def run_first_call(writer, cache_dir):
                          target_ms=(20 if label == "cold" else 1) * 1e3)
 
 
+_COMPILE = r"""
+import sys, time
+from moecomm.jit import cuda
+from moecomm.sampling import _cuda
+t = time.perf_counter()
+flags = tuple(cuda.DEFAULT_FLAGS) + (("-DMOECOMM_SAMPLE_PROFILE",) if sys.argv[2] == "profile" else ())
+group = (sys.argv[1],) + (("moecomm_sample_profile_read",) if sys.argv[2] == "profile" else ())
+c = cuda.compile(_cuda.SOURCE, flags=flags, entries=group)
+print(f"COMPILED {sys.argv[1]} {sys.argv[2]} {time.perf_counter() - t:.2f} s compiled={c.compiled}")
+"""
+
+
+def precompile() -> None:
+    """Every entry of sample.cu (and its profile build's) compiled into MOECOMM_CACHE_DIR by processes
+    started at once: they share one PTX a build (the first makes it, the others wait on its lock),
+    then each assembles its entry. A later run (the tests, the benchmark) finds them on disk."""
+    from moecomm.sampling import _cuda
+
+    entries = sorted({*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values(), *_cuda.SPLIT_ENTRY.values()})
+    t = time.perf_counter()
+    procs = [(e, b, subprocess.Popen([sys.executable, "-c", _COMPILE, e, b], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)) for b in ("production", "profile") for e in entries]
+    for e, b, proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        print(out.strip() if proc.returncode == 0 else f"precompile {e} {b} failed: {out[-400:]}", flush=True)
+    print(f"precompile: {len(procs)} cubins in {time.perf_counter() - t:.1f} s", flush=True)
+
+
 def run_sweep(device):
     """Launch configurations of the Triton sampling kernel (_triton.CONFIGS, and variations of the
     default) on the benchmark's rows; each line names its configuration."""
@@ -360,7 +388,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default="top_p,top_k_top_p", help="eager ops, comma-separated")
     parser.add_argument("--no-triton", action="store_true", help="leave out the Triton kernel's rows")
     parser.add_argument("--no-torch", action="store_true", help="leave out torch's sort-based sampler")
+    parser.add_argument("--precompile", action="store_true", help="only compile every entry at once (and exit)")
     args = parser.parse_args(argv)
+    if args.precompile:
+        precompile()
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fi, fi_info = find_flashinfer() if device.type == "cuda" else (None, "not tried on CPU")
     writer = ResultWriter(args.out)

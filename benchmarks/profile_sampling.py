@@ -34,6 +34,9 @@ import time
 import torch
 
 PHASES = ("pass A", "plan", "pass B (list)", "split", "select", "fallback", "race", "argmax+write")
+# a split row's blocks (sample_row_split: one row over a cluster; slot 6 is rank 0's alone)
+SPLIT_PHASES = ("pass A", "barrier 1", "totals+bins+plan", "pass B (list)", "barrier 2", "select (rank 0)",
+                "barrier 3", "race + argmax", "barrier 4 + write")
 PROFILE_ROWS, PROFILE_SLOTS = 4096, 16  # sample.cu's
 
 
@@ -58,10 +61,11 @@ def phases(op: str, batch: int, vocab: int, ghz: float, device) -> str:
 
     x = _probs(batch, vocab, device)
     plan, out = _launch_plan(x, op)
-    prod = cuda.load(_cuda.SOURCE, plan.entry, device=device)
+    prod = cuda.load(_cuda.SOURCE, plan.entry, device=device, entries=(plan.entry,))
     flags = tuple(cuda.DEFAULT_FLAGS) + ("-DMOECOMM_SAMPLE_PROFILE",)
-    prof = cuda.load(_cuda.SOURCE, plan.entry, device=device, flags=flags)
-    read = cuda.load(_cuda.SOURCE, "moecomm_sample_profile_read", device=device, flags=flags)
+    group = (plan.entry, "moecomm_sample_profile_read")  # one cubin: the read kernel reads the entry's marks
+    prof = cuda.load(_cuda.SOURCE, plan.entry, device=device, flags=flags, entries=group)
+    read = cuda.load(_cuda.SOURCE, "moecomm_sample_profile_read", device=device, flags=flags, entries=group)
 
     def run(k):
         k(plan.grid, plan.block, plan.args, shared_mem=plan.shared_bytes)
@@ -83,13 +87,16 @@ def phases(op: str, batch: int, vocab: int, ghz: float, device) -> str:
         read((64,), (256,), (buf, ctypes.c_int(n)))
     torch.cuda.synchronize()
     same = bool(torch.equal(out, tok_prod))
-    rows = buf.view(PROFILE_ROWS, PROFILE_SLOTS)[: min(batch, PROFILE_ROWS)].cpu()
-    t = rows[:, :9]
+    blocks = plan.grid[0]  # a split row: its cluster's blocks, rank 0 first
+    split = blocks > batch
+    names = SPLIT_PHASES if split else PHASES
+    rows = buf.view(PROFILE_ROWS, PROFILE_SLOTS)[: min(blocks, PROFILE_ROWS)].cpu()
+    t = rows[:, :len(names) + 1]
     line = [f"{op:12s} B{batch:<4d} V{vocab}: kernel {kernel_us:7.1f} us/launch (production build); "
             f"profile build's tokens {'equal' if same else 'DIFFER'}"]
     prev = t[:, 0]
     total = torch.zeros(t.shape[0], dtype=torch.int64)
-    for i, name in enumerate(PHASES, start=1):
+    for i, name in enumerate(names, start=1):
         cur = t[:, i]
         has = cur >= 0
         if not bool(has.any()):
@@ -97,12 +104,13 @@ def phases(op: str, batch: int, vocab: int, ghz: float, device) -> str:
         d = torch.where(has, cur - prev, torch.zeros_like(cur))
         total += d
         med = float(d[has].double().median())
-        line.append(f"    {name:14s} {med:10.0f} cycles {med / ghz / 1e3:8.2f} us  (rows {int(has.sum())})")
+        line.append(f"    {name:16s} {med:10.0f} cycles {med / ghz / 1e3:8.2f} us  ({'blocks' if split else 'rows'} "
+                    f"{int(has.sum())})")
         prev = torch.where(has, cur, prev)
     med = float(total.double().median())
-    line.append(f"    {'block total':14s} {med:10.0f} cycles {med / ghz / 1e3:8.2f} us")
+    line.append(f"    {'block total':16s} {med:10.0f} cycles {med / ghz / 1e3:8.2f} us")
     vals = rows[:, 10:15].double()
-    names = ("list n", "window nw", "estimate", "b0", "in list")
+    names = ("list n", "gather list" if split else "window nw", "estimate", "b0", "in list")
     line.append("    " + ", ".join(f"{nm} median {float(vals[:, j][vals[:, j] >= 0].median()):.0f}"
                                for j, nm in enumerate(names) if bool((vals[:, j] >= 0).any())))
     return "\n".join(line)

@@ -1309,8 +1309,11 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
 //   race     every block over its own list (or its slice of the row, after a fallback), its winner
 //            written into rank 0's shared memory; cluster barrier 4; rank 0 picks (ties to the lowest
 //            index) and writes the row.
-// Four cluster barriers (~1 us each at C = 8) for pass A and pass B C times shorter; the plan
-// (~4 us) and the select (~6 us) are as long as a single block's. No global memory is shared, no
+// Four cluster barriers for pass A and pass B C times shorter; the plan and the select are as long
+// as a single block's. Measured (H200, profile_sampling, top-p 0.9 B1 V128256, C = 8, us): pass A
+// 4.1, barrier 1 0.6, totals + bins + plan 6.9, pass B 4.7, barrier 2 0.6, rank 0's select of the
+// ~680-key gather list 7.4 (the others wait at barrier 3), race 1.5, barrier 4 + write 0.6: 26.9 of
+// the 33.4 us a launch; the plan and the select are now half of it. No global memory is shared, no
 // spin: a cluster's blocks are co-scheduled by the hardware. A block's shared memory is read by the
 // others only between barriers 1 and 2 (its partials), rank 0's until barrier 4, and no block exits
 // before the last access to its shared memory (every block passes all four barriers).
@@ -1386,6 +1389,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
   // (the gather list G at goff, its capacity gcap; the summed bins just below it: recomputed where
   // used, from flags, cap and nq: registers are short at 1024 threads)
   split_gather_offset(flags, cap, nq, &use_map);
+  MOECOMM_SAMPLE_CLOCK(0);  // profile_sampling.SPLIT_PHASES: slots 1-9 end its phases
 
   // pass A over the slice, the cluster's totals and bins
   if (HIST != HIST_NONE) {
@@ -1409,7 +1413,9 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
       s_split.gn = 0;  // rank 0's is the one used: reset before barrier 1, appended to after it
     }
   }
+  MOECOMM_SAMPLE_CLOCK(1);
   cluster_sync();  // 1: every block's partials and bins are written (and every block has started)
+  MOECOMM_SAMPLE_CLOCK(2);
   if (w == 0) {  // the totals in rank order (a fixed tree: the same bits in every block)
     double s = 0.0;
     float mx = 0.0f, mn = 0.0f;
@@ -1470,6 +1476,9 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
   // not where min-p lists none of the window (b0 > whi: the whole list is gathered)
   const bool windowed = HIST == HIST_QSUM && !trivial && pl.whi < NUM_BINS - 1 && pl.b0 <= pl.whi;
   const bool try_list = pl.est <= cap;  // the same in every block
+  MOECOMM_SAMPLE_CLOCK(3);
+  MOECOMM_SAMPLE_VALUE(12, pl.est);
+  MOECOMM_SAMPLE_VALUE(13, pl.b0);
 
   // pass B over the slice
   int n_mine = 0;
@@ -1488,7 +1497,10 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
     s_split.ac = 0;
     s_split.am = 0.0;
   }
+  MOECOMM_SAMPLE_CLOCK(4);
+  MOECOMM_SAMPLE_VALUE(10, n_mine);
   cluster_sync();  // 2: every list and every append to rank 0's gather list done
+  MOECOMM_SAMPLE_CLOCK(5);
 
   if (rank == 0) {
     MOECOMM_SAMPLE_TRACE(PATH_CLUSTER);
@@ -1557,8 +1569,12 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
       s_split.kell = kell;
       s_split.in_list = in_list ? 1 : 0;
     }
+    MOECOMM_SAMPLE_CLOCK(6);
+    MOECOMM_SAMPLE_VALUE(11, s_split.gn);
+    MOECOMM_SAMPLE_VALUE(14, in_list ? 1 : 0);
   }
   cluster_sync();  // 3: rank 0's boundary written
+  MOECOMM_SAMPLE_CLOCK(7);
 
   {
     const SplitShared* r0 = cluster_map(&s_split, 0);
@@ -1573,6 +1589,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
     else
       race_row(mine, klo, rng, best, best_i);
     block_argmax(best, best_i);
+    MOECOMM_SAMPLE_CLOCK(8);
     if (t == 0) {
       SplitShared* d = cluster_map(&s_split, 0);
       d->best_key[rank] = best;
@@ -1596,6 +1613,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
     if (found && (flags & F_LOGPROB)) lp = static_cast<float>(log(static_cast<double>(row_ptr[best_i])) - log(s_split.tot_sum));
     write_row(out, valid, logprob, flags, pid, found ? best_i : 0, found, lp);
   }
+  MOECOMM_SAMPLE_CLOCK(9);
 }
 
 }  // namespace sampling
@@ -1633,9 +1651,10 @@ MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_none_paired, HIST_NONE, 512, 2)
 
 // Split: a row over a cluster of 8 blocks of 1024 threads (sample_row_split; grid = rows x 8), for
 // batches of at most 16 rows, which leave SMs idle (_cuda.split_blocks). The body reads the cluster
-// size at run time, so clusters of 2 or 4 are one line each here (and one in _cuda.SPLIT_SIZES);
-// not built: each costs ~8 s of nvcc (the CPU suite compiles this file once, ~52 s -> ~68 s with
-// the two of size 8). No entry for min-p alone (nothing to select: one pass of the race).
+// size at run time, so clusters of 2 or 4 are one line each here (and one in _cuda.SPLIT_SIZES):
+// each entry is its own cubin, assembled on its first launch (~2-3 s of ptxas on 2 cores after the
+// whole file's ~10 s of PTX), so an entry not launched costs ~1 s of the front end only. No entry
+// for min-p alone (nothing to select: one pass of the race).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define MOECOMM_CLUSTER_DIMS(c)
 #else

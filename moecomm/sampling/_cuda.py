@@ -100,6 +100,10 @@ SPLIT_SIZES = (8,)
 # V128256, 2026-12-02 call 1): B1 31.7 us split / 57.1 one block a row, B4 32.3 / 58.5, but B16
 # 61.0 / 60.1 (top-k + top-p 48.4 / 37.2): 16 clusters of 8 took two waves. 96 blocks: 12 rows.
 SPLIT_MAX_BLOCKS = 96
+# A cluster of 16 (non-portable: the kernel opted in with NON_PORTABLE_CLUSTER_SIZE_ALLOWED) was
+# slower at B1 in CUDA-graph replay (H200, 2026-12-02 session 13: 34.6 us against 31.8 for 8): its
+# pass A and pass B are half as long, but the plan (6.9 us), rank 0's select (7.4 us) and the
+# barriers are not shorter (benchmarks/RESULTS.md). Not built.
 SPLIT_ENTRY = {(k, c): ENTRY[k] + f"_split{c}" for k in ("count", "qsum") for c in SPLIT_SIZES}
 MODE_SAMPLE = 0
 _optin: dict[int, int] = {}

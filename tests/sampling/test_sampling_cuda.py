@@ -192,24 +192,29 @@ def test_entry_groups_hold_their_entry_with_the_whole_builds_code(nvcc_out):
 
 def test_launch_compiles_only_its_entry(monkeypatch):
     """launch_sample asks moecomm.jit.cuda.load for its entry's group alone (entries=(entry,)), so a
-    first call assembles one entry of sample.cu; the entry is the plan's."""
-    asked = []
+    first call assembles one entry of sample.cu; the entry is the plan's, launched on its grid."""
+    asked, launched = [], []
 
-    class Stop(Exception):
-        pass
+    class Kernel:
+        def launch(self, grid, block, signature, values, shared_mem=0):
+            launched.append((grid, block, shared_mem))
 
     def load(source, name, **kw):
         asked.append((source, name, kw.get("entries")))
-        raise Stop
+        return Kernel()
 
     monkeypatch.setattr(cuda, "load", load)
-    for kw in (dict(top_p=0.9), dict(top_k=50, top_p=0.9), dict(min_p=0.1)):
-        x, rowmap, rows, out, valid, logprob, k, p, m, tkf, seed, offset, per_row = _plan_args(**kw)
-        with pytest.raises(Stop):
-            _cuda.launch_sample(x, rowmap, rows, out, valid, logprob, None, _cuda.MODE_SAMPLE, False, k, p, m, None,
-                                tkf, seed, offset, per_row)
-        entry = _cuda.plan_launch(x, rowmap, rows, out, valid, logprob, k, p, m, tkf, seed, offset, per_row).entry
-        assert asked[-1] == (_cuda.SOURCE, entry, (entry,)), kw
+    for split, kw in ((None, dict(top_p=0.9)), (None, dict(top_k=50, top_p=0.9)), (None, dict(min_p=0.1)),
+                      (8, dict(top_p=0.9))):
+        monkeypatch.setattr(_cuda, "SPLIT", split)
+        args = _plan_args(**kw)
+        x, rowmap, rows, out, valid, logprob, k, p, m, tkf, seed, offset, per_row = args
+        _cuda.launch_sample(x, rowmap, rows, out, valid, logprob, None, _cuda.MODE_SAMPLE, False, k, p, m, None,
+                            tkf, seed, offset, per_row)
+        plan = _cuda.plan_launch(*args)
+        assert asked[-1] == (_cuda.SOURCE, plan.entry, (plan.entry,)), kw
+        assert launched[-1] == ((plan.grid[0], 1, 1), (plan.block[0], 1, 1), plan.shared_bytes), kw
+    assert plan.grid == (4 * 8,) and len(asked) == len(launched) == 4
 
 
 @needs_nvcc
