@@ -2,13 +2,13 @@
 
     torchrun --nproc-per-node 2 -m benchmarks.profile_dispatch [--tokens 4096] [--hidden 4096]
     python -m benchmarks.profile_dispatch --count [--tokens 4096] [--hidden 64]   # one process, any machine
-    python -m benchmarks.profile_dispatch --host                                  # one GPU: host time, timed
+    python -m benchmarks.profile_dispatch --host [--timeline]                     # one GPU: host time, timed
 
 --host: the host time of one eager round trip over a one-rank NCCL group (the exchange forced),
 timed with the GPU idle at the start of each trip (median of --reps; back to back the count
 exchange's sync would also wait for the previous trip's kernels), each stage of the dispatcher
 timed inside it (inclusive perf_counter around its functions), and the unit costs a round trip is
-made of: a Triton launch (Triton's own path, moecomm's Launcher), an all_to_all_single of the
+made of (--timeline: one trip's host and GPU events in time order): a Triton launch (Triton's own path, moecomm's Launcher), an all_to_all_single of the
 [W, 3] counts (torch.distributed's function, the process group's method), an allocation, a
 small device-to-host copy.
 
@@ -225,6 +225,45 @@ class _StageTimer:
         return False
 
 
+def _timeline(round_trip, stages, reps: int = 3) -> None:
+    """One native round trip (the last of ``reps``, the GPU idle at its start) as a timeline: the
+    host's events (torch ops, the driver's calls that native.c makes, the ``stages`` as ranges)
+    and the GPU's (kernels, copies), in us from the trip's start, in start order."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    saved = []
+    for mod, name in stages:
+        orig = getattr(mod, name)
+        saved.append((mod, name, orig))
+
+        def ranged(*a, _orig=orig, _name=f"## {name}", **kw):
+            with record_function(_name):
+                return _orig(*a, **kw)
+
+        setattr(mod, name, ranged)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(reps):
+                _sync()
+                with record_function(f"## trip {i}"):
+                    round_trip()
+            _sync()
+    finally:
+        for mod, name, orig in reversed(saved):
+            setattr(mod, name, orig)
+    events = list(prof.events())
+    trip = next(e for e in events if e.name == f"## trip {reps - 1}")
+    t0, t1 = trip.time_range.start, trip.time_range.end
+    rows = sorted((e for e in events if t0 <= e.time_range.start <= t1 + 200 and e is not trip),
+                  key=lambda e: e.time_range.start)
+    print(f"  timeline of one native round trip (torch.profiler; host events inflated by it): {t1 - t0:.1f} us on the host")
+    print(f"  {'start':>8} {'dur':>7}  side  event")
+    for e in rows:
+        side = "GPU " if e.device_type == DeviceType.CUDA else "host"
+        print(f"  {e.time_range.start - t0:8.1f} {e.time_range.end - e.time_range.start:7.1f}  {side}  {e.name[:90]}")
+
+
 def _host_main(args) -> int:
     """--host (see the module docstring): one process, one GPU, a one-rank NCCL group."""
     if not torch.cuda.is_available():
@@ -247,7 +286,9 @@ def _host_main(args) -> int:
     h = torch.randn(d.gather_idx.shape[0], H, device=dev).to(dtype)
 
     def round_trip():
-        disp.combine(h, disp.dispatch(x, ids, w, validate=False).handle)
+        d = disp.dispatch(x, ids, w, validate=False)
+        d.tokens, d.gather_idx, d.expert_offsets, d.row_weights  # what the experts read (views made when read)
+        disp.combine(h, d.handle)
 
     import os
 
@@ -262,9 +303,11 @@ def _host_main(args) -> int:
         _sync()
         why = NV.why_not(None, dev) if path == "native" else None
         print(f" [{path}{' NOT TAKEN: ' + why if why else ''}]")
-        idle = _host_us(round_trip, reps)
+        ts = sorted(_host_us(round_trip, 1) for _ in range(3 * reps))
+        idle, p10 = statistics.median(ts), ts[len(ts) // 10]
         b2b = _host_us(round_trip, reps, idle=False)
-        print(f"  round trip host time: {idle:.1f} us (GPU idle at the start; median of {reps}); back to back {b2b:.1f} us")
+        print(f"  round trip host time: {idle:.1f} us (GPU idle at the start; median of {len(ts)}; p10 {p10:.1f}); "
+              f"back to back {b2b:.1f} us")
         state = {}
         only_d = lambda: state.__setitem__("d", disp.dispatch(x, ids, w, validate=False))  # noqa: E731
         print(f"  dispatch alone {_host_us(only_d, reps):.1f} us; combine alone "
@@ -282,6 +325,9 @@ def _host_main(args) -> int:
         for key in st.total:
             print(f"    {key:<28} {st.total[key] / reps * 1e6:8.1f} us a trip ({st.calls[key] / reps:.0f} calls)")
     os.environ.pop("MOECOMM_EP_NATIVE", None)
+    if args.timeline:
+        _timeline(round_trip, [(PH, "counts_phase"), (PH, "rows_phase"), (PH, "back_phase"),
+                               (D, "dispatch_outputs"), (NV.Template, "run")])
     # unit costs
     src = torch.randn(64, 128, device=dev, dtype=dtype)
     idx = torch.randint(0, 64, (16, 2), device=dev, dtype=torch.int32)
@@ -346,6 +392,7 @@ def main(argv=None) -> int:
     p.add_argument("--force-exchange", action="store_true", help="exchange through NCCL even on one rank")
     p.add_argument("--cprofile", action="store_true", help="also cProfile's top functions of the round trip")
     p.add_argument("--host", action="store_true", help="host time of a round trip, by stage, and its unit costs")
+    p.add_argument("--timeline", action="store_true", help="--host: also one native round trip's host and GPU events")
     args = p.parse_args(argv)
     if args.host:
         return _host_main(args)

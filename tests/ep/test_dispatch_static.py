@@ -178,6 +178,22 @@ def test_dispatch_outputs_are_one_aligned_allocation():
     assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # disjoint
 
 
+def test_dispatch_outputs_views_are_made_when_read_at_the_addresses_it_gives():
+    """The native path's templates take DispatchOutputs' addresses without making the views: each
+    view, when read, is at that address, of its shape, and made once."""
+    o = P.DispatchOutputs(5, 3, 7, 11, 2, torch.device("cpu"), counts=4)
+    addresses = o.addresses()
+    assert o._views == [None] * 7 and o.has_counts and o.top_k == 3
+    views = [o.home, o.slot_pos, o.gather_idx, o.row_weights, o.tokens_per_expert, o.expert_offsets, o.counts]
+    assert [v.data_ptr() for v in views] == addresses
+    assert [tuple(v.shape) for v in views] == [(5, 3), (7, 3), (11,), (11,), (2,), (3,), (2, 4, 3)]
+    assert all(v.is_contiguous() for v in views) and o.row_weights.dtype == torch.float32 and o.home is views[0]
+    views[6].copy_(torch.arange(24, dtype=torch.int32).view(2, 4, 3))  # [2, W, 3] rows, as the kernels read them
+    assert o.base[(addresses[6] - addresses[0]) // 4:][:24].tolist() == list(range(24))
+    none = P.DispatchOutputs(5, 3, 7, 11, 2, torch.device("cpu"))
+    assert none.counts is None and not none.has_counts
+
+
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_static_virtual_ranks_equal_reference(name, dtype):

@@ -86,9 +86,10 @@ from . import native as _native
 from . import phases as _phases
 from .phases import _gather_sum_into, _gather_sum_new
 from . import static_ops as _sops
-from .handle import EPHandle, PendingCombine, PendingDispatch, _Done, _StaticBuffers, _StaticIndex
+from .handle import (EPHandle, NativeHandle, NativeResult, PendingCombine, PendingDispatch, _Done, _StaticBuffers,
+                     _StaticIndex)
 from .ops import gather_sum_unchecked
-from .plan import RowLayout, Workspace, dispatch_outputs, expand_received, pack_send, plan_send
+from .plan import DispatchOutputs, RowLayout, Workspace, dispatch_outputs, expand_received, pack_send, plan_send
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -284,18 +285,25 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
                                     f"{_FLAG_REASONS.get(f, f'error flag {f}')}")
     S, R, N = sum(send_splits), sum(recv_splits), sum(recv_pairs)
     layout = RowLayout.of(H, k, x.dtype)
-    # home and the expansion's outputs (and the native path's copy of the counts): one int32
-    # allocation, owned by the result
-    home, outputs = dispatch_outputs(T, k, R, N, L, dev, W if nat is not None else 0)
     send = x.new_empty((S, layout.width))  # [S, width]: tokens and metadata, one exchange
     recv = x.new_empty((R, layout.width))
     if nat is not None:  # pack, the rows' exchange and the expansion in one native call
-        ex = _phases.rows_phase(nat, key, ws, x, w, plan, layout, send, recv, home, outputs, send_splits,
-                                recv_splits, L, N, group, op)
-        if ex is not None:
-            handle = EPHandle(group, W, send_splits, recv_splits, home, ex.slot_pos, T, H, N, counts=outputs.counts)
+        # home, the expansion's outputs and a copy of the counts: one int32 allocation, owned by the
+        # result, its views made when read (the templates take their addresses)
+        outputs = DispatchOutputs(T, k, R, N, L, dev, W)
+        ex = _phases.rows_phase(nat, key, ws, x, w, plan, layout, send, recv, outputs, send_splits, recv_splits,
+                                L, N, group, op)
+        if ex is outputs:
+            handle = NativeHandle(group, W, send_splits, recv_splits, outputs, T, H, N)
+            return NativeResult(recv[:, :H], outputs, handle)
+        home = outputs.home
+        if ex is not None:  # the reference's expansion (new tensors)
+            handle = EPHandle(group, W, send_splits, recv_splits, home, ex.slot_pos, T, H, N)
             return DispatchResult(recv[:, :H], ex.expert_offsets, ex.tokens_per_expert, ex.row_weights,
                                   ex.gather_idx, handle)
+    else:
+        # home and the expansion's outputs: one int32 allocation, owned by the result
+        home, outputs = dispatch_outputs(T, k, R, N, L, dev)
     pack_send(x, w, plan, layout, send, home)
     works = [_all_to_all(recv, send, recv_splits, send_splits, group, f"{op}: all_to_all", async_op)]
 
@@ -354,7 +362,10 @@ def combine(expert_out: Any, handle: EPHandle, async_op: bool = False) -> torch.
     op = "combine"
     if not isinstance(handle, EPHandle):
         raise MoeCommTypeError(f"{op}: handle must be the EPHandle of a dispatch result, got {type(handle).__name__}")
-    dev = handle.slot_pos.device if handle.slot_pos is not None else None
+    if handle.outputs is not None:  # a native dispatch's (its slot_pos is made when read)
+        dev = handle.outputs.base.device
+    else:
+        dev = handle.slot_pos.device if handle.slot_pos is not None else None
     try:
         out = check_tensor(op, "expert_out", expert_out, shape=[handle.num_rows, handle.hidden], dtype=_FLOAT_DTYPES,
                            device=dev)
@@ -381,19 +392,19 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
     # the indices are the handle's: the ops run without re-checking
     bufs = handle.buffers
     if bufs is None:
-        R, S, H = handle.slot_pos.shape[0], sum(handle.send_splits), handle.hidden
+        R, S, H = sum(handle.recv_splits), sum(handle.send_splits), handle.hidden
         if out.requires_grad and torch.is_grad_enabled():
             # through the op, which records the sum (the exchange without a process group is a copy_)
             partial = gather_sum_unchecked(out, handle.slot_pos)  # [R, H]: summed over local experts
             back = out.new_empty((S, H))  # [S, H]
         else:
-            # one allocation: [R, H] sent back, [S, H] received (both views in one call)
-            partial, back = torch.split_with_sizes(out.new_empty((R + S, H)), [R, S])
             nat = _native.for_call(handle.group, out.device, async_op)
             if nat is not None:  # the sum, the exchange back and the source's sum in one native call
-                y = _phases.back_phase(nat, out, handle, partial, back, op)
+                y = _phases.back_phase(nat, out, handle, op)
                 if y is not None:
                     return y
+            # one allocation: [R, H] sent back, [S, H] received (both views in one call)
+            partial, back = torch.split_with_sizes(out.new_empty((R + S, H)), [R, S])
             _gather_sum_into(out, handle.slot_pos, partial)  # summed over local experts
         splits_out, splits_in = handle.send_splits, handle.recv_splits
     else:

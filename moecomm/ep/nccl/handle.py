@@ -32,6 +32,8 @@ class EPHandle:
             buffers is None in a handle made under compile: combine then runs through the op).
         counts: the native path's copy of the dispatch's [2, W, 3] counts on the device (its
             combine's kernels read R, N and S there); None otherwise.
+        outputs: the native path's DispatchOutputs (NativeHandle), which home, slot_pos and counts
+            view; None otherwise.
     """
 
     group: Any
@@ -47,6 +49,35 @@ class EPHandle:
     buffers: Any = None
     op_handle: int | None = None
     counts: Any = None
+    outputs: Any = None
+
+
+class NativeHandle(EPHandle):
+    """The EPHandle of a dispatch that took the native path (native.py): home, slot_pos and counts
+    are views of that dispatch's DispatchOutputs (``outputs``), made when first read; its combine's
+    template takes their addresses instead."""
+
+    def __init__(self, group: Any, ep_size: int, send_splits: list[int], recv_splits: list[int], outputs,
+                 num_tokens: int, hidden: int, num_rows: int):
+        self.group, self.ep_size, self.send_splits, self.recv_splits = group, ep_size, send_splits, recv_splits
+        self.num_tokens, self.hidden, self.num_rows, self.outputs = num_tokens, hidden, num_rows, outputs
+
+    home = property(lambda self: self.outputs.home)
+    slot_pos = property(lambda self: self.outputs.slot_pos)
+    counts = property(lambda self: self.outputs.counts)
+
+
+class NativeResult(DispatchResult):
+    """The DispatchResult of a native-path dispatch: the index tensors are DispatchOutputs' views,
+    made when first read."""
+
+    def __init__(self, tokens: torch.Tensor, outputs, handle: NativeHandle):
+        self.tokens, self.handle, self._outputs = tokens, handle, outputs
+
+    expert_offsets = property(lambda self: self._outputs.expert_offsets)
+    tokens_per_expert = property(lambda self: self._outputs.tokens_per_expert)
+    row_weights = property(lambda self: self._outputs.row_weights)
+    gather_idx = property(lambda self: self._outputs.gather_idx)
 
 
 class _Done:

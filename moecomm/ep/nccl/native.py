@@ -362,13 +362,14 @@ class Template:
         self.splits = splits
         self.table = array("q", [v for q in patches for v in q])  # (slot, source, offset, alignment) quadruples
 
-    def run(self, nat, sources: tuple, what: str, group, splits: tuple = ()) -> bool:
-        """Queue the program with ``sources``' addresses and each exchange's ``splits`` (send units
-        + receive units, in the recorded order; () keeps the recorded ones), as Recorder.run would
-        (native.c patches a copy: the template is not written); False: not applicable (an address of
-        another alignment class, nothing queued)."""
+    def run(self, nat, addresses: list[int], what: str, group, splits: tuple = ()) -> bool:
+        """Queue the program with the sources' ``addresses`` (the call's tensors' data_ptr(), in the
+        recorded sources' order) and each exchange's ``splits`` (send units + receive units, in the
+        recorded order; () keeps the recorded ones), as Recorder.run would (native.c patches a copy:
+        the template is not written); False: not applicable (an address of another alignment class,
+        nothing queued)."""
         rt, ptr, stream = nat
-        srcs = array("q", [t.data_ptr() for t in sources])
+        srcs = array("q", addresses)
         sets = _NO_SETS
         if splits:
             sets = array("q")

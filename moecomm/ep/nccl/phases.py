@@ -40,7 +40,7 @@ def counts_phase(nat, key, ws, ids, e2r, e2l, W: int, check: bool, group, op: st
     kernels = choose(ids, "ep_plan") is Impl.TRITON
     tkey = ("native-counts", T, k, W, ids.dtype, ids.stride(), check, e2r.data_ptr(), e2l.data_ptr())
     tpl = ws.memo(tkey) if kernels and TEMPLATES else None
-    if tpl is not None and tpl.run(nat, (ids,), what, group):
+    if tpl is not None and tpl.run(nat, [ids.data_ptr()], what, group):
         return tpl.result
 
     def record(rec):
@@ -58,23 +58,25 @@ def counts_phase(nat, key, ws, ids, e2r, e2l, W: int, check: bool, group, op: st
     return tpl.result
 
 
-def rows_phase(nat, key, ws, x, w, plan, layout, send, recv, home, outputs, send_splits, recv_splits, L: int,
-               N: int, group, op: str):
-    """pack_send + the rows' exchange + expand_received into ``outputs`` (whose counts get the
-    dispatch's counts): the Expanded (``outputs``, or the reference's new tensors), or None (it runs
-    in Python)."""
+def rows_phase(nat, key, ws, x, w, plan, layout, send, recv, outputs, send_splits, recv_splits, L: int, N: int,
+               group, op: str):
+    """pack_send + the rows' exchange + expand_received into ``outputs`` (a DispatchOutputs with
+    counts, which get the dispatch's counts): ``outputs``, or the reference's new Expanded, or None
+    (it runs in Python)."""
     R = recv.shape[0]
     dc = _triton_kernels().DeviceCounts
-    sources = (x, w, send, recv, home, outputs.slot_pos, outputs.gather_idx, outputs.row_weights,
-               outputs.tokens_per_expert, outputs.expert_offsets, outputs.counts)
     # L 0: the expansion is torch ops, not a program
     kernels = L > 0 and choose(x, "ep_pack") is Impl.TRITON and choose(recv, "ep_expand") is Impl.TRITON
     tkey = ("native-rows", x.shape, w.shape, x.stride(), w.stride(), x.dtype, w.dtype, L, dc.bucket(R) if R else 0)
     what = f"{op}: all_to_all"
     tpl = ws.memo(tkey) if kernels and TEMPLATES else None
-    if tpl is not None and tpl.run(nat, sources, what, group, (send_splits + recv_splits,)):
+    if tpl is not None and tpl.run(nat, [x.data_ptr(), w.data_ptr(), send.data_ptr(), recv.data_ptr(),
+                                         *outputs.addresses()], what, group, (send_splits + recv_splits,)):
         return outputs
     W = len(send_splits)
+    home = outputs.home
+    sources = (x, w, send, recv, home, outputs.slot_pos, outputs.gather_idx, outputs.row_weights,
+               outputs.tokens_per_expert, outputs.expert_offsets, outputs.counts)  # addresses()' order
 
     def record(rec):
         rec.copy(outputs.counts, plan.counts)  # the counts stay with the result (its combine reads them)
@@ -93,30 +95,40 @@ def rows_phase(nat, key, ws, x, w, plan, layout, send, recv, home, outputs, send
     return tpl.result
 
 
-def back_phase(nat, out: torch.Tensor, handle, partial: torch.Tensor, back: torch.Tensor, op: str):
-    """combine's sum of ``out`` [N, H] into ``partial``, the exchange into ``back``, and the sum into
-    a new [T, H]: that tensor, or None (it runs in Python)."""
-    T, H, W, R = handle.num_tokens, handle.hidden, handle.ep_size, partial.shape[0]
+def back_phase(nat, out: torch.Tensor, handle, op: str):
+    """combine's sum of ``out`` [N, H] into the partial sums [R, H], the exchange of those into the
+    returned rows [S, H] (both one new allocation), and the sum of these into a new [T, H]: that
+    tensor, or None (it runs in Python)."""
+    T, H, W = handle.num_tokens, handle.hidden, handle.ep_size
+    R, S = sum(handle.recv_splits), sum(handle.send_splits)
+    rows = out.new_empty((R + S, H))  # the partial sums [R, H], then the rows back [S, H]
     y = out.new_empty((T, H))
     what = f"{op}: all_to_all"
-    cnt = handle.counts
+    outputs = handle.outputs
     fkey = (out.dtype, out.device.index)
     K = _triton_kernels()
     dc = K.DeviceCounts
-    if cnt is None or choose(out, "ep_gather_sum") is not Impl.TRITON:  # host counts, no template
-        def record_plain(rec):
+    if outputs is None or not outputs.has_counts or choose(out, "ep_gather_sum") is not Impl.TRITON:
+        partial, back = torch.split_with_sizes(rows, [R, S])
+
+        def record_plain(rec):  # host counts, no template
             _gather_sum_into(out, handle.slot_pos, partial)
             rec.all_to_all(back, partial, H * out.element_size(), handle.recv_splits, handle.send_splits)
             _gather_sum_into(back, handle.home, y)
 
         return y if _native.phase(nat, fkey, what, handle.group, record_plain) else None
-    sources = (out, handle.slot_pos, partial, back, handle.home, y, cnt)
-    tkey = (out.shape[1:], out.stride(), out.dtype, handle.slot_pos.shape[1], T, W, dc.bucket(R) if R else 0,
-            out.device.index, nat[2])
+    k = outputs.top_k
+    tkey = (out.shape[1:], out.stride(), out.dtype, k, T, W, dc.bucket(R) if R else 0, out.device.index, nat[2])
     splits = (handle.recv_splits + handle.send_splits,)
     tpl = _BACK_TEMPLATES.get(tkey) if TEMPLATES else None
-    if tpl is not None and tpl.run(nat, sources, what, handle.group, splits):
-        return y
+    if tpl is not None:
+        p, a = rows.data_ptr(), outputs.addresses()
+        if tpl.run(nat, [out.data_ptr(), a[1], p, p + R * H * out.element_size(), a[0], y.data_ptr(), a[6]], what,
+                   handle.group, splits):
+            return y
+    partial, back = torch.split_with_sizes(rows, [R, S])
+    cnt = outputs.counts
+    sources = (out, handle.slot_pos, partial, back, handle.home, y, cnt)  # the order of the addresses above
 
     def record(rec):
         K.gather_sum_triton(out, handle.slot_pos, partial, counts=dc(cnt, W, rows=dc.RECV_ROWS, src=dc.RECV_PAIRS))

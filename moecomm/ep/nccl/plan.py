@@ -292,24 +292,58 @@ class Expanded:
     counts: torch.Tensor | None = None
 
 
+class DispatchOutputs:
+    """home [T, k] and what the expansion writes (an Expanded's fields: gather_idx [N],
+    expert_offsets [L + 1], tokens_per_expert [L], row_weights [N] fp32, slot_pos [R, k]; with
+    ``counts`` = W also counts [2, W, 3], else None) as ONE new int32 tensor, each part 16-byte
+    aligned. A part's view is made when it is first read: the native path's templates take the
+    parts' addresses (addresses()), so a round trip makes the views its caller reads, not all seven.
+    They belong to the dispatch result they are handed to (nothing writes them later)."""
+
+    __slots__ = ("base", "_at", "_shapes", "_views", "_w")
+
+    def __init__(self, num_tokens: int, top_k: int, num_rows: int, num_pairs: int, num_local_experts: int,
+                 device: torch.device, counts: int = 0):
+        T, k, R, N, L = num_tokens, top_k, num_rows, num_pairs, num_local_experts
+        at, o = [], 0
+        for n in (T * k, R * k, N, N, L, L + 1, 6 * counts):  # each part, then the padding to the next 16 bytes
+            at.append(o)
+            o += n + (-n % _ALIGN)
+        self.base = torch.empty(o, dtype=torch.int32, device=device)
+        self._at, self._w, self._views = at, counts, [None] * 7
+        self._shapes = ((T, k), (R, k), (N,), (N,), (L,), (L + 1,), (2, counts, 3))
+
+    def _view(self, i: int) -> torch.Tensor:
+        v = self._views[i]
+        if v is None:
+            shape = self._shapes[i]
+            strides = (shape[1], 1) if len(shape) == 2 else (1,) if len(shape) == 1 else (3 * self._w, 3, 1)
+            v = self.base.as_strided(shape, strides, self._at[i])
+            self._views[i] = v = v.view(torch.float32) if i == 3 else v
+        return v
+
+    home = property(lambda self: self._view(0))
+    slot_pos = property(lambda self: self._view(1))
+    gather_idx = property(lambda self: self._view(2))
+    row_weights = property(lambda self: self._view(3))
+    tokens_per_expert = property(lambda self: self._view(4))
+    expert_offsets = property(lambda self: self._view(5))
+    counts = property(lambda self: self._view(6) if self._w else None)
+    has_counts = property(lambda self: self._w > 0)
+    top_k = property(lambda self: self._shapes[0][1])
+
+    def addresses(self) -> list[int]:
+        """The device addresses of home, slot_pos, gather_idx, row_weights, tokens_per_expert,
+        expert_offsets and counts (what each view's data_ptr() is), without making the views."""
+        p = self.base.data_ptr()
+        return [p + 4 * a for a in self._at]
+
+
 def dispatch_outputs(num_tokens: int, top_k: int, num_rows: int, num_pairs: int, num_local_experts: int,
                      device: torch.device, counts: int = 0) -> tuple[torch.Tensor, Expanded]:
-    """home [T, k] and an Expanded to fill (gather_idx [N], expert_offsets [L + 1], tokens_per_expert
-    [L], row_weights [N] fp32, slot_pos [R, k]; with ``counts`` = W also counts [2, W, 3]): views of
-    ONE new int32 tensor, each 16-byte aligned. They belong to the dispatch result they are handed
-    to (nothing writes them later)."""
-    T, k, R, N, L = num_tokens, top_k, num_rows, num_pairs, num_local_experts
-    sizes, at = [], []
-    for n in (T * k, R * k, N, N, L, L + 1, 6 * counts):  # each part, then the padding to the next 16 bytes
-        at.append(len(sizes))
-        sizes.append(n)
-        if n % _ALIGN:
-            sizes.append(-n % _ALIGN)
-    base = torch.empty(sum(sizes), dtype=torch.int32, device=device)
-    parts = torch.split_with_sizes(base, sizes)  # one call makes all the views (~1.5 us a view: no empty pads)
-    home, slot_pos, row_weights = parts[at[0]].view(T, k), parts[at[1]].view(R, k), parts[at[3]].view(torch.float32)
-    cnt = parts[at[6]].view(2, counts, 3) if counts else None
-    return home, Expanded(parts[at[2]], parts[at[5]], parts[at[4]], row_weights, slot_pos, cnt)
+    """home [T, k] and an Expanded to fill: DispatchOutputs' parts, every view made."""
+    o = DispatchOutputs(num_tokens, top_k, num_rows, num_pairs, num_local_experts, device, counts)
+    return o.home, Expanded(o.gather_idx, o.expert_offsets, o.tokens_per_expert, o.row_weights, o.slot_pos, o.counts)
 
 
 def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: int, num_pairs: int | None, *,
