@@ -56,7 +56,8 @@ histograms, the exchanged counts) lives in a grow-only Workspace (plan.py) that 
 keeps per stream and reuses: it is never handed out. What a result holds is the caller's: tokens
 (the received rows) is a new tensor, and gather_idx, row_weights, tokens_per_expert,
 expert_offsets and the handle's home and slot_pos are views of ONE new int32 tensor per dispatch
-(plan.dispatch_outputs), so results of earlier calls stay valid while later ones run (a training
+(plan.DispatchOutputs; on the native path each view is made when first read), so results of
+earlier calls stay valid while later ones run (a training
 step that keeps them for backward, micro-batches in flight). The row buffers (send rows, the
 combine's partial sums and returned rows) stay with the caching allocator: kept per dispatcher
 they would hold ~T * H * (k-ish) bytes for every MoE layer of a model (0.7 GB per layer at
