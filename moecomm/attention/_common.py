@@ -414,3 +414,55 @@ def outputs(op: str, q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tenso
             raise MoeCommValueError(f"{op}: lse must be a contiguous float32 tensor of shape [{rows}, {heads}], "
                                     f"got {str(lse.dtype).replace('torch.', '')} {list(lse.shape)}")
     return out, lse
+
+
+# ----------------------------------------------------------------------------- prefill's host metadata
+
+
+def pages_consecutive(indptr: np.ndarray, indices: np.ndarray) -> bool:
+    """Whether every request's page ids are consecutive (p, p + 1, ...): its KV is then one run of
+    token rows of the cache, which v2's TMA path reads. A shuffled table is rejected on the first
+    request's first two and last ids (scalar reads, < 1 us), a consecutive one costs one pass over
+    the ids (~4 numpy calls)."""
+    batch = indptr.shape[0] - 1
+    nnz = indptr.item(-1) if batch > 0 else 0
+    if nnz == 0:
+        return True
+    s0, e0 = indptr.item(0), indptr.item(1)
+    if e0 - s0 > 1 and (indices.item(s0 + 1) - indices.item(s0) != 1 or
+                        indices.item(e0 - 1) - indices.item(s0) != e0 - s0 - 1):
+        return False
+    bad = (indices[1:nnz] - indices[:nnz - 1]) != 1  # [nnz - 1] steps; those across a boundary do not count
+    ends = indptr[1:]
+    bad[ends[(ends > 0) & (ends < nnz)] - 1] = False
+    return not bad.any()
+
+
+def _pack_custom_mask(op, custom_mask, packed_custom_mask, qo_lens, kv_lens):
+    """(uint8 bits, per-request bit offsets): each request's [qo_len, kv_len] bits start on a byte
+    (FlashInfer's packed layout: segment b at byte sum_{c<b} ceil(qo_c * kv_c / 8))."""
+    sizes = qo_lens * kv_lens
+    nbytes = (sizes + 7) // 8
+    byte_off = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(nbytes, out=byte_off[1:])
+    if packed_custom_mask is not None:
+        packed = packed_custom_mask.cpu().numpy() if isinstance(packed_custom_mask, torch.Tensor) else np.asarray(packed_custom_mask)
+        if packed.dtype != np.uint8 or packed.ndim != 1 or packed.shape[0] < byte_off[-1]:
+            raise MoeCommValueError(f"{op}: packed_custom_mask must be 1-D uint8 with >= {int(byte_off[-1])} bytes "
+                                    f"(each request's qo_len * kv_len bits, byte-aligned), got {packed.dtype} {packed.shape}")
+        bits = packed[: byte_off[-1]]
+    else:
+        flat = custom_mask.cpu().numpy() if isinstance(custom_mask, torch.Tensor) else np.asarray(custom_mask)
+        flat = flat.reshape(-1).astype(bool)
+        if flat.shape[0] != int(sizes.sum()):
+            raise MoeCommValueError(f"{op}: custom_mask must hold sum(qo_len * kv_len) = {int(sizes.sum())} entries "
+                                    f"(each request's mask, row-major, concatenated), got {flat.shape[0]}")
+        starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=starts[1:])
+        bits = np.zeros(int(byte_off[-1]), dtype=np.uint8)
+        for b in range(len(sizes)):
+            seg = np.packbits(flat[starts[b]:starts[b + 1]], bitorder="little")
+            bits[byte_off[b]:byte_off[b] + seg.shape[0]] = seg
+    if byte_off[-1] * 8 >= 2**31:
+        raise MoeCommValueError(f"{op}: custom_mask must hold < 2**31 bits, got {int(byte_off[-1] * 8)}")
+    return bits, byte_off[:-1] * 8
