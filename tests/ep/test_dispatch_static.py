@@ -194,6 +194,49 @@ def test_dispatch_outputs_views_are_made_when_read_at_the_addresses_it_gives():
     assert none.counts is None and not none.has_counts
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dispatch_outputs_hold_the_received_rows_in_front(dtype):
+    """The native path's DispatchOutputs(rows=...): the received rows [R, width] first, at
+    rows_address(), the tokens their first H columns, the int32 parts after them, disjoint and
+    16-byte aligned, all one allocation."""
+    T, k, R, N, L, W, width, H = 5, 3, 7, 11, 2, 4, 24, 20
+    o = P.DispatchOutputs(T, k, R, N, L, torch.device("cpu"), W, rows=(width, dtype))
+    recv, tokens = o.received(), o.received(H)
+    assert recv.dtype == dtype and tuple(recv.shape) == (R, width) and recv.is_contiguous()
+    assert tokens.shape == (R, H) and tokens.stride() == (width, 1) and recv.data_ptr() == o.rows_address()
+    recv.copy_(torch.arange(R * width).view(R, width).to(dtype))
+    assert torch.equal(tokens, recv[:, :H])
+    addresses = o.addresses()
+    assert addresses[0] >= recv.data_ptr() + R * width * dtype.itemsize and all(a % 16 == 0 for a in addresses)
+    o.home.fill_(-1)
+    o.counts.fill_(-2)
+    assert torch.equal(recv, torch.arange(R * width).view(R, width).to(dtype))  # the parts do not overlap the rows
+
+
+def test_host_counts_list_reads_the_host_counts_and_parses_as_the_list():
+    from moecomm.ep.nccl import dispatcher as D
+
+    ws, W = P.Workspace(torch.device("cpu")), 3
+    ws._host[(2, W, 3)] = torch.zeros((2, W, 3), dtype=torch.int32)  # no pinned memory without a GPU
+    ws.host_counts((2, W, 3)).copy_(torch.arange(18, dtype=torch.int32).view(2, W, 3) * 7 - 5)
+    flat = ws.host_counts_list((2, W, 3))
+    assert flat == ws.host_counts((2, W, 3)).flatten().tolist()
+    assert D._parse_flat(flat, W) == D._parse_counts(ws.host_counts((2, W, 3)).tolist())
+    ws.host_counts((2, W, 3))[1, 2, 0] = 99  # read again: the values now, not a copy
+    assert ws.host_counts_list((2, W, 3))[15] == 99
+
+
+def test_scratch_grows_and_views_its_bytes():
+    sc = P.rows_scratch(0x1234, torch.device("cpu"))
+    assert P.rows_scratch(0x1234, torch.device("cpu")) is sc and P.rows_scratch(0x1235, torch.device("cpu")) is not sc
+    a = sc.address(100)
+    v = sc.view((3, 4), torch.float16, 16)
+    assert v.data_ptr() == a + 16 and v.shape == (3, 4) and v.dtype == torch.float16
+    b = sc.address(1 << 20)
+    assert sc.buf.numel() >= 1 << 20 and b == sc.buf.data_ptr() and b % 16 == 0
+    assert sc.address(10) == b  # grow-only
+
+
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_static_virtual_ranks_equal_reference(name, dtype):

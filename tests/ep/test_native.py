@@ -579,14 +579,12 @@ def test_the_rows_and_back_phases_templates_patch_addresses_and_splits(monkeypat
 
     def tensors(R, N, send_splits, recv_splits):
         x, w = torch.zeros(T, H, dtype=torch.float16), torch.zeros(T, k)
-        outputs = P.DispatchOutputs(T, k, R, N, L, torch.device("cpu"), W)
-        send = torch.empty(sum(send_splits), lay.width, dtype=torch.float16)
-        recv = torch.empty(R, lay.width, dtype=torch.float16)
+        outputs = P.DispatchOutputs(T, k, R, N, L, torch.device("cpu"), W, rows=(lay.width, torch.float16))
         out = torch.zeros(N, H, dtype=torch.float16)
-        return x, w, outputs, send, recv, out, N, send_splits, recv_splits
+        return x, w, outputs, out, N, send_splits, recv_splits
 
-    def trip(x, w, outputs, send, recv, out, N, send_splits, recv_splits):
-        assert PH.rows_phase(nat, ("k",), ws, x, w, plan, lay, send, recv, outputs, send_splits, recv_splits,
+    def trip(x, w, outputs, out, N, send_splits, recv_splits):
+        assert PH.rows_phase(nat, ("k",), ws, x, w, plan, lay, outputs, send_splits, recv_splits,
                              L, N, None, "test") is outputs
         handle = NativeHandle(None, W, send_splits, recv_splits, outputs, T, H, N)
         y = PH.back_phase(nat, out, handle, "test")
@@ -633,10 +631,9 @@ def test_a_template_recorded_while_the_workspace_grew_is_not_kept(monkeypatch):
         ids = torch.randint(0, E, (T, k), dtype=torch.int32)
         plan = PH.counts_phase(nat, ("k",), ws, ids, e2r, e2l, W, True, None, "test")
         cap = ws.capacity
-        outputs = P.DispatchOutputs(T, k, R, Np, L, torch.device("cpu"), W)
+        outputs = P.DispatchOutputs(T, k, R, Np, L, torch.device("cpu"), W, rows=(lay.width, torch.float16))
         x, w = torch.zeros(T, H, dtype=torch.float16), torch.zeros(T, k)
-        send, recv = torch.empty(60, lay.width, dtype=torch.float16), torch.empty(R, lay.width, dtype=torch.float16)
-        assert PH.rows_phase(nat, ("k",), ws, x, w, plan, lay, send, recv, outputs, [30, 30], [250, 250], L, Np,
+        assert PH.rows_phase(nat, ("k",), ws, x, w, plan, lay, outputs, [30, 30], [250, 250], L, Np,
                              None, "test") is outputs
         kept.append((ws.capacity > cap, any(key[0] == "native-rows" for key in ws._memo)))
     assert kept == [(True, False), (False, True)]  # grew: not kept; the next call's (no growth) kept

@@ -170,6 +170,12 @@ def _parse_counts(host: list) -> tuple[list[int], list[int], list[int], list[int
     return sent, [r[0] for r in got], [r[1] for r in got], [r[2] for r in got]
 
 
+def _parse_flat(flat: list, W: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """_parse_counts of the [2, W, 3] counts as one flat list."""
+    got = flat[3 * W:]
+    return flat[0:3 * W:3], got[0::3], got[1::3], got[2::3]
+
+
 def _fail_peers(group, W: int, device: torch.device, op: str, flag: int) -> None:
     """This rank's input is bad: take part in the count exchange with the flag so no peer hangs."""
     info = torch.zeros((W, 3), dtype=torch.int32, device=device)  # as plan_send's counts
@@ -269,7 +275,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
         if plan is None:
             nat = None
         else:
-            send_splits, recv_splits, recv_pairs, flags = _parse_counts(ws.host_counts((2, W, 3)).tolist())
+            send_splits, recv_splits, recv_pairs, flags = _parse_flat(ws.host_counts_list((2, W, 3)), W)
     if plan is None:
         plan = plan_send(ids, e2r, e2l, W, check_ids=check, workspace=ws)
         send_splits, recv_splits, recv_pairs, flags = _exchange_counts(plan.info, group, op, plan.counts, ws,
@@ -286,25 +292,26 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
                                     f"{_FLAG_REASONS.get(f, f'error flag {f}')}")
     S, R, N = sum(send_splits), sum(recv_splits), sum(recv_pairs)
     layout = RowLayout.of(H, k, x.dtype)
-    send = x.new_empty((S, layout.width))  # [S, width]: tokens and metadata, one exchange
-    recv = x.new_empty((R, layout.width))
     if nat is not None:  # pack, the rows' exchange and the expansion in one native call
-        # home, the expansion's outputs and a copy of the counts: one int32 allocation, owned by the
-        # result, its views made when read (the templates take their addresses)
-        outputs = DispatchOutputs(T, k, R, N, L, dev, W)
-        ex = _phases.rows_phase(nat, key, ws, x, w, plan, layout, send, recv, outputs, send_splits, recv_splits,
-                                L, N, group, op)
+        # the received rows, home, the expansion's outputs and a copy of the counts: one allocation,
+        # owned by the result, its views made when read (the templates take their addresses); the
+        # send buffer is the stream's Scratch
+        outputs = DispatchOutputs(T, k, R, N, L, dev, W, rows=(layout.width, x.dtype))
+        ex = _phases.rows_phase(nat, key, ws, x, w, plan, layout, outputs, send_splits, recv_splits, L, N, group, op)
         if ex is outputs:
             handle = NativeHandle(group, W, send_splits, recv_splits, outputs, T, H, N)
-            return NativeResult(recv[:, :H], outputs, handle)
+            return NativeResult(outputs.received(H), outputs, handle)
         home = outputs.home
         if ex is not None:  # the reference's expansion (new tensors)
             handle = EPHandle(group, W, send_splits, recv_splits, home, ex.slot_pos, T, H, N)
-            return DispatchResult(recv[:, :H], ex.expert_offsets, ex.tokens_per_expert, ex.row_weights,
+            return DispatchResult(outputs.received(H), ex.expert_offsets, ex.tokens_per_expert, ex.row_weights,
                                   ex.gather_idx, handle)
+        recv = outputs.received()
     else:
         # home and the expansion's outputs: one int32 allocation, owned by the result
         home, outputs = dispatch_outputs(T, k, R, N, L, dev)
+        recv = x.new_empty((R, layout.width))
+    send = x.new_empty((S, layout.width))  # [S, width]: tokens and metadata, one exchange
     pack_send(x, w, plan, layout, send, home)
     works = [_all_to_all(recv, send, recv_splits, send_splits, group, f"{op}: all_to_all", async_op)]
 

@@ -24,7 +24,7 @@ import torch
 from ...jit.backend import Impl, choose
 from . import native as _native
 from .ops import _triton_kernels
-from .plan import expand_received, pack_send, plan_send
+from .plan import expand_received, pack_send, plan_send, rows_scratch
 from .reference import gather_sum_reference
 
 TEMPLATES = True  # False: every phase recorded (tests and benchmarks compare the two)
@@ -58,30 +58,34 @@ def counts_phase(nat, key, ws, ids, e2r, e2l, W: int, check: bool, group, op: st
     return tpl.result
 
 
-def rows_phase(nat, key, ws, x, w, plan, layout, send, recv, outputs, send_splits, recv_splits, L: int, N: int,
-               group, op: str):
-    """pack_send + the rows' exchange + expand_received into ``outputs`` (a DispatchOutputs with
-    counts, which get the dispatch's counts): ``outputs``, or the reference's new Expanded, or None
-    (it runs in Python)."""
-    R = recv.shape[0]
+def rows_phase(nat, key, ws, x, w, plan, layout, outputs, send_splits, recv_splits, L: int, N: int, group, op: str):
+    """pack_send into the stream's Scratch + the rows' exchange into ``outputs``' received rows +
+    expand_received into ``outputs`` (a DispatchOutputs with rows and counts, which get the
+    dispatch's counts): ``outputs``, or the reference's new Expanded, or None (it runs in Python)."""
+    R = outputs._shapes[1][0]
     dc = _triton_kernels().DeviceCounts
     # L 0: the expansion is torch ops, not a program
-    kernels = L > 0 and choose(x, "ep_pack") is Impl.TRITON and choose(recv, "ep_expand") is Impl.TRITON
+    kernels = L > 0 and choose(x, "ep_pack") is Impl.TRITON and choose(x, "ep_expand") is Impl.TRITON
     tkey = ("native-rows", x.shape, w.shape, x.stride(), w.stride(), x.dtype, w.dtype, L, dc.bucket(R) if R else 0)
     what = f"{op}: all_to_all"
+    row_bytes = layout.width * x.element_size()
+    scratch = rows_scratch(nat[2], x.device)
+    send_at = scratch.address(sum(send_splits) * row_bytes)
     tpl = ws.memo(tkey) if kernels and TEMPLATES else None
-    if tpl is not None and tpl.run(nat, [x.data_ptr(), w.data_ptr(), send.data_ptr(), recv.data_ptr(),
+    if tpl is not None and tpl.run(nat, [x.data_ptr(), w.data_ptr(), send_at, outputs.rows_address(),
                                          *outputs.addresses()], what, group, (send_splits + recv_splits,)):
         return outputs
     W = len(send_splits)
+    send = scratch.view((sum(send_splits), layout.width), x.dtype)
+    recv = outputs.received()
     home = outputs.home
     sources = (x, w, send, recv, home, outputs.slot_pos, outputs.gather_idx, outputs.row_weights,
-               outputs.tokens_per_expert, outputs.expert_offsets, outputs.counts)  # addresses()' order
+               outputs.tokens_per_expert, outputs.expert_offsets, outputs.counts)  # the order of the addresses above
 
     def record(rec):
         rec.copy(outputs.counts, plan.counts)  # the counts stay with the result (its combine reads them)
         pack_send(x, w, plan, layout, send, home, device_rows=True)
-        rec.all_to_all(recv, send, layout.width * x.element_size(), send_splits, recv_splits)
+        rec.all_to_all(recv, send, row_bytes, send_splits, recv_splits)
         return expand_received(recv, layout, L, N, out=outputs, workspace=ws, counts=dc(outputs.counts, W))
 
     cap = ws.capacity
@@ -97,11 +101,12 @@ def rows_phase(nat, key, ws, x, w, plan, layout, send, recv, outputs, send_split
 
 def back_phase(nat, out: torch.Tensor, handle, op: str):
     """combine's sum of ``out`` [N, H] into the partial sums [R, H], the exchange of those into the
-    returned rows [S, H] (both one new allocation), and the sum of these into a new [T, H]: that
-    tensor, or None (it runs in Python)."""
+    returned rows [S, H] (both in the stream's Scratch), and the sum of these into a new [T, H]:
+    that tensor, or None (it runs in Python)."""
     T, H, W = handle.num_tokens, handle.hidden, handle.ep_size
     R, S = sum(handle.recv_splits), sum(handle.send_splits)
-    rows = out.new_empty((R + S, H))  # the partial sums [R, H], then the rows back [S, H]
+    scratch = rows_scratch(nat[2], out.device)  # the partial sums [R, H], then the rows back [S, H]
+    p = scratch.address((R + S) * H * out.element_size())
     y = out.new_empty((T, H))
     what = f"{op}: all_to_all"
     outputs = handle.outputs
@@ -109,7 +114,7 @@ def back_phase(nat, out: torch.Tensor, handle, op: str):
     K = _triton_kernels()
     dc = K.DeviceCounts
     if outputs is None or not outputs.has_counts or choose(out, "ep_gather_sum") is not Impl.TRITON:
-        partial, back = torch.split_with_sizes(rows, [R, S])
+        partial, back = _rows(scratch, R, S, H, out.dtype)
 
         def record_plain(rec):  # host counts, no template
             _gather_sum_into(out, handle.slot_pos, partial)
@@ -122,11 +127,11 @@ def back_phase(nat, out: torch.Tensor, handle, op: str):
     splits = (handle.recv_splits + handle.send_splits,)
     tpl = _BACK_TEMPLATES.get(tkey) if TEMPLATES else None
     if tpl is not None:
-        p, a = rows.data_ptr(), outputs.addresses()
+        a = outputs.addresses()
         if tpl.run(nat, [out.data_ptr(), a[1], p, p + R * H * out.element_size(), a[0], y.data_ptr(), a[6]], what,
                    handle.group, splits):
             return y
-    partial, back = torch.split_with_sizes(rows, [R, S])
+    partial, back = _rows(scratch, R, S, H, out.dtype)
     cnt = outputs.counts
     sources = (out, handle.slot_pos, partial, back, handle.home, y, cnt)  # the order of the addresses above
 
@@ -143,6 +148,11 @@ def back_phase(nat, out: torch.Tensor, handle, op: str):
             _BACK_TEMPLATES.clear()
         _BACK_TEMPLATES[tkey] = tpl
     return y
+
+
+def _rows(scratch, R: int, S: int, H: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """combine's partial sums [R, H] and the rows back [S, H], one after the other in ``scratch``."""
+    return scratch.view((R, H), dtype), scratch.view((S, H), dtype, R * H * dtype.itemsize)
 
 
 def _gather_sum_into(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:

@@ -34,6 +34,7 @@ caller's to keep.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from dataclasses import dataclass
 
@@ -94,6 +95,7 @@ class Workspace:
         self._buf: torch.Tensor | None = None
         self._memo: dict = {}
         self._host: dict = {}
+        self._host_arrays: dict = {}
 
     @property
     def capacity(self) -> int:
@@ -122,6 +124,59 @@ class Workspace:
         if t is None:
             t = self._host[shape] = torch.empty(shape, dtype=torch.int32, pin_memory=True)
         return t
+
+    def host_counts_list(self, shape: tuple[int, ...]) -> list[int]:
+        """host_counts(shape)'s values, flat, read through a ctypes array over its memory (~0.3 us;
+        tolist() is ~10 us on the H200 host). Only after the copy into it has completed (the sync)."""
+        a = self._host_arrays.get(shape)
+        if a is None:
+            t = self.host_counts(shape)
+            a = self._host_arrays[shape] = (ctypes.c_int32 * t.numel()).from_address(t.data_ptr())
+        return a[:]
+
+
+class Scratch:
+    """Grow-only device bytes for rows that never leave one native phase: a dispatch's send buffer
+    (read by its exchange), combine's partial sums and the rows they come back as (read by its last
+    sum). Shared by every dispatcher queueing on one stream (rows_scratch): each phase's kernels and
+    exchange use it back to back on that stream, so a later phase's use queues after them. The
+    phases' templates patch its address like a call's tensors' (it may move when it grows); a tensor
+    view is only made when a phase records."""
+
+    __slots__ = ("device", "buf")
+
+    def __init__(self, device: torch.device):
+        self.device, self.buf = device, None
+
+    def address(self, nbytes: int) -> int:
+        """The first byte of at least ``nbytes`` (grown 2x at a time; the old buffer goes back to
+        torch's allocator on this stream, after the work queued on it)."""
+        buf = self.buf
+        if buf is None or buf.numel() < nbytes:
+            self.buf = buf = torch.empty(max(nbytes, 2 * (0 if buf is None else buf.numel()), 4096), dtype=torch.uint8,
+                                         device=self.device)
+        return buf.data_ptr()
+
+    def view(self, shape: tuple[int, ...], dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` and ``dtype`` at byte ``offset`` (reserved by address())."""
+        n = 1
+        for d in shape:
+            n *= d
+        return self.buf[offset:offset + n * dtype.itemsize].view(dtype).view(shape)
+
+
+_SCRATCH: dict = {}  # (the stream's handle, the device) -> its Scratch (a default stream's handle is 0 on every device)
+
+
+def rows_scratch(stream: int, device: torch.device) -> Scratch:
+    """The Scratch of the stream with this handle on ``device`` (see Scratch)."""
+    key = (stream, device)
+    sc = _SCRATCH.get(key)
+    if sc is None:
+        if len(_SCRATCH) >= 16:  # streams come and go: keep a few (a dropped buffer is freed on its stream)
+            _SCRATCH.clear()
+        sc = _SCRATCH[key] = Scratch(device)
+    return sc
 
 
 def carve_int32(shapes: list[tuple[int, ...]], device: torch.device,
@@ -296,21 +351,27 @@ class DispatchOutputs:
     """home [T, k] and what the expansion writes (an Expanded's fields: gather_idx [N],
     expert_offsets [L + 1], tokens_per_expert [L], row_weights [N] fp32, slot_pos [R, k]; with
     ``counts`` = W also counts [2, W, 3], else None) as ONE new int32 tensor, each part 16-byte
-    aligned. A part's view is made when it is first read: the native path's templates take the
-    parts' addresses (addresses()), so a round trip makes the views its caller reads, not all seven.
-    They belong to the dispatch result they are handed to (nothing writes them later)."""
+    aligned; with ``rows`` = (width, dtype) the received rows [R, width] of that dtype (RowLayout)
+    in front of them, in the same allocation (the native path's: one allocation a dispatch). A
+    part's view is made when it is first read: the native path's templates take the parts'
+    addresses (addresses(), rows_address()), so a round trip makes the views its caller reads, not
+    all of them. They belong to the dispatch result they are handed to (nothing writes them later)."""
 
-    __slots__ = ("base", "_at", "_shapes", "_views", "_w")
+    __slots__ = ("base", "_at", "_shapes", "_views", "_w", "_rows")
 
     def __init__(self, num_tokens: int, top_k: int, num_rows: int, num_pairs: int, num_local_experts: int,
-                 device: torch.device, counts: int = 0):
+                 device: torch.device, counts: int = 0, rows: tuple[int, torch.dtype] | None = None):
         T, k, R, N, L = num_tokens, top_k, num_rows, num_pairs, num_local_experts
-        at, o = [], 0
+        o = 0
+        if rows is not None:  # [R, width] rows of whole int32 words (RowLayout), first
+            n = R * rows[0] * rows[1].itemsize // 4
+            o = n + (-n % _ALIGN)
+        at = []
         for n in (T * k, R * k, N, N, L, L + 1, 6 * counts):  # each part, then the padding to the next 16 bytes
             at.append(o)
             o += n + (-n % _ALIGN)
-        self.base = torch.empty(o, dtype=torch.int32, device=device)
-        self._at, self._w, self._views = at, counts, [None] * 7
+        self.base = torch.empty(max(o, 1), dtype=torch.int32, device=device)
+        self._at, self._w, self._views, self._rows = at, counts, [None] * 7, rows
         self._shapes = ((T, k), (R, k), (N,), (N,), (L,), (L + 1,), (2, counts, 3))
 
     def _view(self, i: int) -> torch.Tensor:
@@ -337,6 +398,15 @@ class DispatchOutputs:
         expert_offsets and counts (what each view's data_ptr() is), without making the views."""
         p = self.base.data_ptr()
         return [p + 4 * a for a in self._at]
+
+    def rows_address(self) -> int:
+        """Where the received rows start (``rows``: the allocation's first byte)."""
+        return self.base.data_ptr()
+
+    def received(self, columns: int | None = None) -> torch.Tensor:
+        """The received rows [R, width] (``rows`` given), or their first ``columns`` (the tokens)."""
+        width, dtype = self._rows
+        return self.base.view(dtype).as_strided((self._shapes[1][0], columns or width), (width, 1))
 
 
 def dispatch_outputs(num_tokens: int, top_k: int, num_rows: int, num_pairs: int, num_local_experts: int,
