@@ -132,7 +132,7 @@ def _received(R, k, L, H, dtype, seed):
 
 @pytest.mark.parametrize("R,k,L", [(0, 2, 3), (1, 1, 1), (37, 3, 5), (300, 8, 4), (130, 8, 40), (70, 8, 64),
                                    (45, 4, 300)])
-@pytest.mark.parametrize("mode", ["throughput", "static", "device counts"])
+@pytest.mark.parametrize("mode", ["throughput", "static", "device counts", "counts copied"])
 def test_expand_kernels_match_reference(triton_backend, sort_path, R, k, L, mode, monkeypatch):
     """expand_received's kernels (histogram + scatter, the metadata read in place) against the
     reference (a contiguous copy of the ids and moecomm.permute's reference counting sort), bit for
@@ -145,20 +145,27 @@ def test_expand_kernels_match_reference(triton_backend, sort_path, R, k, L, mode
     recv, lay, N = _received(R, k, L, 16, torch.float16, seed=R + L)
     recv = recv.to(dev)
     num_pairs = N if mode != "static" else None
-    counts = None
-    if mode == "device counts":
+    counts = counts_from = None
+    if mode in ("device counts", "counts copied"):
         c = torch.full((2, 3, 3), -7, dtype=torch.int32)
         c[1, :, 0] = torch.tensor([R // 3, R - R // 3 - R // 4, R // 4])
         c[1, :, 1] = torch.tensor([N // 2, 0, N - N // 2])
+        c[0] = torch.arange(9, dtype=torch.int32).view(3, 3) + 100  # the sent part: copied as it is
         counts = DeviceCounts(c.to(dev), 3)
+        if mode == "counts copied":  # the counts read where they are, copied into counts.tensor by the first launch
+            if R == 0:
+                pytest.skip("R 0: no launch to copy the counts (the native phase copies them itself then)")
+            counts_from, counts = counts.tensor, DeviceCounts(torch.full((2, 3, 3), -9, dtype=torch.int32, device=dev), 3)
     home, out = P.dispatch_outputs(3, k, R, N if num_pairs is not None else R * k, L, dev)
     for t in (home, out.gather_idx, out.expert_offsets, out.tokens_per_expert, out.slot_pos):
         t.fill_(-7)
     out.row_weights.fill_(float("nan"))
     ws = P.Workspace(dev)
     ws.reserve(1 << 14).fill_(-7)
-    got = P.expand_received(recv, lay, L, num_pairs, out=out, workspace=ws, counts=counts)
+    got = P.expand_received(recv, lay, L, num_pairs, out=out, workspace=ws, counts=counts, counts_from=counts_from)
     assert got is out
+    if counts_from is not None:
+        assert torch.equal(counts.tensor, counts_from)
     monkeypatch.setenv("MOECOMM_BACKEND", "reference")
     want = P.expand_received(recv, lay, L, num_pairs)
     for f in ("gather_idx", "expert_offsets", "tokens_per_expert", "slot_pos"):
@@ -327,12 +334,14 @@ def _compile_plan_pack() -> int:
     for check in (False, True):
         compile_for_hopper(ep_plan_kernel, sig, {"K": 8, "KP": 8, "W": 8, "NUM_BINS": 16, "BLOCK_T": 64,
                                                  "CHECK": check, "HB": 16}, num_warps=4)
-    sig = {"key_ptr": "*bf16", "hist_ptr": "*i32", "cnt_ptr": "*i32", "R": "i32", "NV": "i32", "stride_kr": "i32",
-           "key_col": "i32", "K": "constexpr", "KP": "constexpr", "NUM_BINS": "constexpr", "BLOCK_R": "constexpr",
-           "HB": "constexpr", "CNT_W": "constexpr", "CNT_WP": "constexpr"}
-    for cnt_w in (0, 8):  # R from the host, or from the counts on the device
+    sig = {"key_ptr": "*bf16", "hist_ptr": "*i32", "cnt_ptr": "*i32", "copy_ptr": "*i32", "R": "i32", "NV": "i32",
+           "stride_kr": "i32", "key_col": "i32", "K": "constexpr", "KP": "constexpr", "NUM_BINS": "constexpr",
+           "BLOCK_R": "constexpr", "HB": "constexpr", "CNT_W": "constexpr", "CNT_WP": "constexpr", "COPY": "constexpr"}
+    # R from the host, or from the counts on the device (and those copied by program 0)
+    for cnt_w, copy in ((0, False), (8, False), (8, True)):
         compile_for_hopper(ep_expand_hist_kernel, sig, {"K": 8, "KP": 8, "NUM_BINS": 64, "BLOCK_R": 16, "HB": 64,
-                                                        "CNT_W": cnt_w, "CNT_WP": max(1, cnt_w)}, num_warps=4)
+                                                        "CNT_W": cnt_w, "CNT_WP": max(1, cnt_w), "COPY": copy},
+                           num_warps=4)
     sig = {"hist_ptr": "*i32", "base_ptr": "*i32", "NB": "i32", "HC": "i32", "BLOCK_B": "constexpr",
            "BLOCK_C": "constexpr"}
     compile_for_hopper(ep_sort_scan_kernel, sig, {"BLOCK_B": 64, "BLOCK_C": 64}, num_warps=4)

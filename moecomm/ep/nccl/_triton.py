@@ -279,21 +279,26 @@ def ep_plan_kernel(
 
 @triton.jit
 def ep_expand_hist_kernel(
-    key_ptr, hist_ptr, cnt_ptr,
+    key_ptr, hist_ptr, cnt_ptr, copy_ptr,
     R, NV, stride_kr, key_col,
     K: tl.constexpr, KP: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_R: tl.constexpr, HB: tl.constexpr,
-    CNT_W: tl.constexpr, CNT_WP: tl.constexpr,
+    CNT_W: tl.constexpr, CNT_WP: tl.constexpr, COPY: tl.constexpr,
 ):
     # keys (r, j) at int32 key_col + r * stride_kr + j of key_ptr's memory, read in place (the received
     # rows' metadata, whatever the rows' dtype: no view op on the host); key v in [0, NV) is its
     # bucket, anything else (-1: another rank's slot) bucket NV. CNT_W > 0: R = the rows received
     # by a dispatch's [2, CNT_W, 3] counts at cnt_ptr (the grid: blocks of a bucket of R; a block
-    # past R counts zeros)
+    # past R counts zeros); COPY: program 0 also copies those counts to copy_ptr (the result's own,
+    # which the launches after this one read: no device copy of its own on the host)
     key_ptr = key_ptr.to(tl.pointer_type(tl.int32))
+    pid = tl.program_id(0)
     if CNT_W > 0:
         wi = tl.arange(0, CNT_WP)
         R = tl.sum(tl.load(cnt_ptr + CNT_W * 3 + wi * 3, mask=wi < CNT_W, other=0), axis=0)
-    pid = tl.program_id(0)
+        if COPY:
+            if pid == 0:
+                ci = tl.arange(0, 8 * CNT_WP)
+                tl.store(copy_ptr + ci, tl.load(cnt_ptr + ci, mask=ci < 6 * CNT_W), mask=ci < 6 * CNT_W)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, KP)
     m = (rows < R)[:, None] & (cols < K)[None, :]
@@ -565,14 +570,16 @@ def plan_send_triton(topk_ids: torch.Tensor, e2r: torch.Tensor, e2l: torch.Tenso
 def expand_received_triton(recv: torch.Tensor, meta_col: int, top_k: int, num_local_experts: int, hist: torch.Tensor,
                            base: torch.Tensor, gather_idx: torch.Tensor, expert_offsets: torch.Tensor,
                            tokens_per_expert: torch.Tensor, row_weights: torch.Tensor, slot_pos: torch.Tensor,
-                           counts: DeviceCounts | None = None) -> None:
+                           counts: DeviceCounts | None = None, counts_from: torch.Tensor | None = None) -> None:
     """The receiver's expansion in two launches (three when SCANNED), reading the received rows'
     metadata in place: recv [R, width] (any row dtype, rows of whole int32 words), ids at int32
     column meta_col, the weights' bits after them. Writes slot_pos [R, k] (-1: a slot of another
     rank), expert_offsets [L + 1], tokens_per_expert [L], and gather_idx / row_weights at the places
     < their size (N in the throughput mode, R * k in the static one). hist, base: scratch of
     expand_sort_shape's sizes (of DeviceCounts.bucket(R) with ``counts``). ``counts``: R and N
-    from the dispatch's counts on the device (the launches then depend on R's bucket only)."""
+    from the dispatch's counts on the device (the launches then depend on R's bucket only);
+    ``counts_from`` (with ``counts``, R > 0): where those counts are now, copied into counts.tensor
+    by the first launch, which reads them there."""
     R = recv.shape[0]
     k, L = top_k, num_local_experts
     stride = recv.stride(0) * recv.element_size() // 4  # int32 words per row
@@ -583,9 +590,13 @@ def expand_received_triton(recv: torch.Tensor, meta_col: int, top_k: int, num_lo
         cw = {"CNT_W": counts.W, "CNT_WP": max(2, next_pow2(counts.W))}
     sh = expand_sort_shape(rows, k, L)
     if R > 0:
-        _expand_hist_launcher((sh.num_blocks,), (meta, hist, cnt, 0 if counts is not None else R, L, stride, meta_col),
+        copy = counts is not None and counts_from is not None
+        _expand_hist_launcher((sh.num_blocks,), (meta, hist, counts_from if copy else cnt, cnt,
+                                                 0 if counts is not None else R, L, stride, meta_col),
                               {"K": k, "KP": sh.kp, "NUM_BINS": sh.num_bins, "BLOCK_R": sh.block_r,
-                               "HB": _hist_chunk(sh), **cw}, 4)
+                               "HB": _hist_chunk(sh), "COPY": copy, **cw}, 4)
+    elif counts_from is not None:
+        raise ValueError("expand_received_triton: counts_from needs rows (R > 0) to copy in the first launch")
     if sh.scanned:
         _scan(sh, hist, base)
     info = cnt if counts is not None else expert_offsets

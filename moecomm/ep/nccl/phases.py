@@ -83,10 +83,15 @@ def rows_phase(nat, key, ws, x, w, plan, layout, outputs, send_splits, recv_spli
                outputs.tokens_per_expert, outputs.expert_offsets, outputs.counts)  # the order of the addresses above
 
     def record(rec):
-        rec.copy(outputs.counts, plan.counts)  # the counts stay with the result (its combine reads them)
+        # the counts stay with the result (its combine reads them): copied by the expansion's first
+        # launch where it has one (R > 0 on the kernel path), else by a device copy
+        by_kernel = kernels and R > 0
+        if not by_kernel:
+            rec.copy(outputs.counts, plan.counts)
         pack_send(x, w, plan, layout, send, home, device_rows=True)
         rec.all_to_all(recv, send, row_bytes, send_splits, recv_splits)
-        return expand_received(recv, layout, L, N, out=outputs, workspace=ws, counts=dc(outputs.counts, W))
+        return expand_received(recv, layout, L, N, out=outputs, workspace=ws, counts=dc(outputs.counts, W),
+                               counts_from=plan.counts if by_kernel else None)
 
     cap = ws.capacity
     tpl = _native.phase(nat, key, what, group, record, sources)

@@ -417,7 +417,8 @@ def dispatch_outputs(num_tokens: int, top_k: int, num_rows: int, num_pairs: int,
 
 
 def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: int, num_pairs: int | None, *,
-                    out: Expanded | None = None, workspace: Workspace | None = None, counts=None) -> Expanded:
+                    out: Expanded | None = None, workspace: Workspace | None = None, counts=None,
+                    counts_from: torch.Tensor | None = None) -> Expanded:
     """Group the received (row, local expert) pairs by local expert; no host sync.
 
     Args:
@@ -432,6 +433,8 @@ def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: in
         counts: kernel path, throughput mode: a _triton.DeviceCounts, the dispatch's counts on the
             device from which the kernels take R and N (their launches then depend on a bucket of R
             only: a native phase's template).
+        counts_from: kernel path, with ``counts`` and R > 0: where the counts are now (the
+            Workspace's), copied into counts.tensor by the expansion's first launch.
     """
     k = layout.top_k
     L = num_local_experts
@@ -457,7 +460,7 @@ def expand_received(recv: torch.Tensor, layout: RowLayout, num_local_experts: in
                 workspace.keep(key, scratch)
         kernels.expand_received_triton(recv, layout.meta_col, k, L, *scratch, out.gather_idx,
                                        out.expert_offsets, out.tokens_per_expert, out.row_weights, out.slot_pos,
-                                       counts=counts)
+                                       counts=counts, counts_from=counts_from)
         return out
     meta = recv.view(torch.int32)[:, layout.meta_col:layout.meta_col + 2 * k]  # [R, 2k]
     lid = meta[:, :k].contiguous()  # [R, k]; -1 (and any id >= L) sorts into the dropped bucket
