@@ -55,13 +55,34 @@ def _launch_plan(x, op: str):
     return _cuda.plan_launch(x, None, B, out, valid, None, top_k, 0.9, None, True, 1234, 0, False), out
 
 
-def phases(op: str, batch: int, vocab: int, ghz: float, device) -> str:
+def _kernel_us(kernel, plan, launches: int = 20) -> float:
+    """us a launch: CUDA events around back-to-back launches on one input (3 before, untimed)."""
+    def run():
+        kernel(plan.grid, plan.block, plan.args, shared_mem=plan.shared_bytes)
+
+    for _ in range(3):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(launches):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / launches * 1e3
+
+
+def phases(op: str, batch: int, vocab: int, ghz: float, device, base_source: str | None = None) -> str:
     from moecomm.jit import cuda
     from moecomm.sampling import _cuda
 
     x = _probs(batch, vocab, device)
     plan, out = _launch_plan(x, op)
     prod = cuda.load(_cuda.SOURCE, plan.entry, device=device, entries=(plan.entry,))
+    base_line = ""
+    if base_source:  # the control row: an earlier sample.cu's production build, same launch, same run
+        base = cuda.load(base_source, plan.entry, device=device, entries=(plan.entry,))
+        base_us = [_kernel_us(base, plan)]
+        base_tok = out.clone()
     flags = tuple(cuda.DEFAULT_FLAGS) + ("-DMOECOMM_SAMPLE_PROFILE",)
     group = (plan.entry, "moecomm_sample_profile_read")  # one cubin: the read kernel reads the entry's marks
     prof = cuda.load(_cuda.SOURCE, plan.entry, device=device, flags=flags, entries=group)
@@ -80,6 +101,12 @@ def phases(op: str, batch: int, vocab: int, ghz: float, device) -> str:
     torch.cuda.synchronize()
     kernel_us = start.elapsed_time(end) / 20 * 1e3
     tok_prod = out.clone()
+    if base_source:  # base, this source, base again: the spread of the two base figures is the noise
+        base_us.append(_kernel_us(prod, plan))
+        base_us.append(_kernel_us(base, plan))
+        base_same = bool(torch.equal(base_tok, tok_prod)) and bool(torch.equal(out, tok_prod))
+        base_line = (f"\n    control {base_source}: {base_us[0]:.1f} / {base_us[2]:.1f} us/launch vs this source "
+                     f"{kernel_us:.1f} / {base_us[1]:.1f} (interleaved); tokens {'equal' if base_same else 'DIFFER'}")
     n = PROFILE_ROWS * PROFILE_SLOTS
     buf = torch.empty(n, dtype=torch.int64, device=device)
     for _ in range(2):  # the first read also resets the marks to -1 (a phase a row skips stays -1)
@@ -113,7 +140,7 @@ def phases(op: str, batch: int, vocab: int, ghz: float, device) -> str:
     names = ("list n", "gather list" if split else "window nw", "estimate", "b0", "in list")
     line.append("    " + ", ".join(f"{nm} median {float(vals[:, j][vals[:, j] >= 0].median()):.0f}"
                                for j, nm in enumerate(names) if bool((vals[:, j] >= 0).any())))
-    return "\n".join(line)
+    return "\n".join(line) + base_line
 
 
 def host(device) -> str:
@@ -210,6 +237,10 @@ def main(argv=None) -> int:
                         help="only the host time of the API, on this CPU over a fake driver (no GPU needed)")
     parser.add_argument("--cprofile", action="store_true", help="with --host-mock: also cProfile's top functions")
     parser.add_argument("--ghz", type=float, default=1.98, help="SM clock to convert cycles (default 1.98)")
+    parser.add_argument("--base-source", default=None,
+                        help="an earlier sample.cu (path under kernels/): its production build timed beside each row")
+    parser.add_argument("--rows", default="top_p:1:128256,top_p:128:128256,top_p:512:151936,top_k_top_p:1:128256,"
+                        "top_k_top_p:128:128256,top_k_top_p:512:151936", help="op:B:V,... (default: the benchmark's)")
     args = parser.parse_args(argv)
     if args.host_mock:
         print(host_mock(profile=args.cprofile))
@@ -219,9 +250,9 @@ def main(argv=None) -> int:
         return 0
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}; cycles -> us at {args.ghz} GHz")
-    for op in ("top_p", "top_k_top_p"):
-        for batch, vocab in ((1, 128256), (128, 128256), (512, 151936)):
-            print(phases(op, batch, vocab, args.ghz, device), flush=True)
+    for row in args.rows.split(","):
+        op, batch, vocab = row.split(":")
+        print(phases(op, int(batch), int(vocab), args.ghz, device, args.base_source), flush=True)
     if args.host:
         print(host(device))
     return 0
