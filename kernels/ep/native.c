@@ -42,7 +42,7 @@
 #include <string.h>
 #include <time.h>
 
-#define MC_VERSION 3
+#define MC_VERSION 4
 #define MAX_FAMILIES 256
 #define MAX_VARIANTS 8
 #define MAX_ARGS 48
@@ -354,6 +354,20 @@ int moecomm_native_run_patched(const int64_t *prog, int64_t n, const int64_t *pa
     if (rc == MC_OK) rc = moecomm_native_run(copy, n, stream, comm, timeout_ns, info);
     if (copy != local) free(copy);
     return rc;
+}
+
+/* moecomm_native_run_patched with its arguments in one int64 block (one ctypes argument instead of
+ * twelve: ~3 us less host time a call on the H200 host): call[0 .. n) = prog, n_prog, patches,
+ * npatch, stream, comm, timeout_ns, info, nsrcs, srcs[nsrcs], nsets, sets[nsets]. */
+int moecomm_native_run_call(const int64_t *call, int64_t n) {
+    if (n < 10) return MC_BAD_PROGRAM;
+    int64_t nsrcs = call[8];
+    if (nsrcs < 0 || 9 + nsrcs >= n) return MC_BAD_PROGRAM;
+    int64_t nsets = call[9 + nsrcs];
+    if (nsets < 0 || 10 + nsrcs + nsets != n) return MC_BAD_PROGRAM;
+    return moecomm_native_run_patched((const int64_t *)(intptr_t)call[0], call[1], (const int64_t *)(intptr_t)call[2],
+                                      call[3], call + 9, nsrcs, call + 10 + nsrcs, nsets, (void *)(intptr_t)call[4],
+                                      (void *)(intptr_t)call[5], call[6], (int64_t *)(intptr_t)call[7]);
 }
 
 static int patch(int64_t *copy, const int64_t *prog, int64_t n, const int64_t *patches, int64_t npatch,

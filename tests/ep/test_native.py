@@ -14,6 +14,7 @@ GPU (one-rank NCCL group): the native round trip equal to the Python path's, bit
 from __future__ import annotations
 
 import ctypes
+import functools
 import shutil
 import struct
 import threading
@@ -220,23 +221,43 @@ def test_a_one_rank_exchange_is_a_device_copy(native_lib):
     assert rc == N.OK and api.calls == [("d2d", 0x90000, 0x10000, 60, 0x51)]
 
 
-def _run_patched(library, ops, table, srcs, sets, n_prog=None):
+def _run_patched_(library, ops, table, srcs, sets, n_prog=None, via="block"):
+    """moecomm_native_run_patched's run, through its arguments or (via "block") moecomm_native_run_call's block."""
     from array import array
 
     prog, tab, src, st = array("q", ops), array("q", table), array("q", srcs), array("q", sets)
     before = list(prog)
-    rc = library.run_patched(prog.buffer_info()[0], len(prog) if n_prog is None else n_prog, tab.buffer_info()[0],
-                             len(tab) // 4, src.buffer_info()[0], len(src), st.buffer_info()[0], len(st), 0x51, 0xC0,
-                             10**9, library.info_addr)
+    pn = len(prog) if n_prog is None else n_prog
+    if via == "block":
+        block = array("q", [prog.buffer_info()[0], pn, tab.buffer_info()[0], len(tab) // 4, 0x51, 0xC0, 10**9,
+                            library.info_addr, len(src), *src, len(st), *st])
+        rc = library.run_call(block.buffer_info()[0], len(block))
+    else:
+        rc = library.run_patched(prog.buffer_info()[0], pn, tab.buffer_info()[0], len(tab) // 4, src.buffer_info()[0],
+                                 len(src), st.buffer_info()[0], len(st), 0x51, 0xC0, 10**9, library.info_addr)
     assert list(prog) == before  # the template's program is never written
     return rc, library.info[0]
 
 
-def test_a_patched_program_queues_its_sources_addresses_and_splits(native_lib):
+def test_a_call_block_that_does_not_add_up_queues_nothing(native_lib):
+    library, api = native_lib
+    prog = array("q", [N.OP_COPY, 0x7000, 0x9000, 8])
+    for tail in ([1, 0x7000], [0, 5], [2, 0x7000, 0x9000], [-1, 0], [0, 1, 4, 0]):  # nsrcs, srcs, nsets, sets: lengths off
+        block = array("q", [prog.buffer_info()[0], 4, 0, 0, 0x51, 0xC0, 10**9, library.info_addr, *tail])
+        assert library.run_call(block.buffer_info()[0], len(block)) == N.BAD_PROGRAM and api.calls == [], tail
+    block = array("q", [prog.buffer_info()[0], 4, 0, 0, 0x51, 0xC0, 10**9, library.info_addr, 0, 0])
+    assert library.run_call(block.buffer_info()[0], len(block)) == N.OK
+    assert api.calls == [("d2d", 0x7000, 0x9000, 8, 0x51)]
+
+
+@pytest.mark.parametrize("via", ["block", "arguments"])
+def test_a_patched_program_queues_its_sources_addresses_and_splits(native_lib, via):
     """A template's run: addresses rewritten from the call's sources (+ offsets), split sizes set,
     then queued as moecomm_native_run would; an address of another alignment class, or a slot or
-    source out of range, queues nothing."""
+    source out of range, queues nothing. Through the arguments and through one call block (what
+    Template.run uses)."""
     library, api = native_lib
+    _run_patched = functools.partial(_run_patched_, via=via)
     ops = [N.OP_COPY, 0, 0, 24, N.OP_A2A, 0, 0, 12, 1, 7, 7]
     table = [1, 0, 32, 0, 2, 1, 0, 0, 5, 1, 16, 0, 6, 0, 0, 0]  # (slot, source, offset, alignment)
     rc, _ = _run_patched(library, ops, table, [0x7000, 0x9000], [9, 2, 3, 3])
@@ -496,6 +517,15 @@ class _CaptureLib:
             at += 2 + count
         patched = array("q", prog)
         return self.run(patched.buffer_info()[0], pn, stream, comm, timeout_ns, info)
+
+    def run_call(self, addr, n):
+        """native.c's moecomm_native_run_call: run_patched's arguments in one block."""
+        c = _ints(addr, n)
+        ns = c[8]
+        srcs, sets = array("q", c[9:9 + ns]), array("q", c[10 + ns:])
+        assert len(sets) == c[9 + ns]
+        return self.run_patched(c[0], c[1], c[2], c[3], srcs.buffer_info()[0], ns, sets.buffer_info()[0], len(sets),
+                                c[4], c[5], c[6], c[7])
 
 
 def _ints(addr, n) -> list[int]:

@@ -57,7 +57,7 @@ from ...jit import host as _host
 from ...jit.launch import Launcher, native_parameters, recording
 
 SOURCE = "ep/native.c"
-VERSION = 3  # native.c's MC_VERSION
+VERSION = 4  # native.c's MC_VERSION
 OK, RESPECIALISE, CUDA_ERROR, NCCL_ERROR, TIMEOUT, BAD_PROGRAM, NOT_READY = 0, 1, 2, 3, 4, 5, 6
 OP_LAUNCH, OP_A2A, OP_D2H, OP_WAIT, OP_COPY = 1, 2, 3, 4, 5
 EXTRA_PARAMS = 2  # Triton 3.6's global and profile scratch pointers (null)
@@ -73,6 +73,7 @@ _FUNCTIONS = {
     "moecomm_native_run_patched": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]),
+    "moecomm_native_run_call": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64]),
 }
 
 _Tensor = torch.Tensor
@@ -111,6 +112,7 @@ class Library:
         self.info_addr = ctypes.addressof(self.info)
         self.run = lib.moecomm_native_run
         self.run_patched = lib.moecomm_native_run_patched
+        self.run_call = lib.moecomm_native_run_call
 
     def new_family(self) -> int:
         fam = self.lib.moecomm_native_new_family()
@@ -355,12 +357,15 @@ class Template:
     each patched address has the recorded 16-byte alignment (Triton specialises on it: otherwise
     run() answers False and the caller records)."""
 
-    __slots__ = ("prog", "patches", "result", "kept", "reusable", "splits", "table")
+    __slots__ = ("prog", "patches", "result", "kept", "reusable", "splits", "table", "head")
 
     def __init__(self, prog: array, patches: tuple, result, kept: list, reusable: bool = True, splits: tuple = ()):
         self.prog, self.patches, self.result, self.kept, self.reusable = prog, patches, result, kept, reusable
         self.splits = splits
         self.table = array("q", [v for q in patches for v in q])  # (slot, source, offset, alignment) quadruples
+        pa, pn = self.prog.buffer_info()
+        ta, tn = self.table.buffer_info()
+        self.head = (pa, pn, ta, tn // 4)  # moecomm_native_run_call's first words (both arrays live with self)
 
     def run(self, nat, addresses: list[int], what: str, group, splits: tuple = ()) -> bool:
         """Queue the program with the sources' ``addresses`` (the call's tensors' data_ptr(), in the
@@ -369,20 +374,18 @@ class Template:
         the template is not written); False: not applicable (an address of another alignment class,
         nothing queued)."""
         rt, ptr, stream = nat
-        srcs = array("q", addresses)
-        sets = _NO_SETS
-        if splits:
-            sets = array("q")
-            for at, units in zip(self.splits, splits):
-                sets.append(at)
-                sets.append(len(units))
-                sets.extend(units)
         lib = rt.library
-        pa, pn = self.prog.buffer_info()
-        ta, tn = self.table.buffer_info()
-        sa, sn = srcs.buffer_info()
-        ea, en = sets.buffer_info()
-        rc = lib.run_patched(pa, pn, ta, tn // 4, sa, sn, ea, en, stream, ptr, _timeout_ns(), lib.info_addr)
+        call = [*self.head, stream, ptr, _timeout_ns(), lib.info_addr, len(addresses), *addresses]
+        if splits:
+            sets = []
+            for at, units in zip(self.splits, splits):
+                sets += (at, len(units), *units)
+            call.append(len(sets))
+            call += sets
+        else:
+            call.append(0)
+        block = array("q", call)
+        rc = lib.run_call(block.buffer_info()[0], len(block))
         if rc == OK:
             rt.programs += 1
             return True
@@ -391,7 +394,6 @@ class Template:
         raise _failure(rc, lib.info[0], lib.info[1], what, group, _rank_of(group))
 
 
-_NO_SETS = array("q")
 _TIMEOUT_NS: dict = {}  # MOECOMM_TIMEOUT_S as set -> nanoseconds (parsed once per value)
 
 

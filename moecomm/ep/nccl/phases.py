@@ -128,7 +128,7 @@ def back_phase(nat, out: torch.Tensor, handle, op: str):
 
         return y if _native.phase(nat, fkey, what, handle.group, record_plain) else None
     k = outputs.top_k
-    tkey = (out.shape[1:], out.stride(), out.dtype, k, T, W, dc.bucket(R) if R else 0, out.device.index, nat[2])
+    tkey = (H, out.stride(), out.dtype, k, T, W, dc.bucket(R) if R else 0, fkey[1], nat[2])  # out: [N, H] (checked)
     splits = (handle.recv_splits + handle.send_splits,)
     tpl = _BACK_TEMPLATES.get(tkey) if TEMPLATES else None
     if tpl is not None:

@@ -357,7 +357,7 @@ class DispatchOutputs:
     addresses (addresses(), rows_address()), so a round trip makes the views its caller reads, not
     all of them. They belong to the dispatch result they are handed to (nothing writes them later)."""
 
-    __slots__ = ("base", "_at", "_shapes", "_views", "_w", "_rows")
+    __slots__ = ("base", "_at", "_shapes", "_views", "_w", "_rows", "_addresses")
 
     def __init__(self, num_tokens: int, top_k: int, num_rows: int, num_pairs: int, num_local_experts: int,
                  device: torch.device, counts: int = 0, rows: tuple[int, torch.dtype] | None = None):
@@ -371,7 +371,7 @@ class DispatchOutputs:
             at.append(o)
             o += n + (-n % _ALIGN)
         self.base = torch.empty(max(o, 1), dtype=torch.int32, device=device)
-        self._at, self._w, self._views, self._rows = at, counts, [None] * 7, rows
+        self._at, self._w, self._views, self._rows, self._addresses = at, counts, [None] * 7, rows, None
         self._shapes = ((T, k), (R, k), (N,), (N,), (L,), (L + 1,), (2, counts, 3))
 
     def _view(self, i: int) -> torch.Tensor:
@@ -396,8 +396,11 @@ class DispatchOutputs:
     def addresses(self) -> list[int]:
         """The device addresses of home, slot_pos, gather_idx, row_weights, tokens_per_expert,
         expert_offsets and counts (what each view's data_ptr() is), without making the views."""
-        p = self.base.data_ptr()
-        return [p + 4 * a for a in self._at]
+        a = self._addresses
+        if a is None:
+            p = self.base.data_ptr()
+            a = self._addresses = [p + 4 * a for a in self._at]
+        return a
 
     def rows_address(self) -> int:
         """Where the received rows start (``rows``: the allocation's first byte)."""
