@@ -389,9 +389,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-triton", action="store_true", help="leave out the Triton kernel's rows")
     parser.add_argument("--no-torch", action="store_true", help="leave out torch's sort-based sampler")
     parser.add_argument("--precompile", action="store_true", help="only compile every entry at once (and exit)")
+    parser.add_argument("--first-call-only", action="store_true",
+                        help="with --first-call-cache: only the first calls (no timed rows)")
     args = parser.parse_args(argv)
     if args.precompile:
         precompile()
+        return 0
+    if args.first_call_only:
+        if not args.first_call_cache:
+            parser.error("--first-call-only needs --first-call-cache")
+        run_first_call(ResultWriter(args.out), args.first_call_cache)
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fi, fi_info = find_flashinfer() if device.type == "cuda" else (None, "not tried on CPU")
