@@ -373,6 +373,36 @@ def test_native_path_is_off_without_cuda_or_when_asked(monkeypatch):
     assert N.comm_of(None) == 0  # no process group here
 
 
+def test_combine_takes_its_dispatchs_runtime_only_on_the_same_stream(monkeypatch):
+    """for_combine: the dispatch's (runtime, communicator, stream) while the current stream is the one
+    it queued on and the path is on; otherwise a fresh for_call (another stream, async, turned off)."""
+    from types import SimpleNamespace
+
+    class _Rt:
+        current = 0x51
+
+        def stream(self, index):
+            return self.current
+
+    rt = _Rt()
+    monkeypatch.setattr(N, "_RUNTIME", [rt])
+    fresh = []
+    monkeypatch.setattr(N, "for_call", lambda group, dev, async_op: fresh.append((group, async_op)) or "fresh")
+    handle = SimpleNamespace(nat=(rt, 0xC0, 0x51), group="g")
+    dev = torch.device("cuda", 0)
+    assert N.for_combine(handle, dev, False) is handle.nat and fresh == []
+    rt.current = 0x52  # the caller moved to another stream
+    assert N.for_combine(handle, dev, False) == "fresh" and fresh == [("g", False)]
+    rt.current = 0x51
+    assert N.for_combine(handle, dev, True) == "fresh"
+    monkeypatch.setenv("MOECOMM_EP_NATIVE", "0")
+    assert N.for_combine(handle, dev, False) == "fresh"
+    monkeypatch.delenv("MOECOMM_EP_NATIVE")
+    monkeypatch.setattr(N, "_RUNTIME", [None])  # the path turned off since the dispatch
+    assert N.for_combine(handle, dev, False) == "fresh"
+    assert N.for_combine(SimpleNamespace(group="g"), dev, False) == "fresh" and len(fresh) == 5
+
+
 def _native_parameters_match_the_ptx() -> int:
     """native_parameters of real compiled kernels against their PTX: as many parameters (plus the
     two scratch pointers), of the same widths, in the same order."""

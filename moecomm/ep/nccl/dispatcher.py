@@ -299,7 +299,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
         outputs = DispatchOutputs(T, k, R, N, L, dev, W, rows=(layout.width, x.dtype))
         ex = _phases.rows_phase(nat, key, ws, x, w, plan, layout, outputs, send_splits, recv_splits, L, N, group, op)
         if ex is outputs:
-            handle = NativeHandle(group, W, send_splits, recv_splits, outputs, T, H, N)
+            handle = NativeHandle(group, W, send_splits, recv_splits, outputs, T, H, N, nat)
             return NativeResult(outputs.received(H), outputs, handle)
         home = outputs.home
         if ex is not None:  # the reference's expansion (new tensors)
@@ -406,7 +406,7 @@ def _combine(out: torch.Tensor, handle: EPHandle, async_op: bool, op: str) -> to
             partial = gather_sum_unchecked(out, handle.slot_pos)  # [R, H]: summed over local experts
             back = out.new_empty((S, H))  # [S, H]
         else:
-            nat = _native.for_call(handle.group, out.device, async_op)
+            nat = _native.for_combine(handle, out.device, async_op)
             if nat is not None:  # the sum, the exchange back and the source's sum in one native call
                 y = _phases.back_phase(nat, out, handle, op)
                 if y is not None:
@@ -662,7 +662,7 @@ class EPDispatcher:
                 exchange; static mode: no check, ids are clamped, never out of bounds).
         """
         op = "EPDispatcher.dispatch"
-        if torch.compiler.is_compiling() and self._static_fits(x):
+        if self._static_fits(x) and torch.compiler.is_compiling():
             x, ids, w = _validate(op, x, topk_ids, topk_weights, self.hidden, self.top_k, self.dtype)
             return self._dispatch_compiled(x, ids, w, async_op)
         dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
@@ -697,7 +697,7 @@ class EPDispatcher:
         (checked once by the layer), topk_ids [T, k] int32 and topk_weights [T, k] fp32 from route().
         ``validate`` still checks the ids on the device in throughput mode (free for W > 1: the flag
         rides on the count exchange)."""
-        if torch.compiler.is_compiling() and self._static_fits(x):
+        if self._static_fits(x) and torch.compiler.is_compiling():
             return self._dispatch_compiled(x, topk_ids, topk_weights, async_op)
         e2r, e2l = _placement_maps(self.placement, x.device)
         if self._pending_static is not None:

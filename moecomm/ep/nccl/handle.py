@@ -58,9 +58,10 @@ class NativeHandle(EPHandle):
     template takes their addresses instead."""
 
     def __init__(self, group: Any, ep_size: int, send_splits: list[int], recv_splits: list[int], outputs,
-                 num_tokens: int, hidden: int, num_rows: int):
+                 num_tokens: int, hidden: int, num_rows: int, nat=None):
         self.group, self.ep_size, self.send_splits, self.recv_splits = group, ep_size, send_splits, recv_splits
         self.num_tokens, self.hidden, self.num_rows, self.outputs = num_tokens, hidden, num_rows, outputs
+        self.nat = nat  # the dispatch's (runtime, communicator, stream): its combine's, on the same stream
 
     home = property(lambda self: self.outputs.home)
     slot_pos = property(lambda self: self.outputs.slot_pos)

@@ -584,6 +584,16 @@ def for_call(group, dev: torch.device, async_op: bool):
     return rt, ptr, rt.stream(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
+def for_combine(handle, dev: torch.device, async_op: bool):
+    """for_call of a combine: its dispatch's when that took the native path and the current stream
+    is still the one it queued on (no second look-up of the group's communicator)."""
+    nat = getattr(handle, "nat", None)
+    if nat is not None and not async_op and enabled() and _RUNTIME and _RUNTIME[0] is nat[0]:
+        if nat[0].stream(dev.index if dev.index is not None else torch.cuda.current_device()) == nat[2]:
+            return nat
+    return for_call(handle.group, dev, async_op)
+
+
 def phase(nat, key, what: str, group, record, sources: tuple | None = None):
     """Record ``record(recorder)`` (launches and exchanges) and queue it in one native call: True,
     or with ``sources`` (see Recorder) the phase's Template (what ``record`` returned as its
