@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call: the gpu test tier, then the benchmarks, logs under $OUT (at most 8 files come back).
-#   usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [tests|bench|compare|all] [bench names...]
+#   usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [tests|bench|compare|compare_ep|all] [bench names...]
 #   compare: the layer's kernel, graph-replay and host time (profile_moe) for the tree in $BASE_TREE
 #            (default .base, an unpacked earlier commit) and this tree, in turn A B A B: the A-A
 #            spread is the control row that says how much of a difference is noise.
+#   compare_ep: the same A B A B for the EP dispatcher's host time (profile_dispatch --host), not in "all".
 #   BENCH_TIMEOUT (s, default 240) bounds each benchmark; TESTS (default "tests") the gpu tier's paths.
 set -uo pipefail
 OUT=${OUT:-/tmp/moecomm-out}
@@ -45,6 +46,17 @@ if [ "$what" = compare ] || [ "$what" = all ]; then
       echo "=== profile_moe tree=$tree round=$round $(date -u +%T) ===" | tee -a "$OUT/compare.log"
       (cd "$tree" && PYTHONPATH="$PWD" MOECOMM_CACHE_DIR=/tmp/moecomm-cache-$(basename "$tree") \
         timeout 150 python3 -m benchmarks.profile_moe --tokens 1 64 4096 2>&1) | grep -e "---" | tee -a "$OUT/compare.log"
+    done
+  done
+fi
+if [ "$what" = compare_ep ]; then
+  base=${BASE_TREE:-.base}
+  for round in 1 2; do
+    for tree in "$base" .; do
+      echo "=== profile_dispatch --host tree=$tree round=$round $(date -u +%T) ===" | tee -a "$OUT/compare-ep.log"
+      (cd "$tree" && PYTHONPATH="$PWD" MOECOMM_CACHE_DIR=/tmp/moecomm-cache-$(basename "$tree") \
+        timeout 150 python3 -m benchmarks.profile_dispatch --host 2>&1) \
+        | grep -E "^ \[|round trip host|alone|Template.run|for_call|_phase" | tee -a "$OUT/compare-ep.log"
     done
   done
 fi
