@@ -56,14 +56,16 @@ histograms, the exchanged counts) lives in a grow-only Workspace (plan.py) that 
 keeps per stream and reuses: it is never handed out. What a result holds is the caller's: tokens
 (the received rows) is a new tensor, and gather_idx, row_weights, tokens_per_expert,
 expert_offsets and the handle's home and slot_pos are views of ONE new int32 tensor per dispatch
-(plan.DispatchOutputs; on the native path each view is made when first read), so results of
-earlier calls stay valid while later ones run (a training
-step that keeps them for backward, micro-batches in flight). The row buffers (send rows, the
-combine's partial sums and returned rows) stay with the caching allocator: kept per dispatcher
-they would hold ~T * H * (k-ish) bytes for every MoE layer of a model (0.7 GB per layer at
-DeepSeek-V3 prefill sizes), and it tracks NCCL's streams for async_op. The functional dispatch()
-has no dispatcher, hence no workspace: its scratch is one new int32 tensor per step. Static mode:
-every result tensor is a view of the dispatcher's buffers, valid until its next dispatch.
+(plan.DispatchOutputs; on the native path each view is made when first read, and the received
+rows are in the same allocation), so results of earlier calls stay valid while later ones run (a
+training step that keeps them for backward, micro-batches in flight). The rows that never leave
+one call (the send rows, combine's partial sums and returned rows): on the native path one
+grow-only plan.Scratch per stream, shared by every dispatcher on it (so a model's MoE layers hold
+one set, not one each: ~0.7 GB a layer at DeepSeek-V3 prefill sizes), safe because each is written
+and read by one native call's queue on that stream; on the Python path new tensors from the
+caching allocator, which tracks NCCL's streams for async_op. The functional dispatch() has no
+dispatcher, hence no workspace: its scratch is one new int32 tensor per step. Static mode: every
+result tensor is a view of the dispatcher's buffers, valid until its next dispatch.
 """
 
 from __future__ import annotations
@@ -241,8 +243,9 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     knows it (the placement counts it in O(E) otherwise).
 
     Host work per call (kernel path): the plan's 2 launches, the count exchange (1 all_to_all_single,
-    1 device-to-host copy: the sync), 3 allocations (the send rows, the received rows, the result's
-    int32 indices), the pack's launch, the rows' all_to_all_single, the expansion's 2 launches."""
+    1 device-to-host copy: the sync), the allocations (native path: 1, the received rows with the
+    result's int32 indices, the send rows in the stream's Scratch; Python path: 3), the pack's
+    launch, the rows' all_to_all_single, the expansion's 2 launches."""
     W = ep_size
     if not checked:
         x, ids, w = x, topk_ids, topk_weights

@@ -28,8 +28,10 @@ Memory (the host cost of a call is mostly launches and allocations, ~16 and ~6 u
 host): the kernels' scratch (the plan's [T, k] arrays, the sorts' histograms, the [2, W, 3] counts)
 comes from a Workspace, grow-only, that the dispatcher keeps per stream and reuses across calls;
 what a dispatch hands its caller (home, slot_pos, gather_idx, row_weights, tokens_per_expert,
-expert_offsets) is carved from ONE new int32 tensor per call (dispatch_outputs), so it is the
-caller's to keep.
+expert_offsets) is carved from ONE new int32 tensor per call (dispatch_outputs; the native
+path's DispatchOutputs also holds the received rows), so it is the caller's to keep; the native
+path's rows that never leave a call (send rows, combine's partial sums and returned rows) live in
+a Scratch per stream (rows_scratch).
 """
 
 from __future__ import annotations
