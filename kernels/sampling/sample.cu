@@ -31,10 +31,9 @@
 //          shared memory (warp-aggregated: one atomicAdd a warp per 16 tokens a lane); sectors whose
 //          largest exponent (F_MAP_BINS: bin) is below b0's are not loaded. The list is a prefix of the order, so
 //          ranks and masses inside it are the row's.
-//  select  in shared memory, exact. Lists of <= 2048 keys (top-k's, top-p's window): up to 64 keys
-//          sorted and prefix-summed by one warp; up to 2 keys a thread (1024 at 512 threads, top-p's
-//          window) a bitonic sort of the block and one fp64 scan (sort_select); else small_select's
-//          cuts (32 a round, counted and fp64-summed by the warps) down to <= 64 keys. Longer ones: a radix select over the list's keys (8-bit digits from the top;
+//  select  in shared memory, exact. Lists of <= 2048 keys (top-k's, top-p's window): small_select's
+//          cuts (32 a round, counted and fp64-summed by the warps) down to <= 64 keys, sorted and
+//          prefix-summed by one warp. Longer ones: a radix select over the list's keys (8-bit digits from the top;
 //          a level counts the digits of the entries in the current bucket, scatters those entries
 //          by digit into a scratch copy, and prefix-sums their values in fp64 in that order, which
 //          gives each digit's rank and mass-before without floating-point atomics; the lowest digit
@@ -131,8 +130,7 @@ constexpr int SMALL_MAX = 2048;   // list_select hands a bucket of at most this 
 constexpr int UNROLL = 4;         // 16-byte loads a thread keeps in flight
 constexpr int HIST_NONE = 0, HIST_COUNT = 1, HIST_QSUM = 2;
 constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8, PATH_SPLIT = 16,
-              PATH_CLUSTER = 32, PATH_SORT = 64;  // the trace (PATH_CLUSTER: the row ran split over a
-                                                  // cluster; PATH_SORT: a select took sort_select)
+              PATH_CLUSTER = 32;  // the trace (PATH_CLUSTER: the row ran split over a cluster)
 
 // flags (moecomm/sampling/_cuda.py builds them)
 constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K = 1 << 3, F_K_TENSOR = 1 << 4,
@@ -165,9 +163,6 @@ __shared__ u64 s_pick_key;
 __shared__ long long s_pick_rank;
 __shared__ double s_pick_mass;
 __shared__ double s_row_sum;  // S for the log-prob at the end (not held in a register across the row)
-__shared__ double s_plan[3];  // plan_bins: the count bounds at b0, wlo and whi (from their owners)
-__shared__ double s_tot_d[2][32];  // block_totals: the warps' sums and counts
-__shared__ float s_tot_f[2][32];   // and maxima and minima
 
 // ----------------------------------------------------------------------------- small helpers
 
@@ -175,39 +170,6 @@ __device__ __forceinline__ long long lmin(long long a, long long b) { return a <
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ u64 umax64(u64 a, u64 b) { return a > b ? a : b; }
-__device__ __forceinline__ u64 umin64(u64 a, u64 b) { return a < b ? a : b; }
-
-// The block's totals of four partials (an fp64 sum, a count, a max and a min of values that are
-// not NaN), returned to every thread: the warps' in shared memory, ONE barrier, then each thread
-// folds the warps' itself, in warp order (the same bits everywhere). Four block_reduce calls took 12
-// barriers, ~1 us a pass at 1024 threads. Counts travel as fp64 (integers below 2^53: exact). The
-// caller passes a barrier before the next call (every caller does before its next pass).
-struct Totals {
-  double sum, count;
-  float max, min;
-};
-__device__ __noinline__ Totals block_totals(double sum, double count, float mx, float mn) {
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, W = blockDim.x >> 5;
-  sum = warp_reduce(sum, Sum<double>());
-  count = warp_reduce(count, Sum<double>());
-  mx = warp_reduce(mx, Max<float>());
-  mn = -warp_reduce(-mn, Max<float>());
-  if (lane == 0) {
-    s_tot_d[0][w] = sum;
-    s_tot_d[1][w] = count;
-    s_tot_f[0][w] = mx;
-    s_tot_f[1][w] = mn;
-  }
-  __syncthreads();
-  Totals r{s_tot_d[0][0], s_tot_d[1][0], s_tot_f[0][0], s_tot_f[1][0]};
-  for (int i = 1; i < W; ++i) {
-    r.sum += s_tot_d[0][i];
-    r.count += s_tot_d[1][i];
-    r.max = r.max > s_tot_f[0][i] ? r.max : s_tot_f[0][i];
-    r.min = r.min < s_tot_f[1][i] ? r.min : s_tot_f[1][i];
-  }
-  return r;
-}
 
 // The scratch's bytes (see SCRATCH_KB_SHIFT), and the most keys a select over the list may take:
 // list_select / small_select copy their keys into the scratch, so min(cap, scratch keys) (cap in
@@ -398,83 +360,9 @@ __device__ __forceinline__ int digits_per_thread(int nd) {
 }
 
 
-// The last entry satisfying cond among the m keys of src (64 < m, N = m rounded up to a power of
-// two, N <= blockDim.x or N == 2 blockDim.x), as small_select below, by sorting them: a bitonic sort
-// (descending) with E = N / blockDim.x (1 or 2) keys a thread in registers, entry slot E t + e;
-// partners at distance < E are in the thread, < 32 E a shuffle away, farther ones through X
-// (xcap >= N keys; >= 2 N: two buffers, one barrier a stage, else two), then one fp64 scan of the
-// sorted values (the mass before each entry) and a count of the kept (a prefix of the order).
-// Data-independent: at N = 1024 and 1024 threads 15 shared-memory stages and 40 shuffle stages,
-// ~21 barriers, where the cut rounds took ~7 us for a split row's ~675-key window (profile_sampling,
-// RESULTS.md session 13). X may be src (its keys are in registers before X is written).
-__device__ __noinline__ Pick sort_select(const u64* src, u64* X, int m, int xcap, long long cnt_hi, double mass_hi,
-                                         const Cond cond) {
-  const int t = threadIdx.x, T = blockDim.x;
-  int N = 128;
-  while (N < m) N <<= 1;
-  const int E = N > T ? 2 : 1;
-  const bool two = xcap >= 2 * N;
-  const int s0 = E * t;  // this thread's first slot (>= N: a thread past the sort, keys 0 throughout)
-  u64 k0 = s0 < m ? src[s0] : 0, k1 = (E == 2 && s0 + 1 < m) ? src[s0 + 1] : 0;  // 0: no key (below all)
-  __syncthreads();  // src read before X is written
-  int buf = 0;
-#pragma unroll 1
-  for (int size = 2; size <= N; size <<= 1) {
-#pragma unroll 1
-    for (int j = size >> 1; j > 0; j >>= 1) {
-      u64 o0 = k1, o1 = k0;  // j < E: the thread's other slot
-      if (j >= E && j < 32 * E) {
-        o0 = __shfl_xor_sync(FULL, k0, j / E);
-        o1 = __shfl_xor_sync(FULL, k1, j / E);
-      } else if (j >= 32 * E) {
-        u64* S = X + buf * N;
-        if (s0 < N) {
-          S[s0] = k0;
-          if (E == 2) S[s0 + 1] = k1;
-        }
-        __syncthreads();
-        o0 = s0 < N ? S[s0 ^ j] : k0;
-        o1 = (E == 2 && s0 < N) ? S[(s0 + 1) ^ j] : k1;
-        if (two)
-          buf ^= 1;  // the other buffer was last read before this barrier
-        else
-          __syncthreads();
-      }
-      const bool hi0 = ((s0 & j) == 0) == ((s0 & size) == 0);  // slot s0 takes the larger
-      k0 = hi0 ? umax64(k0, o0) : umin64(k0, o0);
-      if (E == 2) {
-        const int s1 = s0 + 1;
-        const bool hi1 = ((s1 & j) == 0) == ((s1 & size) == 0);
-        k1 = hi1 ? umax64(k1, o1) : umin64(k1, o1);
-      }
-    }
-  }
-  const double v0 = k0 ? static_cast<double>(key_value(k0)) : 0.0;
-  const double v1 = (E == 2 && k1) ? static_cast<double>(key_value(k1)) : 0.0;
-  const double e0 = block_exclusive_scan<double>(v0 + v1, nullptr), e1 = e0 + v0;  // mass before slots s0, s0 + 1
-  const bool c0 = s0 < m && cond(cnt_hi + s0, mass_hi + e0);
-  const bool c1 = E == 2 && s0 + 1 < m && cond(cnt_hi + s0 + 1, mass_hi + e1);
-  int kept = __syncthreads_count(c0);
-  if (E == 2) kept += __syncthreads_count(c1);
-  const int L = imax(kept - 1, 0);  // none kept: the first (as small_select)
-  if (L / E == t) {
-    const bool second = (L & 1) && E == 2;
-    s_pick_key = second ? k1 : k0;
-    s_pick_rank = cnt_hi + L;
-    s_pick_mass = mass_hi + (second ? e1 : e0);
-  }
-  MOECOMM_SAMPLE_TRACE(PATH_SORT);
-  __syncthreads();
-  const Pick p{s_pick_key, s_pick_rank, s_pick_mass};
-  __syncthreads();
-  return p;
-}
-
 // The last entry satisfying cond among the m keys of src (distinct, unsorted, m >= 1), a contiguous
 // stretch of the order with cnt_hi tokens of mass mass_hi before it (as list_select; when not even
-// the first entry satisfies cond, the first). X: room for xcap >= m keys (X == src: in place).
-// Lists of 64 < m <= 2 blockDim.x keys whose sort fits X go to sort_select; the cuts below are for
-// longer ones (and blocks whose size is no power of two).
+// the first entry satisfies cond, the first). X: room for m keys (X == src: in place).
 //
 // Cuts instead of digits, for the short lists of top-k and of top-p's uncertain bins. With
 // H(c) = cond(count and fp64 mass of the entries >= c), an entry k is kept iff H(k + 1), and H only
@@ -488,15 +376,9 @@ __device__ __noinline__ Pick sort_select(const u64* src, u64* X, int m, int xcap
 // prefix-sums their values and picks: two barriers.
 // The mass above f is its cut's sum less f (fp64: within an ulp of the in-order sum, as the radix
 // levels' sums are within an ulp of the reference's).
-__device__ __noinline__ Pick small_select(const u64* src, u64* X, int m, int xcap, long long cnt_hi, double mass_hi,
-                                          const Cond cond) {
+__device__ __noinline__ Pick small_select(const u64* src, u64* X, int m, long long cnt_hi, double mass_hi, const Cond cond) {
   constexpr int C = 32;  // cuts a round (warp w takes cuts w, w + W, ...: one each at 1024 threads)
   const int t = threadIdx.x, T = blockDim.x, lane = t & 31, w = t >> 5, W = T >> 5;
-  if (m > 64) {
-    int N = 128;
-    while (N < m) N <<= 1;
-    if ((N <= T || N == 2 * T) && xcap >= N) return sort_select(src, X, m, xcap, cnt_hi, mass_hi, cond);
-  }
   const u64* cur = src;
   const bool rounds = m > 64;
   u64 lo = 0, hi = 0;
@@ -638,11 +520,11 @@ __device__ __noinline__ Pick small_select(const u64* src, u64* X, int m, int xca
 }
 
 // The last entry satisfying cond among the n keys of A (distinct, unsorted), which are a contiguous
-// stretch of the order with cnt_above tokens of mass mass_above before it. B: scratch of xcap >= n keys.
+// stretch of the order with cnt_above tokens of mass mass_above before it. B: scratch of n keys.
 // Radix select with 8-bit digits from the top; each level keeps only the bucket holding the answer.
-__device__ Pick list_select(const u64* __restrict__ A, u64* __restrict__ B, int n, int xcap, long long cnt_above,
+__device__ Pick list_select(const u64* __restrict__ A, u64* __restrict__ B, int n, long long cnt_above,
                             double mass_above, const Cond cond) {
-  if (n <= SMALL_MAX) return small_select(A, B, n, xcap, cnt_above, mass_above, cond);
+  if (n <= SMALL_MAX) return small_select(A, B, n, cnt_above, mass_above, cond);
   const int t = threadIdx.x, T = blockDim.x;
   const int per = digits_per_thread(NUM_DIGITS);
   const int top = NUM_DIGITS - 1 - t * per;
@@ -724,7 +606,7 @@ __device__ Pick list_select(const u64* __restrict__ A, u64* __restrict__ B, int 
     if (c <= SMALL_MAX) {  // the bucket, contiguous in B, finished by cuts in place
       const int off = static_cast<int>(s_doff[d]);
       __syncthreads();
-      return small_select(B + off, B + off, static_cast<int>(c), xcap - off, cnt_above, mass_above, cond);
+      return small_select(B + off, B + off, static_cast<int>(c), cnt_above, mass_above, cond);
     }
     __syncthreads();
   }
@@ -792,10 +674,9 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
       }
     }
   }
-  const Totals tot = block_totals(am, static_cast<double>(ac), 0.0f, 0.0f);
-  *cnt_above = static_cast<long long>(tot.count);
-  *mass_above = tot.sum;
-  const int n = s_n;  // complete: block_totals synchronised after the last append
+  *cnt_above = block_reduce(ac, Sum<long long>(), 0LL);
+  *mass_above = block_reduce(am, Sum<double>(), 0.0);
+  const int n = s_n;  // complete: block_reduce synchronised after the last append
   __syncthreads();    // read by every thread before the next fill_range may reset it
   return n;
 }
@@ -889,9 +770,8 @@ __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsig
     }
   }
   if (GATHER) {
-    const Totals tot = block_totals(am, static_cast<double>(ac), 0.0f, 0.0f);
-    g->ac = static_cast<long long>(tot.count);
-    g->am = tot.sum;
+    g->ac = block_reduce(ac, Sum<long long>(), 0LL);
+    g->am = block_reduce(am, Sum<double>(), 0.0);
   }
   __syncthreads();  // every append done
   const int n = s_n;
@@ -919,9 +799,8 @@ __device__ int split_list(const u64* __restrict__ A, int n, u64 kb, u64* __restr
     const int pos = warp_append(below ? 1 : 0, &s_n);
     if (below && pos < wcap) W[pos] = k;  // beyond wcap: counted, not stored
   }
-  const Totals tot = block_totals(am, static_cast<double>(ac), 0.0f, 0.0f);
-  *cnt_above = static_cast<long long>(tot.count);
-  *mass_above = tot.sum;
+  *cnt_above = block_reduce(ac, Sum<long long>(), 0LL);
+  *mass_above = block_reduce(am, Sum<double>(), 0.0);
   const int m = s_n;
   __syncthreads();
   return m;
@@ -1007,7 +886,7 @@ __device__ Pick hbm_select(const RowRef& row, u64* A, u64* B, int cap, const Con
   long long c0 = 0;
   double m0 = 0.0;
   const int n = fill_range(row, A, cap, prefix, prefix + (1ull << hs), &c0, &m0);
-  return list_select(A, B, imin(n, cap), cap, c0, m0, cond);
+  return list_select(A, B, imin(n, cap), c0, m0, cond);
 }
 
 // ----------------------------------------------------------------------------- one row
@@ -1103,153 +982,78 @@ struct BinPlan {
   long long est_win;  // an upper bound of the window's size
 };
 
-// Exclusive prefix sums of (a, b, c) in thread order, one barrier: the warps' totals go to s_dmass
-// (free outside list_select) and each thread adds those of the warps before it itself, in warp
-// order (the same bits in every block of a cluster). The caller passes a barrier before s_dmass is
-// written again.
-struct Scan3 {
-  double a, b, c;
-};
-__device__ __forceinline__ Scan3 block_exclusive_scan3(double a, double b, double c) {
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const double ya = __shfl_up_sync(FULL, a, o), yb = __shfl_up_sync(FULL, b, o), yc = __shfl_up_sync(FULL, c, o);
-    if (lane >= o) {
-      a += ya;
-      b += yb;
-      c += yc;
-    }
-  }
-  if (lane == 31) {
-    s_dmass[w] = a;
-    s_dmass[32 + w] = b;
-    s_dmass[64 + w] = c;
-  }
-  double ea = __shfl_up_sync(FULL, a, 1), eb = __shfl_up_sync(FULL, b, 1), ec = __shfl_up_sync(FULL, c, 1);
-  if (lane == 0) {
-    ea = 0.0;
-    eb = 0.0;
-    ec = 0.0;
-  }
-  __syncthreads();
-  double pa = 0.0, pb = 0.0, pc = 0.0;
-  for (int i = 0; i < w; ++i) {
-    pa += s_dmass[i];
-    pb += s_dmass[32 + i];
-    pc += s_dmass[64 + i];
-  }
-  return Scan3{pa + ea, pb + eb, pc + ec};
-}
-
 // plan: the lowest bin b0 to list and an upper bound of the list's size, from pass A's bins
-// (HIST_COUNT: exact counts; HIST_QSUM: mass bounds; P = top_p * S). Every thread calls it. Three
-// barriers: one fused scan of the bins from the top (count bounds, and for top-p both mass bounds),
-// the bounds' crossings (one shared atomic a warp: a thread's bins run down from top, a warp's lanes
-// too), and the count bounds at b0 / wlo / whi from the threads that own those bins. Counts are
-// scanned in fp64: integers below 2^53, exact. (Before: two block scans and two block reductions,
-// ~12 barriers: with the bins' sums, 6.9 us of a split row's 27; RESULTS.md session 13.)
+// (HIST_COUNT: exact counts; HIST_QSUM: mass bounds; P = top_p * S). Every thread calls it.
 template <int HIST>
-__device__ __noinline__ BinPlan plan_bins(const unsigned* hist, long long k_eff, long long npos, int bthr,
+__device__ __forceinline__ BinPlan plan_bins(const unsigned* hist, long long k_eff, long long npos, int bthr,
                                              bool need_sk, bool p_all, double P) {
   BinPlan pl{bthr, npos, 0, NUM_BINS - 1, npos + 1};
-  if (HIST == HIST_NONE) return pl;
-  const int t = threadIdx.x, lane = t & 31;
+  const int t = threadIdx.x;
   const int per = digits_per_thread(NUM_BINS);
   const int top = NUM_BINS - 1 - t * per;
-  const bool mass = HIST == HIST_QSUM && !p_all;
-  auto count_of = [&](int b, unsigned h) {
-    return static_cast<double>(HIST == HIST_COUNT ? static_cast<long long>(h) : q_count_bound(b, h));
-  };
-  double lo_m = 0.0, hi_m = 0.0, cnt_m = 0.0;
-  for (int j = 0; j < per; ++j) {
-    const int b = top - j;
-    if (b >= 0) {
-      const unsigned h = hist[b];
-      cnt_m += count_of(b, h);
-      if (mass) {
-        lo_m += q_mass_lo(b, h);
-        hi_m += q_mass_hi(b, h);
-      }
-    }
-  }
-  if (t == 0) {  // before the scan's barrier; read after the next one
-    s_sel = HIST == HIST_COUNT ? NUM_BINS : -1;
-    s_sel2 = NUM_BINS;
-    s_plan[0] = 0.0;
-  }
-  const Scan3 ex = block_exclusive_scan3(lo_m, hi_m, cnt_m);
-  if (HIST == HIST_COUNT || mass) {
-    // COUNT: the lowest non-empty bin with fewer than k_eff tokens above (it holds rank k_eff - 1);
-    // QSUM: the highest non-empty bin whose first token is certainly dropped (lower-bound mass above
-    // >= P: sel) and the lowest whose first token is certainly kept (upper bound < P: sel2)
-    int sel = HIST == HIST_COUNT ? NUM_BINS : -1, sel2 = NUM_BINS;
-    double lo_run = ex.a, hi_run = ex.b, run = ex.c;
+  if (HIST == HIST_COUNT) {
+    long long mine = 0;
+    for (int j = 0; j < per; ++j)
+      if (top - j >= 0) mine += hist[top - j];
+    if (t == 0) s_sel = NUM_BINS;
+    long long run = block_exclusive_scan<long long>(mine, nullptr);
     for (int j = 0; j < per; ++j) {
       const int b = top - j;
       if (b >= 0) {
-        const unsigned h = hist[b];
-        if (HIST == HIST_COUNT) {
-          if (h > 0 && run < static_cast<double>(k_eff)) sel = b;
-          run += static_cast<double>(h);
-        } else {
-          if (h > 0 && lo_run >= P && sel < 0) sel = b;
-          if (h > 0 && hi_run < P) sel2 = b;
+        const unsigned c = hist[b];
+        if (c > 0 && run < k_eff) atomicMin(&s_sel, b);  // the bin holding rank k_eff - 1
+        run += c;
+      }
+    }
+    __syncthreads();
+    pl.b0 = need_sk ? s_sel : imax(s_sel, bthr);
+    long long cnt = 0;
+    for (int j = 0; j < per; ++j)
+      if (top - j >= pl.b0) cnt += hist[top - j];
+    pl.est = block_reduce(cnt, Sum<long long>(), 0LL);
+  } else if (HIST == HIST_QSUM) {
+    if (!p_all) {
+      double lo_mine = 0.0, hi_mine = 0.0;
+      for (int j = 0; j < per; ++j) {
+        const int b = top - j;
+        if (b >= 0) {
+          const unsigned h = hist[b];
+          lo_mine += q_mass_lo(b, h);
+          hi_mine += q_mass_hi(b, h);
+        }
+      }
+      if (t == 0) {
+        s_sel = -1;
+        s_sel2 = NUM_BINS;
+      }
+      double lo_run = block_exclusive_scan<double>(lo_mine, nullptr);
+      double hi_run = block_exclusive_scan<double>(hi_mine, nullptr);
+      for (int j = 0; j < per; ++j) {
+        const int b = top - j;
+        if (b >= 0) {
+          const unsigned h = hist[b];
+          if (h > 0 && lo_run >= P) atomicMax(&s_sel, b);   // first token certainly dropped
+          if (h > 0 && hi_run < P) atomicMin(&s_sel2, b);   // first token certainly kept
           lo_run += q_mass_lo(b, h);
           hi_run += q_mass_hi(b, h);
         }
       }
-    }
-    // the warp's: lanes own descending bins, so the highest lane's minimum, the lowest lane's maximum
-    const unsigned has = __ballot_sync(FULL, HIST == HIST_COUNT ? sel < NUM_BINS : sel >= 0);
-    if (has) {
-      const int v = __shfl_sync(FULL, sel, HIST == HIST_COUNT ? 31 - __clz(static_cast<int>(has)) : __ffs(static_cast<int>(has)) - 1);
-      if (lane == 0) {
-        if (HIST == HIST_COUNT)
-          atomicMin(&s_sel, v);
-        else
-          atomicMax(&s_sel, v);
-      }
-    }
-    if (mass) {
-      const unsigned has2 = __ballot_sync(FULL, sel2 < NUM_BINS);
-      if (has2) {
-        const int v = __shfl_sync(FULL, sel2, 31 - __clz(static_cast<int>(has2)));
-        if (lane == 0) atomicMin(&s_sel2, v);
-      }
-    }
-  }
-  __syncthreads();
-  if (HIST == HIST_COUNT) {
-    pl.b0 = need_sk ? s_sel : imax(s_sel, bthr);
-  } else {
-    if (mass) {
+      __syncthreads();
       pl.wlo = imax(s_sel, 0);
       pl.whi = s_sel2 < NUM_BINS ? s_sel2 : NUM_BINS - 1;
     }
     pl.b0 = imax(pl.wlo, bthr);
-  }
-  {  // the count bounds of bins >= b0 and >= wlo (inclusive) and > whi, from their owners
-    double run = ex.c;
+    long long cnt = 0, wcnt = 0;
     for (int j = 0; j < per; ++j) {
       const int b = top - j;
       if (b >= 0) {
-        const double c = count_of(b, hist[b]);
-        if (b == pl.b0) s_plan[0] = run + c;
-        if (b == pl.wlo) s_plan[1] = run + c;
-        if (b == pl.whi) s_plan[2] = run;
-        run += c;
+        const long long c = q_count_bound(b, hist[b]);
+        if (b >= pl.b0) cnt += c;
+        if (b >= pl.wlo && b <= pl.whi) wcnt += c;
       }
     }
-  }
-  __syncthreads();
-  const long long est = static_cast<long long>(s_plan[0]);
-  if (HIST == HIST_COUNT) {
-    pl.est = est;
-  } else {
-    pl.est = lmin(est, npos);
-    const double win = s_plan[1] - s_plan[2];  // <= 0: an empty window
-    pl.est_win = lmin(win > 0.0 ? static_cast<long long>(win) : 0LL, npos);
+    pl.est = lmin(block_reduce(cnt, Sum<long long>(), 0LL), npos);
+    pl.est_win = lmin(block_reduce(wcnt, Sum<long long>(), 0LL), npos);
   }
   return pl;
 }
@@ -1272,7 +1076,7 @@ __device__ __forceinline__ u64 fallback_boundary(const RowRef& row, u64* A, u64*
     const int nw = fill_range(row, A, scap, ka, static_cast<u64>(pl.whi + 1) << 52, &c0, &m0);
     if (nw > 0 && nw <= scap) {
       MOECOMM_SAMPLE_TRACE(PATH_WINDOW);
-      const Pick pk = list_select(A, B, nw, scratch_bytes_of(flags, cap) / 8, c0, m0, cond_pk);
+      const Pick pk = list_select(A, B, nw, c0, m0, cond_pk);
       // l is in the window: its first entry is kept (the bounds said so; checked exactly here, as
       // a q-sum bin can wrap past 2^32 at V > 2^19) and an entry after l is dropped (or none can be)
       got = cond_pk(c0, m0) && (pk.rank < c0 + nw - 1 || c0 + nw == npos || (has_minp && ka <= kthr));
@@ -1370,12 +1174,11 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   float mx = 0.0f, mn = 0.0f;
   int npos_t = 0;
   pass_a<HIST>(row, hist, map, use_map, flags, s, mx, mn, npos_t);
-  const Totals tot = block_totals(s, static_cast<double>(npos_t), mx, mn);
-  const double S = tot.sum;
+  const double S = block_reduce(s, Sum<double>(), 0.0);
   if (t == 0) s_row_sum = S;
-  const float M = tot.max;
-  const float mnr = tot.min;
-  const long long npos = static_cast<long long>(tot.count);
+  const float M = block_reduce(mx, Max<float>(), 0.0f);
+  const float mnr = -block_reduce(-mn, Max<float>(), 0.0f);
+  const long long npos = block_reduce(static_cast<long long>(npos_t), Sum<long long>(), 0LL);
   MOECOMM_SAMPLE_CLOCK(1);
   if (!(mnr >= 0.0f) || !(S > 0.0) || !(S < 1.0e300)) {  // a negative value, NaN or +inf, or a zero sum
     write_row(out, valid, logprob, flags, pid, 0, false, 0.0f);
@@ -1421,7 +1224,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
         Cond c = cond_pk;
         if (need_sk) {  // top_k_first: top-p on the top-k set's mass
           if (n <= scap) {
-            const Pick pk = list_select(A, B, n, scratch_bytes_of(flags, cap) / 8, 0, 0.0, cond_k);
+            const Pick pk = list_select(A, B, n, 0, 0.0, cond_k);
             good = pk.rank < n - 1 || below_dropped || n >= k_eff;
             c.P = top_p() * (pk.mass + static_cast<double>(key_value(pk.key)));
           } else {
@@ -1439,12 +1242,12 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
           MOECOMM_SAMPLE_VALUE(11, nw);
           if (nw > 0 && 2 * nw <= scap && c(c0, m0)) {  // the window's first entry is kept: l is in it
             MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
-            pk = list_select(B, B + nw, nw, scratch_bytes_of(flags, cap) / 8 - nw, c0, m0, c);
+            pk = list_select(B, B + nw, nw, c0, m0, c);
             done = true;
           }
         }
         if (!done && good && n <= scap) {
-          pk = list_select(A, B, n, scratch_bytes_of(flags, cap) / 8, 0, 0.0, c);
+          pk = list_select(A, B, n, 0, 0.0, c);
           done = true;
         }
         good = good && done && (pk.rank < n - 1 || below_dropped || n >= k_eff);
@@ -1598,12 +1401,15 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
     float mx = 0.0f, mn = 0.0f;
     int npos_t = 0;
     pass_a<HIST>(mine, hist, map, use_map, flags, s, mx, mn, npos_t);
-    const Totals tot = block_totals(s, static_cast<double>(npos_t), mx, mn);
+    s = block_reduce(s, Sum<double>(), 0.0);
+    mx = block_reduce(mx, Max<float>(), 0.0f);
+    mn = -block_reduce(-mn, Max<float>(), 0.0f);
+    const long long np = block_reduce(static_cast<long long>(npos_t), Sum<long long>(), 0LL);
     if (t == 0) {
-      s_split.sum = tot.sum;
-      s_split.max = tot.max;
-      s_split.min = tot.min;
-      s_split.npos = static_cast<long long>(tot.count);
+      s_split.sum = s;
+      s_split.max = mx;
+      s_split.min = mn;
+      s_split.npos = np;
       s_split.gn = 0;  // rank 0's is the one used: reset before barrier 1, appended to after it
     }
   }
@@ -1633,26 +1439,17 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
     }
   }
   if (HIST != HIST_NONE) {
-    // two bins a load (hist and hsum are 8-byte aligned: B is a u64 array, hsum's offset a multiple
-    // of 16), the C remote loads issued back to back (one latency of distributed shared memory, not
-    // C); integer sums: the single block's bins exactly
-    uint2* hsum = reinterpret_cast<uint2*>(split_hsum(B, flags, cap, nq));
-    const uint2* h2 = reinterpret_cast<const uint2*>(hist);
-    for (int b = t; b < NUM_BINS / 2; b += T) {
-      uint2 v[MAX_SPLIT_UNROLL];
+    unsigned* hsum = split_hsum(B, flags, cap, nq);
+    for (int b = t; b < NUM_BINS; b += T) {
+      // the C remote loads issued back to back (one latency of distributed shared memory, not C);
+      // integer sums: the single block's bins exactly
+      unsigned v[MAX_SPLIT_UNROLL];
 #pragma unroll
-      for (int r = 0; r < MAX_SPLIT_UNROLL; ++r) v[r] = r < C ? cluster_map(h2, r)[b] : make_uint2(0u, 0u);
-      uint2 acc = make_uint2(0u, 0u);
+      for (int r = 0; r < MAX_SPLIT_UNROLL; ++r) v[r] = r < C ? cluster_map(hist, r)[b] : 0u;
+      unsigned acc = 0;
 #pragma unroll
-      for (int r = 0; r < MAX_SPLIT_UNROLL; ++r) {
-        acc.x += v[r].x;
-        acc.y += v[r].y;
-      }
-      for (int r = MAX_SPLIT_UNROLL; r < C; ++r) {
-        const uint2 u = cluster_map(h2, r)[b];
-        acc.x += u.x;
-        acc.y += u.y;
-      }
+      for (int r = 0; r < MAX_SPLIT_UNROLL; ++r) acc += v[r];
+      for (int r = MAX_SPLIT_UNROLL; r < C; ++r) acc += cluster_map(hist, r)[b];
       hsum[b] = acc;
     }
   }
@@ -1745,7 +1542,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
         Cond c = cond_pk;
         Pick pk{0, 0, 0.0};
         if (good && need_sk) {  // top_k_first: top-p on the top-k set's mass (the gather list is the whole list)
-          const Pick pkk = list_select(G, B, ng, goff / 8, 0, 0.0, cond_k);
+          const Pick pkk = list_select(G, B, ng, 0, 0.0, cond_k);
           good = pkk.rank < n - 1 || below_dropped || n >= k_eff;
           c.P = top_p() * (pkk.mass + static_cast<double>(key_value(pkk.key)));
         }
@@ -1754,7 +1551,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
         good = good && c(c0, m0);  // the gather list's first entry is kept: l is in it
         if (good) {
           if (windowed) MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
-          pk = list_select(G, B, ng, goff / 8, c0, m0, c);
+          pk = list_select(G, B, ng, c0, m0, c);
         }
         in_list = good && (pk.rank < n - 1 || below_dropped || n >= k_eff);
         kell = pk.key;

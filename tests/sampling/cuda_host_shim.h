@@ -38,10 +38,6 @@ struct alignas(16) float4 {
   float x, y, z, w;
 };
 inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
-struct alignas(8) uint2 {
-  unsigned x, y;
-};
-inline uint2 make_uint2(unsigned a, unsigned b) { return uint2{a, b}; }
 
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
@@ -51,7 +47,6 @@ struct Block {
   std::unique_ptr<std::barrier<>> bar;
   std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
   std::vector<unsigned long long> slots;  // 32 per warp
-  std::vector<int> preds;                 // __syncthreads_count's, one a thread
 };
 inline Block* block = nullptr;
 // Race shaker: after every __syncthreads, threads other than 0 sleep this long, so thread 0 runs
@@ -93,7 +88,6 @@ inline void launch_block(unsigned grid, unsigned b, unsigned threads, const std:
   blk.bar = std::make_unique<std::barrier<>>(threads);
   for (unsigned w = 0; w < threads / 32; ++w) blk.warp_bar.push_back(std::make_unique<std::barrier<>>(32));
   blk.slots.assign(threads, 0);
-  blk.preds.assign(threads, 0);
   block = &blk;
   if (before_block) before_block(b);
   std::vector<std::thread> ts;
@@ -112,17 +106,6 @@ inline void launch_block(unsigned grid, unsigned b, unsigned threads, const std:
 inline void __syncthreads() {
   shim::block->bar->arrive_and_wait();
   if (shim::lag_us > 0 && threadIdx.x != 0) std::this_thread::sleep_for(std::chrono::microseconds(shim::lag_us));
-}
-
-// A barrier that also counts the threads whose pred is non-zero (every thread gets the count)
-inline int __syncthreads_count(int pred) {
-  shim::block->preds[threadIdx.x] = pred != 0;
-  shim::block->bar->arrive_and_wait();
-  int n = 0;
-  for (unsigned i = 0; i < blockDim.x; ++i) n += shim::block->preds[i];
-  shim::block->bar->arrive_and_wait();  // every count read before the next call writes
-  if (shim::lag_us > 0 && threadIdx.x != 0) std::this_thread::sleep_for(std::chrono::microseconds(shim::lag_us));
-  return n;
 }
 
 // Thread-block clusters: a cluster's blocks run at the same time, each in its own copy of the
