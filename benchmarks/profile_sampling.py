@@ -71,13 +71,15 @@ def _kernel_us(kernel, plan, launches: int = 20) -> float:
     return start.elapsed_time(end) / launches * 1e3
 
 
-def phases(op: str, batch: int, vocab: int, ghz: float, device, base_source: str | None = None) -> str:
+def phases(op: str, batch: int, vocab: int, ghz: float, device, base_source: str | None = None,
+           source: str | None = None) -> str:
     from moecomm.jit import cuda
     from moecomm.sampling import _cuda
 
+    source = source or _cuda.SOURCE  # a trial's copy of sample.cu (same entries and arguments) or the package's
     x = _probs(batch, vocab, device)
     plan, out = _launch_plan(x, op)
-    prod = cuda.load(_cuda.SOURCE, plan.entry, device=device, entries=(plan.entry,))
+    prod = cuda.load(source, plan.entry, device=device, entries=(plan.entry,))
     base_line = ""
     if base_source:  # the control row: an earlier sample.cu's production build, same launch, same run
         base = cuda.load(base_source, plan.entry, device=device, entries=(plan.entry,))
@@ -85,8 +87,8 @@ def phases(op: str, batch: int, vocab: int, ghz: float, device, base_source: str
         base_tok = out.clone()
     flags = tuple(cuda.DEFAULT_FLAGS) + ("-DMOECOMM_SAMPLE_PROFILE",)
     group = (plan.entry, "moecomm_sample_profile_read")  # one cubin: the read kernel reads the entry's marks
-    prof = cuda.load(_cuda.SOURCE, plan.entry, device=device, flags=flags, entries=group)
-    read = cuda.load(_cuda.SOURCE, "moecomm_sample_profile_read", device=device, flags=flags, entries=group)
+    prof = cuda.load(source, plan.entry, device=device, flags=flags, entries=group)
+    read = cuda.load(source, "moecomm_sample_profile_read", device=device, flags=flags, entries=group)
 
     def run(k):
         k(plan.grid, plan.block, plan.args, shared_mem=plan.shared_bytes)
@@ -119,7 +121,7 @@ def phases(op: str, batch: int, vocab: int, ghz: float, device, base_source: str
     names = SPLIT_PHASES if split else PHASES
     rows = buf.view(PROFILE_ROWS, PROFILE_SLOTS)[: min(blocks, PROFILE_ROWS)].cpu()
     t = rows[:, :len(names) + 1]
-    line = [f"{op:12s} B{batch:<4d} V{vocab}: kernel {kernel_us:7.1f} us/launch (production build); "
+    line = [f"{op:12s} B{batch:<4d} V{vocab} [{source}]: kernel {kernel_us:7.1f} us/launch (production build); "
             f"profile build's tokens {'equal' if same else 'DIFFER'}"]
     prev = t[:, 0]
     total = torch.zeros(t.shape[0], dtype=torch.int64)
@@ -239,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ghz", type=float, default=1.98, help="SM clock to convert cycles (default 1.98)")
     parser.add_argument("--base-source", default=None,
                         help="an earlier sample.cu (path under kernels/): its production build timed beside each row")
+    parser.add_argument("--source", default=None,
+                        help="profile this copy of sample.cu (path under kernels/) instead of the package's")
     parser.add_argument("--rows", default="top_p:1:128256,top_p:128:128256,top_p:512:151936,top_k_top_p:1:128256,"
                         "top_k_top_p:128:128256,top_k_top_p:512:151936", help="op:B:V,... (default: the benchmark's)")
     args = parser.parse_args(argv)
@@ -252,7 +256,7 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name()}; cycles -> us at {args.ghz} GHz")
     for row in args.rows.split(","):
         op, batch, vocab = row.split(":")
-        print(phases(op, int(batch), int(vocab), args.ghz, device, args.base_source), flush=True)
+        print(phases(op, int(batch), int(vocab), args.ghz, device, args.base_source, args.source), flush=True)
     if args.host:
         print(host(device))
     return 0
