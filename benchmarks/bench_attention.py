@@ -83,17 +83,26 @@ def _host_us(fn, n=30):
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def _sdpa_best(q, k, v, causal, warmup, rep):
-    """The fastest SDPA backend (flash, cuDNN, efficient) on contiguous KV: (ms, name, out)."""
+def _sdpa_fn(q, k, v, causal, name):
+    """SDPA on one backend (flash, cudnn, efficient, math) as a callable."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+          "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+
+    def fn():
+        with sdpa_kernel([be]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    return fn
+
+
+def _sdpa_best(q, k, v, causal, warmup, rep):
+    """The fastest SDPA backend (flash, cuDNN, efficient) on contiguous KV: (ms, name, out)."""
     best = None
-    names = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-             ("efficient", SDPBackend.EFFICIENT_ATTENTION)] if q.is_cuda else [("math", SDPBackend.MATH)]
-    for name, be in names:
-        def fn():
-            with sdpa_kernel([be]):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    names = ["flash", "cudnn", "efficient"] if q.is_cuda else ["math"]
+    for name in names:
+        fn = _sdpa_fn(q, k, v, causal, name)
         try:
             out = fn()
             ms = _time(fn, warmup, rep)
@@ -154,7 +163,8 @@ def ours_prefill(B, L, Hq, Hk, dtype, device, warmup, rep, gen, kernel=None, con
         tma = bool(w._plan["kv_contiguous"]) and pre.PREFILL_KERNEL != "v1"
     finally:
         pre.PREFILL_KERNEL, pre.PREFILL_GLUON = saved
-    return dict(ms=ms, plan_us=plan_us, out=out, q=q, k=k, v=v, perm=perm, tma=tma)
+    # run: the timed call (valid after return only for the defaults: kernel and gluon None, or their values)
+    return dict(ms=ms, plan_us=plan_us, out=out, q=q, k=k, v=v, perm=perm, tma=tma, run=lambda: w.run(q, (k, v)))
 
 
 def _per_call_us(fn, calls: int, repeats: int) -> tuple[float, float]:
@@ -663,7 +673,6 @@ def _prefill_row(writer, device, dtype, args, peers, peer_rows, B, L, Hq, Hk):
         if sdpa is None:  # the same seed: every variant has the same q, K and V (pages renumbered only)
             kc, vc = _contiguous(r["k"], r["v"], r["perm"], B, L)
             sdpa = _sdpa_best(qs, kc, vc, True, args.warmup, max(10, args.rep // 3))
-            del kc, vc
             s_ms, s_name, s_out = sdpa
             writer.write(op="attention_prefill", impl=f"sdpa-{s_name}", **shape, median_ms=s_ms,
                          tflops=flops / (s_ms * 1e-3) / 1e12)
@@ -690,9 +699,28 @@ def _prefill_row(writer, device, dtype, args, peers, peer_rows, B, L, Hq, Hk):
                 writer.write(op="attention_prefill", impl=f"{name}-{pr['version']}", **shape, median_ms=pr["ms"],
                              tflops=p_tf)
         print(line, flush=True)
+        if label == INTERLEAVED_VARIANT:  # the target's row again, ours and that SDPA backend call after call
+            _interleaved_row(writer, shape, flops, r["run"], _sdpa_fn(qs, kc, vc, True, s_name), s_name, args)
         del r
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+INTERLEAVED_VARIANT = "gluon consec"  # the default kernel on sm_90: the issue's target row
+
+
+def _interleaved_row(writer, shape, flops, ours, sdpa, s_name, args):
+    """ours and SDPA timed call after call (moecomm.testing.bench_interleaved: both in the same clock
+    and power state; the rows above time each alone, SDPA before ours), the ratio the target reads."""
+    from moecomm.testing import bench_interleaved
+
+    t = bench_interleaved({"ours": ours, "sdpa": sdpa}, warmup=args.warmup, rep=max(10, args.rep // 3))
+    o_ms, s_ms = t["ours"].median_ms, t["sdpa"].median_ms
+    o_tf, s_tf = flops / (o_ms * 1e-3) / 1e12, flops / (s_ms * 1e-3) / 1e12
+    print(f"{'':19s} {INTERLEAVED_VARIANT}, interleaved with SDPA {s_name}: ours {o_ms:.3f} ms ({o_tf:.1f} TFLOP/s), "
+          f"SDPA {s_ms:.3f} ms ({s_tf:.1f}): ours/sdpa {o_tf / s_tf:.3f}", flush=True)
+    writer.write(op="attention_prefill_interleaved", impl="moecomm", sdpa=s_name, **shape, median_ms=o_ms,
+                 sdpa_median_ms=s_ms, tflops=o_tf, sdpa_tflops=s_tf, ratio_to_sdpa=o_tf / s_tf)
 
 
 def _kernel_stats():

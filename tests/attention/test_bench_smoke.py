@@ -34,6 +34,11 @@ def test_bench_quick_with_a_peer(tmp_path):
     impls = {(r["op"], r["impl"]) for r in rows}
     assert ("attention_decode", "moecomm") in impls and ("attention_decode", "fake-stand-in") in impls
     assert ("attention_prefill", "moecomm") in impls and ("attention_prefill", "fake-stand-in") in impls
+    # the target's row again, ours and SDPA timed call after call
+    inter = [r for r in rows if r["op"] == "attention_prefill_interleaved"]
+    assert len(inter) == 1 and inter[0]["median_ms"] > 0 and inter[0]["sdpa_median_ms"] > 0
+    assert abs(inter[0]["ratio_to_sdpa"] - inter[0]["sdpa_median_ms"] / inter[0]["median_ms"]) < 1e-9
+    assert "interleaved with SDPA" in proc.stdout
 
 
 def test_plan_only_with_pieces_and_device_ids(tmp_path):
