@@ -62,7 +62,7 @@ def rows_phase(nat, key, ws, x, w, plan, layout, outputs, send_splits, recv_spli
     """pack_send into the stream's Scratch + the rows' exchange into ``outputs``' received rows +
     expand_received into ``outputs`` (a DispatchOutputs with rows and counts, which get the
     dispatch's counts): ``outputs``, or the reference's new Expanded, or None (it runs in Python)."""
-    R = outputs._shapes[1][0]
+    R = outputs.num_rows
     dc = _triton_kernels().DeviceCounts
     # L 0: the expansion is torch ops, not a program
     kernels = L > 0 and choose(x, "ep_pack") is Impl.TRITON and choose(x, "ep_expand") is Impl.TRITON

@@ -394,6 +394,7 @@ class DispatchOutputs:
     counts = property(lambda self: self._view(6) if self._w else None)
     has_counts = property(lambda self: self._w > 0)
     top_k = property(lambda self: self._shapes[0][1])
+    num_rows = property(lambda self: self._shapes[1][0])  # R, the received rows
 
     def addresses(self) -> list[int]:
         """The device addresses of home, slot_pos, gather_idx, row_weights, tokens_per_expert,
@@ -411,7 +412,7 @@ class DispatchOutputs:
     def received(self, columns: int | None = None) -> torch.Tensor:
         """The received rows [R, width] (``rows`` given), or their first ``columns`` (the tokens)."""
         width, dtype = self._rows
-        return self.base.view(dtype).as_strided((self._shapes[1][0], columns or width), (width, 1))
+        return self.base.view(dtype).as_strided((self.num_rows, columns or width), (width, 1))
 
 
 def dispatch_outputs(num_tokens: int, top_k: int, num_rows: int, num_pairs: int, num_local_experts: int,
