@@ -93,15 +93,7 @@ def phases(op: str, batch: int, vocab: int, ghz: float, device, base_source: str
     def run(k):
         k(plan.grid, plan.block, plan.args, shared_mem=plan.shared_bytes)
 
-    for _ in range(3):
-        run(prod)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        run(prod)
-    end.record()
-    torch.cuda.synchronize()
-    kernel_us = start.elapsed_time(end) / 20 * 1e3
+    kernel_us = _kernel_us(prod, plan)
     tok_prod = out.clone()
     if base_source:  # base, this source, base again: the spread of the two base figures is the noise
         base_us.append(_kernel_us(prod, plan))

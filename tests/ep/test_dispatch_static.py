@@ -228,7 +228,9 @@ def test_host_counts_list_reads_the_host_counts_and_parses_as_the_list():
     ws.host_counts((2, W, 3)).copy_(torch.arange(18, dtype=torch.int32).view(2, W, 3) * 7 - 5)
     flat = ws.host_counts_list((2, W, 3))
     assert flat == ws.host_counts((2, W, 3)).flatten().tolist()
-    assert D._parse_flat(flat, W) == D._parse_counts(ws.host_counts((2, W, 3)).tolist())
+    c = ws.host_counts((2, W, 3)).tolist()
+    assert D._parse_flat(flat, W) == ([r[0] for r in c[0]], [r[0] for r in c[1]], [r[1] for r in c[1]],
+                                      [r[2] for r in c[1]])  # sent rows; received rows, pairs, flags
     ws.host_counts((2, W, 3))[1, 2, 0] = 99  # read again: the values now, not a copy
     assert ws.host_counts_list((2, W, 3))[15] == 99
 

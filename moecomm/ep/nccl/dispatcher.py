@@ -157,23 +157,17 @@ def _exchange_counts(info: torch.Tensor, group, op: str, counts: torch.Tensor | 
         info, counts_recv = counts[0], counts[1]
     _all_to_all(counts_recv, info, None, None, group, f"{op}: count exchange", False)
     if not counts.is_cuda:
-        host = counts.tolist()
+        host = counts.view(-1).tolist()
     elif workspace is not None:
-        host = workspace.host_counts((2, W, 3)).copy_(counts).tolist()  # one device->host copy: the sync
+        host = workspace.host_counts((2, W, 3)).copy_(counts).view(-1).tolist()  # one device->host copy: the sync
     else:
-        host = counts.cpu().tolist()  # one device->host copy: the sync
-    return _parse_counts(host)
-
-
-def _parse_counts(host: list) -> tuple[list[int], list[int], list[int], list[int]]:
-    """(rows sent, rows received, pairs received, flags received) from the [2, W, 3] counts as a list."""
-    sent = [row[0] for row in host[0]]
-    got = host[1]
-    return sent, [r[0] for r in got], [r[1] for r in got], [r[2] for r in got]
+        host = counts.cpu().view(-1).tolist()  # one device->host copy: the sync
+    return _parse_flat(host, W)
 
 
 def _parse_flat(flat: list, W: int) -> tuple[list[int], list[int], list[int], list[int]]:
-    """_parse_counts of the [2, W, 3] counts as one flat list."""
+    """(rows sent, rows received, pairs received, flags received) from the [2, W, 3] counts as one
+    flat list."""
     got = flat[3 * W:]
     return flat[0:3 * W:3], got[0::3], got[1::3], got[2::3]
 
