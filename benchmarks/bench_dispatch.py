@@ -139,7 +139,7 @@ def kernel_rows(T, H, E, k, W, dtype, device, writer, rep, warmup, *, graph: boo
 
     want, want_home = x0.new_zeros((rows_out, lay.width)), torch.empty_like(home)
     packed[0].zero_()
-    pack_send_reference(xs[0], w0, plan0.rank, plan0.local, plan0.first, plan0.sort_row, plan0.rank_offsets, want,
+    pack_send_reference(xs[0], w0, plan0.rank, plan0.local, plan0.first, plan0.places(), plan0.rank_offsets, want,
                         want_home, static.get("overflow"), meta_col=lay.meta_col, capacity=capacity)
     P.pack_send(xs[0], w0, plan0, lay, packed[0], home_t, **static)
     assert torch.equal(packed[0].view(torch.int32), want.view(torch.int32)) and torch.equal(home_t, want_home)

@@ -100,7 +100,7 @@ class _Pos:  # pack_rows' [T, W] destination rows, from a send plan
         T = plan.first.shape[0]
         self.pos = torch.full((T, W), -1, dtype=torch.int32)
         tt, jj = (plan.first < W).nonzero(as_tuple=True)
-        self.pos[tt, plan.first[tt, jj].long()] = plan.sort_row[tt, jj]
+        self.pos[tt, plan.first[tt, jj].long()] = plan.places()[tt, jj]
 
 
 def _pack_inputs(T, H, W, seed, dtype):

@@ -42,8 +42,10 @@ def _plan_inputs(T, E, k, W, *, bad: bool = False, seed: int = 0):
 
 def _plan_cases():
     # (T, E, k, W): empty, one token, E % W != 0, several sort blocks (64 tokens a block at small W),
-    # more ranks than tokens, many ranks (the one-hot tile takes fewer tokens a block), k not a power of 2
-    return [(0, 8, 2, 2), (1, 4, 1, 1), (33, 10, 4, 3), (150, 16, 8, 4), (9, 6, 3, 8), (70, 96, 3, 48)]
+    # more ranks than tokens, many ranks (the one-hot tile takes fewer tokens a block), k not a power of
+    # 2, more ranks than the one-hot tile takes (the in-block rank by the pairwise compare, 3 blocks)
+    return [(0, 8, 2, 2), (1, 4, 1, 1), (33, 10, 4, 3), (150, 16, 8, 4), (9, 6, 3, 8), (70, 96, 3, 48),
+            (150, 140, 2, 70)]
 
 
 @pytest.fixture(params=["fused", "scanned"])
@@ -61,9 +63,10 @@ def sort_path(request, monkeypatch):
 @pytest.mark.parametrize("T,E,k,W", _plan_cases())
 @pytest.mark.parametrize("bad", [False, True])
 def test_plan_kernels_match_reference(triton_backend, sort_path, T, E, k, W, bad, monkeypatch):
-    """plan_send's kernels (plan + sort's scatter) against the reference plan and moecomm.permute's
-    reference counting sort, bit for bit; the workspace is prefilled with -7, so an entry the kernels
-    leave unwritten (counts included: there is no zeros fill) fails."""
+    """plan_send's kernel (one launch: its last program sums the blocks) against the reference plan
+    and moecomm.permute's reference counting sort, bit for bit; the workspace is prefilled with -7,
+    so an entry the kernel leaves unwritten (counts included: there is no zeros fill) fails, and the
+    ticket is back at 0 after each launch."""
     dev = torch.device(triton_backend)  # the compiled kernels on a GPU, the interpreter on CPU
     ids, w, e2r, e2l = (t.to(dev) for t in _plan_inputs(T, E, k, W, bad=bad, seed=T))
     ws = P.Workspace(dev)
@@ -71,8 +74,10 @@ def test_plan_kernels_match_reference(triton_backend, sort_path, T, E, k, W, bad
     got = P.plan_send(ids, e2r, e2l, W, check_ids=True, workspace=ws)
     monkeypatch.setenv("MOECOMM_BACKEND", "reference")
     want = P.plan_send(ids, e2r, e2l, W, check_ids=True)
-    for f in ("rank", "local", "first", "sort_row", "rank_offsets", "info"):
+    for f in ("rank", "local", "first", "rank_offsets", "info"):
         assert torch.equal(getattr(got, f), getattr(want, f)), f
+    assert torch.equal(got.places(), want.sort_row)  # the in-block ranks + each block's base: the places
+    assert got.block_base.shape[0] * got.block_tokens >= T and int(ws.semaphore) == 0
     assert int(got.info[:, 2].max()) == int(bad and T > 0)
     assert got.info.data_ptr() == got.counts[0].data_ptr()  # the count exchange reads both halves at once
     monkeypatch.setenv("MOECOMM_BACKEND", "triton")
@@ -86,8 +91,12 @@ def _packed(x, w, plan, lay, rows, capacity, kernel):
         out.view(torch.int32)[:, lay.meta_col:lay.meta_col + plan.rank.shape[1]].fill_(-1)
     home = torch.full(plan.rank.shape, -7, dtype=torch.int32)
     flag = torch.zeros(1, dtype=torch.int32)
-    kernel(x, w, plan.rank, plan.local, plan.first, plan.sort_row, plan.rank_offsets, out, home, flag,
-           meta_col=lay.meta_col, capacity=capacity)
+    if kernel is pack_send_reference:
+        kernel(x, w, plan.rank, plan.local, plan.first, plan.places(), plan.rank_offsets, out, home, flag,
+               meta_col=lay.meta_col, capacity=capacity)
+    else:  # the plan's in-block ranks and block bases
+        kernel(x, w, plan.rank, plan.local, plan.first, plan.sort_row, plan.rank_offsets, out, home, flag,
+               meta_col=lay.meta_col, capacity=capacity, block_base=plan.block_base, block_tokens=plan.block_tokens)
     return out, home, flag
 
 
@@ -329,13 +338,17 @@ def _compile_plan_pack() -> int:
     from moecomm.ep.nccl._triton import (ep_expand_hist_kernel, ep_pack_send_kernel, ep_plan_kernel,
                                          ep_sort_scan_kernel, ep_sort_scatter_kernel)
 
-    sig = {"ids_ptr": "*i32", "e2r_ptr": "*i32", "e2l_ptr": "*i32", "rank_ptr": "*i32", "local_ptr": "*i32",
-           "first_ptr": "*i32", "hist_ptr": "*i32", "T": "i32", "E": "i32", "stride_it": "i32", "stride_ik": "i32",
-           "K": "constexpr", "KP": "constexpr", "W": "constexpr", "NUM_BINS": "constexpr", "BLOCK_T": "constexpr",
-           "CHECK": "constexpr", "HB": "constexpr"}
-    for check in (False, True):
-        compile_for_hopper(ep_plan_kernel, sig, {"K": 8, "KP": 8, "W": 8, "NUM_BINS": 16, "BLOCK_T": 64,
-                                                 "CHECK": check, "HB": 16}, num_warps=4)
+    sig = {n: "*i32" for n in ("ids_ptr", "e2r_ptr", "e2l_ptr", "rank_ptr", "local_ptr", "first_ptr", "inrank_ptr",
+                               "hist_ptr", "base_ptr", "offs_ptr", "info_ptr", "sem_ptr")}
+    sig.update({n: "i32" for n in ("T", "E", "NB", "stride_it", "stride_ik")})
+    sig.update({n: "constexpr" for n in ("K", "KP", "W", "NUM_BINS", "BLOCK_T", "CHECK", "HB", "ONEHOT", "CHUNK_B")})
+    # one-hot in-block ranks (W 8) and the pairwise compare (W 128), each with and without the id check
+    for w_, bins, block_t, onehot in ((8, 16, 64, True), (128, 256, 16, False)):
+        for check in (False, True):
+            k = compile_for_hopper(ep_plan_kernel, sig, {"K": 8, "KP": 8, "W": w_, "NUM_BINS": bins, "BLOCK_T": block_t,
+                                                         "CHECK": check, "HB": min(bins, 16), "ONEHOT": onehot,
+                                                         "CHUNK_B": 16}, num_warps=4)
+            assert "atom.global.gpu.acq_rel.add" in k.asm["ptx"], "the ticket"
     sig = {"key_ptr": "*bf16", "hist_ptr": "*i32", "cnt_ptr": "*i32", "copy_ptr": "*i32", "R": "i32", "NV": "i32",
            "stride_kr": "i32", "key_col": "i32", "K": "constexpr", "KP": "constexpr", "NUM_BINS": "constexpr",
            "BLOCK_R": "constexpr", "HB": "constexpr", "CNT_W": "constexpr", "CNT_WP": "constexpr", "COPY": "constexpr"}
@@ -351,34 +364,33 @@ def _compile_plan_pack() -> int:
                                "info_ptr")}
     sig["row_w_ptr"] = "*fp32"
     sig.update({n: "i32" for n in ("R", "NV", "NB", "HC", "num_out", "stride_kr", "key_col", "stride_cnt")})
-    sig.update({n: "constexpr" for n in ("K", "KP", "NUM_BINS", "BLOCK_R", "CHUNK_B", "ONEHOT", "SCANNED", "SCATTER",
-                                          "DROP_NEG", "PLAN", "CNT_W", "CNT_WP")})
+    sig.update({n: "constexpr" for n in ("K", "KP", "NUM_BINS", "BLOCK_R", "CHUNK_B", "ONEHOT", "SCANNED", "CNT_W",
+                                          "CNT_WP")})
     recv_sig = dict(sig, key_ptr="*bf16")  # the receiver reads the keys from the bf16 rows in place
     order = ["key_ptr", "hist_ptr", "base_ptr", "dst_ptr", "src_ptr", "row_w_ptr", "offs_ptr", "cnt_ptr", "info_ptr",
              "R", "NV", "NB", "HC", "num_out", "stride_kr", "key_col", "stride_cnt", "K", "KP", "NUM_BINS", "BLOCK_R",
-             "CHUNK_B", "ONEHOT", "SCANNED", "SCATTER", "DROP_NEG", "PLAN", "CNT_W", "CNT_WP"]
-    # the sender (one-hot, W 8) and the receiver (pairwise, L 256; one-hot, L 32), each fused and
-    # scanned; the receiver's also with R and N from the counts on the device
-    for bins, block_r, onehot, plan, cnt_w in ((16, 64, True, True, 0), (512, 16, False, False, 0),
-                                               (64, 16, True, False, 0), (64, 16, True, False, 4)):
+             "CHUNK_B", "ONEHOT", "SCANNED", "CNT_W", "CNT_WP"]
+    # the receiver's (pairwise, L 256; one-hot, L 32), each fused and scanned; also with R and N from
+    # the counts on the device
+    for bins, block_r, onehot, cnt_w in ((512, 16, False, 0), (64, 16, True, 0), (64, 16, True, 4)):
         for scanned in (False, True):
-            compile_for_hopper(ep_sort_scatter_kernel, {n: (sig if plan else recv_sig)[n] for n in order}, {
+            compile_for_hopper(ep_sort_scatter_kernel, {n: recv_sig[n] for n in order}, {
                 "K": 8, "KP": 8, "NUM_BINS": bins, "BLOCK_R": block_r, "CHUNK_B": max(1, 4096 // bins),
-                "ONEHOT": onehot, "SCANNED": scanned, "SCATTER": not plan, "DROP_NEG": not plan, "PLAN": plan,
-                "CNT_W": cnt_w, "CNT_WP": max(1, cnt_w)}, num_warps=4)
-    sig = {n: "*i32" for n in ("rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "home_ptr",
-                               "flag_ptr")}
+                "ONEHOT": onehot, "SCANNED": scanned, "CNT_W": cnt_w, "CNT_WP": max(1, cnt_w)}, num_warps=4)
+    sig = {n: "*i32" for n in ("rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "block_base_ptr",
+                               "home_ptr", "flag_ptr")}
     sig.update({"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*bf16"})
     sig.update({n: "i32" for n in ("num_rows", "capacity", "stride_xt", "stride_xh", "stride_wt", "stride_wk",
                                    "stride_ot", "stride_mt", "meta_col")})
-    sig.update({n: "constexpr" for n in ("H", "K", "KP", "W", "BLOCK_H", "STATIC", "DEV_ROWS")})
-    order = ["x_ptr", "w_ptr", "rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "out_ptr",
-             "home_ptr", "flag_ptr", "num_rows", "capacity", "stride_xt", "stride_xh", "stride_wt", "stride_wk",
-             "stride_ot", "stride_mt", "meta_col", "H", "K", "KP", "W", "BLOCK_H", "STATIC", "DEV_ROWS"]
-    for static, dev_rows in ((False, False), (True, False), (False, True)):
+    sig.update({n: "constexpr" for n in ("H", "K", "KP", "W", "BLOCK_H", "STATIC", "DEV_ROWS", "BLOCK_T")})
+    order = ["x_ptr", "w_ptr", "rank_ptr", "local_ptr", "first_ptr", "sort_row_ptr", "offs_ptr", "block_base_ptr",
+             "out_ptr", "home_ptr", "flag_ptr", "num_rows", "capacity", "stride_xt", "stride_xh", "stride_wt",
+             "stride_wk", "stride_ot", "stride_mt", "meta_col", "H", "K", "KP", "W", "BLOCK_H", "STATIC", "DEV_ROWS",
+             "BLOCK_T"]
+    for static, dev_rows, block_t in ((False, False, 0), (True, False, 64), (False, True, 64)):
         k = compile_for_hopper(ep_pack_send_kernel, {n: sig[n] for n in order},
                                {"H": 7168, "K": 8, "KP": 8, "W": 8, "BLOCK_H": 1024, "STATIC": static,
-                                "DEV_ROWS": dev_rows}, num_warps=4)
+                                "DEV_ROWS": dev_rows, "BLOCK_T": block_t}, num_warps=4)
         assert "st.global" in k.asm["ptx"]
     return 3
 

@@ -55,7 +55,7 @@ def _plan(ids: torch.Tensor, num_experts: int, W: int):
     plan = P.plan_send(ids, pl.expert_to_rank_tensor(ids.device), pl.expert_to_local_tensor(ids.device), W)
     pos = torch.full((ids.shape[0], W), -1, dtype=torch.int32, device=ids.device)  # pack_rows' [T, W] rows
     tt, jj = (plan.first < W).nonzero(as_tuple=True)
-    pos[tt, plan.first[tt, jj].long()] = plan.sort_row[tt, jj]
+    pos[tt, plan.first[tt, jj].long()] = plan.places()[tt, jj]
     plan.pos = pos
     return plan, int(plan.info[:, 0].sum())
 

@@ -193,22 +193,26 @@ class DeviceCounts:
 # Both sides of a dispatch sort small integer keys stably: the sender its (token, rank) rows by
 # destination rank (keys in [0, W], W = a slot whose rank an earlier slot of its token owns), the
 # receiver its (row, slot) pairs by local expert (keys in [0, L], L = a slot of another rank). A
-# counting sort in two launches, with no zeros fill and no atomics:
-#   1. a histogram kernel, one program per block of BLOCK_R rows (BLOCK_R * KP slots): the block's
-#      count of every key into hist [NB, HC]. The sender's is ep_plan_kernel, which also computes
-#      each slot's rank and local expert and the dedup, and writes, beside the row counts, the
-#      block's (token, expert) pairs per rank and a bad-id flag;
-#   2. ep_sort_scatter_kernel, one program per block: in its prologue the totals of every key and the
-#      sum over the earlier blocks (it reads hist, NB * HC int32 from L2: a few KiB at prefill sizes),
-#      so where its slots of key v start; then each slot's rank among the block's earlier slots of
-#      the same key; the place of each slot = start[v] + earlier blocks + that rank. Program 0 writes
-#      the totals and the starts (and, for the sender, the [W, 3] counts the ranks exchange). The
-#      counts are integers: exact, and written once each.
+# counting sort with no zeros fill and no atomics on the data, one program per block of BLOCK_R
+# rows (BLOCK_R * KP slots):
+#   receiver, two launches: 1. ep_expand_hist_kernel, the block's count of every key into hist
+#      [NB, HC]; 2. ep_sort_scatter_kernel: in its prologue the totals of every key and the sum over
+#      the earlier blocks (it reads hist, NB * HC int32 from L2: a few KiB at prefill sizes), so where
+#      its slots of key v start; then each slot's rank among the block's earlier slots of the same
+#      key; the place of each slot = start[v] + earlier blocks + that rank. Program 0 writes the
+#      totals and the starts.
+#   sender, one launch: ep_plan_kernel computes each slot's rank and local expert and the dedup,
+#      its block's hist row (rows per key, (token, expert) pairs per rank, a bad-id flag) and each
+#      slot's in-block rank; the last of its programs to finish (a ticket) sums the hist rows over
+#      the blocks into each block's base per key and the [W, 3] counts the ranks exchange, and the
+#      pack kernel adds the base to the in-block rank. One launch fewer than a scatter's: the count
+#      exchange that waits on it is on the host's critical path.
+# The counts are integers: exact, and written once each.
 # The order is that of a stable sort by key over the flat slot index (token-major at the sender,
 # received-row-major at the receiver), the one moecomm.permute's counting sort gives: bit-identical
-# results. When the prologue's share of hist would be large (NB * HC > PREFIX_MAX_ELEMS: the
-# receiver at DeepSeek-V3 prefill sizes), a third launch, ep_sort_scan_kernel, computes the
-# exclusive prefix over blocks once and the scatter reads its row (SCANNED).
+# results. When the receiver's prologue share of hist would be large (NB * HC > PREFIX_MAX_ELEMS:
+# DeepSeek-V3 prefill sizes), a third launch, ep_sort_scan_kernel, computes the exclusive prefix
+# over blocks once and the scatter reads its row (SCANNED).
 # The in-block rank: with few keys, a one-hot [BLOCK_R * KP, NUM_BINS] tile and its cumulative sum
 # over slots (ONEHOT: up to ONEHOT_MAX_ELEMS int32, larger blocks, fewer of them); with many keys
 # the pairwise compare of PAIR_BLOCK slots (as moecomm.permute's hist kernel).
@@ -229,13 +233,23 @@ SCAN_BLOCK_B = 64
 
 @triton.jit
 def ep_plan_kernel(
-    ids_ptr, e2r_ptr, e2l_ptr, rank_ptr, local_ptr, first_ptr, hist_ptr,
-    T, E, stride_it, stride_ik,
+    ids_ptr, e2r_ptr, e2l_ptr, rank_ptr, local_ptr, first_ptr, inrank_ptr, hist_ptr, base_ptr, offs_ptr, info_ptr,
+    sem_ptr,
+    T, E, NB, stride_it, stride_ik,
     K: tl.constexpr, KP: tl.constexpr, W: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_T: tl.constexpr,
-    CHECK: tl.constexpr, HB: tl.constexpr,
+    CHECK: tl.constexpr, HB: tl.constexpr, ONEHOT: tl.constexpr, CHUNK_B: tl.constexpr,
 ):
-    # hist row of this block (HC = 2W + 2 int32): rows per key [0, W] (W: the slots that own no row),
-    # then (token, expert) pairs per rank [0, W), then 1 if an id was outside [0, E)
+    # The sender's whole plan in one launch of NB programs (the sort's scatter launch folded in):
+    # each program its block's rank / local / first [T, k], its hist row (HC = 2W + 2 int32: rows per
+    # key [0, W] (W: the slots that own no row), then (token, expert) pairs per rank [0, W), then 1 if
+    # an id was outside [0, E)) and each slot's rank among the block's earlier slots of its key
+    # (inrank); the LAST program to finish (a ticket on sem, reset to 0 by it: the counter is zero
+    # between launches) sums the hist rows over blocks: base [NB, W + 1] where the block's first slot
+    # of each key goes (the stable order by key over the flat slot index, as the scatter's: a slot's
+    # place is base[its block, key] + inrank, which pack_send adds), offs [W + 1] where each key
+    # starts, and info [W, 3] (rows, pairs, bad-id flag) for the count exchange. The ticket is
+    # CUTLASS's semaphore pattern: a block barrier, one acq_rel atomic, the hist rows read through
+    # L2 (.cg) after it.
     pid = tl.program_id(0)
     toks = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, KP)
@@ -258,8 +272,8 @@ def ep_plan_kernel(
     tl.store(first_ptr + flat, first, mask=m)
     bins = tl.arange(0, NUM_BINS)
     m1 = tl.reshape(m.to(tl.int32), [BLOCK_T * KP]) > 0
-    f1 = tl.reshape(first, [BLOCK_T * KP])
-    r1 = tl.reshape(rank, [BLOCK_T * KP])
+    f1 = tl.reshape(first, [BLOCK_T * KP])  # flat slot order: token-major, the sort's stable order
+    rk1 = tl.reshape(rank, [BLOCK_T * KP])
     row_ptr = hist_ptr + pid * (2 * W + 2)
     # the block's counts as one-hot sums, HB bins at a time (a [BLOCK_T * KP, HB] tile of at most
     # ONEHOT_MAX_ELEMS): tl.histogram of these reshaped tiles miscounted on the H200 (Triton 3.6;
@@ -267,7 +281,7 @@ def ep_plan_kernel(
     for c0 in tl.static_range(0, NUM_BINS, HB):
         hb = c0 + tl.arange(0, HB)
         rows = tl.sum(((f1[:, None] == hb[None, :]) & m1[:, None]).to(tl.int32), axis=0)
-        pairs = tl.sum(((r1[:, None] == hb[None, :]) & m1[:, None]).to(tl.int32), axis=0)
+        pairs = tl.sum(((rk1[:, None] == hb[None, :]) & m1[:, None]).to(tl.int32), axis=0)
         tl.store(row_ptr + hb, rows, mask=hb <= W)
         tl.store(row_ptr + W + 1 + hb, pairs, mask=hb < W)
     if CHECK:
@@ -275,6 +289,48 @@ def ep_plan_kernel(
     else:
         bad = 0
     tl.store(row_ptr + 2 * W + 1 + bins, bad + bins * 0, mask=bins == 0)
+    # each slot's rank among the block's earlier slots of its key (as ep_sort_scatter_kernel's)
+    if ONEHOT:
+        oh = ((f1[:, None] == bins[None, :]) & m1[:, None]).to(tl.int32)  # [BLOCK_T * KP, NUM_BINS]
+        incl = tl.cumsum(oh, axis=0)
+        r1 = tl.sum(oh * (incl - 1), axis=1)
+    else:
+        idx = tl.arange(0, BLOCK_T * KP)
+        same = (f1[:, None] == f1[None, :]) & (idx[None, :] < idx[:, None]) & m1[None, :]
+        r1 = tl.sum(same.to(tl.int32), axis=1)
+    tl.store(inrank_ptr + flat, tl.reshape(r1, [BLOCK_T, KP]), mask=m)
+    # the last program: the prefix over blocks
+    tl.debug_barrier()  # every thread's hist stores before the ticket's release
+    ticket = tl.atomic_add(sem_ptr, 1, sem="acq_rel")
+    if ticket == NB - 1:
+        HC = 2 * W + 2
+        bm = bins <= W
+        pm = bins < W
+        tot = tl.full([NUM_BINS], 0, tl.int32)
+        pairs_tot = tl.full([NUM_BINS], 0, tl.int32)
+        badv = tl.full([CHUNK_B], 0, tl.int32)
+        for b0 in range(0, NB, CHUNK_B):
+            blk = b0 + tl.arange(0, CHUNK_B)
+            bk = blk < NB
+            tptr = hist_ptr + blk[:, None] * HC + bins[None, :]
+            tot += tl.sum(tl.load(tptr, mask=bk[:, None] & bm[None, :], other=0, cache_modifier=".cg"), axis=0)
+            pairs_tot += tl.sum(tl.load(tptr + W + 1, mask=bk[:, None] & pm[None, :], other=0, cache_modifier=".cg"),
+                                axis=0)
+            badv += tl.load(hist_ptr + blk * HC + 2 * W + 1, mask=bk, other=0, cache_modifier=".cg")
+        start = tl.cumsum(tot, axis=0) - tot  # [NUM_BINS]; start[W] = the rows sent (S)
+        carry = start
+        for b0 in range(0, NB, CHUNK_B):
+            blk = b0 + tl.arange(0, CHUNK_B)
+            mk = (blk < NB)[:, None] & bm[None, :]
+            tile = tl.load(hist_ptr + blk[:, None] * HC + bins[None, :], mask=mk, other=0, cache_modifier=".cg")
+            tl.store(base_ptr + blk[:, None] * (W + 1) + bins[None, :], tl.cumsum(tile, axis=0) - tile + carry[None, :],
+                     mask=mk)
+            carry += tl.sum(tile, axis=0)
+        tl.store(offs_ptr + bins, start, mask=bm)
+        tl.store(info_ptr + bins * 3, tot, mask=pm)
+        tl.store(info_ptr + bins * 3 + 1, pairs_tot, mask=pm)
+        tl.store(info_ptr + bins * 3 + 2, (tl.sum(badv, axis=0) > 0).to(tl.int32) + bins * 0, mask=pm)
+        tl.atomic_xchg(sem_ptr, 0)  # zero for the next launch
 
 
 @triton.jit
@@ -333,16 +389,14 @@ def ep_sort_scatter_kernel(
     key_ptr, hist_ptr, base_ptr, dst_ptr, src_ptr, row_w_ptr, offs_ptr, cnt_ptr, info_ptr,
     R, NV, NB, HC, num_out, stride_kr, key_col, stride_cnt,
     K: tl.constexpr, KP: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_B: tl.constexpr,
-    ONEHOT: tl.constexpr, SCANNED: tl.constexpr, SCATTER: tl.constexpr, DROP_NEG: tl.constexpr, PLAN: tl.constexpr,
-    CNT_W: tl.constexpr, CNT_WP: tl.constexpr,
+    ONEHOT: tl.constexpr, SCANNED: tl.constexpr, CNT_W: tl.constexpr, CNT_WP: tl.constexpr,
 ):
-    # Outputs: dst [R, K] the place of each slot (DROP_NEG: -1 for bucket NV); SCATTER: at each
-    # place p < num_out, src[p] = the slot's row and row_w[p] = the fp32 bits beside its key (at
-    # key + K); program 0: offs [NV + 1] where each bucket starts, cnt[v * stride_cnt] its count
-    # (v < NV); PLAN: info [NV, 3] columns 1 and 2 (pairs, bad-id flag) from hist's other columns.
-    # Keys as in ep_expand_hist_kernel (int32 units of key_ptr's memory). CNT_W > 0 (not PLAN):
-    # info_ptr holds a dispatch's [2, CNT_W, 3] counts, R = the rows and num_out = the pairs received
-    # (NB: blocks of a bucket of R, as ep_expand_hist_kernel's).
+    # The receiver's (the sender's sort is in ep_plan_kernel). Outputs: dst [R, K] the place of each
+    # slot (-1 for bucket NV); at each place p < num_out, src[p] = the slot's row and row_w[p] = the
+    # fp32 bits beside its key (at key + K); program 0: offs [NV + 1] where each bucket starts,
+    # cnt[v * stride_cnt] its count (v < NV). Keys as in ep_expand_hist_kernel (int32 units of
+    # key_ptr's memory). CNT_W > 0: info_ptr holds a dispatch's [2, CNT_W, 3] counts, R = the rows
+    # and num_out = the pairs received (NB: blocks of a bucket of R, as ep_expand_hist_kernel's).
     key_ptr = key_ptr.to(tl.pointer_type(tl.int32))
     if CNT_W > 0:
         wi = tl.arange(0, CNT_WP)
@@ -382,46 +436,26 @@ def ep_sort_scatter_kernel(
         same = (b1[:, None] == b1[None, :]) & (idx[None, :] < idx[:, None]) & m1[None, :]
         d1 = tl.gather(base, b1, 0) + tl.sum(same.to(tl.int32), axis=1)
     dst = tl.reshape(d1, [BLOCK_R, KP])
-    if DROP_NEG:
-        tl.store(dst_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], tl.where(bucket < NV, dst, -1), mask=m)
-    else:
-        tl.store(dst_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], dst, mask=m)
-    if SCATTER:
-        ok = m & (dst >= 0) & (dst < num_out)  # throughput: the N valid places only; static: all R * K
-        tl.store(src_ptr + dst, rows[:, None] + cols[None, :] * 0, mask=ok)
-        wv = tl.load(kptr + K, mask=m, other=0).to(tl.float32, bitcast=True)  # a bit copy
-        tl.store(row_w_ptr + dst, wv, mask=ok)
+    tl.store(dst_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], tl.where(bucket < NV, dst, -1), mask=m)
+    ok = m & (dst >= 0) & (dst < num_out)  # throughput: the N valid places only; static: all R * K
+    tl.store(src_ptr + dst, rows[:, None] + cols[None, :] * 0, mask=ok)
+    wv = tl.load(kptr + K, mask=m, other=0).to(tl.float32, bitcast=True)  # a bit copy
+    tl.store(row_w_ptr + dst, wv, mask=ok)
     if pid == 0:
         tl.store(offs_ptr + bins, start, mask=bm)
         tl.store(cnt_ptr + bins * stride_cnt, tot, mask=bins < NV)
-        if PLAN:
-            pm = bins < NV
-            if SCANNED:
-                pairs = tl.load(base_ptr + NB * HC + NV + 1 + bins, mask=pm, other=0)
-                nbad = tl.load(base_ptr + NB * HC + 2 * NV + 1 + bins * 0)
-            else:
-                pairs = tl.full([NUM_BINS], 0, tl.int32)
-                badv = tl.full([CHUNK_B], 0, tl.int32)
-                for c0 in range(0, NB, CHUNK_B):
-                    blk = c0 + tl.arange(0, CHUNK_B)
-                    bk = blk < NB
-                    tile = tl.load(hist_ptr + blk[:, None] * HC + NV + 1 + bins[None, :],
-                                   mask=bk[:, None] & pm[None, :], other=0)
-                    pairs += tl.sum(tile, axis=0)
-                    badv += tl.load(hist_ptr + blk * HC + 2 * NV + 1, mask=bk, other=0)
-                nbad = tl.sum(badv, axis=0) + bins * 0
-            tl.store(info_ptr + bins * 3 + 1, pairs, mask=pm)
-            tl.store(info_ptr + bins * 3 + 2, (nbad > 0).to(tl.int32), mask=pm)
 
 
 @triton.jit
 def ep_pack_send_kernel(
-    x_ptr, w_ptr, rank_ptr, local_ptr, first_ptr, sort_row_ptr, offs_ptr, out_ptr, home_ptr, flag_ptr,
-    num_rows, capacity, stride_xt, stride_xh, stride_wt, stride_wk, stride_ot, stride_mt, meta_col,
+    x_ptr, w_ptr, rank_ptr, local_ptr, first_ptr, sort_row_ptr, offs_ptr, block_base_ptr, out_ptr, home_ptr,
+    flag_ptr, num_rows, capacity, stride_xt, stride_xh, stride_wt, stride_wk, stride_ot, stride_mt, meta_col,
     H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, W: tl.constexpr, BLOCK_H: tl.constexpr,
-    STATIC: tl.constexpr, DEV_ROWS: tl.constexpr,
+    STATIC: tl.constexpr, DEV_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    # DEV_ROWS (throughput mode): num_rows = offs[W], the rows the plan sends (not a host int)
+    # DEV_ROWS (throughput mode): num_rows = offs[W], the rows the plan sends (not a host int).
+    # BLOCK_T > 0: sort_row holds ep_plan_kernel's in-block ranks, and a slot's place adds
+    # block_base[t // BLOCK_T, its key] (the plan's blocks of BLOCK_T tokens); 0: sort_row is the place
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     if DEV_ROWS:
@@ -431,6 +465,8 @@ def ep_pack_send_kernel(
     first = tl.load(first_ptr + t * K + cols, mask=cm, other=W)
     srow = tl.load(sort_row_ptr + t * K + cols, mask=cm, other=0)
     keep = cm & (first < W)
+    if BLOCK_T > 0:
+        srow += tl.load(block_base_ptr + (t // BLOCK_T) * (W + 1) + first, mask=keep, other=0)
     if STATIC:  # rank w's rows live at [w * capacity, (w + 1) * capacity); the rest would overflow
         base = tl.load(offs_ptr + tl.minimum(first, W - 1), mask=keep, other=0)
         inr = srow - base
@@ -544,27 +580,28 @@ def _scan(sh: SortShape, hist: torch.Tensor, base: torch.Tensor) -> None:
 
 
 def plan_send_triton(topk_ids: torch.Tensor, e2r: torch.Tensor, e2l: torch.Tensor, ep_size: int, rank: torch.Tensor,
-                     local: torch.Tensor, first: torch.Tensor, sort_row: torch.Tensor, rank_offsets: torch.Tensor,
-                     info: torch.Tensor, hist: torch.Tensor, base: torch.Tensor, check_ids: bool) -> None:
-    """The sender's plan in two launches (three when SCANNED): rank/local/first/sort_row [T, k],
-    rank_offsets [W + 1] and info [W, 3] (all int32, every entry written: no zeros fill); hist and
-    base: int32 scratch of plan_sort_shape's hist_elems / base_elems (base unused unless scanned)."""
+                     local: torch.Tensor, first: torch.Tensor, inrank: torch.Tensor, rank_offsets: torch.Tensor,
+                     info: torch.Tensor, hist: torch.Tensor, block_base: torch.Tensor, sem: torch.Tensor,
+                     check_ids: bool) -> None:
+    """The sender's plan in one launch (ep_plan_kernel): rank/local/first/inrank [T, k], rank_offsets
+    [W + 1], info [W, 3] and block_base (all int32, every entry written: no zeros fill; a slot's place
+    in the rows grouped by rank is block_base[t // plan_sort_shape's block_r, first] + inrank);
+    hist: int32 scratch of plan_hist_elems; sem: one int32 that is 0 (the kernel leaves it 0)."""
     T, k = topk_ids.shape
     W = ep_size
     sh = plan_sort_shape(T, k, W)
-    if T > 0:
-        _plan_launcher((sh.num_blocks,), (topk_ids, e2r, e2l, rank, local, first, hist, T, e2r.shape[0],
-                                          topk_ids.stride(0), topk_ids.stride(1)),
-                       {"K": k, "KP": sh.kp, "W": W, "NUM_BINS": sh.num_bins, "BLOCK_T": sh.block_r,
-                        "CHECK": bool(check_ids), "HB": _hist_chunk(sh)}, 4)
-    if sh.scanned:
-        _scan(sh, hist, base)
-    _sort_scatter_launcher((max(sh.num_blocks, 1),), (
-        first, hist, base, sort_row, first, first, rank_offsets, info, info,
-        T, W, sh.num_blocks, sh.hist_cols, 0, k, 0, 3,
-    ), {"K": k, "KP": sh.kp, "NUM_BINS": sh.num_bins, "BLOCK_R": sh.block_r, "CHUNK_B": sh.chunk_b,
-        "ONEHOT": sh.onehot, "SCANNED": sh.scanned, "SCATTER": False, "DROP_NEG": False, "PLAN": True,
-        "CNT_W": 0, "CNT_WP": 1}, 4)
+    nb = max(sh.num_blocks, 1)  # T 0: one program writes the zero counts
+    _plan_launcher((nb,), (topk_ids, e2r, e2l, rank, local, first, inrank, hist, block_base, rank_offsets, info, sem,
+                           T, e2r.shape[0], nb, topk_ids.stride(0), topk_ids.stride(1)),
+                   {"K": k, "KP": sh.kp, "W": W, "NUM_BINS": sh.num_bins, "BLOCK_T": sh.block_r,
+                    "CHECK": bool(check_ids), "HB": _hist_chunk(sh), "ONEHOT": sh.onehot, "CHUNK_B": sh.chunk_b}, 4)
+
+
+def plan_blocks(num_tokens: int, top_k: int, ep_size: int) -> tuple[int, int]:
+    """(programs, tokens a program) of plan_send_triton: its hist has programs * (2W + 2) int32, its
+    block_base programs * (W + 1)."""
+    sh = plan_sort_shape(num_tokens, top_k, ep_size)
+    return max(sh.num_blocks, 1), sh.block_r
 
 
 def expand_received_triton(recv: torch.Tensor, meta_col: int, top_k: int, num_local_experts: int, hist: torch.Tensor,
@@ -604,16 +641,17 @@ def expand_received_triton(recv: torch.Tensor, meta_col: int, top_k: int, num_lo
         meta, hist, base, slot_pos, gather_idx, row_weights, expert_offsets, tokens_per_expert, info,
         0 if counts is not None else R, L, sh.num_blocks, sh.hist_cols, num_out, stride, meta_col, 1,
     ), {"K": k, "KP": sh.kp, "NUM_BINS": sh.num_bins, "BLOCK_R": sh.block_r, "CHUNK_B": sh.chunk_b,
-        "ONEHOT": sh.onehot, "SCANNED": sh.scanned, "SCATTER": True, "DROP_NEG": True, "PLAN": False, **cw}, 4)
+        "ONEHOT": sh.onehot, "SCANNED": sh.scanned, **cw}, 4)
 
 
 def pack_send_triton(x: torch.Tensor, topk_weights: torch.Tensor, rank: torch.Tensor, local: torch.Tensor,
                      first: torch.Tensor, sort_row: torch.Tensor, rank_offsets: torch.Tensor, out: torch.Tensor,
                      home: torch.Tensor, overflow: torch.Tensor | None, *, meta_col: int, capacity: int | None,
-                     device_rows: bool = False) -> None:
+                     device_rows: bool = False, block_base: torch.Tensor | None = None, block_tokens: int = 0) -> None:
     """ep_pack_send_kernel: see moecomm.ep.nccl.reference.pack_send_reference for what it writes.
     ``device_rows`` (throughput mode): the bound on the rows written read from rank_offsets[W] on
-    the device (the launch then depends on no count)."""
+    the device (the launch then depends on no count). ``block_base``, ``block_tokens``: sort_row
+    holds plan_send_triton's in-block ranks (its places are block_base + them); None: the places."""
     T, H = x.shape
     if T == 0:
         return
@@ -624,8 +662,10 @@ def pack_send_triton(x: torch.Tensor, topk_weights: torch.Tensor, rank: torch.Te
     BLOCK_H = PACK_BLOCK_H or min(PACK_BLOCK_H_DEFAULT, max(16, next_pow2(H)))
     flag = overflow if overflow is not None else home
     _pack_send_launcher((T, cdiv(H, BLOCK_H)), (
-        x, topk_weights, rank, local, first, sort_row, rank_offsets, out, home, flag,
+        x, topk_weights, rank, local, first, sort_row, rank_offsets, block_base if block_base is not None else home,
+        out, home, flag,
         0 if device_rows else out.shape[0], capacity or 0, x.stride(0), x.stride(1), topk_weights.stride(0),
         topk_weights.stride(1), out.stride(0), out.stride(0) * out.element_size() // 4, meta_col,
     ), {"H": H, "K": k, "KP": max(2, next_pow2(k)), "W": W, "BLOCK_H": BLOCK_H, "STATIC": capacity is not None,
-        "DEV_ROWS": bool(device_rows) and capacity is None}, PACK_NUM_WARPS or NUM_WARPS_DEFAULT)
+        "DEV_ROWS": bool(device_rows) and capacity is None, "BLOCK_T": block_tokens if block_base is not None else 0},
+       PACK_NUM_WARPS or NUM_WARPS_DEFAULT)

@@ -236,7 +236,7 @@ def _dispatch(x, topk_ids, topk_weights, *, group, placement: ExpertPlacement, r
     Workspace per stream (None: every scratch tensor new); num_local_experts: L, when the caller
     knows it (the placement counts it in O(E) otherwise).
 
-    Host work per call (kernel path): the plan's 2 launches, the count exchange (1 all_to_all_single,
+    Host work per call (kernel path): the plan's launch, the count exchange (1 all_to_all_single,
     1 device-to-host copy: the sync), the allocations (native path: 1, the received rows with the
     result's int32 indices, the send rows in the stream's Scratch; Python path: 3), the pack's
     launch, the rows' all_to_all_single, the expansion's 2 launches."""
@@ -620,6 +620,7 @@ class EPDispatcher:
             from .plan import expand_scratch_elems, plan_scratch_elems
 
             ws.reserve(max(plan_scratch_elems(max_tokens, k, self.ep_size), expand_scratch_elems(rows, k, L)))
+            ws.semaphore  # noqa: B018 (made here, not inside a CUDA graph's capture)
             if L:
                 outputs = dispatch_outputs(0, k, rows, rows * k, L, device)[1]
         self._static_index = _StaticIndex(ws, outputs)

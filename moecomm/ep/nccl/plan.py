@@ -13,8 +13,8 @@ Send side, all on the device, no host sync:
 1. plan_send: each slot's rank and local expert, the dedup (a token goes ONCE to each rank that
    holds any of its experts: the first of its slots on that rank "owns" the row), the [W, 3] counts
    (rows, pairs, bad-id flag) the ranks exchange, and a stable counting sort of the owning slots by
-   rank: rows grouped by rank, token order kept. Two launches (_triton.py: the plan kernel with the
-   sort's histogram, then the sort's scatter), no zeros fill.
+   rank: rows grouped by rank, token order kept. One launch (_triton.py's ep_plan_kernel: its last
+   program sums the blocks' histograms), no zeros fill.
 2. pack_send: each row's token part and metadata; home [T, k], the row each owning slot's token was
    written to (-1 for the other slots), which combine reads to sum the returned rows.
    Throughput mode: S rows, rank w's at rank_offsets[w]. Static mode: W * C rows, rank w's at
@@ -87,7 +87,8 @@ class Workspace:
     expansion's two launches inside its finish): a later call's kernels queue after them. Hence one
     Workspace per stream (EPDispatcher keys them by the current stream): two streams never share
     one. The views are made once per shape key and kept, so a call whose shapes repeat makes no
-    view op and no allocation; growing replaces the buffer and forgets the kept views.
+    view op and no allocation; growing replaces the buffer and forgets the kept views. Apart from
+    the buffer, one int32 that stays 0 between launches (``semaphore``: the plan kernel's ticket).
     """
 
     MAX_KEYS = 64
@@ -98,6 +99,14 @@ class Workspace:
         self._memo: dict = {}
         self._host: dict = {}
         self._host_arrays: dict = {}
+        self._sem: torch.Tensor | None = None
+
+    @property
+    def semaphore(self) -> torch.Tensor:
+        """[1] int32, zero when no launch is using it (allocated once, never regrown)."""
+        if self._sem is None:
+            self._sem = torch.zeros(1, dtype=torch.int32, device=self.device)
+        return self._sem
 
     @property
     def capacity(self) -> int:
@@ -227,13 +236,17 @@ class SendPlan:
         first: [T, k] the rank for the slot that owns the token's row to that rank, W for a slot
             whose rank an earlier slot of the token already owns.
         sort_row: [T, k] the owning slot's place in the rows grouped by rank (values >= S for the
-            other slots).
+            other slots); on the kernel path (``block_base`` set) its rank among the earlier slots
+            of its key in its block of ``block_tokens`` tokens instead: places() adds the base.
         rank_offsets: [W + 1] where each rank's rows start in that order.
         info: [W, 3] per destination rank: rows, (token, expert) pairs, 1 if an id was out of [0, E).
         counts: [2, W, 3] whose [0] is info and [1] the count exchange's receive slot (kernel path;
             None on the reference path).
         counts_recv: counts[1] (kernel path).
-        scratch: the kernels' histograms (kernel path).
+        hist: the kernel's per-block histograms (kernel path).
+        block_base: [blocks, W + 1] where each block's first slot of each key goes (kernel path).
+        block_tokens: tokens a block (kernel path).
+        sem: [1] int32, the plan kernel's ticket (zero between launches; kernel path).
     """
 
     rank: torch.Tensor
@@ -244,23 +257,37 @@ class SendPlan:
     info: torch.Tensor
     counts: torch.Tensor | None = None
     counts_recv: torch.Tensor | None = None
-    scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+    hist: torch.Tensor | None = None
+    block_base: torch.Tensor | None = None
+    block_tokens: int = 0
+    sem: torch.Tensor | None = None
+
+    def places(self) -> torch.Tensor:
+        """[T, k] each slot's place in the rows grouped by rank (torch ops: tests and references)."""
+        if self.block_base is None:
+            return self.sort_row
+        T, k = self.first.shape
+        blk = (torch.arange(T, device=self.first.device) // self.block_tokens)[:, None].expand(T, k)
+        return self.sort_row + self.block_base[blk, self.first.long()]
+
+
+def _plan_shapes(T: int, k: int, W: int) -> list[tuple[int, ...]]:
+    nb, _ = _triton().plan_blocks(T, k, W)
+    return [(T, k), (T, k), (T, k), (T, k), (W + 1,), (2, W, 3), (nb * (2 * W + 2),), (nb, W + 1)]
 
 
 def _new_plan(T: int, k: int, W: int, device: torch.device, workspace: Workspace | None) -> SendPlan:
-    sh = _triton().plan_sort_shape(T, k, W)
-    rank, local, first, sort_row, offsets, counts, hist, base = carve_int32(
-        [(T, k), (T, k), (T, k), (T, k), (W + 1,), (2, W, 3), (sh.hist_elems,), (sh.base_elems,)], device, workspace)
+    rank, local, first, inrank, offsets, counts, hist, base = carve_int32(_plan_shapes(T, k, W), device, workspace)
+    sem = workspace.semaphore if workspace is not None else torch.zeros(1, dtype=torch.int32, device=device)
     # counts: info, then the slot the count exchange receives into; one buffer so that both reach
     # the host in one copy
-    return SendPlan(rank, local, first, sort_row, offsets, counts[0], counts, counts[1], (hist, base))
+    return SendPlan(rank, local, first, inrank, offsets, counts[0], counts, counts[1], hist, base,
+                    _triton().plan_blocks(T, k, W)[1], sem)
 
 
 def plan_scratch_elems(num_tokens: int, top_k: int, ep_size: int) -> int:
     """int32 elements of a Workspace that plan_send (kernel path) carves for these sizes."""
-    T, k, W = num_tokens, top_k, ep_size
-    sh = _triton().plan_sort_shape(T, k, W)
-    return _layout([(T, k), (T, k), (T, k), (T, k), (W + 1,), (2, W, 3), (sh.hist_elems,), (sh.base_elems,)])[1]
+    return _layout(_plan_shapes(num_tokens, top_k, ep_size))[1]
 
 
 def expand_scratch_elems(num_rows: int, top_k: int, num_local_experts: int) -> int:
@@ -292,7 +319,8 @@ def plan_send(topk_ids: torch.Tensor, expert_to_rank: torch.Tensor, expert_to_lo
         else:
             plan = _new_plan(T, k, ep_size, topk_ids.device, None)
         _triton().plan_send_triton(topk_ids, expert_to_rank, expert_to_local, ep_size, plan.rank, plan.local,
-                                   plan.first, plan.sort_row, plan.rank_offsets, plan.info, *plan.scratch, check_ids)
+                                   plan.first, plan.sort_row, plan.rank_offsets, plan.info, plan.hist,
+                                   plan.block_base, plan.sem, check_ids)
         return plan
     rank, local, first, info = plan_send_reference(topk_ids, expert_to_rank, expert_to_local, ep_size, check_ids)
     order = permute_indices_unchecked(first, ep_size)  # ids W (repeated ranks) sort into the dropped bucket
@@ -320,9 +348,10 @@ def pack_send(x: torch.Tensor, topk_weights: torch.Tensor, plan: SendPlan, layou
     if choose(x, "ep_pack") is Impl.TRITON:
         _triton().pack_send_triton(x, topk_weights, plan.rank, plan.local, plan.first, plan.sort_row,
                                    plan.rank_offsets, out, home, overflow, meta_col=layout.meta_col,
-                                   capacity=capacity, device_rows=device_rows)
+                                   capacity=capacity, device_rows=device_rows, block_base=plan.block_base,
+                                   block_tokens=plan.block_tokens)
         return
-    pack_send_reference(x, topk_weights, plan.rank, plan.local, plan.first, plan.sort_row, plan.rank_offsets, out,
+    pack_send_reference(x, topk_weights, plan.rank, plan.local, plan.first, plan.places(), plan.rank_offsets, out,
                         home, overflow, meta_col=layout.meta_col, capacity=capacity)
 
 
