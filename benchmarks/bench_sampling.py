@@ -97,30 +97,33 @@ def with_config(name, fn):
     return run
 
 
-def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=None, split=None, paired_map=None):
+def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=None, split=None, paired_map=None,
+                pass_a_list=None):
     """fn run with api.SAMPLE_KERNEL = kernel ("cuda": sample.cu for the calls it covers; "triton":
     the Triton kernel for all), the Triton launch configuration `config` when given, the CUDA
     kernel's sector map on or off (_cuda.SECTOR_MAP: pass B skips the sectors without a candidate)
     and by bins or by exponents (_cuda.SECTOR_MAP_BINS; None: the module's default), and its paired
     entries forced on or off (_cuda.PAIRED; None: by the batch), its split rows forced to a cluster
     size (_cuda.SPLIT; 1: off; None: by the batch) and the paired top-p's sector map
-    (_cuda.PAIRED_TOP_P_SECTOR_MAP; None: the module's default)."""
+    (_cuda.PAIRED_TOP_P_SECTOR_MAP; None: the module's default), and top-p's candidates from pass A
+    (_cuda.PASS_A_LIST; None: the module's default)."""
     from moecomm.sampling import _cuda, api
 
     inner = with_config(config, fn) if config is not None else fn
 
     def run(*args):
         old = (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
-               _cuda.PAIRED_TOP_P_SECTOR_MAP)
+               _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST)
         bins = _cuda.SECTOR_MAP_BINS if map_bins is None else map_bins
         pmap = _cuda.PAIRED_TOP_P_SECTOR_MAP if paired_map is None else paired_map
+        pal = _cuda.PASS_A_LIST if pass_a_list is None else pass_a_list
         (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
-         _cuda.PAIRED_TOP_P_SECTOR_MAP) = kernel, sector_map, paired, bins, split, pmap
+         _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST) = kernel, sector_map, paired, bins, split, pmap, pal
         try:
             return inner(*args)
         finally:
             (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
-             _cuda.PAIRED_TOP_P_SECTOR_MAP) = old
+             _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST) = old
     return run
 
 
@@ -131,6 +134,13 @@ def map_control():
 
     bins = not _cuda.SECTOR_MAP_BINS
     return f"moecomm[cuda-{'binmap' if bins else 'expmap'}]", bins
+
+
+def passa_row():
+    """The name of the row that runs top-p with _cuda.PASS_A_LIST flipped (named from the switch)."""
+    from moecomm.sampling import _cuda
+
+    return f"moecomm[cuda-{'passb' if _cuda.PASS_A_LIST else 'passa'}]"
 
 
 def _triton_rows(device):
@@ -170,6 +180,8 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=True, tor
             impls["moecomm[cuda-nosplit]"] = with_kernel("cuda", call, split=1)
         if paired_by_batch and top_k is None:  # paired top-p goes without the map: the control keeps it
             impls["moecomm[cuda-pairedmap]"] = with_kernel("cuda", call, paired_map=True)
+        if top_k is None:  # top-p's candidates from pass A or pass B: the setting the default does not use
+            impls[passa_row()] = with_kernel("cuda", call, pass_a_list=not _cuda.PASS_A_LIST)
     for name, cfg in (_triton_rows(device) if triton else {}).items():  # the Triton kernel: its default, then the control rows
         impls[name] = with_kernel("triton", call, cfg)
     if fi is not None:
@@ -195,6 +207,8 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=True, tor
             others["moecomm[cuda-nosplit]"] = with_kernel("cuda", seeded, split=1)
         if "moecomm[cuda-pairedmap]" in impls:
             others["moecomm[cuda-pairedmap]"] = with_kernel("cuda", seeded, paired_map=True)
+        if passa_row() in impls:
+            others[passa_row()] = with_kernel("cuda", seeded, pass_a_list=not _cuda.PASS_A_LIST)
         others[map_row] = with_kernel("cuda", seeded, map_bins=other_map)
         others[f"moecomm[cuda-{other}]"] = with_kernel("cuda", seeded, paired=not paired_by_batch)
     for name, fn in others.items():
@@ -243,6 +257,7 @@ def run_graph_case(writer, device, fi, vocab=128256, batches=(1,), triton=True):
         fns = {"moecomm[cuda]": with_kernel("cuda", top_p), "moecomm[cuda-nosplit]": with_kernel("cuda", top_p, split=1),
                "moecomm_topk_topp[cuda]": with_kernel("cuda", topk_topp),
                "moecomm_topk_topp[cuda-nosplit]": with_kernel("cuda", topk_topp, split=1)}
+        fns[passa_row()] = with_kernel("cuda", top_p, pass_a_list=not _cuda.PASS_A_LIST)
         if batch == 1:
             fns["moecomm[cuda-nomap]"] = with_kernel("cuda", top_p, sector_map=False)
             fns[map_control()[0]] = with_kernel("cuda", top_p, map_bins=map_control()[1])

@@ -130,13 +130,15 @@ constexpr int SMALL_MAX = 2048;   // list_select hands a bucket of at most this 
 constexpr int UNROLL = 4;         // 16-byte loads a thread keeps in flight
 constexpr int HIST_NONE = 0, HIST_COUNT = 1, HIST_QSUM = 2;
 constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8, PATH_SPLIT = 16,
-              PATH_CLUSTER = 32;  // the trace (PATH_CLUSTER: the row ran split over a cluster)
+              PATH_CLUSTER = 32, PATH_PASS_A = 64;  // the trace (PATH_CLUSTER: the row ran split over a
+              // cluster; PATH_PASS_A: its list came from pass A's candidates, no pass B)
 
 // flags (moecomm/sampling/_cuda.py builds them)
 constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K = 1 << 3, F_K_TENSOR = 1 << 4,
               F_K64 = 1 << 5, F_HAS_P = 1 << 6, F_P_TENSOR = 1 << 7, F_HAS_MINP = 1 << 8, F_MINP_TENSOR = 1 << 9,
               F_TOPK_FIRST = 1 << 10, F_SEED_TENSOR = 1 << 11, F_SEED_PER_ROW = 1 << 12, F_OFFSET_TENSOR = 1 << 13,
-              F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16, F_MAP_BINS = 1 << 17;
+              F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16, F_MAP_BINS = 1 << 17,
+              F_PASS_A_LIST = 1 << 18;
 constexpr int SCRATCH_MIN_BYTES = 24576;  // the scratch's floor: the fallback's 2048 counts + 2048 fp64 masses
 constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bins in the scratch
 // flags >> SCRATCH_KB_SHIFT (bits 20-27): the scratch's size in KB, >= 24, set by _cuda.py for the
@@ -150,11 +152,15 @@ constexpr int SCRATCH_KB_SHIFT = 20;
 // default (_cuda.SECTOR_MAP_BINS): on the H200 it was no faster (top-p B128 V128256: 98.8 us by
 // bins, 89.6 by exponents; B512 V151936 paired: 240.7 / 241.1).
 constexpr int MAP_BASE_BIN = 760;
+// F_PASS_A_LIST: the most candidate keys pass A aims at for a row (pass_a_threshold; 13/16 of the
+// room where that is less): top-p 0.9's pass-B lists at logits x 3 are ~6-7K keys, up to ~10K.
+constexpr int PASS_A_BUDGET = 10240;
 
 // Block-shared state. The kernel is the only user of these, one block at a time per SM.
 __shared__ unsigned s_dcnt[NUM_DIGITS], s_dfill[NUM_DIGITS], s_doff[NUM_DIGITS];
 __shared__ double s_dmass[NUM_DIGITS];
 __shared__ int s_sel, s_sel2, s_n;
+__shared__ int s_tau;  // pass_a_list's threshold (fp32 bits)
 // small_select's cuts (one a warp) and its answer
 __shared__ long long s_cut_cnt[32];
 __shared__ double s_cut_mass[32];
@@ -940,6 +946,33 @@ __device__ __forceinline__ RowArgs row_args(int pid, const void* rowmap, const v
   return a;
 }
 
+// One quad q (tokens x) of pass A into this thread's partials (pass_a, pass_a_list)
+template <int HIST>
+__device__ __forceinline__ void pass_a_quad(const RowRef& row, int q, float4 xq, unsigned* hist, unsigned char* map,
+                                            bool use_map, int flags, double& s, float& mx, float& mn, int& npos_t) {
+  const float v[4] = {xq.x, xq.y, xq.z, xq.w};
+  if (use_map) {  // block-uniform: every lane shuffles
+    unsigned mb = __float_as_uint(v[0]);
+    mb = mb > __float_as_uint(v[1]) ? mb : __float_as_uint(v[1]);
+    mb = mb > __float_as_uint(v[2]) ? mb : __float_as_uint(v[2]);
+    mb = mb > __float_as_uint(v[3]) ? mb : __float_as_uint(v[3]);
+    const unsigned other = __shfl_xor_sync(FULL, mb, 1);
+    mb = mb > other ? mb : other;
+    if ((q & 1) == 0 && q < row.nq) map[q >> 1] = static_cast<unsigned char>(map_byte(flags, mb));
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    s += static_cast<double>(v[j]);
+    mx = fmaxf(mx, v[j]);
+    mn = fminf(mn, v[j]);
+    const unsigned bits = __float_as_uint(v[j]);
+    const bool pos = static_cast<int>(bits) > 0;  // v > 0 (NaN and +inf too: their row is bad anyway)
+    npos_t += pos ? 1 : 0;
+    if (HIST != HIST_NONE && pos)
+      atomicAdd(&hist[bits >> 20], HIST == HIST_COUNT ? 1u : q_of(bits));
+  }
+}
+
 // Pass A over row (or a split row's slice) into this thread's partials: per token the fp64 sum, max,
 // min, count of v > 0 and one native shared atomic (~12 instructions). The bad-row test needs no
 // per-token branch: a negative value (-inf too) shows in the min, NaN and +inf in the fp64 sum
@@ -950,29 +983,145 @@ __device__ __forceinline__ RowArgs row_args(int pid, const void* rowmap, const v
 template <int HIST>
 __device__ __forceinline__ void pass_a(const RowRef& row, unsigned* hist, unsigned char* map, bool use_map, int flags,
                                        double& s, float& mx, float& mn, int& npos_t) {
-  for_each_quad(row, [&](int q, float4 xq) {
-    const float v[4] = {xq.x, xq.y, xq.z, xq.w};
-    if (use_map) {  // block-uniform: every lane shuffles
-      unsigned mb = __float_as_uint(v[0]);
-      mb = mb > __float_as_uint(v[1]) ? mb : __float_as_uint(v[1]);
-      mb = mb > __float_as_uint(v[2]) ? mb : __float_as_uint(v[2]);
-      mb = mb > __float_as_uint(v[3]) ? mb : __float_as_uint(v[3]);
-      const unsigned other = __shfl_xor_sync(FULL, mb, 1);
-      mb = mb > other ? mb : other;
-      if ((q & 1) == 0 && q < row.nq) map[q >> 1] = static_cast<unsigned char>(map_byte(flags, mb));
+  for_each_quad(row, [&](int q, float4 xq) { pass_a_quad<HIST>(row, q, xq, hist, map, use_map, flags, s, mx, mn, npos_t); });
+}
+
+// F_PASS_A_LIST (top-p without top-k: the q-sum entries): pass A also lists its candidates, every
+// token whose fp32 bits are >= tau, so that pass B need not read the row again when the plan's b0
+// lies at or above tau (tau <= b0 << 20: every token of bins >= b0 is in the list, which the list
+// path then cuts down to them; else, or when the candidates overflowed, pass B as before). tau is
+// set once, after the first iteration (UNROLL quads a thread: 1/8 of the row at B128 V128256, 1/19
+// at paired V151936, a split block's whole slice), from that iteration's bins: the lowest bin edge
+// whose tokens, counted from the top and projected over the row, stay within `budget` keys; every
+// token of the row, the first iteration's too, is tested against that one tau, so the test above
+// is exact. Why counts and not the running max (the first idea): at logits x 3 the gap from the
+// row's max to b0 spreads over 88-110 bins (numpy, 200 rows), so a tau a fixed distance below the
+// max that covers b0 always lists 17-27K keys; a count quantile over the first 8-16K tokens at a
+// budget of ~9.8K keys covered b0 in 299-300 of 300 rows at V128256 and V151936 (pass B's lists
+// there: mean 6.0K / 7.3K, max 7.8K / 10.4K). budget_q: the budget in the first iteration's q-sum
+// units' tokens (warp 0 sets s_tau; a bin's count from its q-sum at its bin's mean q).
+__device__ __noinline__ void pass_a_threshold(const unsigned* hist, float budget) {
+  const int lane = threadIdx.x & 31;
+  float run = 0.0f;
+  int tau = 1;  // the whole first iteration fits: every positive token
+  for (int top = NUM_BINS - 1; top >= 0; top -= 32) {  // warp-uniform
+    const int b = top - lane;
+    const unsigned h = hist[b];
+    if (__ballot_sync(FULL, h != 0u) == 0u) continue;
+    float incl = __fdividef(static_cast<float>(h), 4352.0f + 512.0f * static_cast<float>(b & 7));
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float y = __shfl_up_sync(FULL, incl, o);
+      if (lane >= o) incl += y;
+    }
+    const unsigned over = __ballot_sync(FULL, run + incl > budget);
+    if (over) {  // the first bin past the budget: the list takes the bins above it
+      const int bb = top - (__ffs(over) - 1);
+      tau = bb == NUM_BINS - 1 ? 0x7fffffff : (bb + 1) << 20;
+      break;
+    }
+    run += __shfl_sync(FULL, incl, 31);
+  }
+  if (lane == 0) s_tau = tau;
+}
+
+// pass_a with the candidates (see pass_a_threshold): position j of the candidate list is A[j] for
+// j < cap, A2[j - cap] below cap + cap2 (the scratch past the bins: no sector map on this path),
+// counted beyond (s_n, reset by the caller before its barrier, ends as the candidates' count).
+// budget: candidate keys for the whole row (row_nq quads; a split block's slice projects its share).
+template <int HIST>
+__device__ __forceinline__ void pass_a_list(const RowRef& row, unsigned* hist, u64* A, int cap, u64* A2, int cap2,
+                                            int budget, int row_nq, double& s, float& mx, float& mn, int& npos_t) {
+  const int T = blockDim.x, t = threadIdx.x;
+  int tau = 0x7fffffff;
+  for (int base = row.q0; base < row.nq; base += UNROLL * T) {  // block-uniform trip count
+    float4 x[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int q = base + u * T + t;
+      x[u] = q < row.nq ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      s += static_cast<double>(v[j]);
-      mx = fmaxf(mx, v[j]);
-      mn = fminf(mn, v[j]);
-      const unsigned bits = __float_as_uint(v[j]);
-      const bool pos = static_cast<int>(bits) > 0;  // v > 0 (NaN and +inf too: their row is bad anyway)
-      npos_t += pos ? 1 : 0;
-      if (HIST != HIST_NONE && pos)
-        atomicAdd(&hist[bits >> 20], HIST == HIST_COUNT ? 1u : q_of(bits));
+    for (int u = 0; u < UNROLL; ++u) pass_a_quad<HIST>(row, base + u * T + t, x[u], hist, nullptr, false, 0, s, mx, mn, npos_t);
+    if (base == row.q0) {  // the first iteration's bins give tau
+      __syncthreads();
+      if (t < 32) {
+        const int sample_q = imin(UNROLL * T, row.nq - row.q0);
+        pass_a_threshold(hist, static_cast<float>(budget) * static_cast<float>(sample_q) / static_cast<float>(row_nq));
+      }
+      __syncthreads();
+      tau = s_tau;
     }
-  });
+    int c = 0;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      c += (__float_as_int(x[u].x) >= tau) + (__float_as_int(x[u].y) >= tau) + (__float_as_int(x[u].z) >= tau) +
+           (__float_as_int(x[u].w) >= tau);
+    int pos = warp_append(c, &s_n);
+    if (c > 0) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (__float_as_int(v[j]) >= tau) {
+            const u64 key = make_key(v[j], 4 * (base + u * T + t) + j);
+            if (pos < cap)
+              A[pos] = key;
+            else if (pos - cap < cap2)
+              A2[pos - cap] = key;
+            ++pos;
+          }
+        }
+      }
+    }
+  }
+}
+
+// The list path's pass B when pass A's candidates cover bins >= tb >> 20 (nc of them, stored as
+// pass_a_list stores them): the candidates with fp32 bits >= tb compacted into A in place (at most
+// cap stored; returns how many), i.e. list_above's list from shared memory instead of the row.
+// GATHER: list_above's gather too. A chunk is read before any of its keys is written (the barrier):
+// a write lands at a position below the chunk's end.
+template <bool GATHER>
+__device__ int take_candidates(u64* A, const u64* A2, int cap, int nc, unsigned tb, Gather* g = nullptr) {
+  __syncthreads();  // every thread has read s_n (the caller's nc) before it is reset
+  if (threadIdx.x == 0) s_n = 0;
+  __syncthreads();
+  const int T = blockDim.x, t = threadIdx.x;
+  const int tbi = static_cast<int>(tb);
+  long long ac = 0;
+  double am = 0.0;
+  for (int j0 = 0; j0 < nc; j0 += T) {  // block-uniform trip count: every lane appends
+    const int j = j0 + t;
+    const u64 k = j < nc ? (j < cap ? A[j] : A2[j - cap]) : 0;
+    const int bits = static_cast<int>(k >> 32);
+    const bool in = j < nc && bits >= tbi;
+    bool gin = false;
+    if (GATHER && in) {
+      if (bits < g->tw) {
+        gin = true;
+      } else {
+        ++ac;
+        am += static_cast<double>(key_value(k));
+      }
+    }
+    __syncthreads();
+    const int pos = warp_append(in ? 1 : 0, &s_n);
+    if (in && pos < cap) A[pos] = k;
+    if (GATHER) {
+      const int gpos = warp_append(gin ? 1 : 0, g->counter);
+      if (gin && gpos < g->cap) g->keys[gpos] = k;
+    }
+  }
+  if (GATHER) {
+    g->ac = block_reduce(ac, Sum<long long>(), 0LL);
+    g->am = block_reduce(am, Sum<double>(), 0.0);
+  }
+  __syncthreads();  // every append done
+  const int n = s_n;
+  __syncthreads();
+  return n;
 }
 
 struct BinPlan {
@@ -1163,17 +1312,29 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   unsigned* hist = reinterpret_cast<unsigned*>(B);       // pass A's bins live in the scratch until the list exists
   MOECOMM_SAMPLE_CLOCK(0);
 
-  // pass A
+  // pass A (F_PASS_A_LIST: with the candidates, in the list and the scratch past the bins, no map)
+  // pa_list: F_PASS_A_LIST on the q-sum entries (a function of flags: not held in a register)
+  auto pa_list = [&]() { return HIST == HIST_QSUM && (flags & F_PASS_A_LIST) != 0; };
   if (HIST != HIST_NONE) {
     for (int b = t; b < NUM_BINS; b += T) hist[b] = 0;
+    if (t == 0) {
+      s_n = 0;
+      s_tau = 1;
+    }
     __syncthreads();
   }
   unsigned char* map = reinterpret_cast<unsigned char*>(B) + MAP_OFFSET;  // the sector map, where the scratch has room
-  const bool use_map = (flags & F_SECTOR_MAP) && (row.nq + 1) / 2 <= scratch_bytes_of(flags, cap) - MAP_OFFSET;
+  const bool use_map = !pa_list() && (flags & F_SECTOR_MAP) && (row.nq + 1) / 2 <= scratch_bytes_of(flags, cap) - MAP_OFFSET;
+  // the candidates' second part: the scratch past the bins (recomputed where used: registers)
+  auto cap2_of = [&]() { return (scratch_bytes_of(flags, cap) - MAP_OFFSET) / 8; };
   double s = 0.0;
   float mx = 0.0f, mn = 0.0f;
   int npos_t = 0;
-  pass_a<HIST>(row, hist, map, use_map, flags, s, mx, mn, npos_t);
+  if (pa_list())
+    pass_a_list<HIST>(row, hist, A, cap, B + MAP_OFFSET / 8, cap2_of(), imin(PASS_A_BUDGET, 13 * (cap + cap2_of()) / 16),
+                      row.nq, s, mx, mn, npos_t);
+  else
+    pass_a<HIST>(row, hist, map, use_map, flags, s, mx, mn, npos_t);
   const double S = block_reduce(s, Sum<double>(), 0.0);
   if (t == 0) s_row_sum = S;
   const float M = block_reduce(mx, Max<float>(), 0.0f);
@@ -1208,8 +1369,14 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   int n = 0;
   if (pl.est <= cap) {
     const u64 ka = static_cast<u64>(b0) << 52;
-    n = list_above<HIST == HIST_COUNT>(row, A, cap, b0 > 0 ? static_cast<unsigned>(b0) << 20 : 1u, use_map ? map : nullptr,
-                   map_min_of(flags, b0));
+    const unsigned tb = b0 > 0 ? static_cast<unsigned>(b0) << 20 : 1u;
+    const int nc = s_n;  // pass_a_list's candidates (complete: the block_reduce calls synchronised)
+    if (pa_list() && s_tau <= static_cast<int>(tb) && nc <= cap + cap2_of()) {  // they hold bins >= b0
+      MOECOMM_SAMPLE_TRACE(PATH_PASS_A);
+      n = take_candidates<false>(A, B + MAP_OFFSET / 8, cap, nc, tb);
+    } else {
+      n = list_above<HIST == HIST_COUNT>(row, A, cap, tb, use_map ? map : nullptr, map_min_of(flags, b0));
+    }
     MOECOMM_SAMPLE_CLOCK(3);
     MOECOMM_SAMPLE_VALUE(10, n);
     if (n > 0 && n <= cap) {
@@ -1329,6 +1496,8 @@ struct SplitShared {
   long long ac;
   double am;
   int gn;  // rank 0: the gather list's length (every block appends to it)
+  int nc, tau;  // F_PASS_A_LIST: this block's candidates and their threshold (INT_MAX: overflowed)
+  int tot_tau;  // the cluster's largest tau (each block its own copy)
   int in_list;  // rank 0: the boundary, and whether the blocks' lists hold the kept set
   u64 kell;
   float best_key[MAX_CLUSTER];  // rank 0: each block's race winner
@@ -1391,16 +1560,27 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
   split_gather_offset(flags, cap, nq, &use_map);
   MOECOMM_SAMPLE_CLOCK(0);  // profile_sampling.SPLIT_PHASES: slots 1-9 end its phases
 
-  // pass A over the slice, the cluster's totals and bins
+  // pass A over the slice (F_PASS_A_LIST: with the slice's candidates in this block's list), the
+  // cluster's totals and bins
+  // pa_list: F_PASS_A_LIST on the q-sum entries (a function of flags: not held in a register)
+  auto pa_list = [&]() { return HIST == HIST_QSUM && (flags & F_PASS_A_LIST) != 0; };
+  if (pa_list()) use_map = false;
   if (HIST != HIST_NONE) {
     for (int b = t; b < NUM_BINS; b += T) hist[b] = 0;
+    if (t == 0) {
+      s_n = 0;
+      s_tau = 1;
+    }
     __syncthreads();
   }
   {
     double s = 0.0;
     float mx = 0.0f, mn = 0.0f;
     int npos_t = 0;
-    pass_a<HIST>(mine, hist, map, use_map, flags, s, mx, mn, npos_t);
+    if (pa_list())
+      pass_a_list<HIST>(mine, hist, A, cap, nullptr, 0, PASS_A_BUDGET, nq, s, mx, mn, npos_t);
+    else
+      pass_a<HIST>(mine, hist, map, use_map, flags, s, mx, mn, npos_t);
     s = block_reduce(s, Sum<double>(), 0.0);
     mx = block_reduce(mx, Max<float>(), 0.0f);
     mn = -block_reduce(-mn, Max<float>(), 0.0f);
@@ -1411,6 +1591,8 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
       s_split.min = mn;
       s_split.npos = np;
       s_split.gn = 0;  // rank 0's is the one used: reset before barrier 1, appended to after it
+      s_split.nc = s_n;
+      s_split.tau = s_n <= cap ? s_tau : 0x7fffffff;  // overflowed candidates cover nothing
     }
   }
   MOECOMM_SAMPLE_CLOCK(1);
@@ -1420,13 +1602,16 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
     double s = 0.0;
     float mx = 0.0f, mn = 0.0f;
     long long np = 0;
+    int tau = 0;
     if (lane < C) {
       const SplitShared* o = cluster_map(&s_split, lane);
       s = o->sum;
       mx = o->max;
       mn = o->min;
       np = o->npos;
+      tau = o->tau;
     }
+    tau = warp_reduce(tau, Max<int>());
     s = warp_reduce(s, Sum<double>());
     mx = warp_reduce(mx, Max<float>());
     mn = -warp_reduce(-mn, Max<float>());
@@ -1436,6 +1621,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
       s_split.tot_max = mx;
       s_split.tot_min = mn;
       s_split.tot_npos = np;
+      s_split.tot_tau = tau;
     }
   }
   if (HIST != HIST_NONE) {
@@ -1483,10 +1669,16 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
   // pass B over the slice
   int n_mine = 0;
   if (try_list) {
-    const int goff = split_gather_offset(flags, cap, nq, &use_map);
+    bool map_room = false;  // (use_map stays: off on the F_PASS_A_LIST path, whose pass A wrote no map)
+    const int goff = split_gather_offset(flags, cap, nq, &map_room);
     Gather g{cluster_map(B + goff / 8, 0), (scratch_bytes_of(flags, cap) - goff) / 8, cluster_map(&s_split.gn, 0), windowed ? (pl.whi + 1) << 20 : 0x7fffffff, 0, 0.0};
-    n_mine = list_above<HIST == HIST_COUNT, true>(mine, A, cap, pl.b0 > 0 ? static_cast<unsigned>(pl.b0) << 20 : 1u,
-                                                  use_map ? map : nullptr, map_min_of(flags, pl.b0), &g);
+    const unsigned tb = pl.b0 > 0 ? static_cast<unsigned>(pl.b0) << 20 : 1u;
+    if (pa_list() && s_split.tot_tau <= static_cast<int>(tb)) {  // every block's candidates hold bins >= b0
+      MOECOMM_SAMPLE_TRACE(PATH_PASS_A);
+      n_mine = take_candidates<true>(A, nullptr, cap, s_split.nc, tb, &g);
+    } else {
+      n_mine = list_above<HIST == HIST_COUNT, true>(mine, A, cap, tb, use_map ? map : nullptr, map_min_of(flags, pl.b0), &g);
+    }
     if (t == 0) {
       s_split.n = n_mine;
       s_split.ac = g.ac;

@@ -72,7 +72,7 @@ PAIRED_ENTRY = {k: v + "_paired" for k, v in ENTRY.items()}
 F_ROWMAP, F_ROWMAP64, F_OUT64, F_HAS_K, F_K_TENSOR, F_K64, F_HAS_P, F_P_TENSOR = (1 << i for i in range(8))
 F_HAS_MINP, F_MINP_TENSOR, F_TOPK_FIRST, F_SEED_TENSOR, F_SEED_PER_ROW, F_OFFSET_TENSOR, F_OFFSET_PER_ROW, F_LOGPROB = (
     1 << i for i in range(8, 16))
-F_SECTOR_MAP, F_MAP_BINS = 1 << 16, 1 << 17
+F_SECTOR_MAP, F_MAP_BINS, F_PASS_A_LIST = 1 << 16, 1 << 17, 1 << 18
 # Pass A writes a byte per 32-byte sector (its largest exponent) so that pass B loads only the sectors
 # that can hold a listed token; False: pass B reads the whole row (the benchmark's control row).
 SECTOR_MAP = True
@@ -88,6 +88,13 @@ SECTOR_MAP_BINS = False
 # calls of 2026-12-02 (B512 V151936: 0.2276 / 0.2288 ms without, 0.2411 / 0.2424 with): with two
 # blocks an SM the loads the map saves cost less than pass A's map bytes and pass B's gathers.
 PAIRED_TOP_P_SECTOR_MAP = False
+# PASS_A_LIST: top-p without top-k (the q-sum entries: single, paired and split) lists its candidates
+# during pass A (every token at or above a threshold set from the first iteration's bins, ~10K keys
+# a row) and skips pass B where they cover the plan's bins (sample.cu's pass_a_threshold); no sector
+# map then. False: pass B as before. Off by default until the H200 rows (bench_sampling's
+# "moecomm[cuda-passa]" control row, tokens checked against the default's) and the host emulation's
+# path tests say it pays and is exact.
+PASS_A_LIST = False
 # Split rows (sample.cu's sample_row_split): a row over a thread-block cluster of SPLIT_SIZES blocks
 # (sm_90 and later), for batches whose single blocks leave SMs idle: one block streams a row at ~10
 # GB/s (B1 V128256: ~57 us), a cluster of 8 cuts pass A and pass B 8-fold. SPLIT: None = by the
@@ -284,6 +291,8 @@ def _plan(
         entry, cap = PAIRED_ENTRY[kind], min(capacity(x.device), PAIRED_CAPACITY)
     if kind == "qsum" and entry == PAIRED_ENTRY[kind] and not PAIRED_TOP_P_SECTOR_MAP:
         flags &= ~(F_SECTOR_MAP | F_MAP_BINS)
+    if kind == "qsum" and PASS_A_LIST:
+        flags = (flags | F_PASS_A_LIST) & ~(F_SECTOR_MAP | F_MAP_BINS)
     tensors = (x, rowmap if rowmap is not None else dummy, out, valid, logprob if logprob is not None else dummy,
                k_t, p_t, m_t, seed_t, off_t)
     return (entry, tensors, [vocab, num_in_rows, x.stride(0), k_v, p_v, m_v, seed_v, off_v, flags, cap],

@@ -224,6 +224,7 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fdividef(float a, float b) { return a / b; }
 inline float __uint2float_rn(unsigned u) { return static_cast<float>(u); }
 template <typename T>
 T __ldg(const T* p) { return *p; }

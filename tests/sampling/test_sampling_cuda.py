@@ -377,7 +377,7 @@ def test_flags_and_constants_agree_with_the_source():
     flags = dict(re.findall(r"(F_[A-Z0-9_]+) = 1 << (\d+)", src))
     assert {name: 1 << int(bit) for name, bit in flags.items()} == {
         name: getattr(_cuda, name) for name in flags}, flags
-    assert len(flags) == 18
+    assert len(flags) == 19
     assert f"constexpr int SCRATCH_MIN_BYTES = {_cuda.HIST_SCRATCH_BYTES};" in src
     assert f"constexpr int PHILOX_ROUNDS = {ref.PHILOX_ROUNDS};" in src
     assert _cuda.THREADS == 1024 and _cuda.PAIRED_THREADS == 512
@@ -799,6 +799,25 @@ def test_emulated_split_rows_match_reference(name, kw, monkeypatch):
     assert bool(((paths & ~16) == (32 | 1)).all()), paths
     if set(kw) == {"top_p"}:
         assert bool((paths & 16).all()), paths  # the window gathered, the bins above summed
+
+
+@needs_gxx
+@pytest.mark.parametrize("split", [1, 8])
+def test_emulated_pass_a_candidates(split, monkeypatch):
+    """_cuda.PASS_A_LIST on (top-p's candidates listed during pass A, sample.cu's pass_a_list): the
+    reference's tokens, valid flags and log-probs on one block a row and on split rows, where the
+    candidates cover the plan's bins (PATH_PASS_A = 64: seen) and where a small capacity overflows
+    them (pass B or the fallbacks, as before)."""
+    monkeypatch.setattr(_cuda, "PASS_A_LIST", True)
+    monkeypatch.setattr(_cuda, "SPLIT", split)
+    seen = 0
+    for kw in (dict(top_p=0.9), dict(top_p=0.3), dict(top_p=0.99), dict(top_p=0.95, min_p=0.01)):
+        paths = _same_as_reference(_probs(2, 2500, seed=3), threads=32, seed=4, **kw)
+        seen |= int(paths[0]) | int(paths[1])
+        _same_as_reference(_probs(3, 333, seed=4), seed=9, offset=2**33 + 5, **kw)
+    assert seen & 64, seen
+    for cap in (8, 64):
+        _same_as_reference(_probs(1, 3000, seed=5), cap=cap, monkeypatch=monkeypatch, seed=21, top_p=0.9)
 
 
 @needs_gxx

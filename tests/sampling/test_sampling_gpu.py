@@ -157,3 +157,32 @@ def test_candidate_carried_through_the_pass_loop(name, kw, sample_kernel):
     agree = (a == b).float().mean().item()
     print(name, sample_kernel, f"outside {outside}, {agree:.5f} of rows equal to the reference")
     assert outside == 0 and agree >= 0.995
+
+
+@pytest.mark.parametrize("batch,vocab", [(1, 128256), (7, 128256), (128, 128256), (512, 151936), (3, 1000)])
+def test_pass_a_candidates_draw_the_same_tokens(batch, vocab, monkeypatch):
+    """_cuda.PASS_A_LIST (top-p's candidates listed during pass A, pass B skipped where they cover
+    the plan's bins): the same tokens and valid flags as pass B, bit for bit, on the
+    single, paired (B512) and split (B1, B7) entries, for several seeds and top-p values."""
+    from moecomm.sampling import _cuda, api
+
+    monkeypatch.setattr(api, "SAMPLE_KERNEL", "cuda")
+    p = _probs(batch, vocab, seed=batch)
+    for top_p in (0.9, 0.5, 0.99):
+        for seed in (1, 2, 3):
+            got = {}
+            for on in (False, True):
+                monkeypatch.setattr(_cuda, "PASS_A_LIST", on)
+                got[on] = S.top_p_sampling_from_probs(p, top_p, seed=seed, return_valid=True)
+            for u, v in zip(got[False], got[True]):
+                assert torch.equal(u, v), (top_p, seed, u, v)
+
+
+@pytest.mark.parametrize("kw", [{"top_p": 0.9}, {"top_p": 0.5}])
+def test_pass_a_candidates_exact_distribution_1e6(kw, monkeypatch):
+    """The 1e6 draws of test_kernel_exact_distribution_1e6 with _cuda.PASS_A_LIST on."""
+    from moecomm.sampling import _cuda, api
+
+    monkeypatch.setattr(api, "SAMPLE_KERNEL", "cuda")
+    monkeypatch.setattr(_cuda, "PASS_A_LIST", True)
+    _exact_distribution_1e6(kw, "cuda pass-A candidates")
