@@ -98,7 +98,7 @@ def with_config(name, fn):
 
 
 def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=None, split=None, paired_map=None,
-                pass_a_list=None):
+                pass_a_list=None, pass_b_reverse=None):
     """fn run with api.SAMPLE_KERNEL = kernel ("cuda": sample.cu for the calls it covers; "triton":
     the Triton kernel for all), the Triton launch configuration `config` when given, the CUDA
     kernel's sector map on or off (_cuda.SECTOR_MAP: pass B skips the sectors without a candidate)
@@ -106,24 +106,27 @@ def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=
     entries forced on or off (_cuda.PAIRED; None: by the batch), its split rows forced to a cluster
     size (_cuda.SPLIT; 1: off; None: by the batch) and the paired top-p's sector map
     (_cuda.PAIRED_TOP_P_SECTOR_MAP; None: the module's default), and top-p's candidates from pass A
-    (_cuda.PASS_A_LIST; None: the module's default)."""
+    (_cuda.PASS_A_LIST; None: the module's default), and pass B's direction (_cuda.PASS_B_REVERSE;
+    None: the module's default)."""
     from moecomm.sampling import _cuda, api
 
     inner = with_config(config, fn) if config is not None else fn
 
     def run(*args):
         old = (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
-               _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST)
+               _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE)
         bins = _cuda.SECTOR_MAP_BINS if map_bins is None else map_bins
         pmap = _cuda.PAIRED_TOP_P_SECTOR_MAP if paired_map is None else paired_map
         pal = _cuda.PASS_A_LIST if pass_a_list is None else pass_a_list
+        rev = _cuda.PASS_B_REVERSE if pass_b_reverse is None else pass_b_reverse
         (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
-         _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST) = kernel, sector_map, paired, bins, split, pmap, pal
+         _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE) = (kernel, sector_map, paired, bins,
+                                                                                  split, pmap, pal, rev)
         try:
             return inner(*args)
         finally:
             (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
-             _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST) = old
+             _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE) = old
     return run
 
 
@@ -141,6 +144,13 @@ def passa_row():
     from moecomm.sampling import _cuda
 
     return f"moecomm[cuda-{'passb' if _cuda.PASS_A_LIST else 'passa'}]"
+
+
+def direction_row():
+    """The name of the row that runs pass B in the other direction (_cuda.PASS_B_REVERSE flipped)."""
+    from moecomm.sampling import _cuda
+
+    return f"moecomm[cuda-{'forward' if _cuda.PASS_B_REVERSE else 'reverse'}]"
 
 
 def _triton_rows(device):
@@ -182,6 +192,7 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=True, tor
             impls["moecomm[cuda-pairedmap]"] = with_kernel("cuda", call, paired_map=True)
         if top_k is None:  # top-p's candidates from pass A or pass B: the setting the default does not use
             impls[passa_row()] = with_kernel("cuda", call, pass_a_list=not _cuda.PASS_A_LIST)
+        impls[direction_row()] = with_kernel("cuda", call, pass_b_reverse=not _cuda.PASS_B_REVERSE)
     for name, cfg in (_triton_rows(device) if triton else {}).items():  # the Triton kernel: its default, then the control rows
         impls[name] = with_kernel("triton", call, cfg)
     if fi is not None:
@@ -209,6 +220,7 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=True, tor
             others["moecomm[cuda-pairedmap]"] = with_kernel("cuda", seeded, paired_map=True)
         if passa_row() in impls:
             others[passa_row()] = with_kernel("cuda", seeded, pass_a_list=not _cuda.PASS_A_LIST)
+        others[direction_row()] = with_kernel("cuda", seeded, pass_b_reverse=not _cuda.PASS_B_REVERSE)
         others[map_row] = with_kernel("cuda", seeded, map_bins=other_map)
         others[f"moecomm[cuda-{other}]"] = with_kernel("cuda", seeded, paired=not paired_by_batch)
     for name, fn in others.items():
@@ -244,20 +256,27 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=True, tor
                      flashinfer=getattr(fi, "__version__", None) if fi is not None else None)
 
 
-def run_graph_case(writer, device, fi, vocab=128256, batches=(1,), triton=True):
-    """Replayed in a CUDA graph (the decode-step setting): device time per call, top-p at each batch
-    (ours by the batch: split rows over a cluster of 8 at B <= 16; "moecomm[cuda-nosplit]" one block a
-    row, the control), and at B1 top-k + top-p and the map controls."""
+def run_graph_case(writer, device, fi, shapes=((1, 128256),), triton=True):
+    """Replayed in a CUDA graph (the decode-step setting, and device time without the host's launch
+    cost at any batch): top-p and top-k + top-p at each (batch, vocab) (ours by the batch: split rows
+    over a cluster of 8 at B <= 12, "moecomm[cuda-nosplit]" one block a row, the control, where they
+    differ), pass B's other direction and pass A's candidates as control rows, and at B1 the map
+    controls and the Triton kernel."""
     from moecomm.sampling import _cuda
 
     top_p = lambda p: S.top_p_sampling_from_probs(p, 0.9)  # noqa: E731
     topk_topp = lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9)  # noqa: E731
-    for batch in batches:
+    for batch, vocab in shapes:
         sets = _sets(batch, vocab, device)
-        fns = {"moecomm[cuda]": with_kernel("cuda", top_p), "moecomm[cuda-nosplit]": with_kernel("cuda", top_p, split=1),
-               "moecomm_topk_topp[cuda]": with_kernel("cuda", topk_topp),
-               "moecomm_topk_topp[cuda-nosplit]": with_kernel("cuda", topk_topp, split=1)}
+        fns = {"moecomm[cuda]": with_kernel("cuda", top_p), "moecomm_topk_topp[cuda]": with_kernel("cuda", topk_topp)}
+        if _cuda.split_blocks(device, batch, None, 0.9) > 1:
+            fns["moecomm[cuda-nosplit]"] = with_kernel("cuda", top_p, split=1)
+            fns["moecomm_topk_topp[cuda-nosplit]"] = with_kernel("cuda", topk_topp, split=1)
         fns[passa_row()] = with_kernel("cuda", top_p, pass_a_list=not _cuda.PASS_A_LIST)
+        fns[direction_row()] = with_kernel("cuda", top_p, pass_b_reverse=not _cuda.PASS_B_REVERSE)
+        fns[direction_row().replace("moecomm", "moecomm_topk_topp")] = with_kernel(
+            "cuda", topk_topp, pass_b_reverse=not _cuda.PASS_B_REVERSE)
+        fns["moecomm[cuda]#2"] = with_kernel("cuda", top_p)  # the control row: the default timed twice
         if batch == 1:
             fns["moecomm[cuda-nomap]"] = with_kernel("cuda", top_p, sector_map=False)
             fns[map_control()[0]] = with_kernel("cuda", top_p, map_bins=map_control()[1])
@@ -268,18 +287,28 @@ def run_graph_case(writer, device, fi, vocab=128256, batches=(1,), triton=True):
             fns["flashinfer"] = lambda p: fi.sampling.top_p_sampling_from_probs(p, 0.9)
             fns["flashinfer_topk_topp"] = lambda p: fi.sampling.top_k_top_p_sampling_from_probs(p, 50, 0.9)
         split = _cuda.split_blocks(device, batch, None, 0.9)
+        us = {}
         for name, fn in fns.items():
             try:
                 t = graph_bench(fn, sets, replays=50, calls=20)
             except Exception as exc:
                 print(f"  graph {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
+            us[name] = t.median_ms * 1e3
             tag = f" [split{split}]" if split > 1 and name.startswith("moecomm") and "nosplit" not in name else ""
             print(f"cuda graph B{batch} V{vocab} {name:32s} {t.median_ms * 1e3:8.2f} us/call{tag}"
                   f"{' (target 20 us for top-p)' if batch == 1 else ''}", flush=True)
             writer.write(op="graph_top_p" if "topk" not in name else "graph_top_k_top_p", batch=batch, vocab=vocab,
                          impl=name, median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms,
                          target_ms=0.02 if "topk" not in name and batch == 1 else None, split=split)
+        for op, ours, fi_name in (("top_p", "moecomm[cuda]", "flashinfer"),
+                                  ("top_k_top_p", "moecomm_topk_topp[cuda]", "flashinfer_topk_topp")):
+            if ours in us and fi_name in us:
+                target = 0.02 if (op, batch) == ("top_p", 1) else TARGETS.get((op, batch, vocab))
+                met = "" if target is None else f"; target {target * 1e3:.0f} us {'met' if us[ours] <= target * 1e3 else 'MISSED'}"
+                print(f"cuda graph B{batch} V{vocab} {op}: ours {us[ours]:.2f} us, FlashInfer {us[fi_name]:.2f} us "
+                      f"({us[fi_name] / us[ours]:.2f}x; 1.4x {'met' if us[fi_name] / us[ours] >= 1.4 else 'MISSED'}){met}",
+                      flush=True)
 
 
 _FIRST_CALL = r"""
@@ -398,7 +427,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--first-call-cache", default=None, help="an empty folder: also time first calls (cold, warm)")
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations of our kernel")
-    parser.add_argument("--graph-batches", default="1", help="batches of the CUDA-graph rows, comma-separated")
+    parser.add_argument("--graph-batches", default="1", help="batches of the CUDA-graph rows at V128256, comma-separated")
+    parser.add_argument("--graph-shapes", default=None, help="CUDA-graph rows as B:V,B:V (instead of --graph-batches)")
     parser.add_argument("--shapes", default=None, help="eager rows, as B:V,B:V (default: B1/B128 V128256, B512 V151936)")
     parser.add_argument("--ops", default="top_p,top_k_top_p", help="eager ops, comma-separated")
     parser.add_argument("--no-triton", action="store_true", help="leave out the Triton kernel's rows")
@@ -430,8 +460,10 @@ def main(argv=None) -> int:
             run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=not args.no_triton,
                      torch_sort=not args.no_torch)
     if device.type == "cuda" and not args.quick:
-        run_graph_case(writer, device, fi, batches=[int(b) for b in args.graph_batches.split(",")],
-                       triton=not args.no_triton)
+        gshapes = [(int(b), 128256) for b in args.graph_batches.split(",")]
+        if args.graph_shapes:
+            gshapes = [tuple(int(v) for v in sv.split(":")) for sv in args.graph_shapes.split(",")]
+        run_graph_case(writer, device, fi, shapes=gshapes, triton=not args.no_triton)
         if args.sweep:
             run_sweep(device)
         if args.first_call_cache:

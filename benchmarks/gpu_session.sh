@@ -5,7 +5,8 @@
 #            (default .base, an unpacked earlier commit) and this tree, in turn A B A B: the A-A
 #            spread is the control row that says how much of a difference is noise.
 #   compare_ep: the same A B A B for the EP dispatcher's host time (profile_dispatch --host), not in "all".
-#   BENCH_TIMEOUT (s, default 240) bounds each benchmark; TESTS (default "tests") the gpu tier's paths.
+#   BENCH_TIMEOUT (s, default 240) bounds each benchmark; BENCH_ARGS are added to each benchmark's
+#   arguments (with one bench named); TESTS (default "tests") the gpu tier's paths.
 set -uo pipefail
 OUT=${OUT:-/tmp/moecomm-out}
 mkdir -p "$OUT"
@@ -66,7 +67,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     site=""
     [ "$b" = gemm ] && site=${FI031_SITE:-}
     [ "$b" = sampling ] && site=${FI072_SITE:-}  # bench_sampling times the flashinfer it imports
-    PYTHONPATH="$PYTHONPATH${site:+:$site}" timeout ${BENCH_TIMEOUT:-240} python3 -m benchmarks.bench_$b --out "$OUT/results.jsonl" 2>&1 \
+    PYTHONPATH="$PYTHONPATH${site:+:$site}" timeout ${BENCH_TIMEOUT:-240} python3 -m benchmarks.bench_$b --out "$OUT/results.jsonl" ${BENCH_ARGS:-} 2>&1 \
       | tee -a "$OUT/bench.log" | tail -60
   done
   # the launch configs the tuner picked (bench figures read against them)

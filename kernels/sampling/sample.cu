@@ -138,7 +138,7 @@ constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K 
               F_K64 = 1 << 5, F_HAS_P = 1 << 6, F_P_TENSOR = 1 << 7, F_HAS_MINP = 1 << 8, F_MINP_TENSOR = 1 << 9,
               F_TOPK_FIRST = 1 << 10, F_SEED_TENSOR = 1 << 11, F_SEED_PER_ROW = 1 << 12, F_OFFSET_TENSOR = 1 << 13,
               F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16, F_MAP_BINS = 1 << 17,
-              F_PASS_A_LIST = 1 << 18;
+              F_PASS_A_LIST = 1 << 18, F_PASS_B_REVERSE = 1 << 19;
 constexpr int SCRATCH_MIN_BYTES = 24576;  // the scratch's floor: the fallback's 2048 counts + 2048 fp64 masses
 constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bins in the scratch
 // flags >> SCRATCH_KB_SHIFT (bits 20-27): the scratch's size in KB, >= 24, set by _cuda.py for the
@@ -706,16 +706,23 @@ struct Gather {
 // compares: no key is built for a token that is not listed (~3x fewer instructions a token: the
 // pass is bound by issue, not bytes). map as fill_range's. GATHER: each listed token also goes to g
 // (see Gather).
+// REV (F_PASS_B_REVERSE): the row's chunks from the last to the first. Pass A read them first to
+// last, so the L2 (60 MB on the H200) still holds the row's tail when pass B starts, and pass B reads
+// those lines before the misses of its head evict them (forward, the head's misses evict the tail
+// pass B is about to read). Which tokens are listed does not depend on the order, only where.
 template <bool SPARSE, bool GATHER = false>
 __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsigned tb, const unsigned char* map,
-                          unsigned map_min, Gather* g = nullptr) {
+                          unsigned map_min, bool rev, Gather* g = nullptr) {
   if (threadIdx.x == 0) s_n = 0;
   __syncthreads();
   const int T = blockDim.x, t = threadIdx.x;
   const int tbi = static_cast<int>(tb);
   long long ac = 0;
   double am = 0.0;
-  for (int base = row.q0; base < row.nq; base += UNROLL * T) {
+  const int chunk = UNROLL * T;
+  const int nit = row.nq > row.q0 ? (row.nq - row.q0 + chunk - 1) / chunk : 0;  // the same in every thread
+  for (int it = 0; it < nit; ++it) {
+    const int base = row.q0 + (rev ? nit - 1 - it : it) * chunk;
     float4 x[UNROLL];
     load_listable_quads(row, base, map, map_min, x);
     // SPARSE (top-k given: >99% of the quads hold no listed token for top-k 50): a quad's largest
@@ -1375,7 +1382,8 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
       MOECOMM_SAMPLE_TRACE(PATH_PASS_A);
       n = take_candidates<false>(A, B + MAP_OFFSET / 8, cap, nc, tb);
     } else {
-      n = list_above<HIST == HIST_COUNT>(row, A, cap, tb, use_map ? map : nullptr, map_min_of(flags, b0));
+      n = list_above<HIST == HIST_COUNT>(row, A, cap, tb, use_map ? map : nullptr, map_min_of(flags, b0),
+                                        (flags & F_PASS_B_REVERSE) != 0);
     }
     MOECOMM_SAMPLE_CLOCK(3);
     MOECOMM_SAMPLE_VALUE(10, n);
@@ -1677,7 +1685,8 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
       MOECOMM_SAMPLE_TRACE(PATH_PASS_A);
       n_mine = take_candidates<true>(A, nullptr, cap, s_split.nc, tb, &g);
     } else {
-      n_mine = list_above<HIST == HIST_COUNT, true>(mine, A, cap, tb, use_map ? map : nullptr, map_min_of(flags, pl.b0), &g);
+      n_mine = list_above<HIST == HIST_COUNT, true>(mine, A, cap, tb, use_map ? map : nullptr, map_min_of(flags, pl.b0),
+                                                   (flags & F_PASS_B_REVERSE) != 0, &g);
     }
     if (t == 0) {
       s_split.n = n_mine;

@@ -301,6 +301,7 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
         _cuda.F_OFFSET_TENSOR: isinstance(offset, torch.Tensor),
         _cuda.F_OFFSET_PER_ROW: isinstance(offset, torch.Tensor), _cuda.F_LOGPROB: True, _cuda.F_SECTOR_MAP: True,
         _cuda.F_MAP_BINS: False,  # the default map is by exponents (SECTOR_MAP_BINS: the bin map, no faster)
+        _cuda.F_PASS_B_REVERSE: True,  # pass B last chunk first (the L2 holds the tail pass A read last)
     }
     assert {f: bool(flags & f) for f in want} == want
     assert plan.args[0] is x and plan.args[2] is out and plan.args[3] is valid and plan.args[4] is logprob
@@ -778,6 +779,27 @@ def test_paired_top_p_goes_without_the_sector_map(monkeypatch):
     monkeypatch.setattr(_cuda, "PAIRED_TOP_P_SECTOR_MAP", False)
     monkeypatch.setattr(_cuda, "PAIRED", False)
     assert flags(top_p=0.9) & _cuda.F_SECTOR_MAP
+
+
+@needs_gxx
+@pytest.mark.parametrize("split", [1, 8])
+def test_emulated_pass_b_either_direction(split, monkeypatch):
+    """PASS_B_REVERSE on (the default: pass B's chunks last to first) and off: the reference's
+    tokens, valid flags and log-probs on the list path, on rows of several chunks whose last is short
+    (32 threads: 512 tokens a chunk; V 2500 and 1301), with and without the sector map, on one
+    block a row and on split rows (each block's slice backwards), and on a top-k row."""
+    assert _cuda.PASS_B_REVERSE is True
+    monkeypatch.setattr(_cuda, "SPLIT", split)
+    for rev in (True, False):
+        monkeypatch.setattr(_cuda, "PASS_B_REVERSE", rev)
+        flags = _cuda.plan_launch(*_plan_args(top_p=0.9)).args[-2].value
+        assert bool(flags & _cuda.F_PASS_B_REVERSE) == rev
+        for sector_map in (True, False):
+            monkeypatch.setattr(_cuda, "SECTOR_MAP", sector_map)
+            for kw in (dict(top_p=0.9), dict(top_k=40, top_p=0.8)):
+                paths = _same_as_reference(_probs(2, 2500, seed=3), threads=32, seed=4, **kw)
+                assert bool(((paths & 1) == 1).all()), (rev, kw, paths)  # the list path, where pass B runs
+            _same_as_reference(_probs(3, 1301, seed=8), seed=2, top_p=0.95)
 
 
 SPLIT_CASES = [  # (the CPU suite's budget: ~2-4 s each)
