@@ -138,7 +138,7 @@ constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K 
               F_K64 = 1 << 5, F_HAS_P = 1 << 6, F_P_TENSOR = 1 << 7, F_HAS_MINP = 1 << 8, F_MINP_TENSOR = 1 << 9,
               F_TOPK_FIRST = 1 << 10, F_SEED_TENSOR = 1 << 11, F_SEED_PER_ROW = 1 << 12, F_OFFSET_TENSOR = 1 << 13,
               F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16, F_MAP_BINS = 1 << 17,
-              F_PASS_A_LIST = 1 << 18, F_PASS_B_REVERSE = 1 << 19;
+              F_PASS_A_LIST = 1 << 18, F_PASS_B_REVERSE = 1 << 19, F_PASS_B_GATHER = 1 << 28;  // (20-27: the scratch's KB)
 constexpr int SCRATCH_MIN_BYTES = 24576;  // the scratch's floor: the fallback's 2048 counts + 2048 fp64 masses
 constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bins in the scratch
 // flags >> SCRATCH_KB_SHIFT (bits 20-27): the scratch's size in KB, >= 24, set by _cuda.py for the
@@ -700,6 +700,70 @@ struct Gather {
   double am;
 };
 
+// One round of the list path's pass B in every thread: its UNROLL quads x (quad indices qi; zeros
+// where nothing was loaded) appended to A where a token's fp32 bits are >= tbi (warp-aggregated, at
+// most cap stored), GATHER as list_above's. Every lane of the warp calls it.
+template <bool SPARSE, bool GATHER>
+__device__ __forceinline__ void list_round(const float4 (&x)[UNROLL], const int (&qi)[UNROLL], int tbi,
+                                           u64* __restrict__ A, int cap, Gather* g, long long& ac, double& am) {
+  // SPARSE (top-k given: >99% of the quads hold no listed token for top-k 50): a quad's largest
+  // bits first, and the quads without a listed token skip the per-token work. Not for top-p, whose
+  // ~18% of quads with one make the branches cost more than they save (H200: pass B 17.3 -> 19.5
+  // us at top-p B128, 7.7 -> 7.1 at top-k + top-p).
+  int c = 0;
+  unsigned qm = SPARSE ? 0u : (1u << UNROLL) - 1;
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int a = __float_as_int(x[u].x), b = __float_as_int(x[u].y), d = __float_as_int(x[u].z),
+              e = __float_as_int(x[u].w);
+    if (!SPARSE || imax(imax(a, b), imax(d, e)) >= tbi) {
+      if (SPARSE) qm |= 1u << u;
+      c += (a >= tbi) + (b >= tbi) + (d >= tbi) + (e >= tbi);
+    }
+  }
+  int pos = warp_append(c, &s_n);
+  int gc = 0;
+  if (GATHER && c > 0) {  // of the listed: those below tw to the gather list, the others summed
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int bits = __float_as_int(v[j]);
+        if (bits >= tbi) {
+          if (bits < g->tw) {
+            ++gc;
+          } else {
+            ++ac;
+            am += static_cast<double>(v[j]);
+          }
+        }
+      }
+    }
+  }
+  int gpos = GATHER ? warp_append(gc, g->counter) : 0;
+  if (c > 0) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if (qm & (1u << u)) {
+        const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (__float_as_int(v[j]) >= tbi) {
+            const u64 key = make_key(v[j], 4 * qi[u] + j);
+            if (pos < cap) A[pos] = key;
+            ++pos;
+            if (GATHER && __float_as_int(v[j]) < g->tw) {
+              if (gpos < g->cap) g->keys[gpos] = key;
+              ++gpos;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // The list path's pass B: appends to A every token whose fp32 bits (as a signed int: -0.0 is not
 // listed) are >= tb >= 1, i.e. v > 0 in bins >= tb >> 20 (the entries beyond cap are counted, not
 // stored); returns how many there are. fill_range with kb = 2^63 and ka = tb << 32, on 32-bit
@@ -708,78 +772,76 @@ struct Gather {
 // (see Gather).
 // REV (F_PASS_B_REVERSE): the row's chunks from the last to the first. Pass A read them first to
 // last, so the L2 (60 MB on the H200) still holds the row's tail when pass B starts, and pass B reads
-// those lines before the misses of its head evict them (forward, the head's misses evict the tail
-// pass B is about to read). Which tokens are listed does not depend on the order, only where.
+// those lines before the misses of its head evict them. Which tokens are listed does not depend on
+// the order, only where.
+// slots (with a map; 2 * UNROLL ints a thread of free shared memory, or nullptr): the sectors to load
+// are gathered first, so that every lane loads UNROLL quads a round. Pass B is bound by the rounds'
+// memory latency, not by bytes: with the map's ~40% of the sectors spread over the row, the loop
+// over fixed quads issues ~40% of its loads a round in as many rounds as pass A. Gathered, the warps
+// take the row's chunks of 32 sectors (32 map bytes, one ballot) in turn, chunk c to warp c % warps,
+// (REV: from the last chunk), and a warp's lanes write the needed sectors of its chunks into its 64
+// slots (2 sectors, UNROLL quads, a lane) until they are full; the lanes then load them: ~40% of
+// the rounds.
 template <bool SPARSE, bool GATHER = false>
 __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsigned tb, const unsigned char* map,
-                          unsigned map_min, bool rev, Gather* g = nullptr) {
+                          unsigned map_min, bool rev, Gather* g = nullptr, int* slots = nullptr) {
+  static_assert(UNROLL == 4 && NUM_BINS * 4 >= 32 * 64 * 4, "a round gathers 2 sectors (4 quads) a lane, 64 slots a warp in the bins");
   if (threadIdx.x == 0) s_n = 0;
   __syncthreads();
   const int T = blockDim.x, t = threadIdx.x;
   const int tbi = static_cast<int>(tb);
   long long ac = 0;
   double am = 0.0;
-  const int chunk = UNROLL * T;
-  const int nit = row.nq > row.q0 ? (row.nq - row.q0 + chunk - 1) / chunk : 0;  // the same in every thread
-  for (int it = 0; it < nit; ++it) {
-    const int base = row.q0 + (rev ? nit - 1 - it : it) * chunk;
-    float4 x[UNROLL];
-    load_listable_quads(row, base, map, map_min, x);
-    // SPARSE (top-k given: >99% of the quads hold no listed token for top-k 50): a quad's largest
-    // bits first, and the quads without a listed token skip the per-token work. Not for top-p, whose
-    // ~18% of quads with one make the branches cost more than they save (H200: pass B 17.3 -> 19.5
-    // us at top-p B128, 7.7 -> 7.1 at top-k + top-p).
-    int c = 0;
-    unsigned qm = SPARSE ? 0u : (1u << UNROLL) - 1;
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int a = __float_as_int(x[u].x), b = __float_as_int(x[u].y), d = __float_as_int(x[u].z),
-                e = __float_as_int(x[u].w);
-      if (!SPARSE || imax(imax(a, b), imax(d, e)) >= tbi) {
-        if (SPARSE) qm |= 1u << u;
-        c += (a >= tbi) + (b >= tbi) + (d >= tbi) + (e >= tbi);
+  if (map != nullptr && slots != nullptr) {
+    const int lane = t & 31, W = T >> 5;
+    const int sec0 = row.q0 >> 1, sec_end = (row.nq + 1) >> 1;  // row.q0 is even (a split row's slice too)
+    const int nchunks = (sec_end - sec0 + 31) >> 5;
+    int* my = slots + 64 * (t >> 5);
+    int next = t >> 5;  // the warp's next chunk (warp-uniform, as are pend, cbase and got)
+    unsigned pend = 0;  // the needed sectors of the current chunk not yet in a slot
+    int cbase = 0;
+    for (;;) {
+      int got = 0;
+      while (got < 64) {
+        if (pend == 0) {
+          if (next >= nchunks) break;
+          cbase = sec0 + 32 * (rev ? nchunks - 1 - next : next);
+          next += W;
+          const int sec = cbase + lane;
+          pend = __ballot_sync(FULL, sec < sec_end && map[sec] >= map_min);
+          continue;
+        }
+        const int slot = got + __popc(pend & ((1u << lane) - 1u));
+        const bool put = ((pend >> lane) & 1u) && slot < 64;
+        if (put) my[slot] = cbase + lane;
+        const unsigned taken = __ballot_sync(FULL, put);
+        pend &= ~taken;
+        got += __popc(taken);
       }
-    }
-    int pos = warp_append(c, &s_n);
-    int gc = 0;
-    if (GATHER && c > 0) {  // of the listed: those below tw to the gather list, the others summed
+      if (got == 0) break;
+      __syncwarp();
+      const int s0 = lane < got ? my[lane] : -1, s1 = lane + 32 < got ? my[lane + 32] : -1;
+      __syncwarp();  // every slot read before the next round writes them
+      int qi[UNROLL] = {2 * s0, 2 * s0 + 1, 2 * s1, 2 * s1 + 1};
+      float4 x[UNROLL];
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
-        const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int bits = __float_as_int(v[j]);
-          if (bits >= tbi) {
-            if (bits < g->tw) {
-              ++gc;
-            } else {
-              ++ac;
-              am += static_cast<double>(v[j]);
-            }
-          }
-        }
+        const bool need = (u < 2 ? s0 : s1) >= 0 && qi[u] < row.nq;
+        x[u] = need ? load_quad(row, qi[u]) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
+      list_round<SPARSE, GATHER>(x, qi, tbi, A, cap, g, ac, am);
     }
-    int gpos = GATHER ? warp_append(gc, g->counter) : 0;
-    if (c > 0) {
+  } else {
+    const int chunk = UNROLL * T;
+    const int nit = row.nq > row.q0 ? (row.nq - row.q0 + chunk - 1) / chunk : 0;  // the same in every thread
+    for (int it = 0; it < nit; ++it) {
+      const int base = row.q0 + (rev ? nit - 1 - it : it) * chunk;
+      float4 x[UNROLL];
+      load_listable_quads(row, base, map, map_min, x);
+      int qi[UNROLL];
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        if (qm & (1u << u)) {
-          const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (__float_as_int(v[j]) >= tbi) {
-              const u64 key = make_key(v[j], 4 * (base + u * T + t) + j);
-              if (pos < cap) A[pos] = key;
-              ++pos;
-              if (GATHER && __float_as_int(v[j]) < g->tw) {
-                if (gpos < g->cap) g->keys[gpos] = key;
-                ++gpos;
-              }
-            }
-          }
-        }
-      }
+      for (int u = 0; u < UNROLL; ++u) qi[u] = base + u * T + t;
+      list_round<SPARSE, GATHER>(x, qi, tbi, A, cap, g, ac, am);
     }
   }
   if (GATHER) {
@@ -1382,8 +1444,10 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
       MOECOMM_SAMPLE_TRACE(PATH_PASS_A);
       n = take_candidates<false>(A, B + MAP_OFFSET / 8, cap, nc, tb);
     } else {
+      // F_PASS_B_GATHER: the sectors to load gathered into slots in the dead bins (8 KB: 64 ints a warp)
       n = list_above<HIST == HIST_COUNT>(row, A, cap, tb, use_map ? map : nullptr, map_min_of(flags, b0),
-                                        (flags & F_PASS_B_REVERSE) != 0);
+                                        (flags & F_PASS_B_REVERSE) != 0, nullptr,
+                                        (flags & F_PASS_B_GATHER) ? reinterpret_cast<int*>(B) : nullptr);
     }
     MOECOMM_SAMPLE_CLOCK(3);
     MOECOMM_SAMPLE_VALUE(10, n);

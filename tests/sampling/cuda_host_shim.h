@@ -165,6 +165,7 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
   shim::warp_sync();
   return r;
 }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return x ? __builtin_ctz(static_cast<unsigned>(x)) + 1 : 0; }
 inline int __clz(int x) { return x ? __builtin_clz(static_cast<unsigned>(x)) : 32; }
 

@@ -302,6 +302,7 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
         _cuda.F_OFFSET_PER_ROW: isinstance(offset, torch.Tensor), _cuda.F_LOGPROB: True, _cuda.F_SECTOR_MAP: True,
         _cuda.F_MAP_BINS: False,  # the default map is by exponents (SECTOR_MAP_BINS: the bin map, no faster)
         _cuda.F_PASS_B_REVERSE: True,  # pass B last chunk first (the L2 holds the tail pass A read last)
+        _cuda.F_PASS_B_GATHER: True,  # pass B's sectors gathered into slots before they are loaded
     }
     assert {f: bool(flags & f) for f in want} == want
     assert plan.args[0] is x and plan.args[2] is out and plan.args[3] is valid and plan.args[4] is logprob
@@ -378,7 +379,7 @@ def test_flags_and_constants_agree_with_the_source():
     flags = dict(re.findall(r"(F_[A-Z0-9_]+) = 1 << (\d+)", src))
     assert {name: 1 << int(bit) for name, bit in flags.items()} == {
         name: getattr(_cuda, name) for name in flags}, flags
-    assert len(flags) == 20  # bits 0-19 (20-27: the lean scratch in KB)
+    assert len(flags) == 21  # bits 0-19 and 28 (20-27: the lean scratch in KB)
     assert f"constexpr int SCRATCH_MIN_BYTES = {_cuda.HIST_SCRATCH_BYTES};" in src
     assert f"constexpr int PHILOX_ROUNDS = {ref.PHILOX_ROUNDS};" in src
     assert _cuda.THREADS == 1024 and _cuda.PAIRED_THREADS == 512
@@ -783,23 +784,27 @@ def test_paired_top_p_goes_without_the_sector_map(monkeypatch):
 
 @needs_gxx
 @pytest.mark.parametrize("split", [1, 8])
-def test_emulated_pass_b_either_direction(split, monkeypatch):
-    """PASS_B_REVERSE on (the default: pass B's chunks last to first) and off: the reference's
-    tokens, valid flags and log-probs on the list path, on rows of several chunks whose last is short
-    (32 threads: 512 tokens a chunk; V 2500 and 1301), with and without the sector map, on one
-    block a row and on split rows (each block's slice backwards), and on a top-k row."""
-    assert _cuda.PASS_B_REVERSE is True
+def test_emulated_pass_b_directions_and_gathered_sectors(split, monkeypatch):
+    """PASS_B_REVERSE (pass B's chunks last to first) and PASS_B_GATHER (the sectors to load gathered
+    into a warp's 64 slots first; one block a row only), each on (the defaults) and off: the
+    reference's tokens, valid flags and log-probs on the list path, on rows of several chunks whose
+    last is short (32 threads: 512 tokens a chunk; V 2500, and V 1301 whose last sector holds one
+    quad), with and without the sector map, top-p (~40% of the sectors loaded) and top-k + top-p
+    (a few), on one block a row and on split rows (each block's slice backwards)."""
+    assert _cuda.PASS_B_REVERSE is True and _cuda.PASS_B_GATHER is True
     monkeypatch.setattr(_cuda, "SPLIT", split)
-    for rev in (True, False):
+    for rev, gather in ((True, True), (False, True), (True, False), (False, False)):
         monkeypatch.setattr(_cuda, "PASS_B_REVERSE", rev)
+        monkeypatch.setattr(_cuda, "PASS_B_GATHER", gather)
         flags = _cuda.plan_launch(*_plan_args(top_p=0.9)).args[-2].value
-        assert bool(flags & _cuda.F_PASS_B_REVERSE) == rev
+        assert bool(flags & _cuda.F_PASS_B_REVERSE) == rev and bool(flags & _cuda.F_PASS_B_GATHER) == gather
         for sector_map in (True, False):
             monkeypatch.setattr(_cuda, "SECTOR_MAP", sector_map)
             for kw in (dict(top_p=0.9), dict(top_k=40, top_p=0.8)):
                 paths = _same_as_reference(_probs(2, 2500, seed=3), threads=32, seed=4, **kw)
                 assert bool(((paths & 1) == 1).all()), (rev, kw, paths)  # the list path, where pass B runs
             _same_as_reference(_probs(3, 1301, seed=8), seed=2, top_p=0.95)
+            _same_as_reference(_probs(2, 1301, seed=9), threads=64, seed=3, top_k=3)
 
 
 SPLIT_CASES = [  # (the CPU suite's budget: ~2-4 s each)
