@@ -98,7 +98,8 @@ def with_config(name, fn):
 
 
 def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=None, split=None, paired_map=None,
-                pass_a_list=None, pass_b_reverse=None, pass_b_gather=None):
+                pass_a_list=None, pass_b_reverse=None, pass_b_gather=None,
+                pass_a_pipe=None):
     """fn run with api.SAMPLE_KERNEL = kernel ("cuda": sample.cu for the calls it covers; "triton":
     the Triton kernel for all), the Triton launch configuration `config` when given, the CUDA
     kernel's sector map on or off (_cuda.SECTOR_MAP: pass B skips the sectors without a candidate)
@@ -107,27 +108,31 @@ def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=
     size (_cuda.SPLIT; 1: off; None: by the batch) and the paired top-p's sector map
     (_cuda.PAIRED_TOP_P_SECTOR_MAP; None: the module's default), and top-p's candidates from pass A
     (_cuda.PASS_A_LIST; None: the module's default), and pass B's direction (_cuda.PASS_B_REVERSE) and
-    gathered sectors (_cuda.PASS_B_GATHER; None: the module's defaults)."""
+    gathered sectors (_cuda.PASS_B_GATHER) and pass A's pipelined loads (_cuda.PASS_A_PIPE; None: the
+    module's defaults)."""
     from moecomm.sampling import _cuda, api
 
     inner = with_config(config, fn) if config is not None else fn
 
     def run(*args):
         old = (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
-               _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE, _cuda.PASS_B_GATHER)
+               _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE, _cuda.PASS_B_GATHER,
+               _cuda.PASS_A_PIPE)
         bins = _cuda.SECTOR_MAP_BINS if map_bins is None else map_bins
         pmap = _cuda.PAIRED_TOP_P_SECTOR_MAP if paired_map is None else paired_map
         pal = _cuda.PASS_A_LIST if pass_a_list is None else pass_a_list
         rev = _cuda.PASS_B_REVERSE if pass_b_reverse is None else pass_b_reverse
         gat = _cuda.PASS_B_GATHER if pass_b_gather is None else pass_b_gather
+        pip = _cuda.PASS_A_PIPE if pass_a_pipe is None else pass_a_pipe
         (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
-         _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE, _cuda.PASS_B_GATHER) = (
-             kernel, sector_map, paired, bins, split, pmap, pal, rev, gat)
+         _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE, _cuda.PASS_B_GATHER,
+         _cuda.PASS_A_PIPE) = (kernel, sector_map, paired, bins, split, pmap, pal, rev, gat, pip)
         try:
             return inner(*args)
         finally:
             (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
-             _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE, _cuda.PASS_B_GATHER) = old
+             _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE, _cuda.PASS_B_GATHER,
+               _cuda.PASS_A_PIPE) = old
     return run
 
 
@@ -159,6 +164,13 @@ def gather_row():
     from moecomm.sampling import _cuda
 
     return f"moecomm[cuda-{'nogather' if _cuda.PASS_B_GATHER else 'gather'}]"
+
+
+def pipe_row():
+    """The name of the row that runs pass A with _cuda.PASS_A_PIPE flipped."""
+    from moecomm.sampling import _cuda
+
+    return f"moecomm[cuda-{'nopipe' if _cuda.PASS_A_PIPE else 'pipe'}]"
 
 
 def _triton_rows(device):
@@ -202,6 +214,10 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=True, tor
             impls[passa_row()] = with_kernel("cuda", call, pass_a_list=not _cuda.PASS_A_LIST)
         impls[direction_row()] = with_kernel("cuda", call, pass_b_reverse=not _cuda.PASS_B_REVERSE)
         impls[gather_row()] = with_kernel("cuda", call, pass_b_gather=not _cuda.PASS_B_GATHER)
+        impls[pipe_row()] = with_kernel("cuda", call, pass_a_pipe=not _cuda.PASS_A_PIPE)
+        if top_k is None:  # pass A's candidates with the other pass A loop
+            impls[passa_row() + "-" + pipe_row()[13:-1]] = with_kernel(
+                "cuda", call, pass_a_list=not _cuda.PASS_A_LIST, pass_a_pipe=not _cuda.PASS_A_PIPE)
     for name, cfg in (_triton_rows(device) if triton else {}).items():  # the Triton kernel: its default, then the control rows
         impls[name] = with_kernel("triton", call, cfg)
     if fi is not None:
@@ -231,6 +247,7 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=True, tor
             others[passa_row()] = with_kernel("cuda", seeded, pass_a_list=not _cuda.PASS_A_LIST)
         others[direction_row()] = with_kernel("cuda", seeded, pass_b_reverse=not _cuda.PASS_B_REVERSE)
         others[gather_row()] = with_kernel("cuda", seeded, pass_b_gather=not _cuda.PASS_B_GATHER)
+        others[pipe_row()] = with_kernel("cuda", seeded, pass_a_pipe=not _cuda.PASS_A_PIPE)
         others[map_row] = with_kernel("cuda", seeded, map_bins=other_map)
         others[f"moecomm[cuda-{other}]"] = with_kernel("cuda", seeded, paired=not paired_by_batch)
     for name, fn in others.items():
@@ -289,6 +306,11 @@ def run_graph_case(writer, device, fi, shapes=((1, 128256),), triton=True):
         fns[gather_row()] = with_kernel("cuda", top_p, pass_b_gather=not _cuda.PASS_B_GATHER)
         fns[gather_row().replace("moecomm", "moecomm_topk_topp")] = with_kernel(
             "cuda", topk_topp, pass_b_gather=not _cuda.PASS_B_GATHER)
+        fns[pipe_row()] = with_kernel("cuda", top_p, pass_a_pipe=not _cuda.PASS_A_PIPE)
+        fns[pipe_row().replace("moecomm", "moecomm_topk_topp")] = with_kernel(
+            "cuda", topk_topp, pass_a_pipe=not _cuda.PASS_A_PIPE)
+        fns[passa_row() + "-" + pipe_row()[13:-1]] = with_kernel(
+            "cuda", top_p, pass_a_list=not _cuda.PASS_A_LIST, pass_a_pipe=not _cuda.PASS_A_PIPE)
         if _cuda.paired(device, batch, None, 0.9):  # paired top-p reads the whole row: the map's control
             fns["moecomm[cuda-pairedmap]"] = with_kernel("cuda", top_p, paired_map=True)
         fns["moecomm[cuda]#2"] = with_kernel("cuda", top_p)  # the control row: the default timed twice

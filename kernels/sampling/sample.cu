@@ -138,7 +138,7 @@ constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K 
               F_K64 = 1 << 5, F_HAS_P = 1 << 6, F_P_TENSOR = 1 << 7, F_HAS_MINP = 1 << 8, F_MINP_TENSOR = 1 << 9,
               F_TOPK_FIRST = 1 << 10, F_SEED_TENSOR = 1 << 11, F_SEED_PER_ROW = 1 << 12, F_OFFSET_TENSOR = 1 << 13,
               F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16, F_MAP_BINS = 1 << 17,
-              F_PASS_A_LIST = 1 << 18, F_PASS_B_REVERSE = 1 << 19, F_PASS_B_GATHER = 1 << 28;  // (20-27: the scratch's KB)
+              F_PASS_A_LIST = 1 << 18, F_PASS_B_REVERSE = 1 << 19, F_PASS_B_GATHER = 1 << 28, F_PASS_A_PIPE = 1 << 29;  // (20-27: the scratch's KB)
 constexpr int SCRATCH_MIN_BYTES = 24576;  // the scratch's floor: the fallback's 2048 counts + 2048 fp64 masses
 constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bins in the scratch
 // flags >> SCRATCH_KB_SHIFT (bits 20-27): the scratch's size in KB, >= 24, set by _cuda.py for the
@@ -327,6 +327,47 @@ __device__ __forceinline__ float4 load_quad(const RowRef& r, int q) {
 // f(q, x) for every quad q of the row (x: tokens 4q .. 4q + 3, zeros past the end), UNROLL loads in
 // flight a thread. Every thread runs the same number of iterations (quads past the row come as
 // zeros), so f may use warp-wide operations.
+// The N quads base + u * blockDim.x + threadIdx.x of the row (zeros past its end).
+template <int N>
+__device__ __forceinline__ void load_chunk(const RowRef& r, int base, float4 (&x)[N]) {
+#pragma unroll
+  for (int u = 0; u < N; ++u) {
+    const int q = base + u * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+    x[u] = q < r.nq ? load_quad(r, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+}
+
+// g(base, x) for every chunk of N quads a thread (x: float4[N], x[u] quad base + u * blockDim.x +
+// threadIdx.x), as for_each_quad: N = UNROLL, or with PIPE (F_PASS_A_PIPE) N = PIPE_UNROLL and the
+// next chunk's loads issued before g runs on this one, so that a chunk's work (pass A's atomics,
+// pass_a_list's appends) overlaps the next chunk's memory latency instead of following it (the
+// same 4 quads in flight a thread, the same registers). Measured alone (benchmarks/probe_stream.py,
+// H200, pass A's per-token work, one 1024-thread block a row): B128 V128256 19.7 -> 18.5 us, B1
+// 13.2 -> 11.8 (4 quads pipelined: 18.7 / 13.4, and ~240 bytes of spills in the q-sum entries).
+constexpr int PIPE_UNROLL = 2;
+template <bool PIPE, typename G>
+__device__ __forceinline__ void for_each_chunk(const RowRef& r, G&& g) {
+  if (!PIPE) {
+    const int step = UNROLL * static_cast<int>(blockDim.x);
+    for (int base = r.q0; base < r.nq; base += step) {
+      float4 x[UNROLL];
+      load_chunk(r, base, x);
+      g(base, x);
+    }
+    return;
+  }
+  const int step = PIPE_UNROLL * static_cast<int>(blockDim.x);
+  float4 x[PIPE_UNROLL];
+  load_chunk(r, r.q0, x);
+  for (int base = r.q0; base < r.nq; base += step) {
+    float4 y[PIPE_UNROLL];
+    load_chunk(r, base + step, y);
+    g(base, x);
+#pragma unroll
+    for (int u = 0; u < PIPE_UNROLL; ++u) x[u] = y[u];
+  }
+}
+
 template <typename F>
 __device__ __forceinline__ void for_each_quad(const RowRef& r, F&& f) {
   const int T = blockDim.x, t = threadIdx.x;
@@ -1052,7 +1093,17 @@ __device__ __forceinline__ void pass_a_quad(const RowRef& row, int q, float4 xq,
 template <int HIST>
 __device__ __forceinline__ void pass_a(const RowRef& row, unsigned* hist, unsigned char* map, bool use_map, int flags,
                                        double& s, float& mx, float& mn, int& npos_t) {
-  for_each_quad(row, [&](int q, float4 xq) { pass_a_quad<HIST>(row, q, xq, hist, map, use_map, flags, s, mx, mn, npos_t); });
+  auto chunk = [&](int base, const auto& x) {
+    constexpr int N = sizeof(x) / sizeof(float4);
+#pragma unroll
+    for (int u = 0; u < N; ++u)
+      pass_a_quad<HIST>(row, base + u * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x), x[u], hist, map,
+                        use_map, flags, s, mx, mn, npos_t);
+  };
+  if (flags & F_PASS_A_PIPE)
+    for_each_chunk<true>(row, chunk);
+  else
+    for_each_chunk<false>(row, chunk);
 }
 
 // F_PASS_A_LIST (top-p without top-k: the q-sum entries): pass A also lists its candidates, every
@@ -1100,22 +1151,18 @@ __device__ __noinline__ void pass_a_threshold(const unsigned* hist, float budget
 // budget: candidate keys for the whole row (row_nq quads; a split block's slice projects its share).
 template <int HIST>
 __device__ __forceinline__ void pass_a_list(const RowRef& row, unsigned* hist, u64* A, int cap, u64* A2, int cap2,
-                                            int budget, int row_nq, double& s, float& mx, float& mn, int& npos_t) {
+                                            int budget, int row_nq, bool pipe, double& s, float& mx, float& mn,
+                                            int& npos_t) {
   const int T = blockDim.x, t = threadIdx.x;
   int tau = 0x7fffffff;
-  for (int base = row.q0; base < row.nq; base += UNROLL * T) {  // block-uniform trip count
-    float4 x[UNROLL];
+  auto chunk = [&](int base, const auto& x) {  // block-uniform trip count
+    constexpr int N = sizeof(x) / sizeof(float4);
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int q = base + u * T + t;
-      x[u] = q < row.nq ? load_quad(row, q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) pass_a_quad<HIST>(row, base + u * T + t, x[u], hist, nullptr, false, 0, s, mx, mn, npos_t);
+    for (int u = 0; u < N; ++u) pass_a_quad<HIST>(row, base + u * T + t, x[u], hist, nullptr, false, 0, s, mx, mn, npos_t);
     if (base == row.q0) {  // the first iteration's bins give tau
       __syncthreads();
       if (t < 32) {
-        const int sample_q = imin(UNROLL * T, row.nq - row.q0);
+        const int sample_q = imin(N * T, row.nq - row.q0);
         pass_a_threshold(hist, static_cast<float>(budget) * static_cast<float>(sample_q) / static_cast<float>(row_nq));
       }
       __syncthreads();
@@ -1123,13 +1170,13 @@ __device__ __forceinline__ void pass_a_list(const RowRef& row, unsigned* hist, u
     }
     int c = 0;
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
+    for (int u = 0; u < N; ++u)
       c += (__float_as_int(x[u].x) >= tau) + (__float_as_int(x[u].y) >= tau) + (__float_as_int(x[u].z) >= tau) +
            (__float_as_int(x[u].w) >= tau);
     int pos = warp_append(c, &s_n);
     if (c > 0) {
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
+      for (int u = 0; u < N; ++u) {
         const float v[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -1144,7 +1191,11 @@ __device__ __forceinline__ void pass_a_list(const RowRef& row, unsigned* hist, u
         }
       }
     }
-  }
+  };
+  if (pipe)
+    for_each_chunk<true>(row, chunk);
+  else
+    for_each_chunk<false>(row, chunk);
 }
 
 // The list path's pass B when pass A's candidates cover bins >= tb >> 20 (nc of them, stored as
@@ -1401,7 +1452,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   int npos_t = 0;
   if (pa_list())
     pass_a_list<HIST>(row, hist, A, cap, B + MAP_OFFSET / 8, cap2_of(), imin(PASS_A_BUDGET, 13 * (cap + cap2_of()) / 16),
-                      row.nq, s, mx, mn, npos_t);
+                      row.nq, (flags & F_PASS_A_PIPE) != 0, s, mx, mn, npos_t);
   else
     pass_a<HIST>(row, hist, map, use_map, flags, s, mx, mn, npos_t);
   const double S = block_reduce(s, Sum<double>(), 0.0);
@@ -1650,7 +1701,8 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
     float mx = 0.0f, mn = 0.0f;
     int npos_t = 0;
     if (pa_list())
-      pass_a_list<HIST>(mine, hist, A, cap, nullptr, 0, PASS_A_BUDGET, nq, s, mx, mn, npos_t);
+      pass_a_list<HIST>(mine, hist, A, cap, nullptr, 0, PASS_A_BUDGET, nq, (flags & F_PASS_A_PIPE) != 0, s, mx, mn,
+                        npos_t);
     else
       pass_a<HIST>(mine, hist, map, use_map, flags, s, mx, mn, npos_t);
     s = block_reduce(s, Sum<double>(), 0.0);

@@ -73,7 +73,7 @@ F_ROWMAP, F_ROWMAP64, F_OUT64, F_HAS_K, F_K_TENSOR, F_K64, F_HAS_P, F_P_TENSOR =
 F_HAS_MINP, F_MINP_TENSOR, F_TOPK_FIRST, F_SEED_TENSOR, F_SEED_PER_ROW, F_OFFSET_TENSOR, F_OFFSET_PER_ROW, F_LOGPROB = (
     1 << i for i in range(8, 16))
 F_SECTOR_MAP, F_MAP_BINS, F_PASS_A_LIST, F_PASS_B_REVERSE = 1 << 16, 1 << 17, 1 << 18, 1 << 19
-F_PASS_B_GATHER = 1 << 28  # (bits 20-27: the lean scratch's KB)
+F_PASS_B_GATHER, F_PASS_A_PIPE = 1 << 28, 1 << 29  # (bits 20-27: the lean scratch's KB)
 # Pass A writes a byte per 32-byte sector (its largest exponent) so that pass B loads only the sectors
 # that can hold a listed token; False: pass B reads the whole row (the benchmark's control row).
 SECTOR_MAP = True
@@ -106,6 +106,10 @@ PASS_B_REVERSE = True
 # (pass B waits on memory latency a round, not on bytes). The tokens are the same. False: the loop
 # over fixed quads (the control row).
 PASS_B_GATHER = True
+# PASS_A_PIPE: pass A (and pass_a_list) issues the next chunk's loads before it works on the current
+# one (sample.cu's for_each_chunk: 2 quads a chunk, 4 in flight a thread), so that the atomics and
+# appends overlap memory latency. False: chunks of 4 quads, loaded then worked on (the control row).
+PASS_A_PIPE = True
 # Split rows (sample.cu's sample_row_split): a row over a thread-block cluster of SPLIT_SIZES blocks
 # (sm_90 and later), for batches whose single blocks leave SMs idle: one block streams a row at ~10
 # GB/s (B1 V128256: ~57 us), a cluster of 8 cuts pass A and pass B 8-fold. SPLIT: None = by the
@@ -256,7 +260,8 @@ def _plan(
     top_k, top_p, min_p = effective_filters(top_k, top_p, min_p, vocab)
     dummy = out
     flags = ((F_LOGPROB if logprob is not None else 0) | (F_SECTOR_MAP if SECTOR_MAP else 0)
-             | (F_PASS_B_REVERSE if PASS_B_REVERSE else 0) | (F_PASS_B_GATHER if PASS_B_GATHER else 0))
+             | (F_PASS_B_REVERSE if PASS_B_REVERSE else 0) | (F_PASS_B_GATHER if PASS_B_GATHER else 0)
+             | (F_PASS_A_PIPE if PASS_A_PIPE else 0))
     if SECTOR_MAP and SECTOR_MAP_BINS:
         flags |= F_MAP_BINS
     if rowmap is not None:

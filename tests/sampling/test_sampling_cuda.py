@@ -303,6 +303,7 @@ def test_launch_arguments_match_the_kernel_signature(kw, entry, nvcc_out):
         _cuda.F_MAP_BINS: False,  # the default map is by exponents (SECTOR_MAP_BINS: the bin map, no faster)
         _cuda.F_PASS_B_REVERSE: True,  # pass B last chunk first (the L2 holds the tail pass A read last)
         _cuda.F_PASS_B_GATHER: True,  # pass B's sectors gathered into slots before they are loaded
+        _cuda.F_PASS_A_PIPE: True,  # pass A's next loads issued before the current chunk's work
     }
     assert {f: bool(flags & f) for f in want} == want
     assert plan.args[0] is x and plan.args[2] is out and plan.args[3] is valid and plan.args[4] is logprob
@@ -331,7 +332,7 @@ def test_paired_launches_match_their_entries(nvcc_out, monkeypatch):
             scratch = _cuda.lean_scratch_bytes(1000) if want else None
             cap = (_cuda.PAIRED_SHARED_BYTES - scratch) // 8 if want else _cuda.DEFAULT_CAPACITY
             assert plan.block == ((_cuda.PAIRED_THREADS if want else _cuda.THREADS),) and plan.args[-1].value == cap
-            assert plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT == (scratch // 1024 if want else 0)
+            assert (plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT) & 255 == (scratch // 1024 if want else 0)
             assert plan.shared_bytes == _cuda.shared_bytes(cap, scratch)
             assert plan.shared_bytes == (_cuda.PAIRED_SHARED_BYTES if want else _cuda.shared_bytes(cap))
             assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out.ptx)
@@ -344,7 +345,7 @@ def test_paired_launches_match_their_entries(nvcc_out, monkeypatch):
     assert _cuda.plan_launch(*_plan_args(num_rows=16, top_p=0.9)).entry == _cuda.ENTRY["qsum"]
     plan = _cuda.plan_launch(*_plan_args(num_rows=16, top_k=50))
     assert plan.entry == _cuda.PAIRED_ENTRY["count"] and plan.args[-1].value == _cuda.PAIRED_CAPACITY
-    assert plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT == 0
+    assert (plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT) & 255 == 0
     assert plan.shared_bytes == _cuda.shared_bytes(_cuda.PAIRED_CAPACITY) == _cuda.PAIRED_SHARED_BYTES
     monkeypatch.setattr(_cuda, "LEAN_SCRATCH", True)
     monkeypatch.setattr(_cuda, "PAIRED", False)
@@ -379,7 +380,7 @@ def test_flags_and_constants_agree_with_the_source():
     flags = dict(re.findall(r"(F_[A-Z0-9_]+) = 1 << (\d+)", src))
     assert {name: 1 << int(bit) for name, bit in flags.items()} == {
         name: getattr(_cuda, name) for name in flags}, flags
-    assert len(flags) == 21  # bits 0-19 and 28 (20-27: the lean scratch in KB)
+    assert len(flags) == 22  # bits 0-19, 28 and 29 (20-27: the lean scratch in KB)
     assert f"constexpr int SCRATCH_MIN_BYTES = {_cuda.HIST_SCRATCH_BYTES};" in src
     assert f"constexpr int PHILOX_ROUNDS = {ref.PHILOX_ROUNDS};" in src
     assert _cuda.THREADS == 1024 and _cuda.PAIRED_THREADS == 512
@@ -785,19 +786,22 @@ def test_paired_top_p_goes_without_the_sector_map(monkeypatch):
 @needs_gxx
 @pytest.mark.parametrize("split", [1, 8])
 def test_emulated_pass_b_directions_and_gathered_sectors(split, monkeypatch):
-    """PASS_B_REVERSE (pass B's chunks last to first) and PASS_B_GATHER (the sectors to load gathered
-    into a warp's 64 slots first; one block a row only), each on (the defaults) and off: the
+    """PASS_B_REVERSE (pass B's chunks last to first), PASS_B_GATHER (the sectors to load gathered
+    into a warp's 64 slots first; one block a row only) and PASS_A_PIPE (pass A's next chunk loaded
+    before the current one's work), each on (the defaults) and off: the
     reference's tokens, valid flags and log-probs on the list path, on rows of several chunks whose
     last is short (32 threads: 512 tokens a chunk; V 2500, and V 1301 whose last sector holds one
     quad), with and without the sector map, top-p (~40% of the sectors loaded) and top-k + top-p
     (a few), on one block a row and on split rows (each block's slice backwards)."""
-    assert _cuda.PASS_B_REVERSE is True and _cuda.PASS_B_GATHER is True
+    assert _cuda.PASS_B_REVERSE is True and _cuda.PASS_B_GATHER is True and _cuda.PASS_A_PIPE is True
     monkeypatch.setattr(_cuda, "SPLIT", split)
-    for rev, gather in ((True, True), (False, True), (True, False), (False, False)):
+    for rev, gather, pipe in ((True, True, True), (False, True, False), (True, False, False), (False, False, True)):
         monkeypatch.setattr(_cuda, "PASS_B_REVERSE", rev)
         monkeypatch.setattr(_cuda, "PASS_B_GATHER", gather)
+        monkeypatch.setattr(_cuda, "PASS_A_PIPE", pipe)
         flags = _cuda.plan_launch(*_plan_args(top_p=0.9)).args[-2].value
         assert bool(flags & _cuda.F_PASS_B_REVERSE) == rev and bool(flags & _cuda.F_PASS_B_GATHER) == gather
+        assert bool(flags & _cuda.F_PASS_A_PIPE) == pipe
         for sector_map in (True, False):
             monkeypatch.setattr(_cuda, "SECTOR_MAP", sector_map)
             for kw in (dict(top_p=0.9), dict(top_k=40, top_p=0.8)):
@@ -837,6 +841,7 @@ def test_emulated_pass_a_candidates(split, monkeypatch):
     them (pass B or the fallbacks, as before)."""
     monkeypatch.setattr(_cuda, "PASS_A_LIST", True)
     monkeypatch.setattr(_cuda, "SPLIT", split)
+    monkeypatch.setattr(_cuda, "PASS_A_PIPE", split == 1)  # pass A pipelined (the default) and not
     seen = 0
     for kw in (dict(top_p=0.9), dict(top_p=0.3), dict(top_p=0.99), dict(top_p=0.95, min_p=0.01)):
         paths = _same_as_reference(_probs(2, 2500, seed=3), threads=32, seed=4, **kw)
