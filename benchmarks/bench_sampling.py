@@ -132,7 +132,7 @@ def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=
         finally:
             (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
              _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE, _cuda.PASS_B_GATHER,
-               _cuda.PASS_A_PIPE) = old
+             _cuda.PASS_A_PIPE) = old
     return run
 
 
