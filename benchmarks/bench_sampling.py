@@ -411,17 +411,16 @@ import sys, time
 from moecomm.jit import cuda
 from moecomm.sampling import _cuda
 t = time.perf_counter()
-flags = tuple(cuda.DEFAULT_FLAGS) + (("-DMOECOMM_SAMPLE_PROFILE",) if sys.argv[2] == "profile" else ())
-group = (sys.argv[1],) + (("moecomm_sample_profile_read",) if sys.argv[2] == "profile" else ())
-c = cuda.compile(_cuda.SOURCE, flags=flags, entries=group)
+flags = _cuda.entry_flags(sys.argv[1], ("-DMOECOMM_SAMPLE_PROFILE",) if sys.argv[2] == "profile" else ())
+c = cuda.compile(_cuda.SOURCE, flags=flags)
 print(f"COMPILED {sys.argv[1]} {sys.argv[2]} {time.perf_counter() - t:.2f} s compiled={c.compiled}")
 """
 
 
 def precompile() -> None:
     """Every entry of sample.cu (and its profile build's) compiled into MOECOMM_CACHE_DIR by processes
-    started at once: they share one PTX a build (the first makes it, the others wait on its lock),
-    then each assembles its entry. A later run (the tests, the benchmark) finds them on disk."""
+    started at once, each entry its own translation unit (_cuda.entry_flags). A later run (the
+    tests, the benchmark) finds them on disk."""
     from moecomm.sampling import _cuda
 
     entries = sorted({*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values(), *_cuda.SPLIT_ENTRY.values()})

@@ -79,16 +79,15 @@ def phases(op: str, batch: int, vocab: int, ghz: float, device, base_source: str
     source = source or _cuda.SOURCE  # a trial's copy of sample.cu (same entries and arguments) or the package's
     x = _probs(batch, vocab, device)
     plan, out = _launch_plan(x, op)
-    prod = cuda.load(source, plan.entry, device=device, entries=(plan.entry,))
+    prod = cuda.load(source, plan.entry, device=device, flags=_cuda.entry_flags(plan.entry))
     base_line = ""
     if base_source:  # the control row: an earlier sample.cu's production build, same launch, same run
-        base = cuda.load(base_source, plan.entry, device=device, entries=(plan.entry,))
+        base = cuda.load(base_source, plan.entry, device=device, flags=_cuda.entry_flags(plan.entry))
         base_us = [_kernel_us(base, plan)]
         base_tok = out.clone()
-    flags = tuple(cuda.DEFAULT_FLAGS) + ("-DMOECOMM_SAMPLE_PROFILE",)
-    group = (plan.entry, "moecomm_sample_profile_read")  # one cubin: the read kernel reads the entry's marks
-    prof = cuda.load(source, plan.entry, device=device, flags=flags, entries=group)
-    read = cuda.load(source, "moecomm_sample_profile_read", device=device, flags=flags, entries=group)
+    flags = _cuda.entry_flags(plan.entry, ("-DMOECOMM_SAMPLE_PROFILE",))  # the entry and the read kernel: one
+    prof = cuda.load(source, plan.entry, device=device, flags=flags)   # cubin (the read kernel reads its marks)
+    read = cuda.load(source, "moecomm_sample_profile_read", device=device, flags=flags)
 
     def run(k):
         k(plan.grid, plan.block, plan.args, shared_mem=plan.shared_bytes)
@@ -194,7 +193,7 @@ def host_mock(profile: bool = False, runs: int = 7, n: int = 2000) -> str:
 
     x = _probs(1, 1000, "cpu")
     lines = []
-    with gpu_host_mock(kernels=[(_cuda.SOURCE, e) for e in _cuda.ENTRY.values()]) as mock:
+    with gpu_host_mock(kernels=[(_cuda.SOURCE, e, _cuda.entry_flags(e)) for e in _cuda.ENTRY.values()]) as mock:
         for name, fn in _host_calls(x).items():
             for _ in range(200):
                 fn()

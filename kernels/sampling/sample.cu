@@ -343,7 +343,9 @@ __device__ __forceinline__ void load_chunk(const RowRef& r, int base, float4 (&x
 // pass_a_list's appends) overlaps the next chunk's memory latency instead of following it (the
 // same 4 quads in flight a thread, the same registers). Measured alone (benchmarks/probe_stream.py,
 // H200, pass A's per-token work, one 1024-thread block a row): B128 V128256 19.7 -> 18.5 us, B1
-// 13.2 -> 11.8 (4 quads pipelined: 18.7 / 13.4, and ~240 bytes of spills in the q-sum entries).
+// 13.2 -> 11.8 (4 quads pipelined: 18.7 / 13.4, and ~240 bytes of spills in the q-sum entries); in
+// sample.cu (bench_sampling, CUDA-graph replay): top-p B128 V128256 65.5 -> 62.0 us, B512 V151936
+// 227.2 -> 223.7, top-k + top-p 37.6 -> 34.9 and 122.6 -> 117.1. Not for pass_a_list (slower there).
 constexpr int PIPE_UNROLL = 2;
 template <bool PIPE, typename G>
 __device__ __forceinline__ void for_each_chunk(const RowRef& r, G&& g) {
@@ -1151,8 +1153,7 @@ __device__ __noinline__ void pass_a_threshold(const unsigned* hist, float budget
 // budget: candidate keys for the whole row (row_nq quads; a split block's slice projects its share).
 template <int HIST>
 __device__ __forceinline__ void pass_a_list(const RowRef& row, unsigned* hist, u64* A, int cap, u64* A2, int cap2,
-                                            int budget, int row_nq, bool pipe, double& s, float& mx, float& mn,
-                                            int& npos_t) {
+                                            int budget, int row_nq, double& s, float& mx, float& mn, int& npos_t) {
   const int T = blockDim.x, t = threadIdx.x;
   int tau = 0x7fffffff;
   auto chunk = [&](int base, const auto& x) {  // block-uniform trip count
@@ -1192,10 +1193,7 @@ __device__ __forceinline__ void pass_a_list(const RowRef& row, unsigned* hist, u
       }
     }
   };
-  if (pipe)
-    for_each_chunk<true>(row, chunk);
-  else
-    for_each_chunk<false>(row, chunk);
+  for_each_chunk<false>(row, chunk);  // (pipelined: H200 B128 top-p 65.9 vs 63.5 us, B512 232.5 vs 218.0)
 }
 
 // The list path's pass B when pass A's candidates cover bins >= tb >> 20 (nc of them, stored as
@@ -1452,7 +1450,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   int npos_t = 0;
   if (pa_list())
     pass_a_list<HIST>(row, hist, A, cap, B + MAP_OFFSET / 8, cap2_of(), imin(PASS_A_BUDGET, 13 * (cap + cap2_of()) / 16),
-                      row.nq, (flags & F_PASS_A_PIPE) != 0, s, mx, mn, npos_t);
+                      row.nq, s, mx, mn, npos_t);
   else
     pass_a<HIST>(row, hist, map, use_map, flags, s, mx, mn, npos_t);
   const double S = block_reduce(s, Sum<double>(), 0.0);
@@ -1701,8 +1699,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
     float mx = 0.0f, mn = 0.0f;
     int npos_t = 0;
     if (pa_list())
-      pass_a_list<HIST>(mine, hist, A, cap, nullptr, 0, PASS_A_BUDGET, nq, (flags & F_PASS_A_PIPE) != 0, s, mx, mn,
-                        npos_t);
+      pass_a_list<HIST>(mine, hist, A, cap, nullptr, 0, PASS_A_BUDGET, nq, s, mx, mn, npos_t);
     else
       pass_a<HIST>(mine, hist, map, use_map, flags, s, mx, mn, npos_t);
     s = block_reduce(s, Sum<double>(), 0.0);
@@ -1949,28 +1946,44 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
   x, rowmap, out, valid, logprob, k_ptr, p_ptr, minp_ptr, seed_ptr, offset_ptr, V, num_in_rows, stride_x, k_val, \
       p_val, minp_val, seed_val, offset_val, flags, cap
 
+// Each entry is its own translation unit when launched (_cuda.entry_flags: -DMOECOMM_SAMPLE_ONLY
+// -DMOECOMM_SAMPLE_ONLY_<entry>): the front end then generates the code of one entry instead of
+// eight (the whole file's PTX took ~5x one entry's on the 2-core CPU machine), and ptxas sees only
+// that entry. Without MOECOMM_SAMPLE_ONLY: every entry (the tests' whole build).
 #define MOECOMM_SAMPLE_ENTRY(name, hist, threads, blocks_per_sm)                                      \
   extern "C" __global__ void __launch_bounds__(threads, blocks_per_sm) name(MOECOMM_SAMPLE_PARAMS) { \
     moecomm::sampling::sample_row<moecomm::sampling::hist>(MOECOMM_SAMPLE_ARGS);                      \
   }
 
+#if !defined(MOECOMM_SAMPLE_ONLY) || defined(MOECOMM_SAMPLE_ONLY_moecomm_sample_probs_count)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_count, HIST_COUNT, 1024, 1)
+#endif
+#if !defined(MOECOMM_SAMPLE_ONLY) || defined(MOECOMM_SAMPLE_ONLY_moecomm_sample_probs_qsum)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_qsum, HIST_QSUM, 1024, 1)
+#endif
+#if !defined(MOECOMM_SAMPLE_ONLY) || defined(MOECOMM_SAMPLE_ONLY_moecomm_sample_probs_none)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_none, HIST_NONE, 1024, 1)
+#endif
 // Paired: blocks of 512 threads, two an SM (the same 64 registers a thread; a list of at most
 // PAIRED_CAPACITY keys so that both blocks' shared memory fits), for batches of at least half a
 // row an SM (_cuda.PAIRED_MIN_ROWS_PER_SM): over many rows one block's memory-bound pass A overlaps
 // the other's issue-bound list and select; at B128 on 132 SMs they won too (H200, top-p V128256:
 // 82 us against 99 single; top-k 50 + top-p: 60 against 62), where most SMs hold one block.
+#if !defined(MOECOMM_SAMPLE_ONLY) || defined(MOECOMM_SAMPLE_ONLY_moecomm_sample_probs_count_paired)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_count_paired, HIST_COUNT, 512, 2)
+#endif
+#if !defined(MOECOMM_SAMPLE_ONLY) || defined(MOECOMM_SAMPLE_ONLY_moecomm_sample_probs_qsum_paired)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_qsum_paired, HIST_QSUM, 512, 2)
+#endif
+#if !defined(MOECOMM_SAMPLE_ONLY) || defined(MOECOMM_SAMPLE_ONLY_moecomm_sample_probs_none_paired)
 MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_none_paired, HIST_NONE, 512, 2)
+#endif
 
 // Split: a row over a cluster of 8 blocks of 1024 threads (sample_row_split; grid = rows x 8), for
 // batches of at most 16 rows, which leave SMs idle (_cuda.split_blocks). The body reads the cluster
 // size at run time, so clusters of 2 or 4 are one line each here (and one in _cuda.SPLIT_SIZES):
-// each entry is its own cubin, assembled on its first launch (~2-3 s of ptxas on 2 cores after the
-// whole file's ~10 s of PTX), so an entry not launched costs ~1 s of the front end only. No entry
+// each entry is its own build, compiled on its first launch (entry_flags), so an entry not launched
+// costs nothing. No entry
 // for min-p alone (nothing to select: one pass of the race).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define MOECOMM_CLUSTER_DIMS(c)
@@ -1982,5 +1995,9 @@ MOECOMM_SAMPLE_ENTRY(moecomm_sample_probs_none_paired, HIST_NONE, 512, 2)
     moecomm::sampling::sample_row_split<moecomm::sampling::hist>(MOECOMM_SAMPLE_ARGS);                    \
   }
 
+#if !defined(MOECOMM_SAMPLE_ONLY) || defined(MOECOMM_SAMPLE_ONLY_moecomm_sample_probs_count_split8)
 MOECOMM_SAMPLE_SPLIT_ENTRY(moecomm_sample_probs_count_split8, HIST_COUNT, 8)
+#endif
+#if !defined(MOECOMM_SAMPLE_ONLY) || defined(MOECOMM_SAMPLE_ONLY_moecomm_sample_probs_qsum_split8)
 MOECOMM_SAMPLE_SPLIT_ENTRY(moecomm_sample_probs_qsum_split8, HIST_QSUM, 8)
+#endif

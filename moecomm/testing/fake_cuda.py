@@ -140,9 +140,9 @@ def gpu_host_mock(kernels: Sequence[tuple[str, str]] = (), capturing: bool = Fal
     """CPU tensors take a CUDA tensor's host path, cuLaunchKernel included (see the module docstring).
 
     Args:
-        kernels: (source, function) pairs that cuda.load(source, function, device=<a CPU tensor's
-            device>) returns as loaded kernels of device 0, with entries=None or (function,)
-            (nothing is compiled or loaded).
+        kernels: (source, function) or (source, function, flags) that cuda.load(source, function,
+            device=<a CPU tensor's device>, flags=flags (default cuda.DEFAULT_FLAGS)) returns as
+            loaded kernels of device 0, with entries=None or (function,) (nothing is compiled or loaded).
         capturing: what torch.cuda.is_current_stream_capturing() answers.
     """
     from ..jit import backend, cuda
@@ -165,10 +165,12 @@ def gpu_host_mock(kernels: Sequence[tuple[str, str]] = (), capturing: bool = Fal
         mp.set(torch.cuda, "current_stream", lambda device=None: _FakeStream())
         mp.set(torch._C, "_cuda_getCurrentRawStream", lambda index: 0)
         mp.set(torch._C, "_cuda_getDevice", lambda: 0)
-        for source, name in kernels:  # the memo entries the first real load() would leave (whole, or the name's group)
-            kern = cuda.CudaKernel(None, name, 0, ctypes.c_void_p(0x3000))
+        for source, name, *flags in kernels:  # the memo entries the first real load() would leave (whole, or the
+            kern = cuda.CudaKernel(None, name, 0, ctypes.c_void_p(0x3000))  # name's group)
             for group in (None, (name,)):
-                cuda._by_call[cuda._call_key(source, name, torch.device("cpu"), None, cuda.DEFAULT_FLAGS, "auto", group)] = kern
+                key = cuda._call_key(source, name, torch.device("cpu"), None, flags[0] if flags else cuda.DEFAULT_FLAGS,
+                                     "auto", group)
+                cuda._by_call[key] = kern
         yield Mock(lib, gen)
     finally:
         mp.undo()

@@ -13,7 +13,7 @@ from moecomm.sampling import _cuda
 from moecomm.testing import fake_cuda
 
 pytestmark = pytest.mark.skipif(fake_cuda.compiler_error() is not None, reason="no C compiler: no fake driver")
-KERNELS = [(_cuda.SOURCE, e) for e in _cuda.ENTRY.values()]
+KERNELS = [(_cuda.SOURCE, e, _cuda.entry_flags(e)) for e in _cuda.ENTRY.values()]
 
 
 def _probs(rows, vocab, seed=0):
