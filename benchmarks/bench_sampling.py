@@ -166,6 +166,13 @@ def gather_row():
     return f"moecomm[cuda-{'nogather' if _cuda.PASS_B_GATHER else 'gather'}]"
 
 
+def pairedmap_row():
+    """The name of the row that runs paired top-p with _cuda.PAIRED_TOP_P_SECTOR_MAP flipped."""
+    from moecomm.sampling import _cuda
+
+    return f"moecomm[cuda-{'pairednomap' if _cuda.PAIRED_TOP_P_SECTOR_MAP else 'pairedmap'}]"
+
+
 def pipe_row():
     """The name of the row that runs pass A with _cuda.PASS_A_PIPE flipped."""
     from moecomm.sampling import _cuda
@@ -208,8 +215,8 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=True, tor
         split_by_batch = _cuda.split_blocks(device, batch, top_k, top_p)
         if split_by_batch > 1:  # the split rows' control: one block a row
             impls["moecomm[cuda-nosplit]"] = with_kernel("cuda", call, split=1)
-        if paired_by_batch and top_k is None:  # paired top-p goes without the map: the control keeps it
-            impls["moecomm[cuda-pairedmap]"] = with_kernel("cuda", call, paired_map=True)
+        if paired_by_batch and top_k is None:  # paired top-p's map (PAIRED_TOP_P_SECTOR_MAP): the control flips it
+            impls[pairedmap_row()] = with_kernel("cuda", call, paired_map=not _cuda.PAIRED_TOP_P_SECTOR_MAP)
         if top_k is None:  # top-p's candidates from pass A or pass B: the setting the default does not use
             impls[passa_row()] = with_kernel("cuda", call, pass_a_list=not _cuda.PASS_A_LIST)
         impls[direction_row()] = with_kernel("cuda", call, pass_b_reverse=not _cuda.PASS_B_REVERSE)
@@ -241,8 +248,8 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=True, tor
         others["moecomm[cuda-nomap]"] = with_kernel("cuda", seeded, sector_map=False)
         if "moecomm[cuda-nosplit]" in impls:
             others["moecomm[cuda-nosplit]"] = with_kernel("cuda", seeded, split=1)
-        if "moecomm[cuda-pairedmap]" in impls:
-            others["moecomm[cuda-pairedmap]"] = with_kernel("cuda", seeded, paired_map=True)
+        if pairedmap_row() in impls:
+            others[pairedmap_row()] = with_kernel("cuda", seeded, paired_map=not _cuda.PAIRED_TOP_P_SECTOR_MAP)
         if passa_row() in impls:
             others[passa_row()] = with_kernel("cuda", seeded, pass_a_list=not _cuda.PASS_A_LIST)
         others[direction_row()] = with_kernel("cuda", seeded, pass_b_reverse=not _cuda.PASS_B_REVERSE)
@@ -312,7 +319,7 @@ def run_graph_case(writer, device, fi, shapes=((1, 128256),), triton=True):
         fns[passa_row() + "-" + pipe_row()[13:-1]] = with_kernel(
             "cuda", top_p, pass_a_list=not _cuda.PASS_A_LIST, pass_a_pipe=not _cuda.PASS_A_PIPE)
         if _cuda.paired(device, batch, None, 0.9):  # paired top-p reads the whole row: the map's control
-            fns["moecomm[cuda-pairedmap]"] = with_kernel("cuda", top_p, paired_map=True)
+            fns[pairedmap_row()] = with_kernel("cuda", top_p, paired_map=not _cuda.PAIRED_TOP_P_SECTOR_MAP)
         fns["moecomm[cuda]#2"] = with_kernel("cuda", top_p)  # the control row: the default timed twice
         if batch == 1:
             fns["moecomm[cuda-nomap]"] = with_kernel("cuda", top_p, sector_map=False)

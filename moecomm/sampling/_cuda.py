@@ -85,10 +85,12 @@ SECTOR_MAP = True
 # 0.0896 by exponents; B512 V151936 paired 0.2407 / 0.2411; top-k + top-p B512 0.1382 / 0.1388.
 SECTOR_MAP_BINS = False
 # PAIRED_TOP_P_SECTOR_MAP: whether top-p alone on the paired entries (B >= 2 rows an SM) writes and
-# reads the sector map. False: pass B there reads the whole row, which was ~5% faster in both H200
-# calls of 2026-12-02 (B512 V151936: 0.2276 / 0.2288 ms without, 0.2411 / 0.2424 with): with two
-# blocks an SM the loads the map saves cost less than pass A's map bytes and pass B's gathers.
-PAIRED_TOP_P_SECTOR_MAP = False
+# reads the sector map. True since pass B gathers its sectors and pass A is pipelined (PASS_B_GATHER,
+# PASS_A_PIPE): B512 V151936 in CUDA-graph replay 219.0 / 219.2 us with the map, 223.7 / 223.8
+# without, in two H200 calls of 2026-12-03 (eager 0.2186 / 0.2183 vs 0.2230 / 0.2239 ms). Before
+# them the map lost (2026-12-02: 0.2411 / 0.2424 ms with, 0.2276 / 0.2288 without). False: pass B
+# reads the whole row (the control row).
+PAIRED_TOP_P_SECTOR_MAP = True
 # PASS_A_LIST: top-p without top-k (the q-sum entries: single, paired and split) lists its candidates
 # during pass A (every token at or above a threshold set from the first iteration's bins, ~10K keys
 # a row) and skips pass B where they cover the plan's bins (sample.cu's pass_a_threshold); no sector
