@@ -145,39 +145,19 @@ def map_control():
     return f"moecomm[cuda-{'binmap' if bins else 'expmap'}]", bins
 
 
-def passa_row():
-    """The name of the row that runs top-p with _cuda.PASS_A_LIST flipped (named from the switch)."""
+# a control row's name part for a _cuda switch flipped: (when the flip turns it on, when it turns it off)
+_FLIP_TAGS = {"PASS_A_LIST": ("passa", "passb"), "PASS_B_REVERSE": ("reverse", "forward"),
+              "PASS_B_GATHER": ("gather", "nogather"), "PASS_A_PIPE": ("pipe", "nopipe"),
+              "PAIRED_TOP_P_SECTOR_MAP": ("pairedmap", "pairednomap")}
+
+
+def flip_row(*switches, op="moecomm"):
+    """The name of the row that runs with these _cuda switches flipped (named from their current
+    values, so that a label stays right when a default flips): e.g. moecomm[cuda-passa-nopipe]."""
     from moecomm.sampling import _cuda
 
-    return f"moecomm[cuda-{'passb' if _cuda.PASS_A_LIST else 'passa'}]"
-
-
-def direction_row():
-    """The name of the row that runs pass B in the other direction (_cuda.PASS_B_REVERSE flipped)."""
-    from moecomm.sampling import _cuda
-
-    return f"moecomm[cuda-{'forward' if _cuda.PASS_B_REVERSE else 'reverse'}]"
-
-
-def gather_row():
-    """The name of the row that runs pass B with _cuda.PASS_B_GATHER flipped."""
-    from moecomm.sampling import _cuda
-
-    return f"moecomm[cuda-{'nogather' if _cuda.PASS_B_GATHER else 'gather'}]"
-
-
-def pairedmap_row():
-    """The name of the row that runs paired top-p with _cuda.PAIRED_TOP_P_SECTOR_MAP flipped."""
-    from moecomm.sampling import _cuda
-
-    return f"moecomm[cuda-{'pairednomap' if _cuda.PAIRED_TOP_P_SECTOR_MAP else 'pairedmap'}]"
-
-
-def pipe_row():
-    """The name of the row that runs pass A with _cuda.PASS_A_PIPE flipped."""
-    from moecomm.sampling import _cuda
-
-    return f"moecomm[cuda-{'nopipe' if _cuda.PASS_A_PIPE else 'pipe'}]"
+    tags = (_FLIP_TAGS[sw][1 if getattr(_cuda, sw) else 0] for sw in switches)
+    return f"{op}[cuda-{'-'.join(tags)}]"
 
 
 def _triton_rows(device):
@@ -216,14 +196,15 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=True, tor
         if split_by_batch > 1:  # the split rows' control: one block a row
             impls["moecomm[cuda-nosplit]"] = with_kernel("cuda", call, split=1)
         if paired_by_batch and top_k is None:  # paired top-p's map (PAIRED_TOP_P_SECTOR_MAP): the control flips it
-            impls[pairedmap_row()] = with_kernel("cuda", call, paired_map=not _cuda.PAIRED_TOP_P_SECTOR_MAP)
+            impls[flip_row("PAIRED_TOP_P_SECTOR_MAP")] = with_kernel(
+                "cuda", call, paired_map=not _cuda.PAIRED_TOP_P_SECTOR_MAP)
         if top_k is None:  # top-p's candidates from pass A or pass B: the setting the default does not use
-            impls[passa_row()] = with_kernel("cuda", call, pass_a_list=not _cuda.PASS_A_LIST)
-        impls[direction_row()] = with_kernel("cuda", call, pass_b_reverse=not _cuda.PASS_B_REVERSE)
-        impls[gather_row()] = with_kernel("cuda", call, pass_b_gather=not _cuda.PASS_B_GATHER)
-        impls[pipe_row()] = with_kernel("cuda", call, pass_a_pipe=not _cuda.PASS_A_PIPE)
+            impls[flip_row("PASS_A_LIST")] = with_kernel("cuda", call, pass_a_list=not _cuda.PASS_A_LIST)
+        impls[flip_row("PASS_B_REVERSE")] = with_kernel("cuda", call, pass_b_reverse=not _cuda.PASS_B_REVERSE)
+        impls[flip_row("PASS_B_GATHER")] = with_kernel("cuda", call, pass_b_gather=not _cuda.PASS_B_GATHER)
+        impls[flip_row("PASS_A_PIPE")] = with_kernel("cuda", call, pass_a_pipe=not _cuda.PASS_A_PIPE)
         if top_k is None:  # pass A's candidates with the other pass A loop
-            impls[passa_row() + "-" + pipe_row()[13:-1]] = with_kernel(
+            impls[flip_row("PASS_A_LIST", "PASS_A_PIPE")] = with_kernel(
                 "cuda", call, pass_a_list=not _cuda.PASS_A_LIST, pass_a_pipe=not _cuda.PASS_A_PIPE)
     for name, cfg in (_triton_rows(device) if triton else {}).items():  # the Triton kernel: its default, then the control rows
         impls[name] = with_kernel("triton", call, cfg)
@@ -248,13 +229,14 @@ def run_case(writer, device, fi, op, batch, vocab, warmup, rep, triton=True, tor
         others["moecomm[cuda-nomap]"] = with_kernel("cuda", seeded, sector_map=False)
         if "moecomm[cuda-nosplit]" in impls:
             others["moecomm[cuda-nosplit]"] = with_kernel("cuda", seeded, split=1)
-        if pairedmap_row() in impls:
-            others[pairedmap_row()] = with_kernel("cuda", seeded, paired_map=not _cuda.PAIRED_TOP_P_SECTOR_MAP)
-        if passa_row() in impls:
-            others[passa_row()] = with_kernel("cuda", seeded, pass_a_list=not _cuda.PASS_A_LIST)
-        others[direction_row()] = with_kernel("cuda", seeded, pass_b_reverse=not _cuda.PASS_B_REVERSE)
-        others[gather_row()] = with_kernel("cuda", seeded, pass_b_gather=not _cuda.PASS_B_GATHER)
-        others[pipe_row()] = with_kernel("cuda", seeded, pass_a_pipe=not _cuda.PASS_A_PIPE)
+        if flip_row("PAIRED_TOP_P_SECTOR_MAP") in impls:
+            others[flip_row("PAIRED_TOP_P_SECTOR_MAP")] = with_kernel(
+                "cuda", seeded, paired_map=not _cuda.PAIRED_TOP_P_SECTOR_MAP)
+        if flip_row("PASS_A_LIST") in impls:
+            others[flip_row("PASS_A_LIST")] = with_kernel("cuda", seeded, pass_a_list=not _cuda.PASS_A_LIST)
+        others[flip_row("PASS_B_REVERSE")] = with_kernel("cuda", seeded, pass_b_reverse=not _cuda.PASS_B_REVERSE)
+        others[flip_row("PASS_B_GATHER")] = with_kernel("cuda", seeded, pass_b_gather=not _cuda.PASS_B_GATHER)
+        others[flip_row("PASS_A_PIPE")] = with_kernel("cuda", seeded, pass_a_pipe=not _cuda.PASS_A_PIPE)
         others[map_row] = with_kernel("cuda", seeded, map_bins=other_map)
         others[f"moecomm[cuda-{other}]"] = with_kernel("cuda", seeded, paired=not paired_by_batch)
     for name, fn in others.items():
@@ -306,20 +288,21 @@ def run_graph_case(writer, device, fi, shapes=((1, 128256),), triton=True):
         if _cuda.split_blocks(device, batch, None, 0.9) > 1:
             fns["moecomm[cuda-nosplit]"] = with_kernel("cuda", top_p, split=1)
             fns["moecomm_topk_topp[cuda-nosplit]"] = with_kernel("cuda", topk_topp, split=1)
-        fns[passa_row()] = with_kernel("cuda", top_p, pass_a_list=not _cuda.PASS_A_LIST)
-        fns[direction_row()] = with_kernel("cuda", top_p, pass_b_reverse=not _cuda.PASS_B_REVERSE)
-        fns[direction_row().replace("moecomm", "moecomm_topk_topp")] = with_kernel(
+        fns[flip_row("PASS_A_LIST")] = with_kernel("cuda", top_p, pass_a_list=not _cuda.PASS_A_LIST)
+        fns[flip_row("PASS_B_REVERSE")] = with_kernel("cuda", top_p, pass_b_reverse=not _cuda.PASS_B_REVERSE)
+        fns[flip_row("PASS_B_REVERSE", op="moecomm_topk_topp")] = with_kernel(
             "cuda", topk_topp, pass_b_reverse=not _cuda.PASS_B_REVERSE)
-        fns[gather_row()] = with_kernel("cuda", top_p, pass_b_gather=not _cuda.PASS_B_GATHER)
-        fns[gather_row().replace("moecomm", "moecomm_topk_topp")] = with_kernel(
+        fns[flip_row("PASS_B_GATHER")] = with_kernel("cuda", top_p, pass_b_gather=not _cuda.PASS_B_GATHER)
+        fns[flip_row("PASS_B_GATHER", op="moecomm_topk_topp")] = with_kernel(
             "cuda", topk_topp, pass_b_gather=not _cuda.PASS_B_GATHER)
-        fns[pipe_row()] = with_kernel("cuda", top_p, pass_a_pipe=not _cuda.PASS_A_PIPE)
-        fns[pipe_row().replace("moecomm", "moecomm_topk_topp")] = with_kernel(
+        fns[flip_row("PASS_A_PIPE")] = with_kernel("cuda", top_p, pass_a_pipe=not _cuda.PASS_A_PIPE)
+        fns[flip_row("PASS_A_PIPE", op="moecomm_topk_topp")] = with_kernel(
             "cuda", topk_topp, pass_a_pipe=not _cuda.PASS_A_PIPE)
-        fns[passa_row() + "-" + pipe_row()[13:-1]] = with_kernel(
+        fns[flip_row("PASS_A_LIST", "PASS_A_PIPE")] = with_kernel(
             "cuda", top_p, pass_a_list=not _cuda.PASS_A_LIST, pass_a_pipe=not _cuda.PASS_A_PIPE)
         if _cuda.paired(device, batch, None, 0.9):  # paired top-p reads the whole row: the map's control
-            fns[pairedmap_row()] = with_kernel("cuda", top_p, paired_map=not _cuda.PAIRED_TOP_P_SECTOR_MAP)
+            fns[flip_row("PAIRED_TOP_P_SECTOR_MAP")] = with_kernel(
+                "cuda", top_p, paired_map=not _cuda.PAIRED_TOP_P_SECTOR_MAP)
         fns["moecomm[cuda]#2"] = with_kernel("cuda", top_p)  # the control row: the default timed twice
         if batch == 1:
             fns["moecomm[cuda-nomap]"] = with_kernel("cuda", top_p, sector_map=False)
