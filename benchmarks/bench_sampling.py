@@ -97,42 +97,37 @@ def with_config(name, fn):
     return run
 
 
-def with_kernel(kernel, fn, config=None, sector_map=True, paired=None, map_bins=None, split=None, paired_map=None,
-                pass_a_list=None, pass_b_reverse=None, pass_b_gather=None,
-                pass_a_pipe=None):
+# with_kernel's keywords that are not their _cuda switch in lower case
+_SWITCH = {"sector_map": "SECTOR_MAP", "paired": "PAIRED", "map_bins": "SECTOR_MAP_BINS", "split": "SPLIT",
+           "paired_map": "PAIRED_TOP_P_SECTOR_MAP"}
+
+
+def with_kernel(kernel, fn, config=None, **switches):
     """fn run with api.SAMPLE_KERNEL = kernel ("cuda": sample.cu for the calls it covers; "triton":
-    the Triton kernel for all), the Triton launch configuration `config` when given, the CUDA
-    kernel's sector map on or off (_cuda.SECTOR_MAP: pass B skips the sectors without a candidate)
-    and by bins or by exponents (_cuda.SECTOR_MAP_BINS; None: the module's default), and its paired
-    entries forced on or off (_cuda.PAIRED; None: by the batch), its split rows forced to a cluster
-    size (_cuda.SPLIT; 1: off; None: by the batch) and the paired top-p's sector map
-    (_cuda.PAIRED_TOP_P_SECTOR_MAP; None: the module's default), and top-p's candidates from pass A
-    (_cuda.PASS_A_LIST; None: the module's default), and pass B's direction (_cuda.PASS_B_REVERSE) and
-    gathered sectors (_cuda.PASS_B_GATHER) and pass A's pipelined loads (_cuda.PASS_A_PIPE; None: the
-    module's defaults)."""
+    the Triton kernel for all), the Triton launch configuration `config` when given, and the _cuda
+    switches given set for the call (a switch not given, or given as None, keeps the module's value):
+    sector_map (SECTOR_MAP), map_bins (SECTOR_MAP_BINS), paired (PAIRED), split (SPLIT), paired_map
+    (PAIRED_TOP_P_SECTOR_MAP), or any other switch by its name in lower case (pass_a_list,
+    pass_b_reverse, pass_b_gather, pass_a_pipe, stagger)."""
     from moecomm.sampling import _cuda, api
 
     inner = with_config(config, fn) if config is not None else fn
+    names = {_SWITCH.get(k, k.upper()): v for k, v in switches.items() if v is not None}
+    for name in names:
+        if not hasattr(_cuda, name):
+            raise ValueError(f"with_kernel: no _cuda switch {name}")
 
     def run(*args):
-        old = (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
-               _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE, _cuda.PASS_B_GATHER,
-               _cuda.PASS_A_PIPE)
-        bins = _cuda.SECTOR_MAP_BINS if map_bins is None else map_bins
-        pmap = _cuda.PAIRED_TOP_P_SECTOR_MAP if paired_map is None else paired_map
-        pal = _cuda.PASS_A_LIST if pass_a_list is None else pass_a_list
-        rev = _cuda.PASS_B_REVERSE if pass_b_reverse is None else pass_b_reverse
-        gat = _cuda.PASS_B_GATHER if pass_b_gather is None else pass_b_gather
-        pip = _cuda.PASS_A_PIPE if pass_a_pipe is None else pass_a_pipe
-        (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
-         _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE, _cuda.PASS_B_GATHER,
-         _cuda.PASS_A_PIPE) = (kernel, sector_map, paired, bins, split, pmap, pal, rev, gat, pip)
+        old_kernel, old = api.SAMPLE_KERNEL, {name: getattr(_cuda, name) for name in names}
+        api.SAMPLE_KERNEL = kernel
+        for name, v in names.items():
+            setattr(_cuda, name, v)
         try:
             return inner(*args)
         finally:
-            (api.SAMPLE_KERNEL, _cuda.SECTOR_MAP, _cuda.PAIRED, _cuda.SECTOR_MAP_BINS, _cuda.SPLIT,
-             _cuda.PAIRED_TOP_P_SECTOR_MAP, _cuda.PASS_A_LIST, _cuda.PASS_B_REVERSE, _cuda.PASS_B_GATHER,
-             _cuda.PASS_A_PIPE) = old
+            api.SAMPLE_KERNEL = old_kernel
+            for name, v in old.items():
+                setattr(_cuda, name, v)
     return run
 
 
@@ -148,7 +143,7 @@ def map_control():
 # a control row's name part for a _cuda switch flipped: (when the flip turns it on, when it turns it off)
 _FLIP_TAGS = {"PASS_A_LIST": ("passa", "passb"), "PASS_B_REVERSE": ("reverse", "forward"),
               "PASS_B_GATHER": ("gather", "nogather"), "PASS_A_PIPE": ("pipe", "nopipe"),
-              "PAIRED_TOP_P_SECTOR_MAP": ("pairedmap", "pairednomap")}
+              "PAIRED_TOP_P_SECTOR_MAP": ("pairedmap", "pairednomap"), "SPLIT_SLICE": ("slice", "noslice")}
 
 
 def flip_row(*switches, op="moecomm"):
@@ -282,12 +277,17 @@ def run_graph_case(writer, device, fi, shapes=((1, 128256),), triton=True):
 
     top_p = lambda p: S.top_p_sampling_from_probs(p, 0.9)  # noqa: E731
     topk_topp = lambda p: S.top_k_top_p_sampling_from_probs(p, 50, 0.9)  # noqa: E731
+    seed_t = torch.full((1,), 1234, dtype=torch.int64, device=device)
+    offset_t = torch.zeros(1, dtype=torch.int64, device=device)
     for batch, vocab in shapes:
         sets = _sets(batch, vocab, device)
         fns = {"moecomm[cuda]": with_kernel("cuda", top_p), "moecomm_topk_topp[cuda]": with_kernel("cuda", topk_topp)}
         if _cuda.split_blocks(device, batch, None, 0.9) > 1:
             fns["moecomm[cuda-nosplit]"] = with_kernel("cuda", top_p, split=1)
             fns["moecomm_topk_topp[cuda-nosplit]"] = with_kernel("cuda", topk_topp, split=1)
+            fns[flip_row("SPLIT_SLICE")] = with_kernel("cuda", top_p, split_slice=not _cuda.SPLIT_SLICE)
+            fns[flip_row("SPLIT_SLICE", op="moecomm_topk_topp")] = with_kernel(
+                "cuda", topk_topp, split_slice=not _cuda.SPLIT_SLICE)
         fns[flip_row("PASS_A_LIST")] = with_kernel("cuda", top_p, pass_a_list=not _cuda.PASS_A_LIST)
         fns[flip_row("PASS_B_REVERSE")] = with_kernel("cuda", top_p, pass_b_reverse=not _cuda.PASS_B_REVERSE)
         fns[flip_row("PASS_B_REVERSE", op="moecomm_topk_topp")] = with_kernel(
@@ -303,6 +303,15 @@ def run_graph_case(writer, device, fi, shapes=((1, 128256),), triton=True):
         if _cuda.paired(device, batch, None, 0.9):  # paired top-p reads the whole row: the map's control
             fns[flip_row("PAIRED_TOP_P_SECTOR_MAP")] = with_kernel(
                 "cuda", top_p, paired_map=not _cuda.PAIRED_TOP_P_SECTOR_MAP)
+            for level in (lv for lv in range(4) if lv != _cuda.STAGGER):  # the paired blocks' start stagger
+                fns[f"moecomm[cuda-stagger{level}]"] = with_kernel("cuda", top_p, stagger=level)
+                fns[f"moecomm_topk_topp[cuda-stagger{level}]"] = with_kernel("cuda", topk_topp, stagger=level)
+        # seed and offset as device tensors (the graph-replay way to fresh numbers: no draw of a seed
+        # on the device a call, one kernel instead of two)
+        fns["moecomm[cuda-seedtensor]"] = with_kernel("cuda", lambda p: S.top_p_sampling_from_probs(
+            p, 0.9, seed=seed_t, offset=offset_t))
+        fns["moecomm_topk_topp[cuda-seedtensor]"] = with_kernel("cuda", lambda p: S.top_k_top_p_sampling_from_probs(
+            p, 50, 0.9, seed=seed_t, offset=offset_t))
         fns["moecomm[cuda]#2"] = with_kernel("cuda", top_p)  # the control row: the default timed twice
         if batch == 1:
             fns["moecomm[cuda-nomap]"] = with_kernel("cuda", top_p, sector_map=False)
@@ -329,9 +338,13 @@ def run_graph_case(writer, device, fi, shapes=((1, 128256),), triton=True):
                          impl=name, median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms,
                          target_ms=0.02 if "topk" not in name and batch == 1 else None, split=split)
         for op, ours, fi_name in (("top_p", "moecomm[cuda]", "flashinfer"),
-                                  ("top_k_top_p", "moecomm_topk_topp[cuda]", "flashinfer_topk_topp")):
+                                  ("top_k_top_p", "moecomm_topk_topp[cuda]", "flashinfer_topk_topp"),
+                                  ("top_p seed tensors", "moecomm[cuda-seedtensor]", "flashinfer"),
+                                  ("top_k_top_p seed tensors", "moecomm_topk_topp[cuda-seedtensor]",
+                                   "flashinfer_topk_topp")):
             if ours in us and fi_name in us:
-                target = 0.02 if (op, batch) == ("top_p", 1) else TARGETS.get((op, batch, vocab))
+                key = op.split()[0]
+                target = 0.02 if (key, batch) == ("top_p", 1) else TARGETS.get((key, batch, vocab))
                 met = "" if target is None else f"; target {target * 1e3:.0f} us {'met' if us[ours] <= target * 1e3 else 'MISSED'}"
                 print(f"cuda graph B{batch} V{vocab} {op}: ours {us[ours]:.2f} us, FlashInfer {us[fi_name]:.2f} us "
                       f"({us[fi_name] / us[ours]:.2f}x; 1.4x {'met' if us[fi_name] / us[ours] >= 1.4 else 'MISSED'}){met}",

@@ -37,7 +37,10 @@ PHASES = ("pass A", "plan", "pass B (list)", "split", "select", "fallback", "rac
 # a split row's blocks (sample_row_split: one row over a cluster; slot 6 is rank 0's alone)
 SPLIT_PHASES = ("pass A", "barrier 1", "totals+bins+plan", "pass B (list)", "barrier 2", "select (rank 0)",
                 "barrier 3", "race + argmax", "barrier 4 + write")
-PROFILE_ROWS, PROFILE_SLOTS = 4096, 16  # sample.cu's
+PROFILE_ROWS, PROFILE_SLOTS = 4096, 24  # sample.cu's
+# marks inside the split rows' phases: (name, from slot, to slot)
+SPLIT_MARKS = (("totals + bins", 2, 16), ("plan", 16, 3), ("lists' totals (rank 0)", 5, 17),
+               ("select (rank 0)", 17, 18))
 
 
 def _probs(batch: int, vocab: int, device) -> torch.Tensor:
@@ -129,6 +132,15 @@ def phases(op: str, batch: int, vocab: int, ghz: float, device, base_source: str
         prev = torch.where(has, cur, prev)
     med = float(total.double().median())
     line.append(f"    {'block total':16s} {med:10.0f} cycles {med / ghz / 1e3:8.2f} us")
+    for name, a, b in SPLIT_MARKS if split else ():
+        has = (rows[:, a] >= 0) & (rows[:, b] >= 0)
+        if bool(has.any()):
+            med = float((rows[:, b] - rows[:, a])[has].double().median())
+            line.append(f"      of which {name:24s} {med:10.0f} cycles {med / ghz / 1e3:8.2f} us")
+    rounds = rows[:, 19]
+    if bool((rounds >= 0).any()):
+        r = rounds[rounds >= 0]
+        line.append(f"    small_select rounds: median {float(r.double().median()):.0f}, max {int(r.max())}")
     vals = rows[:, 10:15].double()
     names = ("list n", "gather list" if split else "window nw", "estimate", "b0", "in list")
     line.append("    " + ", ".join(f"{nm} median {float(vals[:, j][vals[:, j] >= 0].median()):.0f}"

@@ -96,10 +96,11 @@ extern __shared__ __align__(16) unsigned char moecomm_sample_dyn[];  // list + s
 #endif
 
 // Where a block's time goes (benchmarks/profile_sampling.py builds with -DMOECOMM_SAMPLE_PROFILE):
-// thread 0 writes the SM clock at the end of each phase (slots 0-9) and the list sizes (10-14) of
-// the first PROFILE_ROWS blocks; moecomm_sample_profile_read copies them out. Nothing otherwise.
+// thread 0 writes the SM clock at the end of each phase (slots 0-9), the list sizes (10-14) and
+// marks inside phases (16-18: clocks; 19: small_select's rounds) of the first PROFILE_ROWS blocks;
+// moecomm_sample_profile_read copies them out. Nothing otherwise.
 #ifdef MOECOMM_SAMPLE_PROFILE
-constexpr int PROFILE_ROWS = 4096, PROFILE_SLOTS = 16;
+constexpr int PROFILE_ROWS = 4096, PROFILE_SLOTS = 24;
 __device__ long long moecomm_sample_profile[PROFILE_ROWS * PROFILE_SLOTS];
 #define MOECOMM_SAMPLE_CLOCK(slot)                                                        \
   if (threadIdx.x == 0 && blockIdx.x < PROFILE_ROWS)                                       \
@@ -115,7 +116,7 @@ extern "C" __global__ void moecomm_sample_profile_read(long long* dst, int n) {
 }
 #else
 #define MOECOMM_SAMPLE_CLOCK(slot) ((void)0)
-#define MOECOMM_SAMPLE_VALUE(slot, v) ((void)0)
+#define MOECOMM_SAMPLE_VALUE(slot, v) ((void)sizeof(v))
 #endif
 
 namespace moecomm {
@@ -138,13 +139,18 @@ constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K 
               F_K64 = 1 << 5, F_HAS_P = 1 << 6, F_P_TENSOR = 1 << 7, F_HAS_MINP = 1 << 8, F_MINP_TENSOR = 1 << 9,
               F_TOPK_FIRST = 1 << 10, F_SEED_TENSOR = 1 << 11, F_SEED_PER_ROW = 1 << 12, F_OFFSET_TENSOR = 1 << 13,
               F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16, F_MAP_BINS = 1 << 17,
-              F_PASS_A_LIST = 1 << 18, F_PASS_B_REVERSE = 1 << 19, F_PASS_B_GATHER = 1 << 28, F_PASS_A_PIPE = 1 << 29;  // (20-27: the scratch's KB)
+              F_PASS_A_LIST = 1 << 18, F_PASS_B_REVERSE = 1 << 19, F_PASS_B_GATHER = 1 << 28, F_PASS_A_PIPE = 1 << 29,
+              F_SPLIT_SLICE = 1 << 30;  // (20-25: the scratch's KB, 26-27: the stagger)
 constexpr int SCRATCH_MIN_BYTES = 24576;  // the scratch's floor: the fallback's 2048 counts + 2048 fp64 masses
 constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bins in the scratch
-// flags >> SCRATCH_KB_SHIFT (bits 20-27): the scratch's size in KB, >= 24, set by _cuda.py for the
+// flags >> SCRATCH_KB_SHIFT (bits 20-25): the scratch's size in KB, >= 24, set by _cuda.py for the
 // lean layout (the paired entries: a scratch sized to pass A's bins and sector map, the list takes
 // the rest of the block's shared memory); 0: the classic layout, a scratch of max(cap keys, 24 KB).
 constexpr int SCRATCH_KB_SHIFT = 20;
+// flags >> STAGGER_SHIFT (bits 26-27): the paired entries' stagger (stagger_start), in units of
+// STAGGER_UNIT_CYCLES; 0: none.
+constexpr int STAGGER_SHIFT = 26;
+constexpr long long STAGGER_UNIT_CYCLES = 8192;  // ~4.1 us at 1.98 GHz
 // F_MAP_BINS: the sector map's byte is the sector's largest pass-A bin less MAP_BASE_BIN (the bin of
 // 2^-32), clamped to [0, 255] (v from 2^-32 to ~0.94 at 1/8-binade precision, larger ones 255)
 // instead of its largest exponent: pass B then skips the sectors below b0's bin, not only those
@@ -183,7 +189,7 @@ __device__ __forceinline__ u64 umax64(u64 a, u64 b) { return a > b ? a : b; }
 // can take: such a list is selected on its uncertain bins only, or the row takes the fallback).
 // Functions of the kernel's parameters, recomputed where used (no register held across the row).
 __device__ __forceinline__ int scratch_bytes_of(int flags, int cap) {
-  const int kb = (flags >> SCRATCH_KB_SHIFT) & 255;
+  const int kb = (flags >> SCRATCH_KB_SHIFT) & 63;
   return kb > 0 ? kb * 1024 : imax(8 * cap, SCRATCH_MIN_BYTES);
 }
 __device__ __forceinline__ int select_cap_of(int flags, int cap) { return imin(cap, scratch_bytes_of(flags, cap) / 8); }
@@ -261,6 +267,41 @@ __device__ __forceinline__ T* cluster_map(T* p, int rank) {
 #endif
 #endif
 
+// ----------------------------------------------------------------------------- stagger
+// Two paired blocks that share an SM start together and so run their phases in step: both stream
+// (pass A, pass B) at once, then both run the serial plan / select / race at once, and across the
+// GPU the HBM idles then. With a stagger the second block to start on an SM within d cycles of the
+// first waits until d cycles after it (thread 0 spins with nanosleep, the block at the barrier), so
+// that one block's serial phases overlap the other's streaming. Each SM keeps the clock of the
+// last start (a module global: zero at load, no reset needed; the SM's own clock, compared on that
+// SM only). Later blocks (the second wave) start when a slot frees, already out of step: no wait.
+// Timing only: the tokens are the same with or without.
+#if defined(__CUDA_ARCH__)
+constexpr int STAGGER_MAX_SMS = 1024;
+__device__ long long moecomm_sample_sm_start[STAGGER_MAX_SMS];
+__device__ __forceinline__ void stagger_start(int flags) {
+  const long long d = static_cast<long long>((flags >> STAGGER_SHIFT) & 3) * STAGGER_UNIT_CYCLES;
+  if (d == 0) return;
+  if (threadIdx.x == 0) {
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    long long* slot = &moecomm_sample_sm_start[sm & (STAGGER_MAX_SMS - 1)];
+    const long long now = static_cast<long long>(clock64());
+    const long long prev = static_cast<long long>(
+        atomicExch(reinterpret_cast<unsigned long long*>(slot), static_cast<unsigned long long>(now)));
+    const long long gap = now - prev;
+    if (gap >= 0 && gap < d) {
+      const long long until = prev + d;
+      atomicMax(slot, until);  // a third start compares against this block's (delayed) start
+      while (static_cast<long long>(clock64()) < until) __nanosleep(500);
+    }
+  }
+  __syncthreads();
+}
+#else
+__device__ __forceinline__ void stagger_start(int) {}  // the host emulation: one block at a time
+#endif
+
 // ----------------------------------------------------------------------------- randomness
 
 struct Rng {
@@ -311,9 +352,13 @@ struct RowRef {
   int nq;    // quads: (V + 3) / 4 (a split row's slice: one past its last quad)
   bool vec;  // 16-byte aligned row: full quads by one 16-byte load
   int q0 = 0;  // the first quad (a split row's slice: sample_row_split; 0: the whole row)
+  // F_SPLIT_SLICE: a split row's slice, quads q0 .. nq - 1, in this block's shared memory (pass A
+  // wrote it; pass B and the race read it there instead of the L2 / HBM); nullptr: read the row.
+  const float4* s = nullptr;
 };
 
 __device__ __forceinline__ float4 load_quad(const RowRef& r, int q) {
+  if (r.s != nullptr) return r.s[q - r.q0];
   const int i = q << 2;
   if (r.vec && i + 4 <= r.V) return __ldg(reinterpret_cast<const float4*>(r.p) + q);
   float4 o;
@@ -446,7 +491,9 @@ __device__ __noinline__ Pick small_select(const u64* src, u64* X, int m, long lo
       s_pick_mass = mass_hi;
     }
   }
+  int nrounds = 0;  // (the profile's slot 19)
   while (m > 64) {
+    ++nrounds;
     const u64 step = (hi - lo) / static_cast<u64>(C) + 1;
     for (int ci = w; ci < C; ci += W) {
       const u64 cut = lo + step * static_cast<u64>(ci);  // keys are below 2^63: no overflow
@@ -476,6 +523,7 @@ __device__ __noinline__ Pick small_select(const u64* src, u64* X, int m, long lo
     const unsigned hm = __ballot_sync(FULL, h);
     const int ws = hm ? __ffs(hm) - 1 : C;
     if (ws == 0) {  // every entry of the range is kept: l is the smallest
+      MOECOMM_SAMPLE_VALUE(19, nrounds);
       const u64 k = s_cut_min[0];
       const Pick p{k, cnt_hi + s_cut_cnt[0] - 1, mass_hi + (s_cut_mass[0] - static_cast<double>(key_value(k)))};
       __syncthreads();
@@ -563,6 +611,7 @@ __device__ __noinline__ Pick small_select(const u64* src, u64* X, int m, long lo
     }
   }
   __syncthreads();
+  MOECOMM_SAMPLE_VALUE(19, nrounds);
   const Pick p{s_pick_key, s_pick_rank, s_pick_mass};
   __syncthreads();
   return p;
@@ -1092,15 +1141,18 @@ __device__ __forceinline__ void pass_a_quad(const RowRef& row, int q, float4 xq,
 // bytes, the two quads of lanes 2i and 2i + 1; row.q0 even), the largest fp32 exponent (or bin:
 // F_MAP_BINS) among them, so that pass B skips the sectors that cannot hold a listed token (>99% of
 // the row for top-k 50, ~55-68% for top-p 0.9).
+// stash (F_SPLIT_SLICE; nullptr: none): every quad of the slice also written to stash[q - row.q0].
 template <int HIST>
 __device__ __forceinline__ void pass_a(const RowRef& row, unsigned* hist, unsigned char* map, bool use_map, int flags,
-                                       double& s, float& mx, float& mn, int& npos_t) {
+                                       double& s, float& mx, float& mn, int& npos_t, float4* stash = nullptr) {
   auto chunk = [&](int base, const auto& x) {
     constexpr int N = sizeof(x) / sizeof(float4);
 #pragma unroll
-    for (int u = 0; u < N; ++u)
-      pass_a_quad<HIST>(row, base + u * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x), x[u], hist, map,
-                        use_map, flags, s, mx, mn, npos_t);
+    for (int u = 0; u < N; ++u) {
+      const int q = base + u * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+      pass_a_quad<HIST>(row, q, x[u], hist, map, use_map, flags, s, mx, mn, npos_t);
+      if (stash != nullptr && q < row.nq) stash[q - row.q0] = x[u];
+    }
   };
   if (flags & F_PASS_A_PIPE)
     for_each_chunk<true>(row, chunk);
@@ -1428,6 +1480,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   u64* A = reinterpret_cast<u64*>(moecomm_sample_dyn);  // the list: cap keys
   u64* B = A + cap;                                      // scratch: scratch_bytes_of(flags, cap)
   unsigned* hist = reinterpret_cast<unsigned*>(B);       // pass A's bins live in the scratch until the list exists
+  stagger_start(flags);
   MOECOMM_SAMPLE_CLOCK(0);
 
   // pass A (F_PASS_A_LIST: with the candidates, in the list and the scratch past the bins, no map)
@@ -1641,6 +1694,13 @@ __device__ __forceinline__ int split_gather_offset(int flags, int cap, int nq, b
   return *use_map ? with_map : MAP_OFFSET + NUM_BINS * 4;
 }
 
+// F_SPLIT_SLICE: this block's copy of its slice (chunk quads, 16 bytes each) after the scratch;
+// _cuda.py sets the flag (and no sector map: pass B then reads shared memory) where it fits.
+__device__ __forceinline__ float4* split_slice(u64* B, int flags, int cap) {
+  return (flags & F_SPLIT_SLICE) ? reinterpret_cast<float4*>(reinterpret_cast<unsigned char*>(B) + scratch_bytes_of(flags, cap))
+                                 : nullptr;
+}
+
 // The cluster's summed bins (8 KB below the gather list)
 __device__ __forceinline__ unsigned* split_hsum(u64* B, int flags, int cap, int nq) {
   bool use_map = false;
@@ -1701,7 +1761,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
     if (pa_list())
       pass_a_list<HIST>(mine, hist, A, cap, nullptr, 0, PASS_A_BUDGET, nq, s, mx, mn, npos_t);
     else
-      pass_a<HIST>(mine, hist, map, use_map, flags, s, mx, mn, npos_t);
+      pass_a<HIST>(mine, hist, map, use_map, flags, s, mx, mn, npos_t, split_slice(B, flags, cap));
     s = block_reduce(s, Sum<double>(), 0.0);
     mx = block_reduce(mx, Max<float>(), 0.0f);
     mn = -block_reduce(-mn, Max<float>(), 0.0f);
@@ -1761,6 +1821,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
     }
   }
   __syncthreads();
+  MOECOMM_SAMPLE_CLOCK(16);  // the totals and the summed bins (the plan follows)
   const double S = s_split.tot_sum;
   const float M = s_split.tot_max;
   const long long npos = s_split.tot_npos;
@@ -1798,7 +1859,9 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
       MOECOMM_SAMPLE_TRACE(PATH_PASS_A);
       n_mine = take_candidates<true>(A, nullptr, cap, s_split.nc, tb, &g);
     } else {
-      n_mine = list_above<HIST == HIST_COUNT, true>(mine, A, cap, tb, use_map ? map : nullptr, map_min_of(flags, pl.b0),
+      RowRef listed = mine;  // F_SPLIT_SLICE: from this block's copy of the slice
+      listed.s = split_slice(B, flags, cap);
+      n_mine = list_above<HIST == HIST_COUNT, true>(listed, A, cap, tb, use_map ? map : nullptr, map_min_of(flags, pl.b0),
                                                    (flags & F_PASS_B_REVERSE) != 0, &g);
     }
     if (t == 0) {
@@ -1841,6 +1904,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
       }
     }
     __syncthreads();
+    MOECOMM_SAMPLE_CLOCK(17);  // the lists' totals (the select follows)
     const long long n = s_split.tot_n;
     u64 kell = 0;
     bool in_list = false;
@@ -1867,6 +1931,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
           if (windowed) MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
           pk = list_select(G, B, ng, c0, m0, c);
         }
+        MOECOMM_SAMPLE_CLOCK(18);  // the select
         in_list = good && (pk.rank < n - 1 || below_dropped || n >= k_eff);
         kell = pk.key;
       } else {
@@ -1898,10 +1963,13 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
     const u64 klo = umax64(kell, kthr);
     float best = -1.0f;
     int best_i = 0x7fffffff;
-    if (in_list)
+    if (in_list) {
       race_list(A, n_mine, klo, rng, best, best_i);
-    else
-      race_row(mine, klo, rng, best, best_i);
+    } else {
+      RowRef raced = mine;
+      raced.s = split_slice(B, flags, cap);
+      race_row(raced, klo, rng, best, best_i);
+    }
     block_argmax(best, best_i);
     MOECOMM_SAMPLE_CLOCK(8);
     if (t == 0) {

@@ -55,7 +55,8 @@ PAIRED_TOP_P = True
 LEAN_SCRATCH = True
 LEAN_SCRATCH_MAX = 48 * 1024  # beyond (V > ~320K): a 24 KB scratch, no sector map
 MAP_OFFSET_BYTES = 2048 * 4  # sample.cu's MAP_OFFSET: the sector map follows pass A's 2048 bins
-SCRATCH_KB_SHIFT = 20  # sample.cu's SCRATCH_KB_SHIFT: flags bits 20-27 give the lean scratch in KB
+SCRATCH_KB_SHIFT = 20  # sample.cu's SCRATCH_KB_SHIFT: flags bits 20-25 give the lean scratch in KB (<= 63)
+STAGGER_SHIFT = 26  # sample.cu's STAGGER_SHIFT: flags bits 26-27 give the paired entries' stagger
 DEFAULT_CAPACITY = 12288  # list keys: 2 x 96 KB of shared memory (list + scratch)
 MIN_CAPACITY = 4096  # below this the fallback would run too often to be worth the kernel
 HIST_SCRATCH_BYTES = 24576  # the scratch also holds the fallback's 2048 counts + 2048 fp64 masses
@@ -73,7 +74,7 @@ F_ROWMAP, F_ROWMAP64, F_OUT64, F_HAS_K, F_K_TENSOR, F_K64, F_HAS_P, F_P_TENSOR =
 F_HAS_MINP, F_MINP_TENSOR, F_TOPK_FIRST, F_SEED_TENSOR, F_SEED_PER_ROW, F_OFFSET_TENSOR, F_OFFSET_PER_ROW, F_LOGPROB = (
     1 << i for i in range(8, 16))
 F_SECTOR_MAP, F_MAP_BINS, F_PASS_A_LIST, F_PASS_B_REVERSE = 1 << 16, 1 << 17, 1 << 18, 1 << 19
-F_PASS_B_GATHER, F_PASS_A_PIPE = 1 << 28, 1 << 29  # (bits 20-27: the lean scratch's KB)
+F_PASS_B_GATHER, F_PASS_A_PIPE, F_SPLIT_SLICE = 1 << 28, 1 << 29, 1 << 30  # (20-25: scratch KB; 26-27: STAGGER)
 # Pass A writes a byte per 32-byte sector (its largest exponent) so that pass B loads only the sectors
 # that can hold a listed token; False: pass B reads the whole row (the benchmark's control row).
 SECTOR_MAP = True
@@ -112,6 +113,17 @@ PASS_B_GATHER = True
 # one (sample.cu's for_each_chunk: 2 quads a chunk, 4 in flight a thread), so that the atomics and
 # appends overlap memory latency. False: chunks of 4 quads, loaded then worked on (the control row).
 PASS_A_PIPE = True
+# STAGGER: the paired entries' start stagger, 0-3 units of ~4.1 us (sample.cu's stagger_start: the
+# second block to start on an SM within that time of the first waits until then, so that the two
+# blocks' serial phases do not fall together and one streams while the other selects). 0: off.
+# Timing only: the tokens are the same.
+STAGGER = 0
+# SPLIT_SLICE: a split row's block keeps its slice of the row in shared memory (pass A writes it,
+# pass B and the race read it there: sample.cu's split_slice), where it fits beside the list and a
+# SPLIT_SLICE_SCRATCH scratch (V128256 at a cluster of 8: 63 KB a block); no sector map then.
+# False: pass B reads the slice from the L2 / HBM with the map (the control row).
+SPLIT_SLICE = True
+SPLIT_SLICE_SCRATCH = 32 * 1024  # pass A's bins, the cluster's summed bins, a 2048-key gather list
 # Split rows (sample.cu's sample_row_split): a row over a thread-block cluster of SPLIT_SIZES blocks
 # (sm_90 and later), for batches whose single blocks leave SMs idle: one block streams a row at ~10
 # GB/s (B1 V128256: ~57 us), a cluster of 8 cuts pass A and pass B 8-fold. SPLIT: None = by the
@@ -217,12 +229,35 @@ _capacity: dict[torch.device, int] = {}
 def _device_capacity(device: torch.device) -> int:
     if device.type != "cuda":
         return DEFAULT_CAPACITY
+    room = (_optin_bytes(device) - STATIC_SMEM_BYTES) // 16
+    return max(0, min(DEFAULT_CAPACITY, room // 1024 * 1024))
+
+
+def _optin_bytes(device: torch.device) -> int:
+    """Shared memory a block may opt in to (a CPU tensor, which only the host emulation launches:
+    an H100 / H200's 227 KB)."""
+    if device.type != "cuda":
+        return 227 * 1024
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _optin:
         props = torch.cuda.get_device_properties(index)
         _optin[index] = int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
-    room = (_optin[index] - STATIC_SMEM_BYTES) // 16
-    return max(0, min(DEFAULT_CAPACITY, room // 1024 * 1024))
+    return _optin[index]
+
+
+def split_slice_bytes(vocab: int, cluster: int) -> int:
+    """A split block's slice of the row (sample.cu's chunk: a multiple of 32 quads), in bytes."""
+    nq = (vocab + 3) // 4
+    return 16 * ((-(-nq // cluster) + 31) // 32 * 32)
+
+
+def split_slice_layout(device: torch.device, vocab: int, cluster: int, cap: int) -> int | None:
+    """The list capacity of a split launch with F_SPLIT_SLICE (the list, a SPLIT_SLICE_SCRATCH
+    scratch and the slice within the block's shared memory; the capacity cut to fit, not below
+    MIN_CAPACITY), or None where the slice does not fit (then the layout without it)."""
+    room = _optin_bytes(device) - STATIC_SMEM_BYTES - SPLIT_SLICE_SCRATCH - split_slice_bytes(vocab, cluster)
+    fit = min(cap, room // 8 // 1024 * 1024)
+    return fit if fit >= min(cap, MIN_CAPACITY) else None
 
 
 def device_ok(device: torch.device) -> bool:
@@ -298,8 +333,14 @@ def _plan(
     kind = "count" if top_k is not None else ("qsum" if top_p is not None else "none")
     scratch = None
     split = split_blocks(x.device, num_rows, top_k, top_p)
+    slice_bytes = 0
     if split > 1:
         entry, cap = SPLIT_ENTRY[kind, split], capacity(x.device)
+        fit = split_slice_layout(x.device, vocab, split, cap) if SPLIT_SLICE and not (
+            kind == "qsum" and PASS_A_LIST) else None
+        if fit is not None:
+            cap, scratch, slice_bytes = fit, SPLIT_SLICE_SCRATCH, split_slice_bytes(vocab, split)
+            flags = (flags | F_SPLIT_SLICE | (scratch // 1024) << SCRATCH_KB_SHIFT) & ~(F_SECTOR_MAP | F_MAP_BINS)
     elif not paired(x.device, num_rows, top_k, top_p):
         entry, cap = ENTRY[kind], capacity(x.device)
     elif LEAN_SCRATCH:
@@ -308,6 +349,8 @@ def _plan(
         flags |= (scratch // 1024) << SCRATCH_KB_SHIFT
     else:
         entry, cap = PAIRED_ENTRY[kind], min(capacity(x.device), PAIRED_CAPACITY)
+    if entry == PAIRED_ENTRY[kind]:
+        flags |= (int(STAGGER) & 3) << STAGGER_SHIFT
     if kind == "qsum" and entry == PAIRED_ENTRY[kind] and not PAIRED_TOP_P_SECTOR_MAP:
         flags &= ~(F_SECTOR_MAP | F_MAP_BINS)
     if kind == "qsum" and PASS_A_LIST:
@@ -315,7 +358,7 @@ def _plan(
     tensors = (x, rowmap if rowmap is not None else dummy, out, valid, logprob if logprob is not None else dummy,
                k_t, p_t, m_t, seed_t, off_t)
     return (entry, tensors, [vocab, num_in_rows, x.stride(0), k_v, p_v, m_v, seed_v, off_v, flags, cap],
-            shared_bytes(cap, scratch))
+            shared_bytes(cap, scratch) + slice_bytes)
 
 
 def plan_launch(

@@ -337,12 +337,19 @@ def test_paired_launches_match_their_entries(nvcc_out, monkeypatch):
             scratch = _cuda.lean_scratch_bytes(1000) if want else None
             cap = (_cuda.PAIRED_SHARED_BYTES - scratch) // 8 if want else _cuda.DEFAULT_CAPACITY
             assert plan.block == ((_cuda.PAIRED_THREADS if want else _cuda.THREADS),) and plan.args[-1].value == cap
-            assert (plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT) & 255 == (scratch // 1024 if want else 0)
+            assert (plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT) & 63 == (scratch // 1024 if want else 0)
+            assert (plan.args[-2].value >> _cuda.STAGGER_SHIFT) & 3 == (_cuda.STAGGER if want else 0)
             assert plan.shared_bytes == _cuda.shared_bytes(cap, scratch)
             assert plan.shared_bytes == (_cuda.PAIRED_SHARED_BYTES if want else _cuda.shared_bytes(cap))
             assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out.ptx)
     for kw in (dict(min_p=0.1), dict(top_k=_cuda.PAIRED_MAX_TOP_K + 1), dict(top_k="t32", top_p=0.9)):
         assert _cuda.plan_launch(*_plan_args(num_rows=16, vocab=5000, **kw)).entry in _cuda.ENTRY.values(), kw
+    for stagger in (1, 3):  # the paired entries' stagger in bits 26-27, beside the scratch's KB; none elsewhere
+        monkeypatch.setattr(_cuda, "STAGGER", stagger)
+        f = _cuda.plan_launch(*_plan_args(num_rows=16, top_p=0.9)).args[-2].value
+        assert (f >> _cuda.STAGGER_SHIFT) & 3 == stagger and (f >> _cuda.SCRATCH_KB_SHIFT) & 63 == 24
+        assert (_cuda.plan_launch(*_plan_args(num_rows=15, top_p=0.9)).args[-2].value >> _cuda.STAGGER_SHIFT) & 3 == 0
+    monkeypatch.setattr(_cuda, "STAGGER", 0)
     monkeypatch.setattr(_cuda, "PAIRED_TOP_P", False)
     assert _cuda.plan_launch(*_plan_args(num_rows=16, top_p=0.9)).entry == _cuda.ENTRY["qsum"]
     monkeypatch.setattr(_cuda, "PAIRED_TOP_P", True)
@@ -350,7 +357,7 @@ def test_paired_launches_match_their_entries(nvcc_out, monkeypatch):
     assert _cuda.plan_launch(*_plan_args(num_rows=16, top_p=0.9)).entry == _cuda.ENTRY["qsum"]
     plan = _cuda.plan_launch(*_plan_args(num_rows=16, top_k=50))
     assert plan.entry == _cuda.PAIRED_ENTRY["count"] and plan.args[-1].value == _cuda.PAIRED_CAPACITY
-    assert (plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT) & 255 == 0
+    assert (plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT) & 63 == 0
     assert plan.shared_bytes == _cuda.shared_bytes(_cuda.PAIRED_CAPACITY) == _cuda.PAIRED_SHARED_BYTES
     monkeypatch.setattr(_cuda, "LEAN_SCRATCH", True)
     monkeypatch.setattr(_cuda, "PAIRED", False)
@@ -374,18 +381,25 @@ def test_lean_layout_sizes():
     v_max = 8 * (_cuda.LEAN_SCRATCH_MAX - _cuda.MAP_OFFSET_BYTES) - 8  # the largest V whose map fits
     assert _cuda.lean_scratch_bytes(v_max) == _cuda.LEAN_SCRATCH_MAX
     assert _cuda.lean_scratch_bytes(v_max + 64) == _cuda.HIST_SCRATCH_BYTES
-    assert _cuda.LEAN_SCRATCH_MAX // 1024 < 256  # 8 bits of the flags
+    assert _cuda.LEAN_SCRATCH_MAX // 1024 < 64  # 6 bits of the flags (26-27: the stagger)
 
 
 def test_flags_and_constants_agree_with_the_source():
     src = cuda.source_path(_cuda.SOURCE).read_text()
     assert f"constexpr int SCRATCH_KB_SHIFT = {_cuda.SCRATCH_KB_SHIFT};" in src
+    assert f"constexpr int STAGGER_SHIFT = {_cuda.STAGGER_SHIFT};" in src
+    from benchmarks import profile_sampling as prof  # its reading of the profile build's marks
+
+    assert f"constexpr int PROFILE_ROWS = {prof.PROFILE_ROWS}, PROFILE_SLOTS = {prof.PROFILE_SLOTS};" in src
+    for _, a, b in prof.SPLIT_MARKS:
+        assert f"MOECOMM_SAMPLE_CLOCK({b});" in src and f"MOECOMM_SAMPLE_CLOCK({a});" in src
+    assert _cuda.SCRATCH_KB_SHIFT + 6 == _cuda.STAGGER_SHIFT and _cuda.STAGGER_SHIFT + 2 == 28  # bits 20-25, 26-27
     assert "constexpr int MAP_OFFSET = NUM_BINS * 4;" in src and _cuda.MAP_OFFSET_BYTES == 2048 * 4
     assert "constexpr int MAP_BASE_BIN = 760;" in src and (127 - 32) << 3 == 760  # the bin of 2^-32
     flags = dict(re.findall(r"(F_[A-Z0-9_]+) = 1 << (\d+)", src))
     assert {name: 1 << int(bit) for name, bit in flags.items()} == {
         name: getattr(_cuda, name) for name in flags}, flags
-    assert len(flags) == 22  # bits 0-19, 28 and 29 (20-27: the lean scratch in KB)
+    assert len(flags) == 23  # bits 0-19, 28-30 (20-25: the lean scratch in KB, 26-27: the stagger)
     assert f"constexpr int SCRATCH_MIN_BYTES = {_cuda.HIST_SCRATCH_BYTES};" in src
     assert f"constexpr int PHILOX_ROUNDS = {ref.PHILOX_ROUNDS};" in src
     assert _cuda.THREADS == 1024 and _cuda.PAIRED_THREADS == 512
@@ -771,11 +785,35 @@ def test_split_plan_and_its_cluster_entries(nvcc_out, monkeypatch):
             continue
         assert plan.entry == _cuda.SPLIT_ENTRY[kind, 8] and _cuda.cluster_of(plan.entry) == 8
         assert plan.grid == (24,) and plan.block == (1024,) and plan.args[-1].value == _cuda.DEFAULT_CAPACITY
-        assert plan.shared_bytes == _cuda.shared_bytes(_cuda.DEFAULT_CAPACITY)
+        # SPLIT_SLICE: the slice (V1000: 250 quads, 32 a block) after a 32 KB scratch, no sector map
+        f = plan.args[-2].value
+        assert f & _cuda.F_SPLIT_SLICE and not f & _cuda.F_SECTOR_MAP and (f >> _cuda.SCRATCH_KB_SHIFT) & 63 == 32
+        assert plan.shared_bytes == _cuda.shared_bytes(_cuda.DEFAULT_CAPACITY, 32 * 1024) + 32 * 16
         assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out.ptx)
         head = nvcc_out.ptx[nvcc_out.ptx.index(f".entry {plan.entry}("):]
         assert re.search(r"\.reqnctapercluster\s+8,\s*1,\s*1", head[:head.index("{")]), plan.entry
     assert _cuda.cluster_of(_cuda.ENTRY["qsum"]) == _cuda.cluster_of(_cuda.PAIRED_ENTRY["qsum"]) == 1
+    monkeypatch.setattr(_cuda, "SPLIT_SLICE", False)  # the control: the single block's layout and the map
+    plan = _cuda.plan_launch(*_plan_args(num_rows=3, top_p=0.9))
+    assert plan.shared_bytes == _cuda.shared_bytes(_cuda.DEFAULT_CAPACITY) and plan.args[-2].value & _cuda.F_SECTOR_MAP
+    assert not plan.args[-2].value & _cuda.F_SPLIT_SLICE
+
+
+def test_split_slice_layout_sizes():
+    """A split block's slice (sample.cu's chunk: ceil(quads / 8) rounded up to 32 quads) and the layout
+    it fits in: V128256 at 8 blocks 63 KB beside the whole 12288-key list and the 32 KB scratch in an
+    H200's 227 KB; V256000 (125 KB) with the list cut to 7168 keys (a block lists its slice's tokens
+    only); a slice that leaves less than MIN_CAPACITY keys goes without (None)."""
+    cpu = torch.device("cpu")
+    assert _cuda.split_slice_bytes(128256, 8) == 16 * 4032 and _cuda.split_slice_bytes(1000, 8) == 16 * 32
+    assert _cuda.split_slice_layout(cpu, 128256, 8, 12288) == 12288
+    assert _cuda.split_slice_layout(cpu, 256000, 8, 12288) == 7168
+    assert _cuda.split_slice_layout(cpu, 400000, 8, 12288) is None
+    assert _cuda.split_slice_layout(cpu, 128256, 8, 64) == 64  # a test's small capacity stays
+    for vocab in (128256, 256000):
+        cap = _cuda.split_slice_layout(cpu, vocab, 8, 12288)
+        total = _cuda.shared_bytes(cap, _cuda.SPLIT_SLICE_SCRATCH) + _cuda.split_slice_bytes(vocab, 8)
+        assert total + _cuda.STATIC_SMEM_BYTES <= 227 * 1024, vocab
 
 
 def test_paired_top_p_keeps_the_sector_map_by_default(monkeypatch):
@@ -867,11 +905,15 @@ def test_emulated_split_rows_fallbacks_edges_and_races(monkeypatch):
     (blocks with empty slices), per-row tensors, and thread 0 of every block running ahead."""
     monkeypatch.setattr(_cuda, "SPLIT", 8)
     p = _probs(1, 3000, seed=5)
-    seen = 0
-    for cap, kw in ((8, dict(top_p=0.9)), (8, dict(top_k=300, top_p=0.9)), (64, dict(top_p=0.99))):
-        paths = _same_as_reference(p, cap=cap, monkeypatch=monkeypatch, seed=21, **kw)
-        seen |= int(paths[0])
-    assert seen & (32 | 2 | 4 | 8) == 32 | 2 | 4 | 8, seen
+    for split_slice in (True, False):  # the slice in shared memory (the default) and read from HBM
+        monkeypatch.setattr(_cuda, "SPLIT_SLICE", split_slice)
+        seen = 0
+        for cap, kw in ((8, dict(top_p=0.9)), (8, dict(top_k=300, top_p=0.9)), (64, dict(top_p=0.99))):
+            paths = _same_as_reference(p, cap=cap, monkeypatch=monkeypatch, seed=21, **kw)
+            seen |= int(paths[0])
+        assert seen & (32 | 2 | 4 | 8) == 32 | 2 | 4 | 8, (split_slice, seen)
+        _same_as_reference(_probs(2, 2500, seed=3), threads=32, seed=4, top_p=0.9)
+    monkeypatch.setattr(_cuda, "SPLIT_SLICE", True)
     monkeypatch.setattr(_cuda, "LIST_CAPACITY", None)
     bad = _probs(4, 700, seed=9)
     bad[1, 3] = float("nan")
