@@ -94,6 +94,11 @@ extern __shared__ __align__(16) unsigned char moecomm_sample_dyn[];  // list + s
 #ifndef MOECOMM_SAMPLE_TRACE
 #define MOECOMM_SAMPLE_TRACE(path) ((void)(path))
 #endif
+// The race's threshold key of each row (the host emulation records it: tests/sampling check the kept
+// set it gives against the reference's exactly, which the drawn tokens alone rarely show).
+#ifndef MOECOMM_SAMPLE_BOUNDARY
+#define MOECOMM_SAMPLE_BOUNDARY(klo) ((void)sizeof(klo))
+#endif
 
 // Where a block's time goes (benchmarks/profile_sampling.py builds with -DMOECOMM_SAMPLE_PROFILE):
 // thread 0 writes the SM clock at the end of each phase (slots 0-9), the list sizes (10-14) and
@@ -131,8 +136,9 @@ constexpr int SMALL_MAX = 2048;   // list_select hands a bucket of at most this 
 constexpr int UNROLL = 4;         // 16-byte loads a thread keeps in flight
 constexpr int HIST_NONE = 0, HIST_COUNT = 1, HIST_QSUM = 2;
 constexpr int PATH_LIST = 1, PATH_WINDOW = 2, PATH_LEVELS = 4, PATH_HBM_RACE = 8, PATH_SPLIT = 16,
-              PATH_CLUSTER = 32, PATH_PASS_A = 64;  // the trace (PATH_CLUSTER: the row ran split over a
-              // cluster; PATH_PASS_A: its list came from pass A's candidates, no pass B)
+              PATH_CLUSTER = 32, PATH_PASS_A = 64, PATH_SUB_BINS = 128;  // the trace (PATH_CLUSTER: the row
+              // ran split over a cluster; PATH_PASS_A: its list came from pass A's candidates, no pass B;
+              // PATH_SUB_BINS: window_select cut the window by its sub-bins)
 
 // flags (moecomm/sampling/_cuda.py builds them)
 constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K = 1 << 3, F_K_TENSOR = 1 << 4,
@@ -165,7 +171,7 @@ constexpr int PASS_A_BUDGET = 10240;
 // Block-shared state. The kernel is the only user of these, one block at a time per SM.
 __shared__ unsigned s_dcnt[NUM_DIGITS], s_dfill[NUM_DIGITS], s_doff[NUM_DIGITS];
 __shared__ double s_dmass[NUM_DIGITS];
-__shared__ int s_sel, s_sel2, s_n;
+__shared__ int s_sel, s_sel2, s_sel3, s_n;
 __shared__ int s_tau;  // pass_a_list's threshold (fp32 bits)
 // small_select's cuts (one a warp) and its answer
 __shared__ long long s_cut_cnt[32];
@@ -615,6 +621,132 @@ __device__ __noinline__ Pick small_select(const u64* src, u64* X, int m, long lo
   const Pick p{s_pick_key, s_pick_rank, s_pick_mass};
   __syncthreads();
   return p;
+}
+
+// top-p's window select (the list's entries of the uncertain bins, or a split row's gather list):
+// the last entry satisfying cond among the m keys of W (distinct, unsorted; their fp32 bits in bins
+// wb .. wb + nbins - 1), a contiguous stretch of the order with cnt_hi tokens of mass mass_hi before
+// it (as small_select, which it ends in). Instead of small_select's cut rounds (each warp counting
+// and summing every key at each of 32 cuts a round: two rounds for a window of ~700 keys), levels
+// of finer bins: the range of fp32 bits in up to 256 sub-bins of 2^sh patterns (inside one pass-A
+// bin each), an exact count and the q-sum (pass A's mass bounds; integer atomics: deterministic) of
+// each; one warp's scan from the top finds the sub-bins whose first token is certainly kept
+// (mass before it < P by the upper bounds) and certainly dropped (>= P by the lower bounds); the
+// keys above the uncertain ones are counted and summed exactly (fp64, one sweep) and the uncertain
+// ones (top-p 0.9 at logits x 3: 1-3 keys) compacted in place. A level again on those while more
+// than 64 remain and it narrows them (a window over many bins: the bins first, then the one that
+// holds the boundary); then small_select (at <= 64 keys one warp sorts them: no rounds). A window
+// over more than 256 bins, or m <= 64: small_select directly. X: scratch of m keys. s_dcnt /
+// s_dfill (list_select's) hold the sub-bins' counts and q-sums.
+__device__ __noinline__ Pick window_select(u64* W, u64* X, int m, int wb, int nbins, long long cnt_hi, double mass_hi,
+                                           const Cond cond) {
+  static_assert(NUM_DIGITS == 256, "256 sub-bins in s_dcnt / s_dfill");
+  const int t = threadIdx.x, T = blockDim.x, lane = t & 31;
+  unsigned lo_bits = static_cast<unsigned>(wb) << 20, range = static_cast<unsigned>(nbins) << 20;
+  while (m > 64 && nbins >= 1 && nbins <= 256) {
+    MOECOMM_SAMPLE_TRACE(PATH_SUB_BINS);
+    int sh = 0;  // sub-bins of 2^sh fp32 bit patterns: as fine as 256 of them allow
+    while (((range - 1) >> sh) >= 256) ++sh;
+    const int nsub = static_cast<int>((range - 1) >> sh) + 1;
+    for (int j = t; j < nsub; j += T) {
+      s_dcnt[j] = 0;
+      s_dfill[j] = 0;
+    }
+    __syncthreads();
+    for (int j = t; j < m; j += T) {
+      const unsigned bits = static_cast<unsigned>(W[j] >> 32);
+      const int sub = imin(static_cast<int>((bits - lo_bits) >> sh), nsub - 1);  // (the keys lie in the range)
+      atomicAdd(&s_dcnt[sub], 1u);
+      atomicAdd(&s_dfill[sub], q_of(bits));
+    }
+    __syncthreads();
+    if (t < 32) {  // warp 0: lane L owns sub-bins nsub - 1 - L * per - i (i < per), scanned from the top
+      const int per = (nsub + 31) >> 5;
+      auto bin_of = [&](int j) { return static_cast<int>((lo_bits + (static_cast<unsigned>(j) << sh)) >> 20); };
+      long long c = 0;
+      double lo = 0.0, hi = 0.0;
+      for (int i = 0; i < per; ++i) {
+        const int j = nsub - 1 - lane * per - i;
+        if (j >= 0) {
+          const unsigned cj = s_dcnt[j], qj = s_dfill[j];
+          c += cj;
+          lo += q_mass_lo(bin_of(j), qj);
+          hi += (static_cast<double>(qj) + static_cast<double>(cj)) * q_scale(bin_of(j));
+        }
+      }
+      long long ci = c;
+      double loi = lo, hii = hi;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const long long yc = __shfl_up_sync(FULL, ci, o);
+        const double yl = __shfl_up_sync(FULL, loi, o), yh = __shfl_up_sync(FULL, hii, o);
+        if (lane >= o) {
+          ci += yc;
+          loi += yl;
+          hii += yh;
+        }
+      }
+      long long C = cnt_hi + ci - c;  // before this lane's sub-bins: an exact count, a mass in [Mlo, Mhi)
+      double Mlo = mass_hi + (loi - lo), Mhi = mass_hi + (hii - hi);
+      int jk = 0x7fffffff, jd = -1;  // the lowest sub-bin certainly kept, the highest certainly dropped
+      for (int i = 0; i < per; ++i) {
+        const int j = nsub - 1 - lane * per - i;
+        if (j >= 0 && s_dcnt[j] > 0) {
+          const unsigned cj = s_dcnt[j], qj = s_dfill[j];
+          // its first token's mass before it lies in [Mlo, Mhi) (widened by 1e-12: fp64 rounding of the bounds)
+          if (cond(C, Mhi + 1e-12 * Mhi)) jk = j;
+          if (!cond(C, Mlo - 1e-12 * Mlo) && jd < 0) jd = j;
+          C += cj;
+          Mlo += q_mass_lo(bin_of(j), qj);
+          Mhi += (static_cast<double>(qj) + static_cast<double>(cj)) * q_scale(bin_of(j));
+        }
+      }
+      jk = -warp_reduce(-jk, Max<int>());
+      jd = warp_reduce(jd, Max<int>());
+      if (jk == 0x7fffffff) jk = nsub - 1;  // none certainly kept: the range's first entry is (the caller's test)
+      int jn = 0x7fffffff;  // the lowest non-empty sub-bin above jd: the next range starts there
+      for (int i = 0; i < per; ++i) {
+        const int j = nsub - 1 - lane * per - i;
+        if (j > jd && s_dcnt[j] > 0) jn = j;
+      }
+      jn = -warp_reduce(-jn, Max<int>());
+      if (lane == 0) {
+        s_sel = jk;
+        s_sel2 = jd;
+        s_sel3 = imin(jn, jk) - 1;
+      }
+    }
+    __syncthreads();
+    const int jk = s_sel, jd = s_sel2, jlo = s_sel3;  // the next range: sub-bins jlo + 1 .. jk
+    if (jlo < 0 && jk == nsub - 1) break;  // nothing certain, no empty sub-bin to drop: no narrower range
+    // the keys above jk: counted and summed exactly; those of (jd, jk]: compacted in place (reads
+    // before writes a round); the rest dropped
+    if (t == 0) s_n = 0;
+    long long ac = 0;
+    double am = 0.0;
+    __syncthreads();
+    for (int j0 = 0; j0 < m; j0 += T) {
+      const int j = j0 + t;
+      const u64 k = j < m ? W[j] : 0;
+      const int sub = j < m ? static_cast<int>((static_cast<unsigned>(k >> 32) - lo_bits) >> sh) : -1;
+      if (sub > jk) {
+        ++ac;
+        am += static_cast<double>(key_value(k));
+      }
+      const bool in = sub > jd && sub <= jk;
+      __syncthreads();
+      const int pos = warp_append(in ? 1 : 0, &s_n);
+      if (in) W[pos] = k;
+    }
+    cnt_hi += block_reduce(ac, Sum<long long>(), 0LL);
+    mass_hi += block_reduce(am, Sum<double>(), 0.0);
+    m = s_n;  // complete: block_reduce synchronised after the last append
+    __syncthreads();
+    lo_bits += static_cast<unsigned>(jlo + 1) << sh;
+    range = static_cast<unsigned>(jk - jlo) << sh;
+    if (sh == 0) break;  // single values: ties, ordered by index in small_select
+  }
+  return small_select(W, X, m, cnt_hi, mass_hi, cond);
 }
 
 // The last entry satisfying cond among the n keys of A (distinct, unsorted), which are a contiguous
@@ -1583,7 +1715,8 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
           MOECOMM_SAMPLE_VALUE(11, nw);
           if (nw > 0 && 2 * nw <= scap && c(c0, m0)) {  // the window's first entry is kept: l is in it
             MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
-            pk = list_select(B, B + nw, nw, c0, m0, c);
+            pk = nw <= SMALL_MAX ? window_select(B, B + nw, nw, b0, whi - b0 + 1, c0, m0, c)
+                                 : list_select(B, B + nw, nw, c0, m0, c);
             done = true;
           }
         }
@@ -1611,6 +1744,7 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   // the race over the kept tokens: v > 0 and K >= max(K(l), K(min_p * max))
   const Rng rng = row_rng(flags, seed_ptr, offset_ptr, seed_val, offset_val, pid);
   const u64 klo = umax64(kell, kthr);
+  MOECOMM_SAMPLE_BOUNDARY(klo);
   float best = -1.0f;
   int best_i = 0x7fffffff;
   MOECOMM_SAMPLE_TRACE(in_list ? PATH_LIST : PATH_HBM_RACE);
@@ -1915,7 +2049,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
         const int ng = s_split.gn;
         bool use_map2 = false;
         const int goff = split_gather_offset(flags, cap, nq, &use_map2);
-        const u64* G = B + goff / 8;  // rank 0's gather list; a select on it takes B's front as its scratch
+        u64* G = B + goff / 8;  // rank 0's gather list; a select on it takes B's front as its scratch
         bool good = ng > 0 && ng <= imin((scratch_bytes_of(flags, cap) - goff) / 8, goff / 8);
         Cond c = cond_pk;
         Pick pk{0, 0, 0.0};
@@ -1929,7 +2063,8 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
         good = good && c(c0, m0);  // the gather list's first entry is kept: l is in it
         if (good) {
           if (windowed) MOECOMM_SAMPLE_TRACE(PATH_SPLIT);
-          pk = list_select(G, B, ng, c0, m0, c);
+          pk = windowed && ng <= SMALL_MAX ? window_select(G, B, ng, pl.b0, pl.whi - pl.b0 + 1, c0, m0, c)
+                                           : list_select(G, B, ng, c0, m0, c);
         }
         MOECOMM_SAMPLE_CLOCK(18);  // the select
         in_list = good && (pk.rank < n - 1 || below_dropped || n >= k_eff);
@@ -1961,6 +2096,7 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
     const bool in_list = r0->in_list != 0;
     const Rng rng = row_rng(flags, seed_ptr, offset_ptr, seed_val, offset_val, pid);
     const u64 klo = umax64(kell, kthr);
+    MOECOMM_SAMPLE_BOUNDARY(klo);
     float best = -1.0f;
     int best_i = 0x7fffffff;
     if (in_list) {

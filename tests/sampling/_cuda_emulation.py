@@ -77,10 +77,11 @@ _rank_libs: list[ctypes.CDLL] = []
 
 
 def launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first, seed, offset, per_row_seed,
-           threads: int = 128, lag_us: int = 0):
+           threads: int = 128, lag_us: int = 0, bounds=None):
     """One launch of the kernel on CPU tensors, planned by _cuda.plan_launch (threads: the block size
     to emulate; the GPU runs 1024, the kernel takes any multiple of 32; lag_us: after every
-    __syncthreads the threads other than 0 sleep this long, to shake out shared-memory races)."""
+    __syncthreads the threads other than 0 sleep this long, to shake out shared-memory races;
+    bounds: an int64 [num_rows] tensor that gets each row's race threshold key, or None)."""
     global _lib
     from moecomm.sampling import _cuda
 
@@ -92,9 +93,22 @@ def launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_
     rc = []
     paths = torch.zeros(num_rows, dtype=torch.int32)
     size = _cuda.cluster_of(plan.entry)
-    if size > 1:
-        _launch_clusters(plan, size, num_rows, threads, lag_us, paths, args)
-        return plan, paths
+    where = ctypes.c_void_p(bounds.data_ptr() if bounds is not None else None)
+    for lib in _copies(size) if size > 1 else [_lib]:
+        lib.emu_record_bounds(where)
+    try:
+        if size > 1:
+            _launch_clusters(plan, size, num_rows, threads, lag_us, paths, args)
+            return plan, paths
+        return _launch_blocks(plan, threads, lag_us, paths, args)
+    finally:
+        for lib in _copies(size) if size > 1 else [_lib]:
+            lib.emu_record_bounds(ctypes.c_void_p(None))
+
+
+def _launch_blocks(plan, threads, lag_us, paths, args):
+    """A launch of one block a row: every block in turn on the host's threads (emu_sample)."""
+    rc = []
 
     def run():
         rc.append(_lib.emu_sample(ctypes.c_void_p(paths.data_ptr()), ctypes.c_int(lag_us), plan.entry.encode(),
@@ -141,13 +155,14 @@ def _launch_clusters(plan, size, num_rows, threads, lag_us, paths, args):
 
 
 def sample(x, *, indices=None, top_k=None, top_p=None, min_p=None, top_k_first=True, seed=0, offset=0,
-           per_row_seed=False, out_dtype=torch.int32, threads: int = 128, lag_us: int = 0):
+           per_row_seed=False, out_dtype=torch.int32, threads: int = 128, lag_us: int = 0, bounds=None):
     """(tokens, valid, logprob, paths) of the emulated kernel (outputs prefilled with garbage so that
-    unwritten rows show; paths: [B] int32, the OR of sample.cu's PATH_* bits each row took)."""
+    unwritten rows show; paths: [B] int32, the OR of sample.cu's PATH_* bits each row took; bounds:
+    as launch's)."""
     num_rows = indices.shape[0] if indices is not None else x.shape[0]
     out = torch.full((num_rows,), -7, dtype=out_dtype)
     valid = torch.full((num_rows,), True)
     logprob = torch.full((num_rows,), 123.0)
     _, paths = launch(x, indices, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first, seed, offset,
-                      per_row_seed, threads, lag_us)
+                      per_row_seed, threads, lag_us, bounds)
     return out, valid, logprob, paths

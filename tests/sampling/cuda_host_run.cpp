@@ -8,12 +8,20 @@ static int* g_paths = nullptr;  // per output row: the OR of sample.cu's PATH_* 
 #define MOECOMM_SAMPLE_TRACE(path) \
   if (threadIdx.x == 0 && g_paths != nullptr) g_paths[blockIdx.x / cluster_size()] |= (path)
 
+static long long* g_bounds = nullptr;  // per output row: the race's threshold key (emu_record_bounds)
+#define MOECOMM_SAMPLE_BOUNDARY(klo)                                                 \
+  if (threadIdx.x == 0 && cluster_rank() == 0 && g_bounds != nullptr) \
+  g_bounds[blockIdx.x / cluster_size()] = static_cast<long long>(klo)
+
 #include SAMPLE_CU
 
 alignas(16) unsigned char moecomm_sample_dyn[1 << 22];
 constexpr unsigned char GUARD = 0x5A;  // the bytes past the launch's dynamic shared memory: a write there is out of bounds
 
 #define EMU_EXPORT extern "C" __attribute__((visibility("default")))
+
+// Where the next launches record each row's race threshold (nullptr: nowhere).
+EMU_EXPORT void emu_record_bounds(long long* bounds) { g_bounds = bounds; }
 
 typedef void (*EntryFn)(MOECOMM_SAMPLE_PARAMS);
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import os
 import re
 import signal
@@ -474,9 +475,11 @@ def _same_as_reference(x, *, cap=None, threads=32, indices=None, top_k=None, top
     if cap is not None:
         monkeypatch.setattr(_cuda, "LIST_CAPACITY", cap)
     out_dtype = torch.int64 if indices is not None and indices.dtype is torch.int64 else torch.int32
+    num_rows = indices.shape[0] if indices is not None else x.shape[0]
+    bounds = torch.full((num_rows,), -1, dtype=torch.int64)
     a, va, la, paths = emu.sample(x, indices=indices, top_k=top_k, top_p=top_p, min_p=min_p, top_k_first=top_k_first,
                                   seed=seed, offset=offset, per_row_seed=per_row_seed, out_dtype=out_dtype,
-                                  threads=threads, lag_us=lag_us)
+                                  threads=threads, lag_us=lag_us, bounds=bounds)
     t = lambda v: v if isinstance(v, torch.Tensor) else torch.tensor([v])  # noqa: E731
     b, vb, lb = ref.sample(x, from_logits=False, indices=indices, top_k=top_k, top_p=top_p, min_p=min_p,
                            top_k_first=top_k_first, seed=t(seed), offset=t(offset), per_row_seed=per_row_seed,
@@ -486,6 +489,14 @@ def _same_as_reference(x, *, cap=None, threads=32, indices=None, top_k=None, top
     assert torch.equal(a, b), (a[a != b], b[a != b], paths[a != b])
     assert torch.equal(la.isnan(), ~vb)
     torch.testing.assert_close(la[vb], lb[vb], atol=1e-6, rtol=0)
+    # the kept set the race ran over (v > 0 and K >= the row's threshold), exactly the reference's:
+    # the tokens alone rarely show a boundary one token off
+    rows = indices.long().clamp(0, x.shape[0] - 1) if indices is not None else torch.arange(num_rows)
+    v = x.float()[rows]
+    keys = (v.view(torch.int32).long() << 32) | (0xFFFFFFFF - torch.arange(v.shape[1]))
+    mine = (v > 0) & (keys >= bounds[:, None])
+    want = ref.kept_mask(v, top_k, top_p, min_p, top_k_first)
+    assert torch.equal(mine[vb], want[vb]), (mine[vb].sum(-1), want[vb].sum(-1), paths[vb])
     return paths
 
 
@@ -505,10 +516,50 @@ def test_emulated_kernel_matches_reference(name, kw, monkeypatch):
     rows (V = 333) through indices: every token, valid flag and log-prob as the reference's."""
     p = _probs(1, 2500, seed=3)
     paths = _same_as_reference(p, indices=torch.zeros(16, dtype=torch.int32), **kw)
-    assert bool(((paths & ~16) == 1).all()), paths  # the list in shared memory holds every kept set here
+    assert bool(((paths & ~(16 | 128)) == 1).all()), paths  # the list in shared memory holds every kept set here
     if set(kw) == {"top_p"}:  # top-p selects on its uncertain bins only
         assert bool((paths & 16).any()), paths
     _same_as_reference(_probs(5, 333, seed=4), seed=9, offset=2**33 + 5, **kw)
+
+
+@needs_gxx
+@pytest.mark.parametrize("split", [1, 8])
+def test_emulated_window_select_by_sub_bins(split, monkeypatch):
+    """top-p's window of uncertain bins cut by its sub-bins (sample.cu's window_select: exact counts,
+    q-sum mass bounds, the keys above the uncertain sub-bins summed, the rest to small_select;
+    PATH_SUB_BINS = 128 seen) on windows of over 64 keys: V 40000 at logits x 3, rows of 1500 tokens
+    within 5% of each other (a window of one pass-A bin, ~15 keys a sub-bin; one of them in ties of
+    ~50 equal values), with min-p,
+    on one block a row and on split rows (rank 0's gather list): the reference's tokens, valid flags
+    and log-probs."""
+    monkeypatch.setattr(_cuda, "SPLIT", split)
+    seen = 0
+    g = torch.Generator().manual_seed(13)
+    # 1500 tokens within 5% of 1 (one pass-A bin, ~100 sub-bins; the others spread over 1e-8 .. 1e-6), and ties
+    dense = 1e-6 * 10.0 ** (-2.0 * torch.rand(2, 40000, generator=g))
+    dense[:, :1500] = 1.0 + 0.05 * torch.rand(2, 1500, generator=g)
+    dense[1, :1500] = torch.round(dense[1, :1500] * 4000) / 4000  # ~50 tokens a value
+    dense = dense[:, torch.randperm(40000, generator=g)]
+    for x, kw in ((_probs(2, 40000, seed=11), dict(top_p=0.9)), (dense, dict(top_p=0.5)), (dense, dict(top_p=0.93)),
+                  (_probs(1, 40000, seed=14), dict(top_p=0.95, min_p=0.001))):
+        paths = _same_as_reference(x, threads=64, seed=6, **kw)
+        seen |= functools.reduce(lambda a, b: a | b, paths.tolist())
+    assert seen & 128, seen
+    # per-row top_p (fp32) just below and just above the mass before each of 8 tokens near the 0.9
+    # point (p * S within an fp32 step of it): each sub-bin's mass bounds straddle such a p, where
+    # only the exact sums decide, so "certainly kept / dropped" by the wrong bound moves the boundary
+    x = _probs(1, 40000, seed=11)
+    vs = torch.sort(x[0].double(), descending=True).values
+    before, total = torch.cumsum(vs, 0) - vs, float(vs.sum())
+    at = int(torch.searchsorted(before, 0.9 * total))
+    ps = []
+    for d in range(-4, 4):
+        m = float(before[at + d])
+        p = torch.tensor(m / total, dtype=torch.float32)
+        while float(p) * total >= m:
+            p = torch.nextafter(p, torch.tensor(0.0))
+        ps += [p, torch.nextafter(p, torch.tensor(1.0))]  # P just below m (the token dropped), just above (kept)
+    _same_as_reference(x, threads=64, seed=7, indices=torch.zeros(len(ps), dtype=torch.int32), top_p=torch.stack(ps))
 
 
 FALLBACK_CASES = [
@@ -574,7 +625,7 @@ def test_emulated_without_the_sector_map(mode, monkeypatch):
     assert bool(flags & _cuda.F_SECTOR_MAP) == bool(flags & _cuda.F_MAP_BINS) == (mode != "off")
     for kw in (dict(top_p=0.9), dict(top_p=0.3), dict(top_k=40, top_p=0.8), dict(min_p=0.05)):
         paths = _same_as_reference(p, indices=torch.zeros(8, dtype=torch.int32), **kw)
-        assert bool(((paths & ~16) == 1).all()), (kw, paths)
+        assert bool(((paths & ~(16 | 128)) == 1).all()), (kw, paths)
 
 
 @needs_gxx
@@ -743,7 +794,7 @@ def test_emulated_lean_layout_lists_longer_than_the_scratch(monkeypatch):
         n, nw = _list_and_window(p[r], 0.9)
         assert scap < n <= 10240 and 0 < 2 * nw <= scap, (n, nw)
     paths = _same_as_reference(p, threads=64, top_p=0.9, seed=3)
-    assert bool((paths == (1 | 16)).all()), paths  # the list, split: no fallback
+    assert bool(((paths & ~128) == (1 | 16)).all()), paths  # the list, split (by sub-bins): no fallback
     flat = 1.0 + torch.rand(1, 8000, generator=torch.Generator().manual_seed(2)) * 1e-3  # one bin: window = list
     assert _list_and_window(flat[0], 0.5)[1] == 8000
     paths = _same_as_reference(flat, threads=64, top_p=0.5, seed=4)
@@ -874,7 +925,7 @@ def test_emulated_split_rows_match_reference(name, kw, monkeypatch):
     monkeypatch.setattr(_cuda, "SPLIT", 8)
     p = _probs(2, 2500, seed=3)
     paths = _same_as_reference(p, threads=32, seed=4, **kw)
-    assert bool(((paths & ~16) == (32 | 1)).all()), paths
+    assert bool(((paths & ~(16 | 128)) == (32 | 1)).all()), paths
     if set(kw) == {"top_p"}:
         assert bool((paths & 16).all()), paths  # the window gathered, the bins above summed
 
