@@ -108,7 +108,7 @@ def with_kernel(kernel, fn, config=None, **switches):
     switches given set for the call (a switch not given, or given as None, keeps the module's value):
     sector_map (SECTOR_MAP), map_bins (SECTOR_MAP_BINS), paired (PAIRED), split (SPLIT), paired_map
     (PAIRED_TOP_P_SECTOR_MAP), or any other switch by its name in lower case (pass_a_list,
-    pass_b_reverse, pass_b_gather, pass_a_pipe, stagger)."""
+    pass_b_reverse, pass_b_gather, pass_a_pipe, split_slice)."""
     from moecomm.sampling import _cuda, api
 
     inner = with_config(config, fn) if config is not None else fn
@@ -303,9 +303,6 @@ def run_graph_case(writer, device, fi, shapes=((1, 128256),), triton=True):
         if _cuda.paired(device, batch, None, 0.9):  # paired top-p reads the whole row: the map's control
             fns[flip_row("PAIRED_TOP_P_SECTOR_MAP")] = with_kernel(
                 "cuda", top_p, paired_map=not _cuda.PAIRED_TOP_P_SECTOR_MAP)
-            for level in (lv for lv in range(4) if lv != _cuda.STAGGER):  # the paired blocks' start stagger
-                fns[f"moecomm[cuda-stagger{level}]"] = with_kernel("cuda", top_p, stagger=level)
-                fns[f"moecomm_topk_topp[cuda-stagger{level}]"] = with_kernel("cuda", topk_topp, stagger=level)
         # seed and offset as device tensors (the graph-replay way to fresh numbers: no draw of a seed
         # on the device a call, one kernel instead of two)
         fns["moecomm[cuda-seedtensor]"] = with_kernel("cuda", lambda p: S.top_p_sampling_from_probs(

@@ -37,7 +37,11 @@ PHASES = ("pass A", "plan", "pass B (list)", "split", "select", "fallback", "rac
 # a split row's blocks (sample_row_split: one row over a cluster; slot 6 is rank 0's alone)
 SPLIT_PHASES = ("pass A", "barrier 1", "totals+bins+plan", "pass B (list)", "barrier 2", "select (rank 0)",
                 "barrier 3", "race + argmax", "barrier 4 + write")
-PROFILE_ROWS, PROFILE_SLOTS = 4096, 24  # sample.cu's
+PROFILE_ROWS, PROFILE_SLOTS = 4096, 32  # sample.cu's
+# clock marks inside phases (sample.cu's MOECOMM_SAMPLE_CLOCK(16..)): printed as us from the block's start
+MARKS = {16: "split: totals + bins summed", 17: "split: lists' totals (rank 0)", 18: "split: select done (rank 0)",
+         20: "pass B: loop done", 21: "pass B: sums done", 22: "window_select: sub-bins counted",
+         23: "window_select: scanned", 25: "window_select: summed + compacted"}
 # marks inside the split rows' phases: (name, from slot, to slot)
 SPLIT_MARKS = (("totals + bins", 2, 16), ("plan", 16, 3), ("lists' totals (rank 0)", 5, 17),
                ("select (rank 0)", 17, 18))
@@ -137,6 +141,21 @@ def phases(op: str, batch: int, vocab: int, ghz: float, device, base_source: str
         if bool(has.any()):
             med = float((rows[:, b] - rows[:, a])[has].double().median())
             line.append(f"      of which {name:24s} {med:10.0f} cycles {med / ghz / 1e3:8.2f} us")
+    ends = {0: 0.0}
+    for i in range(1, len(names) + 1):
+        has = t[:, i] >= 0
+        if bool(has.any()):
+            ends[i] = float((t[:, i] - t[:, 0])[has].double().median()) / ghz / 1e3
+    line.append("    phase ends (us from the start): " + ", ".join(f"{names[i - 1]} {u:.2f}" for i, u in ends.items() if i))
+    for slot, name in MARKS.items():
+        has = (rows[:, slot] >= 0) & (rows[:, 0] >= 0)
+        if bool(has.any()):
+            med = float((rows[:, slot] - rows[:, 0])[has].double().median()) / ghz / 1e3
+            line.append(f"    mark {name:36s} at {med:8.2f} us")
+    levels = rows[:, 24]
+    if bool((levels >= 0).any()):
+        line.append(f"    window_select levels: median {float(levels[levels >= 0].double().median()):.0f}, "
+                    f"max {int(levels.max())}")
     rounds = rows[:, 19]
     if bool((rounds >= 0).any()):
         r = rounds[rounds >= 0]

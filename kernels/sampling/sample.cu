@@ -102,10 +102,11 @@ extern __shared__ __align__(16) unsigned char moecomm_sample_dyn[];  // list + s
 
 // Where a block's time goes (benchmarks/profile_sampling.py builds with -DMOECOMM_SAMPLE_PROFILE):
 // thread 0 writes the SM clock at the end of each phase (slots 0-9), the list sizes (10-14) and
-// marks inside phases (16-18: clocks; 19: small_select's rounds) of the first PROFILE_ROWS blocks;
+// marks inside phases (16-18, 20-23, 25: clocks; 19: small_select's rounds; 24: window_select's
+// levels) of the first PROFILE_ROWS blocks;
 // moecomm_sample_profile_read copies them out. Nothing otherwise.
 #ifdef MOECOMM_SAMPLE_PROFILE
-constexpr int PROFILE_ROWS = 4096, PROFILE_SLOTS = 24;
+constexpr int PROFILE_ROWS = 4096, PROFILE_SLOTS = 32;
 __device__ long long moecomm_sample_profile[PROFILE_ROWS * PROFILE_SLOTS];
 #define MOECOMM_SAMPLE_CLOCK(slot)                                                        \
   if (threadIdx.x == 0 && blockIdx.x < PROFILE_ROWS)                                       \
@@ -146,17 +147,13 @@ constexpr int F_ROWMAP = 1 << 0, F_ROWMAP64 = 1 << 1, F_OUT64 = 1 << 2, F_HAS_K 
               F_TOPK_FIRST = 1 << 10, F_SEED_TENSOR = 1 << 11, F_SEED_PER_ROW = 1 << 12, F_OFFSET_TENSOR = 1 << 13,
               F_OFFSET_PER_ROW = 1 << 14, F_LOGPROB = 1 << 15, F_SECTOR_MAP = 1 << 16, F_MAP_BINS = 1 << 17,
               F_PASS_A_LIST = 1 << 18, F_PASS_B_REVERSE = 1 << 19, F_PASS_B_GATHER = 1 << 28, F_PASS_A_PIPE = 1 << 29,
-              F_SPLIT_SLICE = 1 << 30;  // (20-25: the scratch's KB, 26-27: the stagger)
+              F_SPLIT_SLICE = 1 << 30;  // (20-27: the scratch's KB)
 constexpr int SCRATCH_MIN_BYTES = 24576;  // the scratch's floor: the fallback's 2048 counts + 2048 fp64 masses
 constexpr int MAP_OFFSET = NUM_BINS * 4;  // the sector map follows pass A's bins in the scratch
-// flags >> SCRATCH_KB_SHIFT (bits 20-25): the scratch's size in KB, >= 24, set by _cuda.py for the
+// flags >> SCRATCH_KB_SHIFT (bits 20-27): the scratch's size in KB, >= 24, set by _cuda.py for the
 // lean layout (the paired entries: a scratch sized to pass A's bins and sector map, the list takes
 // the rest of the block's shared memory); 0: the classic layout, a scratch of max(cap keys, 24 KB).
 constexpr int SCRATCH_KB_SHIFT = 20;
-// flags >> STAGGER_SHIFT (bits 26-27): the paired entries' stagger (stagger_start), in units of
-// STAGGER_UNIT_CYCLES; 0: none.
-constexpr int STAGGER_SHIFT = 26;
-constexpr long long STAGGER_UNIT_CYCLES = 8192;  // ~4.1 us at 1.98 GHz
 // F_MAP_BINS: the sector map's byte is the sector's largest pass-A bin less MAP_BASE_BIN (the bin of
 // 2^-32), clamped to [0, 255] (v from 2^-32 to ~0.94 at 1/8-binade precision, larger ones 255)
 // instead of its largest exponent: pass B then skips the sectors below b0's bin, not only those
@@ -195,7 +192,7 @@ __device__ __forceinline__ u64 umax64(u64 a, u64 b) { return a > b ? a : b; }
 // can take: such a list is selected on its uncertain bins only, or the row takes the fallback).
 // Functions of the kernel's parameters, recomputed where used (no register held across the row).
 __device__ __forceinline__ int scratch_bytes_of(int flags, int cap) {
-  const int kb = (flags >> SCRATCH_KB_SHIFT) & 63;
+  const int kb = (flags >> SCRATCH_KB_SHIFT) & 255;
   return kb > 0 ? kb * 1024 : imax(8 * cap, SCRATCH_MIN_BYTES);
 }
 __device__ __forceinline__ int select_cap_of(int flags, int cap) { return imin(cap, scratch_bytes_of(flags, cap) / 8); }
@@ -271,41 +268,6 @@ __device__ __forceinline__ T* cluster_map(T* p, int rank) {
   return reinterpret_cast<T*>(out);
 }
 #endif
-#endif
-
-// ----------------------------------------------------------------------------- stagger
-// Two paired blocks that share an SM start together and so run their phases in step: both stream
-// (pass A, pass B) at once, then both run the serial plan / select / race at once, and across the
-// GPU the HBM idles then. With a stagger the second block to start on an SM within d cycles of the
-// first waits until d cycles after it (thread 0 spins with nanosleep, the block at the barrier), so
-// that one block's serial phases overlap the other's streaming. Each SM keeps the clock of the
-// last start (a module global: zero at load, no reset needed; the SM's own clock, compared on that
-// SM only). Later blocks (the second wave) start when a slot frees, already out of step: no wait.
-// Timing only: the tokens are the same with or without.
-#if defined(__CUDA_ARCH__)
-constexpr int STAGGER_MAX_SMS = 1024;
-__device__ long long moecomm_sample_sm_start[STAGGER_MAX_SMS];
-__device__ __forceinline__ void stagger_start(int flags) {
-  const long long d = static_cast<long long>((flags >> STAGGER_SHIFT) & 3) * STAGGER_UNIT_CYCLES;
-  if (d == 0) return;
-  if (threadIdx.x == 0) {
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    long long* slot = &moecomm_sample_sm_start[sm & (STAGGER_MAX_SMS - 1)];
-    const long long now = static_cast<long long>(clock64());
-    const long long prev = static_cast<long long>(
-        atomicExch(reinterpret_cast<unsigned long long*>(slot), static_cast<unsigned long long>(now)));
-    const long long gap = now - prev;
-    if (gap >= 0 && gap < d) {
-      const long long until = prev + d;
-      atomicMax(slot, until);  // a third start compares against this block's (delayed) start
-      while (static_cast<long long>(clock64()) < until) __nanosleep(500);
-    }
-  }
-  __syncthreads();
-}
-#else
-__device__ __forceinline__ void stagger_start(int) {}  // the host emulation: one block at a time
 #endif
 
 // ----------------------------------------------------------------------------- randomness
@@ -571,9 +533,10 @@ __device__ __noinline__ Pick small_select(const u64* src, u64* X, int m, long lo
   // network of 64), prefix-sums their values and picks the last kept
   if (w == 0) {
     u64 k0 = lane < m ? cur[lane] : 0, k1 = lane + 32 < m ? cur[lane + 32] : 0;  // 0: no key (low words >= 2^31)
-#pragma unroll
+    // (loops, not unrolled: 21 stages of straight code were ~16 KB of instructions run once a row)
+#pragma unroll 1
     for (int size = 2; size <= 64; size <<= 1) {
-#pragma unroll
+#pragma unroll 1
       for (int j = size >> 1; j > 0; j >>= 1) {
         if (j == 32) {  // partners in one lane: entry lane (>) and entry lane + 32
           const u64 a = k0 > k1 ? k0 : k1, b = k0 > k1 ? k1 : k0;
@@ -643,6 +606,7 @@ __device__ __noinline__ Pick window_select(u64* W, u64* X, int m, int wb, int nb
   static_assert(NUM_DIGITS == 256, "256 sub-bins in s_dcnt / s_dfill");
   const int t = threadIdx.x, T = blockDim.x, lane = t & 31;
   unsigned lo_bits = static_cast<unsigned>(wb) << 20, range = static_cast<unsigned>(nbins) << 20;
+  int nlevels = 0;  // (the profile's slot 24)
   while (m > 64 && nbins >= 1 && nbins <= 256) {
     MOECOMM_SAMPLE_TRACE(PATH_SUB_BINS);
     int sh = 0;  // sub-bins of 2^sh fp32 bit patterns: as fine as 256 of them allow
@@ -660,6 +624,7 @@ __device__ __noinline__ Pick window_select(u64* W, u64* X, int m, int wb, int nb
       atomicAdd(&s_dfill[sub], q_of(bits));
     }
     __syncthreads();
+    MOECOMM_SAMPLE_CLOCK(22);  // window_select: the sub-bins counted (the last level's)
     if (t < 32) {  // warp 0: lane L owns sub-bins nsub - 1 - L * per - i (i < per), scanned from the top
       const int per = (nsub + 31) >> 5;
       auto bin_of = [&](int j) { return static_cast<int>((lo_bits + (static_cast<unsigned>(j) << sh)) >> 20); };
@@ -718,6 +683,8 @@ __device__ __noinline__ Pick window_select(u64* W, u64* X, int m, int wb, int nb
     }
     __syncthreads();
     const int jk = s_sel, jd = s_sel2, jlo = s_sel3;  // the next range: sub-bins jlo + 1 .. jk
+    MOECOMM_SAMPLE_CLOCK(23);  // ... scanned by warp 0
+    MOECOMM_SAMPLE_VALUE(24, ++nlevels);
     if (jlo < 0 && jk == nsub - 1) break;  // nothing certain, no empty sub-bin to drop: no narrower range
     // the keys above jk: counted and summed exactly; those of (jd, jk]: compacted in place (reads
     // before writes a round); the rest dropped
@@ -744,6 +711,7 @@ __device__ __noinline__ Pick window_select(u64* W, u64* X, int m, int wb, int nb
     __syncthreads();
     lo_bits += static_cast<unsigned>(jlo + 1) << sh;
     range = static_cast<unsigned>(jk - jlo) << sh;
+    MOECOMM_SAMPLE_CLOCK(25);  // ... summed and compacted
     if (sh == 0) break;  // single values: ties, ordered by index in small_select
   }
   return small_select(W, X, m, cnt_hi, mass_hi, cond);
@@ -912,17 +880,37 @@ __device__ int fill_range(const RowRef& row, u64* __restrict__ A, int cap, u64 k
 }
 
 // Where a split row's pass B also puts its tokens (sample_row_split): the listed tokens below tw
-// (top-p's uncertain bins, or all of them) are appended to rank 0's gather list (keys, at most cap
-// stored, *counter in rank 0's shared memory: one remote atomic a warp an iteration), those at or
-// above tw only counted and summed (ac, am: this block's, after list_above).
+// (top-p's uncertain bins, or all of them) go to rank 0's gather list, those at or above tw are only
+// counted and summed (ac, am: this block's, after list_above). They are staged in this block's
+// shared memory first (keys, at most cap, *counter: warp-aggregated local appends), then copied at
+// the end (gather_flush: one remote atomic a block reserves their place in rank 0's list out, at
+// most out_cap stored, *out_counter its length). Appending to rank 0's counter a warp at a time
+// serialised ~256 remote atomics on one address: B1's pass B took 4 us for one round of loads.
 struct Gather {
   u64* keys;
   int cap;
   int* counter;
+  u64* out;
+  int out_cap;
+  int* out_counter;
   int tw;
   long long ac;
   double am;
 };
+__shared__ int s_gbase;  // gather_flush: this block's place in rank 0's list
+
+// The staged keys into rank 0's gather list (every thread; after the last append). A staging
+// overflow counts as an overflow of rank 0's list (its length then exceeds out_cap: not used).
+__device__ void gather_flush(Gather* g) {
+  __syncthreads();  // every staged key and the local count written
+  if (threadIdx.x == 0) {
+    const int n = *g->counter;
+    s_gbase = atomicAdd(g->out_counter, n <= g->cap ? n : g->out_cap + 1);
+  }
+  __syncthreads();
+  const int n = imin(*g->counter, g->cap), base = s_gbase;
+  for (int j = threadIdx.x; j < n && base + j < g->out_cap; j += blockDim.x) g->out[base + j] = g->keys[j];
+}
 
 // One round of the list path's pass B in every thread: its UNROLL quads x (quad indices qi; zeros
 // where nothing was loaded) appended to A where a token's fp32 bits are >= tbi (warp-aggregated, at
@@ -1068,13 +1056,16 @@ __device__ int list_above(const RowRef& row, u64* __restrict__ A, int cap, unsig
       list_round<SPARSE, GATHER>(x, qi, tbi, A, cap, g, ac, am);
     }
   }
+  MOECOMM_SAMPLE_CLOCK(20);  // pass B's loop done (thread 0)
   if (GATHER) {
     g->ac = block_reduce(ac, Sum<long long>(), 0LL);
     g->am = block_reduce(am, Sum<double>(), 0.0);
+    gather_flush(g);
   }
   __syncthreads();  // every append done
   const int n = s_n;
   __syncthreads();  // read by every thread before the next fill_range / list_above may reset it
+  MOECOMM_SAMPLE_CLOCK(21);  // ... and its sums
   return n;
 }
 
@@ -1419,6 +1410,7 @@ __device__ int take_candidates(u64* A, const u64* A2, int cap, int nc, unsigned 
   if (GATHER) {
     g->ac = block_reduce(ac, Sum<long long>(), 0LL);
     g->am = block_reduce(am, Sum<double>(), 0.0);
+    gather_flush(g);
   }
   __syncthreads();  // every append done
   const int n = s_n;
@@ -1612,7 +1604,6 @@ __device__ void sample_row(const float* __restrict__ x, const void* rowmap, void
   u64* A = reinterpret_cast<u64*>(moecomm_sample_dyn);  // the list: cap keys
   u64* B = A + cap;                                      // scratch: scratch_bytes_of(flags, cap)
   unsigned* hist = reinterpret_cast<unsigned*>(B);       // pass A's bins live in the scratch until the list exists
-  stagger_start(flags);
   MOECOMM_SAMPLE_CLOCK(0);
 
   // pass A (F_PASS_A_LIST: with the candidates, in the list and the scratch past the bins, no map)
@@ -1804,6 +1795,7 @@ struct SplitShared {
   long long ac;
   double am;
   int gn;  // rank 0: the gather list's length (every block appends to it)
+  int gl;  // this block's staged gather keys (Gather)
   int nc, tau;  // F_PASS_A_LIST: this block's candidates and their threshold (INT_MAX: overflowed)
   int tot_tau;  // the cluster's largest tau (each block its own copy)
   int in_list;  // rank 0: the boundary, and whether the blocks' lists hold the kept set
@@ -1987,7 +1979,11 @@ __device__ __noinline__ void sample_row_split(const float* __restrict__ x, const
   if (try_list) {
     bool map_room = false;  // (use_map stays: off on the F_PASS_A_LIST path, whose pass A wrote no map)
     const int goff = split_gather_offset(flags, cap, nq, &map_room);
-    Gather g{cluster_map(B + goff / 8, 0), (scratch_bytes_of(flags, cap) - goff) / 8, cluster_map(&s_split.gn, 0), windowed ? (pl.whi + 1) << 20 : 0x7fffffff, 0, 0.0};
+    // staged in this block's summed bins (dead after its plan: 1024 keys), then to rank 0's list
+    if (t == 0) s_split.gl = 0;  // (list_above / take_candidates synchronise before appending)
+    Gather g{reinterpret_cast<u64*>(split_hsum(B, flags, cap, nq)), NUM_BINS * 4 / 8, &s_split.gl,
+             cluster_map(B + goff / 8, 0), (scratch_bytes_of(flags, cap) - goff) / 8, cluster_map(&s_split.gn, 0),
+             windowed ? (pl.whi + 1) << 20 : 0x7fffffff, 0, 0.0};
     const unsigned tb = pl.b0 > 0 ? static_cast<unsigned>(pl.b0) << 20 : 1u;
     if (pa_list() && s_split.tot_tau <= static_cast<int>(tb)) {  // every block's candidates hold bins >= b0
       MOECOMM_SAMPLE_TRACE(PATH_PASS_A);

@@ -55,8 +55,7 @@ PAIRED_TOP_P = True
 LEAN_SCRATCH = True
 LEAN_SCRATCH_MAX = 48 * 1024  # beyond (V > ~320K): a 24 KB scratch, no sector map
 MAP_OFFSET_BYTES = 2048 * 4  # sample.cu's MAP_OFFSET: the sector map follows pass A's 2048 bins
-SCRATCH_KB_SHIFT = 20  # sample.cu's SCRATCH_KB_SHIFT: flags bits 20-25 give the lean scratch in KB (<= 63)
-STAGGER_SHIFT = 26  # sample.cu's STAGGER_SHIFT: flags bits 26-27 give the paired entries' stagger
+SCRATCH_KB_SHIFT = 20  # sample.cu's SCRATCH_KB_SHIFT: flags bits 20-27 give the lean scratch in KB
 DEFAULT_CAPACITY = 12288  # list keys: 2 x 96 KB of shared memory (list + scratch)
 MIN_CAPACITY = 4096  # below this the fallback would run too often to be worth the kernel
 HIST_SCRATCH_BYTES = 24576  # the scratch also holds the fallback's 2048 counts + 2048 fp64 masses
@@ -74,7 +73,7 @@ F_ROWMAP, F_ROWMAP64, F_OUT64, F_HAS_K, F_K_TENSOR, F_K64, F_HAS_P, F_P_TENSOR =
 F_HAS_MINP, F_MINP_TENSOR, F_TOPK_FIRST, F_SEED_TENSOR, F_SEED_PER_ROW, F_OFFSET_TENSOR, F_OFFSET_PER_ROW, F_LOGPROB = (
     1 << i for i in range(8, 16))
 F_SECTOR_MAP, F_MAP_BINS, F_PASS_A_LIST, F_PASS_B_REVERSE = 1 << 16, 1 << 17, 1 << 18, 1 << 19
-F_PASS_B_GATHER, F_PASS_A_PIPE, F_SPLIT_SLICE = 1 << 28, 1 << 29, 1 << 30  # (20-25: scratch KB; 26-27: STAGGER)
+F_PASS_B_GATHER, F_PASS_A_PIPE, F_SPLIT_SLICE = 1 << 28, 1 << 29, 1 << 30  # (bits 20-27: the lean scratch's KB)
 # Pass A writes a byte per 32-byte sector (its largest exponent) so that pass B loads only the sectors
 # that can hold a listed token; False: pass B reads the whole row (the benchmark's control row).
 SECTOR_MAP = True
@@ -113,11 +112,6 @@ PASS_B_GATHER = True
 # one (sample.cu's for_each_chunk: 2 quads a chunk, 4 in flight a thread), so that the atomics and
 # appends overlap memory latency. False: chunks of 4 quads, loaded then worked on (the control row).
 PASS_A_PIPE = True
-# STAGGER: the paired entries' start stagger, 0-3 units of ~4.1 us (sample.cu's stagger_start: the
-# second block to start on an SM within that time of the first waits until then, so that the two
-# blocks' serial phases do not fall together and one streams while the other selects). 0: off.
-# Timing only: the tokens are the same.
-STAGGER = 0
 # SPLIT_SLICE: a split row's block keeps its slice of the row in shared memory (pass A writes it,
 # pass B and the race read it there: sample.cu's split_slice), where it fits beside the list and a
 # SPLIT_SLICE_SCRATCH scratch (V128256 at a cluster of 8: 63 KB a block); no sector map then.
@@ -349,8 +343,6 @@ def _plan(
         flags |= (scratch // 1024) << SCRATCH_KB_SHIFT
     else:
         entry, cap = PAIRED_ENTRY[kind], min(capacity(x.device), PAIRED_CAPACITY)
-    if entry == PAIRED_ENTRY[kind]:
-        flags |= (int(STAGGER) & 3) << STAGGER_SHIFT
     if kind == "qsum" and entry == PAIRED_ENTRY[kind] and not PAIRED_TOP_P_SECTOR_MAP:
         flags &= ~(F_SECTOR_MAP | F_MAP_BINS)
     if kind == "qsum" and PASS_A_LIST:

@@ -338,19 +338,12 @@ def test_paired_launches_match_their_entries(nvcc_out, monkeypatch):
             scratch = _cuda.lean_scratch_bytes(1000) if want else None
             cap = (_cuda.PAIRED_SHARED_BYTES - scratch) // 8 if want else _cuda.DEFAULT_CAPACITY
             assert plan.block == ((_cuda.PAIRED_THREADS if want else _cuda.THREADS),) and plan.args[-1].value == cap
-            assert (plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT) & 63 == (scratch // 1024 if want else 0)
-            assert (plan.args[-2].value >> _cuda.STAGGER_SHIFT) & 3 == (_cuda.STAGGER if want else 0)
+            assert (plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT) & 255 == (scratch // 1024 if want else 0)
             assert plan.shared_bytes == _cuda.shared_bytes(cap, scratch)
             assert plan.shared_bytes == (_cuda.PAIRED_SHARED_BYTES if want else _cuda.shared_bytes(cap))
             assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out.ptx)
     for kw in (dict(min_p=0.1), dict(top_k=_cuda.PAIRED_MAX_TOP_K + 1), dict(top_k="t32", top_p=0.9)):
         assert _cuda.plan_launch(*_plan_args(num_rows=16, vocab=5000, **kw)).entry in _cuda.ENTRY.values(), kw
-    for stagger in (1, 3):  # the paired entries' stagger in bits 26-27, beside the scratch's KB; none elsewhere
-        monkeypatch.setattr(_cuda, "STAGGER", stagger)
-        f = _cuda.plan_launch(*_plan_args(num_rows=16, top_p=0.9)).args[-2].value
-        assert (f >> _cuda.STAGGER_SHIFT) & 3 == stagger and (f >> _cuda.SCRATCH_KB_SHIFT) & 63 == 24
-        assert (_cuda.plan_launch(*_plan_args(num_rows=15, top_p=0.9)).args[-2].value >> _cuda.STAGGER_SHIFT) & 3 == 0
-    monkeypatch.setattr(_cuda, "STAGGER", 0)
     monkeypatch.setattr(_cuda, "PAIRED_TOP_P", False)
     assert _cuda.plan_launch(*_plan_args(num_rows=16, top_p=0.9)).entry == _cuda.ENTRY["qsum"]
     monkeypatch.setattr(_cuda, "PAIRED_TOP_P", True)
@@ -358,7 +351,7 @@ def test_paired_launches_match_their_entries(nvcc_out, monkeypatch):
     assert _cuda.plan_launch(*_plan_args(num_rows=16, top_p=0.9)).entry == _cuda.ENTRY["qsum"]
     plan = _cuda.plan_launch(*_plan_args(num_rows=16, top_k=50))
     assert plan.entry == _cuda.PAIRED_ENTRY["count"] and plan.args[-1].value == _cuda.PAIRED_CAPACITY
-    assert (plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT) & 63 == 0
+    assert (plan.args[-2].value >> _cuda.SCRATCH_KB_SHIFT) & 255 == 0
     assert plan.shared_bytes == _cuda.shared_bytes(_cuda.PAIRED_CAPACITY) == _cuda.PAIRED_SHARED_BYTES
     monkeypatch.setattr(_cuda, "LEAN_SCRATCH", True)
     monkeypatch.setattr(_cuda, "PAIRED", False)
@@ -382,25 +375,23 @@ def test_lean_layout_sizes():
     v_max = 8 * (_cuda.LEAN_SCRATCH_MAX - _cuda.MAP_OFFSET_BYTES) - 8  # the largest V whose map fits
     assert _cuda.lean_scratch_bytes(v_max) == _cuda.LEAN_SCRATCH_MAX
     assert _cuda.lean_scratch_bytes(v_max + 64) == _cuda.HIST_SCRATCH_BYTES
-    assert _cuda.LEAN_SCRATCH_MAX // 1024 < 64  # 6 bits of the flags (26-27: the stagger)
+    assert _cuda.LEAN_SCRATCH_MAX // 1024 < 256  # 8 bits of the flags
 
 
 def test_flags_and_constants_agree_with_the_source():
     src = cuda.source_path(_cuda.SOURCE).read_text()
     assert f"constexpr int SCRATCH_KB_SHIFT = {_cuda.SCRATCH_KB_SHIFT};" in src
-    assert f"constexpr int STAGGER_SHIFT = {_cuda.STAGGER_SHIFT};" in src
     from benchmarks import profile_sampling as prof  # its reading of the profile build's marks
 
     assert f"constexpr int PROFILE_ROWS = {prof.PROFILE_ROWS}, PROFILE_SLOTS = {prof.PROFILE_SLOTS};" in src
     for _, a, b in prof.SPLIT_MARKS:
         assert f"MOECOMM_SAMPLE_CLOCK({b});" in src and f"MOECOMM_SAMPLE_CLOCK({a});" in src
-    assert _cuda.SCRATCH_KB_SHIFT + 6 == _cuda.STAGGER_SHIFT and _cuda.STAGGER_SHIFT + 2 == 28  # bits 20-25, 26-27
     assert "constexpr int MAP_OFFSET = NUM_BINS * 4;" in src and _cuda.MAP_OFFSET_BYTES == 2048 * 4
     assert "constexpr int MAP_BASE_BIN = 760;" in src and (127 - 32) << 3 == 760  # the bin of 2^-32
     flags = dict(re.findall(r"(F_[A-Z0-9_]+) = 1 << (\d+)", src))
     assert {name: 1 << int(bit) for name, bit in flags.items()} == {
         name: getattr(_cuda, name) for name in flags}, flags
-    assert len(flags) == 23  # bits 0-19, 28-30 (20-25: the lean scratch in KB, 26-27: the stagger)
+    assert len(flags) == 23  # bits 0-19, 28-30 (20-27: the lean scratch in KB)
     assert f"constexpr int SCRATCH_MIN_BYTES = {_cuda.HIST_SCRATCH_BYTES};" in src
     assert f"constexpr int PHILOX_ROUNDS = {ref.PHILOX_ROUNDS};" in src
     assert _cuda.THREADS == 1024 and _cuda.PAIRED_THREADS == 512
@@ -838,7 +829,7 @@ def test_split_plan_and_its_cluster_entries(nvcc_out, monkeypatch):
         assert plan.grid == (24,) and plan.block == (1024,) and plan.args[-1].value == _cuda.DEFAULT_CAPACITY
         # SPLIT_SLICE: the slice (V1000: 250 quads, 32 a block) after a 32 KB scratch, no sector map
         f = plan.args[-2].value
-        assert f & _cuda.F_SPLIT_SLICE and not f & _cuda.F_SECTOR_MAP and (f >> _cuda.SCRATCH_KB_SHIFT) & 63 == 32
+        assert f & _cuda.F_SPLIT_SLICE and not f & _cuda.F_SECTOR_MAP and (f >> _cuda.SCRATCH_KB_SHIFT) & 255 == 32
         assert plan.shared_bytes == _cuda.shared_bytes(_cuda.DEFAULT_CAPACITY, 32 * 1024) + 32 * 16
         assert [_ptx_type(a) for a in plan.args] == _ptx_params(plan.entry, nvcc_out.ptx)
         head = nvcc_out.ptx[nvcc_out.ptx.index(f".entry {plan.entry}("):]
