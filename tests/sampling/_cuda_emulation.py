@@ -90,19 +90,18 @@ def launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_
     plan = _cuda.plan_launch(x, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, top_k_first, seed,
                              offset, per_row_seed)
     args = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in plan.args]
-    rc = []
     paths = torch.zeros(num_rows, dtype=torch.int32)
     size = _cuda.cluster_of(plan.entry)
-    where = ctypes.c_void_p(bounds.data_ptr() if bounds is not None else None)
-    for lib in _copies(size) if size > 1 else [_lib]:
-        lib.emu_record_bounds(where)
+    libs = _copies(size) if size > 1 else [_lib]
+    for lib in libs:
+        lib.emu_record_bounds(ctypes.c_void_p(bounds.data_ptr() if bounds is not None else None))
     try:
         if size > 1:
             _launch_clusters(plan, size, num_rows, threads, lag_us, paths, args)
             return plan, paths
         return _launch_blocks(plan, threads, lag_us, paths, args)
     finally:
-        for lib in _copies(size) if size > 1 else [_lib]:
+        for lib in libs:
             lib.emu_record_bounds(ctypes.c_void_p(None))
 
 
