@@ -412,21 +412,26 @@ from moecomm.jit import cuda
 from moecomm.sampling import _cuda
 t = time.perf_counter()
 flags = _cuda.entry_flags(sys.argv[1], ("-DMOECOMM_SAMPLE_PROFILE",) if sys.argv[2] == "profile" else ())
-c = cuda.compile(_cuda.SOURCE, flags=flags)
-print(f"COMPILED {sys.argv[1]} {sys.argv[2]} {time.perf_counter() - t:.2f} s compiled={c.compiled}")
+c = cuda.compile(sys.argv[3], flags=flags)
+print(f"COMPILED {sys.argv[3]} {sys.argv[1]} {sys.argv[2]} {time.perf_counter() - t:.2f} s compiled={c.compiled}")
 """
 
 
-def precompile() -> None:
+def precompile(sources=()) -> None:
     """Every entry of sample.cu (and its profile build's) compiled into MOECOMM_CACHE_DIR by processes
     started at once, each entry its own translation unit (_cuda.entry_flags). A later run (the
-    tests, the benchmark) finds them on disk."""
+    tests, the benchmark, profile_sampling) finds them on disk. sources: also these copies of
+    sample.cu (paths under kernels/: profile_sampling's --source / --base-source trials), top-p's
+    entries only."""
     from moecomm.sampling import _cuda
 
     entries = sorted({*_cuda.ENTRY.values(), *_cuda.PAIRED_ENTRY.values(), *_cuda.SPLIT_ENTRY.values()})
+    trial_entries = {e for e in entries if "_qsum" in e}  # (top-p's)
     t = time.perf_counter()
-    procs = [(e, b, subprocess.Popen([sys.executable, "-c", _COMPILE, e, b], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)) for b in ("production", "profile") for e in entries]
+    procs = [(e, b, subprocess.Popen([sys.executable, "-c", _COMPILE, e, b, src], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True))
+             for src in (_cuda.SOURCE, *sources) for b in ("production", "profile") for e in entries
+             if src == _cuda.SOURCE or e in trial_entries]
     for e, b, proc in procs:
         out, _ = proc.communicate(timeout=300)
         print(out.strip() if proc.returncode == 0 else f"precompile {e} {b} failed: {out[-400:]}", flush=True)
@@ -473,11 +478,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-triton", action="store_true", help="leave out the Triton kernel's rows")
     parser.add_argument("--no-torch", action="store_true", help="leave out torch's sort-based sampler")
     parser.add_argument("--precompile", action="store_true", help="only compile every entry at once (and exit)")
+    parser.add_argument("--precompile-source", action="append", default=[],
+                        help="with --precompile: also this copy of sample.cu (a path under kernels/; repeatable)")
     parser.add_argument("--first-call-only", action="store_true",
                         help="with --first-call-cache: only the first calls (no timed rows)")
     args = parser.parse_args(argv)
     if args.precompile:
-        precompile()
+        precompile(args.precompile_source)
         return 0
     if args.first_call_only:
         if not args.first_call_cache:
