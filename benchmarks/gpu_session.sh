@@ -6,7 +6,8 @@
 #            spread is the control row that says how much of a difference is noise.
 #   compare_ep: the same A B A B for the EP dispatcher's host time (profile_dispatch --host), not in "all".
 #   BENCH_TIMEOUT (s, default 240) bounds each benchmark; BENCH_ARGS are added to each benchmark's
-#   arguments (with one bench named); TESTS (default "tests") the gpu tier's paths.
+#   arguments (with one bench named); TESTS (default "tests") the gpu tier's paths; FI_SAMPLING
+#   (default "072 031") the carried FlashInfer versions bench_sampling runs beside, one process each.
 set -uo pipefail
 OUT=${OUT:-/tmp/moecomm-out}
 mkdir -p "$OUT"
@@ -64,11 +65,22 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for b in $benches; do
     echo "=== bench_$b $(date -u +%T) ===" | tee -a "$OUT/bench.log"
-    site=""
-    [ "$b" = gemm ] && site=${FI031_SITE:-}
-    [ "$b" = sampling ] && site=${FI072_SITE:-}  # bench_sampling times the flashinfer it imports
-    PYTHONPATH="$PYTHONPATH${site:+:$site}" timeout ${BENCH_TIMEOUT:-240} python3 -m benchmarks.bench_$b --out "$OUT/results.jsonl" ${BENCH_ARGS:-} 2>&1 \
-      | tee -a "$OUT/bench.log" | tail -60
+    sites=""
+    [ "$b" = gemm ] && sites=${FI031_SITE:-}
+    # bench_sampling times the flashinfer it imports: once a version carried (FI_SAMPLING: which, in turn)
+    if [ "$b" = sampling ]; then
+      for v in ${FI_SAMPLING:-072 031}; do
+        [ "$v" = 072 ] && sites="$sites ${FI072_SITE:-}"
+        [ "$v" = 031 ] && sites="$sites ${FI031_SITE:-}"
+      done
+    fi
+    sites=$(echo $sites)  # " " when neither was carried
+    for site in ${sites:-none}; do
+      [ "$site" = none ] && site=""
+      [ -n "$site" ] && echo "--- flashinfer from $site ---" | tee -a "$OUT/bench.log"
+      PYTHONPATH="$PYTHONPATH${site:+:$site}" timeout ${BENCH_TIMEOUT:-240} python3 -m benchmarks.bench_$b --out "$OUT/results.jsonl" ${BENCH_ARGS:-} 2>&1 \
+        | tee -a "$OUT/bench.log" | tail -60
+    done
   done
   # the launch configs the tuner picked (bench figures read against them)
   cat "$MOECOMM_CACHE_DIR"/gemm/*.json > "$OUT/gemm-configs.json" 2>/dev/null
