@@ -171,24 +171,48 @@ def host(device) -> str:
     x = _probs(1, 1000, device)
     fns = _host_calls(x)
     lines = []
-    for name, fn in fns.items():
+    for fn in fns.values():
         for _ in range(50):
             fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(500):
-            fn()
-        us = (time.perf_counter() - t0) / 500 * 1e6
-        torch.cuda.synchronize()
-        lines.append(f"host {name:16s} {us:7.1f} us per call (B1 V1000, back to back)")
+    torch.cuda.synchronize()
+    times: dict = {name: [] for name in fns}
+    for _ in range(5):  # the calls in turn, five loops each: the medians
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(500):
+                fn()
+            times[name].append((time.perf_counter() - t0) / 500 * 1e6)
+            torch.cuda.synchronize()
+    for name, ts in times.items():
+        ts.sort()
+        lines.append(f"host {name:16s} {ts[2]:7.1f} us per call (B1 V1000, back to back; median of 5 x 500, "
+                     f"min {ts[0]:.1f}, max {ts[-1]:.1f})")
     from moecomm.sampling import api
 
+    gen = torch.cuda.default_generators[torch.device(device).index or 0]
+    off = gen.get_offset()
+    stream = torch.cuda.current_stream()
     pieces = {
         "torch.randint (device seed)": lambda: torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=device),
         "generator state on the host": lambda: api._philox_on_host(None, device, True),  # what eager calls use
+        "  torch.compiler.is_compiling": torch.compiler.is_compiling,
+        "  torch.cuda.current_device": torch.cuda.current_device,
+        "  is_current_stream_capturing": torch.cuda.is_current_stream_capturing,
+        "  generator.get_offset": gen.get_offset,
+        "  generator.set_offset": lambda: gen.set_offset(off),
+        "  generator.initial_seed": gen.initial_seed,
         "torch.empty x2": lambda: (torch.empty(1, dtype=torch.int32, device=device),
                                    torch.empty(1, dtype=torch.bool, device=device)),
+        "torch.cuda.current_stream": torch.cuda.current_stream,
+        "stream.cuda_stream": lambda: stream.cuda_stream,
+        "api._sample_impl (no checks)": _impl_call(x),
     }
+    pieces.update(_launch_pieces(x))
+    fi = _flashinfer_host_call(x)
+    if fi is not None:
+        pieces["flashinfer top_p (whole call)"] = fi
+    else:
+        lines.append("host flashinfer: not importable (no peer row)")
     for name, fn in pieces.items():
         for _ in range(50):
             fn()
@@ -207,6 +231,47 @@ def host(device) -> str:
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
     lines.append(s.getvalue())
     return "\n".join(lines)
+
+
+def _impl_call(x):
+    """The sampling op's implementation with prepared arguments: the public call less its checks."""
+    from moecomm.sampling import api
+
+    seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+    args = (x, None, x.shape[0], False, None, 0, False, None, 0.9, True, None, 0.0, False, None, 1.0, False,
+            False, seed, 0, None, 0, False, False, False)
+    return lambda: api._sample_impl(*args)
+
+
+def _launch_pieces(x):
+    """launch_sample's three steps, each alone with the arguments of a top-p 0.9 call: the plan, the
+    kernel's lookup, the driver launch."""
+    from moecomm.jit import cuda
+    from moecomm.sampling import _cuda
+
+    out = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
+    valid = torch.empty(x.shape[0], dtype=torch.bool, device=x.device)
+    seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+    plan_args = (x, None, x.shape[0], out, valid, None, None, 0.9, None, False, seed, 0, False)
+    entry, tensors, scalars, smem = _cuda._plan(*plan_args)
+    flags = _cuda.entry_flags(entry)
+    kernel = cuda.load(_cuda.SOURCE, entry, device=x.device, flags=flags)
+    values = [t.data_ptr() for t in tensors] + scalars
+    grid, block = (x.shape[0] * _cuda.cluster_of(entry), 1, 1), (_cuda.threads_of(entry), 1, 1)
+    return {f"  _cuda._plan ({entry})": lambda: _cuda._plan(*plan_args),
+            "  cuda.load (cached)": lambda: cuda.load(_cuda.SOURCE, entry, device=x.device, flags=flags),
+            "  kernel.launch (driver)": lambda: kernel.launch(grid, block, _cuda.SIGNATURE, values, shared_mem=smem)}
+
+
+def _flashinfer_host_call(x):
+    """FlashInfer's top_p_sampling_from_probs(x, 0.9) when importable (the peer's host time), else None."""
+    try:
+        import flashinfer.sampling as fs
+    except Exception:  # noqa: BLE001 - any import failure means no peer row
+        return None
+    fs.top_p_sampling_from_probs(x, 0.9)
+    torch.cuda.synchronize()
+    return lambda: fs.top_p_sampling_from_probs(x, 0.9)
 
 
 def _host_calls(x):
@@ -276,7 +341,7 @@ def main(argv=None) -> int:
         return 0
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}; cycles -> us at {args.ghz} GHz")
-    for row in args.rows.split(","):
+    for row in filter(None, args.rows.split(",")):
         op, batch, vocab = row.split(":")
         print(phases(op, int(batch), int(vocab), args.ghz, device, args.base_source, args.source), flush=True)
     if args.host:
