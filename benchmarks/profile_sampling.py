@@ -191,7 +191,6 @@ def host(device) -> str:
 
     gen = torch.cuda.default_generators[torch.device(device).index or 0]
     off = gen.get_offset()
-    stream = torch.cuda.current_stream()
     pieces = {
         "torch.randint (device seed)": lambda: torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=device),
         "generator state on the host": lambda: api._philox_on_host(None, device, True),  # what eager calls use
@@ -203,16 +202,18 @@ def host(device) -> str:
         "  generator.initial_seed": gen.initial_seed,
         "torch.empty x2": lambda: (torch.empty(1, dtype=torch.int32, device=device),
                                    torch.empty(1, dtype=torch.bool, device=device)),
-        "torch.cuda.current_stream": torch.cuda.current_stream,
-        "stream.cuda_stream": lambda: stream.cuda_stream,
         "api._sample_impl (no checks)": _impl_call(x),
     }
     pieces.update(_launch_pieces(x))
-    fi = _flashinfer_host_call(x)
+    from .bench_sampling import find_flashinfer
+
+    fi, version = find_flashinfer()
     if fi is not None:
-        pieces["flashinfer top_p (whole call)"] = fi
+        fi.sampling.top_p_sampling_from_probs(x, 0.9)  # its first call (module load) outside the loop
+        torch.cuda.synchronize()
+        pieces[f"flashinfer {version} top_p (whole call)"] = lambda: fi.sampling.top_p_sampling_from_probs(x, 0.9)
     else:
-        lines.append("host flashinfer: not importable (no peer row)")
+        lines.append(f"host flashinfer: not importable ({version}; no peer row)")
     for name, fn in pieces.items():
         for _ in range(50):
             fn()
@@ -237,10 +238,12 @@ def _impl_call(x):
     """The sampling op's implementation with prepared arguments: the public call less its checks."""
     from moecomm.sampling import api
 
-    seed = torch.zeros(1, dtype=torch.int64, device=x.device)
-    args = (x, None, x.shape[0], False, None, 0, False, None, 0.9, True, None, 0.0, False, None, 1.0, False,
-            False, seed, 0, None, 0, False, False, False)
-    return lambda: api._sample_impl(*args)
+    kw = dict(x=x, indices=None, num_rows=x.shape[0], from_logits=False,
+              top_k_t=None, top_k_v=0, has_top_k=False, top_p_t=None, top_p_v=0.9, has_top_p=True,
+              min_p_t=None, min_p_v=0.0, has_min_p=False, temp_t=None, temp_v=1.0, has_temp=False,
+              top_k_first=False, seed_t=torch.zeros(1, dtype=torch.int64, device=x.device), seed_v=0,
+              offset_t=None, offset_v=0, per_row_seed=False, out_int64=False, want_logprob=False)
+    return lambda: api._sample_impl(**kw)
 
 
 def _launch_pieces(x):
@@ -261,17 +264,6 @@ def _launch_pieces(x):
     return {f"  _cuda._plan ({entry})": lambda: _cuda._plan(*plan_args),
             "  cuda.load (cached)": lambda: cuda.load(_cuda.SOURCE, entry, device=x.device, flags=flags),
             "  kernel.launch (driver)": lambda: kernel.launch(grid, block, _cuda.SIGNATURE, values, shared_mem=smem)}
-
-
-def _flashinfer_host_call(x):
-    """FlashInfer's top_p_sampling_from_probs(x, 0.9) when importable (the peer's host time), else None."""
-    try:
-        import flashinfer.sampling as fs
-    except Exception:  # noqa: BLE001 - any import failure means no peer row
-        return None
-    fs.top_p_sampling_from_probs(x, 0.9)
-    torch.cuda.synchronize()
-    return lambda: fs.top_p_sampling_from_probs(x, 0.9)
 
 
 def _host_calls(x):
