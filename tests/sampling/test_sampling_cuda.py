@@ -712,6 +712,32 @@ def test_emulated_long_lists_radix_levels_then_cuts():
 
 
 @needs_gxx
+def test_emulated_short_lists_in_one_warp_at_both_spans():
+    """small_select's one-warp pick at <= 32 keys, on keys spanning 24 binades (the widest where an
+    fp64 sum of 32 fp32 values is exact in any order) and 25. Rows of 32 powers of two over 24 and
+    over 25 binades (shuffled, under 300 smaller values), cut by top-k inside the 32 and by top-p at
+    each prefix's mass and just past it: every kept set and token as the reference's."""
+    g = torch.Generator().manual_seed(21)
+    rows = []
+    for span in (24, 25):
+        e = torch.linspace(0, span, 32).round()
+        e[-1] = span
+        head = torch.pow(2.0, -e)
+        tail = torch.rand(300, generator=g) * 2.0 ** -(span + 2)
+        row = torch.cat([head, tail])
+        rows.append(row[torch.randperm(row.numel(), generator=g)])
+    x = torch.stack(rows)
+    for k in (1, 2, 17, 31, 32):
+        _same_as_reference(x, threads=64, top_k=k)
+    total = x.double().sum(-1)
+    for j in (1, 2, 5, 20, 30):
+        before = torch.pow(2.0, -torch.linspace(0, 24, 32).round()[:j].double()).sum() / total[0]
+        for p in (float(before), float(before) * (1 + 1e-6)):
+            _same_as_reference(x, threads=64, top_p=p, top_k=32)
+            _same_as_reference(x, threads=64, top_p=p)
+
+
+@needs_gxx
 def test_emulated_negative_zeros_are_zeros(monkeypatch):
     """-0.0 entries (sign bit set: a float-bits compare that ignores the sign would list them above
     every positive token) are zeros: never drawn, not counted; on the list and through the fallbacks."""
