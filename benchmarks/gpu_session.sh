@@ -5,6 +5,11 @@
 #            (default .base, an unpacked earlier commit) and this tree, in turn A B A B: the A-A
 #            spread is the control row that says how much of a difference is noise.
 #   compare_ep: the same A B A B for the EP dispatcher's host time (profile_dispatch --host), not in "all".
+#   ab_sampling: sample.cu trials against a base copy, interleaved in one process (profile_sampling
+#            --base-source: base, trial, base; tokens checked equal), then tests/sampling's gpu tier;
+#            not in "all". Paths under kernels/: BASE_SOURCE (default sampling/_base_sample.cu, e.g. made
+#            by `git show main:kernels/sampling/sample.cu > kernels/sampling/_base_sample.cu`), SOURCES
+#            (default the package's sampling/sample.cu); ROWS: profile_sampling's --rows.
 #   BENCH_TIMEOUT (s, default 240) bounds each benchmark; BENCH_ARGS are added to each benchmark's
 #   arguments (with one bench named); TESTS (default "tests") the gpu tier's paths; FI_SAMPLING
 #   (default "072 031") the carried FlashInfer versions bench_sampling runs beside, one process each.
@@ -61,6 +66,15 @@ if [ "$what" = compare_ep ]; then
         | grep -E "^ \[|round trip host|alone|Template.run|for_call|_phase" | tee -a "$OUT/compare-ep.log"
     done
   done
+fi
+if [ "$what" = ab_sampling ]; then
+  for src in ${SOURCES:-sampling/sample.cu}; do
+    echo "=== profile_sampling $src vs ${BASE_SOURCE:-sampling/_base_sample.cu} $(date -u +%T) ===" | tee -a "$OUT/ab-sampling.log"
+    timeout ${BENCH_TIMEOUT:-240} python3 -m benchmarks.profile_sampling --source "$src" \
+      --base-source "${BASE_SOURCE:-sampling/_base_sample.cu}" ${ROWS:+--rows "$ROWS"} 2>&1 | tee -a "$OUT/ab-sampling.log"
+  done
+  timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -rfE -m "gpu" -p no:cacheprovider --timeout=300 tests/sampling 2>&1 \
+    | tee "$OUT/gpu-tests.log" | tail -20
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for b in $benches; do
