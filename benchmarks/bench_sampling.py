@@ -108,7 +108,7 @@ def with_kernel(kernel, fn, config=None, **switches):
     switches given set for the call (a switch not given, or given as None, keeps the module's value):
     sector_map (SECTOR_MAP), map_bins (SECTOR_MAP_BINS), paired (PAIRED), split (SPLIT), paired_map
     (PAIRED_TOP_P_SECTOR_MAP), or any other switch by its name in lower case (pass_a_list,
-    pass_b_reverse, pass_b_gather, pass_a_pipe, split_slice)."""
+    pass_b_reverse, pass_b_gather, pass_a_pipe, split_slice, pdl)."""
     from moecomm.sampling import _cuda, api
 
     inner = with_config(config, fn) if config is not None else fn
@@ -143,7 +143,8 @@ def map_control():
 # a control row's name part for a _cuda switch flipped: (when the flip turns it on, when it turns it off)
 _FLIP_TAGS = {"PASS_A_LIST": ("passa", "passb"), "PASS_B_REVERSE": ("reverse", "forward"),
               "PASS_B_GATHER": ("gather", "nogather"), "PASS_A_PIPE": ("pipe", "nopipe"),
-              "PAIRED_TOP_P_SECTOR_MAP": ("pairedmap", "pairednomap"), "SPLIT_SLICE": ("slice", "noslice")}
+              "PAIRED_TOP_P_SECTOR_MAP": ("pairedmap", "pairednomap"), "SPLIT_SLICE": ("slice", "noslice"),
+              "PDL": ("pdl", "nopdl")}
 
 
 def flip_row(*switches, op="moecomm"):
@@ -309,6 +310,9 @@ def run_graph_case(writer, device, fi, shapes=((1, 128256),), triton=True):
             p, 0.9, seed=seed_t, offset=offset_t))
         fns["moecomm_topk_topp[cuda-seedtensor]"] = with_kernel("cuda", lambda p: S.top_k_top_p_sampling_from_probs(
             p, 50, 0.9, seed=seed_t, offset=offset_t))
+        # the default seed's randint then ours, launched programmatically or not (PDL)
+        fns[flip_row("PDL")] = with_kernel("cuda", top_p, pdl=not _cuda.PDL)
+        fns[flip_row("PDL", op="moecomm_topk_topp")] = with_kernel("cuda", topk_topp, pdl=not _cuda.PDL)
         fns["moecomm[cuda]#2"] = with_kernel("cuda", top_p)  # the control row: the default timed twice
         if batch == 1:
             fns["moecomm[cuda-nomap]"] = with_kernel("cuda", top_p, sector_map=False)

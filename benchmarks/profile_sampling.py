@@ -242,7 +242,7 @@ def _impl_call(x):
               top_k_t=None, top_k_v=0, has_top_k=False, top_p_t=None, top_p_v=0.9, has_top_p=True,
               min_p_t=None, min_p_v=0.0, has_min_p=False, temp_t=None, temp_v=1.0, has_temp=False,
               top_k_first=False, seed_t=torch.zeros(1, dtype=torch.int64, device=x.device), seed_v=0,
-              offset_t=None, offset_v=0, per_row_seed=False, out_int64=False, want_logprob=False)
+              offset_t=None, offset_v=0, per_row_seed=False, seed_drawn=False, out_int64=False, want_logprob=False)
     return lambda: api._sample_impl(**kw)
 
 

@@ -1540,9 +1540,14 @@ __device__ __forceinline__ u64 fallback_boundary(const RowRef& row, u64* A, u64*
 }
 
 // The random stream of output row pid; read at the race, not at the start (registers are short at
-// 1024 threads)
+// 1024 threads). Seeds and offsets in memory may come from the stream's previous kernel (api's
+// torch.randint under capture), which a programmatic launch (_cuda.PDL) lets this kernel start
+// before it completes: wait for it first (griddepcontrol.wait returns at once in a plain launch).
 __device__ __forceinline__ Rng row_rng(int flags, const long long* seed_ptr, const long long* offset_ptr,
                                        long long seed_val, long long offset_val, int pid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (flags & (F_SEED_TENSOR | F_OFFSET_TENSOR)) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   const long long seed = (flags & F_SEED_TENSOR) ? seed_ptr[(flags & F_SEED_PER_ROW) ? pid : 0] : seed_val;
   const long long off = (flags & F_OFFSET_TENSOR) ? offset_ptr[(flags & F_OFFSET_PER_ROW) ? pid : 0] : offset_val;
   return Rng{static_cast<unsigned>(seed), static_cast<unsigned>(static_cast<u64>(seed) >> 32),

@@ -385,6 +385,22 @@ _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 DEFAULT_DYNAMIC_SHARED_BYTES = 48 * 1024  # what a launch may use without opting in (every arch since sm_30)
 
 
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):
+    """cuda.h's CUlaunchAttribute: an id, padding to 8 bytes, a 64-byte value union."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """cuda.h's CUlaunchConfig (the grid, block, shared bytes, stream and attributes of cuLaunchKernelEx)."""
+
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
 class _Driver:
     """The few CUDA driver calls a launch needs, through ctypes."""
 
@@ -406,6 +422,12 @@ class _Driver:
         # passes like the unsigned int the prototype says. lib[name] is a fresh function object,
         # so the argtypes above (error paths, other callers) stay as they are.
         self._launch_fn = self.lib["cuLaunchKernel"]
+        # a programmatic launch (launch(..., programmatic=True)): cuLaunchKernelEx with one attribute,
+        # programmatic stream serialisation, in a config written under _launch_lock
+        self._pdl_attr = _LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        self._pdl_config = _LaunchConfig(attrs=ctypes.pointer(self._pdl_attr), num_attrs=1)
+        self._pdl_config_ref = ctypes.byref(self._pdl_config)
+        self._launch_ex_fn = getattr(self.lib, "cuLaunchKernelEx", None)  # CUDA >= 11.8
         self._get_current_fn = self.lib["cuCtxGetCurrent"]
         self._current_out = ctypes.c_void_p()  # written under _launch_lock only
         self._current_ref = ctypes.byref(self._current_out)
@@ -443,9 +465,10 @@ class _Driver:
             self.lib.cuCtxPopCurrent(ctypes.byref(ctypes.c_void_p()))
 
     def launch(self, index: int, fn: ctypes.c_void_p, g: tuple, b: tuple, shared_mem: int, stream: int,
-               params: Any) -> int:
+               params: Any, programmatic: bool = False) -> int:
         """cuLaunchKernel in device ``index``'s primary context; its return code. The caller holds
-        _launch_lock (this writes the one cuCtxGetCurrent buffer).
+        _launch_lock (this writes the one cuCtxGetCurrent buffer). programmatic: cuLaunchKernelEx
+        with programmatic stream serialisation instead (see CudaKernel.launch).
 
         The context is asked for on every launch, and pushed only when another (or none) is current.
         Not skipped when torch's current device is the kernel's: torch's current device is not a
@@ -460,11 +483,29 @@ class _Driver:
         ctx = self._context_values.get(index)
         if ctx is None:
             ctx = self._context_values[index] = self.context(index).value
+        if programmatic:
+            return self._launch_programmatic(index, ctx, fn, g, b, shared_mem, stream, params)
         rc = self._get_current_fn(self._current_ref)
         if rc == 0 and self._current_out.value == ctx:
             return self._launch_fn(fn, *g, *b, shared_mem, ctypes.c_void_p(stream), params, None)
         with self.current(index):
             return self._launch_fn(fn, *g, *b, shared_mem, ctypes.c_void_p(stream), params, None)
+
+    def _launch_programmatic(self, index: int, ctx: int, fn, g: tuple, b: tuple, shared_mem: int, stream: int,
+                             params: Any) -> int:
+        if self._launch_ex_fn is None:
+            raise CudaDriverError("moecomm.jit.cuda: a programmatic launch needs cuLaunchKernelEx (CUDA 11.8 or later); "
+                                  "this driver has none")
+        c = self._pdl_config
+        c.grid[0], c.grid[1], c.grid[2] = g
+        c.block[0], c.block[1], c.block[2] = b
+        c.shared_mem = shared_mem
+        c.stream = stream
+        rc = self._get_current_fn(self._current_ref)
+        if rc == 0 and self._current_out.value == ctx:
+            return self._launch_ex_fn(self._pdl_config_ref, fn, params, None)
+        with self.current(index):
+            return self._launch_ex_fn(self._pdl_config_ref, fn, params, None)
 
 
 _driver_lock = threading.Lock()
@@ -599,7 +640,7 @@ class CudaKernel:
         self.launch(grid, block, sig, values, shared_mem=shared_mem, stream=stream)
 
     def launch(self, grid: Sequence[int], block: Sequence[int], signature: Signature, values: Sequence[Any], *,
-               shared_mem: int = 0, stream: Any = None) -> None:
+               shared_mem: int = 0, stream: Any = None, programmatic: bool = False) -> None:
         """Launch with the parameters ``values`` of types ``signature`` (a Signature made once): the
         path of a caller whose kernel's parameter types are fixed (no types looked at per launch).
 
@@ -608,6 +649,10 @@ class CudaKernel:
             signature: the kernel's parameter types (ctypes.c_void_p for a pointer).
             values: one per parameter: ints (device pointers: tensor.data_ptr()) and floats.
             shared_mem, stream: as __call__'s.
+            programmatic: launch with programmatic stream serialisation (PDL, sm_90 and later): the
+                kernel may start while the stream's previous kernel still runs, and must execute
+                ``griddepcontrol.wait`` before it touches memory that kernel writes. Only for a
+                caller that knows which kernel precedes it on the stream.
         """
         g = grid if type(grid) is tuple and len(grid) == 3 else (tuple(grid) + (1, 1))[:3]
         b = block if type(block) is tuple and len(block) == 3 else (tuple(block) + (1, 1))[:3]
@@ -625,9 +670,10 @@ class CudaKernel:
                     packer.pack_into(signature.buffer, 0, *values)
                 except (struct.error, TypeError, OverflowError):
                     raise signature.pack_error(values) from None
-            rc = drv.launch(self.device_index, self._fn, g, b, shared_mem, handle, signature.params)
+            rc = drv.launch(self.device_index, self._fn, g, b, shared_mem, handle, signature.params, programmatic)
         if rc != 0:
-            drv.check(rc, f"cuLaunchKernel({self.name}, grid={g}, block={b}, shared_mem={shared_mem})")
+            drv.check(rc, f"{'cuLaunchKernelEx' if programmatic else 'cuLaunchKernel'}({self.name}, grid={g}, "
+                      f"block={b}, shared_mem={shared_mem})")
 
 
 def _signature_of(args: Sequence[Any], kinds: tuple) -> tuple[Signature, tuple[bool, ...]]:

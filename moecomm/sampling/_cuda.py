@@ -118,6 +118,12 @@ PASS_A_PIPE = True
 # False: pass B reads the slice from the L2 / HBM with the map (the control row).
 SPLIT_SLICE = True
 SPLIT_SLICE_SCRATCH = 32 * 1024  # pass A's bins, the cluster's summed bins, a 2048-key gather list
+# PDL: when api drew the seed on the device just before (torch.randint, the default seed under CUDA
+# graph capture), the kernel is launched with programmatic stream serialisation: it may start when
+# the randint kernel's block exits, before that kernel completes and its writes are flushed (the
+# launch gap between two kernels), and waits for it only before reading the seed (row_rng). Off
+# until measured (session 22 had no GPU): bench_sampling's graph rows moecomm[cuda-pdl] turn it on.
+PDL = False
 # Split rows (sample.cu's sample_row_split): a row over a thread-block cluster of SPLIT_SIZES blocks
 # (sm_90 and later), for batches whose single blocks leave SMs idle: one block streams a row at ~10
 # GB/s (B1 V128256: ~57 us), a cluster of 8 cuts pass A and pass B 8-fold. SPLIT: None = by the
@@ -388,6 +394,11 @@ def split_blocks(device: torch.device, num_rows: int, top_k, top_p=None) -> int:
 _cluster_ok: dict = {}
 
 
+def programmatic_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch (griddepcontrol): a CUDA device of compute capability 9.0 and later."""
+    return device.type == "cuda" and _clusters(device)
+
+
 def _clusters(device: torch.device) -> bool:
     """Thread-block clusters: a CUDA device of compute capability 9.0 and later (a CPU tensor, which
     only the host emulation launches, plans without them unless SPLIT says so)."""
@@ -444,9 +455,12 @@ def _as_int64(v) -> int:
 def launch_sample(
     x: torch.Tensor, rowmap, num_rows: int, out: torch.Tensor, valid: torch.Tensor, logprob, y,
     mode: int, from_logits: bool, top_k, top_p, min_p, temperature, top_k_first: bool,
-    seed, offset, per_row_seed: bool,
+    seed, offset, per_row_seed: bool, programmatic: bool = False,
 ) -> None:
     """Sample num_rows tokens (the signature of _triton.launch_sample, for the calls covers() accepts).
+    programmatic: the stream's previous kernel is the one that wrote the seed tensor and nothing else
+    this kernel reads: with PDL on, launched programmatically (it waits for that kernel only where
+    it reads the seed and offset: row_rng in sample.cu).
 
     Args:
         x: [R, V] fp32 probabilities, unit column stride. rowmap: [B] int32/int64 rows of x, or None.
@@ -460,7 +474,8 @@ def launch_sample(
                                           top_k_first, seed, offset, per_row_seed)
     kernel = cuda.load(SOURCE, entry, device=x.device, flags=entry_flags(entry))  # this entry alone
     kernel.launch((num_rows * cluster_of(entry), 1, 1), (threads_of(entry), 1, 1), SIGNATURE,
-                  list(map(_data_ptr, tensors)) + scalars, shared_mem=smem)
+                  list(map(_data_ptr, tensors)) + scalars, shared_mem=smem,
+                  programmatic=programmatic and PDL and programmatic_ok(x.device))
 
 
 _data_ptr = torch.Tensor.data_ptr

@@ -106,11 +106,13 @@ def _sample_impl(
     min_p_t: torch.Tensor | None, min_p_v: float, has_min_p: bool,
     temp_t: torch.Tensor | None, temp_v: float, has_temp: bool,
     top_k_first: bool, seed_t: torch.Tensor | None, seed_v: int, offset_t: torch.Tensor | None, offset_v: int,
-    per_row_seed: bool, out_int64: bool, want_logprob: bool,
+    per_row_seed: bool, seed_drawn: bool, out_int64: bool, want_logprob: bool,
 ) -> list[torch.Tensor]:
     """[tokens, valid] or, with want_logprob, [tokens, valid, logprob] (a list: the op's schema has
     no optional output, and the log-probabilities nobody asked for cost an allocation, ~4 us of host
-    time on the H200 machine, and the kernel's log)."""
+    time on the H200 machine, and the kernel's log). seed_drawn: seed_t is _rng's torch.randint,
+    the stream's last kernel before this one (eager code, not compiled): the CUDA kernel may then be
+    launched programmatically (_cuda.PDL)."""
     # _pick inlined (four calls, ~0.35 us of the hot path)
     top_k = (top_k_t if top_k_t is not None else top_k_v) if has_top_k else None
     top_p = (top_p_t if top_p_t is not None else top_p_v) if has_top_p else None
@@ -128,7 +130,7 @@ def _sample_impl(
                 top_k_first, seed, offset, per_row_seed)
         kernel = _sample_kernel(impl, x, args)
         if kernel == "cuda":
-            _cuda.launch_sample(x, *args)
+            _cuda.launch_sample(x, *args, programmatic=seed_drawn)
             return [tokens, valid, logprob] if want_logprob else [tokens, valid]
         if kernel == "triton":
             from . import _triton
@@ -352,8 +354,11 @@ def _run_sample(op, x, from_logits, indices, top_k, top_p, min_p, temperature, t
                                                          lo=0.0, hi=float("inf"), lo_open=True, hi_open=True)
     st, sv, ot, ov, per_row = _rng(op, generator, seed, offset, num_rows, dev, x.is_cuda)
     out_int64 = indices is not None and indices.dtype is torch.int64
+    # the seed drawn on the device just now, in eager code (compiled code may put kernels between)
+    drawn = seed is None and st is not None and not torch.compiler.is_compiling()
     res = _sample_op(x, indices, num_rows, from_logits, kt, kv, hk, pt, float(pv), hp, mt, float(mv), hm,
-                     tt, float(tv) if ht else 1.0, ht, top_k_first, st, sv, ot, ov, per_row, out_int64, want_logprob)
+                     tt, float(tv) if ht else 1.0, ht, top_k_first, st, sv, ot, ov, per_row, drawn, out_int64,
+                     want_logprob)
     return SampleOutput(res[0], res[1], res[2] if want_logprob else None)
 
 

@@ -58,6 +58,21 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
   last_fn = f; last_stream = stream; last_params = params; launches++;
   return current ? 0 : 201;  /* CUDA_ERROR_INVALID_CONTEXT without a current context, as the driver */
 }
+/* cuLaunchKernelEx: cuda.h's CUlaunchConfig and CUlaunchAttribute; the first attribute kept */
+typedef struct { int id; char pad[4]; int value; char rest[60]; } Attr;
+typedef struct { unsigned grid[3], block[3], smem; void* stream; Attr* attrs; unsigned n; } Config;
+static long ex_launches = 0;
+static int last_attr[2] = {-1, 0};
+int cuLaunchKernelEx(const Config* c, void* f, void** params, void** extra) {
+  for (int i = 0; i < 3; i++) { last_dims[i] = c->grid[i]; last_dims[3 + i] = c->block[i]; }
+  last_dims[6] = c->smem;
+  last_fn = f; last_stream = c->stream; last_params = params; launches++; ex_launches++;
+  last_attr[0] = c->n ? c->attrs[0].id : -1;
+  last_attr[1] = c->n ? c->attrs[0].value : 0;
+  return current ? 0 : 201;
+}
+long fake_ex_launches(void) { return ex_launches; }
+int fake_last_attr(int i) { return last_attr[i]; }
 void** fake_last_params(void) { return last_params; }
 void* fake_last_stream(void) { return last_stream; }
 void* fake_last_fn(void) { return last_fn; }
@@ -113,7 +128,7 @@ class FakeCudaGenerator:
 def fake_library() -> ctypes.CDLL:
     """The fake driver loaded with its test hooks' return types (fake_* functions)."""
     lib = ctypes.CDLL(str(fake_driver_library()))
-    lib.fake_launches.restype = lib.fake_pushes.restype = ctypes.c_long
+    lib.fake_launches.restype = lib.fake_pushes.restype = lib.fake_ex_launches.restype = ctypes.c_long
     lib.fake_last_params.restype = ctypes.POINTER(ctypes.c_void_p)
     lib.fake_last_stream.restype = lib.fake_last_fn.restype = lib.fake_current.restype = ctypes.c_void_p
     lib.fake_last_dim.restype = ctypes.c_uint
@@ -129,6 +144,11 @@ class Mock:
 
     def launches(self) -> int:
         return int(self.lib.fake_launches())
+
+    def programmatic_launches(self) -> int:
+        """Launches through cuLaunchKernelEx so far (CudaKernel.launch(programmatic=True)); the
+        last one's first attribute: lib.fake_last_attr(0) its id, (1) its value."""
+        return int(self.lib.fake_ex_launches())
 
     def pushes(self) -> int:
         """Context pushes so far (a launch whose context was not current pushes it)."""

@@ -200,7 +200,8 @@ def _recording_driver(lib):
         def current(self, index):
             yield
 
-        def launch(self, index, fn, g, b, shared_mem, stream, params):
+        def launch(self, index, fn, g, b, shared_mem, stream, params, programmatic=False):
+            assert not programmatic  # (the fake_driver fixture covers cuLaunchKernelEx)
             return self.lib.cuLaunchKernel(fn, *g, *b, shared_mem, stream, params, None)
 
     Driver.lib = lib
@@ -353,6 +354,34 @@ def test_launch_hands_the_driver_packed_values_and_64bit_handles(fake_driver):
         k.launch((1,), (32,), sig, (a.data_ptr(),), stream=0)
     with pytest.raises(MoeCommTypeError, match="launch argument 1 has type c_char_p"):
         cuda.Signature((ctypes.c_void_p, ctypes.c_char_p))
+
+
+@needs_cc
+def test_programmatic_launch_goes_through_cuLaunchKernelEx(fake_driver):
+    """launch(programmatic=True): cuLaunchKernelEx with the same grid, block, shared bytes, stream
+    and packed values, one attribute (programmatic stream serialisation = 1); pushed like a plain
+    launch when the context is not current; a plain launch after it is plain again."""
+    import ctypes
+
+    lib = fake_driver
+    k = cuda.CudaKernel(None, "k", 0, ctypes.c_void_p(0x3000))
+    sig = cuda.Signature((ctypes.c_int, ctypes.c_longlong))
+    stream = 0x7F12_3456_789B
+    for current in (0x1000, 0):
+        lib.fake_set_current(current)
+        ex, pushes = lib.fake_ex_launches(), lib.fake_pushes()
+        k.launch((5, 3), (256,), sig, (-3, 2**40 + 1), shared_mem=4096, stream=stream, programmatic=True)
+        assert lib.fake_ex_launches() == ex + 1
+        assert lib.fake_pushes() - pushes == (0 if current else 1)
+        assert [lib.fake_last_dim(i) for i in range(7)] == [5, 3, 1, 256, 1, 1, 4096]
+        assert lib.fake_last_stream() == stream
+        assert (lib.fake_last_attr(0), lib.fake_last_attr(1)) == (6, 1)
+        ptrs = lib.fake_last_params()
+        assert (ctypes.c_int.from_address(ptrs[0]).value, ctypes.c_longlong.from_address(ptrs[1]).value) == (-3, 2**40 + 1)
+    lib.fake_set_current(0x1000)
+    ex, launches = lib.fake_ex_launches(), lib.fake_launches()
+    k.launch((1,), (32,), sig, (1, 2), stream=0)
+    assert (lib.fake_ex_launches(), lib.fake_launches()) == (ex, launches + 1)
 
 
 @needs_cc

@@ -200,8 +200,8 @@ def test_launch_compiles_only_its_entry(monkeypatch):
     asked, launched = [], []
 
     class Kernel:
-        def launch(self, grid, block, signature, values, shared_mem=0):
-            launched.append((grid, block, shared_mem))
+        def launch(self, grid, block, signature, values, shared_mem=0, programmatic=False):
+            launched.append((grid, block, shared_mem, programmatic))
 
     def load(source, name, **kw):
         asked.append((source, name, kw.get("entries"), kw.get("flags")))
@@ -219,7 +219,7 @@ def test_launch_compiles_only_its_entry(monkeypatch):
         want = (*cuda.DEFAULT_FLAGS, "-DMOECOMM_SAMPLE_ONLY", f"-DMOECOMM_SAMPLE_ONLY_{plan.entry}")
         assert asked[-1] == (_cuda.SOURCE, plan.entry, None, want), kw
         assert asked[-1][3] is _cuda.entry_flags(plan.entry)
-        assert launched[-1] == ((plan.grid[0], 1, 1), (plan.block[0], 1, 1), plan.shared_bytes), kw
+        assert launched[-1] == ((plan.grid[0], 1, 1), (plan.block[0], 1, 1), plan.shared_bytes, False), kw
     assert plan.grid == (4 * 8,) and len(asked) == len(launched) == 4
 
 
@@ -1007,7 +1007,7 @@ def on_cuda_kernel(monkeypatch):
     monkeypatch.setattr(api, "SAMPLE_KERNEL", "cuda")
     calls = []
     real = _cuda.launch_sample
-    monkeypatch.setattr(_cuda, "launch_sample", lambda *a: (calls.append(a[2]), real(*a))[1])
+    monkeypatch.setattr(_cuda, "launch_sample", lambda *a, **k: (calls.append(a[2]), real(*a, **k))[1])
     return calls
 
 
@@ -1286,6 +1286,38 @@ def test_cuda_graph_fresh_numbers_per_replay_and_no_sync(on_cuda_kernel):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 128])
+def test_cuda_graph_programmatic_launch_after_the_drawn_seed(batch, on_cuda_kernel, monkeypatch):
+    """The default seed under capture (torch.randint, then the kernel launched programmatically
+    with PDL on: split rows at B1, one block a row at B128): each replay after the same manual_seed
+    draws the tokens of the same graph captured with plain launches, and the tokens change from one
+    seed to the next; both top-p and top-k + top-p."""
+    if not _cuda.programmatic_ok(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90 or later")
+    p = _gpu_probs(batch, 128256, seed=3)
+    calls = (lambda: S.top_p_sampling_from_probs(p, 0.9), lambda: S.top_k_top_p_sampling_from_probs(p, 50, 0.9))
+    for call in calls:
+        call()  # compiled and loaded outside the capture
+        torch.cuda.synchronize()
+        graphs, outs = {}, {}
+        for pdl in (True, False):
+            monkeypatch.setattr(_cuda, "PDL", pdl)
+            graphs[pdl] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[pdl]):
+                outs[pdl] = call()
+        got = {True: [], False: []}
+        for s in (11, 12, 13):
+            for pdl in (True, False):
+                torch.cuda.manual_seed(s)
+                graphs[pdl].replay()
+                got[pdl].append(outs[pdl].clone())
+        torch.cuda.synchronize()
+        for a, b in zip(got[True], got[False]):
+            assert torch.equal(a, b)
+        assert len({tuple(t.tolist()) for t in got[True]}) > 1, "the same tokens for three seeds"
+
+
+@pytest.mark.gpu
 def test_dispatch_cuda_for_covered_calls_triton_for_the_rest(monkeypatch):
     """With SAMPLE_KERNEL = "cuda" the covered calls launch sample.cu and nothing else does; with
     "triton" none does."""
@@ -1293,7 +1325,7 @@ def test_dispatch_cuda_for_covered_calls_triton_for_the_rest(monkeypatch):
 
     seen = []
     real_c, real_t = _cuda.launch_sample, _triton.launch_sample
-    monkeypatch.setattr(_cuda, "launch_sample", lambda *a: (seen.append("cuda"), real_c(*a))[1])
+    monkeypatch.setattr(_cuda, "launch_sample", lambda *a, **k: (seen.append("cuda"), real_c(*a, **k))[1])
     monkeypatch.setattr(_triton, "launch_sample", lambda *a: (seen.append("triton"), real_t(*a))[1])
     p = _gpu_probs(4, 1000)
     calls = [

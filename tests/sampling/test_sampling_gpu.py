@@ -74,7 +74,7 @@ def test_split_rows_exact_distribution_1e6(kw, monkeypatch):
     monkeypatch.setattr(_cuda, "SPLIT", 8)
     seen = []
     real = _cuda.launch_sample
-    monkeypatch.setattr(_cuda, "launch_sample", lambda *a: (seen.append(a), real(*a))[1])
+    monkeypatch.setattr(_cuda, "launch_sample", lambda *a, **k: (seen.append(a), real(*a, **k))[1])
     _exact_distribution_1e6(kw, "cuda split")
     assert len(seen) == 1
 

@@ -40,11 +40,11 @@ def test_the_launch_packs_plan_launchs_arguments(kw, monkeypatch):
     plans = []
     real = _cuda.launch_sample
 
-    def spy(*args):
+    def spy(*args, **kw):
         x_, rowmap, num_rows, out, valid, logprob = args[:6]
         top_k, top_p, min_p, _temperature, tkf, seed, offset, prs = args[9:]
         plans.append(_cuda.plan_launch(x_, rowmap, num_rows, out, valid, logprob, top_k, top_p, min_p, tkf, seed, offset, prs))
-        return real(*args)
+        return real(*args, **kw)
 
     monkeypatch.setattr(_cuda, "launch_sample", spy)
     with fake_cuda.gpu_host_mock(kernels=KERNELS) as mock:
@@ -89,7 +89,7 @@ def _seeds_launched(monkeypatch):
     """The (seed, offset) each launch_sample call receives (ints, or the seed tensor)."""
     seen = []
     real = _cuda.launch_sample
-    monkeypatch.setattr(_cuda, "launch_sample", lambda *a: (seen.append((a[14], a[15])), real(*a))[1])
+    monkeypatch.setattr(_cuda, "launch_sample", lambda *a, **k: (seen.append((a[14], a[15])), real(*a, **k))[1])
     return seen
 
 
@@ -159,6 +159,40 @@ def test_under_capture_the_seed_is_drawn_on_the_device(monkeypatch):
     assert flags & _cuda.F_SEED_TENSOR
 
 
+def test_a_seed_drawn_under_capture_launches_programmatically(monkeypatch):
+    """The seed api drew by torch.randint (under capture) is the stream's last kernel: with PDL on, on a
+    device that has it, the kernel goes through cuLaunchKernelEx with programmatic stream
+    serialisation; not with PDL off, not for a seed the caller gave (its kernel is not known), not for
+    the eager host seed, and not while compiling (compiled code may put kernels between)."""
+    monkeypatch.setattr(_cuda, "programmatic_ok", lambda device: True)  # the mock's tensors are CPU ones
+    monkeypatch.setattr(_cuda, "PDL", True)
+    x = _probs(2, 1000)
+
+    def programmatic(call, **mock_kw):
+        with fake_cuda.gpu_host_mock(kernels=KERNELS, **mock_kw) as mock:
+            before, launches = mock.programmatic_launches(), mock.launches()
+            call()
+            assert mock.launches() == launches + 1
+            n = mock.programmatic_launches() - before
+            if n:
+                assert (mock.lib.fake_last_attr(0), mock.lib.fake_last_attr(1)) == (6, 1)
+            return n
+
+    assert programmatic(lambda: S.top_p_sampling_from_probs(x, 0.9), capturing=True) == 1
+    assert programmatic(lambda: S.top_k_top_p_sampling_from_probs(x, 20, 0.9), capturing=True) == 1
+    assert programmatic(lambda: S.top_p_sampling_from_probs(x, 0.9)) == 0  # eager: the host's seed
+    seed = torch.tensor([5])
+    assert programmatic(lambda: S.top_p_sampling_from_probs(x, 0.9, seed=seed), capturing=True) == 0
+    monkeypatch.setattr(_cuda, "PDL", False)
+    assert programmatic(lambda: S.top_p_sampling_from_probs(x, 0.9), capturing=True) == 0
+    monkeypatch.setattr(_cuda, "PDL", True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert programmatic(lambda: S.top_p_sampling_from_probs(x, 0.9), capturing=True) == 0
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(_cuda, "programmatic_ok", lambda device: False)  # before sm_90
+    assert programmatic(lambda: S.top_p_sampling_from_probs(x, 0.9), capturing=True) == 0
+
+
 def test_when_the_seed_comes_from_the_device(monkeypatch):
     """_philox_on_host answers None (the device draws) under torch.compile, under capture, for a
     CPU tensor, for a tensor of another device than the current one, for a generator of another
@@ -192,7 +226,7 @@ def test_logprobs_are_computed_only_when_asked_for(monkeypatch):
     the tokens do not depend on it (same seed, same tokens from the reference either way)."""
     seen = []
     real = _cuda.launch_sample
-    monkeypatch.setattr(_cuda, "launch_sample", lambda *a: (seen.append(a[5]), real(*a))[1])
+    monkeypatch.setattr(_cuda, "launch_sample", lambda *a, **k: (seen.append(a[5]), real(*a, **k))[1])
     x = _probs(4, 1000)
     with fake_cuda.gpu_host_mock(kernels=KERNELS) as mock:
         S.top_p_sampling_from_probs(x, 0.9, seed=3)
