@@ -388,15 +388,11 @@ DEFAULT_DYNAMIC_SHARED_BYTES = 48 * 1024  # what a launch may use without opting
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
-class _LaunchAttribute(ctypes.Structure):
-    """cuda.h's CUlaunchAttribute: an id, padding to 8 bytes, a 64-byte value union."""
-
+class _LaunchAttribute(ctypes.Structure):  # cuda.h's CUlaunchAttribute: an id, padding, a 64-byte union
     _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
 
 
-class _LaunchConfig(ctypes.Structure):
-    """cuda.h's CUlaunchConfig (the grid, block, shared bytes, stream and attributes of cuLaunchKernelEx)."""
-
+class _LaunchConfig(ctypes.Structure):  # cuda.h's CUlaunchConfig, cuLaunchKernelEx's first argument
     _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
                 ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
 
@@ -497,10 +493,7 @@ class _Driver:
             raise CudaDriverError("moecomm.jit.cuda: a programmatic launch needs cuLaunchKernelEx (CUDA 11.8 or later); "
                                   "this driver has none")
         c = self._pdl_config
-        c.grid[0], c.grid[1], c.grid[2] = g
-        c.block[0], c.block[1], c.block[2] = b
-        c.shared_mem = shared_mem
-        c.stream = stream
+        c.grid[:], c.block[:], c.shared_mem, c.stream = g, b, shared_mem, stream
         rc = self._get_current_fn(self._current_ref)
         if rc == 0 and self._current_out.value == ctx:
             return self._launch_ex_fn(self._pdl_config_ref, fn, params, None)
