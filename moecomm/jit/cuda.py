@@ -480,25 +480,19 @@ class _Driver:
         if ctx is None:
             ctx = self._context_values[index] = self.context(index).value
         if programmatic:
-            return self._launch_programmatic(index, ctx, fn, g, b, shared_mem, stream, params)
+            if self._launch_ex_fn is None:
+                raise CudaDriverError("moecomm.jit.cuda: a programmatic launch needs cuLaunchKernelEx (CUDA 11.8 or "
+                                      "later); this driver has none")
+            c = self._pdl_config
+            c.grid[:], c.block[:], c.shared_mem, c.stream = g, b, shared_mem, stream
+            call, args = self._launch_ex_fn, (self._pdl_config_ref, fn, params, None)
+        else:
+            call, args = self._launch_fn, (fn, *g, *b, shared_mem, ctypes.c_void_p(stream), params, None)
         rc = self._get_current_fn(self._current_ref)
         if rc == 0 and self._current_out.value == ctx:
-            return self._launch_fn(fn, *g, *b, shared_mem, ctypes.c_void_p(stream), params, None)
+            return call(*args)
         with self.current(index):
-            return self._launch_fn(fn, *g, *b, shared_mem, ctypes.c_void_p(stream), params, None)
-
-    def _launch_programmatic(self, index: int, ctx: int, fn, g: tuple, b: tuple, shared_mem: int, stream: int,
-                             params: Any) -> int:
-        if self._launch_ex_fn is None:
-            raise CudaDriverError("moecomm.jit.cuda: a programmatic launch needs cuLaunchKernelEx (CUDA 11.8 or later); "
-                                  "this driver has none")
-        c = self._pdl_config
-        c.grid[:], c.block[:], c.shared_mem, c.stream = g, b, shared_mem, stream
-        rc = self._get_current_fn(self._current_ref)
-        if rc == 0 and self._current_out.value == ctx:
-            return self._launch_ex_fn(self._pdl_config_ref, fn, params, None)
-        with self.current(index):
-            return self._launch_ex_fn(self._pdl_config_ref, fn, params, None)
+            return call(*args)
 
 
 _driver_lock = threading.Lock()
